@@ -1,0 +1,240 @@
+use crate::{AttentionLayout, Result};
+
+/// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// Element type of a tensor. The CPU backend stores everything as f32 whatever is asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    /// The name used in configs and messages: `f32`, `bf16`, `f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+
+    /// Parses a config value (`f32`/`fp32`/`float32`, `bf16`/`bfloat16`, `f16`/`fp16`/`float16`).
+    pub fn parse(s: &str) -> Option<DType> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Some(DType::F32),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            "f16" | "fp16" | "float16" => Some(DType::F16),
+            _ => None,
+        }
+    }
+}
+
+/// Hyper-parameters of one `torch.optim.AdamW` step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+/// Kept in f64 like the Python floats torch computes its scalars from.
+pub struct AdamWParams {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// What [`Backend::lm_head_cross_entropy`] does with the gradient.
+pub enum CeGrad<'a, T> {
+    /// Forward only: log-probabilities, no gradient.
+    None,
+    /// `d(-Σ_r scale · logp[r]) / d hidden`: the token-mean loss uses `scale = 1 / n_tokens`.
+    Scale(f32),
+    /// `d(-Σ_r weight[r] · logp[r]) / d hidden` with one f32 weight per row (DPO).
+    PerRow(&'a T),
+}
+
+/// The ops a Llama/Mistral decoder needs for LoRA training, each with an explicit backward.
+///
+/// Conventions: matrices are row-major; `N` is the number of tokens in the batch
+/// (rows × seq_len); activations are `[N, features]`; projection weights are `[out, in]` as in
+/// Hugging Face checkpoints. Tensors are flat buffers: shapes travel as arguments and each
+/// backend checks lengths. Outputs are written, except where a doc says "adds into".
+pub trait Backend {
+    /// A flat device buffer of f32, bf16 or f16 values.
+    type Tensor;
+    /// A flat device buffer of i32 (token ids, labels, positions, document starts).
+    type Indices;
+
+    /// A name for logs: `cpu (f32, 2 threads)`, `cuda:0 NVIDIA H200 (bf16)`.
+    fn describe(&self) -> String;
+    /// The dtype activations and frozen weights are stored in.
+    fn compute_dtype(&self) -> DType;
+
+    // ---- memory -------------------------------------------------------------------------------
+    /// A zero-filled tensor of `len` elements.
+    fn zeros(&self, len: usize, dtype: DType) -> Result<Self::Tensor>;
+    /// Copies host f32 values to a new tensor, rounding to `dtype`.
+    fn upload(&self, data: &[f32], dtype: DType) -> Result<Self::Tensor>;
+    /// Copies a tensor back to the host as f32.
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Copies host indices to the device.
+    fn upload_indices(&self, data: &[i32]) -> Result<Self::Indices>;
+    /// Number of elements.
+    fn len(&self, t: &Self::Tensor) -> usize;
+    /// `dst ← src`, converting dtype (f32 master weights → compute dtype copies).
+    fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
+    /// `t ← 0`.
+    fn fill_zero(&self, t: &mut Self::Tensor) -> Result<()>;
+    /// `dst ← dst + alpha · src`.
+    fn axpy(&self, alpha: f32, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
+    /// `t ← alpha · t`.
+    fn scale(&self, alpha: f32, t: &mut Self::Tensor) -> Result<()>;
+
+    // ---- matrix product -----------------------------------------------------------------------
+    /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` with fp32 accumulation.
+    /// `op(A)` is `[m,k]`: A is stored `[m,k]`, or `[k,m]` when `trans_a`. `op(B)` is `[k,n]`:
+    /// B is stored `[k,n]`, or `[n,k]` when `trans_b` (so `y = x Wᵀ` is `trans_b = true`).
+    /// C may have another dtype than A and B (bf16 inputs accumulating into f32 LoRA grads).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &Self::Tensor,
+        trans_a: bool,
+        b: &Self::Tensor,
+        trans_b: bool,
+        beta: f32,
+        c: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    // ---- layers ---------------------------------------------------------------------------------
+    /// `out[i,:] ← table[ids[i],:]`; table `[vocab, hidden]`, out `[N, hidden]`.
+    fn embedding(&self, table: &Self::Tensor, ids: &Self::Indices, hidden: usize, out: &mut Self::Tensor) -> Result<()>;
+
+    /// RMSNorm: `y = w ⊙ x · r`, `r = 1/sqrt(mean(x²) + eps)` per row; saves `rstd[N] = r` (f32).
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        hidden: usize,
+        eps: f32,
+        y: &mut Self::Tensor,
+        rstd: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// RMSNorm backward, adding into `dx`: `dx += r · (w⊙dy − x̂ · mean(w⊙dy ⊙ x̂))`, `x̂ = x·r`.
+    /// The norm weight is frozen, so it gets no gradient.
+    fn rms_norm_backward(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        rstd: &Self::Tensor,
+        hidden: usize,
+        dx: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// Rotary embedding in place on `x [N, heads, head_dim]` ("rotate-half" layout):
+    /// `x' = x·cos + rotate_half(x)·sin` with angles from `cos/sin [positions, head_dim/2]` (f32)
+    /// at each token's position. `inverse` rotates by the negative angle — the backward pass,
+    /// since a rotation's transpose is its inverse.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        positions: &Self::Indices,
+        cos: &Self::Tensor,
+        sin: &Self::Tensor,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()>;
+
+    /// Causal self-attention: `q [N, hq, d]`, `k, v [N, hkv, d]` (query head j reads kv head
+    /// `j / (hq/hkv)`), `out [N, hq, d]`, `lse [N, hq]` f32 = log-sum-exp of each query's scaled
+    /// scores (saved for backward). Masking follows `layout` (held on the device as `doc_start`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        layout: &AttentionLayout,
+        doc_start: &Self::Indices,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        out: &mut Self::Tensor,
+        lse: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Attention backward: writes `dq`, `dk`, `dv` from `dout` and the forward's `out` and `lse`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &Self::Tensor,
+        lse: &Self::Tensor,
+        dout: &Self::Tensor,
+        layout: &AttentionLayout,
+        doc_start: &Self::Indices,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dq: &mut Self::Tensor,
+        dk: &mut Self::Tensor,
+        dv: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// SwiGLU: `out = silu(gate) ⊙ up`, all `[N, inter]`.
+    fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+    /// SwiGLU backward: `dgate = dout ⊙ up ⊙ silu'(gate)`, `dup = dout ⊙ silu(gate)`.
+    fn swiglu_backward(
+        &self,
+        dout: &Self::Tensor,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        dgate: &mut Self::Tensor,
+        dup: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// Fused LM head + cross-entropy over `rows` tokens, chunked so the full `[rows, vocab]` logits
+    /// never exist at once: `logp[r] = log_softmax(hidden[r] · Wᵀ)[targets[r]]` (f32, 0 where the
+    /// target is [`IGNORE_INDEX`]). With a gradient request, writes
+    /// `dhidden = Σ_r weight[r] · (softmax_r − onehot_r) · W` (the gradient of `−Σ weight·logp`).
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_cross_entropy(
+        &self,
+        hidden: &Self::Tensor,
+        weight: &Self::Tensor,
+        targets: &Self::Indices,
+        rows: usize,
+        hidden_dim: usize,
+        vocab: usize,
+        grad: CeGrad<'_, Self::Tensor>,
+        logp: &mut Self::Tensor,
+        dhidden: Option<&mut Self::Tensor>,
+    ) -> Result<()>;
+
+    // ---- optimizer ------------------------------------------------------------------------------
+    /// `Σ x²` over all tensors together (for global-norm clipping), accumulated in f64 on the host side.
+    fn sum_of_squares(&self, tensors: &[Self::Tensor]) -> Result<f64>;
+    /// One `torch.optim.AdamW` step (step number `step` ≥ 1) on every tensor, with the gradient
+    /// first multiplied by `grad_scale` (the clip coefficient):
+    /// `p ← p(1 − lr·wd); m ← β1 m + (1−β1) g; v ← β2 v + (1−β2) g²;`
+    /// `p ← p − lr · (m/(1−β1ᵗ)) / (sqrt(v/(1−β2ᵗ)) + eps)`.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        params: &mut [Self::Tensor],
+        grads: &[Self::Tensor],
+        m: &mut [Self::Tensor],
+        v: &mut [Self::Tensor],
+        hp: &AdamWParams,
+        step: u64,
+        grad_scale: f32,
+    ) -> Result<()>;
+}

@@ -1,0 +1,277 @@
+//! The CPU backend: f32 everywhere, plain loops and `matrixmultiply` GEMMs split over rayon.
+//! It is the reference the fixtures pin and every other backend is compared against, so each
+//! op is written in the most direct form of its equation. Deterministic: the same inputs give
+//! the same bits whatever the thread count, since every reduction runs in a fixed order.
+
+mod adamw;
+mod attention;
+mod cross_entropy;
+mod embedding;
+mod matmul;
+mod rmsnorm;
+mod rope;
+mod swiglu;
+
+pub use attention::{attention_backward_f32, attention_forward_f32};
+pub use matmul::gemm_f32;
+
+use crate::error::check_len;
+use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Result};
+
+/// The f32 reference backend.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = Vec<f32>;
+    type Indices = Vec<i32>;
+
+    fn describe(&self) -> String {
+        format!("cpu (f32, {} threads)", rayon::current_num_threads())
+    }
+
+    fn compute_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn zeros(&self, len: usize, _dtype: DType) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload(&self, data: &[f32], _dtype: DType) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn download(&self, t: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(t.clone())
+    }
+
+    fn upload_indices(&self, data: &[i32]) -> Result<Vec<i32>> {
+        Ok(data.to_vec())
+    }
+
+    fn len(&self, t: &Vec<f32>) -> usize {
+        t.len()
+    }
+
+    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
+        check_len("copy", "dst", dst.len(), src.len())?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn fill_zero(&self, t: &mut Vec<f32>) -> Result<()> {
+        t.fill(0.0);
+        Ok(())
+    }
+
+    fn axpy(&self, alpha: f32, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
+        check_len("axpy", "dst", dst.len(), src.len())?;
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
+        Ok(())
+    }
+
+    fn scale(&self, alpha: f32, t: &mut Vec<f32>) -> Result<()> {
+        t.iter_mut().for_each(|x| *x *= alpha);
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &Vec<f32>,
+        trans_a: bool,
+        b: &Vec<f32>,
+        trans_b: bool,
+        beta: f32,
+        c: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_len("gemm", "A", a.len(), m * k)?;
+        check_len("gemm", "B", b.len(), k * n)?;
+        check_len("gemm", "C", c.len(), m * n)?;
+        gemm_f32(m, n, k, alpha, a, trans_a, b, trans_b, beta, c);
+        Ok(())
+    }
+
+    fn embedding(&self, table: &Vec<f32>, ids: &Vec<i32>, hidden: usize, out: &mut Vec<f32>) -> Result<()> {
+        check_len("embedding", "out", out.len(), ids.len() * hidden)?;
+        embedding::gather(table, ids, hidden, out)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        hidden: usize,
+        eps: f32,
+        y: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_len("rms_norm", "w", w.len(), hidden)?;
+        check_len("rms_norm", "y", y.len(), x.len())?;
+        check_len("rms_norm", "rstd", rstd.len() * hidden, x.len())?;
+        rmsnorm::forward(x, w, hidden, eps, y, rstd);
+        Ok(())
+    }
+
+    fn rms_norm_backward(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rstd: &Vec<f32>,
+        hidden: usize,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_len("rms_norm_backward", "dy", dy.len(), x.len())?;
+        check_len("rms_norm_backward", "dx", dx.len(), x.len())?;
+        check_len("rms_norm_backward", "rstd", rstd.len() * hidden, x.len())?;
+        rmsnorm::backward(dy, x, w, rstd, hidden, dx);
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        positions: &Vec<i32>,
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        check_len("rope", "x", x.len(), positions.len() * heads * head_dim)?;
+        rope::rotate(x, positions, cos, sin, heads, head_dim, inverse)
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        layout: &AttentionLayout,
+        _doc_start: &Vec<i32>,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n = layout.tokens();
+        check_len("attention", "q", q.len(), n * heads * head_dim)?;
+        check_len("attention", "k", k.len(), n * kv_heads * head_dim)?;
+        check_len("attention", "v", v.len(), n * kv_heads * head_dim)?;
+        check_len("attention", "out", out.len(), n * heads * head_dim)?;
+        check_len("attention", "lse", lse.len(), n * heads)?;
+        attention_forward_f32(q, k, v, layout, heads, kv_heads, head_dim, out, lse);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        dout: &Vec<f32>,
+        layout: &AttentionLayout,
+        _doc_start: &Vec<i32>,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n = layout.tokens();
+        check_len("attention_backward", "dout", dout.len(), n * heads * head_dim)?;
+        check_len("attention_backward", "dq", dq.len(), n * heads * head_dim)?;
+        check_len("attention_backward", "dk", dk.len(), n * kv_heads * head_dim)?;
+        check_len("attention_backward", "dv", dv.len(), n * kv_heads * head_dim)?;
+        attention_backward_f32(q, k, v, out, lse, dout, layout, heads, kv_heads, head_dim, dq, dk, dv);
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        check_len("swiglu", "up", up.len(), gate.len())?;
+        check_len("swiglu", "out", out.len(), gate.len())?;
+        swiglu::forward(gate, up, out);
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        dout: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_len("swiglu_backward", "dout", dout.len(), gate.len())?;
+        check_len("swiglu_backward", "dgate", dgate.len(), gate.len())?;
+        check_len("swiglu_backward", "dup", dup.len(), gate.len())?;
+        swiglu::backward(dout, gate, up, dgate, dup);
+        Ok(())
+    }
+
+    fn lm_head_cross_entropy(
+        &self,
+        hidden: &Vec<f32>,
+        weight: &Vec<f32>,
+        targets: &Vec<i32>,
+        rows: usize,
+        hidden_dim: usize,
+        vocab: usize,
+        grad: CeGrad<'_, Vec<f32>>,
+        logp: &mut Vec<f32>,
+        dhidden: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        check_len("lm_head_cross_entropy", "hidden", hidden.len(), rows * hidden_dim)?;
+        check_len("lm_head_cross_entropy", "weight", weight.len(), vocab * hidden_dim)?;
+        check_len("lm_head_cross_entropy", "targets", targets.len(), rows)?;
+        check_len("lm_head_cross_entropy", "logp", logp.len(), rows)?;
+        if let CeGrad::PerRow(w) = &grad {
+            check_len("lm_head_cross_entropy", "row weights", w.len(), rows)?;
+        }
+        if let Some(d) = &dhidden {
+            check_len("lm_head_cross_entropy", "dhidden", d.len(), rows * hidden_dim)?;
+        }
+        cross_entropy::lm_head_cross_entropy(hidden, weight, targets, hidden_dim, vocab, grad, logp, dhidden)
+    }
+
+    fn sum_of_squares(&self, tensors: &[Vec<f32>]) -> Result<f64> {
+        Ok(tensors.iter().flat_map(|t| t.iter()).map(|&x| (x as f64) * (x as f64)).sum())
+    }
+
+    fn adamw(
+        &self,
+        params: &mut [Vec<f32>],
+        grads: &[Vec<f32>],
+        m: &mut [Vec<f32>],
+        v: &mut [Vec<f32>],
+        hp: &AdamWParams,
+        step: u64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        for i in 0..params.len() {
+            check_len("adamw", "grad", grads[i].len(), params[i].len())?;
+            check_len("adamw", "exp_avg", m[i].len(), params[i].len())?;
+            check_len("adamw", "exp_avg_sq", v[i].len(), params[i].len())?;
+            adamw::step(&mut params[i], &grads[i], &mut m[i], &mut v[i], hp, step, grad_scale);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing;

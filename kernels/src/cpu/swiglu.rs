@@ -1,0 +1,54 @@
+//! SwiGLU (Shazeer 2020): `out = silu(g) ⊙ u`, `silu(g) = g·σ(g)`.
+//! Backward: `du = dout ⊙ silu(g)`, `dg = dout ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g)))`.
+
+use rayon::prelude::*;
+
+const CHUNK: usize = 4096;
+
+fn sigmoid(g: f32) -> f32 {
+    1.0 / (1.0 + (-g).exp())
+}
+
+pub fn forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK)).for_each(|((o, g), u)| {
+        for i in 0..o.len() {
+            o[i] = g[i] * sigmoid(g[i]) * u[i];
+        }
+    });
+}
+
+pub fn backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
+        let base = c * CHUNK;
+        for i in 0..dg.len() {
+            let (g, u, d) = (gate[base + i], up[base + i], dout[base + i]);
+            let s = sigmoid(g);
+            du[i] = d * g * s;
+            dg[i] = d * u * s * (1.0 + g * (1.0 - s));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::testing::{check_gradient, dot, random};
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let n = 40;
+        let gate: Vec<f32> = random(n, 1).iter().map(|v| 3.0 * v).collect();
+        let up = random(n, 2);
+        let probe = random(n, 3);
+        let mut dg = vec![0.0; n];
+        let mut du = vec![0.0; n];
+        backward(&probe, &gate, &up, &mut dg, &mut du);
+        let run = |g: &[f32], u: &[f32]| {
+            let mut o = vec![0.0; n];
+            forward(g, u, &mut o);
+            dot(&o, &probe)
+        };
+        check_gradient(&gate, &dg, 1e-2, 1e-3, |g| run(g, &up));
+        check_gradient(&up, &du, 1e-2, 1e-3, |u| run(&gate, u));
+    }
+}

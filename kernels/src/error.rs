@@ -1,0 +1,27 @@
+use thiserror::Error;
+
+/// Why a kernel call failed.
+#[derive(Debug, Error)]
+pub enum KernelError {
+    /// A buffer's length does not match the dimensions passed with it.
+    #[error("{op}: {what} has {got} elements, expected {expected}")]
+    Shape { op: &'static str, what: &'static str, got: usize, expected: usize },
+    /// The device refused an allocation, a launch or a copy.
+    #[error("device error in {op}: {message}")]
+    Device { op: &'static str, message: String },
+    /// A kernel failed to compile; `log` is the compiler's output.
+    #[error("kernel {name} failed to compile:\n{log}")]
+    Compile { name: String, log: String },
+    /// The backend cannot do what was asked (a dtype it lacks, say).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Checks that a buffer has the length its dimensions imply.
+pub(crate) fn check_len(op: &'static str, what: &'static str, got: usize, expected: usize) -> crate::Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(KernelError::Shape { op, what, got, expected })
+    }
+}

@@ -1,0 +1,20 @@
+//! Fused training ops behind one small interface.
+//!
+//! - [`Backend`]: the ops a Llama/Mistral decoder needs, each with an explicit forward and backward.
+//! - [`cpu::CpuBackend`]: f32, written to be read; the reference every other backend is tested against.
+//! - `cuda::CudaBackend` (feature `cuda`): bf16/fp16 compute with fp32 accumulation, fused kernels.
+//! - [`rope`]: rotary-embedding frequency tables for every supported scaling kind (host-side math).
+//! - [`AttentionLayout`]: which keys each query may see (causal, padding, packed documents, window).
+
+mod backend;
+pub mod cpu;
+mod error;
+mod layout;
+pub mod rope;
+
+pub use backend::{AdamWParams, Backend, CeGrad, DType, IGNORE_INDEX};
+pub use error::KernelError;
+pub use layout::AttentionLayout;
+
+/// Result of a kernel call.
+pub type Result<T> = std::result::Result<T, KernelError>;
