@@ -112,7 +112,13 @@ pub trait Backend {
 
     // ---- layers ---------------------------------------------------------------------------------
     /// `out[i,:] ← table[ids[i],:]`; table `[vocab, hidden]`, out `[N, hidden]`.
-    fn embedding(&self, table: &Self::Tensor, ids: &Self::Indices, hidden: usize, out: &mut Self::Tensor) -> Result<()>;
+    fn embedding(
+        &self,
+        table: &Self::Tensor,
+        ids: &Self::Indices,
+        hidden: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
 
     /// RMSNorm: `y = w ⊙ x · r`, `r = 1/sqrt(mean(x²) + eps)` per row; saves `rstd[N] = r` (f32).
     fn rms_norm(

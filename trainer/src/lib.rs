@@ -1,1 +1,13 @@
-//! trainer
+//! fuselora's trainer: everything above the kernels.
+//!
+//! - [`model`]: Hugging Face config and weights, the Llama/Mistral decoder over any `Backend`.
+//! - [`lora`]: LoRA parameters and PEFT adapter folders.
+//! - [`optim`]: global-norm clipping and AdamW.
+//! - [`reference`]: `check-reference`, recomputing Hugging Face reference cases.
+//! - [`io`]: atomic file writes.
+
+pub mod io;
+pub mod lora;
+pub mod model;
+pub mod optim;
+pub mod reference;

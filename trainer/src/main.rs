@@ -1,1 +1,37 @@
-fn main() {}
+//! The `fuselora` command line.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod cli;
+
+#[derive(Parser)]
+#[command(
+    name = "fuselora",
+    version,
+    about = "LoRA / QLoRA fine-tuning of Llama- and Mistral-family models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Recompute a Hugging Face reference case and compare every expected tensor.
+    CheckReference(cli::check_reference::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckReference(args) => cli::check_reference::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

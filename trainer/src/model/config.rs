@@ -49,9 +49,13 @@ impl ModelConfig {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("cannot read {}: a Hugging Face model folder needs its config.json", path.display())
+            format!(
+                "cannot read {}: a Hugging Face model folder needs its config.json",
+                path.display()
+            )
         })?;
-        let raw: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let raw: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         Self::from_json(raw).with_context(|| format!("in {}", path.display()))
     }
 
@@ -76,7 +80,10 @@ impl ModelConfig {
             bail!("head_dim {head_dim} is odd: rotary embeddings need an even head_dim");
         }
         let max_position_embeddings = opt_usize("max_position_embeddings").unwrap_or(2048);
-        let act = raw.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        let act = raw
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
         if act != "silu" {
             bail!("hidden_act `{act}` is not supported: Llama/Mistral use `silu`");
         }
@@ -103,12 +110,21 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: raw.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32,
+            rms_norm_eps: raw
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6) as f32,
             rope,
             max_position_embeddings,
             sliding_window,
-            tie_word_embeddings: raw.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-            bos_token_id: raw.get("bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
+            tie_word_embeddings: raw
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            bos_token_id: raw
+                .get("bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|v| v as u32),
             eos_token_ids: token_id_list(raw.get("eos_token_id")),
             raw,
         })
@@ -126,7 +142,11 @@ impl ModelConfig {
 }
 
 fn parse_architecture(raw: &Value) -> Result<Architecture> {
-    let from_list = raw.get("architectures").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str);
+    let from_list = raw
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str);
     let model_type = raw.get("model_type").and_then(Value::as_str);
     match (from_list, model_type) {
         (Some("LlamaForCausalLM"), _) | (None, Some("llama")) => Ok(Architecture::Llama),
@@ -142,14 +162,20 @@ fn parse_architecture(raw: &Value) -> Result<Architecture> {
 fn token_id_list(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
 
 /// The rope parameters object: transformers ≥ 5 `rope_parameters`, else the classic `rope_scaling`.
 fn rope_object(raw: &Value) -> Option<&Value> {
-    raw.get("rope_parameters").filter(|v| v.is_object()).or_else(|| raw.get("rope_scaling").filter(|v| v.is_object()))
+    raw.get("rope_parameters")
+        .filter(|v| v.is_object())
+        .or_else(|| raw.get("rope_scaling").filter(|v| v.is_object()))
 }
 
 fn rope_theta(raw: &Value) -> f32 {
@@ -161,22 +187,38 @@ fn rope_theta(raw: &Value) -> f32 {
 }
 
 fn rope_scaling(raw: &Value, max_position_embeddings: usize) -> Result<RopeScaling> {
-    let Some(obj) = rope_object(raw) else { return Ok(RopeScaling::Default) };
-    let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let Some(obj) = rope_object(raw) else {
+        return Ok(RopeScaling::Default);
+    };
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let num = |key: &str| -> Result<f32> {
-        obj.get(key).and_then(Value::as_f64).map(|v| v as f32).ok_or_else(|| anyhow!("rope scaling `{kind}` needs the key `{key}`"))
+        obj.get(key)
+            .and_then(Value::as_f64)
+            .map(|v| v as f32)
+            .ok_or_else(|| anyhow!("rope scaling `{kind}` needs the key `{key}`"))
     };
     Ok(match kind {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear { factor: num("factor")? },
-        "dynamic" => RopeScaling::Dynamic { factor: num("factor")?, max_position_embeddings },
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: num("factor")?,
+            max_position_embeddings,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         },
-        other => bail!("rope type `{other}` is not supported; supported: default, linear, dynamic, llama3"),
+        other => bail!(
+            "rope type `{other}` is not supported; supported: default, linear, dynamic, llama3"
+        ),
     })
 }
 
@@ -201,9 +243,13 @@ mod tests {
     #[test]
     fn both_rope_layouts_are_read() {
         let mut v5 = base();
-        v5["rope_parameters"] = json!({"rope_theta": 500000.0, "rope_type": "linear", "factor": 2.0});
+        v5["rope_parameters"] =
+            json!({"rope_theta": 500000.0, "rope_type": "linear", "factor": 2.0});
         let c = ModelConfig::from_json(v5).unwrap();
-        assert_eq!((c.rope.theta, c.rope.scaling.clone()), (500000.0, RopeScaling::Linear { factor: 2.0 }));
+        assert_eq!(
+            (c.rope.theta, c.rope.scaling.clone()),
+            (500000.0, RopeScaling::Linear { factor: 2.0 })
+        );
         let mut classic = base();
         classic["rope_theta"] = json!(1e6);
         classic["rope_scaling"] = json!({"type": "dynamic", "factor": 4.0});
@@ -217,7 +263,10 @@ mod tests {
         let mut v = base();
         v["architectures"] = json!(["GPT2LMHeadModel"]);
         let e = ModelConfig::from_json(v).unwrap_err().to_string();
-        assert!(e.contains("GPT2LMHeadModel") && e.contains("LlamaForCausalLM"), "{e}");
+        assert!(
+            e.contains("GPT2LMHeadModel") && e.contains("LlamaForCausalLM"),
+            "{e}"
+        );
         let mut v = base();
         v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
         let e = ModelConfig::from_json(v).unwrap_err().to_string();
@@ -228,8 +277,14 @@ mod tests {
     fn sliding_window_applies_to_mistral_only() {
         let mut v = base();
         v["sliding_window"] = json!(4096);
-        assert_eq!(ModelConfig::from_json(v.clone()).unwrap().sliding_window, None);
+        assert_eq!(
+            ModelConfig::from_json(v.clone()).unwrap().sliding_window,
+            None
+        );
         v["architectures"] = json!(["MistralForCausalLM"]);
-        assert_eq!(ModelConfig::from_json(v).unwrap().sliding_window, Some(4096));
+        assert_eq!(
+            ModelConfig::from_json(v).unwrap().sliding_window,
+            Some(4096)
+        );
     }
 }

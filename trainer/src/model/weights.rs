@@ -22,20 +22,26 @@ impl WeightFiles {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).with_context(|| format!("cannot read {}", index_path.display()))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
+            let text = std::fs::read_to_string(&index_path)
+                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", index_path.display()))?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| anyhow!("{} has no `weight_map` object", index_path.display()))?;
-            let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
             names.sort();
             names.dedup();
             names.into_iter().map(|n| dir.join(n)).collect()
         } else if single.exists() {
             vec![single]
-        } else if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+        } else if dir.join("pytorch_model.bin").exists()
+            || dir.join("pytorch_model.bin.index.json").exists()
+        {
             bail!(
                 "{} holds only pickled PyTorch weights (pytorch_model.bin), which fuselora refuses to load: \
                  unpickling can run arbitrary code. Convert them once with transformers: \
@@ -45,19 +51,36 @@ impl WeightFiles {
         } else {
             bail!("{} has no model.safetensors or model.safetensors.index.json: is it a Hugging Face model folder?", dir.display());
         };
+        Self::open_files(dir, files)
+    }
+
+    /// Opens one safetensors file (an adapter, a test case's inputs).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::open_files(dir, vec![path.to_path_buf()])
+    }
+
+    fn open_files(dir: &Path, files: Vec<PathBuf>) -> Result<Self> {
         let mut maps = Vec::new();
         let mut index = BTreeMap::new();
         for path in files {
-            let file = File::open(&path).with_context(|| format!("cannot open weight file {}", path.display()))?;
+            let file = File::open(&path)
+                .with_context(|| format!("cannot open weight file {}", path.display()))?;
             // SAFETY: the file is only read; a concurrent writer could change bytes under us, as with any mmap reader.
-            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-            let st = SafeTensors::deserialize(&map).with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot map {}", path.display()))?;
+            let st = SafeTensors::deserialize(&map)
+                .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
             for name in st.names() {
                 index.insert(name.to_string(), maps.len());
             }
             maps.push((path, map));
         }
-        Ok(WeightFiles { dir: dir.to_path_buf(), maps, index })
+        Ok(WeightFiles {
+            dir: dir.to_path_buf(),
+            maps,
+            index,
+        })
     }
 
     /// Whether a tensor of that name exists.
@@ -87,18 +110,22 @@ impl WeightFiles {
         let (path, view) = self.view(name)?;
         if view.shape() != expected {
             bail!(
-                "tensor `{name}` in {} has shape {:?}, but config.json implies {:?}",
+                "tensor `{name}` in {} has shape {:?}, expected {:?}",
                 path.display(),
                 view.shape(),
                 expected
             );
         }
-        to_f32(view.dtype(), view.data()).with_context(|| format!("tensor `{name}` in {}", path.display()))
+        to_f32(view.dtype(), view.data())
+            .with_context(|| format!("tensor `{name}` in {}", path.display()))
     }
 
     fn view(&self, name: &str) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
         let &i = self.index.get(name).ok_or_else(|| {
-            anyhow!("tensor `{name}` is missing from the weights in {} (is this checkpoint complete?)", self.dir.display())
+            anyhow!(
+                "tensor `{name}` is missing from {} (is this checkpoint complete?)",
+                self.dir.display()
+            )
         })?;
         let (path, map) = &self.maps[i];
         let st = SafeTensors::deserialize(map)?;
@@ -109,18 +136,35 @@ impl WeightFiles {
 /// Converts raw little-endian F32/F16/BF16 bytes to f32.
 pub fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => bail!("dtype {other:?} cannot be read as floating point (supported: F32, F16, BF16)"),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            bail!("dtype {other:?} cannot be read as floating point (supported: F32, F16, BF16)")
+        }
     })
 }
 
 /// Converts raw little-endian I64/I32 bytes to i64.
 pub fn to_i64(dtype: Dtype, data: &[u8]) -> Result<Vec<i64>> {
     Ok(match dtype {
-        Dtype::I64 => data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
-        Dtype::I32 => data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64).collect(),
+        Dtype::I64 => data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        Dtype::I32 => data
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
+            .collect(),
         other => bail!("dtype {other:?} cannot be read as integers (supported: I64, I32)"),
     })
 }

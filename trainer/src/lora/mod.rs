@@ -1,0 +1,158 @@
+//! LoRA (Hu et al. 2021): a frozen linear `y = x Wᵀ` becomes `y = x Wᵀ + s · (x Aᵀ) Bᵀ` with
+//! `A [r, in]`, `B [out, r]` trainable and `s = lora_alpha / r` (or `lora_alpha / sqrt(r)` with rsLoRA).
+//!
+//! - [`LoraConfig`]: rank, alpha, targets (PEFT's `adapter_config.json` fields).
+//! - [`LoraParams`]: every A and B of a model as f32 master tensors, with gradients, in PEFT's order.
+//! - [`peft`]: reading and writing PEFT adapter folders.
+
+pub mod peft;
+
+use crate::model::{ModelConfig, Projection};
+use anyhow::{bail, Result};
+use kernels::{Backend, DType};
+
+/// Which projections get adapters, and how large they are.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f32,
+    pub targets: Vec<Projection>,
+    pub use_rslora: bool,
+    pub dropout: f32,
+}
+
+impl LoraConfig {
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA (Kalajdzievski 2023).
+    pub fn scaling(&self) -> f32 {
+        if self.use_rslora {
+            self.alpha / (self.r as f32).sqrt()
+        } else {
+            self.alpha / self.r as f32
+        }
+    }
+}
+
+/// Where one adapted projection's tensors live in [`LoraParams`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraSlot {
+    /// Index of A in `params`; B is at `a + 1`.
+    pub a: usize,
+    pub rank: usize,
+    pub scaling: f32,
+}
+
+/// All LoRA tensors of a model: f32 masters, compute-dtype copies for the GEMMs, f32 gradients.
+/// Order: layer by layer, projections in [`Projection::ALL`] order, A then B — a layer's tensors are
+/// contiguous, so its gradients can be reduced as soon as its backward ends.
+pub struct LoraParams<B: Backend> {
+    pub config: LoraConfig,
+    /// PEFT keys, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+    pub names: Vec<String>,
+    /// `[rows, cols]` of each tensor.
+    pub shapes: Vec<[usize; 2]>,
+    pub params: Vec<B::Tensor>,
+    /// `params` rounded to the backend's compute dtype; refreshed by [`LoraParams::sync_compute`].
+    pub compute: Vec<B::Tensor>,
+    pub grads: Vec<B::Tensor>,
+    /// `slots[layer][projection index]`
+    slots: Vec<[Option<LoraSlot>; 7]>,
+}
+
+/// The PEFT key of a projection's A or B tensor.
+pub fn peft_key(layer: usize, proj: Projection, which: char) -> String {
+    format!(
+        "base_model.model.{}.lora_{which}.weight",
+        proj.module_path(layer)
+    )
+}
+
+impl<B: Backend> LoraParams<B> {
+    /// Builds the adapter for `model` from host values: `values(name, shape)` returns each tensor.
+    pub fn build(
+        backend: &B,
+        model: &ModelConfig,
+        config: LoraConfig,
+        mut values: impl FnMut(&str, [usize; 2]) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        if config.r == 0 {
+            bail!("LoRA rank r must be at least 1");
+        }
+        let mut lp = LoraParams {
+            names: Vec::new(),
+            shapes: Vec::new(),
+            params: Vec::new(),
+            compute: Vec::new(),
+            grads: Vec::new(),
+            slots: vec![[None; 7]; model.num_layers],
+            config,
+        };
+        let scaling = lp.config.scaling();
+        for layer in 0..model.num_layers {
+            for (pi, proj) in Projection::ALL.iter().enumerate() {
+                if !lp.config.targets.contains(proj) {
+                    continue;
+                }
+                let (out_f, in_f) = proj.shape(model);
+                lp.slots[layer][pi] = Some(LoraSlot {
+                    a: lp.params.len(),
+                    rank: lp.config.r,
+                    scaling,
+                });
+                for (which, shape) in [('A', [lp.config.r, in_f]), ('B', [out_f, lp.config.r])] {
+                    let name = peft_key(layer, *proj, which);
+                    let data = values(&name, shape)?;
+                    if data.len() != shape[0] * shape[1] {
+                        bail!(
+                            "LoRA tensor `{name}` has {} values, expected {:?}",
+                            data.len(),
+                            shape
+                        );
+                    }
+                    lp.params.push(backend.upload(&data, DType::F32)?);
+                    lp.compute
+                        .push(backend.upload(&data, backend.compute_dtype())?);
+                    lp.grads.push(backend.zeros(data.len(), DType::F32)?);
+                    lp.names.push(name);
+                    lp.shapes.push(shape);
+                }
+            }
+        }
+        Ok(lp)
+    }
+
+    /// The slot of a layer's projection, if it is adapted.
+    pub fn slot(&self, layer: usize, proj: Projection) -> Option<LoraSlot> {
+        self.slots[layer][proj.index()]
+    }
+
+    /// Copies the f32 masters into the compute-dtype tensors (after each optimizer step).
+    pub fn sync_compute(&mut self, backend: &B) -> Result<()> {
+        for (p, c) in self.params.iter().zip(self.compute.iter_mut()) {
+            backend.copy(p, c)?;
+        }
+        Ok(())
+    }
+
+    /// Sets every gradient to zero (start of an optimizer step).
+    pub fn zero_grads(&mut self, backend: &B) -> Result<()> {
+        for g in &mut self.grads {
+            backend.fill_zero(g)?;
+        }
+        Ok(())
+    }
+
+    /// Downloads every parameter (name, shape, values) — for saving adapters.
+    pub fn download_params(&self, backend: &B) -> Result<Vec<(String, [usize; 2], Vec<f32>)>> {
+        self.names
+            .iter()
+            .zip(&self.shapes)
+            .zip(&self.params)
+            .map(|((n, s), p)| Ok((n.clone(), *s, backend.download(p)?)))
+            .collect()
+    }
+
+    /// Number of trainable values.
+    pub fn num_values(&self) -> usize {
+        self.shapes.iter().map(|s| s[0] * s[1]).sum()
+    }
+}

@@ -1,0 +1,330 @@
+//! The whole decoder (transformers' `LlamaForCausalLM` / `MistralForCausalLM`) over a backend:
+//! embedding → layers → final RMSNorm → LM head, with the loss and the backward pass.
+//! With gradient checkpointing only each layer's input is kept; backward recomputes the layer
+//! forward (Chen et al. 2016) and so produces the same gradients bit for bit.
+
+use super::layer::{LayerSaved, LayerWeights};
+use super::weights::WeightFiles;
+use super::ModelConfig;
+use super::Projection;
+use crate::lora::LoraParams;
+use anyhow::{bail, Result};
+use kernels::{AttentionLayout, Backend, CeGrad, DType, IGNORE_INDEX};
+
+/// Sizes every layer needs, copied out of the config.
+pub struct Shapes {
+    pub hidden: usize,
+    pub inter: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub q_dim: usize,
+    pub kv_dim: usize,
+    pub eps: f32,
+}
+
+/// A batch on the device: tokens, their attention layout, RoPE tables and next-token targets.
+pub struct Batch<B: Backend> {
+    pub layout: AttentionLayout,
+    pub ids: B::Indices,
+    pub positions: B::Indices,
+    pub doc_start: B::Indices,
+    /// `targets[i]` = the token that position `i` must predict, or `IGNORE_INDEX`.
+    pub targets: B::Indices,
+    /// How many targets are not ignored.
+    pub n_targets: usize,
+    pub cos: B::Tensor,
+    pub sin: B::Tensor,
+}
+
+/// The decoder's frozen weights.
+pub struct Decoder<B: Backend> {
+    pub config: ModelConfig,
+    shapes: Shapes,
+    embed: B::Tensor,
+    layers: Vec<LayerWeights<B>>,
+    final_norm: B::Tensor,
+    /// `None` when the LM head is tied to the embedding.
+    lm_head: Option<B::Tensor>,
+}
+
+/// What a forward pass keeps for backward.
+pub struct Activations<B: Backend> {
+    /// Per layer: everything, or only the input when checkpointing.
+    layers: Vec<Saved<B>>,
+    /// Output of the last layer, before the final norm `[N, hidden]`.
+    last: B::Tensor,
+    final_rstd: B::Tensor,
+    /// After the final norm `[N, hidden]`: the LM head's input.
+    pub normed: B::Tensor,
+}
+
+enum Saved<B: Backend> {
+    Full(LayerSaved<B>),
+    Input(B::Tensor),
+}
+
+impl<B: Backend> Batch<B> {
+    /// Uploads a batch. `labels` are per position (Hugging Face convention: the loss at position
+    /// `t` predicts `labels[t+1]`); the shift happens here, within each document.
+    pub fn new(
+        be: &B,
+        config: &ModelConfig,
+        ids: &[i32],
+        labels: &[i32],
+        layout: AttentionLayout,
+    ) -> Result<Self> {
+        let n = layout.tokens();
+        if ids.len() != n || labels.len() != n {
+            bail!(
+                "batch has {} ids and {} labels for a layout of {n} tokens",
+                ids.len(),
+                labels.len()
+            );
+        }
+        let t = layout.seq_len;
+        let targets: Vec<i32> = (0..n)
+            .map(|i| {
+                let next = i + 1;
+                // The next token must be in the same row and the same document.
+                if next % t == 0 || layout.doc_start[next] != layout.doc_start[i] {
+                    IGNORE_INDEX
+                } else {
+                    labels[next]
+                }
+            })
+            .collect();
+        let n_targets = targets.iter().filter(|&&x| x != IGNORE_INDEX).count();
+        let span = layout.position_span().max(1);
+        let (cos, sin) = config.rope.tables(span, span);
+        Ok(Batch {
+            ids: be.upload_indices(ids)?,
+            positions: be.upload_indices(&layout.positions)?,
+            doc_start: be.upload_indices(&layout.doc_start)?,
+            targets: be.upload_indices(&targets)?,
+            n_targets,
+            cos: be.upload(&cos, DType::F32)?,
+            sin: be.upload(&sin, DType::F32)?,
+            layout,
+        })
+    }
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Loads the weights of a Hugging Face folder onto the backend.
+    pub fn load(be: &B, config: ModelConfig, files: &WeightFiles) -> Result<Self> {
+        let dt = be.compute_dtype();
+        let c = &config;
+        let get = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
+            Ok(be.upload(&files.f32(name, shape)?, dt)?)
+        };
+        let embed = get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let proj = Projection::ALL.map(|p| {
+                let (o, i) = p.shape(c);
+                get(&format!("{}.weight", p.module_path(l)), &[o, i])
+            });
+            let [q, k, v, o, gate, up, down] = proj;
+            layers.push(LayerWeights {
+                input_norm: get(
+                    &format!("model.layers.{l}.input_layernorm.weight"),
+                    &[c.hidden_size],
+                )?,
+                post_attention_norm: get(
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &[c.hidden_size],
+                )?,
+                proj: [q?, k?, v?, o?, gate?, up?, down?],
+            });
+        }
+        let final_norm = get("model.norm.weight", &[c.hidden_size])?;
+        let lm_head = if c.tie_word_embeddings && !files.contains("lm_head.weight") {
+            None
+        } else {
+            Some(get("lm_head.weight", &[c.vocab_size, c.hidden_size])?)
+        };
+        Ok(Decoder {
+            shapes: Shapes::of(c),
+            config,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        })
+    }
+
+    fn head_weight(&self) -> &B::Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Runs every layer. With `checkpoint`, keeps only layer inputs.
+    pub fn forward(
+        &self,
+        be: &B,
+        lora: Option<&LoraParams<B>>,
+        batch: &Batch<B>,
+        checkpoint: bool,
+    ) -> Result<Activations<B>> {
+        let s = &self.shapes;
+        let n = batch.layout.tokens();
+        let mut x = be.zeros(n * s.hidden, be.compute_dtype())?;
+        be.embedding(&self.embed, &batch.ids, s.hidden, &mut x)?;
+        let mut saved = Vec::with_capacity(self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let input = if checkpoint {
+                Some(clone(be, &x)?)
+            } else {
+                None
+            };
+            let (y, full) = layer.forward(be, s, l, lora, batch, x)?;
+            saved.push(match input {
+                Some(inp) => Saved::Input(inp),
+                None => Saved::Full(full),
+            });
+            x = y;
+        }
+        let mut final_rstd = be.zeros(n, DType::F32)?;
+        let mut normed = be.zeros(n * s.hidden, be.compute_dtype())?;
+        be.rms_norm(
+            &x,
+            &self.final_norm,
+            s.hidden,
+            s.eps,
+            &mut normed,
+            &mut final_rstd,
+        )?;
+        Ok(Activations {
+            layers: saved,
+            last: x,
+            final_rstd,
+            normed,
+        })
+    }
+
+    /// Full logits `[N, vocab]` (for checks and generation; training uses [`Decoder::head`]).
+    pub fn logits(&self, be: &B, acts: &Activations<B>) -> Result<B::Tensor> {
+        let n = be.len(&acts.normed) / self.shapes.hidden;
+        let v = self.config.vocab_size;
+        let mut logits = be.zeros(n * v, DType::F32)?;
+        be.gemm(
+            n,
+            v,
+            self.shapes.hidden,
+            1.0,
+            &acts.normed,
+            false,
+            self.head_weight(),
+            true,
+            0.0,
+            &mut logits,
+        )?;
+        Ok(logits)
+    }
+
+    /// Log-probabilities of `targets` under the model (`[N]` f32, 0 at ignored positions), and with a
+    /// gradient request, `dL/d normed` for `L = −Σ weight · logp`.
+    pub fn head(
+        &self,
+        be: &B,
+        acts: &Activations<B>,
+        targets: &B::Indices,
+        grad: CeGrad<'_, B::Tensor>,
+    ) -> Result<(B::Tensor, Option<B::Tensor>)> {
+        let s = &self.shapes;
+        let n = be.len(&acts.normed) / s.hidden;
+        let mut logp = be.zeros(n, DType::F32)?;
+        let mut dnormed = match grad {
+            CeGrad::None => None,
+            _ => Some(be.zeros(n * s.hidden, be.compute_dtype())?),
+        };
+        be.lm_head_cross_entropy(
+            &acts.normed,
+            self.head_weight(),
+            targets,
+            n,
+            s.hidden,
+            self.config.vocab_size,
+            grad,
+            &mut logp,
+            dnormed.as_mut(),
+        )?;
+        Ok((logp, dnormed))
+    }
+
+    /// Back-propagates `dnormed = dL/d normed` through every layer, adding into the LoRA gradients.
+    pub fn backward(
+        &self,
+        be: &B,
+        mut lora: Option<&mut LoraParams<B>>,
+        batch: &Batch<B>,
+        acts: Activations<B>,
+        dnormed: &B::Tensor,
+    ) -> Result<()> {
+        let s = &self.shapes;
+        let mut dx = be.zeros(be.len(&acts.last), be.compute_dtype())?;
+        be.rms_norm_backward(
+            dnormed,
+            &acts.last,
+            &self.final_norm,
+            &acts.final_rstd,
+            s.hidden,
+            &mut dx,
+        )?;
+        for (l, saved) in acts.layers.into_iter().enumerate().rev() {
+            let layer = &self.layers[l];
+            let full = match saved {
+                Saved::Full(f) => f,
+                Saved::Input(x) => layer.forward(be, s, l, lora.as_deref(), batch, x)?.1,
+            };
+            dx = layer.backward(be, s, l, lora.as_deref_mut(), batch, &full, dx)?;
+        }
+        Ok(())
+    }
+
+    /// Mean next-token cross-entropy over the batch's targets and, when `lora` is given, its
+    /// gradient scaled by `grad_scale / n_targets`... see [`Decoder::loss_and_grad`] for the scaling rule.
+    /// Returns `Σ −logp` over the targets (the caller divides by the token count it normalises by).
+    pub fn loss_and_grad(
+        &self,
+        be: &B,
+        mut lora: Option<&mut LoraParams<B>>,
+        batch: &Batch<B>,
+        checkpoint: bool,
+        grad_weight: f32,
+    ) -> Result<f64> {
+        let acts = self.forward(be, lora.as_deref(), batch, checkpoint)?;
+        let grad = if lora.is_some() {
+            CeGrad::Scale(grad_weight)
+        } else {
+            CeGrad::None
+        };
+        let (logp, dnormed) = self.head(be, &acts, &batch.targets, grad)?;
+        let nll = -be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>();
+        if let (Some(lp), Some(d)) = (lora.as_deref_mut(), dnormed) {
+            self.backward(be, Some(lp), batch, acts, &d)?;
+        }
+        Ok(nll)
+    }
+}
+
+impl Shapes {
+    fn of(c: &ModelConfig) -> Self {
+        Shapes {
+            hidden: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            q_dim: c.q_dim(),
+            kv_dim: c.kv_dim(),
+            eps: c.rms_norm_eps,
+        }
+    }
+}
+
+fn clone<B: Backend>(be: &B, t: &B::Tensor) -> Result<B::Tensor> {
+    let mut c = be.zeros(be.len(t), be.compute_dtype())?;
+    be.copy(t, &mut c)?;
+    Ok(c)
+}

@@ -1,0 +1,133 @@
+//! A frozen projection with an optional LoRA adapter, forward and backward.
+//!
+//! Forward:  `y = x Wᵀ + s · t Bᵀ` with `t = x Aᵀ` (saved for backward).
+//! Backward: `dx (+)= dy W + s · u A` with `u = dy B`;  `dB += s · dyᵀ t`;  `dA += s · uᵀ x`.
+
+use crate::lora::{LoraParams, LoraSlot};
+use anyhow::Result;
+use kernels::Backend;
+
+/// Shapes of one projection call: `n` tokens, `in_f` → `out_f` features.
+#[derive(Clone, Copy)]
+pub struct Dims {
+    pub n: usize,
+    pub in_f: usize,
+    pub out_f: usize,
+}
+
+/// `y ← x Wᵀ (+ s · (x Aᵀ) Bᵀ)`; returns `t = x Aᵀ [n, r]` when the projection is adapted.
+pub fn forward<B: Backend>(
+    be: &B,
+    d: Dims,
+    x: &B::Tensor,
+    w: &B::Tensor,
+    lora: Option<(&LoraParams<B>, LoraSlot)>,
+    y: &mut B::Tensor,
+) -> Result<Option<B::Tensor>> {
+    be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, 0.0, y)?;
+    let Some((lp, slot)) = lora else {
+        return Ok(None);
+    };
+    let (a, b) = (&lp.compute[slot.a], &lp.compute[slot.a + 1]);
+    let mut t = be.zeros(d.n * slot.rank, be.compute_dtype())?;
+    be.gemm(d.n, slot.rank, d.in_f, 1.0, x, false, a, true, 0.0, &mut t)?;
+    be.gemm(
+        d.n,
+        d.out_f,
+        slot.rank,
+        slot.scaling,
+        &t,
+        false,
+        b,
+        true,
+        1.0,
+        y,
+    )?;
+    Ok(Some(t))
+}
+
+/// Adds `dL/dx` into `dx` (or writes it when `accumulate` is false) and adds the LoRA gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<B: Backend>(
+    be: &B,
+    d: Dims,
+    dy: &B::Tensor,
+    x: &B::Tensor,
+    w: &B::Tensor,
+    lora: Option<(&mut LoraParams<B>, LoraSlot)>,
+    t: Option<&B::Tensor>,
+    dx: &mut B::Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    be.gemm(
+        d.n,
+        d.in_f,
+        d.out_f,
+        1.0,
+        dy,
+        false,
+        w,
+        false,
+        if accumulate { 1.0 } else { 0.0 },
+        dx,
+    )?;
+    let (Some((lp, slot)), Some(t)) = (lora, t) else {
+        return Ok(());
+    };
+    let r = slot.rank;
+    let s = slot.scaling;
+    // dB [out, r] += s · dyᵀ [out, n] · t [n, r]
+    be.gemm(
+        d.out_f,
+        r,
+        d.n,
+        s,
+        dy,
+        true,
+        t,
+        false,
+        1.0,
+        &mut lp.grads[slot.a + 1],
+    )?;
+    // u [n, r] = dy [n, out] · B [out, r]
+    let mut u = be.zeros(d.n * r, be.compute_dtype())?;
+    be.gemm(
+        d.n,
+        r,
+        d.out_f,
+        1.0,
+        dy,
+        false,
+        &lp.compute[slot.a + 1],
+        false,
+        0.0,
+        &mut u,
+    )?;
+    // dA [r, in] += s · uᵀ [r, n] · x [n, in]
+    be.gemm(
+        r,
+        d.in_f,
+        d.n,
+        s,
+        &u,
+        true,
+        x,
+        false,
+        1.0,
+        &mut lp.grads[slot.a],
+    )?;
+    // dx [n, in] += s · u [n, r] · A [r, in]
+    be.gemm(
+        d.n,
+        d.in_f,
+        r,
+        s,
+        &u,
+        false,
+        &lp.compute[slot.a],
+        false,
+        1.0,
+        dx,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! The Llama/Mistral decoder: configuration, weights, and the forward/backward pass over any backend.
+
+mod config;
+mod decoder;
+mod layer;
+mod linear;
+mod projection;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
+pub use decoder::{Activations, Batch, Decoder};
+pub use projection::Projection;
