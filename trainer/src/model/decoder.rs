@@ -113,10 +113,22 @@ impl<B: Backend> Batch<B> {
 impl<B: Backend> Decoder<B> {
     /// Loads the weights of a Hugging Face folder onto the backend.
     pub fn load(be: &B, config: ModelConfig, files: &WeightFiles) -> Result<Self> {
+        let tied = config.tie_word_embeddings && !files.contains("lm_head.weight");
+        Self::from_source(be, config, tied, |name, shape| files.f32(name, shape))
+    }
+
+    /// Builds the decoder from any source of named f32 tensors (`source(name, shape)`), with the
+    /// LM head tied to the embedding when `tied`.
+    pub fn from_source(
+        be: &B,
+        config: ModelConfig,
+        tied: bool,
+        source: impl Fn(&str, &[usize]) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
         let dt = be.compute_dtype();
         let c = &config;
         let get = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
-            Ok(be.upload(&files.f32(name, shape)?, dt)?)
+            Ok(be.upload(&source(name, shape)?, dt)?)
         };
         let embed = get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -139,7 +151,7 @@ impl<B: Backend> Decoder<B> {
             });
         }
         let final_norm = get("model.norm.weight", &[c.hidden_size])?;
-        let lm_head = if c.tie_word_embeddings && !files.contains("lm_head.weight") {
+        let lm_head = if tied {
             None
         } else {
             Some(get("lm_head.weight", &[c.vocab_size, c.hidden_size])?)
@@ -282,9 +294,9 @@ impl<B: Backend> Decoder<B> {
         Ok(())
     }
 
-    /// Mean next-token cross-entropy over the batch's targets and, when `lora` is given, its
-    /// gradient scaled by `grad_scale / n_targets`... see [`Decoder::loss_and_grad`] for the scaling rule.
-    /// Returns `Σ −logp` over the targets (the caller divides by the token count it normalises by).
+    /// Forward, loss and (when `lora` is given) backward for one batch. Returns `Σ −logp` over the
+    /// batch's targets and adds `d(grad_weight · Σ −logp)/dθ` into the LoRA gradients: the token-mean
+    /// loss of a whole optimizer step uses `grad_weight = 1 / (targets in all its micro-batches)`.
     pub fn loss_and_grad(
         &self,
         be: &B,

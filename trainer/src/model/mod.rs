@@ -7,6 +7,9 @@ mod linear;
 mod projection;
 pub mod weights;
 
+#[cfg(test)]
+mod tests;
+
 pub use config::{Architecture, ModelConfig};
 pub use decoder::{Activations, Batch, Decoder};
 pub use projection::Projection;

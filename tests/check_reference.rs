@@ -1,0 +1,43 @@
+//! `fuselora check-reference` on the Hugging Face fixtures (copied into tests/fixtures).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn check(case: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fuselora"))
+        .arg("check-reference")
+        .arg(fixture(case))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn tiny_llama_matches_transformers_and_peft() {
+    let (ok, text) = check("tiny-llama");
+    assert!(ok, "{text}");
+    assert!(text.contains("218 passed, 0 failed"), "{text}");
+}
+
+#[test]
+fn tiny_mistral_with_sliding_window_matches() {
+    let (ok, text) = check("tiny-mistral");
+    assert!(ok, "{text}");
+    assert!(text.contains("218 passed, 0 failed"), "{text}");
+}
+
+#[test]
+fn a_folder_without_a_case_fails_with_the_path() {
+    let (ok, text) = check("no-such-case");
+    assert!(!ok);
+    assert!(text.contains("no-such-case/case.json"), "{text}");
+}

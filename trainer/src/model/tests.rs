@@ -1,0 +1,181 @@
+//! Decoder-level checks on small random models: finite differences of the LoRA gradients through
+//! every op at once, gradient checkpointing, and packed rows behaving like separate sequences.
+
+use super::{Batch, Decoder, ModelConfig, Projection};
+use crate::lora::{LoraConfig, LoraParams};
+use kernels::cpu::CpuBackend;
+use kernels::AttentionLayout;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+fn config(window: Option<usize>, tied: bool) -> ModelConfig {
+    let mut v = json!({
+        "architectures": [if window.is_some() { "MistralForCausalLM" } else { "LlamaForCausalLM" }],
+        "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 40, "rms_norm_eps": 1e-5, "tie_word_embeddings": tied,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0}
+    });
+    if let Some(w) = window {
+        v["sliding_window"] = json!(w);
+    }
+    ModelConfig::from_json(v).unwrap()
+}
+
+fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn model(be: &CpuBackend, c: &ModelConfig, tied: bool) -> Decoder<CpuBackend> {
+    Decoder::from_source(be, c.clone(), tied, |name, shape| {
+        let n = shape.iter().product();
+        let seed = name
+            .bytes()
+            .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        Ok(if name.contains("norm") {
+            random(n, seed, 0.3).iter().map(|x| 1.0 + x).collect()
+        } else {
+            random(n, seed, 0.3)
+        })
+    })
+    .unwrap()
+}
+
+fn adapter(be: &CpuBackend, c: &ModelConfig) -> LoraParams<CpuBackend> {
+    let cfg = LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        targets: Projection::ALL.to_vec(),
+        use_rslora: false,
+        dropout: 0.0,
+    };
+    let mut k = 0;
+    LoraParams::build(be, c, cfg, |_, s| {
+        k += 1;
+        Ok(random(s[0] * s[1], 100 + k, 0.3))
+    })
+    .unwrap()
+}
+
+fn tokens(n: usize, seed: u64) -> Vec<i32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(0..40)).collect()
+}
+
+/// Loss `Σ −logp` and the LoRA gradients of that sum.
+fn loss_and_grads(
+    be: &CpuBackend,
+    m: &Decoder<CpuBackend>,
+    lora: &mut LoraParams<CpuBackend>,
+    batch: &Batch<CpuBackend>,
+    checkpoint: bool,
+) -> (f64, Vec<Vec<f32>>) {
+    lora.zero_grads(be).unwrap();
+    let nll = m
+        .loss_and_grad(be, Some(lora), batch, checkpoint, 1.0)
+        .unwrap();
+    (nll, lora.grads.clone())
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_through_the_whole_model() {
+    let be = CpuBackend::new();
+    for (window, tied) in [(None, false), (Some(3), true)] {
+        let c = config(window, tied);
+        let m = model(&be, &c, tied);
+        let mut lora = adapter(&be, &c);
+        let layout = AttentionLayout::packed(&[vec![4, 3], vec![6]], 7, window);
+        let ids = tokens(14, 1);
+        let batch = Batch::new(&be, &c, &ids, &ids, layout).unwrap();
+        let (_, grads) = loss_and_grads(&be, &m, &mut lora, &batch, false);
+        let h = 1e-2f32;
+        for (t, g) in grads.iter().enumerate() {
+            let scale = g.iter().fold(0f32, |a, x| a.max(x.abs())).max(1e-3);
+            for i in [0, g.len() / 2, g.len() - 1] {
+                let orig = lora.params[t][i];
+                let mut at = |v: f32| {
+                    lora.params[t][i] = v;
+                    lora.sync_compute(&be).unwrap();
+                    let acts = m.forward(&be, Some(&lora), &batch, false).unwrap();
+                    let (lp, _) = m
+                        .head(&be, &acts, &batch.targets, kernels::CeGrad::None)
+                        .unwrap();
+                    -lp.iter().map(|&x| x as f64).sum::<f64>()
+                };
+                let numeric = (at(orig + h) - at(orig - h)) / (2.0 * h as f64);
+                at(orig);
+                let err = (numeric - g[i] as f64).abs() / scale as f64;
+                assert!(
+                    err < 5e-3,
+                    "{} [{i}]: analytic {} numeric {numeric}",
+                    lora.names[t],
+                    g[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gradient_checkpointing_changes_no_gradient() {
+    let be = CpuBackend::new();
+    let c = config(Some(4), false);
+    let m = model(&be, &c, false);
+    let mut lora = adapter(&be, &c);
+    let ids = tokens(20, 2);
+    let batch = Batch::new(
+        &be,
+        &c,
+        &ids,
+        &ids,
+        AttentionLayout::right_padded(&[10, 7], 10, Some(4)),
+    )
+    .unwrap();
+    let (l1, g1) = loss_and_grads(&be, &m, &mut lora, &batch, false);
+    let (l2, g2) = loss_and_grads(&be, &m, &mut lora, &batch, true);
+    assert_eq!(l1, l2);
+    assert_eq!(g1, g2, "checkpointed gradients must be bitwise identical");
+}
+
+#[test]
+fn packed_documents_equal_separate_rows() {
+    let be = CpuBackend::new();
+    let c = config(None, false);
+    let m = model(&be, &c, false);
+    let mut lora = adapter(&be, &c);
+    let (a, b) = (tokens(5, 3), tokens(6, 4));
+    let packed_ids: Vec<i32> = a.iter().chain(&b).copied().collect();
+    let packed = Batch::new(
+        &be,
+        &c,
+        &packed_ids,
+        &packed_ids,
+        AttentionLayout::packed(&[vec![5, 6]], 11, None),
+    )
+    .unwrap();
+    let mut rows = vec![0; 12];
+    rows[..5].copy_from_slice(&a);
+    rows[6..].copy_from_slice(&b);
+    let mut labels = rows.clone();
+    labels[5] = kernels::IGNORE_INDEX;
+    let separate = Batch::new(
+        &be,
+        &c,
+        &rows,
+        &labels,
+        AttentionLayout::right_padded(&[5, 6], 6, None),
+    )
+    .unwrap();
+    assert_eq!(packed.n_targets, 4 + 5);
+    assert_eq!(separate.n_targets, packed.n_targets);
+    let (lp, gp) = loss_and_grads(&be, &m, &mut lora, &packed, false);
+    let (ls, gs) = loss_and_grads(&be, &m, &mut lora, &separate, false);
+    assert!(
+        (lp - ls).abs() < 1e-5 * ls.abs(),
+        "packed {lp} vs separate {ls}"
+    );
+    for (x, y) in gp.iter().flatten().zip(gs.iter().flatten()) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+}
