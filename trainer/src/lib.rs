@@ -4,10 +4,14 @@
 //! - [`lora`]: LoRA parameters and PEFT adapter folders.
 //! - [`optim`]: global-norm clipping and AdamW.
 //! - [`reference`]: `check-reference`, recomputing Hugging Face reference cases.
+//! - [`data`]: dataset records and batching.
+//! - [`train`]: the run config, schedules, the training loop and checkpoints.
 //! - [`io`]: atomic file writes.
 
+pub mod data;
 pub mod io;
 pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod reference;
+pub mod train;

@@ -82,18 +82,7 @@ impl<B: Backend> Batch<B> {
                 labels.len()
             );
         }
-        let t = layout.seq_len;
-        let targets: Vec<i32> = (0..n)
-            .map(|i| {
-                let next = i + 1;
-                // The next token must be in the same row and the same document.
-                if next % t == 0 || layout.doc_start[next] != layout.doc_start[i] {
-                    IGNORE_INDEX
-                } else {
-                    labels[next]
-                }
-            })
-            .collect();
+        let targets = next_token_targets(labels, &layout);
         let n_targets = targets.iter().filter(|&&x| x != IGNORE_INDEX).count();
         let span = layout.position_span().max(1);
         let (cos, sin) = config.rope.tables(span, span);
@@ -318,6 +307,22 @@ impl<B: Backend> Decoder<B> {
         }
         Ok(nll)
     }
+}
+
+/// `targets[i]` = `labels[i+1]` when token `i+1` is in the same row and document as token `i`,
+/// else [`IGNORE_INDEX`]: the last token of a packed document never predicts the next document.
+pub fn next_token_targets(labels: &[i32], layout: &AttentionLayout) -> Vec<i32> {
+    let t = layout.seq_len;
+    (0..labels.len())
+        .map(|i| {
+            let next = i + 1;
+            if next % t == 0 || layout.doc_start[next] != layout.doc_start[i] {
+                IGNORE_INDEX
+            } else {
+                labels[next]
+            }
+        })
+        .collect()
 }
 
 impl Shapes {

@@ -11,5 +11,5 @@ pub mod weights;
 mod tests;
 
 pub use config::{Architecture, ModelConfig};
-pub use decoder::{Activations, Batch, Decoder};
+pub use decoder::{next_token_targets, Activations, Batch, Decoder};
 pub use projection::Projection;

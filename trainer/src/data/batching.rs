@@ -1,0 +1,245 @@
+//! Turning tokenized examples into micro-batches, deterministically from (seed, epoch):
+//! - packing (default): examples, in shuffled order, fill rows of `max_seq_len` one after another;
+//!   each keeps its own document (no attention across examples, positions restart);
+//! - padding: one example per row, rows grouped by length so little padding is wasted
+//!   (examples are sorted by length inside windows of 64 batches, as transformers'
+//!   `LengthGroupedSampler` does, then the batches are shuffled).
+//! A batch's rows are as long as its longest row, not `max_seq_len`.
+
+use crate::model::next_token_targets;
+use kernels::{AttentionLayout, IGNORE_INDEX};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// One tokenized example: `labels[t]` is `ids[t]` or `IGNORE_INDEX` (Hugging Face convention).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    pub ids: Vec<i32>,
+    pub labels: Vec<i32>,
+}
+
+/// A micro-batch on the host: `rows × seq_len` tokens, `docs[r]` the document lengths of row `r`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostBatch {
+    pub ids: Vec<i32>,
+    pub labels: Vec<i32>,
+    pub docs: Vec<Vec<usize>>,
+    pub seq_len: usize,
+}
+
+impl HostBatch {
+    pub fn layout(&self, window: Option<usize>) -> AttentionLayout {
+        AttentionLayout::packed(&self.docs, self.seq_len, window)
+    }
+
+    /// Tokens that carry a loss (after the next-token shift inside each document).
+    pub fn target_count(&self) -> usize {
+        next_token_targets(&self.labels, &self.layout(None))
+            .iter()
+            .filter(|&&t| t != IGNORE_INDEX)
+            .count()
+    }
+
+    /// Real (non-padding) tokens.
+    pub fn token_count(&self) -> usize {
+        self.docs.iter().flatten().sum()
+    }
+}
+
+/// How examples become batches.
+#[derive(Clone, Debug)]
+pub struct Batching {
+    pub rows: usize,
+    pub max_seq_len: usize,
+    pub packing: bool,
+    pub pad_id: i32,
+}
+
+/// A permutation of `0..n` fixed by `(seed, epoch)`.
+pub fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// The micro-batches of one epoch.
+pub fn epoch_batches(examples: &[Example], b: &Batching, seed: u64, epoch: u64) -> Vec<HostBatch> {
+    let order = shuffled(examples.len(), seed, epoch);
+    let rows: Vec<Vec<usize>> = if b.packing {
+        pack(examples, &order, b.max_seq_len)
+    } else {
+        group_by_length(examples, &order, b.rows)
+    };
+    let mut batches: Vec<HostBatch> = rows
+        .chunks(b.rows)
+        .map(|chunk| assemble(examples, chunk, b.pad_id))
+        .collect();
+    if !b.packing {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
+        batches.shuffle(&mut rng);
+    }
+    batches
+}
+
+/// Rows of example indices, filled in order until the next example does not fit.
+fn pack(examples: &[Example], order: &[usize], max_len: usize) -> Vec<Vec<usize>> {
+    let mut rows = Vec::new();
+    let mut row: Vec<usize> = Vec::new();
+    let mut used = 0;
+    for &i in order {
+        let len = examples[i].ids.len();
+        if used + len > max_len && !row.is_empty() {
+            rows.push(std::mem::take(&mut row));
+            used = 0;
+        }
+        row.push(i);
+        used += len;
+    }
+    if !row.is_empty() {
+        rows.push(row);
+    }
+    rows
+}
+
+/// One example per row, sorted by length (longest first) inside windows of 64 batches.
+fn group_by_length(
+    examples: &[Example],
+    order: &[usize],
+    rows_per_batch: usize,
+) -> Vec<Vec<usize>> {
+    let mut out = Vec::with_capacity(order.len());
+    for window in order.chunks(64 * rows_per_batch) {
+        let mut w = window.to_vec();
+        w.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
+        out.extend(w.into_iter().map(|i| vec![i]));
+    }
+    out
+}
+
+fn assemble(examples: &[Example], rows: &[Vec<usize>], pad_id: i32) -> HostBatch {
+    let seq_len = rows
+        .iter()
+        .map(|r| r.iter().map(|&i| examples[i].ids.len()).sum::<usize>())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut ids = Vec::with_capacity(rows.len() * seq_len);
+    let mut labels = Vec::with_capacity(rows.len() * seq_len);
+    let mut docs = Vec::with_capacity(rows.len());
+    for row in rows {
+        let start = ids.len();
+        for &i in row {
+            ids.extend_from_slice(&examples[i].ids);
+            labels.extend_from_slice(&examples[i].labels);
+        }
+        let pad = seq_len - (ids.len() - start);
+        ids.extend(std::iter::repeat_n(pad_id, pad));
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
+        docs.push(row.iter().map(|&i| examples[i].ids.len()).collect());
+    }
+    HostBatch {
+        ids,
+        labels,
+        docs,
+        seq_len,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(len: usize, tag: i32) -> Example {
+        Example {
+            ids: vec![tag; len],
+            labels: vec![tag; len],
+        }
+    }
+
+    #[test]
+    fn packing_fills_rows_without_splitting_examples() {
+        let examples = vec![ex(3, 1), ex(4, 2), ex(2, 3), ex(5, 4)];
+        let b = Batching {
+            rows: 2,
+            max_seq_len: 7,
+            packing: true,
+            pad_id: 0,
+        };
+        let batches = epoch_batches(&examples, &b, 1, 0);
+        let total: usize = batches.iter().map(|b| b.token_count()).sum();
+        assert_eq!(total, 14);
+        for batch in &batches {
+            assert!(batch.seq_len <= 7);
+            for (r, docs) in batch.docs.iter().enumerate() {
+                let mut col = 0;
+                for &len in docs {
+                    let tags = &batch.ids[r * batch.seq_len + col..][..len];
+                    assert!(
+                        tags.iter().all(|&t| t == tags[0]),
+                        "an example was split: {tags:?}"
+                    );
+                    col += len;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn padding_groups_similar_lengths_and_masks_the_pad() {
+        let examples: Vec<Example> = (1..=8).map(|l| ex(l, l as i32)).collect();
+        let b = Batching {
+            rows: 2,
+            max_seq_len: 16,
+            packing: false,
+            pad_id: -1,
+        };
+        let batches = epoch_batches(&examples, &b, 3, 0);
+        assert_eq!(batches.len(), 4);
+        for batch in &batches {
+            let lens: Vec<usize> = batch.docs.iter().map(|d| d[0]).collect();
+            assert!(
+                lens[0].abs_diff(lens[1]) == 1,
+                "sorted neighbours pair up: {lens:?}"
+            );
+            let pad = batch.seq_len - lens[1];
+            assert!(batch.labels[2 * batch.seq_len - pad..]
+                .iter()
+                .all(|&l| l == IGNORE_INDEX));
+        }
+    }
+
+    #[test]
+    fn the_same_seed_and_epoch_give_the_same_batches() {
+        let examples: Vec<Example> = (1..30).map(|l| ex(l % 7 + 1, l as i32)).collect();
+        let b = Batching {
+            rows: 3,
+            max_seq_len: 12,
+            packing: true,
+            pad_id: 0,
+        };
+        assert_eq!(
+            epoch_batches(&examples, &b, 5, 2),
+            epoch_batches(&examples, &b, 5, 2)
+        );
+        assert_ne!(
+            epoch_batches(&examples, &b, 5, 2),
+            epoch_batches(&examples, &b, 5, 3)
+        );
+    }
+
+    #[test]
+    fn targets_skip_document_boundaries() {
+        let examples = vec![ex(3, 1), ex(3, 2)];
+        let b = Batching {
+            rows: 1,
+            max_seq_len: 6,
+            packing: true,
+            pad_id: 0,
+        };
+        let batch = &epoch_batches(&examples, &b, 0, 0)[0];
+        assert_eq!(batch.target_count(), 4);
+    }
+}

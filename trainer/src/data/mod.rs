@@ -1,0 +1,4 @@
+//! Datasets: reading records ([`records`]), and batching tokenized examples ([`batching`]).
+
+pub mod batching;
+pub mod records;

@@ -1,0 +1,357 @@
+//! Reading dataset files (`.json` arrays or `.jsonl`) into [`Sample`]s, in the formats people
+//! already have: alpaca, sharegpt (`conversations`), OpenAI `messages`, raw `text`.
+//! Every record keeps its origin (`file:line`) so that errors can point at it.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One chat turn.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+/// A training example before tokenization.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Sample {
+    Alpaca {
+        system: Option<String>,
+        instruction: String,
+        input: String,
+        output: String,
+    },
+    Chat(Vec<Message>),
+    Text(String),
+}
+
+/// The record formats we read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Alpaca,
+    ShareGpt,
+    Messages,
+    Text,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "alpaca" => Some(Format::Alpaca),
+            "sharegpt" => Some(Format::ShareGpt),
+            "messages" => Some(Format::Messages),
+            "text" => Some(Format::Text),
+            _ => None,
+        }
+    }
+
+    /// Guesses the format from a record's fields (after column renames).
+    pub fn detect(record: &Value) -> Option<Format> {
+        let has = |k: &str| record.get(k).is_some();
+        if has("conversations") {
+            Some(Format::ShareGpt)
+        } else if has("messages") {
+            Some(Format::Messages)
+        } else if has("instruction") && has("output") {
+            Some(Format::Alpaca)
+        } else if has("text") {
+            Some(Format::Text)
+        } else {
+            None
+        }
+    }
+}
+
+/// A parsed record and where it came from.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub sample: Sample,
+    /// `path:line`
+    pub origin: String,
+}
+
+/// What reading a file produced: records, and the bad ones skipped (when allowed).
+#[derive(Debug, Default)]
+pub struct ReadResult {
+    pub records: Vec<Record>,
+    pub skipped: Vec<String>,
+}
+
+/// Reads every record of `path`. `format` `None` means detect from the first record;
+/// `columns` maps our field names to the file's; with `skip_bad`, malformed records are counted
+/// instead of failing the read.
+pub fn read_file(
+    path: &Path,
+    format: Option<Format>,
+    columns: &BTreeMap<String, String>,
+    skip_bad: bool,
+) -> Result<ReadResult> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read dataset {}", path.display()))?;
+    let raw = raw_records(path, &text)?;
+    let mut format = format;
+    let mut out = ReadResult::default();
+    for (line, item) in raw {
+        let origin = format!("{}:{line}", path.display());
+        let parsed = serde_json::from_str::<Value>(item)
+            .map_err(|e| anyhow!("{e}"))
+            .map(|v| rename_columns(v, columns))
+            .and_then(|v| {
+                let f = match format {
+                    Some(f) => f,
+                    None => {
+                        let f = Format::detect(&v).ok_or_else(|| {
+                            anyhow!("cannot tell the format of this record (fields: {}); set data.format or data.columns", field_list(&v))
+                        })?;
+                        format = Some(f);
+                        f
+                    }
+                };
+                to_sample(&v, f)
+            });
+        match parsed {
+            Ok(sample) => out.records.push(Record { sample, origin }),
+            Err(e) if skip_bad => out.skipped.push(format!("{origin}: {e}")),
+            Err(e) => bail!("{origin}: bad record: {e} (fix it, or set data.skip_bad_records = true to skip such records)"),
+        }
+    }
+    Ok(out)
+}
+
+/// Splits the file into `(line, raw JSON)` items: a JSON array's elements or JSONL lines.
+fn raw_records<'a>(path: &Path, text: &'a str) -> Result<Vec<(usize, &'a str)>> {
+    let line_of = |offset: usize| text[..offset].bytes().filter(|&b| b == b'\n').count() + 1;
+    if text.trim_start().starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
+            anyhow!(
+                "{}:{}: not a valid JSON array: {e}",
+                path.display(),
+                e.line()
+            )
+        })?;
+        Ok(items
+            .into_iter()
+            .map(|r| {
+                let offset = r.get().as_ptr() as usize - text.as_ptr() as usize;
+                (line_of(offset), r.get())
+            })
+            .collect())
+    } else {
+        Ok(text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (i + 1, l))
+            .collect())
+    }
+}
+
+fn field_list(v: &Value) -> String {
+    v.as_object()
+        .map(|o| o.keys().cloned().collect::<Vec<_>>().join(", "))
+        .unwrap_or_else(|| "not an object".into())
+}
+
+/// Moves each file field named in `columns` (ours → theirs) to our name.
+fn rename_columns(mut v: Value, columns: &BTreeMap<String, String>) -> Value {
+    if let Some(obj) = v.as_object_mut() {
+        for (ours, theirs) in columns {
+            if let Some(x) = obj.remove(theirs) {
+                obj.insert(ours.clone(), x);
+            }
+        }
+    }
+    v
+}
+
+fn string_field(v: &Value, key: &str) -> Result<String> {
+    match v.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => bail!("field `{key}` must be a string, found {}", type_name(other)),
+        None => bail!("field `{key}` is missing (fields: {})", field_list(v)),
+    }
+}
+
+fn optional_string(v: &Value, key: &str) -> Result<Option<String>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => string_field(v, key).map(Some),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn to_sample(v: &Value, format: Format) -> Result<Sample> {
+    if !v.is_object() {
+        bail!("a record must be a JSON object, found {}", type_name(v));
+    }
+    match format {
+        Format::Alpaca => Ok(Sample::Alpaca {
+            system: optional_string(v, "system")?,
+            instruction: string_field(v, "instruction")?,
+            input: optional_string(v, "input")?.unwrap_or_default(),
+            output: string_field(v, "output")?,
+        }),
+        Format::Text => Ok(Sample::Text(string_field(v, "text")?)),
+        Format::ShareGpt => chat(v, "conversations", "from", "value", sharegpt_role),
+        Format::Messages => chat(v, "messages", "role", "content", messages_role),
+    }
+}
+
+fn sharegpt_role(r: &str) -> Option<&'static str> {
+    match r {
+        "human" | "user" => Some("user"),
+        "gpt" | "assistant" | "chatgpt" | "bard" => Some("assistant"),
+        "system" => Some("system"),
+        _ => None,
+    }
+}
+
+fn messages_role(r: &str) -> Option<&'static str> {
+    match r {
+        "user" => Some("user"),
+        "assistant" => Some("assistant"),
+        "system" => Some("system"),
+        _ => None,
+    }
+}
+
+fn chat(
+    v: &Value,
+    list: &str,
+    role_key: &str,
+    content_key: &str,
+    role: fn(&str) -> Option<&'static str>,
+) -> Result<Sample> {
+    let turns = v
+        .get(list)
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("field `{list}` must be a list of turns"))?;
+    let mut messages = Vec::with_capacity(turns.len());
+    for (i, t) in turns.iter().enumerate() {
+        let r = string_field(t, role_key).with_context(|| format!("turn {i}"))?;
+        let mapped = role(&r).ok_or_else(|| {
+            anyhow!("turn {i}: role `{r}` is not supported (use system, user/human, assistant/gpt)")
+        })?;
+        let content = string_field(t, content_key).with_context(|| format!("turn {i}"))?;
+        messages.push(Message {
+            role: mapped.to_string(),
+            content,
+        });
+    }
+    if !messages.iter().any(|m| m.role == "assistant") {
+        bail!("the conversation has no assistant turn to learn from");
+    }
+    Ok(Sample::Chat(messages))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str, ext: &str, format: Option<Format>, skip: bool) -> Result<ReadResult> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(format!("d.{ext}"));
+        std::fs::write(&p, text).unwrap();
+        read_file(&p, format, &BTreeMap::new(), skip)
+    }
+
+    #[test]
+    fn each_format_is_detected_and_parsed() {
+        let r = read(
+            "{\"instruction\": \"Add\", \"input\": \"1+1\", \"output\": \"2\"}\n\n{\"instruction\": \"Hi\", \"output\": \"Hello\"}\n",
+            "jsonl",
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!(r.records.len(), 2);
+        assert_eq!(r.records[1].origin.rsplit(':').next(), Some("3"));
+        assert!(matches!(&r.records[1].sample, Sample::Alpaca { input, .. } if input.is_empty()));
+        let r = read("[{\"conversations\": [{\"from\": \"human\", \"value\": \"q\"}, {\"from\": \"gpt\", \"value\": \"a\"}]}]", "json", None, false).unwrap();
+        assert_eq!(
+            r.records[0].sample,
+            Sample::Chat(vec![
+                Message {
+                    role: "user".into(),
+                    content: "q".into()
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: "a".into()
+                }
+            ])
+        );
+        let r = read("{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}", "jsonl", None, false).unwrap();
+        assert!(matches!(&r.records[0].sample, Sample::Chat(m) if m[0].role == "system"));
+        let r = read("{\"text\": \"plain\"}", "jsonl", None, false).unwrap();
+        assert_eq!(r.records[0].sample, Sample::Text("plain".into()));
+    }
+
+    #[test]
+    fn json_arrays_report_the_line_of_a_bad_record() {
+        let text =
+            "[\n  {\"instruction\": \"a\", \"output\": \"b\"},\n  {\"instruction\": \"c\"}\n]";
+        let e = read(text, "json", Some(Format::Alpaca), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("d.json:3")
+                && e.contains("`output` is missing")
+                && e.contains("skip_bad_records"),
+            "{e}"
+        );
+        let r = read(text, "json", Some(Format::Alpaca), true).unwrap();
+        assert_eq!((r.records.len(), r.skipped.len()), (1, 1));
+    }
+
+    #[test]
+    fn malformed_json_and_unknown_roles_are_named() {
+        let e = read(
+            "{\"text\": \"ok\"}\n{\"text\": oops}\n",
+            "jsonl",
+            None,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("d.jsonl:2"), "{e}");
+        let e = read(
+            "{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}",
+            "jsonl",
+            None,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("role `tool`"), "{e}");
+    }
+
+    #[test]
+    fn columns_are_renamed_before_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(&p, "{\"question\": \"q\", \"answer\": \"a\"}").unwrap();
+        let cols = BTreeMap::from([
+            ("instruction".to_string(), "question".to_string()),
+            ("output".to_string(), "answer".to_string()),
+        ]);
+        let r = read_file(&p, None, &cols, false).unwrap();
+        assert!(
+            matches!(&r.records[0].sample, Sample::Alpaca { instruction, output, .. } if instruction == "q" && output == "a")
+        );
+    }
+}

@@ -1,0 +1,4 @@
+//! Training: the run config, learning-rate schedules, the loop and its checkpoints.
+
+pub mod config;
+pub mod schedule;
