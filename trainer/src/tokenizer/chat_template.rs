@@ -5,7 +5,8 @@
 //! `strftime_now(fmt)` as globals, and `tojson` replaced by Python's `json.dumps`. Python string
 //! and dict methods (`.strip()`, `.startswith()`, `.split()`, `.items()`, ...) come from
 //! minijinja-contrib's pycompat. The variables are the ones `apply_chat_template` passes:
-//! `messages`, `add_generation_prompt` and the special tokens (`bos_token`, `eos_token`, ...).
+//! `messages`, `add_generation_prompt`, the special tokens (`bos_token`, `eos_token`, ...), and
+//! `tools` / `documents` set to none (not undefined: templates test `tools is not none`).
 //!
 //! transformers' `{% generation %}...{% endgeneration %}` marker (used for assistant masks) has no
 //! minijinja tag; it only marks text, so it is rewritten to `{% if true %}...{% endif %}`, keeping
@@ -92,6 +93,8 @@ impl ChatTemplate {
         let variables = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
+            tools => (),
+            documents => (),
             ..minijinja::Value::from_serialize(tokens)
         };
         template
@@ -228,6 +231,12 @@ mod tests {
             err.contains("dir/tokenizer_config.json does not compile at line 2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tools_and_documents_are_none_and_unset_tokens_print_nothing() {
+        let source = "{% if tools is not none or documents is not none %}TOOLS{% endif %}[{{ pad_token }}]{{ bos_token }}";
+        assert_eq!(render(source, &[], false).unwrap(), "[]<s>");
     }
 
     #[test]
