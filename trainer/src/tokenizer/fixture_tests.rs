@@ -416,3 +416,16 @@ fn malformed_config_keys_are_named() {
     let err = format!("{:#}", Tokenizer::load(dir.path()).err().unwrap());
     assert!(err.contains("none is named \"default\""), "{err}");
 }
+
+#[test]
+fn special_tokens_map_json_replaces_config_tokens() {
+    let dir = folder_with_config(
+        serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}),
+    );
+    let map = serde_json::json!({"eos_token": {"content": "<|endoftext|>", "special": true}});
+    std::fs::write(dir.path().join("special_tokens_map.json"), map.to_string()).unwrap();
+    let tokenizer = Tokenizer::load(dir.path()).unwrap();
+    assert_eq!(tokenizer.bos_id(), Some(1));
+    assert_eq!(tokenizer.eos_id(), Some(0));
+    assert_eq!(tokenizer.eos_token().unwrap().text, "<|endoftext|>");
+}
