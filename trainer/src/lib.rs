@@ -2,6 +2,7 @@
 //!
 //! - [`model`]: Hugging Face config and weights, the Llama/Mistral decoder over any `Backend`.
 //! - [`lora`]: LoRA parameters and PEFT adapter folders.
+//! - [`tokenizer`]: Hugging Face tokenizers, chat templates and SFT label masks.
 //! - [`optim`]: global-norm clipping and AdamW.
 //! - [`reference`]: `check-reference`, recomputing Hugging Face reference cases.
 //! - [`data`]: dataset records and batching.
@@ -14,4 +15,5 @@ pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod reference;
+pub mod tokenizer;
 pub mod train;

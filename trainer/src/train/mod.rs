@@ -2,3 +2,6 @@
 
 pub mod config;
 pub mod schedule;
+pub mod checkpoint;
+pub mod init;
+pub mod stream;
