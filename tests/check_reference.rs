@@ -41,3 +41,19 @@ fn a_folder_without_a_case_fails_with_the_path() {
     assert!(!ok);
     assert!(text.contains("no-such-case/case.json"), "{text}");
 }
+
+#[test]
+fn smollm2_tokenizer_ids_are_exact() {
+    let (ok, text) = check("smollm2-tokenizer");
+    assert!(ok, "{text}");
+    assert!(text.contains("8 passed, 0 failed"), "{text}");
+}
+
+#[test]
+fn cases_of_later_features_are_named_unsupported_and_fail() {
+    for case in ["tiny-llama-dpo", "nf4-quant", "tiny-llama-qlora"] {
+        let (ok, text) = check(case);
+        assert!(!ok, "{case} must fail until it is implemented");
+        assert!(text.contains("not supported yet"), "{text}");
+    }
+}

@@ -4,6 +4,7 @@
 
 mod compare;
 mod sft;
+mod tokenizer;
 
 pub use compare::{Comparison, Report};
 
@@ -30,7 +31,8 @@ pub fn check_case<B: Backend>(be: &B, dir: &Path) -> Result<Report> {
     let expected = compare::Expected::load(&dir.join("expected.safetensors"))?;
     let computed = match kind {
         "sft" => sft::run(be, dir, &case)?,
-        "dpo" | "qlora_sft" | "nf4_quant" | "tokenizer" => {
+        "tokenizer" => tokenizer::run(dir, &case)?,
+        "dpo" | "qlora_sft" | "nf4_quant" => {
             bail!("case kind `{kind}` ({}) is not supported yet by this build", dir.display())
         }
         other => bail!("unknown case kind `{other}` in {}: known kinds are sft, dpo, tokenizer, nf4_quant, qlora_sft", case_path.display()),
