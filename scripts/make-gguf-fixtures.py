@@ -113,7 +113,9 @@ def types_file():
 
 
 def unsupported_file():
-    write_gguf(OUT / "unsupported-type.gguf", [], [("blk.0.attn_q.weight", random_q2_k_blocks(1), T.Q2_K)])
+    """The tiny model's metadata, so that an import gets as far as the Q2_K tensor."""
+    metadata, _ = tiny_llama_metadata()
+    write_gguf(OUT / "unsupported-type.gguf", metadata, [("blk.0.attn_q.weight", random_q2_k_blocks(1), T.Q2_K)])
 
 
 def bytes_to_unicode():
@@ -138,8 +140,11 @@ def permute(weights, n_head, n_head_kv):
             .reshape(weights.shape))
 
 
-def tiny_llama_file():
-    hidden, heads, kv_heads, head_dim, inter = 8, 2, 1, 4, 12
+TINY = dict(hidden=8, heads=2, kv_heads=1, head_dim=4, inter=12)
+
+
+def tiny_llama_metadata():
+    hidden, heads, kv_heads, head_dim, inter = TINY.values()
     byte_chars = bytes_to_unicode()
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [byte_chars[b] for b in range(256)]
     tokens += ["Ġt", "he", "Ġthe"]
@@ -170,6 +175,12 @@ def tiny_llama_file():
         ("tokenizer.ggml.add_bos_token", False, V.BOOL, None),
         ("tokenizer.chat_template", template, V.STRING, None),
     ]
+    return metadata, vocab
+
+
+def tiny_llama_file():
+    hidden, heads, kv_heads, head_dim, inter = TINY.values()
+    metadata, vocab = tiny_llama_metadata()
     hf = {
         "model.embed_tokens.weight": (vocab, hidden),
         "model.layers.0.input_layernorm.weight": (hidden,),

@@ -1,6 +1,6 @@
 //! `fuselora import-gguf FILE.gguf --out DIR`
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,13 +14,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let summary = trainer::gguf::import_gguf(&args.gguf, &args.out).with_context(|| {
-        format!(
-            "importing {} into {}",
-            args.gguf.display(),
-            args.out.display()
-        )
-    })?;
+    // Every error of the import names the file or folder it is about.
+    let summary = trainer::gguf::import_gguf(&args.gguf, &args.out)?;
     let types: Vec<String> = summary
         .tensor_types
         .iter()

@@ -9,15 +9,18 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use thiserror::Error;
 
+/// Dequantizes one block of stored bytes into its values.
+type BlockDequantizer = fn(&[u8], &mut [f32]);
+
 /// A ggml tensor type, as stored in GGUF tensor infos.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub struct GgmlType {
     pub id: u32,
     name: &'static str,
     block_elements: usize,
     block_bytes: usize,
     /// Dequantizes one block into `block_elements` values; `None` when fuselora does not read this type.
-    dequantize_block: Option<fn(&[u8], &mut [f32])>,
+    dequantize_block: Option<BlockDequantizer>,
 }
 
 /// The tensor's type is one fuselora cannot dequantize.
@@ -33,7 +36,7 @@ const fn ty(
     name: &'static str,
     block_elements: usize,
     block_bytes: usize,
-    dequantize_block: Option<fn(&[u8], &mut [f32])>,
+    dequantize_block: Option<BlockDequantizer>,
 ) -> GgmlType {
     GgmlType {
         id,

@@ -179,8 +179,11 @@ fn shortest(v: f64) -> f64 {
 }
 
 fn meta<'a>(file: &'a GgufFile, key: &str) -> Result<&'a MetaValue> {
-    file.get(key)
-        .ok_or_else(|| anyhow!("metadata `{key}` is missing"))
+    file.get(key).ok_or_else(|| {
+        anyhow!(
+            "metadata `{key}` is missing (llama.cpp's converter writes it for every llama model)"
+        )
+    })
 }
 
 /// Every GGUF tensor, dequantized, renamed and un-permuted: HF name → (HF shape, f32 values).

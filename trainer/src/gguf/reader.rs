@@ -20,10 +20,10 @@ use thiserror::Error;
 /// What can go wrong reading a GGUF file; every message names the file.
 #[derive(Debug, Error)]
 pub enum GgufError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} is not a GGUF file: it starts with {found:?}, not the magic \"GGUF\"")]
     BadMagic { path: PathBuf, found: Vec<u8> },
@@ -39,11 +39,11 @@ pub enum GgufError {
     },
     #[error("{path} is malformed: {what}")]
     Malformed { path: PathBuf, what: String },
-    #[error("{path}: cannot dequantize tensor `{tensor}`: {source}")]
+    #[error("{path}: cannot dequantize tensor `{tensor}`: {reason}")]
     Unsupported {
         path: PathBuf,
         tensor: String,
-        source: UnsupportedType,
+        reason: UnsupportedType,
     },
 }
 
@@ -164,9 +164,9 @@ pub const DEFAULT_ALIGNMENT: usize = 32;
 impl GgufFile {
     /// Opens and parses `path`; checks that every tensor's data lies inside the file.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let io = |source| GgufError::Io {
+        let io = |error| GgufError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the file is only read; a concurrent writer could change bytes under us, as with any mmap reader.
@@ -213,10 +213,10 @@ impl GgufFile {
     pub fn dequantize(&self, info: &TensorInfo) -> Result<Vec<f32>, GgufError> {
         self.tensor_type(info)
             .dequantize(self.tensor_bytes(info))
-            .map_err(|source| GgufError::Unsupported {
+            .map_err(|reason| GgufError::Unsupported {
                 path: self.path.clone(),
                 tensor: info.name.clone(),
-                source,
+                reason,
             })
     }
 }
@@ -326,14 +326,14 @@ impl<'a> Cursor<'a> {
                 t.name, t.type_id
             )));
         };
-        if t.offset as usize % alignment != 0 {
+        if !(t.offset as usize).is_multiple_of(alignment) {
             return Err(self.malformed(format!(
                 "tensor `{}` starts at offset {}, not a multiple of the alignment {alignment}",
                 t.name, t.offset
             )));
         }
         let row = t.dims.first().copied().unwrap_or(1);
-        if row % ty.block_elements() as u64 != 0 {
+        if !row.is_multiple_of(ty.block_elements() as u64) {
             return Err(self.malformed(format!(
                 "tensor `{}` ({}) has rows of {row} values, not a multiple of its block size {}",
                 t.name,
