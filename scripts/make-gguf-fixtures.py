@@ -5,10 +5,11 @@ Everything here is computed by llama.cpp's own Python package (`pip install gguf
 of fuselora's Rust code:
 
 - types.gguf: one tensor of each ggml type fuselora dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-  Q5_0, Q5_1, Q6_K), metadata of every GGUF value type (incl. arrays of numbers and of strings), and a
-  custom alignment of 64. types.expected.safetensors holds `gguf.quants.dequantize` of each tensor
-  (f32, shape in numpy order = Hugging Face order).
-- unsupported-type.gguf: one Q2_K tensor, a type fuselora does not dequantize.
+  Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), metadata of every GGUF value type (incl. arrays of
+  numbers and of strings), and a custom alignment of 64. types.expected.safetensors holds
+  `gguf.quants.dequantize` of each tensor (f32, shape in numpy order = Hugging Face order).
+- unsupported-type.gguf: the tiny model's metadata and one IQ2_XXS tensor, a type fuselora does not
+  dequantize.
 - tiny-llama.gguf: a 1-layer LlamaForCausalLM (hidden 8, 2 heads, 1 KV head) with a byte-level BPE
   vocabulary, its Q and K rows permuted as llama.cpp's convert_hf_to_gguf.py does; the unpermuted Hugging
   Face tensors are in tiny-llama.expected.safetensors.
@@ -57,17 +58,23 @@ def write_gguf(path, metadata, tensors, alignment=None):
     w.close()
 
 
-def random_q6_k_blocks(n_blocks):
-    """Q6_K has no quantizer in gguf-py: random ql/qh/scales bytes with a finite f16 scale d."""
-    blocks = RNG.integers(0, 256, size=(n_blocks, 210), dtype=np.uint8)
-    d = (RNG.uniform(0.001, 0.01, size=(n_blocks, 1))).astype(np.float16).view(np.uint8)
-    blocks[:, 208:210] = d
-    return blocks
+# K-quant blocks: (bytes per block, byte offsets of their f16 super-block scales d and dmin).
+K_QUANTS = {
+    T.Q2_K: (84, [80, 82]),
+    T.Q3_K: (110, [108]),
+    T.Q4_K: (144, [0, 2]),
+    T.Q5_K: (176, [0, 2]),
+    T.Q6_K: (210, [208]),
+}
 
 
-def random_q2_k_blocks(n_blocks):
-    blocks = RNG.integers(0, 256, size=(n_blocks, 84), dtype=np.uint8)
-    blocks[:, 80:84] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)
+def random_k_blocks(qtype, n_blocks):
+    """gguf-py has no quantizer for K-quants: random bytes with finite f16 super-block scales."""
+    size, scale_offsets = K_QUANTS[qtype]
+    blocks = RNG.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    for at in scale_offsets:
+        scale = RNG.uniform(0.001, 0.01, size=(n_blocks, 1)).astype(np.float16)
+        blocks[:, at:at + 2] = scale.view(np.uint8)
     return blocks
 
 
@@ -105,17 +112,19 @@ def types_file():
         raw = qtype if qtype not in (T.F32, T.F16) else None
         tensors.append((name, stored, raw))
         expected[name] = gguf.quants.dequantize(stored, qtype)
-    q6 = random_q6_k_blocks(2).reshape(2, 210)
-    tensors.append(("q6_k", q6, T.Q6_K))
-    expected["q6_k"] = gguf.quants.dequantize(q6, T.Q6_K)
+    for qtype in K_QUANTS:
+        blocks = random_k_blocks(qtype, 2)
+        tensors.append((qtype.name.lower(), blocks, qtype))
+        expected[qtype.name.lower()] = gguf.quants.dequantize(blocks, qtype)
     write_gguf(OUT / "types.gguf", metadata, tensors, alignment=64)
     write_safetensors(OUT / "types.expected.safetensors", expected)
 
 
 def unsupported_file():
-    """The tiny model's metadata, so that an import gets as far as the Q2_K tensor."""
+    """The tiny model's metadata, so that an import gets as far as the IQ2_XXS tensor."""
     metadata, _ = tiny_llama_metadata()
-    write_gguf(OUT / "unsupported-type.gguf", metadata, [("blk.0.attn_q.weight", random_q2_k_blocks(1), T.Q2_K)])
+    blocks = RNG.integers(0, 256, size=(1, 66), dtype=np.uint8)
+    write_gguf(OUT / "unsupported-type.gguf", metadata, [("blk.0.attn_q.weight", blocks, T.IQ2_XXS)])
 
 
 def bytes_to_unicode():

@@ -61,7 +61,7 @@ fn the_binary_names_an_unsupported_tensor_type() {
     let (ok, text) = import_with_binary(&fixture("gguf/unsupported-type.gguf"), out.path());
     assert!(!ok);
     assert!(
-        text.contains("unsupported-type.gguf: cannot dequantize tensor `blk.0.attn_q.weight`: ggml type Q2_K (id 10) is not supported"),
+        text.contains("unsupported-type.gguf: cannot dequantize tensor `blk.0.attn_q.weight`: ggml type IQ2_XXS (id 16) is not supported"),
         "{text}"
     );
 }

@@ -57,10 +57,10 @@ const TYPES: &[GgmlType] = &[
     ty(7, "Q5_1", 32, 24, Some(q5_1_block)),
     ty(8, "Q8_0", 32, 34, Some(q8_0_block)),
     ty(9, "Q8_1", 32, 36, None),
-    ty(10, "Q2_K", 256, 84, None),
-    ty(11, "Q3_K", 256, 110, None),
-    ty(12, "Q4_K", 256, 144, None),
-    ty(13, "Q5_K", 256, 176, None),
+    ty(10, "Q2_K", 256, 84, Some(q2_k_block)),
+    ty(11, "Q3_K", 256, 110, Some(q3_k_block)),
+    ty(12, "Q4_K", 256, 144, Some(q4_k_block)),
+    ty(13, "Q5_K", 256, 176, Some(q5_k_block)),
     ty(14, "Q6_K", 256, 210, Some(q6_k_block)),
     ty(15, "Q8_K", 256, 292, None),
     ty(16, "IQ2_XXS", 256, 66, None),
@@ -213,6 +213,101 @@ fn q8_0_block(x: &[u8], y: &mut [f32]) {
     }
 }
 
+/// `block_q2_K { uint8_t scales[16]; uint8_t qs[64]; ggml_half d; ggml_half dmin; }`: 16 groups of
+/// 16 values. Value `128c + 32k + l` (c < 2, k < 4, l < 32) is bits `2k, 2k+1` of `qs[32c + l]`; its
+/// group `s = value / 16` has `y = (d · (scales[s] & 15)) · q − dmin · (scales[s] >> 4)`.
+fn q2_k_block(x: &[u8], y: &mut [f32]) {
+    let (scales, qs) = (&x[..16], &x[16..80]);
+    let d = half_at(x, 80);
+    let dmin = half_at(x, 82);
+    for c in 0..2 {
+        for k in 0..4 {
+            for l in 0..32 {
+                let v = 128 * c + 32 * k + l;
+                let q = (qs[32 * c + l] >> (2 * k)) & 3;
+                let s = scales[v / 16];
+                let dl = d * (s & 0x0F) as f32;
+                let ml = dmin * (s >> 4) as f32;
+                y[v] = dl * q as f32 - ml;
+            }
+        }
+    }
+}
+
+/// `block_q3_K { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; ggml_half d; }`: 16 groups of
+/// 16 values with 6-bit scales: scale `i` has low 4 bits from nibble `i / 8` of `scales[i mod 8]` and
+/// high 2 bits from bits `2(i / 4), +1` of `scales[8 + i mod 4]`, and is used as `scale − 32`.
+/// Value `128c + 32k + l` takes bits `2k, 2k+1` of `qs[32c + l]`, minus 4 unless bit `4c + k` of
+/// `hmask[l]` is set; `y = (d · (scale − 32)) · q`.
+fn q3_k_block(x: &[u8], y: &mut [f32]) {
+    let (hmask, qs, packed) = (&x[..32], &x[32..96], &x[96..108]);
+    let d = half_at(x, 108);
+    let mut dl = [0f32; 16];
+    for (i, dli) in dl.iter_mut().enumerate() {
+        let low = (packed[i % 8] >> (4 * (i / 8))) & 0x0F;
+        let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 0x03;
+        *dli = d * ((low | (high << 4)) as i32 - 32) as f32;
+    }
+    for c in 0..2 {
+        for k in 0..4 {
+            for l in 0..32 {
+                let v = 128 * c + 32 * k + l;
+                let low = ((qs[32 * c + l] >> (2 * k)) & 3) as i32;
+                let high_set = (hmask[l] >> (4 * c + k)) & 1 == 1;
+                let q = if high_set { low } else { low - 4 };
+                y[v] = dl[v / 16] * q as f32;
+            }
+        }
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` (of 8) packed in the 12 bytes `s` of Q4_K/Q5_K
+/// (ggml `get_scale_min_k4`).
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// `block_q4_K { ggml_half d; ggml_half dmin; uint8_t scales[12]; uint8_t qs[128]; }`: 8 sub-blocks
+/// of 32; value `32j + l` is nibble `j mod 2` of `qs[32(j/2) + l]`, and
+/// `y = (d · scale_j) · q − dmin · min_j`.
+fn q4_k_block(x: &[u8], y: &mut [f32]) {
+    let d = half_at(x, 0);
+    let dmin = half_at(x, 2);
+    let (scales, qs) = (&x[4..16], &x[16..144]);
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, scales);
+        let (d1, m1) = (d * sc as f32, dmin * m as f32);
+        for l in 0..32 {
+            let q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
+            y[32 * j + l] = d1 * q as f32 - m1;
+        }
+    }
+}
+
+/// `block_q5_K { ggml_half d; ggml_half dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; }`:
+/// as Q4_K, with bit 4 of value `32j + l` = bit `j` of `qh[l]`.
+fn q5_k_block(x: &[u8], y: &mut [f32]) {
+    let d = half_at(x, 0);
+    let dmin = half_at(x, 2);
+    let (scales, qh, qs) = (&x[4..16], &x[16..48], &x[48..176]);
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, scales);
+        let (d1, m1) = (d * sc as f32, dmin * m as f32);
+        for l in 0..32 {
+            let low = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
+            let high = (qh[l] >> j) & 1;
+            y[32 * j + l] = d1 * (low | (high << 4)) as f32 - m1;
+        }
+    }
+}
+
 /// `block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; ggml_half d; }`, 256 values in
 /// two halves of 128. In half `h` (ql += 64h, qh += 32h, scales += 8h), for `l` in 0..32 and
 /// `k` in 0..4, value `128h + 32k + l` has
@@ -264,10 +359,15 @@ mod tests {
 
     #[test]
     fn unsupported_type_names_itself_and_the_supported_ones() {
-        let e = get("Q2_K").dequantize(&[0u8; 84]).unwrap_err().to_string();
-        assert!(e.contains("Q2_K (id 10)"), "{e}");
+        let e = get("IQ2_XXS")
+            .dequantize(&[0u8; 66])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IQ2_XXS (id 16)"), "{e}");
         assert!(
-            e.contains("F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K, BF16"),
+            e.contains(
+                "F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16"
+            ),
             "{e}"
         );
     }

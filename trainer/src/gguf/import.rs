@@ -196,6 +196,14 @@ fn convert_tensors(
     let mut tensors = HashMap::new();
     let mut types = BTreeMap::new();
     for info in &file.tensors {
+        if info.name == "rope_freqs.weight" {
+            bail!(
+                "{} has rope_freqs.weight (Llama 3.1-style rope scaling): the GGUF keeps only the \
+                 resulting frequency factors, not the `rope_scaling` parameters config.json needs, so \
+                 import-gguf cannot convert it; use the original Hugging Face checkpoint",
+                file.path.display()
+            );
+        }
         let (name, rows) = hf_name(&info.name, hp.heads, hp.kv_heads).ok_or_else(|| {
             anyhow!(
                 "{}: tensor `{}` has no Hugging Face LlamaForCausalLM counterpart that import-gguf knows \

@@ -91,6 +91,10 @@ fn tensor_directory_has_names_shapes_types_and_aligned_offsets() {
             ("q4_1", vec![64, 3], "Q4_1"),
             ("q5_0", vec![64, 2], "Q5_0"),
             ("q5_1", vec![64, 2], "Q5_1"),
+            ("q2_k", vec![256, 2], "Q2_K"),
+            ("q3_k", vec![256, 2], "Q3_K"),
+            ("q4_k", vec![256, 2], "Q4_K"),
+            ("q5_k", vec![256, 2], "Q5_K"),
             ("q6_k", vec![256, 2], "Q6_K"),
         ]
     );
@@ -127,7 +131,7 @@ fn an_unsupported_type_names_the_file_the_tensor_and_the_type() {
     let e = f.dequantize(&f.tensors[0]).unwrap_err().to_string();
     assert!(e.contains(&path.display().to_string()), "{e}");
     assert!(e.contains("`blk.0.attn_q.weight`"), "{e}");
-    assert!(e.contains("Q2_K (id 10) is not supported"), "{e}");
+    assert!(e.contains("IQ2_XXS (id 16) is not supported"), "{e}");
 }
 
 #[test]
@@ -158,7 +162,7 @@ fn versions_other_than_2_and_3_are_refused_and_2_is_read() {
     // Version 2 has the same layout as 3 (3 only added big-endian files).
     bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
     let (_d, _p, r) = open_bytes(&bytes);
-    assert_eq!(r.unwrap().tensors.len(), 9);
+    assert_eq!(r.unwrap().tensors.len(), 13);
 }
 
 #[test]
