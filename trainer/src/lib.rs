@@ -3,6 +3,7 @@
 //! - [`model`]: Hugging Face config and weights, the Llama/Mistral decoder over any `Backend`.
 //! - [`lora`]: LoRA parameters and PEFT adapter folders.
 //! - [`tokenizer`]: Hugging Face tokenizers, chat templates and SFT label masks.
+//! - [`gguf`]: reading GGUF files and importing them as Hugging Face folders.
 //! - [`optim`]: global-norm clipping and AdamW.
 //! - [`reference`]: `check-reference`, recomputing Hugging Face reference cases.
 //! - [`data`]: dataset records and batching.
@@ -10,6 +11,7 @@
 //! - [`io`]: atomic file writes.
 
 pub mod data;
+pub mod gguf;
 pub mod io;
 pub mod lora;
 pub mod model;

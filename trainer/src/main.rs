@@ -20,12 +20,15 @@ struct Cli {
 enum Command {
     /// Recompute a Hugging Face reference case and compare every expected tensor.
     CheckReference(cli::check_reference::Args),
+    /// Convert a llama.cpp GGUF file (llama architecture) into a Hugging Face model folder.
+    ImportGguf(cli::import_gguf::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckReference(args) => cli::check_reference::run(args),
+        Command::ImportGguf(args) => cli::import_gguf::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,3 +1,4 @@
 //! One module per subcommand: its arguments and what it does.
 
 pub mod check_reference;
+pub mod import_gguf;
