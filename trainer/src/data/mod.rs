@@ -1,4 +1,6 @@
-//! Datasets: reading records ([`records`]), and batching tokenized examples ([`batching`]).
+//! Datasets: reading records ([`records`]), tokenizing them ([`tokenize`]) and batching
+//! tokenized examples ([`batching`]).
 
 pub mod batching;
 pub mod records;
+pub mod tokenize;

@@ -51,11 +51,16 @@ pub fn save<B: Backend>(
         moments.push((format!("v/{name}"), shape, be.download(&opt.v[i])?));
     }
     write_safetensors_f32(&tmp.join("optimizer.safetensors"), &moments)?;
-    write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+    write_atomic(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+        std::fs::remove_dir_all(&final_dir)
+            .with_context(|| format!("cannot replace {}", final_dir.display()))?;
     }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move {} into place", tmp.display()))?;
     prune(output, keep)?;
     Ok(final_dir)
 }
@@ -63,11 +68,16 @@ pub fn save<B: Backend>(
 /// Completed checkpoints in `output`, oldest first.
 pub fn list(output: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(output) else { return Ok(found) };
+    let Ok(entries) = std::fs::read_dir(output) else {
+        return Ok(found);
+    };
     for e in entries {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(step) = name.strip_prefix(PREFIX).and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(step) = name
+            .strip_prefix(PREFIX)
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             if e.path().join("trainer_state.json").exists() {
                 found.push((step, e.path()));
             }
@@ -80,7 +90,8 @@ pub fn list(output: &Path) -> Result<Vec<(u64, PathBuf)>> {
 fn prune(output: &Path, keep: usize) -> Result<()> {
     let all = list(output)?;
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
     }
     Ok(())
 }
@@ -89,22 +100,43 @@ fn prune(output: &Path, keep: usize) -> Result<()> {
 pub fn latest(output: &Path) -> Result<PathBuf> {
     match list(output)?.pop() {
         Some((_, dir)) => Ok(dir),
-        None => bail!("--resume: no checkpoint-* folder with a trainer_state.json in {}", output.display()),
+        None => bail!(
+            "--resume: no checkpoint-* folder with a trainer_state.json in {}",
+            output.display()
+        ),
     }
 }
 
 /// Restores the adapter, optimizer moments and state of the checkpoint in `dir`.
-pub fn restore<B: Backend>(be: &B, dir: &Path, lora: &mut LoraParams<B>, opt: &mut AdamW<B>) -> Result<TrainerState> {
+pub fn restore<B: Backend>(
+    be: &B,
+    dir: &Path,
+    lora: &mut LoraParams<B>,
+    opt: &mut AdamW<B>,
+) -> Result<TrainerState> {
     let state_path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
-    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("cannot read {}", state_path.display()))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a trainer state", state_path.display()))?;
     let adapter = WeightFiles::open_file(&dir.join("adapter_model.safetensors"))?;
     let moments = WeightFiles::open_file(&dir.join("optimizer.safetensors"))?;
     for (i, name) in lora.names.iter().enumerate() {
         let shape = lora.shapes[i];
-        lora.params[i] = be.upload(&adapter.f32(name, &shape).context("the checkpoint's adapter does not match this run's LoRA settings")?, kernels::DType::F32)?;
-        opt.m[i] = be.upload(&moments.f32(&format!("m/{name}"), &shape)?, kernels::DType::F32)?;
-        opt.v[i] = be.upload(&moments.f32(&format!("v/{name}"), &shape)?, kernels::DType::F32)?;
+        lora.params[i] = be.upload(
+            &adapter
+                .f32(name, &shape)
+                .context("the checkpoint's adapter does not match this run's LoRA settings")?,
+            kernels::DType::F32,
+        )?;
+        opt.m[i] = be.upload(
+            &moments.f32(&format!("m/{name}"), &shape)?,
+            kernels::DType::F32,
+        )?;
+        opt.v[i] = be.upload(
+            &moments.f32(&format!("v/{name}"), &shape)?,
+            kernels::DType::F32,
+        )?;
     }
     lora.sync_compute(be)?;
     opt.step = state.step;

@@ -9,12 +9,19 @@ use kernels::Backend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-pub fn fresh_adapter<B: Backend>(be: &B, model: &ModelConfig, config: LoraConfig, seed: u64) -> Result<LoraParams<B>> {
+pub fn fresh_adapter<B: Backend>(
+    be: &B,
+    model: &ModelConfig,
+    config: LoraConfig,
+    seed: u64,
+) -> Result<LoraParams<B>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     LoraParams::build(be, model, config, |name, [rows, cols]| {
         Ok(if name.contains(".lora_A.") {
             let bound = 1.0 / (cols as f32).sqrt();
-            (0..rows * cols).map(|_| rng.random_range(-bound..bound)).collect()
+            (0..rows * cols)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect()
         } else {
             vec![0.0; rows * cols]
         })

@@ -25,8 +25,22 @@ pub struct DataStream {
 }
 
 impl DataStream {
-    pub fn new(examples: Vec<Example>, batching: Batching, seed: u64, rank: usize, world: usize) -> Self {
-        DataStream { examples, batching, seed, rank, world, position: StreamPosition::default(), current: None }
+    pub fn new(
+        examples: Vec<Example>,
+        batching: Batching,
+        seed: u64,
+        rank: usize,
+        world: usize,
+    ) -> Self {
+        DataStream {
+            examples,
+            batching,
+            seed,
+            rank,
+            world,
+            position: StreamPosition::default(),
+            current: None,
+        }
     }
 
     /// This rank's batches of `epoch`.
@@ -34,7 +48,12 @@ impl DataStream {
         if self.current.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let all = epoch_batches(&self.examples, &self.batching, self.seed, epoch);
             let usable = all.len() / self.world * self.world;
-            let mine = all.into_iter().take(usable).skip(self.rank).step_by(self.world).collect();
+            let mine = all
+                .into_iter()
+                .take(usable)
+                .skip(self.rank)
+                .step_by(self.world)
+                .collect();
             self.current = Some((epoch, mine));
         }
         &self.current.as_ref().unwrap().1
@@ -56,7 +75,14 @@ impl DataStream {
         let batches = self.epoch(epoch);
         let end = (batch + accum).min(batches.len());
         let step: Vec<HostBatch> = batches[batch..end].to_vec();
-        self.position = if end == batches.len() { StreamPosition { epoch: epoch + 1, batch: 0 } } else { StreamPosition { epoch, batch: end } };
+        self.position = if end == batches.len() {
+            StreamPosition {
+                epoch: epoch + 1,
+                batch: 0,
+            }
+        } else {
+            StreamPosition { epoch, batch: end }
+        };
         step
     }
 }
@@ -66,11 +92,21 @@ mod tests {
     use super::*;
 
     fn examples(n: usize) -> Vec<Example> {
-        (0..n).map(|i| Example { ids: vec![i as i32; 3], labels: vec![i as i32; 3] }).collect()
+        (0..n)
+            .map(|i| Example {
+                ids: vec![i as i32; 3],
+                labels: vec![i as i32; 3],
+            })
+            .collect()
     }
 
     fn batching() -> Batching {
-        Batching { rows: 1, max_seq_len: 3, packing: true, pad_id: 0 }
+        Batching {
+            rows: 1,
+            max_seq_len: 3,
+            packing: true,
+            pad_id: 0,
+        }
     }
 
     #[test]
@@ -101,6 +137,10 @@ mod tests {
         assert_eq!(counts, vec![3, 3, 3]);
         seen.sort();
         seen.dedup();
-        assert_eq!(seen.len(), 9, "9 of the 10 examples, each on exactly one rank");
+        assert_eq!(
+            seen.len(),
+            9,
+            "9 of the 10 examples, each on exactly one rank"
+        );
     }
 }
