@@ -22,6 +22,8 @@ enum Command {
     CheckReference(cli::check_reference::Args),
     /// Convert a llama.cpp GGUF file (llama architecture) into a Hugging Face model folder.
     ImportGguf(cli::import_gguf::Args),
+    /// Fine-tune a model with LoRA as a run config says.
+    Train(cli::train::Args),
 }
 
 fn main() -> ExitCode {
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckReference(args) => cli::check_reference::run(args),
         Command::ImportGguf(args) => cli::import_gguf::run(args),
+        Command::Train(args) => cli::train::run(args),
     };
     match result {
         Ok(code) => code,

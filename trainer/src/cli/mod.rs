@@ -2,3 +2,4 @@
 
 pub mod check_reference;
 pub mod import_gguf;
+pub mod train;

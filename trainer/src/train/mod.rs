@@ -3,5 +3,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod init;
+pub mod metrics;
+pub mod plot;
+pub mod run;
 pub mod schedule;
 pub mod stream;

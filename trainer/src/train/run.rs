@@ -1,0 +1,433 @@
+//! The training loop. Per optimizer step: the step's micro-batches (gradient accumulation) each
+//! run forward, loss and backward, with every token weighted by `1 / (loss tokens in the whole step)`
+//! so the step's loss is the token mean over all its micro-batches; then clipping, AdamW and the
+//! schedule. Rank 0 alone logs, evaluates into the log, and writes files.
+
+use super::checkpoint::{self, TrainerState};
+use super::config::RunConfig;
+use super::init::fresh_adapter;
+use super::metrics::{EvalRecord, MetricsLog, Progress, StepRecord};
+use super::plot::plot_loss;
+use super::schedule::{Schedule, ScheduleKind};
+use super::stream::DataStream;
+use crate::data::batching::{epoch_batches, Batching, Example, HostBatch};
+use crate::data::records::{read_file, Format, Record};
+use crate::data::tokenize::{tokenize_records, Formatting, TokenizeStats};
+use crate::lora::{peft, LoraConfig, LoraParams};
+use crate::model::weights::WeightFiles;
+use crate::model::{Batch, Decoder, ModelConfig};
+use crate::optim::AdamW;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use kernels::{AdamWParams, Backend};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where to resume from, if anywhere.
+#[derive(Clone, Debug)]
+pub enum Resume {
+    No,
+    Latest,
+    From(PathBuf),
+}
+
+/// What a run did, written as `summary.json` and printed at the end.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub backend: String,
+    pub steps: u64,
+    pub train: TokenizeStats,
+    pub eval: Option<TokenizeStats>,
+    pub skipped_records: usize,
+    pub tokens_trained: u64,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub final_loss: Option<f64>,
+    pub eval_loss_start: Option<f64>,
+    pub eval_loss_end: Option<f64>,
+    pub adapter_dir: PathBuf,
+}
+
+/// Everything loaded before the first step.
+pub struct Prepared<B: Backend> {
+    pub model: Decoder<B>,
+    pub tokenizer: Tokenizer,
+    pub train: Vec<Example>,
+    pub eval: Vec<Example>,
+    pub train_stats: TokenizeStats,
+    pub eval_stats: Option<TokenizeStats>,
+    pub skipped: usize,
+}
+
+fn read_all(paths: &[PathBuf], cfg: &RunConfig) -> Result<(Vec<Record>, usize)> {
+    let format = if cfg.data.format == "auto" {
+        None
+    } else {
+        Format::parse(&cfg.data.format)
+    };
+    let mut records = Vec::new();
+    let mut skipped = Vec::new();
+    for p in paths {
+        let r = read_file(p, format, &cfg.data.columns, cfg.data.skip_bad_records)?;
+        records.extend(r.records);
+        skipped.extend(r.skipped);
+    }
+    for s in skipped.iter().take(5) {
+        eprintln!("skipped bad record {s}");
+    }
+    if skipped.len() > 5 {
+        eprintln!("… and {} more bad records skipped", skipped.len() - 5);
+    }
+    Ok((records, skipped.len()))
+}
+
+/// Loads the model, tokenizer and datasets named by `cfg`.
+pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
+    let model_config = ModelConfig::load(&cfg.model.path)?;
+    let tokenizer = Tokenizer::load(&cfg.model.path)?;
+    let model = Decoder::load(be, model_config, &WeightFiles::open(&cfg.model.path)?)
+        .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
+    let formatting = Formatting {
+        alpaca_as_chat: cfg.data.alpaca_template == "chat",
+        train_on_prompt: cfg.data.train_on_prompt,
+        max_seq_len: cfg.data.max_seq_len,
+        drop_long: cfg.data.truncation == "drop",
+    };
+    let (mut records, mut skipped) = read_all(&cfg.data.train, cfg)?;
+    let mut eval_records = Vec::new();
+    if !cfg.data.validation.is_empty() {
+        let (r, s) = read_all(&cfg.data.validation, cfg)?;
+        eval_records = r;
+        skipped += s;
+    } else if cfg.data.validation_split > 0.0 {
+        // A seeded, order-independent split: the held-out records are fixed by the seed.
+        let order = crate::data::batching::shuffled(records.len(), cfg.train.seed, u64::MAX);
+        let n_eval = ((records.len() as f64) * cfg.data.validation_split)
+            .round()
+            .max(1.0) as usize;
+        let held: std::collections::BTreeSet<usize> =
+            order[..n_eval.min(records.len())].iter().copied().collect();
+        let (e, t): (Vec<(usize, Record)>, Vec<(usize, Record)>) = records
+            .into_iter()
+            .enumerate()
+            .partition(|(i, _)| held.contains(i));
+        eval_records = e.into_iter().map(|(_, r)| r).collect();
+        records = t.into_iter().map(|(_, r)| r).collect();
+    }
+    if records.is_empty() {
+        bail!(
+            "the training data ({}) holds no record",
+            cfg.data
+                .train
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let (train, train_stats) = tokenize_records(&tokenizer, &records, &formatting)?;
+    let (eval, eval_stats) = if eval_records.is_empty() {
+        (Vec::new(), None)
+    } else {
+        let (e, s) = tokenize_records(&tokenizer, &eval_records, &formatting)?;
+        (e, Some(s))
+    };
+    Ok(Prepared {
+        model,
+        tokenizer,
+        train,
+        eval,
+        train_stats,
+        eval_stats,
+        skipped,
+    })
+}
+
+/// Token-mean loss of `model` + `lora` over `examples` (no gradient).
+pub fn evaluate<B: Backend>(
+    be: &B,
+    model: &Decoder<B>,
+    lora: Option<&LoraParams<B>>,
+    examples: &[Example],
+    batching: &Batching,
+) -> Result<(f64, u64)> {
+    let mut nll = 0.0;
+    let mut tokens = 0u64;
+    for hb in epoch_batches(examples, batching, 0, 0) {
+        let batch = upload(be, model, &hb)?;
+        let acts = model.forward(be, lora, &batch, false)?;
+        let (logp, _) = model.head(be, &acts, &batch.targets, kernels::CeGrad::None)?;
+        nll -= be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>();
+        tokens += batch.n_targets as u64;
+    }
+    Ok((nll / tokens.max(1) as f64, tokens))
+}
+
+fn upload<B: Backend>(be: &B, model: &Decoder<B>, hb: &HostBatch) -> Result<Batch<B>> {
+    Batch::new(
+        be,
+        &model.config,
+        &hb.ids,
+        &hb.labels,
+        hb.layout(model.config.sliding_window),
+    )
+}
+
+fn schedule_for(cfg: &RunConfig, total_steps: u64) -> Schedule {
+    let kind = match cfg.train.schedule.as_str() {
+        "linear" => ScheduleKind::Linear,
+        "constant" => ScheduleKind::Constant,
+        _ => ScheduleKind::Cosine,
+    };
+    let warmup = match (cfg.train.warmup_steps, cfg.train.warmup_ratio) {
+        (Some(s), _) => s,
+        (None, Some(r)) => Schedule::warmup_from_ratio(r, total_steps),
+        (None, None) => 0,
+    };
+    Schedule {
+        kind,
+        base_lr: cfg.train.lr,
+        warmup_steps: warmup,
+        total_steps,
+    }
+}
+
+/// Trains as `cfg` says; returns the summary (also written to `OUTPUT/summary.json`).
+pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summary> {
+    let started = Instant::now();
+    let out = &cfg.output.dir;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create output folder {}", out.display()))?;
+    let prep = prepare(be, cfg)?;
+    let model = &prep.model;
+    let pad_id = prep
+        .tokenizer
+        .pad_id()
+        .or(prep.tokenizer.eos_id())
+        .unwrap_or(0) as i32;
+    let batching = Batching {
+        rows: cfg.train.batch_size,
+        max_seq_len: cfg.data.max_seq_len,
+        packing: cfg.data.packing,
+        pad_id,
+    };
+    let lora_config = LoraConfig {
+        r: cfg.lora.r,
+        alpha: cfg.lora.alpha,
+        targets: cfg.targets(),
+        use_rslora: cfg.lora.rslora,
+        dropout: cfg.lora.dropout,
+    };
+    let mut lora = match &cfg.lora.init_adapter {
+        Some(dir) => peft::load(be, &model.config, dir)?,
+        None => fresh_adapter(be, &model.config, lora_config, cfg.train.seed)?,
+    };
+    let hp = AdamWParams {
+        lr: cfg.train.lr,
+        beta1: cfg.train.adam_beta1,
+        beta2: cfg.train.adam_beta2,
+        eps: cfg.train.adam_eps,
+        weight_decay: cfg.train.weight_decay,
+    };
+    let max_norm = (cfg.train.max_grad_norm > 0.0).then_some(cfg.train.max_grad_norm as f32);
+    let mut opt = AdamW::new(be, &lora, hp, max_norm)?;
+    let mut stream = DataStream::new(prep.train.clone(), batching.clone(), cfg.train.seed, 0, 1);
+    let accum = cfg.train.grad_accum;
+    let steps_per_epoch = stream.steps_per_epoch(accum).max(1);
+    let total_steps = cfg
+        .train
+        .max_steps
+        .unwrap_or_else(|| (cfg.train.epochs * steps_per_epoch as f64).ceil() as u64)
+        .max(1);
+    let schedule = schedule_for(cfg, total_steps);
+
+    let mut state = TrainerState {
+        step: 0,
+        position: stream.position,
+        seed: cfg.train.seed,
+        total_steps,
+        tokens_seen: 0,
+    };
+    let resume_dir = match resume {
+        Resume::No => None,
+        Resume::Latest => Some(checkpoint::latest(out)?),
+        Resume::From(p) => Some(p),
+    };
+    if let Some(dir) = &resume_dir {
+        state = checkpoint::restore(be, dir, &mut lora, &mut opt)?;
+        if state.seed != cfg.train.seed {
+            bail!("checkpoint {} was made with seed {}, this config says {}: resume with the same seed", dir.display(), state.seed, cfg.train.seed);
+        }
+        stream.position = state.position;
+        eprintln!("resumed from {} at step {}", dir.display(), state.step);
+    }
+    eprintln!(
+        "fuselora: {} on {} · {} examples ({} tokens) · {} steps of {} × {} rows × ≤{} tokens · LoRA r={} ({} values)",
+        model.config.architecture.hf_name(),
+        be.describe(),
+        prep.train_stats.examples,
+        prep.train_stats.tokens,
+        total_steps,
+        accum,
+        cfg.train.batch_size,
+        cfg.data.max_seq_len,
+        lora.config.r,
+        lora.num_values()
+    );
+    let mut log = MetricsLog::open(out, state.step)?;
+    let progress = Progress::new(total_steps, state.step, true);
+    let base_model = cfg.model.path.display().to_string();
+    let has_eval = !prep.eval.is_empty();
+    let eval_at = |step: u64, lora: &LoraParams<B>, log: &mut MetricsLog| -> Result<f64> {
+        let (loss, tokens) = evaluate(be, model, Some(lora), &prep.eval, &batching)?;
+        log.write(&EvalRecord {
+            step,
+            eval_loss: loss,
+            eval_tokens: tokens,
+        })?;
+        progress.println(&format!(
+            "eval at step {step}: loss {loss:.4} over {tokens} tokens"
+        ));
+        Ok(loss)
+    };
+    let eval_loss_start = if has_eval && state.step == 0 {
+        Some(eval_at(0, &lora, &mut log)?)
+    } else {
+        None
+    };
+
+    let loop_start = Instant::now();
+    let tokens_at_start = state.tokens_seen;
+    let mut final_loss = None;
+    while state.step < total_steps {
+        let micro = stream.next_step(accum);
+        let step_targets: usize = micro.iter().map(HostBatch::target_count).sum();
+        lora.zero_grads(be)?;
+        let mut nll = 0.0;
+        let t0 = Instant::now();
+        if step_targets > 0 {
+            let weight = 1.0 / step_targets as f32;
+            for hb in &micro {
+                nll += model.loss_and_grad(
+                    be,
+                    Some(&mut lora),
+                    &upload(be, model, hb)?,
+                    cfg.train.gradient_checkpointing,
+                    weight,
+                )?;
+            }
+        }
+        let lr = schedule.lr(state.step);
+        let stats = opt.step(be, &mut lora, lr)?;
+        state.step += 1;
+        state.position = stream.position;
+        state.tokens_seen += step_targets as u64;
+        let loss = nll / step_targets.max(1) as f64;
+        final_loss = Some(loss);
+        let record = StepRecord {
+            step: state.step,
+            epoch: state.step as f64 / steps_per_epoch as f64,
+            loss,
+            lr,
+            grad_norm: stats.grad_norm,
+            tokens: step_targets as u64,
+            tokens_per_s: micro.iter().map(HostBatch::token_count).sum::<usize>() as f64
+                / t0.elapsed().as_secs_f64().max(1e-9),
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        let log_now = state.step % cfg.train.log_steps.max(1) == 0 || state.step == total_steps;
+        if log_now {
+            log.write(&record)?;
+        }
+        progress.step(&record, log_now);
+        if has_eval
+            && cfg.train.eval_steps > 0
+            && state.step % cfg.train.eval_steps == 0
+            && state.step < total_steps
+        {
+            eval_at(state.step, &lora, &mut log)?;
+        }
+        if cfg.train.save_steps > 0
+            && state.step % cfg.train.save_steps == 0
+            && state.step < total_steps
+        {
+            let dir = checkpoint::save(
+                be,
+                out,
+                &base_model,
+                &lora,
+                &opt,
+                &state,
+                cfg.train.save_total_limit,
+            )?;
+            progress.println(&format!("saved {}", dir.display()));
+        }
+    }
+    progress.finish();
+    let eval_loss_end = if has_eval {
+        Some(eval_at(state.step, &lora, &mut log)?)
+    } else {
+        None
+    };
+    checkpoint::save(
+        be,
+        out,
+        &base_model,
+        &lora,
+        &opt,
+        &state,
+        cfg.train.save_total_limit,
+    )?;
+    let adapter_dir = out.join("adapter");
+    peft::save(be, &lora, &base_model, &adapter_dir)?;
+    let (steps, evals) = super::metrics::read_steps(&out.join("metrics.jsonl"))?;
+    let tmp_png = out.join(".loss.partial.png");
+    plot_loss(&tmp_png, &steps, &evals)?;
+    if tmp_png.exists() {
+        std::fs::rename(&tmp_png, out.join("loss.png"))?;
+    }
+    let seconds = loop_start.elapsed().as_secs_f64();
+    let summary = Summary {
+        backend: be.describe(),
+        steps: state.step,
+        train: prep.train_stats.clone(),
+        eval: prep.eval_stats.clone(),
+        skipped_records: prep.skipped,
+        tokens_trained: state.tokens_seen,
+        seconds,
+        tokens_per_s: (state.tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
+        final_loss,
+        eval_loss_start,
+        eval_loss_end,
+        adapter_dir,
+    };
+    crate::io::write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+/// The end-of-run report, for people.
+pub fn describe_summary(s: &Summary, out: &Path) -> String {
+    let mut lines = vec![
+        format!("trained {} steps in {:.1} s on {} ({:.0} loss tokens/s)", s.steps, s.seconds, s.backend, s.tokens_per_s),
+        format!(
+            "data: {} examples, {} tokens; {} truncated, {} dropped as too long, {} without a trained token, {} bad records skipped",
+            s.train.examples, s.train.tokens, s.train.truncated, s.train.dropped_too_long, s.train.dropped_no_target, s.skipped_records
+        ),
+    ];
+    if let Some(l) = s.final_loss {
+        lines.push(format!("final training loss {l:.4}"));
+    }
+    if let (Some(a), Some(b)) = (s.eval_loss_start, s.eval_loss_end) {
+        lines.push(format!("held-out loss {a:.4} → {b:.4}"));
+    }
+    lines.push(format!(
+        "wrote {}/adapter (PEFT), metrics.jsonl, loss.png, summary.json and the last checkpoint in {}",
+        out.display(),
+        out.display()
+    ));
+    lines.join("\n")
+}
