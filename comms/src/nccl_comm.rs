@@ -34,6 +34,7 @@ pub struct NcclCommunicator {
 impl NcclCommunicator {
     /// Creates the id rank 0 shares with every rank (loads libnccl on first use).
     pub fn new_unique_id() -> Result<[u8; NCCL_ID_BYTES]> {
+        check_nccl_loadable()?;
         let id = Id::new().map_err(|e| Error::Nccl(format!("ncclGetUniqueId: {e:?}")))?;
         Ok(id.internal().map(|c| c as u8))
     }
@@ -46,6 +47,7 @@ impl NcclCommunicator {
         world_size: usize,
         id: &[u8; NCCL_ID_BYTES],
     ) -> Result<NcclCommunicator> {
+        check_nccl_loadable()?;
         let id = Id::uninit(id.map(|b| b as core::ffi::c_char));
         let comm = Comm::from_rank(stream, rank, world_size, id).map_err(|e| {
             Error::Nccl(format!(
@@ -128,6 +130,62 @@ impl Communicator for NcclCommunicator {
 
     fn barrier(&self) -> Result<()> {
         self.through_device(&mut [0f32], |d| self.all_reduce_device(d, ReduceOp::Sum))
+    }
+}
+
+/// Fails with the fix, where cudarc would panic, when no NCCL library it looks for can be
+/// loaded. cudarc tries `libnccl.so` and a few versioned names, but not `libnccl.so.2`, the only
+/// name that the `libnccl2` package and the `nvidia-nccl` wheels install.
+fn check_nccl_loadable() -> Result<()> {
+    let candidates = cudarc::get_lib_name_candidates("nccl");
+    if candidates
+        .iter()
+        .any(|name| loaded_path(name, None).is_some())
+    {
+        return Ok(());
+    }
+    let fix = match loaded_path("libnccl.so.2", Some(c"ncclGetUniqueId")) {
+        Some(path) => format!(
+            "{path} is installed but cudarc loads `libnccl.so`: run \
+             `mkdir -p ~/.local/lib && ln -sf {path} ~/.local/lib/libnccl.so` and add \
+             ~/.local/lib to LD_LIBRARY_PATH"
+        ),
+        None => "install NCCL (Debian/Ubuntu: libnccl2 libnccl-dev; or pip nvidia-nccl-cu12) \
+                 and put the folder holding libnccl.so on LD_LIBRARY_PATH"
+            .to_string(),
+    };
+    Err(Error::Nccl(format!(
+        "no NCCL library found (tried {}): {fix}",
+        candidates.join(", ")
+    )))
+}
+
+/// Whether the dynamic loader can load `name`: `Some` path of the file it found (when `symbol`
+/// is given and the loader can say where that symbol lives), else `Some("")`, or `None`.
+fn loaded_path(name: &str, symbol: Option<&std::ffi::CStr>) -> Option<String> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: dlopen/dlsym/dladdr with valid C strings; the file name is copied out before
+    // dlclose (the library stays loaded only if something else holds it).
+    unsafe {
+        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            return None;
+        }
+        let mut path = String::new();
+        if let Some(symbol) = symbol {
+            let address = libc::dlsym(handle, symbol.as_ptr());
+            let mut info: libc::Dl_info = std::mem::zeroed();
+            if !address.is_null()
+                && libc::dladdr(address, &mut info) != 0
+                && !info.dli_fname.is_null()
+            {
+                path = std::ffi::CStr::from_ptr(info.dli_fname)
+                    .to_string_lossy()
+                    .into_owned();
+            }
+        }
+        libc::dlclose(handle);
+        Some(path)
     }
 }
 
