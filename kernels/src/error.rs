@@ -5,7 +5,12 @@ use thiserror::Error;
 pub enum KernelError {
     /// A buffer's length does not match the dimensions passed with it.
     #[error("{op}: {what} has {got} elements, expected {expected}")]
-    Shape { op: &'static str, what: &'static str, got: usize, expected: usize },
+    Shape {
+        op: &'static str,
+        what: &'static str,
+        got: usize,
+        expected: usize,
+    },
     /// The device refused an allocation, a launch or a copy.
     #[error("device error in {op}: {message}")]
     Device { op: &'static str, message: String },
@@ -18,10 +23,20 @@ pub enum KernelError {
 }
 
 /// Checks that a buffer has the length its dimensions imply.
-pub(crate) fn check_len(op: &'static str, what: &'static str, got: usize, expected: usize) -> crate::Result<()> {
+pub(crate) fn check_len(
+    op: &'static str,
+    what: &'static str,
+    got: usize,
+    expected: usize,
+) -> crate::Result<()> {
     if got == expected {
         Ok(())
     } else {
-        Err(KernelError::Shape { op, what, got, expected })
+        Err(KernelError::Shape {
+            op,
+            what,
+            got,
+            expected,
+        })
     }
 }

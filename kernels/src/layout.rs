@@ -35,7 +35,10 @@ impl AttentionLayout {
             let base = r * seq_len;
             let mut col = 0usize;
             for &len in lens {
-                assert!(col + len <= seq_len, "documents of row {r} are longer than seq_len {seq_len}");
+                assert!(
+                    col + len <= seq_len,
+                    "documents of row {r} are longer than seq_len {seq_len}"
+                );
                 for j in 0..len {
                     doc_start[base + col + j] = col as i32;
                     positions[base + col + j] = j as i32;
@@ -47,7 +50,13 @@ impl AttentionLayout {
                 positions[base + c] = 0;
             }
         }
-        AttentionLayout { rows: docs.len(), seq_len, doc_start, positions, window }
+        AttentionLayout {
+            rows: docs.len(),
+            seq_len,
+            doc_start,
+            positions,
+            window,
+        }
     }
 
     /// Rows whose real tokens are at the end (`lengths[r]` of them) after left padding,
@@ -68,7 +77,13 @@ impl AttentionLayout {
                 }
             }
         }
-        AttentionLayout { rows: lengths.len(), seq_len, doc_start, positions, window }
+        AttentionLayout {
+            rows: lengths.len(),
+            seq_len,
+            doc_start,
+            positions,
+            window,
+        }
     }
 
     /// Number of tokens (rows × seq_len).
@@ -88,7 +103,11 @@ impl AttentionLayout {
 
     /// The largest position used, plus one: how many RoPE table rows the batch needs.
     pub fn position_span(&self) -> usize {
-        self.positions.iter().copied().max().map_or(0, |p| p as usize + 1)
+        self.positions
+            .iter()
+            .copied()
+            .max()
+            .map_or(0, |p| p as usize + 1)
     }
 }
 

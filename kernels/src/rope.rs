@@ -13,9 +13,17 @@ pub enum RopeScaling {
     /// Position interpolation: every frequency divided by `factor`.
     Linear { factor: f32 },
     /// Dynamic NTK: the base grows once the sequence outruns `max_position_embeddings`.
-    Dynamic { factor: f32, max_position_embeddings: usize },
+    Dynamic {
+        factor: f32,
+        max_position_embeddings: usize,
+    },
     /// Llama 3.1: low frequencies divided by `factor`, a smooth ramp between the two wavelengths.
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
 }
 
 /// Everything needed to build a table: theta, head_dim and the scaling kind.
@@ -32,12 +40,20 @@ impl RopeConfig {
         let d = self.head_dim;
         let base_freqs = |theta: f32| -> Vec<f32> {
             // transformers: 1.0 / (base ** (arange(0, dim, 2).float() / dim)), all in f32.
-            (0..d / 2).map(|i| 1.0f32 / theta.powf((2 * i) as f32 / d as f32)).collect()
+            (0..d / 2)
+                .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / d as f32))
+                .collect()
         };
         match &self.scaling {
             RopeScaling::Default => base_freqs(self.theta),
-            RopeScaling::Linear { factor } => base_freqs(self.theta).into_iter().map(|f| f / factor).collect(),
-            RopeScaling::Dynamic { factor, max_position_embeddings } => {
+            RopeScaling::Linear { factor } => base_freqs(self.theta)
+                .into_iter()
+                .map(|f| f / factor)
+                .collect(),
+            RopeScaling::Dynamic {
+                factor,
+                max_position_embeddings,
+            } => {
                 let max = *max_position_embeddings;
                 if seq_len <= max {
                     return base_freqs(self.theta);
@@ -47,7 +63,12 @@ impl RopeConfig {
                 let theta = self.theta * ratio.powf(d as f32 / (d as f32 - 2.0));
                 base_freqs(theta)
             }
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old = *original_max_position_embeddings as f32;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
@@ -58,7 +79,8 @@ impl RopeConfig {
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
                         let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                         if medium {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * scaled / factor + smooth * scaled
                         } else {
                             scaled
@@ -93,7 +115,11 @@ mod tests {
 
     #[test]
     fn default_frequencies_follow_theta() {
-        let c = RopeConfig { theta: 10000.0, head_dim: 4, scaling: RopeScaling::Default };
+        let c = RopeConfig {
+            theta: 10000.0,
+            head_dim: 4,
+            scaling: RopeScaling::Default,
+        };
         let f = c.inv_freq(8);
         assert_eq!(f[0], 1.0);
         assert!((f[1] - 0.01).abs() < 1e-7);
@@ -101,8 +127,18 @@ mod tests {
 
     #[test]
     fn linear_scaling_divides_every_frequency() {
-        let d = RopeConfig { theta: 10000.0, head_dim: 8, scaling: RopeScaling::Default }.inv_freq(8);
-        let l = RopeConfig { theta: 10000.0, head_dim: 8, scaling: RopeScaling::Linear { factor: 2.0 } }.inv_freq(8);
+        let d = RopeConfig {
+            theta: 10000.0,
+            head_dim: 8,
+            scaling: RopeScaling::Default,
+        }
+        .inv_freq(8);
+        let l = RopeConfig {
+            theta: 10000.0,
+            head_dim: 8,
+            scaling: RopeScaling::Linear { factor: 2.0 },
+        }
+        .inv_freq(8);
         for (a, b) in d.iter().zip(&l) {
             assert_eq!(a / 2.0, *b);
         }
@@ -113,9 +149,17 @@ mod tests {
         let c = RopeConfig {
             theta: 10000.0,
             head_dim: 8,
-            scaling: RopeScaling::Dynamic { factor: 2.0, max_position_embeddings: 16 },
+            scaling: RopeScaling::Dynamic {
+                factor: 2.0,
+                max_position_embeddings: 16,
+            },
         };
-        let plain = RopeConfig { theta: 10000.0, head_dim: 8, scaling: RopeScaling::Default }.inv_freq(16);
+        let plain = RopeConfig {
+            theta: 10000.0,
+            head_dim: 8,
+            scaling: RopeScaling::Default,
+        }
+        .inv_freq(16);
         assert_eq!(c.inv_freq(16), plain);
         let long = c.inv_freq(32);
         // base' = 10000 · (2·32/16 − 1)^(8/6) = 10000 · 3^(4/3)
@@ -135,11 +179,19 @@ mod tests {
                 original_max_position_embeddings: 8192,
             },
         };
-        let base = RopeConfig { theta: 500000.0, head_dim: 128, scaling: RopeScaling::Default }.inv_freq(1);
+        let base = RopeConfig {
+            theta: 500000.0,
+            head_dim: 128,
+            scaling: RopeScaling::Default,
+        }
+        .inv_freq(1);
         let f = c.inv_freq(1);
         assert_eq!(f[0], base[0]); // wavelength 2π < 2048: untouched
         assert_eq!(f[63], base[63] / 8.0); // wavelength far beyond 8192: divided
         let mid = (0..64).find(|&i| f[i] != base[i] && f[i] != base[i] / 8.0);
-        assert!(mid.is_some(), "a smooth band exists between the two wavelengths");
+        assert!(
+            mid.is_some(),
+            "a smooth band exists between the two wavelengths"
+        );
     }
 }

@@ -4,13 +4,25 @@
 
 use crate::AdamWParams;
 
-pub fn step(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWParams, t: u64, grad_scale: f32) {
+pub fn step(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    hp: &AdamWParams,
+    t: u64,
+    grad_scale: f32,
+) {
     // Every scalar is formed in f64 and rounded once to f32, as torch does with Python floats.
     let bias1 = 1.0 - hp.beta1.powi(t as i32);
     let bias2_sqrt = (1.0 - hp.beta2.powi(t as i32)).sqrt() as f32;
     let step_size = (hp.lr / bias1) as f32;
     let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
-    let (one_minus_b1, b2, one_minus_b2) = ((1.0 - hp.beta1) as f32, hp.beta2 as f32, (1.0 - hp.beta2) as f32);
+    let (one_minus_b1, b2, one_minus_b2) = (
+        (1.0 - hp.beta1) as f32,
+        hp.beta2 as f32,
+        (1.0 - hp.beta2) as f32,
+    );
     let eps = hp.eps as f32;
     for i in 0..p.len() {
         let gi = g[i] * grad_scale;
@@ -28,7 +40,13 @@ mod tests {
 
     #[test]
     fn first_step_moves_each_weight_by_about_lr_against_its_gradient() {
-        let hp = AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let hp = AdamWParams {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
         let mut p = vec![1.0, -1.0];
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
         step(&mut p, &[0.5, -2.0], &mut m, &mut v, &hp, 1, 1.0);
@@ -38,7 +56,13 @@ mod tests {
 
     #[test]
     fn weight_decay_is_decoupled_from_the_gradient() {
-        let hp = AdamWParams { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.5 };
+        let hp = AdamWParams {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.5,
+        };
         let mut p = vec![2.0];
         let (mut m, mut v) = (vec![0.0], vec![0.0]);
         step(&mut p, &[0.0], &mut m, &mut v, &hp, 1, 1.0);

@@ -17,7 +17,9 @@ struct Group {
 }
 
 fn groups(layout: &AttentionLayout, kv_heads: usize) -> Vec<Group> {
-    (0..layout.rows).flat_map(|row| (0..kv_heads).map(move |kv_head| Group { row, kv_head })).collect()
+    (0..layout.rows)
+        .flat_map(|row| (0..kv_heads).map(move |kv_head| Group { row, kv_head }))
+        .collect()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -66,7 +68,8 @@ pub fn attention_forward_f32(
                     for kj in first..=qi {
                         let j = g.row * t + kj;
                         let p = scores[kj] / sum;
-                        for (ov, vv) in o.iter_mut().zip(&v[(j * kv_heads + g.kv_head) * d..][..d]) {
+                        for (ov, vv) in o.iter_mut().zip(&v[(j * kv_heads + g.kv_head) * d..][..d])
+                        {
                             *ov += p * vv;
                         }
                     }
@@ -110,7 +113,11 @@ pub fn attention_backward_f32(
     let results: Vec<GroupGrads> = tasks
         .par_iter()
         .map(|g| {
-            let mut gg = GroupGrads { dq: vec![0.0; t * per_kv * d], dk: vec![0.0; t * d], dv: vec![0.0; t * d] };
+            let mut gg = GroupGrads {
+                dq: vec![0.0; t * per_kv * d],
+                dk: vec![0.0; t * d],
+                dv: vec![0.0; t * d],
+            };
             let kv_offset = |kj: usize| ((g.row * t + kj) * kv_heads + g.kv_head) * d;
             for qi in 0..t {
                 let i = g.row * t + qi;
@@ -144,7 +151,8 @@ pub fn attention_backward_f32(
             dv[kv_at..][..d].copy_from_slice(&gg.dv[ti * d..][..d]);
             for hl in 0..per_kv {
                 let h = g.kv_head * per_kv + hl;
-                dq[(i * heads + h) * d..][..d].copy_from_slice(&gg.dq[(ti * per_kv + hl) * d..][..d]);
+                dq[(i * heads + h) * d..][..d]
+                    .copy_from_slice(&gg.dq[(ti * per_kv + hl) * d..][..d]);
             }
         }
     }
@@ -155,7 +163,15 @@ mod tests {
     use super::*;
     use crate::cpu::testing::{check_gradient, dot as dot64, random};
 
-    fn run(q: &[f32], k: &[f32], v: &[f32], l: &AttentionLayout, h: usize, kvh: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    fn run(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        l: &AttentionLayout,
+        h: usize,
+        kvh: usize,
+        d: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
         let n = l.tokens();
         let mut out = vec![0.0; n * h * d];
         let mut lse = vec![0.0; n * h];
@@ -171,10 +187,18 @@ mod tests {
         let probe = random(n * h * d, 4);
         let (out, lse) = run(&q, &k, &v, layout, h, kvh, d);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward_f32(&q, &k, &v, &out, &lse, &probe, layout, h, kvh, d, &mut dq, &mut dk, &mut dv);
-        check_gradient(&q, &dq, 1e-2, 2e-3, |q| dot64(&run(q, &k, &v, layout, h, kvh, d).0, &probe));
-        check_gradient(&k, &dk, 1e-2, 2e-3, |k| dot64(&run(&q, k, &v, layout, h, kvh, d).0, &probe));
-        check_gradient(&v, &dv, 1e-2, 2e-3, |v| dot64(&run(&q, &k, v, layout, h, kvh, d).0, &probe));
+        attention_backward_f32(
+            &q, &k, &v, &out, &lse, &probe, layout, h, kvh, d, &mut dq, &mut dk, &mut dv,
+        );
+        check_gradient(&q, &dq, 1e-2, 2e-3, |q| {
+            dot64(&run(q, &k, &v, layout, h, kvh, d).0, &probe)
+        });
+        check_gradient(&k, &dk, 1e-2, 2e-3, |k| {
+            dot64(&run(&q, k, &v, layout, h, kvh, d).0, &probe)
+        });
+        check_gradient(&v, &dv, 1e-2, 2e-3, |v| {
+            dot64(&run(&q, &k, v, layout, h, kvh, d).0, &probe)
+        });
     }
 
     #[test]
@@ -184,7 +208,12 @@ mod tests {
 
     #[test]
     fn packed_and_windowed_gradients_match_finite_differences() {
-        check_all_gradients(&AttentionLayout::packed(&[vec![3, 4], vec![7]], 7, Some(3)), 2, 1, 4);
+        check_all_gradients(
+            &AttentionLayout::packed(&[vec![3, 4], vec![7]], 7, Some(3)),
+            2,
+            1,
+            4,
+        );
     }
 
     #[test]

@@ -21,15 +21,31 @@ pub fn lm_head_cross_entropy(
     mut dhidden: Option<&mut Vec<f32>>,
 ) -> Result<()> {
     let rows = targets.len();
-    if let Some(&t) = targets.iter().find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab)) {
-        return Err(crate::KernelError::Unsupported(format!("cross-entropy: target id {t} outside the vocabulary of {vocab}")));
+    if let Some(&t) = targets
+        .iter()
+        .find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab))
+    {
+        return Err(crate::KernelError::Unsupported(format!(
+            "cross-entropy: target id {t} outside the vocabulary of {vocab}"
+        )));
     }
     let chunk = (CHUNK_ELEMENTS / vocab).clamp(1, rows.max(1));
     let mut logits = vec![0.0f32; chunk * vocab];
     for start in (0..rows).step_by(chunk) {
         let c = chunk.min(rows - start);
         let z = &mut logits[..c * vocab];
-        gemm_f32(c, vocab, hidden_dim, 1.0, &hidden[start * hidden_dim..][..c * hidden_dim], false, weight, true, 0.0, z);
+        gemm_f32(
+            c,
+            vocab,
+            hidden_dim,
+            1.0,
+            &hidden[start * hidden_dim..][..c * hidden_dim],
+            false,
+            weight,
+            true,
+            0.0,
+            z,
+        );
         let weights: Vec<f32> = (start..start + c)
             .map(|r| match &grad {
                 CeGrad::None => 0.0,
@@ -38,27 +54,41 @@ pub fn lm_head_cross_entropy(
             })
             .collect();
         let want_grad = !matches!(grad, CeGrad::None);
-        z.par_chunks_mut(vocab).zip(logp[start..start + c].par_iter_mut()).enumerate().for_each(|(r, (z, lp))| {
-            let t = targets[start + r];
-            if t == IGNORE_INDEX {
-                *lp = 0.0;
-                z.fill(0.0);
-                return;
-            }
-            let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let sum: f32 = z.iter().map(|&x| (x - max).exp()).sum();
-            let lse = max + sum.ln();
-            *lp = z[t as usize] - lse;
-            if want_grad {
-                let w = weights[r];
-                for x in z.iter_mut() {
-                    *x = w * (*x - lse).exp();
+        z.par_chunks_mut(vocab)
+            .zip(logp[start..start + c].par_iter_mut())
+            .enumerate()
+            .for_each(|(r, (z, lp))| {
+                let t = targets[start + r];
+                if t == IGNORE_INDEX {
+                    *lp = 0.0;
+                    z.fill(0.0);
+                    return;
                 }
-                z[t as usize] -= w;
-            }
-        });
+                let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let sum: f32 = z.iter().map(|&x| (x - max).exp()).sum();
+                let lse = max + sum.ln();
+                *lp = z[t as usize] - lse;
+                if want_grad {
+                    let w = weights[r];
+                    for x in z.iter_mut() {
+                        *x = w * (*x - lse).exp();
+                    }
+                    z[t as usize] -= w;
+                }
+            });
         if let Some(dh) = dhidden.as_deref_mut() {
-            gemm_f32(c, hidden_dim, vocab, 1.0, z, false, weight, false, 0.0, &mut dh[start * hidden_dim..][..c * hidden_dim]);
+            gemm_f32(
+                c,
+                hidden_dim,
+                vocab,
+                1.0,
+                z,
+                false,
+                weight,
+                false,
+                0.0,
+                &mut dh[start * hidden_dim..][..c * hidden_dim],
+            );
         }
     }
     Ok(())
@@ -79,11 +109,24 @@ mod tests {
         let loss = |x: &[f32]| {
             let mut lp = vec![0.0; rows];
             lm_head_cross_entropy(x, &w, &targets, h, v, CeGrad::None, &mut lp, None).unwrap();
-            -lp.iter().zip(&row_w).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>()
+            -lp.iter()
+                .zip(&row_w)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum::<f64>()
         };
         let mut lp = vec![0.0; rows];
         let mut dh = vec![0.0; rows * h];
-        lm_head_cross_entropy(&hidden, &w, &targets, h, v, CeGrad::PerRow(&row_w), &mut lp, Some(&mut dh)).unwrap();
+        lm_head_cross_entropy(
+            &hidden,
+            &w,
+            &targets,
+            h,
+            v,
+            CeGrad::PerRow(&row_w),
+            &mut lp,
+            Some(&mut dh),
+        )
+        .unwrap();
         assert_eq!(lp[1], 0.0);
         assert!(dh[h..2 * h].iter().all(|&g| g == 0.0));
         check_gradient(&hidden, &dh, 1e-2, 1e-3, loss);
@@ -97,7 +140,8 @@ mod tests {
         let total: f64 = (0..v as i32)
             .map(|t| {
                 let mut lp = vec![0.0];
-                lm_head_cross_entropy(&hidden, &w, &[t], h, v, CeGrad::None, &mut lp, None).unwrap();
+                lm_head_cross_entropy(&hidden, &w, &[t], h, v, CeGrad::None, &mut lp, None)
+                    .unwrap();
                 (lp[0] as f64).exp()
             })
             .sum();

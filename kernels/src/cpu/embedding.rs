@@ -6,7 +6,9 @@ pub fn gather(table: &[f32], ids: &[i32], hidden: usize, out: &mut [f32]) -> Res
     let vocab = table.len() / hidden;
     for (row, &id) in out.chunks_mut(hidden).zip(ids) {
         if id < 0 || id as usize >= vocab {
-            return Err(KernelError::Unsupported(format!("embedding: token id {id} outside the vocabulary of {vocab}")));
+            return Err(KernelError::Unsupported(format!(
+                "embedding: token id {id} outside the vocabulary of {vocab}"
+            )));
         }
         row.copy_from_slice(&table[id as usize * hidden..][..hidden]);
     }

@@ -25,8 +25,16 @@ pub fn gemm_f32(
         return;
     }
     // Strides of op(A) [m,k] and op(B) [k,n] in their storage.
-    let (rsa, csa) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
-    let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let (rsa, csa) = if trans_a {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (rsb, csb) = if trans_b {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
     let run = |row0: usize, c_rows: &mut [f32]| {
         let rows = c_rows.len() / n;
         let a_off = if trans_a { row0 } else { row0 * k };
@@ -54,7 +62,9 @@ pub fn gemm_f32(
     if m <= ROWS_PER_TASK || (m * n * k) < (1 << 18) {
         run(0, c);
     } else {
-        c.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(t, rows)| run(t * ROWS_PER_TASK, rows));
+        c.par_chunks_mut(ROWS_PER_TASK * n)
+            .enumerate()
+            .for_each(|(t, rows)| run(t * ROWS_PER_TASK, rows));
     }
 }
 
@@ -91,7 +101,11 @@ mod tests {
             let want = naive(m, n, k, &a, ta, &b, tb);
             for i in 0..m * n {
                 let expect = 0.5 * want[i] + 2.0 * c0[i];
-                assert!((c[i] - expect).abs() < 1e-4, "ta={ta} tb={tb} i={i}: {} vs {expect}", c[i]);
+                assert!(
+                    (c[i] - expect).abs() < 1e-4,
+                    "ta={ta} tb={tb} i={i}: {} vs {expect}",
+                    c[i]
+                );
             }
         }
     }

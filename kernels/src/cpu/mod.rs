@@ -40,6 +40,10 @@ impl Backend for CpuBackend {
         DType::F32
     }
 
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
     fn zeros(&self, len: usize, _dtype: DType) -> Result<Vec<f32>> {
         Ok(vec![0.0; len])
     }
@@ -102,7 +106,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn embedding(&self, table: &Vec<f32>, ids: &Vec<i32>, hidden: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn embedding(
+        &self,
+        table: &Vec<f32>,
+        ids: &Vec<i32>,
+        hidden: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         check_len("embedding", "out", out.len(), ids.len() * hidden)?;
         embedding::gather(table, ids, hidden, out)
     }
@@ -194,11 +204,28 @@ impl Backend for CpuBackend {
         dv: &mut Vec<f32>,
     ) -> Result<()> {
         let n = layout.tokens();
-        check_len("attention_backward", "dout", dout.len(), n * heads * head_dim)?;
+        check_len(
+            "attention_backward",
+            "dout",
+            dout.len(),
+            n * heads * head_dim,
+        )?;
         check_len("attention_backward", "dq", dq.len(), n * heads * head_dim)?;
-        check_len("attention_backward", "dk", dk.len(), n * kv_heads * head_dim)?;
-        check_len("attention_backward", "dv", dv.len(), n * kv_heads * head_dim)?;
-        attention_backward_f32(q, k, v, out, lse, dout, layout, heads, kv_heads, head_dim, dq, dk, dv);
+        check_len(
+            "attention_backward",
+            "dk",
+            dk.len(),
+            n * kv_heads * head_dim,
+        )?;
+        check_len(
+            "attention_backward",
+            "dv",
+            dv.len(),
+            n * kv_heads * head_dim,
+        )?;
+        attention_backward_f32(
+            q, k, v, out, lse, dout, layout, heads, kv_heads, head_dim, dq, dk, dv,
+        );
         Ok(())
     }
 
@@ -236,21 +263,46 @@ impl Backend for CpuBackend {
         logp: &mut Vec<f32>,
         dhidden: Option<&mut Vec<f32>>,
     ) -> Result<()> {
-        check_len("lm_head_cross_entropy", "hidden", hidden.len(), rows * hidden_dim)?;
-        check_len("lm_head_cross_entropy", "weight", weight.len(), vocab * hidden_dim)?;
+        check_len(
+            "lm_head_cross_entropy",
+            "hidden",
+            hidden.len(),
+            rows * hidden_dim,
+        )?;
+        check_len(
+            "lm_head_cross_entropy",
+            "weight",
+            weight.len(),
+            vocab * hidden_dim,
+        )?;
         check_len("lm_head_cross_entropy", "targets", targets.len(), rows)?;
         check_len("lm_head_cross_entropy", "logp", logp.len(), rows)?;
         if let CeGrad::PerRow(w) = &grad {
             check_len("lm_head_cross_entropy", "row weights", w.len(), rows)?;
         }
         if let Some(d) = &dhidden {
-            check_len("lm_head_cross_entropy", "dhidden", d.len(), rows * hidden_dim)?;
+            check_len(
+                "lm_head_cross_entropy",
+                "dhidden",
+                d.len(),
+                rows * hidden_dim,
+            )?;
         }
-        cross_entropy::lm_head_cross_entropy(hidden, weight, targets, hidden_dim, vocab, grad, logp, dhidden)
+        cross_entropy::lm_head_cross_entropy(
+            hidden, weight, targets, hidden_dim, vocab, grad, logp, dhidden,
+        )
+    }
+
+    fn all_finite(&self, tensors: &[Vec<f32>]) -> Result<bool> {
+        Ok(tensors.iter().flatten().all(|x| x.is_finite()))
     }
 
     fn sum_of_squares(&self, tensors: &[Vec<f32>]) -> Result<f64> {
-        Ok(tensors.iter().flat_map(|t| t.iter()).map(|&x| (x as f64) * (x as f64)).sum())
+        Ok(tensors
+            .iter()
+            .flat_map(|t| t.iter())
+            .map(|&x| (x as f64) * (x as f64))
+            .sum())
     }
 
     fn adamw(
@@ -267,7 +319,15 @@ impl Backend for CpuBackend {
             check_len("adamw", "grad", grads[i].len(), params[i].len())?;
             check_len("adamw", "exp_avg", m[i].len(), params[i].len())?;
             check_len("adamw", "exp_avg_sq", v[i].len(), params[i].len())?;
-            adamw::step(&mut params[i], &grads[i], &mut m[i], &mut v[i], hp, step, grad_scale);
+            adamw::step(
+                &mut params[i],
+                &grads[i],
+                &mut m[i],
+                &mut v[i],
+                hp,
+                step,
+                grad_scale,
+            );
         }
         Ok(())
     }

@@ -5,24 +5,35 @@
 use rayon::prelude::*;
 
 pub fn forward(x: &[f32], w: &[f32], hidden: usize, eps: f32, y: &mut [f32], rstd: &mut [f32]) {
-    y.par_chunks_mut(hidden).zip(rstd.par_iter_mut()).zip(x.par_chunks(hidden)).for_each(|((y, r), x)| {
-        let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / hidden as f32;
-        *r = 1.0 / (mean_sq + eps).sqrt();
-        for ((yi, xi), wi) in y.iter_mut().zip(x).zip(w) {
-            *yi = wi * (xi * *r);
-        }
-    });
+    y.par_chunks_mut(hidden)
+        .zip(rstd.par_iter_mut())
+        .zip(x.par_chunks(hidden))
+        .for_each(|((y, r), x)| {
+            let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / hidden as f32;
+            *r = 1.0 / (mean_sq + eps).sqrt();
+            for ((yi, xi), wi) in y.iter_mut().zip(x).zip(w) {
+                *yi = wi * (xi * *r);
+            }
+        });
 }
 
 pub fn backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize, dx: &mut [f32]) {
-    dx.par_chunks_mut(hidden).zip(dy.par_chunks(hidden)).zip(x.par_chunks(hidden)).zip(rstd.par_iter()).for_each(
-        |(((dx, dy), x), &r)| {
-            let mean_gx = dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x * r).sum::<f32>() / hidden as f32;
+    dx.par_chunks_mut(hidden)
+        .zip(dy.par_chunks(hidden))
+        .zip(x.par_chunks(hidden))
+        .zip(rstd.par_iter())
+        .for_each(|(((dx, dy), x), &r)| {
+            let mean_gx = dy
+                .iter()
+                .zip(w)
+                .zip(x)
+                .map(|((d, w), x)| d * w * x * r)
+                .sum::<f32>()
+                / hidden as f32;
             for i in 0..hidden {
                 dx[i] += r * (w[i] * dy[i] - x[i] * r * mean_gx);
             }
-        },
-    );
+        });
 }
 
 #[cfg(test)]

@@ -16,22 +16,29 @@ pub fn rotate(
 ) -> Result<()> {
     let half = head_dim / 2;
     let table_rows = cos.len() / half;
-    if let Some(&p) = positions.iter().find(|&&p| p < 0 || p as usize >= table_rows) {
-        return Err(KernelError::Unsupported(format!("rope: position {p} outside the table of {table_rows} positions")));
+    if let Some(&p) = positions
+        .iter()
+        .find(|&&p| p < 0 || p as usize >= table_rows)
+    {
+        return Err(KernelError::Unsupported(format!(
+            "rope: position {p} outside the table of {table_rows} positions"
+        )));
     }
     let sign = if inverse { -1.0 } else { 1.0 };
-    x.par_chunks_mut(heads * head_dim).zip(positions.par_iter()).for_each(|(token, &p)| {
-        let c = &cos[p as usize * half..][..half];
-        let s = &sin[p as usize * half..][..half];
-        for head in token.chunks_mut(head_dim) {
-            for j in 0..half {
-                let (a, b) = (head[j], head[j + half]);
-                let sj = sign * s[j];
-                head[j] = a * c[j] - b * sj;
-                head[j + half] = b * c[j] + a * sj;
+    x.par_chunks_mut(heads * head_dim)
+        .zip(positions.par_iter())
+        .for_each(|(token, &p)| {
+            let c = &cos[p as usize * half..][..half];
+            let s = &sin[p as usize * half..][..half];
+            for head in token.chunks_mut(head_dim) {
+                for j in 0..half {
+                    let (a, b) = (head[j], head[j + half]);
+                    let sj = sign * s[j];
+                    head[j] = a * c[j] - b * sj;
+                    head[j + half] = b * c[j] + a * sj;
+                }
             }
-        }
-    });
+        });
     Ok(())
 }
 
@@ -44,7 +51,11 @@ mod tests {
     #[test]
     fn inverse_undoes_forward_and_is_the_gradient() {
         let (n, heads, d) = (5, 2, 8);
-        let cfg = RopeConfig { theta: 10000.0, head_dim: d, scaling: RopeScaling::Default };
+        let cfg = RopeConfig {
+            theta: 10000.0,
+            head_dim: d,
+            scaling: RopeScaling::Default,
+        };
         let (cos, sin) = cfg.tables(16, 16);
         let positions = vec![0, 3, 7, 15, 2];
         let x = random(n * heads * d, 1);
@@ -67,7 +78,11 @@ mod tests {
 
     #[test]
     fn position_zero_is_the_identity() {
-        let cfg = RopeConfig { theta: 10000.0, head_dim: 4, scaling: RopeScaling::Default };
+        let cfg = RopeConfig {
+            theta: 10000.0,
+            head_dim: 4,
+            scaling: RopeScaling::Default,
+        };
         let (cos, sin) = cfg.tables(2, 2);
         let mut x = vec![1.0, 2.0, 3.0, 4.0];
         rotate(&mut x, &[0], &cos, &sin, 1, 4, false).unwrap();
@@ -76,7 +91,11 @@ mod tests {
 
     #[test]
     fn a_position_past_the_table_is_an_error() {
-        let cfg = RopeConfig { theta: 10000.0, head_dim: 4, scaling: RopeScaling::Default };
+        let cfg = RopeConfig {
+            theta: 10000.0,
+            head_dim: 4,
+            scaling: RopeScaling::Default,
+        };
         let (cos, sin) = cfg.tables(2, 2);
         let mut x = vec![0.0; 4];
         assert!(rotate(&mut x, &[2], &cos, &sin, 1, 4, false).is_err());

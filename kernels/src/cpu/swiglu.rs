@@ -10,23 +10,30 @@ fn sigmoid(g: f32) -> f32 {
 }
 
 pub fn forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK)).for_each(|((o, g), u)| {
-        for i in 0..o.len() {
-            o[i] = g[i] * sigmoid(g[i]) * u[i];
-        }
-    });
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK))
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|((o, g), u)| {
+            for i in 0..o.len() {
+                o[i] = g[i] * sigmoid(g[i]) * u[i];
+            }
+        });
 }
 
 pub fn backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
-    dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
-        let base = c * CHUNK;
-        for i in 0..dg.len() {
-            let (g, u, d) = (gate[base + i], up[base + i], dout[base + i]);
-            let s = sigmoid(g);
-            du[i] = d * g * s;
-            dg[i] = d * u * s * (1.0 + g * (1.0 - s));
-        }
-    });
+    dgate
+        .par_chunks_mut(CHUNK)
+        .zip(dup.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, (dg, du))| {
+            let base = c * CHUNK;
+            for i in 0..dg.len() {
+                let (g, u, d) = (gate[base + i], up[base + i], dout[base + i]);
+                let s = sigmoid(g);
+                du[i] = d * g * s;
+                dg[i] = d * u * s * (1.0 + g * (1.0 - s));
+            }
+        });
 }
 
 #[cfg(test)]

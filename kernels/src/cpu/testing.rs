@@ -16,8 +16,17 @@ pub fn dot(a: &[f32], b: &[f32]) -> f64 {
 
 /// Checks an analytic gradient `grad` of the scalar `loss(x)` against central differences at
 /// every coordinate of `x` (f64 loss, step `h`), with relative tolerance `tol` of the largest |grad|.
-pub fn check_gradient(x: &[f32], grad: &[f32], h: f32, tol: f64, mut loss: impl FnMut(&[f32]) -> f64) {
-    let scale = grad.iter().fold(0.0f64, |m, g| m.max(g.abs() as f64)).max(1e-6);
+pub fn check_gradient(
+    x: &[f32],
+    grad: &[f32],
+    h: f32,
+    tol: f64,
+    mut loss: impl FnMut(&[f32]) -> f64,
+) {
+    let scale = grad
+        .iter()
+        .fold(0.0f64, |m, g| m.max(g.abs() as f64))
+        .max(1e-6);
     let mut xp = x.to_vec();
     for i in 0..x.len() {
         xp[i] = x[i] + h;
@@ -27,6 +36,10 @@ pub fn check_gradient(x: &[f32], grad: &[f32], h: f32, tol: f64, mut loss: impl 
         xp[i] = x[i];
         let numeric = (up - down) / (2.0 * h as f64);
         let err = (numeric - grad[i] as f64).abs() / scale;
-        assert!(err < tol, "coordinate {i}: analytic {} vs numeric {numeric} (rel err {err:.2e})", grad[i]);
+        assert!(
+            err < tol,
+            "coordinate {i}: analytic {} vs numeric {numeric} (rel err {err:.2e})",
+            grad[i]
+        );
     }
 }
