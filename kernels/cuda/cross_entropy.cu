@@ -5,13 +5,15 @@
  * and the host multiplies dz by W for dhidden before the next chunk reuses both buffers, so only
  * [chunk, vocab] logits ever exist. One block per row: one read of z for the max, one for the sum,
  * one more (plus one write) for the gradient; the row (128 KiB at vocab 32k) stays in L2.
- * Row weights: `row_weights` (DPO) when not null, else `scale` for every row.
+ * Row weights: `row_weights` (DPO) when not null, else `scale` for every row. The gradient is
+ * stored times `gain` (the host multiplies it back out through the GEMM's alpha) so that in f16
+ * the softmax probabilities (~1/vocab) and small weights (1/tokens) stay above f16's subnormals.
  */
 #define IGNORE_INDEX (-100)
 
 template <typename T>
 __device__ void softmax_cross_entropy(const float* z, const int* targets, const float* row_weights, float scale,
-                                      int want_grad, float* logp, T* dz, int vocab) {
+                                      float gain, int want_grad, float* logp, T* dz, int vocab) {
     __shared__ float scratch[32];
     int row = blockIdx.x;
     const float* zr = z + (u64)row * vocab;
@@ -32,7 +34,7 @@ __device__ void softmax_cross_entropy(const float* z, const int* targets, const 
     float lse = mx + logf(sum);
     if (threadIdx.x == 0) logp[row] = zr[t] - lse;
     if (want_grad) {
-        float w = row_weights ? row_weights[row] : scale;
+        float w = (row_weights ? row_weights[row] : scale) * gain;
         for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
             float g = w * __expf(zr[v] - lse);
             if (v == t) g -= w;
@@ -44,7 +46,8 @@ __device__ void softmax_cross_entropy(const float* z, const int* targets, const 
 #define CE_KERNELS(S, T)                                                                                   \
     extern "C" __global__ void softmax_cross_entropy_##S(const float* z, const int* targets,               \
                                                          const float* row_weights, float scale,            \
-                                                         int want_grad, float* logp, T* dz, int vocab) {   \
-        softmax_cross_entropy<T>(z, targets, row_weights, scale, want_grad, logp, dz, vocab);              \
+                                                         float gain, int want_grad, float* logp, T* dz,    \
+                                                         int vocab) {                                      \
+        softmax_cross_entropy<T>(z, targets, row_weights, scale, gain, want_grad, logp, dz, vocab);        \
     }
 FOR_EACH_DTYPE(CE_KERNELS)

@@ -11,6 +11,9 @@ use crate::{CeGrad, DType, KernelError, Result, IGNORE_INDEX};
 /// Logits per chunk, in elements: 128 MiB of f32 (plus half that of 16-bit gradient).
 const CHUNK_ELEMENTS: usize = 1 << 25;
 
+/// Factor the stored logit gradient carries (a power of two, so exact): keeps f16 out of subnormals.
+const GRAD_GAIN: f32 = 1024.0;
+
 fn element_bytes(d: DType) -> u64 {
     if d == DType::F32 {
         4
@@ -69,7 +72,19 @@ impl CudaBackend {
         let (row_weights, scale) = match &grad {
             CeGrad::None => (0u64, 0.0f32),
             CeGrad::Scale(s) => (0u64, *s),
-            CeGrad::PerRow(w) => (w.ptr(&self.stream), 0.0),
+            CeGrad::PerRow(w) => (w.ptr(&self.stream), 1.0),
+        };
+        // dz is stored as GRAD_GAIN · (softmax − onehot) · (weight / scale); the second GEMM's
+        // alpha = scale / GRAD_GAIN restores it (see cross_entropy.cu).
+        let gain = if scale != 0.0 {
+            GRAD_GAIN / scale
+        } else {
+            GRAD_GAIN
+        };
+        let alpha = if scale != 0.0 {
+            scale / GRAD_GAIN
+        } else {
+            1.0 / GRAD_GAIN
         };
         let chunk = (CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows);
         let logits = self.alloc(chunk * vocab, DType::F32)?;
@@ -111,6 +126,7 @@ impl CudaBackend {
                     row_weights + start as u64 * 4
                 }),
                 Arg::F32(scale),
+                Arg::F32(gain),
                 Arg::I32(want_grad as i32),
                 Arg::Ptr(lp_ptr + start as u64 * 4),
                 Arg::Ptr(dz_ptr),
