@@ -62,12 +62,12 @@ impl CudaBackend {
         check_len(op, "k", k.len(), n * kv_heads * head_dim)?;
         check_len(op, "v", v.len(), n * kv_heads * head_dim)?;
         check_len(op, "doc_start", doc_start.len(), n)?;
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(KernelError::Unsupported(format!(
                 "{op}: {heads} query heads do not split over {kv_heads} kv heads"
             )));
         }
-        if head_dim > 256 || head_dim % 2 != 0 {
+        if head_dim > 256 || !head_dim.is_multiple_of(2) {
             return Err(KernelError::Unsupported(format!(
                 "{op}: head_dim {head_dim} (must be even and at most 256)"
             )));

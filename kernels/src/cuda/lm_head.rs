@@ -145,7 +145,7 @@ impl CudaBackend {
                     c,
                     hidden_dim,
                     vocab,
-                    1.0,
+                    alpha,
                     (dz_ptr, dt),
                     false,
                     (w_ptr, dt),

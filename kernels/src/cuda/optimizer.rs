@@ -8,6 +8,9 @@ use crate::error::check_len;
 use crate::{AdamWParams, DType, KernelError, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
+/// Device tables for a list of tensors: addresses, dtype codes, first flat indices (+ total).
+type TensorTables = (CudaSlice<u64>, CudaSlice<i32>, CudaSlice<u64>, usize);
+
 fn dtype_code(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
@@ -24,10 +27,7 @@ impl CudaBackend {
     }
 
     /// Device tables (addresses, dtype codes, first flat index of each tensor + total) for `tensors`.
-    fn tensor_tables(
-        &self,
-        tensors: &[CudaTensor],
-    ) -> Result<(CudaSlice<u64>, CudaSlice<i32>, CudaSlice<u64>, usize)> {
+    fn tensor_tables(&self, tensors: &[CudaTensor]) -> Result<TensorTables> {
         let ptrs: Vec<u64> = tensors.iter().map(|t| t.ptr(&self.stream)).collect();
         let codes: Vec<i32> = tensors.iter().map(|t| dtype_code(t.dtype)).collect();
         let mut starts = Vec::with_capacity(tensors.len() + 1);
