@@ -69,6 +69,8 @@ pub trait Backend {
     fn describe(&self) -> String;
     /// The dtype activations and frozen weights are stored in.
     fn compute_dtype(&self) -> DType;
+    /// The most device memory the backend has held at once so far, in bytes (`None` on the CPU).
+    fn peak_memory_bytes(&self) -> Option<u64>;
 
     // ---- memory -------------------------------------------------------------------------------
     /// A zero-filled tensor of `len` elements.
@@ -226,6 +228,9 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---- optimizer ------------------------------------------------------------------------------
+    /// Whether every element of every tensor is finite (no NaN, no ±inf): the overflow check of
+    /// fp16 dynamic loss scaling.
+    fn all_finite(&self, tensors: &[Self::Tensor]) -> Result<bool>;
     /// `Σ x²` over all tensors together (for global-norm clipping), accumulated in f64 on the host side.
     fn sum_of_squares(&self, tensors: &[Self::Tensor]) -> Result<f64>;
     /// One `torch.optim.AdamW` step (step number `step` ≥ 1) on every tensor, with the gradient

@@ -40,6 +40,10 @@ impl Backend for CpuBackend {
         DType::F32
     }
 
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
     fn zeros(&self, len: usize, _dtype: DType) -> Result<Vec<f32>> {
         Ok(vec![0.0; len])
     }
@@ -287,6 +291,10 @@ impl Backend for CpuBackend {
         cross_entropy::lm_head_cross_entropy(
             hidden, weight, targets, hidden_dim, vocab, grad, logp, dhidden,
         )
+    }
+
+    fn all_finite(&self, tensors: &[Vec<f32>]) -> Result<bool> {
+        Ok(tensors.iter().flatten().all(|x| x.is_finite()))
     }
 
     fn sum_of_squares(&self, tensors: &[Vec<f32>]) -> Result<f64> {

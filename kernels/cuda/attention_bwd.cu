@@ -1,0 +1,338 @@
+/* Causal self-attention backward (FlashAttention-2, Dao 2023), recomputing P from the saved lse:
+ *   p_ij = exp(s_ij - lse_i),  D_i = dout_i . out_i,  dP_ij = dout_i . v_j,  dS_ij = p_ij (dP_ij - D_i)
+ *   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i p_ij dout_i
+ * with the visibility rule of attention_fwd.cu. Nothing of size seq x seq reaches global memory.
+ *
+ * attention_backward_dot_<t>:     D_i = dout_i . out_i  (f32 [N, heads]), one warp per (token, head).
+ * attention_backward_mma_<t>_d<D> (bf16/f16): a block owns 64 keys of one (row, kv head); its 4 warps
+ *   hold 16 keys each, with dK and dV accumulated in registers over every query head of the GQA
+ *   group and every query tile of 32 that can see the keys (so dk/dv need no atomics and K/V are
+ *   read once). Per tile: S^T = K Q^T and dP^T = V dO^T on the tensor cores, P^T and dS^T in
+ *   registers, dV += P^T dO and dK += dS^T Q from those registers, then dS goes through shared
+ *   memory for dQ += dS K, added atomically into an f32 accumulator (cast to the dtype afterwards).
+ *   Tiles no query of which sees the keys (documents, window) are skipped.
+ * attention_backward_simple_dq_<t> / _dkdv_<t>: one warp per query (or per key and kv head); the
+ *   f32 mode's path and the fallback for other head sizes.
+ */
+#define BWD_BN 64
+#define BWD_BM 32
+#define LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ int first_key_of(const int* doc_start, u64 tok0, int qi, int window) {
+    int f = doc_start[tok0 + qi];
+    if (window > 0) f = max(f, qi + 1 - window);
+    return f;
+}
+
+template <typename T>
+__device__ void attention_backward_dot(const T* dout, const T* out, float* delta, u64 pairs, int d) {
+    const int lane = threadIdx.x & 31;
+    const u64 pair = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (pair >= pairs) return;
+    float acc = 0.0f;
+    for (int c = lane; c < d; c += 32) acc += load_f32(dout[pair * d + c]) * load_f32(out[pair * d + c]);
+    acc = warp_sum(acc);
+    if (lane == 0) delta[pair] = acc;
+}
+
+template <typename T, int D>
+__device__ void attention_backward_mma(const T* q, const T* k, const T* v, const T* dout, const float* lse,
+                                       const float* delta, const int* doc_start, float* dq_acc, T* dk, T* dv, int seq,
+                                       int heads, int kv_heads, int window, float scale) {
+    constexpr int LD = D + 8, LDS = BWD_BN + 8, KSTEPS = D / 16, DTILES = D / 8, QTILES = BWD_BM / 8;
+    constexpr int CHUNKS = D / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* ks = (u16*)smem_raw;          /* [BN][LD]  keys of this block */
+    u16* vs = ks + BWD_BN * LD;        /* [BN][LD]  values */
+    u16* qs = vs + BWD_BN * LD;        /* [BM][LD]  current query tile */
+    u16* dos = qs + BWD_BM * LD;       /* [BM][LD]  its output gradient */
+    u16* dss = dos + BWD_BM * LD;      /* [BM][LDS] dS (scaled), query-major */
+    float* lse_s = (float*)(dss + BWD_BM * LDS); /* [BM] lse in log2 units */
+    float* dl_s = lse_s + BWD_BM;      /* [BM] D_i */
+    int* fk_s = (int*)(dl_s + BWD_BM); /* [BM] first visible key */
+
+    const int k0 = blockIdx.x * BWD_BN, kvh = blockIdx.y, row = blockIdx.z;
+    const int per_kv = heads / kv_heads;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const u64 tok0 = (u64)row * seq;
+    const float scale_log2 = scale * LOG2E;
+    const int key_last = min(k0 + BWD_BN, seq) - 1;
+
+    for (int c = threadIdx.x; c < BWD_BN * CHUNKS; c += blockDim.x) {
+        int r = c / CHUNKS, col = (c % CHUNKS) * 8, key = k0 + r;
+        uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+        if (key < seq) {
+            u64 at = ((tok0 + key) * kv_heads + kvh) * D + col;
+            kv4 = *(const uint4*)((const u16*)k + at);
+            vv4 = *(const uint4*)((const u16*)v + at);
+        }
+        *(uint4*)(ks + r * LD + col) = kv4;
+        *(uint4*)(vs + r * LD + col) = vv4;
+    }
+
+    float dkacc[DTILES][4], dvacc[DTILES][4];
+    for (int i = 0; i < DTILES; i++)
+        for (int e = 0; e < 4; e++) dkacc[i][e] = dvacc[i][e] = 0.0f;
+    const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;
+    const int q_end = window > 0 ? min(seq, key_last + window) : seq;
+
+    for (int hl = 0; hl < per_kv; hl++) {
+        const int h = kvh * per_kv + hl;
+        for (int q0 = (k0 / BWD_BM) * BWD_BM; q0 < q_end; q0 += BWD_BM) {
+            __syncthreads(); /* the previous tile's readers are done */
+            bool sees = false;
+            if (threadIdx.x < BWD_BM) {
+                int qi = q0 + threadIdx.x;
+                int f = qi < seq ? first_key_of(doc_start, tok0, qi, window) : (1 << 30);
+                fk_s[threadIdx.x] = f;
+                sees = qi < seq && f <= key_last && qi >= k0;
+                float l = qi < seq ? lse[(tok0 + qi) * heads + h] : 0.0f;
+                lse_s[threadIdx.x] = l * LOG2E;
+                dl_s[threadIdx.x] = qi < seq ? delta[(tok0 + qi) * heads + h] : 0.0f;
+            }
+            if (!__syncthreads_or(sees)) continue;
+            for (int c = threadIdx.x; c < BWD_BM * CHUNKS; c += blockDim.x) {
+                int r = c / CHUNKS, col = (c % CHUNKS) * 8, qi = q0 + r;
+                uint4 q4 = make_uint4(0, 0, 0, 0), d4 = make_uint4(0, 0, 0, 0);
+                if (qi < seq) {
+                    u64 at = ((tok0 + qi) * heads + h) * D + col;
+                    q4 = *(const uint4*)((const u16*)q + at);
+                    d4 = *(const uint4*)((const u16*)dout + at);
+                }
+                *(uint4*)(qs + r * LD + col) = q4;
+                *(uint4*)(dos + r * LD + col) = d4;
+            }
+            __syncthreads();
+
+            /* S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 32 queries. */
+            float st[QTILES][4], dpt[QTILES][4];
+            for (int n = 0; n < QTILES; n++)
+                for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
+            for (int s = 0; s < KSTEPS; s++) {
+                u32 ka[4], va[4];
+                frag_a(ka, ks, LD, warp * 16, 16 * s);
+                frag_a(va, vs, LD, warp * 16, 16 * s);
+                for (int n = 0; n < QTILES; n++) {
+                    u32 b[2];
+                    frag_b(b, qs, LD, 16 * s, 8 * n);
+                    mma_16x8x16(st[n], ka, b, (T*)0);
+                    frag_b(b, dos, LD, 16 * s, 8 * n);
+                    mma_16x8x16(dpt[n], va, b, (T*)0);
+                }
+            }
+            /* P^T and dS^T in place: element e of tile n is key (g or g+8), query 8n + 2tq + (e&1). */
+            for (int n = 0; n < QTILES; n++) {
+                for (int e = 0; e < 4; e++) {
+                    int ql = 8 * n + 2 * tq + (e & 1), qi = q0 + ql;
+                    int key = e < 2 ? key_a : key_b;
+                    bool vis = key >= fk_s[ql] && key <= qi && qi < seq;
+                    float p = vis ? exp2f(st[n][e] * scale_log2 - lse_s[ql]) : 0.0f;
+                    st[n][e] = p;
+                    dpt[n][e] = p * (dpt[n][e] - dl_s[ql]);
+                }
+            }
+            /* dV += P^T dO and dK += dS^T Q, the A operands straight from registers. */
+            for (int j = 0; j < BWD_BM / 16; j++) {
+                u32 pa[4], da[4];
+                pa[0] = pack2<T>(st[2 * j][0], st[2 * j][1]);
+                pa[1] = pack2<T>(st[2 * j][2], st[2 * j][3]);
+                pa[2] = pack2<T>(st[2 * j + 1][0], st[2 * j + 1][1]);
+                pa[3] = pack2<T>(st[2 * j + 1][2], st[2 * j + 1][3]);
+                da[0] = pack2<T>(dpt[2 * j][0], dpt[2 * j][1]);
+                da[1] = pack2<T>(dpt[2 * j][2], dpt[2 * j][3]);
+                da[2] = pack2<T>(dpt[2 * j + 1][0], dpt[2 * j + 1][1]);
+                da[3] = pack2<T>(dpt[2 * j + 1][2], dpt[2 * j + 1][3]);
+                for (int i = 0; i < DTILES; i++) {
+                    u32 b[2];
+                    frag_b_t(b, dos, LD, 16 * j, 8 * i);
+                    mma_16x8x16(dvacc[i], pa, b, (T*)0);
+                    frag_b_t(b, qs, LD, 16 * j, 8 * i);
+                    mma_16x8x16(dkacc[i], da, b, (T*)0);
+                }
+            }
+            /* dS (times the softmax scale) to shared memory, query-major, for dQ = dS K. */
+            for (int n = 0; n < QTILES; n++) {
+                for (int e = 0; e < 4; e++) {
+                    int ql = 8 * n + 2 * tq + (e & 1);
+                    int kl = warp * 16 + g + (e < 2 ? 0 : 8);
+                    dss[ql * LDS + kl] = store_f32<T>(dpt[n][e] * scale).bits;
+                }
+            }
+            __syncthreads();
+            /* dQ: warp w takes queries 16*(w&1).. and head-dim half (w>>1), 4 column tiles at a time. */
+            const int qh = (warp & 1) * 16, dbase = (warp >> 1) * (D / 2);
+            for (int part = 0; part < D / 2; part += 32) {
+                float acc[4][4];
+                for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+                for (int j = 0; j < BWD_BN / 16; j++) {
+                    u32 a[4];
+                    frag_a(a, dss, LDS, qh, 16 * j);
+                    for (int i = 0; i < 4; i++) {
+                        u32 b[2];
+                        frag_b_t(b, ks, LD, 16 * j, dbase + part + 8 * i);
+                        mma_16x8x16(acc[i], a, b, (T*)0);
+                    }
+                }
+                const int qa = q0 + qh + g, qb = qa + 8;
+                for (int i = 0; i < 4; i++) {
+                    int d = dbase + part + 8 * i + 2 * tq;
+                    if (qa < seq) {
+                        float* p = dq_acc + ((tok0 + qa) * heads + h) * D + d;
+                        atomicAdd(p, acc[i][0]);
+                        atomicAdd(p + 1, acc[i][1]);
+                    }
+                    if (qb < seq) {
+                        float* p = dq_acc + ((tok0 + qb) * heads + h) * D + d;
+                        atomicAdd(p, acc[i][2]);
+                        atomicAdd(p + 1, acc[i][3]);
+                    }
+                }
+            }
+        }
+    }
+    u16* dkg = (u16*)dk;
+    u16* dvg = (u16*)dv;
+    for (int i = 0; i < DTILES; i++) {
+        int d = 8 * i + 2 * tq;
+        if (key_a < seq) {
+            u64 at = ((tok0 + key_a) * kv_heads + kvh) * D + d;
+            *(u32*)(dkg + at) = pack2<T>(dkacc[i][0] * scale, dkacc[i][1] * scale);
+            *(u32*)(dvg + at) = pack2<T>(dvacc[i][0], dvacc[i][1]);
+        }
+        if (key_b < seq) {
+            u64 at = ((tok0 + key_b) * kv_heads + kvh) * D + d;
+            *(u32*)(dkg + at) = pack2<T>(dkacc[i][2] * scale, dkacc[i][3] * scale);
+            *(u32*)(dvg + at) = pack2<T>(dvacc[i][2], dvacc[i][3]);
+        }
+    }
+}
+
+/* One warp per (query token, head): dq_i = scale sum_j dS_ij k_j. Lanes split the head dimension. */
+template <typename T>
+__device__ void attention_backward_simple_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse,
+                                             const float* delta, const int* doc_start, T* dq, int rows, int seq,
+                                             int heads, int kv_heads, int d, int window, float scale) {
+    const int lane = threadIdx.x & 31;
+    const u64 pair = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (pair >= (u64)rows * seq * heads) return;
+    const u64 tok = pair / heads;
+    const int h = (int)(pair % heads), kvh = h / (heads / kv_heads), qi = (int)(tok % seq);
+    const u64 tok0 = tok - qi;
+    const int first = first_key_of(doc_start, tok0, qi, window);
+    const float l = lse[pair], big_d = delta[pair];
+    float qv[8], dov[8], acc[8];
+    for (int c = 0; c < 8; c++) {
+        int dim = lane + 32 * c;
+        qv[c] = dim < d ? load_f32(q[pair * d + dim]) : 0.0f;
+        dov[c] = dim < d ? load_f32(dout[pair * d + dim]) : 0.0f;
+        acc[c] = 0.0f;
+    }
+    for (int j = first; j <= qi; j++) {
+        const u64 at = ((tok0 + j) * kv_heads + kvh) * d;
+        float s = 0.0f, dp = 0.0f;
+        for (int c = 0; c < 8; c++) {
+            int dim = lane + 32 * c;
+            if (dim < d) {
+                s += qv[c] * load_f32(k[at + dim]);
+                dp += dov[c] * load_f32(v[at + dim]);
+            }
+        }
+        s = warp_sum(s);
+        dp = warp_sum(dp);
+        float p = __expf(s * scale - l), ds = p * (dp - big_d);
+        for (int c = 0; c < 8; c++) {
+            int dim = lane + 32 * c;
+            if (dim < d) acc[c] += ds * load_f32(k[at + dim]);
+        }
+    }
+    for (int c = 0; c < 8; c++) {
+        int dim = lane + 32 * c;
+        if (dim < d) dq[pair * d + dim] = store_f32<T>(acc[c] * scale);
+    }
+}
+
+/* One warp per (key token, kv head): dk_j and dv_j summed over the group's query heads and the
+ * queries that see key j. */
+template <typename T>
+__device__ void attention_backward_simple_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse,
+                                               const float* delta, const int* doc_start, T* dk, T* dv, int rows,
+                                               int seq, int heads, int kv_heads, int d, int window, float scale) {
+    const int lane = threadIdx.x & 31;
+    const u64 pair = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (pair >= (u64)rows * seq * kv_heads) return;
+    const u64 tok = pair / kv_heads;
+    const int kvh = (int)(pair % kv_heads), kj = (int)(tok % seq), per_kv = heads / kv_heads;
+    const u64 tok0 = tok - kj;
+    float kv[8], vv[8], dka[8], dva[8];
+    for (int c = 0; c < 8; c++) {
+        int dim = lane + 32 * c;
+        kv[c] = dim < d ? load_f32(k[pair * d + dim]) : 0.0f;
+        vv[c] = dim < d ? load_f32(v[pair * d + dim]) : 0.0f;
+        dka[c] = dva[c] = 0.0f;
+    }
+    const int q_end = window > 0 ? min(seq, kj + window) : seq;
+    for (int qi = kj; qi < q_end; qi++) {
+        if (first_key_of(doc_start, tok0, qi, window) > kj) continue;
+        for (int h = kvh * per_kv; h < (kvh + 1) * per_kv; h++) {
+            const u64 qp = (tok0 + qi) * heads + h;
+            float s = 0.0f, dp = 0.0f;
+            for (int c = 0; c < 8; c++) {
+                int dim = lane + 32 * c;
+                if (dim < d) {
+                    s += kv[c] * load_f32(q[qp * d + dim]);
+                    dp += vv[c] * load_f32(dout[qp * d + dim]);
+                }
+            }
+            s = warp_sum(s);
+            dp = warp_sum(dp);
+            float p = __expf(s * scale - lse[qp]), ds = p * (dp - delta[qp]);
+            for (int c = 0; c < 8; c++) {
+                int dim = lane + 32 * c;
+                if (dim < d) {
+                    dka[c] += ds * load_f32(q[qp * d + dim]);
+                    dva[c] += p * load_f32(dout[qp * d + dim]);
+                }
+            }
+        }
+    }
+    for (int c = 0; c < 8; c++) {
+        int dim = lane + 32 * c;
+        if (dim < d) {
+            dk[pair * d + dim] = store_f32<T>(dka[c] * scale);
+            dv[pair * d + dim] = store_f32<T>(dva[c]);
+        }
+    }
+}
+
+#define ATTN_BWD_MMA(S, T, D)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) attention_backward_mma_##S##_d##D(                        \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,                 \
+        const int* doc_start, float* dq_acc, T* dk, T* dv, int seq, int heads, int kv_heads, int window,         \
+        float scale) {                                                                                           \
+        attention_backward_mma<T, D>(q, k, v, dout, lse, delta, doc_start, dq_acc, dk, dv, seq, heads, kv_heads, \
+                                     window, scale);                                                             \
+    }
+ATTN_BWD_MMA(bf16, bf16, 64)
+ATTN_BWD_MMA(bf16, bf16, 128)
+ATTN_BWD_MMA(f16, f16, 64)
+ATTN_BWD_MMA(f16, f16, 128)
+
+#define ATTN_BWD_SIMPLE(S, T)                                                                                     \
+    extern "C" __global__ void attention_backward_dot_##S(const T* dout, const T* out, float* delta, u64 pairs,   \
+                                                          int d) {                                               \
+        attention_backward_dot<T>(dout, out, delta, pairs, d);                                                   \
+    }                                                                                                             \
+    extern "C" __global__ void attention_backward_simple_dq_##S(                                                 \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,                  \
+        const int* doc_start, T* dq, int rows, int seq, int heads, int kv_heads, int d, int window, float scale) { \
+        attention_backward_simple_dq<T>(q, k, v, dout, lse, delta, doc_start, dq, rows, seq, heads, kv_heads, d,  \
+                                        window, scale);                                                           \
+    }                                                                                                             \
+    extern "C" __global__ void attention_backward_simple_dkdv_##S(                                               \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,                  \
+        const int* doc_start, T* dk, T* dv, int rows, int seq, int heads, int kv_heads, int d, int window,        \
+        float scale) {                                                                                            \
+        attention_backward_simple_dkdv<T>(q, k, v, dout, lse, delta, doc_start, dk, dv, rows, seq, heads,         \
+                                          kv_heads, d, window, scale);                                            \
+    }
+FOR_EACH_DTYPE(ATTN_BWD_SIMPLE)

@@ -1,0 +1,232 @@
+/* Causal self-attention forward, flash-attention style: never writes a seq x seq matrix.
+ * For query i (head h, kv head h / (heads/kv_heads)) and each visible key j:
+ *   s_j = (q_i . k_j) / sqrt(d),  out_i = sum_j exp(s_j - lse_i) v_j,  lse_i = log sum_j exp(s_j)
+ * Key j is visible iff first_i <= j <= i within the row, first_i = max(doc_start_i, i + 1 - window)
+ * (window = 0: none). This covers causal masking, padding and packed documents (AttentionLayout).
+ *
+ * attention_forward_mma_<t>_d<D> (bf16/f16, D = 64 or 128): a block owns 64 queries of one
+ * (row, head); each of its 4 warps holds 16 query rows as tensor-core A fragments for the whole
+ * run. Key/value tiles of 64 rows stream through shared memory once per block (GQA: the kv head is
+ * indexed, never copied per head). Scores S = Q K^T and the update O += P V run on mma.sync
+ * m16n8k16 with f32 accumulators; the online softmax (running max m, running sum l, Dao 2023)
+ * rescales O in registers, and P goes from the S accumulators straight into A fragments. Tiles
+ * before the block's earliest visible key (documents, window) and after its last query are skipped.
+ * Traffic: Q, O once; K, V once per 64-query block.
+ *
+ * attention_forward_simple_<t>: one warp per (query, head), lanes split the head dimension
+ * (D <= 256); the f32 mode's path and the fallback for other head sizes.
+ */
+#define ATTN_BM 64
+#define ATTN_BN 64
+#define LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ int first_visible_key(const int* doc_start, u64 tok0, int qi, int window) {
+    int f = doc_start[tok0 + qi];
+    if (window > 0) f = max(f, qi + 1 - window);
+    return f;
+}
+
+template <typename T, int D>
+__device__ void attention_forward_mma(const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse,
+                                      int seq, int heads, int kv_heads, int window, float scale) {
+    constexpr int LD = D + 8; /* +16 bytes per row: rows land on different banks */
+    constexpr int KSTEPS = D / 16, DTILES = D / 8, NTILES = ATTN_BN / 8;
+    __shared__ __align__(16) u16 ks[ATTN_BN * LD];
+    __shared__ __align__(16) u16 vs[ATTN_BN * LD];
+    __shared__ int fk[ATTN_BM];
+    __shared__ int lo_s;
+    const int q0 = blockIdx.x * ATTN_BM, h = blockIdx.y, row = blockIdx.z;
+    const int kvh = h / (heads / kv_heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const u64 tok0 = (u64)row * seq;
+    const float scale_log2 = scale * LOG2E;
+
+    if (threadIdx.x < ATTN_BM) {
+        int qi = q0 + threadIdx.x;
+        fk[threadIdx.x] = qi < seq ? first_visible_key(doc_start, tok0, qi, window) : (1 << 30);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int m = min(fk[lane], fk[lane + 32]);
+        for (int o = 16; o > 0; o >>= 1) m = min(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (lane == 0) lo_s = m;
+    }
+
+    /* This warp's 16 query rows as A fragments: rows g and g+8, columns 2tq.. of each 16-wide step. */
+    const int qa_row = q0 + warp * 16 + g, qb_row = qa_row + 8;
+    u32 qf[KSTEPS][4];
+    {
+        const u16* qg = (const u16*)q;
+        for (int s = 0; s < KSTEPS; s++) {
+            int d = 16 * s + 2 * tq;
+            u64 ia = ((tok0 + qa_row) * heads + h) * D + d, ib = ((tok0 + qb_row) * heads + h) * D + d;
+            qf[s][0] = qa_row < seq ? *(const u32*)(qg + ia) : 0u;
+            qf[s][1] = qb_row < seq ? *(const u32*)(qg + ib) : 0u;
+            qf[s][2] = qa_row < seq ? *(const u32*)(qg + ia + 8) : 0u;
+            qf[s][3] = qb_row < seq ? *(const u32*)(qg + ib + 8) : 0u;
+        }
+    }
+    float o[DTILES][4];
+    for (int i = 0; i < DTILES; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m_a = -F32_INF, m_b = -F32_INF, l_a = 0.0f, l_b = 0.0f;
+    const int fk_a = fk[warp * 16 + g], fk_b = fk[warp * 16 + g + 8];
+    __syncthreads();
+    const int k_begin = (lo_s / ATTN_BN) * ATTN_BN, k_end = min(q0 + ATTN_BM, seq);
+
+    for (int kt = k_begin; kt < k_end; kt += ATTN_BN) {
+        __syncthreads();
+        /* K and V tiles [64 keys][D] into shared memory, 16 bytes per load. */
+        constexpr int CHUNKS = D / 8;
+        for (int c = threadIdx.x; c < ATTN_BN * CHUNKS; c += blockDim.x) {
+            int r = c / CHUNKS, col = (c % CHUNKS) * 8, key = kt + r;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (key < seq) {
+                u64 at = ((tok0 + key) * kv_heads + kvh) * D + col;
+                kv4 = *(const uint4*)((const u16*)k + at);
+                vv4 = *(const uint4*)((const u16*)v + at);
+            }
+            *(uint4*)(ks + r * LD + col) = kv4;
+            *(uint4*)(vs + r * LD + col) = vv4;
+        }
+        __syncthreads();
+
+        float s[NTILES][4];
+        for (int n = 0; n < NTILES; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+        for (int st = 0; st < KSTEPS; st++) {
+            for (int n = 0; n < NTILES; n++) {
+                u32 b[2];
+                frag_b(b, ks, LD, 16 * st, 8 * n);
+                mma_16x8x16(s[n], qf[st], b, (T*)0);
+            }
+        }
+        /* Mask, scale to log2 units, and the row maxima (4 lanes share a row). */
+        float mx_a = -F32_INF, mx_b = -F32_INF;
+        for (int n = 0; n < NTILES; n++) {
+            for (int e = 0; e < 2; e++) {
+                int key = kt + 8 * n + 2 * tq + e;
+                bool va = key >= fk_a && key <= qa_row, vb = key >= fk_b && key <= qb_row;
+                s[n][e] = va ? s[n][e] * scale_log2 : -F32_INF;
+                s[n][2 + e] = vb ? s[n][2 + e] * scale_log2 : -F32_INF;
+                mx_a = fmaxf(mx_a, s[n][e]);
+                mx_b = fmaxf(mx_b, s[n][2 + e]);
+            }
+        }
+        for (int off = 1; off < 4; off <<= 1) {
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+        }
+        float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
+        float ref_a = new_a == -F32_INF ? 0.0f : new_a, ref_b = new_b == -F32_INF ? 0.0f : new_b;
+        float alpha_a = exp2f(m_a - ref_a), alpha_b = exp2f(m_b - ref_b);
+        m_a = new_a;
+        m_b = new_b;
+        l_a *= alpha_a;
+        l_b *= alpha_b;
+        for (int i = 0; i < DTILES; i++) {
+            o[i][0] *= alpha_a;
+            o[i][1] *= alpha_a;
+            o[i][2] *= alpha_b;
+            o[i][3] *= alpha_b;
+        }
+        for (int n = 0; n < NTILES; n++) {
+            s[n][0] = exp2f(s[n][0] - ref_a);
+            s[n][1] = exp2f(s[n][1] - ref_a);
+            s[n][2] = exp2f(s[n][2] - ref_b);
+            s[n][3] = exp2f(s[n][3] - ref_b);
+            l_a += s[n][0] + s[n][1];
+            l_b += s[n][2] + s[n][3];
+        }
+        /* O += P V: P's accumulators are already laid out as A fragments, 16 keys per step. */
+        for (int j = 0; j < ATTN_BN / 16; j++) {
+            u32 pa[4];
+            pa[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
+            pa[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
+            pa[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);
+            pa[3] = pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3]);
+            for (int i = 0; i < DTILES; i++) {
+                u32 b[2];
+                frag_b_t(b, vs, LD, 16 * j, 8 * i);
+                mma_16x8x16(o[i], pa, b, (T*)0);
+            }
+        }
+    }
+    for (int off = 1; off < 4; off <<= 1) {
+        l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+        l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+    }
+    float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
+    u16* og = (u16*)out;
+    for (int i = 0; i < DTILES; i++) {
+        int d = 8 * i + 2 * tq;
+        if (qa_row < seq) *(u32*)(og + ((tok0 + qa_row) * heads + h) * D + d) = pack2<T>(o[i][0] * inv_a, o[i][1] * inv_a);
+        if (qb_row < seq) *(u32*)(og + ((tok0 + qb_row) * heads + h) * D + d) = pack2<T>(o[i][2] * inv_b, o[i][3] * inv_b);
+    }
+    if (tq == 0) {
+        const float ln2 = 0.6931471805599453f;
+        if (qa_row < seq) lse[(tok0 + qa_row) * heads + h] = (m_a + log2f(l_a)) * ln2;
+        if (qb_row < seq) lse[(tok0 + qb_row) * heads + h] = (m_b + log2f(l_b)) * ln2;
+    }
+}
+
+/* One warp per (token, head); lane c holds dimensions c, c+32, ... (up to 8 of them). */
+template <typename T>
+__device__ void attention_forward_simple(const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse,
+                                         int rows, int seq, int heads, int kv_heads, int d, int window, float scale) {
+    const int lane = threadIdx.x & 31;
+    const u64 pair = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (pair >= (u64)rows * seq * heads) return;
+    const u64 tok = pair / heads;
+    const int h = (int)(pair % heads), kvh = h / (heads / kv_heads);
+    const int qi = (int)(tok % seq);
+    const u64 tok0 = tok - qi;
+    const int first = first_visible_key(doc_start, tok0, qi, window);
+    float qv[8], acc[8];
+    for (int c = 0; c < 8; c++) {
+        int dim = lane + 32 * c;
+        qv[c] = dim < d ? load_f32(q[(tok * heads + h) * d + dim]) * scale : 0.0f;
+        acc[c] = 0.0f;
+    }
+    float m = -F32_INF, l = 0.0f;
+    for (int j = first; j <= qi; j++) {
+        const u64 at = ((tok0 + j) * kv_heads + kvh) * d;
+        float part = 0.0f;
+        for (int c = 0; c < 8; c++) {
+            int dim = lane + 32 * c;
+            if (dim < d) part += qv[c] * load_f32(k[at + dim]);
+        }
+        float s = warp_sum(part);
+        float nm = fmaxf(m, s);
+        float alpha = __expf(m - nm), p = __expf(s - nm);
+        l = l * alpha + p;
+        for (int c = 0; c < 8; c++) {
+            int dim = lane + 32 * c;
+            acc[c] = acc[c] * alpha + (dim < d ? p * load_f32(v[at + dim]) : 0.0f);
+        }
+        m = nm;
+    }
+    for (int c = 0; c < 8; c++) {
+        int dim = lane + 32 * c;
+        if (dim < d) out[(tok * heads + h) * d + dim] = store_f32<T>(acc[c] / l);
+    }
+    if (lane == 0) lse[tok * heads + h] = m + logf(l);
+}
+
+#define ATTN_FWD_MMA(S, T, D)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) attention_forward_mma_##S##_d##D(                      \
+        const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse, int seq, int heads,      \
+        int kv_heads, int window, float scale) {                                                               \
+        attention_forward_mma<T, D>(q, k, v, doc_start, out, lse, seq, heads, kv_heads, window, scale);        \
+    }
+ATTN_FWD_MMA(bf16, bf16, 64)
+ATTN_FWD_MMA(bf16, bf16, 128)
+ATTN_FWD_MMA(f16, f16, 64)
+ATTN_FWD_MMA(f16, f16, 128)
+
+#define ATTN_FWD_SIMPLE(S, T)                                                                                  \
+    extern "C" __global__ void attention_forward_simple_##S(const T* q, const T* k, const T* v,                \
+                                                            const int* doc_start, T* out, float* lse, int rows, \
+                                                            int seq, int heads, int kv_heads, int d, int window, \
+                                                            float scale) {                                     \
+        attention_forward_simple<T>(q, k, v, doc_start, out, lse, rows, seq, heads, kv_heads, d, window, scale); \
+    }
+FOR_EACH_DTYPE(ATTN_FWD_SIMPLE)

@@ -1,0 +1,33 @@
+/* Element-wise copies and updates between any two of the element types, with f32 arithmetic:
+ *   cast_<src>_<dst>:  dst = src                 (f32 master weights -> bf16 copies, and back)
+ *   axpy_<src>_<dst>:  dst = dst + alpha * src   (gradient accumulation)
+ *   scale_<t>:         t = alpha * t
+ * Streaming grid-stride loops: each element read and written once.
+ */
+template <typename S, typename D>
+__device__ void cast(const S* src, D* dst, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        dst[i] = store_f32<D>(load_f32(src[i]));
+}
+template <typename S, typename D>
+__device__ void axpy(float alpha, const S* src, D* dst, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        dst[i] = store_f32<D>(load_f32(dst[i]) + alpha * load_f32(src[i]));
+}
+template <typename T>
+__device__ void scale(float alpha, T* t, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        t[i] = store_f32<T>(alpha * load_f32(t[i]));
+}
+
+#define CAST_PAIR(SS, ST, DS, DT)                                                                        \
+    extern "C" __global__ void cast_##SS##_##DS(const ST* src, DT* dst, u64 n) { cast<ST, DT>(src, dst, n); } \
+    extern "C" __global__ void axpy_##SS##_##DS(float alpha, const ST* src, DT* dst, u64 n) {            \
+        axpy<ST, DT>(alpha, src, dst, n);                                                                 \
+    }
+#define CAST_FROM(SS, ST) CAST_PAIR(SS, ST, f32, float) CAST_PAIR(SS, ST, bf16, bf16) CAST_PAIR(SS, ST, f16, f16)
+FOR_EACH_DTYPE(CAST_FROM)
+
+#define SCALE_KERNEL(S, T) \
+    extern "C" __global__ void scale_##S(float alpha, T* t, u64 n) { scale<T>(alpha, t, n); }
+FOR_EACH_DTYPE(SCALE_KERNEL)

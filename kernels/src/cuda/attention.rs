@@ -1,0 +1,311 @@
+//! Launching the attention kernels of `kernels/cuda/attention_{fwd,bwd}.cu`: the tensor-core
+//! (mma.sync) kernels for bf16/f16 with head_dim 64 or 128, the warp-per-row kernels otherwise
+//! (the f32 mode and other head sizes). The layout's doc_start lives on the device as `doc_start`.
+
+use super::launch::Arg;
+use super::{suffix, CudaBackend, CudaIndices, CudaTensor};
+use crate::error::check_len;
+use crate::{AttentionLayout, DType, KernelError, Result};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+
+const FWD_QUERIES_PER_BLOCK: usize = 64;
+const BWD_KEYS_PER_BLOCK: usize = 64;
+const BWD_QUERIES_PER_TILE: usize = 32;
+const WARPS_PER_BLOCK_SIMPLE: usize = 8;
+
+fn uses_mma(dtype: DType, head_dim: usize) -> bool {
+    dtype != DType::F32 && (head_dim == 64 || head_dim == 128)
+}
+
+/// Dynamic shared memory of the backward kernel: K, V tiles, Q, dO tiles, dS, and three vectors.
+fn backward_shared_bytes(head_dim: usize) -> usize {
+    let ld = head_dim + 8;
+    let halves = 2 * BWD_KEYS_PER_BLOCK * ld
+        + 2 * BWD_QUERIES_PER_TILE * ld
+        + BWD_QUERIES_PER_TILE * (BWD_KEYS_PER_BLOCK + 8);
+    halves * 2 + 3 * BWD_QUERIES_PER_TILE * 4
+}
+
+impl CudaBackend {
+    /// Lets the backward kernels use more than the default 48 KiB of shared memory.
+    pub(crate) fn allow_large_shared_memory(&self) -> Result<()> {
+        for t in ["bf16", "f16"] {
+            for d in [64, 128] {
+                let f = self
+                    .kernels
+                    .get(&format!("attention_backward_mma_{t}_d{d}"))?;
+                f.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    backward_shared_bytes(d) as i32,
+                )
+                .map_err(super::device_err("kernel shared memory limit"))?;
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_attention(
+        &self,
+        op: &'static str,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        layout: &AttentionLayout,
+        doc_start: &CudaIndices,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<DType> {
+        let n = layout.tokens();
+        check_len(op, "q", q.len(), n * heads * head_dim)?;
+        check_len(op, "k", k.len(), n * kv_heads * head_dim)?;
+        check_len(op, "v", v.len(), n * kv_heads * head_dim)?;
+        check_len(op, "doc_start", doc_start.len(), n)?;
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(KernelError::Unsupported(format!(
+                "{op}: {heads} query heads do not split over {kv_heads} kv heads"
+            )));
+        }
+        if head_dim > 256 || !head_dim.is_multiple_of(2) {
+            return Err(KernelError::Unsupported(format!(
+                "{op}: head_dim {head_dim} (must be even and at most 256)"
+            )));
+        }
+        self.same_dtype(op, &[("q", q), ("k", k), ("v", v)])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention_forward(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        layout: &AttentionLayout,
+        doc_start: &CudaIndices,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        out: &mut CudaTensor,
+        lse: &mut CudaTensor,
+    ) -> Result<()> {
+        let dt = self.check_attention(
+            "attention",
+            q,
+            k,
+            v,
+            layout,
+            doc_start,
+            heads,
+            kv_heads,
+            head_dim,
+        )?;
+        let n = layout.tokens();
+        check_len("attention", "out", out.len(), n * heads * head_dim)?;
+        check_len("attention", "lse", lse.len(), n * heads)?;
+        self.require_dtype("attention", "out", out, dt)?;
+        self.require_dtype("attention", "lse", lse, DType::F32)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let window = layout.window.unwrap_or(0) as i32;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let (seq, rows) = (layout.seq_len, layout.rows);
+        if uses_mma(dt, head_dim) {
+            let name = format!("attention_forward_mma_{}_d{head_dim}", suffix(dt));
+            let grid = (
+                seq.div_ceil(FWD_QUERIES_PER_BLOCK) as u32,
+                heads as u32,
+                rows as u32,
+            );
+            let args = [
+                self.p(q),
+                self.p(k),
+                self.p(v),
+                self.pi(doc_start),
+                self.p(out),
+                self.p(lse),
+                Arg::I32(seq as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(kv_heads as i32),
+                Arg::I32(window),
+                Arg::F32(scale),
+            ];
+            self.launch(&name, grid, 128, 0, &args)
+        } else {
+            let name = format!("attention_forward_simple_{}", suffix(dt));
+            let warps = n * heads;
+            let args = [
+                self.p(q),
+                self.p(k),
+                self.p(v),
+                self.pi(doc_start),
+                self.p(out),
+                self.p(lse),
+                Arg::I32(rows as i32),
+                Arg::I32(seq as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(kv_heads as i32),
+                Arg::I32(head_dim as i32),
+                Arg::I32(window),
+                Arg::F32(scale),
+            ];
+            let blocks = warps.div_ceil(WARPS_PER_BLOCK_SIMPLE) as u32;
+            self.launch(
+                &name,
+                (blocks, 1, 1),
+                (WARPS_PER_BLOCK_SIMPLE * 32) as u32,
+                0,
+                &args,
+            )
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention_backward_impl(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        out: &CudaTensor,
+        lse: &CudaTensor,
+        dout: &CudaTensor,
+        layout: &AttentionLayout,
+        doc_start: &CudaIndices,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dq: &mut CudaTensor,
+        dk: &mut CudaTensor,
+        dv: &mut CudaTensor,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        let dt = self.check_attention(op, q, k, v, layout, doc_start, heads, kv_heads, head_dim)?;
+        let n = layout.tokens();
+        check_len(op, "out", out.len(), n * heads * head_dim)?;
+        check_len(op, "dout", dout.len(), n * heads * head_dim)?;
+        check_len(op, "lse", lse.len(), n * heads)?;
+        check_len(op, "dq", dq.len(), n * heads * head_dim)?;
+        check_len(op, "dk", dk.len(), n * kv_heads * head_dim)?;
+        check_len(op, "dv", dv.len(), n * kv_heads * head_dim)?;
+        self.same_dtype(
+            op,
+            &[
+                ("q", q),
+                ("out", out),
+                ("dout", dout),
+                ("dq", dq),
+                ("dk", dk),
+                ("dv", dv),
+            ],
+        )?;
+        self.require_dtype(op, "lse", lse, DType::F32)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let window = layout.window.unwrap_or(0) as i32;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let (seq, rows) = (layout.seq_len, layout.rows);
+        let pairs = n * heads;
+        let delta = self.alloc(pairs, DType::F32)?;
+        let dot_blocks = pairs.div_ceil(WARPS_PER_BLOCK_SIMPLE) as u32;
+        self.launch(
+            &format!("attention_backward_dot_{}", suffix(dt)),
+            (dot_blocks, 1, 1),
+            (WARPS_PER_BLOCK_SIMPLE * 32) as u32,
+            0,
+            &[
+                self.p(dout),
+                self.p(out),
+                self.p(&delta),
+                Arg::U64(pairs as u64),
+                Arg::I32(head_dim as i32),
+            ],
+        )?;
+        let common = [
+            Arg::I32(seq as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(kv_heads as i32),
+        ];
+        if uses_mma(dt, head_dim) {
+            let mut dq_acc = self.alloc(dq.len(), DType::F32)?;
+            self.memset_zero(&mut dq_acc)?;
+            let name = format!("attention_backward_mma_{}_d{head_dim}", suffix(dt));
+            let grid = (
+                seq.div_ceil(BWD_KEYS_PER_BLOCK) as u32,
+                kv_heads as u32,
+                rows as u32,
+            );
+            let mut args = vec![
+                self.p(q),
+                self.p(k),
+                self.p(v),
+                self.p(dout),
+                self.p(lse),
+                self.p(&delta),
+                self.pi(doc_start),
+                self.p(&dq_acc),
+                self.p(dk),
+                self.p(dv),
+            ];
+            args.extend(common);
+            args.extend([Arg::I32(window), Arg::F32(scale)]);
+            self.launch(
+                &name,
+                grid,
+                128,
+                backward_shared_bytes(head_dim) as u32,
+                &args,
+            )?;
+            let total = dq.len();
+            self.launch(
+                &format!("cast_f32_{}", suffix(dt)),
+                (super::blocks_for(total), 1, 1),
+                256,
+                0,
+                &[self.p(&dq_acc), self.p(dq), Arg::U64(total as u64)],
+            )
+        } else {
+            let base = [
+                self.p(q),
+                self.p(k),
+                self.p(v),
+                self.p(dout),
+                self.p(lse),
+                self.p(&delta),
+                self.pi(doc_start),
+            ];
+            let tail = [
+                Arg::I32(rows as i32),
+                Arg::I32(seq as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(kv_heads as i32),
+                Arg::I32(head_dim as i32),
+                Arg::I32(window),
+                Arg::F32(scale),
+            ];
+            let threads = (WARPS_PER_BLOCK_SIMPLE * 32) as u32;
+            let mut args = base.to_vec();
+            args.push(self.p(dq));
+            args.extend(tail);
+            self.launch(
+                &format!("attention_backward_simple_dq_{}", suffix(dt)),
+                (dot_blocks, 1, 1),
+                threads,
+                0,
+                &args,
+            )?;
+            let mut args = base.to_vec();
+            args.extend([self.p(dk), self.p(dv)]);
+            args.extend(tail);
+            let kv_blocks = (n * kv_heads).div_ceil(WARPS_PER_BLOCK_SIMPLE) as u32;
+            self.launch(
+                &format!("attention_backward_simple_dkdv_{}", suffix(dt)),
+                (kv_blocks, 1, 1),
+                threads,
+                0,
+                &args,
+            )
+        }
+    }
+}

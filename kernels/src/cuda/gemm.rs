@@ -1,0 +1,91 @@
+//! Matrix products through cuBLAS (`cublasGemmEx`) with f32 accumulation (`CUBLAS_COMPUTE_32F`):
+//! bf16/f16 inputs run on the tensor cores; C may be f32 while A and B are 16-bit (LoRA grads).
+//!
+//! Our matrices are row-major; cuBLAS's are column-major. A row-major `C[m,n]` is a column-major
+//! `Cᵀ[n,m]`, and `Cᵀ = op(B)ᵀ op(A)ᵀ`, so we ask cuBLAS for the product with the operands
+//! swapped: first operand B (transposed iff `trans_b`), second A (iff `trans_a`), sizes (n, m, k).
+
+use super::CudaBackend;
+use crate::{DType, KernelError, Result};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+
+fn cuda_type(d: DType) -> cudaDataType {
+    match d {
+        DType::F32 => cudaDataType::CUDA_R_32F,
+        DType::BF16 => cudaDataType::CUDA_R_16BF,
+        DType::F16 => cudaDataType::CUDA_R_16F,
+    }
+}
+
+fn op(trans: bool) -> cublasOperation_t {
+    if trans {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+impl CudaBackend {
+    /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` on raw device addresses with their dtypes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_raw(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: (u64, DType),
+        trans_a: bool,
+        b: (u64, DType),
+        trans_b: bool,
+        beta: f32,
+        c: (u64, DType),
+    ) -> Result<()> {
+        if a.1 != b.1 {
+            return Err(KernelError::Unsupported(format!(
+                "gemm: A is {} but B is {}; copy one to the other's dtype first",
+                a.1.name(),
+                b.1.name()
+            )));
+        }
+        if c.1 != DType::F32 && c.1 != a.1 {
+            return Err(KernelError::Unsupported(format!(
+                "gemm: C is {} but the inputs are {}; C must be f32 or the inputs' dtype",
+                c.1.name(),
+                a.1.name()
+            )));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let lda = if trans_b { k } else { n };
+        let ldb = if trans_a { m } else { k };
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                op(trans_b),
+                op(trans_a),
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                b.0 as *const _,
+                cuda_type(b.1),
+                lda as i32,
+                a.0 as *const _,
+                cuda_type(a.1),
+                ldb as i32,
+                (&beta) as *const f32 as *const _,
+                c.0 as *mut _,
+                cuda_type(c.1),
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| KernelError::Device {
+            op: "gemm",
+            message: format!("cublasGemmEx (m={m} n={n} k={k}): {e:?}"),
+        })
+    }
+}

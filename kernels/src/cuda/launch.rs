@@ -1,0 +1,65 @@
+//! Loading the compiled kernels into the context and launching them by name with plain
+//! arguments (device addresses as u64, sizes as i32/u64, scalars as f32).
+
+use crate::KernelError;
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+
+/// One kernel argument, passed by value.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U64(u64),
+    F32(f32),
+}
+
+/// The loaded entry points, by name.
+pub(crate) struct Kernels {
+    pub(crate) functions: HashMap<String, CudaFunction>,
+}
+
+impl Kernels {
+    pub(crate) fn get(&self, name: &str) -> Result<&CudaFunction, KernelError> {
+        self.functions.get(name).ok_or_else(|| {
+            KernelError::Unsupported(format!("no CUDA kernel named {name} was loaded"))
+        })
+    }
+
+    /// Launches `name` on `stream` with `grid` × `block` threads and `shared` bytes of dynamic shared memory.
+    pub(crate) fn launch(
+        &self,
+        stream: &CudaStream,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<(), KernelError> {
+        let func = self.get(name)?;
+        let mut builder = stream.launch_builder(func);
+        for a in args {
+            match a {
+                Arg::Ptr(p) | Arg::U64(p) => builder.arg(p),
+                Arg::I32(v) => builder.arg(v),
+                Arg::F32(v) => builder.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: shared,
+        };
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| KernelError::Device {
+                op: "kernel launch",
+                message: format!("{name}: {e:?}"),
+            })
+    }
+}
+
+/// Blocks for a grid-stride loop over `n` elements with 256 threads a block.
+pub(crate) fn blocks_for(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 65535 * 8) as u32
+}

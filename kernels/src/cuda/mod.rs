@@ -1,0 +1,693 @@
+//! The CUDA backend: bf16/fp16 compute with fp32 accumulation (or f32 throughout, for checks),
+//! cuBLAS GEMMs and the CUDA C kernels of `kernels/cuda/`, compiled by NVRTC at start for the
+//! device's architecture. Everything runs in order on one stream; tensors come from a caching pool.
+//!
+//! CUDA libraries are loaded at run time (cudarc's dynamic loading): the binary builds without
+//! CUDA and finds libcuda, libcublas and libnvrtc through the loader's search path. The bindings'
+//! CUDA version is a build-time choice (see kernels/README.md): 13.0 by default, 12.x with
+//! `CUDARC_CUDA_VERSION=12080`.
+
+mod attention;
+pub mod compile;
+mod gemm;
+mod launch;
+mod lm_head;
+mod optimizer;
+mod tensor;
+
+pub use tensor::{CudaIndices, CudaTensor};
+
+use crate::error::check_len;
+use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::nvrtc::Ptx;
+use launch::{blocks_for, Arg, Kernels};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tensor::{Pool, Storage};
+
+/// The CUDA backend on one device.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: Kernels,
+    pool: Arc<Pool>,
+    dtype: DType,
+    device_name: String,
+    compute_capability: (i32, i32),
+}
+
+pub(crate) fn device_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> KernelError {
+    move |e| KernelError::Device {
+        op,
+        message: format!("{e:?}"),
+    }
+}
+
+/// The dtype suffix of kernel names.
+pub(crate) fn suffix(d: DType) -> &'static str {
+    d.name()
+}
+
+fn libraries_present() -> Result<()> {
+    let missing: Vec<&str> = [
+        ("libcuda (the NVIDIA driver)", unsafe {
+            cudarc::driver::sys::is_culib_present()
+        }),
+        ("libcublas", unsafe {
+            cudarc::cublas::sys::is_culib_present()
+        }),
+        ("libnvrtc", unsafe {
+            cudarc::nvrtc::sys::is_culib_present()
+        }),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(name, _)| name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(KernelError::Unsupported(format!(
+            "CUDA backend: could not load {}; install the CUDA toolkit or the pip wheels nvidia-cublas and \
+             nvidia-cuda-nvrtc, and put their lib folders on LD_LIBRARY_PATH",
+            missing.join(", ")
+        )))
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `device_ordinal` (the rank's local GPU), compiles or loads the kernels for its
+    /// architecture and computes in `dtype`: bf16 needs compute capability 8.0+, f16 runs on 7.0+,
+    /// f32 everywhere.
+    pub fn new(device_ordinal: usize, dtype: DType) -> Result<Self> {
+        libraries_present()?;
+        let ctx = CudaContext::new(device_ordinal).map_err(device_err("open device"))?;
+        // One stream: ordering is the stream's, so per-buffer events are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(device_err("compute capability"))?;
+        let device_name = ctx.name().map_err(device_err("device name"))?;
+        if dtype == DType::BF16 && compute_capability.0 < 8 {
+            return Err(KernelError::Unsupported(format!(
+                "{device_name} (compute capability {}.{}) has no bf16 tensor cores; use dtype = \"f16\" \
+                 (with loss scaling) or \"f32\"",
+                compute_capability.0, compute_capability.1
+            )));
+        }
+        let arch = (compute_capability.0 * 10 + compute_capability.1) as u32;
+        let mut functions = HashMap::new();
+        for source in compile::KERNEL_SOURCES {
+            let ptx = compile::cached_ptx(source, arch)?;
+            let module = ctx
+                .load_module(Ptx::from_src(ptx))
+                .map_err(device_err("load kernel module"))?;
+            for name in (source.entry_points)() {
+                let f = module
+                    .load_function(&name)
+                    .map_err(device_err("load kernel"))?;
+                functions.insert(name, f);
+            }
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| KernelError::Device {
+            op: "cublas init",
+            message: format!("{e:?}"),
+        })?;
+        let backend = CudaBackend {
+            ctx,
+            stream,
+            blas,
+            kernels: Kernels { functions },
+            pool: Arc::new(Pool::default()),
+            dtype,
+            device_name,
+            compute_capability,
+        };
+        backend.allow_large_shared_memory()?;
+        Ok(backend)
+    }
+
+    /// The GPU's name, as the driver reports it.
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// The stream every op runs on (for NCCL calls that must be ordered with the ops).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits until every queued op has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(device_err("synchronize"))
+    }
+
+    /// Hands the pool's cached (free) buffers back to the driver.
+    pub fn release_cached_memory(&self) -> Result<()> {
+        self.synchronize()?;
+        self.pool.release_cached();
+        Ok(())
+    }
+
+    /// A tensor of `len` elements with unspecified contents, from the pool when a buffer fits.
+    pub(crate) fn alloc(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
+        let is_f32 = dtype == DType::F32;
+        let storage = match self.pool.take(is_f32, len) {
+            Some(s) => s,
+            None => {
+                let s = if len == 0 {
+                    if is_f32 {
+                        Storage::F32(self.stream.null().map_err(device_err("alloc"))?)
+                    } else {
+                        Storage::Half(self.stream.null().map_err(device_err("alloc"))?)
+                    }
+                } else if is_f32 {
+                    Storage::F32(
+                        unsafe { self.stream.alloc::<f32>(len) }.map_err(device_err("alloc"))?,
+                    )
+                } else {
+                    Storage::Half(
+                        unsafe { self.stream.alloc::<u16>(len) }.map_err(device_err("alloc"))?,
+                    )
+                };
+                self.pool.count_new(len * if is_f32 { 4 } else { 2 });
+                s
+            }
+        };
+        Ok(CudaTensor {
+            storage: Some(storage),
+            dtype,
+            pool: self.pool.clone(),
+        })
+    }
+
+    pub(crate) fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        self.kernels
+            .launch(&self.stream, name, grid, block, shared, args)
+    }
+
+    fn p(&self, t: &CudaTensor) -> Arg {
+        Arg::Ptr(t.ptr(&self.stream))
+    }
+
+    fn pi(&self, t: &CudaIndices) -> Arg {
+        Arg::Ptr(t.ptr(&self.stream))
+    }
+
+    fn require_dtype(
+        &self,
+        op: &'static str,
+        what: &str,
+        t: &CudaTensor,
+        want: DType,
+    ) -> Result<()> {
+        if t.dtype == want {
+            Ok(())
+        } else {
+            Err(KernelError::Unsupported(format!(
+                "{op}: {what} is {}, expected {}",
+                t.dtype.name(),
+                want.name()
+            )))
+        }
+    }
+
+    fn same_dtype(&self, op: &'static str, tensors: &[(&str, &CudaTensor)]) -> Result<DType> {
+        let first = tensors[0].1.dtype;
+        for (what, t) in tensors {
+            if t.dtype != first {
+                return Err(KernelError::Unsupported(format!(
+                    "{op}: {what} is {} but {} is {}",
+                    t.dtype.name(),
+                    tensors[0].0,
+                    first.name()
+                )));
+            }
+        }
+        Ok(first)
+    }
+
+    fn memset_zero(&self, t: &mut CudaTensor) -> Result<()> {
+        match t.storage.as_mut() {
+            Some(Storage::F32(s)) if !s.is_empty() => {
+                self.stream.memset_zeros(s).map_err(device_err("memset"))
+            }
+            Some(Storage::Half(s)) if !s.is_empty() => {
+                self.stream.memset_zeros(s).map_err(device_err("memset"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Indices = CudaIndices;
+
+    fn describe(&self) -> String {
+        format!(
+            "cuda:{} {} ({})",
+            self.ctx.ordinal(),
+            self.device_name,
+            self.dtype.name()
+        )
+    }
+
+    fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        Some(self.pool.peak_bytes())
+    }
+
+    fn zeros(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
+        let mut t = self.alloc(len, dtype)?;
+        self.memset_zero(&mut t)?;
+        Ok(t)
+    }
+
+    fn upload(&self, data: &[f32], dtype: DType) -> Result<CudaTensor> {
+        let mut t = self.alloc(data.len(), dtype)?;
+        if data.is_empty() {
+            return Ok(t);
+        }
+        let err = device_err("upload");
+        match (t.storage.as_mut().expect("fresh tensor"), dtype) {
+            (Storage::F32(s), _) => self.stream.memcpy_htod(data, s).map_err(err)?,
+            (Storage::Half(s), DType::BF16) => {
+                let bits: Vec<u16> = data
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect();
+                self.stream.memcpy_htod(&bits, s).map_err(err)?
+            }
+            (Storage::Half(s), _) => {
+                let bits: Vec<u16> = data
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
+                self.stream.memcpy_htod(&bits, s).map_err(err)?
+            }
+        }
+        Ok(t)
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let err = device_err("download");
+        match t.storage.as_ref().expect("tensor storage") {
+            _ if t.is_empty() => Ok(Vec::new()),
+            Storage::F32(s) => self.stream.clone_dtoh(s).map_err(err),
+            Storage::Half(s) => {
+                let bits = self.stream.clone_dtoh(s).map_err(err)?;
+                Ok(match t.dtype {
+                    DType::BF16 => bits
+                        .iter()
+                        .map(|&b| half::bf16::from_bits(b).to_f32())
+                        .collect(),
+                    _ => bits
+                        .iter()
+                        .map(|&b| half::f16::from_bits(b).to_f32())
+                        .collect(),
+                })
+            }
+        }
+    }
+
+    fn upload_indices(&self, data: &[i32]) -> Result<CudaIndices> {
+        let slice = if data.is_empty() {
+            self.stream.null().map_err(device_err("upload indices"))?
+        } else {
+            self.stream
+                .clone_htod(data)
+                .map_err(device_err("upload indices"))?
+        };
+        Ok(CudaIndices {
+            slice,
+            host: data.to_vec(),
+        })
+    }
+
+    fn len(&self, t: &CudaTensor) -> usize {
+        t.len()
+    }
+
+    fn copy(&self, src: &CudaTensor, dst: &mut CudaTensor) -> Result<()> {
+        check_len("copy", "dst", dst.len(), src.len())?;
+        let name = format!("cast_{}_{}", suffix(src.dtype), suffix(dst.dtype));
+        let n = src.len();
+        self.launch(
+            &name,
+            (blocks_for(n), 1, 1),
+            256,
+            0,
+            &[self.p(src), self.p(dst), Arg::U64(n as u64)],
+        )
+    }
+
+    fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
+        self.memset_zero(t)
+    }
+
+    fn axpy(&self, alpha: f32, src: &CudaTensor, dst: &mut CudaTensor) -> Result<()> {
+        check_len("axpy", "dst", dst.len(), src.len())?;
+        let name = format!("axpy_{}_{}", suffix(src.dtype), suffix(dst.dtype));
+        let n = src.len();
+        self.launch(
+            &name,
+            (blocks_for(n), 1, 1),
+            256,
+            0,
+            &[
+                Arg::F32(alpha),
+                self.p(src),
+                self.p(dst),
+                Arg::U64(n as u64),
+            ],
+        )
+    }
+
+    fn scale(&self, alpha: f32, t: &mut CudaTensor) -> Result<()> {
+        let n = t.len();
+        let name = format!("scale_{}", suffix(t.dtype));
+        self.launch(
+            &name,
+            (blocks_for(n), 1, 1),
+            256,
+            0,
+            &[Arg::F32(alpha), self.p(t), Arg::U64(n as u64)],
+        )
+    }
+
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &CudaTensor,
+        trans_a: bool,
+        b: &CudaTensor,
+        trans_b: bool,
+        beta: f32,
+        c: &mut CudaTensor,
+    ) -> Result<()> {
+        check_len("gemm", "A", a.len(), m * k)?;
+        check_len("gemm", "B", b.len(), k * n)?;
+        check_len("gemm", "C", c.len(), m * n)?;
+        self.gemm_raw(
+            m,
+            n,
+            k,
+            alpha,
+            (a.ptr(&self.stream), a.dtype),
+            trans_a,
+            (b.ptr(&self.stream), b.dtype),
+            trans_b,
+            beta,
+            (c.ptr(&self.stream), c.dtype),
+        )
+    }
+
+    fn embedding(
+        &self,
+        table: &CudaTensor,
+        ids: &CudaIndices,
+        hidden: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        check_len("embedding", "out", out.len(), ids.len() * hidden)?;
+        let dt = self.same_dtype("embedding", &[("table", table), ("out", out)])?;
+        let vocab = table.len() / hidden.max(1);
+        if let Some(&id) = ids.host.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+            return Err(KernelError::Unsupported(format!(
+                "embedding: token id {id} outside the vocabulary of {vocab}"
+            )));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let name = format!("embedding_{}", suffix(dt));
+        self.launch(
+            &name,
+            (ids.len() as u32, 1, 1),
+            256,
+            0,
+            &[
+                self.p(table),
+                self.pi(ids),
+                self.p(out),
+                Arg::I32(hidden as i32),
+            ],
+        )
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        hidden: usize,
+        eps: f32,
+        y: &mut CudaTensor,
+        rstd: &mut CudaTensor,
+    ) -> Result<()> {
+        check_len("rms_norm", "w", w.len(), hidden)?;
+        check_len("rms_norm", "y", y.len(), x.len())?;
+        check_len("rms_norm", "rstd", rstd.len() * hidden, x.len())?;
+        let dt = self.same_dtype("rms_norm", &[("x", x), ("w", w), ("y", y)])?;
+        self.require_dtype("rms_norm", "rstd", rstd, DType::F32)?;
+        let rows = rstd.len();
+        if rows == 0 {
+            return Ok(());
+        }
+        let name = format!("rms_norm_forward_{}", suffix(dt));
+        let args = [
+            self.p(x),
+            self.p(w),
+            self.p(y),
+            self.p(rstd),
+            Arg::I32(hidden as i32),
+            Arg::F32(eps),
+        ];
+        self.launch(&name, (rows as u32, 1, 1), 256, 0, &args)
+    }
+
+    fn rms_norm_backward(
+        &self,
+        dy: &CudaTensor,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        rstd: &CudaTensor,
+        hidden: usize,
+        dx: &mut CudaTensor,
+    ) -> Result<()> {
+        check_len("rms_norm_backward", "dy", dy.len(), x.len())?;
+        check_len("rms_norm_backward", "dx", dx.len(), x.len())?;
+        check_len("rms_norm_backward", "rstd", rstd.len() * hidden, x.len())?;
+        let dt = self.same_dtype(
+            "rms_norm_backward",
+            &[("dy", dy), ("x", x), ("w", w), ("dx", dx)],
+        )?;
+        self.require_dtype("rms_norm_backward", "rstd", rstd, DType::F32)?;
+        let rows = rstd.len();
+        if rows == 0 {
+            return Ok(());
+        }
+        let name = format!("rms_norm_backward_{}", suffix(dt));
+        let args = [
+            self.p(dy),
+            self.p(x),
+            self.p(w),
+            self.p(rstd),
+            self.p(dx),
+            Arg::I32(hidden as i32),
+        ];
+        self.launch(&name, (rows as u32, 1, 1), 256, 0, &args)
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaTensor,
+        positions: &CudaIndices,
+        cos: &CudaTensor,
+        sin: &CudaTensor,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        check_len("rope", "x", x.len(), positions.len() * heads * head_dim)?;
+        self.require_dtype("rope", "cos", cos, DType::F32)?;
+        self.require_dtype("rope", "sin", sin, DType::F32)?;
+        let half = head_dim / 2;
+        let table_rows = cos.len() / half.max(1);
+        if let Some(&p) = positions
+            .host
+            .iter()
+            .find(|&&p| p < 0 || p as usize >= table_rows)
+        {
+            return Err(KernelError::Unsupported(format!(
+                "rope: position {p} outside the table of {table_rows} positions"
+            )));
+        }
+        let n = positions.len() * heads * half;
+        if n == 0 {
+            return Ok(());
+        }
+        let name = format!("rope_{}", suffix(x.dtype));
+        let sign = if inverse { -1.0 } else { 1.0 };
+        let args = [
+            self.p(x),
+            self.pi(positions),
+            self.p(cos),
+            self.p(sin),
+            Arg::I32(positions.len() as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(head_dim as i32),
+            Arg::F32(sign),
+        ];
+        self.launch(&name, (blocks_for(n), 1, 1), 256, 0, &args)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        layout: &AttentionLayout,
+        doc_start: &CudaIndices,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        out: &mut CudaTensor,
+        lse: &mut CudaTensor,
+    ) -> Result<()> {
+        self.attention_forward(
+            q, k, v, layout, doc_start, heads, kv_heads, head_dim, out, lse,
+        )
+    }
+
+    fn attention_backward(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        out: &CudaTensor,
+        lse: &CudaTensor,
+        dout: &CudaTensor,
+        layout: &AttentionLayout,
+        doc_start: &CudaIndices,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dq: &mut CudaTensor,
+        dk: &mut CudaTensor,
+        dv: &mut CudaTensor,
+    ) -> Result<()> {
+        self.attention_backward_impl(
+            q, k, v, out, lse, dout, layout, doc_start, heads, kv_heads, head_dim, dq, dk, dv,
+        )
+    }
+
+    fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+        check_len("swiglu", "up", up.len(), gate.len())?;
+        check_len("swiglu", "out", out.len(), gate.len())?;
+        let dt = self.same_dtype("swiglu", &[("gate", gate), ("up", up), ("out", out)])?;
+        let n = gate.len();
+        let name = format!("swiglu_forward_{}", suffix(dt));
+        self.launch(
+            &name,
+            (blocks_for(n), 1, 1),
+            256,
+            0,
+            &[self.p(gate), self.p(up), self.p(out), Arg::U64(n as u64)],
+        )
+    }
+
+    fn swiglu_backward(
+        &self,
+        dout: &CudaTensor,
+        gate: &CudaTensor,
+        up: &CudaTensor,
+        dgate: &mut CudaTensor,
+        dup: &mut CudaTensor,
+    ) -> Result<()> {
+        check_len("swiglu_backward", "dout", dout.len(), gate.len())?;
+        check_len("swiglu_backward", "dgate", dgate.len(), gate.len())?;
+        check_len("swiglu_backward", "dup", dup.len(), gate.len())?;
+        let dt = self.same_dtype(
+            "swiglu_backward",
+            &[
+                ("dout", dout),
+                ("gate", gate),
+                ("up", up),
+                ("dgate", dgate),
+                ("dup", dup),
+            ],
+        )?;
+        let n = gate.len();
+        let name = format!("swiglu_backward_{}", suffix(dt));
+        let args = [
+            self.p(dout),
+            self.p(gate),
+            self.p(up),
+            self.p(dgate),
+            self.p(dup),
+            Arg::U64(n as u64),
+        ];
+        self.launch(&name, (blocks_for(n), 1, 1), 256, 0, &args)
+    }
+
+    fn lm_head_cross_entropy(
+        &self,
+        hidden: &CudaTensor,
+        weight: &CudaTensor,
+        targets: &CudaIndices,
+        rows: usize,
+        hidden_dim: usize,
+        vocab: usize,
+        grad: CeGrad<'_, CudaTensor>,
+        logp: &mut CudaTensor,
+        dhidden: Option<&mut CudaTensor>,
+    ) -> Result<()> {
+        self.lm_head_cross_entropy_impl(
+            hidden, weight, targets, rows, hidden_dim, vocab, grad, logp, dhidden,
+        )
+    }
+
+    fn sum_of_squares(&self, tensors: &[CudaTensor]) -> Result<f64> {
+        self.sum_of_squares_impl(tensors)
+    }
+
+    fn all_finite(&self, tensors: &[CudaTensor]) -> Result<bool> {
+        self.all_finite_impl(tensors)
+    }
+
+    fn adamw(
+        &self,
+        params: &mut [CudaTensor],
+        grads: &[CudaTensor],
+        m: &mut [CudaTensor],
+        v: &mut [CudaTensor],
+        hp: &AdamWParams,
+        step: u64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        self.adamw_impl(params, grads, m, v, hp, step, grad_scale)
+    }
+}

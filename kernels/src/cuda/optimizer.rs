@@ -1,0 +1,193 @@
+//! The optimizer-side reductions and update over many tensors at once (kernels/cuda/adamw.cu and
+//! reduce.cu): the tensors' addresses and first flat indices go to the device as small tables, so
+//! AdamW, the global gradient norm and the finiteness check are one launch each.
+
+use super::launch::{blocks_for, Arg};
+use super::{CudaBackend, CudaTensor};
+use crate::error::check_len;
+use crate::{AdamWParams, DType, KernelError, Result};
+use cudarc::driver::{CudaSlice, DevicePtr};
+
+/// Device tables for a list of tensors: addresses, dtype codes, first flat indices (+ total).
+type TensorTables = (CudaSlice<u64>, CudaSlice<i32>, CudaSlice<u64>, usize);
+
+fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+    }
+}
+
+impl CudaBackend {
+    fn table_u64(&self, values: &[u64]) -> Result<CudaSlice<u64>> {
+        self.stream
+            .clone_htod(values)
+            .map_err(super::device_err("upload pointer table"))
+    }
+
+    /// Device tables (addresses, dtype codes, first flat index of each tensor + total) for `tensors`.
+    fn tensor_tables(&self, tensors: &[CudaTensor]) -> Result<TensorTables> {
+        let ptrs: Vec<u64> = tensors.iter().map(|t| t.ptr(&self.stream)).collect();
+        let codes: Vec<i32> = tensors.iter().map(|t| dtype_code(t.dtype)).collect();
+        let mut starts = Vec::with_capacity(tensors.len() + 1);
+        let mut total = 0u64;
+        for t in tensors {
+            starts.push(total);
+            total += t.len() as u64;
+        }
+        starts.push(total);
+        let codes = self
+            .stream
+            .clone_htod(&codes)
+            .map_err(super::device_err("upload dtype table"))?;
+        Ok((
+            self.table_u64(&ptrs)?,
+            codes,
+            self.table_u64(&starts)?,
+            total as usize,
+        ))
+    }
+
+    pub(crate) fn sum_of_squares_impl(&self, tensors: &[CudaTensor]) -> Result<f64> {
+        if tensors.iter().all(|t| t.is_empty()) {
+            return Ok(0.0);
+        }
+        let (ptrs, codes, starts, total) = self.tensor_tables(tensors)?;
+        let out = self
+            .stream
+            .alloc_zeros::<f64>(1)
+            .map_err(super::device_err("alloc"))?;
+        let args = [
+            Arg::Ptr(ptrs.device_ptr(&self.stream).0),
+            Arg::Ptr(codes.device_ptr(&self.stream).0),
+            Arg::Ptr(starts.device_ptr(&self.stream).0),
+            Arg::I32(tensors.len() as i32),
+            Arg::Ptr(out.device_ptr(&self.stream).0),
+        ];
+        self.launch(
+            "sum_squares_multi",
+            (blocks_for(total).min(1024), 1, 1),
+            256,
+            0,
+            &args,
+        )?;
+        let host = self
+            .stream
+            .clone_dtoh(&out)
+            .map_err(super::device_err("download"))?;
+        Ok(host[0])
+    }
+
+    pub(crate) fn all_finite_impl(&self, tensors: &[CudaTensor]) -> Result<bool> {
+        if tensors.iter().all(|t| t.is_empty()) {
+            return Ok(true);
+        }
+        let (ptrs, codes, starts, total) = self.tensor_tables(tensors)?;
+        let flag = self
+            .stream
+            .clone_htod(&[1i32])
+            .map_err(super::device_err("alloc"))?;
+        let args = [
+            Arg::Ptr(ptrs.device_ptr(&self.stream).0),
+            Arg::Ptr(codes.device_ptr(&self.stream).0),
+            Arg::Ptr(starts.device_ptr(&self.stream).0),
+            Arg::I32(tensors.len() as i32),
+            Arg::Ptr(flag.device_ptr(&self.stream).0),
+        ];
+        self.launch(
+            "all_finite_multi",
+            (blocks_for(total).min(2048), 1, 1),
+            256,
+            0,
+            &args,
+        )?;
+        let host = self
+            .stream
+            .clone_dtoh(&flag)
+            .map_err(super::device_err("download"))?;
+        Ok(host[0] == 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn adamw_impl(
+        &self,
+        params: &mut [CudaTensor],
+        grads: &[CudaTensor],
+        m: &mut [CudaTensor],
+        v: &mut [CudaTensor],
+        hp: &AdamWParams,
+        step: u64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        for (what, count) in [
+            ("grads", grads.len()),
+            ("exp_avg", m.len()),
+            ("exp_avg_sq", v.len()),
+        ] {
+            check_len("adamw", what, count, params.len())?;
+        }
+        for i in 0..params.len() {
+            check_len("adamw", "grad", grads[i].len(), params[i].len())?;
+            check_len("adamw", "exp_avg", m[i].len(), params[i].len())?;
+            check_len("adamw", "exp_avg_sq", v[i].len(), params[i].len())?;
+            for t in [&params[i], &grads[i], &m[i], &v[i]] {
+                if t.dtype != DType::F32 {
+                    return Err(KernelError::Unsupported(format!(
+                        "adamw: tensor {i} is {}; LoRA weights, gradients and moments must be f32",
+                        t.dtype.name()
+                    )));
+                }
+            }
+        }
+        let total: usize = params.iter().map(|p| p.len()).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let addresses =
+            |ts: &[CudaTensor]| -> Vec<u64> { ts.iter().map(|t| t.ptr(&self.stream)).collect() };
+        let mut starts = Vec::with_capacity(params.len() + 1);
+        let mut acc = 0u64;
+        for p in params.iter() {
+            starts.push(acc);
+            acc += p.len() as u64;
+        }
+        starts.push(acc);
+        let tables = [
+            self.table_u64(&addresses(params))?,
+            self.table_u64(&addresses(grads))?,
+            self.table_u64(&addresses(m))?,
+            self.table_u64(&addresses(v))?,
+            self.table_u64(&starts)?,
+        ];
+        // Scalars formed in f64 and rounded once, exactly as the CPU reference does.
+        let t = step as i32;
+        let bias1 = 1.0 - hp.beta1.powi(t);
+        let bias2_sqrt = (1.0 - hp.beta2.powi(t)).sqrt() as f32;
+        let step_size = (hp.lr / bias1) as f32;
+        let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+        let mut args: Vec<Arg> = tables
+            .iter()
+            .map(|s| Arg::Ptr(s.device_ptr(&self.stream).0))
+            .collect();
+        args.extend([
+            Arg::I32(params.len() as i32),
+            Arg::F32(step_size),
+            Arg::F32(decay),
+            Arg::F32((1.0 - hp.beta1) as f32),
+            Arg::F32(hp.beta2 as f32),
+            Arg::F32((1.0 - hp.beta2) as f32),
+            Arg::F32(bias2_sqrt),
+            Arg::F32(hp.eps as f32),
+            Arg::F32(grad_scale),
+        ]);
+        // The tables are freed in stream order (cuMemFreeAsync), after the launch has read them.
+        self.launch(
+            "adamw_multi_f32",
+            (blocks_for(total).min(4096), 1, 1),
+            256,
+            0,
+            &args,
+        )
+    }
+}

@@ -1,0 +1,174 @@
+//! Device tensors and the caching allocator behind them.
+//!
+//! A [`CudaTensor`] is a flat device buffer with its dtype: f32 storage for `DType::F32`, 16-bit
+//! storage for bf16 and f16. Dropping one returns its buffer to a pool keyed by (storage kind,
+//! length), so the activation buffers of one layer are reused by the next layer and the next step
+//! without going back to the driver. The pool counts the bytes it holds from the driver (in use
+//! plus cached) and remembers the peak: that is the memory the training run needs.
+
+use crate::DType;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The buffer behind a tensor: f32 words or 16-bit words (bf16 and f16 share the storage kind).
+pub(crate) enum Storage {
+    F32(CudaSlice<f32>),
+    Half(CudaSlice<u16>),
+}
+
+impl Storage {
+    fn bytes(&self) -> usize {
+        match self {
+            Storage::F32(s) => s.len() * 4,
+            Storage::Half(s) => s.len() * 2,
+        }
+    }
+}
+
+#[derive(Default)]
+struct PoolState {
+    free: HashMap<(bool, usize), Vec<Storage>>,
+    held_bytes: u64,
+    peak_bytes: u64,
+}
+
+/// Freed buffers waiting for a tensor of the same kind and length.
+#[derive(Default)]
+pub(crate) struct Pool {
+    state: Mutex<PoolState>,
+}
+
+impl Pool {
+    /// A cached buffer of this kind and length, if one is free.
+    pub(crate) fn take(&self, is_f32: bool, len: usize) -> Option<Storage> {
+        self.state
+            .lock()
+            .expect("pool lock")
+            .free
+            .get_mut(&(is_f32, len))
+            .and_then(|v| v.pop())
+    }
+
+    /// Counts a buffer freshly allocated from the driver.
+    pub(crate) fn count_new(&self, bytes: usize) {
+        let mut s = self.state.lock().expect("pool lock");
+        s.held_bytes += bytes as u64;
+        s.peak_bytes = s.peak_bytes.max(s.held_bytes);
+    }
+
+    fn give_back(&self, storage: Storage) {
+        let key = (matches!(storage, Storage::F32(_)), storage_len(&storage));
+        self.state
+            .lock()
+            .expect("pool lock")
+            .free
+            .entry(key)
+            .or_default()
+            .push(storage);
+    }
+
+    /// Bytes held from the driver at the worst moment so far.
+    pub(crate) fn peak_bytes(&self) -> u64 {
+        self.state.lock().expect("pool lock").peak_bytes
+    }
+
+    /// Hands every cached buffer back to the driver.
+    pub(crate) fn release_cached(&self) {
+        let mut s = self.state.lock().expect("pool lock");
+        let freed: usize = s.free.values().flatten().map(Storage::bytes).sum();
+        s.free.clear();
+        s.held_bytes -= freed as u64;
+    }
+}
+
+fn storage_len(s: &Storage) -> usize {
+    match s {
+        Storage::F32(x) => x.len(),
+        Storage::Half(x) => x.len(),
+    }
+}
+
+/// A flat device buffer of f32, bf16 or f16 values.
+pub struct CudaTensor {
+    pub(crate) storage: Option<Storage>,
+    pub(crate) dtype: DType,
+    pub(crate) pool: Arc<Pool>,
+}
+
+impl CudaTensor {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.storage.as_ref().map_or(0, storage_len)
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The f32 buffer, for collective communication (NCCL all-reduce of LoRA gradients);
+    /// `None` for bf16/f16 tensors.
+    pub fn slice_f32_mut(&mut self) -> Option<&mut CudaSlice<f32>> {
+        match self.storage.as_mut() {
+            Some(Storage::F32(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The 16-bit buffer of a bf16/f16 tensor; `None` for f32.
+    pub fn slice_u16_mut(&mut self) -> Option<&mut CudaSlice<u16>> {
+        match self.storage.as_mut() {
+            Some(Storage::Half(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The raw device address, for kernel arguments.
+    pub(crate) fn ptr(&self, stream: &CudaStream) -> u64 {
+        match self
+            .storage
+            .as_ref()
+            .expect("tensor storage present until drop")
+        {
+            Storage::F32(s) => s.device_ptr(stream).0,
+            Storage::Half(s) => s.device_ptr(stream).0,
+        }
+    }
+}
+
+impl Drop for CudaTensor {
+    fn drop(&mut self) {
+        if let Some(s) = self.storage.take() {
+            self.pool.give_back(s);
+        }
+    }
+}
+
+/// Token ids, labels or positions on the device, with a host copy for validation.
+pub struct CudaIndices {
+    pub(crate) slice: CudaSlice<i32>,
+    pub(crate) host: Vec<i32>,
+}
+
+impl CudaIndices {
+    /// The raw device address, for kernel arguments.
+    pub(crate) fn ptr(&self, stream: &CudaStream) -> u64 {
+        self.slice.device_ptr(stream).0
+    }
+
+    /// Number of indices.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+}

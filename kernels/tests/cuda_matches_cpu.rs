@@ -1,0 +1,656 @@
+//! Every op of the CUDA backend against the CPU reference on random inputs of realistic size,
+//! in f32 (relative L2 error ≤ 1e-4), bf16 and f16 (within their rounding). Inputs are rounded to
+//! the device dtype first and the CPU runs on those rounded values, so only the op's own error is
+//! measured. Needs a GPU: without one each test prints why it skipped.
+//! `cargo test -p kernels --features cuda --release --test cuda_matches_cpu -- --ignored` runs the
+//! micro-benchmark (attention and GEMMs at Llama-2-7B shapes).
+#![cfg(feature = "cuda")]
+
+use kernels::cpu::CpuBackend;
+use kernels::cuda::{CudaBackend, CudaTensor};
+use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, IGNORE_INDEX};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+fn gpu(dtype: DType) -> Option<CudaBackend> {
+    match CudaBackend::new(0, dtype) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("skipped: no usable CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+        .collect()
+}
+
+/// ‖got − want‖ / ‖want‖ in f64.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        assert!(g.is_finite(), "non-finite output {g}");
+        num += (*g as f64 - *w as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn tolerance(d: DType) -> f64 {
+    match d {
+        DType::F32 => 1e-4,
+        DType::BF16 => 2e-2,
+        DType::F16 => 4e-3,
+    }
+}
+
+fn check(what: &str, d: DType, got: &[f32], want: &[f32]) {
+    let e = rel_err(got, want);
+    println!("{what:<40} {:<4} rel err {e:.2e}", d.name());
+    assert!(
+        e <= tolerance(d),
+        "{what} ({}): relative error {e:.3e} above {:.1e}",
+        d.name(),
+        tolerance(d)
+    );
+}
+
+/// Uploads `data` in `d` and returns the tensor with the values it really holds.
+fn up(g: &CudaBackend, data: &[f32], d: DType) -> (CudaTensor, Vec<f32>) {
+    let t = g.upload(data, d).unwrap();
+    let rounded = g.download(&t).unwrap();
+    (t, rounded)
+}
+
+const ALL: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+#[test]
+fn norms_rope_swiglu_embedding_and_elementwise_match() {
+    let cpu = CpuBackend::new();
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        let (n, hidden) = (2048, 4096);
+        let (x, xr) = up(&g, &random(n * hidden, 1, 2.0), d);
+        let (w, wr) = up(
+            &g,
+            &random(hidden, 2, 1.0)
+                .iter()
+                .map(|v| 1.0 + 0.5 * v)
+                .collect::<Vec<_>>(),
+            d,
+        );
+        let mut y = g.zeros(n * hidden, d).unwrap();
+        let mut rstd = g.zeros(n, DType::F32).unwrap();
+        g.rms_norm(&x, &w, hidden, 1e-5, &mut y, &mut rstd).unwrap();
+        let (mut y_c, mut rstd_c) = (vec![0.0; n * hidden], vec![0.0; n]);
+        cpu.rms_norm(&xr, &wr, hidden, 1e-5, &mut y_c, &mut rstd_c)
+            .unwrap();
+        check("rms_norm y", d, &g.download(&y).unwrap(), &y_c);
+        check(
+            "rms_norm rstd",
+            DType::F32,
+            &g.download(&rstd).unwrap(),
+            &rstd_c,
+        );
+        let (dy, dyr) = up(&g, &random(n * hidden, 3, 1.0), d);
+        let (mut dx, mut dx_c) = up(&g, &random(n * hidden, 4, 1.0), d);
+        g.rms_norm_backward(&dy, &x, &w, &rstd, hidden, &mut dx)
+            .unwrap();
+        cpu.rms_norm_backward(&dyr, &xr, &wr, &rstd_c, hidden, &mut dx_c)
+            .unwrap();
+        check(
+            "rms_norm_backward dx (adds into)",
+            d,
+            &g.download(&dx).unwrap(),
+            &dx_c,
+        );
+
+        let (heads, hd) = (32, 128);
+        let cfg = kernels::rope::RopeConfig {
+            theta: 10000.0,
+            head_dim: hd,
+            scaling: kernels::rope::RopeScaling::Default,
+        };
+        let (cos, sin) = cfg.tables(4096, 4096);
+        let positions: Vec<i32> = (0..n as i32).map(|i| (i * 7) % 4096).collect();
+        let (mut q, mut q_c) = up(&g, &random(n * heads * hd, 5, 1.0), d);
+        let pos = g.upload_indices(&positions).unwrap();
+        let (cos_g, sin_g) = (
+            g.upload(&cos, DType::F32).unwrap(),
+            g.upload(&sin, DType::F32).unwrap(),
+        );
+        for inverse in [false, true] {
+            g.rope(&mut q, &pos, &cos_g, &sin_g, heads, hd, inverse)
+                .unwrap();
+            cpu.rope(&mut q_c, &positions, &cos, &sin, heads, hd, inverse)
+                .unwrap();
+            check(
+                if inverse { "rope inverse" } else { "rope" },
+                d,
+                &g.download(&q).unwrap(),
+                &q_c,
+            );
+            q_c = g.download(&q).unwrap();
+        }
+        assert!(g
+            .rope(
+                &mut q,
+                &g.upload_indices(&vec![5000; n]).unwrap(),
+                &cos_g,
+                &sin_g,
+                heads,
+                hd,
+                false
+            )
+            .is_err());
+
+        let inter = 11008;
+        let m = 512 * inter;
+        let (gate, gate_r) = up(&g, &random(m, 6, 4.0), d);
+        let (upv, up_r) = up(&g, &random(m, 7, 1.0), d);
+        let mut out = g.zeros(m, d).unwrap();
+        g.swiglu(&gate, &upv, &mut out).unwrap();
+        let mut out_c = vec![0.0; m];
+        cpu.swiglu(&gate_r, &up_r, &mut out_c).unwrap();
+        check("swiglu", d, &g.download(&out).unwrap(), &out_c);
+        let (dout, dout_r) = up(&g, &random(m, 8, 1.0), d);
+        let (mut dg, mut du) = (g.zeros(m, d).unwrap(), g.zeros(m, d).unwrap());
+        g.swiglu_backward(&dout, &gate, &upv, &mut dg, &mut du)
+            .unwrap();
+        let (mut dg_c, mut du_c) = (vec![0.0; m], vec![0.0; m]);
+        cpu.swiglu_backward(&dout_r, &gate_r, &up_r, &mut dg_c, &mut du_c)
+            .unwrap();
+        check("swiglu_backward dgate", d, &g.download(&dg).unwrap(), &dg_c);
+        check("swiglu_backward dup", d, &g.download(&du).unwrap(), &du_c);
+
+        let (vocab, eh) = (32000, 512);
+        let (table, table_r) = up(&g, &random(vocab * eh, 9, 1.0), d);
+        let ids: Vec<i32> = (0..n as i32).map(|i| (i * 7919) % vocab as i32).collect();
+        let mut emb = g.zeros(n * eh, d).unwrap();
+        g.embedding(&table, &g.upload_indices(&ids).unwrap(), eh, &mut emb)
+            .unwrap();
+        let mut emb_c = vec![0.0; n * eh];
+        cpu.embedding(&table_r, &ids, eh, &mut emb_c).unwrap();
+        assert_eq!(
+            g.download(&emb).unwrap(),
+            emb_c,
+            "embedding rows are exact copies"
+        );
+        assert!(g
+            .embedding(
+                &table,
+                &g.upload_indices(&vec![vocab as i32; n]).unwrap(),
+                eh,
+                &mut emb
+            )
+            .is_err());
+
+        // copy between dtypes, axpy, scale
+        let src = random(100_000, 10, 3.0);
+        let (s32, _) = up(&g, &src, DType::F32);
+        let (mut dst, _) = up(&g, &vec![0.0; src.len()], d);
+        g.copy(&s32, &mut dst).unwrap();
+        let (_, src_in_d) = up(&g, &src, d);
+        assert_eq!(
+            g.download(&dst).unwrap(),
+            src_in_d,
+            "copy f32 -> {} rounds like the host",
+            d.name()
+        );
+        let (mut acc, acc0) = up(&g, &random(src.len(), 11, 1.0), d);
+        g.axpy(0.5, &dst, &mut acc).unwrap();
+        g.scale(2.0, &mut acc).unwrap();
+        let want: Vec<f32> = acc0
+            .iter()
+            .zip(&src_in_d)
+            .map(|(a, s)| 2.0 * (a + 0.5 * s))
+            .collect();
+        check("axpy + scale", d, &g.download(&acc).unwrap(), &want);
+    }
+}
+
+#[test]
+fn gemm_matches_for_every_transpose_and_mixed_output() {
+    let cpu = CpuBackend::new();
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        let (m, n, k) = (1024, 2048, 1536);
+        let (a, ar) = up(&g, &random(m * k, 1, 1.0), d);
+        let (b, br) = up(&g, &random(k * n, 2, 1.0), d);
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            for c_dtype in [d, DType::F32] {
+                let (mut c, mut c_c) = up(&g, &random(m * n, 3, 1.0), c_dtype);
+                g.gemm(m, n, k, 0.5, &a, ta, &b, tb, 1.0, &mut c).unwrap();
+                cpu.gemm(m, n, k, 0.5, &ar, ta, &br, tb, 1.0, &mut c_c)
+                    .unwrap();
+                let tol_dtype = if c_dtype == DType::F32 && d == DType::F32 {
+                    DType::F32
+                } else {
+                    d
+                };
+                check(
+                    &format!("gemm ta={ta} tb={tb} C={}", c_dtype.name()),
+                    tol_dtype,
+                    &g.download(&c).unwrap(),
+                    &c_c,
+                );
+            }
+        }
+    }
+}
+
+fn attention_case(
+    g: &CudaBackend,
+    d: DType,
+    layout: &AttentionLayout,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    label: &str,
+) {
+    let cpu = CpuBackend::new();
+    let n = layout.tokens();
+    let (q, qr) = up(g, &random(n * heads * hd, 1, 1.5), d);
+    let (k, kr) = up(g, &random(n * kv_heads * hd, 2, 1.5), d);
+    let (v, vr) = up(g, &random(n * kv_heads * hd, 3, 1.0), d);
+    let (dout, dout_r) = up(g, &random(n * heads * hd, 4, 1.0), d);
+    let doc = g.upload_indices(&layout.doc_start).unwrap();
+    let mut out = g.upload(&vec![f32::NAN; n * heads * hd], d).unwrap();
+    let mut lse = g.upload(&vec![f32::NAN; n * heads], DType::F32).unwrap();
+    g.attention(
+        &q, &k, &v, layout, &doc, heads, kv_heads, hd, &mut out, &mut lse,
+    )
+    .unwrap();
+    let (mut out_c, mut lse_c) = (vec![0.0; n * heads * hd], vec![0.0; n * heads]);
+    cpu.attention(
+        &qr,
+        &kr,
+        &vr,
+        layout,
+        &layout.doc_start,
+        heads,
+        kv_heads,
+        hd,
+        &mut out_c,
+        &mut lse_c,
+    )
+    .unwrap();
+    let out_g = g.download(&out).unwrap();
+    check(&format!("attention {label} out"), d, &out_g, &out_c);
+    check(
+        &format!("attention {label} lse"),
+        DType::F32.max_tol(d),
+        &g.download(&lse).unwrap(),
+        &lse_c,
+    );
+    let mut dq = g.upload(&vec![f32::NAN; n * heads * hd], d).unwrap();
+    let mut dk = g.upload(&vec![f32::NAN; n * kv_heads * hd], d).unwrap();
+    let mut dv = g.upload(&vec![f32::NAN; n * kv_heads * hd], d).unwrap();
+    g.attention_backward(
+        &q, &k, &v, &out, &lse, &dout, layout, &doc, heads, kv_heads, hd, &mut dq, &mut dk, &mut dv,
+    )
+    .unwrap();
+    // The CPU backward runs on the GPU's rounded forward output, as the trainer would feed it.
+    let (mut dq_c, mut dk_c, mut dv_c) = (
+        vec![0.0; qr.len()],
+        vec![0.0; kr.len()],
+        vec![0.0; vr.len()],
+    );
+    cpu.attention_backward(
+        &qr,
+        &kr,
+        &vr,
+        &out_g,
+        &lse_c,
+        &dout_r,
+        layout,
+        &layout.doc_start,
+        heads,
+        kv_heads,
+        hd,
+        &mut dq_c,
+        &mut dk_c,
+        &mut dv_c,
+    )
+    .unwrap();
+    check(
+        &format!("attention {label} dq"),
+        d,
+        &g.download(&dq).unwrap(),
+        &dq_c,
+    );
+    check(
+        &format!("attention {label} dk"),
+        d,
+        &g.download(&dk).unwrap(),
+        &dk_c,
+    );
+    check(
+        &format!("attention {label} dv"),
+        d,
+        &g.download(&dv).unwrap(),
+        &dv_c,
+    );
+}
+
+trait MaxTol {
+    fn max_tol(self, other: DType) -> DType;
+}
+impl MaxTol for DType {
+    /// The looser of two dtypes' tolerances (lse is f32 but computed from `other` inputs).
+    fn max_tol(self, other: DType) -> DType {
+        if tolerance(self) >= tolerance(other) {
+            self
+        } else {
+            other
+        }
+    }
+}
+
+#[test]
+fn attention_matches_with_gqa_window_packing_and_padding_at_seq_2048() {
+    let seq = 2048;
+    let packed = AttentionLayout::packed(&[vec![700, 900, 300], vec![2048]], seq, Some(512));
+    let padded = AttentionLayout::right_padded(&[2048, 1500], seq, None);
+    let left = AttentionLayout::left_padded(&[1000, 2048], seq, None);
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        attention_case(&g, d, &padded, 8, 2, 128, "gqa 8/2 d128 right-padded");
+        attention_case(&g, d, &packed, 8, 2, 128, "gqa 8/2 d128 packed+window");
+        attention_case(&g, d, &left, 4, 1, 64, "mqa 4/1 d64 left-padded");
+        attention_case(
+            &g,
+            d,
+            &AttentionLayout::right_padded(&[300, 77], 333, Some(100)),
+            4,
+            2,
+            96,
+            "d96 window (simple path)",
+        );
+    }
+}
+
+#[test]
+fn lm_head_cross_entropy_matches_with_ignored_rows_and_row_weights() {
+    let cpu = CpuBackend::new();
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        let (rows, h, vocab) = (1500, 1024, 32000);
+        let (hid, hid_r) = up(&g, &random(rows * h, 1, 1.0), d);
+        let (w, wr) = up(&g, &random(vocab * h, 2, 0.1), d);
+        let targets: Vec<i32> = (0..rows as i32)
+            .map(|i| {
+                if i % 5 == 0 {
+                    IGNORE_INDEX
+                } else {
+                    (i * 31) % vocab as i32
+                }
+            })
+            .collect();
+        let tg = g.upload_indices(&targets).unwrap();
+        let row_w = random(rows, 3, 1.0);
+        let (row_w_g, _) = up(&g, &row_w, DType::F32);
+        // fp16 trains under loss scaling: its token-mean gradient carries the scale, as the trainer's would.
+        let mean_scale = if d == DType::F16 { 1024.0 } else { 1.0 } / rows as f32;
+        for per_row in [false, true] {
+            let mut lp = g.zeros(rows, DType::F32).unwrap();
+            let mut dh = g.upload(&vec![f32::NAN; rows * h], d).unwrap();
+            let grad = if per_row {
+                CeGrad::PerRow(&row_w_g)
+            } else {
+                CeGrad::Scale(mean_scale)
+            };
+            g.lm_head_cross_entropy(&hid, &w, &tg, rows, h, vocab, grad, &mut lp, Some(&mut dh))
+                .unwrap();
+            let (mut lp_c, mut dh_c) = (vec![0.0; rows], vec![0.0; rows * h]);
+            let grad_c = if per_row {
+                CeGrad::PerRow(&row_w)
+            } else {
+                CeGrad::Scale(mean_scale)
+            };
+            cpu.lm_head_cross_entropy(
+                &hid_r,
+                &wr,
+                &targets,
+                rows,
+                h,
+                vocab,
+                grad_c,
+                &mut lp_c,
+                Some(&mut dh_c),
+            )
+            .unwrap();
+            let lp_g = g.download(&lp).unwrap();
+            assert_eq!(lp_g[0], 0.0, "ignored row has logp 0");
+            check(
+                &format!("lm_head_ce logp per_row={per_row}"),
+                DType::F32.max_tol(d),
+                &lp_g,
+                &lp_c,
+            );
+            check(
+                &format!("lm_head_ce dhidden per_row={per_row}"),
+                d,
+                &g.download(&dh).unwrap(),
+                &dh_c,
+            );
+        }
+        let mut lp = g.zeros(rows, DType::F32).unwrap();
+        assert!(g
+            .lm_head_cross_entropy(
+                &hid,
+                &w,
+                &g.upload_indices(&vec![vocab as i32; rows]).unwrap(),
+                rows,
+                h,
+                vocab,
+                CeGrad::None,
+                &mut lp,
+                None
+            )
+            .is_err());
+    }
+}
+
+#[test]
+fn optimizer_norm_and_finiteness_match_and_the_pool_reuses_zeroed_buffers() {
+    let cpu = CpuBackend::new();
+    let Some(g) = gpu(DType::BF16) else { return };
+    let sizes = [4096 * 16, 16 * 11008, 3, 1 << 20];
+    let hp = AdamWParams {
+        lr: 2e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mk = |seed: u64, scale: f32| -> Vec<Vec<f32>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| random(s, seed + i as u64, scale))
+            .collect()
+    };
+    let (mut p_c, g_c, mut m_c, mut v_c) = (mk(10, 1.0), mk(20, 0.01), mk(30, 0.001), mk(40, 0.0));
+    v_c.iter_mut().flatten().for_each(|x| *x = x.abs() + 1e-6);
+    let upl = |vs: &Vec<Vec<f32>>| -> Vec<CudaTensor> {
+        vs.iter()
+            .map(|v| g.upload(v, DType::F32).unwrap())
+            .collect()
+    };
+    let (mut p, gr, mut m, mut v) = (upl(&p_c), upl(&g_c), upl(&m_c), upl(&v_c));
+    for step in 1..=3 {
+        g.adamw(&mut p, &gr, &mut m, &mut v, &hp, step, 0.7)
+            .unwrap();
+        cpu.adamw(&mut p_c, &g_c, &mut m_c, &mut v_c, &hp, step, 0.7)
+            .unwrap();
+    }
+    for i in 0..sizes.len() {
+        check(
+            "adamw params",
+            DType::F32,
+            &g.download(&p[i]).unwrap(),
+            &p_c[i],
+        );
+        check(
+            "adamw exp_avg",
+            DType::F32,
+            &g.download(&m[i]).unwrap(),
+            &m_c[i],
+        );
+        check(
+            "adamw exp_avg_sq",
+            DType::F32,
+            &g.download(&v[i]).unwrap(),
+            &v_c[i],
+        );
+    }
+    let mut mixed = upl(&g_c);
+    mixed.push(g.upload(&random(5000, 50, 1.0), DType::BF16).unwrap());
+    let mut mixed_c = g_c.clone();
+    mixed_c.push(g.download(&mixed[4]).unwrap());
+    let (ss, ss_c) = (
+        g.sum_of_squares(&mixed).unwrap(),
+        cpu.sum_of_squares(&mixed_c).unwrap(),
+    );
+    println!("sum_of_squares gpu {ss:.6e} cpu {ss_c:.6e}");
+    assert!(
+        (ss - ss_c).abs() <= 1e-5 * ss_c,
+        "sum of squares {ss} vs {ss_c}"
+    );
+    assert!(g.all_finite(&mixed).unwrap());
+    let mut bad = g_c[1].clone();
+    bad[777] = f32::INFINITY;
+    mixed.push(g.upload(&bad, DType::F16).unwrap());
+    assert!(!g.all_finite(&mixed).unwrap());
+    assert!(!cpu.all_finite(&[bad]).unwrap());
+
+    let len = 1 << 20;
+    let before = g.peak_memory_bytes().unwrap();
+    drop(g.upload(&vec![3.0; len], DType::F32).unwrap());
+    let z = g.zeros(len, DType::F32).unwrap();
+    assert!(
+        g.download(&z).unwrap().iter().all(|&x| x == 0.0),
+        "a reused buffer comes back zeroed"
+    );
+    assert_eq!(
+        g.peak_memory_bytes().unwrap(),
+        before.max(g.peak_memory_bytes().unwrap())
+    );
+    assert!(g.peak_memory_bytes().unwrap() >= (len * 4) as u64);
+}
+
+fn time_ms(g: &CudaBackend, iters: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    g.synchronize().unwrap();
+    let start = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    g.synchronize().unwrap();
+    start.elapsed().as_secs_f64() * 1e3 / iters as f64
+}
+
+#[test]
+#[ignore = "micro-benchmark: run with --ignored on a GPU"]
+fn bench_llama2_7b_attention_and_gemms() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    println!("device: {}", g.describe());
+    let (rows, seq, heads, hd, hidden, inter) = (2, 2048, 32, 128, 4096, 11008);
+    let n = rows * seq;
+    let layout = AttentionLayout::right_padded(&[seq, seq], seq, None);
+    let doc = g.upload_indices(&layout.doc_start).unwrap();
+    let q = g
+        .upload(&random(n * heads * hd, 1, 1.0), DType::BF16)
+        .unwrap();
+    let k = g
+        .upload(&random(n * heads * hd, 2, 1.0), DType::BF16)
+        .unwrap();
+    let v = g
+        .upload(&random(n * heads * hd, 3, 1.0), DType::BF16)
+        .unwrap();
+    let dout = g
+        .upload(&random(n * heads * hd, 4, 1.0), DType::BF16)
+        .unwrap();
+    let mut out = g.zeros(n * heads * hd, DType::BF16).unwrap();
+    let mut lse = g.zeros(n * heads, DType::F32).unwrap();
+    let (mut dq, mut dk, mut dv) = (
+        g.zeros(n * heads * hd, DType::BF16).unwrap(),
+        g.zeros(n * heads * hd, DType::BF16).unwrap(),
+        g.zeros(n * heads * hd, DType::BF16).unwrap(),
+    );
+    let causal_flops = 4.0 * rows as f64 * heads as f64 * (seq as f64).powi(2) / 2.0 * hd as f64;
+    let fwd = time_ms(&g, 20, || {
+        g.attention(
+            &q, &k, &v, &layout, &doc, heads, heads, hd, &mut out, &mut lse,
+        )
+        .unwrap()
+    });
+    let bwd = time_ms(&g, 10, || {
+        g.attention_backward(
+            &q, &k, &v, &out, &lse, &dout, &layout, &doc, heads, heads, hd, &mut dq, &mut dk,
+            &mut dv,
+        )
+        .unwrap()
+    });
+    println!(
+        "attention fwd  b2 s2048 h32 d128: {fwd:.3} ms  {:.1} TFLOP/s",
+        causal_flops / fwd / 1e9
+    );
+    println!(
+        "attention bwd  b2 s2048 h32 d128: {bwd:.3} ms  {:.1} TFLOP/s",
+        2.5 * causal_flops / bwd / 1e9
+    );
+    for (label, m, nn, kk) in [
+        ("q/k/v/o proj  x[4096,4096]·Wᵀ", n, hidden, hidden),
+        ("gate/up proj  x[4096,4096]·Wᵀ[11008]", n, inter, hidden),
+        ("down proj     x[4096,11008]·Wᵀ", n, hidden, inter),
+        ("lm head       x[4096,4096]·Wᵀ[32000]", n, 32000, hidden),
+    ] {
+        let a = g.upload(&random(m * kk, 5, 1.0), DType::BF16).unwrap();
+        let b = g.upload(&random(nn * kk, 6, 1.0), DType::BF16).unwrap();
+        let mut c = g.zeros(m * nn, DType::BF16).unwrap();
+        let ms = time_ms(&g, 20, || {
+            g.gemm(m, nn, kk, 1.0, &a, false, &b, true, 0.0, &mut c)
+                .unwrap()
+        });
+        println!(
+            "gemm {label}: {ms:.3} ms  {:.1} TFLOP/s",
+            2.0 * (m * nn * kk) as f64 / ms / 1e9
+        );
+    }
+    let x = g.upload(&random(n * hidden, 7, 1.0), DType::BF16).unwrap();
+    let w = g
+        .upload(&random(32000 * hidden, 8, 0.02), DType::BF16)
+        .unwrap();
+    let targets = g
+        .upload_indices(&(0..n as i32).map(|i| i % 32000).collect::<Vec<_>>())
+        .unwrap();
+    let mut lp = g.zeros(n, DType::F32).unwrap();
+    let mut dh = g.zeros(n * hidden, DType::BF16).unwrap();
+    let ms = time_ms(&g, 10, || {
+        g.lm_head_cross_entropy(
+            &x,
+            &w,
+            &targets,
+            n,
+            hidden,
+            32000,
+            CeGrad::Scale(1.0 / n as f32),
+            &mut lp,
+            Some(&mut dh),
+        )
+        .unwrap()
+    });
+    println!("lm_head + cross-entropy fwd+bwd 4096 rows, vocab 32000: {ms:.3} ms");
+    println!(
+        "peak pool memory: {:.2} GiB",
+        g.peak_memory_bytes().unwrap() as f64 / (1u64 << 30) as f64
+    );
+}
