@@ -197,6 +197,42 @@ pub trait Backend {
         dv: &mut Self::Tensor,
     ) -> Result<()>;
 
+    /// Writes `new` tokens per row of `src [rows, new, width]` into the cache
+    /// `cache [rows, capacity, width]` at columns `at..at+new` (the KV cache of generation).
+    #[allow(clippy::too_many_arguments)]
+    fn write_cache(
+        &self,
+        src: &Self::Tensor,
+        cache: &mut Self::Tensor,
+        rows: usize,
+        new: usize,
+        capacity: usize,
+        width: usize,
+        at: usize,
+    ) -> Result<()>;
+
+    /// Attention of `new` query tokens per row against a KV cache (generation, forward only):
+    /// `q [rows, new, hq, d]`, caches `[rows, capacity, hkv, d]` holding `filled` valid columns per
+    /// row, the queries being the last `new` of them. Query column `c` sees key columns
+    /// `max(first_key[row], c − W + 1) ..= c` (`first_key` skips left padding; `W` the window).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &self,
+        q: &Self::Tensor,
+        k_cache: &Self::Tensor,
+        v_cache: &Self::Tensor,
+        first_key: &Self::Indices,
+        rows: usize,
+        new: usize,
+        filled: usize,
+        capacity: usize,
+        window: Option<usize>,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+
     /// SwiGLU: `out = silu(gate) ⊙ up`, all `[N, inter]`.
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
     /// SwiGLU backward: `dgate = dout ⊙ up ⊙ silu'(gate)`, `dup = dout ⊙ silu(gate)`.

@@ -158,6 +158,54 @@ pub fn attention_backward_f32(
     }
 }
 
+/// Generation attention against a KV cache (see `Backend::attention_cached`), by the definition.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached_f32(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    first_key: &[i32],
+    new: usize,
+    filled: usize,
+    capacity: usize,
+    window: Option<usize>,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    let per_kv = heads / kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    out.par_chunks_mut(heads * d)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let (row, j) = (t / new, t % new);
+            let col = filled - new + j;
+            let mut first = first_key[row].max(0) as usize;
+            if let Some(w) = window {
+                first = first.max((col + 1).saturating_sub(w));
+            }
+            for h in 0..heads {
+                let kvh = h / per_kv;
+                let qv = &q[(t * heads + h) * d..][..d];
+                let key = |c: usize| ((row * capacity + c) * kv_heads + kvh) * d;
+                let scores: Vec<f32> = (first..=col)
+                    .map(|c| dot(qv, &k_cache[key(c)..][..d]) * scale)
+                    .collect();
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                let oh = &mut o[h * d..][..d];
+                oh.fill(0.0);
+                for (c, e) in (first..=col).zip(&exps) {
+                    for (x, v) in oh.iter_mut().zip(&v_cache[key(c)..][..d]) {
+                        *x += e / sum * v;
+                    }
+                }
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +277,40 @@ mod tests {
         let (out2, _) = run(&q[tail..], &k[tail..], &v[tail..], &alone, h, h, d);
         for i in 0..out2.len() {
             assert!((out[tail + i] - out2[i]).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn cached_attention_equals_full_attention_on_the_last_tokens() {
+        let (h, kvh, d, t) = (4, 2, 4, 6);
+        let layout = AttentionLayout::right_padded(&[t], t, Some(4));
+        let q = random(t * h * d, 1);
+        let k = random(t * kvh * d, 2);
+        let v = random(t * kvh * d, 3);
+        let (full, _) = run(&q, &k, &v, &layout, h, kvh, d);
+        // The cache holds all 6 keys (capacity 8); the last 2 tokens are the queries.
+        let cap = 8;
+        let mut kc = vec![0.0; cap * kvh * d];
+        let mut vc = vec![0.0; cap * kvh * d];
+        kc[..t * kvh * d].copy_from_slice(&k);
+        vc[..t * kvh * d].copy_from_slice(&v);
+        let mut out = vec![0.0; 2 * h * d];
+        attention_cached_f32(
+            &q[4 * h * d..],
+            &kc,
+            &vc,
+            &[0],
+            2,
+            t,
+            cap,
+            Some(4),
+            h,
+            kvh,
+            d,
+            &mut out,
+        );
+        for (a, b) in out.iter().zip(&full[4 * h * d..]) {
+            assert!((a - b).abs() < 1e-6);
         }
     }
 

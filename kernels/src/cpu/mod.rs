@@ -229,6 +229,73 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn write_cache(
+        &self,
+        src: &Vec<f32>,
+        cache: &mut Vec<f32>,
+        rows: usize,
+        new: usize,
+        capacity: usize,
+        width: usize,
+        at: usize,
+    ) -> Result<()> {
+        check_len("write_cache", "src", src.len(), rows * new * width)?;
+        check_len("write_cache", "cache", cache.len(), rows * capacity * width)?;
+        if at + new > capacity {
+            return Err(crate::KernelError::Unsupported(format!(
+                "write_cache: columns {at}..{} exceed the capacity {capacity}",
+                at + new
+            )));
+        }
+        for r in 0..rows {
+            cache[(r * capacity + at) * width..][..new * width]
+                .copy_from_slice(&src[r * new * width..][..new * width]);
+        }
+        Ok(())
+    }
+
+    fn attention_cached(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        first_key: &Vec<i32>,
+        rows: usize,
+        new: usize,
+        filled: usize,
+        capacity: usize,
+        window: Option<usize>,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_len(
+            "attention_cached",
+            "q",
+            q.len(),
+            rows * new * heads * head_dim,
+        )?;
+        check_len(
+            "attention_cached",
+            "k_cache",
+            k_cache.len(),
+            rows * capacity * kv_heads * head_dim,
+        )?;
+        check_len(
+            "attention_cached",
+            "out",
+            out.len(),
+            rows * new * heads * head_dim,
+        )?;
+        check_len("attention_cached", "first_key", first_key.len(), rows)?;
+        attention::attention_cached_f32(
+            q, k_cache, v_cache, first_key, new, filled, capacity, window, heads, kv_heads,
+            head_dim, out,
+        );
+        Ok(())
+    }
+
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
         check_len("swiglu", "up", up.len(), gate.len())?;
         check_len("swiglu", "out", out.len(), gate.len())?;
