@@ -8,9 +8,11 @@
 //! - [`reference`]: `check-reference`, recomputing Hugging Face reference cases.
 //! - [`data`]: dataset records and batching.
 //! - [`train`]: the run config, schedules, the training loop and checkpoints.
+//! - [`generate`]: sampling and generation with a KV cache.
 //! - [`io`]: atomic file writes.
 
 pub mod data;
+pub mod generate;
 pub mod gguf;
 pub mod io;
 pub mod lora;

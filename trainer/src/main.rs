@@ -24,6 +24,8 @@ enum Command {
     ImportGguf(cli::import_gguf::Args),
     /// Fine-tune a model with LoRA as a run config says.
     Train(cli::train::Args),
+    /// Generate text from a model (and optionally a LoRA adapter), streaming to stdout.
+    Generate(cli::generate::Args),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         Command::CheckReference(args) => cli::check_reference::run(args),
         Command::ImportGguf(args) => cli::import_gguf::run(args),
         Command::Train(args) => cli::train::run(args),
+        Command::Generate(args) => cli::generate::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,6 @@
 //! One module per subcommand: its arguments and what it does.
 
 pub mod check_reference;
+pub mod generate;
 pub mod import_gguf;
 pub mod train;

@@ -40,12 +40,12 @@ pub struct Batch<B: Backend> {
 /// The decoder's frozen weights.
 pub struct Decoder<B: Backend> {
     pub config: ModelConfig,
-    shapes: Shapes,
-    embed: B::Tensor,
-    layers: Vec<LayerWeights<B>>,
-    final_norm: B::Tensor,
+    pub(super) shapes: Shapes,
+    pub(super) embed: B::Tensor,
+    pub(super) layers: Vec<LayerWeights<B>>,
+    pub(super) final_norm: B::Tensor,
     /// `None` when the LM head is tied to the embedding.
-    lm_head: Option<B::Tensor>,
+    pub(super) lm_head: Option<B::Tensor>,
 }
 
 /// What a forward pass keeps for backward.
@@ -155,7 +155,7 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
-    fn head_weight(&self) -> &B::Tensor {
+    pub(super) fn head_weight(&self) -> &B::Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 

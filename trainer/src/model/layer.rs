@@ -40,7 +40,7 @@ pub struct LayerSaved<B: Backend> {
     lora_t: [Option<B::Tensor>; 7],
 }
 
-fn dims(s: &Shapes, proj: Projection, n: usize) -> Dims {
+pub(super) fn dims(s: &Shapes, proj: Projection, n: usize) -> Dims {
     let (out_f, in_f) = match proj {
         Projection::Q => (s.q_dim, s.hidden),
         Projection::K | Projection::V => (s.kv_dim, s.hidden),

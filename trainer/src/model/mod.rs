@@ -1,5 +1,6 @@
 //! The Llama/Mistral decoder: configuration, weights, and the forward/backward pass over any backend.
 
+mod cached;
 mod config;
 mod decoder;
 mod layer;
@@ -10,6 +11,7 @@ pub mod weights;
 #[cfg(test)]
 mod tests;
 
+pub use cached::KvCache;
 pub use config::{Architecture, ModelConfig};
 pub use decoder::{next_token_targets, Activations, Batch, Decoder};
 pub use projection::Projection;
