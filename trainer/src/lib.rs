@@ -4,6 +4,7 @@
 //! - [`lora`]: LoRA parameters and PEFT adapter folders.
 //! - [`tokenizer`]: Hugging Face tokenizers, chat templates and SFT label masks.
 //! - [`gguf`]: reading GGUF files and importing them as Hugging Face folders.
+//! - [`merge`]: adapters merged into their base model.
 //! - [`optim`]: global-norm clipping and AdamW.
 //! - [`reference`]: `check-reference`, recomputing Hugging Face reference cases.
 //! - [`data`]: dataset records and batching.
@@ -16,6 +17,7 @@ pub mod generate;
 pub mod gguf;
 pub mod io;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod reference;

@@ -26,6 +26,8 @@ enum Command {
     Train(cli::train::Args),
     /// Generate text from a model (and optionally a LoRA adapter), streaming to stdout.
     Generate(cli::generate::Args),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face folder.
+    Merge(cli::merge::Args),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         Command::ImportGguf(args) => cli::import_gguf::run(args),
         Command::Train(args) => cli::train::run(args),
         Command::Generate(args) => cli::generate::run(args),
+        Command::Merge(args) => cli::merge::run(args),
     };
     match result {
         Ok(code) => code,

@@ -3,7 +3,7 @@
 //! compares every expected tensor. A tensor we cannot compute is a failure, never a skip.
 
 mod compare;
-mod sft;
+pub mod sft;
 mod tokenizer;
 
 pub use compare::{Comparison, Report};
