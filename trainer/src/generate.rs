@@ -32,7 +32,11 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
         return best as u32;
     }
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &x)| (i, (((x - max) / s.temperature) as f64).exp())).collect();
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i, (((x - max) / s.temperature) as f64).exp()))
+        .collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -93,14 +97,27 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum_and_top_p_keeps_the_nucleus() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let greedy = Sampling { max_new_tokens: 1, temperature: 0.0, top_p: 1.0, seed: 0 };
+        let greedy = Sampling {
+            max_new_tokens: 1,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        };
         assert_eq!(pick(&[0.1, 3.0, 3.0, -1.0], &greedy, &mut rng), 1);
         // p = softmax([ln 0.6, ln 0.3, ln 0.1]) = [0.6, 0.3, 0.1]; top_p 0.5 keeps only token 0.
-        let nucleus = Sampling { max_new_tokens: 1, temperature: 1.0, top_p: 0.5, seed: 0 };
+        let nucleus = Sampling {
+            max_new_tokens: 1,
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 0,
+        };
         let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
         assert!((0..50).all(|_| pick(&logits, &nucleus, &mut rng) == 0));
         // With top_p 1 every token appears.
-        let all = Sampling { top_p: 1.0, ..nucleus };
+        let all = Sampling {
+            top_p: 1.0,
+            ..nucleus
+        };
         let mut seen = [false; 3];
         (0..300).for_each(|_| seen[pick(&logits, &all, &mut rng) as usize] = true);
         assert_eq!(seen, [true; 3]);

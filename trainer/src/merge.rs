@@ -29,8 +29,14 @@ const COPIED_FILES: &[&str] = &[
 fn encode(values: &[f32], dtype: Dtype) -> Result<Vec<u8>> {
     Ok(match dtype {
         Dtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
         other => bail!("cannot write tensors of dtype {other:?}"),
     })
 }
@@ -63,7 +69,18 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path, max_shard_bytes: usize) ->
                 let mut w = to_f32(dtype, &raw).with_context(|| format!("tensor `{name}`"))?;
                 let (out_f, in_f) = (shape[0], shape[1]);
                 // W' = W + s · B [out, r] · A [r, in]
-                gemm_f32(out_f, in_f, slot.rank, slot.scaling, &lora.params[slot.a + 1], false, &lora.params[slot.a], false, 1.0, &mut w);
+                gemm_f32(
+                    out_f,
+                    in_f,
+                    slot.rank,
+                    slot.scaling,
+                    &lora.params[slot.a + 1],
+                    false,
+                    &lora.params[slot.a],
+                    false,
+                    1.0,
+                    &mut w,
+                );
                 encode(&w, dtype)?
             }
             None => raw,
@@ -74,30 +91,52 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path, max_shard_bytes: usize) ->
         }
         shard_bytes += bytes.len();
         total_bytes += bytes.len();
-        shards.last_mut().unwrap().push((name.clone(), shape, dtype, bytes));
+        shards
+            .last_mut()
+            .unwrap()
+            .push((name.clone(), shape, dtype, bytes));
     }
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     for (i, shard) in shards.iter().enumerate() {
-        let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        };
         let views = shard
             .iter()
-            .map(|(name, shape, dtype, bytes)| Ok((name.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)?)))
+            .map(|(name, shape, dtype, bytes)| {
+                Ok((
+                    name.clone(),
+                    safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        write_atomic(&out.join(&file), &safetensors::serialize(views, Some(meta))?)?;
+        write_atomic(
+            &out.join(&file),
+            &safetensors::serialize(views, Some(meta))?,
+        )?;
         for (name, ..) in shard {
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
         }
     }
     if n > 1 {
-        let index = serde_json::json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
-        write_atomic(&out.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
+        let index =
+            serde_json::json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
+        write_atomic(
+            &out.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index)?.as_bytes(),
+        )?;
     }
     for f in COPIED_FILES {
         let src = base.join(f);
         if src.exists() {
-            write_atomic(&out.join(f), &std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?)?;
+            write_atomic(
+                &out.join(f),
+                &std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?,
+            )?;
         }
     }
     Ok(deltas.len())
@@ -112,7 +151,9 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixture(p: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(p)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(p)
     }
 
     fn expected_lora_logits() -> Vec<f32> {
@@ -125,9 +166,19 @@ mod tests {
         let config = ModelConfig::load(dir).unwrap();
         let model = Decoder::load(&be, config.clone(), &WeightFiles::open(dir).unwrap()).unwrap();
         let inputs = Inputs::load(&fixture("tiny-llama/inputs.safetensors")).unwrap();
-        let batch = Batch::new(&be, &config, &inputs.ids, &inputs.labels, inputs.layout(None).unwrap()).unwrap();
+        let batch = Batch::new(
+            &be,
+            &config,
+            &inputs.ids,
+            &inputs.labels,
+            inputs.layout(None).unwrap(),
+        )
+        .unwrap();
         let acts = model.forward(&be, None, &batch, false).unwrap();
-        (be.download(&model.logits(&be, &acts).unwrap()).unwrap(), inputs.mask)
+        (
+            be.download(&model.logits(&be, &acts).unwrap()).unwrap(),
+            inputs.mask,
+        )
     }
 
     #[test]
@@ -135,9 +186,18 @@ mod tests {
         let want = expected_lora_logits();
         for max_shard in [MAX_SHARD_BYTES, 200_000] {
             let dir = tempfile::tempdir().unwrap();
-            let merged = merge(&fixture("tiny-llama/model"), &fixture("tiny-llama/adapter"), dir.path(), max_shard).unwrap();
+            let merged = merge(
+                &fixture("tiny-llama/model"),
+                &fixture("tiny-llama/adapter"),
+                dir.path(),
+                max_shard,
+            )
+            .unwrap();
             assert_eq!(merged, 21);
-            assert_eq!(dir.path().join("model.safetensors.index.json").exists(), max_shard < MAX_SHARD_BYTES);
+            assert_eq!(
+                dir.path().join("model.safetensors.index.json").exists(),
+                max_shard < MAX_SHARD_BYTES
+            );
             let (got, mask) = merged_logits(dir.path());
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {

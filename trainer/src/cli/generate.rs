@@ -45,7 +45,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let tok = Tokenizer::load(&args.model)?;
     let model = Decoder::load(&be, config.clone(), &WeightFiles::open(&args.model)?)?;
     let lora = match &args.adapter {
-        Some(dir) => Some(peft::load(&be, &config, dir).with_context(|| format!("loading the adapter {}", dir.display()))?),
+        Some(dir) => Some(
+            peft::load(&be, &config, dir)
+                .with_context(|| format!("loading the adapter {}", dir.display()))?,
+        ),
         None => None,
     };
     let prompt = if args.raw || tok.chat_template().is_none() {
@@ -60,16 +63,29 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let mut stop: Vec<u32> = config.eos_token_ids.clone();
     stop.extend(tok.eos_id());
-    let sampling = Sampling { max_new_tokens: args.max_new_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
+    let sampling = Sampling {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
     let mut stream = tok.stream_decoder(true);
     let mut stdout = std::io::stdout().lock();
-    generate(&be, &model, lora.as_ref(), &prompt, &stop, &sampling, |id| {
-        if let Some(text) = stream.step(id)? {
-            stdout.write_all(text.as_bytes())?;
-            stdout.flush()?;
-        }
-        Ok(())
-    })?;
+    generate(
+        &be,
+        &model,
+        lora.as_ref(),
+        &prompt,
+        &stop,
+        &sampling,
+        |id| {
+            if let Some(text) = stream.step(id)? {
+                stdout.write_all(text.as_bytes())?;
+                stdout.flush()?;
+            }
+            Ok(())
+        },
+    )?;
     writeln!(stdout)?;
     Ok(ExitCode::SUCCESS)
 }

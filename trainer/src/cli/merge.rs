@@ -18,7 +18,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let merged = trainer::merge::merge(&args.model, &args.adapter, &args.out, trainer::merge::MAX_SHARD_BYTES)?;
-    println!("merged {merged} adapted projections into {}", args.out.display());
+    let merged = trainer::merge::merge(
+        &args.model,
+        &args.adapter,
+        &args.out,
+        trainer::merge::MAX_SHARD_BYTES,
+    )?;
+    println!(
+        "merged {merged} adapted projections into {}",
+        args.out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

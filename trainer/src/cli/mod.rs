@@ -2,6 +2,6 @@
 
 pub mod check_reference;
 pub mod generate;
-pub mod merge;
 pub mod import_gguf;
+pub mod merge;
 pub mod train;

@@ -32,8 +32,12 @@ impl<B: Backend> KvCache<B> {
         let rows = first_key.len();
         let width = c.kv_dim();
         let alloc = || be.zeros(rows * capacity * width, be.compute_dtype());
-        let k = (0..c.num_layers).map(|_| alloc()).collect::<Result<Vec<_>, _>>()?;
-        let v = (0..c.num_layers).map(|_| alloc()).collect::<Result<Vec<_>, _>>()?;
+        let k = (0..c.num_layers)
+            .map(|_| alloc())
+            .collect::<Result<Vec<_>, _>>()?;
+        let v = (0..c.num_layers)
+            .map(|_| alloc())
+            .collect::<Result<Vec<_>, _>>()?;
         let (cos, sin) = c.rope.tables(capacity, capacity);
         Ok(KvCache {
             k,
@@ -52,7 +56,13 @@ impl<B: Backend> KvCache<B> {
 impl<B: Backend> Decoder<B> {
     /// Runs `ids [rows, new]` (the next `new` columns of every row) and returns the logits of each
     /// row's last new token, `[rows, vocab]` f32.
-    pub fn step_cached(&self, be: &B, lora: Option<&LoraParams<B>>, ids: &[i32], cache: &mut KvCache<B>) -> Result<Vec<f32>> {
+    pub fn step_cached(
+        &self,
+        be: &B,
+        lora: Option<&LoraParams<B>>,
+        ids: &[i32],
+        cache: &mut KvCache<B>,
+    ) -> Result<Vec<f32>> {
         let s = &self.shapes;
         let rows = cache.rows;
         let new = ids.len() / rows;
@@ -60,20 +70,33 @@ impl<B: Backend> Decoder<B> {
             bail!("step_cached: {} ids do not fill {rows} rows", ids.len());
         }
         if cache.filled + new > cache.capacity {
-            bail!("the KV cache holds {} tokens; {} more do not fit", cache.capacity, cache.filled + new - cache.capacity);
+            bail!(
+                "the KV cache holds {} tokens; {} more do not fit",
+                cache.capacity,
+                cache.filled + new - cache.capacity
+            );
         }
         let n = rows * new;
         let dt = be.compute_dtype();
         let start = cache.filled;
-        let positions: Vec<i32> =
-            (0..n).map(|i| ((start + i % new) as i32 - cache.first_key[i / new]).max(0)).collect();
+        let positions: Vec<i32> = (0..n)
+            .map(|i| ((start + i % new) as i32 - cache.first_key[i / new]).max(0))
+            .collect();
         let positions = be.upload_indices(&positions)?;
         let mut x = be.zeros(n * s.hidden, dt)?;
         be.embedding(&self.embed, &be.upload_indices(ids)?, s.hidden, &mut x)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let slot = |p: Projection| lora.and_then(|lp| lp.slot(l, p).map(|sl| (lp, sl)));
             let project = |p: Projection, input: &B::Tensor, out: &mut B::Tensor| -> Result<()> {
-                linear::forward(be, dims(s, p, n), input, &layer.proj[p.index()], slot(p), out).map(|_| ())
+                linear::forward(
+                    be,
+                    dims(s, p, n),
+                    input,
+                    &layer.proj[p.index()],
+                    slot(p),
+                    out,
+                )
+                .map(|_| ())
             };
             let mut rstd = be.zeros(n, DType::F32)?;
             let mut h = be.zeros(n * s.hidden, dt)?;
@@ -84,10 +107,30 @@ impl<B: Backend> Decoder<B> {
             project(Projection::Q, &h, &mut q)?;
             project(Projection::K, &h, &mut k)?;
             project(Projection::V, &h, &mut v)?;
-            be.rope(&mut q, &positions, &cache.cos, &cache.sin, s.heads, s.head_dim, false)?;
-            be.rope(&mut k, &positions, &cache.cos, &cache.sin, s.kv_heads, s.head_dim, false)?;
-            be.write_cache(&k, &mut cache.k[l], rows, new, cache.capacity, s.kv_dim, start)?;
-            be.write_cache(&v, &mut cache.v[l], rows, new, cache.capacity, s.kv_dim, start)?;
+            be.rope(
+                &mut q, &positions, &cache.cos, &cache.sin, s.heads, s.head_dim, false,
+            )?;
+            be.rope(
+                &mut k, &positions, &cache.cos, &cache.sin, s.kv_heads, s.head_dim, false,
+            )?;
+            be.write_cache(
+                &k,
+                &mut cache.k[l],
+                rows,
+                new,
+                cache.capacity,
+                s.kv_dim,
+                start,
+            )?;
+            be.write_cache(
+                &v,
+                &mut cache.v[l],
+                rows,
+                new,
+                cache.capacity,
+                s.kv_dim,
+                start,
+            )?;
             let mut attn = be.zeros(n * s.q_dim, dt)?;
             be.attention_cached(
                 &q,
@@ -107,7 +150,14 @@ impl<B: Backend> Decoder<B> {
             let mut mid = be.zeros(n * s.hidden, dt)?;
             project(Projection::O, &attn, &mut mid)?;
             be.axpy(1.0, &x, &mut mid)?;
-            be.rms_norm(&mid, &layer.post_attention_norm, s.hidden, s.eps, &mut h, &mut rstd)?;
+            be.rms_norm(
+                &mid,
+                &layer.post_attention_norm,
+                s.hidden,
+                s.eps,
+                &mut h,
+                &mut rstd,
+            )?;
             let mut gate = be.zeros(n * s.inter, dt)?;
             let mut up = be.zeros(n * s.inter, dt)?;
             project(Projection::Gate, &h, &mut gate)?;
@@ -122,14 +172,34 @@ impl<B: Backend> Decoder<B> {
         cache.filled += new;
         // Only each row's last token needs logits.
         let all = be.download(&x)?;
-        let last: Vec<f32> = (0..rows).flat_map(|r| all[((r + 1) * new - 1) * s.hidden..][..s.hidden].to_vec()).collect();
+        let last: Vec<f32> = (0..rows)
+            .flat_map(|r| all[((r + 1) * new - 1) * s.hidden..][..s.hidden].to_vec())
+            .collect();
         let last = be.upload(&last, dt)?;
         let mut rstd = be.zeros(rows, DType::F32)?;
         let mut normed = be.zeros(rows * s.hidden, dt)?;
-        be.rms_norm(&last, &self.final_norm, s.hidden, s.eps, &mut normed, &mut rstd)?;
+        be.rms_norm(
+            &last,
+            &self.final_norm,
+            s.hidden,
+            s.eps,
+            &mut normed,
+            &mut rstd,
+        )?;
         let v = self.config.vocab_size;
         let mut logits = be.zeros(rows * v, DType::F32)?;
-        be.gemm(rows, v, s.hidden, 1.0, &normed, false, self.head_weight(), true, 0.0, &mut logits)?;
+        be.gemm(
+            rows,
+            v,
+            s.hidden,
+            1.0,
+            &normed,
+            false,
+            self.head_weight(),
+            true,
+            0.0,
+            &mut logits,
+        )?;
         Ok(be.download(&logits)?)
     }
 }

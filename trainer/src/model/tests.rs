@@ -187,16 +187,29 @@ fn cached_decoding_gives_the_full_forward_logits() {
     let m = model(&be, &c, false);
     let lora = adapter(&be, &c);
     let ids = tokens(7, 5);
-    let full = Batch::new(&be, &c, &ids, &ids, AttentionLayout::right_padded(&[7], 7, Some(4))).unwrap();
+    let full = Batch::new(
+        &be,
+        &c,
+        &ids,
+        &ids,
+        AttentionLayout::right_padded(&[7], 7, Some(4)),
+    )
+    .unwrap();
     let acts = m.forward(&be, Some(&lora), &full, false).unwrap();
     let logits = m.logits(&be, &acts).unwrap();
     let mut cache = super::KvCache::new(&be, &m, vec![0], 7).unwrap();
     let v = c.vocab_size;
     // Prefill 4 tokens, then one at a time: each step's logits equal the full pass at that column.
-    let first = m.step_cached(&be, Some(&lora), &ids[..4], &mut cache).unwrap();
+    let first = m
+        .step_cached(&be, Some(&lora), &ids[..4], &mut cache)
+        .unwrap();
     let mut steps = vec![(3, first)];
     for t in 4..7 {
-        steps.push((t, m.step_cached(&be, Some(&lora), &ids[t..t + 1], &mut cache).unwrap()));
+        steps.push((
+            t,
+            m.step_cached(&be, Some(&lora), &ids[t..t + 1], &mut cache)
+                .unwrap(),
+        ));
     }
     for (t, got) in steps {
         for (a, b) in got.iter().zip(&logits[t * v..(t + 1) * v]) {

@@ -85,8 +85,9 @@ fn read_all(paths: &[PathBuf], cfg: &RunConfig) -> Result<(Vec<Record>, usize)> 
 /// Loads the model, tokenizer and datasets named by `cfg`.
 pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
     let model_config = ModelConfig::load(&cfg.model.path)?;
+    let weights = WeightFiles::open(&cfg.model.path)?;
     let tokenizer = Tokenizer::load(&cfg.model.path)?;
-    let model = Decoder::load(be, model_config, &WeightFiles::open(&cfg.model.path)?)
+    let model = Decoder::load(be, model_config, &weights)
         .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
     let formatting = Formatting {
         alpaca_as_chat: cfg.data.alpaca_template == "chat",

@@ -1,0 +1,324 @@
+//! End-to-end training on the tiny fixture model (tests/fixtures/tiny-llama/model) with a
+//! byte-level tokenizer (tests/fixtures/byte-tokenizer): the loss falls on held-out data, the saved
+//! PEFT adapter reproduces the trained model, resuming is bitwise identical, and bad input is
+//! reported clearly.
+
+use kernels::cpu::CpuBackend;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use trainer::lora::peft;
+use trainer::model::weights::WeightFiles;
+use trainer::train::config::RunConfig;
+use trainer::train::metrics::read_steps;
+use trainer::train::run::{evaluate, prepare, train, Resume};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// A model folder: tiny-llama's weights and config with the byte-level tokenizer.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for (src, name) in [
+        ("tiny-llama/model", "config.json"),
+        ("tiny-llama/model", "model.safetensors"),
+        ("byte-tokenizer", "tokenizer.json"),
+        ("byte-tokenizer", "tokenizer_config.json"),
+    ] {
+        std::fs::copy(fixtures().join(src).join(name), m.join(name)).unwrap();
+    }
+    m
+}
+
+/// 80 alpaca records with a learnable answer pattern.
+fn dataset(dir: &Path) -> PathBuf {
+    let colors = ["red", "blue", "green", "gold"];
+    let lines: Vec<String> = (0..80)
+        .map(|i| {
+            let c = colors[i % 4];
+            format!(r#"{{"instruction": "Colour {i}?", "output": "It is {c}. It is {c}."}}"#)
+        })
+        .collect();
+    let p = dir.join("data.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+fn config(dir: &Path, extra: &str) -> RunConfig {
+    config_with(dir, extra, &[])
+}
+
+fn config_with(dir: &Path, extra: &str, overrides: &[String]) -> RunConfig {
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+backend = "cpu"
+[lora]
+r = 4
+alpha = 8
+[data]
+train = ["{data}"]
+max_seq_len = 64
+validation_split = 0.1
+[train]
+batch_size = 4
+grad_accum = 2
+lr = 1e-2
+schedule = "linear"
+warmup_steps = 2
+seed = 3
+{extra}
+[output]
+dir = "{out}"
+"#,
+        model = tiny_model(dir).display(),
+        data = dataset(dir).display(),
+        out = dir.join("out").display()
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    RunConfig::load(&path, overrides).unwrap()
+}
+
+#[test]
+fn training_lowers_held_out_loss_and_the_saved_adapter_reproduces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "max_steps = 30\neval_steps = 10");
+    let be = CpuBackend::new();
+    let summary = train(&be, &cfg, Resume::No).unwrap();
+    let (start, end) = (
+        summary.eval_loss_start.unwrap(),
+        summary.eval_loss_end.unwrap(),
+    );
+    assert!(end < start * 0.6, "held-out loss {start} → {end}");
+
+    // Reload the written adapter: the held-out loss is the same to the bit.
+    let out = dir.path().join("out");
+    let prep = prepare(&be, &cfg).unwrap();
+    let lora = peft::load(&be, &prep.model.config, &out.join("adapter")).unwrap();
+    let batching = trainer::data::batching::Batching {
+        rows: 4,
+        max_seq_len: 64,
+        packing: true,
+        pad_id: 0,
+    };
+    let (reloaded, _) = evaluate(&be, &prep.model, Some(&lora), &prep.eval, &batching).unwrap();
+    assert_eq!(reloaded, end);
+
+    // The files follow PEFT's format: the fixture adapter (written by PEFT) is the model.
+    let ours: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let peft_cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny-llama/adapter/adapter_config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    for (k, v) in ours.as_object().unwrap() {
+        let theirs = peft_cfg
+            .get(k)
+            .unwrap_or_else(|| panic!("adapter_config key `{k}` is not one PEFT writes"));
+        if !theirs.is_null() && !v.is_null() {
+            assert_eq!(
+                std::mem::discriminant(v),
+                std::mem::discriminant(theirs),
+                "type of `{k}`"
+            );
+        }
+    }
+    assert_eq!(
+        (ours["r"].as_u64(), ours["lora_alpha"].as_f64()),
+        (Some(4), Some(8.0))
+    );
+    let ours_t = WeightFiles::open_file(&out.join("adapter/adapter_model.safetensors")).unwrap();
+    let peft_t =
+        WeightFiles::open_file(&fixtures().join("tiny-llama/adapter/adapter_model.safetensors"))
+            .unwrap();
+    let names: Vec<&str> = ours_t.names().collect();
+    assert_eq!(names, peft_t.names().collect::<Vec<_>>());
+    for n in names {
+        assert_eq!(ours_t.info(n).unwrap(), peft_t.info(n).unwrap(), "{n}");
+    }
+    for f in [
+        "metrics.jsonl",
+        "loss.png",
+        "summary.json",
+        "checkpoint-30/trainer_state.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} was not written");
+    }
+    let (steps, _) = read_steps(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps.len(), 30);
+}
+
+#[test]
+fn resuming_from_a_checkpoint_is_bitwise_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "max_steps = 6\nsave_steps = 3\nsave_total_limit = 5",
+    );
+    let be = CpuBackend::new();
+    train(&be, &cfg, Resume::No).unwrap();
+    let out = dir.path().join("out");
+    let (full, _) = read_steps(&out.join("metrics.jsonl")).unwrap();
+
+    // A second run that only has checkpoint-3, as if the first had died after saving it.
+    let mut resumed_cfg = cfg.clone();
+    resumed_cfg.output.dir = dir.path().join("resumed");
+    std::fs::create_dir_all(&resumed_cfg.output.dir).unwrap();
+    let ckpt = resumed_cfg.output.dir.join("checkpoint-3");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    for e in std::fs::read_dir(out.join("checkpoint-3")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), ckpt.join(e.file_name())).unwrap();
+    }
+    train(&be, &resumed_cfg, Resume::Latest).unwrap();
+    let (resumed, _) = read_steps(&resumed_cfg.output.dir.join("metrics.jsonl")).unwrap();
+    let tail: Vec<(u64, f64, f32)> = full
+        .iter()
+        .filter(|r| r.step > 3)
+        .map(|r| (r.step, r.loss, r.grad_norm))
+        .collect();
+    let again: Vec<(u64, f64, f32)> = resumed
+        .iter()
+        .filter(|r| r.step > 3)
+        .map(|r| (r.step, r.loss, r.grad_norm))
+        .collect();
+    assert_eq!(tail.len(), 3);
+    assert_eq!(
+        tail, again,
+        "losses after resuming must be bitwise identical"
+    );
+    let a = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(
+        resumed_cfg
+            .output
+            .dir
+            .join("adapter/adapter_model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(a, b, "final adapters must be bitwise identical");
+}
+
+#[test]
+fn training_continues_from_an_adapter_written_by_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = fixtures().join("tiny-llama/adapter");
+    let cfg = config_with(
+        dir.path(),
+        "max_steps = 1",
+        &[format!("lora.init_adapter=\"{}\"", adapter.display())],
+    );
+    let be = CpuBackend::new();
+    let prep = prepare(&be, &cfg).unwrap();
+    let lora = peft::load(&be, &prep.model.config, &adapter).unwrap();
+    let batching = trainer::data::batching::Batching {
+        rows: 4,
+        max_seq_len: 64,
+        packing: true,
+        pad_id: 0,
+    };
+    let (with_peft_adapter, _) =
+        evaluate(&be, &prep.model, Some(&lora), &prep.eval, &batching).unwrap();
+    let s = train(&be, &cfg, Resume::No).unwrap();
+    assert_eq!(
+        s.eval_loss_start,
+        Some(with_peft_adapter),
+        "training must start from the PEFT adapter's weights"
+    );
+}
+
+fn fuselora(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fuselora"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+#[test]
+fn bad_input_gets_errors_that_say_what_and_where() {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), "max_steps = 1");
+    let cfg_path = dir.path().join("run.toml");
+
+    let (ok, text) = fuselora(&[
+        "train",
+        "--config",
+        cfg_path.to_str().unwrap(),
+        "--set",
+        "train.learnig_rate=1",
+    ]);
+    assert!(
+        !ok && text.contains("learnig_rate") && text.contains("`lr`"),
+        "{text}"
+    );
+
+    let (ok, text) = fuselora(&[
+        "train",
+        "--config",
+        cfg_path.to_str().unwrap(),
+        "--set",
+        "data.format=csv",
+    ]);
+    assert!(
+        !ok && text.contains("data.format") && text.contains("sharegpt"),
+        "{text}"
+    );
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"c\", \"output\": 3}\n",
+    )
+    .unwrap();
+    let set = format!("data.train=[\"{}\"]", bad.display());
+    let (ok, text) = fuselora(&[
+        "train",
+        "--config",
+        cfg_path.to_str().unwrap(),
+        "--set",
+        &set,
+    ]);
+    assert!(
+        !ok && text.contains("bad.jsonl:2") && text.contains("`output` must be a string"),
+        "{text}"
+    );
+
+    let empty_model = dir.path().join("pickled");
+    std::fs::create_dir_all(&empty_model).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-llama/model/config.json"),
+        empty_model.join("config.json"),
+    )
+    .unwrap();
+    std::fs::write(empty_model.join("pytorch_model.bin"), b"pickle").unwrap();
+    let set = format!("model.path=\"{}\"", empty_model.display());
+    let (ok, text) = fuselora(&[
+        "train",
+        "--config",
+        cfg_path.to_str().unwrap(),
+        "--set",
+        &set,
+    ]);
+    assert!(
+        !ok && text.contains("pytorch_model.bin") && text.contains("safe_serialization"),
+        "{text}"
+    );
+
+    let (ok, text) = fuselora(&[
+        "train",
+        "--config",
+        cfg_path.to_str().unwrap(),
+        "--set",
+        "model.path=\"/no/such/model\"",
+    ]);
+    assert!(!ok && text.contains("/no/such/model/config.json"), "{text}");
+}
