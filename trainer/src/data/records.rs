@@ -211,10 +211,13 @@ fn to_sample(v: &Value, format: Format) -> Result<Sample> {
     }
 }
 
+/// sharegpt roles; a `function_call` is the assistant's (trained) turn, an `observation` is the
+/// tool's answer (masked), as in LLaMA-Factory's sharegpt convention.
 fn sharegpt_role(r: &str) -> Option<&'static str> {
     match r {
         "human" | "user" => Some("user"),
-        "gpt" | "assistant" | "chatgpt" | "bard" => Some("assistant"),
+        "gpt" | "assistant" | "chatgpt" | "bard" | "function_call" => Some("assistant"),
+        "observation" | "tool" => Some("tool"),
         "system" => Some("system"),
         _ => None,
     }
@@ -225,6 +228,7 @@ fn messages_role(r: &str) -> Option<&'static str> {
         "user" => Some("user"),
         "assistant" => Some("assistant"),
         "system" => Some("system"),
+        "tool" => Some("tool"),
         _ => None,
     }
 }
@@ -244,7 +248,7 @@ fn chat(
     for (i, t) in turns.iter().enumerate() {
         let r = string_field(t, role_key).with_context(|| format!("turn {i}"))?;
         let mapped = role(&r).ok_or_else(|| {
-            anyhow!("turn {i}: role `{r}` is not supported (use system, user/human, assistant/gpt)")
+            anyhow!("turn {i}: role `{r}` is not supported (use system, user/human, assistant/gpt/function_call, tool/observation)")
         })?;
         let content = string_field(t, content_key).with_context(|| format!("turn {i}"))?;
         messages.push(Message {
@@ -330,14 +334,14 @@ mod tests {
         .to_string();
         assert!(e.contains("d.jsonl:2"), "{e}");
         let e = read(
-            "{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}",
+            "{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}",
             "jsonl",
             None,
             false,
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("role `tool`"), "{e}");
+        assert!(e.contains("role `robot`"), "{e}");
     }
 
     #[test]
