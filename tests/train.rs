@@ -322,3 +322,17 @@ fn bad_input_gets_errors_that_say_what_and_where() {
     ]);
     assert!(!ok && text.contains("/no/such/model/config.json"), "{text}");
 }
+
+#[test]
+fn every_example_config_is_valid() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            RunConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "configs/ holds the example configs");
+}
