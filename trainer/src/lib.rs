@@ -1,5 +1,6 @@
 //! fuselora's trainer: everything above the kernels.
 //!
+//! - [`bench`]: `fuselora bench`, the training step on preset shapes with random weights.
 //! - [`model`]: Hugging Face config and weights, the Llama/Mistral decoder over any `Backend`.
 //! - [`lora`]: LoRA parameters and PEFT adapter folders.
 //! - [`tokenizer`]: Hugging Face tokenizers, chat templates and SFT label masks.
@@ -10,6 +11,7 @@
 //! - [`train`]: the run config, schedules, the training loop and checkpoints.
 //! - [`io`]: atomic file writes.
 
+pub mod bench;
 pub mod data;
 pub mod gguf;
 pub mod io;
