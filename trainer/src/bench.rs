@@ -146,7 +146,7 @@ fn median(xs: &[f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => 0.0,
-        l if l % 2 == 1 => v[l / 2],
+        l if !l.is_multiple_of(2) => v[l / 2],
         l => (v[l / 2 - 1] + v[l / 2]) / 2.0,
     }
 }

@@ -89,7 +89,7 @@ impl CudaBackend {
                 ("out", out),
             ],
         )?;
-        if head_dim > MAX_CACHED_HEAD_DIM || kv_heads == 0 || heads % kv_heads != 0 {
+        if head_dim > MAX_CACHED_HEAD_DIM || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(KernelError::Unsupported(format!(
                 "{op}: head_dim {head_dim} (at most {MAX_CACHED_HEAD_DIM}) with {heads} query heads over \
                  {kv_heads} kv heads is not supported"
