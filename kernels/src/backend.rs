@@ -87,6 +87,10 @@ pub trait Backend {
     fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
     /// `t ← 0`.
     fn fill_zero(&self, t: &mut Self::Tensor) -> Result<()>;
+    /// `t[i] ← scale · (2u − 1)` with `u ∈ [0, 1)` a pure function of `(seed, i)`
+    /// (splitmix64, see `cuda/random.cu`): uniform on `[−scale, scale)`, the same values on every
+    /// backend up to rounding to the tensor's dtype. Random weights for benchmarks, made in place.
+    fn fill_random(&self, t: &mut Self::Tensor, seed: u64, scale: f32) -> Result<()>;
     /// `dst ← dst + alpha · src`.
     fn axpy(&self, alpha: f32, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
     /// `t ← alpha · t`.

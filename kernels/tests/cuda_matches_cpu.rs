@@ -654,3 +654,86 @@ fn bench_llama2_7b_attention_and_gemms() {
         g.peak_memory_bytes().unwrap() as f64 / (1u64 << 30) as f64
     );
 }
+
+#[test]
+fn kv_cache_write_cached_attention_and_random_fill_match() {
+    let cpu = CpuBackend::new();
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        let (rows, cap, hq, hkv, hd, prompt, new) = (2, 40, 8, 2, 64, 30, 3);
+        let width = hkv * hd;
+        let mut caches = Vec::new();
+        for (i, seed) in [11u64, 12].iter().enumerate() {
+            let (mut gc, mut cc) = (
+                g.zeros(rows * cap * width, d).unwrap(),
+                vec![0.0; rows * cap * width],
+            );
+            for (at, n) in [(0, prompt), (prompt, new)] {
+                let (src, src_h) = up(&g, &random(rows * n * width, seed + at as u64, 1.0), d);
+                g.write_cache(&src, &mut gc, rows, n, cap, width, at)
+                    .unwrap();
+                cpu.write_cache(&src_h, &mut cc, rows, n, cap, width, at)
+                    .unwrap();
+            }
+            let got = g.download(&gc).unwrap();
+            assert_eq!(got, cc, "write_cache {i} ({})", d.name());
+            caches.push((gc, cc));
+        }
+        let filled = prompt + new;
+        let first_key = [0, 5];
+        let (q, q_h) = up(&g, &random(rows * new * hq * hd, 13, 1.0), d);
+        for window in [None, Some(8)] {
+            let mut out = g.zeros(q_h.len(), d).unwrap();
+            let mut want = vec![0.0; q_h.len()];
+            g.attention_cached(
+                &q,
+                &caches[0].0,
+                &caches[1].0,
+                &g.upload_indices(&first_key).unwrap(),
+                rows,
+                new,
+                filled,
+                cap,
+                window,
+                hq,
+                hkv,
+                hd,
+                &mut out,
+            )
+            .unwrap();
+            cpu.attention_cached(
+                &q_h,
+                &caches[0].1,
+                &caches[1].1,
+                &first_key.to_vec(),
+                rows,
+                new,
+                filled,
+                cap,
+                window,
+                hq,
+                hkv,
+                hd,
+                &mut want,
+            )
+            .unwrap();
+            check(
+                &format!("attention_cached window {window:?}"),
+                d,
+                &g.download(&out).unwrap(),
+                &want,
+            );
+        }
+        let mut r = g.zeros(100_003, d).unwrap();
+        g.fill_random(&mut r, 99, 0.02).unwrap();
+        let mut want = vec![0.0; 100_003];
+        cpu.fill_random(&mut want, 99, 0.02).unwrap();
+        let (_, want_rounded) = up(&g, &want, d);
+        assert_eq!(
+            g.download(&r).unwrap(),
+            want_rounded,
+            "fill_random ({})",
+            d.name()
+        );
+    }
+}

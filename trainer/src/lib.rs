@@ -1,5 +1,6 @@
 //! fuselora's trainer: everything above the kernels.
 //!
+//! - [`bench`]: `fuselora bench`, the training step on preset shapes with random weights.
 //! - [`model`]: Hugging Face config and weights, the Llama/Mistral decoder over any `Backend`.
 //! - [`lora`]: LoRA parameters and PEFT adapter folders.
 //! - [`tokenizer`]: Hugging Face tokenizers, chat templates and SFT label masks.
@@ -12,6 +13,7 @@
 //! - [`generate`]: sampling and generation with a KV cache.
 //! - [`io`]: atomic file writes.
 
+pub mod bench;
 pub mod data;
 pub mod generate;
 pub mod gguf;

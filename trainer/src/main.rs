@@ -18,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Time the training step on a preset model shape with random weights (tokens/s, MFU, memory).
+    Bench(cli::bench::Args),
     /// Recompute a Hugging Face reference case and compare every expected tensor.
     CheckReference(cli::check_reference::Args),
     /// Convert a llama.cpp GGUF file (llama architecture) into a Hugging Face model folder.
@@ -33,6 +35,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(args) => cli::bench::run_cli(args),
         Command::CheckReference(args) => cli::check_reference::run(args),
         Command::ImportGguf(args) => cli::import_gguf::run(args),
         Command::Train(args) => cli::train::run(args),

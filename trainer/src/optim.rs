@@ -82,3 +82,135 @@ impl<B: Backend> AdamW<B> {
         })
     }
 }
+
+/// fp16 dynamic loss scaling as `torch.amp.GradScaler` does it: the loss (here: every token's
+/// gradient weight) is multiplied by `scale` so small fp16 activation gradients do not flush to
+/// zero; before the optimizer step the gradients are divided by `scale` again. When any gradient
+/// is not finite the step is skipped and `scale` halves; after `growth_interval` finite steps in a
+/// row it doubles. Disabled (scale 1, never skips) for bf16 and f32, which have f32's range.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossScaler {
+    pub enabled: bool,
+    pub scale: f32,
+    pub growth_factor: f32,
+    pub backoff_factor: f32,
+    pub growth_interval: u32,
+    /// Finite steps since the last change of `scale`.
+    pub good_steps: u32,
+}
+
+impl LossScaler {
+    /// GradScaler's defaults (init 65536, growth 2 every 2000 steps, backoff 0.5), enabled when the
+    /// backend computes in f16.
+    pub fn for_dtype(dtype: DType) -> Self {
+        LossScaler {
+            enabled: dtype == DType::F16,
+            scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+            good_steps: 0,
+        }
+    }
+
+    /// The gradient weight to use for a token whose unscaled weight is `weight`.
+    pub fn loss_weight(&self, weight: f32) -> f32 {
+        if self.enabled {
+            weight * self.scale
+        } else {
+            weight
+        }
+    }
+
+    /// After backward: whether the gradients are finite. When they are, divides them by the scale;
+    /// either way updates the scale for the next step.
+    pub fn unscale<B: Backend>(&mut self, be: &B, grads: &mut [B::Tensor]) -> Result<bool> {
+        if !self.enabled {
+            return Ok(true);
+        }
+        let finite = be.all_finite(grads)?;
+        if finite {
+            for g in grads.iter_mut() {
+                be.scale(1.0 / self.scale, g)?;
+            }
+        }
+        self.update(finite);
+        Ok(finite)
+    }
+
+    fn update(&mut self, finite: bool) {
+        if !finite {
+            self.scale *= self.backoff_factor;
+            self.good_steps = 0;
+        } else {
+            self.good_steps += 1;
+            if self.good_steps == self.growth_interval {
+                self.scale *= self.growth_factor;
+                self.good_steps = 0;
+            }
+        }
+    }
+}
+
+impl<B: Backend> AdamW<B> {
+    /// [`AdamW::step`] behind the loss scaler: skips the step (AdamW's state and the weights stay
+    /// as they were, `grad_norm` is reported as infinite) when the scaled gradients overflowed.
+    pub fn step_scaled(
+        &mut self,
+        be: &B,
+        lora: &mut LoraParams<B>,
+        lr: f64,
+        scaler: &mut LossScaler,
+    ) -> Result<StepStats> {
+        if scaler.unscale(be, &mut lora.grads)? {
+            self.step(be, lora, lr)
+        } else {
+            Ok(StepStats {
+                grad_norm: f32::INFINITY,
+                clip_coef: 0.0,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernels::cpu::CpuBackend;
+
+    #[test]
+    fn the_scaler_backs_off_on_overflow_and_grows_after_the_interval() {
+        let be = CpuBackend::new();
+        let mut s = LossScaler::for_dtype(DType::F16);
+        s.growth_interval = 3;
+        assert_eq!(s.loss_weight(0.5), 32768.0);
+        let mut grads = vec![vec![65536.0, -131072.0], vec![f32::INFINITY]];
+        assert!(!s.unscale(&be, &mut grads).unwrap());
+        assert_eq!(s.scale, 32768.0);
+        assert_eq!(
+            grads[0],
+            vec![65536.0, -131072.0],
+            "skipped steps leave grads alone"
+        );
+        for expected_scale in [32768.0, 32768.0, 65536.0] {
+            let mut g = vec![vec![32768.0, -65536.0]];
+            assert!(s.unscale(&be, &mut g).unwrap());
+            assert_eq!(
+                g[0],
+                vec![1.0, -2.0],
+                "finite grads are divided by the scale"
+            );
+            assert_eq!(s.scale, expected_scale);
+        }
+    }
+
+    #[test]
+    fn bf16_and_f32_never_scale_or_skip() {
+        let be = CpuBackend::new();
+        let mut s = LossScaler::for_dtype(DType::BF16);
+        assert_eq!(s.loss_weight(0.25), 0.25);
+        let mut grads = vec![vec![f32::NAN]];
+        assert!(s.unscale(&be, &mut grads).unwrap());
+        assert_eq!(s.scale, 65536.0);
+    }
+}

@@ -8,6 +8,7 @@ mod attention;
 mod cross_entropy;
 mod embedding;
 mod matmul;
+mod random;
 mod rmsnorm;
 mod rope;
 mod swiglu;
@@ -72,6 +73,11 @@ impl Backend for CpuBackend {
 
     fn fill_zero(&self, t: &mut Vec<f32>) -> Result<()> {
         t.fill(0.0);
+        Ok(())
+    }
+
+    fn fill_random(&self, t: &mut Vec<f32>, seed: u64, scale: f32) -> Result<()> {
+        random::fill(t, seed, scale);
         Ok(())
     }
 

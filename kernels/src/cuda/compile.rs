@@ -81,6 +81,16 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         },
     },
     KernelSource {
+        name: "generation",
+        source: include_str!("../../cuda/generation.cu"),
+        entry_points: || per_dtype(&["write_cache", "attention_cached"]),
+    },
+    KernelSource {
+        name: "random",
+        source: include_str!("../../cuda/random.cu"),
+        entry_points: || per_dtype(&["fill_random"]),
+    },
+    KernelSource {
         name: "cross_entropy",
         source: include_str!("../../cuda/cross_entropy.cu"),
         entry_points: || per_dtype(&["softmax_cross_entropy"]),

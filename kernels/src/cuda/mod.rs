@@ -10,6 +10,7 @@
 mod attention;
 pub mod compile;
 mod gemm;
+mod generation;
 mod launch;
 mod lm_head;
 mod optimizer;
@@ -365,6 +366,10 @@ impl Backend for CudaBackend {
         self.memset_zero(t)
     }
 
+    fn fill_random(&self, t: &mut CudaTensor, seed: u64, scale: f32) -> Result<()> {
+        self.fill_random_impl(t, seed, scale)
+    }
+
     fn axpy(&self, alpha: f32, src: &CudaTensor, dst: &mut CudaTensor) -> Result<()> {
         check_len("axpy", "dst", dst.len(), src.len())?;
         let name = format!("axpy_{}_{}", suffix(src.dtype), suffix(dst.dtype));
@@ -601,6 +606,41 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.attention_backward_impl(
             q, k, v, out, lse, dout, layout, doc_start, heads, kv_heads, head_dim, dq, dk, dv,
+        )
+    }
+
+    fn write_cache(
+        &self,
+        src: &CudaTensor,
+        cache: &mut CudaTensor,
+        rows: usize,
+        new: usize,
+        capacity: usize,
+        width: usize,
+        at: usize,
+    ) -> Result<()> {
+        self.write_cache_impl(src, cache, rows, new, capacity, width, at)
+    }
+
+    fn attention_cached(
+        &self,
+        q: &CudaTensor,
+        k_cache: &CudaTensor,
+        v_cache: &CudaTensor,
+        first_key: &CudaIndices,
+        rows: usize,
+        new: usize,
+        filled: usize,
+        capacity: usize,
+        window: Option<usize>,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        self.attention_cached_impl(
+            q, k_cache, v_cache, first_key, rows, new, filled, capacity, window, heads, kv_heads,
+            head_dim, out,
         )
     }
 

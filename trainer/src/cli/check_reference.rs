@@ -1,7 +1,8 @@
-//! `fuselora check-reference CASE_DIR...`
+//! `fuselora check-reference [--backend cpu|cuda|auto] [--dtype f32|bf16|f16] CASE_DIR...`
 
+use super::backend::{run_on, BackendTask, Selection};
 use anyhow::Result;
-use kernels::cpu::CpuBackend;
+use kernels::Backend;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,29 +11,43 @@ pub struct Args {
     /// Case folders in the format of tests/fixtures (case.json, model/, adapter/, inputs and expected tensors).
     #[arg(required = true)]
     cases: Vec<PathBuf>,
+    /// `cpu` (the f32 reference), `cuda` (the GPU, `LOCAL_RANK` or 0) or `auto`.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Compute dtype on the GPU; the fixtures' tolerances are met in `f32`.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+struct CheckCases(Vec<PathBuf>);
+
+impl BackendTask for CheckCases {
+    type Output = bool;
+    fn run<B: Backend>(self, be: &B) -> Result<bool> {
+        let mut all_passed = true;
+        for dir in &self.0 {
+            println!("== {} on {}", dir.display(), be.describe());
+            match trainer::reference::check_case(be, dir) {
+                Ok(report) => {
+                    println!("{report}");
+                    all_passed &= report.passed();
+                }
+                Err(e) => {
+                    println!("FAIL  {}: {e:#}", dir.display());
+                    all_passed = false;
+                }
+            }
+        }
+        Ok(all_passed)
+    }
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let be = CpuBackend::new();
-    let mut all_passed = true;
-    for dir in &args.cases {
-        println!(
-            "== {} on {}",
-            dir.display(),
-            kernels::Backend::describe(&be)
-        );
-        match trainer::reference::check_case(&be, dir) {
-            Ok(report) => {
-                println!("{report}");
-                all_passed &= report.passed();
-            }
-            Err(e) => {
-                println!("FAIL  {}: {e:#}", dir.display());
-                all_passed = false;
-            }
-        }
-    }
-    Ok(if all_passed {
+    let selection = Selection {
+        backend: args.backend,
+        dtype: args.dtype,
+    };
+    Ok(if run_on(&selection, CheckCases(args.cases))? {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -1,5 +1,7 @@
 //! One module per subcommand: its arguments and what it does.
 
+pub mod backend;
+pub mod bench;
 pub mod check_reference;
 pub mod generate;
 pub mod import_gguf;

@@ -1,11 +1,12 @@
 //! `fuselora train --config FILE.toml [--set key=value ...] [--resume [CHECKPOINT]]`
 
-use anyhow::{bail, Result};
-use kernels::cpu::CpuBackend;
+use super::backend::{run_on, BackendTask, Selection};
+use anyhow::Result;
+use kernels::Backend;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::train::config::RunConfig;
-use trainer::train::run::{describe_summary, train, Resume};
+use trainer::train::run::{describe_summary, train, Resume, Summary};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -20,6 +21,18 @@ pub struct Args {
     resume: Option<String>,
 }
 
+struct Train {
+    cfg: RunConfig,
+    resume: Resume,
+}
+
+impl BackendTask for Train {
+    type Output = Summary;
+    fn run<B: Backend>(self, be: &B) -> Result<Summary> {
+        train(be, &self.cfg, self.resume)
+    }
+}
+
 pub fn run(args: Args) -> Result<ExitCode> {
     let cfg = RunConfig::load(&args.config, &args.overrides)?;
     let resume = match args.resume.as_deref() {
@@ -27,24 +40,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some("latest") => Resume::Latest,
         Some(p) => Resume::From(PathBuf::from(p)),
     };
-    let summary = match choose_backend(&cfg.model.backend)? {
-        Chosen::Cpu(reason) => {
-            eprintln!("backend: cpu ({reason})");
-            train(&CpuBackend::new(), &cfg, resume)?
-        }
+    let selection = Selection {
+        backend: cfg.model.backend.clone(),
+        dtype: cfg.model.dtype.clone(),
     };
-    println!("{}", describe_summary(&summary, &cfg.output.dir));
+    let out = cfg.output.dir.clone();
+    let summary = run_on(&selection, Train { cfg, resume })?;
+    println!("{}", describe_summary(&summary, &out));
     Ok(ExitCode::SUCCESS)
-}
-
-enum Chosen {
-    Cpu(&'static str),
-}
-
-fn choose_backend(wanted: &str) -> Result<Chosen> {
-    match wanted {
-        "cpu" => Ok(Chosen::Cpu("asked for in the config")),
-        "cuda" => bail!("model.backend = \"cuda\", but this build has no CUDA backend: rebuild with `cargo build --release --features cuda`"),
-        _ => Ok(Chosen::Cpu("this build has no CUDA backend; build with --features cuda for GPUs")),
-    }
 }

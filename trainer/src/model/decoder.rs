@@ -155,6 +155,49 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
+    /// A decoder of `config`'s shape with random weights made on the device (benchmarks; no
+    /// download): projections and embeddings uniform with standard deviation 0.02 (transformers'
+    /// `initializer_range`), norm weights 1. Tensor `i` is filled from seed `seed + i`.
+    pub fn random(be: &B, config: ModelConfig, seed: u64) -> Result<Self> {
+        let dt = be.compute_dtype();
+        let scale = 0.02 * 3f32.sqrt();
+        let mut next_seed = seed;
+        let mut random = |len: usize| -> Result<B::Tensor> {
+            let mut t = be.zeros(len, dt)?;
+            be.fill_random(&mut t, next_seed, scale)?;
+            next_seed = next_seed.wrapping_add(1);
+            Ok(t)
+        };
+        let c = &config;
+        let embed = random(c.vocab_size * c.hidden_size)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            let [q, k, v, o, gate, up, down] = Projection::ALL.map(|p| {
+                let (o, i) = p.shape(c);
+                random(o * i)
+            });
+            layers.push(LayerWeights {
+                input_norm: be.upload(&vec![1.0; c.hidden_size], dt)?,
+                post_attention_norm: be.upload(&vec![1.0; c.hidden_size], dt)?,
+                proj: [q?, k?, v?, o?, gate?, up?, down?],
+            });
+        }
+        let final_norm = be.upload(&vec![1.0; c.hidden_size], dt)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(random(c.vocab_size * c.hidden_size)?)
+        };
+        Ok(Decoder {
+            shapes: Shapes::of(c),
+            config,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        })
+    }
+
     pub(super) fn head_weight(&self) -> &B::Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }

@@ -133,6 +133,10 @@ pub struct TrainSection {
     /// How many checkpoints to keep (the newest).
     #[serde(default = "default_keep")]
     pub save_total_limit: usize,
+    /// Write every step's micro-batches to `batches.jsonl` and the step-0 adapter to
+    /// `adapter-init/`, so another trainer can replay the run (scripts/compare-hf-peft.py).
+    #[serde(default)]
+    pub dump_batches: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

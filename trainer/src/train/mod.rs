@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dump;
 pub mod init;
 pub mod metrics;
 pub mod plot;

@@ -5,6 +5,7 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::config::RunConfig;
+use super::dump::BatchDump;
 use super::init::fresh_adapter;
 use super::metrics::{EvalRecord, MetricsLog, Progress, StepRecord};
 use super::plot::plot_loss;
@@ -16,7 +17,7 @@ use crate::data::tokenize::{tokenize_records, Formatting, TokenizeStats};
 use crate::lora::{peft, LoraConfig, LoraParams};
 use crate::model::weights::WeightFiles;
 use crate::model::{Batch, Decoder, ModelConfig};
-use crate::optim::AdamW;
+use crate::optim::{AdamW, LossScaler};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use kernels::{AdamWParams, Backend};
@@ -47,6 +48,8 @@ pub struct Summary {
     pub eval_loss_start: Option<f64>,
     pub eval_loss_end: Option<f64>,
     pub adapter_dir: PathBuf,
+    /// The most device memory held at once (`None` on the CPU).
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// Everything loaded before the first step.
@@ -233,6 +236,7 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
     };
     let max_norm = (cfg.train.max_grad_norm > 0.0).then_some(cfg.train.max_grad_norm as f32);
     let mut opt = AdamW::new(be, &lora, hp, max_norm)?;
+    let mut scaler = LossScaler::for_dtype(be.compute_dtype());
     let mut stream = DataStream::new(prep.train.clone(), batching.clone(), cfg.train.seed, 0, 1);
     let accum = cfg.train.grad_accum;
     let steps_per_epoch = stream.steps_per_epoch(accum).max(1);
@@ -277,6 +281,18 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
         lora.num_values()
     );
     let mut log = MetricsLog::open(out, state.step)?;
+    let mut dump = match cfg.train.dump_batches {
+        true => Some(BatchDump::open(out, state.step == 0)?),
+        false => None,
+    };
+    if dump.is_some() && state.step == 0 {
+        peft::save(
+            be,
+            &lora,
+            &cfg.model.path.display().to_string(),
+            &out.join("adapter-init"),
+        )?;
+    }
     let progress = Progress::new(total_steps, state.step, true);
     let base_model = cfg.model.path.display().to_string();
     let has_eval = !prep.eval.is_empty();
@@ -308,7 +324,7 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
         let mut nll = 0.0;
         let t0 = Instant::now();
         if step_targets > 0 {
-            let weight = 1.0 / step_targets as f32;
+            let weight = scaler.loss_weight(1.0 / step_targets as f32);
             for hb in &micro {
                 nll += model.loss_and_grad(
                     be,
@@ -320,8 +336,11 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
             }
         }
         let lr = schedule.lr(state.step);
-        let stats = opt.step(be, &mut lora, lr)?;
+        let stats = opt.step_scaled(be, &mut lora, lr, &mut scaler)?;
         state.step += 1;
+        if let Some(d) = dump.as_mut() {
+            d.write(state.step, &micro)?;
+        }
         state.position = stream.position;
         state.tokens_seen += step_targets as u64;
         let loss = nll / step_targets.max(1) as f64;
@@ -402,6 +421,7 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
         eval_loss_start,
         eval_loss_end,
         adapter_dir,
+        peak_memory_bytes: be.peak_memory_bytes(),
     };
     crate::io::write_atomic(
         &out.join("summary.json"),
@@ -419,6 +439,12 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
             s.train.examples, s.train.tokens, s.train.truncated, s.train.dropped_too_long, s.train.dropped_no_target, s.skipped_records
         ),
     ];
+    if let Some(bytes) = s.peak_memory_bytes {
+        lines.push(format!(
+            "peak device memory {:.2} GiB",
+            bytes as f64 / (1u64 << 30) as f64
+        ));
+    }
     if let Some(l) = s.final_loss {
         lines.push(format!("final training loss {l:.4}"));
     }

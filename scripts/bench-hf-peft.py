@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""The Hugging Face + PEFT baseline for `fuselora bench`: the same preset shape with random bf16
+weights made on the GPU, LoRA r=16 alpha=16 on all seven projections, gradient checkpointing
+(non-reentrant), SDPA attention, torch.optim.AdamW on the LoRA weights, random tokens as
+input and labels. Prints tokens/s, median step time and peak memory (torch.cuda.max_memory_allocated,
+weights included), and writes them as JSON with --json.
+
+usage: bench-hf-peft.py [--preset llama2-7b] [--batch 2 --seq 2048 --warmup 2 --steps 10] [--json FILE]
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+PRESETS = {
+    "llama2-7b": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
+    "mistral-7b": (MistralConfig, MistralForCausalLM, dict(hidden_size=4096, intermediate_size=14336,
+                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                   sliding_window=4096)),
+    "llama-1b": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=2048, intermediate_size=5632,
+                 num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)),
+    "smollm2-135m": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=576, intermediate_size=1536,
+                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                     tie_word_embeddings=True, rope_theta=100000.0)),
+}
+
+p = argparse.ArgumentParser()
+p.add_argument("--preset", default="llama2-7b", choices=sorted(PRESETS))
+p.add_argument("--batch", type=int, default=2)
+p.add_argument("--seq", type=int, default=2048)
+p.add_argument("--warmup", type=int, default=2)
+p.add_argument("--steps", type=int, default=10)
+p.add_argument("--json")
+a = p.parse_args()
+
+cfg_cls, model_cls, kw = PRESETS[a.preset]
+cfg = cfg_cls(max_position_embeddings=max(a.seq, 4096), rms_norm_eps=1e-5, **kw)
+cfg._attn_implementation = "sdpa"
+torch.manual_seed(0)
+torch.set_default_dtype(torch.bfloat16)
+with torch.device("cuda"):
+    model = model_cls(cfg)
+torch.set_default_dtype(torch.float32)
+model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model.enable_input_require_grads()
+model.config.use_cache = False
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+for q in model.parameters():
+    if q.requires_grad:
+        q.data = q.data.float()
+model.train()
+opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device="cuda")
+times = []
+for i in range(a.warmup + a.steps):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    if i >= a.warmup:
+        times.append(time.perf_counter() - t0)
+tokens = a.batch * a.seq
+res = {
+    "preset": a.preset, "batch": a.batch, "seq": a.seq, "steps": a.steps,
+    "median_step_s": statistics.median(times), "tokens_per_s": tokens * len(times) / sum(times),
+    "peak_memory_bytes": torch.cuda.max_memory_allocated(), "loss": loss.item(),
+    "torch": torch.__version__,
+}
+print(f"hf+peft {a.preset} batch {a.batch} seq {a.seq}: {res['tokens_per_s']:.0f} tokens/s, "
+      f"median step {res['median_step_s']:.4f} s, peak {res['peak_memory_bytes'] / 2**30:.2f} GiB")
+if a.json:
+    open(a.json, "w").write(json.dumps(res, indent=2))

@@ -1,0 +1,86 @@
+//! Choosing the backend a command runs on: `auto` takes the CUDA backend when this build has it
+//! (`--features cuda`) and a GPU opens, else the CPU; `cpu` and `cuda` force one. The GPU is the
+//! rank's local GPU (`LOCAL_RANK`, set by `fuselora launch`, torchrun and Slurm wrappers) or 0.
+//! The choice and its reason are printed to stderr, so a run on the wrong device is never silent.
+
+use anyhow::{bail, Result};
+use kernels::cpu::CpuBackend;
+use kernels::{Backend, DType};
+
+/// Work that runs on whichever backend was chosen (a generic closure, which Rust lacks).
+pub trait BackendTask {
+    type Output;
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Output>;
+}
+
+/// The `model.backend` / `--backend` and `model.dtype` / `--dtype` values.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    pub backend: String,
+    pub dtype: String,
+}
+
+/// The device ordinal this process uses: `LOCAL_RANK`, else 0.
+#[cfg(feature = "cuda")]
+fn local_device() -> Result<usize> {
+    match std::env::var("LOCAL_RANK") {
+        Ok(v) => v.trim().parse().map_err(|_| {
+            anyhow::anyhow!("LOCAL_RANK = {v:?} is not a GPU index: unset it or set a number")
+        }),
+        Err(_) => Ok(0),
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    DType::parse(s).ok_or_else(|| anyhow::anyhow!("dtype {s:?} is not one of bf16, f16, f32"))
+}
+
+/// Runs `task` on the backend `sel` asks for, printing which one and why.
+pub fn run_on<T: BackendTask>(sel: &Selection, task: T) -> Result<T::Output> {
+    let dtype = parse_dtype(&sel.dtype)?;
+    match sel.backend.as_str() {
+        "cpu" => on_cpu("asked for", task),
+        "cuda" => on_cuda(dtype, task, true),
+        "auto" => on_cuda(dtype, task, false),
+        other => bail!("backend {other:?} is not one of auto, cpu, cuda"),
+    }
+}
+
+fn on_cpu<T: BackendTask>(reason: &str, task: T) -> Result<T::Output> {
+    let be = CpuBackend::new();
+    eprintln!("backend: {} — {reason}", be.describe());
+    task.run(&be)
+}
+
+#[cfg(feature = "cuda")]
+fn on_cuda<T: BackendTask>(dtype: DType, task: T, required: bool) -> Result<T::Output> {
+    use anyhow::Context;
+    let device = local_device()?;
+    match kernels::cuda::CudaBackend::new(device, dtype) {
+        Ok(be) => {
+            let why = if required {
+                "asked for"
+            } else {
+                "auto: a GPU is present"
+            };
+            eprintln!("backend: {} — {why}", be.describe());
+            task.run(&be)
+        }
+        Err(e) if !required => on_cpu(
+            &format!("auto: the CUDA backend could not open GPU {device}: {e}"),
+            task,
+        ),
+        Err(e) => Err(e).with_context(|| format!("backend = \"cuda\": cannot open GPU {device}")),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn on_cuda<T: BackendTask>(_dtype: DType, task: T, required: bool) -> Result<T::Output> {
+    if required {
+        bail!("backend = \"cuda\", but this build has no CUDA backend: rebuild with `cargo build --release -p trainer --features cuda`");
+    }
+    on_cpu(
+        "auto: this build has no CUDA backend (build with --features cuda for GPUs)",
+        task,
+    )
+}

@@ -1,0 +1,89 @@
+//! `fuselora bench --preset NAME [--batch B --seq T --grad-accum A --no-checkpointing
+//! --warmup W --steps S --backend auto|cpu|cuda --dtype bf16|f16|f32 --json FILE]`
+
+use super::backend::{run_on, BackendTask, Selection};
+use anyhow::{Context, Result};
+use kernels::Backend;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use trainer::bench::{describe, run, BenchResult, BenchSpec, PRESETS};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model shape: llama2-7b, mistral-7b, llama-1b (TinyLlama), smollm2-135m, tiny.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+    preset: String,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 2048)]
+    seq: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Keep every activation instead of recomputing each layer in backward.
+    #[arg(long)]
+    no_checkpointing: bool,
+    /// Steps run before timing starts.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Peak dense TFLOP/s for MFU (default: 989 on H100/H200 in bf16/f16, else no MFU).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Also write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+struct Bench(BenchSpec);
+
+impl BackendTask for Bench {
+    type Output = BenchResult;
+    fn run<B: Backend>(mut self, be: &B) -> Result<BenchResult> {
+        let name = be.describe();
+        let dense_16bit = be.compute_dtype() != kernels::DType::F32;
+        if self.0.peak_tflops.is_none()
+            && dense_16bit
+            && (name.contains("H100") || name.contains("H200"))
+        {
+            self.0.peak_tflops = Some(989.0);
+        }
+        run(be, &self.0)
+    }
+}
+
+pub fn run_cli(args: Args) -> Result<ExitCode> {
+    let spec = BenchSpec {
+        preset: args.preset,
+        batch: args.batch,
+        seq: args.seq,
+        grad_accum: args.grad_accum,
+        checkpointing: !args.no_checkpointing,
+        warmup: args.warmup,
+        steps: args.steps,
+        seed: args.seed,
+        peak_tflops: args.peak_tflops,
+    };
+    let selection = Selection {
+        backend: args.backend,
+        dtype: args.dtype,
+    };
+    let result = run_on(&selection, Bench(spec))?;
+    println!("{}", describe(&result));
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&result)?;
+        trainer::io::write_atomic(path, text.as_bytes())
+            .with_context(|| format!("writing the bench result to {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
