@@ -24,6 +24,10 @@ enum Command {
     ImportGguf(cli::import_gguf::Args),
     /// Fine-tune a model with LoRA as a run config says.
     Train(cli::train::Args),
+    /// Start one rank per GPU on this node running a fuselora command, e.g. `-- train --config run.toml`.
+    Launch(launcher::LaunchArgs),
+    /// Tokenize a run config's datasets once into token shard files that ranks memory-map.
+    PrepareData(cli::prepare_data::Args),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +36,8 @@ fn main() -> ExitCode {
         Command::CheckReference(args) => cli::check_reference::run(args),
         Command::ImportGguf(args) => cli::import_gguf::run(args),
         Command::Train(args) => cli::train::run(args),
+        Command::Launch(args) => cli::launch::run(args),
+        Command::PrepareData(args) => cli::prepare_data::run(args),
     };
     match result {
         Ok(code) => code,

@@ -2,4 +2,6 @@
 
 pub mod check_reference;
 pub mod import_gguf;
+pub mod launch;
+pub mod prepare_data;
 pub mod train;

@@ -5,7 +5,8 @@ use kernels::cpu::CpuBackend;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::train::config::RunConfig;
-use trainer::train::run::{describe_summary, train, Resume};
+use trainer::train::distributed::Distributed;
+use trainer::train::run::{describe_summary, train_ranks, Resume};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,11 +30,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let summary = match choose_backend(&cfg.model.backend)? {
         Chosen::Cpu(reason) => {
-            eprintln!("backend: cpu ({reason})");
-            train(&CpuBackend::new(), &cfg, resume)?
+            let dist = Distributed::connect_host()?;
+            if dist.is_main() {
+                eprintln!("backend: cpu ({reason})");
+            }
+            let summary = train_ranks(&CpuBackend::new(), &cfg, resume, &dist)?;
+            let main = dist.is_main();
+            dist.finish()?;
+            main.then_some(summary)
         }
     };
-    println!("{}", describe_summary(&summary, &cfg.output.dir));
+    if let Some(summary) = summary {
+        println!("{}", describe_summary(&summary, &cfg.output.dir));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
