@@ -38,7 +38,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
     let mut written = Vec::new();
-    for (split, paths) in [("train", &cfg.data.train), ("validation", &cfg.data.validation)] {
+    for (split, paths) in [
+        ("train", &cfg.data.train),
+        ("validation", &cfg.data.validation),
+    ] {
         if paths.is_empty() {
             continue;
         }
@@ -58,7 +61,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     println!("use the shards in the run config:");
     for (split, files) in written {
-        let list: Vec<String> = files.iter().map(|f| format!("{:?}", f.display().to_string())).collect();
+        let list: Vec<String> = files
+            .iter()
+            .map(|f| format!("{:?}", f.display().to_string()))
+            .collect();
         println!("  data.{split} = [{}]", list.join(", "));
     }
     Ok(ExitCode::SUCCESS)

@@ -103,7 +103,11 @@ pub fn epoch_batches<S: ExampleSource + ?Sized>(
 }
 
 /// Rows of example indices, filled in order until the next example does not fit.
-fn pack<S: ExampleSource + ?Sized>(examples: &S, order: &[usize], max_len: usize) -> Vec<Vec<usize>> {
+fn pack<S: ExampleSource + ?Sized>(
+    examples: &S,
+    order: &[usize],
+    max_len: usize,
+) -> Vec<Vec<usize>> {
     let mut rows = Vec::new();
     let mut row: Vec<usize> = Vec::new();
     let mut used = 0;

@@ -247,8 +247,14 @@ mod tests {
         write_shard(&path, &[ex(&[1, 2, 3], 1)], 0).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
-        let err = TokenShards::open(&[path.clone()]).err().unwrap().to_string();
-        assert!(err.contains("cut.tokens") && err.contains("expected"), "{err}");
+        let err = TokenShards::open(&[path.clone()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("cut.tokens") && err.contains("expected"),
+            "{err}"
+        );
         std::fs::write(&path, b"{\"text\": \"hello\"}\n").unwrap();
         let err = TokenShards::open(&[path]).err().unwrap().to_string();
         assert!(err.contains("prepare-data"), "{err}");

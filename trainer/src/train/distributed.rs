@@ -8,7 +8,7 @@
 use super::grad_reduce::GradReducer;
 use crate::lora::LoraParams;
 use anyhow::{bail, Context, Result};
-use comms::{Communicator, Comms, Placement, RankInfo, ReduceOp, SingleProcess};
+use comms::{Comms, Communicator, Placement, RankInfo, ReduceOp, SingleProcess};
 use std::mem::ManuallyDrop;
 use std::time::Duration;
 
@@ -122,10 +122,7 @@ impl Distributed {
         self.comms
             .all_reduce_f32(&mut parts, ReduceOp::Sum)
             .context("all-reduce of the step's loss")?;
-        Ok(parts
-            .chunks(2)
-            .map(|p| p[0] as f64 + p[1] as f64)
-            .collect())
+        Ok(parts.chunks(2).map(|p| p[0] as f64 + p[1] as f64).collect())
     }
 
     /// Fails when the test hook names this rank and `step`.
@@ -141,7 +138,9 @@ impl Distributed {
 
     /// Waits for every rank, then closes the communicator (MPI_Finalize): the end of a good run.
     pub fn finish(mut self) -> Result<()> {
-        self.comms.barrier().context("waiting for the other ranks to finish")?;
+        self.comms
+            .barrier()
+            .context("waiting for the other ranks to finish")?;
         // SAFETY: `self` is consumed and its `comms` is never touched again.
         unsafe { ManuallyDrop::drop(&mut self.comms) };
         Ok(())

@@ -10,7 +10,7 @@
 //!   backend's stream, ordered after the backward kernels with no host copy.
 
 use anyhow::Result;
-use comms::{Communicator, Comms, ReduceOp};
+use comms::{Comms, Communicator, ReduceOp};
 use kernels::cpu::CpuBackend;
 use kernels::Backend;
 
@@ -56,11 +56,7 @@ impl GradReducer for CpuBackend {
 
 #[cfg(feature = "cuda")]
 impl GradReducer for kernels::cuda::CudaBackend {
-    fn sum_over_ranks(
-        &self,
-        grads: &mut [kernels::cuda::CudaTensor],
-        comms: &Comms,
-    ) -> Result<()> {
+    fn sum_over_ranks(&self, grads: &mut [kernels::cuda::CudaTensor], comms: &Comms) -> Result<()> {
         let Some(nccl) = comms.nccl() else {
             anyhow::bail!(
                 "{} GPU ranks need NCCL to exchange gradients, but this run connected over {}",
