@@ -1,7 +1,10 @@
 //! Data-parallel training of the tiny fixture model under a real Open MPI `mpirun`:
 //!
-//! - 2 and 3 CPU ranks with gradient accumulation k end with the same adapter (≤ 1e-6 relative)
-//!   and log the same losses as 1 rank with accumulation N·k (the same global batch);
+//! - 2 and 3 CPU ranks with gradient accumulation k end with the same adapter (≤ 1e-6 relative,
+//!   per tensor) and log the same losses as 1 rank with accumulation N·k (the same global batch).
+//!   The ranks add the same f32 gradients in another order, so the runs differ by rounding, which
+//!   Adam amplifies where a gradient element cancels to about its `eps`; at lr 1e-3 over one epoch
+//!   (6 or 4 steps) the difference stays below 1e-6 (about 7e-7 for 2 ranks).
 //! - each rank reads a disjoint part of the pre-tokenized dataset, together all of it;
 //! - a rank that fails mid-run stops the whole job with a non-zero exit, without hanging.
 //!
@@ -96,7 +99,7 @@ packing = false
 batch_size = 2
 grad_accum = {accum}
 epochs = 1.0
-lr = 0.01
+lr = 0.001
 warmup_steps = 0
 max_grad_norm = 0.5
 gradient_checkpointing = false
@@ -269,12 +272,15 @@ fn ranks_match_one_rank_with_the_same_global_batch(ranks: usize) {
     let (multi, single) = (adapter(&multi_out), adapter(&single_out));
     assert_eq!(multi.len(), 3 * 7 * 2);
     let mut moved = 0;
+    let mut worst = 0.0f64;
     for ((name, m), (_, s)) in multi.iter().zip(&single) {
         let rel = relative_difference(m, s);
+        worst = worst.max(rel);
         assert!(rel <= 1e-6, "{name}: relative difference {rel:e}");
         moved += usize::from(name.contains("lora_B") && s.iter().any(|&x| x != 0.0));
     }
-    assert_eq!(moved, 21, "every B left zero: training did not move");
+    assert_eq!(moved, 21, "a B left zero: training did not move it");
+    eprintln!("{ranks} ranks vs 1: worst relative difference of an adapter tensor {worst:.2e}");
     // Only rank 0 writes the output folder.
     assert!(multi_out.join("summary.json").is_file());
 
