@@ -346,3 +346,26 @@ fn a_rank_failing_mid_run_stops_the_job() {
         "the job went on to the end"
     );
 }
+
+#[test]
+fn launch_runs_the_training_as_rank_0_with_prefixed_output() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let (model, shards) = prepared(root);
+    let cfg = root.join("run.toml");
+    write_config(&cfg, &model, &shards, &root.join("out"), 4);
+    let out = run_with_limit(
+        Command::new(fuselora())
+            .args(["launch", "--nproc-per-node", "1", "--", "train", "--config"])
+            .arg(&cfg),
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("[rank 0] trained 6 steps"), "{stdout}");
+    assert_eq!(losses(&root.join("out")).len(), 6);
+}
