@@ -247,7 +247,7 @@ mod tests {
         write_shard(&path, &[ex(&[1, 2, 3], 1)], 0).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
-        let err = TokenShards::open(&[path.clone()])
+        let err = TokenShards::open(std::slice::from_ref(&path))
             .err()
             .unwrap()
             .to_string();
