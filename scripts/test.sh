@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite (what CI runs): installs what the tests need when it is missing, then runs every
-# crate's tests, and compiles every CUDA kernel with NVRTC (no GPU needed).
+# crate's tests with MPI (the data-parallel tests run real `mpirun -np 2` / `-np 3` CPU trainings),
+# and compiles every CUDA kernel with NVRTC (no GPU needed).
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,32 @@ if ! command -v cargo >/dev/null; then
   echo "error: cargo is not installed; get Rust from https://rustup.rs (1.85 or newer)" >&2
   exit 1
 fi
+
+# Open MPI (mpirun and headers) and libclang (rsmpi's bindings are generated at build time);
+# python3 with pip for libnvrtc below.
+apt_packages=(libopenmpi-dev openmpi-bin libclang-dev python3-pip)
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+# A python3 with pip from elsewhere (pyenv, conda) serves as well as Debian's.
+if python3 -m pip --version >/dev/null 2>&1; then
+  missing=("${missing[@]/python3-pip}")
+  missing=(${missing[@]+"${missing[@]}"})
+fi
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  else
+    echo "error: the tests need ${missing[*]}; install them with" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+# mpirun refuses root unless told; CI containers run as root.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
 # libnvrtc for the kernel compile check: PyPI's nvidia-cuda-nvrtc ships it for any x86-64 machine.
 nvrtc_lib() {
@@ -29,5 +56,5 @@ fi
 FUSELORA_NVRTC_LIB=$(nvrtc_lib)
 export FUSELORA_NVRTC_LIB
 
-cargo test --workspace "$@"
+cargo test --workspace --features trainer/mpi,comms/mpi "$@"
 cargo test -p kernels --features cuda --test nvrtc_compile "$@"

@@ -30,6 +30,10 @@ enum Command {
     Generate(cli::generate::Args),
     /// Merge a LoRA adapter into its base model and write a Hugging Face folder.
     Merge(cli::merge::Args),
+    /// Start one rank per GPU on this node running a fuselora command, e.g. `-- train --config run.toml`.
+    Launch(launcher::LaunchArgs),
+    /// Tokenize a run config's datasets once into token shard files that ranks memory-map.
+    PrepareData(cli::prepare_data::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,8 @@ fn main() -> ExitCode {
         Command::Train(args) => cli::train::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Merge(args) => cli::merge::run(args),
+        Command::Launch(args) => cli::launch::run(args),
+        Command::PrepareData(args) => cli::prepare_data::run(args),
     };
     match result {
         Ok(code) => code,

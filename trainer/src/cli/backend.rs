@@ -6,11 +6,12 @@
 use anyhow::{bail, Result};
 use kernels::cpu::CpuBackend;
 use kernels::{Backend, DType};
+use trainer::train::grad_reduce::GradReducer;
 
 /// Work that runs on whichever backend was chosen (a generic closure, which Rust lacks).
 pub trait BackendTask {
     type Output;
-    fn run<B: Backend>(self, be: &B) -> Result<Self::Output>;
+    fn run<B: GradReducer>(self, be: &B) -> Result<Self::Output>;
 }
 
 /// The `model.backend` / `--backend` and `model.dtype` / `--dtype` values.

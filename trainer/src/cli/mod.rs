@@ -5,5 +5,7 @@ pub mod bench;
 pub mod check_reference;
 pub mod generate;
 pub mod import_gguf;
+pub mod launch;
 pub mod merge;
+pub mod prepare_data;
 pub mod train;

@@ -2,11 +2,11 @@
 
 use super::backend::{run_on, BackendTask, Selection};
 use anyhow::Result;
-use kernels::Backend;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::train::config::RunConfig;
-use trainer::train::run::{describe_summary, train, Resume, Summary};
+use trainer::train::grad_reduce::GradReducer;
+use trainer::train::run::{describe_summary, train_ranks, Resume, Summary};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,9 +27,14 @@ struct Train {
 }
 
 impl BackendTask for Train {
-    type Output = Summary;
-    fn run<B: Backend>(self, be: &B) -> Result<Summary> {
-        train(be, &self.cfg, self.resume)
+    /// The summary, on rank 0 only.
+    type Output = Option<Summary>;
+    fn run<B: GradReducer>(self, be: &B) -> Result<Option<Summary>> {
+        let dist = be.join_ranks()?;
+        let summary = train_ranks(be, &self.cfg, self.resume, &dist)?;
+        let main = dist.is_main();
+        dist.finish()?;
+        Ok(main.then_some(summary))
     }
 }
 
@@ -45,7 +50,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         dtype: cfg.model.dtype.clone(),
     };
     let out = cfg.output.dir.clone();
-    let summary = run_on(&selection, Train { cfg, resume })?;
-    println!("{}", describe_summary(&summary, &out));
+    if let Some(summary) = run_on(&selection, Train { cfg, resume })? {
+        println!("{}", describe_summary(&summary, &out));
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,7 @@
 //!   `LengthGroupedSampler` does, then the batches are shuffled).
 //! A batch's rows are as long as its longest row, not `max_seq_len`.
 
+use super::source::ExampleSource;
 use crate::model::next_token_targets;
 use kernels::{AttentionLayout, IGNORE_INDEX};
 use rand::seq::SliceRandom;
@@ -64,33 +65,54 @@ pub fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-/// The micro-batches of one epoch.
-pub fn epoch_batches(examples: &[Example], b: &Batching, seed: u64, epoch: u64) -> Vec<HostBatch> {
-    let order = shuffled(examples.len(), seed, epoch);
+/// One epoch's micro-batches as example indices: `plan[batch][row]` lists the examples of a row.
+/// Only the examples' lengths are read, so a rank can plan the whole epoch and then read the
+/// tokens of its own batches alone.
+pub fn epoch_plan<S: ExampleSource + ?Sized>(
+    examples: &S,
+    b: &Batching,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<Vec<usize>>> {
+    let order = shuffled(examples.count(), seed, epoch);
     let rows: Vec<Vec<usize>> = if b.packing {
         pack(examples, &order, b.max_seq_len)
     } else {
         group_by_length(examples, &order, b.rows)
     };
-    let mut batches: Vec<HostBatch> = rows
-        .chunks(b.rows)
-        .map(|chunk| assemble(examples, chunk, b.pad_id))
-        .collect();
+    let mut plan: Vec<Vec<Vec<usize>>> = rows.chunks(b.rows).map(<[_]>::to_vec).collect();
     if !b.packing {
         let mut rng =
             ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
-        batches.shuffle(&mut rng);
+        plan.shuffle(&mut rng);
     }
-    batches
+    plan
+}
+
+/// The micro-batches of one epoch.
+pub fn epoch_batches<S: ExampleSource + ?Sized>(
+    examples: &S,
+    b: &Batching,
+    seed: u64,
+    epoch: u64,
+) -> Vec<HostBatch> {
+    epoch_plan(examples, b, seed, epoch)
+        .iter()
+        .map(|rows| assemble(examples, rows, b.pad_id))
+        .collect()
 }
 
 /// Rows of example indices, filled in order until the next example does not fit.
-fn pack(examples: &[Example], order: &[usize], max_len: usize) -> Vec<Vec<usize>> {
+fn pack<S: ExampleSource + ?Sized>(
+    examples: &S,
+    order: &[usize],
+    max_len: usize,
+) -> Vec<Vec<usize>> {
     let mut rows = Vec::new();
     let mut row: Vec<usize> = Vec::new();
     let mut used = 0;
     for &i in order {
-        let len = examples[i].ids.len();
+        let len = examples.length(i);
         if used + len > max_len && !row.is_empty() {
             rows.push(std::mem::take(&mut row));
             used = 0;
@@ -105,24 +127,29 @@ fn pack(examples: &[Example], order: &[usize], max_len: usize) -> Vec<Vec<usize>
 }
 
 /// One example per row, sorted by length (longest first) inside windows of 64 batches.
-fn group_by_length(
-    examples: &[Example],
+fn group_by_length<S: ExampleSource + ?Sized>(
+    examples: &S,
     order: &[usize],
     rows_per_batch: usize,
 ) -> Vec<Vec<usize>> {
     let mut out = Vec::with_capacity(order.len());
     for window in order.chunks(64 * rows_per_batch) {
         let mut w = window.to_vec();
-        w.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
+        w.sort_by_key(|&i| std::cmp::Reverse(examples.length(i)));
         out.extend(w.into_iter().map(|i| vec![i]));
     }
     out
 }
 
-fn assemble(examples: &[Example], rows: &[Vec<usize>], pad_id: i32) -> HostBatch {
+/// Reads the examples of `rows` into one padded micro-batch.
+pub fn assemble<S: ExampleSource + ?Sized>(
+    examples: &S,
+    rows: &[Vec<usize>],
+    pad_id: i32,
+) -> HostBatch {
     let seq_len = rows
         .iter()
-        .map(|r| r.iter().map(|&i| examples[i].ids.len()).sum::<usize>())
+        .map(|r| r.iter().map(|&i| examples.length(i)).sum::<usize>())
         .max()
         .unwrap_or(1)
         .max(1);
@@ -132,13 +159,12 @@ fn assemble(examples: &[Example], rows: &[Vec<usize>], pad_id: i32) -> HostBatch
     for row in rows {
         let start = ids.len();
         for &i in row {
-            ids.extend_from_slice(&examples[i].ids);
-            labels.extend_from_slice(&examples[i].labels);
+            examples.append(i, &mut ids, &mut labels);
         }
         let pad = seq_len - (ids.len() - start);
         ids.extend(std::iter::repeat_n(pad_id, pad));
         labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
-        docs.push(row.iter().map(|&i| examples[i].ids.len()).collect());
+        docs.push(row.iter().map(|&i| examples.length(i)).collect());
     }
     HostBatch {
         ids,

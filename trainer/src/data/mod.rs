@@ -1,6 +1,9 @@
-//! Datasets: reading records ([`records`]), tokenizing them ([`tokenize`]) and batching
+//! Datasets: reading records ([`records`]), tokenizing them ([`tokenize`]), pre-tokenized token
+//! shard files ([`token_shards`]), the [`source`] of examples either gives, and batching
 //! tokenized examples ([`batching`]).
 
 pub mod batching;
 pub mod records;
+pub mod source;
+pub mod token_shards;
 pub mod tokenize;

@@ -1,11 +1,15 @@
-//! Training: the run config, learning-rate schedules, the loop and its checkpoints.
+//! Training: the run config, learning-rate schedules, the loop and its checkpoints, and the
+//! data-parallel pieces (the rank's communicator, the gradient all-reduce, the example trace).
 
 pub mod checkpoint;
 pub mod config;
+pub mod distributed;
 pub mod dump;
+pub mod grad_reduce;
 pub mod init;
 pub mod metrics;
 pub mod plot;
 pub mod run;
 pub mod schedule;
 pub mod stream;
+pub mod trace;

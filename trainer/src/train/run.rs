@@ -2,17 +2,27 @@
 //! run forward, loss and backward, with every token weighted by `1 / (loss tokens in the whole step)`
 //! so the step's loss is the token mean over all its micro-batches; then clipping, AdamW and the
 //! schedule. Rank 0 alone logs, evaluates into the log, and writes files.
+//!
+//! Data parallel (several ranks, see [`Distributed`]): each rank runs its share of the step's
+//! micro-batches, every token weighted by `1 / (loss tokens of the step over all ranks)`, and the
+//! gradients are summed over the ranks after the last micro-batch; so N ranks × accumulation k
+//! compute the same update as one rank × accumulation N·k. Clipping then sees the global norm.
 
 use super::checkpoint::{self, TrainerState};
 use super::config::RunConfig;
+use super::distributed::Distributed;
 use super::dump::BatchDump;
+use super::grad_reduce::GradReducer;
 use super::init::fresh_adapter;
 use super::metrics::{EvalRecord, MetricsLog, Progress, StepRecord};
 use super::plot::plot_loss;
 use super::schedule::{Schedule, ScheduleKind};
-use super::stream::DataStream;
+use super::stream::{DataStream, SharedExamples};
+use super::trace::ExampleTrace;
 use crate::data::batching::{epoch_batches, Batching, Example, HostBatch};
 use crate::data::records::{read_file, Format, Record};
+use crate::data::source::ExampleSource;
+use crate::data::token_shards::{is_token_shard, TokenShards};
 use crate::data::tokenize::{tokenize_records, Formatting, TokenizeStats};
 use crate::lora::{peft, LoraConfig, LoraParams};
 use crate::model::weights::WeightFiles;
@@ -23,6 +33,7 @@ use anyhow::{bail, Context, Result};
 use kernels::{AdamWParams, Backend};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where to resume from, if anywhere.
@@ -55,15 +66,20 @@ pub struct Summary {
 /// Everything loaded before the first step.
 pub struct Prepared<B: Backend> {
     pub model: Decoder<B>,
-    pub tokenizer: Tokenizer,
-    pub train: Vec<Example>,
+    /// `None` when the data is pre-tokenized and the model folder has no tokenizer.
+    pub tokenizer: Option<Tokenizer>,
+    /// The id that pads rows.
+    pub pad_id: i32,
+    /// In memory, or memory-mapped token shards that each rank reads only its part of.
+    pub train: SharedExamples,
     pub eval: Vec<Example>,
     pub train_stats: TokenizeStats,
     pub eval_stats: Option<TokenizeStats>,
     pub skipped: usize,
 }
 
-fn read_all(paths: &[PathBuf], cfg: &RunConfig) -> Result<(Vec<Record>, usize)> {
+/// Reads every record of `paths` in the config's format; returns them and the count skipped as bad.
+pub fn read_all(paths: &[PathBuf], cfg: &RunConfig) -> Result<(Vec<Record>, usize)> {
     let format = if cfg.data.format == "auto" {
         None
     } else {
@@ -85,19 +101,50 @@ fn read_all(paths: &[PathBuf], cfg: &RunConfig) -> Result<(Vec<Record>, usize)> 
     Ok((records, skipped.len()))
 }
 
-/// Loads the model, tokenizer and datasets named by `cfg`.
-pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
-    let model_config = ModelConfig::load(&cfg.model.path)?;
-    let weights = WeightFiles::open(&cfg.model.path)?;
-    let tokenizer = Tokenizer::load(&cfg.model.path)?;
-    let model = Decoder::load(be, model_config, &weights)
-        .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
-    let formatting = Formatting {
+/// How the config's records become tokens.
+pub fn formatting_for(cfg: &RunConfig) -> Formatting {
+    Formatting {
         alpaca_as_chat: cfg.data.alpaca_template == "chat",
         train_on_prompt: cfg.data.train_on_prompt,
         max_seq_len: cfg.data.max_seq_len,
         drop_long: cfg.data.truncation == "drop",
-    };
+    }
+}
+
+/// Loads the model, tokenizer and datasets named by `cfg`.
+pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
+    let model_config = ModelConfig::load(&cfg.model.path)?;
+    let model = Decoder::load(be, model_config, &WeightFiles::open(&cfg.model.path)?)
+        .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
+    if let Some(pretokenized) = prepare_token_shards(cfg)? {
+        let (shards, eval) = pretokenized;
+        let tokenizer = if cfg.model.path.join("tokenizer.json").is_file() {
+            Some(Tokenizer::load(&cfg.model.path)?)
+        } else {
+            None
+        };
+        let eval_stats = (!eval.is_empty()).then(|| TokenizeStats {
+            examples: eval.len(),
+            tokens: eval.iter().map(|e| e.ids.len()).sum(),
+            ..TokenizeStats::default()
+        });
+        return Ok(Prepared {
+            model,
+            tokenizer,
+            pad_id: shards.pad_id(),
+            train_stats: TokenizeStats {
+                examples: shards.count(),
+                tokens: shards.total_tokens(),
+                ..TokenizeStats::default()
+            },
+            train: Arc::new(shards),
+            eval,
+            eval_stats,
+            skipped: 0,
+        });
+    }
+    let tokenizer = Tokenizer::load(&cfg.model.path)?;
+    let formatting = formatting_for(cfg);
     let (mut records, mut skipped) = read_all(&cfg.data.train, cfg)?;
     let mut eval_records = Vec::new();
     if !cfg.data.validation.is_empty() {
@@ -137,15 +184,42 @@ pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
         let (e, s) = tokenize_records(&tokenizer, &eval_records, &formatting)?;
         (e, Some(s))
     };
+    let pad_id = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0) as i32;
     Ok(Prepared {
         model,
-        tokenizer,
-        train,
+        tokenizer: Some(tokenizer),
+        pad_id,
+        train: Arc::new(train),
         eval,
         train_stats,
         eval_stats,
         skipped,
     })
+}
+
+/// Memory-maps `data.train` when it lists token shard files (`fuselora prepare-data`), with the
+/// validation shards read into memory; `None` when the data is JSON to tokenize now.
+fn prepare_token_shards(cfg: &RunConfig) -> Result<Option<(TokenShards, Vec<Example>)>> {
+    let shard_count = cfg.data.train.iter().filter(|p| is_token_shard(p)).count();
+    if shard_count == 0 {
+        return Ok(None);
+    }
+    if shard_count != cfg.data.train.len() {
+        bail!("data.train mixes .tokens shards with other files: list only the shards of `fuselora prepare-data`, or only JSON files");
+    }
+    if cfg.data.validation_split > 0.0 {
+        bail!("data.validation_split needs records to split, but data.train holds token shards: list held-out shards in data.validation instead (prepare-data writes them from the config's data.validation)");
+    }
+    let train = TokenShards::open(&cfg.data.train)?;
+    let eval = if cfg.data.validation.is_empty() {
+        Vec::new()
+    } else {
+        if !cfg.data.validation.iter().all(|p| is_token_shard(p)) {
+            bail!("data.train holds token shards, so data.validation must too (make them with `fuselora prepare-data`)");
+        }
+        TokenShards::open(&cfg.data.validation)?.read_all()
+    };
+    Ok(Some((train, eval)))
 }
 
 /// Token-mean loss of `model` + `lora` over `examples` (no gradient).
@@ -197,19 +271,29 @@ fn schedule_for(cfg: &RunConfig, total_steps: u64) -> Schedule {
     }
 }
 
-/// Trains as `cfg` says; returns the summary (also written to `OUTPUT/summary.json`).
-pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summary> {
+/// Trains as `cfg` says on one process; returns the summary (also written to `OUTPUT/summary.json`).
+pub fn train<B: GradReducer>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summary> {
+    train_ranks(be, cfg, resume, &Distributed::single())
+}
+
+/// Trains as rank `dist.rank()` of a data-parallel job (every rank calls it with the same config);
+/// rank 0 writes the files. Returns the summary of the whole job.
+pub fn train_ranks<B: GradReducer>(
+    be: &B,
+    cfg: &RunConfig,
+    resume: Resume,
+    dist: &Distributed,
+) -> Result<Summary> {
     let started = Instant::now();
     let out = &cfg.output.dir;
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create output folder {}", out.display()))?;
+    let main = dist.is_main();
+    if main {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create output folder {}", out.display()))?;
+    }
     let prep = prepare(be, cfg)?;
     let model = &prep.model;
-    let pad_id = prep
-        .tokenizer
-        .pad_id()
-        .or(prep.tokenizer.eos_id())
-        .unwrap_or(0) as i32;
+    let pad_id = prep.pad_id;
     let batching = Batching {
         rows: cfg.train.batch_size,
         max_seq_len: cfg.data.max_seq_len,
@@ -237,7 +321,14 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
     let max_norm = (cfg.train.max_grad_norm > 0.0).then_some(cfg.train.max_grad_norm as f32);
     let mut opt = AdamW::new(be, &lora, hp, max_norm)?;
     let mut scaler = LossScaler::for_dtype(be.compute_dtype());
-    let mut stream = DataStream::new(prep.train.clone(), batching.clone(), cfg.train.seed, 0, 1);
+    let mut stream = DataStream::new(
+        prep.train.clone(),
+        batching.clone(),
+        cfg.train.seed,
+        dist.rank(),
+        dist.world_size(),
+    );
+    stream.trace = ExampleTrace::from_env(dist.rank())?;
     let accum = cfg.train.grad_accum;
     let steps_per_epoch = stream.steps_per_epoch(accum).max(1);
     let total_steps = cfg
@@ -265,23 +356,34 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
             bail!("checkpoint {} was made with seed {}, this config says {}: resume with the same seed", dir.display(), state.seed, cfg.train.seed);
         }
         stream.position = state.position;
-        eprintln!("resumed from {} at step {}", dir.display(), state.step);
+        if main {
+            eprintln!("resumed from {} at step {}", dir.display(), state.step);
+        }
     }
-    eprintln!(
-        "fuselora: {} on {} · {} examples ({} tokens) · {} steps of {} × {} rows × ≤{} tokens · LoRA r={} ({} values)",
-        model.config.architecture.hf_name(),
-        be.describe(),
-        prep.train_stats.examples,
-        prep.train_stats.tokens,
-        total_steps,
-        accum,
-        cfg.train.batch_size,
-        cfg.data.max_seq_len,
-        lora.config.r,
-        lora.num_values()
-    );
-    let mut log = MetricsLog::open(out, state.step)?;
-    let mut dump = match cfg.train.dump_batches {
+    let ranks = if dist.world_size() > 1 {
+        format!(" × {} ranks ({})", dist.world_size(), dist.describe())
+    } else {
+        String::new()
+    };
+    if main {
+        eprintln!(
+            "fuselora: {} on {}{ranks} · {} examples ({} tokens) · {} steps of {} × {} rows × ≤{} tokens · LoRA r={} ({} values)",
+            model.config.architecture.hf_name(),
+            be.describe(),
+            prep.train_stats.examples,
+            prep.train_stats.tokens,
+            total_steps,
+            accum,
+            cfg.train.batch_size,
+            cfg.data.max_seq_len,
+            lora.config.r,
+            lora.num_values()
+        );
+    }
+    let mut log = main
+        .then(|| MetricsLog::open(out, state.step))
+        .transpose()?;
+    let mut dump = match cfg.train.dump_batches && main {
         true => Some(BatchDump::open(out, state.step == 0)?),
         false => None,
     };
@@ -293,9 +395,9 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
             &out.join("adapter-init"),
         )?;
     }
-    let progress = Progress::new(total_steps, state.step, true);
+    let progress = Progress::new(total_steps, state.step, main);
     let base_model = cfg.model.path.display().to_string();
-    let has_eval = !prep.eval.is_empty();
+    let has_eval = main && !prep.eval.is_empty();
     let eval_at = |step: u64, lora: &LoraParams<B>, log: &mut MetricsLog| -> Result<f64> {
         let (loss, tokens) = evaluate(be, model, Some(lora), &prep.eval, &batching)?;
         log.write(&EvalRecord {
@@ -308,21 +410,22 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
         ));
         Ok(loss)
     };
-    let eval_loss_start = if has_eval && state.step == 0 {
-        Some(eval_at(0, &lora, &mut log)?)
-    } else {
-        None
+    let eval_loss_start = match &mut log {
+        Some(log) if has_eval && state.step == 0 => Some(eval_at(0, &lora, log)?),
+        _ => None,
     };
 
     let loop_start = Instant::now();
     let tokens_at_start = state.tokens_seen;
     let mut final_loss = None;
     while state.step < total_steps {
+        dist.fail_if_asked(state.step + 1)?;
         let micro = stream.next_step(accum);
-        let step_targets: usize = micro.iter().map(HostBatch::target_count).sum();
+        let local_targets: usize = micro.iter().map(HostBatch::target_count).sum();
+        let t0 = Instant::now();
+        let step_targets = dist.global_sum_u64(&[local_targets as u64])?[0] as usize;
         lora.zero_grads(be)?;
         let mut nll = 0.0;
-        let t0 = Instant::now();
         if step_targets > 0 {
             let weight = scaler.loss_weight(1.0 / step_targets as f32);
             for hb in &micro {
@@ -335,6 +438,10 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
                 )?;
             }
         }
+        dist.sum_grads(be, &mut lora)?;
+        let local_tokens = micro.iter().map(HostBatch::token_count).sum::<usize>() as u64;
+        let step_tokens = dist.global_sum_u64(&[local_tokens])?[0];
+        let nll = dist.global_sum_f64(&[nll])?[0];
         let lr = schedule.lr(state.step);
         let stats = opt.step_scaled(be, &mut lora, lr, &mut scaler)?;
         state.step += 1;
@@ -352,9 +459,11 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
             lr,
             grad_norm: stats.grad_norm,
             tokens: step_targets as u64,
-            tokens_per_s: micro.iter().map(HostBatch::token_count).sum::<usize>() as f64
-                / t0.elapsed().as_secs_f64().max(1e-9),
+            tokens_per_s: step_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        let Some(log) = &mut log else {
+            continue;
         };
         let log_now = state.step % cfg.train.log_steps.max(1) == 0 || state.step == total_steps;
         if log_now {
@@ -366,7 +475,7 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
             && state.step % cfg.train.eval_steps == 0
             && state.step < total_steps
         {
-            eval_at(state.step, &lora, &mut log)?;
+            eval_at(state.step, &lora, log)?;
         }
         if cfg.train.save_steps > 0
             && state.step % cfg.train.save_steps == 0
@@ -385,30 +494,9 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
         }
     }
     progress.finish();
-    let eval_loss_end = if has_eval {
-        Some(eval_at(state.step, &lora, &mut log)?)
-    } else {
-        None
-    };
-    checkpoint::save(
-        be,
-        out,
-        &base_model,
-        &lora,
-        &opt,
-        &state,
-        cfg.train.save_total_limit,
-    )?;
     let adapter_dir = out.join("adapter");
-    peft::save(be, &lora, &base_model, &adapter_dir)?;
-    let (steps, evals) = super::metrics::read_steps(&out.join("metrics.jsonl"))?;
-    let tmp_png = out.join(".loss.partial.png");
-    plot_loss(&tmp_png, &steps, &evals)?;
-    if tmp_png.exists() {
-        std::fs::rename(&tmp_png, out.join("loss.png"))?;
-    }
     let seconds = loop_start.elapsed().as_secs_f64();
-    let summary = Summary {
+    let mut summary = Summary {
         backend: be.describe(),
         steps: state.step,
         train: prep.train_stats.clone(),
@@ -419,10 +507,32 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
         tokens_per_s: (state.tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
         final_loss,
         eval_loss_start,
-        eval_loss_end,
-        adapter_dir,
+        eval_loss_end: None,
+        adapter_dir: adapter_dir.clone(),
         peak_memory_bytes: be.peak_memory_bytes(),
     };
+    let Some(log) = &mut log else {
+        return Ok(summary);
+    };
+    if has_eval {
+        summary.eval_loss_end = Some(eval_at(state.step, &lora, log)?);
+    }
+    checkpoint::save(
+        be,
+        out,
+        &base_model,
+        &lora,
+        &opt,
+        &state,
+        cfg.train.save_total_limit,
+    )?;
+    peft::save(be, &lora, &base_model, &adapter_dir)?;
+    let (steps, evals) = super::metrics::read_steps(&out.join("metrics.jsonl"))?;
+    let tmp_png = out.join(".loss.partial.png");
+    plot_loss(&tmp_png, &steps, &evals)?;
+    if tmp_png.exists() {
+        std::fs::rename(&tmp_png, out.join("loss.png"))?;
+    }
     crate::io::write_atomic(
         &out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),

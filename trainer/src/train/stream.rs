@@ -2,9 +2,14 @@
 //! (seed, epoch). The position (epoch, next batch) is all a checkpoint needs to resume the stream.
 //! With several ranks, rank `r` of `w` takes batches `r, r+w, r+2w, …` of the global list, and every
 //! rank takes the same number (the list is cut to a multiple of `w`), so no rank waits at an epoch's end.
+//! Every rank plans the epoch from the examples' lengths alone and reads the tokens of its own
+//! batches only, when it reaches them.
 
-use crate::data::batching::{epoch_batches, Batching, Example, HostBatch};
+use super::trace::ExampleTrace;
+use crate::data::batching::{assemble, epoch_plan, Batching, HostBatch};
+use crate::data::source::ExampleSource;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Where the stream stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,19 +19,25 @@ pub struct StreamPosition {
     pub batch: usize,
 }
 
+/// Examples shared by the stream and whoever else reads them.
+pub type SharedExamples = Arc<dyn ExampleSource + Send + Sync>;
+
 pub struct DataStream {
-    examples: Vec<Example>,
+    examples: SharedExamples,
     batching: Batching,
     seed: u64,
     rank: usize,
     world: usize,
     pub position: StreamPosition,
-    current: Option<(u64, Vec<HostBatch>)>,
+    /// This rank's batches of the current epoch, as example indices.
+    current: Option<(u64, Vec<Vec<Vec<usize>>>)>,
+    /// Records the examples this rank reads (tests of the sharding).
+    pub trace: Option<ExampleTrace>,
 }
 
 impl DataStream {
     pub fn new(
-        examples: Vec<Example>,
+        examples: SharedExamples,
         batching: Batching,
         seed: u64,
         rank: usize,
@@ -40,13 +51,14 @@ impl DataStream {
             world,
             position: StreamPosition::default(),
             current: None,
+            trace: None,
         }
     }
 
-    /// This rank's batches of `epoch`.
-    fn epoch(&mut self, epoch: u64) -> &[HostBatch] {
+    /// This rank's batches of `epoch`, as example indices.
+    fn epoch(&mut self, epoch: u64) -> &[Vec<Vec<usize>>] {
         if self.current.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let all = epoch_batches(&self.examples, &self.batching, self.seed, epoch);
+            let all = epoch_plan(&*self.examples, &self.batching, self.seed, epoch);
             let usable = all.len() / self.world * self.world;
             let mine = all
                 .into_iter()
@@ -74,8 +86,9 @@ impl DataStream {
         let StreamPosition { epoch, batch } = self.position;
         let batches = self.epoch(epoch);
         let end = (batch + accum).min(batches.len());
-        let step: Vec<HostBatch> = batches[batch..end].to_vec();
-        self.position = if end == batches.len() {
+        let plans = batches[batch..end].to_vec();
+        let last = end == batches.len();
+        self.position = if last {
             StreamPosition {
                 epoch: epoch + 1,
                 batch: 0,
@@ -83,21 +96,29 @@ impl DataStream {
         } else {
             StreamPosition { epoch, batch: end }
         };
-        step
+        if let Some(trace) = &mut self.trace {
+            trace.record(epoch, plans.iter().flatten().flatten().copied());
+        }
+        plans
+            .iter()
+            .map(|rows| assemble(&*self.examples, rows, self.batching.pad_id))
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::batching::Example;
 
-    fn examples(n: usize) -> Vec<Example> {
-        (0..n)
+    fn examples(n: usize) -> SharedExamples {
+        let all: Vec<Example> = (0..n)
             .map(|i| Example {
                 ids: vec![i as i32; 3],
                 labels: vec![i as i32; 3],
             })
-            .collect()
+            .collect();
+        Arc::new(all)
     }
 
     fn batching() -> Batching {

@@ -1,0 +1,90 @@
+//! `fuselora prepare-data --config FILE.toml --out DIR [--examples-per-shard N]`: tokenizes the
+//! config's `data.train` (and `data.validation`) once, as `train` would, into token shard files
+//! (`DIR/train-00000.tokens`, …) that training ranks memory-map, each reading only its examples.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use trainer::data::batching::Example;
+use trainer::data::token_shards::{write_shard, EXTENSION};
+use trainer::data::tokenize::tokenize_records;
+use trainer::tokenizer::Tokenizer;
+use trainer::train::config::RunConfig;
+use trainer::train::run::{formatting_for, read_all};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The run config whose model (tokenizer) and data section say what to tokenize and how.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key, e.g. `--set data.max_seq_len=2048`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Folder for the shard files.
+    #[arg(long)]
+    out: PathBuf,
+    /// Examples per shard file.
+    #[arg(long, default_value_t = 100_000)]
+    examples_per_shard: usize,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    if args.examples_per_shard == 0 {
+        bail!("--examples-per-shard must be at least 1");
+    }
+    let cfg = RunConfig::load(&args.config, &args.overrides)?;
+    let tokenizer = Tokenizer::load(&cfg.model.path)?;
+    let pad_id = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0) as i32;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
+    let mut written = Vec::new();
+    for (split, paths) in [
+        ("train", &cfg.data.train),
+        ("validation", &cfg.data.validation),
+    ] {
+        if paths.is_empty() {
+            continue;
+        }
+        let (records, skipped) = read_all(paths, &cfg)?;
+        let (examples, stats) = tokenize_records(&tokenizer, &records, &formatting_for(&cfg))?;
+        let files = write_split(&args.out, split, &examples, args.examples_per_shard, pad_id)?;
+        eprintln!(
+            "{split}: {} examples, {} tokens in {} shard(s); {} truncated, {} dropped as too long, {} without a trained token, {skipped} bad records skipped",
+            stats.examples,
+            stats.tokens,
+            files.len(),
+            stats.truncated,
+            stats.dropped_too_long,
+            stats.dropped_no_target
+        );
+        written.push((split, files));
+    }
+    println!("use the shards in the run config:");
+    for (split, files) in written {
+        let list: Vec<String> = files
+            .iter()
+            .map(|f| format!("{:?}", f.display().to_string()))
+            .collect();
+        println!("  data.{split} = [{}]", list.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `examples` as `DIR/SPLIT-NNNNN.tokens` files of at most `per_shard` examples each.
+fn write_split(
+    dir: &Path,
+    split: &str,
+    examples: &[Example],
+    per_shard: usize,
+    pad_id: i32,
+) -> Result<Vec<PathBuf>> {
+    examples
+        .chunks(per_shard)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let path = dir.join(format!("{split}-{i:05}.{EXTENSION}"));
+            write_shard(&path, chunk, pad_id)?;
+            Ok(path)
+        })
+        .collect()
+}

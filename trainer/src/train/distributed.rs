@@ -1,0 +1,165 @@
+//! This rank's view of a data-parallel run: who it is, the communicator, and the few collectives
+//! the training loop needs — the gradient sum of each optimizer step and exact global counts.
+//!
+//! A failing rank must stop the job rather than leave the others waiting in a collective: when a
+//! [`Distributed`] is dropped without [`Distributed::finish`] (an error unwound the loop), MPI is
+//! not finalised, so the process exits at once and mpirun (or `fuselora launch`) tears the job down.
+
+use super::grad_reduce::GradReducer;
+use crate::lora::LoraParams;
+use anyhow::{bail, Context, Result};
+use comms::{Comms, Communicator, Placement, RankInfo, ReduceOp, SingleProcess};
+use std::mem::ManuallyDrop;
+use std::time::Duration;
+
+/// How long ranks wait for each other to join.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Test hook: `FUSELORA_FAIL_AT_STEP=S` makes rank `FUSELORA_FAIL_RANK` (default 0) fail at step S.
+pub const FAIL_AT_STEP_ENV: &str = "FUSELORA_FAIL_AT_STEP";
+/// The rank [`FAIL_AT_STEP_ENV`] applies to.
+pub const FAIL_RANK_ENV: &str = "FUSELORA_FAIL_RANK";
+
+/// The rank, the world, and the communicator between them.
+pub struct Distributed {
+    pub info: RankInfo,
+    comms: ManuallyDrop<Comms>,
+    fail_at_step: Option<u64>,
+}
+
+impl Distributed {
+    /// One process: every collective is the identity.
+    pub fn single() -> Distributed {
+        Self::new(RankInfo::single(), Comms::Single(SingleProcess))
+    }
+
+    /// Joins the job that started this process, exchanging gradients in host memory (CPU ranks,
+    /// MPI under mpirun or srun).
+    pub fn connect_host() -> Result<Distributed> {
+        let info = comms::detect().context("reading this rank's place in the job")?;
+        let comms = comms::connect(&info, Placement::Host, JOIN_TIMEOUT)
+            .with_context(|| format!("connecting rank {} of {}", info.rank, info.world_size))?;
+        Ok(Self::new(info, comms))
+    }
+
+    /// Wraps a communicator the caller connected (GPU ranks connect with their CUDA stream).
+    pub fn new(info: RankInfo, comms: Comms) -> Distributed {
+        let fail_at_step = std::env::var(FAIL_AT_STEP_ENV)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|_| {
+                std::env::var(FAIL_RANK_ENV)
+                    .ok()
+                    .and_then(|r| r.trim().parse::<usize>().ok())
+                    .unwrap_or(0)
+                    == info.rank
+            });
+        Distributed {
+            info,
+            comms: ManuallyDrop::new(comms),
+            fail_at_step,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.info.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.info.world_size
+    }
+
+    /// Rank 0 alone prints, logs and writes files.
+    pub fn is_main(&self) -> bool {
+        self.info.rank == 0
+    }
+
+    /// The communicator, e.g. `mpi (3 ranks)`.
+    pub fn describe(&self) -> String {
+        self.comms.describe()
+    }
+
+    /// Sums every LoRA gradient over the ranks (once per optimizer step).
+    pub fn sum_grads<B: GradReducer>(&self, be: &B, lora: &mut LoraParams<B>) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        be.sum_over_ranks(&mut lora.grads, &self.comms)
+            .context("all-reduce of the LoRA gradients")
+    }
+
+    /// Exact sums of whole numbers over the ranks. f32 collectives carry them as 16-bit limbs,
+    /// whose sums stay exact (below 2^24) for up to 256 ranks.
+    pub fn global_sum_u64(&self, values: &[u64]) -> Result<Vec<u64>> {
+        if self.world_size() == 1 {
+            return Ok(values.to_vec());
+        }
+        let mut limbs: Vec<f32> = values
+            .iter()
+            .flat_map(|&v| (0..4).map(move |k| ((v >> (16 * k)) & 0xFFFF) as f32))
+            .collect();
+        self.comms
+            .all_reduce_f32(&mut limbs, ReduceOp::Sum)
+            .context("all-reduce of the step's token counts")?;
+        Ok(limbs
+            .chunks(4)
+            .map(|l| (0..4).map(|k| (l[k] as u64) << (16 * k)).sum())
+            .collect())
+    }
+
+    /// Sums of reals over the ranks, each carried as an f32 pair `hi + lo` (about 48 bits).
+    pub fn global_sum_f64(&self, values: &[f64]) -> Result<Vec<f64>> {
+        if self.world_size() == 1 {
+            return Ok(values.to_vec());
+        }
+        let mut parts: Vec<f32> = values
+            .iter()
+            .flat_map(|&v| {
+                let hi = v as f32;
+                [hi, (v - hi as f64) as f32]
+            })
+            .collect();
+        self.comms
+            .all_reduce_f32(&mut parts, ReduceOp::Sum)
+            .context("all-reduce of the step's loss")?;
+        Ok(parts.chunks(2).map(|p| p[0] as f64 + p[1] as f64).collect())
+    }
+
+    /// Fails when the test hook names this rank and `step`.
+    pub fn fail_if_asked(&self, step: u64) -> Result<()> {
+        if self.fail_at_step == Some(step) {
+            bail!(
+                "rank {} stops at step {step} because {FAIL_AT_STEP_ENV}={step}",
+                self.rank()
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits for every rank, then closes the communicator (MPI_Finalize): the end of a good run.
+    pub fn finish(mut self) -> Result<()> {
+        self.comms
+            .barrier()
+            .context("waiting for the other ranks to finish")?;
+        // SAFETY: `self` is consumed and its `comms` is never touched again.
+        unsafe { ManuallyDrop::drop(&mut self.comms) };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_single_process_sums_are_its_own_values() {
+        let d = Distributed::single();
+        assert!(d.is_main());
+        assert_eq!(
+            d.global_sum_u64(&[0, 70_000, u64::MAX >> 1]).unwrap(),
+            vec![0, 70_000, u64::MAX >> 1]
+        );
+        assert_eq!(d.global_sum_f64(&[1.0 / 3.0]).unwrap(), vec![1.0 / 3.0]);
+        d.finish().unwrap();
+    }
+}
