@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dpo;
 pub mod init;
 pub mod metrics;
 pub mod plot;
