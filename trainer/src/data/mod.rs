@@ -2,5 +2,6 @@
 //! tokenized examples ([`batching`]).
 
 pub mod batching;
+pub mod preference;
 pub mod records;
 pub mod tokenize;
