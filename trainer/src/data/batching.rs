@@ -85,7 +85,7 @@ pub fn epoch_batches(examples: &[Example], b: &Batching, seed: u64, epoch: u64) 
 }
 
 /// Rows of example indices, filled in order until the next example does not fit.
-fn pack(examples: &[Example], order: &[usize], max_len: usize) -> Vec<Vec<usize>> {
+pub(crate) fn pack(examples: &[Example], order: &[usize], max_len: usize) -> Vec<Vec<usize>> {
     let mut rows = Vec::new();
     let mut row: Vec<usize> = Vec::new();
     let mut used = 0;
@@ -119,7 +119,7 @@ fn group_by_length(
     out
 }
 
-fn assemble(examples: &[Example], rows: &[Vec<usize>], pad_id: i32) -> HostBatch {
+pub(crate) fn assemble(examples: &[Example], rows: &[Vec<usize>], pad_id: i32) -> HostBatch {
     let seq_len = rows
         .iter()
         .map(|r| r.iter().map(|&i| examples[i].ids.len()).sum::<usize>())

@@ -2,6 +2,7 @@
 //! tokenized examples ([`batching`]).
 
 pub mod batching;
+pub mod pair_batching;
 pub mod preference;
 pub mod records;
 pub mod tokenize;
