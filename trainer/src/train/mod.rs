@@ -3,6 +3,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod dpo;
+pub mod dpo_reference;
+pub mod dpo_run;
 pub mod init;
 pub mod metrics;
 pub mod plot;

@@ -47,6 +47,9 @@ pub struct Summary {
     pub eval_loss_start: Option<f64>,
     pub eval_loss_end: Option<f64>,
     pub adapter_dir: PathBuf,
+    /// DPO runs: the preference pairs' counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preference: Option<crate::data::preference::PreferenceStats>,
 }
 
 /// Everything loaded before the first step.
@@ -174,7 +177,7 @@ fn upload<B: Backend>(be: &B, model: &Decoder<B>, hb: &HostBatch) -> Result<Batc
     )
 }
 
-fn schedule_for(cfg: &RunConfig, total_steps: u64) -> Schedule {
+pub(crate) fn schedule_for(cfg: &RunConfig, total_steps: u64) -> Schedule {
     let kind = match cfg.train.schedule.as_str() {
         "linear" => ScheduleKind::Linear,
         "constant" => ScheduleKind::Constant,
@@ -195,6 +198,9 @@ fn schedule_for(cfg: &RunConfig, total_steps: u64) -> Schedule {
 
 /// Trains as `cfg` says; returns the summary (also written to `OUTPUT/summary.json`).
 pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summary> {
+    if cfg.train.method == "dpo" {
+        return super::dpo_run::train_dpo(be, cfg, resume);
+    }
     let started = Instant::now();
     let out = &cfg.output.dir;
     std::fs::create_dir_all(out)
@@ -401,6 +407,7 @@ pub fn train<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summ
         eval_loss_start,
         eval_loss_end,
         adapter_dir,
+        preference: None,
     };
     crate::io::write_atomic(
         &out.join("summary.json"),
@@ -418,6 +425,12 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
             s.train.examples, s.train.tokens, s.train.truncated, s.train.dropped_too_long, s.train.dropped_no_target, s.skipped_records
         ),
     ];
+    if let Some(p) = &s.preference {
+        lines.push(format!(
+            "preference pairs: {} kept; {} prompts and {} completions truncated, {} pairs dropped (no room for a completion)",
+            p.pairs, p.prompts_truncated, p.completions_truncated, p.dropped_no_completion
+        ));
+    }
     if let Some(l) = s.final_loss {
         lines.push(format!("final training loss {l:.4}"));
     }

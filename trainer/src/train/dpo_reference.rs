@@ -1,0 +1,133 @@
+//! Reference log-probabilities computed once for a whole dataset (`dpo.precompute_ref`) and
+//! cached as `OUTPUT/reference_logps.json`: the base weights alone (no adapter, no gradient), in
+//! the same forward kernels as training. The file holds a fingerprint of the model folder and of
+//! every pair's tokens (FNV-1a, 64 bits); a cache whose fingerprint differs is recomputed.
+
+use super::dpo::{sequence_logps, PairLogps, TargetSequences};
+use crate::data::pair_batching::pair_batch;
+use crate::data::preference::PreferencePair;
+use crate::model::{next_token_targets, Batch, Decoder};
+use anyhow::{Context, Result};
+use kernels::Backend;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    fingerprint: String,
+    logps: Vec<PairLogps>,
+}
+
+/// FNV-1a over the model path and every pair's prompt, chosen and rejected ids.
+pub fn fingerprint(model: &str, pairs: &[PreferencePair]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(model.as_bytes());
+    for p in pairs {
+        for part in [&p.prompt, &p.chosen, &p.rejected] {
+            eat(&(part.len() as u64).to_le_bytes());
+            part.iter().for_each(|id| eat(&id.to_le_bytes()));
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// How reference batches are laid out (the training micro-batch shape).
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    pub pairs_per_batch: usize,
+    pub packing: bool,
+    pub row_len: usize,
+    pub pad_id: i32,
+}
+
+/// Uploads a micro-batch of `pairs` with its target → sequence map.
+pub fn upload_pairs<B: Backend>(
+    be: &B,
+    model: &Decoder<B>,
+    pairs: &[&PreferencePair],
+    l: &Layout,
+) -> Result<(Batch<B>, TargetSequences, usize)> {
+    let pb = pair_batch(pairs, l.packing, l.row_len, l.pad_id);
+    let layout = pb.host.layout(model.config.sliding_window);
+    let seqs = TargetSequences::new(
+        &next_token_targets(&pb.host.labels, &layout),
+        &pb.seq_of_position,
+        pb.pairs,
+    );
+    let tokens = pb.host.token_count();
+    let batch = Batch::new(be, &model.config, &pb.host.ids, &pb.host.labels, layout)?;
+    Ok((batch, seqs, tokens))
+}
+
+/// Reference log-probabilities of every pair, in order.
+pub fn compute<B: Backend>(
+    be: &B,
+    model: &Decoder<B>,
+    pairs: &[PreferencePair],
+    l: &Layout,
+) -> Result<Vec<PairLogps>> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(l.pairs_per_batch.max(1)) {
+        let refs: Vec<&PreferencePair> = chunk.iter().collect();
+        let (batch, seqs, _) = upload_pairs(be, model, &refs, l)?;
+        out.extend(sequence_logps(be, model, None, &batch, &seqs)?.0);
+    }
+    Ok(out)
+}
+
+/// The cached log-probabilities at `path` when their fingerprint matches, else computed and
+/// written there. Returns them and whether they came from the file.
+pub fn load_or_compute<B: Backend>(
+    be: &B,
+    model: &Decoder<B>,
+    model_id: &str,
+    pairs: &[PreferencePair],
+    l: &Layout,
+    path: &Path,
+) -> Result<(Vec<PairLogps>, bool)> {
+    let fp = fingerprint(model_id, pairs);
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let cached: CacheFile = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a reference cache; delete it to recompute",
+                path.display()
+            )
+        })?;
+        if cached.fingerprint == fp && cached.logps.len() == pairs.len() {
+            return Ok((cached.logps, true));
+        }
+    }
+    let logps = compute(be, model, pairs, l)?;
+    let file = CacheFile {
+        fingerprint: fp,
+        logps,
+    };
+    crate::io::write_atomic(path, serde_json::to_string(&file)?.as_bytes())?;
+    Ok((file.logps, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_change_with_tokens_boundaries_and_model() {
+        let p = |prompt: Vec<i32>, chosen: Vec<i32>| PreferencePair {
+            prompt,
+            chosen,
+            rejected: vec![9],
+        };
+        let a = fingerprint("m", &[p(vec![1, 2], vec![3])]);
+        assert_eq!(a, fingerprint("m", &[p(vec![1, 2], vec![3])]));
+        assert_ne!(a, fingerprint("m", &[p(vec![1], vec![2, 3])]));
+        assert_ne!(a, fingerprint("m", &[p(vec![1, 2], vec![4])]));
+        assert_ne!(a, fingerprint("n", &[p(vec![1, 2], vec![3])]));
+        assert_eq!(a.len(), 16);
+    }
+}
