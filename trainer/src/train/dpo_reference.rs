@@ -115,6 +115,62 @@ pub fn load_or_compute<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::weights::{to_i64, WeightFiles};
+    use crate::model::ModelConfig;
+    use kernels::cpu::CpuBackend;
+    use std::path::PathBuf;
+
+    #[test]
+    fn packed_and_padded_reference_logps_match_the_fixture_and_the_cache() {
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama-dpo");
+        let be = CpuBackend::new();
+        let config = ModelConfig::load(&dir.join("model")).unwrap();
+        let files = WeightFiles::open(&dir.join("model")).unwrap();
+        let model = Decoder::load(&be, config, &files).unwrap();
+        let inputs = WeightFiles::open_file(&dir.join("inputs.safetensors")).unwrap();
+        let ids = |name: &str| -> Vec<i32> {
+            let (_, dtype) = inputs.info(name).unwrap();
+            let (_, bytes) = inputs.bytes(name).unwrap();
+            to_i64(dtype, &bytes)
+                .unwrap()
+                .into_iter()
+                .map(|x| x as i32)
+                .collect()
+        };
+        let pairs: Vec<PreferencePair> = (0..2)
+            .map(|k| PreferencePair {
+                prompt: ids(&format!("pair{k}_prompt_ids")),
+                chosen: ids(&format!("pair{k}_chosen_ids")),
+                rejected: ids(&format!("pair{k}_rejected_ids")),
+            })
+            .collect();
+        let expected = WeightFiles::open_file(&dir.join("expected.safetensors")).unwrap();
+        let want_c = expected.f32("reference_chosen_logps", &[2]).unwrap();
+        let want_r = expected.f32("reference_rejected_logps", &[2]).unwrap();
+        for packing in [true, false] {
+            let l = Layout {
+                pairs_per_batch: 2,
+                packing,
+                row_len: 30,
+                pad_id: 0,
+            };
+            let got = compute(&be, &model, &pairs, &l).unwrap();
+            for k in 0..2 {
+                assert!((got[k].chosen - want_c[k] as f64).abs() < 1e-4 * want_c[k].abs() as f64);
+                assert!((got[k].rejected - want_r[k] as f64).abs() < 1e-4 * want_r[k].abs() as f64);
+            }
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("reference_logps.json");
+            let (first, cached) = load_or_compute(&be, &model, "m", &pairs, &l, &path).unwrap();
+            assert!(!cached);
+            let (again, cached) = load_or_compute(&be, &model, "m", &pairs, &l, &path).unwrap();
+            assert!(cached);
+            assert_eq!(first, again);
+            let (_, cached) = load_or_compute(&be, &model, "other", &pairs, &l, &path).unwrap();
+            assert!(!cached, "a different model must not reuse the cache");
+        }
+    }
 
     #[test]
     fn fingerprints_change_with_tokens_boundaries_and_model() {
