@@ -12,10 +12,12 @@ use kernels::Backend;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The log-probabilities are stored as f64 bit patterns, `[chosen, rejected]` per pair, so that a
+/// run reading the cache sees exactly the values of the run that wrote it.
 #[derive(Serialize, Deserialize)]
 struct CacheFile {
     fingerprint: String,
-    logps: Vec<PairLogps>,
+    logps_f64_bits: Vec<[u64; 2]>,
 }
 
 /// FNV-1a over the model path and every pair's prompt, chosen and rejected ids.
@@ -99,17 +101,28 @@ pub fn load_or_compute<B: Backend>(
                 path.display()
             )
         })?;
-        if cached.fingerprint == fp && cached.logps.len() == pairs.len() {
-            return Ok((cached.logps, true));
+        if cached.fingerprint == fp && cached.logps_f64_bits.len() == pairs.len() {
+            let logps = cached
+                .logps_f64_bits
+                .iter()
+                .map(|&[c, r]| PairLogps {
+                    chosen: f64::from_bits(c),
+                    rejected: f64::from_bits(r),
+                })
+                .collect();
+            return Ok((logps, true));
         }
     }
     let logps = compute(be, model, pairs, l)?;
     let file = CacheFile {
         fingerprint: fp,
-        logps,
+        logps_f64_bits: logps
+            .iter()
+            .map(|p| [p.chosen.to_bits(), p.rejected.to_bits()])
+            .collect(),
     };
     crate::io::write_atomic(path, serde_json::to_string(&file)?.as_bytes())?;
-    Ok((file.logps, false))
+    Ok((logps, false))
 }
 
 #[cfg(test)]
