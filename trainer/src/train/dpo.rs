@@ -133,7 +133,7 @@ impl TargetSequences {
 }
 
 /// Log-probabilities of one pair's completions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PairLogps {
     pub chosen: f64,
     pub rejected: f64,
