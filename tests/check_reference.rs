@@ -50,8 +50,15 @@ fn smollm2_tokenizer_ids_are_exact() {
 }
 
 #[test]
+fn tiny_llama_dpo_matches_trl() {
+    let (ok, text) = check("tiny-llama-dpo");
+    assert!(ok, "{text}");
+    assert!(text.contains("51 passed, 0 failed"), "{text}");
+}
+
+#[test]
 fn cases_of_later_features_are_named_unsupported_and_fail() {
-    for case in ["tiny-llama-dpo", "nf4-quant", "tiny-llama-qlora"] {
+    for case in ["nf4-quant", "tiny-llama-qlora"] {
         let (ok, text) = check(case);
         assert!(!ok, "{case} must fail until it is implemented");
         assert!(text.contains("not supported yet"), "{text}");

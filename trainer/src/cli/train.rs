@@ -16,6 +16,9 @@ pub struct Args {
     /// Override a config key, e.g. `--set train.lr=1e-4 --set data.packing=false`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// The training method, `sft` or `dpo` (shorthand for `--set train.method=...`).
+    #[arg(long, value_parser = ["sft", "dpo"])]
+    method: Option<String>,
     /// Continue from the newest checkpoint in the output folder, or from the one given.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
     resume: Option<String>,
@@ -39,7 +42,11 @@ impl BackendTask for Train {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let cfg = RunConfig::load(&args.config, &args.overrides)?;
+    let mut overrides = args.overrides;
+    if let Some(m) = &args.method {
+        overrides.push(format!("train.method={m}"));
+    }
+    let cfg = RunConfig::load(&args.config, &overrides)?;
     let resume = match args.resume.as_deref() {
         None => Resume::No,
         Some("latest") => Resume::Latest,

@@ -103,7 +103,7 @@ pub fn epoch_batches<S: ExampleSource + ?Sized>(
 }
 
 /// Rows of example indices, filled in order until the next example does not fit.
-fn pack<S: ExampleSource + ?Sized>(
+pub(crate) fn pack<S: ExampleSource + ?Sized>(
     examples: &S,
     order: &[usize],
     max_len: usize,

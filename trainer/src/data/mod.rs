@@ -3,6 +3,8 @@
 //! tokenized examples ([`batching`]).
 
 pub mod batching;
+pub mod pair_batching;
+pub mod preference;
 pub mod records;
 pub mod source;
 pub mod token_shards;

@@ -123,7 +123,7 @@ pub fn read_file(
 }
 
 /// Splits the file into `(line, raw JSON)` items: a JSON array's elements or JSONL lines.
-fn raw_records<'a>(path: &Path, text: &'a str) -> Result<Vec<(usize, &'a str)>> {
+pub(crate) fn raw_records<'a>(path: &Path, text: &'a str) -> Result<Vec<(usize, &'a str)>> {
     let line_of = |offset: usize| text[..offset].bytes().filter(|&b| b == b'\n').count() + 1;
     if text.trim_start().starts_with('[') {
         let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
@@ -150,14 +150,14 @@ fn raw_records<'a>(path: &Path, text: &'a str) -> Result<Vec<(usize, &'a str)>> 
     }
 }
 
-fn field_list(v: &Value) -> String {
+pub(crate) fn field_list(v: &Value) -> String {
     v.as_object()
         .map(|o| o.keys().cloned().collect::<Vec<_>>().join(", "))
         .unwrap_or_else(|| "not an object".into())
 }
 
 /// Moves each file field named in `columns` (ours → theirs) to our name.
-fn rename_columns(mut v: Value, columns: &BTreeMap<String, String>) -> Value {
+pub(crate) fn rename_columns(mut v: Value, columns: &BTreeMap<String, String>) -> Value {
     if let Some(obj) = v.as_object_mut() {
         for (ours, theirs) in columns {
             if let Some(x) = obj.remove(theirs) {
@@ -168,7 +168,7 @@ fn rename_columns(mut v: Value, columns: &BTreeMap<String, String>) -> Value {
     v
 }
 
-fn string_field(v: &Value, key: &str) -> Result<String> {
+pub(crate) fn string_field(v: &Value, key: &str) -> Result<String> {
     match v.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => bail!("field `{key}` must be a string, found {}", type_name(other)),
@@ -183,7 +183,7 @@ fn optional_string(v: &Value, key: &str) -> Result<Option<String>> {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -213,7 +213,7 @@ fn to_sample(v: &Value, format: Format) -> Result<Sample> {
 
 /// sharegpt roles; a `function_call` is the assistant's (trained) turn, an `observation` is the
 /// tool's answer (masked), as in LLaMA-Factory's sharegpt convention.
-fn sharegpt_role(r: &str) -> Option<&'static str> {
+pub(crate) fn sharegpt_role(r: &str) -> Option<&'static str> {
     match r {
         "human" | "user" => Some("user"),
         "gpt" | "assistant" | "chatgpt" | "bard" | "function_call" => Some("assistant"),

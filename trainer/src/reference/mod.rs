@@ -3,6 +3,7 @@
 //! compares every expected tensor. A tensor we cannot compute is a failure, never a skip.
 
 mod compare;
+mod dpo;
 pub mod sft;
 mod tokenizer;
 
@@ -32,7 +33,8 @@ pub fn check_case<B: Backend>(be: &B, dir: &Path) -> Result<Report> {
     let computed = match kind {
         "sft" => sft::run(be, dir, &case)?,
         "tokenizer" => tokenizer::run(dir, &case)?,
-        "dpo" | "qlora_sft" | "nf4_quant" => {
+        "dpo" => dpo::run(be, dir, &case)?,
+        "qlora_sft" | "nf4_quant" => {
             bail!("case kind `{kind}` ({}) is not supported yet by this build", dir.display())
         }
         other => bail!("unknown case kind `{other}` in {}: known kinds are sft, dpo, tokenizer, nf4_quant, qlora_sft", case_path.display()),

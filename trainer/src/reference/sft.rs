@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Logits, losses, gradients: ≤ 1e-4 relative (fixtures README §7).
-const REL_TOL: f64 = 1e-4;
+pub const REL_TOL: f64 = 1e-4;
 /// Optimizer results: 1e-6 absolute, leaving out elements whose clipped gradient is below 1e-6
 /// (there Adam's first step is lr·g/(|g|+eps), ill-conditioned; README §7).
 const UPDATE_TOL: f64 = 1e-6;

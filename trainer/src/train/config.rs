@@ -2,6 +2,7 @@
 //! Unknown keys are errors that list the valid ones (serde's `deny_unknown_fields`); values are
 //! checked in [`RunConfig::validate`] with messages that name the key.
 
+use super::dpo::LossType;
 use crate::model::Projection;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,9 @@ pub struct RunConfig {
     pub data: DataSection,
     #[serde(default)]
     pub train: TrainSection,
+    /// Used when `train.method = "dpo"`.
+    #[serde(default)]
+    pub dpo: DpoSection,
     pub output: OutputSection,
 }
 
@@ -88,7 +92,10 @@ pub struct DataSection {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
-    /// Rows per micro-batch.
+    /// `sft` (supervised fine-tuning) or `dpo` (Direct Preference Optimization, see `[dpo]`).
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Rows per micro-batch (for `dpo`: preference pairs per micro-batch).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     #[serde(default = "default_one")]
@@ -139,12 +146,52 @@ pub struct TrainSection {
     pub dump_batches: bool,
 }
 
+/// Direct Preference Optimization: the loss, the length limits of pairs, the reference.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoSection {
+    /// β: how far the policy may move from the reference.
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// `sigmoid` (DPO; cDPO with label_smoothing > 0), `robust` (rDPO) or `ipo`.
+    #[serde(default = "default_loss_type")]
+    pub loss_type: String,
+    /// ε: the assumed fraction of flipped preference labels (sigmoid and robust).
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Prompts longer than this keep their last tokens.
+    #[serde(default = "default_max_prompt_len")]
+    pub max_prompt_len: usize,
+    /// Prompt + completion; completions are cut from the end to fit. Also the packed row length.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    /// Compute the reference log-probabilities once before training and cache them in
+    /// `OUTPUT/reference_logps.json` (reused while model and data are unchanged).
+    #[serde(default)]
+    pub precompute_ref: bool,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
     pub dir: PathBuf,
 }
 
+fn default_method() -> String {
+    "sft".into()
+}
+fn default_beta() -> f64 {
+    0.1
+}
+fn default_loss_type() -> String {
+    "sigmoid".into()
+}
+fn default_max_prompt_len() -> usize {
+    512
+}
+fn default_max_len() -> usize {
+    1024
+}
 fn default_backend() -> String {
     "auto".into()
 }
@@ -218,6 +265,12 @@ fn default_keep() -> usize {
 impl Default for LoraSection {
     fn default() -> Self {
         toml::from_str("").expect("every lora key has a default")
+    }
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every dpo key has a default")
     }
 }
 
@@ -363,6 +416,29 @@ impl RunConfig {
         if t.save_total_limit == 0 {
             bail!("`train.save_total_limit` must be at least 1");
         }
+        one_of("train.method", &t.method, &["sft", "dpo"])?;
+        self.validate_dpo()
+    }
+
+    fn validate_dpo(&self) -> Result<()> {
+        let d = &self.dpo;
+        one_of("dpo.loss_type", &d.loss_type, &LossType::NAMES)?;
+        if !(d.beta > 0.0) {
+            bail!("`dpo.beta` must be positive (TRL's default is 0.1)");
+        }
+        if !(0.0..0.5).contains(&d.label_smoothing) {
+            bail!("`dpo.label_smoothing` must be in [0, 0.5)");
+        }
+        if d.loss_type == "ipo" && d.label_smoothing != 0.0 {
+            bail!("`dpo.label_smoothing` applies to the sigmoid and robust losses; set it to 0 with `dpo.loss_type = \"ipo\"`");
+        }
+        if d.max_prompt_len == 0 || d.max_prompt_len >= d.max_len {
+            bail!(
+                "`dpo.max_prompt_len = {}` must be at least 1 and below `dpo.max_len = {}` (room must remain for the completion)",
+                d.max_prompt_len,
+                d.max_len
+            );
+        }
         Ok(())
     }
 
@@ -434,6 +510,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("lm_head") && e.contains("q_proj"), "{e}");
+    }
+
+    #[test]
+    fn dpo_defaults_follow_trl_and_bad_values_name_the_key() {
+        let c = RunConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.train.method, "sft");
+        assert_eq!(
+            (c.dpo.beta, c.dpo.loss_type.as_str(), c.dpo.label_smoothing),
+            (0.1, "sigmoid", 0.0)
+        );
+        assert_eq!((c.dpo.max_prompt_len, c.dpo.max_len), (512, 1024));
+        let e = RunConfig::from_toml(&format!("{MINIMAL}[train]\nmethod = \"ppo\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.method") && e.contains("dpo"), "{e}");
+        let e = RunConfig::from_toml(&format!("{MINIMAL}[dpo]\nloss_type = \"hinge\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dpo.loss_type") && e.contains("ipo"), "{e}");
+        let e = RunConfig::from_toml(&format!("{MINIMAL}[dpo]\nmax_prompt_len = 2048\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dpo.max_prompt_len = 2048"), "{e}");
+        let e = RunConfig::from_toml(&format!(
+            "{MINIMAL}[dpo]\nloss_type = \"ipo\"\nlabel_smoothing = 0.1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("dpo.label_smoothing"), "{e}");
     }
 
     #[test]

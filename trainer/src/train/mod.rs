@@ -4,6 +4,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod distributed;
+pub mod dpo;
+pub mod dpo_reference;
+pub mod dpo_run;
 pub mod dump;
 pub mod grad_reduce;
 pub mod init;

@@ -61,6 +61,9 @@ pub struct Summary {
     pub adapter_dir: PathBuf,
     /// The most device memory held at once (`None` on the CPU).
     pub peak_memory_bytes: Option<u64>,
+    /// DPO runs: the preference pairs' counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preference: Option<crate::data::preference::PreferenceStats>,
 }
 
 /// Everything loaded before the first step.
@@ -252,7 +255,7 @@ fn upload<B: Backend>(be: &B, model: &Decoder<B>, hb: &HostBatch) -> Result<Batc
     )
 }
 
-fn schedule_for(cfg: &RunConfig, total_steps: u64) -> Schedule {
+pub(crate) fn schedule_for(cfg: &RunConfig, total_steps: u64) -> Schedule {
     let kind = match cfg.train.schedule.as_str() {
         "linear" => ScheduleKind::Linear,
         "constant" => ScheduleKind::Constant,
@@ -284,6 +287,12 @@ pub fn train_ranks<B: GradReducer>(
     resume: Resume,
     dist: &Distributed,
 ) -> Result<Summary> {
+    if cfg.train.method == "dpo" {
+        if dist.world_size() > 1 {
+            bail!("DPO runs on one rank for now: start it without mpirun/launch (train.method = \"dpo\")");
+        }
+        return super::dpo_run::train_dpo(be, cfg, resume);
+    }
     let started = Instant::now();
     let out = &cfg.output.dir;
     let main = dist.is_main();
@@ -510,6 +519,7 @@ pub fn train_ranks<B: GradReducer>(
         eval_loss_end: None,
         adapter_dir: adapter_dir.clone(),
         peak_memory_bytes: be.peak_memory_bytes(),
+        preference: None,
     };
     let Some(log) = &mut log else {
         return Ok(summary);
@@ -549,6 +559,12 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
             s.train.examples, s.train.tokens, s.train.truncated, s.train.dropped_too_long, s.train.dropped_no_target, s.skipped_records
         ),
     ];
+    if let Some(p) = &s.preference {
+        lines.push(format!(
+            "preference pairs: {} kept; {} prompts and {} completions truncated, {} pairs dropped (no room for a completion)",
+            p.pairs, p.prompts_truncated, p.completions_truncated, p.dropped_no_completion
+        ));
+    }
     if let Some(bytes) = s.peak_memory_bytes {
         lines.push(format!(
             "peak device memory {:.2} GiB",

@@ -1,0 +1,138 @@
+//! Preference pairs → micro-batches. A micro-batch holds whole pairs: the chosen and the rejected
+//! sequence (`prompt + completion`, labels only on the completion) of each of its pairs, so both
+//! halves of a pair always see the same weights. Sequence `2k` is pair `k`'s chosen one, `2k + 1`
+//! its rejected one. With packing, sequences fill rows of `row_len` tokens one after another (each
+//! its own document); without, one sequence per row, padded to the longest.
+//! An epoch's order of pairs is fixed by (seed, epoch), as for supervised batches.
+
+use super::batching::{assemble, pack, shuffled, Example, HostBatch};
+use super::preference::PreferencePair;
+use kernels::IGNORE_INDEX;
+
+/// A micro-batch of pairs on the host, with the sequence of every token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PairBatch {
+    pub host: HostBatch,
+    /// `seq_of_position[i]`: the sequence token `i` belongs to, -1 for padding.
+    pub seq_of_position: Vec<i32>,
+    pub pairs: usize,
+}
+
+fn sequence(prompt: &[i32], completion: &[i32]) -> Example {
+    let mut ids = prompt.to_vec();
+    ids.extend_from_slice(completion);
+    let mut labels = vec![IGNORE_INDEX; prompt.len()];
+    labels.extend_from_slice(completion);
+    Example { ids, labels }
+}
+
+/// Lays out `pairs` (in this order) as one micro-batch.
+pub fn pair_batch(
+    pairs: &[&PreferencePair],
+    packing: bool,
+    row_len: usize,
+    pad_id: i32,
+) -> PairBatch {
+    let examples: Vec<Example> = pairs
+        .iter()
+        .flat_map(|p| {
+            [
+                sequence(&p.prompt, &p.chosen),
+                sequence(&p.prompt, &p.rejected),
+            ]
+        })
+        .collect();
+    let order: Vec<usize> = (0..examples.len()).collect();
+    let rows: Vec<Vec<usize>> = if packing {
+        pack(&examples, &order, row_len)
+    } else {
+        order.iter().map(|&i| vec![i]).collect()
+    };
+    let host = assemble(&examples, &rows, pad_id);
+    let mut seq_of_position = vec![-1i32; host.ids.len()];
+    for (r, row) in rows.iter().enumerate() {
+        let mut at = r * host.seq_len;
+        for &i in row {
+            let len = examples[i].ids.len();
+            seq_of_position[at..at + len].fill(i as i32);
+            at += len;
+        }
+    }
+    PairBatch {
+        host,
+        seq_of_position,
+        pairs: pairs.len(),
+    }
+}
+
+/// The pair indices of each micro-batch of `epoch`: a seeded shuffle cut into `pairs_per_batch`.
+pub fn epoch_pair_batches(
+    n_pairs: usize,
+    pairs_per_batch: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
+    shuffled(n_pairs, seed, epoch)
+        .chunks(pairs_per_batch.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(p: usize, c: usize, r: usize, tag: i32) -> PreferencePair {
+        PreferencePair {
+            prompt: vec![tag; p],
+            chosen: vec![tag + 1; c],
+            rejected: vec![tag + 2; r],
+        }
+    }
+
+    #[test]
+    fn padded_rows_hold_one_sequence_each_with_labels_on_the_completion() {
+        let (a, b) = (pair(2, 1, 3, 10), pair(1, 2, 1, 20));
+        let batch = pair_batch(&[&a, &b], false, 100, 0);
+        assert_eq!(batch.host.seq_len, 5);
+        assert_eq!(batch.host.docs, vec![vec![3], vec![5], vec![3], vec![2]]);
+        assert_eq!(&batch.host.ids[5..10], &[10, 10, 12, 12, 12]);
+        assert_eq!(
+            &batch.host.labels[5..10],
+            &[IGNORE_INDEX, IGNORE_INDEX, 12, 12, 12]
+        );
+        assert_eq!(
+            batch.seq_of_position,
+            vec![0, 0, 0, -1, -1, 1, 1, 1, 1, 1, 2, 2, 2, -1, -1, 3, 3, -1, -1, -1]
+        );
+    }
+
+    #[test]
+    fn packed_rows_keep_sequences_whole_and_mapped() {
+        let (a, b) = (pair(2, 1, 3, 10), pair(1, 2, 1, 20));
+        let batch = pair_batch(&[&a, &b], true, 8, 0);
+        // 3 + 5 fill row 0; 3 + 2 fill row 1.
+        assert_eq!(batch.host.docs, vec![vec![3, 5], vec![3, 2]]);
+        assert_eq!(
+            batch.seq_of_position,
+            vec![0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, -1, -1, -1]
+        );
+        assert_eq!(batch.host.target_count(), 1 + 3 + 2 + 1);
+    }
+
+    #[test]
+    fn epochs_cover_every_pair_once() {
+        let batches = epoch_pair_batches(7, 3, 1, 0);
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![3, 3, 1]
+        );
+        let mut all: Vec<usize> = batches.concat();
+        all.sort();
+        assert_eq!(all, (0..7).collect::<Vec<_>>());
+        assert_ne!(
+            epoch_pair_batches(7, 3, 1, 0),
+            epoch_pair_batches(7, 3, 1, 1)
+        );
+    }
+}
