@@ -16,6 +16,8 @@
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{Batch, Decoder, ModelConfig, Projection};
 use crate::optim::{AdamW, LossScaler};
+use crate::train::distributed::Distributed;
+use crate::train::grad_reduce::GradReducer;
 use crate::train::init::fresh_adapter;
 use anyhow::{bail, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend};
@@ -86,6 +88,8 @@ pub struct BenchSpec {
 pub struct BenchResult {
     pub spec: BenchSpec,
     pub backend: String,
+    /// Data-parallel ranks (GPUs) the step ran on; tokens count all of them.
+    pub ranks: usize,
     pub tokens_per_step: usize,
     pub step_times_s: Vec<f64>,
     pub median_step_s: f64,
@@ -151,8 +155,9 @@ fn median(xs: &[f64]) -> f64 {
     }
 }
 
-/// Runs the benchmark on `be`.
-pub fn run<B: Backend>(be: &B, spec: &BenchSpec) -> Result<BenchResult> {
+/// Runs the benchmark on `be` as one rank of `dist` (every rank trains its own random batches; the
+/// LoRA gradients are summed over ranks each step, as in data-parallel training).
+pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Result<BenchResult> {
     if spec.batch == 0 || spec.seq < 2 || spec.grad_accum == 0 || spec.steps == 0 {
         bail!("bench needs batch ≥ 1, seq ≥ 2, grad_accum ≥ 1 and steps ≥ 1");
     }
@@ -175,7 +180,7 @@ pub fn run<B: Backend>(be: &B, spec: &BenchSpec) -> Result<BenchResult> {
     };
     let mut opt = AdamW::new(be, &lora, hp, Some(1.0))?;
     let mut scaler = LossScaler::for_dtype(be.compute_dtype());
-    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed.wrapping_add(dist.rank() as u64));
     let batches = (0..spec.grad_accum)
         .map(|_| random_batch(be, &config, spec, &mut rng))
         .collect::<Result<Vec<_>>>()?;
@@ -190,6 +195,7 @@ pub fn run<B: Backend>(be: &B, spec: &BenchSpec) -> Result<BenchResult> {
         for b in &batches {
             nll += model.loss_and_grad(be, Some(&mut lora), b, spec.checkpointing, weight)?;
         }
+        dist.sum_grads(be, &mut lora)?;
         opt.step_scaled(be, &mut lora, hp.lr, &mut scaler)?;
         // Reading a weight back waits for the step's queued work, so the time is the whole step's.
         be.download(&lora.params[0])?;
@@ -198,7 +204,8 @@ pub fn run<B: Backend>(be: &B, spec: &BenchSpec) -> Result<BenchResult> {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    let tokens_per_step = spec.batch * spec.seq * spec.grad_accum;
+    // Every rank's step time is the slowest rank's (the all-reduce waits for it).
+    let tokens_per_step = spec.batch * spec.seq * spec.grad_accum * dist.world_size();
     let (model_flops, hardware_flops) = step_flops(&config, lora.num_values(), spec);
     let med = median(&times);
     let total: f64 = times.iter().sum();
@@ -206,6 +213,7 @@ pub fn run<B: Backend>(be: &B, spec: &BenchSpec) -> Result<BenchResult> {
     Ok(BenchResult {
         spec: spec.clone(),
         backend: be.describe(),
+        ranks: dist.world_size(),
         tokens_per_step,
         median_step_s: med,
         tokens_per_s: tokens_per_step as f64 * times.len() as f64 / total,
@@ -225,7 +233,16 @@ pub fn describe(r: &BenchResult) -> String {
     let s = &r.spec;
     let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
     [
-        format!("preset      {} on {}", s.preset, r.backend),
+        format!(
+            "preset      {} on {}{}",
+            s.preset,
+            r.backend,
+            if r.ranks > 1 {
+                format!(" × {} ranks", r.ranks)
+            } else {
+                String::new()
+            }
+        ),
         format!(
             "shape       batch {} × seq {} × accum {} = {} tokens/step, checkpointing {}",
             s.batch,
@@ -276,14 +293,14 @@ mod tests {
     #[test]
     fn the_tiny_preset_trains_on_the_cpu_and_reports_every_number() {
         let be = CpuBackend::new();
-        let r = run(&be, &spec(true)).unwrap();
+        let r = run(&be, &spec(true), &Distributed::single()).unwrap();
         assert_eq!(r.tokens_per_step, 64);
         assert_eq!(r.step_times_s.len(), 3);
         assert!(r.tokens_per_s > 0.0 && r.median_step_s > 0.0);
         // Random weights of std 0.02 predict about uniformly: loss ≈ ln(vocab) = ln 256.
         assert!((r.final_loss - 256f64.ln()).abs() < 0.1, "{}", r.final_loss);
         assert_eq!(r.peak_memory_bytes, None);
-        let no_ckpt = run(&be, &spec(false)).unwrap();
+        let no_ckpt = run(&be, &spec(false), &Distributed::single()).unwrap();
         assert_eq!(no_ckpt.final_loss, r.final_loss, "checkpointing is exact");
         assert!(r.hardware_flops_per_step > r.model_flops_per_step);
         assert_eq!(

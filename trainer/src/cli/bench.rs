@@ -3,10 +3,10 @@
 
 use super::backend::{run_on, BackendTask, Selection};
 use anyhow::{Context, Result};
-use kernels::Backend;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::{describe, run, BenchResult, BenchSpec, PRESETS};
+use trainer::train::grad_reduce::GradReducer;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,8 +48,9 @@ pub struct Args {
 struct Bench(BenchSpec);
 
 impl BackendTask for Bench {
-    type Output = BenchResult;
-    fn run<B: Backend>(mut self, be: &B) -> Result<BenchResult> {
+    /// The result, on rank 0 only.
+    type Output = Option<BenchResult>;
+    fn run<B: GradReducer>(mut self, be: &B) -> Result<Option<BenchResult>> {
         let name = be.describe();
         let dense_16bit = be.compute_dtype() != kernels::DType::F32;
         if self.0.peak_tflops.is_none()
@@ -58,7 +59,11 @@ impl BackendTask for Bench {
         {
             self.0.peak_tflops = Some(989.0);
         }
-        run(be, &self.0)
+        let dist = be.join_ranks()?;
+        let result = run(be, &self.0, &dist)?;
+        let main = dist.is_main();
+        dist.finish()?;
+        Ok(main.then_some(result))
     }
 }
 
@@ -78,7 +83,9 @@ pub fn run_cli(args: Args) -> Result<ExitCode> {
         backend: args.backend,
         dtype: args.dtype,
     };
-    let result = run_on(&selection, Bench(spec))?;
+    let Some(result) = run_on(&selection, Bench(spec))? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     println!("{}", describe(&result));
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&result)?;
