@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod cuda;
 mod error;
 mod layout;
+pub mod nf4;
 pub mod rope;
 
 pub use backend::{AdamWParams, Backend, CeGrad, DType, IGNORE_INDEX};
