@@ -61,6 +61,18 @@ pub fn code8(u: f32) -> u8 {
     code8_lut()[(t as usize).min(GRID - 1)]
 }
 
+/// `A[b] = f32(map[codes[b]] · nested_absmax[b / 256]) + offset`, two roundings.
+pub fn decode_absmax(codes: &[u8], nested_absmax: &[f32], map: &[f32], offset: f32) -> Vec<f32> {
+    codes
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| {
+            let scaled = map[c as usize] * nested_absmax[b / NESTED_BLOCK];
+            scaled + offset
+        })
+        .collect()
+}
+
 impl DoubleQuantAbsmax {
     /// Quantizes `absmax` around `offset` (take it from the checkpoint when re-quantizing one).
     pub fn quantize(absmax: &[f32], offset: f32) -> Self {
@@ -86,14 +98,7 @@ impl DoubleQuantAbsmax {
 
     /// The decoded absmax `A[b]` of every block.
     pub fn decode(&self) -> Vec<f32> {
-        self.codes
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| {
-                let scaled = DYNAMIC_MAP[c as usize] * self.nested_absmax[b / NESTED_BLOCK];
-                scaled + self.offset
-            })
-            .collect()
+        decode_absmax(&self.codes, &self.nested_absmax, &DYNAMIC_MAP, self.offset)
     }
 }
 
