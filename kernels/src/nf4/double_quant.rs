@@ -73,9 +73,23 @@ pub fn decode_absmax(codes: &[u8], nested_absmax: &[f32], map: &[f32], offset: f
         .collect()
 }
 
+/// The exact nearest dynamic-map code `#{j : dm[j] < u}` (ties to the lower code). It differs
+/// from [`code8`] only within about 1.5e−5 of a midpoint or for `|u| < 3e−5`.
+pub fn nearest_code8(u: f32) -> u8 {
+    DYNAMIC_MAP
+        .windows(2)
+        .filter(|p| 0.5 * (p[0] + p[1]) < u)
+        .count() as u8
+}
+
 impl DoubleQuantAbsmax {
     /// Quantizes `absmax` around `offset` (take it from the checkpoint when re-quantizing one).
     pub fn quantize(absmax: &[f32], offset: f32) -> Self {
+        Self::quantize_with(absmax, offset, code8)
+    }
+
+    /// [`DoubleQuantAbsmax::quantize`] with another 8-bit coder (e.g. [`nearest_code8`]).
+    pub fn quantize_with(absmax: &[f32], offset: f32, code: fn(f32) -> u8) -> Self {
         let mut codes = Vec::with_capacity(absmax.len());
         let mut nested_absmax = Vec::with_capacity(absmax.len().div_ceil(NESTED_BLOCK));
         for group in absmax.chunks(NESTED_BLOCK) {
@@ -87,7 +101,7 @@ impl DoubleQuantAbsmax {
                 continue;
             }
             let r = 1.0 / scale;
-            codes.extend(y.iter().map(|&v| code8((v * r).clamp(-1.0, 1.0))));
+            codes.extend(y.iter().map(|&v| code((v * r).clamp(-1.0, 1.0))));
         }
         DoubleQuantAbsmax {
             codes,

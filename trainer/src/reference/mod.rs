@@ -3,6 +3,7 @@
 //! compares every expected tensor. A tensor we cannot compute is a failure, never a skip.
 
 mod compare;
+mod nf4;
 pub mod sft;
 mod tokenizer;
 
@@ -32,7 +33,9 @@ pub fn check_case<B: Backend>(be: &B, dir: &Path) -> Result<Report> {
     let computed = match kind {
         "sft" => sft::run(be, dir, &case)?,
         "tokenizer" => tokenizer::run(dir, &case)?,
-        "dpo" | "qlora_sft" | "nf4_quant" => {
+        "nf4_quant" => nf4::run_quant(dir, &case)?,
+        "qlora_sft" => nf4::run_qlora(be, dir, &case)?,
+        "dpo" => {
             bail!("case kind `{kind}` ({}) is not supported yet by this build", dir.display())
         }
         other => bail!("unknown case kind `{other}` in {}: known kinds are sft, dpo, tokenizer, nf4_quant, qlora_sft", case_path.display()),
