@@ -87,7 +87,7 @@ pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
     let model_config = ModelConfig::load(&cfg.model.path)?;
     let weights = WeightFiles::open(&cfg.model.path)?;
     let tokenizer = Tokenizer::load(&cfg.model.path)?;
-    let model = Decoder::load(be, model_config, &weights)
+    let model = Decoder::load_with(be, model_config, &weights, cfg.model.quantize_nf4())
         .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
     let formatting = Formatting {
         alpaca_as_chat: cfg.data.alpaca_template == "chat",
