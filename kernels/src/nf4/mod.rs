@@ -40,7 +40,7 @@ pub fn nf4_midpoints() -> [f32; 15] {
 /// The 4-bit codes of `x` (one per element, unpacked) and the f32 absmax of every block.
 pub fn quantize(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
     let mid = nf4_midpoints();
-    let partial_last = x.len() % BLOCK != 0;
+    let partial_last = !x.len().is_multiple_of(BLOCK);
     let n_full = x.len() / BLOCK;
     let mut codes = Vec::with_capacity(x.len());
     let mut absmax = Vec::with_capacity(n_blocks(x.len()));
@@ -90,7 +90,11 @@ pub fn dequantize_into(packed: &[u8], absmax: &[f32], out: &mut [f32]) {
         for (j, o) in block.iter_mut().enumerate() {
             let i = b * BLOCK + j;
             let byte = packed[i / 2];
-            let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+            let code = if i.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0f
+            };
             *o = NF4_CODE[code as usize] * a;
         }
     }
