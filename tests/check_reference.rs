@@ -57,10 +57,15 @@ fn tiny_llama_dpo_matches_trl() {
 }
 
 #[test]
-fn cases_of_later_features_are_named_unsupported_and_fail() {
-    for case in ["nf4-quant", "tiny-llama-qlora"] {
-        let (ok, text) = check(case);
-        assert!(!ok, "{case} must fail until it is implemented");
-        assert!(text.contains("not supported yet"), "{text}");
-    }
+fn nf4_quantization_is_bit_exact_with_bitsandbytes() {
+    let (ok, text) = check("nf4-quant");
+    assert!(ok, "{text}");
+    assert!(text.contains("70 passed, 0 failed"), "{text}");
+}
+
+#[test]
+fn qlora_on_a_bitsandbytes_4bit_checkpoint_matches() {
+    let (ok, text) = check("tiny-llama-qlora");
+    assert!(ok, "{text}");
+    assert!(text.contains("88 passed, 0 failed"), "{text}");
 }

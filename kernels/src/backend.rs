@@ -53,6 +53,21 @@ pub enum CeGrad<'a, T> {
     PerRow(&'a T),
 }
 
+/// Where [`Backend::dequantize_nf4`] finds each 64-element block's absmax (see [`crate::nf4`]).
+pub enum Nf4Absmax<'a, T, I> {
+    /// One f32 per block: an f32 tensor `[n_blocks]`.
+    Plain(&'a T),
+    /// Double quantization: `A[b] = f32(map[codes[b]] · nested_absmax[b / 256]) + offset`, with
+    /// `codes` one byte per block packed into i32 words ([`crate::nf4::bytes_to_words`]),
+    /// `nested_absmax` f32 `[ceil(n_blocks / 256)]` and `map` the f32 dynamic map `[256]`.
+    Double {
+        codes: &'a I,
+        nested_absmax: &'a T,
+        map: &'a T,
+        offset: f32,
+    },
+}
+
 /// The ops a Llama/Mistral decoder needs for LoRA training, each with an explicit backward.
 ///
 /// Conventions: matrices are row-major; `N` is the number of tokens in the batch
@@ -265,6 +280,18 @@ pub trait Backend {
         grad: CeGrad<'_, Self::Tensor>,
         logp: &mut Self::Tensor,
         dhidden: Option<&mut Self::Tensor>,
+    ) -> Result<()>;
+
+    // ---- quantized weights ----------------------------------------------------------------------
+    /// NF4 dequantization (bitsandbytes, blocksize 64) of `n = len(out)` elements:
+    /// `out[i] = c[code[i]] · A[i / 64]` with `c` the NF4 table and the 4-bit codes packed two per
+    /// byte, element `2k` in the high nibble, the bytes in i32 words ([`crate::nf4::bytes_to_words`]).
+    /// Products are single f32 roundings, so an f32 `out` holds exactly [`crate::nf4::dequantize`]'s bits.
+    fn dequantize_nf4(
+        &self,
+        packed: &Self::Indices,
+        absmax: Nf4Absmax<'_, Self::Tensor, Self::Indices>,
+        out: &mut Self::Tensor,
     ) -> Result<()>;
 
     // ---- optimizer ------------------------------------------------------------------------------

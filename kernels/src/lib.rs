@@ -3,6 +3,7 @@
 //! - [`Backend`]: the ops a Llama/Mistral decoder needs, each with an explicit forward and backward.
 //! - [`cpu::CpuBackend`]: f32, written to be read; the reference every other backend is tested against.
 //! - `cuda::CudaBackend` (feature `cuda`): bf16/fp16 compute with fp32 accumulation, fused kernels.
+//! - [`nf4`]: bitsandbytes' NF4 4-bit format (QLoRA base weights): quantize, pack, dequantize.
 //! - [`rope`]: rotary-embedding frequency tables for every supported scaling kind (host-side math).
 //! - [`AttentionLayout`]: which keys each query may see (causal, padding, packed documents, window).
 
@@ -12,9 +13,10 @@ pub mod cpu;
 pub mod cuda;
 mod error;
 mod layout;
+pub mod nf4;
 pub mod rope;
 
-pub use backend::{AdamWParams, Backend, CeGrad, DType, IGNORE_INDEX};
+pub use backend::{AdamWParams, Backend, CeGrad, DType, Nf4Absmax, IGNORE_INDEX};
 pub use error::KernelError;
 pub use layout::AttentionLayout;
 

@@ -8,7 +8,8 @@
 
 use kernels::cpu::CpuBackend;
 use kernels::cuda::{CudaBackend, CudaTensor};
-use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, IGNORE_INDEX};
+use kernels::nf4::{self, Absmax, Nf4Weight, DYNAMIC_MAP};
+use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, IGNORE_INDEX};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
@@ -456,6 +457,64 @@ fn lm_head_cross_entropy_matches_with_ignored_rows_and_row_weights() {
             )
             .is_err());
     }
+}
+
+/// NF4 dequantization: in f32 the GPU must give the host reference's exact bits (every value is
+/// one product, or the absmax decode's product then add); in bf16/f16 those bits rounded once.
+#[test]
+fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
+    let cpu = CpuBackend::new();
+    // 4096 × 4097 + 3: odd (a pad nibble), a partial last block, many nested groups.
+    let n = 4096 * 4097 + 3;
+    let x = random(n, 21, 0.05);
+    for double in [false, true] {
+        let w = Nf4Weight::quantize(&x, double);
+        let want = w.dequantize();
+        for d in ALL {
+            let Some(g) = gpu(d) else { return };
+            let packed = g.upload_indices(&nf4::bytes_to_words(&w.packed)).unwrap();
+            let mut out = g.zeros(n, d).unwrap();
+            match &w.absmax {
+                Absmax::Plain(a) => {
+                    let a = g.upload(a, DType::F32).unwrap();
+                    g.dequantize_nf4(&packed, Nf4Absmax::Plain(&a), &mut out)
+                        .unwrap();
+                }
+                Absmax::Double(q) => {
+                    let codes = g.upload_indices(&nf4::bytes_to_words(&q.codes)).unwrap();
+                    let nested = g.upload(&q.nested_absmax, DType::F32).unwrap();
+                    let map = g.upload(&DYNAMIC_MAP, DType::F32).unwrap();
+                    let absmax = Nf4Absmax::Double {
+                        codes: &codes,
+                        nested_absmax: &nested,
+                        map: &map,
+                        offset: q.offset,
+                    };
+                    g.dequantize_nf4(&packed, absmax, &mut out).unwrap();
+                }
+            }
+            let got = g.download(&out).unwrap();
+            let rounded = g.download(&g.upload(&want, d).unwrap()).unwrap();
+            let mismatches = got
+                .iter()
+                .zip(&rounded)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            println!(
+                "nf4 dequantize double={double} {:<4} mismatches {mismatches}",
+                d.name()
+            );
+            assert_eq!(mismatches, 0, "double={double} {}", d.name());
+        }
+    }
+    let mut host = vec![0.0; 8];
+    cpu.dequantize_nf4(
+        &nf4::bytes_to_words(&nf4::pack(&[0, 15, 7, 8, 1, 2, 3, 4])),
+        Nf4Absmax::Plain(&vec![2.0]),
+        &mut host,
+    )
+    .unwrap();
+    assert_eq!(&host[..3], &[-2.0, 2.0, 0.0]);
 }
 
 #[test]

@@ -2,19 +2,34 @@
 //! (computed in f32, stored in the base's dtype), everything else is copied; the result is a
 //! Hugging Face folder (sharded with an index above 5 GB, like `save_pretrained`) with the base's
 //! config, generation config and tokenizer files.
+//!
+//! A bitsandbytes 4-bit base (QLoRA) cannot take a merge and stay exact in 4 bits, so its
+//! projections are dequantized, merged and written dense in `bnb_4bit_compute_dtype` (bf16 when
+//! absent), and `quantization_config` is dropped from the config: the result is a plain checkpoint.
 
 use crate::io::write_atomic;
 use crate::lora::{peft, LoraParams};
+use crate::model::bnb_checkpoint::{quantization_of, read_nf4};
 use crate::model::weights::{to_f32, WeightFiles};
 use crate::model::{ModelConfig, Projection};
 use anyhow::{bail, Context, Result};
 use kernels::cpu::{gemm_f32, CpuBackend};
+use kernels::DType;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Shards are cut before they pass this many bytes (transformers' default `max_shard_size`).
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+/// Suffixes of the tensors that hold a bitsandbytes weight's quantization state.
+const QUANT_STATE_SUFFIXES: &[&str] = &[
+    ".absmax",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_map",
+    ".quant_state.bitsandbytes__nf4",
+];
 
 const COPIED_FILES: &[&str] = &[
     "config.json",
@@ -41,19 +56,42 @@ fn encode(values: &[f32], dtype: Dtype) -> Result<Vec<u8>> {
     })
 }
 
-/// Writes `base` + `adapter` merged into `out`; returns the number of merged projections.
-pub fn merge(base: &Path, adapter: &Path, out: &Path, max_shard_bytes: usize) -> Result<usize> {
+/// What [`merge`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MergeSummary {
+    /// Adapted projections merged.
+    pub merged: usize,
+    /// For a 4-bit base: the dtype its dequantized projections were written in.
+    pub dequantized_to: Option<Dtype>,
+}
+
+/// Writes `base` + `adapter` merged into `out`.
+pub fn merge(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    max_shard_bytes: usize,
+) -> Result<MergeSummary> {
     let config = ModelConfig::load(base)?;
     let files = WeightFiles::open(base)?;
     let be = CpuBackend::new();
     let lora: LoraParams<CpuBackend> = peft::load(&be, &config, adapter)?;
-    // module weight name → (A, B, shape of A, scaling)
+    let dequantized_to = quantization_of(&config.raw)?.map(|q| match q.compute_dtype {
+        Some(DType::F32) => Dtype::F32,
+        Some(DType::F16) => Dtype::F16,
+        _ => Dtype::BF16,
+    });
+    // module weight name → (A, B, shape of A, scaling); projection weight name → [out, in]
     let mut deltas = BTreeMap::new();
+    let mut proj_shapes = BTreeMap::new();
     for layer in 0..config.num_layers {
         for p in Projection::ALL {
+            let name = format!("{}.weight", p.module_path(layer));
             if let Some(slot) = lora.slot(layer, p) {
-                deltas.insert(format!("{}.weight", p.module_path(layer)), slot);
+                deltas.insert(name.clone(), slot);
             }
+            let (o, i) = p.shape(&config);
+            proj_shapes.insert(name, [o, i]);
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -62,8 +100,23 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path, max_shard_bytes: usize) ->
     let mut shard_bytes = 0usize;
     let mut total_bytes = 0usize;
     for name in &names {
-        let (shape, dtype) = files.info(name)?;
-        let (_, raw) = files.bytes(name)?;
+        let quantized = dequantized_to.is_some()
+            && files.contains(&format!("{name}.quant_state.bitsandbytes__nf4"));
+        if dequantized_to.is_some()
+            && !quantized
+            && QUANT_STATE_SUFFIXES.iter().any(|s| name.ends_with(s))
+        {
+            continue;
+        }
+        let (mut shape, mut dtype) = files.info(name)?;
+        let (_, mut raw) = files.bytes(name)?;
+        if let (true, Some(dense)) = (quantized, dequantized_to) {
+            let [o, i] = *proj_shapes.get(name).with_context(|| {
+                format!("`{name}` is 4-bit but not a q/k/v/o/gate/up/down projection; fuselora cannot merge it")
+            })?;
+            let w = read_nf4(&files, name, [o, i])?.dequantize();
+            (shape, dtype, raw) = (vec![o, i], dense, encode(&w, dense)?);
+        }
         let bytes = match deltas.get(name) {
             Some(slot) => {
                 let mut w = to_f32(dtype, &raw).with_context(|| format!("tensor `{name}`"))?;
@@ -130,16 +183,34 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path, max_shard_bytes: usize) ->
             serde_json::to_string_pretty(&index)?.as_bytes(),
         )?;
     }
+    let mut config_json = config.raw.clone();
+    if let (Some(dense), Some(obj)) = (dequantized_to, config_json.as_object_mut()) {
+        obj.remove("quantization_config");
+        let name = match dense {
+            Dtype::F32 => "float32",
+            Dtype::F16 => "float16",
+            _ => "bfloat16",
+        };
+        obj.insert("torch_dtype".into(), name.into());
+        write_atomic(
+            &out.join("config.json"),
+            serde_json::to_string_pretty(&config_json)?.as_bytes(),
+        )?;
+    }
     for f in COPIED_FILES {
         let src = base.join(f);
-        if src.exists() {
+        let rewritten = dequantized_to.is_some() && *f == "config.json";
+        if src.exists() && !rewritten {
             write_atomic(
                 &out.join(f),
                 &std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?,
             )?;
         }
     }
-    Ok(deltas.len())
+    Ok(MergeSummary {
+        merged: deltas.len(),
+        dequantized_to,
+    })
 }
 
 #[cfg(test)]
@@ -156,8 +227,8 @@ mod tests {
             .join(p)
     }
 
-    fn expected_lora_logits() -> Vec<f32> {
-        let f = WeightFiles::open_file(&fixture("tiny-llama/expected.safetensors")).unwrap();
+    fn expected_lora_logits(case: &str) -> Vec<f32> {
+        let f = WeightFiles::open_file(&fixture(&format!("{case}/expected.safetensors"))).unwrap();
         f.f32("lora_logits", &[2, 24, 320]).unwrap()
     }
 
@@ -183,7 +254,7 @@ mod tests {
 
     #[test]
     fn the_merged_model_gives_the_adapted_logits_in_one_or_many_shards() {
-        let want = expected_lora_logits();
+        let want = expected_lora_logits("tiny-llama");
         for max_shard in [MAX_SHARD_BYTES, 200_000] {
             let dir = tempfile::tempdir().unwrap();
             let merged = merge(
@@ -193,7 +264,13 @@ mod tests {
                 max_shard,
             )
             .unwrap();
-            assert_eq!(merged, 21);
+            assert_eq!(
+                merged,
+                MergeSummary {
+                    merged: 21,
+                    dequantized_to: None
+                }
+            );
             assert_eq!(
                 dir.path().join("model.safetensors.index.json").exists(),
                 max_shard < MAX_SHARD_BYTES
@@ -206,6 +283,41 @@ mod tests {
                 }
             }
             assert!(dir.path().join("config.json").exists());
+        }
+    }
+
+    #[test]
+    fn a_4bit_base_is_dequantized_and_written_dense_in_its_compute_dtype() {
+        let want = expected_lora_logits("tiny-llama-qlora");
+        let dir = tempfile::tempdir().unwrap();
+        let summary = merge(
+            &fixture("tiny-llama-qlora/model"),
+            &fixture("tiny-llama-qlora/adapter"),
+            dir.path(),
+            MAX_SHARD_BYTES,
+        )
+        .unwrap();
+        assert_eq!(
+            summary,
+            MergeSummary {
+                merged: 21,
+                dequantized_to: Some(Dtype::F32)
+            }
+        );
+        let files = WeightFiles::open(dir.path()).unwrap();
+        assert_eq!(files.names().count(), 3 * 9 + 3);
+        assert_eq!(
+            files.info("model.layers.0.mlp.down_proj.weight").unwrap(),
+            (vec![64, 160], Dtype::F32)
+        );
+        let config = ModelConfig::load(dir.path()).unwrap();
+        assert!(config.raw.get("quantization_config").is_none());
+        let (got, mask) = merged_logits(dir.path());
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            if mask[i / 320] == 1 {
+                assert!((a - b).abs() / scale < 1e-4, "logit {i}: {a} vs {b}");
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ mod attention;
 mod cross_entropy;
 mod embedding;
 mod matmul;
+mod nf4;
 mod random;
 mod rmsnorm;
 mod rope;
@@ -17,7 +18,7 @@ pub use attention::{attention_backward_f32, attention_forward_f32};
 pub use matmul::gemm_f32;
 
 use crate::error::check_len;
-use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Result};
+use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result};
 
 /// The f32 reference backend.
 #[derive(Clone, Debug, Default)]
@@ -364,6 +365,15 @@ impl Backend for CpuBackend {
         cross_entropy::lm_head_cross_entropy(
             hidden, weight, targets, hidden_dim, vocab, grad, logp, dhidden,
         )
+    }
+
+    fn dequantize_nf4(
+        &self,
+        packed: &Vec<i32>,
+        absmax: Nf4Absmax<'_, Vec<f32>, Vec<i32>>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        nf4::dequantize(packed, absmax, out)
     }
 
     fn all_finite(&self, tensors: &[Vec<f32>]) -> Result<bool> {

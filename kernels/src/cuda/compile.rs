@@ -111,6 +111,11 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         },
     },
     KernelSource {
+        name: "nf4",
+        source: include_str!("../../cuda/nf4.cu"),
+        entry_points: || per_dtype(&["nf4_dequantize_plain", "nf4_dequantize_double"]),
+    },
+    KernelSource {
         name: "cast",
         source: include_str!("../../cuda/cast.cu"),
         entry_points: || {

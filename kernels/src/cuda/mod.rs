@@ -13,13 +13,14 @@ mod gemm;
 mod generation;
 mod launch;
 mod lm_head;
+mod nf4;
 mod optimizer;
 mod tensor;
 
 pub use tensor::{CudaIndices, CudaTensor};
 
 use crate::error::check_len;
-use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Result};
+use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Nf4Absmax, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nvrtc::Ptx;
@@ -712,6 +713,15 @@ impl Backend for CudaBackend {
 
     fn sum_of_squares(&self, tensors: &[CudaTensor]) -> Result<f64> {
         self.sum_of_squares_impl(tensors)
+    }
+
+    fn dequantize_nf4(
+        &self,
+        packed: &CudaIndices,
+        absmax: Nf4Absmax<'_, CudaTensor, CudaIndices>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        self.dequantize_nf4_impl(packed, absmax, out)
     }
 
     fn all_finite(&self, tensors: &[CudaTensor]) -> Result<bool> {

@@ -18,14 +18,21 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let merged = trainer::merge::merge(
+    let summary = trainer::merge::merge(
         &args.model,
         &args.adapter,
         &args.out,
         trainer::merge::MAX_SHARD_BYTES,
     )?;
+    if let Some(dtype) = summary.dequantized_to {
+        println!(
+            "the base model is 4-bit NF4: merging into 4 bits would lose the adapter, so its projections \
+             were dequantized and the merged model is written dense in {dtype:?} (no quantization_config)"
+        );
+    }
     println!(
-        "merged {merged} adapted projections into {}",
+        "merged {} adapted projections into {}",
+        summary.merged,
         args.out.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -3,12 +3,15 @@
 //! With gradient checkpointing only each layer's input is kept; backward recomputes the layer
 //! forward (Chen et al. 2016) and so produces the same gradients bit for bit.
 
+use super::bnb_checkpoint;
 use super::layer::{LayerSaved, LayerWeights};
+use super::proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
 use super::weights::WeightFiles;
 use super::ModelConfig;
 use super::Projection;
 use crate::lora::LoraParams;
 use anyhow::{bail, Result};
+use kernels::nf4::Nf4Weight;
 use kernels::{AttentionLayout, Backend, CeGrad, DType, IGNORE_INDEX};
 
 /// Sizes every layer needs, copied out of the config.
@@ -100,10 +103,40 @@ impl<B: Backend> Batch<B> {
 }
 
 impl<B: Backend> Decoder<B> {
-    /// Loads the weights of a Hugging Face folder onto the backend.
+    /// Loads the weights of a Hugging Face folder onto the backend (NF4 projections when the
+    /// checkpoint is a bitsandbytes 4-bit one).
     pub fn load(be: &B, config: ModelConfig, files: &WeightFiles) -> Result<Self> {
+        Self::load_with(be, config, files, None)
+    }
+
+    /// [`Decoder::load`], quantizing the projections of a dense checkpoint to NF4 when `quantize`
+    /// asks (QLoRA); a 4-bit checkpoint keeps its own quantization.
+    pub fn load_with(
+        be: &B,
+        config: ModelConfig,
+        files: &WeightFiles,
+        quantize: Option<QuantizeNf4>,
+    ) -> Result<Self> {
         let tied = config.tie_word_embeddings && !files.contains("lm_head.weight");
-        Self::from_source(be, config, tied, |name, shape| files.f32(name, shape))
+        let checkpoint_4bit = bnb_checkpoint::quantization_of(&config.raw)?.is_some();
+        let dt = be.compute_dtype();
+        let proj = |name: &str, [o, i]: [usize; 2]| -> Result<ProjWeight<B>> {
+            let stored_4bit =
+                checkpoint_4bit && files.contains(&format!("{name}.quant_state.bitsandbytes__nf4"));
+            if stored_4bit {
+                let w = bnb_checkpoint::read_nf4(files, name, [o, i])?;
+                return Ok(ProjWeight::Nf4(Nf4Tensor::upload(be, &w)?));
+            }
+            let dense = files.f32(name, &[o, i])?;
+            Ok(match quantize {
+                Some(q) => {
+                    let w = Nf4Weight::quantize(&dense, q.double_quant);
+                    ProjWeight::Nf4(Nf4Tensor::upload(be, &w)?)
+                }
+                None => ProjWeight::Dense(be.upload(&dense, dt)?),
+            })
+        };
+        Self::build(be, config, tied, |name, shape| files.f32(name, shape), proj)
     }
 
     /// Builds the decoder from any source of named f32 tensors (`source(name, shape)`), with the
@@ -113,6 +146,22 @@ impl<B: Backend> Decoder<B> {
         config: ModelConfig,
         tied: bool,
         source: impl Fn(&str, &[usize]) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        let dense = |name: &str, [o, i]: [usize; 2]| -> Result<ProjWeight<B>> {
+            Ok(ProjWeight::Dense(
+                be.upload(&source(name, &[o, i])?, be.compute_dtype())?,
+            ))
+        };
+        Self::build(be, config, tied, &source, dense)
+    }
+
+    /// Builds the decoder: norms, embedding and LM head from `source`, projections from `proj`.
+    fn build(
+        be: &B,
+        config: ModelConfig,
+        tied: bool,
+        source: impl Fn(&str, &[usize]) -> Result<Vec<f32>>,
+        proj: impl Fn(&str, [usize; 2]) -> Result<ProjWeight<B>>,
     ) -> Result<Self> {
         let dt = be.compute_dtype();
         let c = &config;
@@ -124,7 +173,7 @@ impl<B: Backend> Decoder<B> {
         for l in 0..c.num_layers {
             let proj = Projection::ALL.map(|p| {
                 let (o, i) = p.shape(c);
-                get(&format!("{}.weight", p.module_path(l)), &[o, i])
+                proj(&format!("{}.weight", p.module_path(l)), [o, i])
             });
             let [q, k, v, o, gate, up, down] = proj;
             layers.push(LayerWeights {
@@ -174,7 +223,7 @@ impl<B: Backend> Decoder<B> {
         for _ in 0..c.num_layers {
             let [q, k, v, o, gate, up, down] = Projection::ALL.map(|p| {
                 let (o, i) = p.shape(c);
-                random(o * i)
+                random(o * i).map(ProjWeight::Dense)
             });
             layers.push(LayerWeights {
                 input_norm: be.upload(&vec![1.0; c.hidden_size], dt)?,

@@ -4,6 +4,7 @@
 
 use super::decoder::{Batch, Shapes};
 use super::linear::{self, Dims};
+use super::proj_weight::ProjWeight;
 use super::Projection;
 use crate::lora::LoraParams;
 use anyhow::Result;
@@ -14,7 +15,7 @@ pub struct LayerWeights<B: Backend> {
     pub input_norm: B::Tensor,
     pub post_attention_norm: B::Tensor,
     /// In [`Projection::ALL`] order.
-    pub proj: [B::Tensor; 7],
+    pub proj: [ProjWeight<B>; 7],
 }
 
 /// Everything the layer's backward needs from its forward.

@@ -2,7 +2,9 @@
 //!
 //! Forward:  `y = x Wᵀ + s · t Bᵀ` with `t = x Aᵀ` (saved for backward).
 //! Backward: `dx (+)= dy W + s · u A` with `u = dy B`;  `dB += s · dyᵀ t`;  `dA += s · uᵀ x`.
+//! An NF4 `W` is dequantized right before each of its two GEMMs and dropped after (QLoRA).
 
+use super::proj_weight::ProjWeight;
 use crate::lora::{LoraParams, LoraSlot};
 use anyhow::Result;
 use kernels::Backend;
@@ -20,11 +22,13 @@ pub fn forward<B: Backend>(
     be: &B,
     d: Dims,
     x: &B::Tensor,
-    w: &B::Tensor,
+    w: &ProjWeight<B>,
     lora: Option<(&LoraParams<B>, LoraSlot)>,
     y: &mut B::Tensor,
 ) -> Result<Option<B::Tensor>> {
-    be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, 0.0, y)?;
+    w.with_dense(be, |w| {
+        Ok(be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, 0.0, y)?)
+    })?;
     let Some((lp, slot)) = lora else {
         return Ok(None);
     };
@@ -53,24 +57,16 @@ pub fn backward<B: Backend>(
     d: Dims,
     dy: &B::Tensor,
     x: &B::Tensor,
-    w: &B::Tensor,
+    w: &ProjWeight<B>,
     lora: Option<(&mut LoraParams<B>, LoraSlot)>,
     t: Option<&B::Tensor>,
     dx: &mut B::Tensor,
     accumulate: bool,
 ) -> Result<()> {
-    be.gemm(
-        d.n,
-        d.in_f,
-        d.out_f,
-        1.0,
-        dy,
-        false,
-        w,
-        false,
-        if accumulate { 1.0 } else { 0.0 },
-        dx,
-    )?;
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    w.with_dense(be, |w| {
+        Ok(be.gemm(d.n, d.in_f, d.out_f, 1.0, dy, false, w, false, beta, dx)?)
+    })?;
     let (Some((lp, slot)), Some(t)) = (lora, t) else {
         return Ok(());
     };

@@ -4,7 +4,7 @@
 use super::{Batch, Decoder, ModelConfig, Projection};
 use crate::lora::{LoraConfig, LoraParams};
 use kernels::cpu::CpuBackend;
-use kernels::AttentionLayout;
+use kernels::{AttentionLayout, Backend};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -216,4 +216,42 @@ fn cached_decoding_gives_the_full_forward_logits() {
             assert!((a - b).abs() < 1e-5, "column {t}: {a} vs {b}");
         }
     }
+}
+
+/// `[model] quantize = "nf4"` on tiny-llama's dense weights gives the base logits transformers
+/// computes on the same weights saved as a bitsandbytes 4-bit checkpoint.
+#[test]
+fn quantizing_at_load_matches_the_bitsandbytes_checkpoint() {
+    use crate::model::weights::WeightFiles;
+    use crate::model::QuantizeNf4;
+    use crate::reference::sft::Inputs;
+    let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let be = CpuBackend::new();
+    let dir = fixtures.join("tiny-llama/model");
+    let config = ModelConfig::load(&dir).unwrap();
+    let quantize = Some(QuantizeNf4 { double_quant: true });
+    let model = Decoder::load_with(
+        &be,
+        config.clone(),
+        &WeightFiles::open(&dir).unwrap(),
+        quantize,
+    )
+    .unwrap();
+    let inputs = Inputs::load(&fixtures.join("tiny-llama-qlora/inputs.safetensors")).unwrap();
+    let layout = inputs.layout(None).unwrap();
+    let batch = Batch::new(&be, &config, &inputs.ids, &inputs.labels, layout).unwrap();
+    let acts = model.forward(&be, None, &batch, false).unwrap();
+    let got = be.download(&model.logits(&be, &acts).unwrap()).unwrap();
+    let expected =
+        WeightFiles::open_file(&fixtures.join("tiny-llama-qlora/expected.safetensors")).unwrap();
+    let want = expected.f32("base_logits", &[2, 24, 320]).unwrap();
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .enumerate()
+        .filter(|(i, _)| inputs.mask[i / 320] == 1)
+        .map(|(_, (a, b))| (a - b).abs() / scale)
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "max relative logit error {worst}");
 }

@@ -4,6 +4,7 @@
 
 mod compare;
 mod dpo;
+mod nf4;
 pub mod sft;
 mod tokenizer;
 
@@ -34,9 +35,8 @@ pub fn check_case<B: Backend>(be: &B, dir: &Path) -> Result<Report> {
         "sft" => sft::run(be, dir, &case)?,
         "tokenizer" => tokenizer::run(dir, &case)?,
         "dpo" => dpo::run(be, dir, &case)?,
-        "qlora_sft" | "nf4_quant" => {
-            bail!("case kind `{kind}` ({}) is not supported yet by this build", dir.display())
-        }
+        "nf4_quant" => nf4::run_quant(dir, &case)?,
+        "qlora_sft" => nf4::run_qlora(be, dir, &case)?,
         other => bail!("unknown case kind `{other}` in {}: known kinds are sft, dpo, tokenizer, nf4_quant, qlora_sft", case_path.display()),
     };
     Ok(Report::new(&expected, computed))

@@ -3,7 +3,7 @@
 //! checked in [`RunConfig::validate`] with messages that name the key.
 
 use super::dpo::LossType;
-use crate::model::Projection;
+use crate::model::{Projection, QuantizeNf4};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,13 @@ pub struct ModelSection {
     /// Compute dtype on the GPU: `bf16`, `f16` or `f32` (the CPU backend always computes in f32).
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// `none`, or `nf4` to keep the projection weights in 4 bits (QLoRA); a bitsandbytes 4-bit
+    /// checkpoint is read as NF4 whatever this says.
+    #[serde(default = "default_quantize")]
+    pub quantize: String,
+    /// With `quantize = "nf4"`: store each block's absmax in 8 bits too (bitsandbytes' double quant).
+    #[serde(default = "default_true")]
+    pub double_quant: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -198,6 +205,9 @@ fn default_backend() -> String {
 fn default_dtype() -> String {
     "bf16".into()
 }
+fn default_quantize() -> String {
+    "none".into()
+}
 fn default_r() -> usize {
     16
 }
@@ -291,6 +301,15 @@ fn one_of(key: &str, value: &str, valid: &[&str]) -> Result<()> {
     }
 }
 
+impl ModelSection {
+    /// The NF4 quantization to apply at load, if `quantize` asks for one.
+    pub fn quantize_nf4(&self) -> Option<QuantizeNf4> {
+        (self.quantize == "nf4").then_some(QuantizeNf4 {
+            double_quant: self.double_quant,
+        })
+    }
+}
+
 impl RunConfig {
     /// Reads `path`, applies `key=value` overrides (dotted keys, TOML values), resolves relative
     /// paths against the config's folder, and validates.
@@ -343,6 +362,7 @@ impl RunConfig {
             &["auto", "cpu", "cuda"],
         )?;
         one_of("model.dtype", &self.model.dtype, &["bf16", "f16", "f32"])?;
+        one_of("model.quantize", &self.model.quantize, &["none", "nf4"])?;
         one_of(
             "data.format",
             &self.data.format,
@@ -490,6 +510,21 @@ mod tests {
         assert_eq!(c.lora.r, 16);
         assert_eq!(c.train.schedule, "cosine");
         assert_eq!(c.targets().len(), 7);
+        assert_eq!(c.model.quantize_nf4(), None);
+    }
+
+    #[test]
+    fn quantize_nf4_defaults_to_double_quant_and_other_methods_are_refused() {
+        let c =
+            RunConfig::from_toml(&MINIMAL.replace("[data]", "quantize = \"nf4\"\n[data]")).unwrap();
+        assert_eq!(
+            c.model.quantize_nf4(),
+            Some(QuantizeNf4 { double_quant: true })
+        );
+        let e = RunConfig::from_toml(&MINIMAL.replace("[data]", "quantize = \"gptq\"\n[data]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.quantize") && e.contains("nf4"), "{e}");
     }
 
     #[test]

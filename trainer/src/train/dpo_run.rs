@@ -247,8 +247,13 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
         .with_context(|| format!("cannot create output folder {}", out.display()))?;
     let model_config = ModelConfig::load(&cfg.model.path)?;
     let tokenizer = Tokenizer::load(&cfg.model.path)?;
-    let model = Decoder::load(be, model_config, &WeightFiles::open(&cfg.model.path)?)
-        .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
+    let model = Decoder::load_with(
+        be,
+        model_config,
+        &WeightFiles::open(&cfg.model.path)?,
+        cfg.model.quantize_nf4(),
+    )
+    .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
     let data = prepare_pairs(&tokenizer, cfg)?;
     let loss = loss_from_config(cfg);
     let layout = Layout {

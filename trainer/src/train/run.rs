@@ -117,8 +117,13 @@ pub fn formatting_for(cfg: &RunConfig) -> Formatting {
 /// Loads the model, tokenizer and datasets named by `cfg`.
 pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
     let model_config = ModelConfig::load(&cfg.model.path)?;
-    let model = Decoder::load(be, model_config, &WeightFiles::open(&cfg.model.path)?)
-        .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
+    let model = Decoder::load_with(
+        be,
+        model_config,
+        &WeightFiles::open(&cfg.model.path)?,
+        cfg.model.quantize_nf4(),
+    )
+    .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
     if let Some(pretokenized) = prepare_token_shards(cfg)? {
         let (shards, eval) = pretokenized;
         let tokenizer = if cfg.model.path.join("tokenizer.json").is_file() {

@@ -1,0 +1,44 @@
+/* NF4 dequantization (bitsandbytes quant_type="nf4", blocksize 64), the QLoRA base weight read:
+ *   out[i] = c[code[i]] * A[i / 64]
+ * with c the 16-value NF4 table and the 4-bit codes packed two per byte, element 2k in the high
+ * nibble. A is the block's absmax: stored as f32 (plain), or decoded from 8 bits (double quant):
+ *   A[b] = f32(map[code8[b]] * nested_absmax[b / 256]) + offset
+ * rounded twice, as bitsandbytes does: __fmul_rn/__fadd_rn keep the compiler from fusing them.
+ *
+ * One thread per packed byte: it reads 1 byte and its block's absmax (cached: 32 threads share
+ * it) and writes 2 elements, so the traffic is n/2 bytes in and n·sizeof(T) out. The bytes come in
+ * i32 words, read here as a byte array (little endian). The f32 output holds exactly the host's bits.
+ */
+__constant__ float NF4_CODE[16] = {
+    -1.0f,         -0.6961928f,  -0.52507305f, -0.3949175f,  -0.28444138f, -0.18477343f,
+    -0.091050036f, 0.0f,         0.0795803f,   0.1609302f,   0.2461123f,   0.33791524f,
+    0.44070983f,   0.562617f,    0.72295684f,  1.0f};
+
+template <typename T, bool DOUBLE>
+__device__ void nf4_dequantize(const unsigned char* packed, const float* absmax,
+                               const unsigned char* absmax_codes, const float* nested_absmax,
+                               const float* map, float offset, T* out, u64 n) {
+    u64 k = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    u64 i = 2 * k;
+    if (i >= n) return;
+    u64 b = i / 64;
+    float a = DOUBLE ? __fadd_rn(__fmul_rn(map[absmax_codes[b]], nested_absmax[b / 256]), offset)
+                     : absmax[b];
+    unsigned char byte = packed[k];
+    out[i] = store_f32<T>(__fmul_rn(NF4_CODE[byte >> 4], a));
+    if (i + 1 < n) out[i + 1] = store_f32<T>(__fmul_rn(NF4_CODE[byte & 15], a));
+}
+
+#define NF4_KERNELS(S, T)                                                                         \
+    extern "C" __global__ void nf4_dequantize_plain_##S(const int* packed, const float* absmax,   \
+                                                        T* out, u64 n) {                          \
+        nf4_dequantize<T, false>((const unsigned char*)packed, absmax, 0, 0, 0, 0.0f, out, n);   \
+    }                                                                                             \
+    extern "C" __global__ void nf4_dequantize_double_##S(                                         \
+        const int* packed, const int* absmax_codes, const float* nested_absmax, const float* map, \
+        float offset, T* out, u64 n) {                                                            \
+        nf4_dequantize<T, true>((const unsigned char*)packed, 0,                                  \
+                                (const unsigned char*)absmax_codes, nested_absmax, map, offset,   \
+                                out, n);                                                          \
+    }
+FOR_EACH_DTYPE(NF4_KERNELS)
