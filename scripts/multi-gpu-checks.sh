@@ -33,6 +33,9 @@ steps = sorted(set(a) & set(b))
 rel = max(abs(a[s] - b[s]) / max(abs(a[s]), 1e-12) for s in steps)
 print(f"{sys.argv[3]}: {len(steps)} steps compared, max relative difference {rel:.2e}; "
       f"first {a[steps[0]]:.4f} / {b[steps[0]]:.4f}, last {a[steps[-1]]:.4f} / {b[steps[-1]]:.4f}")
+print("  step " + " ".join(f"{s:>8}" for s in steps[::5]))
+print("  A    " + " ".join(f"{a[s]:8.4f}" for s in steps[::5]))
+print("  B    " + " ".join(f"{b[s]:8.4f}" for s in steps[::5]))
 PY
 }
 
@@ -61,6 +64,14 @@ tail -3 "$OUT/train-1gpu.log"
   --set output.dir="\"$WORK/two\"" > "$OUT/train-2gpu.log" 2>&1
 echo "launch exit $?"; tail -4 "$OUT/train-2gpu.log"
 compare_losses "$WORK/one/metrics.jsonl" "$WORK/two/metrics.jsonl" loss | tee "$OUT/ddp-compare.txt"
+# The same 1-GPU run again: how far bf16 runs drift with nothing changed but the reduction order
+# inside the kernels (cuBLAS/atomics), the yardstick for the 2-GPU difference.
+"$BIN" train --config "$WORK/run.toml" --set train.grad_accum=4 --set output.dir="\"$WORK/one-again\"" > /dev/null 2>&1
+compare_losses "$WORK/one/metrics.jsonl" "$WORK/one-again/metrics.jsonl" loss | sed 's/^/1 GPU twice: /' | tee -a "$OUT/ddp-compare.txt"
+"$BIN" train --config "$WORK/run.toml" --set train.grad_accum=4 --set model.dtype='"f32"' --set output.dir="\"$WORK/one-f32\"" > /dev/null 2>&1
+"$BIN" launch --nproc-per-node 2 -- train --config "$WORK/run.toml" --set train.grad_accum=2 --set model.dtype='"f32"' \
+  --set output.dir="\"$WORK/two-f32\"" > /dev/null 2>&1
+compare_losses "$WORK/one-f32/metrics.jsonl" "$WORK/two-f32/metrics.jsonl" loss | sed 's/^/f32, 1 vs 2 GPUs: /' | tee -a "$OUT/ddp-compare.txt"
 cp "$WORK/one/metrics.jsonl" "$OUT/metrics-1gpu.jsonl"; cp "$WORK/two/metrics.jsonl" "$OUT/metrics-2gpu.jsonl"
 
 echo "== 2. 7B bench, 1 and 2 GPUs"

@@ -6,8 +6,8 @@
 //!
 //! - CPU tensors are host `Vec<f32>`: gathered into buckets of up to [`BUCKET_VALUES`] values
 //!   (one MPI call per bucket instead of one per tensor), reduced, and copied back.
-//! - CUDA tensors (feature `cuda`): NCCL all-reduces each f32 gradient in place on the
-//!   backend's stream, ordered after the backward kernels with no host copy.
+//! - CUDA tensors (feature `cuda`): NCCL all-reduces every f32 gradient in place on the
+//!   backend's stream, all in one NCCL group (one fused launch), after the backward kernels.
 
 use super::distributed::Distributed;
 use anyhow::Result;
@@ -84,12 +84,14 @@ impl GradReducer for kernels::cuda::CudaBackend {
                 comms.describe()
             );
         };
+        let mut slices = Vec::with_capacity(grads.len());
         for g in grads {
             let Some(slice) = g.slice_f32_mut() else {
                 anyhow::bail!("LoRA gradients must be f32 tensors to be reduced over ranks");
             };
-            nccl.all_reduce_device(slice, ReduceOp::Sum)?;
+            slices.push(slice);
         }
+        nccl.all_reduce_device_group(slices, ReduceOp::Sum)?;
         Ok(())
     }
 }
