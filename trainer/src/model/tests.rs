@@ -255,3 +255,51 @@ fn quantizing_at_load_matches_the_bitsandbytes_checkpoint() {
         .fold(0f32, f32::max);
     assert!(worst < 1e-5, "max relative logit error {worst}");
 }
+
+#[test]
+fn missing_and_misshapen_tensors_are_named_with_both_shapes() {
+    use super::weights::WeightFiles;
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tiny-llama/model");
+    std::fs::copy(fixture.join("config.json"), dir.path().join("config.json")).unwrap();
+    let original = WeightFiles::open(&fixture).unwrap();
+    let write = |skip: &str, reshape: &str| {
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = original
+            .names()
+            .filter(|n| *n != skip)
+            .map(|n| {
+                let (shape, _) = original.info(n).unwrap();
+                let values = original.f32(n, &shape).unwrap();
+                let shape = if n == reshape {
+                    vec![shape.iter().product()]
+                } else {
+                    shape
+                };
+                (n.to_string(), shape, values)
+            })
+            .collect();
+        crate::io::write_safetensors_f32(&dir.path().join("model.safetensors"), &tensors).unwrap();
+    };
+    let be = CpuBackend::new();
+    let load = || {
+        let c = ModelConfig::load(dir.path()).unwrap();
+        Decoder::load(&be, c, &WeightFiles::open(dir.path()).unwrap())
+            .err()
+            .map(|e| format!("{e:#}"))
+    };
+    write("model.layers.1.mlp.up_proj.weight", "");
+    let e = load().expect("a missing tensor must be an error");
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"),
+        "{e}"
+    );
+    write("", "model.layers.0.self_attn.k_proj.weight");
+    let e = load().expect("a misshapen tensor must be an error");
+    assert!(
+        e.contains("model.layers.0.self_attn.k_proj.weight")
+            && e.contains("[2048]")
+            && e.contains("[32, 64]"),
+        "{e}"
+    );
+}
