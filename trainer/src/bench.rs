@@ -192,10 +192,25 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         lora.zero_grads(be)?;
         let weight = scaler.loss_weight(1.0 / targets as f32);
         let mut nll = 0.0;
-        for b in &batches {
-            nll += model.loss_and_grad(be, Some(&mut lora), b, spec.checkpointing, weight)?;
+        for (j, b) in batches.iter().enumerate() {
+            // As in training: the last micro-batch's layers are summed over ranks during its backward.
+            let last = j + 1 == batches.len();
+            nll += model.loss_and_grad_with_hook(
+                be,
+                Some(&mut lora),
+                b,
+                spec.checkpointing,
+                weight,
+                &mut |layer, lp| {
+                    if last {
+                        dist.start_layer_sum(be, lp, layer)
+                    } else {
+                        Ok(())
+                    }
+                },
+            )?;
         }
-        dist.sum_grads(be, &mut lora)?;
+        dist.wait_for_sums(be)?;
         opt.step_scaled(be, &mut lora, hp.lr, &mut scaler)?;
         // Reading a weight back waits for the step's queued work, so the time is the whole step's.
         be.download(&lora.params[0])?;

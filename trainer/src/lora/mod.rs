@@ -125,6 +125,15 @@ impl<B: Backend> LoraParams<B> {
         self.slots[layer][proj.index()]
     }
 
+    /// Indices of `layer`'s tensors in `params`/`grads` (contiguous: tensors are stored layer by layer).
+    pub fn layer_range(&self, layer: usize) -> std::ops::Range<usize> {
+        let mut slots = self.slots[layer].iter().flatten();
+        match slots.next() {
+            None => 0..0,
+            Some(first) => first.a..slots.last().unwrap_or(first).a + 2,
+        }
+    }
+
     /// Copies the f32 masters into the compute-dtype tensors (after each optimizer step).
     pub fn sync_compute(&mut self, backend: &B) -> Result<()> {
         for (p, c) in self.params.iter().zip(self.compute.iter_mut()) {

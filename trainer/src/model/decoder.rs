@@ -349,10 +349,25 @@ impl<B: Backend> Decoder<B> {
     pub fn backward(
         &self,
         be: &B,
+        lora: Option<&mut LoraParams<B>>,
+        batch: &Batch<B>,
+        acts: Activations<B>,
+        dnormed: &B::Tensor,
+    ) -> Result<()> {
+        self.backward_with_hook(be, lora, batch, acts, dnormed, &mut |_, _| Ok(()))
+    }
+
+    /// [`Decoder::backward`], calling `after_layer(l, lora)` as soon as layer `l`'s LoRA gradients
+    /// are complete (last layer first) — where data parallelism starts reducing them while the
+    /// layers below are still back-propagating.
+    pub fn backward_with_hook(
+        &self,
+        be: &B,
         mut lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
         acts: Activations<B>,
         dnormed: &B::Tensor,
+        after_layer: &mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>,
     ) -> Result<()> {
         let s = &self.shapes;
         let mut dx = be.zeros(be.len(&acts.last), be.compute_dtype())?;
@@ -371,6 +386,9 @@ impl<B: Backend> Decoder<B> {
                 Saved::Input(x) => layer.forward(be, s, l, lora.as_deref(), batch, x)?.1,
             };
             dx = layer.backward(be, s, l, lora.as_deref_mut(), batch, &full, dx)?;
+            if let Some(lp) = lora.as_deref_mut() {
+                after_layer(l, lp)?;
+            }
         }
         Ok(())
     }
@@ -381,10 +399,23 @@ impl<B: Backend> Decoder<B> {
     pub fn loss_and_grad(
         &self,
         be: &B,
+        lora: Option<&mut LoraParams<B>>,
+        batch: &Batch<B>,
+        checkpoint: bool,
+        grad_weight: f32,
+    ) -> Result<f64> {
+        self.loss_and_grad_with_hook(be, lora, batch, checkpoint, grad_weight, &mut |_, _| Ok(()))
+    }
+
+    /// [`Decoder::loss_and_grad`] with [`Decoder::backward_with_hook`]'s per-layer hook.
+    pub fn loss_and_grad_with_hook(
+        &self,
+        be: &B,
         mut lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
         checkpoint: bool,
         grad_weight: f32,
+        after_layer: &mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>,
     ) -> Result<f64> {
         let acts = self.forward(be, lora.as_deref(), batch, checkpoint)?;
         let grad = if lora.is_some() {
@@ -395,7 +426,7 @@ impl<B: Backend> Decoder<B> {
         let (logp, dnormed) = self.head(be, &acts, &batch.targets, grad)?;
         let nll = -be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>();
         if let (Some(lp), Some(d)) = (lora.as_deref_mut(), dnormed) {
-            self.backward(be, Some(lp), batch, acts, &d)?;
+            self.backward_with_hook(be, Some(lp), batch, acts, &d, after_layer)?;
         }
         Ok(nll)
     }

@@ -88,6 +88,31 @@ impl Distributed {
             .context("all-reduce of the LoRA gradients")
     }
 
+    /// Starts summing layer `layer`'s LoRA gradients over the ranks (during backward, once the
+    /// layer's gradients are final); [`Distributed::wait_for_sums`] completes every started sum.
+    pub fn start_layer_sum<B: GradReducer>(
+        &self,
+        be: &B,
+        lora: &mut LoraParams<B>,
+        layer: usize,
+    ) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let range = lora.layer_range(layer);
+        be.start_sum_over_ranks(&mut lora.grads[range], &self.comms)
+            .with_context(|| format!("all-reduce of layer {layer}'s LoRA gradients"))
+    }
+
+    /// Waits (on the device's queue, not the host) for every started gradient sum.
+    pub fn wait_for_sums<B: GradReducer>(&self, be: &B) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        be.wait_for_sums(&self.comms)
+            .context("waiting for the LoRA gradient all-reduce")
+    }
+
     /// Exact sums of whole numbers over the ranks. f32 collectives carry them as 16-bit limbs,
     /// whose sums stay exact (below 2^24) for up to 256 ranks.
     pub fn global_sum_u64(&self, values: &[u64]) -> Result<Vec<u64>> {

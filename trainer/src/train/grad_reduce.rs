@@ -6,8 +6,9 @@
 //!
 //! - CPU tensors are host `Vec<f32>`: gathered into buckets of up to [`BUCKET_VALUES`] values
 //!   (one MPI call per bucket instead of one per tensor), reduced, and copied back.
-//! - CUDA tensors (feature `cuda`): NCCL all-reduces every f32 gradient in place on the
-//!   backend's stream, all in one NCCL group (one fused launch), after the backward kernels.
+//! - CUDA tensors (feature `cuda`): NCCL all-reduces f32 gradients in place on a stream of its
+//!   own, a layer's tensors in one NCCL group as soon as that layer's backward is queued, so the
+//!   reduction overlaps the backward of the layers below.
 
 use super::distributed::Distributed;
 use anyhow::Result;
@@ -24,7 +25,16 @@ pub trait GradReducer: Backend {
     /// tensors (host memory for the CPU, the device stream for CUDA).
     fn join_ranks(&self) -> Result<Distributed>;
     /// Replaces every tensor of `grads` by its sum over all ranks of `comms`.
-    fn sum_over_ranks(&self, grads: &mut [Self::Tensor], comms: &Comms) -> Result<()>;
+    fn sum_over_ranks(&self, grads: &mut [Self::Tensor], comms: &Comms) -> Result<()> {
+        self.start_sum_over_ranks(grads, comms)?;
+        self.wait_for_sums(comms)
+    }
+    /// Starts summing `grads` over the ranks, ordered after the work queued so far; the result is
+    /// there once [`GradReducer::wait_for_sums`] returns (where reductions run on their own
+    /// stream, backward goes on meanwhile).
+    fn start_sum_over_ranks(&self, grads: &mut [Self::Tensor], comms: &Comms) -> Result<()>;
+    /// Orders everything queued after this call behind every started sum.
+    fn wait_for_sums(&self, comms: &Comms) -> Result<()>;
 }
 
 impl GradReducer for CpuBackend {
@@ -32,7 +42,8 @@ impl GradReducer for CpuBackend {
         Distributed::connect_host()
     }
 
-    fn sum_over_ranks(&self, grads: &mut [Vec<f32>], comms: &Comms) -> Result<()> {
+    /// Host buckets through MPI, synchronously: the sum is complete when this returns.
+    fn start_sum_over_ranks(&self, grads: &mut [Vec<f32>], comms: &Comms) -> Result<()> {
         let mut start = 0;
         while start < grads.len() {
             let mut end = start + 1;
@@ -60,6 +71,10 @@ impl GradReducer for CpuBackend {
         }
         Ok(())
     }
+
+    fn wait_for_sums(&self, _comms: &Comms) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -70,13 +85,20 @@ impl GradReducer for kernels::cuda::CudaBackend {
         if info.world_size == 1 {
             return Ok(Distributed::single());
         }
-        let placement = comms::Placement::Cuda(self.stream().clone());
+        // NCCL gets a stream of its own, so that gradient sums overlap the rest of backward.
+        let placement = comms::Placement::Cuda(self.stream().fork()?);
         let comms = comms::connect(&info, placement, super::distributed::JOIN_TIMEOUT)
             .with_context(|| format!("connecting GPU rank {} of {}", info.rank, info.world_size))?;
         Ok(Distributed::new(info, comms))
     }
 
-    fn sum_over_ranks(&self, grads: &mut [kernels::cuda::CudaTensor], comms: &Comms) -> Result<()> {
+    /// NCCL runs on its own stream (see `join_ranks`): it first waits for the work queued on the
+    /// compute stream so far (these gradients are final), then reduces while backward continues.
+    fn start_sum_over_ranks(
+        &self,
+        grads: &mut [kernels::cuda::CudaTensor],
+        comms: &Comms,
+    ) -> Result<()> {
         let Some(nccl) = comms.nccl() else {
             anyhow::bail!(
                 "{} GPU ranks need NCCL to exchange gradients, but this run connected over {}",
@@ -91,7 +113,15 @@ impl GradReducer for kernels::cuda::CudaBackend {
             };
             slices.push(slice);
         }
+        nccl.stream().join(self.stream())?;
         nccl.all_reduce_device_group(slices, ReduceOp::Sum)?;
+        Ok(())
+    }
+
+    fn wait_for_sums(&self, comms: &Comms) -> Result<()> {
+        if let Some(nccl) = comms.nccl() {
+            self.stream().join(&nccl.stream())?;
+        }
         Ok(())
     }
 }

@@ -442,17 +442,28 @@ pub fn train_ranks<B: GradReducer>(
         let mut nll = 0.0;
         if step_targets > 0 {
             let weight = scaler.loss_weight(1.0 / step_targets as f32);
-            for hb in &micro {
-                nll += model.loss_and_grad(
+            for (i, hb) in micro.iter().enumerate() {
+                // The last micro-batch's layers are summed over ranks as its backward finishes them.
+                let last = i + 1 == micro.len();
+                nll += model.loss_and_grad_with_hook(
                     be,
                     Some(&mut lora),
                     &upload(be, model, hb)?,
                     cfg.train.gradient_checkpointing,
                     weight,
+                    &mut |layer, lp| {
+                        if last {
+                            dist.start_layer_sum(be, lp, layer)
+                        } else {
+                            Ok(())
+                        }
+                    },
                 )?;
             }
+            dist.wait_for_sums(be)?;
+        } else {
+            dist.sum_grads(be, &mut lora)?;
         }
-        dist.sum_grads(be, &mut lora)?;
         let local_tokens = micro.iter().map(HostBatch::token_count).sum::<usize>() as u64;
         let step_tokens = dist.global_sum_u64(&[local_tokens])?[0];
         let nll = dist.global_sum_f64(&[nll])?[0];
