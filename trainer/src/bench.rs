@@ -203,7 +203,7 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
                 weight,
                 &mut |layer, lp| {
                     if last {
-                        dist.start_layer_sum(be, lp, layer)
+                        dist.layer_done(be, lp, layer)
                     } else {
                         Ok(())
                     }

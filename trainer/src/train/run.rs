@@ -453,7 +453,7 @@ pub fn train_ranks<B: GradReducer>(
                     weight,
                     &mut |layer, lp| {
                         if last {
-                            dist.start_layer_sum(be, lp, layer)
+                            dist.layer_done(be, lp, layer)
                         } else {
                             Ok(())
                         }
