@@ -35,8 +35,9 @@ pub struct Distributed {
 /// Tuning knob: how many layers' LoRA gradients go into one all-reduce during backward
 /// (default [`DEFAULT_BUCKET_LAYERS`]; 0 sums everything once backward has finished).
 pub const BUCKET_LAYERS_ENV: &str = "FUSELORA_REDUCE_BUCKET_LAYERS";
-/// Measured on 2×H200 at 7B (docs/benchmarks.md).
-pub const DEFAULT_BUCKET_LAYERS: usize = 8;
+/// One bucket after backward: on 2×H200 at 7B, NCCL kernels running beside backward slowed it more
+/// than they saved (docs/benchmarks.md: 0.997 efficiency with 0, 0.981–0.996 with 1–16 layers).
+pub const DEFAULT_BUCKET_LAYERS: usize = 0;
 
 impl Distributed {
     /// One process: every collective is the identity.

@@ -7,8 +7,8 @@
 //! - CPU tensors are host `Vec<f32>`: gathered into buckets of up to [`BUCKET_VALUES`] values
 //!   (one MPI call per bucket instead of one per tensor), reduced, and copied back.
 //! - CUDA tensors (feature `cuda`): NCCL all-reduces f32 gradients in place on a stream of its
-//!   own, a layer's tensors in one NCCL group as soon as that layer's backward is queued, so the
-//!   reduction overlaps the backward of the layers below.
+//!   own, a bucket of layers' tensors in one NCCL group once their backward is queued (by default
+//!   one bucket, after the whole backward: see `distributed::DEFAULT_BUCKET_LAYERS`).
 
 use super::distributed::Distributed;
 use anyhow::Result;
