@@ -1,6 +1,6 @@
 //! Choosing the backend a command runs on: `auto` takes the CUDA backend when this build has it
 //! (`--features cuda`) and a GPU opens, else the CPU; `cpu` and `cuda` force one. The GPU is the
-//! rank's local GPU (`LOCAL_RANK`, set by `fuselora launch`, torchrun and Slurm wrappers) or 0.
+//! rank's local GPU (its local rank under `fuselora launch`, torchrun, mpirun or srun) or 0.
 //! The choice and its reason are printed to stderr, so a run on the wrong device is never silent.
 
 use anyhow::{bail, Result};
@@ -21,15 +21,13 @@ pub struct Selection {
     pub dtype: String,
 }
 
-/// The device ordinal this process uses: `LOCAL_RANK`, else 0.
+/// The device ordinal this process uses: its local rank on this node, read like the rank bootstrap
+/// reads it (our launcher / torchrun's `LOCAL_RANK`, Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, PMI,
+/// Slurm's `SLURM_LOCALID`), else 0.
 #[cfg(feature = "cuda")]
 fn local_device() -> Result<usize> {
-    match std::env::var("LOCAL_RANK") {
-        Ok(v) => v.trim().parse().map_err(|_| {
-            anyhow::anyhow!("LOCAL_RANK = {v:?} is not a GPU index: unset it or set a number")
-        }),
-        Err(_) => Ok(0),
-    }
+    use anyhow::Context;
+    Ok(comms::detect().context("reading this rank's local GPU")?.local_rank)
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
