@@ -27,7 +27,9 @@ pub struct Selection {
 #[cfg(feature = "cuda")]
 fn local_device() -> Result<usize> {
     use anyhow::Context;
-    Ok(comms::detect().context("reading this rank's local GPU")?.local_rank)
+    Ok(comms::detect()
+        .context("reading this rank's local GPU")?
+        .local_rank)
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {

@@ -142,3 +142,32 @@ pub fn restore<B: Backend>(
     opt.step = state.step;
     Ok(state)
 }
+
+/// Where a run starts: step 0 (`fresh`), or — when `resume` names a checkpoint — that checkpoint's
+/// state, with the adapter and optimizer restored into `lora` and `opt`. A checkpoint made with
+/// another seed is refused (its data order would differ). Returns the state and the folder used.
+pub fn starting_state<B: Backend>(
+    be: &B,
+    output: &Path,
+    resume: super::run::Resume,
+    lora: &mut LoraParams<B>,
+    opt: &mut AdamW<B>,
+    fresh: TrainerState,
+) -> Result<(TrainerState, Option<PathBuf>)> {
+    use super::run::Resume;
+    let dir = match resume {
+        Resume::No => return Ok((fresh, None)),
+        Resume::Latest => latest(output)?,
+        Resume::From(p) => p,
+    };
+    let state = restore(be, &dir, lora, opt)?;
+    if state.seed != fresh.seed {
+        bail!(
+            "checkpoint {} was made with seed {}, this config says {}: resume with the same seed",
+            dir.display(),
+            state.seed,
+            fresh.seed
+        );
+    }
+    Ok((state, Some(dir)))
+}

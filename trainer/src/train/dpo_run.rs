@@ -14,7 +14,7 @@ use super::dpo_reference::{self, upload_pairs, Layout};
 use super::init::fresh_adapter;
 use super::metrics::{MetricsLog, Progress, StepRecord};
 use super::plot::plot_loss;
-use super::run::{schedule_for, Resume, Summary};
+use super::run::{schedule_for, total_steps_for, Resume, Summary};
 use super::stream::StreamPosition;
 use crate::data::batching::shuffled;
 use crate::data::pair_batching::epoch_pair_batches;
@@ -317,30 +317,19 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
     let mut stream = PairStream::new(data.train.len(), cfg.train.batch_size, cfg.train.seed, 0, 1);
     let accum = cfg.train.grad_accum;
     let steps_per_epoch = stream.steps_per_epoch(accum).max(1);
-    let total_steps = cfg
-        .train
-        .max_steps
-        .unwrap_or_else(|| (cfg.train.epochs * steps_per_epoch as f64).ceil() as u64)
-        .max(1);
+    let total_steps = total_steps_for(cfg, steps_per_epoch);
     let schedule = schedule_for(cfg, total_steps);
-    let mut state = TrainerState {
+    let fresh = TrainerState {
         step: 0,
         position: stream.position,
         seed: cfg.train.seed,
         total_steps,
         tokens_seen: 0,
     };
-    let resume_dir = match resume {
-        Resume::No => None,
-        Resume::Latest => Some(checkpoint::latest(out)?),
-        Resume::From(p) => Some(p),
-    };
-    if let Some(dir) = &resume_dir {
-        state = checkpoint::restore(be, dir, &mut lora, &mut opt)?;
-        if state.seed != cfg.train.seed {
-            bail!("checkpoint {} was made with seed {}, this config says {}: resume with the same seed", dir.display(), state.seed, cfg.train.seed);
-        }
-        stream.position = state.position;
+    let (mut state, resumed_from) =
+        checkpoint::starting_state(be, out, resume, &mut lora, &mut opt, fresh)?;
+    stream.position = state.position;
+    if let Some(dir) = &resumed_from {
         eprintln!("resumed from {} at step {}", dir.display(), state.step);
     }
     let s = &data.train_stats;

@@ -260,6 +260,14 @@ fn upload<B: Backend>(be: &B, model: &Decoder<B>, hb: &HostBatch) -> Result<Batc
     )
 }
 
+/// Optimizer steps of the run: `max_steps`, else `epochs` × steps per epoch (rounded up).
+pub(crate) fn total_steps_for(cfg: &RunConfig, steps_per_epoch: u64) -> u64 {
+    cfg.train
+        .max_steps
+        .unwrap_or_else(|| (cfg.train.epochs * steps_per_epoch as f64).ceil() as u64)
+        .max(1)
+}
+
 pub(crate) fn schedule_for(cfg: &RunConfig, total_steps: u64) -> Schedule {
     let kind = match cfg.train.schedule.as_str() {
         "linear" => ScheduleKind::Linear,
@@ -345,31 +353,19 @@ pub fn train_ranks<B: GradReducer>(
     stream.trace = ExampleTrace::from_env(dist.rank())?;
     let accum = cfg.train.grad_accum;
     let steps_per_epoch = stream.steps_per_epoch(accum).max(1);
-    let total_steps = cfg
-        .train
-        .max_steps
-        .unwrap_or_else(|| (cfg.train.epochs * steps_per_epoch as f64).ceil() as u64)
-        .max(1);
+    let total_steps = total_steps_for(cfg, steps_per_epoch);
     let schedule = schedule_for(cfg, total_steps);
-
-    let mut state = TrainerState {
+    let fresh = TrainerState {
         step: 0,
         position: stream.position,
         seed: cfg.train.seed,
         total_steps,
         tokens_seen: 0,
     };
-    let resume_dir = match resume {
-        Resume::No => None,
-        Resume::Latest => Some(checkpoint::latest(out)?),
-        Resume::From(p) => Some(p),
-    };
-    if let Some(dir) = &resume_dir {
-        state = checkpoint::restore(be, dir, &mut lora, &mut opt)?;
-        if state.seed != cfg.train.seed {
-            bail!("checkpoint {} was made with seed {}, this config says {}: resume with the same seed", dir.display(), state.seed, cfg.train.seed);
-        }
-        stream.position = state.position;
+    let (mut state, resumed_from) =
+        checkpoint::starting_state(be, out, resume, &mut lora, &mut opt, fresh)?;
+    stream.position = state.position;
+    if let Some(dir) = &resumed_from {
         if main {
             eprintln!("resumed from {} at step {}", dir.display(), state.step);
         }
