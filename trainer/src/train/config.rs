@@ -342,7 +342,7 @@ impl RunConfig {
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = lexically_normal(&base.join(&*p));
             }
         };
         fix(&mut self.model.path);
@@ -474,6 +474,27 @@ impl RunConfig {
     }
 }
 
+/// `configs/../runs/x` → `runs/x`, without touching the file system (the path may not exist yet).
+fn lexically_normal(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
 /// Applies `a.b.c=value` to a TOML table; the value is parsed as TOML, else taken as a string.
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     let (key, raw) = item
@@ -594,5 +615,13 @@ mod tests {
         assert!(!c.data.packing);
         assert_eq!(c.model.backend, "cpu");
         assert_eq!(c.model.path, dir.path().join("m"));
+        assert_eq!(
+            lexically_normal(Path::new("configs/../demo-out/run")),
+            PathBuf::from("demo-out/run")
+        );
+        assert_eq!(
+            lexically_normal(Path::new("../x/./y")),
+            PathBuf::from("../x/y")
+        );
     }
 }
