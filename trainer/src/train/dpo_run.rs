@@ -11,10 +11,9 @@ use super::dpo::{
     dpo_micro_step, score_pairs, sequence_logps, DpoLoss, DpoMetrics, DpoSums, LossType, PairLogps,
 };
 use super::dpo_reference::{self, upload_pairs, Layout};
-use super::init::fresh_adapter;
 use super::metrics::{MetricsLog, Progress, StepRecord};
 use super::plot::plot_loss;
-use super::run::{schedule_for, total_steps_for, Resume, Summary};
+use super::run::{adapter_and_optimizer, schedule_for, total_steps_for, Resume, Summary};
 use super::stream::StreamPosition;
 use crate::data::batching::shuffled;
 use crate::data::pair_batching::epoch_pair_batches;
@@ -23,13 +22,12 @@ use crate::data::preference::{
     PreferenceStats,
 };
 use crate::data::tokenize::TokenizeStats;
-use crate::lora::{peft, LoraConfig, LoraParams};
+use crate::lora::{peft, LoraParams};
 use crate::model::weights::WeightFiles;
 use crate::model::{Decoder, ModelConfig};
-use crate::optim::AdamW;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
-use kernels::{AdamWParams, Backend};
+use kernels::Backend;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -294,26 +292,7 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
         (None, None)
     };
 
-    let lora_config = LoraConfig {
-        r: cfg.lora.r,
-        alpha: cfg.lora.alpha,
-        targets: cfg.targets(),
-        use_rslora: cfg.lora.rslora,
-        dropout: cfg.lora.dropout,
-    };
-    let mut lora = match &cfg.lora.init_adapter {
-        Some(dir) => peft::load(be, &model.config, dir)?,
-        None => fresh_adapter(be, &model.config, lora_config, cfg.train.seed)?,
-    };
-    let hp = AdamWParams {
-        lr: cfg.train.lr,
-        beta1: cfg.train.adam_beta1,
-        beta2: cfg.train.adam_beta2,
-        eps: cfg.train.adam_eps,
-        weight_decay: cfg.train.weight_decay,
-    };
-    let max_norm = (cfg.train.max_grad_norm > 0.0).then_some(cfg.train.max_grad_norm as f32);
-    let mut opt = AdamW::new(be, &lora, hp, max_norm)?;
+    let (mut lora, mut opt) = adapter_and_optimizer(be, cfg, &model.config)?;
     let mut stream = PairStream::new(data.train.len(), cfg.train.batch_size, cfg.train.seed, 0, 1);
     let accum = cfg.train.grad_accum;
     let steps_per_epoch = stream.steps_per_epoch(accum).max(1);

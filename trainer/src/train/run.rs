@@ -260,6 +260,36 @@ fn upload<B: Backend>(be: &B, model: &Decoder<B>, hb: &HostBatch) -> Result<Batc
     )
 }
 
+/// The adapter the run starts from (`lora.init_adapter`, else a fresh one from the seed) and its
+/// AdamW with the config's hyper-parameters and clipping.
+pub(crate) fn adapter_and_optimizer<B: Backend>(
+    be: &B,
+    cfg: &RunConfig,
+    model: &ModelConfig,
+) -> Result<(LoraParams<B>, AdamW<B>)> {
+    let lora_config = LoraConfig {
+        r: cfg.lora.r,
+        alpha: cfg.lora.alpha,
+        targets: cfg.targets(),
+        use_rslora: cfg.lora.rslora,
+        dropout: cfg.lora.dropout,
+    };
+    let lora = match &cfg.lora.init_adapter {
+        Some(dir) => peft::load(be, model, dir)?,
+        None => fresh_adapter(be, model, lora_config, cfg.train.seed)?,
+    };
+    let hp = AdamWParams {
+        lr: cfg.train.lr,
+        beta1: cfg.train.adam_beta1,
+        beta2: cfg.train.adam_beta2,
+        eps: cfg.train.adam_eps,
+        weight_decay: cfg.train.weight_decay,
+    };
+    let max_norm = (cfg.train.max_grad_norm > 0.0).then_some(cfg.train.max_grad_norm as f32);
+    let opt = AdamW::new(be, &lora, hp, max_norm)?;
+    Ok((lora, opt))
+}
+
 /// Optimizer steps of the run: `max_steps`, else `epochs` × steps per epoch (rounded up).
 pub(crate) fn total_steps_for(cfg: &RunConfig, steps_per_epoch: u64) -> u64 {
     cfg.train
@@ -322,26 +352,7 @@ pub fn train_ranks<B: GradReducer>(
         packing: cfg.data.packing,
         pad_id,
     };
-    let lora_config = LoraConfig {
-        r: cfg.lora.r,
-        alpha: cfg.lora.alpha,
-        targets: cfg.targets(),
-        use_rslora: cfg.lora.rslora,
-        dropout: cfg.lora.dropout,
-    };
-    let mut lora = match &cfg.lora.init_adapter {
-        Some(dir) => peft::load(be, &model.config, dir)?,
-        None => fresh_adapter(be, &model.config, lora_config, cfg.train.seed)?,
-    };
-    let hp = AdamWParams {
-        lr: cfg.train.lr,
-        beta1: cfg.train.adam_beta1,
-        beta2: cfg.train.adam_beta2,
-        eps: cfg.train.adam_eps,
-        weight_decay: cfg.train.weight_decay,
-    };
-    let max_norm = (cfg.train.max_grad_norm > 0.0).then_some(cfg.train.max_grad_norm as f32);
-    let mut opt = AdamW::new(be, &lora, hp, max_norm)?;
+    let (mut lora, mut opt) = adapter_and_optimizer(be, cfg, &model.config)?;
     let mut scaler = LossScaler::for_dtype(be.compute_dtype());
     let mut stream = DataStream::new(
         prep.train.clone(),
