@@ -188,6 +188,28 @@ pub struct DpoSums {
 }
 
 impl DpoSums {
+    /// The sums over every rank of the job (the identity on one rank).
+    pub fn summed_over(&self, dist: &super::distributed::Distributed) -> anyhow::Result<DpoSums> {
+        let v = dist.global_sum_f64(&[
+            self.pairs,
+            self.loss,
+            self.chosen_rewards,
+            self.rejected_rewards,
+            self.correct,
+            self.policy_chosen,
+            self.policy_rejected,
+        ])?;
+        Ok(DpoSums {
+            pairs: v[0],
+            loss: v[1],
+            chosen_rewards: v[2],
+            rejected_rewards: v[3],
+            correct: v[4],
+            policy_chosen: v[5],
+            policy_rejected: v[6],
+        })
+    }
+
     pub fn add(&mut self, r: &PairResult) {
         self.pairs += 1.0;
         self.loss += r.loss;

@@ -7,10 +7,12 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::config::RunConfig;
+use super::distributed::Distributed;
 use super::dpo::{
     dpo_micro_step, score_pairs, sequence_logps, DpoLoss, DpoMetrics, DpoSums, LossType, PairLogps,
 };
 use super::dpo_reference::{self, upload_pairs, Layout};
+use super::grad_reduce::GradReducer;
 use super::metrics::{MetricsLog, Progress, StepRecord};
 use super::plot::plot_loss;
 use super::run::{adapter_and_optimizer, schedule_for, total_steps_for, Resume, Summary};
@@ -238,9 +240,21 @@ fn eval_record(step: u64, sums: &DpoSums, tokens: u64) -> Result<serde_json::Val
 }
 
 /// Trains with DPO as `cfg` says; returns the summary (also written to `OUTPUT/summary.json`).
-pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<Summary> {
+/// Runs DPO as rank `dist.rank()` of the job (one rank: `Distributed::single()`); rank 0 writes the
+/// files. Pair counts, metric sums and gradients are summed over the ranks, so the loss is the mean
+/// over every pair of the step on all ranks.
+pub fn train_dpo<B: GradReducer>(
+    be: &B,
+    cfg: &RunConfig,
+    resume: Resume,
+    dist: &Distributed,
+) -> Result<Summary> {
     let started = Instant::now();
     let out = &cfg.output.dir;
+    let main = dist.is_main();
+    if dist.world_size() > 1 && cfg.dpo.precompute_ref {
+        bail!("dpo.precompute_ref = true is for one rank: set it to false for data-parallel DPO (each rank then computes its pairs' reference log-probabilities as it goes)");
+    }
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create output folder {}", out.display()))?;
     let model_config = ModelConfig::load(&cfg.model.path)?;
@@ -293,7 +307,13 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
     };
 
     let (mut lora, mut opt) = adapter_and_optimizer(be, cfg, &model.config)?;
-    let mut stream = PairStream::new(data.train.len(), cfg.train.batch_size, cfg.train.seed, 0, 1);
+    let mut stream = PairStream::new(
+        data.train.len(),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        dist.rank(),
+        dist.world_size(),
+    );
     let accum = cfg.train.grad_accum;
     let steps_per_epoch = stream.steps_per_epoch(accum).max(1);
     let total_steps = total_steps_for(cfg, steps_per_epoch);
@@ -308,19 +328,28 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
     let (mut state, resumed_from) =
         checkpoint::starting_state(be, out, resume, &mut lora, &mut opt, fresh)?;
     stream.position = state.position;
-    if let Some(dir) = &resumed_from {
+    if let (Some(dir), true) = (&resumed_from, main) {
         eprintln!("resumed from {} at step {}", dir.display(), state.step);
     }
     let s = &data.train_stats;
-    eprintln!(
-        "fuselora dpo ({}, β = {}): {} on {} · {} pairs ({} tokens; {} prompts and {} completions truncated, {} pairs dropped) · {} steps of {} × {} pairs · LoRA r={}",
+    let ranks = if dist.world_size() > 1 {
+        format!(" × {} ranks", dist.world_size())
+    } else {
+        String::new()
+    };
+    if main {
+        eprintln!(
+        "fuselora dpo ({}, β = {}): {} on {}{ranks} · {} pairs ({} tokens; {} prompts and {} completions truncated, {} pairs dropped) · {} steps of {} × {} pairs · LoRA r={}",
         cfg.dpo.loss_type, loss.beta, model.config.architecture.hf_name(), be.describe(),
         s.pairs, s.tokens, s.prompts_truncated, s.completions_truncated, s.dropped_no_completion,
         total_steps, accum, cfg.train.batch_size, lora.config.r
-    );
-    let mut log = MetricsLog::open(out, state.step)?;
-    let progress = Progress::new(total_steps, state.step, true);
-    let has_eval = !data.eval.is_empty();
+        );
+    }
+    let mut log = main
+        .then(|| MetricsLog::open(out, state.step))
+        .transpose()?;
+    let progress = Progress::new(total_steps, state.step, main);
+    let has_eval = main && !data.eval.is_empty();
     let eval_at = |step: u64, lora: &LoraParams<B>, log: &mut MetricsLog| -> Result<f64> {
         let (sums, tokens) = evaluate_pairs(
             be,
@@ -339,19 +368,19 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
         ));
         Ok(sums.mean_loss())
     };
-    let eval_loss_start = if has_eval && state.step == 0 {
-        Some(eval_at(0, &lora, &mut log)?)
-    } else {
-        None
+    let eval_loss_start = match &mut log {
+        Some(log) if has_eval && state.step == 0 => Some(eval_at(0, &lora, log)?),
+        _ => None,
     };
 
     let loop_start = Instant::now();
     let tokens_at_start = state.tokens_seen;
     let mut final_loss = None;
     while state.step < total_steps {
+        dist.fail_if_asked(state.step + 1)?;
         let micro = stream.next_step(accum);
-        // The data-parallel runner replaces this by the count over all ranks.
-        let step_pairs: usize = micro.iter().map(Vec::len).sum();
+        let local_pairs = micro.iter().map(Vec::len).sum::<usize>() as u64;
+        let step_pairs = dist.global_sum_u64(&[local_pairs])?[0] as usize;
         lora.zero_grads(be)?;
         let t0 = Instant::now();
         let mut sums = DpoSums::default();
@@ -377,6 +406,9 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
             )?;
             results.iter().for_each(|r| sums.add(r));
         }
+        dist.sum_grads(be, &mut lora)?;
+        let sums = sums.summed_over(dist)?;
+        let tokens = dist.global_sum_u64(&[tokens as u64])?[0] as usize;
         let lr = schedule.lr(state.step);
         let stats = opt.step(be, &mut lora, lr)?;
         state.step += 1;
@@ -393,6 +425,9 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
             tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             elapsed_s: started.elapsed().as_secs_f64(),
         };
+        let Some(log) = &mut log else {
+            continue;
+        };
         let log_now = state.step % cfg.train.log_steps.max(1) == 0 || state.step == total_steps;
         if log_now {
             log.write(&DpoStepRecord {
@@ -406,7 +441,7 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
             && state.step % cfg.train.eval_steps == 0
             && state.step < total_steps
         {
-            eval_at(state.step, &lora, &mut log)?;
+            eval_at(state.step, &lora, log)?;
         }
         if cfg.train.save_steps > 0
             && state.step % cfg.train.save_steps == 0
@@ -425,30 +460,9 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
         }
     }
     progress.finish();
-    let eval_loss_end = if has_eval {
-        Some(eval_at(state.step, &lora, &mut log)?)
-    } else {
-        None
-    };
-    checkpoint::save(
-        be,
-        out,
-        &base_model,
-        &lora,
-        &opt,
-        &state,
-        cfg.train.save_total_limit,
-    )?;
     let adapter_dir = out.join("adapter");
-    peft::save(be, &lora, &base_model, &adapter_dir)?;
-    let (steps, evals) = super::metrics::read_steps(&out.join("metrics.jsonl"))?;
-    let tmp_png = out.join(".loss.partial.png");
-    plot_loss(&tmp_png, &steps, &evals)?;
-    if tmp_png.exists() {
-        std::fs::rename(&tmp_png, out.join("loss.png"))?;
-    }
     let seconds = loop_start.elapsed().as_secs_f64();
-    let summary = Summary {
+    let mut summary = Summary {
         backend: be.describe(),
         steps: state.step,
         train: as_tokenize_stats(&data.train_stats),
@@ -459,11 +473,33 @@ pub fn train_dpo<B: Backend>(be: &B, cfg: &RunConfig, resume: Resume) -> Result<
         tokens_per_s: (state.tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
         final_loss,
         eval_loss_start,
-        eval_loss_end,
-        adapter_dir,
+        eval_loss_end: None,
+        adapter_dir: adapter_dir.clone(),
         preference: Some(data.train_stats.clone()),
         peak_memory_bytes: be.peak_memory_bytes(),
     };
+    let Some(log) = &mut log else {
+        return Ok(summary);
+    };
+    if has_eval {
+        summary.eval_loss_end = Some(eval_at(state.step, &lora, log)?);
+    }
+    checkpoint::save(
+        be,
+        out,
+        &base_model,
+        &lora,
+        &opt,
+        &state,
+        cfg.train.save_total_limit,
+    )?;
+    peft::save(be, &lora, &base_model, &adapter_dir)?;
+    let (steps, evals) = super::metrics::read_steps(&out.join("metrics.jsonl"))?;
+    let tmp_png = out.join(".loss.partial.png");
+    plot_loss(&tmp_png, &steps, &evals)?;
+    if tmp_png.exists() {
+        std::fs::rename(&tmp_png, out.join("loss.png"))?;
+    }
     crate::io::write_atomic(
         &out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),

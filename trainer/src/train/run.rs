@@ -331,10 +331,7 @@ pub fn train_ranks<B: GradReducer>(
     dist: &Distributed,
 ) -> Result<Summary> {
     if cfg.train.method == "dpo" {
-        if dist.world_size() > 1 {
-            bail!("DPO runs on one rank for now: start it without mpirun/launch (train.method = \"dpo\")");
-        }
-        return super::dpo_run::train_dpo(be, cfg, resume);
+        return super::dpo_run::train_dpo(be, cfg, resume, dist);
     }
     let started = Instant::now();
     let out = &cfg.output.dir;
