@@ -2,7 +2,8 @@
 # The data-parallel checks under mpirun on a 2-GPU machine (docs/benchmarks.md): the 7B bench on 1 GPU
 # and under `mpirun -np 2` (MPI carries NCCL's id), and 20 training steps, 1 rank × accumulation 4
 # against 2 mpirun ranks × accumulation 2. Needs a fuselora built with --features cuda,mpi.
-# usage: scripts/multi/mpirun-gpu-checks.sh FUSELORA_BIN TEXT.jsonl OUT_DIR
+# usage: [NGPUS=N] scripts/multi/mpirun-gpu-checks.sh FUSELORA_BIN TEXT.jsonl OUT_DIR
+# (the bench runs on NGPUS GPUs, default 2; the training comparison always on 2)
 set -uo pipefail
 BIN=$(realpath "$1") TEXT=$(realpath "$2") OUT=$3
 SCRIPTS=$(cd "$(dirname "$0")/.." && pwd)
@@ -10,16 +11,18 @@ WORK=$(mktemp -d)
 mkdir -p "$OUT"
 export FUSELORA_KERNEL_CACHE=$WORK/kernels NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpirun --version | head -n 1
-mpi=(mpirun -np 2 --bind-to none -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x FUSELORA_KERNEL_CACHE)
+NGPUS=${NGPUS:-2}
+mpi_opts=(--bind-to none -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x FUSELORA_KERNEL_CACHE)
 bench=(bench --preset llama2-7b --batch 2 --seq 2048 --warmup 2 --steps 8)
 "$BIN" "${bench[@]}" --json "$OUT/bench-1gpu.json" > "$OUT/bench-1gpu.log" 2>&1
-"${mpi[@]}" "$BIN" "${bench[@]}" --json "$OUT/bench-2gpu-mpirun.json" > "$OUT/bench-2gpu-mpirun.log" 2>&1
+mpirun -np "$NGPUS" "${mpi_opts[@]}" "$BIN" "${bench[@]}" --json "$OUT/bench-ngpu-mpirun.json" > "$OUT/bench-ngpu-mpirun.log" 2>&1
 echo "mpirun bench exit $?"
 python3 - "$OUT" <<'PY'
 import json, sys
-one, two = (json.load(open(f"{sys.argv[1]}/{n}.json")) for n in ("bench-1gpu", "bench-2gpu-mpirun"))
-print(f"7B bench: 1 GPU {one['tokens_per_s']:.0f} tokens/s, 2 GPUs under mpirun {two['tokens_per_s']:.0f} "
-      f"({two['backend']} × {two['ranks']} ranks); scaling efficiency {two['tokens_per_s'] / (2 * one['tokens_per_s']):.4f}")
+one, many = (json.load(open(f"{sys.argv[1]}/{n}.json")) for n in ("bench-1gpu", "bench-ngpu-mpirun"))
+n = many["ranks"]
+print(f"7B bench: 1 GPU {one['tokens_per_s']:.0f} tokens/s, {n} GPUs under mpirun {many['tokens_per_s']:.0f} "
+      f"({many['backend']} × {n} ranks); scaling efficiency {many['tokens_per_s'] / (n * one['tokens_per_s']):.4f}")
 PY
 python3 "$SCRIPTS/make-test-model.py" "$WORK/model" --tokenizer "$SCRIPTS/../tests/fixtures/smollm2-tokenizer" | tail -n 1
 cat > "$WORK/run.toml" <<TOML
@@ -39,7 +42,7 @@ seed = 1
 dir = "$WORK/one"
 TOML
 "$BIN" train --config "$WORK/run.toml" --set train.grad_accum=4 > "$OUT/train-1gpu.log" 2>&1
-"${mpi[@]}" "$BIN" train --config "$WORK/run.toml" --set train.grad_accum=2 --set output.dir="\"$WORK/two\"" > "$OUT/train-2gpu-mpirun.log" 2>&1
+mpirun -np 2 "${mpi_opts[@]}" "$BIN" train --config "$WORK/run.toml" --set train.grad_accum=2 --set output.dir="\"$WORK/two\"" > "$OUT/train-2gpu-mpirun.log" 2>&1
 echo "mpirun train exit $?"
 python3 - "$WORK/one/metrics.jsonl" "$WORK/two/metrics.jsonl" <<'PY'
 import json, sys
