@@ -14,8 +14,9 @@ use super::dpo::{
 use super::dpo_reference::{self, upload_pairs, Layout};
 use super::grad_reduce::GradReducer;
 use super::metrics::{MetricsLog, Progress, StepRecord};
-use super::plot::plot_loss;
-use super::run::{adapter_and_optimizer, schedule_for, total_steps_for, Resume, Summary};
+use super::run::{
+    adapter_and_optimizer, due, schedule_for, total_steps_for, write_final_outputs, Resume, Summary,
+};
 use super::stream::StreamPosition;
 use crate::data::batching::shuffled;
 use crate::data::pair_batching::epoch_pair_batches;
@@ -24,7 +25,7 @@ use crate::data::preference::{
     PreferenceStats,
 };
 use crate::data::tokenize::TokenizeStats;
-use crate::lora::{peft, LoraParams};
+use crate::lora::LoraParams;
 use crate::model::weights::WeightFiles;
 use crate::model::{Decoder, ModelConfig};
 use crate::tokenizer::Tokenizer;
@@ -436,17 +437,10 @@ pub fn train_dpo<B: GradReducer>(
             })?;
         }
         progress.step(&record, log_now);
-        if has_eval
-            && cfg.train.eval_steps > 0
-            && state.step % cfg.train.eval_steps == 0
-            && state.step < total_steps
-        {
+        if has_eval && due(cfg.train.eval_steps, state.step, total_steps) {
             eval_at(state.step, &lora, log)?;
         }
-        if cfg.train.save_steps > 0
-            && state.step % cfg.train.save_steps == 0
-            && state.step < total_steps
-        {
+        if due(cfg.train.save_steps, state.step, total_steps) {
             let dir = checkpoint::save(
                 be,
                 out,
@@ -484,25 +478,6 @@ pub fn train_dpo<B: GradReducer>(
     if has_eval {
         summary.eval_loss_end = Some(eval_at(state.step, &lora, log)?);
     }
-    checkpoint::save(
-        be,
-        out,
-        &base_model,
-        &lora,
-        &opt,
-        &state,
-        cfg.train.save_total_limit,
-    )?;
-    peft::save(be, &lora, &base_model, &adapter_dir)?;
-    let (steps, evals) = super::metrics::read_steps(&out.join("metrics.jsonl"))?;
-    let tmp_png = out.join(".loss.partial.png");
-    plot_loss(&tmp_png, &steps, &evals)?;
-    if tmp_png.exists() {
-        std::fs::rename(&tmp_png, out.join("loss.png"))?;
-    }
-    crate::io::write_atomic(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+    write_final_outputs(be, cfg, &base_model, &lora, &opt, &state, &summary)?;
     Ok(summary)
 }

@@ -499,17 +499,10 @@ pub fn train_ranks<B: GradReducer>(
             log.write(&record)?;
         }
         progress.step(&record, log_now);
-        if has_eval
-            && cfg.train.eval_steps > 0
-            && state.step % cfg.train.eval_steps == 0
-            && state.step < total_steps
-        {
+        if has_eval && due(cfg.train.eval_steps, state.step, total_steps) {
             eval_at(state.step, &lora, log)?;
         }
-        if cfg.train.save_steps > 0
-            && state.step % cfg.train.save_steps == 0
-            && state.step < total_steps
-        {
+        if due(cfg.train.save_steps, state.step, total_steps) {
             let dir = checkpoint::save(
                 be,
                 out,
@@ -547,16 +540,37 @@ pub fn train_ranks<B: GradReducer>(
     if has_eval {
         summary.eval_loss_end = Some(eval_at(state.step, &lora, log)?);
     }
+    write_final_outputs(be, cfg, &base_model, &lora, &opt, &state, &summary)?;
+    Ok(summary)
+}
+
+/// Whether a periodic action (`every` steps; 0 = never) falls on `step` — the last step has its own.
+pub(crate) fn due(every: u64, step: u64, total_steps: u64) -> bool {
+    every > 0 && step % every == 0 && step < total_steps
+}
+
+/// What rank 0 writes when a run ends: the last checkpoint, the PEFT adapter in
+/// `summary.adapter_dir`, `loss.png` from metrics.jsonl, and `summary.json`.
+pub(crate) fn write_final_outputs<B: Backend>(
+    be: &B,
+    cfg: &RunConfig,
+    base_model: &str,
+    lora: &LoraParams<B>,
+    opt: &AdamW<B>,
+    state: &TrainerState,
+    summary: &Summary,
+) -> Result<()> {
+    let out = &cfg.output.dir;
     checkpoint::save(
         be,
         out,
-        &base_model,
-        &lora,
-        &opt,
-        &state,
+        base_model,
+        lora,
+        opt,
+        state,
         cfg.train.save_total_limit,
     )?;
-    peft::save(be, &lora, &base_model, &adapter_dir)?;
+    peft::save(be, lora, base_model, &summary.adapter_dir)?;
     let (steps, evals) = super::metrics::read_steps(&out.join("metrics.jsonl"))?;
     let tmp_png = out.join(".loss.partial.png");
     plot_loss(&tmp_png, &steps, &evals)?;
@@ -565,9 +579,8 @@ pub fn train_ranks<B: GradReducer>(
     }
     crate::io::write_atomic(
         &out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    Ok(summary)
+        serde_json::to_string_pretty(summary)?.as_bytes(),
+    )
 }
 
 /// The end-of-run report, for people.
