@@ -12,6 +12,8 @@
 //! 320-token vocabulary) → token shards → `fuselora train`. Needs `--features mpi` and Open MPI.
 #![cfg(feature = "mpi")]
 
+mod support;
+
 use safetensors::SafeTensors;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -377,17 +379,7 @@ fn launch_runs_the_training_as_rank_0_with_prefixed_output() {
 fn dpo_on_two_ranks_matches_one_rank() {
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    let model = root.join("dpo-model");
-    std::fs::create_dir_all(&model).unwrap();
-    for (dir, f) in [
-        ("tiny-llama/model", "config.json"),
-        ("tiny-llama/model", "model.safetensors"),
-        ("byte-tokenizer", "tokenizer.json"),
-        ("byte-tokenizer", "tokenizer_config.json"),
-    ] {
-        std::fs::copy(fixtures.join(dir).join(f), model.join(f)).unwrap();
-    }
+    let model = support::tiny_chat_model(root, "dpo-model");
     let data = root.join("pairs.jsonl");
     let lines: Vec<String> = (0..16)
         .map(|i| serde_json::json!({"prompt": format!("Is {i} even?"), "chosen": format!("{}", i % 2 == 0), "rejected": "maybe"}).to_string())

@@ -2,8 +2,11 @@
 //! every record is read, tokenized and trained on for a couple of steps. These files may not be
 //! committed, so the test skips with a printed reason where ../shared is absent (CI has it).
 
+mod support;
+
 use kernels::cpu::CpuBackend;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use support::tiny_chat_model;
 use trainer::data::records::{read_file, Format};
 use trainer::train::config::RunConfig;
 use trainer::train::run::{train, Resume};
@@ -19,24 +22,6 @@ fn shared_data() -> Option<PathBuf> {
         );
         None
     }
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    for (src, name) in [
-        ("tiny-llama/model", "config.json"),
-        ("tiny-llama/model", "model.safetensors"),
-        ("byte-tokenizer", "tokenizer.json"),
-        ("byte-tokenizer", "tokenizer_config.json"),
-    ] {
-        std::fs::copy(fixtures().join(src).join(name), m.join(name)).unwrap();
-    }
-    m
 }
 
 #[test]
@@ -71,7 +56,7 @@ fn each_shared_dataset_trains() {
         let cfg = format!(
             "[model]\npath = \"{}\"\nbackend = \"cpu\"\n[lora]\nr = 4\n[data]\ntrain = [\"{}\"]\nformat = \"{format}\"\nmax_seq_len = 128\n\
              [train]\nbatch_size = 2\nmax_steps = 2\nlr = 1e-3\n[output]\ndir = \"{}\"\n",
-            tiny_model(dir.path()).display(),
+            tiny_chat_model(dir.path(), "model").display(),
             data.join(file).display(),
             dir.path().join("out").display()
         );

@@ -3,33 +3,17 @@
 //! PEFT adapter reproduces the trained model, resuming is bitwise identical, and bad input is
 //! reported clearly.
 
+mod support;
+
 use kernels::cpu::CpuBackend;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use support::{fixtures, tiny_chat_model};
 use trainer::lora::peft;
 use trainer::model::weights::WeightFiles;
 use trainer::train::config::RunConfig;
 use trainer::train::metrics::read_steps;
 use trainer::train::run::{evaluate, prepare, train, Resume};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-/// A model folder: tiny-llama's weights and config with the byte-level tokenizer.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    for (src, name) in [
-        ("tiny-llama/model", "config.json"),
-        ("tiny-llama/model", "model.safetensors"),
-        ("byte-tokenizer", "tokenizer.json"),
-        ("byte-tokenizer", "tokenizer_config.json"),
-    ] {
-        std::fs::copy(fixtures().join(src).join(name), m.join(name)).unwrap();
-    }
-    m
-}
 
 /// 80 alpaca records with a learnable answer pattern.
 fn dataset(dir: &Path) -> PathBuf {
@@ -73,7 +57,7 @@ seed = 3
 [output]
 dir = "{out}"
 "#,
-        model = tiny_model(dir).display(),
+        model = tiny_chat_model(dir, "model").display(),
         data = dataset(dir).display(),
         out = dir.join("out").display()
     );
@@ -232,6 +216,11 @@ fn training_continues_from_an_adapter_written_by_peft() {
     );
 }
 
+/// `fuselora train --config CFG --set SET`: success, and stderr + stdout.
+fn train_with(cfg: &Path, set: &str) -> (bool, String) {
+    fuselora(&["train", "--config", cfg.to_str().unwrap(), "--set", set])
+}
+
 fn fuselora(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fuselora"))
         .args(args)
@@ -249,25 +238,13 @@ fn bad_input_gets_errors_that_say_what_and_where() {
     config(dir.path(), "max_steps = 1");
     let cfg_path = dir.path().join("run.toml");
 
-    let (ok, text) = fuselora(&[
-        "train",
-        "--config",
-        cfg_path.to_str().unwrap(),
-        "--set",
-        "train.learnig_rate=1",
-    ]);
+    let (ok, text) = train_with(&cfg_path, "train.learnig_rate=1");
     assert!(
         !ok && text.contains("learnig_rate") && text.contains("`lr`"),
         "{text}"
     );
 
-    let (ok, text) = fuselora(&[
-        "train",
-        "--config",
-        cfg_path.to_str().unwrap(),
-        "--set",
-        "data.format=csv",
-    ]);
+    let (ok, text) = train_with(&cfg_path, "data.format=csv");
     assert!(
         !ok && text.contains("data.format") && text.contains("sharegpt"),
         "{text}"
@@ -280,13 +257,7 @@ fn bad_input_gets_errors_that_say_what_and_where() {
     )
     .unwrap();
     let set = format!("data.train=[\"{}\"]", bad.display());
-    let (ok, text) = fuselora(&[
-        "train",
-        "--config",
-        cfg_path.to_str().unwrap(),
-        "--set",
-        &set,
-    ]);
+    let (ok, text) = train_with(&cfg_path, &set);
     assert!(
         !ok && text.contains("bad.jsonl:2") && text.contains("`output` must be a string"),
         "{text}"
@@ -301,25 +272,13 @@ fn bad_input_gets_errors_that_say_what_and_where() {
     .unwrap();
     std::fs::write(empty_model.join("pytorch_model.bin"), b"pickle").unwrap();
     let set = format!("model.path=\"{}\"", empty_model.display());
-    let (ok, text) = fuselora(&[
-        "train",
-        "--config",
-        cfg_path.to_str().unwrap(),
-        "--set",
-        &set,
-    ]);
+    let (ok, text) = train_with(&cfg_path, &set);
     assert!(
         !ok && text.contains("pytorch_model.bin") && text.contains("safe_serialization"),
         "{text}"
     );
 
-    let (ok, text) = fuselora(&[
-        "train",
-        "--config",
-        cfg_path.to_str().unwrap(),
-        "--set",
-        "model.path=\"/no/such/model\"",
-    ]);
+    let (ok, text) = train_with(&cfg_path, "model.path=\"/no/such/model\"");
     assert!(!ok && text.contains("/no/such/model/config.json"), "{text}");
 }
 
