@@ -50,63 +50,49 @@ impl CudaBackend {
     }
 
     pub(crate) fn sum_of_squares_impl(&self, tensors: &[CudaTensor]) -> Result<f64> {
-        if tensors.iter().all(|t| t.is_empty()) {
-            return Ok(0.0);
-        }
-        let (ptrs, codes, starts, total) = self.tensor_tables(tensors)?;
-        let out = self
-            .stream
-            .alloc_zeros::<f64>(1)
-            .map_err(super::device_err("alloc"))?;
-        let args = [
-            Arg::Ptr(ptrs.device_ptr(&self.stream).0),
-            Arg::Ptr(codes.device_ptr(&self.stream).0),
-            Arg::Ptr(starts.device_ptr(&self.stream).0),
-            Arg::I32(tensors.len() as i32),
-            Arg::Ptr(out.device_ptr(&self.stream).0),
-        ];
-        self.launch(
-            "sum_squares_multi",
-            (blocks_for(total).min(1024), 1, 1),
-            256,
-            0,
-            &args,
-        )?;
-        let host = self
-            .stream
-            .clone_dtoh(&out)
-            .map_err(super::device_err("download"))?;
-        Ok(host[0])
+        self.reduce_tensors("sum_squares_multi", tensors, 0.0f64, 1024)
     }
 
     pub(crate) fn all_finite_impl(&self, tensors: &[CudaTensor]) -> Result<bool> {
+        Ok(self.reduce_tensors("all_finite_multi", tensors, 1i32, 2048)? == 1)
+    }
+
+    /// Runs a `*_multi` reduction kernel over every tensor at once (one launch, through the
+    /// pointer tables) into one device value that starts at `init`, and reads it back.
+    fn reduce_tensors<T: cudarc::driver::DeviceRepr + Copy>(
+        &self,
+        kernel: &'static str,
+        tensors: &[CudaTensor],
+        init: T,
+        max_blocks: u32,
+    ) -> Result<T> {
         if tensors.iter().all(|t| t.is_empty()) {
-            return Ok(true);
+            return Ok(init);
         }
         let (ptrs, codes, starts, total) = self.tensor_tables(tensors)?;
-        let flag = self
+        let result = self
             .stream
-            .clone_htod(&[1i32])
+            .clone_htod(&[init])
             .map_err(super::device_err("alloc"))?;
         let args = [
             Arg::Ptr(ptrs.device_ptr(&self.stream).0),
             Arg::Ptr(codes.device_ptr(&self.stream).0),
             Arg::Ptr(starts.device_ptr(&self.stream).0),
             Arg::I32(tensors.len() as i32),
-            Arg::Ptr(flag.device_ptr(&self.stream).0),
+            Arg::Ptr(result.device_ptr(&self.stream).0),
         ];
         self.launch(
-            "all_finite_multi",
-            (blocks_for(total).min(2048), 1, 1),
+            kernel,
+            (blocks_for(total).min(max_blocks), 1, 1),
             256,
             0,
             &args,
         )?;
         let host = self
             .stream
-            .clone_dtoh(&flag)
+            .clone_dtoh(&result)
             .map_err(super::device_err("download"))?;
-        Ok(host[0] == 1)
+        Ok(host[0])
     }
 
     #[allow(clippy::too_many_arguments)]
