@@ -5,7 +5,8 @@ weights made on the GPU, LoRA r=16 alpha=16 on all seven projections, gradient c
 input and labels. Prints tokens/s, median step time and peak memory (torch.cuda.max_memory_allocated,
 weights included), and writes them as JSON with --json.
 
-usage: bench-hf-peft.py [--preset llama2-7b] [--batch 2 --seq 2048 --warmup 2 --steps 10] [--json FILE]
+usage: bench-hf-peft.py [--preset llama2-7b] [--batch 2 --seq 2048 --warmup 2 --steps 10]
+                        [--no-checkpointing] [--json FILE]
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ p.add_argument("--batch", type=int, default=2)
 p.add_argument("--seq", type=int, default=2048)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--steps", type=int, default=10)
+p.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
 p.add_argument("--json")
 a = p.parse_args()
 
@@ -46,8 +48,9 @@ torch.set_default_dtype(torch.bfloat16)
 with torch.device("cuda"):
     model = model_cls(cfg)
 torch.set_default_dtype(torch.float32)
-model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-model.enable_input_require_grads()
+if not a.no_checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
 model.config.use_cache = False
 targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
@@ -73,11 +76,12 @@ for i in range(a.warmup + a.steps):
 tokens = a.batch * a.seq
 res = {
     "preset": a.preset, "batch": a.batch, "seq": a.seq, "steps": a.steps,
+    "checkpointing": not a.no_checkpointing,
     "median_step_s": statistics.median(times), "tokens_per_s": tokens * len(times) / sum(times),
     "peak_memory_bytes": torch.cuda.max_memory_allocated(), "loss": loss.item(),
     "torch": torch.__version__,
 }
-print(f"hf+peft {a.preset} batch {a.batch} seq {a.seq}: {res['tokens_per_s']:.0f} tokens/s, "
+print(f"hf+peft {a.preset} batch {a.batch} seq {a.seq}{' no-ckpt' if a.no_checkpointing else ''}: {res['tokens_per_s']:.0f} tokens/s, "
       f"median step {res['median_step_s']:.4f} s, peak {res['peak_memory_bytes'] / 2**30:.2f} GiB")
 if a.json:
     open(a.json, "w").write(json.dumps(res, indent=2))

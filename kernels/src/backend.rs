@@ -1,4 +1,4 @@
-use crate::{AttentionLayout, Result};
+use crate::{AttentionLayout, OpTime, Result};
 
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i32 = -100;
@@ -86,10 +86,23 @@ pub trait Backend {
     fn compute_dtype(&self) -> DType;
     /// The most device memory the backend has held at once so far, in bytes (`None` on the CPU).
     fn peak_memory_bytes(&self) -> Option<u64>;
+    /// Starts timing every op on the device (the CPU backend times nothing).
+    fn profile_start(&self) {}
+    /// Ends the region begun by [`Backend::profile_start`]: the device time per op, largest first
+    /// (empty on the CPU).
+    fn profile_stop(&self) -> Result<Vec<OpTime>> {
+        Ok(Vec::new())
+    }
 
     // ---- memory -------------------------------------------------------------------------------
     /// A zero-filled tensor of `len` elements.
     fn zeros(&self, len: usize, dtype: DType) -> Result<Self::Tensor>;
+    /// A tensor of `len` elements with unspecified contents, for an output the next op writes in
+    /// full (GEMMs with `beta = 0`, norms, activations): no fill pass over memory. The default
+    /// zero-fills.
+    fn empty(&self, len: usize, dtype: DType) -> Result<Self::Tensor> {
+        self.zeros(len, dtype)
+    }
     /// Copies host f32 values to a new tensor, rounding to `dtype`.
     fn upload(&self, data: &[f32], dtype: DType) -> Result<Self::Tensor>;
     /// Copies a tensor back to the host as f32.

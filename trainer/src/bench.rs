@@ -20,7 +20,7 @@ use crate::train::distributed::Distributed;
 use crate::train::grad_reduce::GradReducer;
 use crate::train::init::fresh_adapter;
 use anyhow::{bail, Result};
-use kernels::{AdamWParams, AttentionLayout, Backend};
+use kernels::{AdamWParams, AttentionLayout, Backend, OpTime};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -81,6 +81,8 @@ pub struct BenchSpec {
     pub seed: u64,
     /// Peak dense TFLOP/s of the device in its compute dtype, for MFU.
     pub peak_tflops: Option<f64>,
+    /// After the measured steps, time one more step op by op on the device.
+    pub profile: bool,
 }
 
 /// What was measured (written as JSON by `--json`).
@@ -101,6 +103,8 @@ pub struct BenchResult {
     pub flops_formula: &'static str,
     pub peak_memory_bytes: Option<u64>,
     pub final_loss: f64,
+    /// Device time per op of the profiled step (empty without `profile`, and on the CPU).
+    pub profile: Vec<OpTime>,
 }
 
 const FLOPS_FORMULA: &str = "model = tokens*(2N fwd + 2N bwd input grads + 6P LoRA) + layers*rows*3.5*2*T^2*h*d causal attention (fwd + 2.5x bwd); hardware adds tokens*(2N_layers + 2P) + layers*rows*2*T^2*h*d recomputed under checkpointing; N = frozen projection + LM-head weights, P = LoRA weights";
@@ -187,7 +191,13 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
     let targets: usize = batches.iter().map(|b| b.n_targets).sum();
     let mut times = Vec::with_capacity(spec.steps);
     let mut final_loss = 0.0;
-    for i in 0..spec.warmup + spec.steps {
+    let mut profile = Vec::new();
+    // The warmup steps, the measured steps, then (with `profile`) one step timed op by op.
+    for i in 0..spec.warmup + spec.steps + usize::from(spec.profile) {
+        let profiled = i == spec.warmup + spec.steps;
+        if profiled {
+            be.profile_start();
+        }
         let t0 = Instant::now();
         lora.zero_grads(be)?;
         let weight = scaler.loss_weight(1.0 / targets as f32);
@@ -215,7 +225,9 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         // Reading a weight back waits for the step's queued work, so the time is the whole step's.
         be.download(&lora.params[0])?;
         final_loss = nll / targets as f64;
-        if i >= spec.warmup {
+        if profiled {
+            profile = be.profile_stop()?;
+        } else if i >= spec.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
@@ -240,6 +252,7 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         flops_formula: FLOPS_FORMULA,
         peak_memory_bytes: be.peak_memory_bytes(),
         final_loss,
+        profile,
     })
 }
 
@@ -284,6 +297,41 @@ pub fn describe(r: &BenchResult) -> String {
         format!("loss        {:.4} (last step)", r.final_loss),
     ]
     .join("\n")
+        + &profile_table(&r.profile, r.median_step_s)
+}
+
+/// The per-op table of a profiled step: calls, device time, share of the median step, TFLOP/s.
+fn profile_table(ops: &[OpTime], step_s: f64) -> String {
+    if ops.is_empty() {
+        return String::new();
+    }
+    let total: f64 = ops.iter().map(|o| o.ms).sum();
+    let mut lines = vec![
+        String::new(),
+        format!(
+            "profile     one step, {:.1} ms of device time in ops ({:.1}% of the median step)",
+            total,
+            100.0 * total / 1e3 / step_s
+        ),
+        "| op | calls | ms | % of step | TFLOP/s |".to_string(),
+        "| --- | --- | --- | --- | --- |".to_string(),
+    ];
+    for o in ops {
+        let rate = if o.flops > 0.0 {
+            format!("{:.0}", o.flops / (o.ms / 1e3) / 1e12)
+        } else {
+            "—".to_string()
+        };
+        lines.push(format!(
+            "| {} | {} | {:.2} | {:.1} | {} |",
+            o.name,
+            o.calls,
+            o.ms,
+            100.0 * o.ms / 1e3 / step_s,
+            rate
+        ));
+    }
+    lines.join("\n")
 }
 
 #[cfg(test)]
@@ -302,6 +350,7 @@ mod tests {
             steps: 3,
             seed: 5,
             peak_tflops: Some(1.0),
+            profile: true,
         }
     }
 
@@ -315,6 +364,7 @@ mod tests {
         // Random weights of std 0.02 predict about uniformly: loss ≈ ln(vocab) = ln 256.
         assert!((r.final_loss - 256f64.ln()).abs() < 0.1, "{}", r.final_loss);
         assert_eq!(r.peak_memory_bytes, None);
+        assert!(r.profile.is_empty(), "the CPU backend times no ops");
         let no_ckpt = run(&be, &spec(false), &Distributed::single()).unwrap();
         assert_eq!(no_ckpt.final_loss, r.final_loss, "checkpointing is exact");
         assert!(r.hardware_flops_per_step > r.model_flops_per_step);
@@ -337,6 +387,7 @@ mod tests {
             steps: 1,
             seed: 0,
             peak_tflops: None,
+            profile: false,
         };
         // LoRA r=16 on all seven projections of Llama-2-7B: 39,976,960 values.
         let p = 16 * (3 * (4096 + 4096) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096)) * 32;

@@ -74,6 +74,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
             let mut names = attention_mma("attention_backward_mma");
             names.extend(per_dtype(&[
                 "attention_backward_dot",
+                "attention_backward_group_sum",
                 "attention_backward_simple_dq",
                 "attention_backward_simple_dkdv",
             ]));

@@ -15,16 +15,20 @@ mod launch;
 mod lm_head;
 mod nf4;
 mod optimizer;
+mod profiler;
 mod tensor;
 
 pub use tensor::{CudaIndices, CudaTensor};
 
 use crate::error::check_len;
-use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Nf4Absmax, Result};
+use crate::{
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Nf4Absmax, OpTime, Result,
+};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nvrtc::Ptx;
-use launch::{blocks_for, Arg, Kernels};
+use launch::{blocks_for_chunks_of_8, Arg, Kernels};
+use profiler::Profiler;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tensor::{Pool, Storage};
@@ -39,6 +43,7 @@ pub struct CudaBackend {
     dtype: DType,
     device_name: String,
     compute_capability: (i32, i32),
+    profiler: Profiler,
 }
 
 pub(crate) fn device_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> KernelError {
@@ -128,6 +133,7 @@ impl CudaBackend {
             dtype,
             device_name,
             compute_capability,
+            profiler: Profiler::default(),
         };
         backend.allow_large_shared_memory()?;
         Ok(backend)
@@ -200,8 +206,40 @@ impl CudaBackend {
         shared: u32,
         args: &[Arg],
     ) -> Result<()> {
-        self.kernels
-            .launch(&self.stream, name, grid, block, shared, args)
+        self.launch_counted(name, grid, block, shared, args, 0.0)
+    }
+
+    /// [`CudaBackend::launch`] for a kernel whose floating-point operations the profile counts.
+    pub(crate) fn launch_counted(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+        flops: f64,
+    ) -> Result<()> {
+        self.timed(
+            || name.to_string(),
+            flops,
+            || {
+                self.kernels
+                    .launch(&self.stream, name, grid, block, shared, args)
+            },
+        )
+    }
+
+    /// Runs `op` (which queues work on the stream), timed when profiling is on.
+    pub(crate) fn timed(
+        &self,
+        name: impl FnOnce() -> String,
+        flops: f64,
+        op: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let timing = self.profiler.begin(&self.ctx, &self.stream)?;
+        op()?;
+        self.profiler
+            .finish(timing, &self.ctx, &self.stream, name, flops)
     }
 
     fn p(&self, t: &CudaTensor) -> Arg {
@@ -246,15 +284,20 @@ impl CudaBackend {
     }
 
     fn memset_zero(&self, t: &mut CudaTensor) -> Result<()> {
-        match t.storage.as_mut() {
-            Some(Storage::F32(s)) if !s.is_empty() => {
-                self.stream.memset_zeros(s).map_err(device_err("memset"))
-            }
-            Some(Storage::Half(s)) if !s.is_empty() => {
-                self.stream.memset_zeros(s).map_err(device_err("memset"))
-            }
-            _ => Ok(()),
-        }
+        let stream = &self.stream;
+        self.timed(
+            || "memset".to_string(),
+            0.0,
+            || match t.storage.as_mut() {
+                Some(Storage::F32(s)) if !s.is_empty() => {
+                    stream.memset_zeros(s).map_err(device_err("memset"))
+                }
+                Some(Storage::Half(s)) if !s.is_empty() => {
+                    stream.memset_zeros(s).map_err(device_err("memset"))
+                }
+                _ => Ok(()),
+            },
+        )
     }
 }
 
@@ -279,10 +322,22 @@ impl Backend for CudaBackend {
         Some(self.pool.peak_bytes())
     }
 
+    fn profile_start(&self) {
+        self.profiler.start()
+    }
+
+    fn profile_stop(&self) -> Result<Vec<OpTime>> {
+        self.profiler.stop()
+    }
+
     fn zeros(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
         let mut t = self.alloc(len, dtype)?;
         self.memset_zero(&mut t)?;
         Ok(t)
+    }
+
+    fn empty(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
+        self.alloc(len, dtype)
     }
 
     fn upload(&self, data: &[f32], dtype: DType) -> Result<CudaTensor> {
@@ -356,7 +411,7 @@ impl Backend for CudaBackend {
         let n = src.len();
         self.launch(
             &name,
-            (blocks_for(n), 1, 1),
+            (blocks_for_chunks_of_8(n), 1, 1),
             256,
             0,
             &[self.p(src), self.p(dst), Arg::U64(n as u64)],
@@ -377,7 +432,7 @@ impl Backend for CudaBackend {
         let n = src.len();
         self.launch(
             &name,
-            (blocks_for(n), 1, 1),
+            (blocks_for_chunks_of_8(n), 1, 1),
             256,
             0,
             &[
@@ -394,7 +449,7 @@ impl Backend for CudaBackend {
         let name = format!("scale_{}", suffix(t.dtype));
         self.launch(
             &name,
-            (blocks_for(n), 1, 1),
+            (blocks_for_chunks_of_8(n), 1, 1),
             256,
             0,
             &[Arg::F32(alpha), self.p(t), Arg::U64(n as u64)],
@@ -567,7 +622,7 @@ impl Backend for CudaBackend {
             Arg::I32(head_dim as i32),
             Arg::F32(sign),
         ];
-        self.launch(&name, (blocks_for(n), 1, 1), 256, 0, &args)
+        self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
     }
 
     fn attention(
@@ -653,7 +708,7 @@ impl Backend for CudaBackend {
         let name = format!("swiglu_forward_{}", suffix(dt));
         self.launch(
             &name,
-            (blocks_for(n), 1, 1),
+            (blocks_for_chunks_of_8(n), 1, 1),
             256,
             0,
             &[self.p(gate), self.p(up), self.p(out), Arg::U64(n as u64)],
@@ -691,7 +746,7 @@ impl Backend for CudaBackend {
             self.p(dup),
             Arg::U64(n as u64),
         ];
-        self.launch(&name, (blocks_for(n), 1, 1), 256, 0, &args)
+        self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
     }
 
     fn lm_head_cross_entropy(

@@ -1,5 +1,5 @@
 //! `fuselora bench --preset NAME [--batch B --seq T --grad-accum A --no-checkpointing
-//! --warmup W --steps S --backend auto|cpu|cuda --dtype bf16|f16|f32 --json FILE]`
+//! --warmup W --steps S --backend auto|cpu|cuda --dtype bf16|f16|f32 --json FILE --profile]`
 
 use super::backend::{run_on, BackendTask, Selection};
 use anyhow::{Context, Result};
@@ -43,6 +43,9 @@ pub struct Args {
     /// Also write the result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// After the measured steps, time one step op by op on the GPU and print the table.
+    #[arg(long)]
+    profile: bool,
 }
 
 struct Bench(BenchSpec);
@@ -78,6 +81,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode> {
         steps: args.steps,
         seed: args.seed,
         peak_tflops: args.peak_tflops,
+        profile: args.profile,
     };
     let selection = Selection {
         backend: args.backend,

@@ -261,24 +261,21 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<Activations<B>> {
         let s = &self.shapes;
         let n = batch.layout.tokens();
-        let mut x = be.zeros(n * s.hidden, be.compute_dtype())?;
+        let mut x = be.empty(n * s.hidden, be.compute_dtype())?;
         be.embedding(&self.embed, &batch.ids, s.hidden, &mut x)?;
         let mut saved = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
-            let input = if checkpoint {
-                Some(clone(be, &x)?)
-            } else {
-                None
-            };
             let (y, full) = layer.forward(be, s, l, lora, batch, x)?;
-            saved.push(match input {
-                Some(inp) => Saved::Input(inp),
-                None => Saved::Full(full),
+            // Checkpointing keeps only the layer input (the rest is dropped here, recomputed in backward).
+            saved.push(if checkpoint {
+                Saved::Input(full.x)
+            } else {
+                Saved::Full(full)
             });
             x = y;
         }
-        let mut final_rstd = be.zeros(n, DType::F32)?;
-        let mut normed = be.zeros(n * s.hidden, be.compute_dtype())?;
+        let mut final_rstd = be.empty(n, DType::F32)?;
+        let mut normed = be.empty(n * s.hidden, be.compute_dtype())?;
         be.rms_norm(
             &x,
             &self.final_norm,
@@ -461,10 +458,4 @@ impl Shapes {
             eps: c.rms_norm_eps,
         }
     }
-}
-
-fn clone<B: Backend>(be: &B, t: &B::Tensor) -> Result<B::Tensor> {
-    let mut c = be.zeros(be.len(t), be.compute_dtype())?;
-    be.copy(t, &mut c)?;
-    Ok(c)
 }

@@ -79,8 +79,8 @@ impl<B: Backend> LayerWeights<B> {
             Ok(())
         };
 
-        let mut rstd1 = be.zeros(n, DType::F32)?;
-        let mut norm1 = be.zeros(n * s.hidden, dt)?;
+        let mut rstd1 = be.empty(n, DType::F32)?;
+        let mut norm1 = be.empty(n * s.hidden, dt)?;
         be.rms_norm(
             &x,
             &self.input_norm,
@@ -89,9 +89,9 @@ impl<B: Backend> LayerWeights<B> {
             &mut norm1,
             &mut rstd1,
         )?;
-        let mut q = be.zeros(n * s.q_dim, dt)?;
-        let mut k = be.zeros(n * s.kv_dim, dt)?;
-        let mut v = be.zeros(n * s.kv_dim, dt)?;
+        let mut q = be.empty(n * s.q_dim, dt)?;
+        let mut k = be.empty(n * s.kv_dim, dt)?;
+        let mut v = be.empty(n * s.kv_dim, dt)?;
         project(Projection::Q, &norm1, &mut q)?;
         project(Projection::K, &norm1, &mut k)?;
         project(Projection::V, &norm1, &mut v)?;
@@ -113,8 +113,8 @@ impl<B: Backend> LayerWeights<B> {
             s.head_dim,
             false,
         )?;
-        let mut attn = be.zeros(n * s.q_dim, dt)?;
-        let mut lse = be.zeros(n * s.heads, DType::F32)?;
+        let mut attn = be.empty(n * s.q_dim, dt)?;
+        let mut lse = be.empty(n * s.heads, DType::F32)?;
         be.attention(
             &q,
             &k,
@@ -127,12 +127,12 @@ impl<B: Backend> LayerWeights<B> {
             &mut attn,
             &mut lse,
         )?;
-        let mut mid = be.zeros(n * s.hidden, dt)?;
+        let mut mid = be.empty(n * s.hidden, dt)?;
         project(Projection::O, &attn, &mut mid)?;
         be.axpy(1.0, &x, &mut mid)?;
 
-        let mut rstd2 = be.zeros(n, DType::F32)?;
-        let mut norm2 = be.zeros(n * s.hidden, dt)?;
+        let mut rstd2 = be.empty(n, DType::F32)?;
+        let mut norm2 = be.empty(n * s.hidden, dt)?;
         be.rms_norm(
             &mid,
             &self.post_attention_norm,
@@ -141,13 +141,13 @@ impl<B: Backend> LayerWeights<B> {
             &mut norm2,
             &mut rstd2,
         )?;
-        let mut gate = be.zeros(n * s.inter, dt)?;
-        let mut up = be.zeros(n * s.inter, dt)?;
+        let mut gate = be.empty(n * s.inter, dt)?;
+        let mut up = be.empty(n * s.inter, dt)?;
         project(Projection::Gate, &norm2, &mut gate)?;
         project(Projection::Up, &norm2, &mut up)?;
-        let mut act = be.zeros(n * s.inter, dt)?;
+        let mut act = be.empty(n * s.inter, dt)?;
         be.swiglu(&gate, &up, &mut act)?;
-        let mut out = be.zeros(n * s.hidden, dt)?;
+        let mut out = be.empty(n * s.hidden, dt)?;
         project(Projection::Down, &act, &mut out)?;
         be.axpy(1.0, &mid, &mut out)?;
 
@@ -207,12 +207,12 @@ impl<B: Backend> LayerWeights<B> {
         };
 
         // MLP block: y = h + down(act); dh starts as dy (residual).
-        let mut dact = be.zeros(n * s.inter, dt)?;
+        let mut dact = be.empty(n * s.inter, dt)?;
         project_back(Projection::Down, &dy, &sv.act, &mut dact, false)?;
-        let mut dgate = be.zeros(n * s.inter, dt)?;
-        let mut dup = be.zeros(n * s.inter, dt)?;
+        let mut dgate = be.empty(n * s.inter, dt)?;
+        let mut dup = be.empty(n * s.inter, dt)?;
         be.swiglu_backward(&dact, &sv.gate, &sv.up, &mut dgate, &mut dup)?;
-        let mut dnorm2 = be.zeros(n * s.hidden, dt)?;
+        let mut dnorm2 = be.empty(n * s.hidden, dt)?;
         project_back(Projection::Gate, &dgate, &sv.norm2, &mut dnorm2, false)?;
         project_back(Projection::Up, &dup, &sv.norm2, &mut dnorm2, true)?;
         let mut dmid = dy;
@@ -226,11 +226,11 @@ impl<B: Backend> LayerWeights<B> {
         )?;
 
         // Attention block: h = x + o(attn); dx starts as dh.
-        let mut dattn = be.zeros(n * s.q_dim, dt)?;
+        let mut dattn = be.empty(n * s.q_dim, dt)?;
         project_back(Projection::O, &dmid, &sv.attn, &mut dattn, false)?;
-        let mut dq = be.zeros(n * s.q_dim, dt)?;
-        let mut dk = be.zeros(n * s.kv_dim, dt)?;
-        let mut dv = be.zeros(n * s.kv_dim, dt)?;
+        let mut dq = be.empty(n * s.q_dim, dt)?;
+        let mut dk = be.empty(n * s.kv_dim, dt)?;
+        let mut dv = be.empty(n * s.kv_dim, dt)?;
         be.attention_backward(
             &sv.q,
             &sv.k,
@@ -265,7 +265,7 @@ impl<B: Backend> LayerWeights<B> {
             s.head_dim,
             true,
         )?;
-        let mut dnorm1 = be.zeros(n * s.hidden, dt)?;
+        let mut dnorm1 = be.empty(n * s.hidden, dt)?;
         project_back(Projection::Q, &dq, &sv.norm1, &mut dnorm1, false)?;
         project_back(Projection::K, &dk, &sv.norm1, &mut dnorm1, true)?;
         project_back(Projection::V, &dv, &sv.norm1, &mut dnorm1, true)?;

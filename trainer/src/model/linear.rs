@@ -18,6 +18,8 @@ pub struct Dims {
 }
 
 /// `y ← x Wᵀ (+ s · (x Aᵀ) Bᵀ)`; returns `t = x Aᵀ [n, r]` when the projection is adapted.
+/// The LoRA term is written first and the frozen GEMM adds onto it (`beta = 1`): cuBLAS reads `y`
+/// inside its epilogue, so the wide `[n, out]` output makes one trip through memory, not three.
 pub fn forward<B: Backend>(
     be: &B,
     d: Dims,
@@ -26,31 +28,36 @@ pub fn forward<B: Backend>(
     lora: Option<(&LoraParams<B>, LoraSlot)>,
     y: &mut B::Tensor,
 ) -> Result<Option<B::Tensor>> {
-    w.with_dense(be, |w| {
-        Ok(be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, 0.0, y)?)
-    })?;
-    let Some((lp, slot)) = lora else {
-        return Ok(None);
+    let t = match lora {
+        Some((lp, slot)) => {
+            let (a, b) = (&lp.compute[slot.a], &lp.compute[slot.a + 1]);
+            let mut t = be.empty(d.n * slot.rank, be.compute_dtype())?;
+            be.gemm(d.n, slot.rank, d.in_f, 1.0, x, false, a, true, 0.0, &mut t)?;
+            be.gemm(
+                d.n,
+                d.out_f,
+                slot.rank,
+                slot.scaling,
+                &t,
+                false,
+                b,
+                true,
+                0.0,
+                y,
+            )?;
+            Some(t)
+        }
+        None => None,
     };
-    let (a, b) = (&lp.compute[slot.a], &lp.compute[slot.a + 1]);
-    let mut t = be.zeros(d.n * slot.rank, be.compute_dtype())?;
-    be.gemm(d.n, slot.rank, d.in_f, 1.0, x, false, a, true, 0.0, &mut t)?;
-    be.gemm(
-        d.n,
-        d.out_f,
-        slot.rank,
-        slot.scaling,
-        &t,
-        false,
-        b,
-        true,
-        1.0,
-        y,
-    )?;
-    Ok(Some(t))
+    let beta = if t.is_some() { 1.0 } else { 0.0 };
+    w.with_dense(be, |w| {
+        Ok(be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, beta, y)?)
+    })?;
+    Ok(t)
 }
 
 /// Adds `dL/dx` into `dx` (or writes it when `accumulate` is false) and adds the LoRA gradients.
+/// As in [`forward`], the LoRA term `s · u A` goes into `dx` first and the frozen GEMM adds onto it.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     be: &B,
@@ -63,67 +70,67 @@ pub fn backward<B: Backend>(
     dx: &mut B::Tensor,
     accumulate: bool,
 ) -> Result<()> {
-    let beta = if accumulate { 1.0 } else { 0.0 };
+    let mut beta = if accumulate { 1.0 } else { 0.0 };
+    if let (Some((lp, slot)), Some(t)) = (lora, t) {
+        let r = slot.rank;
+        let s = slot.scaling;
+        // dB [out, r] += s · dyᵀ [out, n] · t [n, r]
+        be.gemm(
+            d.out_f,
+            r,
+            d.n,
+            s,
+            dy,
+            true,
+            t,
+            false,
+            1.0,
+            &mut lp.grads[slot.a + 1],
+        )?;
+        // u [n, r] = dy [n, out] · B [out, r]
+        let mut u = be.empty(d.n * r, be.compute_dtype())?;
+        be.gemm(
+            d.n,
+            r,
+            d.out_f,
+            1.0,
+            dy,
+            false,
+            &lp.compute[slot.a + 1],
+            false,
+            0.0,
+            &mut u,
+        )?;
+        // dA [r, in] += s · uᵀ [r, n] · x [n, in]
+        be.gemm(
+            r,
+            d.in_f,
+            d.n,
+            s,
+            &u,
+            true,
+            x,
+            false,
+            1.0,
+            &mut lp.grads[slot.a],
+        )?;
+        // dx [n, in] (+)= s · u [n, r] · A [r, in]
+        be.gemm(
+            d.n,
+            d.in_f,
+            r,
+            s,
+            &u,
+            false,
+            &lp.compute[slot.a],
+            false,
+            beta,
+            dx,
+        )?;
+        beta = 1.0;
+    }
     w.with_dense(be, |w| {
         Ok(be.gemm(d.n, d.in_f, d.out_f, 1.0, dy, false, w, false, beta, dx)?)
     })?;
-    let (Some((lp, slot)), Some(t)) = (lora, t) else {
-        return Ok(());
-    };
-    let r = slot.rank;
-    let s = slot.scaling;
-    // dB [out, r] += s · dyᵀ [out, n] · t [n, r]
-    be.gemm(
-        d.out_f,
-        r,
-        d.n,
-        s,
-        dy,
-        true,
-        t,
-        false,
-        1.0,
-        &mut lp.grads[slot.a + 1],
-    )?;
-    // u [n, r] = dy [n, out] · B [out, r]
-    let mut u = be.zeros(d.n * r, be.compute_dtype())?;
-    be.gemm(
-        d.n,
-        r,
-        d.out_f,
-        1.0,
-        dy,
-        false,
-        &lp.compute[slot.a + 1],
-        false,
-        0.0,
-        &mut u,
-    )?;
-    // dA [r, in] += s · uᵀ [r, n] · x [n, in]
-    be.gemm(
-        r,
-        d.in_f,
-        d.n,
-        s,
-        &u,
-        true,
-        x,
-        false,
-        1.0,
-        &mut lp.grads[slot.a],
-    )?;
-    // dx [n, in] += s · u [n, r] · A [r, in]
-    be.gemm(
-        d.n,
-        d.in_f,
-        r,
-        s,
-        &u,
-        false,
-        &lp.compute[slot.a],
-        false,
-        1.0,
-        dx,
-    )?;
     Ok(())
 }
