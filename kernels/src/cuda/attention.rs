@@ -49,13 +49,18 @@ impl CudaBackend {
                         backward_shared_bytes(d),
                     ),
                 ] {
-                    self.kernels
-                        .get(&name)?
-                        .set_attribute(
-                            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            bytes as i32,
-                        )
-                        .map_err(super::device_err("kernel shared memory limit"))?;
+                    let f = self.kernels.get(&name)?;
+                    f.set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                    .map_err(super::device_err("kernel shared memory limit"))?;
+                    // All of L1 as shared memory where it lets more blocks share a multiprocessor.
+                    f.set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                        100,
+                    )
+                    .map_err(super::device_err("kernel shared memory carveout"))?;
                 }
             }
         }

@@ -134,12 +134,18 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     },
 ];
 
-/// The full text NVRTC compiles for `source`: the shared header, then the file.
+/// The full text NVRTC compiles for `source`: the shared header, then the file. For kernel work,
+/// `FUSELORA_KERNEL_SOURCE_DIR` names a folder whose `common.cuh` and `<name>.cu`, where present,
+/// replace the embedded copies (variants tried on a GPU machine without rebuilding the binary).
 pub fn full_source(source: &KernelSource) -> String {
-    format!(
-        "{COMMON}\n#line 1 \"{}.cu\"\n{}",
-        source.name, source.source
-    )
+    let from_dir = |file: &str| {
+        std::env::var_os("FUSELORA_KERNEL_SOURCE_DIR")
+            .and_then(|dir| std::fs::read_to_string(PathBuf::from(dir).join(file)).ok())
+    };
+    let common = from_dir("common.cuh").unwrap_or_else(|| COMMON.to_string());
+    let body =
+        from_dir(&format!("{}.cu", source.name)).unwrap_or_else(|| source.source.to_string());
+    format!("{common}\n#line 1 \"{}.cu\"\n{body}", source.name)
 }
 
 /// NVRTC's version, `(major, minor)`.
