@@ -69,3 +69,10 @@ fn qlora_on_a_bitsandbytes_4bit_checkpoint_matches() {
     assert!(ok, "{text}");
     assert!(text.contains("88 passed, 0 failed"), "{text}");
 }
+
+#[test]
+fn tiny_llama_orpo_matches_trl() {
+    let (ok, text) = check("tiny-llama-orpo");
+    assert!(ok, "{text}");
+    assert!(text.contains("50 passed, 0 failed"), "{text}");
+}

@@ -19,6 +19,8 @@ use crate::optim::{AdamW, LossScaler};
 use crate::train::distributed::Distributed;
 use crate::train::grad_reduce::GradReducer;
 use crate::train::init::fresh_adapter;
+use crate::train::method::StepContext;
+use crate::train::sft::sft_micro_step;
 use anyhow::{bail, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, OpTime};
 use rand::{Rng, SeedableRng};
@@ -199,32 +201,19 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
             be.profile_start();
         }
         let t0 = Instant::now();
-        lora.zero_grads(be)?;
-        let weight = scaler.loss_weight(1.0 / targets as f32);
-        let mut nll = 0.0;
-        for (j, b) in batches.iter().enumerate() {
-            // As in training: the last micro-batch's layers are summed over ranks during its backward.
-            let last = j + 1 == batches.len();
-            nll += model.loss_and_grad_with_hook(
-                be,
-                Some(&mut lora),
-                b,
-                spec.checkpointing,
-                weight,
-                &mut |layer, lp| {
-                    if last {
-                        dist.layer_done(be, lp, layer)
-                    } else {
-                        Ok(())
-                    }
-                },
-            )?;
-        }
-        dist.wait_for_sums(be)?;
+        // The training step: the SFT micro-step on each micro-batch, then AdamW.
+        let ctx = StepContext {
+            totals: &[targets as u64],
+            loss_scale: scaler.loss_weight(1.0),
+            checkpointing: spec.checkpointing,
+        };
+        let sums = dist.accumulate(be, &mut lora, &batches, |b, lora, hook| {
+            sft_micro_step(be, &model, lora, b, ctx, hook)
+        })?;
         opt.step_scaled(be, &mut lora, hp.lr, &mut scaler)?;
         // Reading a weight back waits for the step's queued work, so the time is the whole step's.
         be.download(&lora.params[0])?;
-        final_loss = nll / targets as f64;
+        final_loss = sums.iter().map(|s| s.nll).sum::<f64>() / targets as f64;
         if profiled {
             profile = be.profile_stop()?;
         } else if i >= spec.warmup {

@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::{describe, run, BenchResult, BenchSpec, PRESETS};
+use trainer::train::config::{BackendKind, ComputeDType};
+use trainer::train::distributed::Distributed;
 use trainer::train::grad_reduce::GradReducer;
 
 #[derive(clap::Args)]
@@ -36,10 +38,10 @@ pub struct Args {
     /// Peak dense TFLOP/s for MFU (default: 989 on H100/H200 in bf16/f16, else no MFU).
     #[arg(long)]
     peak_tflops: Option<f64>,
-    #[arg(long, default_value = "auto")]
-    backend: String,
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendKind,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: ComputeDType,
     /// Also write the result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -62,7 +64,7 @@ impl BackendTask for Bench {
         {
             self.0.peak_tflops = Some(989.0);
         }
-        let dist = be.join_ranks()?;
+        let dist = Distributed::join(be)?;
         let result = run(be, &self.0, &dist)?;
         let main = dist.is_main();
         dist.finish()?;
