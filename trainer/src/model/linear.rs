@@ -1,13 +1,21 @@
-//! A frozen projection with an optional LoRA adapter, forward and backward.
+//! A frozen projection (weight, optional bias) with an optional LoRA adapter, forward and backward.
 //!
-//! Forward:  `y = x Wᵀ + s · t Bᵀ` with `t = x Aᵀ` (saved for backward).
-//! Backward: `dx (+)= dy W + s · u A` with `u = dy B`;  `dB += s · dyᵀ t`;  `dA += s · uᵀ x`.
+//! Forward:  `y = b + x Wᵀ + s · t Bᵀ` with `t = x Aᵀ` (saved for backward); the bias is laid
+//! down first and the GEMM accumulates onto it, as torch's `addmm`.
+//! Backward: `dx (+)= dy W + s · u A` with `u = dy B`;  `dB += s · dyᵀ t`;  `dA += s · uᵀ x`
+//! (the bias is frozen and `dx` does not depend on it).
 //! An NF4 `W` is dequantized right before each of its two GEMMs and dropped after (QLoRA).
 
 use super::proj_weight::ProjWeight;
 use crate::lora::{LoraParams, LoraSlot};
 use anyhow::Result;
 use kernels::Backend;
+
+/// A frozen projection: `W [out, in]` and, in families that have one, the bias `b [out]`.
+pub struct FrozenLinear<B: Backend> {
+    pub weight: ProjWeight<B>,
+    pub bias: Option<B::Tensor>,
+}
 
 /// Shapes of one projection call: `n` tokens, `in_f` → `out_f` features.
 #[derive(Clone, Copy)]
@@ -17,17 +25,24 @@ pub struct Dims {
     pub out_f: usize,
 }
 
-/// `y ← x Wᵀ (+ s · (x Aᵀ) Bᵀ)`; returns `t = x Aᵀ [n, r]` when the projection is adapted.
+/// `y ← b + x Wᵀ (+ s · (x Aᵀ) Bᵀ)`; returns `t = x Aᵀ [n, r]` when the projection is adapted.
 pub fn forward<B: Backend>(
     be: &B,
     d: Dims,
     x: &B::Tensor,
-    w: &ProjWeight<B>,
+    frozen: &FrozenLinear<B>,
     lora: Option<(&LoraParams<B>, LoraSlot)>,
     y: &mut B::Tensor,
 ) -> Result<Option<B::Tensor>> {
-    w.with_dense(be, |w| {
-        Ok(be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, 0.0, y)?)
+    let beta = match &frozen.bias {
+        Some(b) => {
+            be.broadcast_rows(b, y)?;
+            1.0
+        }
+        None => 0.0,
+    };
+    frozen.weight.with_dense(be, |w| {
+        Ok(be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, beta, y)?)
     })?;
     let Some((lp, slot)) = lora else {
         return Ok(None);
