@@ -123,6 +123,10 @@ pub trait Backend {
     fn axpy(&self, alpha: f32, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
     /// `t ← alpha · t`.
     fn scale(&self, alpha: f32, t: &mut Self::Tensor) -> Result<()>;
+    /// `out[r, :] ← row` for every row of `out [rows, len(row)]`: a linear layer's bias, laid down
+    /// before its GEMM accumulates `x Wᵀ` onto it (`y = b + x Wᵀ`, torch's `addmm` order). The
+    /// biases are frozen and `dx` does not depend on them, so the op has no backward.
+    fn broadcast_rows(&self, row: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
 
     // ---- matrix product -----------------------------------------------------------------------
     /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` with fp32 accumulation.

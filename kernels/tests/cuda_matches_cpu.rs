@@ -216,6 +216,58 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
     }
 }
 
+/// The ops Qwen adds: the bias broadcast under a `beta = 1` GEMM (`y = b + x Wᵀ`), and RMSNorm
+/// over each head of q (rows of head_dim: 128 as in Qwen3-8B, 24 as in tiny-qwen3).
+#[test]
+fn bias_broadcast_and_per_head_rms_norm_match() {
+    let cpu = CpuBackend::new();
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        let (n, in_f, out_f) = (1024, 512, 3584);
+        let (b, br) = up(&g, &random(out_f, 11, 1.0), d);
+        let (x, xr) = up(&g, &random(n * in_f, 12, 1.0), d);
+        let (w, wr) = up(&g, &random(out_f * in_f, 13, 0.05), d);
+        let mut y = g.zeros(n * out_f, d).unwrap();
+        g.broadcast_rows(&b, &mut y).unwrap();
+        g.gemm(n, out_f, in_f, 1.0, &x, false, &w, true, 1.0, &mut y)
+            .unwrap();
+        let mut y_c = vec![0.0; n * out_f];
+        cpu.broadcast_rows(&br, &mut y_c).unwrap();
+        cpu.gemm(n, out_f, in_f, 1.0, &xr, false, &wr, true, 1.0, &mut y_c)
+            .unwrap();
+        check("bias broadcast + gemm", d, &g.download(&y).unwrap(), &y_c);
+
+        for head_dim in [128, 24] {
+            let rows = 2048 * 32;
+            let (q, qr) = up(&g, &random(rows * head_dim, 14, 2.0), d);
+            let (w, wr) = up(
+                &g,
+                &random(head_dim, 15, 1.0)
+                    .iter()
+                    .map(|v| 1.0 + 0.5 * v)
+                    .collect::<Vec<_>>(),
+                d,
+            );
+            let mut y = g.zeros(rows * head_dim, d).unwrap();
+            let mut rstd = g.zeros(rows, DType::F32).unwrap();
+            g.rms_norm(&q, &w, head_dim, 1e-6, &mut y, &mut rstd)
+                .unwrap();
+            let (mut y_c, mut rstd_c) = (vec![0.0; rows * head_dim], vec![0.0; rows]);
+            cpu.rms_norm(&qr, &wr, head_dim, 1e-6, &mut y_c, &mut rstd_c)
+                .unwrap();
+            check("per-head rms_norm y", d, &g.download(&y).unwrap(), &y_c);
+            let (dy, dyr) = up(&g, &random(rows * head_dim, 16, 1.0), d);
+            let mut dx = g.zeros(rows * head_dim, d).unwrap();
+            let mut dx_c = vec![0.0; rows * head_dim];
+            g.rms_norm_backward(&dy, &q, &w, &rstd, head_dim, &mut dx)
+                .unwrap();
+            cpu.rms_norm_backward(&dyr, &qr, &wr, &rstd_c, head_dim, &mut dx_c)
+                .unwrap();
+            check("per-head rms_norm dx", d, &g.download(&dx).unwrap(), &dx_c);
+        }
+    }
+}
+
 #[test]
 fn gemm_matches_for_every_transpose_and_mixed_output() {
     let cpu = CpuBackend::new();

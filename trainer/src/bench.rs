@@ -33,6 +33,8 @@ use std::time::Instant;
 pub const PRESETS: &[&str] = &[
     "llama2-7b",
     "mistral-7b",
+    "qwen2.5-7b",
+    "qwen3-8b",
     "llama-1b",
     "smollm2-135m",
     "tiny",
@@ -50,6 +52,15 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 32000, "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0, "sliding_window": 4096, "max_position_embeddings": 32768}),
+        "qwen2.5-7b" => json!({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584,
+            "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+            "num_key_value_heads": 4, "vocab_size": 152064, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "use_sliding_window": false, "max_position_embeddings": 32768}),
+        "qwen3-8b" => json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 4096,
+            "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "attention_bias": false, "use_sliding_window": false,
+            "max_position_embeddings": 40960}),
         "llama-1b" => json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
             "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
             "num_key_value_heads": 4, "vocab_size": 32000, "rms_norm_eps": 1e-5,
@@ -388,6 +399,31 @@ mod tests {
         assert!(
             (hw - model - (4096.0 * (2.0 * 6_476_005_376f64 + 2.0 * p as f64) + attn)).abs() < 1.0
         );
+    }
+
+    /// Every preset parses; the Qwen shapes give the published sizes (7.6B and 8.2B parameters:
+    /// the projections of every layer, the embedding and the separate LM head).
+    #[test]
+    fn qwen_presets_have_their_published_sizes() {
+        for name in PRESETS {
+            preset_config(name).unwrap();
+        }
+        for (name, billions, family) in [
+            ("qwen2.5-7b", 7.6, "Qwen2ForCausalLM"),
+            ("qwen3-8b", 8.2, "Qwen3ForCausalLM"),
+        ] {
+            let c = preset_config(name).unwrap();
+            assert_eq!(c.architecture.hf_name(), family);
+            let layer: usize = Projection::ALL
+                .iter()
+                .map(|p| p.shape(&c).0 * p.shape(&c).1)
+                .sum();
+            let total = layer * c.num_layers + 2 * c.vocab_size * c.hidden_size;
+            assert!(
+                (total as f64 / 1e9 - billions).abs() < 0.05,
+                "{name}: {total}"
+            );
+        }
     }
 
     #[test]

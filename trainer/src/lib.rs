@@ -1,7 +1,8 @@
 //! fuselora's trainer: everything above the kernels.
 //!
 //! - [`bench`]: `fuselora bench`, the training step on preset shapes with random weights.
-//! - [`model`]: Hugging Face config and weights, the Llama/Mistral decoder over any `Backend`.
+//! - [`arch`]: the model description: families (Llama, Mistral, Qwen2, Qwen3), config.json, tensor names.
+//! - [`model`]: Hugging Face weights and the decoder (forward, backward, cached generation) over any `Backend`.
 //! - [`lora`]: LoRA parameters and PEFT adapter folders.
 //! - [`tokenizer`]: Hugging Face tokenizers, chat templates and SFT label masks.
 //! - [`gguf`]: reading GGUF files and importing them as Hugging Face folders.
@@ -12,7 +13,9 @@
 //! - [`train`]: the run config, schedules, the training loop and checkpoints.
 //! - [`generate`]: sampling and generation with a KV cache.
 //! - [`io`]: atomic file writes.
+//! - [`weights`]: the safetensors files of a model or adapter folder, read as f32.
 
+pub mod arch;
 pub mod bench;
 pub mod data;
 pub mod generate;
@@ -25,3 +28,4 @@ pub mod optim;
 pub mod reference;
 pub mod tokenizer;
 pub mod train;
+pub mod weights;

@@ -7,11 +7,11 @@
 //! projections are dequantized, merged and written dense in `bnb_4bit_compute_dtype` (bf16 when
 //! absent), and `quantization_config` is dropped from the config: the result is a plain checkpoint.
 
+use crate::arch::{ModelConfig, Projection};
 use crate::io::write_atomic;
 use crate::lora::{peft, LoraParams};
 use crate::model::bnb_checkpoint::{quantization_of, read_nf4};
-use crate::model::weights::{to_f32, WeightFiles};
-use crate::model::{ModelConfig, Projection};
+use crate::weights::{to_f32, WeightFiles};
 use anyhow::{bail, Context, Result};
 use kernels::cpu::{gemm_f32, CpuBackend};
 use kernels::DType;
@@ -86,7 +86,7 @@ pub fn merge(
     let mut proj_shapes = BTreeMap::new();
     for layer in 0..config.num_layers {
         for p in Projection::ALL {
-            let name = format!("{}.weight", p.module_path(layer));
+            let name = p.weight_name(layer);
             if let Some(slot) = lora.slot(layer, p) {
                 deltas.insert(name.clone(), slot);
             }

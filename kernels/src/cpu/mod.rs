@@ -5,6 +5,7 @@
 
 mod adamw;
 mod attention;
+mod broadcast;
 mod cross_entropy;
 mod embedding;
 mod matmul;
@@ -17,7 +18,7 @@ mod swiglu;
 pub use attention::{attention_backward_f32, attention_forward_f32};
 pub use matmul::gemm_f32;
 
-use crate::error::check_len;
+use crate::error::{check_len, check_rows};
 use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result};
 
 /// The f32 reference backend.
@@ -300,6 +301,12 @@ impl Backend for CpuBackend {
             q, k_cache, v_cache, first_key, new, filled, capacity, window, heads, kv_heads,
             head_dim, out,
         );
+        Ok(())
+    }
+
+    fn broadcast_rows(&self, row: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        check_rows("broadcast_rows", out.len(), row.len())?;
+        broadcast::broadcast_rows(row, out);
         Ok(())
     }
 

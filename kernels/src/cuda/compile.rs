@@ -49,6 +49,11 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         entry_points: || per_dtype(&["rope"]),
     },
     KernelSource {
+        name: "broadcast",
+        source: include_str!("../../cuda/broadcast.cu"),
+        entry_points: || per_dtype(&["broadcast_rows"]),
+    },
+    KernelSource {
         name: "swiglu",
         source: include_str!("../../cuda/swiglu.cu"),
         entry_points: || per_dtype(&["swiglu_forward", "swiglu_backward"]),

@@ -20,14 +20,14 @@ mod tensor;
 
 pub use tensor::{CudaIndices, CudaTensor};
 
-use crate::error::check_len;
+use crate::error::{check_len, check_rows};
 use crate::{
     AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Nf4Absmax, OpTime, Result,
 };
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nvrtc::Ptx;
-use launch::{blocks_for_chunks_of_8, Arg, Kernels};
+use launch::{blocks_for, blocks_for_chunks_of_8, Arg, Kernels};
 use profiler::Profiler;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -546,7 +546,7 @@ impl Backend for CudaBackend {
             Arg::I32(hidden as i32),
             Arg::F32(eps),
         ];
-        self.launch(&name, (rows as u32, 1, 1), 256, 0, &args)
+        self.launch(&name, (rows as u32, 1, 1), norm_threads(hidden), 0, &args)
     }
 
     fn rms_norm_backward(
@@ -579,7 +579,7 @@ impl Backend for CudaBackend {
             self.p(dx),
             Arg::I32(hidden as i32),
         ];
-        self.launch(&name, (rows as u32, 1, 1), 256, 0, &args)
+        self.launch(&name, (rows as u32, 1, 1), norm_threads(hidden), 0, &args)
     }
 
     fn rope(
@@ -700,6 +700,28 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn broadcast_rows(&self, row: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+        check_rows("broadcast_rows", out.len(), row.len())?;
+        let dt = self.same_dtype("broadcast_rows", &[("row", row), ("out", out)])?;
+        let n = out.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let name = format!("broadcast_rows_{}", suffix(dt));
+        self.launch(
+            &name,
+            (blocks_for(n), 1, 1),
+            256,
+            0,
+            &[
+                self.p(row),
+                self.p(out),
+                Arg::U64(row.len() as u64),
+                Arg::U64(n as u64),
+            ],
+        )
+    }
+
     fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
         check_len("swiglu", "up", up.len(), gate.len())?;
         check_len("swiglu", "out", out.len(), gate.len())?;
@@ -795,4 +817,10 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.adamw_impl(params, grads, m, v, hp, step, grad_scale)
     }
+}
+
+/// Threads per RMSNorm row: 256, or fewer whole warps for short rows (the per-head q/k norm of
+/// Qwen3 has rows of head_dim = 128), so no warp of the block idles.
+fn norm_threads(hidden: usize) -> u32 {
+    hidden.next_multiple_of(32).min(256) as u32
 }

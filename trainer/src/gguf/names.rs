@@ -1,5 +1,6 @@
-//! llama.cpp tensor names → Hugging Face `LlamaForCausalLM` names, and undoing llama.cpp's row
-//! permutation of the query and key projections.
+//! llama.cpp tensor names → Hugging Face names (`llama`, `qwen2`, `qwen3` models: the Qwen2
+//! q/k/v biases and the Qwen3 per-head q/k norms included), and undoing llama.cpp's row
+//! permutation of the query and key projections, which its converter applies to `llama` only.
 //!
 //! Why the permutation exists: Hugging Face's RoPE rotates the pairs `(i, i + D/2)` of each head
 //! (`rotate_half`), llama.cpp's rotates adjacent pairs `(2i, 2i + 1)`. convert_hf_to_gguf.py therefore
@@ -20,9 +21,22 @@ pub enum Rows {
     },
 }
 
-/// The Hugging Face name of a llama.cpp tensor of a `llama` model, and what to do with its rows;
-/// `None` for a name this importer does not know.
-pub fn hf_name(gguf_name: &str, heads: usize, kv_heads: usize) -> Option<(String, Rows)> {
+/// The Hugging Face name of a llama.cpp tensor, and what to do with its rows (q and k rows, bias
+/// included, are permuted in a `llama` file: `permuted`); `None` for a name this importer does
+/// not know.
+pub fn hf_name(
+    gguf_name: &str,
+    heads: usize,
+    kv_heads: usize,
+    permuted: bool,
+) -> Option<(String, Rows)> {
+    let (q_rows, k_rows) = match permuted {
+        true => (
+            Rows::Unpermute { heads },
+            Rows::Unpermute { heads: kv_heads },
+        ),
+        false => (Rows::AsStored, Rows::AsStored),
+    };
     let fixed = match gguf_name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -35,19 +49,25 @@ pub fn hf_name(gguf_name: &str, heads: usize, kv_heads: usize) -> Option<(String
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, leaf) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (module, rows) = match leaf {
-        "attn_norm.weight" => ("input_layernorm", Rows::AsStored),
-        "ffn_norm.weight" => ("post_attention_layernorm", Rows::AsStored),
-        "attn_q.weight" => ("self_attn.q_proj", Rows::Unpermute { heads }),
-        "attn_k.weight" => ("self_attn.k_proj", Rows::Unpermute { heads: kv_heads }),
-        "attn_v.weight" => ("self_attn.v_proj", Rows::AsStored),
-        "attn_output.weight" => ("self_attn.o_proj", Rows::AsStored),
-        "ffn_gate.weight" => ("mlp.gate_proj", Rows::AsStored),
-        "ffn_up.weight" => ("mlp.up_proj", Rows::AsStored),
-        "ffn_down.weight" => ("mlp.down_proj", Rows::AsStored),
+    let (module, kind) = leaf.split_once('.')?;
+    let (module, rows) = match module {
+        "attn_norm" => ("input_layernorm", Rows::AsStored),
+        "ffn_norm" => ("post_attention_layernorm", Rows::AsStored),
+        "attn_q" => ("self_attn.q_proj", q_rows),
+        "attn_k" => ("self_attn.k_proj", k_rows),
+        "attn_v" => ("self_attn.v_proj", Rows::AsStored),
+        "attn_output" => ("self_attn.o_proj", Rows::AsStored),
+        "attn_q_norm" => ("self_attn.q_norm", Rows::AsStored),
+        "attn_k_norm" => ("self_attn.k_norm", Rows::AsStored),
+        "ffn_gate" => ("mlp.gate_proj", Rows::AsStored),
+        "ffn_up" => ("mlp.up_proj", Rows::AsStored),
+        "ffn_down" => ("mlp.down_proj", Rows::AsStored),
         _ => return None,
     };
-    Some((format!("model.layers.{layer}.{module}.weight"), rows))
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    Some((format!("model.layers.{layer}.{module}.{kind}"), rows))
 }
 
 /// Undoes llama.cpp's Q/K row permutation of a row-major `[heads·D, cols]` matrix (see the file comment).
@@ -122,22 +142,42 @@ mod tests {
     #[test]
     fn names_map_to_transformers_modules() {
         assert_eq!(
-            hf_name("blk.12.attn_k.weight", 9, 3),
+            hf_name("blk.12.attn_k.weight", 9, 3, true),
             Some((
                 "model.layers.12.self_attn.k_proj.weight".into(),
                 Rows::Unpermute { heads: 3 }
             ))
         );
         assert_eq!(
-            hf_name("blk.0.attn_q.weight", 9, 3).unwrap().1,
+            hf_name("blk.0.attn_q.weight", 9, 3, true).unwrap().1,
             Rows::Unpermute { heads: 9 }
         );
         assert_eq!(
-            hf_name("blk.3.ffn_norm.weight", 9, 3).unwrap().0,
+            hf_name("blk.3.ffn_norm.weight", 9, 3, true).unwrap().0,
             "model.layers.3.post_attention_layernorm.weight"
         );
-        assert_eq!(hf_name("output.weight", 9, 3).unwrap().0, "lm_head.weight");
-        assert_eq!(hf_name("rope_freqs.weight", 9, 3), None);
-        assert_eq!(hf_name("blk.x.attn_q.weight", 9, 3), None);
+        assert_eq!(
+            hf_name("output.weight", 9, 3, true).unwrap().0,
+            "lm_head.weight"
+        );
+        assert_eq!(hf_name("rope_freqs.weight", 9, 3, true), None);
+        assert_eq!(hf_name("blk.x.attn_q.weight", 9, 3, true), None);
+        // qwen2 / qwen3: biases and per-head norms, nothing permuted.
+        assert_eq!(
+            hf_name("blk.1.attn_v.bias", 9, 3, false),
+            Some((
+                "model.layers.1.self_attn.v_proj.bias".into(),
+                Rows::AsStored
+            ))
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_q.weight", 9, 3, false).unwrap().1,
+            Rows::AsStored
+        );
+        assert_eq!(
+            hf_name("blk.2.attn_k_norm.weight", 9, 3, false).unwrap().0,
+            "model.layers.2.self_attn.k_norm.weight"
+        );
+        assert_eq!(hf_name("blk.2.attn_k_norm.scale", 9, 3, false), None);
     }
 }

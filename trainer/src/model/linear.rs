@@ -1,13 +1,23 @@
-//! A frozen projection with an optional LoRA adapter, forward and backward.
+//! A frozen projection (weight, optional bias) with an optional LoRA adapter, forward and backward.
 //!
-//! Forward:  `y = x Wᵀ + s · t Bᵀ` with `t = x Aᵀ` (saved for backward).
-//! Backward: `dx (+)= dy W + s · u A` with `u = dy B`;  `dB += s · dyᵀ t`;  `dA += s · uᵀ x`.
+//! Forward:  `y = b + x Wᵀ + s · t Bᵀ` with `t = x Aᵀ` (saved for backward); the bias and the
+//! LoRA term are laid down first and the frozen GEMM accumulates onto them (`beta = 1`), as torch's
+//! `addmm`: cuBLAS reads `y` inside its epilogue, so the wide `[n, out]` output makes one trip
+//! through memory.
+//! Backward: `dx (+)= dy W + s · u A` with `u = dy B`;  `dB += s · dyᵀ t`;  `dA += s · uᵀ x`
+//! (the bias is frozen and `dx` does not depend on it).
 //! An NF4 `W` is dequantized right before each of its two GEMMs and dropped after (QLoRA).
 
 use super::proj_weight::ProjWeight;
 use crate::lora::{LoraParams, LoraSlot};
 use anyhow::Result;
 use kernels::Backend;
+
+/// A frozen projection: `W [out, in]` and, in families that have one, the bias `b [out]`.
+pub struct FrozenLinear<B: Backend> {
+    pub weight: ProjWeight<B>,
+    pub bias: Option<B::Tensor>,
+}
 
 /// Shapes of one projection call: `n` tokens, `in_f` → `out_f` features.
 #[derive(Clone, Copy)]
@@ -17,17 +27,22 @@ pub struct Dims {
     pub out_f: usize,
 }
 
-/// `y ← x Wᵀ (+ s · (x Aᵀ) Bᵀ)`; returns `t = x Aᵀ [n, r]` when the projection is adapted.
-/// The LoRA term is written first and the frozen GEMM adds onto it (`beta = 1`): cuBLAS reads `y`
-/// inside its epilogue, so the wide `[n, out]` output makes one trip through memory, not three.
+/// `y ← b + x Wᵀ (+ s · (x Aᵀ) Bᵀ)`; returns `t = x Aᵀ [n, r]` when the projection is adapted.
 pub fn forward<B: Backend>(
     be: &B,
     d: Dims,
     x: &B::Tensor,
-    w: &ProjWeight<B>,
+    frozen: &FrozenLinear<B>,
     lora: Option<(&LoraParams<B>, LoraSlot)>,
     y: &mut B::Tensor,
 ) -> Result<Option<B::Tensor>> {
+    let mut beta = match &frozen.bias {
+        Some(b) => {
+            be.broadcast_rows(b, y)?;
+            1.0
+        }
+        None => 0.0,
+    };
     let t = match lora {
         Some((lp, slot)) => {
             let (a, b) = (&lp.compute[slot.a], &lp.compute[slot.a + 1]);
@@ -42,15 +57,15 @@ pub fn forward<B: Backend>(
                 false,
                 b,
                 true,
-                0.0,
+                beta,
                 y,
             )?;
+            beta = 1.0;
             Some(t)
         }
         None => None,
     };
-    let beta = if t.is_some() { 1.0 } else { 0.0 };
-    w.with_dense(be, |w| {
+    frozen.weight.with_dense(be, |w| {
         Ok(be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, beta, y)?)
     })?;
     Ok(t)
