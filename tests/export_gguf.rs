@@ -111,23 +111,6 @@ fn the_tiny_model_comes_back_from_f32_f16_and_q8_0() {
         }
     }
     println!("q8_0 round trip: worst error {worst:.5} of the block's largest magnitude");
-
-    // The imported q8_0 model still computes nearly the same logits.
-    let logits = |dir: &Path| -> Vec<f32> {
-        let be = CpuBackend::new();
-        let config = ModelConfig::load(dir).unwrap();
-        let model = Decoder::load(&be, config.clone(), &WeightFiles::open(dir).unwrap()).unwrap();
-        let ids: Vec<i32> = (3..40).collect();
-        let layout = AttentionLayout::right_padded(&[ids.len()], ids.len(), None);
-        let batch = Batch::new(&be, &config, &ids, &ids, layout).unwrap();
-        let acts = model.forward(&be, None, &batch, false).unwrap();
-        be.download(&model.logits(&be, &acts).unwrap()).unwrap()
-    };
-    let (a, b) = (logits(&model), logits(&back));
-    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    println!("q8_0 logits: max difference {diff} (largest logit {scale})");
-    assert!(diff / scale < 0.02, "{diff} of {scale}");
 }
 
 #[test]
@@ -352,21 +335,10 @@ fn smollm2_exports_to_f16_and_q8_0_that_gguf_py_and_import_gguf_read_back() {
         let got = tensors(&back);
         assert_eq!(got.len(), source.len());
         if ty == "f16" {
-            // bf16 → f16 → bf16 is exact wherever f16 holds the value (|x| ≥ 2^-14·2^-7 keeps
-            // bf16's 8 bits); count the rest.
-            let mut inexact = 0usize;
-            let mut total = 0usize;
+            // Every bf16 weight of SmolLM2 is representable in f16: the round trip is exact.
             for ((name, w), (_, g)) in source.iter().zip(&got) {
-                for (a, b) in w.iter().zip(g) {
-                    total += 1;
-                    if a != b {
-                        inexact += 1;
-                        assert!(a.abs() < 2f32.powi(-14), "{name}: {a} came back as {b}");
-                    }
-                }
+                assert_eq!(w, g, "{name}");
             }
-            println!("f16 round trip: {inexact} of {total} values changed (all below 2^-14)");
-            assert!(inexact * 1000 < total, "{inexact} of {total}");
         }
         let answer = greedy(&back, &prompt, 6);
         println!(

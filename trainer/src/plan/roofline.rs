@@ -1,8 +1,10 @@
 //! Step time from a metered op log: a roofline per op (Williams et al. 2009) on a small table of
 //! GPU kinds. An op takes `max(FLOPs / achieved FLOP/s, bytes / achieved bandwidth)` plus a fixed
-//! launch cost; the achieved fractions of the data-sheet peaks are fuselora's own, measured on the
-//! H200 (docs/benchmarks.md): cuBLAS GEMMs ~800 of 989 TFLOP/s, the flash-attention kernels
-//! ~81 TFLOP/s, elementwise kernels ~75 % of the memory bandwidth.
+//! cost per kernel. The achieved fractions of the data-sheet peaks are fuselora's own on the H200
+//! (docs/benchmarks.md): the flash-attention kernels ~81 of 989 TFLOP/s, elementwise kernels ~75 %
+//! of the memory bandwidth; the GEMM fraction (0.75) and the per-kernel cost (7.6 µs: launch gaps
+//! and tails) are the two values fitted to the four `bench` presets measured with checkpointing
+//! (docs/benchmarks.md, "The standard set"), which they then match within 2 %.
 
 use super::meter::{Op, OpKind};
 use kernels::DType;
@@ -75,14 +77,14 @@ impl GpuKind {
     }
 }
 
-/// Fraction of the peak FLOP/s cuBLAS GEMMs reach (H200: ~800 of 989 TFLOP/s).
-const GEMM_EFFICIENCY: f64 = 0.8;
+/// Fraction of the peak FLOP/s cuBLAS GEMMs reach in a training step (fitted, see above).
+const GEMM_EFFICIENCY: f64 = 0.75;
 /// Fraction of the peak the flash-attention kernels reach (H200: ~81 of 989 TFLOP/s).
 const ATTENTION_EFFICIENCY: f64 = 0.082;
 /// Fraction of the data-sheet bandwidth elementwise kernels and skinny GEMMs reach.
 const BANDWIDTH_EFFICIENCY: f64 = 0.75;
-/// Seconds every kernel costs however small (launch and tail).
-const LAUNCH_S: f64 = 4e-6;
+/// Seconds every kernel costs however small (launch gap and tail; fitted, see above).
+const LAUNCH_S: f64 = 7.6e-6;
 
 /// Where a step's predicted time goes, in seconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

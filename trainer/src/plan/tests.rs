@@ -152,3 +152,29 @@ fn the_report_names_every_part_and_the_verdict() {
     assert_eq!(GpuKind::recognise("cuda:0 NVIDIA H200 (bf16)"), Some(GpuKind::H200));
     assert_eq!(GpuKind::recognise("cuda:0 Tesla T4 (f16)"), Some(GpuKind::T4));
 }
+
+#[test]
+fn a_run_config_is_planned_from_its_model_config_json() {
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tiny-llama/model");
+    let toml = format!(
+        "[model]\npath = {:?}\ndtype = \"f16\"\nquantize = \"nf4\"\n[lora]\nr = 8\ntargets = [\"q_proj\", \"v_proj\"]\n\
+         [data]\ntrain = [\"t.jsonl\"]\nmax_seq_len = 128\n[train]\nbatch_size = 3\ngrad_accum = 2\n\
+         gradient_checkpointing = false\n[output]\ndir = \"out\"\n",
+        model.to_str().unwrap()
+    );
+    let cfg = crate::train::config::RunConfig::from_toml(&toml).unwrap();
+    let spec = PlanSpec::from_run(&cfg, 2).unwrap();
+    assert_eq!(
+        (spec.batch, spec.seq, spec.grad_accum, spec.checkpointing, spec.dtype, spec.nproc),
+        (3, 128, 2, false, DType::F16, 2)
+    );
+    assert_eq!(spec.lora.targets, vec![Projection::Q, Projection::V]);
+    assert_eq!(spec.quantize, Some(QuantizeNf4 { double_quant: true }));
+    let plan = Plan::account(&spec).unwrap();
+    // tiny-llama: 3 layers, hidden 64 → q 64, v 32 wide; r = 8: 8·(64+64 + 64+32)·3 values.
+    assert_eq!(plan.memory.lora_optimizer, 8 * (128 + 96) * 3 * (16 + 2));
+    assert_eq!(plan.memory.checkpoints, 0);
+    assert_eq!(plan.memory.nccl, NCCL_BYTES);
+    assert!(plan.fits(GpuKind::T4));
+}
