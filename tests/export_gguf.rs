@@ -182,9 +182,18 @@ fn lora_only_writes_a_llama_cpp_adapter() {
     ]);
     assert!(said.contains("LoRA adapter of 21 projections"), "{said}");
     let f = GgufFile::open(&out).unwrap();
-    assert_eq!(f.get("general.type"), Some(&MetaValue::String("adapter".into())));
-    assert_eq!(f.get("general.architecture"), Some(&MetaValue::String("llama".into())));
-    assert_eq!(f.get("adapter.type"), Some(&MetaValue::String("lora".into())));
+    assert_eq!(
+        f.get("general.type"),
+        Some(&MetaValue::String("adapter".into()))
+    );
+    assert_eq!(
+        f.get("general.architecture"),
+        Some(&MetaValue::String("llama".into()))
+    );
+    assert_eq!(
+        f.get("adapter.type"),
+        Some(&MetaValue::String("lora".into()))
+    );
     // lora_alpha 8, r 4: llama.cpp's scale alpha / r = 2 = PEFT's scaling.
     assert_eq!(f.get("adapter.lora.alpha"), Some(&MetaValue::F32(8.0)));
     assert_eq!(f.tensors.len(), 42);
@@ -223,7 +232,9 @@ fn a_tokenizer_llama_cpp_cannot_take_is_refused_by_name() {
     let e = trainer::gguf::export_gguf(&model, None, &out, QuantType::F16).unwrap_err();
     let e = format!("{e:#}");
     assert!(
-        e.contains("tokenizer.json") && e.contains("Whitespace") && e.contains("smollm, gpt-2, llama-bpe"),
+        e.contains("tokenizer.json")
+            && e.contains("Whitespace")
+            && e.contains("smollm, gpt-2, llama-bpe"),
         "{e}"
     );
     assert!(!out.exists());
@@ -231,7 +242,10 @@ fn a_tokenizer_llama_cpp_cannot_take_is_refused_by_name() {
 
 /// python3 with llama.cpp's `gguf` package, or why not.
 fn gguf_py() -> Result<(), String> {
-    match Command::new("python3").args(["-c", "import gguf, numpy"]).output() {
+    match Command::new("python3")
+        .args(["-c", "import gguf, numpy"])
+        .output()
+    {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
         Err(e) => Err(format!("python3: {e}")),
@@ -254,14 +268,24 @@ fn check_with_gguf_py(gguf: &Path, model: &Path, ty: &str) -> String {
 #[test]
 fn gguf_py_reads_every_type_bit_exact_with_its_quantizers() {
     if let Err(why) = gguf_py() {
-        println!("SKIPPED: llama.cpp's Python package is not importable ({why}); pip install gguf numpy");
+        println!(
+            "SKIPPED: llama.cpp's Python package is not importable ({why}); pip install gguf numpy"
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_chat_model(dir.path(), "model");
     for ty in ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] {
         let out = dir.path().join(format!("{ty}.gguf"));
-        fuselora(&["export-gguf", "--model", s(&model), "--out", s(&out), "--type", ty]);
+        fuselora(&[
+            "export-gguf",
+            "--model",
+            s(&model),
+            "--out",
+            s(&out),
+            "--type",
+            ty,
+        ]);
         let said = check_with_gguf_py(&out, &model, ty);
         println!("{ty}: {said}");
         assert!(said.contains("OK: 30 tensors"), "{said}");
@@ -297,7 +321,10 @@ fn smollm2_exports_to_f16_and_q8_0_that_gguf_py_and_import_gguf_read_back() {
         return;
     };
     if !gguf.is_file() {
-        println!("SKIPPED: FUSELORA_SMOLLM2_GGUF={} is not a file", gguf.display());
+        println!(
+            "SKIPPED: FUSELORA_SMOLLM2_GGUF={} is not a file",
+            gguf.display()
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -316,11 +343,20 @@ fn smollm2_exports_to_f16_and_q8_0_that_gguf_py_and_import_gguf_read_back() {
     let want = greedy(&imported, &prompt, 6);
     println!(
         "imported: {want:?} = {:?}",
-        tok.decode(&want.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap()
+        tok.decode(&want.iter().map(|&i| i as u32).collect::<Vec<_>>(), false)
+            .unwrap()
     );
     for ty in ["f16", "q8_0"] {
         let out = dir.path().join(format!("smollm2-{ty}.gguf"));
-        let said = fuselora(&["export-gguf", "--model", s(&imported), "--out", s(&out), "--type", ty]);
+        let said = fuselora(&[
+            "export-gguf",
+            "--model",
+            s(&imported),
+            "--out",
+            s(&out),
+            "--type",
+            ty,
+        ]);
         println!("{ty}: {said}");
         match &python {
             Ok(()) => {
@@ -343,7 +379,8 @@ fn smollm2_exports_to_f16_and_q8_0_that_gguf_py_and_import_gguf_read_back() {
         let answer = greedy(&back, &prompt, 6);
         println!(
             "{ty} re-imported: {answer:?} = {:?}",
-            tok.decode(&answer.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap()
+            tok.decode(&answer.iter().map(|&i| i as u32).collect::<Vec<_>>(), false)
+                .unwrap()
         );
         if ty == "f16" {
             assert_eq!(answer, want);

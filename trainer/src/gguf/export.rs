@@ -175,7 +175,10 @@ pub fn export_lora_gguf(
             let hf = format!("{}.weight", p.module_path(layer));
             let (gguf, rows) = gguf_name(&hf, config.num_heads, config.num_kv_heads)
                 .ok_or_else(|| anyhow!("projection `{hf}` has no llama.cpp name"))?;
-            for (suffix, index, rows) in [("lora_a", slot.a, Rows::AsStored), ("lora_b", slot.a + 1, rows)] {
+            for (suffix, index, rows) in [
+                ("lora_a", slot.a, Rows::AsStored),
+                ("lora_b", slot.a + 1, rows),
+            ] {
                 let hf_shape = lora.shapes[index].to_vec();
                 planned.push(Planned {
                     name: format!("{gguf}.{suffix}"),
@@ -221,7 +224,7 @@ fn write_planned(
         let mut v = values(source)?;
         if let Rows::RopePermuted { heads } = *rows {
             let shape = &entries[i].hf_shape;
-            if shape.len() != 2 || shape[0] % (2 * heads) != 0 {
+            if shape.len() != 2 || !shape[0].is_multiple_of(2 * heads) {
                 bail!(
                     "tensor `{}` has shape {shape:?}, which is not {heads} heads of an even number of rows",
                     entries[i].name
@@ -297,7 +300,10 @@ fn hyperparameters(w: &mut GgufWriter, arch: &str, c: &ModelConfig) -> Result<()
                 &format!("{arch}.rope.scaling.type"),
                 MetaValue::String("linear".into()),
             );
-            w.add(&format!("{arch}.rope.scaling.factor"), MetaValue::F32(*factor));
+            w.add(
+                &format!("{arch}.rope.scaling.factor"),
+                MetaValue::F32(*factor),
+            );
         }
         RopeScaling::Dynamic { .. } => bail!(
             "rope scaling `dynamic` (NTK) has no llama.cpp equivalent for the llama architecture; \

@@ -84,7 +84,10 @@ pub fn gguf_name(hf: &str, heads: usize, kv_heads: usize) -> Option<(String, Row
     let (leaf, _, h) = LAYER_TENSORS
         .iter()
         .find(|(_, m, _)| module_and_suffix == format!("{m}.weight"))?;
-    Some((format!("blk.{layer}.{leaf}.weight"), rows(*h, heads, kv_heads)))
+    Some((
+        format!("blk.{layer}.{leaf}.weight"),
+        rows(*h, heads, kv_heads),
+    ))
 }
 
 /// Applies llama.cpp's Q/K row permutation to a row-major `[heads·D, cols]` matrix (export).
@@ -200,7 +203,10 @@ mod tests {
             let (hf, rows) = hf_name(gguf, 9, 3).unwrap();
             assert_eq!(gguf_name(&hf, 9, 3), Some((gguf.to_string(), rows)));
         }
-        assert_eq!(gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq", 9, 3), None);
+        assert_eq!(
+            gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq", 9, 3),
+            None
+        );
         assert_eq!(hf_name("blk.x.attn_q.weight", 9, 3), None);
     }
 }

@@ -68,7 +68,10 @@ pub fn tokenizer_metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(&'static st
     }
     for added in json["added_tokens"].as_array().into_iter().flatten() {
         let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else {
-            bail!("{}: added token {added} has no id or content", path.display());
+            bail!(
+                "{}: added token {added} has no id or content",
+                path.display()
+            );
         };
         let ty = if added["special"] == true {
             TOKEN_CONTROL
@@ -94,7 +97,10 @@ pub fn tokenizer_metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(&'static st
         .iter()
         .map(|m| match m {
             Value::String(s) => Ok(MetaValue::String(s.clone())),
-            Value::Array(pair) => match (pair.first().and_then(Value::as_str), pair.get(1).and_then(Value::as_str)) {
+            Value::Array(pair) => match (
+                pair.first().and_then(Value::as_str),
+                pair.get(1).and_then(Value::as_str),
+            ) {
                 (Some(l), Some(r)) if pair.len() == 2 => Ok(MetaValue::String(format!("{l} {r}"))),
                 _ => bail!("merge {m} is not a pair of strings"),
             },

@@ -221,7 +221,8 @@ mod tests {
         });
         let e = w.write(&path, |_| Ok(vec![0; 3])).unwrap_err();
         assert!(
-            format!("{e:#}").contains("tensor `x` came out as 3 bytes, its directory entry says 16"),
+            format!("{e:#}")
+                .contains("tensor `x` came out as 3 bytes, its directory entry says 16"),
             "{e:#}"
         );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

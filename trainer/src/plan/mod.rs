@@ -108,9 +108,8 @@ impl Plan {
         let c = &spec.model;
         let be = MeterBackend::new(spec.dtype);
         let model = Decoder::random(&be, c.clone(), 0)?;
-        let mut lora = LoraParams::build(&be, c, spec.lora.clone(), |_, [r, k]| {
-            Ok(vec![0.0; r * k])
-        })?;
+        let mut lora =
+            LoraParams::build(&be, c, spec.lora.clone(), |_, [r, k]| Ok(vec![0.0; r * k]))?;
         let hp = AdamWParams {
             lr: 1e-4,
             beta1: 0.9,
@@ -224,8 +223,7 @@ fn dense_weight_bytes(c: &ModelConfig, e: u64) -> DenseBytes {
 
 /// LoRA values (A and B of every adapted projection).
 fn lora_values(c: &ModelConfig, lora: &LoraConfig) -> u64 {
-    lora
-        .targets
+    lora.targets
         .iter()
         .map(|p| {
             let (o, i) = p.shape(c);

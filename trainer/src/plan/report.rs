@@ -16,12 +16,8 @@ impl PlanSpec {
     /// The setup a run config describes (reads the model's config.json only).
     pub fn from_run(cfg: &RunConfig, nproc: usize) -> Result<PlanSpec> {
         let model = ModelConfig::load(&cfg.model.path)?;
-        let dtype = DType::parse(&cfg.model.dtype).ok_or_else(|| {
-            anyhow!(
-                "model.dtype `{}` is not bf16, f16 or f32",
-                cfg.model.dtype
-            )
-        })?;
+        let dtype = DType::parse(&cfg.model.dtype)
+            .ok_or_else(|| anyhow!("model.dtype `{}` is not bf16, f16 or f32", cfg.model.dtype))?;
         Ok(PlanSpec {
             model,
             lora: LoraConfig {
@@ -110,13 +106,60 @@ pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
         "peak device memory per GPU:".to_string(),
     ];
     let rows = [
-        ("weights", m.weights, if s.quantize.is_some() { "projections NF4, the rest in the compute dtype".to_string() } else { s.dtype.name().to_string() }),
-        ("LoRA + AdamW", m.lora_optimizer, format!("{lora_values} values: f32 master, grad, m, v + {} copy", s.dtype.name())),
-        ("checkpoints", m.checkpoints, if s.checkpointing { format!("{} layer inputs", c.num_layers) } else { "off".to_string() }),
-        ("activations", m.activations, if s.checkpointing { "one layer's forward + backward".to_string() } else { format!("all {} layers + one backward", c.num_layers) }),
-        ("logits chunk", m.logits_chunk, "f32 logits + gradient of one LM-head chunk".to_string()),
-        ("workspace", m.workspace, "RoPE tables, final norm, NF4 scratch, cached buffers".to_string()),
-        ("NCCL buffers", m.nccl, if s.nproc > 1 { "estimate".to_string() } else { "one GPU".to_string() }),
+        (
+            "weights",
+            m.weights,
+            if s.quantize.is_some() {
+                "projections NF4, the rest in the compute dtype".to_string()
+            } else {
+                s.dtype.name().to_string()
+            },
+        ),
+        (
+            "LoRA + AdamW",
+            m.lora_optimizer,
+            format!(
+                "{lora_values} values: f32 master, grad, m, v + {} copy",
+                s.dtype.name()
+            ),
+        ),
+        (
+            "checkpoints",
+            m.checkpoints,
+            if s.checkpointing {
+                format!("{} layer inputs", c.num_layers)
+            } else {
+                "off".to_string()
+            },
+        ),
+        (
+            "activations",
+            m.activations,
+            if s.checkpointing {
+                "one layer's forward + backward".to_string()
+            } else {
+                format!("all {} layers + one backward", c.num_layers)
+            },
+        ),
+        (
+            "logits chunk",
+            m.logits_chunk,
+            "f32 logits + gradient of one LM-head chunk".to_string(),
+        ),
+        (
+            "workspace",
+            m.workspace,
+            "RoPE tables, final norm, NF4 scratch, cached buffers".to_string(),
+        ),
+        (
+            "NCCL buffers",
+            m.nccl,
+            if s.nproc > 1 {
+                "estimate".to_string()
+            } else {
+                "one GPU".to_string()
+            },
+        ),
     ];
     for (name, bytes, note) in rows {
         lines.push(format!("  {name:<14}{:>11}   {note}", gib(bytes)));
@@ -217,7 +260,10 @@ pub fn describe_suggestions(plans: &[Plan], gpu: GpuKind, n: usize) -> String {
             gpu.spec().name
         );
     }
-    let mut lines = vec![format!("fastest settings that fit on one {}:", gpu.spec().name)];
+    let mut lines = vec![format!(
+        "fastest settings that fit on one {}:",
+        gpu.spec().name
+    )];
     for p in plans.iter().take(n) {
         lines.push(format!(
             "  {:>7.0} tokens/s  {:>10}  {}",

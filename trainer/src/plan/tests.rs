@@ -90,9 +90,7 @@ fn nf4_shrinks_the_weights_to_about_a_quarter() {
     // Projections at 4.127 bits (codes + double-quant absmax), embedding and LM head still bf16.
     assert!((0.28..0.32).contains(&ratio), "{ratio}");
     assert!(nf4.outside_pool > 3 << 30);
-    assert!(
-        nf4.tokens_per_s(GpuKind::H200).unwrap() < dense.tokens_per_s(GpuKind::H200).unwrap()
-    );
+    assert!(nf4.tokens_per_s(GpuKind::H200).unwrap() < dense.tokens_per_s(GpuKind::H200).unwrap());
 }
 
 #[test]
@@ -102,7 +100,11 @@ fn a_t4_is_told_which_7b_qlora_batch_fits() {
     spec.quantize = Some(QuantizeNf4 { double_quant: true });
     let dense_bf16 = Plan::account(&preset("llama2-7b", 1, true)).unwrap();
     assert!(!dense_bf16.fits(GpuKind::T4));
-    assert_eq!(dense_bf16.tokens_per_s(GpuKind::T4), None, "a T4 has no bf16");
+    assert_eq!(
+        dense_bf16.tokens_per_s(GpuKind::T4),
+        None,
+        "a T4 has no bf16"
+    );
     let fitting = suggestions(&spec, GpuKind::T4).unwrap();
     let text = describe_suggestions(&fitting, GpuKind::T4, 3);
     println!("{text}");
@@ -114,7 +116,9 @@ fn a_t4_is_told_which_7b_qlora_batch_fits() {
         assert!(p.memory.total() + CONTEXT_RESERVE <= 15_360 << 20);
     }
     // Batch 16 × 2048 without checkpointing does not fit in 16 GB, even in 4 bits.
-    assert!(!fitting.iter().any(|p| p.spec.batch == 16 && !p.spec.checkpointing));
+    assert!(!fitting
+        .iter()
+        .any(|p| p.spec.batch == 16 && !p.spec.checkpointing));
     assert!(text.contains("T4 16 GB") && text.contains("NF4"), "{text}");
 }
 
@@ -127,8 +131,7 @@ fn several_gpus_add_nccl_buffers_and_tokens() {
     })
     .unwrap();
     assert_eq!(two.memory.total() - one.memory.total(), NCCL_BYTES);
-    let ratio =
-        two.tokens_per_s(GpuKind::H200).unwrap() / one.tokens_per_s(GpuKind::H200).unwrap();
+    let ratio = two.tokens_per_s(GpuKind::H200).unwrap() / one.tokens_per_s(GpuKind::H200).unwrap();
     assert!((ratio - 2.0 * 0.997).abs() < 1e-9, "{ratio}");
 }
 
@@ -149,8 +152,14 @@ fn the_report_names_every_part_and_the_verdict() {
     ] {
         assert!(text.contains(part), "{part}: {text}");
     }
-    assert_eq!(GpuKind::recognise("cuda:0 NVIDIA H200 (bf16)"), Some(GpuKind::H200));
-    assert_eq!(GpuKind::recognise("cuda:0 Tesla T4 (f16)"), Some(GpuKind::T4));
+    assert_eq!(
+        GpuKind::recognise("cuda:0 NVIDIA H200 (bf16)"),
+        Some(GpuKind::H200)
+    );
+    assert_eq!(
+        GpuKind::recognise("cuda:0 Tesla T4 (f16)"),
+        Some(GpuKind::T4)
+    );
 }
 
 #[test]
@@ -166,7 +175,14 @@ fn a_run_config_is_planned_from_its_model_config_json() {
     let cfg = crate::train::config::RunConfig::from_toml(&toml).unwrap();
     let spec = PlanSpec::from_run(&cfg, 2).unwrap();
     assert_eq!(
-        (spec.batch, spec.seq, spec.grad_accum, spec.checkpointing, spec.dtype, spec.nproc),
+        (
+            spec.batch,
+            spec.seq,
+            spec.grad_accum,
+            spec.checkpointing,
+            spec.dtype,
+            spec.nproc
+        ),
         (3, 128, 2, false, DType::F16, 2)
     );
     assert_eq!(spec.lora.targets, vec![Projection::Q, Projection::V]);
