@@ -389,3 +389,46 @@ fn smollm2_exports_to_f16_and_q8_0_that_gguf_py_and_import_gguf_read_back() {
         }
     }
 }
+
+#[test]
+fn add_bos_comes_from_the_post_processor_when_tokenizer_config_is_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_chat_model(dir.path(), "model");
+    let edit = |file: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let path = model.join(file);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        f(&mut json);
+        std::fs::write(&path, json.to_string()).unwrap();
+    };
+    let flags = |name: &str| {
+        let out = dir.path().join(name);
+        trainer::gguf::export_gguf(&model, None, &out, QuantType::F16).unwrap();
+        let f = GgufFile::open(&out).unwrap();
+        (
+            f.get("tokenizer.ggml.add_bos_token").cloned(),
+            f.get("tokenizer.ggml.add_eos_token").cloned(),
+        )
+    };
+    assert_eq!(
+        flags("as-is.gguf"),
+        (Some(MetaValue::Bool(false)), None),
+        "tokenizer_config.json says add_bos_token = false"
+    );
+    edit("tokenizer_config.json", &|j| {
+        j.as_object_mut().unwrap().remove("add_bos_token");
+    });
+    assert_eq!(flags("silent.gguf"), (None, None));
+    edit("tokenizer.json", &|j| {
+        j["post_processor"] = serde_json::json!({"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+            {"type": "TemplateProcessing",
+             "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                        {"Sequence": {"id": "A", "type_id": 0}}],
+             "pair": [], "special_tokens": {}}]});
+    });
+    assert_eq!(
+        flags("template.gguf"),
+        (Some(MetaValue::Bool(true)), Some(MetaValue::Bool(false)))
+    );
+}

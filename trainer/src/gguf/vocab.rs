@@ -134,9 +134,32 @@ pub fn tokenizer_metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(&'static st
             meta.push((key, MetaValue::U32(id)));
         }
     }
+    // tokenizer_config.json's flags when it sets them, else what tokenizer.json's post-processor
+    // adds (Llama 3 prepends <|begin_of_text|> there), as gguf-py's SpecialVocab reads them.
+    let template = template_processing(&json["post_processor"]);
+    let adds = |at_start: bool, token: Option<&str>| {
+        let template = template?;
+        let end = if at_start {
+            template.first()
+        } else {
+            template.last()
+        };
+        Some(
+            end.and_then(|p| p["SpecialToken"]["id"].as_str())
+                .is_some_and(|t| Some(t) == token),
+        )
+    };
+    let bos_text = tokenizer.bos_token().map(|t| t.text.as_str());
+    let eos_text = tokenizer.eos_token().map(|t| t.text.as_str());
     for (key, flag) in [
-        ("tokenizer.ggml.add_bos_token", config.add_bos_token),
-        ("tokenizer.ggml.add_eos_token", config.add_eos_token),
+        (
+            "tokenizer.ggml.add_bos_token",
+            config.add_bos_token.or_else(|| adds(true, bos_text)),
+        ),
+        (
+            "tokenizer.ggml.add_eos_token",
+            config.add_eos_token.or_else(|| adds(false, eos_text)),
+        ),
     ] {
         if let Some(flag) = flag {
             meta.push((key, MetaValue::Bool(flag)));
@@ -146,6 +169,18 @@ pub fn tokenizer_metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(&'static st
         meta.push(("tokenizer.chat_template", MetaValue::String(source)));
     }
     Ok(meta)
+}
+
+/// The `single` sequence of a TemplateProcessing post-processor (alone or inside a Sequence).
+fn template_processing(post: &Value) -> Option<&Vec<Value>> {
+    match post["type"].as_str()? {
+        "TemplateProcessing" => post["single"].as_array(),
+        "Sequence" => post["processors"]
+            .as_array()?
+            .iter()
+            .find_map(template_processing),
+        _ => None,
+    }
 }
 
 /// The `tokenizer.ggml.pre` whose Hugging Face pre-tokenizer is `hf`.
