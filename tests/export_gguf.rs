@@ -425,7 +425,11 @@ fn add_bos_comes_from_the_post_processor_when_tokenizer_config_is_silent() {
             {"type": "TemplateProcessing",
              "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
                         {"Sequence": {"id": "A", "type_id": 0}}],
-             "pair": [], "special_tokens": {}}]});
+             "pair": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                      {"Sequence": {"id": "A", "type_id": 0}},
+                      {"Sequence": {"id": "B", "type_id": 1}}],
+             "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1],
+                                                 "tokens": ["<|im_start|>"]}}}]});
     });
     assert_eq!(
         flags("template.gguf"),
