@@ -19,7 +19,6 @@ impl PlanSpec {
         let dtype = DType::parse(&cfg.model.dtype)
             .ok_or_else(|| anyhow!("model.dtype `{}` is not bf16, f16 or f32", cfg.model.dtype))?;
         Ok(PlanSpec {
-            model,
             lora: LoraConfig {
                 r: cfg.lora.r,
                 alpha: cfg.lora.alpha,
@@ -32,7 +31,14 @@ impl PlanSpec {
             grad_accum: cfg.train.grad_accum,
             checkpointing: cfg.train.gradient_checkpointing,
             dtype,
-            quantize: cfg.model.quantize_nf4(),
+            // A bitsandbytes 4-bit checkpoint is NF4 whatever `model.quantize` says.
+            quantize: match crate::model::bnb_checkpoint::quantization_of(&model.raw)? {
+                Some(q) => Some(QuantizeNf4 {
+                    double_quant: q.double_quant,
+                }),
+                None => cfg.model.quantize_nf4(),
+            },
+            model,
             nproc,
         })
     }

@@ -193,4 +193,12 @@ fn a_run_config_is_planned_from_its_model_config_json() {
     assert_eq!(plan.memory.checkpoints, 0);
     assert_eq!(plan.memory.nccl, NCCL_BYTES);
     assert!(plan.fits(GpuKind::T4));
+
+    // A bitsandbytes 4-bit checkpoint is planned as NF4 without `quantize = "nf4"`.
+    let qlora = toml
+        .replace("tiny-llama/model", "tiny-llama-qlora/model")
+        .replace("quantize = \"nf4\"\n", "");
+    let cfg = crate::train::config::RunConfig::from_toml(&qlora).unwrap();
+    let spec = PlanSpec::from_run(&cfg, 1).unwrap();
+    assert!(spec.quantize.is_some());
 }
