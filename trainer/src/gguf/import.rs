@@ -241,7 +241,7 @@ fn convert_tensors(
         let shape = info.hf_shape();
         let values = match rows {
             Rows::AsStored => values,
-            Rows::Unpermute { heads } => {
+            Rows::RopePermuted { heads } => {
                 if shape.is_empty() || shape.len() > 2 || shape[0] != heads * hp.head_dim {
                     bail!(
                         "{}: tensor `{}` has shape {shape:?}; expected {heads} heads × {} rows",

@@ -14,8 +14,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
-const TOKEN_CONTROL: i64 = 3;
-const TOKEN_USER_DEFINED: i64 = 4;
+pub const TOKEN_CONTROL: i64 = 3;
+pub const TOKEN_USER_DEFINED: i64 = 4;
 
 /// The special-token ids the GGUF declares (also written to config.json and generation_config.json).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -42,6 +42,13 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 /// The `tokenizer.ggml.pre` values this importer knows.
 const SUPPORTED_PRE: &str = "smollm, gpt-2, default, llama-bpe, qwen2";
+
+/// The `tokenizer.ggml.pre` values export writes (`default` reads as `gpt-2`).
+pub const EXPORTED_PRE: [&str; 3] = ["smollm", "gpt-2", "llama-bpe"];
+
+/// llama.cpp's token types (`llama_token_type`) that export writes besides control and user-defined.
+pub const TOKEN_NORMAL: i64 = 1;
+pub const TOKEN_UNUSED: i64 = 5;
 
 /// Builds the tokenizer files from the metadata; `model_max_length` is the context length.
 pub fn build(
@@ -204,15 +211,15 @@ pub fn build(
 }
 
 /// What the text goes through before BPE, as tokenizer.json spells it.
-struct Pretokenization {
-    normalizer: Value,
-    pre_tokenizer: Value,
+pub struct Pretokenization {
+    pub normalizer: Value,
+    pub pre_tokenizer: Value,
     /// BPE's `ignore_merges`: a whole pre-token found in the vocabulary is one token.
-    ignore_merges: bool,
+    pub ignore_merges: bool,
 }
 
 /// The Hugging Face normalizer and pre-tokenizer for llama.cpp's `tokenizer.ggml.pre`.
-fn pre_tokenizer(pre: &str) -> Result<Pretokenization> {
+pub fn pre_tokenizer(pre: &str) -> Result<Pretokenization> {
     let split = |regex: &str, trim_offsets: bool| {
         json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
