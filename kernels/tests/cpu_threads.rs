@@ -18,7 +18,12 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     // GEMM: 300 × 600 × 70 spans 2 × 3 tiles; all four transpose combinations, beta 0 and 1.
     let (m, n, k) = (300, 600, 70);
     let (a, b) = (random(m * k, 1), random(k * n, 2));
-    for (ta, tb, beta) in [(false, true, 0.0), (false, false, 1.0), (true, false, 1.0), (true, true, 0.0)] {
+    for (ta, tb, beta) in [
+        (false, true, 0.0),
+        (false, false, 1.0),
+        (true, false, 1.0),
+        (true, true, 0.0),
+    ] {
         let mut c = random(m * n, 3);
         be.gemm(m, n, k, 0.5, &a, ta, &b, tb, beta, &mut c).unwrap();
         outs.push(c);
@@ -35,8 +40,10 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     let starts = be.upload_indices(&layout.doc_start).unwrap();
     let mut out = vec![0.0; q.len()];
     let mut lse = vec![0.0; n_tok * heads];
-    be.attention(&q, &kk, &v, &layout, &starts, heads, kv_heads, d, &mut out, &mut lse)
-        .unwrap();
+    be.attention(
+        &q, &kk, &v, &layout, &starts, heads, kv_heads, d, &mut out, &mut lse,
+    )
+    .unwrap();
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; kk.len()], vec![0.0; v.len()]);
     be.attention_backward(
         &q, &kk, &v, &out, &lse, &dout, &layout, &starts, heads, kv_heads, d, &mut dq, &mut dk,
@@ -50,14 +57,17 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     let x = random(rows * hidden, 8);
     let w = random(hidden, 9);
     let (mut y, mut rstd) = (vec![0.0; x.len()], vec![0.0; rows]);
-    be.rms_norm(&x, &w, hidden, 1e-5, &mut y, &mut rstd).unwrap();
+    be.rms_norm(&x, &w, hidden, 1e-5, &mut y, &mut rstd)
+        .unwrap();
     let mut dx = random(x.len(), 10);
-    be.rms_norm_backward(&y, &x, &w, &rstd, hidden, &mut dx).unwrap();
+    be.rms_norm_backward(&y, &x, &w, &rstd, hidden, &mut dx)
+        .unwrap();
     let positions: Vec<i32> = (0..rows as i32).map(|p| p % 300).collect();
     let cos = random(300 * 8, 11);
     let sin = random(300 * 8, 12);
     let mut roped = x.clone();
-    be.rope(&mut roped, &positions, &cos, &sin, 6, 16, false).unwrap();
+    be.rope(&mut roped, &positions, &cos, &sin, 6, 16, false)
+        .unwrap();
     let (mut act, mut dg, mut du) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
     be.swiglu(&x, &y, &mut act).unwrap();
     be.swiglu_backward(&dx, &x, &y, &mut dg, &mut du).unwrap();
@@ -68,11 +78,25 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     let hid = random(ce_rows * h, 13);
     let emb = random(vocab * h, 14);
     let targets: Vec<i32> = (0..ce_rows as i32)
-        .map(|r| if r % 7 == 0 { -100 } else { (r * 37) % vocab as i32 })
+        .map(|r| {
+            if r % 7 == 0 {
+                -100
+            } else {
+                (r * 37) % vocab as i32
+            }
+        })
         .collect();
     let (mut logp, mut dh) = (vec![0.0; ce_rows], vec![0.0; ce_rows * h]);
     be.lm_head_cross_entropy(
-        &hid, &emb, &targets, ce_rows, h, vocab, CeGrad::Scale(0.01), &mut logp, Some(&mut dh),
+        &hid,
+        &emb,
+        &targets,
+        ce_rows,
+        h,
+        vocab,
+        CeGrad::Scale(0.01),
+        &mut logp,
+        Some(&mut dh),
     )
     .unwrap();
     outs.extend([logp, dh]);
@@ -87,8 +111,16 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
         eps: 1e-8,
         weight_decay: 0.01,
     };
-    be.adamw(&mut params, &[random(5000, 17)], &mut m1, &mut m2, &hp, 3, 1.0)
-        .unwrap();
+    be.adamw(
+        &mut params,
+        &[random(5000, 17)],
+        &mut m1,
+        &mut m2,
+        &hp,
+        3,
+        1.0,
+    )
+    .unwrap();
     let norm = be.sum_of_squares(&params).unwrap();
     outs.extend(params);
     outs.push(vec![norm as f32]);
@@ -110,8 +142,15 @@ fn one_two_and_four_threads_give_the_same_bits() {
         let other = run(threads);
         assert_eq!(one.len(), other.len());
         for (i, (a, b)) in one.iter().zip(&other).enumerate() {
-            let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-            assert_eq!(differ, 0, "output {i}: {differ} values differ with {threads} threads");
+            let differ = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+            assert_eq!(
+                differ, 0,
+                "output {i}: {differ} values differ with {threads} threads"
+            );
         }
     }
 }

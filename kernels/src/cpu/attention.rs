@@ -36,13 +36,27 @@ struct Dims {
 
 impl Dims {
     /// `rows` vectors of head `h` from token `(row, col)` on, in a `[tokens, heads, d]` tensor.
-    fn q_rows<'a>(&self, x: &'a [f32], row: usize, col: usize, h: usize, rows: usize) -> MatRef<'a> {
+    fn q_rows<'a>(
+        &self,
+        x: &'a [f32],
+        row: usize,
+        col: usize,
+        h: usize,
+        rows: usize,
+    ) -> MatRef<'a> {
         let at = ((row * self.t + col) * self.heads + h) * self.d;
         MatRef::new(&x[at..], rows, self.d, self.heads * self.d, 1)
     }
 
     /// The same in a `[tokens, kv_heads, d]` tensor.
-    fn kv_rows<'a>(&self, x: &'a [f32], row: usize, col: usize, g: usize, rows: usize) -> MatRef<'a> {
+    fn kv_rows<'a>(
+        &self,
+        x: &'a [f32],
+        row: usize,
+        col: usize,
+        g: usize,
+        rows: usize,
+    ) -> MatRef<'a> {
         let at = ((row * self.t + col) * self.kv_heads + g) * self.d;
         MatRef::new(&x[at..], rows, self.d, self.kv_heads * self.d, 1)
     }
@@ -388,8 +402,17 @@ mod tests {
         let t = l.seq_len;
         let scale = 1.0 / (d as f64).sqrt();
         let (mut out, mut lse) = (vec![0.0; n * h * d], vec![0.0; n * h]);
-        let (mut dq, mut dk, mut dv) = (vec![0.0; n * h * d], vec![0.0; n * kvh * d], vec![0.0; n * kvh * d]);
-        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0; n * h * d],
+            vec![0.0; n * kvh * d],
+            vec![0.0; n * kvh * d],
+        );
+        let dot = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| *x as f64 * *y as f64)
+                .sum::<f64>()
+        };
         for i in 0..n {
             let row0 = i / t * t;
             let keys: Vec<usize> = (row0 + l.first_key(i)..=i).collect();
@@ -397,7 +420,10 @@ mod tests {
                 let g = hq / (h / kvh);
                 let qi = &q[(i * h + hq) * d..][..d];
                 let kv = |j: usize| (j * kvh + g) * d;
-                let s: Vec<f64> = keys.iter().map(|&j| dot(qi, &k[kv(j)..][..d]) * scale).collect();
+                let s: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| dot(qi, &k[kv(j)..][..d]) * scale)
+                    .collect();
                 let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = s.iter().map(|x| (x - mx).exp()).sum();
                 let lsei = mx + sum.ln();

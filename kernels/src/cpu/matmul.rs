@@ -300,7 +300,9 @@ mod tests {
         gemm_view(1.0, a, b, 0.0, MatMut::row_major(&mut c, 5, 3));
         for i in 0..5 {
             for j in 0..3 {
-                let want: f32 = (0..4).map(|p| store_a[i * 8 + 2 * p] * store_b[p * 3 + j]).sum();
+                let want: f32 = (0..4)
+                    .map(|p| store_a[i * 8 + 2 * p] * store_b[p * 3 + j])
+                    .sum();
                 assert!((c[i * 3 + j] - want).abs() < 1e-5);
             }
         }

@@ -21,8 +21,8 @@ pub use attention::{attention_backward_f32, attention_forward_f32};
 pub use matmul::gemm_f32;
 
 use crate::error::check_len;
-use profile::timed;
 use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result};
+use profile::timed;
 
 /// The f32 reference backend.
 #[derive(Clone, Debug, Default)]

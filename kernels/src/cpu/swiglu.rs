@@ -25,7 +25,9 @@ pub fn backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: 
         .zip(dout.par_chunks(CHUNK))
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(((dg, du), dout), (gate, up))| {
-            for ((dg, du), ((&d, &g), &u)) in dg.iter_mut().zip(du).zip(dout.iter().zip(gate).zip(up)) {
+            for ((dg, du), ((&d, &g), &u)) in
+                dg.iter_mut().zip(du).zip(dout.iter().zip(gate).zip(up))
+            {
                 let s = sigmoid(g);
                 *du = d * g * s;
                 *dg = d * u * s * (1.0 + g * (1.0 - s));
