@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""The Hugging Face + PEFT baseline for `fuselora bench`: the same preset shape with random bf16
-weights made on the GPU, LoRA r=16 alpha=16 on all seven projections, gradient checkpointing
-(non-reentrant), SDPA attention, torch.optim.AdamW on the LoRA weights, random tokens as
-input and labels. Prints tokens/s, median step time and peak memory (torch.cuda.max_memory_allocated,
-weights included), and writes them as JSON with --json.
+"""The Hugging Face + PEFT baseline for `fuselora bench`: the same preset shape with random
+weights, LoRA r=16 alpha=16 on all seven projections, gradient checkpointing (non-reentrant;
+off with --no-checkpointing), SDPA attention, torch.optim.AdamW on the LoRA weights, random
+tokens as input and labels. On the GPU (the default) the weights are bf16 under bf16 autocast;
+with --device cpu everything is f32 on torch's CPU threads (torch.get_num_threads(), i.e. the
+cores; set OMP_NUM_THREADS to change it), like `fuselora bench --backend cpu`.
+Prints tokens/s, median step time and peak memory (torch.cuda.max_memory_allocated, weights
+included; on the CPU the process's peak resident memory), and writes them as JSON with --json.
 
 usage: bench-hf-peft.py [--preset llama2-7b] [--batch 2 --seq 2048 --warmup 2 --steps 10]
-                        [--no-checkpointing] [--json FILE]
+                        [--device cuda|cpu] [--no-checkpointing] [--json FILE]
 """
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -36,16 +40,23 @@ p.add_argument("--batch", type=int, default=2)
 p.add_argument("--seq", type=int, default=2048)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--steps", type=int, default=10)
-p.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
+p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+p.add_argument("--no-checkpointing", action="store_true")
 p.add_argument("--json")
 a = p.parse_args()
+gpu = a.device == "cuda"
+
+
+def sync():
+    if gpu:
+        torch.cuda.synchronize()
 
 cfg_cls, model_cls, kw = PRESETS[a.preset]
 cfg = cfg_cls(max_position_embeddings=max(a.seq, 4096), rms_norm_eps=1e-5, **kw)
 cfg._attn_implementation = "sdpa"
 torch.manual_seed(0)
-torch.set_default_dtype(torch.bfloat16)
-with torch.device("cuda"):
+torch.set_default_dtype(torch.bfloat16 if gpu else torch.float32)
+with torch.device(a.device):
     model = model_cls(cfg)
 torch.set_default_dtype(torch.float32)
 if not a.no_checkpointing:
@@ -59,29 +70,32 @@ for q in model.parameters():
         q.data = q.data.float()
 model.train()
 opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device="cuda")
+ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device=a.device)
 times = []
 for i in range(a.warmup + a.steps):
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    sync()
     if i >= a.warmup:
         times.append(time.perf_counter() - t0)
 tokens = a.batch * a.seq
+peak = (torch.cuda.max_memory_allocated() if gpu
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 res = {
-    "preset": a.preset, "batch": a.batch, "seq": a.seq, "steps": a.steps,
-    "checkpointing": not a.no_checkpointing,
+    "preset": a.preset, "batch": a.batch, "seq": a.seq, "steps": a.steps, "device": a.device,
+    "checkpointing": not a.no_checkpointing, "threads": torch.get_num_threads(),
     "median_step_s": statistics.median(times), "tokens_per_s": tokens * len(times) / sum(times),
-    "peak_memory_bytes": torch.cuda.max_memory_allocated(), "loss": loss.item(),
-    "torch": torch.__version__,
+    "peak_memory_bytes": peak, "loss": loss.item(), "torch": torch.__version__,
 }
-print(f"hf+peft {a.preset} batch {a.batch} seq {a.seq}{' no-ckpt' if a.no_checkpointing else ''}: {res['tokens_per_s']:.0f} tokens/s, "
+print(f"hf+peft {a.preset} on {a.device} ({res['threads']} threads) batch {a.batch} seq {a.seq}"
+      f"{' no-ckpt' if a.no_checkpointing else ''}: "
+      f"{res['tokens_per_s']:.0f} tokens/s, "
       f"median step {res['median_step_s']:.4f} s, peak {res['peak_memory_bytes'] / 2**30:.2f} GiB")
 if a.json:
     open(a.json, "w").write(json.dumps(res, indent=2))

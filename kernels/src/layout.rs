@@ -130,7 +130,7 @@ mod tests {
         assert_eq!(l.doc_start, vec![0, 0, 0, 3, 3, 5, 0, 0, 0, 0, 4, 5]);
         assert_eq!(l.first_key(4), 3);
         // Row 0: 1+2+3 + 1+2 + 1 (padding sees itself); row 1: 1+2+3+4 + 1 + 1.
-        assert_eq!(l.visible_pairs(), 9 + 12);
+        assert_eq!(l.visible_pairs(), 10 + 12);
     }
 
     #[test]
