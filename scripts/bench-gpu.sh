@@ -11,6 +11,8 @@ mkdir -p "$OUT"
 RUNS=(
   "llama2-7b 2 2048"
   "mistral-7b 2 2048"
+  "qwen2.5-7b 2 2048"
+  "qwen3-8b 2 2048"
   "llama-1b 4 2048"
   "smollm2-135m 8 2048"
 )
