@@ -15,6 +15,8 @@ RUNS=(
   "llama2-7b llama2-7b 2 2048"
   "llama2-7b-no-ckpt llama2-7b 2 2048 --no-checkpointing"
   "mistral-7b mistral-7b 2 2048"
+  "qwen2.5-7b qwen2.5-7b 2 2048"
+  "qwen3-8b qwen3-8b 2 2048"
   "llama-1b llama-1b 4 2048"
   "smollm2-135m smollm2-135m 8 1024"
 )

@@ -19,7 +19,8 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 PRESETS = {
     "llama2-7b": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=4096, intermediate_size=11008,
@@ -27,6 +28,12 @@ PRESETS = {
     "mistral-7b": (MistralConfig, MistralForCausalLM, dict(hidden_size=4096, intermediate_size=14336,
                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                    sliding_window=4096)),
+    "qwen2.5-7b": (Qwen2Config, Qwen2ForCausalLM, dict(hidden_size=3584, intermediate_size=18944,
+                   num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                   rope_theta=1000000.0, use_sliding_window=False)),
+    "qwen3-8b": (Qwen3Config, Qwen3ForCausalLM, dict(hidden_size=4096, intermediate_size=12288,
+                 num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                 vocab_size=151936, rope_theta=1000000.0, use_sliding_window=False)),
     "llama-1b": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=2048, intermediate_size=5632,
                  num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)),
     "smollm2-135m": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=576, intermediate_size=1536,

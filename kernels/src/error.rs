@@ -43,7 +43,7 @@ pub(crate) fn check_len(
 
 /// Checks that a `[rows, row_len]` buffer of `len` elements holds whole rows (`row_len > 0`).
 pub(crate) fn check_rows(op: &'static str, len: usize, row_len: usize) -> crate::Result<()> {
-    if row_len > 0 && len % row_len == 0 {
+    if len.checked_rem(row_len) == Some(0) {
         Ok(())
     } else {
         Err(KernelError::Shape {

@@ -1,6 +1,6 @@
 //! Fused training ops behind one small interface.
 //!
-//! - [`Backend`]: the ops a Llama/Mistral decoder needs, each with an explicit forward and backward.
+//! - [`Backend`]: the ops a Llama/Mistral/Qwen decoder needs, each with an explicit forward and backward.
 //! - [`cpu::CpuBackend`]: f32, written to be read; the reference every other backend is tested against.
 //! - `cuda::CudaBackend` (feature `cuda`): bf16/fp16 compute with fp32 accumulation, fused kernels.
 //! - [`nf4`]: bitsandbytes' NF4 4-bit format (QLoRA base weights): quantize, pack, dequantize.

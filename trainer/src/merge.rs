@@ -293,11 +293,12 @@ mod tests {
         f.f32("lora_logits", &[2, 24, 320]).unwrap()
     }
 
-    fn merged_logits(dir: &Path) -> (Vec<f32>, Vec<i32>) {
+    /// The merged model's logits on `case`'s inputs, and the inputs' attention mask.
+    fn merged_logits(dir: &Path, case: &str) -> (Vec<f32>, Vec<i32>) {
         let be = CpuBackend::new();
         let config = ModelConfig::load(dir).unwrap();
         let model = Decoder::load(&be, config.clone(), &WeightFiles::open(dir).unwrap()).unwrap();
-        let inputs = Inputs::load(&fixture("tiny-llama/inputs.safetensors")).unwrap();
+        let inputs = Inputs::load(&fixture(&format!("{case}/inputs.safetensors"))).unwrap();
         let batch = Batch::new(
             &be,
             &config,
@@ -336,7 +337,7 @@ mod tests {
                 dir.path().join("model.safetensors.index.json").exists(),
                 max_shard < MAX_SHARD_BYTES
             );
-            let (got, mask) = merged_logits(dir.path());
+            let (got, mask) = merged_logits(dir.path(), "tiny-llama");
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 if mask[i / 320] == 1 {
@@ -373,11 +374,55 @@ mod tests {
         );
         let config = ModelConfig::load(dir.path()).unwrap();
         assert!(config.raw.get("quantization_config").is_none());
-        let (got, mask) = merged_logits(dir.path());
+        let (got, mask) = merged_logits(dir.path(), "tiny-llama-qlora");
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             if mask[i / 320] == 1 {
                 assert!((a - b).abs() / scale < 1e-4, "logit {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// Qwen2's q/k/v biases and Qwen3's q/k norms are copied unchanged beside the merged weights, and
+    /// the merged model gives the adapted logits.
+    #[test]
+    fn qwen_biases_and_head_norms_are_carried_through() {
+        for case in ["tiny-qwen2", "tiny-qwen3"] {
+            let dir = tempfile::tempdir().unwrap();
+            let base = fixture(&format!("{case}/model"));
+            let summary = merge(
+                &base,
+                &fixture(&format!("{case}/adapter")),
+                dir.path(),
+                MAX_SHARD_BYTES,
+            )
+            .unwrap();
+            assert_eq!(summary.merged, 21, "{case}");
+            let (original, merged) = (
+                WeightFiles::open(&base).unwrap(),
+                WeightFiles::open(dir.path()).unwrap(),
+            );
+            let carried: Vec<&str> = original
+                .names()
+                .filter(|n| n.ends_with(".bias") || n.contains("_norm."))
+                .collect();
+            // Qwen2: q/k/v biases of 3 layers; Qwen3: q/k norms of 3 layers.
+            assert_eq!(carried.len(), if case == "tiny-qwen2" { 9 } else { 6 });
+            for name in carried {
+                let (shape, _) = original.info(name).unwrap();
+                assert_eq!(
+                    merged.f32(name, &shape).unwrap(),
+                    original.f32(name, &shape).unwrap(),
+                    "{case} {name}"
+                );
+            }
+            let want = expected_lora_logits(case);
+            let (got, mask) = merged_logits(dir.path(), case);
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                if mask[i / 320] == 1 {
+                    assert!((a - b).abs() / scale < 1e-4, "{case} logit {i}: {a} vs {b}");
+                }
             }
         }
     }

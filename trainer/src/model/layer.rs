@@ -291,6 +291,7 @@ impl<B: Backend> LayerWeights<B> {
     }
 
     /// Given `dy = dL/d(output)`, returns `dL/dx` and adds the LoRA gradients into `lora`.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         be: &B,
