@@ -395,7 +395,11 @@ impl Backend for CudaBackend {
                 .clone_htod(data)
                 .map_err(device_err("upload indices"))?
         };
-        Ok(CudaIndices::new(slice, Some(data.to_vec()), self.pool.clone()))
+        Ok(CudaIndices::new(
+            slice,
+            Some(data.to_vec()),
+            self.pool.clone(),
+        ))
     }
 
     fn len(&self, t: &CudaTensor) -> usize {
@@ -493,7 +497,11 @@ impl Backend for CudaBackend {
         check_len("embedding", "out", out.len(), ids.len() * hidden)?;
         let dt = self.same_dtype("embedding", &[("table", table), ("out", out)])?;
         let vocab = table.len() / hidden.max(1);
-        if let Some(&id) = ids.host("embedding")?.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+        if let Some(&id) = ids
+            .host("embedding")?
+            .iter()
+            .find(|&&id| id < 0 || id as usize >= vocab)
+        {
             return Err(KernelError::Unsupported(format!(
                 "embedding: token id {id} outside the vocabulary of {vocab}"
             )));

@@ -18,6 +18,7 @@ impl CudaBackend {
         let slice = if len == 0 {
             self.stream.null()
         } else {
+            // SAFETY: uninitialised device memory; the kernel that gets it writes every word.
             unsafe { self.stream.alloc::<i32>(len) }
         }
         .map_err(device_err("alloc indices"))?;

@@ -11,7 +11,6 @@ use super::ModelConfig;
 use super::Projection;
 use crate::lora::LoraParams;
 use anyhow::{bail, Result};
-use kernels::nf4::Nf4Weight;
 use kernels::{AttentionLayout, Backend, CeGrad, DType, IGNORE_INDEX};
 
 /// Sizes every layer needs, copied out of the config.
@@ -130,8 +129,8 @@ impl<B: Backend> Decoder<B> {
             let dense = files.f32(name, &[o, i])?;
             Ok(match quantize {
                 Some(q) => {
-                    let w = Nf4Weight::quantize(&dense, q.double_quant);
-                    ProjWeight::Nf4(Nf4Tensor::upload(be, &w)?)
+                    let stored = files.info(name)?.1;
+                    ProjWeight::Nf4(Nf4Tensor::quantize_host(be, &dense, stored, q)?)
                 }
                 None => ProjWeight::Dense(be.upload(&dense, dt)?),
             })
@@ -206,8 +205,14 @@ impl<B: Backend> Decoder<B> {
 
     /// A decoder of `config`'s shape with random weights made on the device (benchmarks; no
     /// download): projections and embeddings uniform with standard deviation 0.02 (transformers'
-    /// `initializer_range`), norm weights 1. Tensor `i` is filled from seed `seed + i`.
-    pub fn random(be: &B, config: ModelConfig, seed: u64) -> Result<Self> {
+    /// `initializer_range`), norm weights 1. Tensor `i` is filled from seed `seed + i`. With
+    /// `quantize`, each projection is quantized to NF4 as soon as it is made.
+    pub fn random(
+        be: &B,
+        config: ModelConfig,
+        seed: u64,
+        quantize: Option<QuantizeNf4>,
+    ) -> Result<Self> {
         let dt = be.compute_dtype();
         let scale = 0.02 * 3f32.sqrt();
         let mut next_seed = seed;
@@ -223,7 +228,7 @@ impl<B: Backend> Decoder<B> {
         for _ in 0..c.num_layers {
             let [q, k, v, o, gate, up, down] = Projection::ALL.map(|p| {
                 let (o, i) = p.shape(c);
-                random(o * i).map(ProjWeight::Dense)
+                random(o * i).and_then(|w| ProjWeight::from_dense(be, w, quantize))
             });
             layers.push(LayerWeights {
                 input_norm: be.upload(&vec![1.0; c.hidden_size], dt)?,

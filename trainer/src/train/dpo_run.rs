@@ -15,7 +15,8 @@ use super::dpo_reference::{self, upload_pairs, Layout};
 use super::grad_reduce::GradReducer;
 use super::metrics::{MetricsLog, Progress, StepRecord};
 use super::run::{
-    adapter_and_optimizer, due, schedule_for, total_steps_for, write_final_outputs, Resume, Summary,
+    adapter_and_optimizer, due, load_model, schedule_for, total_steps_for, write_final_outputs,
+    Resume, Summary,
 };
 use super::stream::StreamPosition;
 use crate::data::batching::shuffled;
@@ -26,8 +27,7 @@ use crate::data::preference::{
 };
 use crate::data::tokenize::TokenizeStats;
 use crate::lora::LoraParams;
-use crate::model::weights::WeightFiles;
-use crate::model::{Decoder, ModelConfig};
+use crate::model::Decoder;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use kernels::Backend;
@@ -258,15 +258,8 @@ pub fn train_dpo<B: GradReducer>(
     }
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create output folder {}", out.display()))?;
-    let model_config = ModelConfig::load(&cfg.model.path)?;
     let tokenizer = Tokenizer::load(&cfg.model.path)?;
-    let model = Decoder::load_with(
-        be,
-        model_config,
-        &WeightFiles::open(&cfg.model.path)?,
-        cfg.model.quantize_nf4(),
-    )
-    .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
+    let model = load_model(be, cfg)?;
     let data = prepare_pairs(&tokenizer, cfg)?;
     let loss = loss_from_config(cfg);
     let layout = Layout {

@@ -114,16 +114,35 @@ pub fn formatting_for(cfg: &RunConfig) -> Formatting {
     }
 }
 
-/// Loads the model, tokenizer and datasets named by `cfg`.
-pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
+/// Loads the model named by `cfg` (quantized to NF4 on the backend when it asks) and prints how
+/// long that took.
+pub fn load_model<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Decoder<B>> {
+    let start = Instant::now();
     let model_config = ModelConfig::load(&cfg.model.path)?;
+    let quantize = cfg.model.quantize_nf4();
     let model = Decoder::load_with(
         be,
         model_config,
         &WeightFiles::open(&cfg.model.path)?,
-        cfg.model.quantize_nf4(),
+        quantize,
     )
     .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
+    eprintln!(
+        "loaded {} in {:.1} s{}",
+        cfg.model.path.display(),
+        start.elapsed().as_secs_f64(),
+        if quantize.is_some() {
+            " (dense projections quantized to NF4 on the backend)"
+        } else {
+            ""
+        }
+    );
+    Ok(model)
+}
+
+/// Loads the model, tokenizer and datasets named by `cfg`.
+pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
+    let model = load_model(be, cfg)?;
     if let Some(pretokenized) = prepare_token_shards(cfg)? {
         let (shards, eval) = pretokenized;
         let tokenizer = if cfg.model.path.join("tokenizer.json").is_file() {
