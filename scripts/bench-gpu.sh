@@ -3,7 +3,9 @@
 # (scripts/bench-hf-peft.py) measured in the same run, then one table of both.
 # Each run: LoRA r=16 alpha=16 on all seven projections, bf16, 2 warmup + 10 measured steps.
 # With PROFILE=1 each fuselora run also times one step op by op (OUT_DIR/<run>.txt holds the table).
-# HF=0 skips the baseline (needs python3 with torch, transformers and peft).
+# HF=0 skips the baseline (needs python3 with torch, transformers and peft; the QLoRA rows also
+# bitsandbytes: scripts/fetch-bitsandbytes-wheel.sh, else they print a skip and show "—").
+# A run's extra flags go to both programs (bench-hf-peft.py takes --no-checkpointing, --quantize).
 # usage: [PROFILE=1] [HF=0] scripts/bench-gpu.sh [FUSELORA_BIN] [OUT_DIR]
 set -uo pipefail
 BIN=${1:-target/release/fuselora}
@@ -15,6 +17,8 @@ RUNS=(
   "llama2-7b llama2-7b 2 2048"
   "llama2-7b-no-ckpt llama2-7b 2 2048 --no-checkpointing"
   "mistral-7b mistral-7b 2 2048"
+  "llama2-7b-qlora llama2-7b 2 2048 --quantize nf4"
+  "mistral-7b-qlora mistral-7b 2 2048 --quantize nf4"
   "qwen2.5-7b qwen2.5-7b 2 2048"
   "qwen3-8b qwen3-8b 2 2048"
   "llama-1b llama-1b 4 2048"
@@ -30,7 +34,7 @@ if [ "${HF:-1}" != 0 ]; then
   for r in "${RUNS[@]}"; do
     read -r name preset batch seq flags <<<"$r"
     python3 "$SCRIPTS/bench-hf-peft.py" --preset "$preset" --batch "$batch" --seq "$seq" \
-      ${flags:+--no-checkpointing} --warmup 2 --steps 10 --json "$OUT/hf-$name.json" >"$OUT/hf-$name.txt" 2>&1 \
+      $flags --warmup 2 --steps 10 --json "$OUT/hf-$name.json" >"$OUT/hf-$name.txt" 2>&1 \
       || { echo "hf $name failed:"; tail -3 "$OUT/hf-$name.txt"; }
   done
 fi

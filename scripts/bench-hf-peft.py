@@ -8,13 +8,22 @@ cores; set OMP_NUM_THREADS to change it), like `fuselora bench --backend cpu`.
 Prints tokens/s, median step time and peak memory (torch.cuda.max_memory_allocated, weights
 included; on the CPU the process's peak resident memory), and writes them as JSON with --json.
 
+With --quantize nf4 (QLoRA): the seven projections of every layer become bitsandbytes Linear4bit
+(NF4, blocksize 64, double quant unless --double-quant false, bf16 compute), what
+BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb_4bit_compute_dtype=torch.bfloat16) builds at load; the peak is counted from after quantizing.
+Needs bitsandbytes (scripts/fetch-bitsandbytes-wheel.sh downloads its wheel for a machine without
+network); without it the run prints why it skipped and exits 0.
+
 usage: bench-hf-peft.py [--preset llama2-7b] [--batch 2 --seq 2048 --warmup 2 --steps 10]
-                        [--device cuda|cpu] [--no-checkpointing] [--json FILE]
+                        [--device cuda|cpu] [--no-checkpointing]
+                        [--quantize none|nf4 --double-quant true|false] [--json FILE]
 """
 import argparse
 import json
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -48,9 +57,19 @@ p.add_argument("--seq", type=int, default=2048)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-p.add_argument("--no-checkpointing", action="store_true")
+p.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
+p.add_argument("--quantize", default="none", choices=["none", "nf4"], help="QLoRA: NF4 projections")
+p.add_argument("--double-quant", default="true", choices=["true", "false"], help="with --quantize nf4")
 p.add_argument("--json")
 a = p.parse_args()
+if a.quantize == "nf4":
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        print("skipped: --quantize nf4 needs bitsandbytes, which is not installed; run "
+              "scripts/fetch-bitsandbytes-wheel.sh where there is network, carry .whl/ here and "
+              "`pip install --no-deps .whl/bitsandbytes-*.whl`")
+        sys.exit(0)
 gpu = a.device == "cuda"
 
 
@@ -66,11 +85,35 @@ torch.set_default_dtype(torch.bfloat16 if gpu else torch.float32)
 with torch.device(a.device):
     model = model_cls(cfg)
 torch.set_default_dtype(torch.float32)
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def quantize_projections(model, double_quant):
+    """Each projection to bnb Linear4bit, one at a time (Params4bit quantizes on .to(cuda), as
+    transformers' loader does), so the bf16 copies are freed as we go."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if name not in targets:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
+                                      compute_dtype=torch.bfloat16, compress_statistics=double_quant,
+                                      quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False,
+                                             compress_statistics=double_quant,
+                                             quant_type="nf4").to("cuda")
+                setattr(parent, name, q)
+                del lin
+
+
+if a.quantize == "nf4":
+    quantize_projections(model, a.double_quant == "true")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
 if not a.no_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
 model.config.use_cache = False
-targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
 for q in model.parameters():
     if q.requires_grad:
@@ -97,11 +140,14 @@ peak = (torch.cuda.max_memory_allocated() if gpu
 res = {
     "preset": a.preset, "batch": a.batch, "seq": a.seq, "steps": a.steps, "device": a.device,
     "checkpointing": not a.no_checkpointing, "threads": torch.get_num_threads(),
+    "quantize": a.quantize, "double_quant": a.quantize == "nf4" and a.double_quant == "true",
     "median_step_s": statistics.median(times), "tokens_per_s": tokens * len(times) / sum(times),
     "peak_memory_bytes": peak, "loss": loss.item(), "torch": torch.__version__,
 }
+if a.quantize == "nf4":
+    res["bitsandbytes"] = bnb.__version__
 print(f"hf+peft {a.preset} on {a.device} ({res['threads']} threads) batch {a.batch} seq {a.seq}"
-      f"{' no-ckpt' if a.no_checkpointing else ''}: "
+      f"{' no-ckpt' if a.no_checkpointing else ''}{' nf4' if a.quantize == 'nf4' else ''}: "
       f"{res['tokens_per_s']:.0f} tokens/s, "
       f"median step {res['median_step_s']:.4f} s, peak {res['peak_memory_bytes'] / 2**30:.2f} GiB")
 if a.json:

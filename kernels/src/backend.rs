@@ -1,3 +1,4 @@
+use crate::nf4::Nf4Buffers;
 use crate::{AttentionLayout, OpTime, Result};
 
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
@@ -300,6 +301,17 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---- quantized weights ----------------------------------------------------------------------
+    /// NF4 quantization (bitsandbytes `quantize_4bit(quant_type="nf4", blocksize=64)`) of `x`, any
+    /// dtype, read as the f32 values it holds; bit for bit [`crate::nf4::Nf4Weight::quantize`]:
+    /// `absmax[b] = max |x|` over each 64-element block, `code = #{j : m[j] < clamp(x · f32(1/a),
+    /// −1, 1)}` with `a = max(absmax, 1e−38)` and `m` the 15 midpoints of the NF4 table, codes
+    /// packed two per byte (element `2k` high); with `double_quant` the absmax is stored in 8 bits
+    /// around `offset = f32(mean)` through bitsandbytes' grid ([`crate::nf4::double_quant`]).
+    fn quantize_nf4(
+        &self,
+        x: &Self::Tensor,
+        double_quant: bool,
+    ) -> Result<Nf4Buffers<Self::Tensor, Self::Indices>>;
     /// NF4 dequantization (bitsandbytes, blocksize 64) of `n = len(out)` elements:
     /// `out[i] = c[code[i]] · A[i / 64]` with `c` the NF4 table and the 4-bit codes packed two per
     /// byte, element `2k` in the high nibble, the bytes in i32 words ([`crate::nf4::bytes_to_words`]).

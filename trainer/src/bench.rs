@@ -14,7 +14,7 @@
 //! MFU = model FLOPs / step time / peak (989 TFLOP/s, the H100/H200 dense bf16 peak, unless told).
 
 use crate::lora::{LoraConfig, LoraParams};
-use crate::model::{Batch, Decoder, ModelConfig, Projection};
+use crate::model::{Batch, Decoder, ModelConfig, Projection, QuantizeNf4};
 use crate::optim::{AdamW, LossScaler};
 use crate::train::distributed::Distributed;
 use crate::train::grad_reduce::GradReducer;
@@ -96,6 +96,8 @@ pub struct BenchSpec {
     pub peak_tflops: Option<f64>,
     /// After the measured steps, time one more step op by op on the device.
     pub profile: bool,
+    /// The projections quantized to NF4 on the device (QLoRA), or dense in the compute dtype.
+    pub quantize: Option<QuantizeNf4>,
 }
 
 /// What was measured (written as JSON by `--json`).
@@ -179,7 +181,7 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         bail!("bench needs batch ≥ 1, seq ≥ 2, grad_accum ≥ 1 and steps ≥ 1");
     }
     let config = preset_config(&spec.preset)?;
-    let model = Decoder::random(be, config.clone(), spec.seed)?;
+    let model = Decoder::random(be, config.clone(), spec.seed, spec.quantize)?;
     let lora_config = LoraConfig {
         r: 16,
         alpha: 16.0,
@@ -279,6 +281,14 @@ pub fn describe(r: &BenchResult) -> String {
             r.tokens_per_step,
             if s.checkpointing { "on" } else { "off" }
         ),
+        format!(
+            "weights     {}",
+            match s.quantize {
+                Some(q) if q.double_quant => "nf4 projections (double quant), made on the device",
+                Some(_) => "nf4 projections (f32 absmax), made on the device",
+                None => "dense projections in the compute dtype",
+            }
+        ),
         format!("steps       {} warmup, {} measured", s.warmup, s.steps),
         format!("tokens/s    {:.0}", r.tokens_per_s),
         format!("step time   {:.4} s (median)", r.median_step_s),
@@ -351,6 +361,7 @@ mod tests {
             seed: 5,
             peak_tflops: Some(1.0),
             profile: true,
+            quantize: None,
         }
     }
 
@@ -375,6 +386,31 @@ mod tests {
     }
 
     #[test]
+    fn the_tiny_preset_trains_with_nf4_projections_and_records_the_choice() {
+        let be = CpuBackend::new();
+        let q = QuantizeNf4 { double_quant: true };
+        let s = BenchSpec {
+            quantize: Some(q),
+            ..spec(true)
+        };
+        let r = run(&be, &s, &Distributed::single()).unwrap();
+        let dense = run(&be, &spec(true), &Distributed::single()).unwrap();
+        // NF4 moves each weight by at most half a code step, so the loss stays at ln 256.
+        assert!((r.final_loss - 256f64.ln()).abs() < 0.1, "{}", r.final_loss);
+        assert_ne!(r.final_loss, dense.final_loss, "the weights are quantized");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["spec"]["quantize"],
+            serde_json::json!({"format": "nf4", "double_quant": true})
+        );
+        assert_eq!(
+            serde_json::to_value(&dense).unwrap()["spec"]["quantize"],
+            serde_json::Value::Null
+        );
+        assert!(describe(&r).contains("nf4 projections (double quant)"));
+    }
+
+    #[test]
     fn flops_follow_the_stated_formula_at_7b() {
         let c = preset_config("llama2-7b").unwrap();
         let s = BenchSpec {
@@ -388,6 +424,7 @@ mod tests {
             seed: 0,
             peak_tflops: None,
             profile: false,
+            quantize: None,
         };
         // LoRA r=16 on all seven projections of Llama-2-7B: 39,976,960 values.
         let p = 16 * (3 * (4096 + 4096) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096)) * 32;

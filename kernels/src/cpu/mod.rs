@@ -22,6 +22,7 @@ pub use attention::{attention_backward_f32, attention_forward_f32};
 pub use matmul::gemm_f32;
 
 use crate::error::{check_len, check_rows};
+use crate::nf4::{Nf4Buffers, Nf4Weight};
 use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result};
 use profile::timed;
 
@@ -418,6 +419,14 @@ impl Backend for CpuBackend {
                 )
             },
         )
+    }
+
+    fn quantize_nf4(
+        &self,
+        x: &Vec<f32>,
+        double_quant: bool,
+    ) -> Result<Nf4Buffers<Vec<f32>, Vec<i32>>> {
+        Nf4Buffers::upload(self, &Nf4Weight::quantize(x, double_quant))
     }
 
     fn dequantize_nf4(

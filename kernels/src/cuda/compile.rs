@@ -122,6 +122,15 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         entry_points: || per_dtype(&["nf4_dequantize_plain", "nf4_dequantize_double"]),
     },
     KernelSource {
+        name: "nf4_quantize",
+        source: include_str!("../../cuda/nf4_quantize.cu"),
+        entry_points: || {
+            let mut names = per_dtype(&["nf4_quantize"]);
+            names.push("nf4_double_quant".to_string());
+            names
+        },
+    },
+    KernelSource {
         name: "cast",
         source: include_str!("../../cuda/cast.cu"),
         entry_points: || {

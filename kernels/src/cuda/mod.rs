@@ -395,10 +395,11 @@ impl Backend for CudaBackend {
                 .clone_htod(data)
                 .map_err(device_err("upload indices"))?
         };
-        Ok(CudaIndices {
+        Ok(CudaIndices::new(
             slice,
-            host: data.to_vec(),
-        })
+            Some(data.to_vec()),
+            self.pool.clone(),
+        ))
     }
 
     fn len(&self, t: &CudaTensor) -> usize {
@@ -496,7 +497,11 @@ impl Backend for CudaBackend {
         check_len("embedding", "out", out.len(), ids.len() * hidden)?;
         let dt = self.same_dtype("embedding", &[("table", table), ("out", out)])?;
         let vocab = table.len() / hidden.max(1);
-        if let Some(&id) = ids.host.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+        if let Some(&id) = ids
+            .host("embedding")?
+            .iter()
+            .find(|&&id| id < 0 || id as usize >= vocab)
+        {
             return Err(KernelError::Unsupported(format!(
                 "embedding: token id {id} outside the vocabulary of {vocab}"
             )));
@@ -598,7 +603,7 @@ impl Backend for CudaBackend {
         let half = head_dim / 2;
         let table_rows = cos.len() / half.max(1);
         if let Some(&p) = positions
-            .host
+            .host("rope")?
             .iter()
             .find(|&&p| p < 0 || p as usize >= table_rows)
         {
@@ -790,6 +795,14 @@ impl Backend for CudaBackend {
 
     fn sum_of_squares(&self, tensors: &[CudaTensor]) -> Result<f64> {
         self.sum_of_squares_impl(tensors)
+    }
+
+    fn quantize_nf4(
+        &self,
+        x: &CudaTensor,
+        double_quant: bool,
+    ) -> Result<crate::nf4::Nf4Buffers<CudaTensor, CudaIndices>> {
+        self.quantize_nf4_impl(x, double_quant)
     }
 
     fn dequantize_nf4(

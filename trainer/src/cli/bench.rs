@@ -1,5 +1,6 @@
 //! `fuselora bench --preset NAME [--batch B --seq T --grad-accum A --no-checkpointing
-//! --warmup W --steps S --backend auto|cpu|cuda --dtype bf16|f16|f32 --json FILE --profile]`
+//! --warmup W --steps S --backend auto|cpu|cuda --dtype bf16|f16|f32 --json FILE --profile
+//! --quantize none|nf4 --double-quant true|false]`
 
 use super::backend::{run_on, BackendTask, Selection};
 use anyhow::{Context, Result};
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 use trainer::bench::{describe, run, BenchResult, BenchSpec, PRESETS};
 use trainer::train::config::{BackendKind, ComputeDType};
 use trainer::train::distributed::Distributed;
+use trainer::model::QuantizeNf4;
 use trainer::train::grad_reduce::GradReducer;
 
 #[derive(clap::Args)]
@@ -48,6 +50,18 @@ pub struct Args {
     /// After the measured steps, time one step op by op on the GPU and print the table.
     #[arg(long)]
     profile: bool,
+    /// Frozen projections: dense in the compute dtype, or NF4 quantized on the device (QLoRA).
+    #[arg(long, value_enum, default_value = "none")]
+    quantize: Quantize,
+    /// With --quantize nf4: store each block's absmax in 8 bits too (bnb_4bit_use_double_quant).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    double_quant: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Quantize {
+    None,
+    Nf4,
 }
 
 struct Bench(BenchSpec);
@@ -84,6 +98,12 @@ pub fn run_cli(args: Args) -> Result<ExitCode> {
         seed: args.seed,
         peak_tflops: args.peak_tflops,
         profile: args.profile,
+        quantize: match args.quantize {
+            Quantize::None => None,
+            Quantize::Nf4 => Some(QuantizeNf4 {
+                double_quant: args.double_quant,
+            }),
+        },
     };
     let selection = Selection {
         backend: args.backend,

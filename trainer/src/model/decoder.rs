@@ -12,7 +12,6 @@ use crate::arch::{HeadNorm, ModelConfig, Projection};
 use crate::lora::LoraParams;
 use crate::weights::WeightFiles;
 use anyhow::Result;
-use kernels::nf4::Nf4Weight;
 use kernels::{Backend, CeGrad, DType};
 
 /// The decoder's frozen weights.
@@ -70,8 +69,8 @@ impl<B: Backend> Decoder<B> {
             let dense = files.f32(name, &[o, i])?;
             Ok(match quantize {
                 Some(q) => {
-                    let w = Nf4Weight::quantize(&dense, q.double_quant);
-                    ProjWeight::Nf4(Nf4Tensor::upload(be, &w)?)
+                    let stored = files.info(name)?.1;
+                    ProjWeight::Nf4(Nf4Tensor::quantize_host(be, &dense, stored, q)?)
                 }
                 None => ProjWeight::Dense(be.upload(&dense, dt)?),
             })
@@ -161,7 +160,13 @@ impl<B: Backend> Decoder<B> {
     /// A decoder of `config`'s shape with random weights made on the device (benchmarks; no
     /// download): projections, biases and embeddings uniform with standard deviation 0.02
     /// (transformers' `initializer_range`), norm weights 1. Tensor `i` is filled from seed `seed + i`.
-    pub fn random(be: &B, config: ModelConfig, seed: u64) -> Result<Self> {
+    /// With `quantize`, each projection is quantized to NF4 as soon as it is made.
+    pub fn random(
+        be: &B,
+        config: ModelConfig,
+        seed: u64,
+        quantize: Option<QuantizeNf4>,
+    ) -> Result<Self> {
         let dt = be.compute_dtype();
         let scale = 0.02 * 3f32.sqrt();
         let mut next_seed = seed;
@@ -179,7 +184,7 @@ impl<B: Backend> Decoder<B> {
             let [q, k, v, o, gate, up, down] = Projection::ALL.map(|p| {
                 let (o, i) = p.shape(c);
                 Ok::<_, anyhow::Error>(FrozenLinear {
-                    weight: ProjWeight::Dense(random(o * i)?),
+                    weight: random(o * i).and_then(|w| ProjWeight::from_dense(be, w, quantize))?,
                     bias: match c.has_bias(p) {
                         true => Some(random(o)?),
                         false => None,

@@ -162,6 +162,10 @@ impl Backend for MeterBackend {
         Ok(t)
     }
 
+    fn empty(&self, len: usize, dtype: DType) -> Result<MeterTensor> {
+        Ok(self.alloc(len, dtype))
+    }
+
     fn upload(&self, data: &[f32], dtype: DType) -> Result<MeterTensor> {
         Ok(self.alloc(data.len(), dtype))
     }
@@ -438,6 +442,21 @@ impl Backend for MeterBackend {
     fn broadcast_rows(&self, row: &MeterTensor, out: &mut MeterTensor) -> Result<()> {
         self.memory_op(tensor_bytes(row) + tensor_bytes(out));
         Ok(())
+    }
+
+    fn quantize_nf4(
+        &self,
+        x: &MeterTensor,
+        _double_quant: bool,
+    ) -> Result<kernels::nf4::Nf4Buffers<MeterTensor, usize>> {
+        // Read x once, write the packed nibbles and one f32 absmax per 64 values.
+        let n = x.len;
+        let absmax = self.alloc(n.div_ceil(64), DType::F32);
+        self.memory_op(tensor_bytes(x) + n.div_ceil(2) as f64 + tensor_bytes(&absmax));
+        Ok(kernels::nf4::Nf4Buffers {
+            packed: n.div_ceil(8),
+            absmax: kernels::nf4::AbsmaxBuffers::Plain(absmax),
+        })
     }
 
     fn dequantize_nf4(

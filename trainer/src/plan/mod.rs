@@ -107,7 +107,7 @@ impl Plan {
         }
         let c = &spec.model;
         let be = MeterBackend::new(spec.dtype);
-        let model = Decoder::random(&be, c.clone(), 0)?;
+        let model = Decoder::random(&be, c.clone(), 0, None)?;
         let mut lora =
             LoraParams::build(&be, c, spec.lora.clone(), |_, [r, k]| Ok(vec![0.0; r * k]))?;
         let hp = AdamWParams {

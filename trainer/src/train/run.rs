@@ -61,15 +61,29 @@ pub struct Summary {
 }
 
 /// Loads the model named by `cfg` (quantized at load when `model.quantize` says so).
+/// Prints how long the load took.
 pub fn load_model<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Decoder<B>> {
+    let start = std::time::Instant::now();
     let model_config = ModelConfig::load(&cfg.model.path)?;
-    Decoder::load_with(
+    let quantize = cfg.model.quantize_nf4();
+    let model = Decoder::load_with(
         be,
         model_config,
         &WeightFiles::open(&cfg.model.path)?,
-        cfg.model.quantize_nf4(),
+        quantize,
     )
-    .with_context(|| format!("loading the model in {}", cfg.model.path.display()))
+    .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
+    eprintln!(
+        "loaded {} in {:.1} s{}",
+        cfg.model.path.display(),
+        start.elapsed().as_secs_f64(),
+        if quantize.is_some() {
+            " (dense projections quantized to NF4 on the backend)"
+        } else {
+            ""
+        }
+    );
+    Ok(model)
 }
 
 /// The adapter the run starts from (`lora.init_adapter`, else a fresh one from the seed) and its
