@@ -22,12 +22,11 @@
 use super::config::{DpoSection, LossType, RunConfig};
 use super::distributed::Distributed;
 use super::dpo_reference;
-use super::method::{DataStats, LayerHook, Method, StepContext, Sums};
+use super::method::{LayerHook, Method, StepContext, Sums};
 use super::pairs::{
     backward_from_sequences, log_sigmoid, pair_logps, sequence_logps, sigmoid, PairLogps,
     PairMicroBatch, PreferenceData, TargetSequences,
 };
-use crate::data::batching::HostBatch;
 use crate::lora::LoraParams;
 use crate::model::{Batch, Decoder};
 use anyhow::{bail, Result};
@@ -348,25 +347,11 @@ impl Dpo {
 }
 
 impl<B: Backend> Method<B> for Dpo {
-    /// Pair indices.
-    type Plan = Vec<usize>;
-    type Batch = PairMicroBatch;
+    type Data = PreferenceData;
     type Sums = DpoSums;
 
-    fn epoch_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
-        self.data.epoch_plan(epoch)
-    }
-
-    fn plan_items(plan: &Vec<usize>) -> Vec<usize> {
-        plan.clone()
-    }
-
-    fn read(&self, plan: &Vec<usize>) -> Result<PairMicroBatch> {
-        Ok(self.data.read(plan))
-    }
-
-    fn host(batch: &PairMicroBatch) -> &HostBatch {
-        &batch.host
+    fn data(&self) -> &PreferenceData {
+        &self.data
     }
 
     /// Pairs: the loss is the mean over the step's pairs.
@@ -428,10 +413,6 @@ impl<B: Backend> Method<B> for Dpo {
             self.loss.beta,
             self.data.describe()
         )
-    }
-
-    fn data_stats(&self) -> DataStats {
-        self.data.stats.clone()
     }
 }
 

@@ -65,13 +65,12 @@ pub struct DataStats {
     pub preference: Option<PreferenceStats>,
 }
 
-/// A training method.
-pub trait Method<B: Backend> {
-    /// One micro-batch as indices into the method's data.
+/// A method's training data: planned per epoch, read per micro-batch.
+pub trait BatchSource {
+    /// One micro-batch as indices into the data.
     type Plan: Clone;
     /// One micro-batch read from the data, on the host.
     type Batch;
-    type Sums: Sums;
 
     /// The whole job's micro-batches of `epoch`, fixed by the seed and the epoch.
     fn epoch_plan(&self, epoch: u64) -> Vec<Self::Plan>;
@@ -81,8 +80,22 @@ pub trait Method<B: Backend> {
     fn read(&self, plan: &Self::Plan) -> Result<Self::Batch>;
     /// The batch's token rows (for token counts and `train.dump_batches`).
     fn host(batch: &Self::Batch) -> &HostBatch;
+    /// What was read and tokenized, for the summary.
+    fn stats(&self) -> DataStats;
+}
+
+/// The micro-batch type of method `M`.
+pub type MicroBatch<M, B> = <<M as Method<B>>::Data as BatchSource>::Batch;
+
+/// A training method.
+pub trait Method<B: Backend> {
+    type Data: BatchSource;
+    type Sums: Sums;
+
+    /// The training data.
+    fn data(&self) -> &Self::Data;
     /// The counts the step's loss is normalised by (loss tokens; pairs; …).
-    fn loss_counts(&self, batch: &Self::Batch) -> Vec<u64>;
+    fn loss_counts(&self, batch: &MicroBatch<Self, B>) -> Vec<u64>;
     /// Forward, loss and backward of one micro-batch: adds `d(step loss)/dθ · ctx.loss_scale`
     /// into `lora`'s gradients, calling `after_layer` as each layer's are final, and returns
     /// the micro-batch's sums.
@@ -91,7 +104,7 @@ pub trait Method<B: Backend> {
         be: &B,
         model: &Decoder<B>,
         lora: &mut LoraParams<B>,
-        batch: &Self::Batch,
+        batch: &MicroBatch<Self, B>,
         ctx: StepContext<'_>,
         after_layer: LayerHook<'_, B>,
     ) -> Result<Self::Sums>;
@@ -104,5 +117,4 @@ pub trait Method<B: Backend> {
     ) -> Result<Option<Self::Sums>>;
     /// The run's opening line, after `fuselora <method>`: settings and data.
     fn describe(&self) -> String;
-    fn data_stats(&self) -> DataStats;
 }

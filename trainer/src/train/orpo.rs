@@ -13,12 +13,11 @@
 //! Rewards are β·a (TRL's `rewards/chosen`, `rewards/rejected`).
 
 use super::config::{OrpoSection, RunConfig};
-use super::method::{DataStats, LayerHook, Method, StepContext, Sums};
+use super::method::{LayerHook, Method, StepContext, Sums};
 use super::pairs::{
     backward_from_sequences, log_sigmoid, sequence_logps, sigmoid, PairMicroBatch, PreferenceData,
     TargetSequences,
 };
-use crate::data::batching::HostBatch;
 use crate::lora::LoraParams;
 use crate::model::{Batch, Decoder};
 use anyhow::Result;
@@ -239,25 +238,11 @@ impl Orpo {
 }
 
 impl<B: Backend> Method<B> for Orpo {
-    /// Pair indices.
-    type Plan = Vec<usize>;
-    type Batch = PairMicroBatch;
+    type Data = PreferenceData;
     type Sums = OrpoSums;
 
-    fn epoch_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
-        self.data.epoch_plan(epoch)
-    }
-
-    fn plan_items(plan: &Vec<usize>) -> Vec<usize> {
-        plan.clone()
-    }
-
-    fn read(&self, plan: &Vec<usize>) -> Result<PairMicroBatch> {
-        Ok(self.data.read(plan))
-    }
-
-    fn host(batch: &PairMicroBatch) -> &HostBatch {
-        &batch.host
+    fn data(&self) -> &PreferenceData {
+        &self.data
     }
 
     /// Pairs (the odds-ratio mean) and chosen completion tokens (the NLL's mean).
@@ -315,10 +300,6 @@ impl<B: Backend> Method<B> for Orpo {
 
     fn describe(&self) -> String {
         format!("orpo (β = {}) · {}", self.beta, self.data.describe())
-    }
-
-    fn data_stats(&self) -> DataStats {
-        self.data.stats.clone()
     }
 }
 

@@ -7,7 +7,7 @@
 
 use super::config::{PairLengths, RunConfig};
 use super::dataset::train_and_held_out;
-use super::method::{DataStats, LayerHook, StepContext};
+use super::method::{BatchSource, DataStats, LayerHook, StepContext};
 use crate::data::batching::{shuffled, HostBatch};
 use crate::data::pair_batching::pair_batch;
 use crate::data::preference::{
@@ -85,20 +85,6 @@ impl PreferenceData {
         })
     }
 
-    /// The pair indices of each micro-batch of `epoch`: a seeded shuffle cut into micro-batches.
-    pub fn epoch_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
-        shuffled(self.train.len(), self.seed, epoch)
-            .chunks(self.layout.pairs_per_batch.max(1))
-            .map(<[usize]>::to_vec)
-            .collect()
-    }
-
-    /// The training pairs `indices` as one micro-batch.
-    pub fn read(&self, indices: &[usize]) -> PairMicroBatch {
-        let pairs: Vec<&PreferencePair> = indices.iter().map(|&i| &self.train[i]).collect();
-        PairMicroBatch::new(&pairs, indices.to_vec(), &self.layout)
-    }
-
     /// The held-out pairs in micro-batches, in order.
     pub fn eval_batches(&self) -> impl Iterator<Item = PairMicroBatch> + '_ {
         self.eval
@@ -141,6 +127,37 @@ pub fn sigmoid(x: f64) -> f64 {
     } else {
         let e = x.exp();
         e / (1.0 + e)
+    }
+}
+
+impl BatchSource for PreferenceData {
+    /// Pair indices.
+    type Plan = Vec<usize>;
+    type Batch = PairMicroBatch;
+
+    /// A seeded shuffle of the pairs cut into micro-batches.
+    fn epoch_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
+        shuffled(self.train.len(), self.seed, epoch)
+            .chunks(self.layout.pairs_per_batch.max(1))
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    fn plan_items(plan: &Vec<usize>) -> Vec<usize> {
+        plan.clone()
+    }
+
+    fn read(&self, indices: &Vec<usize>) -> Result<PairMicroBatch> {
+        let pairs: Vec<&PreferencePair> = indices.iter().map(|&i| &self.train[i]).collect();
+        Ok(PairMicroBatch::new(&pairs, indices.clone(), &self.layout))
+    }
+
+    fn host(batch: &PairMicroBatch) -> &HostBatch {
+        &batch.host
+    }
+
+    fn stats(&self) -> DataStats {
+        self.stats.clone()
     }
 }
 
@@ -328,7 +345,7 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..7).collect::<Vec<_>>());
         assert_ne!(data.epoch_plan(0), data.epoch_plan(1));
-        let mb = data.read(&[4, 0]);
+        let mb = data.read(&vec![4, 0]).unwrap();
         assert_eq!(mb.indices, vec![4, 0]);
         assert_eq!(mb.host.docs, vec![vec![2]; 4]);
     }

@@ -16,7 +16,7 @@ use super::dpo::Dpo;
 use super::dump::BatchDump;
 use super::grad_reduce::GradReducer;
 use super::init::fresh_adapter;
-use super::method::{Method, StepContext, Sums};
+use super::method::{BatchSource, Method, StepContext, Sums};
 use super::metrics::{MetricsLog, Progress, StepRecord};
 use super::orpo::Orpo;
 use super::plot::plot_loss;
@@ -188,7 +188,8 @@ fn run_loop<B: GradReducer, M: Method<B>>(
     let main = dist.is_main();
     let (mut lora, mut opt) = adapter_and_optimizer(be, cfg, &model.config)?;
     let mut scaler = LossScaler::for_dtype(be.compute_dtype());
-    let plan_epoch = |epoch| method.epoch_plan(epoch);
+    let data = method.data();
+    let plan_epoch = |epoch| data.epoch_plan(epoch);
     let mut stream = BatchStream::new(dist.rank(), dist.world_size());
     let mut trace = ExampleTrace::from_env(dist.rank())?;
     let accum = cfg.train.grad_accum;
@@ -196,7 +197,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
     if batches_per_epoch == 0 {
         bail!(
             "the training data makes {} micro-batches per epoch, fewer than the {} ranks: use fewer ranks or a smaller train.batch_size",
-            method.epoch_plan(0).len(),
+            data.epoch_plan(0).len(),
             dist.world_size()
         );
     }
@@ -295,11 +296,11 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         let epoch = stream.position.epoch;
         let plans = stream.next_step(accum, &plan_epoch);
         if let Some(trace) = &mut trace {
-            trace.record(epoch, plans.iter().flat_map(M::plan_items));
+            trace.record(epoch, plans.iter().flat_map(M::Data::plan_items));
         }
         let micro = plans
             .iter()
-            .map(|p| method.read(p))
+            .map(|p| data.read(p))
             .collect::<Result<Vec<_>>>()?;
         let t0 = Instant::now();
         // The step's loss counts, then its loss tokens and real tokens, summed over the ranks.
@@ -309,8 +310,8 @@ fn run_loop<B: GradReducer, M: Method<B>>(
             for (t, c) in local.iter_mut().zip(method.loss_counts(b)) {
                 *t += c;
             }
-            loss_tokens += M::host(b).target_count() as u64;
-            tokens += M::host(b).token_count() as u64;
+            loss_tokens += M::Data::host(b).target_count() as u64;
+            tokens += M::Data::host(b).token_count() as u64;
         }
         local.extend([loss_tokens, tokens]);
         let mut totals = dist.global_sum_u64(&local)?;
@@ -331,7 +332,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         let stats = opt.step_scaled(be, &mut lora, lr, &mut scaler)?;
         state.step += 1;
         if let Some(d) = dump.as_mut() {
-            d.write(state.step, micro.iter().map(M::host))?;
+            d.write(state.step, micro.iter().map(M::Data::host))?;
         }
         state.position = stream.position;
         state.tokens_seen += loss_tokens;
@@ -377,14 +378,14 @@ fn run_loop<B: GradReducer, M: Method<B>>(
     }
     progress.finish();
     let seconds = loop_start.elapsed().as_secs_f64();
-    let data = method.data_stats();
+    let stats = data.stats();
     let mut summary = Summary {
         method: cfg.method.name().to_string(),
         backend: be.describe(),
         steps: state.step,
-        train: data.train,
-        eval: data.eval,
-        skipped_records: data.skipped_records,
+        train: stats.train,
+        eval: stats.eval,
+        skipped_records: stats.skipped_records,
         tokens_trained: state.tokens_seen,
         seconds,
         tokens_per_s: (state.tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
@@ -393,7 +394,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         eval_loss_end: None,
         adapter_dir: out.join("adapter"),
         peak_memory_bytes: be.peak_memory_bytes(),
-        preference: data.preference,
+        preference: stats.preference,
     };
     let Some(log) = &mut log else {
         return Ok(summary);
@@ -525,7 +526,7 @@ mod tests {
         }
         lora.sync_compute(be).unwrap();
         lora.zero_grads(be).unwrap();
-        let batch = method.read(&method.epoch_plan(0)[0]).unwrap();
+        let batch = method.data().read(&method.data().epoch_plan(0)[0]).unwrap();
         let totals = method.loss_counts(&batch);
         let ctx = StepContext {
             totals: &totals,

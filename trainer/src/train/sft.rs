@@ -5,7 +5,7 @@
 
 use super::config::{AlpacaTemplate, RunConfig, Truncation};
 use super::dataset::{read_all, train_and_held_out};
-use super::method::{DataStats, LayerHook, Method, StepContext, Sums};
+use super::method::{BatchSource, DataStats, LayerHook, Method, StepContext, Sums};
 use crate::data::batching::{assemble, epoch_batches, epoch_plan, Batching, Example, HostBatch};
 use crate::data::records::{read_file, Record};
 use crate::data::source::ExampleSource;
@@ -228,11 +228,10 @@ pub fn evaluate<B: Backend>(
     Ok(sums)
 }
 
-impl<B: Backend> Method<B> for Sft {
+impl BatchSource for Sft {
     /// Rows of example indices.
     type Plan = Vec<Vec<usize>>;
     type Batch = HostBatch;
-    type Sums = SftSums;
 
     fn epoch_plan(&self, epoch: u64) -> Vec<Self::Plan> {
         epoch_plan(&*self.train, &self.batching, self.seed, epoch)
@@ -248,6 +247,19 @@ impl<B: Backend> Method<B> for Sft {
 
     fn host(batch: &HostBatch) -> &HostBatch {
         batch
+    }
+
+    fn stats(&self) -> DataStats {
+        self.stats.clone()
+    }
+}
+
+impl<B: Backend> Method<B> for Sft {
+    type Data = Sft;
+    type Sums = SftSums;
+
+    fn data(&self) -> &Sft {
+        self
     }
 
     fn loss_counts(&self, batch: &HostBatch) -> Vec<u64> {
@@ -284,9 +296,5 @@ impl<B: Backend> Method<B> for Sft {
             "sft · {} examples ({} tokens) in rows of ≤{} tokens",
             self.stats.train.examples, self.stats.train.tokens, self.batching.max_seq_len
         )
-    }
-
-    fn data_stats(&self) -> DataStats {
-        self.stats.clone()
     }
 }
