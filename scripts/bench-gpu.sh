@@ -6,7 +6,7 @@
 # HF=0 skips the baseline (needs python3 with torch, transformers and peft; the QLoRA rows also
 # bitsandbytes: scripts/fetch-bitsandbytes-wheel.sh, else they print a skip and show "—").
 # A run's extra flags go to both programs (bench-hf-peft.py takes --no-checkpointing, --quantize).
-# usage: [PROFILE=1] [HF=0] scripts/bench-gpu.sh [FUSELORA_BIN] [OUT_DIR]
+# usage: [PROFILE=1] [HF=0 | FUSELORA=0] scripts/bench-gpu.sh [FUSELORA_BIN] [OUT_DIR]
 set -uo pipefail
 BIN=${1:-target/release/fuselora}
 OUT=${2:-bench-results}
@@ -24,12 +24,14 @@ RUNS=(
   "llama-1b llama-1b 4 2048"
   "smollm2-135m smollm2-135m 8 1024"
 )
-for r in "${RUNS[@]}"; do
-  read -r name preset batch seq flags <<<"$r"
-  "$BIN" bench --preset "$preset" --batch "$batch" --seq "$seq" $flags --warmup 2 --steps 10 \
-    ${PROFILE:+--profile} --json "$OUT/fuselora-$name.json" >"$OUT/fuselora-$name.txt" 2>&1 \
-    || { echo "fuselora $name failed:"; tail -5 "$OUT/fuselora-$name.txt"; }
-done
+if [ "${FUSELORA:-1}" != 0 ]; then
+  for r in "${RUNS[@]}"; do
+    read -r name preset batch seq flags <<<"$r"
+    "$BIN" bench --preset "$preset" --batch "$batch" --seq "$seq" $flags --warmup 2 --steps 10 \
+      ${PROFILE:+--profile} --json "$OUT/fuselora-$name.json" >"$OUT/fuselora-$name.txt" 2>&1 \
+      || { echo "fuselora $name failed:"; tail -5 "$OUT/fuselora-$name.txt"; }
+  done
+fi
 if [ "${HF:-1}" != 0 ]; then
   for r in "${RUNS[@]}"; do
     read -r name preset batch seq flags <<<"$r"
