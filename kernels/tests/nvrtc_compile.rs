@@ -12,7 +12,12 @@ fn load() {
     let found = load_nvrtc().unwrap_or_else(|e| {
         panic!("{e} (for this test: python3 -m pip install \"nvidia-cuda-nvrtc==13.0.*\")")
     });
-    let name = found.path.file_name().unwrap().to_string_lossy().into_owned();
+    let name = found
+        .path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     assert!(
         name.starts_with("libnvrtc.so"),
         "found {} ({:?})",

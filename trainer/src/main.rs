@@ -94,11 +94,16 @@ mod tests {
         assert_eq!(lines[0], concat!("fuselora ", env!("CARGO_PKG_VERSION")));
         let commit = lines[1].strip_prefix("commit: ").unwrap();
         assert!(
-            commit == "unknown" || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+            commit == "unknown"
+                || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
             "{commit}"
         );
         let cuda = lines[2].strip_prefix("CUDA: ").unwrap();
-        assert_eq!(cuda.starts_with("bindings for CUDA 1"), cfg!(feature = "cuda"), "{cuda}");
+        assert_eq!(
+            cuda.starts_with("bindings for CUDA 1"),
+            cfg!(feature = "cuda"),
+            "{cuda}"
+        );
         let features = lines[3].strip_prefix("features: ").unwrap();
         let expected = match (cfg!(feature = "cuda"), cfg!(feature = "mpi")) {
             (true, true) => "cuda, mpi",

@@ -110,10 +110,12 @@ pub fn load() -> Result<&'static CudaLibraries> {
 fn load_uncached() -> std::result::Result<CudaLibraries, String> {
     // SAFETY: is_culib_present only dlopens candidate names.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("CUDA backend: the NVIDIA driver's libcuda.so.1 is not on the loader's path: this \
+        return Err(
+            "CUDA backend: the NVIDIA driver's libcuda.so.1 is not on the loader's path: this \
                     machine has no NVIDIA driver, or the container was started without GPUs \
                     (docker run --gpus all)"
-            .to_string());
+                .to_string(),
+        );
     }
     let driver_version = driver_version()?;
     let nvrtc = load_library(&NVRTC, Some(driver_version.0))?;
@@ -133,7 +135,9 @@ fn driver_version() -> std::result::Result<(u32, u32), String> {
     // needs no cuInit.
     let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
     if status != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
-        return Err(format!("CUDA backend: cuDriverGetVersion failed: {status:?}"));
+        return Err(format!(
+            "CUDA backend: cuDriverGetVersion failed: {status:?}"
+        ));
     }
     // The driver encodes CUDA X.Y as 1000·X + 10·Y.
     Ok(((version / 1000) as u32, ((version % 1000) / 10) as u32))
@@ -207,7 +211,11 @@ fn load_library(
     let names: Vec<&str> = file_names.iter().map(String::as_str).collect();
     let Some(path) = find_in_python_environment(&names) else {
         let searched = python_library_dirs();
-        let major = majors.first().copied().or(driver_major).unwrap_or(CUDA_MAJORS[0]);
+        let major = majors
+            .first()
+            .copied()
+            .or(driver_major)
+            .unwrap_or(CUDA_MAJORS[0]);
         return Err(format!(
             "CUDA backend: {} ({}) is neither on the loader's path nor in a Python environment's NVIDIA \
              wheels (searched {}): pip install {} (or put a CUDA toolkit's lib64 on LD_LIBRARY_PATH)",
@@ -299,7 +307,11 @@ pub fn loader_path(name: &str, symbol: &CStr) -> Option<PathBuf> {
             && libc::dladdr(address, &mut info) != 0
             && !info.dli_fname.is_null()
         {
-            PathBuf::from(CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned())
+            PathBuf::from(
+                CStr::from_ptr(info.dli_fname)
+                    .to_string_lossy()
+                    .into_owned(),
+            )
         } else {
             PathBuf::from(name)
         };
@@ -312,11 +324,9 @@ pub fn loader_path(name: &str, symbol: &CStr) -> Option<PathBuf> {
 /// folders: those near the binary and the active environments first, then those `python3` reports.
 pub fn find_in_python_environment(file_names: &[&str]) -> Option<PathBuf> {
     let search = |dirs: &[PathBuf]| {
-        file_names.iter().find_map(|name| {
-            dirs.iter()
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
+        file_names
+            .iter()
+            .find_map(|name| dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()))
     };
     search(&nearby_library_dirs()).or_else(|| search(python_reported_library_dirs()))
 }

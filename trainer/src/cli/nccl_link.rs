@@ -52,7 +52,10 @@ pub fn relaunch_with_nccl_link_if_needed() -> Result<()> {
         .env("LD_LIBRARY_PATH", library_path)
         .env(LINK_DIR_VAR, &link_dir)
         .exec();
-    bail!("restarting {} with NCCL on LD_LIBRARY_PATH: {err}", exe.display())
+    bail!(
+        "restarting {} with NCCL on LD_LIBRARY_PATH: {err}",
+        exe.display()
+    )
 }
 
 /// `$XDG_CACHE_HOME`, else `~/.cache`, else the temp folder.
