@@ -60,11 +60,15 @@ def main():
         for f in files:
             table.update(declared(os.path.join(src, f), prefix))
         used = sorted(n for n in table if n.encode() in data)
+        if prefix == "cuda" and "cuInit" not in used:
+            sys.exit(f"error: {args.binary} calls no CUDA function (cuInit): not a --features cuda build?")
         restricted = {n: table[n] for n in used if table[n] is not None}
         all_versions = sorted({v for vs in table.values() if vs for v in vs})
         oldest = next(
             (v for v in all_versions if all(v in vs for vs in restricted.values())), None
         )
+        if not restricted:
+            oldest = f"every version cudarc binds ({min(all_versions)}+)"
         print(f"{prefix}: {len(used)} functions used; oldest version declaring all: {oldest}")
         for n, vs in sorted(restricted.items()):
             print(f"  {n}: from {min(vs)}")
