@@ -14,8 +14,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
 work=$(mktemp -d)
 python=$(readlink -f "$torch_venv/bin/python")
-"$python" -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q --no-index "$wheel"
+# A venv without its own pip (ensurepip may be missing); the torch venv's pip installs into it.
+"$python" -m venv --without-pip "$work/venv"
+"$torch_venv/bin/python" -m pip install -q --no-index --no-deps --prefix "$work/venv" "$wheel"
+[ -x "$work/venv/bin/fuselora" ] || { echo "error: the wheel put no fuselora in $work/venv/bin" >&2; exit 1; }
 torch_site=$("$torch_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 venv_site=$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$torch_site" >"$venv_site/torch-site.pth"
