@@ -5,10 +5,30 @@ use std::process::ExitCode;
 
 mod cli;
 
+/// `fuselora -V`: the version and commit.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("FUSELORA_GIT_COMMIT"),
+    ")"
+);
+
+/// `fuselora --version`: also the CUDA bindings and the features built in (set by build.rs).
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("FUSELORA_GIT_COMMIT"),
+    "\nCUDA: ",
+    env!("FUSELORA_CUDA"),
+    "\nfeatures: ",
+    env!("FUSELORA_FEATURES")
+);
+
 #[derive(Parser)]
 #[command(
     name = "fuselora",
-    version,
+    version = VERSION,
+    long_version = LONG_VERSION,
     about = "LoRA / QLoRA fine-tuning of Llama- and Mistral-family models"
 )]
 struct Cli {
@@ -42,6 +62,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "cuda")]
+    if let Err(e) = cli::nccl_link::relaunch_with_nccl_link_if_needed() {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Bench(args) => cli::bench::run_cli(args),
         Command::CheckReference(args) => cli::check_reference::run(args),
@@ -60,5 +85,38 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn long_version_names_commit_cuda_and_features() {
+        let text = Cli::command().render_long_version();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], concat!("fuselora ", env!("CARGO_PKG_VERSION")));
+        let commit = lines[1].strip_prefix("commit: ").unwrap();
+        assert!(
+            commit == "unknown"
+                || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{commit}"
+        );
+        let cuda = lines[2].strip_prefix("CUDA: ").unwrap();
+        assert_eq!(
+            cuda.starts_with("bindings for CUDA 1"),
+            cfg!(feature = "cuda"),
+            "{cuda}"
+        );
+        let features = lines[3].strip_prefix("features: ").unwrap();
+        let expected = match (cfg!(feature = "cuda"), cfg!(feature = "mpi")) {
+            (true, true) => "cuda, mpi",
+            (true, false) => "cuda",
+            (false, true) => "mpi",
+            (false, false) => "none (CPU only)",
+        };
+        assert_eq!(features, expected);
     }
 }

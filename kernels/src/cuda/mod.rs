@@ -3,15 +3,16 @@
 //! device's architecture. Everything runs in order on one stream; tensors come from a caching pool.
 //!
 //! CUDA libraries are loaded at run time (cudarc's dynamic loading): the binary builds without
-//! CUDA and finds libcuda, libcublas and libnvrtc through the loader's search path. The bindings'
-//! CUDA version is a build-time choice (see kernels/README.md): 13.0 by default, 12.x with
-//! `CUDARC_CUDA_VERSION=12080`.
+//! CUDA and finds libcuda, libcublas and libnvrtc through the loader's search path or, failing
+//! that, in the Python environment's NVIDIA wheels (`libraries`). The bindings' CUDA version is a
+//! build-time choice (see kernels/README.md): 13.0 by default, 12.x with `CUDARC_CUDA_VERSION=12080`.
 
 mod attention;
 pub mod compile;
 mod gemm;
 mod generation;
 mod launch;
+pub mod libraries;
 mod lm_head;
 mod nf4;
 mod optimizer;
@@ -58,39 +59,12 @@ pub(crate) fn suffix(d: DType) -> &'static str {
     d.name()
 }
 
-fn libraries_present() -> Result<()> {
-    let missing: Vec<&str> = [
-        ("libcuda (the NVIDIA driver)", unsafe {
-            cudarc::driver::sys::is_culib_present()
-        }),
-        ("libcublas", unsafe {
-            cudarc::cublas::sys::is_culib_present()
-        }),
-        ("libnvrtc", unsafe {
-            cudarc::nvrtc::sys::is_culib_present()
-        }),
-    ]
-    .into_iter()
-    .filter(|(_, present)| !present)
-    .map(|(name, _)| name)
-    .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(KernelError::Unsupported(format!(
-            "CUDA backend: could not load {}; install the CUDA toolkit or the pip wheels nvidia-cublas and \
-             nvidia-cuda-nvrtc, and put their lib folders on LD_LIBRARY_PATH",
-            missing.join(", ")
-        )))
-    }
-}
-
 impl CudaBackend {
     /// Opens device `device_ordinal` (the rank's local GPU), compiles or loads the kernels for its
     /// architecture and computes in `dtype`: bf16 needs compute capability 8.0+, f16 runs on 7.0+,
     /// f32 everywhere.
     pub fn new(device_ordinal: usize, dtype: DType) -> Result<Self> {
-        libraries_present()?;
+        let libraries = libraries::load()?;
         let ctx = CudaContext::new(device_ordinal).map_err(device_err("open device"))?;
         // One stream: ordering is the stream's, so per-buffer events are not needed.
         unsafe { ctx.disable_event_tracking() };
@@ -110,9 +84,16 @@ impl CudaBackend {
         let mut functions = HashMap::new();
         for source in compile::KERNEL_SOURCES {
             let ptx = compile::cached_ptx(source, arch)?;
-            let module = ctx
-                .load_module(Ptx::from_src(ptx))
-                .map_err(device_err("load kernel module"))?;
+            let module = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+                let mut message = format!("{e:?}");
+                if let Some(problem) = libraries.ptx_version_problem() {
+                    message = format!("{message}: {problem}");
+                }
+                KernelError::Device {
+                    op: "load kernel module",
+                    message,
+                }
+            })?;
             for name in (source.entry_points)() {
                 let f = module
                     .load_function(&name)

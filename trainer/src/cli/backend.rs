@@ -63,6 +63,9 @@ fn on_cuda<T: BackendTask>(dtype: DType, task: T, required: bool) -> Result<T::O
                 "auto: a GPU is present"
             };
             eprintln!("backend: {} — {why}", be.describe());
+            if let Ok(libraries) = kernels::cuda::libraries::load() {
+                eprintln!("cuda: {}", libraries.describe());
+            }
             task.run(&be)
         }
         Err(e) if !required => on_cpu(

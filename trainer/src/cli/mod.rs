@@ -8,6 +8,8 @@ pub mod generate;
 pub mod import_gguf;
 pub mod launch;
 pub mod merge;
+#[cfg(feature = "cuda")]
+pub mod nccl_link;
 pub mod plan;
 pub mod prepare_data;
 pub mod train;
