@@ -29,6 +29,8 @@ fn main() -> Result<()> {
         steps: 1,
         seed: 0,
         peak_tflops: None,
+        profile: false,
+        quantize: None,
     };
     let steps = number(3, "3")?;
     let be = CpuBackend::new();
