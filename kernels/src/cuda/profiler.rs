@@ -3,7 +3,7 @@
 //! Off (the default) it costs one mutex check per launch.
 
 use super::device_err;
-use crate::{OpTime, Result};
+use crate::{KernelError, OpTime, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use std::sync::{Arc, Mutex};
@@ -84,12 +84,46 @@ impl Profiler {
             .unwrap_or_default();
         let mut timed = Vec::with_capacity(records.len());
         for r in records {
-            let ms = r
-                .start
-                .elapsed_ms(&r.end)
-                .map_err(device_err("profile event"))?;
-            timed.push((r.name, ms as f64, r.flops));
+            r.end.synchronize().map_err(device_err("profile event"))?;
+            timed.push((r.name, elapsed_ms(&r.start, &r.end)? as f64, r.flops));
         }
         Ok(crate::summarise_op_times(timed))
     }
+}
+
+/// The time between two completed events, through `cuEventElapsedTime` looked up in the loaded
+/// libcuda by name: every driver exports it, while the `_v2` that cudarc's CUDA 13 bindings call
+/// needs a 12.8+ driver and would narrow the drivers the binary runs on (scripts/cuda-symbols.py).
+fn elapsed_ms(start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
+    type ElapsedFn = unsafe extern "C" fn(
+        *mut f32,
+        cudarc::driver::sys::CUevent,
+        cudarc::driver::sys::CUevent,
+    ) -> cudarc::driver::sys::CUresult;
+    let unavailable = |what: &str| KernelError::Device {
+        op: "profile event",
+        message: format!("{what}; profiling needs libcuda's cuEventElapsedTime"),
+    };
+    // SAFETY: libcuda.so.1 is already loaded by the backend (RTLD_NOLOAD only finds it); the symbol
+    // has this C signature in every CUDA driver.
+    let f: ElapsedFn = unsafe {
+        let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if lib.is_null() {
+            return Err(unavailable("libcuda.so.1 is not loaded"));
+        }
+        let sym = libc::dlsym(lib, c"cuEventElapsedTime".as_ptr());
+        if sym.is_null() {
+            return Err(unavailable("libcuda.so.1 has no cuEventElapsedTime"));
+        }
+        std::mem::transmute::<*mut libc::c_void, ElapsedFn>(sym)
+    };
+    let mut ms = 0.0f32;
+    // SAFETY: both events are live, recorded and complete (synchronized above).
+    let status = unsafe { f(&mut ms, start.cu_event(), end.cu_event()) };
+    if status != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        return Err(unavailable(&format!(
+            "cuEventElapsedTime failed ({status:?})"
+        )));
+    }
+    Ok(ms)
 }

@@ -7,9 +7,9 @@ use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::{describe, run, BenchResult, BenchSpec, PRESETS};
+use trainer::model::QuantizeNf4;
 use trainer::train::config::{BackendKind, ComputeDType};
 use trainer::train::distributed::Distributed;
-use trainer::model::QuantizeNf4;
 use trainer::train::grad_reduce::GradReducer;
 
 #[derive(clap::Args)]

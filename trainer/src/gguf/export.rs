@@ -15,10 +15,10 @@ use super::quant::QuantType;
 use super::reader::MetaValue;
 use super::vocab::tokenizer_metadata;
 use super::writer::{GgufWriter, TensorEntry};
+use crate::arch::{ModelConfig, Projection};
 use crate::lora::peft;
 use crate::merge::MergedTensors;
 use crate::model::weights::to_f32;
-use crate::arch::{ModelConfig, Projection};
 use anyhow::{anyhow, bail, Context, Result};
 use kernels::cpu::CpuBackend;
 use kernels::rope::{RopeConfig, RopeScaling};
@@ -180,8 +180,13 @@ pub fn export_lora_gguf(
                 continue;
             };
             let hf = format!("{}.weight", p.module_path(layer));
-            let (gguf, rows) = gguf_name(&hf, config.num_heads, config.num_kv_heads, rope_permuted(&config))
-                .ok_or_else(|| anyhow!("projection `{hf}` has no llama.cpp name"))?;
+            let (gguf, rows) = gguf_name(
+                &hf,
+                config.num_heads,
+                config.num_kv_heads,
+                rope_permuted(&config),
+            )
+            .ok_or_else(|| anyhow!("projection `{hf}` has no llama.cpp name"))?;
             for (suffix, index, rows) in [
                 ("lora_a", slot.a, Rows::AsStored),
                 ("lora_b", slot.a + 1, rows),

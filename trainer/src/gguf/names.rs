@@ -212,7 +212,10 @@ mod tests {
             hf_name("blk.3.ffn_norm.weight", 9, 3, true).unwrap().0,
             "model.layers.3.post_attention_layernorm.weight"
         );
-        assert_eq!(hf_name("output.weight", 9, 3, true).unwrap().0, "lm_head.weight");
+        assert_eq!(
+            hf_name("output.weight", 9, 3, true).unwrap().0,
+            "lm_head.weight"
+        );
         assert_eq!(hf_name("rope_freqs.weight", 9, 3, true), None);
         for gguf in [
             "blk.12.attn_k.weight",

@@ -39,7 +39,8 @@ const MEASURED: [(&str, usize, usize, f64, f64); 4] = [
 #[test]
 fn the_bench_presets_are_predicted_within_5_percent_of_memory_and_15_percent_of_speed() {
     for (name, batch, seq, peak_gib, tokens_per_s) in MEASURED {
-        let plan = Plan::account(&PlanSpec::from_preset(name, batch, seq, true, 1).unwrap()).unwrap();
+        let plan =
+            Plan::account(&PlanSpec::from_preset(name, batch, seq, true, 1).unwrap()).unwrap();
         let peak = plan.memory.pool_peak(plan.outside_pool) as f64 / GIB;
         let tps = plan.tokens_per_s(GpuKind::H200).unwrap();
         println!(
