@@ -154,7 +154,7 @@ impl CudaBackend {
                 Arg::I32(window),
                 Arg::F32(scale),
             ];
-            let flops = 4.0 * (heads * head_dim) as f64 * layout.visible_pairs() as f64;
+            let flops = || 4.0 * (heads * head_dim) as f64 * layout.visible_pairs() as f64;
             self.launch_counted(
                 &name,
                 grid,
@@ -298,7 +298,7 @@ impl CudaBackend {
             args.extend([Arg::I32(window), Arg::F32(scale)]);
             // Backward: dV = PᵀdO, dP = dO Vᵀ, dS → dQ = dS K, dK = dSᵀQ, plus S = QKᵀ again:
             // five products against the forward's two, so 2.5× its FLOPs.
-            let flops = 10.0 * (heads * head_dim) as f64 * layout.visible_pairs() as f64;
+            let flops = || 10.0 * (heads * head_dim) as f64 * layout.visible_pairs() as f64;
             self.launch_counted(
                 &name,
                 grid,

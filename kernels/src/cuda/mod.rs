@@ -187,10 +187,11 @@ impl CudaBackend {
         shared: u32,
         args: &[Arg],
     ) -> Result<()> {
-        self.launch_counted(name, grid, block, shared, args, 0.0)
+        self.launch_counted(name, grid, block, shared, args, || 0.0)
     }
 
-    /// [`CudaBackend::launch`] for a kernel whose floating-point operations the profile counts.
+    /// [`CudaBackend::launch`] for a kernel whose floating-point operations the profile counts
+    /// (`flops` is evaluated only while profiling).
     pub(crate) fn launch_counted(
         &self,
         name: &str,
@@ -198,7 +199,7 @@ impl CudaBackend {
         block: u32,
         shared: u32,
         args: &[Arg],
-        flops: f64,
+        flops: impl FnOnce() -> f64,
     ) -> Result<()> {
         self.timed(
             || name.to_string(),
@@ -214,7 +215,7 @@ impl CudaBackend {
     pub(crate) fn timed(
         &self,
         name: impl FnOnce() -> String,
-        flops: f64,
+        flops: impl FnOnce() -> f64,
         op: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         let timing = self.profiler.begin(&self.ctx, &self.stream)?;
@@ -268,7 +269,7 @@ impl CudaBackend {
         let stream = &self.stream;
         self.timed(
             || "memset".to_string(),
-            0.0,
+            || 0.0,
             || match t.storage.as_mut() {
                 Some(Storage::F32(s)) if !s.is_empty() => {
                     stream.memset_zeros(s).map_err(device_err("memset"))

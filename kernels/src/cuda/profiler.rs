@@ -54,7 +54,7 @@ impl Profiler {
         ctx: &Arc<CudaContext>,
         stream: &CudaStream,
         name: impl FnOnce() -> String,
-        flops: f64,
+        flops: impl FnOnce() -> f64,
     ) -> Result<()> {
         let Some(Timing { start }) = timing else {
             return Ok(());
@@ -66,7 +66,7 @@ impl Profiler {
         if let Some(records) = self.records.lock().expect("profiler lock").as_mut() {
             records.push(Record {
                 name: name(),
-                flops,
+                flops: flops(),
                 start,
                 end,
             });
@@ -83,30 +83,42 @@ impl Profiler {
             .take()
             .unwrap_or_default();
         let mut timed = Vec::with_capacity(records.len());
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let elapsed = event_elapsed_fn()?;
         for r in records {
             r.end.synchronize().map_err(device_err("profile event"))?;
-            timed.push((r.name, elapsed_ms(&r.start, &r.end)? as f64, r.flops));
+            timed.push((
+                r.name,
+                elapsed_ms(elapsed, &r.start, &r.end)? as f64,
+                r.flops,
+            ));
         }
         Ok(crate::summarise_op_times(timed))
     }
 }
 
-/// The time between two completed events, through `cuEventElapsedTime` looked up in the loaded
-/// libcuda by name: every driver exports it, while the `_v2` that cudarc's CUDA 13 bindings call
-/// needs a 12.8+ driver and would narrow the drivers the binary runs on (scripts/cuda-symbols.py).
-fn elapsed_ms(start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
-    type ElapsedFn = unsafe extern "C" fn(
-        *mut f32,
-        cudarc::driver::sys::CUevent,
-        cudarc::driver::sys::CUevent,
-    ) -> cudarc::driver::sys::CUresult;
-    let unavailable = |what: &str| KernelError::Device {
+type ElapsedFn = unsafe extern "C" fn(
+    *mut f32,
+    cudarc::driver::sys::CUevent,
+    cudarc::driver::sys::CUevent,
+) -> cudarc::driver::sys::CUresult;
+
+fn unavailable(what: &str) -> KernelError {
+    KernelError::Device {
         op: "profile event",
         message: format!("{what}; profiling needs libcuda's cuEventElapsedTime"),
-    };
+    }
+}
+
+/// `cuEventElapsedTime`, looked up in the loaded libcuda by name: every driver exports it, while the
+/// `_v2` that cudarc's CUDA 13 bindings call needs a 12.8+ driver and would narrow the drivers the
+/// binary runs on (scripts/cuda-symbols.py).
+fn event_elapsed_fn() -> Result<ElapsedFn> {
     // SAFETY: libcuda.so.1 is already loaded by the backend (RTLD_NOLOAD only finds it); the symbol
     // has this C signature in every CUDA driver.
-    let f: ElapsedFn = unsafe {
+    unsafe {
         let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
         if lib.is_null() {
             return Err(unavailable("libcuda.so.1 is not loaded"));
@@ -115,10 +127,14 @@ fn elapsed_ms(start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
         if sym.is_null() {
             return Err(unavailable("libcuda.so.1 has no cuEventElapsedTime"));
         }
-        std::mem::transmute::<*mut libc::c_void, ElapsedFn>(sym)
-    };
+        Ok(std::mem::transmute::<*mut libc::c_void, ElapsedFn>(sym))
+    }
+}
+
+/// Milliseconds between two completed events.
+fn elapsed_ms(f: ElapsedFn, start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
     let mut ms = 0.0f32;
-    // SAFETY: both events are live, recorded and complete (synchronized above).
+    // SAFETY: both events are live, recorded and complete (synchronized by the caller).
     let status = unsafe { f(&mut ms, start.cu_event(), end.cu_event()) };
     if status != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
         return Err(unavailable(&format!(

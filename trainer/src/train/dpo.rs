@@ -24,8 +24,8 @@ use super::distributed::Distributed;
 use super::dpo_reference;
 use super::method::{LayerHook, Method, StepContext, Sums};
 use super::pairs::{
-    backward_from_sequences, log_sigmoid, pair_logps, sequence_logps, sigmoid, PairLogps,
-    PairMicroBatch, PreferenceData, TargetSequences,
+    backward_from_sequences, log_sigmoid, pair_logps, reward_metrics, sequence_logps, sigmoid,
+    PairLogps, PairMicroBatch, PreferenceData, TargetSequences,
 };
 use crate::lora::LoraParams;
 use crate::model::{Batch, Decoder};
@@ -148,17 +148,18 @@ impl Sums for DpoSums {
     /// Means over the pairs, named as TRL logs them.
     fn metrics(&self) -> Vec<(&'static str, f64)> {
         let n = self.pairs.max(1.0);
-        vec![
-            ("rewards/chosen", self.chosen_rewards / n),
-            ("rewards/rejected", self.rejected_rewards / n),
-            ("rewards/accuracies", self.correct / n),
-            (
-                "rewards/margins",
-                (self.chosen_rewards - self.rejected_rewards) / n,
-            ),
+        let mut metrics = reward_metrics(
+            self.chosen_rewards,
+            self.rejected_rewards,
+            self.correct,
+            self.pairs,
+        )
+        .to_vec();
+        metrics.extend([
             ("logps/chosen", self.policy_chosen / n),
             ("logps/rejected", self.policy_rejected / n),
-        ]
+        ]);
+        metrics
     }
 
     fn counts(&self) -> Vec<(&'static str, u64)> {

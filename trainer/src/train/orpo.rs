@@ -15,8 +15,8 @@
 use super::config::{OrpoSection, RunConfig};
 use super::method::{LayerHook, Method, StepContext, Sums};
 use super::pairs::{
-    backward_from_sequences, log_sigmoid, sequence_logps, sigmoid, PairMicroBatch, PreferenceData,
-    TargetSequences,
+    backward_from_sequences, log_sigmoid, reward_metrics, sequence_logps, sigmoid, PairMicroBatch,
+    PreferenceData, TargetSequences,
 };
 use crate::lora::LoraParams;
 use crate::model::{Batch, Decoder};
@@ -133,20 +133,21 @@ impl Sums for OrpoSums {
     /// Means over the pairs, named as TRL's `ORPOTrainer` logs them.
     fn metrics(&self) -> Vec<(&'static str, f64)> {
         let n = self.pairs.max(1.0);
-        vec![
-            ("rewards/chosen", self.chosen_rewards / n),
-            ("rewards/rejected", self.rejected_rewards / n),
-            ("rewards/accuracies", self.correct / n),
-            (
-                "rewards/margins",
-                (self.chosen_rewards - self.rejected_rewards) / n,
-            ),
+        let mut metrics = reward_metrics(
+            self.chosen_rewards,
+            self.rejected_rewards,
+            self.correct,
+            self.pairs,
+        )
+        .to_vec();
+        metrics.extend([
             ("logps/chosen", self.chosen_avg_logp / n),
             ("logps/rejected", self.rejected_avg_logp / n),
             ("nll_loss", self.nll_loss()),
             ("log_odds_ratio", self.log_odds_ratio / n),
             ("log_odds_chosen", self.log_odds / n),
-        ]
+        ]);
+        metrics
     }
 
     fn counts(&self) -> Vec<(&'static str, u64)> {
