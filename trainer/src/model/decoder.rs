@@ -396,10 +396,10 @@ impl<B: Backend> Decoder<B> {
             CeGrad::None
         };
         let (logp, dnormed) = self.head(be, &acts, &batch.targets, grad)?;
-        let nll = -be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>();
         if let (Some(lp), Some(d)) = (lora.as_deref_mut(), dnormed) {
             self.backward_with_hook(be, Some(lp), batch, acts, &d, after_layer)?;
         }
-        Ok(nll)
+        // Read after the backward is queued, so the device never waits for the host mid-step.
+        Ok(-be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>())
     }
 }
