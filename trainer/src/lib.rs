@@ -12,9 +12,14 @@
 //! - [`train`]: the run config, schedules, the training loop and checkpoints.
 //! - [`generate`]: sampling and generation with a KV cache.
 //! - [`io`]: atomic file writes.
+//! - [`output_dir`]: output folders owned by one writer, written whole (staged and renamed).
+//! - [`finite`]: refusing to save tensors with NaN or infinite values.
+//! - [`crash`]: the crash report printed on a panic.
 
 pub mod bench;
+pub mod crash;
 pub mod data;
+pub mod finite;
 pub mod generate;
 pub mod gguf;
 pub mod io;
@@ -22,6 +27,7 @@ pub mod lora;
 pub mod merge;
 pub mod model;
 pub mod optim;
+pub mod output_dir;
 pub mod reference;
 pub mod tokenizer;
 pub mod train;

@@ -37,6 +37,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    trainer::crash::install(env!("CARGO_PKG_VERSION"));
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => cli::bench::run_cli(args),

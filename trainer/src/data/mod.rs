@@ -6,6 +6,8 @@ pub mod batching;
 pub mod pair_batching;
 pub mod preference;
 pub mod records;
+pub mod check;
 pub mod source;
+pub mod text;
 pub mod token_shards;
 pub mod tokenize;

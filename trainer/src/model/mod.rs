@@ -8,6 +8,7 @@ mod layer;
 mod linear;
 mod proj_weight;
 mod projection;
+pub mod validate;
 pub mod weights;
 
 #[cfg(test)]

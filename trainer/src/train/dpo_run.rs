@@ -256,8 +256,9 @@ pub fn train_dpo<B: GradReducer>(
     if dist.world_size() > 1 && cfg.dpo.precompute_ref {
         bail!("dpo.precompute_ref = true is for one rank: set it to false for data-parallel DPO (each rank then computes its pairs' reference log-probabilities as it goes)");
     }
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create output folder {}", out.display()))?;
+    let _folder = main
+        .then(|| crate::output_dir::claim_for_run(cfg, &resume))
+        .transpose()?;
     let model_config = ModelConfig::load(&cfg.model.path)?;
     let tokenizer = Tokenizer::load(&cfg.model.path)?;
     let model = Decoder::load_with(
@@ -308,6 +309,7 @@ pub fn train_dpo<B: GradReducer>(
     };
 
     let (mut lora, mut opt) = adapter_and_optimizer(be, cfg, &model.config)?;
+    let mut guard = super::nonfinite::NonFiniteGuard::new(cfg.train.max_nonfinite_steps);
     let mut stream = PairStream::new(
         data.train.len(),
         cfg.train.batch_size,
@@ -411,7 +413,9 @@ pub fn train_dpo<B: GradReducer>(
         let sums = sums.summed_over(dist)?;
         let tokens = dist.global_sum_u64(&[tokens as u64])?[0] as usize;
         let lr = schedule.lr(state.step);
-        let stats = opt.step(be, &mut lora, lr)?;
+        let stats = guard.step(state.step + 1, sums.mean_loss(), || {
+            opt.step(be, &mut lora, lr)
+        })?;
         state.step += 1;
         state.position = stream.position;
         state.tokens_seen += tokens as u64;
@@ -471,6 +475,7 @@ pub fn train_dpo<B: GradReducer>(
         adapter_dir: adapter_dir.clone(),
         preference: Some(data.train_stats.clone()),
         peak_memory_bytes: be.peak_memory_bytes(),
+        skipped_steps: guard.skipped,
     };
     let Some(log) = &mut log else {
         return Ok(summary);

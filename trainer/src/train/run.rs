@@ -15,11 +15,13 @@ use super::dump::BatchDump;
 use super::grad_reduce::GradReducer;
 use super::init::fresh_adapter;
 use super::metrics::{EvalRecord, MetricsLog, Progress, StepRecord};
+use super::nonfinite::NonFiniteGuard;
 use super::plot::plot_loss;
 use super::schedule::{Schedule, ScheduleKind};
 use super::stream::{DataStream, SharedExamples};
 use super::trace::ExampleTrace;
 use crate::data::batching::{epoch_batches, Batching, Example, HostBatch};
+use crate::data::check::check_examples;
 use crate::data::records::{read_file, Format, Record};
 use crate::data::source::ExampleSource;
 use crate::data::token_shards::{is_token_shard, TokenShards};
@@ -28,6 +30,7 @@ use crate::lora::{peft, LoraConfig, LoraParams};
 use crate::model::weights::WeightFiles;
 use crate::model::{Batch, Decoder, ModelConfig};
 use crate::optim::{AdamW, LossScaler};
+use crate::output_dir::{Overwrite, StagedDir};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use kernels::{AdamWParams, Backend};
@@ -61,6 +64,8 @@ pub struct Summary {
     pub adapter_dir: PathBuf,
     /// The most device memory held at once (`None` on the CPU).
     pub peak_memory_bytes: Option<u64>,
+    /// Steps skipped because their loss or gradients were not finite (or f16 overflowed).
+    pub skipped_steps: u64,
     /// DPO runs: the preference pairs' counts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preference: Option<crate::data::preference::PreferenceStats>,
@@ -124,8 +129,11 @@ pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
         cfg.model.quantize_nf4(),
     )
     .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
+    let vocab = model.config.vocab_size;
     if let Some(pretokenized) = prepare_token_shards(cfg)? {
         let (shards, eval) = pretokenized;
+        check_examples(&shards, vocab, "data.train", true, &|i| shards.origin(i))?;
+        check_examples(&eval, vocab, "data.validation", false, &|i| format!("example {i}"))?;
         let tokenizer = if cfg.model.path.join("tokenizer.json").is_file() {
             Some(Tokenizer::load(&cfg.model.path)?)
         } else {
@@ -192,6 +200,9 @@ pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
         let (e, s) = tokenize_records(&tokenizer, &eval_records, &formatting)?;
         (e, Some(s))
     };
+    let numbered = |i: usize| format!("example {i} (counting after tokenization)");
+    check_examples(&train, vocab, "data.train", true, &numbered)?;
+    check_examples(&eval, vocab, "data.validation", false, &numbered)?;
     let pad_id = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0) as i32;
     Ok(Prepared {
         model,
@@ -276,7 +287,10 @@ pub(crate) fn adapter_and_optimizer<B: Backend>(
     };
     let lora = match &cfg.lora.init_adapter {
         Some(dir) => peft::load(be, model, dir)?,
-        None => fresh_adapter(be, model, lora_config, cfg.train.seed)?,
+        None => {
+            crate::model::validate::check_lora_rank(model, cfg.lora.r, &lora_config.targets)?;
+            fresh_adapter(be, model, lora_config, cfg.train.seed)?
+        }
     };
     let hp = AdamWParams {
         lr: cfg.train.lr,
@@ -336,10 +350,9 @@ pub fn train_ranks<B: GradReducer>(
     let started = Instant::now();
     let out = &cfg.output.dir;
     let main = dist.is_main();
-    if main {
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("cannot create output folder {}", out.display()))?;
-    }
+    let _folder = main
+        .then(|| crate::output_dir::claim_for_run(cfg, &resume))
+        .transpose()?;
     let prep = prepare(be, cfg)?;
     let model = &prep.model;
     let pad_id = prep.pad_id;
@@ -351,6 +364,7 @@ pub fn train_ranks<B: GradReducer>(
     };
     let (mut lora, mut opt) = adapter_and_optimizer(be, cfg, &model.config)?;
     let mut scaler = LossScaler::for_dtype(be.compute_dtype());
+    let mut guard = NonFiniteGuard::new(cfg.train.max_nonfinite_steps);
     let mut stream = DataStream::new(
         prep.train.clone(),
         batching.clone(),
@@ -472,14 +486,16 @@ pub fn train_ranks<B: GradReducer>(
         let step_tokens = dist.global_sum_u64(&[local_tokens])?[0];
         let nll = dist.global_sum_f64(&[nll])?[0];
         let lr = schedule.lr(state.step);
-        let stats = opt.step_scaled(be, &mut lora, lr, &mut scaler)?;
+        let loss = nll / step_targets.max(1) as f64;
+        let stats = guard.step(state.step + 1, loss, || {
+            opt.step_scaled(be, &mut lora, lr, &mut scaler)
+        })?;
         state.step += 1;
         if let Some(d) = dump.as_mut() {
             d.write(state.step, &micro)?;
         }
         state.position = stream.position;
         state.tokens_seen += step_targets as u64;
-        let loss = nll / step_targets.max(1) as f64;
         final_loss = Some(loss);
         let record = StepRecord {
             step: state.step,
@@ -533,6 +549,7 @@ pub fn train_ranks<B: GradReducer>(
         adapter_dir: adapter_dir.clone(),
         peak_memory_bytes: be.peak_memory_bytes(),
         preference: None,
+        skipped_steps: guard.skipped,
     };
     let Some(log) = &mut log else {
         return Ok(summary);
@@ -570,7 +587,9 @@ pub(crate) fn write_final_outputs<B: Backend>(
         state,
         cfg.train.save_total_limit,
     )?;
-    peft::save(be, lora, base_model, &summary.adapter_dir)?;
+    let adapter = StagedDir::begin(&summary.adapter_dir, Overwrite::Replace, &[])?;
+    peft::save(be, lora, base_model, adapter.path())?;
+    adapter.commit()?;
     let (steps, evals) = super::metrics::read_steps(&out.join("metrics.jsonl"))?;
     let tmp_png = out.join(".loss.partial.png");
     plot_loss(&tmp_png, &steps, &evals)?;
@@ -602,6 +621,12 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
         lines.push(format!(
             "peak device memory {:.2} GiB",
             bytes as f64 / (1u64 << 30) as f64
+        ));
+    }
+    if s.skipped_steps > 0 {
+        lines.push(format!(
+            "{} steps skipped: their loss or gradients were not finite",
+            s.skipped_steps
         ));
     }
     if let Some(l) = s.final_loss {
