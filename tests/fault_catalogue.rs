@@ -132,7 +132,10 @@ fn case01_a_fresh_run_refuses_another_runs_folder() {
         text.contains("holds another run") && text.contains("checkpoint-2"),
         "{text}"
     );
-    assert!(text.contains("--resume") && text.contains("--overwrite"), "{text}");
+    assert!(
+        text.contains("--resume") && text.contains("--overwrite"),
+        "{text}"
+    );
     assert_eq!(entries(&out), before);
     assert_eq!(read(&out.join("metrics.jsonl")), metrics);
 
@@ -148,7 +151,10 @@ fn case01_a_fresh_run_refuses_another_runs_folder() {
     let model = dir.path().join("model");
     let set = format!("output.dir=\"{}\"", dir.path().display());
     let (ok, text) = train(&cfg, &["--overwrite", "--set", &set]);
-    assert!(!ok && text.contains("model.path") && text.contains("destroy"), "{text}");
+    assert!(
+        !ok && text.contains("model.path") && text.contains("destroy"),
+        "{text}"
+    );
     assert!(model.join("model.safetensors").exists());
 }
 
@@ -160,7 +166,10 @@ fn case02_resume_refuses_a_changed_adapter_layout() {
     let out = dir.path().join("out");
     assert!(train(&cfg, &["--set", "train.save_steps=0"]).0);
     let ckpt = out.join("checkpoint-2/adapter_model.safetensors");
-    let (ckpt_bytes, adapter_bytes) = (read(&ckpt), read(&out.join("adapter/adapter_model.safetensors")));
+    let (ckpt_bytes, adapter_bytes) = (
+        read(&ckpt),
+        read(&out.join("adapter/adapter_model.safetensors")),
+    );
     for (set, key) in [
         ("lora.targets=[\"q_proj\"]", "lora.targets"),
         ("lora.r=2", "lora.r"),
@@ -168,12 +177,24 @@ fn case02_resume_refuses_a_changed_adapter_layout() {
         ("lora.rslora=true", "lora.rslora"),
         ("train.seed=4", "seed"),
     ] {
-        let (ok, text) = train(&cfg, &["--resume", "--set", "train.max_steps=4", "--set", set]);
+        let (ok, text) = train(
+            &cfg,
+            &["--resume", "--set", "train.max_steps=4", "--set", set],
+        );
         assert!(!ok && text.contains(key), "--set {set}: {text}");
     }
     assert_eq!(read(&ckpt), ckpt_bytes);
-    assert_eq!(read(&out.join("adapter/adapter_model.safetensors")), adapter_bytes);
-    assert_eq!(entries(&out).iter().filter(|n| n.starts_with("checkpoint-")).count(), 1);
+    assert_eq!(
+        read(&out.join("adapter/adapter_model.safetensors")),
+        adapter_bytes
+    );
+    assert_eq!(
+        entries(&out)
+            .iter()
+            .filter(|n| n.starts_with("checkpoint-"))
+            .count(),
+        1
+    );
 }
 
 /// Case 3: merge and import-gguf never write in place, refuse a non-empty folder unless told,
@@ -203,7 +224,10 @@ fn case03_merge_and_import_refuse_in_place_and_leave_no_stale_files() {
     };
     for extra in [&[][..], &["--overwrite"][..]] {
         let (ok, text) = merge(&model, extra);
-        assert!(!ok && text.contains("--model") && text.contains("destroy"), "{text}");
+        assert!(
+            !ok && text.contains("--model") && text.contains("destroy"),
+            "{text}"
+        );
         let (ok, text) = merge(dir.path(), extra);
         assert!(!ok && text.contains("contains the input --model"), "{text}");
     }
@@ -211,10 +235,16 @@ fn case03_merge_and_import_refuse_in_place_and_leave_no_stale_files() {
 
     let out = dir.path().join("merged");
     std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("model.safetensors.index.json"), "{\"weight_map\": {}}").unwrap();
+    std::fs::write(
+        out.join("model.safetensors.index.json"),
+        "{\"weight_map\": {}}",
+    )
+    .unwrap();
     let (ok, text) = merge(&out, &[]);
     assert!(
-        !ok && text.contains("not empty") && text.contains("model.safetensors.index.json") && text.contains("--overwrite"),
+        !ok && text.contains("not empty")
+            && text.contains("model.safetensors.index.json")
+            && text.contains("--overwrite"),
         "{text}"
     );
     let (ok, text) = merge(&out, &["--overwrite"]);
@@ -226,12 +256,20 @@ fn case03_merge_and_import_refuse_in_place_and_leave_no_stale_files() {
     let gguf = gguf_dir.join("tiny.gguf");
     std::fs::copy(fixtures().join("gguf/tiny-llama.gguf"), &gguf).unwrap();
     let import = |out: &Path, extra: &[&str]| {
-        let mut args = vec!["import-gguf", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let mut args = vec![
+            "import-gguf",
+            gguf.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         fuselora(&args)
     };
     let (ok, text) = import(&gguf_dir, &["--overwrite"]);
-    assert!(!ok && text.contains("GGUF file") && text.contains("destroy"), "{text}");
+    assert!(
+        !ok && text.contains("GGUF file") && text.contains("destroy"),
+        "{text}"
+    );
     assert!(gguf.exists());
     let (ok, text) = import(&out, &[]);
     assert!(!ok && text.contains("not empty"), "{text}");
@@ -239,7 +277,8 @@ fn case03_merge_and_import_refuse_in_place_and_leave_no_stale_files() {
     assert!(ok, "{text}");
     let names = entries(&out);
     assert!(
-        names.contains(&"tokenizer.json".to_string()) && !names.contains(&"model.safetensors.index.json".to_string()),
+        names.contains(&"tokenizer.json".to_string())
+            && !names.contains(&"model.safetensors.index.json".to_string()),
         "{names:?}"
     );
 }
@@ -255,22 +294,43 @@ fn case04_nan_is_refused_at_load_or_stops_the_run_keeping_the_good_checkpoint() 
     let out = dir.path().join("out");
     let original_config = read(&model.join("config.json"));
     for (edit, key) in [
-        (("rope_parameters", serde_json::json!({"rope_theta": 0.0, "rope_type": "default"})), "rope_theta"),
+        (
+            (
+                "rope_parameters",
+                serde_json::json!({"rope_theta": 0.0, "rope_type": "default"}),
+            ),
+            "rope_theta",
+        ),
         (("rms_norm_eps", serde_json::json!(-1e-5)), "rms_norm_eps"),
-        (("rope_parameters", serde_json::json!({"rope_theta": 1e4, "rope_type": "linear", "factor": 0.0})), "rope_scaling.factor"),
+        (
+            (
+                "rope_parameters",
+                serde_json::json!({"rope_theta": 1e4, "rope_type": "linear", "factor": 0.0}),
+            ),
+            "rope_scaling.factor",
+        ),
     ] {
         edit_config(&model, |v| v[edit.0] = edit.1.clone());
         let (ok, text) = train(&cfg, &[]);
-        assert!(!ok && text.contains(key) && text.contains("config.json"), "{text}");
+        assert!(
+            !ok && text.contains(key) && text.contains("config.json"),
+            "{text}"
+        );
         std::fs::write(model.join("config.json"), &original_config).unwrap();
     }
     let good_weights = read(&model.join("model.safetensors"));
     edit_weights(&model, |t| {
-        let norm = t.iter_mut().find(|(n, ..)| n == "model.layers.1.input_layernorm.weight").unwrap();
+        let norm = t
+            .iter_mut()
+            .find(|(n, ..)| n == "model.layers.1.input_layernorm.weight")
+            .unwrap();
         norm.2[5] = f32::NAN;
     });
     let (ok, text) = train(&cfg, &[]);
-    assert!(!ok && text.contains("model.layers.1.input_layernorm.weight") && text.contains("NaN"), "{text}");
+    assert!(
+        !ok && text.contains("model.layers.1.input_layernorm.weight") && text.contains("NaN"),
+        "{text}"
+    );
     assert!(!out.exists(), "a run that fails at load leaves no folder");
 
     std::fs::write(model.join("model.safetensors"), &good_weights).unwrap();
@@ -280,19 +340,39 @@ fn case04_nan_is_refused_at_load_or_stops_the_run_keeping_the_good_checkpoint() 
     let adapter_bytes = read(&adapter);
     // Finite weights whose products overflow: the final norm at f32's largest value.
     edit_weights(&model, |t| {
-        let norm = t.iter_mut().find(|(n, ..)| n == "model.norm.weight").unwrap();
+        let norm = t
+            .iter_mut()
+            .find(|(n, ..)| n == "model.norm.weight")
+            .unwrap();
         norm.2.iter_mut().for_each(|x| *x = f32::MAX);
     });
-    let (ok, text) = train(&cfg, &["--resume", "--set", "train.max_steps=8", "--set", "train.save_total_limit=1"]);
+    let (ok, text) = train(
+        &cfg,
+        &[
+            "--resume",
+            "--set",
+            "train.max_steps=8",
+            "--set",
+            "train.save_total_limit=1",
+        ],
+    );
     assert!(!ok, "{text}");
     assert!(
-        text.contains("step 5") && text.contains("3 steps in a row") && text.contains("train.max_nonfinite_steps = 3"),
+        text.contains("step 5")
+            && text.contains("3 steps in a row")
+            && text.contains("train.max_nonfinite_steps = 3"),
         "{text}"
     );
     // Skipped steps change nothing: the one checkpoint kept holds the good adapter.
-    let kept: Vec<String> = entries(&out).into_iter().filter(|n| n.starts_with("checkpoint-")).collect();
+    let kept: Vec<String> = entries(&out)
+        .into_iter()
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
     assert_eq!(kept.len(), 1, "{kept:?}");
-    assert_eq!(read(&out.join(&kept[0]).join("adapter_model.safetensors")), ckpt_bytes);
+    assert_eq!(
+        read(&out.join(&kept[0]).join("adapter_model.safetensors")),
+        ckpt_bytes
+    );
     assert_eq!(read(&adapter), adapter_bytes);
 }
 
@@ -301,9 +381,14 @@ fn case04_nan_is_refused_at_load_or_stops_the_run_keeping_the_good_checkpoint() 
 fn case05_zero_heads_are_refused_by_key() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = run_config(dir.path());
-    edit_config(&dir.path().join("model"), |v| v["num_attention_heads"] = 0.into());
+    edit_config(&dir.path().join("model"), |v| {
+        v["num_attention_heads"] = 0.into()
+    });
     let (ok, text) = train(&cfg, &[]);
-    assert!(!ok && text.contains("num_attention_heads: 0") && text.contains("positive integer"), "{text}");
+    assert!(
+        !ok && text.contains("num_attention_heads: 0") && text.contains("positive integer"),
+        "{text}"
+    );
 }
 
 /// Case 6: an empty target list is refused before anything trains.
@@ -324,13 +409,23 @@ fn case07_unused_tensors_are_refused_by_name() {
     let model = dir.path().join("model");
     edit_config(&model, |v| v["num_hidden_layers"] = 2.into());
     let (ok, text) = train(&cfg, &[]);
-    assert!(!ok && text.contains("model.layers.2.") && text.contains("num_hidden_layers"), "{text}");
+    assert!(
+        !ok && text.contains("model.layers.2.") && text.contains("num_hidden_layers"),
+        "{text}"
+    );
     edit_config(&model, |v| v["num_hidden_layers"] = 3.into());
     edit_weights(&model, |t| {
-        t.push(("model.layers.0.self_attn.q_proj.bias".into(), vec![64], vec![0.0; 64]))
+        t.push((
+            "model.layers.0.self_attn.q_proj.bias".into(),
+            vec![64],
+            vec![0.0; 64],
+        ))
     });
     let (ok, text) = train(&cfg, &[]);
-    assert!(!ok && text.contains("q_proj.bias") && text.contains("no biases"), "{text}");
+    assert!(
+        !ok && text.contains("q_proj.bias") && text.contains("no biases"),
+        "{text}"
+    );
 }
 
 /// Case 8: an adapter with fully trained modules (`modules_to_save`) is refused, not half-merged.
@@ -340,7 +435,11 @@ fn case08_an_adapter_with_modules_to_save_is_refused() {
     let adapter = dir.path().join("adapter");
     std::fs::create_dir_all(&adapter).unwrap();
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fixtures().join("tiny-llama/adapter").join(f), adapter.join(f)).unwrap();
+        std::fs::copy(
+            fixtures().join("tiny-llama/adapter").join(f),
+            adapter.join(f),
+        )
+        .unwrap();
     }
     edit_config_file(&adapter.join("adapter_config.json"), |v| {
         v["modules_to_save"] = serde_json::json!(["lm_head"])
@@ -356,8 +455,14 @@ fn case08_an_adapter_with_modules_to_save_is_refused() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(!ok && text.contains("modules_to_save") && text.contains("lm_head"), "{text}");
-    assert!(!out.exists() && entries(dir.path()) == vec!["adapter"], "nothing is left behind");
+    assert!(
+        !ok && text.contains("modules_to_save") && text.contains("lm_head"),
+        "{text}"
+    );
+    assert!(
+        !out.exists() && entries(dir.path()) == vec!["adapter"],
+        "nothing is left behind"
+    );
 }
 
 fn edit_config_file(path: &Path, edit: impl Fn(&mut serde_json::Value)) {
@@ -388,7 +493,10 @@ fn case09_token_shards_without_labels_or_with_foreign_ids_are_refused() {
     shard(&unlabelled, &vec![((1..20).collect(), vec![-100; 19]); 8]);
     let set = format!("data.train=[\"{}\"]", unlabelled.display());
     let (ok, text) = train(&cfg, &["--set", &set]);
-    assert!(!ok && text.contains("no token to train on") && text.contains("-100"), "{text}");
+    assert!(
+        !ok && text.contains("no token to train on") && text.contains("-100"),
+        "{text}"
+    );
 
     let foreign = dir.path().join("foreign.tokens");
     let mut examples = vec![((1..20).collect::<Vec<i32>>(), (1..20).collect::<Vec<i32>>()); 8];
@@ -397,7 +505,9 @@ fn case09_token_shards_without_labels_or_with_foreign_ids_are_refused() {
     let set = format!("data.train=[\"{}\"]", foreign.display());
     let (ok, text) = train(&cfg, &["--set", &set]);
     assert!(
-        !ok && text.contains("foreign.tokens example 6") && text.contains("token id 5000") && text.contains("vocab_size 320"),
+        !ok && text.contains("foreign.tokens example 6")
+            && text.contains("token id 5000")
+            && text.contains("vocab_size 320"),
         "{text}"
     );
 }
@@ -408,17 +518,29 @@ fn case10_generate_refuses_bad_sampling_and_an_empty_prompt() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_chat_model(dir.path(), "model");
     let generate = |extra: &[&str]| {
-        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--max-new-tokens", "2"];
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-new-tokens",
+            "2",
+        ];
         args.extend_from_slice(extra);
         fuselora(&args)
     };
     for t in ["NaN", "-1", "inf"] {
         let (ok, text) = generate(&["--prompt", "hi", &format!("--temperature={t}")]);
-        assert!(!ok && text.contains("--temperature") && text.contains("≥ 0"), "{t}: {text}");
+        assert!(
+            !ok && text.contains("--temperature") && text.contains("≥ 0"),
+            "{t}: {text}"
+        );
     }
     for p in ["0", "2"] {
         let (ok, text) = generate(&["--prompt", "hi", "--temperature", "1", "--top-p", p]);
-        assert!(!ok && text.contains("--top-p") && text.contains("(0, 1]"), "{p}: {text}");
+        assert!(
+            !ok && text.contains("--top-p") && text.contains("(0, 1]"),
+            "{p}: {text}"
+        );
     }
     let (ok, text) = generate(&["--prompt", "", "--raw"]);
     assert!(!ok && text.contains("--prompt is empty"), "{text}");
@@ -436,9 +558,16 @@ fn case11_bad_data_and_settings_get_messages_that_say_what_and_where() {
         std::fs::write(&p, bytes).unwrap();
         format!("data.train=[\"{}\"]", p.display())
     };
-    let pretty = data("pretty.json", b"{\n  \"instruction\": \"Hi\",\n  \"output\": \"Hello\"\n}\n");
+    let pretty = data(
+        "pretty.json",
+        b"{\n  \"instruction\": \"Hi\",\n  \"output\": \"Hello\"\n}\n",
+    );
     let (ok, text) = train(&cfg, &["--set", &pretty]);
-    assert!(!ok && text.contains("pretty.json holds one JSON object over 4 lines") && text.contains("JSON Lines"), "{text}");
+    assert!(
+        !ok && text.contains("pretty.json holds one JSON object over 4 lines")
+            && text.contains("JSON Lines"),
+        "{text}"
+    );
 
     // A byte-order mark is read through: the run trains.
     let mut with_bom = b"\xef\xbb\xbf".to_vec();
@@ -452,20 +581,49 @@ fn case11_bad_data_and_settings_get_messages_that_say_what_and_where() {
     latin1.extend(b"\n{\"instruction\": \"Caf\xe9?\", \"output\": \"Oui.\"}\n");
     let latin1 = data("latin1.jsonl", &latin1);
     let (ok, text) = train(&cfg, &["--set", &latin1]);
-    assert!(!ok && text.contains("latin1.jsonl:41: not valid UTF-8") && text.contains("skip_bad_records"), "{text}");
-    let (ok, text) = train(&cfg, &["--set", &latin1, "--set", "data.skip_bad_records=true", "--set", "train.max_steps=1"]);
-    assert!(ok && text.contains("latin1.jsonl:41: not valid UTF-8") && text.contains("1 bad records skipped"), "{text}");
+    assert!(
+        !ok && text.contains("latin1.jsonl:41: not valid UTF-8")
+            && text.contains("skip_bad_records"),
+        "{text}"
+    );
+    let (ok, text) = train(
+        &cfg,
+        &[
+            "--set",
+            &latin1,
+            "--set",
+            "data.skip_bad_records=true",
+            "--set",
+            "train.max_steps=1",
+        ],
+    );
+    assert!(
+        ok && text.contains("latin1.jsonl:41: not valid UTF-8")
+            && text.contains("1 bad records skipped"),
+        "{text}"
+    );
     std::fs::remove_dir_all(dir.path().join("out")).unwrap();
 
     let model = dir.path().join("model");
     let tokenizer = read(&model.join("tokenizer.json"));
-    std::fs::write(model.join("tokenizer.json"), b"{\"version\": \"1.0\", \"model\": 3}").unwrap();
+    std::fs::write(
+        model.join("tokenizer.json"),
+        b"{\"version\": \"1.0\", \"model\": 3}",
+    )
+    .unwrap();
     let (ok, text) = train(&cfg, &[]);
-    assert!(!ok && text.contains("tokenizer.json is not a tokenizer file") && text.contains("save_pretrained"), "{text}");
+    assert!(
+        !ok && text.contains("tokenizer.json is not a tokenizer file")
+            && text.contains("save_pretrained"),
+        "{text}"
+    );
     std::fs::write(model.join("tokenizer.json"), tokenizer).unwrap();
 
     let (ok, text) = train(&cfg, &["--set", "train.learning_rate=1e-4"]);
-    assert!(!ok && text.contains("in --set train.learning_rate=1e-4") && !text.contains("run.toml"), "{text}");
+    assert!(
+        !ok && text.contains("in --set train.learning_rate=1e-4") && !text.contains("run.toml"),
+        "{text}"
+    );
 }
 
 /// Case 12: resuming a finished run changes nothing; a failed run leaves no empty folder; an
@@ -485,13 +643,20 @@ fn case12_finished_runs_failed_starts_and_oversized_ranks() {
     assert!(train(&cfg, &[]).0);
     let summary = read(&out.join("summary.json"));
     let (ok, text) = train(&cfg, &["--resume"]);
-    assert!(!ok && text.contains("has finished") && text.contains("train.max_steps"), "{text}");
+    assert!(
+        !ok && text.contains("has finished") && text.contains("train.max_steps"),
+        "{text}"
+    );
     assert_eq!(read(&out.join("summary.json")), summary);
     let (ok, text) = train(&cfg, &["--resume", "--set", "train.max_steps=3"]);
     assert!(ok, "{text}");
-    let summary: serde_json::Value = serde_json::from_slice(&read(&out.join("summary.json"))).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&read(&out.join("summary.json"))).unwrap();
     assert_eq!(summary["steps"], 3);
-    assert!(summary["final_loss"].as_f64().is_some_and(f64::is_finite), "{summary}");
+    assert!(
+        summary["final_loss"].as_f64().is_some_and(f64::is_finite),
+        "{summary}"
+    );
 }
 
 /// prepare-data stages its shards and refuses a folder that is not empty.
@@ -501,17 +666,45 @@ fn prepare_data_writes_a_folder_whole_and_refuses_a_non_empty_one() {
     let cfg = run_config(dir.path());
     let shards = dir.path().join("shards");
     let prepare = |extra: &[&str]| {
-        let mut args = vec!["prepare-data", "--config", cfg.to_str().unwrap(), "--out", shards.to_str().unwrap()];
+        let mut args = vec![
+            "prepare-data",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            shards.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         fuselora(&args)
     };
     assert!(prepare(&["--examples-per-shard", "10"]).0);
-    assert_eq!(entries(&shards), vec!["train-00000.tokens", "train-00001.tokens", "train-00002.tokens", "train-00003.tokens"]);
+    assert_eq!(
+        entries(&shards),
+        vec![
+            "train-00000.tokens",
+            "train-00001.tokens",
+            "train-00002.tokens",
+            "train-00003.tokens"
+        ]
+    );
     let (ok, text) = prepare(&[]);
-    assert!(!ok && text.contains("not empty") && text.contains("--overwrite"), "{text}");
+    assert!(
+        !ok && text.contains("not empty") && text.contains("--overwrite"),
+        "{text}"
+    );
     let (ok, text) = prepare(&["--overwrite"]);
     assert!(ok && text.contains("train-00000.tokens"), "{text}");
-    assert_eq!(entries(&shards), vec!["train-00000.tokens"], "no stale shard is left");
-    let (ok, text) = fuselora(&["prepare-data", "--config", cfg.to_str().unwrap(), "--out", dir.path().to_str().unwrap(), "--overwrite"]);
+    assert_eq!(
+        entries(&shards),
+        vec!["train-00000.tokens"],
+        "no stale shard is left"
+    );
+    let (ok, text) = fuselora(&[
+        "prepare-data",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--overwrite",
+    ]);
     assert!(!ok && text.contains("destroy"), "{text}");
 }

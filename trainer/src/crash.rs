@@ -7,7 +7,10 @@ use std::fmt::Write;
 /// What [`install`] prints for a panic `message` at `location` in the run of `args`.
 pub fn report(version: &str, args: &[String], location: &str, message: &str) -> String {
     let mut r = String::new();
-    let _ = writeln!(r, "\nfuselora {version} crashed: this is a bug in fuselora, not in your input.");
+    let _ = writeln!(
+        r,
+        "\nfuselora {version} crashed: this is a bug in fuselora, not in your input."
+    );
     let _ = writeln!(r, "  panicked at {location}: {message}");
     let _ = writeln!(r, "  command: {}", args.join(" "));
     let _ = writeln!(
@@ -23,9 +26,9 @@ pub fn report(version: &str, args: &[String], location: &str, message: &str) -> 
 pub fn install(version: &'static str) {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let location = info
-            .location()
-            .map_or("an unknown place".to_string(), |l| format!("{}:{}", l.file(), l.line()));
+        let location = info.location().map_or("an unknown place".to_string(), |l| {
+            format!("{}:{}", l.file(), l.line())
+        });
         let message = info
             .payload()
             .downcast_ref::<&str>()
@@ -48,13 +51,27 @@ mod tests {
     fn the_report_names_the_version_the_command_the_place_and_where_to_report() {
         let r = report(
             "0.3.0",
-            &["fuselora".into(), "train".into(), "--config".into(), "run.toml".into()],
+            &[
+                "fuselora".into(),
+                "train".into(),
+                "--config".into(),
+                "run.toml".into(),
+            ],
             "trainer/src/x.rs:7",
             "attempt to divide by zero",
         );
         assert!(r.contains("fuselora 0.3.0 crashed"), "{r}");
-        assert!(r.contains("panicked at trainer/src/x.rs:7: attempt to divide by zero"), "{r}");
-        assert!(r.contains("command: fuselora train --config run.toml"), "{r}");
-        assert!(r.contains("issue tracker") && r.contains("RUST_BACKTRACE=1"), "{r}");
+        assert!(
+            r.contains("panicked at trainer/src/x.rs:7: attempt to divide by zero"),
+            "{r}"
+        );
+        assert!(
+            r.contains("command: fuselora train --config run.toml"),
+            "{r}"
+        );
+        assert!(
+            r.contains("issue tracker") && r.contains("RUST_BACKTRACE=1"),
+            "{r}"
+        );
     }
 }

@@ -35,9 +35,14 @@ mod tests {
         let be = CpuBackend::new();
         let names = vec!["a".to_string(), "b".to_string()];
         refuse_non_finite(&be, &[vec![1.0], vec![2.0]], &names, "x").unwrap();
-        let e = refuse_non_finite(&be, &[vec![1.0], vec![f32::INFINITY]], &names, "checkpoint-3")
-            .unwrap_err()
-            .to_string();
+        let e = refuse_non_finite(
+            &be,
+            &[vec![1.0], vec![f32::INFINITY]],
+            &names,
+            "checkpoint-3",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("checkpoint-3") && e.contains("`b`"), "{e}");
     }
 }

@@ -128,11 +128,23 @@ mod tests {
         };
         ok.validate().unwrap();
         for t in [f32::NAN, -1.0, f32::INFINITY] {
-            let e = Sampling { temperature: t, ..ok.clone() }.validate().unwrap_err().to_string();
+            let e = Sampling {
+                temperature: t,
+                ..ok.clone()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("--temperature") && e.contains("≥ 0"), "{e}");
         }
         for p in [0.0, 2.0, f32::NAN] {
-            let e = Sampling { top_p: p, ..ok.clone() }.validate().unwrap_err().to_string();
+            let e = Sampling {
+                top_p: p,
+                ..ok.clone()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("--top-p") && e.contains("(0, 1]"), "{e}");
         }
     }

@@ -197,9 +197,15 @@ impl<B: Backend> AdamW<B> {
         if scaler.unscale(be, &mut lora.grads)? {
             self.step(be, lora, lr)
         } else if scale >= 1.0 {
-            Ok(StepStats::skipped(f32::INFINITY, StepOutcome::SkippedScaleOverflow))
+            Ok(StepStats::skipped(
+                f32::INFINITY,
+                StepOutcome::SkippedScaleOverflow,
+            ))
         } else {
-            Ok(StepStats::skipped(f32::INFINITY, StepOutcome::SkippedNonFinite))
+            Ok(StepStats::skipped(
+                f32::INFINITY,
+                StepOutcome::SkippedNonFinite,
+            ))
         }
     }
 }

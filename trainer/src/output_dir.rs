@@ -166,9 +166,8 @@ impl StagedDir {
         ));
         let replaced = self.dest.exists();
         if replaced {
-            std::fs::rename(&self.dest, &old).with_context(|| {
-                format!("cannot move the old {} aside", self.dest.display())
-            })?;
+            std::fs::rename(&self.dest, &old)
+                .with_context(|| format!("cannot move the old {} aside", self.dest.display()))?;
         }
         std::fs::rename(&self.tmp, &self.dest).with_context(|| {
             format!(
@@ -318,7 +317,10 @@ mod tests {
         let staged = StagedDir::begin(&dest, Overwrite::Replace, &[]).unwrap();
         std::fs::write(staged.path().join("model.safetensors"), b"new").unwrap();
         drop(staged);
-        assert_eq!(std::fs::read(dest.join("stale.safetensors")).unwrap(), b"old");
+        assert_eq!(
+            std::fs::read(dest.join("stale.safetensors")).unwrap(),
+            b"old"
+        );
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
 
         let staged = StagedDir::begin(&dest, Overwrite::Replace, &[]).unwrap();
@@ -344,7 +346,12 @@ mod tests {
                 .to_string();
             assert!(e.contains("--model") && e.contains("destroy"), "{e}");
         }
-        assert!(StagedDir::begin(&model.join("merged"), Overwrite::Refuse, &[("--model", model.as_path())]).is_ok());
+        assert!(StagedDir::begin(
+            &model.join("merged"),
+            Overwrite::Refuse,
+            &[("--model", model.as_path())]
+        )
+        .is_ok());
     }
 
     #[test]
@@ -352,7 +359,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let out = root.path().join("run");
         drop(claim_run_folder(&out, false, Overwrite::Refuse, &[]).unwrap());
-        assert!(!out.exists(), "an empty folder of a failed start is removed");
+        assert!(
+            !out.exists(),
+            "an empty folder of a failed start is removed"
+        );
 
         std::fs::create_dir_all(out.join("checkpoint-20")).unwrap();
         let e = claim_run_folder(&out, false, Overwrite::Refuse, &[])
@@ -360,7 +370,10 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(
-            e.contains("another run") && e.contains("checkpoint-20") && e.contains("--resume") && e.contains("--overwrite"),
+            e.contains("another run")
+                && e.contains("checkpoint-20")
+                && e.contains("--resume")
+                && e.contains("--overwrite"),
             "{e}"
         );
         let kept = claim_run_folder(&out, true, Overwrite::Refuse, &[]).unwrap();

@@ -44,7 +44,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ("model.path", cfg.model.path.as_path()),
     ];
     inputs.extend(cfg.data.train.iter().map(|p| ("data.train", p.as_path())));
-    inputs.extend(cfg.data.validation.iter().map(|p| ("data.validation", p.as_path())));
+    inputs.extend(
+        cfg.data
+            .validation
+            .iter()
+            .map(|p| ("data.validation", p.as_path())),
+    );
     let staged = StagedDir::begin(&args.out, Overwrite::from_flag(args.overwrite), &inputs)?;
     let mut written = Vec::new();
     for (split, paths) in [
@@ -56,7 +61,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         let (records, skipped) = read_all(paths, &cfg)?;
         let (examples, stats) = tokenize_records(&tokenizer, &records, &formatting_for(&cfg))?;
-        let files = write_split(staged.path(), split, &examples, args.examples_per_shard, pad_id)?;
+        let files = write_split(
+            staged.path(),
+            split,
+            &examples,
+            args.examples_per_shard,
+            pad_id,
+        )?;
         eprintln!(
             "{split}: {} examples, {} tokens in {} shard(s); {} truncated, {} dropped as too long, {} without a trained token, {skipped} bad records skipped",
             stats.examples,

@@ -63,12 +63,18 @@ mod tests {
         let e = check_examples(&far, 3, "data.train", true, &origin)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("example 1 holds token id 7") && e.contains("vocab_size 3"), "{e}");
+        assert!(
+            e.contains("example 1 holds token id 7") && e.contains("vocab_size 3"),
+            "{e}"
+        );
         let unlabelled = vec![ex(&[1, 2], &[-100, -100])];
         check_examples(&unlabelled, 3, "data.validation", false, &origin).unwrap();
         let e = check_examples(&unlabelled, 3, "data.train", true, &origin)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("no token to train on") && e.contains("-100"), "{e}");
+        assert!(
+            e.contains("no token to train on") && e.contains("-100"),
+            "{e}"
+        );
     }
 }

@@ -3,10 +3,10 @@
 //! tokenized examples ([`batching`]).
 
 pub mod batching;
+pub mod check;
 pub mod pair_batching;
 pub mod preference;
 pub mod records;
-pub mod check;
 pub mod source;
 pub mod text;
 pub mod token_shards;

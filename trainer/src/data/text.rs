@@ -68,14 +68,24 @@ mod tests {
     fn a_bom_is_dropped_and_bad_utf8_is_named_by_line_or_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.jsonl");
-        std::fs::write(&p, b"\xef\xbb\xbf{\"text\": \"a\"}\n{\"text\": \"\xff\"}\n{\"text\": \"c\"}\n")
-            .unwrap();
+        std::fs::write(
+            &p,
+            b"\xef\xbb\xbf{\"text\": \"a\"}\n{\"text\": \"\xff\"}\n{\"text\": \"c\"}\n",
+        )
+        .unwrap();
         let e = read_dataset_text(&p, false).unwrap_err().to_string();
-        assert!(e.contains("d.jsonl:2: not valid UTF-8") && e.contains("skip_bad_records"), "{e}");
+        assert!(
+            e.contains("d.jsonl:2: not valid UTF-8") && e.contains("skip_bad_records"),
+            "{e}"
+        );
         let (text, skipped) = read_dataset_text(&p, true).unwrap();
         assert_eq!(text, "{\"text\": \"a\"}\n\n{\"text\": \"c\"}\n");
         assert_eq!(skipped.len(), 1);
-        assert!(skipped[0].ends_with("d.jsonl:2: not valid UTF-8 (byte 11 of the line)"), "{}", skipped[0]);
+        assert!(
+            skipped[0].ends_with("d.jsonl:2: not valid UTF-8 (byte 11 of the line)"),
+            "{}",
+            skipped[0]
+        );
     }
 
     #[test]
@@ -83,9 +93,15 @@ mod tests {
         let p = Path::new("d.json");
         refuse_multiline_object(p, "{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
         refuse_multiline_object(p, "{\"text\": \"a\"}\n").unwrap();
-        let e = refuse_multiline_object(p, "{\n  \"instruction\": \"hi\",\n  \"output\": \"yo\"\n}\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("one JSON object over 4 lines") && e.contains("instruction, output"), "{e}");
+        let e = refuse_multiline_object(
+            p,
+            "{\n  \"instruction\": \"hi\",\n  \"output\": \"yo\"\n}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("one JSON object over 4 lines") && e.contains("instruction, output"),
+            "{e}"
+        );
     }
 }

@@ -182,7 +182,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("modules_to_save") && e.contains("\"lm_head\"") && e.contains("dropped"), "{e}");
+        assert!(
+            e.contains("modules_to_save") && e.contains("\"lm_head\"") && e.contains("dropped"),
+            "{e}"
+        );
         config_from_json(&json!({"r": 4, "target_modules": ["q_proj"], "modules_to_save": null}))
             .unwrap();
         let c = config_from_json(

@@ -31,7 +31,7 @@ pub fn check_sizes(raw: &Value) -> Result<()> {
     }
     let hidden = raw["hidden_size"].as_u64().unwrap_or(0);
     let heads = raw["num_attention_heads"].as_u64().unwrap_or(0);
-    if raw.get("head_dim").is_none_or(Value::is_null) && hidden % heads != 0 {
+    if raw.get("head_dim").is_none_or(Value::is_null) && !hidden.is_multiple_of(heads) {
         bail!(
             "num_attention_heads ({heads}) does not divide hidden_size ({hidden}): fix one of them, or set `head_dim` explicitly"
         );
@@ -139,7 +139,12 @@ pub fn check_no_unused_tensors<'a>(
     if unused.is_empty() {
         return Ok(());
     }
-    let shown = unused.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+    let shown = unused
+        .iter()
+        .take(5)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
     let more = match unused.len() {
         n if n > 5 => format!(" and {} more", n - 5),
         _ => String::new(),
@@ -208,11 +213,17 @@ mod tests {
     #[test]
     fn zero_or_indivisible_sizes_are_refused_by_key() {
         let e = config_error(|v| v["num_attention_heads"] = json!(0));
-        assert!(e.contains("num_attention_heads: 0") && e.contains("positive"), "{e}");
+        assert!(
+            e.contains("num_attention_heads: 0") && e.contains("positive"),
+            "{e}"
+        );
         let e = config_error(|v| v["num_hidden_layers"] = json!(-1));
         assert!(e.contains("num_hidden_layers"), "{e}");
         let e = config_error(|v| v["num_attention_heads"] = json!(6));
-        assert!(e.contains("does not divide") && e.contains("head_dim"), "{e}");
+        assert!(
+            e.contains("does not divide") && e.contains("head_dim"),
+            "{e}"
+        );
         let mut v = base();
         v["num_attention_heads"] = json!(6);
         v["head_dim"] = json!(16);
@@ -238,13 +249,21 @@ mod tests {
             "model.layers.0.self_attn.rotary_emb.inv_freq",
         ];
         check_no_unused_tensors(&c, good.into_iter(), false).unwrap();
-        let e = check_no_unused_tensors(&c, ["model.layers.2.mlp.up_proj.weight"].into_iter(), false)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("model.layers.2.mlp.up_proj.weight") && e.contains("num_hidden_layers"), "{e}");
-        let e = check_no_unused_tensors(&c, ["model.layers.0.self_attn.q_proj.bias"].into_iter(), false)
-            .unwrap_err()
-            .to_string();
+        let e =
+            check_no_unused_tensors(&c, ["model.layers.2.mlp.up_proj.weight"].into_iter(), false)
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("model.layers.2.mlp.up_proj.weight") && e.contains("num_hidden_layers"),
+            "{e}"
+        );
+        let e = check_no_unused_tensors(
+            &c,
+            ["model.layers.0.self_attn.q_proj.bias"].into_iter(),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("q_proj.bias") && e.contains("biases"), "{e}");
         let absmax = "model.layers.0.self_attn.q_proj.weight.absmax";
         check_no_unused_tensors(&c, [absmax].into_iter(), true).unwrap();
@@ -254,15 +273,22 @@ mod tests {
     #[test]
     fn a_non_finite_weight_is_named() {
         assert_eq!(finite("w", vec![1.0, -2.0]).unwrap(), vec![1.0, -2.0]);
-        let e = finite("model.norm.weight", vec![1.0, f32::NAN]).unwrap_err().to_string();
-        assert!(e.contains("model.norm.weight") && e.contains("NaN") && e.contains("index 1"), "{e}");
+        let e = finite("model.norm.weight", vec![1.0, f32::NAN])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.norm.weight") && e.contains("NaN") && e.contains("index 1"),
+            "{e}"
+        );
     }
 
     #[test]
     fn a_rank_above_the_smallest_side_is_refused() {
         let c = ModelConfig::from_json(base()).unwrap();
         check_lora_rank(&c, 64, &Projection::ALL).unwrap();
-        let e = check_lora_rank(&c, 100_000, &[Projection::Q]).unwrap_err().to_string();
+        let e = check_lora_rank(&c, 100_000, &[Projection::Q])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lora.r = 100000") && e.contains("64"), "{e}");
     }
 }

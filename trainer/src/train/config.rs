@@ -635,7 +635,10 @@ mod tests {
             format!("{:#}", RunConfig::load(&path, &o).unwrap_err())
         };
         let e = set(&["train.lr=0.5", "train.learning_rate=1"]);
-        assert!(e.starts_with("in --set train.learning_rate=1:") && e.contains("learning_rate"), "{e}");
+        assert!(
+            e.starts_with("in --set train.learning_rate=1:") && e.contains("learning_rate"),
+            "{e}"
+        );
         assert!(!e.contains("base.toml"), "{e}");
         let e = set(&["train.schedule=wavy"]);
         assert!(e.starts_with("in --set train.schedule=wavy:"), "{e}");
@@ -649,7 +652,10 @@ mod tests {
         let e = RunConfig::from_toml(&format!("{MINIMAL}[lora]\ntargets = []\n"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("`lora.targets` is empty") && e.contains("all-linear"), "{e}");
+        assert!(
+            e.contains("`lora.targets` is empty") && e.contains("all-linear"),
+            "{e}"
+        );
     }
 
     #[test]

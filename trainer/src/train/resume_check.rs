@@ -24,7 +24,11 @@ pub fn check_same_adapter<'a>(
     };
     let differences = [
         ("lora.r", saved.r.to_string(), current.r.to_string()),
-        ("lora.alpha", saved.alpha.to_string(), current.alpha.to_string()),
+        (
+            "lora.alpha",
+            saved.alpha.to_string(),
+            current.alpha.to_string(),
+        ),
         (
             "lora.rslora",
             saved.use_rslora.to_string(),

@@ -133,7 +133,9 @@ pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
     if let Some(pretokenized) = prepare_token_shards(cfg)? {
         let (shards, eval) = pretokenized;
         check_examples(&shards, vocab, "data.train", true, &|i| shards.origin(i))?;
-        check_examples(&eval, vocab, "data.validation", false, &|i| format!("example {i}"))?;
+        check_examples(&eval, vocab, "data.validation", false, &|i| {
+            format!("example {i}")
+        })?;
         let tokenizer = if cfg.model.path.join("tokenizer.json").is_file() {
             Some(Tokenizer::load(&cfg.model.path)?)
         } else {
