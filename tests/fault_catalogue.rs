@@ -376,6 +376,59 @@ fn case04_nan_is_refused_at_load_or_stops_the_run_keeping_the_good_checkpoint() 
     assert_eq!(read(&adapter), adapter_bytes);
 }
 
+/// Case 4 for the preference methods: the guard sits in the one training loop, so DPO and ORPO
+/// skip non-finite steps and stop after `train.max_nonfinite_steps` as SFT does: the adapter is
+/// never written and the checkpoints of skipped steps hold the adapter unchanged.
+#[test]
+fn case04_dpo_and_orpo_stop_on_non_finite_steps_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = run_config(dir.path());
+    let pairs: Vec<String> = (0..8)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Is {i} odd?"), "chosen": format!("{}", i % 2 == 1), "rejected": "who knows"})
+                .to_string()
+        })
+        .collect();
+    let data = dir.path().join("pairs.jsonl");
+    std::fs::write(&data, pairs.join("\n")).unwrap();
+    edit_weights(&dir.path().join("model"), |t| {
+        let norm = t
+            .iter_mut()
+            .find(|(n, ..)| n == "model.norm.weight")
+            .unwrap();
+        norm.2.iter_mut().for_each(|x| *x = f32::MAX);
+    });
+    let out = dir.path().join("out");
+    for method in ["dpo", "orpo"] {
+        let train_set = format!("data.train=[\"{}\"]", data.display());
+        let (ok, text) = train(
+            &cfg,
+            &[
+                "--method",
+                method,
+                "--set",
+                &train_set,
+                "--set",
+                "train.max_steps=6",
+            ],
+        );
+        assert!(
+            !ok && text.contains("step 3")
+                && text.contains("3 steps in a row")
+                && text.contains("train.max_nonfinite_steps = 3"),
+            "{method}: {text}"
+        );
+        // Skipped steps change nothing: the checkpoints (save_steps = 1) hold the initial adapter.
+        assert!(!out.join("adapter").exists(), "{method}");
+        assert_eq!(
+            read(&out.join("checkpoint-2/adapter_model.safetensors")),
+            read(&out.join("checkpoint-1/adapter_model.safetensors")),
+            "{method}"
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
 /// Case 5: a zero head count is a config error naming the key, not a division by zero.
 #[test]
 fn case05_zero_heads_are_refused_by_key() {

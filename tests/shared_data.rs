@@ -8,8 +8,9 @@ use kernels::cpu::CpuBackend;
 use std::path::PathBuf;
 use support::tiny_chat_model;
 use trainer::data::records::{read_file, Format};
+use trainer::train::checkpoint::Resume;
 use trainer::train::config::RunConfig;
-use trainer::train::run::{train, Resume};
+use trainer::train::run::train;
 
 fn shared_data() -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");

@@ -7,8 +7,8 @@
 //! metrics), so it is claimed at start ([`claim_run_folder`]) instead of staged, and every file in
 //! it is written atomically on its own.
 
+use crate::train::checkpoint::Resume;
 use crate::train::config::RunConfig;
-use crate::train::run::Resume;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -203,6 +203,7 @@ const RUN_FILES: &[&str] = &[
     "loss.png",
     "batches.jsonl",
     "reference_logps.json",
+    "reference_logps.eval.json",
 ];
 
 /// The output folder of a training run, claimed at start. Dropped, it removes the folder again

@@ -48,6 +48,35 @@ impl HostBatch {
     }
 }
 
+impl ExampleSource for [Example] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn length(&self, i: usize) -> usize {
+        self[i].ids.len()
+    }
+
+    fn append(&self, i: usize, ids: &mut Vec<i32>, labels: &mut Vec<i32>) {
+        ids.extend_from_slice(&self[i].ids);
+        labels.extend_from_slice(&self[i].labels);
+    }
+}
+
+impl ExampleSource for Vec<Example> {
+    fn count(&self) -> usize {
+        self.as_slice().count()
+    }
+
+    fn length(&self, i: usize) -> usize {
+        self.as_slice().length(i)
+    }
+
+    fn append(&self, i: usize, ids: &mut Vec<i32>, labels: &mut Vec<i32>) {
+        self.as_slice().append(i, ids, labels)
+    }
+}
+
 /// How examples become batches.
 #[derive(Clone, Debug)]
 pub struct Batching {

@@ -6,6 +6,7 @@ use super::{ModelConfig, Projection};
 use anyhow::{bail, Result};
 use kernels::rope::RopeScaling;
 use serde_json::Value;
+use std::collections::HashSet;
 
 /// The size keys of `config.json` the decoder divides or allocates by.
 const SIZE_KEYS: [&str; 5] = [
@@ -23,7 +24,7 @@ pub fn check_sizes(raw: &Value) -> Result<()> {
     for key in SIZE_KEYS.iter().chain(&optional) {
         match raw.get(*key) {
             None if optional.contains(key) => {}
-            None => bail!("key `{key}` is missing: a Llama/Mistral config.json sets it"),
+            None => bail!("key `{key}` is missing: every supported family's config.json sets it"),
             Some(v) if v.as_u64().is_some_and(|n| n > 0) => {}
             Some(Value::Null) if optional.contains(key) => {}
             Some(v) => bail!("`{key}: {v}` must be a positive integer"),
@@ -89,42 +90,24 @@ pub fn finite(name: &str, values: Vec<f32>) -> Result<Vec<f32>> {
     }
 }
 
-/// Whether the decoder of `c` reads the tensor `name` (with `quantized` — a bitsandbytes 4-bit
-/// checkpoint — a projection weight's quantization state too).
-fn is_used(c: &ModelConfig, name: &str, quantized: bool) -> bool {
-    if matches!(
-        name,
-        "model.embed_tokens.weight" | "model.norm.weight" | "lm_head.weight"
-    ) {
-        return true;
-    }
+/// Whether the decoder of `c` reads the tensor `name`: one of [`ModelConfig::tensor_shapes`]
+/// (`lm_head.weight` too, which a tied checkpoint may also store), with `quantized` — a
+/// bitsandbytes 4-bit checkpoint — a projection weight's quantization state too.
+fn is_used(c: &ModelConfig, described: &HashSet<String>, name: &str, quantized: bool) -> bool {
     // Old checkpoints store RoPE's `inv_freq` buffers; transformers ignores them on load too
     // (`_keys_to_ignore_on_load_unexpected`), as they are recomputed from the config.
-    if name.ends_with(".rotary_emb.inv_freq") {
+    if described.contains(name)
+        || name == "lm_head.weight"
+        || name.ends_with(".rotary_emb.inv_freq")
+    {
         return true;
     }
-    let Some(rest) = name.strip_prefix("model.layers.") else {
-        return false;
-    };
-    let Some((layer, module)) = rest.split_once('.') else {
-        return false;
-    };
-    let Ok(layer) = layer.parse::<usize>() else {
-        return false;
-    };
-    if layer >= c.num_layers {
-        return false;
-    }
-    if matches!(
-        module,
-        "input_layernorm.weight" | "post_attention_layernorm.weight"
-    ) {
-        return true;
-    }
-    Projection::ALL.iter().any(|p| {
-        let weight = format!("{}.weight", p.module_path(layer));
-        name == weight || (quantized && name.starts_with(&format!("{weight}.")))
-    })
+    quantized
+        && (0..c.num_layers).any(|l| {
+            Projection::ALL
+                .iter()
+                .any(|p| name.starts_with(&format!("{}.", p.weight_name(l))))
+        })
 }
 
 /// Refuses tensors of the checkpoint that the decoder of `c` would not read: layers beyond
@@ -135,7 +118,10 @@ pub fn check_no_unused_tensors<'a>(
     names: impl Iterator<Item = &'a str>,
     quantized: bool,
 ) -> Result<()> {
-    let unused: Vec<&str> = names.filter(|n| !is_used(c, n, quantized)).collect();
+    let described: HashSet<String> = c.tensor_shapes(false).into_iter().map(|(n, _)| n).collect();
+    let unused: Vec<&str> = names
+        .filter(|n| !is_used(c, &described, n, quantized))
+        .collect();
     if unused.is_empty() {
         return Ok(());
     }
@@ -161,8 +147,11 @@ pub fn check_no_unused_tensors<'a>(
             c.num_layers
         )
     } else if unused.iter().any(|n| n.ends_with(".bias")) {
-        "Llama/Mistral projections have no biases: this checkpoint is of another architecture"
-            .to_string()
+        format!(
+            "config.json gives these {} projections no biases: if the checkpoint has them, \
+             config.json is wrong (Llama: `attention_bias`/`mlp_bias`), else this checkpoint is of another architecture",
+            c.architecture.hf_name()
+        )
     } else {
         "this checkpoint does not match its config.json".to_string()
     };
@@ -265,6 +254,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("q_proj.bias") && e.contains("biases"), "{e}");
+        // What a family's layer reads is used: Qwen2's q/k/v biases, Qwen3's q/k norms.
+        for (class, name) in [
+            ("Qwen2ForCausalLM", "model.layers.0.self_attn.q_proj.bias"),
+            ("Qwen3ForCausalLM", "model.layers.1.self_attn.k_norm.weight"),
+        ] {
+            let mut v = base();
+            v["architectures"] = json!([class]);
+            let c = ModelConfig::from_json(v).unwrap();
+            check_no_unused_tensors(&c, [name].into_iter(), false).unwrap();
+        }
         let absmax = "model.layers.0.self_attn.q_proj.weight.absmax";
         check_no_unused_tensors(&c, [absmax].into_iter(), true).unwrap();
         assert!(check_no_unused_tensors(&c, [absmax].into_iter(), false).is_err());
