@@ -3,9 +3,11 @@
 //! tokenized examples ([`batching`]).
 
 pub mod batching;
+pub mod check;
 pub mod pair_batching;
 pub mod preference;
 pub mod records;
 pub mod source;
+pub mod text;
 pub mod token_shards;
 pub mod tokenize;

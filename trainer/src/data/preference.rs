@@ -90,10 +90,8 @@ pub fn read_preference_file(
     columns: &BTreeMap<String, String>,
     skip_bad: bool,
 ) -> Result<(Vec<PreferenceRecord>, Vec<String>)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read dataset {}", path.display()))?;
+    let (text, mut skipped) = super::text::read_dataset_text(path, skip_bad)?;
     let mut records = Vec::new();
-    let mut skipped = Vec::new();
     for (line, item) in raw_records(path, &text)? {
         let origin = format!("{}:{line}", path.display());
         let parsed = serde_json::from_str::<Value>(item)

@@ -90,11 +90,13 @@ pub fn read_file(
     columns: &BTreeMap<String, String>,
     skip_bad: bool,
 ) -> Result<ReadResult> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read dataset {}", path.display()))?;
+    let (text, not_utf8) = super::text::read_dataset_text(path, skip_bad)?;
     let raw = raw_records(path, &text)?;
     let mut format = format;
-    let mut out = ReadResult::default();
+    let mut out = ReadResult {
+        skipped: not_utf8,
+        ..ReadResult::default()
+    };
     for (line, item) in raw {
         let origin = format!("{}:{line}", path.display());
         let parsed = serde_json::from_str::<Value>(item)
@@ -141,6 +143,7 @@ pub(crate) fn raw_records<'a>(path: &Path, text: &'a str) -> Result<Vec<(usize, 
             })
             .collect())
     } else {
+        super::text::refuse_multiline_object(path, text)?;
         Ok(text
             .lines()
             .enumerate()
