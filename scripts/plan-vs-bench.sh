@@ -3,7 +3,9 @@
 # projections, bf16) with checkpointing full, offload and off, dense and NF4 (double quant); prints a table of
 # predicted vs measured peak memory (the pool peak both report) and tokens/s. Needs an H200 for the `--gpu h200` prediction
 # to be the right one (set GPU=a100-80g etc. for another kind).
-# usage: scripts/plan-vs-bench.sh [FUSELORA_BIN] [OUT_DIR]
+# REUSE="DIR ..." takes a bench already measured in this session (a `--json` file there whose spec
+# matches: preset, batch, seq, quantize, checkpointing) instead of running it again.
+# usage: [REUSE="DIR ..."] scripts/plan-vs-bench.sh [FUSELORA_BIN] [OUT_DIR]
 set -euo pipefail
 BIN=${1:-target/release/fuselora}
 OUT=${2:-plan-vs-bench}
@@ -23,8 +25,27 @@ for r in "${RUNS[@]}"; do
   flag=(--quantize "$quant" --checkpointing "$ckpt")
   name="$OUT/$preset-b$batch-s$seq-$quant-ckpt$ckpt"
   "$BIN" plan --preset "$preset" --batch "$batch" --seq "$seq" "${flag[@]}" --gpu "$GPU" >"$name.plan.txt"
-  "$BIN" bench --preset "$preset" --batch "$batch" --seq "$seq" "${flag[@]}" --warmup 2 --steps 10 \
-    --json "$name.json" >/dev/null
+  found=$(python3 - "$preset" "$batch" "$seq" "$quant" "$ckpt" ${REUSE:-} <<'PY'
+import json, pathlib, sys
+preset, batch, seq, quant, ckpt, *dirs = sys.argv[1:]
+for d in dirs:
+    for f in sorted(pathlib.Path(d).glob("*.json")):
+        try:
+            s = json.loads(f.read_text())["spec"]
+        except (ValueError, KeyError):
+            continue
+        if (s["preset"], s["batch"], s["seq"], s["checkpointing"], "nf4" if s.get("quantize") else "none") \
+                == (preset, int(batch), int(seq), ckpt, quant):
+            print(f)
+            sys.exit()
+PY
+)
+  if [ -n "$found" ]; then
+    cp "$found" "$name.json"
+  else
+    "$BIN" bench --preset "$preset" --batch "$batch" --seq "$seq" "${flag[@]}" --warmup 2 --steps 10 \
+      --json "$name.json" >/dev/null
+  fi
 done
 python3 - "$OUT" <<'PY'
 import json, pathlib, re, sys
