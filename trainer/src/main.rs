@@ -34,6 +34,8 @@ enum Command {
     Launch(launcher::LaunchArgs),
     /// Tokenize a run config's datasets once into token shard files that ranks memory-map.
     PrepareData(cli::prepare_data::Args),
+    /// Print the first training examples as the run tokenizes them, trained tokens highlighted.
+    Preview(cli::preview::Args),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => cli::merge::run(args),
         Command::Launch(args) => cli::launch::run(args),
         Command::PrepareData(args) => cli::prepare_data::run(args),
+        Command::Preview(args) => cli::preview::run(args),
     };
     match result {
         Ok(code) => code,

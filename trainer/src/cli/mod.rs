@@ -8,4 +8,5 @@ pub mod import_gguf;
 pub mod launch;
 pub mod merge;
 pub mod prepare_data;
+pub mod preview;
 pub mod train;

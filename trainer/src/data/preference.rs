@@ -23,7 +23,7 @@
 //! no completion token left is dropped. All three are counted.
 
 use super::records::{
-    field_list, raw_records, rename_columns, sharegpt_role, string_field, type_name,
+    field_list, raw_records, read_text, rename_columns, sharegpt_role, string_field, type_name,
 };
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use anyhow::{anyhow, bail, Context, Result};
@@ -90,8 +90,7 @@ pub fn read_preference_file(
     columns: &BTreeMap<String, String>,
     skip_bad: bool,
 ) -> Result<(Vec<PreferenceRecord>, Vec<String>)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read dataset {}", path.display()))?;
+    let text = read_text(path)?;
     let mut records = Vec::new();
     let mut skipped = Vec::new();
     for (line, item) in raw_records(path, &text)? {

@@ -65,7 +65,7 @@ pub struct LoraSection {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// One or more `.json` / `.jsonl` files.
+    /// One or more `.json` / `.jsonl` / `.txt` files (a `.txt` file is one text document).
     pub train: Vec<PathBuf>,
     /// `auto`, `alpaca`, `sharegpt`, `messages` or `text`.
     #[serde(default = "default_format")]
@@ -78,9 +78,13 @@ pub struct DataSection {
     pub alpaca_template: String,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
-    /// `truncate` or `drop` examples longer than `max_seq_len`.
+    /// `truncate` or `drop` alpaca and chat examples longer than `max_seq_len` (texts are chunked).
     #[serde(default = "default_truncation")]
     pub truncation: String,
+    /// Tokens each chunk of a text longer than `max_seq_len` repeats from the previous chunk as
+    /// unlabelled context (0: chunks do not overlap).
+    #[serde(default)]
+    pub text_overlap: usize,
     /// Pack several examples per row (true) or pad one per row, grouped by length (false).
     #[serde(default = "default_true")]
     pub packing: bool,
@@ -166,12 +170,13 @@ pub struct DpoSection {
     /// ε: the assumed fraction of flipped preference labels (sigmoid and robust).
     #[serde(default)]
     pub label_smoothing: f64,
-    /// Prompts longer than this keep their last tokens.
-    #[serde(default = "default_max_prompt_len")]
-    pub max_prompt_len: usize,
+    /// Prompts longer than this keep their last tokens (default: 512, at most half of the length).
+    #[serde(default)]
+    pub max_prompt_len: Option<usize>,
     /// Prompt + completion; completions are cut from the end to fit. Also the packed row length.
-    #[serde(default = "default_max_len")]
-    pub max_len: usize,
+    /// Default: `data.max_seq_len` (TRL's `max_length`).
+    #[serde(default)]
+    pub max_len: Option<usize>,
     /// Compute the reference log-probabilities once before training and cache them in
     /// `OUTPUT/reference_logps.json` (reused while model and data are unchanged).
     #[serde(default)]
@@ -192,12 +197,6 @@ fn default_beta() -> f64 {
 }
 fn default_loss_type() -> String {
     "sigmoid".into()
-}
-fn default_max_prompt_len() -> usize {
-    512
-}
-fn default_max_len() -> usize {
-    1024
 }
 fn default_backend() -> String {
     "auto".into()
@@ -398,10 +397,17 @@ impl RunConfig {
             }
         }
         if self.data.train.is_empty() {
-            bail!("`data.train` must name at least one .json or .jsonl file");
+            bail!("`data.train` must name at least one .json, .jsonl or .txt file");
         }
         if self.data.max_seq_len < 2 {
             bail!("`data.max_seq_len` must be at least 2");
+        }
+        if self.data.text_overlap >= self.data.max_seq_len / 2 {
+            bail!(
+                "`data.text_overlap = {}` must be below half of `data.max_seq_len = {}` (each chunk must add new tokens)",
+                self.data.text_overlap,
+                self.data.max_seq_len
+            );
         }
         if !(0.0..1.0).contains(&self.data.validation_split) {
             bail!("`data.validation_split` must be in [0, 1)");
@@ -452,14 +458,25 @@ impl RunConfig {
         if d.loss_type == "ipo" && d.label_smoothing != 0.0 {
             bail!("`dpo.label_smoothing` applies to the sigmoid and robust losses; set it to 0 with `dpo.loss_type = \"ipo\"`");
         }
-        if d.max_prompt_len == 0 || d.max_prompt_len >= d.max_len {
+        let (prompt, len) = (self.dpo_max_prompt_len(), self.dpo_max_len());
+        if prompt == 0 || prompt >= len {
             bail!(
-                "`dpo.max_prompt_len = {}` must be at least 1 and below `dpo.max_len = {}` (room must remain for the completion)",
-                d.max_prompt_len,
-                d.max_len
+                "`dpo.max_prompt_len = {prompt}` must be at least 1 and below `dpo.max_len = {len}` (room must remain for the completion; dpo.max_len defaults to data.max_seq_len)"
             );
         }
         Ok(())
+    }
+
+    /// DPO's prompt + completion limit and packed row length: `dpo.max_len`, else `data.max_seq_len`.
+    pub fn dpo_max_len(&self) -> usize {
+        self.dpo.max_len.unwrap_or(self.data.max_seq_len)
+    }
+
+    /// DPO's prompt limit: `dpo.max_prompt_len`, else 512 (TRL's default) or half of the length.
+    pub fn dpo_max_prompt_len(&self) -> usize {
+        self.dpo
+            .max_prompt_len
+            .unwrap_or_else(|| 512.min(self.dpo_max_len() / 2))
     }
 
     /// The LoRA targets as projections.
@@ -576,7 +593,13 @@ mod tests {
             (c.dpo.beta, c.dpo.loss_type.as_str(), c.dpo.label_smoothing),
             (0.1, "sigmoid", 0.0)
         );
-        assert_eq!((c.dpo.max_prompt_len, c.dpo.max_len), (512, 1024));
+        assert_eq!((c.dpo_max_prompt_len(), c.dpo_max_len()), (512, 1024));
+        let short = RunConfig::from_toml(&MINIMAL.replace("[output]", "max_seq_len = 256\n[output]")).unwrap();
+        assert_eq!((short.dpo_max_prompt_len(), short.dpo_max_len()), (128, 256));
+        let e = RunConfig::from_toml(&MINIMAL.replace("[output]", "text_overlap = 600\n[output]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.text_overlap = 600"), "{e}");
         let e = RunConfig::from_toml(&format!("{MINIMAL}[train]\nmethod = \"ppo\"\n"))
             .unwrap_err()
             .to_string();

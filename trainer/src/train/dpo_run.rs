@@ -139,8 +139,8 @@ fn read_all(paths: &[PathBuf], cfg: &RunConfig) -> Result<(Vec<PreferenceRecord>
 /// Reads, splits (seeded, as for supervised data) and tokenizes the preference data of `cfg`.
 pub fn prepare_pairs(tok: &Tokenizer, cfg: &RunConfig) -> Result<PreparedPairs> {
     let limits = PairLimits {
-        max_prompt_len: cfg.dpo.max_prompt_len,
-        max_len: cfg.dpo.max_len,
+        max_prompt_len: cfg.dpo_max_prompt_len(),
+        max_len: cfg.dpo_max_len(),
     };
     let (mut records, mut skipped) = read_all(&cfg.data.train, cfg)?;
     let mut eval_records = Vec::new();
@@ -222,6 +222,7 @@ fn as_tokenize_stats(s: &PreferenceStats) -> TokenizeStats {
         truncated: s.prompts_truncated + s.completions_truncated,
         dropped_too_long: s.dropped_no_completion,
         dropped_no_target: 0,
+        ..TokenizeStats::default()
     }
 }
 
@@ -272,7 +273,7 @@ pub fn train_dpo<B: GradReducer>(
     let layout = Layout {
         pairs_per_batch: cfg.train.batch_size,
         packing: cfg.data.packing,
-        row_len: cfg.dpo.max_len,
+        row_len: cfg.dpo_max_len(),
         pad_id: tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0) as i32,
     };
     let base_model = cfg.model.path.display().to_string();
@@ -423,6 +424,7 @@ pub fn train_dpo<B: GradReducer>(
             lr,
             grad_norm: stats.grad_norm,
             tokens: tokens as u64,
+            loss_tokens: None,
             tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             elapsed_s: started.elapsed().as_secs_f64(),
         };
@@ -471,6 +473,7 @@ pub fn train_dpo<B: GradReducer>(
         adapter_dir: adapter_dir.clone(),
         preference: Some(data.train_stats.clone()),
         peak_memory_bytes: be.peak_memory_bytes(),
+        row_fill: None,
     };
     let Some(log) = &mut log else {
         return Ok(summary);

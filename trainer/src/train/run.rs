@@ -19,7 +19,7 @@ use super::plot::plot_loss;
 use super::schedule::{Schedule, ScheduleKind};
 use super::stream::{DataStream, SharedExamples};
 use super::trace::ExampleTrace;
-use crate::data::batching::{epoch_batches, Batching, Example, HostBatch};
+use crate::data::batching::{self, epoch_batches, Batching, Example, HostBatch};
 use crate::data::records::{read_file, Format, Record};
 use crate::data::source::ExampleSource;
 use crate::data::token_shards::{is_token_shard, TokenShards};
@@ -64,6 +64,9 @@ pub struct Summary {
     /// DPO runs: the preference pairs' counts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preference: Option<crate::data::preference::PreferenceStats>,
+    /// SFT runs: real tokens over the token slots of the first epoch's micro-batches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub row_fill: Option<f64>,
 }
 
 /// Everything loaded before the first step.
@@ -92,6 +95,9 @@ pub fn read_all(paths: &[PathBuf], cfg: &RunConfig) -> Result<(Vec<Record>, usiz
     let mut skipped = Vec::new();
     for p in paths {
         let r = read_file(p, format, &cfg.data.columns, cfg.data.skip_bad_records)?;
+        if let Some(warning) = r.unused_fields_warning(p) {
+            eprintln!("{warning}");
+        }
         records.extend(r.records);
         skipped.extend(r.skipped);
     }
@@ -111,6 +117,7 @@ pub fn formatting_for(cfg: &RunConfig) -> Formatting {
         train_on_prompt: cfg.data.train_on_prompt,
         max_seq_len: cfg.data.max_seq_len,
         drop_long: cfg.data.truncation == "drop",
+        text_overlap: cfg.data.text_overlap,
     }
 }
 
@@ -361,6 +368,7 @@ pub fn train_ranks<B: GradReducer>(
     stream.trace = ExampleTrace::from_env(dist.rank())?;
     let accum = cfg.train.grad_accum;
     let steps_per_epoch = stream.steps_per_epoch(accum).max(1);
+    let row_fill = batching::epoch_fill(&*prep.train, &batching, cfg.train.seed);
     let total_steps = total_steps_for(cfg, steps_per_epoch);
     let schedule = schedule_for(cfg, total_steps);
     let fresh = TrainerState {
@@ -385,7 +393,7 @@ pub fn train_ranks<B: GradReducer>(
     };
     if main {
         eprintln!(
-            "fuselora: {} on {}{ranks} · {} examples ({} tokens) · {} steps of {} × {} rows × ≤{} tokens · LoRA r={} ({} values)",
+            "fuselora: {} on {}{ranks} · {} examples ({} tokens) · {} steps of {} × {} rows × ≤{} tokens, {:.1}% filled · LoRA r={} ({} values)",
             model.config.architecture.hf_name(),
             be.describe(),
             prep.train_stats.examples,
@@ -394,6 +402,7 @@ pub fn train_ranks<B: GradReducer>(
             accum,
             cfg.train.batch_size,
             cfg.data.max_seq_len,
+            100.0 * row_fill,
             lora.config.r,
             lora.num_values()
         );
@@ -487,7 +496,8 @@ pub fn train_ranks<B: GradReducer>(
             loss,
             lr,
             grad_norm: stats.grad_norm,
-            tokens: step_targets as u64,
+            tokens: step_tokens,
+            loss_tokens: Some(step_targets as u64),
             tokens_per_s: step_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             elapsed_s: started.elapsed().as_secs_f64(),
         };
@@ -533,6 +543,7 @@ pub fn train_ranks<B: GradReducer>(
         adapter_dir: adapter_dir.clone(),
         peak_memory_bytes: be.peak_memory_bytes(),
         preference: None,
+        row_fill: Some(row_fill),
     };
     let Some(log) = &mut log else {
         return Ok(summary);
@@ -588,10 +599,13 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
     let mut lines = vec![
         format!("trained {} steps in {:.1} s on {} ({:.0} loss tokens/s)", s.steps, s.seconds, s.backend, s.tokens_per_s),
         format!(
-            "data: {} examples, {} tokens; {} truncated, {} dropped as too long, {} without a trained token, {} bad records skipped",
-            s.train.examples, s.train.tokens, s.train.truncated, s.train.dropped_too_long, s.train.dropped_no_target, s.skipped_records
+            "data: {} examples, {} tokens; {} long texts chunked, {} truncated, {} dropped as too long, {} without a trained token, {} bad records skipped",
+            s.train.examples, s.train.tokens, s.train.texts_chunked, s.train.truncated, s.train.dropped_too_long, s.train.dropped_no_target, s.skipped_records
         ),
     ];
+    if let Some(fill) = s.row_fill {
+        lines.push(format!("micro-batches {:.1}% filled with real tokens", 100.0 * fill));
+    }
     if let Some(p) = &s.preference {
         lines.push(format!(
             "preference pairs: {} kept; {} prompts and {} completions truncated, {} pairs dropped (no room for a completion)",

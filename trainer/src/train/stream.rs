@@ -101,7 +101,14 @@ impl DataStream {
         }
         plans
             .iter()
-            .map(|rows| assemble(&*self.examples, rows, self.batching.pad_id))
+            .map(|rows| {
+                assemble(
+                    &*self.examples,
+                    rows,
+                    self.batching.pad_id,
+                    self.batching.min_shape(),
+                )
+            })
             .collect()
     }
 }
