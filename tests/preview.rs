@@ -23,20 +23,25 @@ fn preview(config: &std::path::Path, extra: &[&str]) -> String {
 #[test]
 fn trained_text_is_marked_and_long_texts_show_their_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d.jsonl");
+    let (chat, text) = (dir.path().join("chat.jsonl"), dir.path().join("d.txt"));
     std::fs::write(
-        &data,
-        "{\"messages\": [{\"role\": \"user\", \"content\": \"2+2?\"}, {\"role\": \"assistant\", \"content\": \"4.\"}]}\n\
-         {\"text\": \"abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz0123456789ABCDEFGH\"}\n",
+        &chat,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"2+2?\"}, {\"role\": \"assistant\", \"content\": \"4.\"}]}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &text,
+        "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz0123456789ABCDEFGH",
     )
     .unwrap();
     let config = dir.path().join("run.toml");
     std::fs::write(
         &config,
         format!(
-            "[model]\npath = {:?}\n[data]\ntrain = [{:?}]\nmax_seq_len = 32\n[output]\ndir = {:?}\n",
+            "[model]\npath = {:?}\n[data]\ntrain = [{:?}, {:?}]\nmax_seq_len = 32\n[output]\ndir = {:?}\n",
             tiny_chat_model(dir.path(), "model"),
-            data,
+            chat,
+            text,
             dir.path().join("out")
         ),
     )
@@ -50,10 +55,16 @@ fn trained_text_is_marked_and_long_texts_show_their_chunks() {
     // 70 characters + EOS = 71 tokens in rows of 32: chunks of 32, 32, 7; the first token of
     // each chunk has nothing before it in its row, so it is not trained.
     assert!(
-        text.contains("d.jsonl:2 chunk 1/3 · 32 tokens, 31 trained · split into 3 chunks"),
+        text.contains("d.txt:1 chunk 1/3 · 32 tokens, 31 trained · split into 3 chunks"),
         "{text}"
     );
-    assert!(text.contains("a⟦bcdefghijklmnopqrstuvwxyzabcdef⟧"), "{text}");
-    assert!(text.contains("d.jsonl:2 chunk 2/3"), "{text}");
-    assert!(!text.contains("chunk 3/3"), "-n 3 stops after three examples: {text}");
+    assert!(
+        text.contains("a⟦bcdefghijklmnopqrstuvwxyzabcdef⟧"),
+        "{text}"
+    );
+    assert!(text.contains("d.txt:1 chunk 2/3"), "{text}");
+    assert!(
+        !text.contains("chunk 3/3"),
+        "-n 3 stops after three examples: {text}"
+    );
 }

@@ -193,7 +193,11 @@ fn highlighted(tok: &Tokenizer, ids: &[i32], trained: &[bool], marks: &Marks) ->
     let mut text = String::new();
     let mut start = 0;
     while start < ids.len() {
-        let end = start + trained[start..].iter().take_while(|&&t| t == trained[start]).count();
+        let end = start
+            + trained[start..]
+                .iter()
+                .take_while(|&&t| t == trained[start])
+                .count();
         let span: Vec<u32> = ids[start..end].iter().map(|&i| i as u32).collect();
         let piece = tok
             .decode(&span, false)

@@ -1,6 +1,6 @@
 //! Turning tokenized examples into micro-batches, deterministically from (seed, epoch):
-//! - packing (default): examples fill rows of `max_seq_len` by best-fit decreasing
-//!   ([`super::packing`]), the rows are shuffled, then cut into micro-batches; each example keeps
+//! - packing (default): examples fill rows of `max_seq_len` ([`super::packing`], each row as
+//!   full as a bounded search can make it), the rows are shuffled, then cut into micro-batches; each example keeps
 //!   its own document (no attention across examples, positions restart). Every micro-batch is
 //!   `rows × max_seq_len` (an epoch's last one padded with empty rows), the shape `bench` times:
 //!   the device's buffer pool is keyed by size, and batches of varying shapes would each keep
@@ -10,7 +10,7 @@
 //!   `LengthGroupedSampler` does, then the batches are shuffled). A batch's rows are as long as
 //!   its longest row.
 
-use super::packing::{best_fit_decreasing, RowFill};
+use super::packing::{pack_rows, RowFill};
 use super::source::ExampleSource;
 use crate::model::next_token_targets;
 use kernels::{AttentionLayout, IGNORE_INDEX};
@@ -94,8 +94,8 @@ pub fn epoch_plan<S: ExampleSource + ?Sized>(
     let order = shuffled(examples.count(), seed, epoch);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
     if b.packing {
-        // Best fit decreasing lays the rows out longest example first: shuffle them.
-        let mut rows = best_fit_decreasing(&order, |i| examples.length(i), b.max_seq_len);
+        // Rows come out longest example first: shuffle them.
+        let mut rows = pack_rows(&order, |i| examples.length(i), b.max_seq_len);
         rows.shuffle(&mut rng);
         rows.chunks(b.rows).map(<[_]>::to_vec).collect()
     } else {
@@ -121,7 +121,11 @@ pub fn plan_fill<S: ExampleSource + ?Sized>(
     for rows in plan {
         let (n_rows, seq_len) = batch_shape(examples, rows, min_shape);
         fill.slots += n_rows * seq_len;
-        fill.tokens += rows.iter().flatten().map(|&i| examples.length(i)).sum::<usize>();
+        fill.tokens += rows
+            .iter()
+            .flatten()
+            .map(|&i| examples.length(i))
+            .sum::<usize>();
     }
     fill
 }
@@ -182,7 +186,10 @@ pub fn assemble<S: ExampleSource + ?Sized>(
     let mut labels = Vec::with_capacity(n_rows * seq_len);
     let mut docs = Vec::with_capacity(n_rows);
     let empty = Vec::new();
-    for row in rows.iter().chain(std::iter::repeat_n(&empty, n_rows - rows.len())) {
+    for row in rows
+        .iter()
+        .chain(std::iter::repeat_n(&empty, n_rows - rows.len()))
+    {
         let start = ids.len();
         for &i in row {
             examples.append(i, &mut ids, &mut labels);

@@ -1,12 +1,12 @@
 //! Preference pairs → micro-batches. A micro-batch holds whole pairs: the chosen and the rejected
 //! sequence (`prompt + completion`, labels only on the completion) of each of its pairs, so both
 //! halves of a pair always see the same weights. Sequence `2k` is pair `k`'s chosen one, `2k + 1`
-//! its rejected one. With packing, sequences fill rows of `row_len` tokens by best-fit decreasing
-//! (each its own document); without, one sequence per row, padded to the longest.
+//! its rejected one. With packing, sequences fill rows of `row_len` tokens as `data::packing` packs
+//! them (each its own document); without, one sequence per row, padded to the longest.
 //! An epoch's order of pairs is fixed by (seed, epoch), as for supervised batches.
 
 use super::batching::{assemble, shuffled, Example, HostBatch};
-use super::packing::best_fit_decreasing;
+use super::packing::pack_rows;
 use super::preference::PreferencePair;
 use kernels::IGNORE_INDEX;
 
@@ -45,7 +45,7 @@ pub fn pair_batch(
         .collect();
     let order: Vec<usize> = (0..examples.len()).collect();
     let rows: Vec<Vec<usize>> = if packing {
-        best_fit_decreasing(&order, |i| examples[i].ids.len(), row_len)
+        pack_rows(&order, |i| examples[i].ids.len(), row_len)
     } else {
         order.iter().map(|&i| vec![i]).collect()
     };
@@ -112,7 +112,7 @@ mod tests {
     fn packed_rows_keep_sequences_whole_and_mapped() {
         let (a, b) = (pair(2, 1, 3, 10), pair(1, 2, 1, 20));
         let batch = pair_batch(&[&a, &b], true, 8, 0);
-        // Longest first: 5 opens row 0, 3 fills it; the other 3 and the 2 share row 1.
+        // Longest first: 5 starts row 0 and a 3 fills it; the other 3 and the 2 share row 1.
         assert_eq!(batch.host.docs, vec![vec![5, 3], vec![3, 2]]);
         assert_eq!(
             batch.seq_of_position,

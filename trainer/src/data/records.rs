@@ -510,7 +510,10 @@ mod tests {
         );
         assert_eq!(r.unused_fields, BTreeSet::from(["id".to_string()]));
         let warning = r.unused_fields_warning(Path::new("d.jsonl")).unwrap();
-        assert!(warning.contains("`id`") && warning.contains("d.jsonl"), "{warning}");
+        assert!(
+            warning.contains("`id`") && warning.contains("d.jsonl"),
+            "{warning}"
+        );
         let e = read(
             "{\"conversations\": [{\"from\": \"gpt\", \"value\": \"a\"}], \"tools\": \"[{oops\"}",
             "jsonl",

@@ -317,23 +317,23 @@ mod tests {
         let tok = smollm2();
         let chat = Sample::Chat {
             messages: vec![
-            Message {
-                role: "user".into(),
-                content: "2+2?".into(),
-            },
-            Message {
-                role: "assistant".into(),
-                content: "4.".into(),
-            },
-            Message {
-                role: "user".into(),
-                content: "3+3?".into(),
-            },
-            Message {
-                role: "assistant".into(),
-                content: "6.".into(),
-            },
-        ],
+                Message {
+                    role: "user".into(),
+                    content: "2+2?".into(),
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: "4.".into(),
+                },
+                Message {
+                    role: "user".into(),
+                    content: "3+3?".into(),
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: "6.".into(),
+                },
+            ],
             tools: None,
         };
         let (ids, labels) = encode_sample(&tok, &chat, &fmt(true)).unwrap();

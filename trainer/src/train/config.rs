@@ -594,8 +594,13 @@ mod tests {
             (0.1, "sigmoid", 0.0)
         );
         assert_eq!((c.dpo_max_prompt_len(), c.dpo_max_len()), (512, 1024));
-        let short = RunConfig::from_toml(&MINIMAL.replace("[output]", "max_seq_len = 256\n[output]")).unwrap();
-        assert_eq!((short.dpo_max_prompt_len(), short.dpo_max_len()), (128, 256));
+        let short =
+            RunConfig::from_toml(&MINIMAL.replace("[output]", "max_seq_len = 256\n[output]"))
+                .unwrap();
+        assert_eq!(
+            (short.dpo_max_prompt_len(), short.dpo_max_len()),
+            (128, 256)
+        );
         let e = RunConfig::from_toml(&MINIMAL.replace("[output]", "text_overlap = 600\n[output]"))
             .unwrap_err()
             .to_string();

@@ -604,7 +604,10 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
         ),
     ];
     if let Some(fill) = s.row_fill {
-        lines.push(format!("micro-batches {:.1}% filled with real tokens", 100.0 * fill));
+        lines.push(format!(
+            "micro-batches {:.1}% filled with real tokens",
+            100.0 * fill
+        ));
     }
     if let Some(p) = &s.preference {
         lines.push(format!(
