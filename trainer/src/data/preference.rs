@@ -8,6 +8,7 @@
 //!   turn, and must be the same in both;
 //! - `{conversations: [turns], chosen: turn, rejected: turn}` (LLaMA-Factory's
 //!   `dpo_en_demo.json`); `chosen` / `rejected` may also be strings or lists of turns.
+//!
 //! Turns are `{role, content}` or `{from, value}` objects (user/human, assistant/gpt, system).
 //!
 //! Tokens, as TRL's `maybe_apply_chat_template` + `DPOTrainer.tokenize_row` make them: the prompt is

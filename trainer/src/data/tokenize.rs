@@ -6,6 +6,7 @@
 //!   tool turns masked.
 //! - text: the text, then EOS; every token trained. A text longer than `max_seq_len` is split
 //!   into chunks ([`super::chunking`]), none of it lost.
+//!
 //! With `train_on_prompt`, nothing is masked. Alpaca and chat examples longer than `max_seq_len`
 //! are truncated or dropped (`data.truncation`); examples left with no trained token are dropped.
 //! All are counted.
