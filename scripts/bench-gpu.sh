@@ -1,32 +1,63 @@
 #!/usr/bin/env bash
-# The standard `fuselora bench` set on a GPU machine, then a table of the results.
-# Each preset runs with LoRA r=16 alpha=16 on all seven projections, bf16, checkpointing on,
-# 2 warmup + 10 measured steps; JSON results go to OUT_DIR (default bench-results/).
-# usage: scripts/bench-gpu.sh [FUSELORA_BIN] [OUT_DIR]
-set -euo pipefail
+# The standard `fuselora bench` set on a GPU machine with the Hugging Face + PEFT baseline
+# (scripts/bench-hf-peft.py) measured in the same run, then one table of both.
+# Each run: LoRA r=16 alpha=16 on all seven projections, bf16, 2 warmup + 10 measured steps.
+# With PROFILE=1 each fuselora run also times one step op by op (OUT_DIR/<run>.txt holds the table).
+# HF=0 skips the baseline (needs python3 with torch, transformers and peft; the QLoRA rows also
+# bitsandbytes: scripts/fetch-bitsandbytes-wheel.sh, else they print a skip and show "—").
+# A run's extra flags go to both programs (bench-hf-peft.py takes --no-checkpointing, --quantize).
+# usage: [PROFILE=1] [HF=0 | FUSELORA=0] scripts/bench-gpu.sh [FUSELORA_BIN] [OUT_DIR]
+set -uo pipefail
 BIN=${1:-target/release/fuselora}
 OUT=${2:-bench-results}
+SCRIPTS=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT"
-# preset batch seq
+# name preset batch seq extra-flags
 RUNS=(
-  "llama2-7b 2 2048"
-  "mistral-7b 2 2048"
-  "llama-1b 4 2048"
-  "smollm2-135m 8 2048"
+  "llama2-7b llama2-7b 2 2048"
+  "llama2-7b-no-ckpt llama2-7b 2 2048 --no-checkpointing"
+  "mistral-7b mistral-7b 2 2048"
+  "llama2-7b-qlora llama2-7b 2 2048 --quantize nf4"
+  "mistral-7b-qlora mistral-7b 2 2048 --quantize nf4"
+  "qwen2.5-7b qwen2.5-7b 2 2048"
+  "qwen3-8b qwen3-8b 2 2048"
+  "llama-1b llama-1b 4 2048"
+  "smollm2-135m smollm2-135m 8 1024"
 )
-for r in "${RUNS[@]}"; do
-  read -r preset batch seq <<<"$r"
-  "$BIN" bench --preset "$preset" --batch "$batch" --seq "$seq" --warmup 2 --steps 10 \
-    --json "$OUT/$preset-b$batch-s$seq.json" >/dev/null
-done
-python3 - "$OUT" <<'PY'
+if [ "${FUSELORA:-1}" != 0 ]; then
+  for r in "${RUNS[@]}"; do
+    read -r name preset batch seq flags <<<"$r"
+    "$BIN" bench --preset "$preset" --batch "$batch" --seq "$seq" $flags --warmup 2 --steps 10 \
+      ${PROFILE:+--profile} --json "$OUT/fuselora-$name.json" >"$OUT/fuselora-$name.txt" 2>&1 \
+      || { echo "fuselora $name failed:"; tail -5 "$OUT/fuselora-$name.txt"; }
+  done
+fi
+if [ "${HF:-1}" != 0 ]; then
+  for r in "${RUNS[@]}"; do
+    read -r name preset batch seq flags <<<"$r"
+    python3 "$SCRIPTS/bench-hf-peft.py" --preset "$preset" --batch "$batch" --seq "$seq" \
+      $flags --warmup 2 --steps 10 --json "$OUT/hf-$name.json" >"$OUT/hf-$name.txt" 2>&1 \
+      || { echo "hf $name failed:"; tail -3 "$OUT/hf-$name.txt"; }
+  done
+fi
+python3 - "$OUT" "${RUNS[@]}" <<'PY'
 import json, pathlib, sys
-print(f"| preset | batch × seq | tokens/s | step (median) | model TFLOP/s | MFU | peak GiB |")
-print(f"| --- | --- | --- | --- | --- | --- | --- |")
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    r = json.loads(f.read_text()); s = r["spec"]
-    mfu = f"{r['mfu']*100:.1f}%" if r.get("mfu") is not None else "n/a"
-    peak = f"{r['peak_memory_bytes']/2**30:.2f}" if r.get("peak_memory_bytes") else "n/a"
-    print(f"| {s['preset']} | {s['batch']} × {s['seq']} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} s "
-          f"| {r['model_tflops']:.0f} | {mfu} | {peak} |")
+out = pathlib.Path(sys.argv[1])
+def load(p):
+    return json.loads(p.read_text()) if p.exists() else None
+print("| run | batch × seq | HF + PEFT tok/s | HF peak GiB | fuselora tok/s | step | MFU | peak GiB | × HF |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for spec in sys.argv[2:]:
+    name, preset, batch, seq = spec.split()[:4]
+    f, h = load(out / f"fuselora-{name}.json"), load(out / f"hf-{name}.json")
+    hf_tps = f"{h['tokens_per_s']:,.0f}" if h else "—"
+    hf_mem = f"{h['peak_memory_bytes'] / 2**30:.2f}" if h else "—"
+    if f:
+        mfu = f"{f['mfu'] * 100:.1f}%" if f.get("mfu") is not None else "n/a"
+        mem = f"{f['peak_memory_bytes'] / 2**30:.2f}" if f.get("peak_memory_bytes") else "n/a"
+        ratio = f"{f['tokens_per_s'] / h['tokens_per_s']:.2f}×" if h else "—"
+        print(f"| {name} | {batch} × {seq} | {hf_tps} | {hf_mem} | {f['tokens_per_s']:,.0f} | "
+              f"{f['median_step_s']:.3f} s | {mfu} | {mem} | {ratio} |")
+    else:
+        print(f"| {name} | {batch} × {seq} | {hf_tps} | {hf_mem} | failed | | | | |")
 PY

@@ -7,7 +7,7 @@
 #      tokenizer: GPU bf16, GPU f16 (loss scaling) and CPU f32, same batches; replayed through
 #      transformers + PEFT (scripts/compare-hf-peft.py) and the loss curves compared;
 #   3. fuselora bench llama2-7b batch 2 × 2048 with checkpointing, then the HF + PEFT baseline.
-# usage: [FIXTURES=tests/fixtures] scripts/gpu-checks.sh FUSELORA_BIN DATA.jsonl OUT_DIR
+# usage: [FIXTURES=tests/fixtures] [SKIP_BENCH=1] scripts/gpu-checks.sh FUSELORA_BIN DATA.jsonl OUT_DIR
 set -uo pipefail
 BIN=$1 DATA=$2 OUT=$3
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
@@ -59,6 +59,7 @@ tail -2 "$OUT/train-cpu-f32.log"
 python3 "$SCRIPTS/compare-hf-peft.py" --model "$WORK/model" --run "$WORK/out-gpu-bf16" \
   --other "$WORK/out-cpu-f32" --other "$WORK/out-gpu-f16" --json "$OUT/compare-hf-peft.json" 2>&1 | grep -v Warning | tail -16
 
+[ "${SKIP_BENCH:-0}" = 1 ] && exit 0  # the bench set runs apart (scripts/bench-gpu.sh)
 echo "== 3. 7B bench"
 "$BIN" bench --preset llama2-7b --batch 2 --seq 2048 --warmup 2 --steps 8 --json "$OUT/bench-llama2-7b.json" 2>&1 | tail -9
 python3 "$SCRIPTS/bench-hf-peft.py" --preset llama2-7b --batch 2 --seq 2048 --warmup 2 --steps 8 \

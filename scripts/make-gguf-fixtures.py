@@ -13,6 +13,9 @@ of fuselora's Rust code:
 - tiny-llama.gguf: a 1-layer LlamaForCausalLM (hidden 8, 2 heads, 1 KV head) with a byte-level BPE
   vocabulary, its Q and K rows permuted as llama.cpp's convert_hf_to_gguf.py does; the unpermuted Hugging
   Face tensors are in tiny-llama.expected.safetensors.
+- tiny-qwen2.gguf / tiny-qwen3.gguf: the same sizes as `qwen2` (q/k/v biases, tied head) and `qwen3`
+  (per-head q/k norms, head_dim 6 != 8/2, separate head) files with the Qwen pre-tokenizer (`qwen2`);
+  llama.cpp does not permute Qwen's Q/K rows. Hugging Face tensors in tiny-qwen{2,3}.expected.safetensors.
 
 Run from the repository root: python3 scripts/make-gguf-fixtures.py
 """
@@ -43,9 +46,9 @@ def write_safetensors(path, tensors):
     path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
-def write_gguf(path, metadata, tensors, alignment=None):
+def write_gguf(path, metadata, tensors, alignment=None, arch="llama"):
     """metadata: [(key, value, vtype, sub_type)]; tensors: [(name, array, raw_dtype or None)]."""
-    w = gguf.GGUFWriter(str(path), arch="llama")
+    w = gguf.GGUFWriter(str(path), arch=arch)
     if alignment is not None:
         w.add_custom_alignment(alignment)
     for key, value, vtype, sub_type in metadata:
@@ -230,10 +233,56 @@ def tiny_llama_file():
     write_safetensors(OUT / "tiny-llama.expected.safetensors", weights)
 
 
+def tiny_qwen_file(arch):
+    """A 1-layer `qwen2` or `qwen3` model; metadata keys carry the architecture's prefix."""
+    hidden, heads, kv_heads, _, inter = TINY.values()
+    head_dim = 6 if arch == "qwen3" else 4
+    llama_metadata, vocab = tiny_llama_metadata()
+    metadata = []
+    for key, value, vtype, sub in llama_metadata:
+        if key.startswith("llama."):
+            key = arch + key[len("llama"):]
+        if key == f"{arch}.rope.dimension_count":
+            value = head_dim
+        if key == "tokenizer.ggml.pre":
+            value = "qwen2"
+        metadata.append((key, value, vtype, sub))
+    if arch == "qwen3":
+        metadata.append(("qwen3.attention.key_length", head_dim, V.UINT32, None))
+        metadata.append(("qwen3.attention.value_length", head_dim, V.UINT32, None))
+    q, kv = heads * head_dim, kv_heads * head_dim
+    hf = {
+        "model.embed_tokens.weight": ("token_embd.weight", (vocab, hidden)),
+        "model.layers.0.input_layernorm.weight": ("blk.0.attn_norm.weight", (hidden,)),
+        "model.layers.0.self_attn.q_proj.weight": ("blk.0.attn_q.weight", (q, hidden)),
+        "model.layers.0.self_attn.k_proj.weight": ("blk.0.attn_k.weight", (kv, hidden)),
+        "model.layers.0.self_attn.v_proj.weight": ("blk.0.attn_v.weight", (kv, hidden)),
+        "model.layers.0.self_attn.o_proj.weight": ("blk.0.attn_output.weight", (hidden, q)),
+        "model.layers.0.post_attention_layernorm.weight": ("blk.0.ffn_norm.weight", (hidden,)),
+        "model.layers.0.mlp.gate_proj.weight": ("blk.0.ffn_gate.weight", (inter, hidden)),
+        "model.layers.0.mlp.up_proj.weight": ("blk.0.ffn_up.weight", (inter, hidden)),
+        "model.layers.0.mlp.down_proj.weight": ("blk.0.ffn_down.weight", (hidden, inter)),
+        "model.norm.weight": ("output_norm.weight", (hidden,)),
+    }
+    if arch == "qwen2":
+        for p, rows in [("q", q), ("k", kv), ("v", kv)]:
+            hf[f"model.layers.0.self_attn.{p}_proj.bias"] = (f"blk.0.attn_{p}.bias", (rows,))
+    else:
+        for p in ["q", "k"]:
+            hf[f"model.layers.0.self_attn.{p}_norm.weight"] = (f"blk.0.attn_{p}_norm.weight", (head_dim,))
+        hf["lm_head.weight"] = ("output.weight", (vocab, hidden))
+    weights = {n: (RNG.integers(-64, 65, size=s) / 64.0).astype(np.float32) for n, (_, s) in hf.items()}
+    tensors = [(hf[n][0], w, None) for n, w in weights.items()]
+    write_gguf(OUT / f"tiny-{arch}.gguf", metadata, tensors, arch=arch)
+    write_safetensors(OUT / f"tiny-{arch}.expected.safetensors", weights)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     types_file()
     unsupported_file()
     tiny_llama_file()
+    tiny_qwen_file("qwen2")
+    tiny_qwen_file("qwen3")
     for p in sorted(OUT.iterdir()):
         print(f"{p}  {p.stat().st_size} bytes")

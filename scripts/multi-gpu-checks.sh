@@ -92,13 +92,13 @@ path = "$WORK/model"
 [data]
 train = ["$DPO"]
 [train]
-method = "dpo"
 batch_size = 4
 max_steps = 4
 lr = 1e-3
 seed = 1
 log_steps = 1
-[dpo]
+[method]
+name = "dpo"
 max_prompt_len = 128
 max_len = 256
 [output]

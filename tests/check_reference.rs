@@ -36,6 +36,20 @@ fn tiny_mistral_with_sliding_window_matches() {
 }
 
 #[test]
+fn tiny_qwen2_with_qkv_biases_and_tied_head_matches() {
+    let (ok, text) = check("tiny-qwen2");
+    assert!(ok, "{text}");
+    assert!(text.contains("218 passed, 0 failed"), "{text}");
+}
+
+#[test]
+fn tiny_qwen3_with_per_head_qk_norms_and_explicit_head_dim_matches() {
+    let (ok, text) = check("tiny-qwen3");
+    assert!(ok, "{text}");
+    assert!(text.contains("218 passed, 0 failed"), "{text}");
+}
+
+#[test]
 fn a_folder_without_a_case_fails_with_the_path() {
     let (ok, text) = check("no-such-case");
     assert!(!ok);
@@ -46,7 +60,7 @@ fn a_folder_without_a_case_fails_with_the_path() {
 fn smollm2_tokenizer_ids_are_exact() {
     let (ok, text) = check("smollm2-tokenizer");
     assert!(ok, "{text}");
-    assert!(text.contains("8 passed, 0 failed"), "{text}");
+    assert!(text.contains("9 passed, 0 failed"), "{text}");
 }
 
 #[test]
@@ -68,4 +82,11 @@ fn qlora_on_a_bitsandbytes_4bit_checkpoint_matches() {
     let (ok, text) = check("tiny-llama-qlora");
     assert!(ok, "{text}");
     assert!(text.contains("88 passed, 0 failed"), "{text}");
+}
+
+#[test]
+fn tiny_llama_orpo_matches_trl() {
+    let (ok, text) = check("tiny-llama-orpo");
+    assert!(ok, "{text}");
+    assert!(text.contains("50 passed, 0 failed"), "{text}");
 }

@@ -372,25 +372,24 @@ fn launch_runs_the_training_as_rank_0_with_prefixed_output() {
     assert_eq!(losses(&root.join("out")).len(), 6);
 }
 
-/// DPO under mpirun: 2 ranks × accumulation 1 end like 1 rank × accumulation 2 (pair counts, metric
-/// sums and gradients are summed over the ranks). The model speaks ChatML through the byte-level
-/// tokenizer fixture.
-#[test]
-fn dpo_on_two_ranks_matches_one_rank() {
+/// A preference method under mpirun: 2 ranks × accumulation 1 end like 1 rank × accumulation 2
+/// (loss counts, metric sums and gradients are summed over the ranks). `method` is the config's
+/// `[method]` section. The model speaks ChatML through the byte-level tokenizer fixture.
+fn preference_on_two_ranks_matches_one_rank(method: &str, metric: &str) {
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
-    let model = support::tiny_chat_model(root, "dpo-model");
+    let model = support::tiny_chat_model(root, "pref-model");
     let data = root.join("pairs.jsonl");
     let lines: Vec<String> = (0..16)
         .map(|i| serde_json::json!({"prompt": format!("Is {i} even?"), "chosen": format!("{}", i % 2 == 0), "rejected": "maybe"}).to_string())
         .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let config = |accum: usize, out: &Path| {
-        let path = root.join(format!("dpo-{accum}.toml"));
+        let path = root.join(format!("pref-{accum}.toml"));
         let text = format!(
             "[model]\npath = {:?}\nbackend = \"cpu\"\n[lora]\nr = 4\nalpha = 8.0\n[data]\ntrain = [{:?}]\n\
-             [train]\nmethod = \"dpo\"\nbatch_size = 2\ngrad_accum = {accum}\nepochs = 1.0\nlr = 0.001\n\
-             gradient_checkpointing = false\nseed = 5\n[dpo]\nmax_prompt_len = 32\nmax_len = 64\n[output]\ndir = {:?}\n",
+             [train]\nbatch_size = 2\ngrad_accum = {accum}\nepochs = 1.0\nlr = 0.001\n\
+             gradient_checkpointing = false\nseed = 5\n[method]\n{method}\nmax_prompt_len = 32\nmax_len = 64\n[output]\ndir = {:?}\n",
             model.display().to_string(),
             data.display().to_string(),
             out.display().to_string()
@@ -398,7 +397,7 @@ fn dpo_on_two_ranks_matches_one_rank() {
         std::fs::write(&path, text).unwrap();
         path
     };
-    let (two_out, one_out) = (root.join("dpo-two"), root.join("dpo-one"));
+    let (two_out, one_out) = (root.join("pref-two"), root.join("pref-one"));
     for (ranks, accum, out) in [(2, 1, &two_out), (1, 2, &one_out)] {
         let result = run_with_limit(
             &mut mpirun(ranks, &config(accum, out), &[]),
@@ -419,11 +418,46 @@ fn dpo_on_two_ranks_matches_one_rank() {
     for (a, b) in two.iter().zip(&one) {
         assert!((a - b).abs() <= 1e-6 * b.abs(), "losses {two:?} vs {one:?}");
     }
+    let (two_m, one_m) = (
+        metric_values(&two_out, metric),
+        metric_values(&one_out, metric),
+    );
+    assert_eq!(two_m.len(), 4, "{metric} is logged every step");
+    for (a, b) in two_m.iter().zip(&one_m) {
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+            "{metric} {two_m:?} vs {one_m:?}"
+        );
+    }
     let mut moved = 0;
     for ((name, a), (_, b)) in adapter(&two_out).iter().zip(&adapter(&one_out)) {
         let rel = relative_difference(a, b);
         assert!(rel <= 1e-6, "{name}: relative difference {rel:e}");
         moved += usize::from(name.contains("lora_B") && b.iter().any(|&x| x != 0.0));
     }
-    assert_eq!(moved, 21, "every B moved away from zero: DPO trained");
+    assert_eq!(
+        moved, 21,
+        "every B moved away from zero: the method trained"
+    );
+}
+
+/// The values of `key` in every step record.
+fn metric_values(out: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .filter_map(|v| v.get(key).and_then(|x| x.as_f64()))
+        .collect()
+}
+
+#[test]
+fn dpo_on_two_ranks_matches_one_rank() {
+    preference_on_two_ranks_matches_one_rank("name = \"dpo\"", "rewards/margins");
+}
+
+#[test]
+fn orpo_on_two_ranks_matches_one_rank() {
+    preference_on_two_ranks_matches_one_rank("name = \"orpo\"\nbeta = 0.2", "nll_loss");
 }

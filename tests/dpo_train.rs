@@ -1,8 +1,9 @@
-//! `fuselora train --method dpo` end to end on the shared DPO demo data (LLaMA-Factory's
-//! `dpo_en_demo.json`) with SmolLM2-135M-Instruct imported from GGUF into the folder that
-//! FUSELORA_SMOLLM2_DIR names. Held-out pairs: their rewards/accuracies must rise above 0.5 and
-//! their reward margins grow. Skips, saying why, without the model or without ../shared.
-//! Meant for a release build (`cargo test --release --test dpo_train`): debug is ~10× slower.
+//! `fuselora train --method dpo` and `--method orpo` end to end on the shared DPO demo data
+//! (LLaMA-Factory's `dpo_en_demo.json`) with SmolLM2-135M-Instruct imported from GGUF into the
+//! folder that FUSELORA_SMOLLM2_DIR names. Held-out pairs: their rewards/accuracies must rise
+//! above 0.5 and their reward margins grow. Skips, saying why, without the model or without
+//! ../shared. Meant for a release build (`cargo test --release --test dpo_train`): debug is ~10×
+//! slower.
 
 use serde_json::Value;
 use std::path::PathBuf;
@@ -18,11 +19,18 @@ fn subset(records: &[Value], from: usize, n: usize, path: &std::path::Path) {
     std::fs::write(path, serde_json::to_string(&part).unwrap()).unwrap();
 }
 
-#[test]
-fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
+/// Trains `method` (the config's `[method]` keys after `name`) on 48 demo pairs for 2 epochs,
+/// evaluating on 20 held-out ones; returns the step and eval records, the output folder (kept
+/// alive by the returned temporary folder) and the run's text. `None` (printed) when the model or
+/// the data is absent.
+fn train_on_demo(
+    method: &str,
+    method_keys: &str,
+    lr: &str,
+) -> Option<(Vec<Value>, Vec<Value>, tempfile::TempDir, String)> {
     let Some(model) = std::env::var_os("FUSELORA_SMOLLM2_DIR").map(PathBuf::from) else {
         eprintln!("skipped: set FUSELORA_SMOLLM2_DIR to a SmolLM2-135M-Instruct folder (fuselora import-gguf) to run this test");
-        return;
+        return None;
     };
     let data = demo_data();
     if !data.is_file() {
@@ -30,7 +38,7 @@ fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
             "skipped: {} is absent (the shared data folder is not checked out)",
             data.display()
         );
-        return;
+        return None;
     }
     let records: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
@@ -40,21 +48,21 @@ fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
     subset(&records, 0, 48, &train);
     subset(&records, 280, 20, &held);
     let out = dir.path().join("out");
-    let config = dir.path().join("dpo.toml");
+    let config = dir.path().join("run.toml");
     std::fs::write(
         &config,
         format!(
             "[model]\npath = {model:?}\nbackend = \"cpu\"\n\
              [lora]\nr = 16\nalpha = 32\ntargets = [\"all-linear\"]\n\
              [data]\ntrain = [{train:?}]\nvalidation = [{held:?}]\n\
-             [train]\nbatch_size = 4\ngrad_accum = 1\nepochs = 2\nlr = 5e-4\nschedule = \"constant\"\nseed = 3\n\
-             [dpo]\nbeta = 0.1\nmax_prompt_len = 48\nmax_len = 96\nprecompute_ref = true\n\
+             [train]\nbatch_size = 4\ngrad_accum = 1\nepochs = 2\nlr = {lr}\nschedule = \"constant\"\nseed = 3\n\
+             [method]\nbeta = 0.1\nmax_prompt_len = 48\nmax_len = 96\n{method_keys}\n\
              [output]\ndir = {out:?}\n"
         ),
     )
     .unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_fuselora"))
-        .args(["train", "--method", "dpo", "--config"])
+        .args(["train", "--method", method, "--config"])
         .arg(&config)
         .output()
         .unwrap();
@@ -62,19 +70,28 @@ fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
         String::from_utf8_lossy(&run.stdout).into_owned() + &String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{text}");
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let records: Vec<Value> = metrics
+    let lines: Vec<Value> = metrics
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let evals: Vec<&Value> = records
-        .iter()
-        .filter(|r| r.get("eval_rewards/accuracies").is_some())
-        .collect();
-    let steps: Vec<&Value> = records
-        .iter()
-        .filter(|r| r.get("rewards/accuracies").is_some())
-        .collect();
+    let (evals, steps): (Vec<Value>, Vec<Value>) = lines
+        .into_iter()
+        .partition(|r| r.get("eval_loss").is_some());
     assert_eq!(steps.len(), 24, "{text}");
+    Some((steps, evals, dir, text))
+}
+
+fn f(r: &Value, k: &str) -> f64 {
+    r[k].as_f64()
+        .unwrap_or_else(|| panic!("{k} missing from {r}"))
+}
+
+#[test]
+fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
+    let Some((steps, evals, dir, text)) = train_on_demo("dpo", "precompute_ref = true", "5e-4")
+    else {
+        return;
+    };
     for key in [
         "loss",
         "rewards/chosen",
@@ -83,10 +100,9 @@ fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
         "logps/chosen",
         "logps/rejected",
     ] {
-        assert!(steps[0][key].is_number(), "{key} missing from {}", steps[0]);
+        f(&steps[0], key);
     }
-    let (first, last) = (evals[0], evals[evals.len() - 1]);
-    let f = |r: &Value, k: &str| r[k].as_f64().unwrap();
+    let (first, last) = (&evals[0], &evals[evals.len() - 1]);
     // At step 0 the adapter is zero: policy = reference, every reward 0, the loss ln 2.
     assert!(
         (f(first, "eval_loss") - std::f64::consts::LN_2).abs() < 1e-4,
@@ -98,9 +114,47 @@ fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
         "{text}\n{last}"
     );
     assert!(f(last, "eval_loss") < f(first, "eval_loss"), "{last}");
+    let out = dir.path().join("out");
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["preference"]["pairs"], 48);
+    let fill = summary["row_fill"].as_f64().unwrap();
+    assert!(fill > 0.0 && fill <= 1.0, "{fill}");
     assert!(out.join("reference_logps.json").is_file());
     assert!(out.join("adapter/adapter_model.safetensors").is_file());
+}
+
+#[test]
+fn orpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
+    let Some((steps, evals, _dir, text)) = train_on_demo("orpo", "", "5e-4") else {
+        return;
+    };
+    for key in [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "log_odds_ratio",
+        "log_odds_chosen",
+        "nll_loss",
+    ] {
+        f(&steps[0], key);
+    }
+    let (first, last) = (&evals[0], &evals[evals.len() - 1]);
+    eprintln!(
+        "orpo held-out: rewards/accuracies {:.3} → {:.3}, margins {:.4} → {:.4}, loss {:.4} → {:.4}",
+        f(first, "eval_rewards/accuracies"),
+        f(last, "eval_rewards/accuracies"),
+        f(first, "eval_rewards/margins"),
+        f(last, "eval_rewards/margins"),
+        f(first, "eval_loss"),
+        f(last, "eval_loss")
+    );
+    assert!(f(last, "eval_rewards/accuracies") > 0.5, "{text}\n{last}");
+    assert!(
+        f(last, "eval_rewards/margins") > f(first, "eval_rewards/margins"),
+        "{text}\n{last}"
+    );
+    assert!(f(last, "eval_loss") < f(first, "eval_loss"), "{last}");
 }

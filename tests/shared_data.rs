@@ -11,8 +11,9 @@ use trainer::data::batching::{epoch_fill, Batching};
 use trainer::data::records::{read_file, Format, Sample};
 use trainer::data::tokenize::{encode_sample, tokenize_records, Formatting};
 use trainer::tokenizer::Tokenizer;
+use trainer::train::checkpoint::Resume;
 use trainer::train::config::RunConfig;
-use trainer::train::run::{train, Resume};
+use trainer::train::run::train;
 
 fn shared_data() -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");

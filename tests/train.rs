@@ -11,9 +11,12 @@ use std::process::Command;
 use support::{fixtures, tiny_chat_model};
 use trainer::lora::peft;
 use trainer::model::weights::WeightFiles;
+use trainer::train::checkpoint::Resume;
 use trainer::train::config::RunConfig;
+use trainer::train::method::Sums;
 use trainer::train::metrics::read_steps;
-use trainer::train::run::{evaluate, prepare, train, Resume};
+use trainer::train::run::{load_model, train};
+use trainer::train::sft::{evaluate, Sft};
 
 /// 80 alpaca records with a learnable answer pattern.
 fn dataset(dir: &Path) -> PathBuf {
@@ -80,15 +83,17 @@ fn training_lowers_held_out_loss_and_the_saved_adapter_reproduces_it() {
 
     // Reload the written adapter: the held-out loss is the same to the bit.
     let out = dir.path().join("out");
-    let prep = prepare(&be, &cfg).unwrap();
-    let lora = peft::load(&be, &prep.model.config, &out.join("adapter")).unwrap();
+    let (model, sft) = (load_model(&be, &cfg).unwrap(), Sft::prepare(&cfg).unwrap());
+    let lora = peft::load(&be, &model.config, &out.join("adapter")).unwrap();
     let batching = trainer::data::batching::Batching {
         rows: 4,
         max_seq_len: 64,
         packing: true,
         pad_id: 0,
     };
-    let (reloaded, _) = evaluate(&be, &prep.model, Some(&lora), &prep.eval, &batching).unwrap();
+    let reloaded = evaluate(&be, &model, Some(&lora), &sft.eval, &batching)
+        .unwrap()
+        .loss();
     assert_eq!(reloaded, end);
 
     // The files follow PEFT's format: the fixture adapter (written by PEFT) is the model.
@@ -136,6 +141,23 @@ fn training_lowers_held_out_loss_and_the_saved_adapter_reproduces_it() {
     }
     let (steps, _) = read_steps(&out.join("metrics.jsonl")).unwrap();
     assert_eq!(steps.len(), 30);
+    // Each step logs its real tokens and, of those, the labelled ones; 2 micro-batches of
+    // 4 rows × 64 slots hold at most 512.
+    for r in &steps {
+        assert!(
+            0 < r.loss_tokens && r.loss_tokens < r.tokens && r.tokens <= 512,
+            "{r:?}"
+        );
+    }
+    let trained: u64 = steps.iter().map(|r| r.loss_tokens).sum();
+    assert_eq!(trained, summary.tokens_trained);
+    // summary.json carries the fill of the packed micro-batches, as the batching computes it.
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let fill = trainer::data::batching::epoch_fill(&*sft.train, &sft.batching, cfg.train.seed);
+    assert!(fill > 0.5 && fill <= 1.0, "{fill}");
+    assert_eq!(written["row_fill"].as_f64(), Some(fill));
+    assert_eq!(summary.row_fill, fill);
 }
 
 #[test]
@@ -198,16 +220,17 @@ fn training_continues_from_an_adapter_written_by_peft() {
         &[format!("lora.init_adapter=\"{}\"", adapter.display())],
     );
     let be = CpuBackend::new();
-    let prep = prepare(&be, &cfg).unwrap();
-    let lora = peft::load(&be, &prep.model.config, &adapter).unwrap();
+    let (model, sft) = (load_model(&be, &cfg).unwrap(), Sft::prepare(&cfg).unwrap());
+    let lora = peft::load(&be, &model.config, &adapter).unwrap();
     let batching = trainer::data::batching::Batching {
         rows: 4,
         max_seq_len: 64,
         packing: true,
         pad_id: 0,
     };
-    let (with_peft_adapter, _) =
-        evaluate(&be, &prep.model, Some(&lora), &prep.eval, &batching).unwrap();
+    let with_peft_adapter = evaluate(&be, &model, Some(&lora), &sft.eval, &batching)
+        .unwrap()
+        .loss();
     let s = train(&be, &cfg, Resume::No).unwrap();
     assert_eq!(
         s.eval_loss_start,

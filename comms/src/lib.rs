@@ -28,6 +28,6 @@ pub use error::{Error, Result};
 #[cfg(feature = "mpi")]
 pub use mpi_comm::MpiCommunicator;
 #[cfg(feature = "nccl")]
-pub use nccl_comm::{NcclCommunicator, NCCL_ID_BYTES};
+pub use nccl_comm::{nccl_loadable, NcclCommunicator, NCCL_ID_BYTES};
 pub use rendezvous::{Rendezvous, RendezvousServer};
 pub use single::SingleProcess;

@@ -161,22 +161,27 @@ impl Communicator for NcclCommunicator {
     }
 }
 
+/// Whether cudarc can open NCCL by one of the names it tries (`libnccl.so` and a few versioned
+/// ones, but not `libnccl.so.2`, the only name that the `libnccl2` package and the `nvidia-nccl`
+/// wheels install; `fuselora` links one for its ranks).
+pub fn nccl_loadable() -> bool {
+    // SAFETY: is_culib_present only dlopens candidate names.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
 /// Fails with the fix, where cudarc would panic, when no NCCL library it looks for can be
-/// loaded. cudarc tries `libnccl.so` and a few versioned names, but not `libnccl.so.2`, the only
-/// name that the `libnccl2` package and the `nvidia-nccl` wheels install.
+/// loaded.
 fn check_nccl_loadable() -> Result<()> {
-    let candidates = cudarc::get_lib_name_candidates("nccl");
-    if candidates
-        .iter()
-        .any(|name| loaded_path(name, None).is_some())
-    {
+    if nccl_loadable() {
         return Ok(());
     }
+    let candidates = cudarc::get_lib_name_candidates("nccl");
     let fix = match loaded_path("libnccl.so.2", Some(c"ncclGetUniqueId")) {
         Some(path) => format!(
             "{path} is installed but cudarc loads `libnccl.so`: run \
              `mkdir -p ~/.local/lib && ln -sf {path} ~/.local/lib/libnccl.so` and add \
-             ~/.local/lib to LD_LIBRARY_PATH"
+             ~/.local/lib to LD_LIBRARY_PATH (the `fuselora` binary does this itself for ranks of \
+             a multi-rank job)"
         ),
         None => "install NCCL (Debian/Ubuntu: libnccl2 libnccl-dev; or pip nvidia-nccl-cu12) \
                  and put the folder holding libnccl.so on LD_LIBRARY_PATH"

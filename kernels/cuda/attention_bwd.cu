@@ -10,7 +10,11 @@
  *   read once). Per tile: S^T = K Q^T and dP^T = V dO^T on the tensor cores, P^T and dS^T in
  *   registers, dV += P^T dO and dK += dS^T Q from those registers, then dS goes through shared
  *   memory for dQ += dS K, added atomically into an f32 accumulator (cast to the dtype afterwards).
- *   Tiles no query of which sees the keys (documents, window) are skipped.
+ *   Tiles no query of which sees the keys (documents, window) are skipped. The next tile's Q and dO
+ *   stream into a second buffer by cp.async while the current one is used. Fragments come from shared
+ *   memory through ldmatrix (.trans where the product needs the transposed tile), rows padded by 8.
+ *   With GQA (heads > kv_heads) the block owns one query head instead, so that the group's heads run in
+ *   parallel, and its dK, dV go in f32 to per-head parts that attention_backward_group_sum_<t> adds up.
  * attention_backward_simple_dq_<t> / _dkdv_<t>: one warp per query (or per key and kv head); the
  *   f32 mode's path and the fallback for other head sizes.
  */
@@ -37,22 +41,27 @@ __device__ void attention_backward_dot(const T* dout, const T* out, float* delta
 
 template <typename T, int D>
 __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const T* dout, const float* lse,
-                                       const float* delta, const int* doc_start, float* dq_acc, T* dk, T* dv, int seq,
-                                       int heads, int kv_heads, int window, float scale) {
+                                       const float* delta, const int* doc_start, float* dq_acc, T* dk, T* dv, float* dk_part,
+                                       float* dv_part, int seq, int heads, int kv_heads, int window, float scale) {
     constexpr int LD = D + 8, LDS = BWD_BN + 8, KSTEPS = D / 16, DTILES = D / 8, QTILES = BWD_BM / 8;
     constexpr int CHUNKS = D / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* ks = (u16*)smem_raw;          /* [BN][LD]  keys of this block */
     u16* vs = ks + BWD_BN * LD;        /* [BN][LD]  values */
-    u16* qs = vs + BWD_BN * LD;        /* [BM][LD]  current query tile */
-    u16* dos = qs + BWD_BM * LD;       /* [BM][LD]  its output gradient */
-    u16* dss = dos + BWD_BM * LD;      /* [BM][LDS] dS (scaled), query-major */
+    u16* qbuf = vs + BWD_BN * LD;      /* [2][BM][LD] query tiles: the current one and the next */
+    u16* dobuf = qbuf + 2 * BWD_BM * LD; /* [2][BM][LD] their output gradients */
+    u16* dss = dobuf + 2 * BWD_BM * LD; /* [BM][LDS] dS (scaled), query-major */
     float* lse_s = (float*)(dss + BWD_BM * LDS); /* [BM] lse in log2 units */
     float* dl_s = lse_s + BWD_BM;      /* [BM] D_i */
     int* fk_s = (int*)(dl_s + BWD_BM); /* [BM] first visible key */
 
-    const int k0 = blockIdx.x * BWD_BN, kvh = blockIdx.y, row = blockIdx.z;
+    /* Without parts a block owns a kv head and all its query heads; with them (GQA), one query head,
+     * its dK and dV going to the f32 parts [N, heads, D] that attention_backward_group_sum adds up. */
+    const bool split = dk_part != nullptr;
+    const int k0 = blockIdx.x * BWD_BN, row = blockIdx.z;
     const int per_kv = heads / kv_heads;
+    const int kvh = split ? blockIdx.y / per_kv : blockIdx.y;
+    const int h_first = split ? blockIdx.y : kvh * per_kv, n_heads = split ? 1 : per_kv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const u64 tok0 = (u64)row * seq;
     const float scale_log2 = scale * LOG2E;
@@ -76,10 +85,31 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
     const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;
     const int q_end = window > 0 ? min(seq, key_last + window) : seq;
 
-    for (int hl = 0; hl < per_kv; hl++) {
-        const int h = kvh * per_kv + hl;
-        for (int q0 = (k0 / BWD_BM) * BWD_BM; q0 < q_end; q0 += BWD_BM) {
-            __syncthreads(); /* the previous tile's readers are done */
+    /* The (query head, query tile) pairs in order; tile t + 1's Q and dO load by cp.async while
+     * tile t is used. */
+    const int q_start = (k0 / BWD_BM) * BWD_BM;
+    const int per_head = q_end > q_start ? (q_end - q_start + BWD_BM - 1) / BWD_BM : 0;
+    const int tiles = n_heads * per_head;
+    const u16 *qg = (const u16*)q, *dog = (const u16*)dout;
+    auto load_tile = [&](int t, int buf) {
+        const int th = h_first + t / per_head, tq0 = q_start + (t % per_head) * BWD_BM;
+        for (int c = threadIdx.x; c < BWD_BM * CHUNKS; c += blockDim.x) {
+            int r = c / CHUNKS, col = (c % CHUNKS) * 8, qi = tq0 + r;
+            bool valid = qi < seq;
+            u64 at = valid ? ((tok0 + qi) * heads + th) * D + col : 0;
+            cp_async16(qbuf + (buf * BWD_BM + r) * LD + col, qg + at, valid);
+            cp_async16(dobuf + (buf * BWD_BM + r) * LD + col, dog + at, valid);
+        }
+        cp_async_commit();
+    };
+    if (tiles > 0) load_tile(0, 0);
+    for (int t = 0; t < tiles; t++) {
+        const int h = h_first + t / per_head, q0 = q_start + (t % per_head) * BWD_BM;
+        const u16* qs = qbuf + (t & 1) * BWD_BM * LD;
+        const u16* dos = dobuf + (t & 1) * BWD_BM * LD;
+        {
+            __syncthreads(); /* the previous tile's readers are done with its buffers */
+            if (t + 1 < tiles) load_tile(t + 1, (t + 1) & 1);
             bool sees = false;
             if (threadIdx.x < BWD_BM) {
                 int qi = q0 + threadIdx.x;
@@ -90,19 +120,14 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
                 lse_s[threadIdx.x] = l * LOG2E;
                 dl_s[threadIdx.x] = qi < seq ? delta[(tok0 + qi) * heads + h] : 0.0f;
             }
-            if (!__syncthreads_or(sees)) continue;
-            for (int c = threadIdx.x; c < BWD_BM * CHUNKS; c += blockDim.x) {
-                int r = c / CHUNKS, col = (c % CHUNKS) * 8, qi = q0 + r;
-                uint4 q4 = make_uint4(0, 0, 0, 0), d4 = make_uint4(0, 0, 0, 0);
-                if (qi < seq) {
-                    u64 at = ((tok0 + qi) * heads + h) * D + col;
-                    q4 = *(const uint4*)((const u16*)q + at);
-                    d4 = *(const uint4*)((const u16*)dout + at);
-                }
-                *(uint4*)(qs + r * LD + col) = q4;
-                *(uint4*)(dos + r * LD + col) = d4;
+            const bool any = __syncthreads_or(sees);
+            if (t + 1 < tiles) {
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
             }
             __syncthreads();
+            if (!any) continue;
 
             /* S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 32 queries. */
             float st[QTILES][4], dpt[QTILES][4];
@@ -110,14 +135,16 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
                 for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
             for (int s = 0; s < KSTEPS; s++) {
                 u32 ka[4], va[4];
-                frag_a(ka, ks, LD, warp * 16, 16 * s);
-                frag_a(va, vs, LD, warp * 16, 16 * s);
-                for (int n = 0; n < QTILES; n++) {
-                    u32 b[2];
-                    frag_b(b, qs, LD, 16 * s, 8 * n);
+                ldm_a(ka, ks, LD, warp * 16, 16 * s);
+                ldm_a(va, vs, LD, warp * 16, 16 * s);
+                for (int n = 0; n < QTILES; n += 2) {
+                    u32 b[4];
+                    ldm_b2(b, qs, LD, 16 * s, 8 * n);
                     mma_16x8x16(st[n], ka, b, (T*)0);
-                    frag_b(b, dos, LD, 16 * s, 8 * n);
+                    mma_16x8x16(st[n + 1], ka, b + 2, (T*)0);
+                    ldm_b2(b, dos, LD, 16 * s, 8 * n);
                     mma_16x8x16(dpt[n], va, b, (T*)0);
+                    mma_16x8x16(dpt[n + 1], va, b + 2, (T*)0);
                 }
             }
             /* P^T and dS^T in place: element e of tile n is key (g or g+8), query 8n + 2tq + (e&1). */
@@ -142,12 +169,14 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
                 da[1] = pack2<T>(dpt[2 * j][2], dpt[2 * j][3]);
                 da[2] = pack2<T>(dpt[2 * j + 1][0], dpt[2 * j + 1][1]);
                 da[3] = pack2<T>(dpt[2 * j + 1][2], dpt[2 * j + 1][3]);
-                for (int i = 0; i < DTILES; i++) {
-                    u32 b[2];
-                    frag_b_t(b, dos, LD, 16 * j, 8 * i);
+                for (int i = 0; i < DTILES; i += 2) {
+                    u32 b[4];
+                    ldm_b2_t(b, dos, LD, 16 * j, 8 * i);
                     mma_16x8x16(dvacc[i], pa, b, (T*)0);
-                    frag_b_t(b, qs, LD, 16 * j, 8 * i);
+                    mma_16x8x16(dvacc[i + 1], pa, b + 2, (T*)0);
+                    ldm_b2_t(b, qs, LD, 16 * j, 8 * i);
                     mma_16x8x16(dkacc[i], da, b, (T*)0);
+                    mma_16x8x16(dkacc[i + 1], da, b + 2, (T*)0);
                 }
             }
             /* dS (times the softmax scale) to shared memory, query-major, for dQ = dS K. */
@@ -166,11 +195,12 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
                 for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
                 for (int j = 0; j < BWD_BN / 16; j++) {
                     u32 a[4];
-                    frag_a(a, dss, LDS, qh, 16 * j);
-                    for (int i = 0; i < 4; i++) {
-                        u32 b[2];
-                        frag_b_t(b, ks, LD, 16 * j, dbase + part + 8 * i);
+                    ldm_a(a, dss, LDS, qh, 16 * j);
+                    for (int i = 0; i < 4; i += 2) {
+                        u32 b[4];
+                        ldm_b2_t(b, ks, LD, 16 * j, dbase + part + 8 * i);
                         mma_16x8x16(acc[i], a, b, (T*)0);
+                        mma_16x8x16(acc[i + 1], a, b + 2, (T*)0);
                     }
                 }
                 const int qa = q0 + qh + g, qb = qa + 8;
@@ -190,6 +220,22 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
             }
         }
     }
+    if (split) {
+        for (int i = 0; i < DTILES; i++) {
+            int d = 8 * i + 2 * tq;
+            if (key_a < seq) {
+                u64 at = ((tok0 + key_a) * heads + h_first) * D + d;
+                *(float2*)(dk_part + at) = make_float2(dkacc[i][0] * scale, dkacc[i][1] * scale);
+                *(float2*)(dv_part + at) = make_float2(dvacc[i][0], dvacc[i][1]);
+            }
+            if (key_b < seq) {
+                u64 at = ((tok0 + key_b) * heads + h_first) * D + d;
+                *(float2*)(dk_part + at) = make_float2(dkacc[i][2] * scale, dkacc[i][3] * scale);
+                *(float2*)(dv_part + at) = make_float2(dvacc[i][2], dvacc[i][3]);
+            }
+        }
+        return;
+    }
     u16* dkg = (u16*)dk;
     u16* dvg = (u16*)dv;
     for (int i = 0; i < DTILES; i++) {
@@ -204,6 +250,21 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
             *(u32*)(dkg + at) = pack2<T>(dkacc[i][2] * scale, dkacc[i][3] * scale);
             *(u32*)(dvg + at) = pack2<T>(dvacc[i][2], dvacc[i][3]);
         }
+    }
+}
+
+/* dK, dV of GQA from the per-query-head parts: out[t, kvh, c] = sum_j part[t, kvh * per_kv + j, c].
+ * One thread per output element; reads the parts once. */
+template <typename T>
+__device__ void attention_backward_group_sum(const float* part, T* out, u64 total, int heads, int kv_heads, int d) {
+    const int per_kv = heads / kv_heads;
+    for (u64 i = THREAD_INDEX; i < total; i += GRID_STRIDE) {
+        u64 tok = i / ((u64)kv_heads * d);
+        int rest = (int)(i % ((u64)kv_heads * d)), kvh = rest / d, c = rest % d;
+        const float* p = part + (tok * heads + (u64)kvh * per_kv) * d + c;
+        float acc = 0.0f;
+        for (int j = 0; j < per_kv; j++) acc += p[(u64)j * d];
+        out[i] = store_f32<T>(acc);
     }
 }
 
@@ -307,10 +368,10 @@ __device__ void attention_backward_simple_dkdv(const T* q, const T* k, const T* 
 #define ATTN_BWD_MMA(S, T, D)                                                                                    \
     extern "C" __global__ void __launch_bounds__(128) attention_backward_mma_##S##_d##D(                        \
         const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,                 \
-        const int* doc_start, float* dq_acc, T* dk, T* dv, int seq, int heads, int kv_heads, int window,         \
-        float scale) {                                                                                           \
-        attention_backward_mma<T, D>(q, k, v, dout, lse, delta, doc_start, dq_acc, dk, dv, seq, heads, kv_heads, \
-                                     window, scale);                                                             \
+        const int* doc_start, float* dq_acc, T* dk, T* dv, float* dk_part, float* dv_part, int seq, int heads,   \
+        int kv_heads, int window, float scale) {                                                                 \
+        attention_backward_mma<T, D>(q, k, v, dout, lse, delta, doc_start, dq_acc, dk, dv, dk_part, dv_part, seq, \
+                                     heads, kv_heads, window, scale);                                            \
     }
 ATTN_BWD_MMA(bf16, bf16, 64)
 ATTN_BWD_MMA(bf16, bf16, 128)
@@ -318,6 +379,10 @@ ATTN_BWD_MMA(f16, f16, 64)
 ATTN_BWD_MMA(f16, f16, 128)
 
 #define ATTN_BWD_SIMPLE(S, T)                                                                                     \
+    extern "C" __global__ void attention_backward_group_sum_##S(const float* part, T* out, u64 total, int heads, \
+                                                                int kv_heads, int d) {                          \
+        attention_backward_group_sum<T>(part, out, total, heads, kv_heads, d);                                  \
+    }                                                                                                             \
     extern "C" __global__ void attention_backward_dot_##S(const T* dout, const T* out, float* delta, u64 pairs,   \
                                                           int d) {                                               \
         attention_backward_dot<T>(dout, out, delta, pairs, d);                                                   \

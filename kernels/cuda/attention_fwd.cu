@@ -4,20 +4,25 @@
  * Key j is visible iff first_i <= j <= i within the row, first_i = max(doc_start_i, i + 1 - window)
  * (window = 0: none). This covers causal masking, padding and packed documents (AttentionLayout).
  *
- * attention_forward_mma_<t>_d<D> (bf16/f16, D = 64 or 128): a block owns 64 queries of one
- * (row, head); each of its 4 warps holds 16 query rows as tensor-core A fragments for the whole
- * run. Key/value tiles of 64 rows stream through shared memory once per block (GQA: the kv head is
- * indexed, never copied per head). Scores S = Q K^T and the update O += P V run on mma.sync
- * m16n8k16 with f32 accumulators; the online softmax (running max m, running sum l, Dao 2023)
- * rescales O in registers, and P goes from the S accumulators straight into A fragments. Tiles
- * before the block's earliest visible key (documents, window) and after its last query are skipped.
- * Traffic: Q, O once; K, V once per 64-query block.
+ * attention_forward_mma_<t>_d<D> (bf16/f16, D = 64 or 128), FlashAttention-2 (Dao 2023) on mma.sync:
+ * a block owns 128 queries of one (row, head); each of its 8 warps holds 16 query rows as tensor-core
+ * A fragments for the whole run. Key/value tiles of 64 rows stream through shared memory by cp.async,
+ * two stages deep (the next tile loads while this one is used), and reach the tensor cores through
+ * ldmatrix (V with .trans), padded rows (D + 8 halves) keeping the 8 row reads of each ldmatrix on
+ * distinct banks. S = Q K^T and O += P V run on m16n8k16 with f32 accumulators; the online softmax
+ * (running max m, running sum l) rescales O in registers, and P goes from the S accumulators straight
+ * into A fragments. Masking is applied only to tiles that cross the diagonal or a document start;
+ * a warp skips tiles none of its rows sees, a block the tiles before its earliest visible key.
+ * Blocks run latest queries first, so the longest causal rows start early and the tail is short.
+ * Traffic: Q, O once; K, V once per 128-query block (GQA: the kv head is indexed, never copied).
+ * Shared memory: 2 stages x (K + V) x 64 x (D + 8) halves = 69,632 bytes at D = 128.
  *
  * attention_forward_simple_<t>: one warp per (query, head), lanes split the head dimension
  * (D <= 256); the f32 mode's path and the fallback for other head sizes.
  */
-#define ATTN_BM 64
+#define ATTN_BM 128
 #define ATTN_BN 64
+#define ATTN_WARPS 8
 #define LOG2E 1.4426950408889634f
 
 __device__ __forceinline__ int first_visible_key(const int* doc_start, u64 tok0, int qi, int window) {
@@ -26,16 +31,32 @@ __device__ __forceinline__ int first_visible_key(const int* doc_start, u64 tok0,
     return f;
 }
 
+/* Queues the K and V tiles of keys kt..kt+63 into one stage (rows past the sequence read as zero). */
+template <int D>
+__device__ __forceinline__ void load_kv_tile(u16* ks, u16* vs, const u16* k, const u16* v, u64 tok0, int kt,
+                                             int seq, int kv_heads, int kvh) {
+    constexpr int LD = D + 8, CHUNKS = D / 8;
+    for (int c = threadIdx.x; c < ATTN_BN * CHUNKS; c += ATTN_WARPS * 32) {
+        int r = c / CHUNKS, col = (c % CHUNKS) * 8, key = kt + r;
+        bool valid = key < seq;
+        u64 at = valid ? ((tok0 + key) * kv_heads + kvh) * D + col : 0;
+        cp_async16(ks + r * LD + col, k + at, valid);
+        cp_async16(vs + r * LD + col, v + at, valid);
+    }
+    cp_async_commit();
+}
+
 template <typename T, int D>
 __device__ void attention_forward_mma(const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse,
                                       int seq, int heads, int kv_heads, int window, float scale) {
-    constexpr int LD = D + 8; /* +16 bytes per row: rows land on different banks */
+    constexpr int LD = D + 8; /* +16 bytes per row: ldmatrix's 8 rows land on different banks */
     constexpr int KSTEPS = D / 16, DTILES = D / 8, NTILES = ATTN_BN / 8;
-    __shared__ __align__(16) u16 ks[ATTN_BN * LD];
-    __shared__ __align__(16) u16 vs[ATTN_BN * LD];
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* kbuf = (u16*)smem_raw;           /* [2 stages][BN][LD] */
+    u16* vbuf = kbuf + 2 * ATTN_BN * LD;  /* [2 stages][BN][LD] */
     __shared__ int fk[ATTN_BM];
     __shared__ int lo_s;
-    const int q0 = blockIdx.x * ATTN_BM, h = blockIdx.y, row = blockIdx.z;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * ATTN_BM, h = blockIdx.y, row = blockIdx.z;
     const int kvh = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const u64 tok0 = (u64)row * seq;
@@ -47,13 +68,13 @@ __device__ void attention_forward_mma(const T* q, const T* k, const T* v, const 
     }
     __syncthreads();
     if (warp == 0) {
-        int m = min(fk[lane], fk[lane + 32]);
+        int m = min(min(fk[lane], fk[lane + 32]), min(fk[lane + 64], fk[lane + 96]));
         for (int o = 16; o > 0; o >>= 1) m = min(m, __shfl_xor_sync(0xffffffffu, m, o));
         if (lane == 0) lo_s = m;
     }
 
     /* This warp's 16 query rows as A fragments: rows g and g+8, columns 2tq.. of each 16-wide step. */
-    const int qa_row = q0 + warp * 16 + g, qb_row = qa_row + 8;
+    const int wq0 = q0 + warp * 16, qa_row = wq0 + g, qb_row = qa_row + 8;
     u32 qf[KSTEPS][4];
     {
         const u16* qg = (const u16*)q;
@@ -70,85 +91,105 @@ __device__ void attention_forward_mma(const T* q, const T* k, const T* v, const 
     for (int i = 0; i < DTILES; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m_a = -F32_INF, m_b = -F32_INF, l_a = 0.0f, l_b = 0.0f;
     const int fk_a = fk[warp * 16 + g], fk_b = fk[warp * 16 + g + 8];
+    /* The warp's earliest and latest first-visible key: tiles wholly before the earliest are invisible
+     * to every row of the warp; tiles from the latest on (and not past the diagonal) need no mask. */
+    int w_lo = min(fk_a, fk_b), w_hi = max(fk_a, fk_b);
+    for (int off = 4; off < 32; off <<= 1) {
+        w_lo = min(w_lo, __shfl_xor_sync(0xffffffffu, w_lo, off));
+        w_hi = max(w_hi, __shfl_xor_sync(0xffffffffu, w_hi, off));
+    }
     __syncthreads();
     const int k_begin = (lo_s / ATTN_BN) * ATTN_BN, k_end = min(q0 + ATTN_BM, seq);
+    const u16 *kg = (const u16*)k, *vg = (const u16*)v;
 
+    int stage = 0;
+    if (k_begin < k_end) load_kv_tile<D>(kbuf, vbuf, kg, vg, tok0, k_begin, seq, kv_heads, kvh);
     for (int kt = k_begin; kt < k_end; kt += ATTN_BN) {
-        __syncthreads();
-        /* K and V tiles [64 keys][D] into shared memory, 16 bytes per load. */
-        constexpr int CHUNKS = D / 8;
-        for (int c = threadIdx.x; c < ATTN_BN * CHUNKS; c += blockDim.x) {
-            int r = c / CHUNKS, col = (c % CHUNKS) * 8, key = kt + r;
-            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-            if (key < seq) {
-                u64 at = ((tok0 + key) * kv_heads + kvh) * D + col;
-                kv4 = *(const uint4*)((const u16*)k + at);
-                vv4 = *(const uint4*)((const u16*)v + at);
-            }
-            *(uint4*)(ks + r * LD + col) = kv4;
-            *(uint4*)(vs + r * LD + col) = vv4;
+        if (kt + ATTN_BN < k_end) {
+            load_kv_tile<D>(kbuf + (stage ^ 1) * ATTN_BN * LD, vbuf + (stage ^ 1) * ATTN_BN * LD, kg, vg, tok0,
+                            kt + ATTN_BN, seq, kv_heads, kvh);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
-
-        float s[NTILES][4];
-        for (int n = 0; n < NTILES; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-        for (int st = 0; st < KSTEPS; st++) {
+        const u16* ks = kbuf + stage * ATTN_BN * LD;
+        const u16* vs = vbuf + stage * ATTN_BN * LD;
+        if (kt <= wq0 + 15 && kt + ATTN_BN > w_lo) {
+            float s[NTILES][4];
+            for (int n = 0; n < NTILES; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+            /* S = Q K^T: per 16-wide step of d, one ldmatrix.x4 gives the B fragments of 16 keys. */
+            for (int st = 0; st < KSTEPS; st++) {
+                for (int np = 0; np < NTILES / 2; np++) {
+                    u32 b[4];
+                    ldm_b2(b, ks, LD, st * 16, np * 16);
+                    mma_16x8x16(s[2 * np], qf[st], b, (T*)0);
+                    mma_16x8x16(s[2 * np + 1], qf[st], b + 2, (T*)0);
+                }
+            }
+            /* Scale to log2 units (masking where the tile crosses the diagonal or a document start),
+             * and the row maxima (4 lanes share a row). */
+            float mx_a = -F32_INF, mx_b = -F32_INF;
+            if (kt + ATTN_BN - 1 > wq0 || kt < w_hi) {
+                for (int n = 0; n < NTILES; n++) {
+                    for (int e = 0; e < 2; e++) {
+                        int key = kt + 8 * n + 2 * tq + e;
+                        bool va = key >= fk_a && key <= qa_row, vb = key >= fk_b && key <= qb_row;
+                        s[n][e] = va ? s[n][e] * scale_log2 : -F32_INF;
+                        s[n][2 + e] = vb ? s[n][2 + e] * scale_log2 : -F32_INF;
+                    }
+                }
+            } else {
+                for (int n = 0; n < NTILES; n++)
+                    for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
+            }
             for (int n = 0; n < NTILES; n++) {
-                u32 b[2];
-                frag_b(b, ks, LD, 16 * st, 8 * n);
-                mma_16x8x16(s[n], qf[st], b, (T*)0);
+                mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
+                mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
             }
-        }
-        /* Mask, scale to log2 units, and the row maxima (4 lanes share a row). */
-        float mx_a = -F32_INF, mx_b = -F32_INF;
-        for (int n = 0; n < NTILES; n++) {
-            for (int e = 0; e < 2; e++) {
-                int key = kt + 8 * n + 2 * tq + e;
-                bool va = key >= fk_a && key <= qa_row, vb = key >= fk_b && key <= qb_row;
-                s[n][e] = va ? s[n][e] * scale_log2 : -F32_INF;
-                s[n][2 + e] = vb ? s[n][2 + e] * scale_log2 : -F32_INF;
-                mx_a = fmaxf(mx_a, s[n][e]);
-                mx_b = fmaxf(mx_b, s[n][2 + e]);
+            for (int off = 1; off < 4; off <<= 1) {
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
             }
-        }
-        for (int off = 1; off < 4; off <<= 1) {
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
-        }
-        float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
-        float ref_a = new_a == -F32_INF ? 0.0f : new_a, ref_b = new_b == -F32_INF ? 0.0f : new_b;
-        float alpha_a = exp2f(m_a - ref_a), alpha_b = exp2f(m_b - ref_b);
-        m_a = new_a;
-        m_b = new_b;
-        l_a *= alpha_a;
-        l_b *= alpha_b;
-        for (int i = 0; i < DTILES; i++) {
-            o[i][0] *= alpha_a;
-            o[i][1] *= alpha_a;
-            o[i][2] *= alpha_b;
-            o[i][3] *= alpha_b;
-        }
-        for (int n = 0; n < NTILES; n++) {
-            s[n][0] = exp2f(s[n][0] - ref_a);
-            s[n][1] = exp2f(s[n][1] - ref_a);
-            s[n][2] = exp2f(s[n][2] - ref_b);
-            s[n][3] = exp2f(s[n][3] - ref_b);
-            l_a += s[n][0] + s[n][1];
-            l_b += s[n][2] + s[n][3];
-        }
-        /* O += P V: P's accumulators are already laid out as A fragments, 16 keys per step. */
-        for (int j = 0; j < ATTN_BN / 16; j++) {
-            u32 pa[4];
-            pa[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
-            pa[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
-            pa[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);
-            pa[3] = pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3]);
+            float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
+            float ref_a = new_a == -F32_INF ? 0.0f : new_a, ref_b = new_b == -F32_INF ? 0.0f : new_b;
+            float alpha_a = exp2f(m_a - ref_a), alpha_b = exp2f(m_b - ref_b);
+            m_a = new_a;
+            m_b = new_b;
+            l_a *= alpha_a;
+            l_b *= alpha_b;
             for (int i = 0; i < DTILES; i++) {
-                u32 b[2];
-                frag_b_t(b, vs, LD, 16 * j, 8 * i);
-                mma_16x8x16(o[i], pa, b, (T*)0);
+                o[i][0] *= alpha_a;
+                o[i][1] *= alpha_a;
+                o[i][2] *= alpha_b;
+                o[i][3] *= alpha_b;
+            }
+            for (int n = 0; n < NTILES; n++) {
+                s[n][0] = exp2f(s[n][0] - ref_a);
+                s[n][1] = exp2f(s[n][1] - ref_a);
+                s[n][2] = exp2f(s[n][2] - ref_b);
+                s[n][3] = exp2f(s[n][3] - ref_b);
+                l_a += s[n][0] + s[n][1];
+                l_b += s[n][2] + s[n][3];
+            }
+            /* O += P V: P's accumulators are already A fragments, 16 keys per step; one
+             * ldmatrix.x4.trans gives the B fragments of 16 output dimensions. */
+            for (int j = 0; j < ATTN_BN / 16; j++) {
+                u32 pa[4];
+                pa[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
+                pa[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
+                pa[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);
+                pa[3] = pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3]);
+                for (int dp = 0; dp < DTILES / 2; dp++) {
+                    u32 b[4];
+                    ldm_b2_t(b, vs, LD, 16 * j, dp * 16);
+                    mma_16x8x16(o[2 * dp], pa, b, (T*)0);
+                    mma_16x8x16(o[2 * dp + 1], pa, b + 2, (T*)0);
+                }
             }
         }
+        __syncthreads(); /* every warp is done with this stage before it is refilled */
+        stage ^= 1;
     }
     for (int off = 1; off < 4; off <<= 1) {
         l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
@@ -212,7 +253,7 @@ __device__ void attention_forward_simple(const T* q, const T* k, const T* v, con
 }
 
 #define ATTN_FWD_MMA(S, T, D)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) attention_forward_mma_##S##_d##D(                      \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_forward_mma_##S##_d##D(                      \
         const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse, int seq, int heads,      \
         int kv_heads, int window, float scale) {                                                               \
         attention_forward_mma<T, D>(q, k, v, doc_start, out, lse, seq, heads, kv_heads, window, scale);        \

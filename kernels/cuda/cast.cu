@@ -1,23 +1,43 @@
 /* Element-wise copies and updates between any two of the element types, with f32 arithmetic:
  *   cast_<src>_<dst>:  dst = src                 (f32 master weights -> bf16 copies, and back)
- *   axpy_<src>_<dst>:  dst = dst + alpha * src   (gradient accumulation)
+ *   axpy_<src>_<dst>:  dst = dst + alpha * src   (residual adds, gradient accumulation)
  *   scale_<t>:         t = alpha * t
- * Streaming grid-stride loops: each element read and written once.
+ * Streaming grid-stride loops, each element read and written once, 8 elements per access
+ * (load8/store8: 16 bytes of a 16-bit type) and single elements for a tail.
  */
 template <typename S, typename D>
 __device__ void cast(const S* src, D* dst, u64 n) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        dst[i] = store_f32<D>(load_f32(src[i]));
+    u64 chunks = aligned16(src) && aligned16(dst) ? n / 8 : 0;
+    for (u64 c = THREAD_INDEX; c < chunks; c += GRID_STRIDE) {
+        float v[8];
+        load8(src, c, v);
+        store8(dst, c, v);
+    }
+    for (u64 i = chunks * 8 + THREAD_INDEX; i < n; i += GRID_STRIDE) dst[i] = store_f32<D>(load_f32(src[i]));
 }
 template <typename S, typename D>
 __device__ void axpy(float alpha, const S* src, D* dst, u64 n) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+    u64 chunks = aligned16(src) && aligned16(dst) ? n / 8 : 0;
+    for (u64 c = THREAD_INDEX; c < chunks; c += GRID_STRIDE) {
+        float x[8], y[8];
+        load8(src, c, x);
+        load8(dst, c, y);
+        for (int j = 0; j < 8; j++) y[j] += alpha * x[j];
+        store8(dst, c, y);
+    }
+    for (u64 i = chunks * 8 + THREAD_INDEX; i < n; i += GRID_STRIDE)
         dst[i] = store_f32<D>(load_f32(dst[i]) + alpha * load_f32(src[i]));
 }
 template <typename T>
 __device__ void scale(float alpha, T* t, u64 n) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        t[i] = store_f32<T>(alpha * load_f32(t[i]));
+    u64 chunks = aligned16(t) ? n / 8 : 0;
+    for (u64 c = THREAD_INDEX; c < chunks; c += GRID_STRIDE) {
+        float x[8];
+        load8(t, c, x);
+        for (int j = 0; j < 8; j++) x[j] *= alpha;
+        store8(t, c, x);
+    }
+    for (u64 i = chunks * 8 + THREAD_INDEX; i < n; i += GRID_STRIDE) t[i] = store_f32<T>(alpha * load_f32(t[i]));
 }
 
 #define CAST_PAIR(SS, ST, DS, DT)                                                                        \

@@ -110,27 +110,105 @@ __device__ __forceinline__ void mma_16x8x16(float* d, const u32* a, const u32* b
 #endif
 }
 
-/* Fragment loads from shared memory holding 16-bit elements `s` with row stride `ld`.
- * A tile at (r0, c0) of a matrix M[r][c] = s[r*ld + c]                 -> frag_a
- * B tile at (k0, n0) of a matrix B[k][n] = s[n*ld + k] (rows are n)     -> frag_b
- * B tile at (k0, n0) of a matrix B[k][n] = s[k*ld + n] (rows are k)     -> frag_b_t */
-__device__ __forceinline__ void frag_a(u32* a, const u16* s, int ld, int r0, int c0) {
-    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const u16* p = s + (r0 + g) * ld + c0 + 2 * t;
-    a[0] = *(const u32*)p;
-    a[1] = *(const u32*)(p + 8 * ld);
-    a[2] = *(const u32*)(p + 8);
-    a[3] = *(const u32*)(p + 8 * ld + 8);
+
+/* Shared-memory address of a generic pointer, for the instructions that take one. */
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
 }
-__device__ __forceinline__ void frag_b(u32* b, const u16* s, int ld, int k0, int n0) {
-    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const u16* p = s + (n0 + g) * ld + k0 + 2 * t;
-    b[0] = *(const u32*)p;
-    b[1] = *(const u32*)(p + 8);
+
+/* Four 8x8 matrices of 16-bit elements from shared memory (sm_75+): lane l gives the address of row
+ * l%8 of matrix l/8; register i of each lane receives matrix i's elements [lane/4][2(lane%4)..+1]
+ * (with .trans, of the transposed matrix: [2(lane%4)..+1][lane/4]) — the mma.sync fragment layout. */
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
 }
-__device__ __forceinline__ void frag_b_t(u32* b, const u16* s, int ld, int k0, int n0) {
-    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const u16* p = s + (k0 + 2 * t) * ld + n0 + g;
-    b[0] = pack_bits(p[0], p[ld]);
-    b[1] = pack_bits(p[8 * ld], p[9 * ld]);
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
 }
+
+/* 16 bytes global -> shared without passing through registers (cp.async, sm_80+), zero-filled when
+ * `valid` is false; completes at cp_async_wait. Below sm_80 it is an ordinary copy. */
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+#else
+    *(uint4*)dst = valid ? *(const uint4*)src : make_uint4(0, 0, 0, 0);
+#endif
+}
+/* Closes the group of cp.async issued so far. */
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;");
+#endif
+}
+/* Waits until at most N committed groups are still in flight. */
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+#endif
+}
+
+/* mma.sync fragments from shared memory holding 16-bit elements with row stride `ld`, one ldmatrix.x4
+ * each: ldm_a gives the A fragment of the 16x16 tile at (r0, c0) of M[r][c] = s[r*ld + c]; ldm_b2 and
+ * ldm_b2_t give the B fragments of the two 8-column tiles n0 and n0 + 8 (b[0..1] and b[2..3]) at k0
+ * of B[k][n] = s[n*ld + k] (rows are n) and of B[k][n] = s[k*ld + n] (rows are k). Row starts must be
+ * 16-byte aligned. */
+__device__ __forceinline__ void ldm_a(u32* a, const u16* s, int ld, int r0, int c0) {
+    int l = threadIdx.x & 31;
+    ldmatrix_x4(a, s + (r0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + c0 + (l >> 4) * 8);
+}
+__device__ __forceinline__ void ldm_b2(u32* b, const u16* s, int ld, int k0, int n0) {
+    int l = threadIdx.x & 31;
+    ldmatrix_x4(b, s + (n0 + (l & 7) + (l >> 4) * 8) * ld + k0 + ((l >> 3) & 1) * 8);
+}
+__device__ __forceinline__ void ldm_b2_t(u32* b, const u16* s, int ld, int k0, int n0) {
+    int l = threadIdx.x & 31;
+    ldmatrix_x4_trans(b, s + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8);
+}
+
+/* Eight consecutive elements per access (16 bytes of a 16-bit type, two float4 of f32): the element-
+ * wise kernels stream through memory in chunks of 8, chunk c holding elements 8c..8c+7. Needs the
+ * base pointer 16-byte aligned (aligned16); the kernels fall back to single elements otherwise. */
+__device__ __forceinline__ bool aligned16(const void* p) { return ((u64)p & 15) == 0; }
+__device__ __forceinline__ void load8(const float* p, u64 c, float* v) {
+    float4 a = ((const float4*)p)[2 * c], b = ((const float4*)p)[2 * c + 1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const bf16* p, u64 c, float* v) {
+    uint4 r = ((const uint4*)p)[c];
+    u32 w[4] = {r.x, r.y, r.z, r.w};
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void load8(const f16* p, u64 c, float* v) {
+    uint4 r = ((const uint4*)p)[c];
+    u32 w[4] = {r.x, r.y, r.z, r.w};
+    for (int i = 0; i < 4; i++) {
+        f16 lo, hi;
+        lo.bits = (u16)(w[i] & 0xffffu);
+        hi.bits = (u16)(w[i] >> 16);
+        v[2 * i] = load_f32(lo);
+        v[2 * i + 1] = load_f32(hi);
+    }
+}
+__device__ __forceinline__ void store8(float* p, u64 c, const float* v) {
+    ((float4*)p)[2 * c] = make_float4(v[0], v[1], v[2], v[3]);
+    ((float4*)p)[2 * c + 1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+template <typename T> __device__ __forceinline__ void store8(T* p, u64 c, const float* v) {
+    ((uint4*)p)[c] = make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+}
+
+/* Grid-stride ranges for the chunked element-wise loops: chunks of 8 when every pointer is aligned,
+ * then single elements from `tail_start`. */
+#define GRID_STRIDE ((u64)gridDim.x * blockDim.x)
+#define THREAD_INDEX ((u64)blockIdx.x * blockDim.x + threadIdx.x)

@@ -5,9 +5,12 @@
  *   A[b] = f32(map[code8[b]] * nested_absmax[b / 256]) + offset
  * rounded twice, as bitsandbytes does: __fmul_rn/__fadd_rn keep the compiler from fusing them.
  *
- * One thread per packed byte: it reads 1 byte and its block's absmax (cached: 32 threads share
- * it) and writes 2 elements, so the traffic is n/2 bytes in and n·sizeof(T) out. The bytes come in
- * i32 words, read here as a byte array (little endian). The f32 output holds exactly the host's bits.
+ * One thread per 16 elements: it reads 8 packed bytes as one u64 and decodes its block's absmax
+ * once (16 divides 64, so all 16 share a block), then writes the 16 outputs with two 16-byte
+ * stores (four for f32). Traffic: n/2 bytes in, n·sizeof(T) out, the absmax tables ~n/64. The
+ * bytes come in i32 words, read here as a byte array (little endian: byte j of the u64 is bits
+ * 8j..8j+7). A ragged end (n not a multiple of 16, or an unaligned output) goes element by
+ * element. The f32 output holds exactly the host's bits.
  */
 __constant__ float NF4_CODE[16] = {
     -1.0f,         -0.6961928f,  -0.52507305f, -0.3949175f,  -0.28444138f, -0.18477343f,
@@ -18,15 +21,28 @@ template <typename T, bool DOUBLE>
 __device__ void nf4_dequantize(const unsigned char* packed, const float* absmax,
                                const unsigned char* absmax_codes, const float* nested_absmax,
                                const float* map, float offset, T* out, u64 n) {
-    u64 k = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    u64 i = 2 * k;
-    if (i >= n) return;
-    u64 b = i / 64;
+    u64 t = THREAD_INDEX;
+    u64 first = 16 * t;
+    if (first >= n) return;
+    u64 b = first / 64;
     float a = DOUBLE ? __fadd_rn(__fmul_rn(map[absmax_codes[b]], nested_absmax[b / 256]), offset)
                      : absmax[b];
-    unsigned char byte = packed[k];
-    out[i] = store_f32<T>(__fmul_rn(NF4_CODE[byte >> 4], a));
-    if (i + 1 < n) out[i + 1] = store_f32<T>(__fmul_rn(NF4_CODE[byte & 15], a));
+    if (first + 16 <= n && aligned16(out)) {
+        u64 word = ((const u64*)packed)[t];
+        float v[16];
+        for (int k = 0; k < 8; k++) {
+            unsigned byte = (unsigned)(word >> (8 * k)) & 0xffu;
+            v[2 * k] = __fmul_rn(NF4_CODE[byte >> 4], a);
+            v[2 * k + 1] = __fmul_rn(NF4_CODE[byte & 15], a);
+        }
+        store8(out, 2 * t, v);
+        store8(out, 2 * t + 1, v + 8);
+        return;
+    }
+    for (u64 i = first; i < first + 16 && i < n; i++) {
+        unsigned byte = packed[i / 2];
+        out[i] = store_f32<T>(__fmul_rn(NF4_CODE[i % 2 == 0 ? byte >> 4 : byte & 15], a));
+    }
 }
 
 #define NF4_KERNELS(S, T)                                                                         \

@@ -2,15 +2,40 @@
  *   x'[j]        = x[j] cos(a) - x[j+d/2] sin(a)
  *   x'[j + d/2]  = x[j+d/2] cos(a) + x[j] sin(a),   a = angle(position, j), j < d/2
  * `sign` = -1 rotates by -a (the backward pass: a rotation's transpose is its inverse).
- * One thread per (token, head, j): reads and writes each element once; the cos/sin tables
+ * One thread per (token, head, 8 consecutive j) when d/2 is a multiple of 8 (16-byte accesses,
+ * load8/store8), else per (token, head, j): each element read and written once; the cos/sin tables
  * [positions, d/2] (f32) are small and stay in cache.
  */
 template <typename T>
 __device__ void rope(T* x, const int* positions, const float* cos_t, const float* sin_t, int tokens, int heads,
                      int head_dim, float sign) {
     int half = head_dim / 2;
+    if (half % 8 == 0 && aligned16(x) && aligned16(cos_t) && aligned16(sin_t)) {
+        int per_head = half / 8;
+        u64 total = (u64)tokens * heads * per_head;
+        for (u64 idx = THREAD_INDEX; idx < total; idx += GRID_STRIDE) {
+            int j0 = (int)(idx % per_head) * 8;
+            u64 th = idx / per_head; /* token * heads + head */
+            int p = positions[th / heads];
+            float c[8], s[8], a[8], b[8];
+            load8(cos_t, ((u64)p * half + j0) / 8, c);
+            load8(sin_t, ((u64)p * half + j0) / 8, s);
+            u64 lo = (th * head_dim + j0) / 8, hi = lo + half / 8;
+            load8(x, lo, a);
+            load8(x, hi, b);
+            float ra[8], rb[8];
+            for (int j = 0; j < 8; j++) {
+                float sn = sign * s[j];
+                ra[j] = a[j] * c[j] - b[j] * sn;
+                rb[j] = b[j] * c[j] + a[j] * sn;
+            }
+            store8(x, lo, ra);
+            store8(x, hi, rb);
+        }
+        return;
+    }
     u64 total = (u64)tokens * heads * half;
-    for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (u64)gridDim.x * blockDim.x) {
+    for (u64 idx = THREAD_INDEX; idx < total; idx += GRID_STRIDE) {
         int j = (int)(idx % half);
         u64 th = idx / half; /* token * heads + head */
         int token = (int)(th / heads);

@@ -1,4 +1,5 @@
-use crate::{AttentionLayout, Result};
+use crate::nf4::Nf4Buffers;
+use crate::{AttentionLayout, OpTime, Result};
 
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i32 = -100;
@@ -86,10 +87,23 @@ pub trait Backend {
     fn compute_dtype(&self) -> DType;
     /// The most device memory the backend has held at once so far, in bytes (`None` on the CPU).
     fn peak_memory_bytes(&self) -> Option<u64>;
+    /// Starts timing every op on the device (the CPU backend times nothing).
+    fn profile_start(&self) {}
+    /// Ends the region begun by [`Backend::profile_start`]: the device time per op, largest first
+    /// (empty on the CPU).
+    fn profile_stop(&self) -> Result<Vec<OpTime>> {
+        Ok(Vec::new())
+    }
 
     // ---- memory -------------------------------------------------------------------------------
     /// A zero-filled tensor of `len` elements.
     fn zeros(&self, len: usize, dtype: DType) -> Result<Self::Tensor>;
+    /// A tensor of `len` elements with unspecified contents, for an output the next op writes in
+    /// full (GEMMs with `beta = 0`, norms, activations): no fill pass over memory. The default
+    /// zero-fills.
+    fn empty(&self, len: usize, dtype: DType) -> Result<Self::Tensor> {
+        self.zeros(len, dtype)
+    }
     /// Copies host f32 values to a new tensor, rounding to `dtype`.
     fn upload(&self, data: &[f32], dtype: DType) -> Result<Self::Tensor>;
     /// Copies a tensor back to the host as f32.
@@ -110,6 +124,10 @@ pub trait Backend {
     fn axpy(&self, alpha: f32, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
     /// `t ← alpha · t`.
     fn scale(&self, alpha: f32, t: &mut Self::Tensor) -> Result<()>;
+    /// `out[r, :] ← row` for every row of `out [rows, len(row)]`: a linear layer's bias, laid down
+    /// before its GEMM accumulates `x Wᵀ` onto it (`y = b + x Wᵀ`, torch's `addmm` order). The
+    /// biases are frozen and `dx` does not depend on them, so the op has no backward.
+    fn broadcast_rows(&self, row: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
 
     // ---- matrix product -----------------------------------------------------------------------
     /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` with fp32 accumulation.
@@ -283,6 +301,17 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---- quantized weights ----------------------------------------------------------------------
+    /// NF4 quantization (bitsandbytes `quantize_4bit(quant_type="nf4", blocksize=64)`) of `x`, any
+    /// dtype, read as the f32 values it holds; bit for bit [`crate::nf4::Nf4Weight::quantize`]:
+    /// `absmax[b] = max |x|` over each 64-element block, `code = #{j : m[j] < clamp(x · f32(1/a),
+    /// −1, 1)}` with `a = max(absmax, 1e−38)` and `m` the 15 midpoints of the NF4 table, codes
+    /// packed two per byte (element `2k` high); with `double_quant` the absmax is stored in 8 bits
+    /// around `offset = f32(mean)` through bitsandbytes' grid ([`crate::nf4::double_quant`]).
+    fn quantize_nf4(
+        &self,
+        x: &Self::Tensor,
+        double_quant: bool,
+    ) -> Result<Nf4Buffers<Self::Tensor, Self::Indices>>;
     /// NF4 dequantization (bitsandbytes, blocksize 64) of `n = len(out)` elements:
     /// `out[i] = c[code[i]] · A[i / 64]` with `c` the NF4 table and the 4-bit codes packed two per
     /// byte, element `2k` in the high nibble, the bytes in i32 words ([`crate::nf4::bytes_to_words`]).

@@ -40,3 +40,17 @@ pub(crate) fn check_len(
         })
     }
 }
+
+/// Checks that a `[rows, row_len]` buffer of `len` elements holds whole rows (`row_len > 0`).
+pub(crate) fn check_rows(op: &'static str, len: usize, row_len: usize) -> crate::Result<()> {
+    if len.checked_rem(row_len) == Some(0) {
+        Ok(())
+    } else {
+        Err(KernelError::Shape {
+            op,
+            what: "out (whole rows of the broadcast row)",
+            got: len,
+            expected: len.next_multiple_of(row_len.max(1)),
+        })
+    }
+}

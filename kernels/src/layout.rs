@@ -101,6 +101,14 @@ impl AttentionLayout {
         }
     }
 
+    /// Query-key pairs attention computes: `Σ_i (i − first_key(i) + 1)` over every token.
+    /// Causal forward FLOPs are `4 · heads · head_dim · visible_pairs` (QKᵀ and PV).
+    pub fn visible_pairs(&self) -> usize {
+        (0..self.tokens())
+            .map(|i| i % self.seq_len + 1 - self.first_key(i))
+            .sum()
+    }
+
     /// The largest position used, plus one: how many RoPE table rows the batch needs.
     pub fn position_span(&self) -> usize {
         self.positions
@@ -121,6 +129,8 @@ mod tests {
         assert_eq!(l.positions, vec![0, 1, 2, 0, 1, 0, 0, 1, 2, 3, 0, 0]);
         assert_eq!(l.doc_start, vec![0, 0, 0, 3, 3, 5, 0, 0, 0, 0, 4, 5]);
         assert_eq!(l.first_key(4), 3);
+        // Row 0: 1+2+3 + 1+2 + 1 (padding sees itself); row 1: 1+2+3+4 + 1 + 1.
+        assert_eq!(l.visible_pairs(), 10 + 12);
     }
 
     #[test]

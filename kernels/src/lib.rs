@@ -1,10 +1,11 @@
 //! Fused training ops behind one small interface.
 //!
-//! - [`Backend`]: the ops a Llama/Mistral decoder needs, each with an explicit forward and backward.
+//! - [`Backend`]: the ops a Llama/Mistral/Qwen decoder needs, each with an explicit forward and backward.
 //! - [`cpu::CpuBackend`]: f32, written to be read; the reference every other backend is tested against.
 //! - `cuda::CudaBackend` (feature `cuda`): bf16/fp16 compute with fp32 accumulation, fused kernels.
 //! - [`nf4`]: bitsandbytes' NF4 4-bit format (QLoRA base weights): quantize, pack, dequantize.
 //! - [`rope`]: rotary-embedding frequency tables for every supported scaling kind (host-side math).
+//! - [`OpTime`]: per-op device times of a profiled region (`Backend::profile_start`/`profile_stop`).
 //! - [`AttentionLayout`]: which keys each query may see (causal, padding, packed documents, window).
 
 mod backend;
@@ -14,11 +15,13 @@ pub mod cuda;
 mod error;
 mod layout;
 pub mod nf4;
+mod profile;
 pub mod rope;
 
 pub use backend::{AdamWParams, Backend, CeGrad, DType, Nf4Absmax, IGNORE_INDEX};
 pub use error::KernelError;
 pub use layout::AttentionLayout;
+pub use profile::{summarise as summarise_op_times, OpTime};
 
 /// Result of a kernel call.
 pub type Result<T> = std::result::Result<T, KernelError>;

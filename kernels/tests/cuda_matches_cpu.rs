@@ -7,11 +7,12 @@
 #![cfg(feature = "cuda")]
 
 use kernels::cpu::CpuBackend;
-use kernels::cuda::{CudaBackend, CudaTensor};
-use kernels::nf4::{self, Absmax, Nf4Weight, DYNAMIC_MAP};
+use kernels::cuda::{CudaBackend, CudaIndices, CudaTensor};
+use kernels::nf4::{self, Absmax, AbsmaxBuffers, Nf4Buffers, Nf4Weight, DYNAMIC_MAP};
 use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, IGNORE_INDEX};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use safetensors::SafeTensors;
 use std::time::Instant;
 
 fn gpu(dtype: DType) -> Option<CudaBackend> {
@@ -213,6 +214,58 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
             .map(|(a, s)| 2.0 * (a + 0.5 * s))
             .collect();
         check("axpy + scale", d, &g.download(&acc).unwrap(), &want);
+    }
+}
+
+/// The ops Qwen adds: the bias broadcast under a `beta = 1` GEMM (`y = b + x Wᵀ`), and RMSNorm
+/// over each head of q (rows of head_dim: 128 as in Qwen3-8B, 24 as in tiny-qwen3).
+#[test]
+fn bias_broadcast_and_per_head_rms_norm_match() {
+    let cpu = CpuBackend::new();
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        let (n, in_f, out_f) = (1024, 512, 3584);
+        let (b, br) = up(&g, &random(out_f, 11, 1.0), d);
+        let (x, xr) = up(&g, &random(n * in_f, 12, 1.0), d);
+        let (w, wr) = up(&g, &random(out_f * in_f, 13, 0.05), d);
+        let mut y = g.zeros(n * out_f, d).unwrap();
+        g.broadcast_rows(&b, &mut y).unwrap();
+        g.gemm(n, out_f, in_f, 1.0, &x, false, &w, true, 1.0, &mut y)
+            .unwrap();
+        let mut y_c = vec![0.0; n * out_f];
+        cpu.broadcast_rows(&br, &mut y_c).unwrap();
+        cpu.gemm(n, out_f, in_f, 1.0, &xr, false, &wr, true, 1.0, &mut y_c)
+            .unwrap();
+        check("bias broadcast + gemm", d, &g.download(&y).unwrap(), &y_c);
+
+        for head_dim in [128, 24] {
+            let rows = 2048 * 32;
+            let (q, qr) = up(&g, &random(rows * head_dim, 14, 2.0), d);
+            let (w, wr) = up(
+                &g,
+                &random(head_dim, 15, 1.0)
+                    .iter()
+                    .map(|v| 1.0 + 0.5 * v)
+                    .collect::<Vec<_>>(),
+                d,
+            );
+            let mut y = g.zeros(rows * head_dim, d).unwrap();
+            let mut rstd = g.zeros(rows, DType::F32).unwrap();
+            g.rms_norm(&q, &w, head_dim, 1e-6, &mut y, &mut rstd)
+                .unwrap();
+            let (mut y_c, mut rstd_c) = (vec![0.0; rows * head_dim], vec![0.0; rows]);
+            cpu.rms_norm(&qr, &wr, head_dim, 1e-6, &mut y_c, &mut rstd_c)
+                .unwrap();
+            check("per-head rms_norm y", d, &g.download(&y).unwrap(), &y_c);
+            let (dy, dyr) = up(&g, &random(rows * head_dim, 16, 1.0), d);
+            let mut dx = g.zeros(rows * head_dim, d).unwrap();
+            let mut dx_c = vec![0.0; rows * head_dim];
+            g.rms_norm_backward(&dy, &q, &w, &rstd, head_dim, &mut dx)
+                .unwrap();
+            cpu.rms_norm_backward(&dyr, &qr, &wr, &rstd_c, head_dim, &mut dx_c)
+                .unwrap();
+            check("per-head rms_norm dx", d, &g.download(&dx).unwrap(), &dx_c);
+        }
     }
 }
 
@@ -515,6 +568,166 @@ fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
     )
     .unwrap();
     assert_eq!(&host[..3], &[-2.0, 2.0, 0.0]);
+}
+
+/// The device's NF4 buffers as host bytes: packed codes, and the absmax (plain f32, or the 8-bit
+/// codes, nested absmax and offset).
+fn nf4_download(g: &CudaBackend, q: &Nf4Buffers<CudaTensor, CudaIndices>, n: usize) -> Nf4Weight {
+    let blocks = nf4::n_blocks(n);
+    let words = g.download_indices(&q.packed).unwrap();
+    // The word padding past the last byte is zero, as bytes_to_words makes it.
+    let packed = nf4::words_to_bytes(&words, words.len() * 4);
+    assert!(
+        packed[n.div_ceil(2)..].iter().all(|&b| b == 0),
+        "packed padding"
+    );
+    let absmax = match &q.absmax {
+        AbsmaxBuffers::Plain(a) => Absmax::Plain(g.download(a).unwrap()),
+        AbsmaxBuffers::Double {
+            codes,
+            nested_absmax,
+            map,
+            offset,
+        } => {
+            let code_words = g.download_indices(codes).unwrap();
+            let codes = nf4::words_to_bytes(&code_words, code_words.len() * 4);
+            assert!(codes[blocks..].iter().all(|&b| b == 0), "code padding");
+            assert_eq!(g.download(map).unwrap(), DYNAMIC_MAP.to_vec());
+            Absmax::Double(nf4::DoubleQuantAbsmax {
+                codes: codes[..blocks].to_vec(),
+                nested_absmax: g.download(nested_absmax).unwrap(),
+                offset: *offset,
+            })
+        }
+    };
+    Nf4Weight {
+        n,
+        packed: packed[..n.div_ceil(2)].to_vec(),
+        absmax,
+    }
+}
+
+/// Asserts the same bits in every packed byte, absmax, code, nested absmax and offset.
+fn assert_nf4_bits(got: &Nf4Weight, want: &Nf4Weight, what: &str) {
+    let differing = got
+        .packed
+        .iter()
+        .zip(&want.packed)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(differing, 0, "{what}: packed bytes differ");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    match (&got.absmax, &want.absmax) {
+        (Absmax::Plain(a), Absmax::Plain(b)) => assert_eq!(bits(a), bits(b), "{what}: absmax"),
+        (Absmax::Double(a), Absmax::Double(b)) => {
+            assert_eq!(a.offset.to_bits(), b.offset.to_bits(), "{what}: offset");
+            assert_eq!(a.codes, b.codes, "{what}: absmax codes");
+            assert_eq!(
+                bits(&a.nested_absmax),
+                bits(&b.nested_absmax),
+                "{what}: nested absmax"
+            );
+        }
+        _ => panic!("{what}: absmax storage differs"),
+    }
+    assert_eq!(got, want, "{what}");
+}
+
+/// NF4 quantization on the GPU gives the host quantizer's bytes exactly, from every input dtype, on
+/// ragged and whole sizes of a few million values with ties, zero blocks and outliers.
+#[test]
+fn nf4_quantize_matches_the_host_bytes_exactly() {
+    for n in [4096 * 768, 2048 * 1500 + 35] {
+        let mut x = random(n, 22, 0.05);
+        // Block 1: the NF4 values and their midpoints, so every tie is taken (absmax 1).
+        let mut ties = nf4::NF4_CODE.to_vec();
+        ties.extend(nf4::nf4_midpoints());
+        x[64..64 + ties.len()].copy_from_slice(&ties);
+        x[64 + ties.len()..128].fill(0.0);
+        // Block 2 all zero (absmax 0, scaled by 1/1e-38); an outlier in block 3.
+        x[128..192].fill(0.0);
+        x[200] = 7.5;
+        for d in ALL {
+            let Some(g) = gpu(d) else { return };
+            let (t, held) = up(&g, &x, d);
+            for double in [false, true] {
+                let want = Nf4Weight::quantize(&held, double);
+                let q = g.quantize_nf4(&t, double).unwrap();
+                let got = nf4_download(&g, &q, n);
+                assert_nf4_bits(&got, &want, &format!("n={n} {} double={double}", d.name()));
+                println!(
+                    "nf4 quantize n={n} {:<4} double={double}: identical",
+                    d.name()
+                );
+            }
+        }
+    }
+}
+
+/// The nf4-quant fixture (bitsandbytes 0.50.2): the GPU's codes, packed bytes and plain absmax are
+/// bitsandbytes' own; double quantization is the host's (whose offset, an f64 mean, can sit one
+/// ulp from bitsandbytes'), and bitsandbytes' own wherever the two offsets agree.
+#[test]
+fn nf4_quantize_matches_the_bitsandbytes_fixture() {
+    let Some(g) = gpu(DType::F32) else { return };
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/nf4-quant");
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let (inputs, expected) = (read("inputs.safetensors"), read("expected.safetensors"));
+    let inp = SafeTensors::deserialize(&inputs).unwrap();
+    let exp = SafeTensors::deserialize(&expected).unwrap();
+    let bytes = |name: &str| exp.tensor(name).unwrap().data().to_vec();
+    let f32s = |st: &SafeTensors, name: &str| -> Vec<f32> {
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let mut offsets_agreeing = 0;
+    for name in [
+        "w_64x160",
+        "w_160x64",
+        "w_320x64",
+        "w_129x131",
+        "w_outliers_96x64",
+        "w_f32_ties_64x64",
+    ] {
+        let x = f32s(&inp, name);
+        let t = g.upload(&x, DType::F32).unwrap();
+        let plain = nf4_download(&g, &g.quantize_nf4(&t, false).unwrap(), x.len());
+        assert_eq!(
+            plain.packed,
+            bytes(&format!("{name}/plain/packed")),
+            "{name}"
+        );
+        let Absmax::Plain(a) = &plain.absmax else {
+            unreachable!()
+        };
+        let want = f32s(&exp, &format!("{name}/plain/absmax"));
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{name} absmax"
+        );
+        let double = nf4_download(&g, &g.quantize_nf4(&t, true).unwrap(), x.len());
+        assert_nf4_bits(&double, &Nf4Weight::quantize(&x, true), name);
+        let Absmax::Double(d) = &double.absmax else {
+            unreachable!()
+        };
+        if d.offset == f32s(&exp, &format!("{name}/double/offset"))[0] {
+            offsets_agreeing += 1;
+            assert_eq!(d.codes, bytes(&format!("{name}/double/absmax")), "{name}");
+            let nested = f32s(&exp, &format!("{name}/double/nested_absmax"));
+            assert_eq!(d.nested_absmax, nested, "{name} nested absmax");
+        }
+    }
+    println!("nf4-quant fixture: 6/6 identical; double-quant codes checked against bitsandbytes for {offsets_agreeing}/6 offsets");
+    assert!(
+        offsets_agreeing >= 1,
+        "w_64x160's offset is the f64 mean rounded"
+    );
 }
 
 #[test]

@@ -14,13 +14,15 @@
 //! MFU = model FLOPs / step time / peak (989 TFLOP/s, the H100/H200 dense bf16 peak, unless told).
 
 use crate::lora::{LoraConfig, LoraParams};
-use crate::model::{Batch, Decoder, ModelConfig, Projection};
+use crate::model::{Batch, Decoder, ModelConfig, Projection, QuantizeNf4};
 use crate::optim::{AdamW, LossScaler};
 use crate::train::distributed::Distributed;
 use crate::train::grad_reduce::GradReducer;
 use crate::train::init::fresh_adapter;
+use crate::train::method::StepContext;
+use crate::train::sft::sft_micro_step;
 use anyhow::{bail, Result};
-use kernels::{AdamWParams, AttentionLayout, Backend};
+use kernels::{AdamWParams, AttentionLayout, Backend, OpTime};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -31,6 +33,8 @@ use std::time::Instant;
 pub const PRESETS: &[&str] = &[
     "llama2-7b",
     "mistral-7b",
+    "qwen2.5-7b",
+    "qwen3-8b",
     "llama-1b",
     "smollm2-135m",
     "tiny",
@@ -48,6 +52,15 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 32000, "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0, "sliding_window": 4096, "max_position_embeddings": 32768}),
+        "qwen2.5-7b" => json!({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584,
+            "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+            "num_key_value_heads": 4, "vocab_size": 152064, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "use_sliding_window": false, "max_position_embeddings": 32768}),
+        "qwen3-8b" => json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 4096,
+            "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "attention_bias": false, "use_sliding_window": false,
+            "max_position_embeddings": 40960}),
         "llama-1b" => json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
             "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
             "num_key_value_heads": 4, "vocab_size": 32000, "rms_norm_eps": 1e-5,
@@ -81,6 +94,10 @@ pub struct BenchSpec {
     pub seed: u64,
     /// Peak dense TFLOP/s of the device in its compute dtype, for MFU.
     pub peak_tflops: Option<f64>,
+    /// After the measured steps, time one more step op by op on the device.
+    pub profile: bool,
+    /// The projections quantized to NF4 on the device (QLoRA), or dense in the compute dtype.
+    pub quantize: Option<QuantizeNf4>,
 }
 
 /// What was measured (written as JSON by `--json`).
@@ -101,6 +118,8 @@ pub struct BenchResult {
     pub flops_formula: &'static str,
     pub peak_memory_bytes: Option<u64>,
     pub final_loss: f64,
+    /// Device time per op of the profiled step (empty without `profile`, and on the CPU).
+    pub profile: Vec<OpTime>,
 }
 
 const FLOPS_FORMULA: &str = "model = tokens*(2N fwd + 2N bwd input grads + 6P LoRA) + layers*rows*3.5*2*T^2*h*d causal attention (fwd + 2.5x bwd); hardware adds tokens*(2N_layers + 2P) + layers*rows*2*T^2*h*d recomputed under checkpointing; N = frozen projection + LM-head weights, P = LoRA weights";
@@ -162,7 +181,7 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         bail!("bench needs batch ≥ 1, seq ≥ 2, grad_accum ≥ 1 and steps ≥ 1");
     }
     let config = preset_config(&spec.preset)?;
-    let model = Decoder::random(be, config.clone(), spec.seed)?;
+    let model = Decoder::random(be, config.clone(), spec.seed, spec.quantize)?;
     let lora_config = LoraConfig {
         r: 16,
         alpha: 16.0,
@@ -187,35 +206,30 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
     let targets: usize = batches.iter().map(|b| b.n_targets).sum();
     let mut times = Vec::with_capacity(spec.steps);
     let mut final_loss = 0.0;
-    for i in 0..spec.warmup + spec.steps {
-        let t0 = Instant::now();
-        lora.zero_grads(be)?;
-        let weight = scaler.loss_weight(1.0 / targets as f32);
-        let mut nll = 0.0;
-        for (j, b) in batches.iter().enumerate() {
-            // As in training: the last micro-batch's layers are summed over ranks during its backward.
-            let last = j + 1 == batches.len();
-            nll += model.loss_and_grad_with_hook(
-                be,
-                Some(&mut lora),
-                b,
-                spec.checkpointing,
-                weight,
-                &mut |layer, lp| {
-                    if last {
-                        dist.layer_done(be, lp, layer)
-                    } else {
-                        Ok(())
-                    }
-                },
-            )?;
+    let mut profile = Vec::new();
+    // The warmup steps, the measured steps, then (with `profile`) one step timed op by op.
+    for i in 0..spec.warmup + spec.steps + usize::from(spec.profile) {
+        let profiled = i == spec.warmup + spec.steps;
+        if profiled {
+            be.profile_start();
         }
-        dist.wait_for_sums(be)?;
+        let t0 = Instant::now();
+        // The training step: the SFT micro-step on each micro-batch, then AdamW.
+        let ctx = StepContext {
+            totals: &[targets as u64],
+            loss_scale: scaler.loss_weight(1.0),
+            checkpointing: spec.checkpointing,
+        };
+        let sums = dist.accumulate(be, &mut lora, &batches, |b, lora, hook| {
+            sft_micro_step(be, &model, lora, b, ctx, hook)
+        })?;
         opt.step_scaled(be, &mut lora, hp.lr, &mut scaler)?;
         // Reading a weight back waits for the step's queued work, so the time is the whole step's.
         be.download(&lora.params[0])?;
-        final_loss = nll / targets as f64;
-        if i >= spec.warmup {
+        final_loss = sums.iter().map(|s| s.nll).sum::<f64>() / targets as f64;
+        if profiled {
+            profile = be.profile_stop()?;
+        } else if i >= spec.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
@@ -240,6 +254,7 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         flops_formula: FLOPS_FORMULA,
         peak_memory_bytes: be.peak_memory_bytes(),
         final_loss,
+        profile,
     })
 }
 
@@ -266,6 +281,14 @@ pub fn describe(r: &BenchResult) -> String {
             r.tokens_per_step,
             if s.checkpointing { "on" } else { "off" }
         ),
+        format!(
+            "weights     {}",
+            match s.quantize {
+                Some(q) if q.double_quant => "nf4 projections (double quant), made on the device",
+                Some(_) => "nf4 projections (f32 absmax), made on the device",
+                None => "dense projections in the compute dtype",
+            }
+        ),
         format!("steps       {} warmup, {} measured", s.warmup, s.steps),
         format!("tokens/s    {:.0}", r.tokens_per_s),
         format!("step time   {:.4} s (median)", r.median_step_s),
@@ -284,6 +307,41 @@ pub fn describe(r: &BenchResult) -> String {
         format!("loss        {:.4} (last step)", r.final_loss),
     ]
     .join("\n")
+        + &profile_table(&r.profile, r.median_step_s)
+}
+
+/// The per-op table of a profiled step: calls, device time, share of the median step, TFLOP/s.
+fn profile_table(ops: &[OpTime], step_s: f64) -> String {
+    if ops.is_empty() {
+        return String::new();
+    }
+    let total: f64 = ops.iter().map(|o| o.ms).sum();
+    let mut lines = vec![
+        String::new(),
+        format!(
+            "profile     one step, {:.1} ms of device time in ops ({:.1}% of the median step)",
+            total,
+            100.0 * total / 1e3 / step_s
+        ),
+        "| op | calls | ms | % of step | TFLOP/s |".to_string(),
+        "| --- | --- | --- | --- | --- |".to_string(),
+    ];
+    for o in ops {
+        let rate = if o.flops > 0.0 {
+            format!("{:.0}", o.flops / (o.ms / 1e3) / 1e12)
+        } else {
+            "—".to_string()
+        };
+        lines.push(format!(
+            "| {} | {} | {:.2} | {:.1} | {} |",
+            o.name,
+            o.calls,
+            o.ms,
+            100.0 * o.ms / 1e3 / step_s,
+            rate
+        ));
+    }
+    lines.join("\n")
 }
 
 #[cfg(test)]
@@ -302,6 +360,8 @@ mod tests {
             steps: 3,
             seed: 5,
             peak_tflops: Some(1.0),
+            profile: true,
+            quantize: None,
         }
     }
 
@@ -315,6 +375,7 @@ mod tests {
         // Random weights of std 0.02 predict about uniformly: loss ≈ ln(vocab) = ln 256.
         assert!((r.final_loss - 256f64.ln()).abs() < 0.1, "{}", r.final_loss);
         assert_eq!(r.peak_memory_bytes, None);
+        assert!(r.profile.is_empty(), "the CPU backend times no ops");
         let no_ckpt = run(&be, &spec(false), &Distributed::single()).unwrap();
         assert_eq!(no_ckpt.final_loss, r.final_loss, "checkpointing is exact");
         assert!(r.hardware_flops_per_step > r.model_flops_per_step);
@@ -322,6 +383,31 @@ mod tests {
             no_ckpt.hardware_flops_per_step,
             no_ckpt.model_flops_per_step
         );
+    }
+
+    #[test]
+    fn the_tiny_preset_trains_with_nf4_projections_and_records_the_choice() {
+        let be = CpuBackend::new();
+        let q = QuantizeNf4 { double_quant: true };
+        let s = BenchSpec {
+            quantize: Some(q),
+            ..spec(true)
+        };
+        let r = run(&be, &s, &Distributed::single()).unwrap();
+        let dense = run(&be, &spec(true), &Distributed::single()).unwrap();
+        // NF4 moves each weight by at most half a code step, so the loss stays at ln 256.
+        assert!((r.final_loss - 256f64.ln()).abs() < 0.1, "{}", r.final_loss);
+        assert_ne!(r.final_loss, dense.final_loss, "the weights are quantized");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["spec"]["quantize"],
+            serde_json::json!({"format": "nf4", "double_quant": true})
+        );
+        assert_eq!(
+            serde_json::to_value(&dense).unwrap()["spec"]["quantize"],
+            serde_json::Value::Null
+        );
+        assert!(describe(&r).contains("nf4 projections (double quant)"));
     }
 
     #[test]
@@ -337,6 +423,8 @@ mod tests {
             steps: 1,
             seed: 0,
             peak_tflops: None,
+            profile: false,
+            quantize: None,
         };
         // LoRA r=16 on all seven projections of Llama-2-7B: 39,976,960 values.
         let p = 16 * (3 * (4096 + 4096) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096)) * 32;
@@ -348,6 +436,31 @@ mod tests {
         assert!(
             (hw - model - (4096.0 * (2.0 * 6_476_005_376f64 + 2.0 * p as f64) + attn)).abs() < 1.0
         );
+    }
+
+    /// Every preset parses; the Qwen shapes give the published sizes (7.6B and 8.2B parameters:
+    /// the projections of every layer, the embedding and the separate LM head).
+    #[test]
+    fn qwen_presets_have_their_published_sizes() {
+        for name in PRESETS {
+            preset_config(name).unwrap();
+        }
+        for (name, billions, family) in [
+            ("qwen2.5-7b", 7.6, "Qwen2ForCausalLM"),
+            ("qwen3-8b", 8.2, "Qwen3ForCausalLM"),
+        ] {
+            let c = preset_config(name).unwrap();
+            assert_eq!(c.architecture.hf_name(), family);
+            let layer: usize = Projection::ALL
+                .iter()
+                .map(|p| p.shape(&c).0 * p.shape(&c).1)
+                .sum();
+            let total = layer * c.num_layers + 2 * c.vocab_size * c.hidden_size;
+            assert!(
+                (total as f64 / 1e9 - billions).abs() < 0.05,
+                "{name}: {total}"
+            );
+        }
     }
 
     #[test]

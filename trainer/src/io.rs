@@ -6,6 +6,15 @@ use std::path::Path;
 
 /// Writes `bytes` to `path` atomically (a reader sees the old file or the new one, never a mix).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| Ok(w.write_all(bytes)?))
+}
+
+/// Writes `path` atomically from what `fill` writes (through a buffer), for files too large to
+/// hold in memory at once.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -17,10 +26,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f =
+    let f =
         std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 22, f);
+    let written = fill(&mut w).and_then(|()| Ok(w.into_inner().map_err(|e| e.into_error())?));
+    let f = match written {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.context(format!("cannot write {}", tmp.display())));
+        }
+    };
     f.sync_all()
         .with_context(|| format!("cannot flush {}", tmp.display()))?;
     drop(f);

@@ -1,18 +1,22 @@
 //! fuselora's trainer: everything above the kernels.
 //!
 //! - [`bench`]: `fuselora bench`, the training step on preset shapes with random weights.
-//! - [`model`]: Hugging Face config and weights, the Llama/Mistral decoder over any `Backend`.
+//! - [`arch`]: the model description: families (Llama, Mistral, Qwen2, Qwen3), config.json, tensor names.
+//! - [`model`]: Hugging Face weights and the decoder (forward, backward, cached generation) over any `Backend`.
 //! - [`lora`]: LoRA parameters and PEFT adapter folders.
 //! - [`tokenizer`]: Hugging Face tokenizers, chat templates and SFT label masks.
-//! - [`gguf`]: reading GGUF files and importing them as Hugging Face folders.
+//! - [`gguf`]: GGUF files: importing them as Hugging Face folders, exporting models and adapters.
 //! - [`merge`]: adapters merged into their base model.
 //! - [`optim`]: global-norm clipping and AdamW.
+//! - [`plan`]: `fuselora plan`, peak memory and tokens/s of a run before it starts.
 //! - [`reference`]: `check-reference`, recomputing Hugging Face reference cases.
 //! - [`data`]: dataset records and batching.
 //! - [`train`]: the run config, schedules, the training loop and checkpoints.
 //! - [`generate`]: sampling and generation with a KV cache.
 //! - [`io`]: atomic file writes.
+//! - [`weights`]: the safetensors files of a model or adapter folder, read as f32.
 
+pub mod arch;
 pub mod bench;
 pub mod data;
 pub mod generate;
@@ -22,6 +26,8 @@ pub mod lora;
 pub mod merge;
 pub mod model;
 pub mod optim;
+pub mod plan;
 pub mod reference;
 pub mod tokenizer;
 pub mod train;
+pub mod weights;

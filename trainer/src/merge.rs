@@ -7,11 +7,11 @@
 //! projections are dequantized, merged and written dense in `bnb_4bit_compute_dtype` (bf16 when
 //! absent), and `quantization_config` is dropped from the config: the result is a plain checkpoint.
 
+use crate::arch::{ModelConfig, Projection};
 use crate::io::write_atomic;
-use crate::lora::{peft, LoraParams};
+use crate::lora::{peft, LoraParams, LoraSlot};
 use crate::model::bnb_checkpoint::{quantization_of, read_nf4};
-use crate::model::weights::{to_f32, WeightFiles};
-use crate::model::{ModelConfig, Projection};
+use crate::weights::{to_f32, WeightFiles};
 use anyhow::{bail, Context, Result};
 use kernels::cpu::{gemm_f32, CpuBackend};
 use kernels::DType;
@@ -65,6 +65,125 @@ pub struct MergeSummary {
     pub dequantized_to: Option<Dtype>,
 }
 
+/// A base model's tensors with an adapter merged, produced one at a time: adapted projections as
+/// `W + s · B A` (f32 arithmetic, stored in the base's dtype), 4-bit projections dequantized to
+/// their compute dtype, everything else as stored. `merge` writes them to safetensors,
+/// `export-gguf` to GGUF.
+pub struct MergedTensors {
+    pub config: ModelConfig,
+    files: WeightFiles,
+    lora: Option<LoraParams<CpuBackend>>,
+    /// module weight name → LoRA slot
+    deltas: BTreeMap<String, LoraSlot>,
+    /// projection weight name → [out, in]
+    proj_shapes: BTreeMap<String, [usize; 2]>,
+    /// For a 4-bit base: the dtype its dequantized projections are written in.
+    pub dequantized_to: Option<Dtype>,
+}
+
+impl MergedTensors {
+    /// Opens `base` and, when given, the PEFT adapter to merge into it.
+    pub fn open(base: &Path, adapter: Option<&Path>) -> Result<Self> {
+        let config = ModelConfig::load(base)?;
+        let files = WeightFiles::open(base)?;
+        let lora: Option<LoraParams<CpuBackend>> = adapter
+            .map(|dir| peft::load(&CpuBackend::new(), &config, dir))
+            .transpose()?;
+        let dequantized_to = quantization_of(&config.raw)?.map(|q| match q.compute_dtype {
+            Some(DType::F32) => Dtype::F32,
+            Some(DType::F16) => Dtype::F16,
+            _ => Dtype::BF16,
+        });
+        let mut deltas = BTreeMap::new();
+        let mut proj_shapes = BTreeMap::new();
+        for layer in 0..config.num_layers {
+            for p in Projection::ALL {
+                let name = p.weight_name(layer);
+                if let Some(slot) = lora.as_ref().and_then(|l| l.slot(layer, p)) {
+                    deltas.insert(name.clone(), slot);
+                }
+                let (o, i) = p.shape(&config);
+                proj_shapes.insert(name, [o, i]);
+            }
+        }
+        Ok(Self {
+            config,
+            files,
+            lora,
+            deltas,
+            proj_shapes,
+            dequantized_to,
+        })
+    }
+
+    /// Adapted projections.
+    pub fn merged(&self) -> usize {
+        self.deltas.len()
+    }
+
+    /// The model's tensor names, sorted, without a 4-bit base's quantization state.
+    pub fn names(&self) -> Vec<String> {
+        self.files
+            .names()
+            .filter(|name| {
+                self.dequantized_to.is_none()
+                    || self.is_quantized(name)
+                    || !QUANT_STATE_SUFFIXES.iter().any(|s| name.ends_with(s))
+            })
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn is_quantized(&self, name: &str) -> bool {
+        self.dequantized_to.is_some()
+            && self
+                .files
+                .contains(&format!("{name}.quant_state.bitsandbytes__nf4"))
+    }
+
+    /// A tensor's shape (a 4-bit projection's dense `[out, in]`).
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        if self.is_quantized(name) {
+            if let Some(&[o, i]) = self.proj_shapes.get(name) {
+                return Ok(vec![o, i]);
+            }
+        }
+        Ok(self.files.info(name)?.0)
+    }
+
+    /// A tensor's shape, dtype and little-endian bytes, merged.
+    pub fn tensor(&self, name: &str) -> Result<(Vec<usize>, Dtype, Vec<u8>)> {
+        let (mut shape, mut dtype) = self.files.info(name)?;
+        let (_, mut raw) = self.files.bytes(name)?;
+        if let (true, Some(dense)) = (self.is_quantized(name), self.dequantized_to) {
+            let [o, i] = *self.proj_shapes.get(name).with_context(|| {
+                format!("`{name}` is 4-bit but not a q/k/v/o/gate/up/down projection; fuselora cannot merge it")
+            })?;
+            let w = read_nf4(&self.files, name, [o, i])?.dequantize();
+            (shape, dtype, raw) = (vec![o, i], dense, encode(&w, dense)?);
+        }
+        let (Some(slot), Some(lora)) = (self.deltas.get(name), &self.lora) else {
+            return Ok((shape, dtype, raw));
+        };
+        let mut w = to_f32(dtype, &raw).with_context(|| format!("tensor `{name}`"))?;
+        let (out_f, in_f) = (shape[0], shape[1]);
+        // W' = W + s · B [out, r] · A [r, in]
+        gemm_f32(
+            out_f,
+            in_f,
+            slot.rank,
+            slot.scaling,
+            &lora.params[slot.a + 1],
+            false,
+            &lora.params[slot.a],
+            false,
+            1.0,
+            &mut w,
+        );
+        Ok((shape, dtype, encode(&w, dtype)?))
+    }
+}
+
 /// Writes `base` + `adapter` merged into `out`.
 pub fn merge(
     base: &Path,
@@ -72,72 +191,14 @@ pub fn merge(
     out: &Path,
     max_shard_bytes: usize,
 ) -> Result<MergeSummary> {
-    let config = ModelConfig::load(base)?;
-    let files = WeightFiles::open(base)?;
-    let be = CpuBackend::new();
-    let lora: LoraParams<CpuBackend> = peft::load(&be, &config, adapter)?;
-    let dequantized_to = quantization_of(&config.raw)?.map(|q| match q.compute_dtype {
-        Some(DType::F32) => Dtype::F32,
-        Some(DType::F16) => Dtype::F16,
-        _ => Dtype::BF16,
-    });
-    // module weight name → (A, B, shape of A, scaling); projection weight name → [out, in]
-    let mut deltas = BTreeMap::new();
-    let mut proj_shapes = BTreeMap::new();
-    for layer in 0..config.num_layers {
-        for p in Projection::ALL {
-            let name = format!("{}.weight", p.module_path(layer));
-            if let Some(slot) = lora.slot(layer, p) {
-                deltas.insert(name.clone(), slot);
-            }
-            let (o, i) = p.shape(&config);
-            proj_shapes.insert(name, [o, i]);
-        }
-    }
+    let merged = MergedTensors::open(base, Some(adapter))?;
+    let (config, dequantized_to) = (&merged.config, merged.dequantized_to);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let names: Vec<String> = files.names().map(str::to_string).collect();
     let mut shards: Vec<Vec<(String, Vec<usize>, Dtype, Vec<u8>)>> = vec![Vec::new()];
     let mut shard_bytes = 0usize;
     let mut total_bytes = 0usize;
-    for name in &names {
-        let quantized = dequantized_to.is_some()
-            && files.contains(&format!("{name}.quant_state.bitsandbytes__nf4"));
-        if dequantized_to.is_some()
-            && !quantized
-            && QUANT_STATE_SUFFIXES.iter().any(|s| name.ends_with(s))
-        {
-            continue;
-        }
-        let (mut shape, mut dtype) = files.info(name)?;
-        let (_, mut raw) = files.bytes(name)?;
-        if let (true, Some(dense)) = (quantized, dequantized_to) {
-            let [o, i] = *proj_shapes.get(name).with_context(|| {
-                format!("`{name}` is 4-bit but not a q/k/v/o/gate/up/down projection; fuselora cannot merge it")
-            })?;
-            let w = read_nf4(&files, name, [o, i])?.dequantize();
-            (shape, dtype, raw) = (vec![o, i], dense, encode(&w, dense)?);
-        }
-        let bytes = match deltas.get(name) {
-            Some(slot) => {
-                let mut w = to_f32(dtype, &raw).with_context(|| format!("tensor `{name}`"))?;
-                let (out_f, in_f) = (shape[0], shape[1]);
-                // W' = W + s · B [out, r] · A [r, in]
-                gemm_f32(
-                    out_f,
-                    in_f,
-                    slot.rank,
-                    slot.scaling,
-                    &lora.params[slot.a + 1],
-                    false,
-                    &lora.params[slot.a],
-                    false,
-                    1.0,
-                    &mut w,
-                );
-                encode(&w, dtype)?
-            }
-            None => raw,
-        };
+    for name in merged.names() {
+        let (shape, dtype, bytes) = merged.tensor(&name)?;
         if shard_bytes + bytes.len() > max_shard_bytes && shard_bytes > 0 {
             shards.push(Vec::new());
             shard_bytes = 0;
@@ -208,7 +269,7 @@ pub fn merge(
         }
     }
     Ok(MergeSummary {
-        merged: deltas.len(),
+        merged: merged.merged(),
         dequantized_to,
     })
 }
@@ -232,11 +293,12 @@ mod tests {
         f.f32("lora_logits", &[2, 24, 320]).unwrap()
     }
 
-    fn merged_logits(dir: &Path) -> (Vec<f32>, Vec<i32>) {
+    /// The merged model's logits on `case`'s inputs, and the inputs' attention mask.
+    fn merged_logits(dir: &Path, case: &str) -> (Vec<f32>, Vec<i32>) {
         let be = CpuBackend::new();
         let config = ModelConfig::load(dir).unwrap();
         let model = Decoder::load(&be, config.clone(), &WeightFiles::open(dir).unwrap()).unwrap();
-        let inputs = Inputs::load(&fixture("tiny-llama/inputs.safetensors")).unwrap();
+        let inputs = Inputs::load(&fixture(&format!("{case}/inputs.safetensors"))).unwrap();
         let batch = Batch::new(
             &be,
             &config,
@@ -275,7 +337,7 @@ mod tests {
                 dir.path().join("model.safetensors.index.json").exists(),
                 max_shard < MAX_SHARD_BYTES
             );
-            let (got, mask) = merged_logits(dir.path());
+            let (got, mask) = merged_logits(dir.path(), "tiny-llama");
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 if mask[i / 320] == 1 {
@@ -312,11 +374,55 @@ mod tests {
         );
         let config = ModelConfig::load(dir.path()).unwrap();
         assert!(config.raw.get("quantization_config").is_none());
-        let (got, mask) = merged_logits(dir.path());
+        let (got, mask) = merged_logits(dir.path(), "tiny-llama-qlora");
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             if mask[i / 320] == 1 {
                 assert!((a - b).abs() / scale < 1e-4, "logit {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// Qwen2's q/k/v biases and Qwen3's q/k norms are copied unchanged beside the merged weights, and
+    /// the merged model gives the adapted logits.
+    #[test]
+    fn qwen_biases_and_head_norms_are_carried_through() {
+        for case in ["tiny-qwen2", "tiny-qwen3"] {
+            let dir = tempfile::tempdir().unwrap();
+            let base = fixture(&format!("{case}/model"));
+            let summary = merge(
+                &base,
+                &fixture(&format!("{case}/adapter")),
+                dir.path(),
+                MAX_SHARD_BYTES,
+            )
+            .unwrap();
+            assert_eq!(summary.merged, 21, "{case}");
+            let (original, merged) = (
+                WeightFiles::open(&base).unwrap(),
+                WeightFiles::open(dir.path()).unwrap(),
+            );
+            let carried: Vec<&str> = original
+                .names()
+                .filter(|n| n.ends_with(".bias") || n.contains("_norm."))
+                .collect();
+            // Qwen2: q/k/v biases of 3 layers; Qwen3: q/k norms of 3 layers.
+            assert_eq!(carried.len(), if case == "tiny-qwen2" { 9 } else { 6 });
+            for name in carried {
+                let (shape, _) = original.info(name).unwrap();
+                assert_eq!(
+                    merged.f32(name, &shape).unwrap(),
+                    original.f32(name, &shape).unwrap(),
+                    "{case} {name}"
+                );
+            }
+            let want = expected_lora_logits(case);
+            let (got, mask) = merged_logits(dir.path(), case);
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                if mask[i / 320] == 1 {
+                    assert!((a - b).abs() / scale < 1e-4, "{case} logit {i}: {a} vs {b}");
+                }
             }
         }
     }

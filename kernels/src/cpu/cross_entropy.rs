@@ -2,6 +2,7 @@
 //! Per row: `z = h Wᵀ`, `lse = log Σ exp z`, `logp = z_t − lse`. With a gradient weight `w`,
 //! `dz = w · (softmax(z) − onehot(t))` (the derivative of `−w·logp`), then `dh = dz W`.
 
+use super::lanes;
 use super::matmul::gemm_f32;
 use crate::{CeGrad, Result, IGNORE_INDEX};
 use rayon::prelude::*;
@@ -64,16 +65,16 @@ pub fn lm_head_cross_entropy(
                     z.fill(0.0);
                     return;
                 }
-                let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let sum: f32 = z.iter().map(|&x| (x - max).exp()).sum();
+                let target = z[t as usize];
+                let max = lanes::max(z);
+                // z becomes exp(z − max); the softmax is that over its sum.
+                let sum = lanes::exp_shifted_in_place(z, max);
                 let lse = max + sum.ln();
-                *lp = z[t as usize] - lse;
+                *lp = target - lse;
                 if want_grad {
-                    let w = weights[r];
-                    for x in z.iter_mut() {
-                        *x = w * (*x - lse).exp();
-                    }
-                    z[t as usize] -= w;
+                    let w = weights[r] / sum;
+                    z.iter_mut().for_each(|x| *x *= w);
+                    z[t as usize] -= weights[r];
                 }
             });
         if let Some(dh) = dhidden.as_deref_mut() {

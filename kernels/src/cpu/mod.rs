@@ -1,14 +1,18 @@
-//! The CPU backend: f32 everywhere, plain loops and `matrixmultiply` GEMMs split over rayon.
+//! The CPU backend: f32 everywhere, loops the compiler vectorises (`lanes`) and `gemm` GEMMs on
+//! fixed tiles spread over rayon.
 //! It is the reference the fixtures pin and every other backend is compared against, so each
 //! op is written in the most direct form of its equation. Deterministic: the same inputs give
 //! the same bits whatever the thread count, since every reduction runs in a fixed order.
 
 mod adamw;
 mod attention;
+mod broadcast;
 mod cross_entropy;
 mod embedding;
+mod lanes;
 mod matmul;
 mod nf4;
+pub mod profile;
 mod random;
 mod rmsnorm;
 mod rope;
@@ -17,8 +21,10 @@ mod swiglu;
 pub use attention::{attention_backward_f32, attention_forward_f32};
 pub use matmul::gemm_f32;
 
-use crate::error::check_len;
+use crate::error::{check_len, check_rows};
+use crate::nf4::{Nf4Buffers, Nf4Weight};
 use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result};
+use profile::timed;
 
 /// The f32 reference backend.
 #[derive(Clone, Debug, Default)]
@@ -109,7 +115,17 @@ impl Backend for CpuBackend {
         check_len("gemm", "A", a.len(), m * k)?;
         check_len("gemm", "B", b.len(), k * n)?;
         check_len("gemm", "C", c.len(), m * n)?;
-        gemm_f32(m, n, k, alpha, a, trans_a, b, trans_b, beta, c);
+        let describe = || {
+            let op = if m.min(n).min(k) <= 64 {
+                "gemm, one side ≤ 64 (LoRA)".to_string()
+            } else {
+                format!("gemm {m}×{n}×{k}")
+            };
+            (op, 2.0 * (m * n * k) as f64)
+        };
+        timed(describe, || {
+            gemm_f32(m, n, k, alpha, a, trans_a, b, trans_b, beta, c)
+        });
         Ok(())
     }
 
@@ -136,7 +152,10 @@ impl Backend for CpuBackend {
         check_len("rms_norm", "w", w.len(), hidden)?;
         check_len("rms_norm", "y", y.len(), x.len())?;
         check_len("rms_norm", "rstd", rstd.len() * hidden, x.len())?;
-        rmsnorm::forward(x, w, hidden, eps, y, rstd);
+        timed(
+            || ("rms_norm".into(), 0.0),
+            || rmsnorm::forward(x, w, hidden, eps, y, rstd),
+        );
         Ok(())
     }
 
@@ -152,7 +171,10 @@ impl Backend for CpuBackend {
         check_len("rms_norm_backward", "dy", dy.len(), x.len())?;
         check_len("rms_norm_backward", "dx", dx.len(), x.len())?;
         check_len("rms_norm_backward", "rstd", rstd.len() * hidden, x.len())?;
-        rmsnorm::backward(dy, x, w, rstd, hidden, dx);
+        timed(
+            || ("rms_norm_backward".into(), 0.0),
+            || rmsnorm::backward(dy, x, w, rstd, hidden, dx),
+        );
         Ok(())
     }
 
@@ -167,7 +189,10 @@ impl Backend for CpuBackend {
         inverse: bool,
     ) -> Result<()> {
         check_len("rope", "x", x.len(), positions.len() * heads * head_dim)?;
-        rope::rotate(x, positions, cos, sin, heads, head_dim, inverse)
+        timed(
+            || ("rope".into(), 0.0),
+            || rope::rotate(x, positions, cos, sin, heads, head_dim, inverse),
+        )
     }
 
     fn attention(
@@ -189,7 +214,12 @@ impl Backend for CpuBackend {
         check_len("attention", "v", v.len(), n * kv_heads * head_dim)?;
         check_len("attention", "out", out.len(), n * heads * head_dim)?;
         check_len("attention", "lse", lse.len(), n * heads)?;
-        attention_forward_f32(q, k, v, layout, heads, kv_heads, head_dim, out, lse);
+        // 2 products (QKᵀ, PV) of 2·d FLOPs per visible (query, key) pair and head
+        let flops = || 4.0 * (visible_pairs(layout) * heads * head_dim) as f64;
+        timed(
+            || ("attention".into(), flops()),
+            || attention_forward_f32(q, k, v, layout, heads, kv_heads, head_dim, out, lse),
+        );
         Ok(())
     }
 
@@ -230,8 +260,15 @@ impl Backend for CpuBackend {
             dv.len(),
             n * kv_heads * head_dim,
         )?;
-        attention_backward_f32(
-            q, k, v, out, lse, dout, layout, heads, kv_heads, head_dim, dq, dk, dv,
+        // 5 products (QKᵀ, dO Vᵀ, dV, dK, dQ) of 2·d FLOPs per visible pair and head
+        let flops = || 10.0 * (visible_pairs(layout) * heads * head_dim) as f64;
+        timed(
+            || ("attention_backward".into(), flops()),
+            || {
+                attention_backward_f32(
+                    q, k, v, out, lse, dout, layout, heads, kv_heads, head_dim, dq, dk, dv,
+                )
+            },
         );
         Ok(())
     }
@@ -303,10 +340,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn broadcast_rows(&self, row: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        check_rows("broadcast_rows", out.len(), row.len())?;
+        broadcast::broadcast_rows(row, out);
+        Ok(())
+    }
+
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
         check_len("swiglu", "up", up.len(), gate.len())?;
         check_len("swiglu", "out", out.len(), gate.len())?;
-        swiglu::forward(gate, up, out);
+        timed(|| ("swiglu".into(), 0.0), || swiglu::forward(gate, up, out));
         Ok(())
     }
 
@@ -321,7 +364,10 @@ impl Backend for CpuBackend {
         check_len("swiglu_backward", "dout", dout.len(), gate.len())?;
         check_len("swiglu_backward", "dgate", dgate.len(), gate.len())?;
         check_len("swiglu_backward", "dup", dup.len(), gate.len())?;
-        swiglu::backward(dout, gate, up, dgate, dup);
+        timed(
+            || ("swiglu_backward".into(), 0.0),
+            || swiglu::backward(dout, gate, up, dgate, dup),
+        );
         Ok(())
     }
 
@@ -362,9 +408,25 @@ impl Backend for CpuBackend {
                 rows * hidden_dim,
             )?;
         }
-        cross_entropy::lm_head_cross_entropy(
-            hidden, weight, targets, hidden_dim, vocab, grad, logp, dhidden,
+        // the logits GEMM, and with dhidden the one back through the head
+        let products = if dhidden.is_some() { 2.0 } else { 1.0 };
+        let flops = products * 2.0 * (rows * vocab * hidden_dim) as f64;
+        timed(
+            || ("lm_head_cross_entropy".into(), flops),
+            || {
+                cross_entropy::lm_head_cross_entropy(
+                    hidden, weight, targets, hidden_dim, vocab, grad, logp, dhidden,
+                )
+            },
         )
+    }
+
+    fn quantize_nf4(
+        &self,
+        x: &Vec<f32>,
+        double_quant: bool,
+    ) -> Result<Nf4Buffers<Vec<f32>, Vec<i32>>> {
+        Nf4Buffers::upload(self, &Nf4Weight::quantize(x, double_quant))
     }
 
     fn dequantize_nf4(
@@ -402,18 +464,32 @@ impl Backend for CpuBackend {
             check_len("adamw", "grad", grads[i].len(), params[i].len())?;
             check_len("adamw", "exp_avg", m[i].len(), params[i].len())?;
             check_len("adamw", "exp_avg_sq", v[i].len(), params[i].len())?;
-            adamw::step(
-                &mut params[i],
-                &grads[i],
-                &mut m[i],
-                &mut v[i],
-                hp,
-                step,
-                grad_scale,
-            );
         }
+        timed(
+            || ("adamw".into(), 0.0),
+            || {
+                for i in 0..params.len() {
+                    adamw::step(
+                        &mut params[i],
+                        &grads[i],
+                        &mut m[i],
+                        &mut v[i],
+                        hp,
+                        step,
+                        grad_scale,
+                    );
+                }
+            },
+        );
         Ok(())
     }
+}
+
+/// Σ over query tokens of the keys each sees (see `AttentionLayout`).
+fn visible_pairs(layout: &AttentionLayout) -> usize {
+    (0..layout.tokens())
+        .map(|i| i % layout.seq_len + 1 - layout.first_key(i))
+        .sum()
 }
 
 #[cfg(test)]

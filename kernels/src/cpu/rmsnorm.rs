@@ -2,6 +2,7 @@
 //! `y = w ⊙ x · r` with `r = 1/sqrt(mean(x²) + eps)` per row.
 //! Backward (w frozen): with `x̂ = x·r` and `g = w ⊙ dy`, `dx = r · (g − x̂ · mean(g ⊙ x̂))`.
 
+use super::lanes;
 use rayon::prelude::*;
 
 pub fn forward(x: &[f32], w: &[f32], hidden: usize, eps: f32, y: &mut [f32], rstd: &mut [f32]) {
@@ -9,7 +10,7 @@ pub fn forward(x: &[f32], w: &[f32], hidden: usize, eps: f32, y: &mut [f32], rst
         .zip(rstd.par_iter_mut())
         .zip(x.par_chunks(hidden))
         .for_each(|((y, r), x)| {
-            let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / hidden as f32;
+            let mean_sq = lanes::dot(x, x) / hidden as f32;
             *r = 1.0 / (mean_sq + eps).sqrt();
             for ((yi, xi), wi) in y.iter_mut().zip(x).zip(w) {
                 *yi = wi * (xi * *r);
@@ -23,15 +24,10 @@ pub fn backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize, d
         .zip(x.par_chunks(hidden))
         .zip(rstd.par_iter())
         .for_each(|(((dx, dy), x), &r)| {
-            let mean_gx = dy
-                .iter()
-                .zip(w)
-                .zip(x)
-                .map(|((d, w), x)| d * w * x * r)
-                .sum::<f32>()
-                / hidden as f32;
-            for i in 0..hidden {
-                dx[i] += r * (w[i] * dy[i] - x[i] * r * mean_gx);
+            // mean(g ⊙ x̂) = r · Σ(dy ⊙ w ⊙ x) / hidden
+            let mean_gx = r * lanes::dot3(dy, w, x) / hidden as f32;
+            for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+                *dx += r * (w * dy - x * r * mean_gx);
             }
         });
 }

@@ -30,12 +30,12 @@ pub fn rotate(
         .for_each(|(token, &p)| {
             let c = &cos[p as usize * half..][..half];
             let s = &sin[p as usize * half..][..half];
-            for head in token.chunks_mut(head_dim) {
-                for j in 0..half {
-                    let (a, b) = (head[j], head[j + half]);
-                    let sj = sign * s[j];
-                    head[j] = a * c[j] - b * sj;
-                    head[j + half] = b * c[j] + a * sj;
+            for head in token.chunks_exact_mut(head_dim) {
+                let (first, second) = head.split_at_mut(half);
+                for (((a, b), &c), &s) in first.iter_mut().zip(second).zip(c).zip(s) {
+                    let (x, y, sj) = (*a, *b, sign * s);
+                    *a = x * c - y * sj;
+                    *b = y * c + x * sj;
                 }
             }
         });

@@ -1,21 +1,19 @@
 //! SwiGLU (Shazeer 2020): `out = silu(g) ⊙ u`, `silu(g) = g·σ(g)`.
 //! Backward: `du = dout ⊙ silu(g)`, `dg = dout ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g)))`.
 
+use super::lanes::sigmoid;
 use rayon::prelude::*;
 
+/// Elements per parallel task.
 const CHUNK: usize = 4096;
-
-fn sigmoid(g: f32) -> f32 {
-    1.0 / (1.0 + (-g).exp())
-}
 
 pub fn forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
         .for_each(|((o, g), u)| {
-            for i in 0..o.len() {
-                o[i] = g[i] * sigmoid(g[i]) * u[i];
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
             }
         });
 }
@@ -24,14 +22,15 @@ pub fn backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: 
     dgate
         .par_chunks_mut(CHUNK)
         .zip(dup.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, (dg, du))| {
-            let base = c * CHUNK;
-            for i in 0..dg.len() {
-                let (g, u, d) = (gate[base + i], up[base + i], dout[base + i]);
+        .zip(dout.par_chunks(CHUNK))
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(((dg, du), dout), (gate, up))| {
+            for ((dg, du), ((&d, &g), &u)) in
+                dg.iter_mut().zip(du).zip(dout.iter().zip(gate).zip(up))
+            {
                 let s = sigmoid(g);
-                du[i] = d * g * s;
-                dg[i] = d * u * s * (1.0 + g * (1.0 - s));
+                *du = d * g * s;
+                *dg = d * u * s * (1.0 + g * (1.0 - s));
             }
         });
 }

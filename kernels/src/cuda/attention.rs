@@ -8,7 +8,9 @@ use crate::error::check_len;
 use crate::{AttentionLayout, DType, KernelError, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 
-const FWD_QUERIES_PER_BLOCK: usize = 64;
+const FWD_QUERIES_PER_BLOCK: usize = 128;
+const FWD_WARPS: usize = 8;
+const FWD_KEYS_PER_TILE: usize = 64;
 const BWD_KEYS_PER_BLOCK: usize = 64;
 const BWD_QUERIES_PER_TILE: usize = 32;
 const WARPS_PER_BLOCK_SIMPLE: usize = 8;
@@ -17,28 +19,49 @@ fn uses_mma(dtype: DType, head_dim: usize) -> bool {
     dtype != DType::F32 && (head_dim == 64 || head_dim == 128)
 }
 
-/// Dynamic shared memory of the backward kernel: K, V tiles, Q, dO tiles, dS, and three vectors.
+/// Dynamic shared memory of the forward kernel: two stages of K and V tiles, rows padded by 8.
+fn forward_shared_bytes(head_dim: usize) -> usize {
+    2 * 2 * FWD_KEYS_PER_TILE * (head_dim + 8) * 2
+}
+
+/// Dynamic shared memory of the backward kernel: K, V tiles, two stages of Q and dO tiles, dS,
+/// and three vectors.
 fn backward_shared_bytes(head_dim: usize) -> usize {
     let ld = head_dim + 8;
     let halves = 2 * BWD_KEYS_PER_BLOCK * ld
-        + 2 * BWD_QUERIES_PER_TILE * ld
+        + 2 * 2 * BWD_QUERIES_PER_TILE * ld
         + BWD_QUERIES_PER_TILE * (BWD_KEYS_PER_BLOCK + 8);
     halves * 2 + 3 * BWD_QUERIES_PER_TILE * 4
 }
 
 impl CudaBackend {
-    /// Lets the backward kernels use more than the default 48 KiB of shared memory.
+    /// Lets the tensor-core attention kernels use more than the default 48 KiB of shared memory.
     pub(crate) fn allow_large_shared_memory(&self) -> Result<()> {
         for t in ["bf16", "f16"] {
             for d in [64, 128] {
-                let f = self
-                    .kernels
-                    .get(&format!("attention_backward_mma_{t}_d{d}"))?;
-                f.set_attribute(
-                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    backward_shared_bytes(d) as i32,
-                )
-                .map_err(super::device_err("kernel shared memory limit"))?;
+                for (name, bytes) in [
+                    (
+                        format!("attention_forward_mma_{t}_d{d}"),
+                        forward_shared_bytes(d),
+                    ),
+                    (
+                        format!("attention_backward_mma_{t}_d{d}"),
+                        backward_shared_bytes(d),
+                    ),
+                ] {
+                    let f = self.kernels.get(&name)?;
+                    f.set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                    .map_err(super::device_err("kernel shared memory limit"))?;
+                    // All of L1 as shared memory where it lets more blocks share a multiprocessor.
+                    f.set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                        100,
+                    )
+                    .map_err(super::device_err("kernel shared memory carveout"))?;
+                }
             }
         }
         Ok(())
@@ -131,7 +154,15 @@ impl CudaBackend {
                 Arg::I32(window),
                 Arg::F32(scale),
             ];
-            self.launch(&name, grid, 128, 0, &args)
+            let flops = || 4.0 * (heads * head_dim) as f64 * layout.visible_pairs() as f64;
+            self.launch_counted(
+                &name,
+                grid,
+                (FWD_WARPS * 32) as u32,
+                forward_shared_bytes(head_dim) as u32,
+                &args,
+                flops,
+            )
         } else {
             let name = format!("attention_forward_simple_{}", suffix(dt));
             let warps = n * heads;
@@ -231,11 +262,24 @@ impl CudaBackend {
             let mut dq_acc = self.alloc(dq.len(), DType::F32)?;
             self.memset_zero(&mut dq_acc)?;
             let name = format!("attention_backward_mma_{}_d{head_dim}", suffix(dt));
+            // GQA: one block per query head, dK and dV summed over the group afterwards.
+            let parts = if heads > kv_heads {
+                Some((
+                    self.alloc(n * heads * head_dim, DType::F32)?,
+                    self.alloc(n * heads * head_dim, DType::F32)?,
+                ))
+            } else {
+                None
+            };
             let grid = (
                 seq.div_ceil(BWD_KEYS_PER_BLOCK) as u32,
-                kv_heads as u32,
+                if parts.is_some() { heads } else { kv_heads } as u32,
                 rows as u32,
             );
+            let part_ptr = |i: usize| match &parts {
+                Some(p) => self.p(if i == 0 { &p.0 } else { &p.1 }),
+                None => Arg::Ptr(0),
+            };
             let mut args = vec![
                 self.p(q),
                 self.p(k),
@@ -247,20 +291,45 @@ impl CudaBackend {
                 self.p(&dq_acc),
                 self.p(dk),
                 self.p(dv),
+                part_ptr(0),
+                part_ptr(1),
             ];
             args.extend(common);
             args.extend([Arg::I32(window), Arg::F32(scale)]);
-            self.launch(
+            // Backward: dV = PᵀdO, dP = dO Vᵀ, dS → dQ = dS K, dK = dSᵀQ, plus S = QKᵀ again:
+            // five products against the forward's two, so 2.5× its FLOPs.
+            let flops = || 10.0 * (heads * head_dim) as f64 * layout.visible_pairs() as f64;
+            self.launch_counted(
                 &name,
                 grid,
                 128,
                 backward_shared_bytes(head_dim) as u32,
                 &args,
+                flops,
             )?;
+            if let Some((dk_part, dv_part)) = &parts {
+                let total = n * kv_heads * head_dim;
+                for (part, out) in [(dk_part, &mut *dk), (dv_part, &mut *dv)] {
+                    self.launch(
+                        &format!("attention_backward_group_sum_{}", suffix(dt)),
+                        (super::launch::blocks_for(total), 1, 1),
+                        256,
+                        0,
+                        &[
+                            self.p(part),
+                            self.p(out),
+                            Arg::U64(total as u64),
+                            Arg::I32(heads as i32),
+                            Arg::I32(kv_heads as i32),
+                            Arg::I32(head_dim as i32),
+                        ],
+                    )?;
+                }
+            }
             let total = dq.len();
             self.launch(
                 &format!("cast_f32_{}", suffix(dt)),
-                (super::blocks_for(total), 1, 1),
+                (super::launch::blocks_for(total), 1, 1),
                 256,
                 0,
                 &[self.p(&dq_acc), self.p(dq), Arg::U64(total as u64)],

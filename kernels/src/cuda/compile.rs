@@ -49,6 +49,11 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         entry_points: || per_dtype(&["rope"]),
     },
     KernelSource {
+        name: "broadcast",
+        source: include_str!("../../cuda/broadcast.cu"),
+        entry_points: || per_dtype(&["broadcast_rows"]),
+    },
+    KernelSource {
         name: "swiglu",
         source: include_str!("../../cuda/swiglu.cu"),
         entry_points: || per_dtype(&["swiglu_forward", "swiglu_backward"]),
@@ -74,6 +79,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
             let mut names = attention_mma("attention_backward_mma");
             names.extend(per_dtype(&[
                 "attention_backward_dot",
+                "attention_backward_group_sum",
                 "attention_backward_simple_dq",
                 "attention_backward_simple_dkdv",
             ]));
@@ -116,6 +122,15 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         entry_points: || per_dtype(&["nf4_dequantize_plain", "nf4_dequantize_double"]),
     },
     KernelSource {
+        name: "nf4_quantize",
+        source: include_str!("../../cuda/nf4_quantize.cu"),
+        entry_points: || {
+            let mut names = per_dtype(&["nf4_quantize"]);
+            names.push("nf4_double_quant".to_string());
+            names
+        },
+    },
+    KernelSource {
         name: "cast",
         source: include_str!("../../cuda/cast.cu"),
         entry_points: || {
@@ -133,12 +148,18 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     },
 ];
 
-/// The full text NVRTC compiles for `source`: the shared header, then the file.
+/// The full text NVRTC compiles for `source`: the shared header, then the file. For kernel work,
+/// `FUSELORA_KERNEL_SOURCE_DIR` names a folder whose `common.cuh` and `<name>.cu`, where present,
+/// replace the embedded copies (variants tried on a GPU machine without rebuilding the binary).
 pub fn full_source(source: &KernelSource) -> String {
-    format!(
-        "{COMMON}\n#line 1 \"{}.cu\"\n{}",
-        source.name, source.source
-    )
+    let from_dir = |file: &str| {
+        std::env::var_os("FUSELORA_KERNEL_SOURCE_DIR")
+            .and_then(|dir| std::fs::read_to_string(PathBuf::from(dir).join(file)).ok())
+    };
+    let common = from_dir("common.cuh").unwrap_or_else(|| COMMON.to_string());
+    let body =
+        from_dir(&format!("{}.cu", source.name)).unwrap_or_else(|| source.source.to_string());
+    format!("{common}\n#line 1 \"{}.cu\"\n{body}", source.name)
 }
 
 /// NVRTC's version, `(major, minor)`.

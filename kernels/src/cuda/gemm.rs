@@ -58,34 +58,49 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let lda = if trans_b { k } else { n };
-        let ldb = if trans_a { m } else { k };
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                op(trans_b),
-                op(trans_a),
-                n as i32,
-                m as i32,
-                k as i32,
-                (&alpha) as *const f32 as *const _,
-                b.0 as *const _,
-                cuda_type(b.1),
-                lda as i32,
-                a.0 as *const _,
-                cuda_type(a.1),
-                ldb as i32,
-                (&beta) as *const f32 as *const _,
-                c.0 as *mut _,
-                cuda_type(c.1),
-                n as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        let name = || {
+            let t = |x: bool| if x { 'T' } else { 'N' };
+            format!(
+                "gemm {m}x{n}x{k} {}{} {}",
+                t(trans_a),
+                t(trans_b),
+                c.1.name()
             )
-        }
-        .map_err(|e| KernelError::Device {
-            op: "gemm",
-            message: format!("cublasGemmEx (m={m} n={n} k={k}): {e:?}"),
-        })
+        };
+        self.timed(
+            name,
+            || 2.0 * m as f64 * n as f64 * k as f64,
+            || {
+                let lda = if trans_b { k } else { n };
+                let ldb = if trans_a { m } else { k };
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        *self.blas.handle(),
+                        op(trans_b),
+                        op(trans_a),
+                        n as i32,
+                        m as i32,
+                        k as i32,
+                        (&alpha) as *const f32 as *const _,
+                        b.0 as *const _,
+                        cuda_type(b.1),
+                        lda as i32,
+                        a.0 as *const _,
+                        cuda_type(a.1),
+                        ldb as i32,
+                        (&beta) as *const f32 as *const _,
+                        c.0 as *mut _,
+                        cuda_type(c.1),
+                        n as i32,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| KernelError::Device {
+                    op: "gemm",
+                    message: format!("cublasGemmEx (m={m} n={n} k={k}): {e:?}"),
+                })
+            },
+        )
     }
 }

@@ -63,3 +63,8 @@ impl Kernels {
 pub(crate) fn blocks_for(n: usize) -> u32 {
     n.div_ceil(256).clamp(1, 65535 * 8) as u32
 }
+
+/// Blocks for the element-wise kernels that move 8 elements per thread (load8/store8 in common.cuh).
+pub(crate) fn blocks_for_chunks_of_8(n: usize) -> u32 {
+    blocks_for(n.div_ceil(8))
+}

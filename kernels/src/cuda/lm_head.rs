@@ -57,7 +57,7 @@ impl CudaBackend {
             }
         }
         if let Some(&t) = targets
-            .host
+            .host("cross-entropy")?
             .iter()
             .find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab))
         {

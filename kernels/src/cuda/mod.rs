@@ -3,28 +3,33 @@
 //! device's architecture. Everything runs in order on one stream; tensors come from a caching pool.
 //!
 //! CUDA libraries are loaded at run time (cudarc's dynamic loading): the binary builds without
-//! CUDA and finds libcuda, libcublas and libnvrtc through the loader's search path. The bindings'
-//! CUDA version is a build-time choice (see kernels/README.md): 13.0 by default, 12.x with
-//! `CUDARC_CUDA_VERSION=12080`.
+//! CUDA and finds libcuda, libcublas and libnvrtc through the loader's search path or, failing
+//! that, in the Python environment's NVIDIA wheels (`libraries`). The bindings' CUDA version is a
+//! build-time choice (see kernels/README.md): 13.0 by default, 12.x with `CUDARC_CUDA_VERSION=12080`.
 
 mod attention;
 pub mod compile;
 mod gemm;
 mod generation;
 mod launch;
+pub mod libraries;
 mod lm_head;
 mod nf4;
 mod optimizer;
+mod profiler;
 mod tensor;
 
 pub use tensor::{CudaIndices, CudaTensor};
 
-use crate::error::check_len;
-use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Nf4Absmax, Result};
+use crate::error::{check_len, check_rows};
+use crate::{
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Nf4Absmax, OpTime, Result,
+};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nvrtc::Ptx;
-use launch::{blocks_for, Arg, Kernels};
+use launch::{blocks_for, blocks_for_chunks_of_8, Arg, Kernels};
+use profiler::Profiler;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tensor::{Pool, Storage};
@@ -39,6 +44,7 @@ pub struct CudaBackend {
     dtype: DType,
     device_name: String,
     compute_capability: (i32, i32),
+    profiler: Profiler,
 }
 
 pub(crate) fn device_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> KernelError {
@@ -53,39 +59,12 @@ pub(crate) fn suffix(d: DType) -> &'static str {
     d.name()
 }
 
-fn libraries_present() -> Result<()> {
-    let missing: Vec<&str> = [
-        ("libcuda (the NVIDIA driver)", unsafe {
-            cudarc::driver::sys::is_culib_present()
-        }),
-        ("libcublas", unsafe {
-            cudarc::cublas::sys::is_culib_present()
-        }),
-        ("libnvrtc", unsafe {
-            cudarc::nvrtc::sys::is_culib_present()
-        }),
-    ]
-    .into_iter()
-    .filter(|(_, present)| !present)
-    .map(|(name, _)| name)
-    .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(KernelError::Unsupported(format!(
-            "CUDA backend: could not load {}; install the CUDA toolkit or the pip wheels nvidia-cublas and \
-             nvidia-cuda-nvrtc, and put their lib folders on LD_LIBRARY_PATH",
-            missing.join(", ")
-        )))
-    }
-}
-
 impl CudaBackend {
     /// Opens device `device_ordinal` (the rank's local GPU), compiles or loads the kernels for its
     /// architecture and computes in `dtype`: bf16 needs compute capability 8.0+, f16 runs on 7.0+,
     /// f32 everywhere.
     pub fn new(device_ordinal: usize, dtype: DType) -> Result<Self> {
-        libraries_present()?;
+        let libraries = libraries::load()?;
         let ctx = CudaContext::new(device_ordinal).map_err(device_err("open device"))?;
         // One stream: ordering is the stream's, so per-buffer events are not needed.
         unsafe { ctx.disable_event_tracking() };
@@ -105,9 +84,16 @@ impl CudaBackend {
         let mut functions = HashMap::new();
         for source in compile::KERNEL_SOURCES {
             let ptx = compile::cached_ptx(source, arch)?;
-            let module = ctx
-                .load_module(Ptx::from_src(ptx))
-                .map_err(device_err("load kernel module"))?;
+            let module = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+                let mut message = format!("{e:?}");
+                if let Some(problem) = libraries.ptx_version_problem() {
+                    message = format!("{message}: {problem}");
+                }
+                KernelError::Device {
+                    op: "load kernel module",
+                    message,
+                }
+            })?;
             for name in (source.entry_points)() {
                 let f = module
                     .load_function(&name)
@@ -128,6 +114,7 @@ impl CudaBackend {
             dtype,
             device_name,
             compute_capability,
+            profiler: Profiler::default(),
         };
         backend.allow_large_shared_memory()?;
         Ok(backend)
@@ -200,8 +187,41 @@ impl CudaBackend {
         shared: u32,
         args: &[Arg],
     ) -> Result<()> {
-        self.kernels
-            .launch(&self.stream, name, grid, block, shared, args)
+        self.launch_counted(name, grid, block, shared, args, || 0.0)
+    }
+
+    /// [`CudaBackend::launch`] for a kernel whose floating-point operations the profile counts
+    /// (`flops` is evaluated only while profiling).
+    pub(crate) fn launch_counted(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+        flops: impl FnOnce() -> f64,
+    ) -> Result<()> {
+        self.timed(
+            || name.to_string(),
+            flops,
+            || {
+                self.kernels
+                    .launch(&self.stream, name, grid, block, shared, args)
+            },
+        )
+    }
+
+    /// Runs `op` (which queues work on the stream), timed when profiling is on.
+    pub(crate) fn timed(
+        &self,
+        name: impl FnOnce() -> String,
+        flops: impl FnOnce() -> f64,
+        op: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let timing = self.profiler.begin(&self.ctx, &self.stream)?;
+        op()?;
+        self.profiler
+            .finish(timing, &self.ctx, &self.stream, name, flops)
     }
 
     fn p(&self, t: &CudaTensor) -> Arg {
@@ -246,15 +266,20 @@ impl CudaBackend {
     }
 
     fn memset_zero(&self, t: &mut CudaTensor) -> Result<()> {
-        match t.storage.as_mut() {
-            Some(Storage::F32(s)) if !s.is_empty() => {
-                self.stream.memset_zeros(s).map_err(device_err("memset"))
-            }
-            Some(Storage::Half(s)) if !s.is_empty() => {
-                self.stream.memset_zeros(s).map_err(device_err("memset"))
-            }
-            _ => Ok(()),
-        }
+        let stream = &self.stream;
+        self.timed(
+            || "memset".to_string(),
+            || 0.0,
+            || match t.storage.as_mut() {
+                Some(Storage::F32(s)) if !s.is_empty() => {
+                    stream.memset_zeros(s).map_err(device_err("memset"))
+                }
+                Some(Storage::Half(s)) if !s.is_empty() => {
+                    stream.memset_zeros(s).map_err(device_err("memset"))
+                }
+                _ => Ok(()),
+            },
+        )
     }
 }
 
@@ -279,10 +304,22 @@ impl Backend for CudaBackend {
         Some(self.pool.peak_bytes())
     }
 
+    fn profile_start(&self) {
+        self.profiler.start()
+    }
+
+    fn profile_stop(&self) -> Result<Vec<OpTime>> {
+        self.profiler.stop()
+    }
+
     fn zeros(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
         let mut t = self.alloc(len, dtype)?;
         self.memset_zero(&mut t)?;
         Ok(t)
+    }
+
+    fn empty(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
+        self.alloc(len, dtype)
     }
 
     fn upload(&self, data: &[f32], dtype: DType) -> Result<CudaTensor> {
@@ -340,10 +377,11 @@ impl Backend for CudaBackend {
                 .clone_htod(data)
                 .map_err(device_err("upload indices"))?
         };
-        Ok(CudaIndices {
+        Ok(CudaIndices::new(
             slice,
-            host: data.to_vec(),
-        })
+            Some(data.to_vec()),
+            self.pool.clone(),
+        ))
     }
 
     fn len(&self, t: &CudaTensor) -> usize {
@@ -356,7 +394,7 @@ impl Backend for CudaBackend {
         let n = src.len();
         self.launch(
             &name,
-            (blocks_for(n), 1, 1),
+            (blocks_for_chunks_of_8(n), 1, 1),
             256,
             0,
             &[self.p(src), self.p(dst), Arg::U64(n as u64)],
@@ -377,7 +415,7 @@ impl Backend for CudaBackend {
         let n = src.len();
         self.launch(
             &name,
-            (blocks_for(n), 1, 1),
+            (blocks_for_chunks_of_8(n), 1, 1),
             256,
             0,
             &[
@@ -394,7 +432,7 @@ impl Backend for CudaBackend {
         let name = format!("scale_{}", suffix(t.dtype));
         self.launch(
             &name,
-            (blocks_for(n), 1, 1),
+            (blocks_for_chunks_of_8(n), 1, 1),
             256,
             0,
             &[Arg::F32(alpha), self.p(t), Arg::U64(n as u64)],
@@ -441,7 +479,11 @@ impl Backend for CudaBackend {
         check_len("embedding", "out", out.len(), ids.len() * hidden)?;
         let dt = self.same_dtype("embedding", &[("table", table), ("out", out)])?;
         let vocab = table.len() / hidden.max(1);
-        if let Some(&id) = ids.host.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+        if let Some(&id) = ids
+            .host("embedding")?
+            .iter()
+            .find(|&&id| id < 0 || id as usize >= vocab)
+        {
             return Err(KernelError::Unsupported(format!(
                 "embedding: token id {id} outside the vocabulary of {vocab}"
             )));
@@ -491,7 +533,7 @@ impl Backend for CudaBackend {
             Arg::I32(hidden as i32),
             Arg::F32(eps),
         ];
-        self.launch(&name, (rows as u32, 1, 1), 256, 0, &args)
+        self.launch(&name, (rows as u32, 1, 1), norm_threads(hidden), 0, &args)
     }
 
     fn rms_norm_backward(
@@ -524,7 +566,7 @@ impl Backend for CudaBackend {
             self.p(dx),
             Arg::I32(hidden as i32),
         ];
-        self.launch(&name, (rows as u32, 1, 1), 256, 0, &args)
+        self.launch(&name, (rows as u32, 1, 1), norm_threads(hidden), 0, &args)
     }
 
     fn rope(
@@ -543,7 +585,7 @@ impl Backend for CudaBackend {
         let half = head_dim / 2;
         let table_rows = cos.len() / half.max(1);
         if let Some(&p) = positions
-            .host
+            .host("rope")?
             .iter()
             .find(|&&p| p < 0 || p as usize >= table_rows)
         {
@@ -567,7 +609,7 @@ impl Backend for CudaBackend {
             Arg::I32(head_dim as i32),
             Arg::F32(sign),
         ];
-        self.launch(&name, (blocks_for(n), 1, 1), 256, 0, &args)
+        self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
     }
 
     fn attention(
@@ -645,6 +687,28 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn broadcast_rows(&self, row: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+        check_rows("broadcast_rows", out.len(), row.len())?;
+        let dt = self.same_dtype("broadcast_rows", &[("row", row), ("out", out)])?;
+        let n = out.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let name = format!("broadcast_rows_{}", suffix(dt));
+        self.launch(
+            &name,
+            (blocks_for(n), 1, 1),
+            256,
+            0,
+            &[
+                self.p(row),
+                self.p(out),
+                Arg::U64(row.len() as u64),
+                Arg::U64(n as u64),
+            ],
+        )
+    }
+
     fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
         check_len("swiglu", "up", up.len(), gate.len())?;
         check_len("swiglu", "out", out.len(), gate.len())?;
@@ -653,7 +717,7 @@ impl Backend for CudaBackend {
         let name = format!("swiglu_forward_{}", suffix(dt));
         self.launch(
             &name,
-            (blocks_for(n), 1, 1),
+            (blocks_for_chunks_of_8(n), 1, 1),
             256,
             0,
             &[self.p(gate), self.p(up), self.p(out), Arg::U64(n as u64)],
@@ -691,7 +755,7 @@ impl Backend for CudaBackend {
             self.p(dup),
             Arg::U64(n as u64),
         ];
-        self.launch(&name, (blocks_for(n), 1, 1), 256, 0, &args)
+        self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
     }
 
     fn lm_head_cross_entropy(
@@ -713,6 +777,14 @@ impl Backend for CudaBackend {
 
     fn sum_of_squares(&self, tensors: &[CudaTensor]) -> Result<f64> {
         self.sum_of_squares_impl(tensors)
+    }
+
+    fn quantize_nf4(
+        &self,
+        x: &CudaTensor,
+        double_quant: bool,
+    ) -> Result<crate::nf4::Nf4Buffers<CudaTensor, CudaIndices>> {
+        self.quantize_nf4_impl(x, double_quant)
     }
 
     fn dequantize_nf4(
@@ -740,4 +812,10 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.adamw_impl(params, grads, m, v, hp, step, grad_scale)
     }
+}
+
+/// Threads per RMSNorm row: 256, or fewer whole warps for short rows (the per-head q/k norm of
+/// Qwen3 has rows of head_dim = 128), so no warp of the block idles.
+fn norm_threads(hidden: usize) -> u32 {
+    hidden.next_multiple_of(32).min(256) as u32
 }

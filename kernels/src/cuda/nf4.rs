@@ -1,13 +1,107 @@
-//! NF4 dequantization on the GPU (kernels/cuda/nf4.cu): one thread per packed byte, writing the
-//! compute dtype directly, so a 4-bit weight becomes a dense GEMM operand in one pass.
+//! NF4 on the GPU: quantization (kernels/cuda/nf4_quantize.cu), bit for bit the host quantizer,
+//! and dequantization (kernels/cuda/nf4.cu), 16 elements per thread written in the compute dtype,
+//! so a 4-bit weight becomes a dense GEMM operand in one pass.
 
 use super::launch::Arg;
-use super::{suffix, CudaBackend, CudaIndices, CudaTensor};
+use super::{device_err, suffix, CudaBackend, CudaIndices, CudaTensor};
 use crate::error::check_len;
-use crate::nf4::{double_quant::NESTED_BLOCK, n_blocks};
-use crate::{DType, Nf4Absmax, Result};
+use crate::nf4::double_quant::{absmax_mean, NESTED_BLOCK};
+use crate::nf4::{n_blocks, AbsmaxBuffers, Nf4Buffers, DYNAMIC_MAP};
+use crate::{Backend, DType, Nf4Absmax, Result};
+
+/// Threads per block of the NF4 kernels (the double quantization needs one per absmax of a group).
+const THREADS: u32 = 256;
 
 impl CudaBackend {
+    /// `len` i32 words with unspecified contents (every kernel writing one writes it in full).
+    fn alloc_indices(&self, len: usize) -> Result<CudaIndices> {
+        let slice = if len == 0 {
+            self.stream.null()
+        } else {
+            // SAFETY: uninitialised device memory; the kernel that gets it writes every word.
+            unsafe { self.stream.alloc::<i32>(len) }
+        }
+        .map_err(device_err("alloc indices"))?;
+        Ok(CudaIndices::new(slice, None, self.pool.clone()))
+    }
+
+    /// Copies indices back to the host (checks and tests read NF4 codes made on the device).
+    pub fn download_indices(&self, t: &CudaIndices) -> Result<Vec<i32>> {
+        if t.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.stream
+            .clone_dtoh(&t.slice)
+            .map_err(device_err("download indices"))
+    }
+
+    /// Quantizes on the device; the double-quant offset is the host's [`absmax_mean`] of the
+    /// downloaded absmax (`n/16` bytes), so it is the host quantizer's to the bit.
+    pub(crate) fn quantize_nf4_impl(
+        &self,
+        x: &CudaTensor,
+        double_quant: bool,
+    ) -> Result<Nf4Buffers<CudaTensor, CudaIndices>> {
+        let n = x.len();
+        let words = n.div_ceil(2).div_ceil(4);
+        let blocks = n_blocks(n);
+        let packed = self.alloc_indices(words)?;
+        let absmax = self.alloc(blocks, DType::F32)?;
+        if n > 0 {
+            // One thread per 8 packed bytes, so also per 16 elements.
+            let threads = words.div_ceil(2);
+            self.launch(
+                &format!("nf4_quantize_{}", suffix(x.dtype)),
+                (threads.div_ceil(THREADS as usize) as u32, 1, 1),
+                THREADS,
+                0,
+                &[
+                    self.p(x),
+                    self.pi(&packed),
+                    self.p(&absmax),
+                    Arg::U64(n as u64),
+                    Arg::U64(4 * words as u64),
+                ],
+            )?;
+        }
+        if !double_quant {
+            return Ok(Nf4Buffers {
+                packed,
+                absmax: AbsmaxBuffers::Plain(absmax),
+            });
+        }
+        let offset = absmax_mean(&self.download(&absmax)?);
+        let codes = self.alloc_indices(blocks.div_ceil(4))?;
+        let groups = blocks.div_ceil(NESTED_BLOCK);
+        let nested_absmax = self.alloc(groups, DType::F32)?;
+        let map = self.upload(&DYNAMIC_MAP, DType::F32)?;
+        if groups > 0 {
+            self.launch(
+                "nf4_double_quant",
+                (groups as u32, 1, 1),
+                NESTED_BLOCK as u32,
+                0,
+                &[
+                    self.p(&absmax),
+                    self.pi(&codes),
+                    self.p(&nested_absmax),
+                    self.p(&map),
+                    Arg::F32(offset),
+                    Arg::U64(blocks as u64),
+                ],
+            )?;
+        }
+        Ok(Nf4Buffers {
+            packed,
+            absmax: AbsmaxBuffers::Double {
+                codes,
+                nested_absmax,
+                map,
+                offset,
+            },
+        })
+    }
+
     pub(crate) fn dequantize_nf4_impl(
         &self,
         packed: &CudaIndices,
@@ -26,7 +120,8 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let grid = (bytes.div_ceil(256) as u32, 1, 1);
+        // One thread per 16 elements.
+        let grid = (n.div_ceil(16).div_ceil(THREADS as usize) as u32, 1, 1);
         let dt = suffix(out.dtype);
         match absmax {
             Nf4Absmax::Plain(a) => {
@@ -35,7 +130,7 @@ impl CudaBackend {
                 self.launch(
                     &format!("nf4_dequantize_plain_{dt}"),
                     grid,
-                    256,
+                    THREADS,
                     0,
                     &[self.pi(packed), self.p(a), self.p(out), Arg::U64(n as u64)],
                 )
@@ -64,7 +159,7 @@ impl CudaBackend {
                 self.launch(
                     &format!("nf4_dequantize_double_{dt}"),
                     grid,
-                    256,
+                    THREADS,
                     0,
                     &[
                         self.pi(packed),

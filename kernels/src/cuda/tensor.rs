@@ -6,7 +6,7 @@
 //! without going back to the driver. The pool counts the bytes it holds from the driver (in use
 //! plus cached) and remembers the peak: that is the memory the training run needs.
 
-use crate::DType;
+use crate::{DType, KernelError, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +55,11 @@ impl Pool {
         let mut s = self.state.lock().expect("pool lock");
         s.held_bytes += bytes as u64;
         s.peak_bytes = s.peak_bytes.max(s.held_bytes);
+    }
+
+    /// Uncounts a buffer handed back to the driver.
+    pub(crate) fn count_freed(&self, bytes: usize) {
+        self.state.lock().expect("pool lock").held_bytes -= bytes as u64;
     }
 
     fn give_back(&self, storage: Storage) {
@@ -150,25 +155,51 @@ impl Drop for CudaTensor {
     }
 }
 
-/// Token ids, labels or positions on the device, with a host copy for validation.
+/// Token ids, labels, positions or packed NF4 codes on the device. Uploaded indices keep a host
+/// copy for validation (token ids inside the vocabulary, positions inside the RoPE table); indices
+/// a kernel wrote (NF4 quantization) have none. Their bytes count in the pool's held and peak bytes,
+/// so a 4-bit model's packed weights show in the reported peak memory.
 pub struct CudaIndices {
     pub(crate) slice: CudaSlice<i32>,
-    pub(crate) host: Vec<i32>,
+    host: Option<Vec<i32>>,
+    pool: Arc<Pool>,
 }
 
 impl CudaIndices {
+    /// Wraps a fresh device buffer, counting its bytes in `pool`.
+    pub(crate) fn new(slice: CudaSlice<i32>, host: Option<Vec<i32>>, pool: Arc<Pool>) -> Self {
+        pool.count_new(slice.len() * 4);
+        CudaIndices { slice, host, pool }
+    }
+
     /// The raw device address, for kernel arguments.
     pub(crate) fn ptr(&self, stream: &CudaStream) -> u64 {
         self.slice.device_ptr(stream).0
     }
 
+    /// The uploaded values, for `op` to validate; an error for indices written on the device.
+    pub(crate) fn host(&self, op: &'static str) -> Result<&[i32]> {
+        self.host.as_deref().ok_or_else(|| {
+            KernelError::Unsupported(format!(
+                "{op}: these indices were written on the device (NF4 codes) and have no host copy \
+                 to check; pass indices made by upload_indices"
+            ))
+        })
+    }
+
     /// Number of indices.
     pub fn len(&self) -> usize {
-        self.host.len()
+        self.slice.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.host.is_empty()
+        self.slice.len() == 0
+    }
+}
+
+impl Drop for CudaIndices {
+    fn drop(&mut self) {
+        self.pool.count_freed(self.slice.len() * 4);
     }
 }

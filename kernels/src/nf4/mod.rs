@@ -10,15 +10,18 @@
 //! - dequantize: `W'[i] = c[code[i]] · absmax[i / 64]`, one f32 product;
 //! - double quantization ([`double_quant`]) stores the absmax itself in 8 bits.
 //!
-//! The same dequantization runs on the device through [`crate::Backend::dequantize_nf4`], which
-//! takes the packed bytes as little-endian i32 words ([`bytes_to_words`]).
+//! The same quantization and dequantization run on a backend through
+//! [`crate::Backend::quantize_nf4`] and [`crate::Backend::dequantize_nf4`], which hold the packed
+//! bytes as little-endian i32 words ([`bytes_to_words`]) in an [`Nf4Buffers`].
 
+mod buffers;
 pub mod double_quant;
 mod tables;
 
 #[cfg(test)]
 mod fixture_tests;
 
+pub use buffers::{AbsmaxBuffers, Nf4Buffers};
 pub use double_quant::DoubleQuantAbsmax;
 pub use tables::{DYNAMIC_MAP, NF4_CODE};
 

@@ -3,9 +3,12 @@
 //! rank's local GPU (its local rank under `fuselora launch`, torchrun, mpirun or srun) or 0.
 //! The choice and its reason are printed to stderr, so a run on the wrong device is never silent.
 
-use anyhow::{bail, Result};
+#[cfg(not(feature = "cuda"))]
+use anyhow::bail;
+use anyhow::Result;
 use kernels::cpu::CpuBackend;
 use kernels::{Backend, DType};
+use trainer::train::config::{BackendKind, ComputeDType};
 use trainer::train::grad_reduce::GradReducer;
 
 /// Work that runs on whichever backend was chosen (a generic closure, which Rust lacks).
@@ -15,10 +18,10 @@ pub trait BackendTask {
 }
 
 /// The `model.backend` / `--backend` and `model.dtype` / `--dtype` values.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Selection {
-    pub backend: String,
-    pub dtype: String,
+    pub backend: BackendKind,
+    pub dtype: ComputeDType,
 }
 
 /// The device ordinal this process uses: its local rank on this node, read like the rank bootstrap
@@ -32,18 +35,13 @@ fn local_device() -> Result<usize> {
         .local_rank)
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
-    DType::parse(s).ok_or_else(|| anyhow::anyhow!("dtype {s:?} is not one of bf16, f16, f32"))
-}
-
 /// Runs `task` on the backend `sel` asks for, printing which one and why.
 pub fn run_on<T: BackendTask>(sel: &Selection, task: T) -> Result<T::Output> {
-    let dtype = parse_dtype(&sel.dtype)?;
-    match sel.backend.as_str() {
-        "cpu" => on_cpu("asked for", task),
-        "cuda" => on_cuda(dtype, task, true),
-        "auto" => on_cuda(dtype, task, false),
-        other => bail!("backend {other:?} is not one of auto, cpu, cuda"),
+    let dtype = sel.dtype.dtype();
+    match sel.backend {
+        BackendKind::Cpu => on_cpu("asked for", task),
+        BackendKind::Cuda => on_cuda(dtype, task, true),
+        BackendKind::Auto => on_cuda(dtype, task, false),
     }
 }
 
@@ -65,6 +63,9 @@ fn on_cuda<T: BackendTask>(dtype: DType, task: T, required: bool) -> Result<T::O
                 "auto: a GPU is present"
             };
             eprintln!("backend: {} — {why}", be.describe());
+            if let Ok(libraries) = kernels::cuda::libraries::load() {
+                eprintln!("cuda: {}", libraries.describe());
+            }
             task.run(&be)
         }
         Err(e) if !required => on_cpu(

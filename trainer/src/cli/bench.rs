@@ -1,11 +1,15 @@
 //! `fuselora bench --preset NAME [--batch B --seq T --grad-accum A --no-checkpointing
-//! --warmup W --steps S --backend auto|cpu|cuda --dtype bf16|f16|f32 --json FILE]`
+//! --warmup W --steps S --backend auto|cpu|cuda --dtype bf16|f16|f32 --json FILE --profile
+//! --quantize none|nf4 --double-quant true|false]`
 
 use super::backend::{run_on, BackendTask, Selection};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::{describe, run, BenchResult, BenchSpec, PRESETS};
+use trainer::model::QuantizeNf4;
+use trainer::train::config::{BackendKind, ComputeDType};
+use trainer::train::distributed::Distributed;
 use trainer::train::grad_reduce::GradReducer;
 
 #[derive(clap::Args)]
@@ -36,13 +40,28 @@ pub struct Args {
     /// Peak dense TFLOP/s for MFU (default: 989 on H100/H200 in bf16/f16, else no MFU).
     #[arg(long)]
     peak_tflops: Option<f64>,
-    #[arg(long, default_value = "auto")]
-    backend: String,
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendKind,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: ComputeDType,
     /// Also write the result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// After the measured steps, time one step op by op on the GPU and print the table.
+    #[arg(long)]
+    profile: bool,
+    /// Frozen projections: dense in the compute dtype, or NF4 quantized on the device (QLoRA).
+    #[arg(long, value_enum, default_value = "none")]
+    quantize: Quantize,
+    /// With --quantize nf4: store each block's absmax in 8 bits too (bnb_4bit_use_double_quant).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    double_quant: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Quantize {
+    None,
+    Nf4,
 }
 
 struct Bench(BenchSpec);
@@ -59,7 +78,7 @@ impl BackendTask for Bench {
         {
             self.0.peak_tflops = Some(989.0);
         }
-        let dist = be.join_ranks()?;
+        let dist = Distributed::join(be)?;
         let result = run(be, &self.0, &dist)?;
         let main = dist.is_main();
         dist.finish()?;
@@ -78,6 +97,13 @@ pub fn run_cli(args: Args) -> Result<ExitCode> {
         steps: args.steps,
         seed: args.seed,
         peak_tflops: args.peak_tflops,
+        profile: args.profile,
+        quantize: match args.quantize {
+            Quantize::None => None,
+            Quantize::Nf4 => Some(QuantizeNf4 {
+                double_quant: args.double_quant,
+            }),
+        },
     };
     let selection = Selection {
         backend: args.backend,

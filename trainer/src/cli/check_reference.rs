@@ -5,6 +5,7 @@ use anyhow::Result;
 use kernels::Backend;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use trainer::train::config::{BackendKind, ComputeDType};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -12,11 +13,11 @@ pub struct Args {
     #[arg(required = true)]
     cases: Vec<PathBuf>,
     /// `cpu` (the f32 reference), `cuda` (the GPU, `LOCAL_RANK` or 0) or `auto`.
-    #[arg(long, default_value = "cpu")]
-    backend: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
     /// Compute dtype on the GPU; the fixtures' tolerances are met in `f32`.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: ComputeDType,
 }
 
 struct CheckCases(Vec<PathBuf>);

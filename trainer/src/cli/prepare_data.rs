@@ -10,7 +10,7 @@ use trainer::data::token_shards::{write_shard, EXTENSION};
 use trainer::data::tokenize::tokenize_records;
 use trainer::tokenizer::Tokenizer;
 use trainer::train::config::RunConfig;
-use trainer::train::run::{formatting_for, read_all};
+use trainer::train::sft::{formatting_for, read_records};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,7 +45,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if paths.is_empty() {
             continue;
         }
-        let (records, skipped) = read_all(paths, &cfg)?;
+        let (records, skipped) = read_records(paths, &cfg)?;
         let (examples, stats) = tokenize_records(&tokenizer, &records, &formatting_for(&cfg))?;
         let files = write_split(&args.out, split, &examples, args.examples_per_shard, pad_id)?;
         eprintln!(

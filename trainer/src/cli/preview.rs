@@ -1,7 +1,8 @@
 //! `fuselora preview --config FILE.toml [-n N] [--color auto|always|never]`: prints the first N
 //! training examples exactly as the run would tokenize them (chat template, tools, truncation,
 //! chunking), with the tokens the model learns to write highlighted — green on a terminal,
-//! between `⟦` and `⟧` otherwise. DPO configs show each pair's prompt with both completions.
+//! between `⟦` and `⟧` otherwise. DPO and ORPO configs show each pair's prompt with both
+//! completions.
 
 use anyhow::{Context, Result};
 use kernels::IGNORE_INDEX;
@@ -11,8 +12,8 @@ use std::process::ExitCode;
 use trainer::data::preference::{read_preference_file, tokenize_preferences, PairLimits};
 use trainer::data::tokenize::{tokenize_record, TokenizeStats};
 use trainer::tokenizer::Tokenizer;
-use trainer::train::config::RunConfig;
-use trainer::train::run::{formatting_for, read_all};
+use trainer::train::config::{PairLengths, RunConfig};
+use trainer::train::sft::{formatting_for, read_records};
 
 /// When to colour the trained tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -75,10 +76,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let marks = Marks::new(args.color);
     let mut out = std::io::stdout().lock();
     writeln!(out, "{} ({})", args.config.display(), marks.legend)?;
-    if cfg.train.method == "dpo" {
-        preview_pairs(&cfg, &tok, args.count, &marks, &mut out)?;
-    } else {
-        preview_examples(&cfg, &tok, args.count, &marks, &mut out)?;
+    match cfg.pair_lengths() {
+        Some(lengths) => preview_pairs(&cfg, lengths, &tok, args.count, &marks, &mut out)?,
+        None => preview_examples(&cfg, &tok, args.count, &marks, &mut out)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -90,7 +90,7 @@ fn preview_examples(
     marks: &Marks,
     out: &mut impl Write,
 ) -> Result<()> {
-    let (records, _) = read_all(&cfg.data.train, cfg)?;
+    let (records, _) = read_records(&cfg.data.train, cfg)?;
     let formatting = formatting_for(cfg);
     let mut shown = 0;
     for r in &records {
@@ -143,6 +143,7 @@ fn preview_examples(
 
 fn preview_pairs(
     cfg: &RunConfig,
+    lengths: PairLengths,
     tok: &Tokenizer,
     count: usize,
     marks: &Marks,
@@ -158,8 +159,8 @@ fn preview_pairs(
     }
     records.truncate(count);
     let limits = PairLimits {
-        max_prompt_len: cfg.dpo_max_prompt_len(),
-        max_len: cfg.dpo_max_len(),
+        max_prompt_len: lengths.max_prompt_len,
+        max_len: lengths.max_len,
     };
     let (pairs, _) = tokenize_preferences(tok, &records, limits)?;
     for (r, p) in records.iter().zip(&pairs) {

@@ -4,9 +4,11 @@ use super::backend::{run_on, BackendTask, Selection};
 use anyhow::Result;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use trainer::train::checkpoint::Resume;
 use trainer::train::config::RunConfig;
+use trainer::train::distributed::Distributed;
 use trainer::train::grad_reduce::GradReducer;
-use trainer::train::run::{describe_summary, train_ranks, Resume, Summary};
+use trainer::train::run::{describe_summary, train_ranks, Summary};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,8 +18,9 @@ pub struct Args {
     /// Override a config key, e.g. `--set train.lr=1e-4 --set data.packing=false`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// The training method, `sft` or `dpo` (shorthand for `--set train.method=...`).
-    #[arg(long, value_parser = ["sft", "dpo"])]
+    /// The training method, `sft`, `dpo` or `orpo` (shorthand for `--set method.name=...`; the
+    /// method's other keys come from the config's `[method]` section).
+    #[arg(long, value_parser = ["sft", "dpo", "orpo"])]
     method: Option<String>,
     /// Continue from the newest checkpoint in the output folder, or from the one given.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
@@ -33,7 +36,14 @@ impl BackendTask for Train {
     /// The summary, on rank 0 only.
     type Output = Option<Summary>;
     fn run<B: GradReducer>(self, be: &B) -> Result<Option<Summary>> {
-        let dist = be.join_ranks()?;
+        let dist = Distributed::join(be)?;
+        if dist.is_main() {
+            if let Some(report) =
+                trainer::plan::startup_report(&self.cfg, &be.describe(), dist.world_size())
+            {
+                eprintln!("{report}");
+            }
+        }
         let summary = train_ranks(be, &self.cfg, self.resume, &dist)?;
         let main = dist.is_main();
         dist.finish()?;
@@ -44,7 +54,7 @@ impl BackendTask for Train {
 pub fn run(args: Args) -> Result<ExitCode> {
     let mut overrides = args.overrides;
     if let Some(m) = &args.method {
-        overrides.push(format!("train.method={m}"));
+        overrides.push(format!("method.name={m}"));
     }
     let cfg = RunConfig::load(&args.config, &overrides)?;
     let resume = match args.resume.as_deref() {
@@ -53,8 +63,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(p) => Resume::From(PathBuf::from(p)),
     };
     let selection = Selection {
-        backend: cfg.model.backend.clone(),
-        dtype: cfg.model.dtype.clone(),
+        backend: cfg.model.backend,
+        dtype: cfg.model.dtype,
     };
     let out = cfg.output.dir.clone();
     if let Some(summary) = run_on(&selection, Train { cfg, resume })? {

@@ -53,6 +53,35 @@ impl HostBatch {
     }
 }
 
+impl ExampleSource for [Example] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn length(&self, i: usize) -> usize {
+        self[i].ids.len()
+    }
+
+    fn append(&self, i: usize, ids: &mut Vec<i32>, labels: &mut Vec<i32>) {
+        ids.extend_from_slice(&self[i].ids);
+        labels.extend_from_slice(&self[i].labels);
+    }
+}
+
+impl ExampleSource for Vec<Example> {
+    fn count(&self) -> usize {
+        self.as_slice().count()
+    }
+
+    fn length(&self, i: usize) -> usize {
+        self.as_slice().length(i)
+    }
+
+    fn append(&self, i: usize, ids: &mut Vec<i32>, labels: &mut Vec<i32>) {
+        self.as_slice().append(i, ids, labels)
+    }
+}
+
 /// How examples become batches.
 #[derive(Clone, Debug)]
 pub struct Batching {
@@ -287,6 +316,36 @@ mod tests {
             epoch_batches(&examples, &b, 5, 2),
             epoch_batches(&examples, &b, 5, 3)
         );
+    }
+
+    #[test]
+    fn packed_micro_batches_all_have_the_same_shape_and_their_fill_counts_padding() {
+        // 17 tokens in rows of 8 need 3 rows: micro-batches of 2 rows are 2 × 8, the last one
+        // padded with an empty row.
+        let examples = vec![ex(5, 1), ex(3, 2), ex(4, 3), ex(4, 4), ex(1, 5)];
+        let b = Batching {
+            rows: 2,
+            max_seq_len: 8,
+            packing: true,
+            pad_id: 0,
+        };
+        let batches = epoch_batches(&examples, &b, 7, 0);
+        assert_eq!(batches.len(), 2);
+        for batch in &batches {
+            assert_eq!(
+                (batch.docs.len(), batch.seq_len, batch.ids.len()),
+                (2, 8, 16)
+            );
+        }
+        assert_eq!(epoch_fill(&examples, &b, 7), 17.0 / 32.0);
+        let padded = Batching {
+            packing: false,
+            ..b
+        };
+        // One example per row, each batch as long as its longest: no shape is imposed.
+        assert!(epoch_batches(&examples, &padded, 7, 0)
+            .iter()
+            .any(|batch| batch.seq_len < 8));
     }
 
     #[test]

@@ -3,9 +3,8 @@
 //! halves of a pair always see the same weights. Sequence `2k` is pair `k`'s chosen one, `2k + 1`
 //! its rejected one. With packing, sequences fill rows of `row_len` tokens as `data::packing` packs
 //! them (each its own document); without, one sequence per row, padded to the longest.
-//! An epoch's order of pairs is fixed by (seed, epoch), as for supervised batches.
 
-use super::batching::{assemble, shuffled, Example, HostBatch};
+use super::batching::{assemble, Example, HostBatch};
 use super::packing::pack_rows;
 use super::preference::PreferencePair;
 use kernels::IGNORE_INDEX;
@@ -66,19 +65,6 @@ pub fn pair_batch(
     }
 }
 
-/// The pair indices of each micro-batch of `epoch`: a seeded shuffle cut into `pairs_per_batch`.
-pub fn epoch_pair_batches(
-    n_pairs: usize,
-    pairs_per_batch: usize,
-    seed: u64,
-    epoch: u64,
-) -> Vec<Vec<usize>> {
-    shuffled(n_pairs, seed, epoch)
-        .chunks(pairs_per_batch.max(1))
-        .map(<[usize]>::to_vec)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,21 +105,5 @@ mod tests {
             vec![1, 1, 1, 1, 1, 0, 0, 0, 2, 2, 2, 3, 3, -1, -1, -1]
         );
         assert_eq!(batch.host.target_count(), 1 + 3 + 2 + 1);
-    }
-
-    #[test]
-    fn epochs_cover_every_pair_once() {
-        let batches = epoch_pair_batches(7, 3, 1, 0);
-        assert_eq!(
-            batches.iter().map(Vec::len).collect::<Vec<_>>(),
-            vec![3, 3, 1]
-        );
-        let mut all: Vec<usize> = batches.concat();
-        all.sort();
-        assert_eq!(all, (0..7).collect::<Vec<_>>());
-        assert_ne!(
-            epoch_pair_batches(7, 3, 1, 0),
-            epoch_pair_batches(7, 3, 1, 1)
-        );
     }
 }

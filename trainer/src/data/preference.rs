@@ -306,7 +306,7 @@ pub fn tokenize_preferences(
     stats.pairs = out.len();
     if out.is_empty() && !records.is_empty() {
         bail!(
-            "no usable preference pair: {} of {} had no room for a completion after a prompt of up to dpo.max_prompt_len = {} tokens within dpo.max_len = {}",
+            "no usable preference pair: {} of {} had no room for a completion after a prompt of up to method.max_prompt_len = {} tokens within method.max_len = {}",
             stats.dropped_no_completion,
             records.len(),
             limits.max_prompt_len,

@@ -49,16 +49,6 @@ pub enum Format {
 }
 
 impl Format {
-    pub fn parse(s: &str) -> Option<Format> {
-        match s {
-            "alpaca" => Some(Format::Alpaca),
-            "sharegpt" => Some(Format::ShareGpt),
-            "messages" => Some(Format::Messages),
-            "text" => Some(Format::Text),
-            _ => None,
-        }
-    }
-
     /// Guesses the format from a record's fields (after column renames).
     pub fn detect(record: &Value) -> Option<Format> {
         let has = |k: &str| record.get(k).is_some();
@@ -192,7 +182,7 @@ fn refuse_other_methods(v: &Value) -> Result<()> {
         bail!("the record has a boolean `label` (a KTO desirable/undesirable mark); fuselora trains SFT and DPO, and SFT would learn the undesirable answers too: keep only the desirable records and remove `label`");
     }
     if v.get("chosen").is_some() || v.get("rejected").is_some() {
-        bail!("the record has `chosen`/`rejected` (a preference pair): set train.method = \"dpo\" to train on pairs");
+        bail!("the record has `chosen`/`rejected` (a preference pair): set `[method] name = \"dpo\"` (or \"orpo\") to train on pairs");
     }
     for media in ["images", "videos", "audios"] {
         if v.get(media).is_some_and(|m| !m.is_null()) {
@@ -534,7 +524,7 @@ mod tests {
         assert_eq!((r.records.len(), r.skipped.len()), (0, 1));
         let dpo = "{\"conversations\": [{\"from\": \"human\", \"value\": \"q\"}], \"chosen\": {\"from\": \"gpt\", \"value\": \"a\"}, \"rejected\": {\"from\": \"gpt\", \"value\": \"b\"}}";
         let e = read(dpo, "jsonl", None, false).unwrap_err().to_string();
-        assert!(e.contains("train.method = \"dpo\""), "{e}");
+        assert!(e.contains("name = \"dpo\""), "{e}");
         let e = read(
             "{\"text\": \"x\", \"images\": [\"a.png\"]}",
             "jsonl",

@@ -1,14 +1,17 @@
-//! `import-gguf`: a llama.cpp GGUF file of a `llama` model → a Hugging Face `LlamaForCausalLM` folder
-//! (config.json, model.safetensors in bf16, tokenizer.json, tokenizer_config.json,
-//! generation_config.json).
+//! `import-gguf`: a llama.cpp GGUF file of a `llama`, `qwen2` or `qwen3` model → a Hugging Face
+//! folder of the matching class (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`):
+//! config.json, model.safetensors in bf16, tokenizer.json, tokenizer_config.json,
+//! generation_config.json.
 //!
-//! Hyperparameters come from the `llama.*` metadata (gguf.md "LLM" keys); tensors are dequantized to
-//! f32, renamed, the Q/K rows un-permuted (names.rs), and rounded to bf16 (round to nearest even).
-//! The LM head is tied to the embedding when the file has no `output.weight`.
+//! Hyperparameters come from the `<arch>.*` metadata (gguf.md "LLM" keys); tensors are dequantized to
+//! f32, renamed, the Q/K rows of `llama` files un-permuted (names.rs), and rounded to bf16 (round to
+//! nearest even). The LM head is tied to the embedding when the file has no `output.weight`. The
+//! tensors must be exactly those the model description lists for the config (`ModelConfig::tensor_shapes`).
 
 use super::names::{hf_name, unpermute_rows, Rows};
 use super::reader::{GgufFile, MetaValue};
 use super::tokenizer::{self, SpecialIds};
+use crate::arch::{Family, ModelConfig, FAMILIES};
 use crate::io::write_atomic;
 use anyhow::{anyhow, bail, Context, Result};
 use half::bf16;
@@ -27,8 +30,14 @@ pub struct ImportSummary {
     pub parameters: usize,
 }
 
-/// The decoder shape from `llama.*` metadata.
+/// The llama.cpp architectures import-gguf converts; each is the `model_type` of its family.
+const GGUF_ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "qwen3"];
+
+/// The decoder shape from `<arch>.*` metadata.
 struct Hparams {
+    /// `general.architecture`: the metadata prefix, and whether q/k rows are permuted (`llama`).
+    arch: String,
+    family: &'static Family,
     hidden: usize,
     intermediate: usize,
     layers: usize,
@@ -49,13 +58,19 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path) -> Result<ImportSummary> {
         .as_str()
         .ok_or_else(|| anyhow!("general.architecture is not a string"))
         .with_context(in_file)?;
-    if arch != "llama" {
-        bail!(
-            "{} holds a `{arch}` model; import-gguf converts `llama` models (Llama, Mistral, SmolLM and other LlamaForCausalLM checkpoints)",
-            gguf_path.display()
-        );
-    }
-    let hp = Hparams::read(&file).with_context(in_file)?;
+    let family = GGUF_ARCHITECTURES
+        .contains(&arch)
+        .then(|| FAMILIES.into_iter().find(|f| f.model_type == arch))
+        .flatten()
+        .ok_or_else(|| {
+            anyhow!(
+                "{} holds a `{arch}` model; import-gguf converts {} models (Llama, Mistral, SmolLM and \
+                 other LlamaForCausalLM checkpoints are `llama`; Qwen2/Qwen2.5 `qwen2`; Qwen3 `qwen3`)",
+                gguf_path.display(),
+                GGUF_ARCHITECTURES.join(", ")
+            )
+        })?;
+    let hp = Hparams::read(&file, arch, family).with_context(in_file)?;
     let tokenizer = tokenizer::build(&file.metadata, hp.context_length)
         .with_context(|| format!("rebuilding the tokenizer from {}", gguf_path.display()))?;
 
@@ -76,9 +91,9 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path) -> Result<ImportSummary> {
             gguf_path.display()
         );
     }
-    check_complete(&tensors, &hp, tied).with_context(in_file)?;
-
     let config = config_json(&hp, vocab_size, tied, &tokenizer.special);
+    check_complete(&tensors, &config, &hp, tied).with_context(in_file)?;
+
     let parameters = tensors
         .values()
         .map(|(s, _)| s.iter().product::<usize>())
@@ -105,9 +120,11 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path) -> Result<ImportSummary> {
 }
 
 impl Hparams {
-    fn read(file: &GgufFile) -> Result<Self> {
-        let count = |key: &str| -> Result<usize> {
-            meta(file, key)?
+    fn read(file: &GgufFile, arch: &str, family: &'static Family) -> Result<Self> {
+        let key = |name: &str| format!("{arch}.{name}");
+        let count = |name: &str| -> Result<usize> {
+            let key = key(name);
+            meta(file, &key)?
                 .as_u64()
                 .filter(|&v| v > 0)
                 .map(|v| v as usize)
@@ -117,56 +134,59 @@ impl Hparams {
                     )
                 })
         };
-        let float = |key: &str| -> Result<Option<f64>> {
-            file.get(key)
+        let float = |name: &str| -> Result<Option<f64>> {
+            let key = key(name);
+            file.get(&key)
                 .map(|v| {
                     v.as_f64()
                         .ok_or_else(|| anyhow!("metadata `{key}` is {v:?}, not a float"))
                 })
                 .transpose()
         };
-        let hidden = count("llama.embedding_length")?;
-        let heads = count("llama.attention.head_count")?;
-        let kv_heads = match file.get("llama.attention.head_count_kv") {
-            Some(_) => count("llama.attention.head_count_kv")?,
+        let hidden = count("embedding_length")?;
+        let heads = count("attention.head_count")?;
+        let kv_heads = match file.get(&key("attention.head_count_kv")) {
+            Some(_) => count("attention.head_count_kv")?,
             None => heads,
         };
-        let head_dim = match file.get("llama.attention.key_length") {
-            Some(_) => count("llama.attention.key_length")?,
+        let head_dim = match file.get(&key("attention.key_length")) {
+            Some(_) => count("attention.key_length")?,
             None => hidden / heads,
         };
-        if let Some(rot) = file.get("llama.rope.dimension_count") {
+        if let Some(rot) = file.get(&key("rope.dimension_count")) {
             if rot.as_u64() != Some(head_dim as u64) {
-                bail!("llama.rope.dimension_count is {rot:?} but the head size is {head_dim}: partial rotary embeddings are not supported");
+                bail!("{arch}.rope.dimension_count is {rot:?} but the head size is {head_dim}: partial rotary embeddings are not supported");
             }
         }
-        let rope_scaling = match file.get("llama.rope.scaling.type").map(MetaValue::as_str) {
+        let rope_scaling = match file.get(&key("rope.scaling.type")).map(MetaValue::as_str) {
             None | Some(Some("none")) => Value::Null,
             Some(Some("linear")) => {
-                let factor = float("llama.rope.scaling.factor")?.ok_or_else(|| {
-                    anyhow!("llama.rope.scaling.type is linear but llama.rope.scaling.factor is missing")
+                let factor = float("rope.scaling.factor")?.ok_or_else(|| {
+                    anyhow!("{arch}.rope.scaling.type is linear but {arch}.rope.scaling.factor is missing")
                 })?;
                 json!({"rope_type": "linear", "factor": shortest(factor)})
             }
             Some(other) => bail!(
-                "llama.rope.scaling.type {other:?} is not supported; import-gguf converts `none` and `linear`"
+                "{arch}.rope.scaling.type {other:?} is not supported; import-gguf converts `none` and `linear`"
             ),
         };
         Ok(Hparams {
+            arch: arch.to_string(),
+            family,
             hidden,
-            intermediate: count("llama.feed_forward_length")?,
-            layers: count("llama.block_count")?,
+            intermediate: count("feed_forward_length")?,
+            layers: count("block_count")?,
             heads,
             kv_heads,
             head_dim,
-            context_length: match file.get("llama.context_length") {
-                Some(_) => count("llama.context_length")?,
+            context_length: match file.get(&key("context_length")) {
+                Some(_) => count("context_length")?,
                 None => 2048,
             },
-            rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon")?
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon")?
                 .map(shortest)
                 .unwrap_or(1e-5),
-            rope_theta: float("llama.rope.freq_base")?.map(shortest).unwrap_or(1e4),
+            rope_theta: float("rope.freq_base")?.map(shortest).unwrap_or(1e4),
             rope_scaling,
         })
     }
@@ -181,7 +201,7 @@ fn shortest(v: f64) -> f64 {
 fn meta<'a>(file: &'a GgufFile, key: &str) -> Result<&'a MetaValue> {
     file.get(key).ok_or_else(|| {
         anyhow!(
-            "metadata `{key}` is missing (llama.cpp's converter writes it for every llama model)"
+            "metadata `{key}` is missing (llama.cpp's converter writes it for every model of the architecture)"
         )
     })
 }
@@ -204,22 +224,25 @@ fn convert_tensors(
                 file.path.display()
             );
         }
-        let (name, rows) = hf_name(&info.name, hp.heads, hp.kv_heads).ok_or_else(|| {
-            anyhow!(
-                "{}: tensor `{}` has no Hugging Face LlamaForCausalLM counterpart that import-gguf knows \
-                 (it maps token_embd, output_norm, output and blk.N.{{attn_norm, attn_q, attn_k, attn_v, \
-                 attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}})",
-                file.path.display(),
-                info.name
-            )
-        })?;
+        let permuted = hp.arch == "llama";
+        let (name, rows) =
+            hf_name(&info.name, hp.heads, hp.kv_heads, permuted).ok_or_else(|| {
+                anyhow!(
+                    "{}: tensor `{}` has no Hugging Face {} counterpart that import-gguf knows \
+                     (it maps token_embd, output_norm, output and blk.N.{{attn_norm, attn_q, attn_k, attn_v, \
+                     attn_output, attn_q_norm, attn_k_norm, ffn_norm, ffn_gate, ffn_up, ffn_down}})",
+                    file.path.display(),
+                    info.name,
+                    hp.family.hf_name()
+                )
+            })?;
         *types.entry(file.tensor_type(info).name()).or_insert(0) += 1;
         let values = file.dequantize(info)?;
         let shape = info.hf_shape();
         let values = match rows {
             Rows::AsStored => values,
-            Rows::Unpermute { heads } => {
-                if shape.len() != 2 || shape[0] != heads * hp.head_dim {
+            Rows::RopePermuted { heads } => {
+                if shape.is_empty() || shape.len() > 2 || shape[0] != heads * hp.head_dim {
                     bail!(
                         "{}: tensor `{}` has shape {shape:?}; expected {heads} heads × {} rows",
                         file.path.display(),
@@ -227,7 +250,8 @@ fn convert_tensors(
                         hp.head_dim
                     );
                 }
-                unpermute_rows(&values, heads, shape[1])
+                // A bias `[rows]` is one column.
+                unpermute_rows(&values, heads, shape.get(1).copied().unwrap_or(1))
             }
         };
         tensors.insert(name, (shape, values));
@@ -235,39 +259,16 @@ fn convert_tensors(
     Ok((tensors, types))
 }
 
-/// Every tensor the decoder needs is present with its shape.
-fn check_complete(tensors: &Tensors, hp: &Hparams, tied: bool) -> Result<()> {
-    let (h, q, kv, i) = (
-        hp.hidden,
-        hp.heads * hp.head_dim,
-        hp.kv_heads * hp.head_dim,
-        hp.intermediate,
-    );
-    let mut expected = vec![("model.norm.weight".to_string(), vec![h])];
-    for l in 0..hp.layers {
-        let p = format!("model.layers.{l}");
-        expected.extend([
-            (format!("{p}.input_layernorm.weight"), vec![h]),
-            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
-            (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
-            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
-            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
-            (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
-            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
-            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
-            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
-        ]);
-    }
-    let vocab = tensors["model.embed_tokens.weight"].0[0];
-    expected.push(("model.embed_tokens.weight".into(), vec![vocab, h]));
-    if !tied {
-        expected.push(("lm_head.weight".into(), vec![vocab, h]));
-    }
+/// The tensors are exactly those the model description lists for `config`, with their shapes.
+fn check_complete(tensors: &Tensors, config: &Value, hp: &Hparams, tied: bool) -> Result<()> {
+    let described = ModelConfig::from_json(config.clone())?;
+    let expected = described.tensor_shapes(tied);
     for (name, shape) in &expected {
         match tensors.get(name) {
             None => bail!(
-                "tensor `{name}` is missing (the metadata declares {} layers)",
-                hp.layers
+                "tensor `{name}` is missing (the metadata declares a {}-layer {} model)",
+                hp.layers,
+                hp.family.hf_name()
             ),
             Some((s, _)) if s != shape => {
                 bail!("tensor `{name}` has shape {s:?}, expected {shape:?} from the metadata")
@@ -277,19 +278,22 @@ fn check_complete(tensors: &Tensors, hp: &Hparams, tied: bool) -> Result<()> {
     }
     if tensors.len() != expected.len() {
         bail!(
-            "the file has {} tensors but a {}-layer model has {}: it holds layers beyond llama.block_count",
+            "the file has {} tensors but a {}-layer model has {}: it holds layers beyond {}.block_count",
             tensors.len(),
             hp.layers,
-            expected.len()
+            expected.len(),
+            hp.arch
         );
     }
     Ok(())
 }
 
+/// The config.json transformers writes for the family (Qwen's per-layer windows off, no biases
+/// beyond the family's own).
 fn config_json(hp: &Hparams, vocab_size: usize, tied: bool, special: &SpecialIds) -> Value {
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    let mut config = json!({
+        "architectures": [hp.family.hf_class],
+        "model_type": hp.family.model_type,
         "hidden_size": hp.hidden,
         "intermediate_size": hp.intermediate,
         "num_hidden_layers": hp.layers,
@@ -301,8 +305,6 @@ fn config_json(hp: &Hparams, vocab_size: usize, tied: bool, special: &SpecialIds
         "rms_norm_eps": hp.rms_norm_eps,
         "rope_theta": hp.rope_theta,
         "rope_scaling": hp.rope_scaling,
-        "attention_bias": false,
-        "mlp_bias": false,
         "vocab_size": vocab_size,
         "tie_word_embeddings": tied,
         "bos_token_id": special.bos,
@@ -310,7 +312,16 @@ fn config_json(hp: &Hparams, vocab_size: usize, tied: bool, special: &SpecialIds
         "pad_token_id": special.pad,
         "torch_dtype": "bfloat16",
         "use_cache": true,
-    })
+    });
+    let family_keys = match hp.arch.as_str() {
+        "llama" => json!({"attention_bias": false, "mlp_bias": false}),
+        "qwen3" => json!({"attention_bias": false, "use_sliding_window": false}),
+        _ => json!({"use_sliding_window": false}),
+    };
+    if let (Value::Object(c), Value::Object(extra)) = (&mut config, family_keys) {
+        c.extend(extra);
+    }
+    config
 }
 
 fn generation_config(special: &SpecialIds) -> Value {

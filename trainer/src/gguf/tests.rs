@@ -3,8 +3,9 @@
 
 use super::reader::{GgufError, GgufFile, MetaValue, DEFAULT_ALIGNMENT};
 use super::{import_gguf, ImportSummary};
-use crate::model::weights::WeightFiles;
-use crate::model::{Batch, Decoder, ModelConfig};
+use crate::arch::ModelConfig;
+use crate::model::{Batch, Decoder};
+use crate::weights::WeightFiles;
 use kernels::cpu::CpuBackend;
 use kernels::AttentionLayout;
 use serde_json::{json, Value};
@@ -337,4 +338,64 @@ fn add_bos_token_prepends_bos_through_the_post_processor() {
     assert_eq!(tok.encode("he", true).unwrap().get_ids(), &[1, 260]);
     assert_eq!(tok.encode("he", false).unwrap().get_ids(), &[260]);
     assert_eq!(files.tokenizer_config["add_bos_token"], json!(true));
+}
+
+/// `qwen2` and `qwen3` files become `Qwen2ForCausalLM` / `Qwen3ForCausalLM` folders: their biases and
+/// per-head norms come across, Q/K rows stay as stored, every tensor equals the Hugging Face one, and
+/// the Qwen pre-tokenizer (NFC, single digits) is rebuilt.
+#[test]
+fn tiny_qwen2_and_qwen3_import_as_their_families() {
+    for (arch, class, tied, head_dim) in [
+        ("qwen2", "Qwen2ForCausalLM", true, 4),
+        ("qwen3", "Qwen3ForCausalLM", false, 6),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = import_gguf(&fixture(&format!("tiny-{arch}.gguf")), dir.path()).unwrap();
+        assert_eq!(summary.tied_embeddings, tied, "{arch}");
+        let config = ModelConfig::load(dir.path()).unwrap();
+        assert_eq!(config.architecture.hf_name(), class);
+        assert_eq!(
+            (config.head_dim, config.qk_norm),
+            (head_dim, arch == "qwen3")
+        );
+        assert_eq!(config.biased.len(), if arch == "qwen2" { 3 } else { 0 });
+        let got = WeightFiles::open(dir.path()).unwrap();
+        let want =
+            WeightFiles::open_file(&fixture(&format!("tiny-{arch}.expected.safetensors"))).unwrap();
+        assert_eq!(
+            got.names().collect::<Vec<_>>(),
+            want.names().collect::<Vec<_>>(),
+            "{arch}"
+        );
+        for name in want.names() {
+            let (shape, _) = got.info(name).unwrap();
+            assert_eq!(
+                got.f32(name, &shape).unwrap(),
+                want.f32(name, &shape).unwrap(),
+                "{arch} {name}"
+            );
+        }
+        let be = CpuBackend::new();
+        let model = Decoder::load(&be, config.clone(), &got).unwrap();
+        let batch = Batch::new(
+            &be,
+            &config,
+            &[1, 107, 108],
+            &[1, 107, 108],
+            AttentionLayout::right_padded(&[3], 3, None),
+        )
+        .unwrap();
+        let acts = model.forward(&be, None, &batch, false).unwrap();
+        let logits = kernels::Backend::download(&be, &model.logits(&be, &acts).unwrap()).unwrap();
+        assert!(logits.len() == 3 * 262 && logits.iter().all(|x| x.is_finite()));
+
+        let tok = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+        // Every digit alone (Qwen's regex); "e\u{301}" is NFC-composed to "é" = bytes C3 A9 first.
+        let enc = tok.encode("the 12 e\u{301}", false).unwrap();
+        assert_eq!(
+            enc.get_ids(),
+            &[3 + b't' as u32, 260, 35, 52, 53, 35, 3 + 0xC3, 3 + 0xA9],
+            "{arch}"
+        );
+    }
 }

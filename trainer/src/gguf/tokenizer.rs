@@ -14,8 +14,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
-const TOKEN_CONTROL: i64 = 3;
-const TOKEN_USER_DEFINED: i64 = 4;
+pub const TOKEN_CONTROL: i64 = 3;
+pub const TOKEN_USER_DEFINED: i64 = 4;
 
 /// The special-token ids the GGUF declares (also written to config.json and generation_config.json).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -36,8 +36,19 @@ pub struct TokenizerFiles {
 /// Llama 3's split regex (tokenizer.json of meta-llama/Meta-Llama-3-8B; llama.cpp `llama-bpe`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2's split regex (tokenizer.json of Qwen/Qwen2.5-7B, also Qwen3; llama.cpp `qwen2`): Llama 3's
+/// with every digit alone.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// The `tokenizer.ggml.pre` values this importer knows.
-const SUPPORTED_PRE: &str = "smollm, gpt-2, default, llama-bpe";
+const SUPPORTED_PRE: &str = "smollm, gpt-2, default, llama-bpe, qwen2";
+
+/// The `tokenizer.ggml.pre` values export writes (`default` reads as `gpt-2`).
+pub const EXPORTED_PRE: [&str; 3] = ["smollm", "gpt-2", "llama-bpe"];
+
+/// llama.cpp's token types (`llama_token_type`) that export writes besides control and user-defined.
+pub const TOKEN_NORMAL: i64 = 1;
+pub const TOKEN_UNUSED: i64 = 5;
 
 /// Builds the tokenizer files from the metadata; `model_max_length` is the context length.
 pub fn build(
@@ -123,7 +134,11 @@ pub fn build(
         .get("tokenizer.ggml.pre")
         .and_then(MetaValue::as_str)
         .unwrap_or("default");
-    let (pre_tokenizer, ignore_merges) = pre_tokenizer(pre)?;
+    let Pretokenization {
+        normalizer,
+        pre_tokenizer,
+        ignore_merges,
+    } = pre_tokenizer(pre)?;
     let post_processor = match (add_bos, special.bos) {
         (true, Some(bos)) => bos_template(tokens[bos as usize], bos),
         (true, None) => {
@@ -136,7 +151,7 @@ pub fn build(
         "truncation": null,
         "padding": null,
         "added_tokens": added_tokens,
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": post_processor,
         "decoder": byte_level(true, true, true),
@@ -195,29 +210,45 @@ pub fn build(
     })
 }
 
-/// The Hugging Face pre-tokenizer for llama.cpp's `tokenizer.ggml.pre`, and BPE's `ignore_merges`.
-fn pre_tokenizer(pre: &str) -> Result<(Value, bool)> {
-    Ok(match pre {
+/// What the text goes through before BPE, as tokenizer.json spells it.
+pub struct Pretokenization {
+    pub normalizer: Value,
+    pub pre_tokenizer: Value,
+    /// BPE's `ignore_merges`: a whole pre-token found in the vocabulary is one token.
+    pub ignore_merges: bool,
+}
+
+/// The Hugging Face normalizer and pre-tokenizer for llama.cpp's `tokenizer.ggml.pre`.
+pub fn pre_tokenizer(pre: &str) -> Result<Pretokenization> {
+    let split = |regex: &str, trim_offsets: bool| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            byte_level(false, trim_offsets, false),
+        ]})
+    };
+    let (normalizer, pre_tokenizer, ignore_merges) = match pre {
         // SmolLM / StarCoder: every digit alone, then GPT-2's regex.
         "smollm" => (
+            Value::Null,
             json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true},
                 byte_level(false, true, true),
             ]}),
             false,
         ),
-        "gpt-2" | "default" => (byte_level(false, true, true), false),
-        "llama-bpe" => (
-            json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
-                byte_level(false, true, false),
-            ]}),
-            true,
-        ),
+        "gpt-2" | "default" => (Value::Null, byte_level(false, true, true), false),
+        "llama-bpe" => (Value::Null, split(LLAMA3_SPLIT, true), true),
+        // Qwen2, Qwen2.5, Qwen3: Unicode NFC first.
+        "qwen2" => (json!({"type": "NFC"}), split(QWEN2_SPLIT, false), false),
         other => bail!(
             "tokenizer.ggml.pre `{other}` is not supported; import-gguf knows {SUPPORTED_PRE}. \
              Take tokenizer.json from the original Hugging Face model instead"
         ),
+    };
+    Ok(Pretokenization {
+        normalizer,
+        pre_tokenizer,
+        ignore_merges,
     })
 }
 

@@ -7,7 +7,7 @@
 
 pub mod peft;
 
-use crate::model::{ModelConfig, Projection};
+use crate::arch::{ModelConfig, Projection};
 use anyhow::{bail, Result};
 use kernels::{Backend, DType};
 

@@ -3,9 +3,9 @@
 //! `PeftModel.from_pretrained(base, dir)` loads what we write and we load what PEFT writes.
 
 use super::{LoraConfig, LoraParams};
+use crate::arch::{ModelConfig, Projection};
 use crate::io::{write_atomic, write_safetensors_f32};
-use crate::model::weights::WeightFiles;
-use crate::model::Projection;
+use crate::weights::WeightFiles;
 use anyhow::{anyhow, bail, Context, Result};
 use kernels::Backend;
 use serde_json::{json, Value};
@@ -93,11 +93,7 @@ pub fn parse_targets(v: Option<&Value>) -> Result<Vec<Projection>> {
 }
 
 /// Loads the adapter in `dir` for `model` onto the backend.
-pub fn load<B: Backend>(
-    be: &B,
-    model: &crate::model::ModelConfig,
-    dir: &Path,
-) -> Result<LoraParams<B>> {
+pub fn load<B: Backend>(be: &B, model: &ModelConfig, dir: &Path) -> Result<LoraParams<B>> {
     let config = read_config(dir)?;
     let path = dir.join("adapter_model.safetensors");
     if !path.exists() {

@@ -4,7 +4,7 @@
 //! quantization, else F32), `W.nested_absmax`, `W.nested_quant_map`, `W.quant_map` and
 //! `W.quant_state.bitsandbytes__nf4` (the quant state as UTF-8 JSON bytes).
 
-use super::weights::{to_f32, WeightFiles};
+use crate::weights::{to_f32, WeightFiles};
 use anyhow::{anyhow, bail, Context, Result};
 use kernels::nf4::{self, Absmax, DoubleQuantAbsmax, Nf4Weight, DYNAMIC_MAP, NF4_CODE};
 use kernels::DType;

@@ -1,12 +1,11 @@
 //! Incremental decoding with a KV cache (generation): each call runs only the new tokens through
-//! the layers, appending their keys and values to the cache, and returns the last token's logits.
+//! the layers (the one layer forward of layer.rs, with [`Attend::Cached`]), appending their keys
+//! and values to the cache, and returns the last token's logits.
 //! Rows may be left-padded prompts: `first_key[r]` is where row `r`'s real tokens start, and the
 //! RoPE position of column `c` is `c − first_key[r]`.
 
 use super::decoder::Decoder;
-use super::layer::dims;
-use super::linear;
-use super::Projection;
+use super::layer::{Attend, CacheStep};
 use crate::lora::LoraParams;
 use anyhow::{bail, Result};
 use kernels::{Backend, DType};
@@ -86,88 +85,20 @@ impl<B: Backend> Decoder<B> {
         let mut x = be.zeros(n * s.hidden, dt)?;
         be.embedding(&self.embed, &be.upload_indices(ids)?, s.hidden, &mut x)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let slot = |p: Projection| lora.and_then(|lp| lp.slot(l, p).map(|sl| (lp, sl)));
-            let project = |p: Projection, input: &B::Tensor, out: &mut B::Tensor| -> Result<()> {
-                linear::forward(
-                    be,
-                    dims(s, p, n),
-                    input,
-                    &layer.proj[p.index()],
-                    slot(p),
-                    out,
-                )
-                .map(|_| ())
+            let step = CacheStep {
+                k: &mut cache.k[l],
+                v: &mut cache.v[l],
+                positions: &positions,
+                cos: &cache.cos,
+                sin: &cache.sin,
+                first_key: &cache.first_key_dev,
+                rows,
+                new,
+                start,
+                capacity: cache.capacity,
+                window: self.config.sliding_window,
             };
-            let mut rstd = be.zeros(n, DType::F32)?;
-            let mut h = be.zeros(n * s.hidden, dt)?;
-            be.rms_norm(&x, &layer.input_norm, s.hidden, s.eps, &mut h, &mut rstd)?;
-            let mut q = be.zeros(n * s.q_dim, dt)?;
-            let mut k = be.zeros(n * s.kv_dim, dt)?;
-            let mut v = be.zeros(n * s.kv_dim, dt)?;
-            project(Projection::Q, &h, &mut q)?;
-            project(Projection::K, &h, &mut k)?;
-            project(Projection::V, &h, &mut v)?;
-            be.rope(
-                &mut q, &positions, &cache.cos, &cache.sin, s.heads, s.head_dim, false,
-            )?;
-            be.rope(
-                &mut k, &positions, &cache.cos, &cache.sin, s.kv_heads, s.head_dim, false,
-            )?;
-            be.write_cache(
-                &k,
-                &mut cache.k[l],
-                rows,
-                new,
-                cache.capacity,
-                s.kv_dim,
-                start,
-            )?;
-            be.write_cache(
-                &v,
-                &mut cache.v[l],
-                rows,
-                new,
-                cache.capacity,
-                s.kv_dim,
-                start,
-            )?;
-            let mut attn = be.zeros(n * s.q_dim, dt)?;
-            be.attention_cached(
-                &q,
-                &cache.k[l],
-                &cache.v[l],
-                &cache.first_key_dev,
-                rows,
-                new,
-                start + new,
-                cache.capacity,
-                self.config.sliding_window,
-                s.heads,
-                s.kv_heads,
-                s.head_dim,
-                &mut attn,
-            )?;
-            let mut mid = be.zeros(n * s.hidden, dt)?;
-            project(Projection::O, &attn, &mut mid)?;
-            be.axpy(1.0, &x, &mut mid)?;
-            be.rms_norm(
-                &mid,
-                &layer.post_attention_norm,
-                s.hidden,
-                s.eps,
-                &mut h,
-                &mut rstd,
-            )?;
-            let mut gate = be.zeros(n * s.inter, dt)?;
-            let mut up = be.zeros(n * s.inter, dt)?;
-            project(Projection::Gate, &h, &mut gate)?;
-            project(Projection::Up, &h, &mut up)?;
-            let mut act = be.zeros(n * s.inter, dt)?;
-            be.swiglu(&gate, &up, &mut act)?;
-            let mut out = be.zeros(n * s.hidden, dt)?;
-            project(Projection::Down, &act, &mut out)?;
-            be.axpy(1.0, &mid, &mut out)?;
-            x = out;
+            x = layer.forward(be, s, l, lora, Attend::Cached(step), x)?.0;
         }
         cache.filled += new;
         // Only each row's last token needs logits.

@@ -1,44 +1,18 @@
-//! The whole decoder (transformers' `LlamaForCausalLM` / `MistralForCausalLM`) over a backend:
-//! embedding → layers → final RMSNorm → LM head, with the loss and the backward pass.
+//! The whole decoder (every family of [`crate::arch`]) over a backend: embedding → layers → final
+//! RMSNorm → LM head, with the loss and the backward pass.
 //! With gradient checkpointing only each layer's input is kept; backward recomputes the layer
 //! forward (Chen et al. 2016) and so produces the same gradients bit for bit.
 
+use super::batch::Batch;
 use super::bnb_checkpoint;
-use super::layer::{LayerSaved, LayerWeights};
+use super::layer::{Attend, LayerSaved, LayerWeights, Shapes};
+use super::linear::FrozenLinear;
 use super::proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
-use super::weights::WeightFiles;
-use super::ModelConfig;
-use super::Projection;
+use crate::arch::{HeadNorm, ModelConfig, Projection};
 use crate::lora::LoraParams;
-use anyhow::{bail, Result};
-use kernels::nf4::Nf4Weight;
-use kernels::{AttentionLayout, Backend, CeGrad, DType, IGNORE_INDEX};
-
-/// Sizes every layer needs, copied out of the config.
-pub struct Shapes {
-    pub hidden: usize,
-    pub inter: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub q_dim: usize,
-    pub kv_dim: usize,
-    pub eps: f32,
-}
-
-/// A batch on the device: tokens, their attention layout, RoPE tables and next-token targets.
-pub struct Batch<B: Backend> {
-    pub layout: AttentionLayout,
-    pub ids: B::Indices,
-    pub positions: B::Indices,
-    pub doc_start: B::Indices,
-    /// `targets[i]` = the token that position `i` must predict, or `IGNORE_INDEX`.
-    pub targets: B::Indices,
-    /// How many targets are not ignored.
-    pub n_targets: usize,
-    pub cos: B::Tensor,
-    pub sin: B::Tensor,
-}
+use crate::weights::WeightFiles;
+use anyhow::Result;
+use kernels::{Backend, CeGrad, DType};
 
 /// The decoder's frozen weights.
 pub struct Decoder<B: Backend> {
@@ -65,41 +39,6 @@ pub struct Activations<B: Backend> {
 enum Saved<B: Backend> {
     Full(LayerSaved<B>),
     Input(B::Tensor),
-}
-
-impl<B: Backend> Batch<B> {
-    /// Uploads a batch. `labels` are per position (Hugging Face convention: the loss at position
-    /// `t` predicts `labels[t+1]`); the shift happens here, within each document.
-    pub fn new(
-        be: &B,
-        config: &ModelConfig,
-        ids: &[i32],
-        labels: &[i32],
-        layout: AttentionLayout,
-    ) -> Result<Self> {
-        let n = layout.tokens();
-        if ids.len() != n || labels.len() != n {
-            bail!(
-                "batch has {} ids and {} labels for a layout of {n} tokens",
-                ids.len(),
-                labels.len()
-            );
-        }
-        let targets = next_token_targets(labels, &layout);
-        let n_targets = targets.iter().filter(|&&x| x != IGNORE_INDEX).count();
-        let span = layout.position_span().max(1);
-        let (cos, sin) = config.rope.tables(span, span);
-        Ok(Batch {
-            ids: be.upload_indices(ids)?,
-            positions: be.upload_indices(&layout.positions)?,
-            doc_start: be.upload_indices(&layout.doc_start)?,
-            targets: be.upload_indices(&targets)?,
-            n_targets,
-            cos: be.upload(&cos, DType::F32)?,
-            sin: be.upload(&sin, DType::F32)?,
-            layout,
-        })
-    }
 }
 
 impl<B: Backend> Decoder<B> {
@@ -130,8 +69,8 @@ impl<B: Backend> Decoder<B> {
             let dense = files.f32(name, &[o, i])?;
             Ok(match quantize {
                 Some(q) => {
-                    let w = Nf4Weight::quantize(&dense, q.double_quant);
-                    ProjWeight::Nf4(Nf4Tensor::upload(be, &w)?)
+                    let stored = files.info(name)?.1;
+                    ProjWeight::Nf4(Nf4Tensor::quantize_host(be, &dense, stored, q)?)
                 }
                 None => ProjWeight::Dense(be.upload(&dense, dt)?),
             })
@@ -171,11 +110,24 @@ impl<B: Backend> Decoder<B> {
         let embed = get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
-            let proj = Projection::ALL.map(|p| {
+            let frozen = |p: Projection| -> Result<FrozenLinear<B>> {
                 let (o, i) = p.shape(c);
-                proj(&format!("{}.weight", p.module_path(l)), [o, i])
-            });
-            let [q, k, v, o, gate, up, down] = proj;
+                Ok(FrozenLinear {
+                    weight: proj(&p.weight_name(l), [o, i])?,
+                    bias: match c.has_bias(p) {
+                        true => Some(get(&p.bias_name(l), &[o])?),
+                        false => None,
+                    },
+                })
+            };
+            let [q, k, v, o, gate, up, down] = Projection::ALL.map(frozen);
+            let qk_norm = match c.qk_norm {
+                true => Some([
+                    get(&HeadNorm::Q.weight_name(l), &[c.head_dim])?,
+                    get(&HeadNorm::K.weight_name(l), &[c.head_dim])?,
+                ]),
+                false => None,
+            };
             layers.push(LayerWeights {
                 input_norm: get(
                     &format!("model.layers.{l}.input_layernorm.weight"),
@@ -186,6 +138,7 @@ impl<B: Backend> Decoder<B> {
                     &[c.hidden_size],
                 )?,
                 proj: [q?, k?, v?, o?, gate?, up?, down?],
+                qk_norm,
             });
         }
         let final_norm = get("model.norm.weight", &[c.hidden_size])?;
@@ -205,9 +158,15 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// A decoder of `config`'s shape with random weights made on the device (benchmarks; no
-    /// download): projections and embeddings uniform with standard deviation 0.02 (transformers'
-    /// `initializer_range`), norm weights 1. Tensor `i` is filled from seed `seed + i`.
-    pub fn random(be: &B, config: ModelConfig, seed: u64) -> Result<Self> {
+    /// download): projections, biases and embeddings uniform with standard deviation 0.02
+    /// (transformers' `initializer_range`), norm weights 1. Tensor `i` is filled from seed `seed + i`.
+    /// With `quantize`, each projection is quantized to NF4 as soon as it is made.
+    pub fn random(
+        be: &B,
+        config: ModelConfig,
+        seed: u64,
+        quantize: Option<QuantizeNf4>,
+    ) -> Result<Self> {
         let dt = be.compute_dtype();
         let scale = 0.02 * 3f32.sqrt();
         let mut next_seed = seed;
@@ -220,18 +179,30 @@ impl<B: Backend> Decoder<B> {
         let c = &config;
         let embed = random(c.vocab_size * c.hidden_size)?;
         let mut layers = Vec::with_capacity(c.num_layers);
+        let ones = |len: usize| be.upload(&vec![1.0; len], dt);
         for _ in 0..c.num_layers {
             let [q, k, v, o, gate, up, down] = Projection::ALL.map(|p| {
                 let (o, i) = p.shape(c);
-                random(o * i).map(ProjWeight::Dense)
+                Ok::<_, anyhow::Error>(FrozenLinear {
+                    weight: random(o * i).and_then(|w| ProjWeight::from_dense(be, w, quantize))?,
+                    bias: match c.has_bias(p) {
+                        true => Some(random(o)?),
+                        false => None,
+                    },
+                })
             });
+            let qk_norm = match c.qk_norm {
+                true => Some([ones(c.head_dim)?, ones(c.head_dim)?]),
+                false => None,
+            };
             layers.push(LayerWeights {
-                input_norm: be.upload(&vec![1.0; c.hidden_size], dt)?,
-                post_attention_norm: be.upload(&vec![1.0; c.hidden_size], dt)?,
+                input_norm: ones(c.hidden_size)?,
+                post_attention_norm: ones(c.hidden_size)?,
                 proj: [q?, k?, v?, o?, gate?, up?, down?],
+                qk_norm,
             });
         }
-        let final_norm = be.upload(&vec![1.0; c.hidden_size], dt)?;
+        let final_norm = ones(c.hidden_size)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
@@ -261,24 +232,21 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<Activations<B>> {
         let s = &self.shapes;
         let n = batch.layout.tokens();
-        let mut x = be.zeros(n * s.hidden, be.compute_dtype())?;
+        let mut x = be.empty(n * s.hidden, be.compute_dtype())?;
         be.embedding(&self.embed, &batch.ids, s.hidden, &mut x)?;
         let mut saved = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
-            let input = if checkpoint {
-                Some(clone(be, &x)?)
+            let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
+            // Checkpointing keeps only the layer input (the rest is dropped here, recomputed in backward).
+            saved.push(if checkpoint {
+                Saved::Input(full.x)
             } else {
-                None
-            };
-            let (y, full) = layer.forward(be, s, l, lora, batch, x)?;
-            saved.push(match input {
-                Some(inp) => Saved::Input(inp),
-                None => Saved::Full(full),
+                Saved::Full(full)
             });
             x = y;
         }
-        let mut final_rstd = be.zeros(n, DType::F32)?;
-        let mut normed = be.zeros(n * s.hidden, be.compute_dtype())?;
+        let mut final_rstd = be.empty(n, DType::F32)?;
+        let mut normed = be.empty(n * s.hidden, be.compute_dtype())?;
         be.rms_norm(
             &x,
             &self.final_norm,
@@ -383,7 +351,11 @@ impl<B: Backend> Decoder<B> {
             let layer = &self.layers[l];
             let full = match saved {
                 Saved::Full(f) => f,
-                Saved::Input(x) => layer.forward(be, s, l, lora.as_deref(), batch, x)?.1,
+                Saved::Input(x) => {
+                    layer
+                        .forward(be, s, l, lora.as_deref(), Attend::Batch(batch), x)?
+                        .1
+                }
             };
             dx = layer.backward(be, s, l, lora.as_deref_mut(), batch, &full, dx)?;
             if let Some(lp) = lora.as_deref_mut() {
@@ -430,41 +402,4 @@ impl<B: Backend> Decoder<B> {
         }
         Ok(nll)
     }
-}
-
-/// `targets[i]` = `labels[i+1]` when token `i+1` is in the same row and document as token `i`,
-/// else [`IGNORE_INDEX`]: the last token of a packed document never predicts the next document.
-pub fn next_token_targets(labels: &[i32], layout: &AttentionLayout) -> Vec<i32> {
-    let t = layout.seq_len;
-    (0..labels.len())
-        .map(|i| {
-            let next = i + 1;
-            if next % t == 0 || layout.doc_start[next] != layout.doc_start[i] {
-                IGNORE_INDEX
-            } else {
-                labels[next]
-            }
-        })
-        .collect()
-}
-
-impl Shapes {
-    fn of(c: &ModelConfig) -> Self {
-        Shapes {
-            hidden: c.hidden_size,
-            inter: c.intermediate_size,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            q_dim: c.q_dim(),
-            kv_dim: c.kv_dim(),
-            eps: c.rms_norm_eps,
-        }
-    }
-}
-
-fn clone<B: Backend>(be: &B, t: &B::Tensor) -> Result<B::Tensor> {
-    let mut c = be.zeros(be.len(t), be.compute_dtype())?;
-    be.copy(t, &mut c)?;
-    Ok(c)
 }

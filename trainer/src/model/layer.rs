@@ -1,21 +1,108 @@
-//! One decoder layer (transformers' `LlamaDecoderLayer`), forward and backward:
-//! `h = x + o_proj(attn(rope(q), rope(k), v))` with q/k/v projected from `rms1(x)`, then
-//! `y = h + down_proj(silu(gate_proj(m)) ⊙ up_proj(m))` with `m = rms2(h)`.
+//! One decoder layer, forward and backward, for every family; training, evaluation
+//! ([`Attend::Batch`]) and cached generation ([`Attend::Cached`]) all run this one forward:
+//!
+//! `h = x + o_proj(attn(rope(qn(q)), rope(kn(k)), v))`, `q, k, v = {q,k,v}_proj(rms1(x))` (each
+//! `b + x Wᵀ` where the family has biases), `qn`/`kn` the per-head RMSNorm of families that have
+//! it (identity otherwise); then `y = h + down_proj(silu(gate_proj(m)) ⊙ up_proj(m))`, `m = rms2(h)`.
 
-use super::decoder::{Batch, Shapes};
-use super::linear::{self, Dims};
-use super::proj_weight::ProjWeight;
-use super::Projection;
+use super::batch::Batch;
+use super::linear::{self, Dims, FrozenLinear};
+use crate::arch::{ModelConfig, Projection};
 use crate::lora::LoraParams;
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use kernels::{Backend, DType};
 
-/// A layer's frozen weights, projections `[out, in]`.
+/// Sizes every layer needs, copied out of the config.
+pub struct Shapes {
+    pub hidden: usize,
+    pub inter: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub q_dim: usize,
+    pub kv_dim: usize,
+    pub eps: f32,
+}
+
+impl Shapes {
+    pub fn of(c: &ModelConfig) -> Self {
+        Shapes {
+            hidden: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            q_dim: c.q_dim(),
+            kv_dim: c.kv_dim(),
+            eps: c.rms_norm_eps,
+        }
+    }
+
+    fn dims(&self, proj: Projection, n: usize) -> Dims {
+        let (out_f, in_f) = match proj {
+            Projection::Q => (self.q_dim, self.hidden),
+            Projection::K | Projection::V => (self.kv_dim, self.hidden),
+            Projection::O => (self.hidden, self.q_dim),
+            Projection::Gate | Projection::Up => (self.inter, self.hidden),
+            Projection::Down => (self.hidden, self.inter),
+        };
+        Dims { n, in_f, out_f }
+    }
+}
+
+/// A layer's frozen weights.
 pub struct LayerWeights<B: Backend> {
     pub input_norm: B::Tensor,
     pub post_attention_norm: B::Tensor,
     /// In [`Projection::ALL`] order.
-    pub proj: [ProjWeight<B>; 7],
+    pub proj: [FrozenLinear<B>; 7],
+    /// The per-head RMSNorm weights of q and k, `[head_dim]` each (Qwen3).
+    pub qk_norm: Option<[B::Tensor; 2]>,
+}
+
+/// Where the layer's attention finds its keys and values.
+pub enum Attend<'a, B: Backend> {
+    /// Training and evaluation: the batch attends to its own keys under its layout.
+    Batch(&'a Batch<B>),
+    /// Generation: the new tokens' keys and values are appended to the layer's cache, then the
+    /// queries attend to everything cached. Forward only.
+    Cached(CacheStep<'a, B>),
+}
+
+/// One generation step through one layer: that layer's KV cache and the step's positions.
+pub struct CacheStep<'a, B: Backend> {
+    /// This layer's caches `[rows, capacity, kv_dim]`.
+    pub k: &'a mut B::Tensor,
+    pub v: &'a mut B::Tensor,
+    /// RoPE position of each new token, and the cache's tables.
+    pub positions: &'a B::Indices,
+    pub cos: &'a B::Tensor,
+    pub sin: &'a B::Tensor,
+    /// First real (not left-padding) column of each row.
+    pub first_key: &'a B::Indices,
+    pub rows: usize,
+    /// New tokens per row in this step.
+    pub new: usize,
+    /// Columns filled before this step.
+    pub start: usize,
+    pub capacity: usize,
+    pub window: Option<usize>,
+}
+
+impl<B: Backend> Attend<'_, B> {
+    /// `(positions, cos, sin)` for RoPE.
+    fn rope_tables(&self) -> (&B::Indices, &B::Tensor, &B::Tensor) {
+        match self {
+            Attend::Batch(b) => (&b.positions, &b.cos, &b.sin),
+            Attend::Cached(c) => (c.positions, c.cos, c.sin),
+        }
+    }
+}
+
+/// q or k before its per-head RMSNorm, and the norm's `1/rms` per head: what its backward needs.
+struct HeadNormed<B: Backend> {
+    raw: B::Tensor,
+    rstd: B::Tensor,
 }
 
 /// Everything the layer's backward needs from its forward.
@@ -24,12 +111,15 @@ pub struct LayerSaved<B: Backend> {
     pub x: B::Tensor,
     rstd1: B::Tensor,
     norm1: B::Tensor,
+    /// q and k before their per-head norms (families with `qk_norm`).
+    qk_raw: Option<[HeadNormed<B>; 2]>,
     /// q after RoPE `[N, hq·d]`, k after RoPE and v `[N, hkv·d]`.
     q: B::Tensor,
     k: B::Tensor,
     v: B::Tensor,
     attn: B::Tensor,
-    lse: B::Tensor,
+    /// Log-sum-exp of each query's scores `[N, hq]`; `None` after a cached (generation) forward.
+    lse: Option<B::Tensor>,
     /// After the attention residual: `h [N, hidden]`.
     mid: B::Tensor,
     rstd2: B::Tensor,
@@ -41,15 +131,31 @@ pub struct LayerSaved<B: Backend> {
     lora_t: [Option<B::Tensor>; 7],
 }
 
-pub(super) fn dims(s: &Shapes, proj: Projection, n: usize) -> Dims {
-    let (out_f, in_f) = match proj {
-        Projection::Q => (s.q_dim, s.hidden),
-        Projection::K | Projection::V => (s.kv_dim, s.hidden),
-        Projection::O => (s.hidden, s.q_dim),
-        Projection::Gate | Projection::Up => (s.inter, s.hidden),
-        Projection::Down => (s.hidden, s.inter),
-    };
-    Dims { n, in_f, out_f }
+/// `y[t, h, :] = w ⊙ x[t, h, :] · r[t, h]`: RMSNorm over each head vector of `x [N, heads·d]`
+/// (the rows of the RMSNorm op are the heads).
+fn head_norm<B: Backend>(
+    be: &B,
+    s: &Shapes,
+    x: B::Tensor,
+    w: &B::Tensor,
+) -> Result<(B::Tensor, HeadNormed<B>)> {
+    let mut y = be.empty(be.len(&x), be.compute_dtype())?;
+    let mut rstd = be.empty(be.len(&x) / s.head_dim, DType::F32)?;
+    be.rms_norm(&x, w, s.head_dim, s.eps, &mut y, &mut rstd)?;
+    Ok((y, HeadNormed { raw: x, rstd }))
+}
+
+/// `dL/dx` of [`head_norm`] from `dy`.
+fn head_norm_backward<B: Backend>(
+    be: &B,
+    s: &Shapes,
+    w: &B::Tensor,
+    saved: &HeadNormed<B>,
+    dy: &B::Tensor,
+) -> Result<B::Tensor> {
+    let mut dx = be.zeros(be.len(dy), be.compute_dtype())?;
+    be.rms_norm_backward(dy, &saved.raw, w, &saved.rstd, s.head_dim, &mut dx)?;
+    Ok(dx)
 }
 
 impl<B: Backend> LayerWeights<B> {
@@ -60,27 +166,21 @@ impl<B: Backend> LayerWeights<B> {
         s: &Shapes,
         layer: usize,
         lora: Option<&LoraParams<B>>,
-        batch: &Batch<B>,
+        attend: Attend<'_, B>,
         x: B::Tensor,
     ) -> Result<(B::Tensor, LayerSaved<B>)> {
-        let n = batch.layout.tokens();
+        let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
         let slot = |p: Projection| lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
         let mut lora_t: [Option<B::Tensor>; 7] = Default::default();
         let mut project = |p: Projection, input: &B::Tensor, out: &mut B::Tensor| -> Result<()> {
-            lora_t[p.index()] = linear::forward(
-                be,
-                dims(s, p, n),
-                input,
-                &self.proj[p.index()],
-                slot(p),
-                out,
-            )?;
+            lora_t[p.index()] =
+                linear::forward(be, s.dims(p, n), input, &self.proj[p.index()], slot(p), out)?;
             Ok(())
         };
 
-        let mut rstd1 = be.zeros(n, DType::F32)?;
-        let mut norm1 = be.zeros(n * s.hidden, dt)?;
+        let mut rstd1 = be.empty(n, DType::F32)?;
+        let mut norm1 = be.empty(n * s.hidden, dt)?;
         be.rms_norm(
             &x,
             &self.input_norm,
@@ -89,50 +189,68 @@ impl<B: Backend> LayerWeights<B> {
             &mut norm1,
             &mut rstd1,
         )?;
-        let mut q = be.zeros(n * s.q_dim, dt)?;
-        let mut k = be.zeros(n * s.kv_dim, dt)?;
-        let mut v = be.zeros(n * s.kv_dim, dt)?;
+        let mut q = be.empty(n * s.q_dim, dt)?;
+        let mut k = be.empty(n * s.kv_dim, dt)?;
+        let mut v = be.empty(n * s.kv_dim, dt)?;
         project(Projection::Q, &norm1, &mut q)?;
         project(Projection::K, &norm1, &mut k)?;
         project(Projection::V, &norm1, &mut v)?;
-        be.rope(
-            &mut q,
-            &batch.positions,
-            &batch.cos,
-            &batch.sin,
-            s.heads,
-            s.head_dim,
-            false,
-        )?;
-        be.rope(
-            &mut k,
-            &batch.positions,
-            &batch.cos,
-            &batch.sin,
-            s.kv_heads,
-            s.head_dim,
-            false,
-        )?;
-        let mut attn = be.zeros(n * s.q_dim, dt)?;
-        let mut lse = be.zeros(n * s.heads, DType::F32)?;
-        be.attention(
-            &q,
-            &k,
-            &v,
-            &batch.layout,
-            &batch.doc_start,
-            s.heads,
-            s.kv_heads,
-            s.head_dim,
-            &mut attn,
-            &mut lse,
-        )?;
-        let mut mid = be.zeros(n * s.hidden, dt)?;
+        let (mut q, mut k, qk_raw) = match &self.qk_norm {
+            Some([wq, wk]) => {
+                let (q, q_raw) = head_norm(be, s, q, wq)?;
+                let (k, k_raw) = head_norm(be, s, k, wk)?;
+                (q, k, Some([q_raw, k_raw]))
+            }
+            None => (q, k, None),
+        };
+        let (positions, cos, sin) = attend.rope_tables();
+        be.rope(&mut q, positions, cos, sin, s.heads, s.head_dim, false)?;
+        be.rope(&mut k, positions, cos, sin, s.kv_heads, s.head_dim, false)?;
+        let mut attn = be.empty(n * s.q_dim, dt)?;
+        let lse = match attend {
+            Attend::Batch(batch) => {
+                let mut lse = be.empty(n * s.heads, DType::F32)?;
+                be.attention(
+                    &q,
+                    &k,
+                    &v,
+                    &batch.layout,
+                    &batch.doc_start,
+                    s.heads,
+                    s.kv_heads,
+                    s.head_dim,
+                    &mut attn,
+                    &mut lse,
+                )?;
+                Some(lse)
+            }
+            Attend::Cached(c) => {
+                be.write_cache(&k, c.k, c.rows, c.new, c.capacity, s.kv_dim, c.start)?;
+                be.write_cache(&v, c.v, c.rows, c.new, c.capacity, s.kv_dim, c.start)?;
+                be.attention_cached(
+                    &q,
+                    c.k,
+                    c.v,
+                    c.first_key,
+                    c.rows,
+                    c.new,
+                    c.start + c.new,
+                    c.capacity,
+                    c.window,
+                    s.heads,
+                    s.kv_heads,
+                    s.head_dim,
+                    &mut attn,
+                )?;
+                None
+            }
+        };
+        let mut mid = be.empty(n * s.hidden, dt)?;
         project(Projection::O, &attn, &mut mid)?;
         be.axpy(1.0, &x, &mut mid)?;
 
-        let mut rstd2 = be.zeros(n, DType::F32)?;
-        let mut norm2 = be.zeros(n * s.hidden, dt)?;
+        let mut rstd2 = be.empty(n, DType::F32)?;
+        let mut norm2 = be.empty(n * s.hidden, dt)?;
         be.rms_norm(
             &mid,
             &self.post_attention_norm,
@@ -141,13 +259,13 @@ impl<B: Backend> LayerWeights<B> {
             &mut norm2,
             &mut rstd2,
         )?;
-        let mut gate = be.zeros(n * s.inter, dt)?;
-        let mut up = be.zeros(n * s.inter, dt)?;
+        let mut gate = be.empty(n * s.inter, dt)?;
+        let mut up = be.empty(n * s.inter, dt)?;
         project(Projection::Gate, &norm2, &mut gate)?;
         project(Projection::Up, &norm2, &mut up)?;
-        let mut act = be.zeros(n * s.inter, dt)?;
+        let mut act = be.empty(n * s.inter, dt)?;
         be.swiglu(&gate, &up, &mut act)?;
-        let mut out = be.zeros(n * s.hidden, dt)?;
+        let mut out = be.empty(n * s.hidden, dt)?;
         project(Projection::Down, &act, &mut out)?;
         be.axpy(1.0, &mid, &mut out)?;
 
@@ -155,6 +273,7 @@ impl<B: Backend> LayerWeights<B> {
             x,
             rstd1,
             norm1,
+            qk_raw,
             q,
             k,
             v,
@@ -172,6 +291,7 @@ impl<B: Backend> LayerWeights<B> {
     }
 
     /// Given `dy = dL/d(output)`, returns `dL/dx` and adds the LoRA gradients into `lora`.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         be: &B,
@@ -184,6 +304,9 @@ impl<B: Backend> LayerWeights<B> {
     ) -> Result<B::Tensor> {
         let n = batch.layout.tokens();
         let dt = be.compute_dtype();
+        let lse = sv.lse.as_ref().ok_or_else(|| {
+            anyhow!("layer {layer}: backward after a cached (generation) forward, which keeps no log-sum-exp")
+        })?;
         let mut project_back = |p: Projection,
                                 dout: &B::Tensor,
                                 input: &B::Tensor,
@@ -195,10 +318,10 @@ impl<B: Backend> LayerWeights<B> {
                 .and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
             linear::backward(
                 be,
-                dims(s, p, n),
+                s.dims(p, n),
                 dout,
                 input,
-                &self.proj[p.index()],
+                &self.proj[p.index()].weight,
                 lp,
                 sv.lora_t[p.index()].as_ref(),
                 dinput,
@@ -207,12 +330,12 @@ impl<B: Backend> LayerWeights<B> {
         };
 
         // MLP block: y = h + down(act); dh starts as dy (residual).
-        let mut dact = be.zeros(n * s.inter, dt)?;
+        let mut dact = be.empty(n * s.inter, dt)?;
         project_back(Projection::Down, &dy, &sv.act, &mut dact, false)?;
-        let mut dgate = be.zeros(n * s.inter, dt)?;
-        let mut dup = be.zeros(n * s.inter, dt)?;
+        let mut dgate = be.empty(n * s.inter, dt)?;
+        let mut dup = be.empty(n * s.inter, dt)?;
         be.swiglu_backward(&dact, &sv.gate, &sv.up, &mut dgate, &mut dup)?;
-        let mut dnorm2 = be.zeros(n * s.hidden, dt)?;
+        let mut dnorm2 = be.empty(n * s.hidden, dt)?;
         project_back(Projection::Gate, &dgate, &sv.norm2, &mut dnorm2, false)?;
         project_back(Projection::Up, &dup, &sv.norm2, &mut dnorm2, true)?;
         let mut dmid = dy;
@@ -226,17 +349,17 @@ impl<B: Backend> LayerWeights<B> {
         )?;
 
         // Attention block: h = x + o(attn); dx starts as dh.
-        let mut dattn = be.zeros(n * s.q_dim, dt)?;
+        let mut dattn = be.empty(n * s.q_dim, dt)?;
         project_back(Projection::O, &dmid, &sv.attn, &mut dattn, false)?;
-        let mut dq = be.zeros(n * s.q_dim, dt)?;
-        let mut dk = be.zeros(n * s.kv_dim, dt)?;
-        let mut dv = be.zeros(n * s.kv_dim, dt)?;
+        let mut dq = be.empty(n * s.q_dim, dt)?;
+        let mut dk = be.empty(n * s.kv_dim, dt)?;
+        let mut dv = be.empty(n * s.kv_dim, dt)?;
         be.attention_backward(
             &sv.q,
             &sv.k,
             &sv.v,
             &sv.attn,
-            &sv.lse,
+            lse,
             &dattn,
             &batch.layout,
             &batch.doc_start,
@@ -265,7 +388,14 @@ impl<B: Backend> LayerWeights<B> {
             s.head_dim,
             true,
         )?;
-        let mut dnorm1 = be.zeros(n * s.hidden, dt)?;
+        let (dq, dk) = match (&self.qk_norm, &sv.qk_raw) {
+            (Some([wq, wk]), Some([q_raw, k_raw])) => (
+                head_norm_backward(be, s, wq, q_raw, &dq)?,
+                head_norm_backward(be, s, wk, k_raw, &dk)?,
+            ),
+            _ => (dq, dk),
+        };
+        let mut dnorm1 = be.empty(n * s.hidden, dt)?;
         project_back(Projection::Q, &dq, &sv.norm1, &mut dnorm1, false)?;
         project_back(Projection::K, &dk, &sv.norm1, &mut dnorm1, true)?;
         project_back(Projection::V, &dv, &sv.norm1, &mut dnorm1, true)?;

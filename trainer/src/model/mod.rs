@@ -1,20 +1,22 @@
-//! The Llama/Mistral decoder: configuration, weights, and the forward/backward pass over any backend.
+//! The decoder over any backend: weights on the device, the layer forward and backward (written
+//! once, in layer.rs) strung into training, evaluation and cached generation. What a layer holds
+//! and runs comes from the model description in [`crate::arch`].
 
+mod batch;
 pub mod bnb_checkpoint;
 mod cached;
-mod config;
 mod decoder;
 mod layer;
 mod linear;
 mod proj_weight;
-mod projection;
-pub mod weights;
 
 #[cfg(test)]
 mod tests;
 
+pub use crate::arch::{ModelConfig, Projection};
+/// The safetensors reader, re-exported where the decoder's callers have always found it.
+pub use crate::weights;
+pub use batch::{next_token_targets, Batch};
 pub use cached::KvCache;
-pub use config::{Architecture, ModelConfig};
-pub use decoder::{next_token_targets, Activations, Batch, Decoder};
+pub use decoder::{Activations, Decoder};
 pub use proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
-pub use projection::Projection;

@@ -4,11 +4,14 @@
 //! and frees it afterwards, so only one dense projection exists at a time.
 
 use anyhow::Result;
-use kernels::nf4::{self, Absmax, Nf4Weight, DYNAMIC_MAP};
-use kernels::{Backend, DType, Nf4Absmax};
+use kernels::nf4::{Nf4Buffers, Nf4Weight};
+use kernels::{Backend, DType};
+use safetensors::Dtype;
 
-/// Quantize a dense checkpoint's projections to NF4 at load (`[model] quantize = "nf4"`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Quantize a dense checkpoint's projections to NF4 at load (`[model] quantize = "nf4"`). As
+/// JSON: `{"format": "nf4", "double_quant": true}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "format", rename = "nf4")]
 pub struct QuantizeNf4 {
     /// Store each block's absmax in 8 bits too (`bnb_4bit_use_double_quant`).
     pub double_quant: bool,
@@ -23,62 +26,57 @@ pub enum ProjWeight<B: Backend> {
 /// An NF4 weight on the device: packed codes and absmax as [`Backend::dequantize_nf4`] takes them.
 pub struct Nf4Tensor<B: Backend> {
     n: usize,
-    /// The packed bytes in i32 words.
-    packed: B::Indices,
-    absmax: DeviceAbsmax<B>,
-}
-
-enum DeviceAbsmax<B: Backend> {
-    Plain(B::Tensor),
-    Double {
-        codes: B::Indices,
-        nested_absmax: B::Tensor,
-        map: B::Tensor,
-        offset: f32,
-    },
+    buffers: Nf4Buffers<B::Tensor, B::Indices>,
 }
 
 impl<B: Backend> Nf4Tensor<B> {
     /// Uploads a host NF4 weight (absmax tables stay f32 whatever the compute dtype).
     pub fn upload(be: &B, w: &Nf4Weight) -> Result<Self> {
-        let absmax = match &w.absmax {
-            Absmax::Plain(a) => DeviceAbsmax::Plain(be.upload(a, DType::F32)?),
-            Absmax::Double(d) => DeviceAbsmax::Double {
-                codes: be.upload_indices(&nf4::bytes_to_words(&d.codes))?,
-                nested_absmax: be.upload(&d.nested_absmax, DType::F32)?,
-                map: be.upload(&DYNAMIC_MAP, DType::F32)?,
-                offset: d.offset,
-            },
-        };
         Ok(Nf4Tensor {
             n: w.n,
-            packed: be.upload_indices(&nf4::bytes_to_words(&w.packed))?,
-            absmax,
+            buffers: Nf4Buffers::upload(be, w)?,
         })
+    }
+
+    /// Quantizes a dense weight on the backend ([`Backend::quantize_nf4`], bit for bit the host
+    /// quantizer); the caller drops `dense` afterwards.
+    pub fn quantize(be: &B, dense: &B::Tensor, q: QuantizeNf4) -> Result<Self> {
+        Ok(Nf4Tensor {
+            n: be.len(dense),
+            buffers: be.quantize_nf4(dense, q.double_quant)?,
+        })
+    }
+
+    /// Quantizes a checkpoint's projection on the backend: `values` are uploaded in `stored`, the
+    /// dtype the file holds them in (bf16 and f16 widen to f32 exactly, so the device reads the
+    /// host's values and writes the host quantizer's bytes), and the dense copy is freed before
+    /// this returns, so only one dense projection is ever on the device.
+    pub fn quantize_host(be: &B, values: &[f32], stored: Dtype, q: QuantizeNf4) -> Result<Self> {
+        let exact = match stored {
+            Dtype::BF16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+            _ => DType::F32,
+        };
+        let dense = be.upload(values, exact)?;
+        Self::quantize(be, &dense, q)
     }
 
     /// `out ← W'` in `out`'s dtype.
     pub fn dequantize_into(&self, be: &B, out: &mut B::Tensor) -> Result<()> {
-        let absmax = match &self.absmax {
-            DeviceAbsmax::Plain(a) => Nf4Absmax::Plain(a),
-            DeviceAbsmax::Double {
-                codes,
-                nested_absmax,
-                map,
-                offset,
-            } => Nf4Absmax::Double {
-                codes,
-                nested_absmax,
-                map,
-                offset: *offset,
-            },
-        };
-        be.dequantize_nf4(&self.packed, absmax, out)?;
+        be.dequantize_nf4(&self.buffers.packed, self.buffers.absmax(), out)?;
         Ok(())
     }
 }
 
 impl<B: Backend> ProjWeight<B> {
+    /// `w` itself, or its NF4 quantization with `w` freed as soon as it is quantized.
+    pub fn from_dense(be: &B, w: B::Tensor, quantize: Option<QuantizeNf4>) -> Result<Self> {
+        Ok(match quantize {
+            Some(q) => ProjWeight::Nf4(Nf4Tensor::quantize(be, &w, q)?),
+            None => ProjWeight::Dense(w),
+        })
+    }
+
     /// Runs `f` on the dense weight: the tensor itself, or `W'` dequantized for this call only.
     pub fn with_dense<R>(&self, be: &B, f: impl FnOnce(&B::Tensor) -> Result<R>) -> Result<R> {
         match self {
@@ -89,5 +87,73 @@ impl<B: Backend> ProjWeight<B> {
                 f(&w)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernels::cpu::CpuBackend;
+    use kernels::nf4::{bytes_to_words, Absmax, AbsmaxBuffers};
+
+    /// Values a bf16 checkpoint can hold (so uploading them as bf16 changes nothing).
+    fn bf16_values(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let v = ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.08;
+                f32::from_bits(v.to_bits() & 0xffff_0000)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantizing_on_the_backend_gives_the_host_quantizers_buffers_and_weight() {
+        let be = CpuBackend::new();
+        let x = bf16_values(64 * 300 + 17);
+        for double_quant in [false, true] {
+            let want = Nf4Weight::quantize(&x, double_quant);
+            let q = Nf4Tensor::quantize_host(&be, &x, Dtype::BF16, QuantizeNf4 { double_quant })
+                .unwrap();
+            assert_eq!(q.n, x.len());
+            assert_eq!(q.buffers.packed, bytes_to_words(&want.packed));
+            match (&q.buffers.absmax, &want.absmax) {
+                (AbsmaxBuffers::Plain(a), Absmax::Plain(b)) => assert_eq!(a, b),
+                (
+                    AbsmaxBuffers::Double {
+                        codes,
+                        nested_absmax,
+                        offset,
+                        ..
+                    },
+                    Absmax::Double(d),
+                ) => {
+                    assert_eq!(codes, &bytes_to_words(&d.codes));
+                    assert_eq!(nested_absmax, &d.nested_absmax);
+                    assert_eq!(offset.to_bits(), d.offset.to_bits());
+                }
+                _ => panic!("absmax storage differs (double_quant = {double_quant})"),
+            }
+            let mut dense = vec![0.0; x.len()];
+            q.dequantize_into(&be, &mut dense).unwrap();
+            assert_eq!(dense, want.dequantize());
+        }
+    }
+
+    #[test]
+    fn from_dense_keeps_or_quantizes_the_weight() {
+        let be = CpuBackend::new();
+        let x = bf16_values(4096);
+        let ProjWeight::Dense(kept) = ProjWeight::from_dense(&be, x.clone(), None).unwrap() else {
+            panic!("no quantization asked: the weight stays dense");
+        };
+        assert_eq!(kept, x);
+        let q = QuantizeNf4 { double_quant: true };
+        let w = ProjWeight::from_dense(&be, x.clone(), Some(q)).unwrap();
+        let got = w.with_dense(&be, |d| Ok(d.clone())).unwrap();
+        assert_eq!(got, Nf4Weight::quantize(&x, true).dequantize());
+        assert_ne!(
+            got, x,
+            "NF4 rounds every weight to one of 16 levels per block"
+        );
     }
 }

@@ -9,9 +9,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-fn config(window: Option<usize>, tied: bool) -> ModelConfig {
+/// A small model of family `class` (Mistral gets the window; Qwen3 an explicit head_dim 6 ≠ 16/4).
+fn config(class: &str, window: Option<usize>, tied: bool) -> ModelConfig {
     let mut v = json!({
-        "architectures": [if window.is_some() { "MistralForCausalLM" } else { "LlamaForCausalLM" }],
+        "architectures": [class],
         "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 40, "rms_norm_eps": 1e-5, "tie_word_embeddings": tied,
         "rope_scaling": {"rope_type": "linear", "factor": 2.0}
@@ -19,8 +20,16 @@ fn config(window: Option<usize>, tied: bool) -> ModelConfig {
     if let Some(w) = window {
         v["sliding_window"] = json!(w);
     }
+    if class == QWEN3 {
+        v["head_dim"] = json!(6);
+    }
     ModelConfig::from_json(v).unwrap()
 }
+
+const LLAMA: &str = "LlamaForCausalLM";
+const MISTRAL: &str = "MistralForCausalLM";
+const QWEN2: &str = "Qwen2ForCausalLM";
+const QWEN3: &str = "Qwen3ForCausalLM";
 
 fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -81,8 +90,13 @@ fn loss_and_grads(
 #[test]
 fn lora_gradients_match_finite_differences_through_the_whole_model() {
     let be = CpuBackend::new();
-    for (window, tied) in [(None, false), (Some(3), true)] {
-        let c = config(window, tied);
+    for (class, window, tied) in [
+        (LLAMA, None, false),
+        (MISTRAL, Some(3), true),
+        (QWEN2, None, true),
+        (QWEN3, None, false),
+    ] {
+        let c = config(class, window, tied);
         let m = model(&be, &c, tied);
         let mut lora = adapter(&be, &c);
         let layout = AttentionLayout::packed(&[vec![4, 3], vec![6]], 7, window);
@@ -108,7 +122,7 @@ fn lora_gradients_match_finite_differences_through_the_whole_model() {
                 let err = (numeric - g[i] as f64).abs() / scale as f64;
                 assert!(
                     err < 5e-3,
-                    "{} [{i}]: analytic {} numeric {numeric}",
+                    "{class} {} [{i}]: analytic {} numeric {numeric}",
                     lora.names[t],
                     g[i]
                 );
@@ -120,7 +134,7 @@ fn lora_gradients_match_finite_differences_through_the_whole_model() {
 #[test]
 fn gradient_checkpointing_changes_no_gradient() {
     let be = CpuBackend::new();
-    let c = config(Some(4), false);
+    let c = config(MISTRAL, Some(4), false);
     let m = model(&be, &c, false);
     let mut lora = adapter(&be, &c);
     let ids = tokens(20, 2);
@@ -141,7 +155,7 @@ fn gradient_checkpointing_changes_no_gradient() {
 #[test]
 fn packed_documents_equal_separate_rows() {
     let be = CpuBackend::new();
-    let c = config(None, false);
+    let c = config(LLAMA, None, false);
     let m = model(&be, &c, false);
     let mut lora = adapter(&be, &c);
     let (a, b) = (tokens(5, 3), tokens(6, 4));
@@ -183,37 +197,39 @@ fn packed_documents_equal_separate_rows() {
 #[test]
 fn cached_decoding_gives_the_full_forward_logits() {
     let be = CpuBackend::new();
-    let c = config(Some(4), false);
-    let m = model(&be, &c, false);
-    let lora = adapter(&be, &c);
-    let ids = tokens(7, 5);
-    let full = Batch::new(
-        &be,
-        &c,
-        &ids,
-        &ids,
-        AttentionLayout::right_padded(&[7], 7, Some(4)),
-    )
-    .unwrap();
-    let acts = m.forward(&be, Some(&lora), &full, false).unwrap();
-    let logits = m.logits(&be, &acts).unwrap();
-    let mut cache = super::KvCache::new(&be, &m, vec![0], 7).unwrap();
-    let v = c.vocab_size;
-    // Prefill 4 tokens, then one at a time: each step's logits equal the full pass at that column.
-    let first = m
-        .step_cached(&be, Some(&lora), &ids[..4], &mut cache)
+    for (class, window) in [(MISTRAL, Some(4)), (QWEN2, None), (QWEN3, None)] {
+        let c = config(class, window, false);
+        let m = model(&be, &c, false);
+        let lora = adapter(&be, &c);
+        let ids = tokens(7, 5);
+        let full = Batch::new(
+            &be,
+            &c,
+            &ids,
+            &ids,
+            AttentionLayout::right_padded(&[7], 7, window),
+        )
         .unwrap();
-    let mut steps = vec![(3, first)];
-    for t in 4..7 {
-        steps.push((
-            t,
-            m.step_cached(&be, Some(&lora), &ids[t..t + 1], &mut cache)
-                .unwrap(),
-        ));
-    }
-    for (t, got) in steps {
-        for (a, b) in got.iter().zip(&logits[t * v..(t + 1) * v]) {
-            assert!((a - b).abs() < 1e-5, "column {t}: {a} vs {b}");
+        let acts = m.forward(&be, Some(&lora), &full, false).unwrap();
+        let logits = m.logits(&be, &acts).unwrap();
+        let mut cache = super::KvCache::new(&be, &m, vec![0], 7).unwrap();
+        let v = c.vocab_size;
+        // Prefill 4 tokens, then one at a time: each step's logits equal the full pass at that column.
+        let first = m
+            .step_cached(&be, Some(&lora), &ids[..4], &mut cache)
+            .unwrap();
+        let mut steps = vec![(3, first)];
+        for t in 4..7 {
+            steps.push((
+                t,
+                m.step_cached(&be, Some(&lora), &ids[t..t + 1], &mut cache)
+                    .unwrap(),
+            ));
+        }
+        for (t, got) in steps {
+            for (a, b) in got.iter().zip(&logits[t * v..(t + 1) * v]) {
+                assert!((a - b).abs() < 1e-5, "{class} column {t}: {a} vs {b}");
+            }
         }
     }
 }
@@ -222,9 +238,9 @@ fn cached_decoding_gives_the_full_forward_logits() {
 /// computes on the same weights saved as a bitsandbytes 4-bit checkpoint.
 #[test]
 fn quantizing_at_load_matches_the_bitsandbytes_checkpoint() {
-    use crate::model::weights::WeightFiles;
     use crate::model::QuantizeNf4;
     use crate::reference::sft::Inputs;
+    use crate::weights::WeightFiles;
     let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let be = CpuBackend::new();
     let dir = fixtures.join("tiny-llama/model");
@@ -256,9 +272,52 @@ fn quantizing_at_load_matches_the_bitsandbytes_checkpoint() {
     assert!(worst < 1e-5, "max relative logit error {worst}");
 }
 
+/// QLoRA on the Qwen families: the projections quantize to NF4 at load (biases and q/k norms stay
+/// dense), and the base loss on the fixture batch moves by no more than NF4's rounding does.
+#[test]
+fn qwen_models_quantize_at_load_and_keep_their_loss() {
+    use crate::model::QuantizeNf4;
+    use crate::reference::sft::Inputs;
+    use crate::weights::WeightFiles;
+    let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let be = CpuBackend::new();
+    for case in ["tiny-qwen2", "tiny-qwen3"] {
+        let dir = fixtures.join(case).join("model");
+        let config = ModelConfig::load(&dir).unwrap();
+        let files = WeightFiles::open(&dir).unwrap();
+        let inputs = Inputs::load(&fixtures.join(case).join("inputs.safetensors")).unwrap();
+        let batch = Batch::new(
+            &be,
+            &config,
+            &inputs.ids,
+            &inputs.labels,
+            inputs.layout(None).unwrap(),
+        )
+        .unwrap();
+        let loss = |quantize| {
+            let m = Decoder::load_with(&be, config.clone(), &files, quantize).unwrap();
+            m.loss_and_grad(&be, None, &batch, false, 1.0).unwrap() / batch.n_targets as f64
+        };
+        let dense = loss(None);
+        let nf4 = loss(Some(QuantizeNf4 { double_quant: true }));
+        let want = WeightFiles::open_file(&fixtures.join(case).join("expected.safetensors"))
+            .unwrap()
+            .f32("base_loss", &[1])
+            .unwrap()[0] as f64;
+        assert!(
+            (dense - want).abs() < 1e-5 * want,
+            "{case}: {dense} vs {want}"
+        );
+        assert!(
+            nf4 != dense && (nf4 - dense).abs() < 0.02 * dense,
+            "{case}: nf4 {nf4} vs dense {dense}"
+        );
+    }
+}
+
 #[test]
 fn missing_and_misshapen_tensors_are_named_with_both_shapes() {
-    use super::weights::WeightFiles;
+    use crate::weights::WeightFiles;
     let dir = tempfile::tempdir().unwrap();
     let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/tiny-llama/model");

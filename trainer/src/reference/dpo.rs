@@ -8,7 +8,10 @@ use super::Comparison;
 use crate::lora::{peft, LoraParams};
 use crate::model::weights::{to_i64, WeightFiles};
 use crate::model::{next_token_targets, Batch, Decoder, ModelConfig};
-use crate::train::dpo::{dpo_micro_step, sequence_logps, DpoLoss, LossType, TargetSequences};
+use crate::train::config::LossType;
+use crate::train::dpo::{dpo_micro_step, DpoLoss, PairResult};
+use crate::train::method::StepContext;
+use crate::train::pairs::{pair_logps, sequence_logps, TargetSequences};
 use anyhow::{anyhow, bail, Context, Result};
 use kernels::{Backend, IGNORE_INDEX};
 use serde_json::Value;
@@ -19,16 +22,11 @@ fn loss_from_case(case: &Value) -> Result<DpoLoss> {
     let d = case
         .get("dpo")
         .ok_or_else(|| anyhow!("case.json has no `dpo` object"))?;
-    let kind_name = d
-        .get("loss_type")
-        .and_then(Value::as_str)
-        .unwrap_or("sigmoid");
-    let kind = LossType::parse(kind_name).ok_or_else(|| {
-        anyhow!(
-            "case.json dpo.loss_type `{kind_name}` is unknown; known: {}",
-            LossType::NAMES.join(", ")
-        )
-    })?;
+    let kind: LossType = match d.get("loss_type") {
+        None => LossType::Sigmoid,
+        Some(v) => serde_json::from_value(v.clone())
+            .with_context(|| format!("case.json dpo.loss_type {v}"))?,
+    };
     Ok(DpoLoss {
         kind,
         beta: d
@@ -49,8 +47,18 @@ fn completion_mask(path: &Path) -> Result<Vec<i64>> {
     Ok(to_i64(dtype, &bytes)?)
 }
 
-pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<String, Comparison>> {
-    let loss = loss_from_case(case)?;
+/// A preference case's model, adapter and batch: `input_ids` rows `[chosen rows, rejected rows]`
+/// with labels on the `completion_mask` positions; sequence `2k` / `2k + 1` is pair `k`'s
+/// chosen / rejected row.
+pub(super) struct PairCase<B: Backend> {
+    pub decoder: Decoder<B>,
+    pub lora: LoraParams<B>,
+    pub batch: Batch<B>,
+    pub seqs: TargetSequences,
+    pub pairs: usize,
+}
+
+pub(super) fn load_pair_case<B: Backend>(be: &B, dir: &Path) -> Result<PairCase<B>> {
     let model_dir = dir.join("model");
     let config = ModelConfig::load(&model_dir)?;
     let decoder = Decoder::load(be, config.clone(), &WeightFiles::open(&model_dir)?)
@@ -86,9 +94,33 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
         .collect();
     let seqs = TargetSequences::new(&targets, &seq_of_position, pairs);
     let batch = Batch::new(be, &config, &inputs.ids, &inputs.labels, layout)?;
+    let lora = peft::load(be, &config, &dir.join("adapter"))?;
+    Ok(PairCase {
+        decoder,
+        lora,
+        batch,
+        seqs,
+        pairs,
+    })
+}
 
-    let (reference, _) = sequence_logps(be, &decoder, None, &batch, &seqs)?;
-    let mut lora: LoraParams<B> = peft::load(be, &config, &dir.join("adapter"))?;
+/// The step of the reference cases: one micro-batch, f32, no loss scaling, no checkpointing.
+pub(super) const ONE_STEP: StepContext<'static> = StepContext {
+    totals: &[],
+    loss_scale: 1.0,
+    checkpointing: false,
+};
+
+pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<String, Comparison>> {
+    let loss = loss_from_case(case)?;
+    let PairCase {
+        decoder,
+        mut lora,
+        batch,
+        seqs,
+        pairs,
+    } = load_pair_case(be, dir)?;
+    let reference = pair_logps(&sequence_logps(be, &decoder, None, &batch, &seqs)?.0);
     let results = dpo_micro_step(
         be,
         &decoder,
@@ -98,7 +130,8 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
         &reference,
         &loss,
         1.0 / pairs as f64,
-        false,
+        ONE_STEP,
+        &mut |_, _| Ok(()),
     )?;
 
     let rel = |got: Vec<f64>| Comparison::Relative {
@@ -106,8 +139,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
         tol: REL_TOL,
         mask: None,
     };
-    let per_pair =
-        |f: &dyn Fn(&crate::train::dpo::PairResult) -> f64| rel(results.iter().map(f).collect());
+    let per_pair = |f: &dyn Fn(&PairResult) -> f64| rel(results.iter().map(f).collect());
     let mut out = BTreeMap::new();
     out.insert("policy_chosen_logps".into(), per_pair(&|r| r.policy.chosen));
     out.insert(
@@ -132,11 +164,25 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
             results.iter().map(|r| r.loss).sum::<f64>() / pairs as f64,
         ]),
     );
+    insert_grads(be, &lora, &mut out)?;
+    Ok(out)
+}
+
+/// `grad/<key>` of every adapter tensor.
+pub(super) fn insert_grads<B: Backend>(
+    be: &B,
+    lora: &LoraParams<B>,
+    out: &mut BTreeMap<String, Comparison>,
+) -> Result<()> {
     for (name, g) in lora.names.iter().zip(&lora.grads) {
         out.insert(
             format!("grad/{name}"),
-            rel(be.download(g)?.into_iter().map(f64::from).collect()),
+            Comparison::Relative {
+                got: be.download(g)?.into_iter().map(f64::from).collect(),
+                tol: REL_TOL,
+                mask: None,
+            },
         );
     }
-    Ok(out)
+    Ok(())
 }

@@ -5,6 +5,7 @@
 mod compare;
 mod dpo;
 mod nf4;
+mod orpo;
 pub mod sft;
 mod tokenizer;
 
@@ -35,9 +36,10 @@ pub fn check_case<B: Backend>(be: &B, dir: &Path) -> Result<Report> {
         "sft" => sft::run(be, dir, &case)?,
         "tokenizer" => tokenizer::run(dir, &case)?,
         "dpo" => dpo::run(be, dir, &case)?,
+        "orpo" => orpo::run(be, dir, &case)?,
         "nf4_quant" => nf4::run_quant(dir, &case)?,
         "qlora_sft" => nf4::run_qlora(be, dir, &case)?,
-        other => bail!("unknown case kind `{other}` in {}: known kinds are sft, dpo, tokenizer, nf4_quant, qlora_sft", case_path.display()),
+        other => bail!("unknown case kind `{other}` in {}: known kinds are sft, dpo, orpo, tokenizer, nf4_quant, qlora_sft", case_path.display()),
     };
     Ok(Report::new(&expected, computed))
 }

@@ -284,16 +284,25 @@ pub(crate) struct Encoded {
 }
 
 fn load_chat_template(dir: &Path, from_config: Option<&str>) -> Result<Option<ChatTemplate>> {
+    chat_template_source(dir, from_config)?
+        .map(|(source, origin)| ChatTemplate::new(&source, origin))
+        .transpose()
+}
+
+/// The chat template's text and where it came from: `dir/chat_template.jinja` when present, else
+/// tokenizer_config.json's `chat_template` (`from_config`).
+pub fn chat_template_source(
+    dir: &Path,
+    from_config: Option<&str>,
+) -> Result<Option<(String, String)>> {
     let jinja_path = dir.join("chat_template.jinja");
     if jinja_path.is_file() {
         let source = std::fs::read_to_string(&jinja_path)
             .with_context(|| format!("cannot read {}", jinja_path.display()))?;
-        return ChatTemplate::new(&source, jinja_path.display().to_string()).map(Some);
+        return Ok(Some((source, jinja_path.display().to_string())));
     }
     let config_path = dir.join("tokenizer_config.json");
-    from_config
-        .map(|source| ChatTemplate::new(source, config_path.display().to_string()))
-        .transpose()
+    Ok(from_config.map(|source| (source.to_string(), config_path.display().to_string())))
 }
 
 /// transformers' `clean_up_tokenization`: removes the space a word-piece decoder puts before

@@ -13,6 +13,14 @@ use kernels::Backend;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Where to resume from, if anywhere.
+#[derive(Clone, Debug)]
+pub enum Resume {
+    No,
+    Latest,
+    From(PathBuf),
+}
+
 /// What, besides tensors, a resumed run needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -149,12 +157,11 @@ pub fn restore<B: Backend>(
 pub fn starting_state<B: Backend>(
     be: &B,
     output: &Path,
-    resume: super::run::Resume,
+    resume: Resume,
     lora: &mut LoraParams<B>,
     opt: &mut AdamW<B>,
     fresh: TrainerState,
 ) -> Result<(TrainerState, Option<PathBuf>)> {
-    use super::run::Resume;
     let dir = match resume {
         Resume::No => return Ok((fresh, None)),
         Resume::Latest => latest(output)?,

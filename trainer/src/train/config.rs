@@ -1,10 +1,15 @@
 //! The run config (`fuselora train --config FILE.toml [--set key=value ...]`).
-//! Unknown keys are errors that list the valid ones (serde's `deny_unknown_fields`); values are
-//! checked in [`RunConfig::validate`] with messages that name the key.
+//! Every choice is a serde enum, so an unknown key or an invalid value fails at parse time with
+//! the list of valid ones (serde's `deny_unknown_fields`, `unknown variant`); numbers that serde
+//! cannot check are checked in [`RunConfig::validate`] with messages that name the key.
+//! The training method is a tagged section, `[method]` with `name = "sft" | "dpo" | "orpo"` and
+//! that method's own keys.
 
-use super::dpo::LossType;
+use super::schedule::ScheduleKind;
+use crate::data::records::Format;
 use crate::model::{Projection, QuantizeNf4};
 use anyhow::{bail, Context, Result};
+use kernels::DType;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -17,10 +22,51 @@ pub struct RunConfig {
     pub data: DataSection,
     #[serde(default)]
     pub train: TrainSection,
-    /// Used when `train.method = "dpo"`.
+    /// The training method and its settings (default: supervised fine-tuning).
     #[serde(default)]
-    pub dpo: DpoSection,
+    pub method: MethodSection,
     pub output: OutputSection,
+}
+
+/// Which backend runs the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// CUDA when built with it and a GPU opens, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The compute dtype on the GPU (the CPU backend always computes in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDType {
+    #[serde(alias = "bfloat16")]
+    Bf16,
+    #[serde(alias = "fp16", alias = "float16")]
+    F16,
+    #[serde(alias = "fp32", alias = "float32")]
+    F32,
+}
+
+impl ComputeDType {
+    pub fn dtype(self) -> DType {
+        match self {
+            ComputeDType::Bf16 => DType::BF16,
+            ComputeDType::F16 => DType::F16,
+            ComputeDType::F32 => DType::F32,
+        }
+    }
+}
+
+/// How the frozen projection weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    None,
+    /// 4-bit NormalFloat (QLoRA).
+    Nf4,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -28,16 +74,14 @@ pub struct RunConfig {
 pub struct ModelSection {
     /// A Hugging Face model folder.
     pub path: PathBuf,
-    /// `auto` (CUDA when built with it and a GPU is present, else CPU), `cpu` or `cuda`.
     #[serde(default = "default_backend")]
-    pub backend: String,
-    /// Compute dtype on the GPU: `bf16`, `f16` or `f32` (the CPU backend always computes in f32).
+    pub backend: BackendKind,
     #[serde(default = "default_dtype")]
-    pub dtype: String,
-    /// `none`, or `nf4` to keep the projection weights in 4 bits (QLoRA); a bitsandbytes 4-bit
-    /// checkpoint is read as NF4 whatever this says.
+    pub dtype: ComputeDType,
+    /// `nf4` keeps the projection weights in 4 bits (QLoRA); a bitsandbytes 4-bit checkpoint is
+    /// read as NF4 whatever this says.
     #[serde(default = "default_quantize")]
-    pub quantize: String,
+    pub quantize: Quantize,
     /// With `quantize = "nf4"`: store each block's absmax in 8 bits too (bitsandbytes' double quant).
     #[serde(default = "default_true")]
     pub double_quant: bool,
@@ -62,25 +106,66 @@ pub struct LoraSection {
     pub init_adapter: Option<PathBuf>,
 }
 
+/// The record format of the data files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// Told from each record's fields.
+    Auto,
+    Alpaca,
+    Sharegpt,
+    Messages,
+    Text,
+}
+
+impl DataFormat {
+    /// The format every record must have, or `None` to tell it record by record.
+    pub fn fixed(self) -> Option<Format> {
+        match self {
+            DataFormat::Auto => None,
+            DataFormat::Alpaca => Some(Format::Alpaca),
+            DataFormat::Sharegpt => Some(Format::ShareGpt),
+            DataFormat::Messages => Some(Format::Messages),
+            DataFormat::Text => Some(Format::Text),
+        }
+    }
+}
+
+/// How alpaca records become text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlpacaTemplate {
+    /// The Stanford Alpaca prompt.
+    Alpaca,
+    /// The model's chat template.
+    Chat,
+}
+
+/// What happens to an example longer than `data.max_seq_len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Truncation {
+    Truncate,
+    Drop,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
     /// One or more `.json` / `.jsonl` / `.txt` files (a `.txt` file is one text document).
     pub train: Vec<PathBuf>,
-    /// `auto`, `alpaca`, `sharegpt`, `messages` or `text`.
     #[serde(default = "default_format")]
-    pub format: String,
+    pub format: DataFormat,
     /// Renames of record fields, e.g. `{ instruction = "question", output = "answer" }`.
     #[serde(default)]
     pub columns: std::collections::BTreeMap<String, String>,
-    /// How alpaca records become text: `alpaca` (the Stanford prompt) or `chat` (the chat template).
     #[serde(default = "default_alpaca_template")]
-    pub alpaca_template: String,
+    pub alpaca_template: AlpacaTemplate,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
-    /// `truncate` or `drop` alpaca and chat examples longer than `max_seq_len` (texts are chunked).
+    /// Alpaca and chat examples longer than `max_seq_len` (texts are chunked instead).
     #[serde(default = "default_truncation")]
-    pub truncation: String,
+    pub truncation: Truncation,
     /// Tokens each chunk of a text longer than `max_seq_len` repeats from the previous chunk as
     /// unlabelled context (0: chunks do not overlap).
     #[serde(default)]
@@ -103,10 +188,7 @@ pub struct DataSection {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
-    /// `sft` (supervised fine-tuning) or `dpo` (Direct Preference Optimization, see `[dpo]`).
-    #[serde(default = "default_method")]
-    pub method: String,
-    /// Rows per micro-batch (for `dpo`: preference pairs per micro-batch).
+    /// Rows per micro-batch (for `dpo` and `orpo`: preference pairs per micro-batch).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     #[serde(default = "default_one")]
@@ -118,9 +200,8 @@ pub struct TrainSection {
     pub max_steps: Option<u64>,
     #[serde(default = "default_lr")]
     pub lr: f64,
-    /// `cosine`, `linear` or `constant`.
     #[serde(default = "default_schedule")]
-    pub schedule: String,
+    pub schedule: ScheduleKind,
     #[serde(default)]
     pub warmup_steps: Option<u64>,
     #[serde(default)]
@@ -157,20 +238,74 @@ pub struct TrainSection {
     pub dump_batches: bool,
 }
 
-/// Direct Preference Optimization: the loss, the length limits of pairs, the reference.
+/// The training method: `[method]` with `name` and the method's own keys.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "name", rename_all = "lowercase")]
+pub enum MethodSection {
+    /// Supervised fine-tuning: token-mean cross-entropy on the responses.
+    Sft(SftSection),
+    /// Direct Preference Optimization against the frozen base as reference.
+    Dpo(DpoSection),
+    /// Odds Ratio Preference Optimization: reference-free, SFT loss plus an odds-ratio term.
+    Orpo(OrpoSection),
+}
+
+impl Default for MethodSection {
+    fn default() -> Self {
+        MethodSection::Sft(SftSection {})
+    }
+}
+
+impl MethodSection {
+    /// The method's config name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MethodSection::Sft(_) => "sft",
+            MethodSection::Dpo(_) => "dpo",
+            MethodSection::Orpo(_) => "orpo",
+        }
+    }
+}
+
+/// `[method] name = "sft"`: no keys of its own (the data section says what is trained).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftSection {}
+
+/// Which preference loss DPO minimises (TRL's `loss_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossType {
+    /// DPO; cDPO with label smoothing > 0.
+    Sigmoid,
+    /// rDPO.
+    Robust,
+    /// IPO.
+    Ipo,
+}
+
+/// How preference pairs are cut to fit (`dpo` and `orpo`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct PairLengths {
+    /// Prompts longer than this keep their last tokens.
+    pub max_prompt_len: usize,
+    /// Prompt + completion; completions are cut from the end to fit. Also the packed row length.
+    pub max_len: usize,
+}
+
+/// `[method] name = "dpo"`: the loss, the length limits of pairs, the reference.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DpoSection {
     /// β: how far the policy may move from the reference.
     #[serde(default = "default_beta")]
     pub beta: f64,
-    /// `sigmoid` (DPO; cDPO with label_smoothing > 0), `robust` (rDPO) or `ipo`.
     #[serde(default = "default_loss_type")]
-    pub loss_type: String,
+    pub loss_type: LossType,
     /// ε: the assumed fraction of flipped preference labels (sigmoid and robust).
     #[serde(default)]
     pub label_smoothing: f64,
-    /// Prompts longer than this keep their last tokens (default: 512, at most half of the length).
+    /// Prompts longer than this keep their last tokens (default: 512, at most half of `max_len`).
     #[serde(default)]
     pub max_prompt_len: Option<usize>,
     /// Prompt + completion; completions are cut from the end to fit. Also the packed row length.
@@ -183,29 +318,72 @@ pub struct DpoSection {
     pub precompute_ref: bool,
 }
 
+/// `[method] name = "orpo"`: the odds-ratio weight and the length limits of pairs.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrpoSection {
+    /// β (TRL's ORPOConfig.beta, λ in the paper): the weight of the odds-ratio term.
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// As DPO's: default 512, at most half of `max_len`.
+    #[serde(default)]
+    pub max_prompt_len: Option<usize>,
+    /// As DPO's: default `data.max_seq_len`.
+    #[serde(default)]
+    pub max_len: Option<usize>,
+}
+
+impl PairLengths {
+    /// The limits a method section sets, defaults filled in: `max_len` defaults to
+    /// `data.max_seq_len` (TRL's `max_length`), `max_prompt_len` to 512 (TRL's
+    /// `max_prompt_length`) or half of `max_len` when that is shorter.
+    pub fn resolve(
+        max_prompt_len: Option<usize>,
+        max_len: Option<usize>,
+        max_seq_len: usize,
+    ) -> Self {
+        let max_len = max_len.unwrap_or(max_seq_len);
+        PairLengths {
+            max_prompt_len: max_prompt_len.unwrap_or(512.min(max_len / 2)),
+            max_len,
+        }
+    }
+}
+
+impl DpoSection {
+    /// The pair limits, given `data.max_seq_len`.
+    pub fn lengths(&self, max_seq_len: usize) -> PairLengths {
+        PairLengths::resolve(self.max_prompt_len, self.max_len, max_seq_len)
+    }
+}
+
+impl OrpoSection {
+    /// The pair limits, given `data.max_seq_len`.
+    pub fn lengths(&self, max_seq_len: usize) -> PairLengths {
+        PairLengths::resolve(self.max_prompt_len, self.max_len, max_seq_len)
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
     pub dir: PathBuf,
 }
 
-fn default_method() -> String {
-    "sft".into()
-}
 fn default_beta() -> f64 {
     0.1
 }
-fn default_loss_type() -> String {
-    "sigmoid".into()
+fn default_loss_type() -> LossType {
+    LossType::Sigmoid
 }
-fn default_backend() -> String {
-    "auto".into()
+fn default_backend() -> BackendKind {
+    BackendKind::Auto
 }
-fn default_dtype() -> String {
-    "bf16".into()
+fn default_dtype() -> ComputeDType {
+    ComputeDType::Bf16
 }
-fn default_quantize() -> String {
-    "none".into()
+fn default_quantize() -> Quantize {
+    Quantize::None
 }
 fn default_r() -> usize {
     16
@@ -219,17 +397,17 @@ fn default_targets() -> Vec<String> {
         .map(|p| p.name().to_string())
         .collect()
 }
-fn default_format() -> String {
-    "auto".into()
+fn default_format() -> DataFormat {
+    DataFormat::Auto
 }
-fn default_alpaca_template() -> String {
-    "chat".into()
+fn default_alpaca_template() -> AlpacaTemplate {
+    AlpacaTemplate::Chat
 }
 fn default_max_seq_len() -> usize {
     1024
 }
-fn default_truncation() -> String {
-    "truncate".into()
+fn default_truncation() -> Truncation {
+    Truncation::Truncate
 }
 fn default_true() -> bool {
     true
@@ -249,8 +427,8 @@ fn default_epochs() -> f64 {
 fn default_lr() -> f64 {
     2e-4
 }
-fn default_schedule() -> String {
-    "cosine".into()
+fn default_schedule() -> ScheduleKind {
+    ScheduleKind::Cosine
 }
 fn default_max_grad_norm() -> f64 {
     1.0
@@ -277,33 +455,16 @@ impl Default for LoraSection {
     }
 }
 
-impl Default for DpoSection {
-    fn default() -> Self {
-        toml::from_str("").expect("every dpo key has a default")
-    }
-}
-
 impl Default for TrainSection {
     fn default() -> Self {
         toml::from_str("").expect("every train key has a default")
     }
 }
 
-fn one_of(key: &str, value: &str, valid: &[&str]) -> Result<()> {
-    if valid.contains(&value) {
-        Ok(())
-    } else {
-        bail!(
-            "`{key} = \"{value}\"` is not valid; choose one of: {}",
-            valid.join(", ")
-        )
-    }
-}
-
 impl ModelSection {
     /// The NF4 quantization to apply at load, if `quantize` asks for one.
     pub fn quantize_nf4(&self) -> Option<QuantizeNf4> {
-        (self.quantize == "nf4").then_some(QuantizeNf4 {
+        (self.quantize == Quantize::Nf4).then_some(QuantizeNf4 {
             double_quant: self.double_quant,
         })
     }
@@ -355,33 +516,6 @@ impl RunConfig {
 
     /// Checks every value that serde cannot.
     pub fn validate(&self) -> Result<()> {
-        one_of(
-            "model.backend",
-            &self.model.backend,
-            &["auto", "cpu", "cuda"],
-        )?;
-        one_of("model.dtype", &self.model.dtype, &["bf16", "f16", "f32"])?;
-        one_of("model.quantize", &self.model.quantize, &["none", "nf4"])?;
-        one_of(
-            "data.format",
-            &self.data.format,
-            &["auto", "alpaca", "sharegpt", "messages", "text"],
-        )?;
-        one_of(
-            "data.alpaca_template",
-            &self.data.alpaca_template,
-            &["alpaca", "chat"],
-        )?;
-        one_of(
-            "data.truncation",
-            &self.data.truncation,
-            &["truncate", "drop"],
-        )?;
-        one_of(
-            "train.schedule",
-            &self.train.schedule,
-            &["cosine", "linear", "constant"],
-        )?;
         if self.lora.r == 0 {
             bail!("`lora.r` must be at least 1");
         }
@@ -442,41 +576,32 @@ impl RunConfig {
         if t.save_total_limit == 0 {
             bail!("`train.save_total_limit` must be at least 1");
         }
-        one_of("train.method", &t.method, &["sft", "dpo"])?;
-        self.validate_dpo()
+        match &self.method {
+            MethodSection::Sft(_) => Ok(()),
+            MethodSection::Dpo(d) => {
+                check_beta(d.beta)?;
+                if !(0.0..0.5).contains(&d.label_smoothing) {
+                    bail!("`method.label_smoothing` must be in [0, 0.5)");
+                }
+                if d.loss_type == LossType::Ipo && d.label_smoothing != 0.0 {
+                    bail!("`method.label_smoothing` applies to the sigmoid and robust losses; set it to 0 with `method.loss_type = \"ipo\"`");
+                }
+                check_lengths(d.lengths(self.data.max_seq_len))
+            }
+            MethodSection::Orpo(o) => {
+                check_beta(o.beta)?;
+                check_lengths(o.lengths(self.data.max_seq_len))
+            }
+        }
     }
 
-    fn validate_dpo(&self) -> Result<()> {
-        let d = &self.dpo;
-        one_of("dpo.loss_type", &d.loss_type, &LossType::NAMES)?;
-        if !(d.beta > 0.0) {
-            bail!("`dpo.beta` must be positive (TRL's default is 0.1)");
+    /// The pair limits of a preference method (`None` for SFT).
+    pub fn pair_lengths(&self) -> Option<PairLengths> {
+        match &self.method {
+            MethodSection::Sft(_) => None,
+            MethodSection::Dpo(d) => Some(d.lengths(self.data.max_seq_len)),
+            MethodSection::Orpo(o) => Some(o.lengths(self.data.max_seq_len)),
         }
-        if !(0.0..0.5).contains(&d.label_smoothing) {
-            bail!("`dpo.label_smoothing` must be in [0, 0.5)");
-        }
-        if d.loss_type == "ipo" && d.label_smoothing != 0.0 {
-            bail!("`dpo.label_smoothing` applies to the sigmoid and robust losses; set it to 0 with `dpo.loss_type = \"ipo\"`");
-        }
-        let (prompt, len) = (self.dpo_max_prompt_len(), self.dpo_max_len());
-        if prompt == 0 || prompt >= len {
-            bail!(
-                "`dpo.max_prompt_len = {prompt}` must be at least 1 and below `dpo.max_len = {len}` (room must remain for the completion; dpo.max_len defaults to data.max_seq_len)"
-            );
-        }
-        Ok(())
-    }
-
-    /// DPO's prompt + completion limit and packed row length: `dpo.max_len`, else `data.max_seq_len`.
-    pub fn dpo_max_len(&self) -> usize {
-        self.dpo.max_len.unwrap_or(self.data.max_seq_len)
-    }
-
-    /// DPO's prompt limit: `dpo.max_prompt_len`, else 512 (TRL's default) or half of the length.
-    pub fn dpo_max_prompt_len(&self) -> usize {
-        self.dpo
-            .max_prompt_len
-            .unwrap_or_else(|| 512.min(self.dpo_max_len() / 2))
     }
 
     /// The LoRA targets as projections.
@@ -489,6 +614,24 @@ impl RunConfig {
             .filter(|p| self.lora.targets.iter().any(|t| t == p.name()))
             .collect()
     }
+}
+
+fn check_beta(beta: f64) -> Result<()> {
+    if !(beta > 0.0) {
+        bail!("`method.beta` must be positive (TRL's default is 0.1)");
+    }
+    Ok(())
+}
+
+fn check_lengths(l: PairLengths) -> Result<()> {
+    if l.max_prompt_len == 0 || l.max_prompt_len >= l.max_len {
+        bail!(
+            "`method.max_prompt_len = {}` must be at least 1 and below `method.max_len = {}` (room must remain for the completion; method.max_len defaults to data.max_seq_len)",
+            l.max_prompt_len,
+            l.max_len
+        );
+    }
+    Ok(())
 }
 
 /// `configs/../runs/x` → `runs/x`, without touching the file system (the path may not exist yet).
@@ -546,9 +689,14 @@ mod tests {
     fn defaults_fill_a_minimal_config() {
         let c = RunConfig::from_toml(MINIMAL).unwrap();
         assert_eq!(c.lora.r, 16);
-        assert_eq!(c.train.schedule, "cosine");
+        assert_eq!(c.train.schedule, ScheduleKind::Cosine);
+        assert_eq!(
+            (c.model.backend, c.model.dtype),
+            (BackendKind::Auto, ComputeDType::Bf16)
+        );
         assert_eq!(c.targets().len(), 7);
         assert_eq!(c.model.quantize_nf4(), None);
+        assert!(matches!(c.method, MethodSection::Sft(_)));
     }
 
     #[test]
@@ -562,7 +710,7 @@ mod tests {
         let e = RunConfig::from_toml(&MINIMAL.replace("[data]", "quantize = \"gptq\"\n[data]"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("model.quantize") && e.contains("nf4"), "{e}");
+        assert!(e.contains("gptq") && e.contains("nf4"), "{e}");
     }
 
     #[test]
@@ -574,55 +722,102 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_name_the_key() {
-        let e = RunConfig::from_toml(&format!("{MINIMAL}[train]\nschedule = \"wavy\"\n"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("train.schedule") && e.contains("cosine"), "{e}");
+    fn invalid_choices_fail_at_parse_time_listing_the_valid_ones() {
+        for (section, key, bad, valid) in [
+            ("train", "schedule", "wavy", "cosine"),
+            ("model", "backend", "tpu", "cuda"),
+            ("model", "dtype", "fp8", "bf16"),
+            ("data", "format", "csv", "sharegpt"),
+            ("data", "truncation", "wrap", "drop"),
+            ("data", "alpaca_template", "vicuna", "chat"),
+        ] {
+            let line = format!("{key} = \"{bad}\"\n");
+            let text = if MINIMAL.contains(&format!("[{section}]")) {
+                MINIMAL.replace(&format!("[{section}]\n"), &format!("[{section}]\n{line}"))
+            } else {
+                format!("{MINIMAL}[{section}]\n{line}")
+            };
+            let e = RunConfig::from_toml(&text).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains(valid), "{key}: {e}");
+        }
         let e = RunConfig::from_toml(&format!("{MINIMAL}[lora]\ntargets = [\"lm_head\"]\n"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("lm_head") && e.contains("q_proj"), "{e}");
+        let c =
+            RunConfig::from_toml(&MINIMAL.replace("[data]", "dtype = \"fp16\"\n[data]")).unwrap();
+        assert_eq!(c.model.dtype.dtype(), DType::F16);
     }
 
     #[test]
-    fn dpo_defaults_follow_trl_and_bad_values_name_the_key() {
-        let c = RunConfig::from_toml(MINIMAL).unwrap();
-        assert_eq!(c.train.method, "sft");
+    fn the_method_is_a_tagged_section_with_its_own_keys() {
+        let dpo = format!("{MINIMAL}[method]\nname = \"dpo\"\n");
+        let MethodSection::Dpo(d) = RunConfig::from_toml(&dpo).unwrap().method else {
+            panic!("not dpo");
+        };
         assert_eq!(
-            (c.dpo.beta, c.dpo.loss_type.as_str(), c.dpo.label_smoothing),
-            (0.1, "sigmoid", 0.0)
+            (d.beta, d.loss_type, d.label_smoothing),
+            (0.1, LossType::Sigmoid, 0.0)
         );
-        assert_eq!((c.dpo_max_prompt_len(), c.dpo_max_len()), (512, 1024));
-        let short =
-            RunConfig::from_toml(&MINIMAL.replace("[output]", "max_seq_len = 256\n[output]"))
-                .unwrap();
+        assert_eq!((d.max_prompt_len, d.max_len), (None, None));
         assert_eq!(
-            (short.dpo_max_prompt_len(), short.dpo_max_len()),
-            (128, 256)
+            d.lengths(1024),
+            PairLengths {
+                max_prompt_len: 512,
+                max_len: 1024
+            }
+        );
+        // Pair lengths follow data.max_seq_len (ORPO's too, sharing the pair data path).
+        let short = format!("{MINIMAL}[method]\nname = \"orpo\"\nbeta = 0.25\n")
+            .replace("[output]", "max_seq_len = 256\n[output]");
+        let c = RunConfig::from_toml(&short).unwrap();
+        let MethodSection::Orpo(o) = &c.method else {
+            panic!("not orpo");
+        };
+        assert_eq!(o.beta, 0.25);
+        assert_eq!(
+            o.lengths(c.data.max_seq_len),
+            PairLengths {
+                max_prompt_len: 128,
+                max_len: 256
+            }
         );
         let e = RunConfig::from_toml(&MINIMAL.replace("[output]", "text_overlap = 600\n[output]"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("data.text_overlap = 600"), "{e}");
-        let e = RunConfig::from_toml(&format!("{MINIMAL}[train]\nmethod = \"ppo\"\n"))
+        let e = RunConfig::from_toml(&format!("{MINIMAL}[method]\nname = \"ppo\"\n"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("train.method") && e.contains("dpo"), "{e}");
-        let e = RunConfig::from_toml(&format!("{MINIMAL}[dpo]\nloss_type = \"hinge\"\n"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("dpo.loss_type") && e.contains("ipo"), "{e}");
-        let e = RunConfig::from_toml(&format!("{MINIMAL}[dpo]\nmax_prompt_len = 2048\n"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("dpo.max_prompt_len = 2048"), "{e}");
+        assert!(
+            e.contains("ppo") && e.contains("orpo") && e.contains("dpo"),
+            "{e}"
+        );
+        // A key of another method is refused, naming itself.
         let e = RunConfig::from_toml(&format!(
-            "{MINIMAL}[dpo]\nloss_type = \"ipo\"\nlabel_smoothing = 0.1\n"
+            "{MINIMAL}[method]\nname = \"orpo\"\nprecompute_ref = true\n"
         ))
         .unwrap_err()
         .to_string();
-        assert!(e.contains("dpo.label_smoothing"), "{e}");
+        assert!(e.contains("precompute_ref"), "{e}");
+        let e = RunConfig::from_toml(&format!("{MINIMAL}[method]\nname = \"sft\"\nbeta = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("beta"), "{e}");
+        let e = RunConfig::from_toml(&format!("{dpo}loss_type = \"hinge\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hinge") && e.contains("ipo"), "{e}");
+        let e = RunConfig::from_toml(&format!("{dpo}max_prompt_len = 2048\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("method.max_prompt_len = 2048"), "{e}");
+        let e = RunConfig::from_toml(&format!(
+            "{dpo}loss_type = \"ipo\"\nlabel_smoothing = 0.1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("method.label_smoothing"), "{e}");
     }
 
     #[test]
@@ -636,12 +831,14 @@ mod tests {
                 "train.lr=0.5".into(),
                 "data.packing=false".into(),
                 "model.backend=cpu".into(),
+                "method.name=orpo".into(),
             ],
         )
         .unwrap();
         assert_eq!(c.train.lr, 0.5);
         assert!(!c.data.packing);
-        assert_eq!(c.model.backend, "cpu");
+        assert_eq!(c.model.backend, BackendKind::Cpu);
+        assert_eq!(c.method.name(), "orpo");
         assert_eq!(c.model.path, dir.path().join("m"));
         assert_eq!(
             lexically_normal(Path::new("configs/../demo-out/run")),

@@ -8,13 +8,9 @@
 use super::grad_reduce::GradReducer;
 use crate::lora::LoraParams;
 use anyhow::{bail, Context, Result};
-use comms::{Comms, Communicator, Placement, RankInfo, ReduceOp, SingleProcess};
+use comms::{Comms, Communicator, RankInfo, ReduceOp, SingleProcess};
 use std::cell::Cell;
 use std::mem::ManuallyDrop;
-use std::time::Duration;
-
-/// How long ranks wait for each other to join.
-pub const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Test hook: `FUSELORA_FAIL_AT_STEP=S` makes rank `FUSELORA_FAIL_RANK` (default 0) fail at step S.
 pub const FAIL_AT_STEP_ENV: &str = "FUSELORA_FAIL_AT_STEP";
@@ -45,16 +41,14 @@ impl Distributed {
         Self::new(RankInfo::single(), Comms::Single(SingleProcess))
     }
 
-    /// Joins the job that started this process, exchanging gradients in host memory (CPU ranks,
-    /// MPI under mpirun or srun).
-    pub fn connect_host() -> Result<Distributed> {
-        let info = comms::detect().context("reading this rank's place in the job")?;
-        let comms = comms::connect(&info, Placement::Host, JOIN_TIMEOUT)
-            .with_context(|| format!("connecting rank {} of {}", info.rank, info.world_size))?;
+    /// Joins the job that started this process through the communicator `be` exchanges
+    /// gradients with (host memory for CPU ranks, NCCL on its own stream for GPU ranks).
+    pub fn join<B: GradReducer>(be: &B) -> Result<Distributed> {
+        let (info, comms) = be.join_ranks()?;
         Ok(Self::new(info, comms))
     }
 
-    /// Wraps a communicator the caller connected (GPU ranks connect with their CUDA stream).
+    /// Wraps a communicator the caller connected.
     pub fn new(info: RankInfo, comms: Comms) -> Distributed {
         let fail_at_step = std::env::var(FAIL_AT_STEP_ENV)
             .ok()
@@ -97,15 +91,6 @@ impl Distributed {
         self.comms.describe()
     }
 
-    /// Sums every LoRA gradient over the ranks (once per optimizer step).
-    pub fn sum_grads<B: GradReducer>(&self, be: &B, lora: &mut LoraParams<B>) -> Result<()> {
-        if self.world_size() == 1 {
-            return Ok(());
-        }
-        be.sum_over_ranks(&mut lora.grads, &self.comms)
-            .context("all-reduce of the LoRA gradients")
-    }
-
     /// Marks layer `layer`'s LoRA gradients final (backward visits layers from the last to the
     /// first) and starts summing a bucket of layers over the ranks once it is full — or at layer 0;
     /// [`Distributed::wait_for_sums`] completes every started sum.
@@ -137,6 +122,37 @@ impl Distributed {
         }
         be.wait_for_sums(&self.comms)
             .context("waiting for the LoRA gradient all-reduce")
+    }
+
+    /// The backward passes of one optimizer step: zeroes the LoRA gradients, runs `micro_step` on
+    /// each micro-batch — the last one's layers summed over the ranks as its backward finishes
+    /// them (the hook it is given) — and waits for the sums. Every rank has the same number of
+    /// micro-batches, so the collectives line up. Returns each micro-batch's result.
+    pub fn accumulate<B: GradReducer, T, R>(
+        &self,
+        be: &B,
+        lora: &mut LoraParams<B>,
+        micro: &[T],
+        mut micro_step: impl FnMut(
+            &T,
+            &mut LoraParams<B>,
+            &mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>,
+        ) -> Result<R>,
+    ) -> Result<Vec<R>> {
+        lora.zero_grads(be)?;
+        let mut results = Vec::with_capacity(micro.len());
+        for (i, batch) in micro.iter().enumerate() {
+            let last = i + 1 == micro.len();
+            results.push(micro_step(batch, lora, &mut |layer, lp| {
+                if last {
+                    self.layer_done(be, lp, layer)
+                } else {
+                    Ok(())
+                }
+            })?);
+        }
+        self.wait_for_sums(be)?;
+        Ok(results)
     }
 
     /// Exact sums of whole numbers over the ranks. f32 collectives carry them as 16-bit limbs,

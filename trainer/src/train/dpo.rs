@@ -1,5 +1,7 @@
-//! Direct Preference Optimization on the training engine: the loss types, one micro-batch step,
-//! and the per-step metrics as TRL's `DPOTrainer` names them.
+//! Direct Preference Optimization (`[method] name = "dpo"`): the loss types, one micro-batch
+//! step, and the metrics as TRL's `DPOTrainer` names them. The reference log-probabilities are
+//! the same forward with the adapter off, per micro-batch or precomputed once
+//! (`precompute_ref`, [`dpo_reference`]).
 //!
 //! For pair i, with sequence log-probabilities summed over completion tokens only,
 //!   z_i = (logπ(chosen_i) − logπ(rejected_i)) − (logπ_ref(chosen_i) − logπ_ref(rejected_i))
@@ -17,32 +19,18 @@
 //! one +w·dL_i/dz (divided by the token count for ipo), every other token 0.
 //! Rewards are β·(logπ − logπ_ref); accuracy counts pairs whose chosen reward beats the rejected one.
 
+use super::config::{DpoSection, LossType, RunConfig};
+use super::distributed::Distributed;
+use super::dpo_reference;
+use super::method::{LayerHook, Method, StepContext, Sums};
+use super::pairs::{
+    backward_from_sequences, log_sigmoid, pair_logps, reward_metrics, sequence_logps, sigmoid,
+    PairLogps, PairMicroBatch, PreferenceData, TargetSequences,
+};
 use crate::lora::LoraParams;
 use crate::model::{Batch, Decoder};
 use anyhow::{bail, Result};
-use kernels::{Backend, CeGrad, DType, IGNORE_INDEX};
-use serde::Serialize;
-
-/// Which preference loss.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LossType {
-    Sigmoid,
-    Robust,
-    Ipo,
-}
-
-impl LossType {
-    pub const NAMES: [&'static str; 3] = ["sigmoid", "robust", "ipo"];
-
-    pub fn parse(s: &str) -> Option<LossType> {
-        match s {
-            "sigmoid" => Some(LossType::Sigmoid),
-            "robust" => Some(LossType::Robust),
-            "ipo" => Some(LossType::Ipo),
-            _ => None,
-        }
-    }
-}
+use kernels::Backend;
 
 /// The loss and its hyper-parameters.
 #[derive(Clone, Copy, Debug)]
@@ -51,24 +39,6 @@ pub struct DpoLoss {
     pub beta: f64,
     /// ε of cDPO / rDPO; 0 for plain DPO (ignored by ipo).
     pub label_smoothing: f64,
-}
-
-/// `log σ(x)`, stable for large |x|.
-fn log_sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        -(-x).exp().ln_1p()
-    } else {
-        x - x.exp().ln_1p()
-    }
-}
-
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
 }
 
 impl DpoLoss {
@@ -98,72 +68,6 @@ impl DpoLoss {
     }
 }
 
-/// For each position of a micro-batch, the sequence its next-token target scores:
-/// `2k` for the chosen completion of the batch's pair `k`, `2k + 1` for the rejected one,
-/// `-1` for prompt, padding and positions without a target.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TargetSequences {
-    pub seq: Vec<i32>,
-    pub pairs: usize,
-}
-
-impl TargetSequences {
-    /// `targets` are the shifted next-token targets; `seq_of_position` the sequence of each token.
-    pub fn new(targets: &[i32], seq_of_position: &[i32], pairs: usize) -> Self {
-        let seq = targets
-            .iter()
-            .zip(seq_of_position)
-            .map(|(&t, &s)| if t == IGNORE_INDEX { -1 } else { s })
-            .collect();
-        TargetSequences { seq, pairs }
-    }
-
-    /// Per sequence: the sum of the token log-probabilities and the number of tokens.
-    pub fn sum_by_sequence(&self, token_logp: &[f32]) -> (Vec<f64>, Vec<usize>) {
-        let mut sums = vec![0.0f64; 2 * self.pairs];
-        let mut counts = vec![0usize; 2 * self.pairs];
-        for (&s, &lp) in self.seq.iter().zip(token_logp) {
-            if s >= 0 {
-                sums[s as usize] += lp as f64;
-                counts[s as usize] += 1;
-            }
-        }
-        (sums, counts)
-    }
-}
-
-/// Log-probabilities of one pair's completions.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct PairLogps {
-    pub chosen: f64,
-    pub rejected: f64,
-}
-
-/// Per-pair summed log-probabilities from per-sequence sums.
-fn pair_logps(sums: &[f64]) -> Vec<PairLogps> {
-    sums.chunks(2)
-        .map(|c| PairLogps {
-            chosen: c[0],
-            rejected: c[1],
-        })
-        .collect()
-}
-
-/// Summed completion log-probabilities of every pair of the batch under `lora` (`None`: the
-/// reference, base weights alone), with no gradient.
-pub fn sequence_logps<B: Backend>(
-    be: &B,
-    model: &Decoder<B>,
-    lora: Option<&LoraParams<B>>,
-    batch: &Batch<B>,
-    seqs: &TargetSequences,
-) -> Result<(Vec<PairLogps>, Vec<usize>)> {
-    let acts = model.forward(be, lora, batch, false)?;
-    let (logp, _) = model.head(be, &acts, &batch.targets, CeGrad::None)?;
-    let (sums, counts) = seqs.sum_by_sequence(&be.download(&logp)?);
-    Ok((pair_logps(&sums), counts))
-}
-
 /// What one pair contributed: everything the metrics and the reference check need.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PairResult {
@@ -179,6 +83,8 @@ pub struct PairResult {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct DpoSums {
     pub pairs: f64,
+    /// Completion tokens scored.
+    pub tokens: f64,
     pub loss: f64,
     pub chosen_rewards: f64,
     pub rejected_rewards: f64,
@@ -188,82 +94,77 @@ pub struct DpoSums {
 }
 
 impl DpoSums {
-    /// The sums over every rank of the job (the identity on one rank).
-    pub fn summed_over(&self, dist: &super::distributed::Distributed) -> anyhow::Result<DpoSums> {
-        let v = dist.global_sum_f64(&[
+    /// The sums of `results`, pairs that scored `tokens` completion tokens.
+    pub fn of(results: &[PairResult], tokens: usize) -> DpoSums {
+        let mut s = DpoSums {
+            tokens: tokens as f64,
+            ..DpoSums::default()
+        };
+        for r in results {
+            s.pairs += 1.0;
+            s.loss += r.loss;
+            s.chosen_rewards += r.chosen_reward;
+            s.rejected_rewards += r.rejected_reward;
+            s.correct += f64::from(u8::from(r.chosen_reward > r.rejected_reward));
+            s.policy_chosen += r.policy.chosen;
+            s.policy_rejected += r.policy.rejected;
+        }
+        s
+    }
+}
+
+impl Sums for DpoSums {
+    fn to_values(&self) -> Vec<f64> {
+        vec![
             self.pairs,
+            self.tokens,
             self.loss,
             self.chosen_rewards,
             self.rejected_rewards,
             self.correct,
             self.policy_chosen,
             self.policy_rejected,
-        ])?;
-        Ok(DpoSums {
+        ]
+    }
+
+    fn from_values(v: &[f64]) -> Self {
+        DpoSums {
             pairs: v[0],
-            loss: v[1],
-            chosen_rewards: v[2],
-            rejected_rewards: v[3],
-            correct: v[4],
-            policy_chosen: v[5],
-            policy_rejected: v[6],
-        })
-    }
-
-    pub fn add(&mut self, r: &PairResult) {
-        self.pairs += 1.0;
-        self.loss += r.loss;
-        self.chosen_rewards += r.chosen_reward;
-        self.rejected_rewards += r.rejected_reward;
-        self.correct += f64::from(u8::from(r.chosen_reward > r.rejected_reward));
-        self.policy_chosen += r.policy.chosen;
-        self.policy_rejected += r.policy.rejected;
-    }
-
-    pub fn merge(&mut self, o: &DpoSums) {
-        self.pairs += o.pairs;
-        self.loss += o.loss;
-        self.chosen_rewards += o.chosen_rewards;
-        self.rejected_rewards += o.rejected_rewards;
-        self.correct += o.correct;
-        self.policy_chosen += o.policy_chosen;
-        self.policy_rejected += o.policy_rejected;
-    }
-
-    /// Means over the pairs, named as TRL logs them.
-    pub fn metrics(&self) -> DpoMetrics {
-        let n = self.pairs.max(1.0);
-        DpoMetrics {
-            rewards_chosen: self.chosen_rewards / n,
-            rewards_rejected: self.rejected_rewards / n,
-            rewards_accuracies: self.correct / n,
-            rewards_margins: (self.chosen_rewards - self.rejected_rewards) / n,
-            logps_chosen: self.policy_chosen / n,
-            logps_rejected: self.policy_rejected / n,
+            tokens: v[1],
+            loss: v[2],
+            chosen_rewards: v[3],
+            rejected_rewards: v[4],
+            correct: v[5],
+            policy_chosen: v[6],
+            policy_rejected: v[7],
         }
     }
 
     /// The mean loss over the pairs.
-    pub fn mean_loss(&self) -> f64 {
+    fn loss(&self) -> f64 {
         self.loss / self.pairs.max(1.0)
     }
-}
 
-/// TRL's DPO metrics (the loss is logged beside them as `loss`).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
-pub struct DpoMetrics {
-    #[serde(rename = "rewards/chosen")]
-    pub rewards_chosen: f64,
-    #[serde(rename = "rewards/rejected")]
-    pub rewards_rejected: f64,
-    #[serde(rename = "rewards/accuracies")]
-    pub rewards_accuracies: f64,
-    #[serde(rename = "rewards/margins")]
-    pub rewards_margins: f64,
-    #[serde(rename = "logps/chosen")]
-    pub logps_chosen: f64,
-    #[serde(rename = "logps/rejected")]
-    pub logps_rejected: f64,
+    /// Means over the pairs, named as TRL logs them.
+    fn metrics(&self) -> Vec<(&'static str, f64)> {
+        let n = self.pairs.max(1.0);
+        let mut metrics = reward_metrics(
+            self.chosen_rewards,
+            self.rejected_rewards,
+            self.correct,
+            self.pairs,
+        )
+        .to_vec();
+        metrics.extend([
+            ("logps/chosen", self.policy_chosen / n),
+            ("logps/rejected", self.policy_rejected / n),
+        ]);
+        metrics
+    }
+
+    fn counts(&self) -> Vec<(&'static str, u64)> {
+        vec![("pairs", self.pairs as u64), ("tokens", self.tokens as u64)]
+    }
 }
 
 /// The loss, rewards and `dL_i/dz` of every pair, from policy and reference log-probabilities
@@ -321,7 +222,9 @@ pub fn score_pairs(
 /// Forward, DPO loss and backward for one micro-batch of pairs. `reference` holds the pairs'
 /// summed reference log-probabilities (precomputed, or from [`sequence_logps`] with no adapter);
 /// `pair_weight` is `1 / (pairs in the optimizer step over all ranks)`. Adds
-/// `pair_weight · Σ_i dL_i/dθ` into the LoRA gradients and returns every pair's result.
+/// `ctx.loss_scale · pair_weight · Σ_i dL_i/dθ` into the LoRA gradients and returns every pair's
+/// result.
+#[allow(clippy::too_many_arguments)]
 pub fn dpo_micro_step<B: Backend>(
     be: &B,
     model: &Decoder<B>,
@@ -331,41 +234,187 @@ pub fn dpo_micro_step<B: Backend>(
     reference: &[PairLogps],
     loss: &DpoLoss,
     pair_weight: f64,
-    checkpoint: bool,
+    ctx: StepContext<'_>,
+    after_layer: LayerHook<'_, B>,
 ) -> Result<Vec<PairResult>> {
-    let acts = model.forward(be, Some(lora), batch, checkpoint)?;
-    let (logp, _) = model.head(be, &acts, &batch.targets, CeGrad::None)?;
-    let (sums, counts) = seqs.sum_by_sequence(&be.download(&logp)?);
-    let scored = score_pairs(loss, &pair_logps(&sums), reference, &counts)?;
-    // dL/dlogπ(sequence s), divided by its token count when ipo averages.
-    let mut seq_grad = vec![0.0f64; 2 * seqs.pairs];
-    for (k, (_, dz)) in scored.iter().enumerate() {
-        for (s, sign) in [(2 * k, 1.0), (2 * k + 1, -1.0)] {
-            let scale = if loss.averages_tokens() {
-                1.0 / counts[s].max(1) as f64
-            } else {
-                1.0
-            };
-            seq_grad[s] = sign * pair_weight * dz * scale;
-        }
-    }
-    // The head differentiates −Σ weight·logp, so weight = −dL/dlogp.
-    let weights: Vec<f32> = seqs
-        .seq
-        .iter()
-        .map(|&s| {
-            if s >= 0 {
-                -seq_grad[s as usize] as f32
-            } else {
-                0.0
+    backward_from_sequences(
+        be,
+        model,
+        lora,
+        batch,
+        seqs,
+        ctx,
+        after_layer,
+        |sums, counts| {
+            let scored = score_pairs(loss, &pair_logps(sums), reference, counts)?;
+            // dL/dlogπ(token of sequence s), divided by the sequence's token count when ipo averages.
+            let mut seq_grad = vec![0.0f64; 2 * seqs.pairs];
+            for (k, (_, dz)) in scored.iter().enumerate() {
+                for (s, sign) in [(2 * k, 1.0), (2 * k + 1, -1.0)] {
+                    let scale = if loss.averages_tokens() {
+                        1.0 / counts[s].max(1) as f64
+                    } else {
+                        1.0
+                    };
+                    seq_grad[s] = sign * pair_weight * dz * scale;
+                }
             }
+            Ok((scored.into_iter().map(|(r, _)| r).collect(), seq_grad))
+        },
+    )
+}
+
+/// The DPO method: preference data, the loss, and the precomputed reference log-probabilities
+/// of the training and held-out pairs when `precompute_ref` asks for them.
+pub struct Dpo {
+    data: PreferenceData,
+    loss: DpoLoss,
+    train_ref: Option<Vec<PairLogps>>,
+    eval_ref: Option<Vec<PairLogps>>,
+}
+
+impl Dpo {
+    /// Reads the data and, with `precompute_ref`, loads or computes the reference cache in the
+    /// output folder (one rank only).
+    pub fn prepare<B: Backend>(
+        be: &B,
+        model: &Decoder<B>,
+        cfg: &RunConfig,
+        section: &DpoSection,
+        dist: &Distributed,
+    ) -> Result<Dpo> {
+        if dist.world_size() > 1 && section.precompute_ref {
+            bail!("method.precompute_ref = true is for one rank: set it to false for data-parallel DPO (each rank then computes its pairs' reference log-probabilities as it goes)");
+        }
+        let data = PreferenceData::prepare(cfg, section.lengths(cfg.data.max_seq_len))?;
+        let (train_ref, eval_ref) = if section.precompute_ref {
+            let out = &cfg.output.dir;
+            let base_model = cfg.model.path.display().to_string();
+            let (t, cached) = dpo_reference::load_or_compute(
+                be,
+                model,
+                &base_model,
+                &data.train,
+                &data.layout,
+                &out.join("reference_logps.json"),
+            )?;
+            let (e, _) = dpo_reference::load_or_compute(
+                be,
+                model,
+                &base_model,
+                &data.eval,
+                &data.layout,
+                &out.join("reference_logps.eval.json"),
+            )?;
+            eprintln!(
+                "reference log-probabilities of {} pairs {}",
+                t.len() + e.len(),
+                if cached {
+                    "read from the cache"
+                } else {
+                    "precomputed and cached"
+                }
+            );
+            (Some(t), Some(e))
+        } else {
+            (None, None)
+        };
+        Ok(Dpo {
+            data,
+            loss: DpoLoss {
+                kind: section.loss_type,
+                beta: section.beta,
+                label_smoothing: section.label_smoothing,
+            },
+            train_ref,
+            eval_ref,
         })
-        .collect();
-    let w = be.upload(&weights, DType::F32)?;
-    let (_, dnormed) = model.head(be, &acts, &batch.targets, CeGrad::PerRow(&w))?;
-    let dnormed = dnormed.expect("a gradient was requested");
-    model.backward(be, Some(lora), batch, acts, &dnormed)?;
-    Ok(scored.into_iter().map(|(r, _)| r).collect())
+    }
+
+    /// The reference log-probabilities of `mb`'s pairs: from `cache` (indexed like the pairs'
+    /// dataset), else the forward with the adapter off.
+    fn reference<B: Backend>(
+        be: &B,
+        model: &Decoder<B>,
+        batch: &Batch<B>,
+        mb: &PairMicroBatch,
+        cache: Option<&[PairLogps]>,
+    ) -> Result<Vec<PairLogps>> {
+        Ok(match cache {
+            Some(r) => mb.indices.iter().map(|&i| r[i]).collect(),
+            None => pair_logps(&sequence_logps(be, model, None, batch, &mb.seqs)?.0),
+        })
+    }
+}
+
+impl<B: Backend> Method<B> for Dpo {
+    type Data = PreferenceData;
+    type Sums = DpoSums;
+
+    fn data(&self) -> &PreferenceData {
+        &self.data
+    }
+
+    /// Pairs: the loss is the mean over the step's pairs.
+    fn loss_counts(&self, batch: &PairMicroBatch) -> Vec<u64> {
+        vec![batch.indices.len() as u64]
+    }
+
+    fn micro_step(
+        &self,
+        be: &B,
+        model: &Decoder<B>,
+        lora: &mut LoraParams<B>,
+        mb: &PairMicroBatch,
+        ctx: StepContext<'_>,
+        after_layer: LayerHook<'_, B>,
+    ) -> Result<DpoSums> {
+        let batch = mb.upload(be, model)?;
+        let reference = Self::reference(be, model, &batch, mb, self.train_ref.as_deref())?;
+        let results = dpo_micro_step(
+            be,
+            model,
+            lora,
+            &batch,
+            &mb.seqs,
+            &reference,
+            &self.loss,
+            1.0 / ctx.totals[0].max(1) as f64,
+            ctx,
+            after_layer,
+        )?;
+        Ok(DpoSums::of(&results, mb.host.target_count()))
+    }
+
+    fn evaluate(
+        &self,
+        be: &B,
+        model: &Decoder<B>,
+        lora: &LoraParams<B>,
+    ) -> Result<Option<DpoSums>> {
+        if self.data.eval.is_empty() {
+            return Ok(None);
+        }
+        let mut sums = DpoSums::default();
+        for mb in self.data.eval_batches() {
+            let batch = mb.upload(be, model)?;
+            let (policy, counts) = sequence_logps(be, model, Some(lora), &batch, &mb.seqs)?;
+            let reference = Self::reference(be, model, &batch, &mb, self.eval_ref.as_deref())?;
+            let scored = score_pairs(&self.loss, &pair_logps(&policy), &reference, &counts)?;
+            let results: Vec<PairResult> = scored.into_iter().map(|(r, _)| r).collect();
+            sums.add(&DpoSums::of(&results, mb.host.target_count()));
+        }
+        Ok(Some(sums))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "dpo ({:?}, β = {}) · {}",
+            self.loss.kind,
+            self.loss.beta,
+            self.data.describe()
+        )
+    }
 }
 
 #[cfg(test)]
@@ -443,14 +492,8 @@ mod tests {
     }
 
     #[test]
-    fn sequences_sum_only_their_targets_and_metrics_average_pairs() {
-        // Two pairs; positions 1 and 2 → seq 0, 3 → seq 1, 4 → seq 2, 5 → seq 3; 0 has no target.
-        let targets = [IGNORE_INDEX, 5, 6, 7, 8, 9];
-        let seq_of_position = [0, 0, 0, 1, 2, 3];
-        let seqs = TargetSequences::new(&targets, &seq_of_position, 2);
-        let (sums, counts) = seqs.sum_by_sequence(&[-100.0, -1.0, -2.0, -4.0, -0.5, -0.25]);
-        assert_eq!(sums, vec![-3.0, -4.0, -0.5, -0.25]);
-        assert_eq!(counts, vec![2, 1, 1, 1]);
+    fn pair_scores_and_metrics_average_pairs() {
+        let (sums, counts) = (vec![-3.0, -4.0, -0.5, -0.25], vec![2, 1, 1, 1]);
         let policy = pair_logps(&sums);
         let reference = vec![
             PairLogps {
@@ -464,18 +507,28 @@ mod tests {
         // pair 0: z = (−3 + 4) − (−4 + 3) = 2; pair 1: z = (−0.5 + 0.25) − (−1) = 0.75.
         close(scored[0].0.z, 2.0);
         close(scored[1].0.z, 0.75);
-        let mut sums = DpoSums::default();
-        scored.iter().for_each(|(r, _)| sums.add(r));
-        let m = sums.metrics();
-        close(m.rewards_chosen, 0.5 * ((-3.0 + 4.0) + (-0.5 + 4.0)) / 2.0);
+        let results: Vec<PairResult> = scored.into_iter().map(|(r, _)| r).collect();
+        let sums = DpoSums::of(&results, 5);
+        let m: std::collections::BTreeMap<&str, f64> = sums.metrics().into_iter().collect();
         close(
-            m.rewards_rejected,
+            m["rewards/chosen"],
+            0.5 * ((-3.0 + 4.0) + (-0.5 + 4.0)) / 2.0,
+        );
+        close(
+            m["rewards/rejected"],
             0.5 * ((-4.0 + 3.0) + (-0.25 + 3.0)) / 2.0,
         );
-        close(m.rewards_accuracies, 1.0);
-        close(m.logps_chosen, -1.75);
-        let json = serde_json::to_value(m).unwrap();
-        assert!(json.get("rewards/margins").is_some() && json.get("logps/rejected").is_some());
+        close(m["rewards/accuracies"], 1.0);
+        close(m["logps/chosen"], -1.75);
+        close(
+            m["rewards/margins"],
+            m["rewards/chosen"] - m["rewards/rejected"],
+        );
+        assert_eq!(sums.counts(), vec![("pairs", 2), ("tokens", 5)]);
+        let mut twice = sums;
+        twice.add(&sums);
+        close(twice.loss(), sums.loss());
+        close(twice.pairs, 4.0);
     }
 
     #[test]

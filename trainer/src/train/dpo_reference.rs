@@ -3,10 +3,9 @@
 //! the same forward kernels as training. The file holds a fingerprint of the model folder and of
 //! every pair's tokens (FNV-1a, 64 bits); a cache whose fingerprint differs is recomputed.
 
-use super::dpo::{sequence_logps, PairLogps, TargetSequences};
-use crate::data::pair_batching::pair_batch;
+use super::pairs::{pair_logps, sequence_logps, Layout, PairLogps, PairMicroBatch};
 use crate::data::preference::PreferencePair;
-use crate::model::{next_token_targets, Batch, Decoder};
+use crate::model::Decoder;
 use anyhow::{Context, Result};
 use kernels::Backend;
 use serde::{Deserialize, Serialize};
@@ -39,34 +38,6 @@ pub fn fingerprint(model: &str, pairs: &[PreferencePair]) -> String {
     format!("{h:016x}")
 }
 
-/// How reference batches are laid out (the training micro-batch shape).
-#[derive(Clone, Copy, Debug)]
-pub struct Layout {
-    pub pairs_per_batch: usize,
-    pub packing: bool,
-    pub row_len: usize,
-    pub pad_id: i32,
-}
-
-/// Uploads a micro-batch of `pairs` with its target → sequence map.
-pub fn upload_pairs<B: Backend>(
-    be: &B,
-    model: &Decoder<B>,
-    pairs: &[&PreferencePair],
-    l: &Layout,
-) -> Result<(Batch<B>, TargetSequences, usize)> {
-    let pb = pair_batch(pairs, l.packing, l.row_len, l.pad_id);
-    let layout = pb.host.layout(model.config.sliding_window);
-    let seqs = TargetSequences::new(
-        &next_token_targets(&pb.host.labels, &layout),
-        &pb.seq_of_position,
-        pb.pairs,
-    );
-    let tokens = pb.host.token_count();
-    let batch = Batch::new(be, &model.config, &pb.host.ids, &pb.host.labels, layout)?;
-    Ok((batch, seqs, tokens))
-}
-
 /// Reference log-probabilities of every pair, in order.
 pub fn compute<B: Backend>(
     be: &B,
@@ -77,8 +48,11 @@ pub fn compute<B: Backend>(
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(l.pairs_per_batch.max(1)) {
         let refs: Vec<&PreferencePair> = chunk.iter().collect();
-        let (batch, seqs, _) = upload_pairs(be, model, &refs, l)?;
-        out.extend(sequence_logps(be, model, None, &batch, &seqs)?.0);
+        let mb = PairMicroBatch::new(&refs, Vec::new(), l);
+        let batch = mb.upload(be, model)?;
+        out.extend(pair_logps(
+            &sequence_logps(be, model, None, &batch, &mb.seqs)?.0,
+        ));
     }
     Ok(out)
 }

@@ -31,9 +31,12 @@ impl BatchDump {
     }
 
     /// Writes the micro-batches of optimizer step `step` (1-based, as in metrics.jsonl).
-    pub fn write(&mut self, step: u64, micro: &[HostBatch]) -> Result<()> {
+    pub fn write<'a>(
+        &mut self,
+        step: u64,
+        micro: impl Iterator<Item = &'a HostBatch>,
+    ) -> Result<()> {
         let micro: Vec<_> = micro
-            .iter()
             .map(
                 |b| json!({"ids": b.ids, "labels": b.labels, "docs": b.docs, "seq_len": b.seq_len}),
             )
@@ -57,8 +60,8 @@ mod tests {
             seq_len: 4,
         };
         let mut d = BatchDump::open(dir.path(), true).unwrap();
-        d.write(1, &[b.clone(), b.clone()]).unwrap();
-        d.write(2, &[b]).unwrap();
+        d.write(1, [&b, &b].into_iter()).unwrap();
+        d.write(2, std::iter::once(&b)).unwrap();
         drop(d);
         let text = std::fs::read_to_string(dir.path().join("batches.jsonl")).unwrap();
         let lines: Vec<serde_json::Value> = text
@@ -71,7 +74,7 @@ mod tests {
         assert_eq!(lines[1]["micro"][0]["ids"], json!([5, 6, 7, 0]));
         assert_eq!(lines[1]["micro"][0]["docs"], json!([[3]]));
         let mut again = BatchDump::open(dir.path(), true).unwrap();
-        again.write(1, &[]).unwrap();
+        again.write(1, std::iter::empty()).unwrap();
         drop(again);
         let text = std::fs::read_to_string(dir.path().join("batches.jsonl")).unwrap();
         assert_eq!(text.lines().count(), 1, "a fresh run starts the file anew");

@@ -10,11 +10,14 @@
 //!   own, a bucket of layers' tensors in one NCCL group once their backward is queued (by default
 //!   one bucket, after the whole backward: see `distributed::DEFAULT_BUCKET_LAYERS`).
 
-use super::distributed::Distributed;
-use anyhow::Result;
-use comms::{Comms, Communicator, ReduceOp};
+use anyhow::{Context, Result};
+use comms::{Comms, Communicator, Placement, RankInfo, ReduceOp};
 use kernels::cpu::CpuBackend;
 use kernels::Backend;
+use std::time::Duration;
+
+/// How long ranks wait for each other to join.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Values per host bucket: 4 Mi f32 = 16 MiB, near torch DDP's 25 MB default.
 pub const BUCKET_VALUES: usize = 4 << 20;
@@ -22,8 +25,9 @@ pub const BUCKET_VALUES: usize = 4 << 20;
 /// A backend whose gradient tensors can be summed over ranks.
 pub trait GradReducer: Backend {
     /// Joins the job that started this process with a communicator that reaches this backend's
-    /// tensors (host memory for the CPU, the device stream for CUDA).
-    fn join_ranks(&self) -> Result<Distributed>;
+    /// tensors (host memory for the CPU, the device stream for CUDA): this rank's place and the
+    /// communicator (`distributed::Distributed::join` wraps them).
+    fn join_ranks(&self) -> Result<(RankInfo, Comms)>;
     /// Replaces every tensor of `grads` by its sum over all ranks of `comms`.
     fn sum_over_ranks(&self, grads: &mut [Self::Tensor], comms: &Comms) -> Result<()> {
         self.start_sum_over_ranks(grads, comms)?;
@@ -38,8 +42,12 @@ pub trait GradReducer: Backend {
 }
 
 impl GradReducer for CpuBackend {
-    fn join_ranks(&self) -> Result<Distributed> {
-        Distributed::connect_host()
+    /// MPI under mpirun or srun (or one process alone), exchanging host memory.
+    fn join_ranks(&self) -> Result<(RankInfo, Comms)> {
+        let info = comms::detect().context("reading this rank's place in the job")?;
+        let comms = comms::connect(&info, Placement::Host, JOIN_TIMEOUT)
+            .with_context(|| format!("connecting rank {} of {}", info.rank, info.world_size))?;
+        Ok((info, comms))
     }
 
     /// Host buckets through MPI, synchronously: the sum is complete when this returns.
@@ -79,17 +87,16 @@ impl GradReducer for CpuBackend {
 
 #[cfg(feature = "cuda")]
 impl GradReducer for kernels::cuda::CudaBackend {
-    fn join_ranks(&self) -> Result<Distributed> {
-        use anyhow::Context;
+    fn join_ranks(&self) -> Result<(RankInfo, Comms)> {
         let info = comms::detect().context("reading this rank's place in the job")?;
         if info.world_size == 1 {
-            return Ok(Distributed::single());
+            return Ok((RankInfo::single(), Comms::Single(comms::SingleProcess)));
         }
         // NCCL gets a stream of its own, so that gradient sums overlap the rest of backward.
-        let placement = comms::Placement::Cuda(self.stream().fork()?);
-        let comms = comms::connect(&info, placement, super::distributed::JOIN_TIMEOUT)
+        let placement = Placement::Cuda(self.stream().fork()?);
+        let comms = comms::connect(&info, placement, JOIN_TIMEOUT)
             .with_context(|| format!("connecting GPU rank {} of {}", info.rank, info.world_size))?;
-        Ok(Distributed::new(info, comms))
+        Ok((info, comms))
     }
 
     /// NCCL runs on its own stream (see `join_ranks`): it first waits for the work queued on the

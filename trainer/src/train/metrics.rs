@@ -18,9 +18,10 @@ pub struct StepRecord {
     pub grad_norm: f32,
     /// Real (non-padding) tokens in this step, over all ranks.
     pub tokens: u64,
-    /// Of those, the tokens that carry a loss (SFT; DPO's loss is per pair).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loss_tokens: Option<u64>,
+    /// Of those, the tokens that carry a label (responses; the completions of both halves of a
+    /// preference pair).
+    #[serde(default)]
+    pub loss_tokens: u64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
 }

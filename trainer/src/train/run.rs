@@ -1,57 +1,51 @@
-//! The training loop. Per optimizer step: the step's micro-batches (gradient accumulation) each
-//! run forward, loss and backward, with every token weighted by `1 / (loss tokens in the whole step)`
-//! so the step's loss is the token mean over all its micro-batches; then clipping, AdamW and the
-//! schedule. Rank 0 alone logs, evaluates into the log, and writes files.
+//! The training loop, one for every method ([`Method`]). Per optimizer step: the step's
+//! micro-batches (gradient accumulation) — the loss counts of all of them on all ranks summed
+//! first, so every micro-batch knows the whole step's normaliser — each run forward, loss and
+//! backward, the last one's gradients summed over the ranks layer by layer during its backward;
+//! then loss unscaling (fp16), clipping, AdamW and the schedule. Rank 0 alone creates the output
+//! folder, logs, evaluates into the log and writes files.
 //!
 //! Data parallel (several ranks, see [`Distributed`]): each rank runs its share of the step's
-//! micro-batches, every token weighted by `1 / (loss tokens of the step over all ranks)`, and the
-//! gradients are summed over the ranks after the last micro-batch; so N ranks × accumulation k
-//! compute the same update as one rank × accumulation N·k. Clipping then sees the global norm.
+//! micro-batches with the same global weights, and the gradients are summed over the ranks; so N
+//! ranks × accumulation k compute the same update as one rank × accumulation N·k.
 
-use super::checkpoint::{self, TrainerState};
-use super::config::RunConfig;
+use super::checkpoint::{self, Resume, TrainerState};
+use super::config::{MethodSection, RunConfig};
 use super::distributed::Distributed;
+use super::dpo::Dpo;
 use super::dump::BatchDump;
 use super::grad_reduce::GradReducer;
 use super::init::fresh_adapter;
-use super::metrics::{EvalRecord, MetricsLog, Progress, StepRecord};
+use super::method::{BatchSource, Method, StepContext, Sums};
+use super::metrics::{MetricsLog, Progress, StepRecord};
+use super::orpo::Orpo;
 use super::plot::plot_loss;
-use super::schedule::{Schedule, ScheduleKind};
-use super::stream::{DataStream, SharedExamples};
+use super::schedule::Schedule;
+use super::sft::Sft;
+use super::stream::BatchStream;
 use super::trace::ExampleTrace;
-use crate::data::batching::{self, epoch_batches, Batching, Example, HostBatch};
-use crate::data::records::{read_file, Format, Record};
-use crate::data::source::ExampleSource;
-use crate::data::token_shards::{is_token_shard, TokenShards};
-use crate::data::tokenize::{tokenize_records, Formatting, TokenizeStats};
+use crate::data::preference::PreferenceStats;
+use crate::data::tokenize::TokenizeStats;
 use crate::lora::{peft, LoraConfig, LoraParams};
 use crate::model::weights::WeightFiles;
-use crate::model::{Batch, Decoder, ModelConfig};
+use crate::model::{Decoder, ModelConfig};
 use crate::optim::{AdamW, LossScaler};
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use kernels::{AdamWParams, Backend};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
-
-/// Where to resume from, if anywhere.
-#[derive(Clone, Debug)]
-pub enum Resume {
-    No,
-    Latest,
-    From(PathBuf),
-}
 
 /// What a run did, written as `summary.json` and printed at the end.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
+    pub method: String,
     pub backend: String,
     pub steps: u64,
     pub train: TokenizeStats,
     pub eval: Option<TokenizeStats>,
     pub skipped_records: usize,
+    /// Loss-carrying tokens trained on (responses; completions of preference pairs).
     pub tokens_trained: u64,
     pub seconds: f64,
     pub tokens_per_s: f64,
@@ -61,215 +55,43 @@ pub struct Summary {
     pub adapter_dir: PathBuf,
     /// The most device memory held at once (`None` on the CPU).
     pub peak_memory_bytes: Option<u64>,
-    /// DPO runs: the preference pairs' counts.
+    /// Preference methods: the pairs' counts.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub preference: Option<crate::data::preference::PreferenceStats>,
-    /// SFT runs: real tokens over the token slots of the first epoch's micro-batches.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub row_fill: Option<f64>,
+    pub preference: Option<PreferenceStats>,
+    /// Real tokens over the token slots (rows × sequence length, padding included) of the first
+    /// epoch's micro-batches.
+    pub row_fill: f64,
 }
 
-/// Everything loaded before the first step.
-pub struct Prepared<B: Backend> {
-    pub model: Decoder<B>,
-    /// `None` when the data is pre-tokenized and the model folder has no tokenizer.
-    pub tokenizer: Option<Tokenizer>,
-    /// The id that pads rows.
-    pub pad_id: i32,
-    /// In memory, or memory-mapped token shards that each rank reads only its part of.
-    pub train: SharedExamples,
-    pub eval: Vec<Example>,
-    pub train_stats: TokenizeStats,
-    pub eval_stats: Option<TokenizeStats>,
-    pub skipped: usize,
-}
-
-/// Reads every record of `paths` in the config's format; returns them and the count skipped as bad.
-pub fn read_all(paths: &[PathBuf], cfg: &RunConfig) -> Result<(Vec<Record>, usize)> {
-    let format = if cfg.data.format == "auto" {
-        None
-    } else {
-        Format::parse(&cfg.data.format)
-    };
-    let mut records = Vec::new();
-    let mut skipped = Vec::new();
-    for p in paths {
-        let r = read_file(p, format, &cfg.data.columns, cfg.data.skip_bad_records)?;
-        if let Some(warning) = r.unused_fields_warning(p) {
-            eprintln!("{warning}");
-        }
-        records.extend(r.records);
-        skipped.extend(r.skipped);
-    }
-    for s in skipped.iter().take(5) {
-        eprintln!("skipped bad record {s}");
-    }
-    if skipped.len() > 5 {
-        eprintln!("… and {} more bad records skipped", skipped.len() - 5);
-    }
-    Ok((records, skipped.len()))
-}
-
-/// How the config's records become tokens.
-pub fn formatting_for(cfg: &RunConfig) -> Formatting {
-    Formatting {
-        alpaca_as_chat: cfg.data.alpaca_template == "chat",
-        train_on_prompt: cfg.data.train_on_prompt,
-        max_seq_len: cfg.data.max_seq_len,
-        drop_long: cfg.data.truncation == "drop",
-        text_overlap: cfg.data.text_overlap,
-    }
-}
-
-/// Loads the model, tokenizer and datasets named by `cfg`.
-pub fn prepare<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Prepared<B>> {
+/// Loads the model named by `cfg` (quantized at load when `model.quantize` says so).
+/// Prints how long the load took.
+pub fn load_model<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Decoder<B>> {
+    let start = std::time::Instant::now();
     let model_config = ModelConfig::load(&cfg.model.path)?;
+    let quantize = cfg.model.quantize_nf4();
     let model = Decoder::load_with(
         be,
         model_config,
         &WeightFiles::open(&cfg.model.path)?,
-        cfg.model.quantize_nf4(),
+        quantize,
     )
     .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
-    if let Some(pretokenized) = prepare_token_shards(cfg)? {
-        let (shards, eval) = pretokenized;
-        let tokenizer = if cfg.model.path.join("tokenizer.json").is_file() {
-            Some(Tokenizer::load(&cfg.model.path)?)
+    eprintln!(
+        "loaded {} in {:.1} s{}",
+        cfg.model.path.display(),
+        start.elapsed().as_secs_f64(),
+        if quantize.is_some() {
+            " (dense projections quantized to NF4 on the backend)"
         } else {
-            None
-        };
-        let eval_stats = (!eval.is_empty()).then(|| TokenizeStats {
-            examples: eval.len(),
-            tokens: eval.iter().map(|e| e.ids.len()).sum(),
-            ..TokenizeStats::default()
-        });
-        return Ok(Prepared {
-            model,
-            tokenizer,
-            pad_id: shards.pad_id(),
-            train_stats: TokenizeStats {
-                examples: shards.count(),
-                tokens: shards.total_tokens(),
-                ..TokenizeStats::default()
-            },
-            train: Arc::new(shards),
-            eval,
-            eval_stats,
-            skipped: 0,
-        });
-    }
-    let tokenizer = Tokenizer::load(&cfg.model.path)?;
-    let formatting = formatting_for(cfg);
-    let (mut records, mut skipped) = read_all(&cfg.data.train, cfg)?;
-    let mut eval_records = Vec::new();
-    if !cfg.data.validation.is_empty() {
-        let (r, s) = read_all(&cfg.data.validation, cfg)?;
-        eval_records = r;
-        skipped += s;
-    } else if cfg.data.validation_split > 0.0 {
-        // A seeded, order-independent split: the held-out records are fixed by the seed.
-        let order = crate::data::batching::shuffled(records.len(), cfg.train.seed, u64::MAX);
-        let n_eval = ((records.len() as f64) * cfg.data.validation_split)
-            .round()
-            .max(1.0) as usize;
-        let held: std::collections::BTreeSet<usize> =
-            order[..n_eval.min(records.len())].iter().copied().collect();
-        let (e, t): (Vec<(usize, Record)>, Vec<(usize, Record)>) = records
-            .into_iter()
-            .enumerate()
-            .partition(|(i, _)| held.contains(i));
-        eval_records = e.into_iter().map(|(_, r)| r).collect();
-        records = t.into_iter().map(|(_, r)| r).collect();
-    }
-    if records.is_empty() {
-        bail!(
-            "the training data ({}) holds no record",
-            cfg.data
-                .train
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    let (train, train_stats) = tokenize_records(&tokenizer, &records, &formatting)?;
-    let (eval, eval_stats) = if eval_records.is_empty() {
-        (Vec::new(), None)
-    } else {
-        let (e, s) = tokenize_records(&tokenizer, &eval_records, &formatting)?;
-        (e, Some(s))
-    };
-    let pad_id = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0) as i32;
-    Ok(Prepared {
-        model,
-        tokenizer: Some(tokenizer),
-        pad_id,
-        train: Arc::new(train),
-        eval,
-        train_stats,
-        eval_stats,
-        skipped,
-    })
-}
-
-/// Memory-maps `data.train` when it lists token shard files (`fuselora prepare-data`), with the
-/// validation shards read into memory; `None` when the data is JSON to tokenize now.
-fn prepare_token_shards(cfg: &RunConfig) -> Result<Option<(TokenShards, Vec<Example>)>> {
-    let shard_count = cfg.data.train.iter().filter(|p| is_token_shard(p)).count();
-    if shard_count == 0 {
-        return Ok(None);
-    }
-    if shard_count != cfg.data.train.len() {
-        bail!("data.train mixes .tokens shards with other files: list only the shards of `fuselora prepare-data`, or only JSON files");
-    }
-    if cfg.data.validation_split > 0.0 {
-        bail!("data.validation_split needs records to split, but data.train holds token shards: list held-out shards in data.validation instead (prepare-data writes them from the config's data.validation)");
-    }
-    let train = TokenShards::open(&cfg.data.train)?;
-    let eval = if cfg.data.validation.is_empty() {
-        Vec::new()
-    } else {
-        if !cfg.data.validation.iter().all(|p| is_token_shard(p)) {
-            bail!("data.train holds token shards, so data.validation must too (make them with `fuselora prepare-data`)");
+            ""
         }
-        TokenShards::open(&cfg.data.validation)?.read_all()
-    };
-    Ok(Some((train, eval)))
-}
-
-/// Token-mean loss of `model` + `lora` over `examples` (no gradient).
-pub fn evaluate<B: Backend>(
-    be: &B,
-    model: &Decoder<B>,
-    lora: Option<&LoraParams<B>>,
-    examples: &[Example],
-    batching: &Batching,
-) -> Result<(f64, u64)> {
-    let mut nll = 0.0;
-    let mut tokens = 0u64;
-    for hb in epoch_batches(examples, batching, 0, 0) {
-        let batch = upload(be, model, &hb)?;
-        let acts = model.forward(be, lora, &batch, false)?;
-        let (logp, _) = model.head(be, &acts, &batch.targets, kernels::CeGrad::None)?;
-        nll -= be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>();
-        tokens += batch.n_targets as u64;
-    }
-    Ok((nll / tokens.max(1) as f64, tokens))
-}
-
-fn upload<B: Backend>(be: &B, model: &Decoder<B>, hb: &HostBatch) -> Result<Batch<B>> {
-    Batch::new(
-        be,
-        &model.config,
-        &hb.ids,
-        &hb.labels,
-        hb.layout(model.config.sliding_window),
-    )
+    );
+    Ok(model)
 }
 
 /// The adapter the run starts from (`lora.init_adapter`, else a fresh one from the seed) and its
 /// AdamW with the config's hyper-parameters and clipping.
-pub(crate) fn adapter_and_optimizer<B: Backend>(
+fn adapter_and_optimizer<B: Backend>(
     be: &B,
     cfg: &RunConfig,
     model: &ModelConfig,
@@ -297,27 +119,14 @@ pub(crate) fn adapter_and_optimizer<B: Backend>(
     Ok((lora, opt))
 }
 
-/// Optimizer steps of the run: `max_steps`, else `epochs` × steps per epoch (rounded up).
-pub(crate) fn total_steps_for(cfg: &RunConfig, steps_per_epoch: u64) -> u64 {
-    cfg.train
-        .max_steps
-        .unwrap_or_else(|| (cfg.train.epochs * steps_per_epoch as f64).ceil() as u64)
-        .max(1)
-}
-
-pub(crate) fn schedule_for(cfg: &RunConfig, total_steps: u64) -> Schedule {
-    let kind = match cfg.train.schedule.as_str() {
-        "linear" => ScheduleKind::Linear,
-        "constant" => ScheduleKind::Constant,
-        _ => ScheduleKind::Cosine,
-    };
+fn schedule_for(cfg: &RunConfig, total_steps: u64) -> Schedule {
     let warmup = match (cfg.train.warmup_steps, cfg.train.warmup_ratio) {
         (Some(s), _) => s,
         (None, Some(r)) => Schedule::warmup_from_ratio(r, total_steps),
         (None, None) => 0,
     };
     Schedule {
-        kind,
+        kind: cfg.train.schedule,
         base_lr: cfg.train.lr,
         warmup_steps: warmup,
         total_steps,
@@ -337,39 +146,71 @@ pub fn train_ranks<B: GradReducer>(
     resume: Resume,
     dist: &Distributed,
 ) -> Result<Summary> {
-    if cfg.train.method == "dpo" {
-        return super::dpo_run::train_dpo(be, cfg, resume, dist);
-    }
-    let started = Instant::now();
     let out = &cfg.output.dir;
-    let main = dist.is_main();
-    if main {
+    if dist.is_main() {
         std::fs::create_dir_all(out)
             .with_context(|| format!("cannot create output folder {}", out.display()))?;
     }
-    let prep = prepare(be, cfg)?;
-    let model = &prep.model;
-    let pad_id = prep.pad_id;
-    let batching = Batching {
-        rows: cfg.train.batch_size,
-        max_seq_len: cfg.data.max_seq_len,
-        packing: cfg.data.packing,
-        pad_id,
-    };
+    let model = load_model(be, cfg)?;
+    match &cfg.method {
+        MethodSection::Sft(_) => run_loop(be, cfg, resume, dist, &model, &Sft::prepare(cfg)?),
+        MethodSection::Dpo(d) => {
+            let dpo = Dpo::prepare(be, &model, cfg, d, dist)?;
+            run_loop(be, cfg, resume, dist, &model, &dpo)
+        }
+        MethodSection::Orpo(o) => run_loop(be, cfg, resume, dist, &model, &Orpo::prepare(cfg, o)?),
+    }
+}
+
+/// Whether a periodic action (`every` steps; 0 = never) falls on `step` — the last step has its own.
+fn due(every: u64, step: u64, total_steps: u64) -> bool {
+    every > 0 && step % every == 0 && step < total_steps
+}
+
+/// A metrics.jsonl line: `base`'s fields, then `extra` (the method's metrics).
+fn record_with(base: &impl Serialize, extra: &[(String, f64)]) -> Result<serde_json::Value> {
+    let mut value = serde_json::to_value(base)?;
+    let obj = value.as_object_mut().expect("records are JSON objects");
+    for (k, v) in extra {
+        obj.insert(k.clone(), (*v).into());
+    }
+    Ok(value)
+}
+
+/// The training loop of `method` (see the top of this file).
+fn run_loop<B: GradReducer, M: Method<B>>(
+    be: &B,
+    cfg: &RunConfig,
+    resume: Resume,
+    dist: &Distributed,
+    model: &Decoder<B>,
+    method: &M,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let out = &cfg.output.dir;
+    let main = dist.is_main();
     let (mut lora, mut opt) = adapter_and_optimizer(be, cfg, &model.config)?;
     let mut scaler = LossScaler::for_dtype(be.compute_dtype());
-    let mut stream = DataStream::new(
-        prep.train.clone(),
-        batching.clone(),
-        cfg.train.seed,
-        dist.rank(),
-        dist.world_size(),
-    );
-    stream.trace = ExampleTrace::from_env(dist.rank())?;
+    let data = method.data();
+    let plan_epoch = |epoch| data.epoch_plan(epoch);
+    let mut stream = BatchStream::new(dist.rank(), dist.world_size());
+    let mut trace = ExampleTrace::from_env(dist.rank())?;
     let accum = cfg.train.grad_accum;
-    let steps_per_epoch = stream.steps_per_epoch(accum).max(1);
-    let row_fill = batching::epoch_fill(&*prep.train, &batching, cfg.train.seed);
-    let total_steps = total_steps_for(cfg, steps_per_epoch);
+    let batches_per_epoch = stream.batches_per_epoch(&plan_epoch);
+    if batches_per_epoch == 0 {
+        bail!(
+            "the training data makes {} micro-batches per epoch, fewer than the {} ranks: use fewer ranks or a smaller train.batch_size",
+            data.epoch_plan(0).len(),
+            dist.world_size()
+        );
+    }
+    let steps_per_epoch = batches_per_epoch.div_ceil(accum) as u64;
+    let row_fill = data.epoch_fill().ratio();
+    let total_steps = cfg
+        .train
+        .max_steps
+        .unwrap_or_else(|| (cfg.train.epochs * steps_per_epoch as f64).ceil() as u64)
+        .max(1);
     let schedule = schedule_for(cfg, total_steps);
     let fresh = TrainerState {
         step: 0,
@@ -381,27 +222,22 @@ pub fn train_ranks<B: GradReducer>(
     let (mut state, resumed_from) =
         checkpoint::starting_state(be, out, resume, &mut lora, &mut opt, fresh)?;
     stream.position = state.position;
-    if let Some(dir) = &resumed_from {
-        if main {
-            eprintln!("resumed from {} at step {}", dir.display(), state.step);
-        }
+    if let (Some(dir), true) = (&resumed_from, main) {
+        eprintln!("resumed from {} at step {}", dir.display(), state.step);
     }
-    let ranks = if dist.world_size() > 1 {
-        format!(" × {} ranks ({})", dist.world_size(), dist.describe())
-    } else {
-        String::new()
-    };
     if main {
+        let ranks = if dist.world_size() > 1 {
+            format!(" × {} ranks ({})", dist.world_size(), dist.describe())
+        } else {
+            String::new()
+        };
         eprintln!(
-            "fuselora: {} on {}{ranks} · {} examples ({} tokens) · {} steps of {} × {} rows × ≤{} tokens, {:.1}% filled · LoRA r={} ({} values)",
+            "fuselora {}: {} on {}{ranks} · {} steps of {accum} × {}, {:.1}% filled · LoRA r={} ({} values)",
+            method.describe(),
             model.config.architecture.hf_name(),
             be.describe(),
-            prep.train_stats.examples,
-            prep.train_stats.tokens,
             total_steps,
-            accum,
             cfg.train.batch_size,
-            cfg.data.max_seq_len,
             100.0 * row_fill,
             lora.config.r,
             lora.num_values()
@@ -410,35 +246,50 @@ pub fn train_ranks<B: GradReducer>(
     let mut log = main
         .then(|| MetricsLog::open(out, state.step))
         .transpose()?;
+    let base_model = cfg.model.path.display().to_string();
     let mut dump = match cfg.train.dump_batches && main {
         true => Some(BatchDump::open(out, state.step == 0)?),
         false => None,
     };
     if dump.is_some() && state.step == 0 {
-        peft::save(
-            be,
-            &lora,
-            &cfg.model.path.display().to_string(),
-            &out.join("adapter-init"),
-        )?;
+        peft::save(be, &lora, &base_model, &out.join("adapter-init"))?;
     }
     let progress = Progress::new(total_steps, state.step, main);
-    let base_model = cfg.model.path.display().to_string();
-    let has_eval = main && !prep.eval.is_empty();
-    let eval_at = |step: u64, lora: &LoraParams<B>, log: &mut MetricsLog| -> Result<f64> {
-        let (loss, tokens) = evaluate(be, model, Some(lora), &prep.eval, &batching)?;
-        log.write(&EvalRecord {
-            step,
-            eval_loss: loss,
-            eval_tokens: tokens,
-        })?;
+    let eval_at = |step: u64, lora: &LoraParams<B>, log: &mut MetricsLog| -> Result<Option<f64>> {
+        let Some(sums) = method.evaluate(be, model, lora)? else {
+            return Ok(None);
+        };
+        let mut extra: Vec<(String, f64)> = sums
+            .counts()
+            .into_iter()
+            .map(|(k, v)| (format!("eval_{k}"), v as f64))
+            .collect();
+        extra.extend(
+            sums.metrics()
+                .into_iter()
+                .map(|(k, v)| (format!("eval_{k}"), v)),
+        );
+        #[derive(Serialize)]
+        struct Eval {
+            step: u64,
+            eval_loss: f64,
+        }
+        let eval_loss = sums.loss();
+        log.write(&record_with(&Eval { step, eval_loss }, &extra)?)?;
+        let shown: Vec<String> = sums
+            .metrics()
+            .iter()
+            .map(|(k, v)| format!(" · {k} {v:.4}"))
+            .chain(sums.counts().iter().map(|(k, v)| format!(" · {v} {k}")))
+            .collect();
         progress.println(&format!(
-            "eval at step {step}: loss {loss:.4} over {tokens} tokens"
+            "eval at step {step}: loss {eval_loss:.4}{}",
+            shown.concat()
         ));
-        Ok(loss)
+        Ok(Some(eval_loss))
     };
     let eval_loss_start = match &mut log {
-        Some(log) if has_eval && state.step == 0 => Some(eval_at(0, &lora, log)?),
+        Some(log) if state.step == 0 => eval_at(0, &lora, log)?,
         _ => None,
     };
 
@@ -447,58 +298,59 @@ pub fn train_ranks<B: GradReducer>(
     let mut final_loss = None;
     while state.step < total_steps {
         dist.fail_if_asked(state.step + 1)?;
-        let micro = stream.next_step(accum);
-        let local_targets: usize = micro.iter().map(HostBatch::target_count).sum();
-        let t0 = Instant::now();
-        let step_targets = dist.global_sum_u64(&[local_targets as u64])?[0] as usize;
-        lora.zero_grads(be)?;
-        let mut nll = 0.0;
-        if step_targets > 0 {
-            let weight = scaler.loss_weight(1.0 / step_targets as f32);
-            for (i, hb) in micro.iter().enumerate() {
-                // The last micro-batch's layers are summed over ranks as its backward finishes them.
-                let last = i + 1 == micro.len();
-                nll += model.loss_and_grad_with_hook(
-                    be,
-                    Some(&mut lora),
-                    &upload(be, model, hb)?,
-                    cfg.train.gradient_checkpointing,
-                    weight,
-                    &mut |layer, lp| {
-                        if last {
-                            dist.layer_done(be, lp, layer)
-                        } else {
-                            Ok(())
-                        }
-                    },
-                )?;
-            }
-            dist.wait_for_sums(be)?;
-        } else {
-            dist.sum_grads(be, &mut lora)?;
+        let epoch = stream.position.epoch;
+        let plans = stream.next_step(accum, &plan_epoch);
+        if let Some(trace) = &mut trace {
+            trace.record(epoch, plans.iter().flat_map(M::Data::plan_items));
         }
-        let local_tokens = micro.iter().map(HostBatch::token_count).sum::<usize>() as u64;
-        let step_tokens = dist.global_sum_u64(&[local_tokens])?[0];
-        let nll = dist.global_sum_f64(&[nll])?[0];
+        let micro = plans
+            .iter()
+            .map(|p| data.read(p))
+            .collect::<Result<Vec<_>>>()?;
+        let t0 = Instant::now();
+        // The step's loss counts, then its loss tokens and real tokens, summed over the ranks.
+        let mut local = vec![0u64; method.loss_counts(&micro[0]).len()];
+        let (mut loss_tokens, mut tokens) = (0u64, 0u64);
+        for b in &micro {
+            for (t, c) in local.iter_mut().zip(method.loss_counts(b)) {
+                *t += c;
+            }
+            loss_tokens += M::Data::host(b).target_count() as u64;
+            tokens += M::Data::host(b).token_count() as u64;
+        }
+        local.extend([loss_tokens, tokens]);
+        let mut totals = dist.global_sum_u64(&local)?;
+        let tokens = totals.pop().expect("pushed above");
+        let loss_tokens = totals.pop().expect("pushed above");
+        let ctx = StepContext {
+            totals: &totals,
+            loss_scale: scaler.loss_weight(1.0),
+            checkpointing: cfg.train.gradient_checkpointing,
+        };
+        let results = dist.accumulate(be, &mut lora, &micro, |b, lora, hook| {
+            method.micro_step(be, model, lora, b, ctx, hook)
+        })?;
+        let mut sums = M::Sums::default();
+        results.iter().for_each(|s| sums.add(s));
+        let sums = M::Sums::from_values(&dist.global_sum_f64(&sums.to_values())?);
         let lr = schedule.lr(state.step);
         let stats = opt.step_scaled(be, &mut lora, lr, &mut scaler)?;
         state.step += 1;
         if let Some(d) = dump.as_mut() {
-            d.write(state.step, &micro)?;
+            d.write(state.step, micro.iter().map(M::Data::host))?;
         }
         state.position = stream.position;
-        state.tokens_seen += step_targets as u64;
-        let loss = nll / step_targets.max(1) as f64;
-        final_loss = Some(loss);
+        state.tokens_seen += loss_tokens;
+        final_loss = Some(sums.loss());
         let record = StepRecord {
             step: state.step,
             epoch: state.step as f64 / steps_per_epoch as f64,
-            loss,
+            loss: sums.loss(),
             lr,
             grad_norm: stats.grad_norm,
-            tokens: step_tokens,
-            loss_tokens: Some(step_targets as u64),
-            tokens_per_s: step_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            tokens,
+            loss_tokens,
+            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             elapsed_s: started.elapsed().as_secs_f64(),
         };
         let Some(log) = &mut log else {
@@ -506,10 +358,15 @@ pub fn train_ranks<B: GradReducer>(
         };
         let log_now = state.step % cfg.train.log_steps.max(1) == 0 || state.step == total_steps;
         if log_now {
-            log.write(&record)?;
+            let metrics: Vec<(String, f64)> = sums
+                .metrics()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            log.write(&record_with(&record, &metrics)?)?;
         }
         progress.step(&record, log_now);
-        if has_eval && due(cfg.train.eval_steps, state.step, total_steps) {
+        if due(cfg.train.eval_steps, state.step, total_steps) {
             eval_at(state.step, &lora, log)?;
         }
         if due(cfg.train.save_steps, state.step, total_steps) {
@@ -526,43 +383,37 @@ pub fn train_ranks<B: GradReducer>(
         }
     }
     progress.finish();
-    let adapter_dir = out.join("adapter");
     let seconds = loop_start.elapsed().as_secs_f64();
+    let stats = data.stats();
     let mut summary = Summary {
+        method: cfg.method.name().to_string(),
         backend: be.describe(),
         steps: state.step,
-        train: prep.train_stats.clone(),
-        eval: prep.eval_stats.clone(),
-        skipped_records: prep.skipped,
+        train: stats.train,
+        eval: stats.eval,
+        skipped_records: stats.skipped_records,
         tokens_trained: state.tokens_seen,
         seconds,
         tokens_per_s: (state.tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
         final_loss,
         eval_loss_start,
         eval_loss_end: None,
-        adapter_dir: adapter_dir.clone(),
+        adapter_dir: out.join("adapter"),
         peak_memory_bytes: be.peak_memory_bytes(),
-        preference: None,
-        row_fill: Some(row_fill),
+        preference: stats.preference,
+        row_fill,
     };
     let Some(log) = &mut log else {
         return Ok(summary);
     };
-    if has_eval {
-        summary.eval_loss_end = Some(eval_at(state.step, &lora, log)?);
-    }
+    summary.eval_loss_end = eval_at(state.step, &lora, log)?;
     write_final_outputs(be, cfg, &base_model, &lora, &opt, &state, &summary)?;
     Ok(summary)
 }
 
-/// Whether a periodic action (`every` steps; 0 = never) falls on `step` — the last step has its own.
-pub(crate) fn due(every: u64, step: u64, total_steps: u64) -> bool {
-    every > 0 && step % every == 0 && step < total_steps
-}
-
 /// What rank 0 writes when a run ends: the last checkpoint, the PEFT adapter in
 /// `summary.adapter_dir`, `loss.png` from metrics.jsonl, and `summary.json`.
-pub(crate) fn write_final_outputs<B: Backend>(
+fn write_final_outputs<B: Backend>(
     be: &B,
     cfg: &RunConfig,
     base_model: &str,
@@ -597,18 +448,13 @@ pub(crate) fn write_final_outputs<B: Backend>(
 /// The end-of-run report, for people.
 pub fn describe_summary(s: &Summary, out: &Path) -> String {
     let mut lines = vec![
-        format!("trained {} steps in {:.1} s on {} ({:.0} loss tokens/s)", s.steps, s.seconds, s.backend, s.tokens_per_s),
+        format!("trained {} steps ({}) in {:.1} s on {} ({:.0} loss tokens/s)", s.steps, s.method, s.seconds, s.backend, s.tokens_per_s),
         format!(
             "data: {} examples, {} tokens; {} long texts chunked, {} truncated, {} dropped as too long, {} without a trained token, {} bad records skipped",
             s.train.examples, s.train.tokens, s.train.texts_chunked, s.train.truncated, s.train.dropped_too_long, s.train.dropped_no_target, s.skipped_records
         ),
+        format!("micro-batches {:.1}% filled with real tokens", 100.0 * s.row_fill),
     ];
-    if let Some(fill) = s.row_fill {
-        lines.push(format!(
-            "micro-batches {:.1}% filled with real tokens",
-            100.0 * fill
-        ));
-    }
     if let Some(p) = &s.preference {
         lines.push(format!(
             "preference pairs: {} kept; {} prompts and {} completions truncated, {} pairs dropped (no room for a completion)",
@@ -633,4 +479,148 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
         out.display()
     ));
     lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comms::{Comms, RankInfo, SingleProcess};
+    use kernels::cpu::CpuBackend;
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    }
+
+    /// The tiny-llama fixture model with the byte-level ChatML tokenizer, 8 preference pairs, and
+    /// a config training `method` (the `[method]` section's lines) on them.
+    fn preference_run(dir: &Path, method: &str) -> RunConfig {
+        let model = dir.join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        for (src, file) in [
+            ("tiny-llama/model", "config.json"),
+            ("tiny-llama/model", "model.safetensors"),
+            ("byte-tokenizer", "tokenizer.json"),
+            ("byte-tokenizer", "tokenizer_config.json"),
+        ] {
+            std::fs::copy(fixtures().join(src).join(file), model.join(file)).unwrap();
+        }
+        let lines: Vec<String> = (0..8)
+            .map(|i| serde_json::json!({"prompt": format!("Is {i} odd?"), "chosen": format!("{}", i % 2 == 1), "rejected": "who knows"}).to_string())
+            .collect();
+        std::fs::write(dir.join("pairs.jsonl"), lines.join("\n")).unwrap();
+        let text = format!(
+            "[model]\npath = \"model\"\nbackend = \"cpu\"\n[lora]\nr = 4\nalpha = 8.0\n\
+             [data]\ntrain = [\"pairs.jsonl\"]\n[train]\nbatch_size = 2\nmax_steps = 2\nlr = 0.01\n\
+             [method]\n{method}\nmax_prompt_len = 32\nmax_len = 64\n[output]\ndir = \"out\"\n"
+        );
+        std::fs::write(dir.join("run.toml"), text).unwrap();
+        RunConfig::load(&dir.join("run.toml"), &[]).unwrap()
+    }
+
+    /// One micro-step of `method` with a trained-looking adapter (every B non-zero, so that every
+    /// gradient is): the LoRA gradients and the layers the hook saw, in order.
+    fn one_micro_step<M: Method<CpuBackend>>(
+        be: &CpuBackend,
+        cfg: &RunConfig,
+        model: &Decoder<CpuBackend>,
+        method: &M,
+        loss_scale: f32,
+    ) -> (Vec<Vec<f32>>, Vec<usize>) {
+        let (mut lora, _) = adapter_and_optimizer(be, cfg, &model.config).unwrap();
+        for p in lora.params.iter_mut() {
+            p.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x += 0.01 * (i % 7) as f32);
+        }
+        lora.sync_compute(be).unwrap();
+        lora.zero_grads(be).unwrap();
+        let batch = method.data().read(&method.data().epoch_plan(0)[0]).unwrap();
+        let totals = method.loss_counts(&batch);
+        let ctx = StepContext {
+            totals: &totals,
+            loss_scale,
+            checkpointing: true,
+        };
+        let mut layers = Vec::new();
+        method
+            .micro_step(be, model, &mut lora, &batch, ctx, &mut |l, _| {
+                layers.push(l);
+                Ok(())
+            })
+            .unwrap();
+        (lora.grads.clone(), layers)
+    }
+
+    /// The fp16 path's loss scale reaches every gradient of `method` exactly (a power of two
+    /// scales without rounding), and the per-layer reduce hook fires during backward, last layer
+    /// first, as for SFT.
+    fn scales_its_loss_and_reduces_per_layer<M: Method<CpuBackend>>(
+        cfg: &RunConfig,
+        prepare: impl Fn(&CpuBackend, &Decoder<CpuBackend>) -> M,
+    ) {
+        let be = CpuBackend::new();
+        let model = load_model(&be, cfg).unwrap();
+        let method = prepare(&be, &model);
+        let (plain, layers) = one_micro_step(&be, cfg, &model, &method, 1.0);
+        let (scaled, _) = one_micro_step(&be, cfg, &model, &method, 1024.0);
+        let n = model.config.num_layers;
+        assert_eq!(layers, (0..n).rev().collect::<Vec<_>>());
+        assert!(plain.iter().flatten().any(|&g| g != 0.0));
+        for (p, s) in plain.iter().flatten().zip(scaled.iter().flatten()) {
+            assert_eq!(p * 1024.0, *s);
+        }
+    }
+
+    #[test]
+    fn dpo_scales_its_loss_and_reduces_per_layer_like_sft() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = preference_run(dir.path(), "name = \"dpo\"");
+        let MethodSection::Dpo(section) = &cfg.method else {
+            panic!("dpo config")
+        };
+        scales_its_loss_and_reduces_per_layer(&cfg, |be, model| {
+            Dpo::prepare(be, model, &cfg, section, &Distributed::single()).unwrap()
+        });
+    }
+
+    #[test]
+    fn orpo_scales_its_loss_and_reduces_per_layer_like_sft() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = preference_run(dir.path(), "name = \"orpo\"");
+        let MethodSection::Orpo(section) = &cfg.method else {
+            panic!("orpo config")
+        };
+        scales_its_loss_and_reduces_per_layer(&cfg, |_, _| Orpo::prepare(&cfg, section).unwrap());
+    }
+
+    #[test]
+    fn only_rank_0_creates_and_writes_the_output_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = CpuBackend::new();
+        for method in ["name = \"dpo\"", "name = \"orpo\""] {
+            let cfg = preference_run(dir.path(), method);
+            // Rank 1 of 2, its collectives the identity: it trains its share and writes nothing.
+            let rank_1 = Distributed::new(
+                RankInfo {
+                    rank: 1,
+                    world_size: 2,
+                    ..RankInfo::single()
+                },
+                Comms::Single(SingleProcess),
+            );
+            let summary = train_ranks(&be, &cfg, Resume::No, &rank_1).unwrap();
+            assert_eq!(summary.steps, 2);
+            assert!(!cfg.output.dir.exists(), "{method}: rank 1 wrote files");
+            let summary = train_ranks(&be, &cfg, Resume::No, &Distributed::single()).unwrap();
+            assert_eq!(summary.steps, 2);
+            // Pairs of two short sequences each, in packed rows of 64: some padding, never none.
+            assert!(
+                summary.row_fill > 0.2 && summary.row_fill < 1.0,
+                "{method}: {}",
+                summary.row_fill
+            );
+            assert!(cfg.output.dir.join("summary.json").is_file(), "{method}");
+            std::fs::remove_dir_all(&cfg.output.dir).unwrap();
+        }
+    }
 }

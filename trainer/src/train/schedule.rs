@@ -3,9 +3,12 @@
 //! warmup `λ(s) = s / W` for `s < W`; then constant `1`, linear `(T − s)/(T − W)`, or cosine
 //! `½(1 + cos(π · (s − W)/(T − W)))`, never below 0.
 
+use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// The shape after warmup (`train.schedule`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     Constant,
     Linear,

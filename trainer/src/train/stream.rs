@@ -1,15 +1,11 @@
-//! The order in which micro-batches are consumed: epoch by epoch, each epoch's batches fixed by
-//! (seed, epoch). The position (epoch, next batch) is all a checkpoint needs to resume the stream.
-//! With several ranks, rank `r` of `w` takes batches `r, r+w, r+2w, …` of the global list, and every
-//! rank takes the same number (the list is cut to a multiple of `w`), so no rank waits at an epoch's end.
-//! Every rank plans the epoch from the examples' lengths alone and reads the tokens of its own
-//! batches only, when it reaches them.
+//! The order in which micro-batches are consumed, for every method: epoch by epoch, each epoch's
+//! micro-batches planned by the method from (seed, epoch) alone. The position (epoch, next batch)
+//! is all a checkpoint needs to resume the stream. With several ranks, rank `r` of `w` takes
+//! batches `r, r+w, r+2w, …` of the epoch's list, and every rank takes the same number (the list
+//! is cut to a multiple of `w`), so no rank waits at an epoch's end. A plan names examples (or
+//! pairs) by index; the method reads the tokens of a rank's own batches only when it reaches them.
 
-use super::trace::ExampleTrace;
-use crate::data::batching::{assemble, epoch_plan, Batching, HostBatch};
-use crate::data::source::ExampleSource;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 /// Where the stream stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,46 +15,29 @@ pub struct StreamPosition {
     pub batch: usize,
 }
 
-/// Examples shared by the stream and whoever else reads them.
-pub type SharedExamples = Arc<dyn ExampleSource + Send + Sync>;
-
-pub struct DataStream {
-    examples: SharedExamples,
-    batching: Batching,
-    seed: u64,
+/// This rank's share of each epoch's micro-batch plans `P`, and where it stands.
+pub struct BatchStream<P> {
     rank: usize,
     world: usize,
     pub position: StreamPosition,
-    /// This rank's batches of the current epoch, as example indices.
-    current: Option<(u64, Vec<Vec<Vec<usize>>>)>,
-    /// Records the examples this rank reads (tests of the sharding).
-    pub trace: Option<ExampleTrace>,
+    /// This rank's plans of the current epoch.
+    current: Option<(u64, Vec<P>)>,
 }
 
-impl DataStream {
-    pub fn new(
-        examples: SharedExamples,
-        batching: Batching,
-        seed: u64,
-        rank: usize,
-        world: usize,
-    ) -> Self {
-        DataStream {
-            examples,
-            batching,
-            seed,
+impl<P: Clone> BatchStream<P> {
+    pub fn new(rank: usize, world: usize) -> Self {
+        BatchStream {
             rank,
             world,
             position: StreamPosition::default(),
             current: None,
-            trace: None,
         }
     }
 
-    /// This rank's batches of `epoch`, as example indices.
-    fn epoch(&mut self, epoch: u64) -> &[Vec<Vec<usize>>] {
+    /// This rank's plans of `epoch`; `plan_epoch(e)` is the whole job's list for epoch `e`.
+    fn epoch(&mut self, epoch: u64, plan_epoch: &dyn Fn(u64) -> Vec<P>) -> &[P] {
         if self.current.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let all = epoch_plan(&*self.examples, &self.batching, self.seed, epoch);
+            let all = plan_epoch(epoch);
             let usable = all.len() / self.world * self.world;
             let mine = all
                 .into_iter()
@@ -72,23 +51,17 @@ impl DataStream {
     }
 
     /// Micro-batches per epoch for this rank.
-    pub fn batches_per_epoch(&mut self) -> usize {
-        self.epoch(0).len()
+    pub fn batches_per_epoch(&mut self, plan_epoch: &dyn Fn(u64) -> Vec<P>) -> usize {
+        self.epoch(0, plan_epoch).len()
     }
 
-    /// Optimizer steps per epoch with `accum` micro-batches per step (the last step of an epoch may be short).
-    pub fn steps_per_epoch(&mut self, accum: usize) -> u64 {
-        self.batches_per_epoch().div_ceil(accum) as u64
-    }
-
-    /// The next optimizer step's micro-batches: up to `accum`, never crossing an epoch boundary.
-    pub fn next_step(&mut self, accum: usize) -> Vec<HostBatch> {
+    /// The next optimizer step's plans: up to `accum`, never crossing an epoch boundary.
+    pub fn next_step(&mut self, accum: usize, plan_epoch: &dyn Fn(u64) -> Vec<P>) -> Vec<P> {
         let StreamPosition { epoch, batch } = self.position;
-        let batches = self.epoch(epoch);
+        let batches = self.epoch(epoch, plan_epoch);
         let end = (batch + accum).min(batches.len());
         let plans = batches[batch..end].to_vec();
-        let last = end == batches.len();
-        self.position = if last {
+        self.position = if end == batches.len() {
             StreamPosition {
                 epoch: epoch + 1,
                 batch: 0,
@@ -96,58 +69,31 @@ impl DataStream {
         } else {
             StreamPosition { epoch, batch: end }
         };
-        if let Some(trace) = &mut self.trace {
-            trace.record(epoch, plans.iter().flatten().flatten().copied());
-        }
         plans
-            .iter()
-            .map(|rows| {
-                assemble(
-                    &*self.examples,
-                    rows,
-                    self.batching.pad_id,
-                    self.batching.min_shape(),
-                )
-            })
-            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::batching::Example;
 
-    fn examples(n: usize) -> SharedExamples {
-        let all: Vec<Example> = (0..n)
-            .map(|i| Example {
-                ids: vec![i as i32; 3],
-                labels: vec![i as i32; 3],
-            })
-            .collect();
-        Arc::new(all)
-    }
-
-    fn batching() -> Batching {
-        Batching {
-            rows: 1,
-            max_seq_len: 3,
-            packing: true,
-            pad_id: 0,
-        }
+    /// 10 items in batches of one, shuffled by epoch.
+    fn plan(epoch: u64) -> Vec<usize> {
+        (0..10).map(|i| (i * 3 + epoch as usize) % 10).collect()
     }
 
     #[test]
     fn steps_stop_at_epoch_boundaries_and_resume_from_a_position() {
-        let mut s = DataStream::new(examples(5), batching(), 7, 0, 1);
-        assert_eq!(s.steps_per_epoch(2), 3);
-        let sizes: Vec<usize> = (0..4).map(|_| s.next_step(2).len()).collect();
+        let five = |e: u64| -> Vec<usize> { plan(e).into_iter().filter(|&i| i < 5).collect() };
+        let mut s = BatchStream::new(0, 1);
+        assert_eq!(s.batches_per_epoch(&five), 5);
+        let sizes: Vec<usize> = (0..4).map(|_| s.next_step(2, &five).len()).collect();
         assert_eq!(sizes, vec![2, 2, 1, 2]);
-        let pos = s.position;
-        let next = s.next_step(2);
-        let mut resumed = DataStream::new(examples(5), batching(), 7, 0, 1);
-        resumed.position = pos;
-        assert_eq!(resumed.next_step(2), next);
+        assert_eq!(s.position, StreamPosition { epoch: 1, batch: 2 });
+        let next = s.next_step(2, &five);
+        let mut resumed = BatchStream::new(0, 1);
+        resumed.position = StreamPosition { epoch: 1, batch: 2 };
+        assert_eq!(resumed.next_step(2, &five), next);
     }
 
     #[test]
@@ -155,20 +101,16 @@ mod tests {
         let mut seen = Vec::new();
         let mut counts = Vec::new();
         for rank in 0..3 {
-            let mut s = DataStream::new(examples(10), batching(), 1, rank, 3);
-            let n = s.batches_per_epoch();
+            let mut s = BatchStream::new(rank, 3);
+            let n = s.batches_per_epoch(&plan);
             counts.push(n);
             for _ in 0..n {
-                seen.extend(s.next_step(1).into_iter().map(|b| b.ids[0]));
+                seen.extend(s.next_step(1, &plan));
             }
         }
         assert_eq!(counts, vec![3, 3, 3]);
         seen.sort();
         seen.dedup();
-        assert_eq!(
-            seen.len(),
-            9,
-            "9 of the 10 examples, each on exactly one rank"
-        );
+        assert_eq!(seen.len(), 9, "9 of the 10 items, each on exactly one rank");
     }
 }

@@ -2,6 +2,15 @@
 
 use super::ModelConfig;
 
+/// The two halves of a decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Block {
+    /// `self_attn`: q, k, v, o.
+    Attention,
+    /// `mlp`: gate, up, down.
+    Mlp,
+}
+
 /// One of a layer's projections (the modules LoRA can target).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Projection {
@@ -49,13 +58,31 @@ impl Projection {
         Projection::ALL.into_iter().find(|p| p.name() == name)
     }
 
+    /// Which half of the layer the projection belongs to.
+    pub fn block(self) -> Block {
+        match self {
+            Projection::Q | Projection::K | Projection::V | Projection::O => Block::Attention,
+            Projection::Gate | Projection::Up | Projection::Down => Block::Mlp,
+        }
+    }
+
     /// `model.layers.{layer}.self_attn.q_proj` etc.
     pub fn module_path(self, layer: usize) -> String {
-        let block = match self {
-            Projection::Q | Projection::K | Projection::V | Projection::O => "self_attn",
-            _ => "mlp",
+        let block = match self.block() {
+            Block::Attention => "self_attn",
+            Block::Mlp => "mlp",
         };
         format!("model.layers.{layer}.{block}.{}", self.name())
+    }
+
+    /// The weight tensor, `[out, in]`: `model.layers.{layer}.self_attn.q_proj.weight`.
+    pub fn weight_name(self, layer: usize) -> String {
+        format!("{}.weight", self.module_path(layer))
+    }
+
+    /// The bias tensor, `[out]` (families that have one): `model.layers.{layer}.self_attn.q_proj.bias`.
+    pub fn bias_name(self, layer: usize) -> String {
+        format!("{}.bias", self.module_path(layer))
     }
 
     /// `(out_features, in_features)` of the weight.
@@ -67,5 +94,23 @@ impl Projection {
             Projection::Gate | Projection::Up => (c.intermediate_size, c.hidden_size),
             Projection::Down => (c.hidden_size, c.intermediate_size),
         }
+    }
+}
+
+/// The per-head RMSNorm weights of q and k (Qwen3), `[head_dim]` each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadNorm {
+    Q,
+    K,
+}
+
+impl HeadNorm {
+    /// `model.layers.{layer}.self_attn.q_norm.weight` / `k_norm`.
+    pub fn weight_name(self, layer: usize) -> String {
+        let which = match self {
+            HeadNorm::Q => "q_norm",
+            HeadNorm::K => "k_norm",
+        };
+        format!("model.layers.{layer}.self_attn.{which}.weight")
     }
 }

@@ -1,31 +1,18 @@
-//! `config.json` of a Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` folder.
+//! `config.json` of a Hugging Face model folder: the shapes and numerics every family shares, and
+//! the family's own layer description ([`super::family`]).
 
+use super::family::{family_of, Family};
+use super::Projection;
 use anyhow::{anyhow, bail, Context, Result};
 use kernels::rope::{RopeConfig, RopeScaling};
 use serde_json::Value;
 use std::path::Path;
 
-/// The architectures we run (both are the same decoder; Mistral adds a sliding window).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Architecture {
-    Llama,
-    Mistral,
-}
-
-impl Architecture {
-    /// The `architectures[0]` string transformers writes.
-    pub fn hf_name(self) -> &'static str {
-        match self {
-            Architecture::Llama => "LlamaForCausalLM",
-            Architecture::Mistral => "MistralForCausalLM",
-        }
-    }
-}
-
 /// The decoder's shape and numerics, read from `config.json`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
-    pub architecture: Architecture,
+    /// The transformers class (`architecture.hf_name()`), which decides the layer's kind.
+    pub architecture: &'static Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -36,6 +23,10 @@ pub struct ModelConfig {
     pub rms_norm_eps: f32,
     pub rope: RopeConfig,
     pub max_position_embeddings: usize,
+    /// Projections with a frozen bias (Qwen2: q, k, v).
+    pub biased: Vec<Projection>,
+    /// RMSNorm over each head of q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
     pub sliding_window: Option<usize>,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
@@ -61,7 +52,8 @@ impl ModelConfig {
 
     /// Parses a config object (either transformers layout: `rope_parameters` or `rope_theta` + `rope_scaling`).
     pub fn from_json(raw: Value) -> Result<Self> {
-        let architecture = parse_architecture(&raw)?;
+        let architecture = family_of(&raw)?;
+        let kind = (architecture.layer)(&raw)?;
         let usize_key = |key: &str| -> Result<usize> {
             raw.get(key)
                 .and_then(Value::as_u64)
@@ -85,17 +77,11 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .unwrap_or("silu");
         if act != "silu" {
-            bail!("hidden_act `{act}` is not supported: Llama/Mistral use `silu`");
+            bail!(
+                "hidden_act `{act}` is not supported: {} runs with `silu` (SwiGLU)",
+                architecture.hf_class
+            );
         }
-        for key in ["attention_bias", "mlp_bias"] {
-            if raw.get(key).and_then(Value::as_bool) == Some(true) {
-                bail!("`{key}: true` is not supported: fuselora's Llama/Mistral projections have no biases");
-            }
-        }
-        let sliding_window = match architecture {
-            Architecture::Mistral => opt_usize("sliding_window"),
-            Architecture::Llama => None,
-        };
         let rope = RopeConfig {
             theta: rope_theta(&raw),
             head_dim,
@@ -116,7 +102,9 @@ impl ModelConfig {
                 .unwrap_or(1e-6) as f32,
             rope,
             max_position_embeddings,
-            sliding_window,
+            biased: kind.biased,
+            qk_norm: kind.qk_norm,
+            sliding_window: kind.sliding_window,
             tie_word_embeddings: raw
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
@@ -139,23 +127,10 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
-}
 
-fn parse_architecture(raw: &Value) -> Result<Architecture> {
-    let from_list = raw
-        .get("architectures")
-        .and_then(Value::as_array)
-        .and_then(|a| a.first())
-        .and_then(Value::as_str);
-    let model_type = raw.get("model_type").and_then(Value::as_str);
-    match (from_list, model_type) {
-        (Some("LlamaForCausalLM"), _) | (None, Some("llama")) => Ok(Architecture::Llama),
-        (Some("MistralForCausalLM"), _) | (None, Some("mistral")) => Ok(Architecture::Mistral),
-        (found, mt) => bail!(
-            "unsupported architecture {} (model_type {}): fuselora runs LlamaForCausalLM and MistralForCausalLM checkpoints",
-            found.map_or("(none listed)".to_string(), |s| format!("`{s}`")),
-            mt.map_or("(none)".to_string(), |s| format!("`{s}`")),
-        ),
+    /// Whether the projection carries a frozen bias.
+    pub fn has_bias(&self, p: Projection) -> bool {
+        self.biased.contains(&p)
     }
 }
 
@@ -264,13 +239,31 @@ mod tests {
         v["architectures"] = json!(["GPT2LMHeadModel"]);
         let e = ModelConfig::from_json(v).unwrap_err().to_string();
         assert!(
-            e.contains("GPT2LMHeadModel") && e.contains("LlamaForCausalLM"),
+            e.contains("GPT2LMHeadModel") && e.contains("LlamaForCausalLM, MistralForCausalLM"),
             "{e}"
         );
         let mut v = base();
         v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
         let e = ModelConfig::from_json(v).unwrap_err().to_string();
         assert!(e.contains("yarn") && e.contains("llama3"), "{e}");
+    }
+
+    #[test]
+    fn qwen3_reads_its_explicit_head_dim_and_qwen2_its_biases() {
+        let mut v = base();
+        v["architectures"] = json!(["Qwen3ForCausalLM"]);
+        v["head_dim"] = json!(24);
+        let c = ModelConfig::from_json(v).unwrap();
+        assert_eq!(
+            (c.head_dim, c.q_dim(), c.kv_dim(), c.qk_norm),
+            (24, 96, 96, true)
+        );
+        assert_eq!(c.rope.head_dim, 24);
+        let mut v = base();
+        v["architectures"] = json!(["Qwen2ForCausalLM"]);
+        let c = ModelConfig::from_json(v).unwrap();
+        assert!(c.has_bias(Projection::V) && !c.has_bias(Projection::O) && !c.qk_norm);
+        assert_eq!(c.architecture.hf_name(), "Qwen2ForCausalLM");
     }
 
     #[test]

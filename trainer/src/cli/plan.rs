@@ -1,0 +1,61 @@
+//! `fuselora plan --config FILE.toml [--set key=value ...] [--gpu KIND] [--nproc N]`, or
+//! `fuselora plan --preset NAME [--batch B --seq T --no-checkpointing]` for a `bench` preset.
+
+use anyhow::Result;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use trainer::bench::PRESETS;
+use trainer::plan::roofline::GpuKind;
+use trainer::plan::{describe, describe_suggestions, suggestions, Plan, PlanSpec};
+use trainer::train::config::RunConfig;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The run config; only the model's config.json is read, no weights.
+    #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set train.batch_size=8`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Plan `fuselora bench --preset NAME` instead (LoRA r=16 on all projections, bf16).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+    preset: Option<String>,
+    /// With --preset: rows per micro-batch.
+    #[arg(long, default_value_t = 2, requires = "preset")]
+    batch: usize,
+    /// With --preset: tokens per row.
+    #[arg(long, default_value_t = 2048, requires = "preset")]
+    seq: usize,
+    /// With --preset: keep every activation instead of recomputing each layer in backward.
+    #[arg(long, requires = "preset")]
+    no_checkpointing: bool,
+    /// The GPU kind to plan for.
+    #[arg(long, value_enum, default_value = "h200")]
+    gpu: GpuKind,
+    /// Data-parallel GPUs (`fuselora launch --nproc-per-node N`).
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let spec = match (&args.config, &args.preset) {
+        (Some(config), _) => {
+            PlanSpec::from_run(&RunConfig::load(config, &args.overrides)?, args.nproc)?
+        }
+        (None, Some(preset)) => PlanSpec::from_preset(
+            preset,
+            args.batch,
+            args.seq,
+            !args.no_checkpointing,
+            args.nproc,
+        )?,
+        (None, None) => unreachable!("clap requires --config or --preset"),
+    };
+    let plan = Plan::account(&spec)?;
+    println!("{}", describe(&plan, Some(args.gpu)));
+    println!(
+        "{}",
+        describe_suggestions(&suggestions(&spec, args.gpu)?, args.gpu, 3)
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,503 @@
+//! A [`Backend`] that computes nothing and measures everything: the training step of the real
+//! decoder code runs on it, and it records
+//!
+//! - memory as the CUDA backend's caching pool holds it (kernels/src/cuda/tensor.rs): a freed
+//!   buffer waits for a tensor of the same storage kind (f32, or 16-bit for bf16/f16) and length,
+//!   a new length is a new allocation, and the peak counts buffers in use plus cached — the number
+//!   `bench` reports as peak memory. The buffers the CUDA ops take for themselves are mirrored
+//!   (the LM head's logits chunk, kernels/src/cuda/lm_head.rs; attention backward's `delta` and
+//!   f32 `dq` accumulator, kernels/src/cuda/attention.rs);
+//! - every op's FLOPs and bytes moved, for the roofline in [`super::roofline`].
+//!
+//! Index buffers (token ids, positions) are not in the pool, as on the device.
+
+use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Logits per chunk of the CUDA LM head (kernels/src/cuda/lm_head.rs `CHUNK_ELEMENTS`).
+pub const LM_HEAD_CHUNK_ELEMENTS: usize = 1 << 25;
+
+/// What bounds an op on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// A cuBLAS GEMM.
+    Gemm,
+    /// Flash-attention forward or backward.
+    Attention,
+    /// Everything elementwise or a reduction: limited by memory bandwidth.
+    Memory,
+}
+
+/// One recorded op.
+#[derive(Clone, Copy, Debug)]
+pub struct Op {
+    pub kind: OpKind,
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+#[derive(Default)]
+struct PoolState {
+    free: HashMap<(bool, usize), usize>,
+    held: u64,
+    peak: u64,
+}
+
+/// The pool's books and the op log.
+#[derive(Default)]
+pub struct Meter {
+    pool: Mutex<PoolState>,
+    ops: Mutex<Vec<Op>>,
+}
+
+/// A buffer: its length and dtype only.
+pub struct MeterTensor {
+    len: usize,
+    dtype: DType,
+    meter: Arc<Meter>,
+}
+
+impl Drop for MeterTensor {
+    fn drop(&mut self) {
+        let mut p = self.meter.pool.lock().expect("meter lock");
+        *p.free.entry((is_f32(self.dtype), self.len)).or_insert(0) += 1;
+    }
+}
+
+fn is_f32(d: DType) -> bool {
+    d == DType::F32
+}
+
+/// Bytes per element as stored on the device.
+pub fn element_bytes(d: DType) -> usize {
+    if is_f32(d) {
+        4
+    } else {
+        2
+    }
+}
+
+fn tensor_bytes(t: &MeterTensor) -> f64 {
+    (t.len * element_bytes(t.dtype)) as f64
+}
+
+/// The metering backend; `compute` is the dtype the run would use on the device.
+pub struct MeterBackend {
+    meter: Arc<Meter>,
+    compute: DType,
+}
+
+impl MeterBackend {
+    pub fn new(compute: DType) -> Self {
+        MeterBackend {
+            meter: Arc::new(Meter::default()),
+            compute,
+        }
+    }
+
+    /// Pool bytes held now (in use plus cached).
+    pub fn held_bytes(&self) -> u64 {
+        self.meter.pool.lock().expect("meter lock").held
+    }
+
+    /// Forgets the ops recorded so far (to measure one step after warm-up).
+    pub fn clear_ops(&self) {
+        self.meter.ops.lock().expect("meter lock").clear();
+    }
+
+    pub fn ops(&self) -> Vec<Op> {
+        self.meter.ops.lock().expect("meter lock").clone()
+    }
+
+    fn alloc(&self, len: usize, dtype: DType) -> MeterTensor {
+        let mut p = self.meter.pool.lock().expect("meter lock");
+        let key = (is_f32(dtype), len);
+        match p.free.get_mut(&key) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => {
+                p.held += (len * element_bytes(dtype)) as u64;
+                p.peak = p.peak.max(p.held);
+            }
+        }
+        MeterTensor {
+            len,
+            dtype,
+            meter: self.meter.clone(),
+        }
+    }
+
+    fn record(&self, kind: OpKind, flops: f64, bytes: f64) {
+        self.meter
+            .ops
+            .lock()
+            .expect("meter lock")
+            .push(Op { kind, flops, bytes });
+    }
+
+    fn memory_op(&self, bytes: f64) {
+        self.record(OpKind::Memory, 0.0, bytes);
+    }
+}
+
+impl Backend for MeterBackend {
+    type Tensor = MeterTensor;
+    type Indices = usize;
+
+    fn describe(&self) -> String {
+        format!("meter ({})", self.compute.name())
+    }
+
+    fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        Some(self.meter.pool.lock().expect("meter lock").peak)
+    }
+
+    fn zeros(&self, len: usize, dtype: DType) -> Result<MeterTensor> {
+        let t = self.alloc(len, dtype);
+        self.memory_op(tensor_bytes(&t));
+        Ok(t)
+    }
+
+    fn empty(&self, len: usize, dtype: DType) -> Result<MeterTensor> {
+        Ok(self.alloc(len, dtype))
+    }
+
+    fn upload(&self, data: &[f32], dtype: DType) -> Result<MeterTensor> {
+        Ok(self.alloc(data.len(), dtype))
+    }
+
+    fn download(&self, t: &MeterTensor) -> Result<Vec<f32>> {
+        Ok(vec![0.0; t.len])
+    }
+
+    fn upload_indices(&self, data: &[i32]) -> Result<usize> {
+        Ok(data.len())
+    }
+
+    fn len(&self, t: &MeterTensor) -> usize {
+        t.len
+    }
+
+    fn copy(&self, src: &MeterTensor, dst: &mut MeterTensor) -> Result<()> {
+        self.memory_op(tensor_bytes(src) + tensor_bytes(dst));
+        Ok(())
+    }
+
+    fn fill_zero(&self, t: &mut MeterTensor) -> Result<()> {
+        self.memory_op(tensor_bytes(t));
+        Ok(())
+    }
+
+    fn fill_random(&self, t: &mut MeterTensor, _seed: u64, _scale: f32) -> Result<()> {
+        self.memory_op(tensor_bytes(t));
+        Ok(())
+    }
+
+    fn axpy(&self, _alpha: f32, src: &MeterTensor, dst: &mut MeterTensor) -> Result<()> {
+        self.memory_op(tensor_bytes(src) + 2.0 * tensor_bytes(dst));
+        Ok(())
+    }
+
+    fn scale(&self, _alpha: f32, t: &mut MeterTensor) -> Result<()> {
+        self.memory_op(2.0 * tensor_bytes(t));
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        _alpha: f32,
+        a: &MeterTensor,
+        _trans_a: bool,
+        b: &MeterTensor,
+        _trans_b: bool,
+        beta: f32,
+        c: &mut MeterTensor,
+    ) -> Result<()> {
+        let c_passes = if beta == 0.0 { 1.0 } else { 2.0 };
+        self.record(
+            OpKind::Gemm,
+            2.0 * (m * n * k) as f64,
+            tensor_bytes(a) + tensor_bytes(b) + c_passes * tensor_bytes(c),
+        );
+        Ok(())
+    }
+
+    fn embedding(
+        &self,
+        _table: &MeterTensor,
+        _ids: &usize,
+        _hidden: usize,
+        out: &mut MeterTensor,
+    ) -> Result<()> {
+        self.memory_op(2.0 * tensor_bytes(out));
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &MeterTensor,
+        _w: &MeterTensor,
+        _hidden: usize,
+        _eps: f32,
+        y: &mut MeterTensor,
+        rstd: &mut MeterTensor,
+    ) -> Result<()> {
+        self.memory_op(tensor_bytes(x) + tensor_bytes(y) + tensor_bytes(rstd));
+        Ok(())
+    }
+
+    fn rms_norm_backward(
+        &self,
+        dy: &MeterTensor,
+        x: &MeterTensor,
+        _w: &MeterTensor,
+        _rstd: &MeterTensor,
+        _hidden: usize,
+        dx: &mut MeterTensor,
+    ) -> Result<()> {
+        self.memory_op(tensor_bytes(dy) + tensor_bytes(x) + 2.0 * tensor_bytes(dx));
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut MeterTensor,
+        _positions: &usize,
+        _cos: &MeterTensor,
+        _sin: &MeterTensor,
+        _heads: usize,
+        _head_dim: usize,
+        _inverse: bool,
+    ) -> Result<()> {
+        self.memory_op(2.0 * tensor_bytes(x));
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &MeterTensor,
+        k: &MeterTensor,
+        v: &MeterTensor,
+        layout: &AttentionLayout,
+        _doc_start: &usize,
+        heads: usize,
+        _kv_heads: usize,
+        head_dim: usize,
+        out: &mut MeterTensor,
+        lse: &mut MeterTensor,
+    ) -> Result<()> {
+        let bytes = tensor_bytes(q) + tensor_bytes(k) + tensor_bytes(v) + tensor_bytes(out);
+        self.record(
+            OpKind::Attention,
+            attention_forward_flops(layout, heads, head_dim),
+            bytes + tensor_bytes(lse),
+        );
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        q: &MeterTensor,
+        k: &MeterTensor,
+        v: &MeterTensor,
+        out: &MeterTensor,
+        lse: &MeterTensor,
+        dout: &MeterTensor,
+        layout: &AttentionLayout,
+        _doc_start: &usize,
+        heads: usize,
+        _kv_heads: usize,
+        head_dim: usize,
+        dq: &mut MeterTensor,
+        dk: &mut MeterTensor,
+        dv: &mut MeterTensor,
+    ) -> Result<()> {
+        // attention.rs: `delta [n·heads]` f32, and with the mma kernels an f32 dq accumulator.
+        let n = layout.tokens();
+        let _delta = self.alloc(n * heads, DType::F32);
+        let mma = self.compute != DType::F32 && matches!(head_dim, 64 | 128);
+        let _dq_acc = mma.then(|| self.alloc(dq.len, DType::F32));
+        let bytes = [q, k, v, out, lse, dout]
+            .iter()
+            .map(|t| tensor_bytes(t))
+            .sum::<f64>()
+            + tensor_bytes(dq)
+            + tensor_bytes(dk)
+            + tensor_bytes(dv);
+        // Backward: five T×T×d products against the forward's two (2.5×).
+        self.record(
+            OpKind::Attention,
+            2.5 * attention_forward_flops(layout, heads, head_dim),
+            bytes,
+        );
+        Ok(())
+    }
+
+    fn write_cache(
+        &self,
+        src: &MeterTensor,
+        _cache: &mut MeterTensor,
+        _rows: usize,
+        _new: usize,
+        _capacity: usize,
+        _width: usize,
+        _at: usize,
+    ) -> Result<()> {
+        self.memory_op(2.0 * tensor_bytes(src));
+        Ok(())
+    }
+
+    fn attention_cached(
+        &self,
+        _q: &MeterTensor,
+        k_cache: &MeterTensor,
+        v_cache: &MeterTensor,
+        _first_key: &usize,
+        _rows: usize,
+        _new: usize,
+        _filled: usize,
+        _capacity: usize,
+        _window: Option<usize>,
+        _heads: usize,
+        _kv_heads: usize,
+        _head_dim: usize,
+        out: &mut MeterTensor,
+    ) -> Result<()> {
+        self.memory_op(tensor_bytes(k_cache) + tensor_bytes(v_cache) + tensor_bytes(out));
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &MeterTensor, up: &MeterTensor, out: &mut MeterTensor) -> Result<()> {
+        self.memory_op(tensor_bytes(gate) + tensor_bytes(up) + tensor_bytes(out));
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        dout: &MeterTensor,
+        gate: &MeterTensor,
+        up: &MeterTensor,
+        dgate: &mut MeterTensor,
+        dup: &mut MeterTensor,
+    ) -> Result<()> {
+        self.memory_op(
+            tensor_bytes(dout)
+                + tensor_bytes(gate)
+                + tensor_bytes(up)
+                + tensor_bytes(dgate)
+                + tensor_bytes(dup),
+        );
+        Ok(())
+    }
+
+    fn lm_head_cross_entropy(
+        &self,
+        hidden: &MeterTensor,
+        weight: &MeterTensor,
+        _targets: &usize,
+        rows: usize,
+        hidden_dim: usize,
+        vocab: usize,
+        grad: CeGrad<'_, MeterTensor>,
+        _logp: &mut MeterTensor,
+        dhidden: Option<&mut MeterTensor>,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        // lm_head.rs: f32 logits and, with a gradient, compute-dtype dz for `chunk` rows.
+        let dt = hidden.dtype;
+        let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows);
+        let _logits = self.alloc(chunk * vocab, DType::F32);
+        let want_grad = !matches!(grad, CeGrad::None);
+        let _dz = want_grad.then(|| self.alloc(chunk * vocab, dt));
+        let e = element_bytes(dt) as f64;
+        for start in (0..rows).step_by(chunk) {
+            let c = chunk.min(rows - start);
+            let logits = (c * vocab) as f64;
+            self.record(
+                OpKind::Gemm,
+                2.0 * (c * vocab * hidden_dim) as f64,
+                (c * hidden_dim) as f64 * e + tensor_bytes(weight) + 4.0 * logits,
+            );
+            self.memory_op(4.0 * logits + if want_grad { e * logits } else { 0.0 });
+            if dhidden.is_some() {
+                self.record(
+                    OpKind::Gemm,
+                    2.0 * (c * vocab * hidden_dim) as f64,
+                    e * logits + tensor_bytes(weight) + (c * hidden_dim) as f64 * e,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn broadcast_rows(&self, row: &MeterTensor, out: &mut MeterTensor) -> Result<()> {
+        self.memory_op(tensor_bytes(row) + tensor_bytes(out));
+        Ok(())
+    }
+
+    fn quantize_nf4(
+        &self,
+        x: &MeterTensor,
+        _double_quant: bool,
+    ) -> Result<kernels::nf4::Nf4Buffers<MeterTensor, usize>> {
+        // Read x once, write the packed nibbles and one f32 absmax per 64 values.
+        let n = x.len;
+        let absmax = self.alloc(n.div_ceil(64), DType::F32);
+        self.memory_op(tensor_bytes(x) + n.div_ceil(2) as f64 + tensor_bytes(&absmax));
+        Ok(kernels::nf4::Nf4Buffers {
+            packed: n.div_ceil(8),
+            absmax: kernels::nf4::AbsmaxBuffers::Plain(absmax),
+        })
+    }
+
+    fn dequantize_nf4(
+        &self,
+        packed: &usize,
+        _absmax: Nf4Absmax<'_, MeterTensor, usize>,
+        out: &mut MeterTensor,
+    ) -> Result<()> {
+        self.memory_op(4.0 * *packed as f64 + tensor_bytes(out));
+        Ok(())
+    }
+
+    fn all_finite(&self, tensors: &[MeterTensor]) -> Result<bool> {
+        self.memory_op(tensors.iter().map(tensor_bytes).sum());
+        Ok(true)
+    }
+
+    fn sum_of_squares(&self, tensors: &[MeterTensor]) -> Result<f64> {
+        self.memory_op(tensors.iter().map(tensor_bytes).sum());
+        Ok(0.0)
+    }
+
+    fn adamw(
+        &self,
+        params: &mut [MeterTensor],
+        _grads: &[MeterTensor],
+        _m: &mut [MeterTensor],
+        _v: &mut [MeterTensor],
+        _hp: &AdamWParams,
+        _step: u64,
+        _grad_scale: f32,
+    ) -> Result<()> {
+        // p, m, v read and written, g read: 7 f32 passes.
+        self.memory_op(7.0 * params.iter().map(tensor_bytes).sum::<f64>());
+        Ok(())
+    }
+}
+
+/// Causal attention forward FLOPs: two `T×T×d` products per head, half the square kept
+/// (`2 · 2 · T²/2 · d` per head and row), as in trainer/src/bench.rs.
+fn attention_forward_flops(layout: &AttentionLayout, heads: usize, head_dim: usize) -> f64 {
+    let t = layout.seq_len as f64;
+    layout.rows as f64 * 2.0 * t * t * (heads * head_dim) as f64
+}

@@ -1,0 +1,351 @@
+//! `fuselora plan`: before a run, from config.json alone, the peak device memory of a LoRA / QLoRA
+//! training step and its predicted tokens/s per GPU kind, whether it fits, and the fastest settings
+//! that do. `train` prints the same accounting at start-up on a GPU.
+//!
+//! The step is not modelled by hand: the real decoder code (forward with or without checkpointing,
+//! the chunked LM head, backward, AdamW) runs on [`meter::MeterBackend`], which does no arithmetic
+//! but keeps the books of the CUDA caching pool and logs every op's FLOPs and bytes. The peak is
+//! therefore what that code allocates; the breakdown beside it is the same buffers counted by
+//! formula (see [`MemoryPlan`]), with the pool's remaining buffers as "workspace". Time comes from
+//! a roofline over the op log ([`roofline`]).
+//!
+//! NF4 (QLoRA) is metered dense and converted: the projections' 4-bit codes (outside the pool, as
+//! index buffers on the device) and their absmax replace the dense projections, one dequantized
+//! scratch buffer per distinct projection shape joins the pool, and every use of a projection
+//! (forward, recompute, backward) adds a dequantization pass.
+
+pub mod meter;
+mod report;
+pub mod roofline;
+
+pub use report::{describe, describe_suggestions, startup_report, suggestions};
+
+use crate::lora::{LoraConfig, LoraParams};
+use crate::model::{Batch, Decoder, ModelConfig, Projection, QuantizeNf4};
+use crate::optim::{AdamW, LossScaler};
+use anyhow::{bail, Result};
+use kernels::{AdamWParams, AttentionLayout, Backend, DType};
+use meter::{element_bytes, MeterBackend, Op, OpKind, LM_HEAD_CHUNK_ELEMENTS};
+use roofline::{step_time, GpuKind, StepTime};
+
+/// One training setup to account for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanSpec {
+    pub model: ModelConfig,
+    pub lora: LoraConfig,
+    /// Rows per micro-batch.
+    pub batch: usize,
+    pub seq: usize,
+    pub grad_accum: usize,
+    pub checkpointing: bool,
+    pub dtype: DType,
+    pub quantize: Option<QuantizeNf4>,
+    /// Data-parallel ranks (one GPU each).
+    pub nproc: usize,
+}
+
+/// Peak device memory of one rank, in bytes, by what holds it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MemoryPlan {
+    /// Frozen weights: embedding, norms, projections (dense or NF4 codes + absmax), LM head.
+    pub weights: u64,
+    /// LoRA A/B: f32 masters and gradients, AdamW's two f32 moments, the compute-dtype copies.
+    pub lora_optimizer: u64,
+    /// Layer inputs kept by gradient checkpointing (`layers × tokens × hidden`).
+    pub checkpoints: u64,
+    /// The activations backward needs: one layer's (checkpointing) or every layer's, plus the
+    /// buffers of one layer's backward.
+    pub activations: u64,
+    /// The LM head's f32 logits chunk and its gradient (kernels/src/cuda/lm_head.rs).
+    pub logits_chunk: u64,
+    /// Everything else the pool holds at its peak: RoPE tables, the final norm's buffers, NF4
+    /// scratch, buffers cached by the pool between uses.
+    pub workspace: u64,
+    /// NCCL's own buffers with several ranks (an estimate: they are not in the pool).
+    pub nccl: u64,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> u64 {
+        self.weights
+            + self.lora_optimizer
+            + self.checkpoints
+            + self.activations
+            + self.logits_chunk
+            + self.workspace
+            + self.nccl
+    }
+
+    /// What `bench` reports as peak memory: the pool's peak (everything but NF4 codes and NCCL).
+    pub fn pool_peak(&self, outside_pool: u64) -> u64 {
+        self.total() - self.nccl - outside_pool
+    }
+}
+
+/// The accounting of one setup: memory, and the op log of one optimizer step.
+pub struct Plan {
+    pub spec: PlanSpec,
+    pub memory: MemoryPlan,
+    /// Bytes on the device outside the pool (NF4 codes).
+    pub outside_pool: u64,
+    ops: Vec<Op>,
+}
+
+/// Memory the CUDA context, cuBLAS workspace and kernels take besides the pool (not measured:
+/// a typical figure), kept free when deciding whether a setup fits.
+pub const CONTEXT_RESERVE: u64 = 768 << 20;
+
+/// NCCL's buffers per rank with a ring of several GPUs (an estimate: 2 peers × 8 channels × three
+/// protocols of ~4 MiB, `NCCL_BUFFSIZE`).
+const NCCL_BYTES: u64 = 2 * 8 * 3 * (4 << 20);
+
+impl Plan {
+    /// Meters one optimizer step of `spec` (after a first step, so the pool is warm as in `bench`).
+    pub fn account(spec: &PlanSpec) -> Result<Plan> {
+        if spec.batch == 0 || spec.seq < 2 || spec.grad_accum == 0 || spec.nproc == 0 {
+            bail!("a plan needs batch ≥ 1, seq ≥ 2, grad_accum ≥ 1 and nproc ≥ 1");
+        }
+        let c = &spec.model;
+        let be = MeterBackend::new(spec.dtype);
+        let model = Decoder::random(&be, c.clone(), 0, None)?;
+        let mut lora =
+            LoraParams::build(&be, c, spec.lora.clone(), |_, [r, k]| Ok(vec![0.0; r * k]))?;
+        let hp = AdamWParams {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut opt = AdamW::new(&be, &lora, hp, Some(1.0))?;
+        let mut scaler = LossScaler::for_dtype(spec.dtype);
+        let n = spec.batch * spec.seq;
+        let ids = vec![0i32; n];
+        let docs = vec![vec![spec.seq]; spec.batch];
+        for step in 0..2 {
+            if step == 1 {
+                be.clear_ops();
+            }
+            lora.zero_grads(&be)?;
+            for _ in 0..spec.grad_accum {
+                let layout = AttentionLayout::packed(&docs, spec.seq, c.sliding_window);
+                let batch = Batch::new(&be, c, &ids, &ids, layout)?;
+                model.loss_and_grad(&be, Some(&mut lora), &batch, spec.checkpointing, 1.0)?;
+            }
+            opt.step_scaled(&be, &mut lora, hp.lr, &mut scaler)?;
+        }
+        let mut ops = be.ops();
+        let pool_peak = be.peak_memory_bytes().unwrap_or(0);
+        drop((model, lora, opt));
+
+        let e = element_bytes(spec.dtype) as u64;
+        let nf4 = spec.quantize.map(|q| Nf4Bytes::of(c, q));
+        let dense = dense_weight_bytes(c, e);
+        let (weights, outside_pool, scratch) = match &nf4 {
+            None => (dense.total, 0, 0),
+            Some(q) => {
+                let pooled = dense.total - dense.projections + q.pooled;
+                ops.extend(q.dequant_ops(c, spec, e));
+                (pooled + q.outside_pool, q.outside_pool, q.scratch(c, e))
+            }
+        };
+        let pooled_total = pool_peak - dense.total + (weights - outside_pool) + scratch;
+        let parts = Parts::of(spec, e);
+        let lora_optimizer = lora_bytes(c, &spec.lora, e);
+        let counted = (weights - outside_pool)
+            + lora_optimizer
+            + parts.checkpoints
+            + parts.activations
+            + parts.logits_chunk;
+        let memory = MemoryPlan {
+            weights,
+            lora_optimizer,
+            checkpoints: parts.checkpoints,
+            activations: parts.activations,
+            logits_chunk: parts.logits_chunk,
+            workspace: pooled_total.saturating_sub(counted),
+            nccl: if spec.nproc > 1 { NCCL_BYTES } else { 0 },
+        };
+        Ok(Plan {
+            spec: spec.clone(),
+            memory,
+            outside_pool,
+            ops,
+        })
+    }
+
+    /// Predicted time of one optimizer step on one GPU of `gpu`; `None` if it cannot run the dtype.
+    pub fn step_time(&self, gpu: GpuKind) -> Option<StepTime> {
+        step_time(&self.ops, gpu, self.spec.dtype)
+    }
+
+    /// Predicted tokens/s over all ranks (the gradient all-reduce measured ~0.3 % on 2 × H200).
+    pub fn tokens_per_s(&self, gpu: GpuKind) -> Option<f64> {
+        let s = &self.spec;
+        let tokens = (s.batch * s.seq * s.grad_accum * s.nproc) as f64;
+        let scaling = if s.nproc > 1 { 0.997 } else { 1.0 };
+        Some(tokens / self.step_time(gpu)?.total() * scaling)
+    }
+
+    /// Whether the peak (plus the context reserve) fits in one GPU of `gpu`.
+    pub fn fits(&self, gpu: GpuKind) -> bool {
+        self.memory.total() + CONTEXT_RESERVE <= gpu.spec().memory_mib << 20
+    }
+}
+
+/// Dense frozen weights in the compute dtype.
+struct DenseBytes {
+    total: u64,
+    projections: u64,
+}
+
+fn projection_elements(c: &ModelConfig) -> u64 {
+    Projection::ALL
+        .iter()
+        .map(|p| {
+            let (o, i) = p.shape(c);
+            (o * i) as u64
+        })
+        .sum::<u64>()
+        * c.num_layers as u64
+}
+
+fn dense_weight_bytes(c: &ModelConfig, e: u64) -> DenseBytes {
+    let (v, h) = (c.vocab_size as u64, c.hidden_size as u64);
+    let heads = if c.tie_word_embeddings { 1 } else { 2 };
+    let norms = (2 * c.num_layers as u64 + 1) * h;
+    let projections = projection_elements(c) * e;
+    DenseBytes {
+        total: (heads * v * h + norms) * e + projections,
+        projections,
+    }
+}
+
+/// LoRA values (A and B of every adapted projection).
+fn lora_values(c: &ModelConfig, lora: &LoraConfig) -> u64 {
+    lora.targets
+        .iter()
+        .map(|p| {
+            let (o, i) = p.shape(c);
+            (lora.r * (o + i)) as u64
+        })
+        .sum::<u64>()
+        * c.num_layers as u64
+}
+
+fn lora_bytes(c: &ModelConfig, lora: &LoraConfig, e: u64) -> u64 {
+    // f32 master + f32 gradient + AdamW m and v in f32 + the compute-dtype copy.
+    lora_values(c, lora) * (4 * 4 + e)
+}
+
+/// The NF4 storage of the projections (bitsandbytes blocks of 64 values).
+struct Nf4Bytes {
+    /// Packed codes (and double-quant absmax codes): index buffers, outside the pool.
+    outside_pool: u64,
+    /// f32 absmax (or nested absmax + the 256-entry map per projection) in the pool.
+    pooled: u64,
+}
+
+impl Nf4Bytes {
+    fn of(c: &ModelConfig, q: QuantizeNf4) -> Self {
+        let per_projection: Vec<u64> = Projection::ALL
+            .iter()
+            .map(|p| {
+                let (o, i) = p.shape(c);
+                (o * i) as u64
+            })
+            .collect();
+        let layers = c.num_layers as u64;
+        let (mut outside, mut pooled) = (0u64, 0u64);
+        for n in per_projection {
+            let blocks = n.div_ceil(64);
+            // Codes: two per byte, in i32 words.
+            outside += n.div_ceil(2).div_ceil(4) * 4;
+            if q.double_quant {
+                outside += blocks.div_ceil(4) * 4;
+                pooled += blocks.div_ceil(256) * 4 + 256 * 4;
+            } else {
+                pooled += blocks * 4;
+            }
+        }
+        Nf4Bytes {
+            outside_pool: outside * layers,
+            pooled: pooled * layers,
+        }
+    }
+
+    /// One dequantized weight per distinct projection shape stays cached in the pool.
+    fn scratch(&self, c: &ModelConfig, e: u64) -> u64 {
+        let mut sizes: Vec<u64> = Projection::ALL
+            .iter()
+            .map(|p| {
+                let (o, i) = p.shape(c);
+                (o * i) as u64
+            })
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes.iter().sum::<u64>() * e
+    }
+
+    /// Dequantizing every projection before each of its GEMMs: forward, recompute (with
+    /// checkpointing) and backward, per micro-batch.
+    fn dequant_ops(&self, c: &ModelConfig, spec: &PlanSpec, e: u64) -> Vec<Op> {
+        let uses = (if spec.checkpointing { 3 } else { 2 }) * spec.grad_accum;
+        let mut ops = Vec::new();
+        for _ in 0..uses * c.num_layers {
+            for p in Projection::ALL {
+                let (o, i) = p.shape(c);
+                let n = (o * i) as f64;
+                ops.push(Op {
+                    kind: OpKind::Memory,
+                    flops: 0.0,
+                    bytes: n / 2.0 + n * e as f64,
+                });
+            }
+        }
+        ops
+    }
+}
+
+/// The activation buffers counted by formula, following model/layer.rs and model/decoder.rs.
+struct Parts {
+    checkpoints: u64,
+    activations: u64,
+    logits_chunk: u64,
+}
+
+impl Parts {
+    fn of(spec: &PlanSpec, e: u64) -> Self {
+        let c = &spec.model;
+        let n = (spec.batch * spec.seq) as u64;
+        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let (qd, kvd) = (c.q_dim() as u64, c.kv_dim() as u64);
+        let heads = c.num_heads as u64;
+        let lora_t = spec.lora.targets.len() as u64 * spec.lora.r as u64;
+        // LayerSaved: x, norm1, q, k, v, attn, mid, norm2, gate, up, act, x·Aᵀ per adapted
+        // projection (compute dtype); rstd1, rstd2, lse (f32).
+        let saved_without_input =
+            e * n * (3 * h + 2 * qd + 2 * kvd + 3 * i + lora_t) + 4 * n * (2 + heads);
+        let layer_input = e * n * h;
+        // LayerWeights::backward at its widest: dact, dgate, dup, dnorm2 (MLP), then dattn, dq,
+        // dk, dv, dnorm1 and attention's f32 delta and dq accumulator; one LoRA `u` at a time.
+        let backward = e * n * (3 * i + h) + e * n * spec.lora.r as u64;
+        let layers = c.num_layers as u64;
+        let (checkpoints, activations) = if spec.checkpointing {
+            (layers * layer_input, saved_without_input + backward)
+        } else {
+            (0, layers * (layer_input + saved_without_input) + backward)
+        };
+        let v = c.vocab_size;
+        let chunk = (LM_HEAD_CHUNK_ELEMENTS / v).clamp(1, n as usize) as u64;
+        Parts {
+            checkpoints,
+            activations,
+            logits_chunk: chunk * v as u64 * (4 + e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! What `plan` (and `train` at start-up) prints, and the search for faster settings that fit.
+
+use super::roofline::GpuKind;
+use super::{Plan, PlanSpec, CONTEXT_RESERVE};
+use crate::lora::LoraConfig;
+use crate::model::{ModelConfig, Projection, QuantizeNf4};
+use crate::train::config::RunConfig;
+use anyhow::Result;
+use kernels::DType;
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+impl PlanSpec {
+    /// The setup a run config describes (reads the model's config.json only).
+    pub fn from_run(cfg: &RunConfig, nproc: usize) -> Result<PlanSpec> {
+        let model = ModelConfig::load(&cfg.model.path)?;
+        let dtype = cfg.model.dtype.dtype();
+        Ok(PlanSpec {
+            lora: LoraConfig {
+                r: cfg.lora.r,
+                alpha: cfg.lora.alpha,
+                targets: cfg.targets(),
+                use_rslora: cfg.lora.rslora,
+                dropout: cfg.lora.dropout,
+            },
+            batch: cfg.train.batch_size,
+            seq: cfg.data.max_seq_len,
+            grad_accum: cfg.train.grad_accum,
+            checkpointing: cfg.train.gradient_checkpointing,
+            dtype,
+            // A bitsandbytes 4-bit checkpoint is NF4 whatever `model.quantize` says.
+            quantize: match crate::model::bnb_checkpoint::quantization_of(&model.raw)? {
+                Some(q) => Some(QuantizeNf4 {
+                    double_quant: q.double_quant,
+                }),
+                None => cfg.model.quantize_nf4(),
+            },
+            model,
+            nproc,
+        })
+    }
+
+    /// The setup `fuselora bench --preset NAME` runs: LoRA r=16, alpha 16 on all seven
+    /// projections, bf16, one micro-batch per step.
+    pub fn from_preset(
+        name: &str,
+        batch: usize,
+        seq: usize,
+        checkpointing: bool,
+        nproc: usize,
+    ) -> Result<PlanSpec> {
+        Ok(PlanSpec {
+            model: crate::bench::preset_config(name)?,
+            lora: LoraConfig {
+                r: 16,
+                alpha: 16.0,
+                targets: Projection::ALL.to_vec(),
+                use_rslora: false,
+                dropout: 0.0,
+            },
+            batch,
+            seq,
+            grad_accum: 1,
+            checkpointing,
+            dtype: DType::BF16,
+            quantize: None,
+            nproc,
+        })
+    }
+
+    fn settings(&self) -> String {
+        format!(
+            "batch {} × seq {} × accum {}, {}, checkpointing {}, {}{}",
+            self.batch,
+            self.seq,
+            self.grad_accum,
+            self.dtype.name(),
+            if self.checkpointing { "on" } else { "off" },
+            match self.quantize {
+                None => "no quantization".to_string(),
+                Some(q) if q.double_quant => "NF4 + double quant".to_string(),
+                Some(_) => "NF4".to_string(),
+            },
+            if self.nproc > 1 {
+                format!(", {} GPUs", self.nproc)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// The memory breakdown, and on `gpu` whether it fits and the predicted speed.
+pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
+    let s = &plan.spec;
+    let m = &plan.memory;
+    let c = &s.model;
+    let lora_values = super::lora_values(c, &s.lora);
+    let mut lines = vec![
+        format!(
+            "plan: {} layers, hidden {}, vocab {}; LoRA r={} on {} projections; {}",
+            c.num_layers,
+            c.hidden_size,
+            c.vocab_size,
+            s.lora.r,
+            s.lora.targets.len(),
+            s.settings()
+        ),
+        "peak device memory per GPU:".to_string(),
+    ];
+    let rows = [
+        (
+            "weights",
+            m.weights,
+            if s.quantize.is_some() {
+                "projections NF4, the rest in the compute dtype".to_string()
+            } else {
+                s.dtype.name().to_string()
+            },
+        ),
+        (
+            "LoRA + AdamW",
+            m.lora_optimizer,
+            format!(
+                "{lora_values} values: f32 master, grad, m, v + {} copy",
+                s.dtype.name()
+            ),
+        ),
+        (
+            "checkpoints",
+            m.checkpoints,
+            if s.checkpointing {
+                format!("{} layer inputs", c.num_layers)
+            } else {
+                "off".to_string()
+            },
+        ),
+        (
+            "activations",
+            m.activations,
+            if s.checkpointing {
+                "one layer's forward + backward".to_string()
+            } else {
+                format!("all {} layers + one backward", c.num_layers)
+            },
+        ),
+        (
+            "logits chunk",
+            m.logits_chunk,
+            "f32 logits + gradient of one LM-head chunk".to_string(),
+        ),
+        (
+            "workspace",
+            m.workspace,
+            "RoPE tables, final norm, NF4 scratch, cached buffers".to_string(),
+        ),
+        (
+            "NCCL buffers",
+            m.nccl,
+            if s.nproc > 1 {
+                "estimate".to_string()
+            } else {
+                "one GPU".to_string()
+            },
+        ),
+    ];
+    for (name, bytes, note) in rows {
+        lines.push(format!("  {name:<14}{:>11}   {note}", gib(bytes)));
+    }
+    lines.push(format!(
+        "  {:<14}{:>11}   (pool peak, what `bench` reports: {})",
+        "total",
+        gib(m.total()),
+        gib(m.pool_peak(plan.outside_pool))
+    ));
+    if let Some(gpu) = gpu {
+        let spec = gpu.spec();
+        let capacity = spec.memory_mib << 20;
+        let verdict = if plan.fits(gpu) {
+            format!(
+                "fits on one {} ({} of {} with {} kept for the CUDA context)",
+                spec.name,
+                gib(m.total()),
+                gib(capacity),
+                gib(CONTEXT_RESERVE)
+            )
+        } else {
+            format!(
+                "does NOT fit on one {}: needs {} more than its {} (with {} kept for the CUDA context)",
+                spec.name,
+                gib(m.total() + CONTEXT_RESERVE - capacity),
+                gib(capacity),
+                gib(CONTEXT_RESERVE)
+            )
+        };
+        lines.push(verdict);
+        match (plan.step_time(gpu), plan.tokens_per_s(gpu)) {
+            (Some(t), Some(tps)) => lines.push(format!(
+                "predicted: {tps:.0} tokens/s, {:.3} s per step (GEMMs {:.3} s, attention {:.3} s, memory-bound {:.3} s, launches {:.3} s)",
+                t.total(),
+                t.gemm,
+                t.attention,
+                t.memory,
+                t.launches
+            )),
+            _ => lines.push(format!(
+                "the {} has no {} tensor cores: use dtype = \"f16\"",
+                spec.name,
+                s.dtype.name()
+            )),
+        }
+    }
+    lines.join("\n")
+}
+
+/// Settings that fit on `gpu`, fastest first: the same rows per optimizer step (micro-batch ×
+/// accumulation), checkpointing on or off, with and without NF4, in bf16 (f16 where the GPU has no
+/// bf16).
+pub fn suggestions(spec: &PlanSpec, gpu: GpuKind) -> Result<Vec<Plan>> {
+    let rows_per_step = spec.batch * spec.grad_accum;
+    let dtype = match (spec.dtype, gpu.spec().bf16_tflops) {
+        (DType::BF16, None) => DType::F16,
+        (d, _) => d,
+    };
+    let quantize = [
+        None,
+        Some(spec.quantize.unwrap_or(QuantizeNf4 { double_quant: true })),
+    ];
+    let mut fitting = Vec::new();
+    for batch in [1, 2, 4, 8, 16, 32, 64] {
+        if batch > rows_per_step || !rows_per_step.is_multiple_of(batch) {
+            continue;
+        }
+        for checkpointing in [false, true] {
+            for q in quantize {
+                let candidate = PlanSpec {
+                    batch,
+                    grad_accum: rows_per_step / batch,
+                    checkpointing,
+                    quantize: q,
+                    dtype,
+                    ..spec.clone()
+                };
+                let plan = Plan::account(&candidate)?;
+                if plan.fits(gpu) {
+                    fitting.push(plan);
+                }
+            }
+        }
+    }
+    fitting.sort_by(|a, b| {
+        let speed = |p: &Plan| p.tokens_per_s(gpu).unwrap_or(0.0);
+        speed(b).total_cmp(&speed(a))
+    });
+    Ok(fitting)
+}
+
+/// The first `n` suggestions as lines.
+pub fn describe_suggestions(plans: &[Plan], gpu: GpuKind, n: usize) -> String {
+    if plans.is_empty() {
+        return format!(
+            "nothing fits on one {} at this many rows per step: lower data.max_seq_len, or use more GPUs",
+            gpu.spec().name
+        );
+    }
+    let mut lines = vec![format!(
+        "fastest settings that fit on one {}:",
+        gpu.spec().name
+    )];
+    for p in plans.iter().take(n) {
+        lines.push(format!(
+            "  {:>7.0} tokens/s  {:>10}  {}",
+            p.tokens_per_s(gpu).unwrap_or(0.0),
+            gib(p.memory.total()),
+            p.spec.settings()
+        ));
+    }
+    lines.join("\n")
+}
+
+/// What `train` prints before its first step on a GPU (`backend` is the backend's description,
+/// e.g. `cuda:0 NVIDIA H200 (bf16)`); `None` on the CPU, where the pool does not exist.
+pub fn startup_report(cfg: &RunConfig, backend: &str, nproc: usize) -> Option<String> {
+    if !backend.starts_with("cuda") {
+        return None;
+    }
+    let planned = PlanSpec::from_run(cfg, nproc).and_then(|spec| Plan::account(&spec));
+    Some(match planned {
+        Ok(plan) => describe(&plan, GpuKind::recognise(backend)),
+        Err(e) => format!("plan: the memory accounting failed ({e:#}); training goes on"),
+    })
+}

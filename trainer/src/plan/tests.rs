@@ -1,0 +1,205 @@
+use super::meter::MeterBackend;
+use super::roofline::GpuKind;
+use super::*;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn preset(name: &str, batch: usize, checkpointing: bool) -> PlanSpec {
+    PlanSpec::from_preset(name, batch, 2048, checkpointing, 1).unwrap()
+}
+
+#[test]
+fn the_meter_keeps_the_pools_books() {
+    let be = MeterBackend::new(DType::BF16);
+    let a = be.zeros(1000, DType::BF16).unwrap();
+    let b = be.zeros(1000, DType::F16).unwrap();
+    assert_eq!(be.held_bytes(), 4000);
+    drop(a);
+    // A bf16 buffer serves an f16 tensor of the same length (one 16-bit storage kind)...
+    let c = be.zeros(1000, DType::F16).unwrap();
+    assert_eq!(be.held_bytes(), 4000);
+    // ...but not an f32 one, nor another length.
+    drop(c);
+    let d = be.zeros(500, DType::F32).unwrap();
+    let e = be.zeros(999, DType::BF16).unwrap();
+    assert_eq!(be.held_bytes(), 4000 + 2000 + 1998);
+    drop((b, d, e));
+    assert_eq!(be.peak_memory_bytes(), Some(7998));
+}
+
+/// The H200 measurements of docs/benchmarks.md after the speed round (bf16, LoRA r=16 on all
+/// projections, checkpointing on): `(preset, batch, seq, peak GiB, tokens/s)`.
+const MEASURED: [(&str, usize, usize, f64, f64); 4] = [
+    ("llama2-7b", 2, 2048, 15.51, 10858.0),
+    ("mistral-7b", 2, 2048, 16.66, 10379.0),
+    ("llama-1b", 4, 2048, 4.27, 47060.0),
+    ("smollm2-135m", 8, 1024, 1.11, 144458.0),
+];
+
+#[test]
+fn the_bench_presets_are_predicted_within_5_percent_of_memory_and_15_percent_of_speed() {
+    for (name, batch, seq, peak_gib, tokens_per_s) in MEASURED {
+        let plan =
+            Plan::account(&PlanSpec::from_preset(name, batch, seq, true, 1).unwrap()).unwrap();
+        let peak = plan.memory.pool_peak(plan.outside_pool) as f64 / GIB;
+        let tps = plan.tokens_per_s(GpuKind::H200).unwrap();
+        println!(
+            "{name}: peak {peak:.2} GiB (measured {peak_gib}), {tps:.0} tokens/s (measured {tokens_per_s})"
+        );
+        assert!((peak / peak_gib - 1.0).abs() < 0.05, "{name}: {peak} GiB");
+        assert!(
+            (tps / tokens_per_s - 1.0).abs() < 0.15,
+            "{name}: {tps} tokens/s"
+        );
+    }
+}
+
+#[test]
+fn the_breakdown_adds_up_to_the_metered_peak() {
+    for checkpointing in [true, false] {
+        let plan = Plan::account(&preset("llama-1b", 4, checkpointing)).unwrap();
+        let m = plan.memory;
+        // 1.1 B parameters in bf16 (TinyLlama shape: 22 layers, vocab 32000, untied).
+        assert_eq!(m.weights, 2 * 1_100_048_384);
+        assert_eq!(m.checkpoints > 0, checkpointing);
+        assert!(m.workspace < m.total() / 10, "{m:?}");
+        assert_eq!(m.nccl, 0);
+        let parts = m.weights
+            + m.lora_optimizer
+            + m.checkpoints
+            + m.activations
+            + m.logits_chunk
+            + m.workspace;
+        assert_eq!(parts, m.total());
+    }
+    let with = Plan::account(&preset("llama-1b", 4, true)).unwrap();
+    let without = Plan::account(&preset("llama-1b", 4, false)).unwrap();
+    assert!(without.memory.total() > with.memory.total() + (1 << 30));
+    // Checkpointing recomputes each layer's forward: slower.
+    assert!(
+        without.tokens_per_s(GpuKind::H200).unwrap() > with.tokens_per_s(GpuKind::H200).unwrap()
+    );
+}
+
+#[test]
+fn nf4_shrinks_the_weights_to_about_a_quarter() {
+    let dense = Plan::account(&preset("llama2-7b", 1, true)).unwrap();
+    let mut spec = preset("llama2-7b", 1, true);
+    spec.quantize = Some(QuantizeNf4 { double_quant: true });
+    let nf4 = Plan::account(&spec).unwrap();
+    let ratio = nf4.memory.weights as f64 / dense.memory.weights as f64;
+    // Projections at 4.127 bits (codes + double-quant absmax), embedding and LM head still bf16.
+    assert!((0.28..0.32).contains(&ratio), "{ratio}");
+    assert!(nf4.outside_pool > 3 << 30);
+    assert!(nf4.tokens_per_s(GpuKind::H200).unwrap() < dense.tokens_per_s(GpuKind::H200).unwrap());
+}
+
+#[test]
+fn a_t4_is_told_which_7b_qlora_batch_fits() {
+    let mut spec = preset("llama2-7b", 4, true);
+    spec.grad_accum = 4;
+    spec.quantize = Some(QuantizeNf4 { double_quant: true });
+    let dense_bf16 = Plan::account(&preset("llama2-7b", 1, true)).unwrap();
+    assert!(!dense_bf16.fits(GpuKind::T4));
+    assert_eq!(
+        dense_bf16.tokens_per_s(GpuKind::T4),
+        None,
+        "a T4 has no bf16"
+    );
+    let fitting = suggestions(&spec, GpuKind::T4).unwrap();
+    let text = describe_suggestions(&fitting, GpuKind::T4, 3);
+    println!("{text}");
+    assert!(!fitting.is_empty());
+    for p in &fitting {
+        assert_eq!(p.spec.dtype, DType::F16);
+        assert!(p.spec.quantize.is_some());
+        assert_eq!(p.spec.batch * p.spec.grad_accum, 16);
+        assert!(p.memory.total() + CONTEXT_RESERVE <= 15_360 << 20);
+    }
+    // Batch 16 × 2048 without checkpointing does not fit in 16 GB, even in 4 bits.
+    assert!(!fitting
+        .iter()
+        .any(|p| p.spec.batch == 16 && !p.spec.checkpointing));
+    assert!(text.contains("T4 16 GB") && text.contains("NF4"), "{text}");
+}
+
+#[test]
+fn several_gpus_add_nccl_buffers_and_tokens() {
+    let one = Plan::account(&preset("llama-1b", 4, true)).unwrap();
+    let two = Plan::account(&PlanSpec {
+        nproc: 2,
+        ..preset("llama-1b", 4, true)
+    })
+    .unwrap();
+    assert_eq!(two.memory.total() - one.memory.total(), NCCL_BYTES);
+    let ratio = two.tokens_per_s(GpuKind::H200).unwrap() / one.tokens_per_s(GpuKind::H200).unwrap();
+    assert!((ratio - 2.0 * 0.997).abs() < 1e-9, "{ratio}");
+}
+
+#[test]
+fn the_report_names_every_part_and_the_verdict() {
+    let plan = Plan::account(&preset("smollm2-135m", 8, true)).unwrap();
+    let text = describe(&plan, Some(GpuKind::L4));
+    for part in [
+        "weights",
+        "LoRA + AdamW",
+        "checkpoints",
+        "activations",
+        "logits chunk",
+        "workspace",
+        "NCCL buffers",
+        "fits on one L4 24 GB",
+        "predicted:",
+    ] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
+    assert_eq!(
+        GpuKind::recognise("cuda:0 NVIDIA H200 (bf16)"),
+        Some(GpuKind::H200)
+    );
+    assert_eq!(
+        GpuKind::recognise("cuda:0 Tesla T4 (f16)"),
+        Some(GpuKind::T4)
+    );
+}
+
+#[test]
+fn a_run_config_is_planned_from_its_model_config_json() {
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tiny-llama/model");
+    let toml = format!(
+        "[model]\npath = {:?}\ndtype = \"f16\"\nquantize = \"nf4\"\n[lora]\nr = 8\ntargets = [\"q_proj\", \"v_proj\"]\n\
+         [data]\ntrain = [\"t.jsonl\"]\nmax_seq_len = 128\n[train]\nbatch_size = 3\ngrad_accum = 2\n\
+         gradient_checkpointing = false\n[output]\ndir = \"out\"\n",
+        model.to_str().unwrap()
+    );
+    let cfg = crate::train::config::RunConfig::from_toml(&toml).unwrap();
+    let spec = PlanSpec::from_run(&cfg, 2).unwrap();
+    assert_eq!(
+        (
+            spec.batch,
+            spec.seq,
+            spec.grad_accum,
+            spec.checkpointing,
+            spec.dtype,
+            spec.nproc
+        ),
+        (3, 128, 2, false, DType::F16, 2)
+    );
+    assert_eq!(spec.lora.targets, vec![Projection::Q, Projection::V]);
+    assert_eq!(spec.quantize, Some(QuantizeNf4 { double_quant: true }));
+    let plan = Plan::account(&spec).unwrap();
+    // tiny-llama: 3 layers, hidden 64 → q 64, v 32 wide; r = 8: 8·(64+64 + 64+32)·3 values.
+    assert_eq!(plan.memory.lora_optimizer, 8 * (128 + 96) * 3 * (16 + 2));
+    assert_eq!(plan.memory.checkpoints, 0);
+    assert_eq!(plan.memory.nccl, NCCL_BYTES);
+    assert!(plan.fits(GpuKind::T4));
+
+    // A bitsandbytes 4-bit checkpoint is planned as NF4 without `quantize = "nf4"`.
+    let qlora = toml
+        .replace("tiny-llama/model", "tiny-llama-qlora/model")
+        .replace("quantize = \"nf4\"\n", "");
+    let cfg = crate::train::config::RunConfig::from_toml(&qlora).unwrap();
+    let spec = PlanSpec::from_run(&cfg, 1).unwrap();
+    assert!(spec.quantize.is_some());
+}
