@@ -6,7 +6,8 @@
 # HF=0 skips the baseline (needs python3 with torch, transformers and peft; the QLoRA rows also
 # bitsandbytes: scripts/fetch-bitsandbytes-wheel.sh, else they print a skip and show "—").
 # A run's extra flags go to both programs (bench-hf-peft.py takes --no-checkpointing, --quantize).
-# usage: [PROFILE=1] [HF=0 | FUSELORA=0] scripts/bench-gpu.sh [FUSELORA_BIN] [OUT_DIR]
+# ONLY="name name ..." keeps just those runs (names as in RUNS below).
+# usage: [PROFILE=1] [HF=0 | FUSELORA=0] [ONLY=...] scripts/bench-gpu.sh [FUSELORA_BIN] [OUT_DIR]
 set -uo pipefail
 BIN=${1:-target/release/fuselora}
 OUT=${2:-bench-results}
@@ -24,6 +25,13 @@ RUNS=(
   "llama-1b llama-1b 4 2048"
   "smollm2-135m smollm2-135m 8 1024"
 )
+if [ -n "${ONLY:-}" ]; then
+  kept=()
+  for r in "${RUNS[@]}"; do
+    [[ " $ONLY " == *" ${r%% *} "* ]] && kept+=("$r")
+  done
+  RUNS=("${kept[@]}")
+fi
 if [ "${FUSELORA:-1}" != 0 ]; then
   for r in "${RUNS[@]}"; do
     read -r name preset batch seq flags <<<"$r"

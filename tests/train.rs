@@ -83,7 +83,8 @@ fn training_lowers_held_out_loss_and_the_saved_adapter_reproduces_it() {
 
     // Reload the written adapter: the held-out loss is the same to the bit.
     let out = dir.path().join("out");
-    let (model, sft) = (load_model(&be, &cfg).unwrap(), Sft::prepare(&cfg).unwrap());
+    let model = load_model(&be, &cfg).unwrap();
+    let sft = Sft::prepare(&cfg, model.config.vocab_size).unwrap();
     let lora = peft::load(&be, &model.config, &out.join("adapter")).unwrap();
     let batching = trainer::data::batching::Batching {
         rows: 4,
@@ -220,7 +221,8 @@ fn training_continues_from_an_adapter_written_by_peft() {
         &[format!("lora.init_adapter=\"{}\"", adapter.display())],
     );
     let be = CpuBackend::new();
-    let (model, sft) = (load_model(&be, &cfg).unwrap(), Sft::prepare(&cfg).unwrap());
+    let model = load_model(&be, &cfg).unwrap();
+    let sft = Sft::prepare(&cfg, model.config.vocab_size).unwrap();
     let lora = peft::load(&be, &model.config, &adapter).unwrap();
     let batching = trainer::data::batching::Batching {
         rows: 4,

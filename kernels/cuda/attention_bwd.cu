@@ -4,8 +4,8 @@
  * with the visibility rule of attention_fwd.cu. Nothing of size seq x seq reaches global memory.
  *
  * attention_backward_dot_<t>:     D_i = dout_i . out_i  (f32 [N, heads]), one warp per (token, head).
- * attention_backward_mma_<t>_d<D> (bf16/f16): a block owns 64 keys of one (row, kv head); its 4 warps
- *   hold 16 keys each, with dK and dV accumulated in registers over every query head of the GQA
+ * attention_backward_mma_<t>_d<D>_w<NW> (bf16/f16): a block owns 16·NW keys of one (row, kv head);
+ *   its NW warps hold 16 keys each, with dK and dV accumulated in registers over every query head of the GQA
  *   group and every query tile of 32 that can see the keys (so dk/dv need no atomics and K/V are
  *   read once). Per tile: S^T = K Q^T and dP^T = V dO^T on the tensor cores, P^T and dS^T in
  *   registers, dV += P^T dO and dK += dS^T Q from those registers, then dS goes through shared
@@ -18,7 +18,10 @@
  * attention_backward_simple_dq_<t> / _dkdv_<t>: one warp per query (or per key and kv head); the
  *   f32 mode's path and the fallback for other head sizes.
  */
-#define BWD_BN 64
+/* Queries per tile. The keys per block, 16 per warp, are a template parameter: at D = 128, 128 keys
+ * (8 warps, 113 KiB of shared memory) halve the dQ atomics and the Q/dO tile loads per key against
+ * 64 keys (4 warps, 74 KiB), with the same warps per multiprocessor (one block of 8 instead of two
+ * of 4); the host takes the 8-warp kernel where the device's shared memory per block allows. */
 #define BWD_BM 32
 #define LOG2E 1.4426950408889634f
 
@@ -39,11 +42,11 @@ __device__ void attention_backward_dot(const T* dout, const T* out, float* delta
     if (lane == 0) delta[pair] = acc;
 }
 
-template <typename T, int D>
+template <typename T, int D, int NW>
 __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const T* dout, const float* lse,
                                        const float* delta, const int* doc_start, float* dq_acc, T* dk, T* dv, float* dk_part,
                                        float* dv_part, int seq, int heads, int kv_heads, int window, float scale) {
-    constexpr int LD = D + 8, LDS = BWD_BN + 8, KSTEPS = D / 16, DTILES = D / 8, QTILES = BWD_BM / 8;
+    constexpr int BWD_BN = 16 * NW, LD = D + 8, LDS = BWD_BN + 8, KSTEPS = D / 16, DTILES = D / 8, QTILES = BWD_BM / 8;
     constexpr int CHUNKS = D / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* ks = (u16*)smem_raw;          /* [BN][LD]  keys of this block */
@@ -188,9 +191,10 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
                 }
             }
             __syncthreads();
-            /* dQ: warp w takes queries 16*(w&1).. and head-dim half (w>>1), 4 column tiles at a time. */
-            const int qh = (warp & 1) * 16, dbase = (warp >> 1) * (D / 2);
-            for (int part = 0; part < D / 2; part += 32) {
+            /* dQ: warp w takes queries 16*(w&1).. and head-dim slice (w>>1) of NW/2, 4 column tiles at a time. */
+            constexpr int DSLICE = D / (NW / 2);
+            const int qh = (warp & 1) * 16, dbase = (warp >> 1) * DSLICE;
+            for (int part = 0; part < DSLICE; part += 32) {
                 float acc[4][4];
                 for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
                 for (int j = 0; j < BWD_BN / 16; j++) {
@@ -365,18 +369,21 @@ __device__ void attention_backward_simple_dkdv(const T* q, const T* k, const T* 
     }
 }
 
-#define ATTN_BWD_MMA(S, T, D)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(128) attention_backward_mma_##S##_d##D(                        \
+#define ATTN_BWD_MMA(S, T, D, NW)                                                                                \
+    extern "C" __global__ void __launch_bounds__(NW * 32) attention_backward_mma_##S##_d##D##_w##NW(            \
         const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,                 \
         const int* doc_start, float* dq_acc, T* dk, T* dv, float* dk_part, float* dv_part, int seq, int heads,   \
         int kv_heads, int window, float scale) {                                                                 \
-        attention_backward_mma<T, D>(q, k, v, dout, lse, delta, doc_start, dq_acc, dk, dv, dk_part, dv_part, seq, \
+        attention_backward_mma<T, D, NW>(q, k, v, dout, lse, delta, doc_start, dq_acc, dk, dv, dk_part, dv_part, seq, \
                                      heads, kv_heads, window, scale);                                            \
     }
-ATTN_BWD_MMA(bf16, bf16, 64)
-ATTN_BWD_MMA(bf16, bf16, 128)
-ATTN_BWD_MMA(f16, f16, 64)
-ATTN_BWD_MMA(f16, f16, 128)
+/* (D, NW) as BACKWARD_MMA_VARIANTS in kernels/src/cuda/attention.rs. */
+ATTN_BWD_MMA(bf16, bf16, 64, 4)
+ATTN_BWD_MMA(bf16, bf16, 128, 4)
+ATTN_BWD_MMA(bf16, bf16, 128, 8)
+ATTN_BWD_MMA(f16, f16, 64, 4)
+ATTN_BWD_MMA(f16, f16, 128, 4)
+ATTN_BWD_MMA(f16, f16, 128, 8)
 
 #define ATTN_BWD_SIMPLE(S, T)                                                                                     \
     extern "C" __global__ void attention_backward_group_sum_##S(const float* part, T* out, u64 total, int heads, \

@@ -4,7 +4,7 @@
 
 use crate::lora::LoraParams;
 use crate::model::{Decoder, KvCache};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use kernels::Backend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -17,6 +17,26 @@ pub struct Sampling {
     pub temperature: f32,
     pub top_p: f32,
     pub seed: u64,
+}
+
+impl Sampling {
+    /// Refuses settings that cannot sample: a temperature that is negative or not finite (0 is
+    /// greedy), a `top_p` outside (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!(
+                "--temperature {} must be a finite number ≥ 0 (0 = greedy decoding)",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!(
+                "--top-p {} must be in (0, 1] (1 = the whole distribution)",
+                self.top_p
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Picks a token from one row of logits.
@@ -72,6 +92,10 @@ pub fn generate<B: Backend>(
     s: &Sampling,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
+    s.validate()?;
+    if prompt.is_empty() {
+        bail!("the prompt is empty (0 tokens): give some text with --prompt, or drop --raw to use the chat template");
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
     let capacity = prompt.len() + s.max_new_tokens;
     let mut cache = KvCache::new(be, model, vec![0], capacity.max(1))?;
@@ -93,6 +117,37 @@ pub fn generate<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_that_cannot_sample_are_refused_by_flag() {
+        let ok = Sampling {
+            max_new_tokens: 1,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        };
+        ok.validate().unwrap();
+        for t in [f32::NAN, -1.0, f32::INFINITY] {
+            let e = Sampling {
+                temperature: t,
+                ..ok.clone()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("--temperature") && e.contains("≥ 0"), "{e}");
+        }
+        for p in [0.0, 2.0, f32::NAN] {
+            let e = Sampling {
+                top_p: p,
+                ..ok.clone()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("--top-p") && e.contains("(0, 1]"), "{e}");
+        }
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum_and_top_p_keeps_the_nucleus() {

@@ -15,10 +15,15 @@
 //! - [`generate`]: sampling and generation with a KV cache.
 //! - [`io`]: atomic file writes.
 //! - [`weights`]: the safetensors files of a model or adapter folder, read as f32.
+//! - [`output_dir`]: output folders owned by one writer, written whole (staged and renamed).
+//! - [`finite`]: refusing to save tensors with NaN or infinite values.
+//! - [`crash`]: the crash report printed on a panic.
 
 pub mod arch;
 pub mod bench;
+pub mod crash;
 pub mod data;
+pub mod finite;
 pub mod generate;
 pub mod gguf;
 pub mod io;
@@ -26,6 +31,7 @@ pub mod lora;
 pub mod merge;
 pub mod model;
 pub mod optim;
+pub mod output_dir;
 pub mod plan;
 pub mod reference;
 pub mod tokenizer;

@@ -63,6 +63,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    trainer::crash::install(env!("CARGO_PKG_VERSION"));
     let cli = Cli::parse();
     #[cfg(feature = "cuda")]
     if let Err(e) = cli::nccl_link::relaunch_with_nccl_link_if_needed() {

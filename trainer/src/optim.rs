@@ -17,6 +17,30 @@ pub struct StepStats {
     pub grad_norm: f32,
     /// The factor the gradients were multiplied by (1 when no clipping happened).
     pub clip_coef: f32,
+    /// Whether the step changed the adapter, and if not, why.
+    pub outcome: StepOutcome,
+}
+
+/// What became of an optimizer step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepOutcome {
+    Applied,
+    /// The f16 loss scaler's scaled gradients overflowed while its scale was ≥ 1: the scale backs
+    /// off and the next step is expected to fit (torch.amp.GradScaler's skipped step).
+    SkippedScaleOverflow,
+    /// The gradients (or, for the caller, the loss) were NaN or infinite: AdamW's update would
+    /// write NaN into every weight, so nothing changed.
+    SkippedNonFinite,
+}
+
+impl StepStats {
+    fn skipped(grad_norm: f32, outcome: StepOutcome) -> Self {
+        StepStats {
+            grad_norm,
+            clip_coef: 0.0,
+            outcome,
+        }
+    }
 }
 
 /// AdamW state (first and second moments, step count) for every LoRA tensor.
@@ -59,8 +83,12 @@ impl<B: Backend> AdamW<B> {
 
     /// Clips and applies the accumulated gradients with learning rate `lr`, then refreshes the
     /// compute-dtype copies of the weights. Gradients are left as they were (the caller zeroes them).
+    /// A step whose gradient norm is not finite changes nothing (`StepOutcome::SkippedNonFinite`).
     pub fn step(&mut self, be: &B, lora: &mut LoraParams<B>, lr: f64) -> Result<StepStats> {
         let grad_norm = be.sum_of_squares(&lora.grads)?.sqrt() as f32;
+        if !grad_norm.is_finite() {
+            return Ok(StepStats::skipped(grad_norm, StepOutcome::SkippedNonFinite));
+        }
         let clip_coef = self
             .max_grad_norm
             .map_or(1.0, |max| clip_coefficient(grad_norm, max));
@@ -79,6 +107,7 @@ impl<B: Backend> AdamW<B> {
         Ok(StepStats {
             grad_norm,
             clip_coef,
+            outcome: StepOutcome::Applied,
         })
     }
 }
@@ -155,6 +184,8 @@ impl LossScaler {
 impl<B: Backend> AdamW<B> {
     /// [`AdamW::step`] behind the loss scaler: skips the step (AdamW's state and the weights stay
     /// as they were, `grad_norm` is reported as infinite) when the scaled gradients overflowed.
+    /// Below a scale of 1 the scaling no longer enlarges anything, so a non-finite gradient there
+    /// is the model's own (`SkippedNonFinite`), not an overflow of the scale.
     pub fn step_scaled(
         &mut self,
         be: &B,
@@ -162,13 +193,19 @@ impl<B: Backend> AdamW<B> {
         lr: f64,
         scaler: &mut LossScaler,
     ) -> Result<StepStats> {
+        let scale = scaler.scale;
         if scaler.unscale(be, &mut lora.grads)? {
             self.step(be, lora, lr)
+        } else if scale >= 1.0 {
+            Ok(StepStats::skipped(
+                f32::INFINITY,
+                StepOutcome::SkippedScaleOverflow,
+            ))
         } else {
-            Ok(StepStats {
-                grad_norm: f32::INFINITY,
-                clip_coef: 0.0,
-            })
+            Ok(StepStats::skipped(
+                f32::INFINITY,
+                StepOutcome::SkippedNonFinite,
+            ))
         }
     }
 }

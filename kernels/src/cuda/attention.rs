@@ -11,11 +11,13 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 const FWD_QUERIES_PER_BLOCK: usize = 128;
 const FWD_WARPS: usize = 8;
 const FWD_KEYS_PER_TILE: usize = 64;
-const BWD_KEYS_PER_BLOCK: usize = 64;
 const BWD_QUERIES_PER_TILE: usize = 32;
 const WARPS_PER_BLOCK_SIMPLE: usize = 8;
 
-fn uses_mma(dtype: DType, head_dim: usize) -> bool {
+/// The backward kernels compiled: `(head_dim, warps)`, `attention_backward_mma_<t>_d<D>_w<NW>`.
+pub(crate) const BACKWARD_MMA_VARIANTS: [(usize, usize); 3] = [(64, 4), (128, 4), (128, 8)];
+
+fn has_mma_kernels(dtype: DType, head_dim: usize) -> bool {
     dtype != DType::F32 && (head_dim == 64 || head_dim == 128)
 }
 
@@ -24,44 +26,71 @@ fn forward_shared_bytes(head_dim: usize) -> usize {
     2 * 2 * FWD_KEYS_PER_TILE * (head_dim + 8) * 2
 }
 
-/// Dynamic shared memory of the backward kernel: K, V tiles, two stages of Q and dO tiles, dS,
-/// and three vectors.
-fn backward_shared_bytes(head_dim: usize) -> usize {
+/// Dynamic shared memory of the backward kernel with `warps` warps (16 keys each): K, V tiles,
+/// two stages of Q and dO tiles, dS, and three vectors.
+fn backward_shared_bytes(head_dim: usize, warps: usize) -> usize {
     let ld = head_dim + 8;
-    let halves = 2 * BWD_KEYS_PER_BLOCK * ld
-        + 2 * 2 * BWD_QUERIES_PER_TILE * ld
-        + BWD_QUERIES_PER_TILE * (BWD_KEYS_PER_BLOCK + 8);
+    let keys = 16 * warps;
+    let halves =
+        2 * keys * ld + 2 * 2 * BWD_QUERIES_PER_TILE * ld + BWD_QUERIES_PER_TILE * (keys + 8);
     halves * 2 + 3 * BWD_QUERIES_PER_TILE * 4
 }
 
 impl CudaBackend {
-    /// Lets the tensor-core attention kernels use more than the default 48 KiB of shared memory.
+    /// Whether the tensor-core forward runs here: a bf16/f16 kernel for the head size whose shared
+    /// memory the device can give one block (a T4's 64 KiB does not hold head_dim 128's 68 KiB).
+    fn forward_uses_mma(&self, dtype: DType, head_dim: usize) -> bool {
+        has_mma_kernels(dtype, head_dim)
+            && forward_shared_bytes(head_dim) <= self.max_shared_per_block
+    }
+
+    /// The warps of the tensor-core backward for this head size: the largest compiled variant whose
+    /// shared memory fits one block on this device; `None` means the warp-per-row kernels.
+    fn backward_mma_warps(&self, dtype: DType, head_dim: usize) -> Option<usize> {
+        if !has_mma_kernels(dtype, head_dim) {
+            return None;
+        }
+        BACKWARD_MMA_VARIANTS
+            .iter()
+            .filter(|&&(d, w)| {
+                d == head_dim && backward_shared_bytes(d, w) <= self.max_shared_per_block
+            })
+            .map(|&(_, w)| w)
+            .max()
+    }
+
+    /// Lets the tensor-core attention kernels that fit this device use more than the default
+    /// 48 KiB of shared memory.
     pub(crate) fn allow_large_shared_memory(&self) -> Result<()> {
         for t in ["bf16", "f16"] {
-            for d in [64, 128] {
-                for (name, bytes) in [
-                    (
-                        format!("attention_forward_mma_{t}_d{d}"),
-                        forward_shared_bytes(d),
-                    ),
-                    (
-                        format!("attention_backward_mma_{t}_d{d}"),
-                        backward_shared_bytes(d),
-                    ),
-                ] {
-                    let f = self.kernels.get(&name)?;
-                    f.set_attribute(
-                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
-                    .map_err(super::device_err("kernel shared memory limit"))?;
-                    // All of L1 as shared memory where it lets more blocks share a multiprocessor.
-                    f.set_attribute(
-                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                        100,
-                    )
-                    .map_err(super::device_err("kernel shared memory carveout"))?;
+            let forward = [64, 128].map(|d| {
+                (
+                    format!("attention_forward_mma_{t}_d{d}"),
+                    forward_shared_bytes(d),
+                )
+            });
+            let backward = BACKWARD_MMA_VARIANTS.map(|(d, w)| {
+                (
+                    format!("attention_backward_mma_{t}_d{d}_w{w}"),
+                    backward_shared_bytes(d, w),
+                )
+            });
+            for (name, bytes) in forward.into_iter().chain(backward) {
+                if bytes > self.max_shared_per_block {
+                    continue;
                 }
+                let f = self.kernels.get(&name)?;
+                f.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(super::device_err("kernel shared memory limit"))?;
+                // All of L1 as shared memory where it lets more blocks share a multiprocessor.
+                f.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    100,
+                )
+                .map_err(super::device_err("kernel shared memory carveout"))?;
             }
         }
         Ok(())
@@ -134,7 +163,7 @@ impl CudaBackend {
         let window = layout.window.unwrap_or(0) as i32;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let (seq, rows) = (layout.seq_len, layout.rows);
-        if uses_mma(dt, head_dim) {
+        if self.forward_uses_mma(dt, head_dim) {
             let name = format!("attention_forward_mma_{}_d{head_dim}", suffix(dt));
             let grid = (
                 seq.div_ceil(FWD_QUERIES_PER_BLOCK) as u32,
@@ -258,10 +287,10 @@ impl CudaBackend {
             Arg::I32(heads as i32),
             Arg::I32(kv_heads as i32),
         ];
-        if uses_mma(dt, head_dim) {
+        if let Some(warps) = self.backward_mma_warps(dt, head_dim) {
             let mut dq_acc = self.alloc(dq.len(), DType::F32)?;
             self.memset_zero(&mut dq_acc)?;
-            let name = format!("attention_backward_mma_{}_d{head_dim}", suffix(dt));
+            let name = format!("attention_backward_mma_{}_d{head_dim}_w{warps}", suffix(dt));
             // GQA: one block per query head, dK and dV summed over the group afterwards.
             let parts = if heads > kv_heads {
                 Some((
@@ -272,7 +301,7 @@ impl CudaBackend {
                 None
             };
             let grid = (
-                seq.div_ceil(BWD_KEYS_PER_BLOCK) as u32,
+                seq.div_ceil(16 * warps) as u32,
                 if parts.is_some() { heads } else { kv_heads } as u32,
                 rows as u32,
             );
@@ -302,8 +331,8 @@ impl CudaBackend {
             self.launch_counted(
                 &name,
                 grid,
-                128,
-                backward_shared_bytes(head_dim) as u32,
+                32 * warps as u32,
+                backward_shared_bytes(head_dim, warps) as u32,
                 &args,
                 flops,
             )?;

@@ -29,10 +29,17 @@ fn per_dtype(ops: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The tensor-core attention kernels: forward per head size, backward per (head size, warps).
 fn attention_mma(op: &str) -> Vec<String> {
+    let variants: Vec<String> = match op {
+        "attention_forward_mma" => [64, 128].map(|d| format!("d{d}")).to_vec(),
+        _ => super::attention::BACKWARD_MMA_VARIANTS
+            .map(|(d, w)| format!("d{d}_w{w}"))
+            .to_vec(),
+    };
     ["bf16", "f16"]
         .iter()
-        .flat_map(|t| [64, 128].map(|d| format!("{op}_{t}_d{d}")))
+        .flat_map(|t| variants.iter().map(move |v| format!("{op}_{t}_{v}")))
         .collect()
 }
 

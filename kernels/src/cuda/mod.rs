@@ -44,6 +44,8 @@ pub struct CudaBackend {
     dtype: DType,
     device_name: String,
     compute_capability: (i32, i32),
+    /// Shared memory one block may opt into (bytes): which attention kernels fit.
+    max_shared_per_block: usize,
     profiler: Profiler,
 }
 
@@ -73,6 +75,11 @@ impl CudaBackend {
             .compute_capability()
             .map_err(device_err("compute capability"))?;
         let device_name = ctx.name().map_err(device_err("device name"))?;
+        let max_shared_per_block = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(device_err("shared memory per block"))? as usize;
         if dtype == DType::BF16 && compute_capability.0 < 8 {
             return Err(KernelError::Unsupported(format!(
                 "{device_name} (compute capability {}.{}) has no bf16 tensor cores; use dtype = \"f16\" \
@@ -114,6 +121,7 @@ impl CudaBackend {
             dtype,
             device_name,
             compute_capability,
+            max_shared_per_block,
             profiler: Profiler::default(),
         };
         backend.allow_large_shared_memory()?;

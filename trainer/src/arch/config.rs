@@ -53,6 +53,7 @@ impl ModelConfig {
     /// Parses a config object (either transformers layout: `rope_parameters` or `rope_theta` + `rope_scaling`).
     pub fn from_json(raw: Value) -> Result<Self> {
         let architecture = family_of(&raw)?;
+        super::validate::check_sizes(&raw)?;
         let kind = (architecture.layer)(&raw)?;
         let usize_key = |key: &str| -> Result<usize> {
             raw.get(key)
@@ -87,7 +88,7 @@ impl ModelConfig {
             head_dim,
             scaling: rope_scaling(&raw, max_position_embeddings)?,
         };
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             vocab_size: usize_key("vocab_size")?,
             hidden_size,
@@ -115,7 +116,9 @@ impl ModelConfig {
                 .map(|v| v as u32),
             eos_token_ids: token_id_list(raw.get("eos_token_id")),
             raw,
-        })
+        };
+        super::validate::check_numerics(&config)?;
+        Ok(config)
     }
 
     /// Width of the query projection (`heads × head_dim`).

@@ -58,10 +58,21 @@ pub struct Args {
     double_quant: bool,
 }
 
+/// `--quantize` of `bench` and `plan --preset`.
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum Quantize {
+pub enum Quantize {
     None,
     Nf4,
+}
+
+impl Quantize {
+    /// The NF4 setting this asks for (`double_quant`: bnb_4bit_use_double_quant).
+    pub fn nf4(self, double_quant: bool) -> Option<QuantizeNf4> {
+        match self {
+            Quantize::None => None,
+            Quantize::Nf4 => Some(QuantizeNf4 { double_quant }),
+        }
+    }
 }
 
 struct Bench(BenchSpec);
@@ -98,12 +109,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode> {
         seed: args.seed,
         peak_tflops: args.peak_tflops,
         profile: args.profile,
-        quantize: match args.quantize {
-            Quantize::None => None,
-            Quantize::Nf4 => Some(QuantizeNf4 {
-                double_quant: args.double_quant,
-            }),
-        },
+        quantize: args.quantize.nf4(args.double_quant),
     };
     let selection = Selection {
         backend: args.backend,

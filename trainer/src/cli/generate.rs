@@ -1,6 +1,6 @@
 //! `fuselora generate --model DIR [--adapter DIR] --prompt TEXT`: streams the answer to stdout.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use kernels::cpu::CpuBackend;
 use std::io::Write;
 use std::path::PathBuf;
@@ -40,6 +40,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    if args.prompt.trim().is_empty() {
+        bail!("--prompt is empty: give the text to answer or continue");
+    }
     let be = CpuBackend::new();
     let config = ModelConfig::load(&args.model)?;
     let tok = Tokenizer::load(&args.model)?;

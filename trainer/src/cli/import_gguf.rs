@@ -3,6 +3,7 @@
 use anyhow::Result;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use trainer::output_dir::{Overwrite, StagedDir};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -11,11 +12,20 @@ pub struct Args {
     /// The Hugging Face folder to write (config.json, model.safetensors in bf16, tokenizer files).
     #[arg(long)]
     out: PathBuf,
+    /// Replace a non-empty --out folder.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
     // Every error of the import names the file or folder it is about.
-    let summary = trainer::gguf::import_gguf(&args.gguf, &args.out)?;
+    let staged = StagedDir::begin(
+        &args.out,
+        Overwrite::from_flag(args.overwrite),
+        &[("GGUF file", args.gguf.as_path())],
+    )?;
+    let summary = trainer::gguf::import_gguf(&args.gguf, staged.path())?;
+    staged.commit()?;
     let types: Vec<String> = summary
         .tensor_types
         .iter()

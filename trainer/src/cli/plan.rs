@@ -1,5 +1,6 @@
 //! `fuselora plan --config FILE.toml [--set key=value ...] [--gpu KIND] [--nproc N]`, or
-//! `fuselora plan --preset NAME [--batch B --seq T --no-checkpointing]` for a `bench` preset.
+//! `fuselora plan --preset NAME [--batch B --seq T --no-checkpointing --quantize nf4]` for a
+//! `bench` preset.
 
 use anyhow::Result;
 use std::path::PathBuf;
@@ -29,6 +30,12 @@ pub struct Args {
     /// With --preset: keep every activation instead of recomputing each layer in backward.
     #[arg(long, requires = "preset")]
     no_checkpointing: bool,
+    /// With --preset: frozen projections dense or NF4, as `bench --quantize`.
+    #[arg(long, value_enum, default_value = "none", requires = "preset")]
+    quantize: super::bench::Quantize,
+    /// With --quantize nf4: store each block's absmax in 8 bits too (bnb_4bit_use_double_quant).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, requires = "preset")]
+    double_quant: bool,
     /// The GPU kind to plan for.
     #[arg(long, value_enum, default_value = "h200")]
     gpu: GpuKind,
@@ -42,13 +49,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         (Some(config), _) => {
             PlanSpec::from_run(&RunConfig::load(config, &args.overrides)?, args.nproc)?
         }
-        (None, Some(preset)) => PlanSpec::from_preset(
-            preset,
-            args.batch,
-            args.seq,
-            !args.no_checkpointing,
-            args.nproc,
-        )?,
+        (None, Some(preset)) => PlanSpec {
+            quantize: args.quantize.nf4(args.double_quant),
+            ..PlanSpec::from_preset(
+                preset,
+                args.batch,
+                args.seq,
+                !args.no_checkpointing,
+                args.nproc,
+            )?
+        },
         (None, None) => unreachable!("clap requires --config or --preset"),
     };
     let plan = Plan::account(&spec)?;

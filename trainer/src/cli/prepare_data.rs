@@ -2,12 +2,13 @@
 //! config's `data.train` (and `data.validation`) once, as `train` would, into token shard files
 //! (`DIR/train-00000.tokens`, …) that training ranks memory-map, each reading only its examples.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use trainer::data::batching::Example;
 use trainer::data::token_shards::{write_shard, EXTENSION};
 use trainer::data::tokenize::tokenize_records;
+use trainer::output_dir::{Overwrite, StagedDir};
 use trainer::tokenizer::Tokenizer;
 use trainer::train::config::RunConfig;
 use trainer::train::sft::{formatting_for, read_records};
@@ -20,9 +21,12 @@ pub struct Args {
     /// Override a config key, e.g. `--set data.max_seq_len=2048`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// Folder for the shard files.
+    /// Folder for the shard files (written whole: staged, then renamed).
     #[arg(long)]
     out: PathBuf,
+    /// Replace a non-empty --out folder (never one holding the config, model or data).
+    #[arg(long)]
+    overwrite: bool,
     /// Examples per shard file.
     #[arg(long, default_value_t = 100_000)]
     examples_per_shard: usize,
@@ -35,8 +39,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let cfg = RunConfig::load(&args.config, &args.overrides)?;
     let tokenizer = Tokenizer::load(&cfg.model.path)?;
     let pad_id = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0) as i32;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("--config", args.config.as_path()),
+        ("model.path", cfg.model.path.as_path()),
+    ];
+    inputs.extend(cfg.data.train.iter().map(|p| ("data.train", p.as_path())));
+    inputs.extend(
+        cfg.data
+            .validation
+            .iter()
+            .map(|p| ("data.validation", p.as_path())),
+    );
+    let staged = StagedDir::begin(&args.out, Overwrite::from_flag(args.overwrite), &inputs)?;
     let mut written = Vec::new();
     for (split, paths) in [
         ("train", &cfg.data.train),
@@ -47,7 +61,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         let (records, skipped) = read_records(paths, &cfg)?;
         let (examples, stats) = tokenize_records(&tokenizer, &records, &formatting_for(&cfg))?;
-        let files = write_split(&args.out, split, &examples, args.examples_per_shard, pad_id)?;
+        let files = write_split(
+            staged.path(),
+            split,
+            &examples,
+            args.examples_per_shard,
+            pad_id,
+        )?;
         eprintln!(
             "{split}: {} examples, {} tokens in {} shard(s); {} long texts chunked, {} truncated, {} dropped as too long, {} without a trained token, {skipped} bad records skipped",
             stats.examples,
@@ -60,18 +80,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
         written.push((split, files));
     }
+    staged.commit()?;
     println!("use the shards in the run config:");
     for (split, files) in written {
         let list: Vec<String> = files
             .iter()
-            .map(|f| format!("{:?}", f.display().to_string()))
+            .map(|f| format!("{:?}", args.out.join(f).display().to_string()))
             .collect();
         println!("  data.{split} = [{}]", list.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes `examples` as `DIR/SPLIT-NNNNN.tokens` files of at most `per_shard` examples each.
+/// Writes `examples` as `DIR/SPLIT-NNNNN.tokens` files of at most `per_shard` examples each;
+/// returns their file names.
 fn write_split(
     dir: &Path,
     split: &str,
@@ -83,9 +105,9 @@ fn write_split(
         .chunks(per_shard)
         .enumerate()
         .map(|(i, chunk)| {
-            let path = dir.join(format!("{split}-{i:05}.{EXTENSION}"));
-            write_shard(&path, chunk, pad_id)?;
-            Ok(path)
+            let name = PathBuf::from(format!("{split}-{i:05}.{EXTENSION}"));
+            write_shard(&dir.join(&name), chunk, pad_id)?;
+            Ok(name)
         })
         .collect()
 }

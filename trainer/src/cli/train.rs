@@ -25,6 +25,9 @@ pub struct Args {
     /// Continue from the newest checkpoint in the output folder, or from the one given.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
     resume: Option<String>,
+    /// Delete a non-empty output folder (another run's) and start afresh (`output.overwrite = true`).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
 }
 
 struct Train {
@@ -55,6 +58,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut overrides = args.overrides;
     if let Some(m) = &args.method {
         overrides.push(format!("method.name={m}"));
+    }
+    if args.overwrite {
+        overrides.push("output.overwrite=true".into());
     }
     let cfg = RunConfig::load(&args.config, &overrides)?;
     let resume = match args.resume.as_deref() {

@@ -24,7 +24,7 @@
 //! no completion token left is dropped. All three are counted.
 
 use super::records::{
-    field_list, raw_records, read_text, rename_columns, sharegpt_role, string_field, type_name,
+    field_list, raw_records, rename_columns, sharegpt_role, string_field, type_name,
 };
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use anyhow::{anyhow, bail, Context, Result};
@@ -91,9 +91,8 @@ pub fn read_preference_file(
     columns: &BTreeMap<String, String>,
     skip_bad: bool,
 ) -> Result<(Vec<PreferenceRecord>, Vec<String>)> {
-    let text = read_text(path)?;
+    let (text, mut skipped) = super::text::read_dataset_text(path, skip_bad)?;
     let mut records = Vec::new();
-    let mut skipped = Vec::new();
     for (line, item) in raw_records(path, &text)? {
         let origin = format!("{}:{line}", path.display());
         let parsed = serde_json::from_str::<Value>(item)

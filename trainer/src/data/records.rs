@@ -1,8 +1,9 @@
 //! Reading dataset files (`.json` arrays, `.jsonl`, `.txt`) into [`Sample`]s, in the formats
 //! people already have: alpaca, sharegpt (`conversations`, with `tools` and `system`), OpenAI
 //! `messages`, raw `text`. A `.txt` file is one text document (long ones are chunked at
-//! tokenization). A UTF-8 byte order mark is skipped. Every record keeps its origin
-//! (`file:line`) so that errors can point at it.
+//! tokenization). The text comes through [`super::text`] (a byte order mark dropped, lines that
+//! are not UTF-8 named). Every record keeps its origin (`file:line`) so that errors can point at
+//! it.
 //!
 //! Nothing is silently trained as something it is not: records made for another method (a
 //! boolean `label` as KTO marks, `chosen`/`rejected` preference pairs, images) are refused, and
@@ -97,16 +98,6 @@ impl ReadResult {
     }
 }
 
-/// The text of a dataset file, without a UTF-8 byte order mark.
-pub(crate) fn read_text(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read dataset {}", path.display()))?;
-    Ok(match text.strip_prefix('\u{feff}') {
-        Some(rest) => rest.to_string(),
-        None => text,
-    })
-}
-
 /// True when `path` is a plain text file (`.txt`): one document.
 pub fn is_text_file(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "txt")
@@ -121,13 +112,16 @@ pub fn read_file(
     columns: &BTreeMap<String, String>,
     skip_bad: bool,
 ) -> Result<ReadResult> {
-    let text = read_text(path)?;
+    let (text, not_utf8) = super::text::read_dataset_text(path, skip_bad)?;
     if is_text_file(path) {
-        return read_text_document(path, text, format);
+        return read_text_document(path, text, not_utf8, format);
     }
     let raw = raw_records(path, &text)?;
     let mut format = format;
-    let mut out = ReadResult::default();
+    let mut out = ReadResult {
+        skipped: not_utf8,
+        ..ReadResult::default()
+    };
     for (line, item) in raw {
         let origin = format!("{}:{line}", path.display());
         let parsed = serde_json::from_str::<Value>(item)
@@ -157,15 +151,24 @@ pub fn read_file(
     Ok(out)
 }
 
-/// A `.txt` file as one text record (none when it holds only white space).
-fn read_text_document(path: &Path, text: String, format: Option<Format>) -> Result<ReadResult> {
+/// A `.txt` file as one text record (none when it holds only white space); `not_utf8` are the
+/// lines skipped as not UTF-8.
+fn read_text_document(
+    path: &Path,
+    text: String,
+    not_utf8: Vec<String>,
+    format: Option<Format>,
+) -> Result<ReadResult> {
     if format.is_some_and(|f| f != Format::Text) {
         bail!(
             "{} is a .txt file, read as one text document: set data.format = \"text\" or \"auto\", or convert it to .jsonl records",
             path.display()
         );
     }
-    let mut out = ReadResult::default();
+    let mut out = ReadResult {
+        skipped: not_utf8,
+        ..ReadResult::default()
+    };
     if !text.trim().is_empty() {
         out.records.push(Record {
             sample: Sample::Text(text),
@@ -229,6 +232,7 @@ pub(crate) fn raw_records<'a>(path: &Path, text: &'a str) -> Result<Vec<(usize, 
             })
             .collect())
     } else {
+        super::text::refuse_multiline_object(path, text)?;
         Ok(text
             .lines()
             .enumerate()

@@ -183,6 +183,12 @@ impl TokenShards {
             .collect()
     }
 
+    /// Where example `i` lives: `FILE example J`, for messages.
+    pub fn origin(&self, i: usize) -> String {
+        let s = self.first.partition_point(|&f| f <= i) - 1;
+        format!("{} example {}", self.paths[s].display(), i - self.first[s])
+    }
+
     fn locate(&self, i: usize) -> (&Shard, usize) {
         let s = self.first.partition_point(|&f| f <= i) - 1;
         (&self.shards[s], i - self.first[s])

@@ -55,6 +55,17 @@ fn config_from_json(v: &Value) -> Result<LoraConfig> {
             bail!("`{key}` (per-module ranks) is not supported");
         }
     }
+    if let Some(modules) = v
+        .get("modules_to_save")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+    {
+        let names: Vec<String> = modules.iter().map(|m| m.to_string()).collect();
+        bail!(
+            "`modules_to_save: [{}]` is not supported: those modules were trained whole, and fuselora applies              LoRA matrices only, so they would be silently dropped; merge this adapter with PEFT (`merge_and_unload`)",
+            names.join(", ")
+        );
+    }
     if v.get("layers_to_transform").is_some_and(|x| !x.is_null()) {
         bail!("`layers_to_transform` is not supported: adapters cover every layer");
     }
@@ -100,11 +111,20 @@ pub fn load<B: Backend>(be: &B, model: &ModelConfig, dir: &Path) -> Result<LoraP
         bail!("{} is missing (adapter_model.bin pickles are refused; re-save the adapter with safe_serialization)", path.display());
     }
     let files = WeightFiles::open_file(&path)?;
-    LoraParams::build(be, model, config, |name, shape| files.f32(name, &shape))
+    let lora = LoraParams::build(be, model, config, |name, shape| files.f32(name, &shape))?;
+    if let Some(unused) = files.names().find(|n| !lora.names.iter().any(|m| m == n)) {
+        bail!(
+            "{}: tensor `{unused}` is not one of the adapter's LoRA matrices for this model, and would be ignored:              is the adapter for another model, or does it hold more than LoRA weights?",
+            path.display()
+        );
+    }
+    Ok(lora)
 }
 
 /// Writes `lora` as a PEFT adapter folder.
 pub fn save<B: Backend>(be: &B, lora: &LoraParams<B>, base_model: &str, dir: &Path) -> Result<()> {
+    let what = format!("the adapter {}", dir.display());
+    crate::finite::refuse_non_finite(be, &lora.params, &lora.names, &what)?;
     let c = &lora.config;
     let mut targets: Vec<&str> = c.targets.iter().map(|p| p.name()).collect();
     targets.sort();
@@ -153,6 +173,17 @@ mod tests {
         assert!(e.to_string().contains("use_dora"));
         let e = config_from_json(&json!({"r": 4, "target_modules": ["lm_head"]})).unwrap_err();
         assert!(e.to_string().contains("lm_head") && e.to_string().contains("q_proj"));
+        let e = config_from_json(
+            &json!({"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("modules_to_save") && e.contains("\"lm_head\"") && e.contains("dropped"),
+            "{e}"
+        );
+        config_from_json(&json!({"r": 4, "target_modules": ["q_proj"], "modules_to_save": null}))
+            .unwrap();
         let c = config_from_json(
             &json!({"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "use_rslora": true}),
         )

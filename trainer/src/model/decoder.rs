@@ -58,6 +58,7 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<Self> {
         let tied = config.tie_word_embeddings && !files.contains("lm_head.weight");
         let checkpoint_4bit = bnb_checkpoint::quantization_of(&config.raw)?.is_some();
+        crate::arch::validate::check_no_unused_tensors(&config, files.names(), checkpoint_4bit)?;
         let dt = be.compute_dtype();
         let proj = |name: &str, [o, i]: [usize; 2]| -> Result<ProjWeight<B>> {
             let stored_4bit =
@@ -66,7 +67,7 @@ impl<B: Backend> Decoder<B> {
                 let w = bnb_checkpoint::read_nf4(files, name, [o, i])?;
                 return Ok(ProjWeight::Nf4(Nf4Tensor::upload(be, &w)?));
             }
-            let dense = files.f32(name, &[o, i])?;
+            let dense = crate::arch::validate::finite(name, files.f32(name, &[o, i])?)?;
             Ok(match quantize {
                 Some(q) => {
                     let stored = files.info(name)?.1;
@@ -75,7 +76,13 @@ impl<B: Backend> Decoder<B> {
                 None => ProjWeight::Dense(be.upload(&dense, dt)?),
             })
         };
-        Self::build(be, config, tied, |name, shape| files.f32(name, shape), proj)
+        Self::build(
+            be,
+            config,
+            tied,
+            |name, shape| crate::arch::validate::finite(name, files.f32(name, shape)?),
+            proj,
+        )
     }
 
     /// Builds the decoder from any source of named f32 tensors (`source(name, shape)`), with the
@@ -396,10 +403,10 @@ impl<B: Backend> Decoder<B> {
             CeGrad::None
         };
         let (logp, dnormed) = self.head(be, &acts, &batch.targets, grad)?;
-        let nll = -be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>();
         if let (Some(lp), Some(d)) = (lora.as_deref_mut(), dnormed) {
             self.backward_with_hook(be, Some(lp), batch, acts, &d, after_layer)?;
         }
-        Ok(nll)
+        // Read after the backward is queued, so the device never waits for the host mid-step.
+        Ok(-be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>())
     }
 }

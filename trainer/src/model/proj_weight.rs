@@ -82,7 +82,7 @@ impl<B: Backend> ProjWeight<B> {
         match self {
             ProjWeight::Dense(w) => f(w),
             ProjWeight::Nf4(q) => {
-                let mut w = be.zeros(q.n, be.compute_dtype())?;
+                let mut w = be.empty(q.n, be.compute_dtype())?;
                 q.dequantize_into(be, &mut w)?;
                 f(&w)
             }

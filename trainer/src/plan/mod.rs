@@ -76,9 +76,10 @@ impl MemoryPlan {
             + self.nccl
     }
 
-    /// What `bench` reports as peak memory: the pool's peak (everything but NF4 codes and NCCL).
-    pub fn pool_peak(&self, outside_pool: u64) -> u64 {
-        self.total() - self.nccl - outside_pool
+    /// What `bench` reports as peak memory: the pool's peak, everything but NCCL's buffers (the
+    /// pool counts NF4 codes too).
+    pub fn pool_peak(&self) -> u64 {
+        self.total() - self.nccl
     }
 }
 
@@ -86,8 +87,6 @@ impl MemoryPlan {
 pub struct Plan {
     pub spec: PlanSpec,
     pub memory: MemoryPlan,
-    /// Bytes on the device outside the pool (NF4 codes).
-    pub outside_pool: u64,
     ops: Vec<Op>,
 }
 
@@ -141,18 +140,18 @@ impl Plan {
         let e = element_bytes(spec.dtype) as u64;
         let nf4 = spec.quantize.map(|q| Nf4Bytes::of(c, q));
         let dense = dense_weight_bytes(c, e);
-        let (weights, outside_pool, scratch) = match &nf4 {
+        let (weights, index_bytes, scratch) = match &nf4 {
             None => (dense.total, 0, 0),
             Some(q) => {
                 let pooled = dense.total - dense.projections + q.pooled;
                 ops.extend(q.dequant_ops(c, spec, e));
-                (pooled + q.outside_pool, q.outside_pool, q.scratch(c, e))
+                (pooled + q.index_bytes, q.index_bytes, q.scratch(c, e))
             }
         };
-        let pooled_total = pool_peak - dense.total + (weights - outside_pool) + scratch;
+        let pooled_total = pool_peak - dense.total + (weights - index_bytes) + scratch;
         let parts = Parts::of(spec, e);
         let lora_optimizer = lora_bytes(c, &spec.lora, e);
-        let counted = (weights - outside_pool)
+        let counted = (weights - index_bytes)
             + lora_optimizer
             + parts.checkpoints
             + parts.activations
@@ -169,7 +168,6 @@ impl Plan {
         Ok(Plan {
             spec: spec.clone(),
             memory,
-            outside_pool,
             ops,
         })
     }
@@ -240,9 +238,10 @@ fn lora_bytes(c: &ModelConfig, lora: &LoraConfig, e: u64) -> u64 {
 
 /// The NF4 storage of the projections (bitsandbytes blocks of 64 values).
 struct Nf4Bytes {
-    /// Packed codes (and double-quant absmax codes): index buffers, outside the pool.
-    outside_pool: u64,
-    /// f32 absmax (or nested absmax + the 256-entry map per projection) in the pool.
+    /// Packed codes (and double-quant absmax codes): index buffers, which the metering backend does
+    /// not count (the CUDA pool does).
+    index_bytes: u64,
+    /// f32 absmax (or nested absmax + the 256-entry map per projection): tensors.
     pooled: u64,
 }
 
@@ -269,7 +268,7 @@ impl Nf4Bytes {
             }
         }
         Nf4Bytes {
-            outside_pool: outside * layers,
+            index_bytes: outside * layers,
             pooled: pooled * layers,
         }
     }

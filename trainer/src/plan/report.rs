@@ -173,7 +173,7 @@ pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
         "  {:<14}{:>11}   (pool peak, what `bench` reports: {})",
         "total",
         gib(m.total()),
-        gib(m.pool_peak(plan.outside_pool))
+        gib(m.pool_peak())
     ));
     if let Some(gpu) = gpu {
         let spec = gpu.spec();

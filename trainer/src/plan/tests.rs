@@ -41,7 +41,7 @@ fn the_bench_presets_are_predicted_within_5_percent_of_memory_and_15_percent_of_
     for (name, batch, seq, peak_gib, tokens_per_s) in MEASURED {
         let plan =
             Plan::account(&PlanSpec::from_preset(name, batch, seq, true, 1).unwrap()).unwrap();
-        let peak = plan.memory.pool_peak(plan.outside_pool) as f64 / GIB;
+        let peak = plan.memory.pool_peak() as f64 / GIB;
         let tps = plan.tokens_per_s(GpuKind::H200).unwrap();
         println!(
             "{name}: peak {peak:.2} GiB (measured {peak_gib}), {tps:.0} tokens/s (measured {tokens_per_s})"
@@ -90,7 +90,7 @@ fn nf4_shrinks_the_weights_to_about_a_quarter() {
     let ratio = nf4.memory.weights as f64 / dense.memory.weights as f64;
     // Projections at 4.127 bits (codes + double-quant absmax), embedding and LM head still bf16.
     assert!((0.28..0.32).contains(&ratio), "{ratio}");
-    assert!(nf4.outside_pool > 3 << 30);
+    assert!(nf4.memory.weights > 3 << 30);
     assert!(nf4.tokens_per_s(GpuKind::H200).unwrap() < dense.tokens_per_s(GpuKind::H200).unwrap());
 }
 

@@ -65,8 +65,12 @@ impl Tokenizer {
                 tokenizer_path.display()
             ));
         }
-        let mut inner = tokenizers::Tokenizer::from_file(&tokenizer_path)
-            .map_err(|err| anyhow!("cannot load {}: {err}", tokenizer_path.display()))?;
+        let mut inner = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|err| {
+            anyhow!(
+                "{} is not a tokenizer file that the `tokenizers` library can read ({err});                  save the model's fast tokenizer again with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`",
+                tokenizer_path.display()
+            )
+        })?;
         inner
             .with_truncation(None)
             .map_err(|err| anyhow!("{err}"))?;

@@ -46,6 +46,9 @@ pub fn save<B: Backend>(
     keep: usize,
 ) -> Result<PathBuf> {
     let final_dir = output.join(format!("{PREFIX}{}", state.step));
+    let what = format!("{}", final_dir.display());
+    crate::finite::refuse_non_finite(be, &opt.m, &lora.names, &what)?;
+    crate::finite::refuse_non_finite(be, &opt.v, &lora.names, &what)?;
     let tmp = output.join(format!(".{PREFIX}{}.partial", state.step));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
@@ -129,6 +132,7 @@ pub fn restore<B: Backend>(
         .with_context(|| format!("{} is not a trainer state", state_path.display()))?;
     let adapter = WeightFiles::open_file(&dir.join("adapter_model.safetensors"))?;
     let moments = WeightFiles::open_file(&dir.join("optimizer.safetensors"))?;
+    super::resume_check::check_same_adapter(dir, &lora.config, &lora.names, adapter.names())?;
     for (i, name) in lora.names.iter().enumerate() {
         let shape = lora.shapes[i];
         lora.params[i] = be.upload(
@@ -176,5 +180,6 @@ pub fn starting_state<B: Backend>(
             fresh.seed
         );
     }
+    super::resume_check::refuse_finished(&dir, state.step, fresh.total_steps)?;
     Ok((state, Some(dir)))
 }

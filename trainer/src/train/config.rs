@@ -236,6 +236,9 @@ pub struct TrainSection {
     /// `adapter-init/`, so another trainer can replay the run (scripts/compare-hf-peft.py).
     #[serde(default)]
     pub dump_batches: bool,
+    /// Steps in a row whose loss or gradient norm is not finite (each skipped) that stop the run.
+    #[serde(default = "default_max_nonfinite_steps")]
+    pub max_nonfinite_steps: u64,
 }
 
 /// The training method: `[method]` with `name` and the method's own keys.
@@ -368,6 +371,9 @@ impl OrpoSection {
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
     pub dir: PathBuf,
+    /// A fresh run deletes a non-empty `dir` instead of refusing it (`train --overwrite`).
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 fn default_beta() -> f64 {
@@ -448,6 +454,9 @@ fn default_seed() -> u64 {
 fn default_keep() -> usize {
     2
 }
+fn default_max_nonfinite_steps() -> u64 {
+    3
+}
 
 impl Default for LoraSection {
     fn default() -> Self {
@@ -476,20 +485,33 @@ impl RunConfig {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut table: toml::Table = toml::from_str(&text)
+        let file: toml::Table = toml::from_str(&text)
             .with_context(|| format!("{} is not valid TOML", path.display()))?;
-        for o in overrides {
-            apply_override(&mut table, o).with_context(|| format!("in --set {o}"))?;
-        }
-        let mut config: RunConfig = toml::Value::Table(table)
-            .try_into()
-            .with_context(|| format!("in {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        config.resolve_paths(base);
-        config
-            .validate()
-            .with_context(|| format!("in {}", path.display()))?;
-        Ok(config)
+        // The config from the file and every override but `skip`.
+        let build = |skip: Option<usize>| -> Result<RunConfig> {
+            let mut table = file.clone();
+            for (i, o) in overrides.iter().enumerate() {
+                if Some(i) != skip {
+                    apply_override(&mut table, o)?;
+                }
+            }
+            let mut config: RunConfig = toml::Value::Table(table).try_into()?;
+            config.resolve_paths(base);
+            config.validate()?;
+            Ok(config)
+        };
+        build(None).map_err(|e| {
+            // Blame the override without which the error goes away or changes, else the file.
+            let message = format!("{e:#}");
+            let culprit = (0..overrides.len()).find(|&i| {
+                build(Some(i)).map_or_else(|other| format!("{other:#}") != message, |_| true)
+            });
+            match culprit {
+                Some(i) => e.context(format!("in --set {}", overrides[i])),
+                None => e.context(format!("in {}", path.display())),
+            }
+        })
     }
 
     /// Parses a config from TOML text (paths left as written).
@@ -521,6 +543,9 @@ impl RunConfig {
         }
         if self.lora.dropout != 0.0 {
             bail!("`lora.dropout = {}` is not supported yet: set it to 0 (dropout would break exact resume and comparisons)", self.lora.dropout);
+        }
+        if self.lora.targets.is_empty() {
+            bail!("`lora.targets` is empty, so nothing would train (and PEFT refuses such an adapter): list modules such as [\"q_proj\", \"v_proj\"], or [\"all-linear\"]");
         }
         for t in &self.lora.targets {
             if t != "all-linear" && Projection::from_name(t).is_none() {
@@ -572,6 +597,9 @@ impl RunConfig {
         }
         if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
             bail!("`train.adam_beta1` and `train.adam_beta2` must be in [0, 1)");
+        }
+        if t.max_nonfinite_steps == 0 {
+            bail!("`train.max_nonfinite_steps` must be at least 1");
         }
         if t.save_total_limit == 0 {
             bail!("`train.save_total_limit` must be at least 1");
@@ -818,6 +846,39 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("method.label_smoothing"), "{e}");
+    }
+
+    #[test]
+    fn an_error_of_an_override_names_the_override_not_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let set = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            format!("{:#}", RunConfig::load(&path, &o).unwrap_err())
+        };
+        let e = set(&["train.lr=0.5", "train.learning_rate=1"]);
+        assert!(
+            e.starts_with("in --set train.learning_rate=1:") && e.contains("learning_rate"),
+            "{e}"
+        );
+        assert!(!e.contains("base.toml"), "{e}");
+        let e = set(&["train.schedule=wavy"]);
+        assert!(e.starts_with("in --set train.schedule=wavy:"), "{e}");
+        std::fs::write(&path, format!("{MINIMAL}[train]\nlearnin_rate = 1\n")).unwrap();
+        let e = set(&["train.lr=0.5"]);
+        assert!(e.contains("base.toml") && !e.contains("--set"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_target_list_is_refused() {
+        let e = RunConfig::from_toml(&format!("{MINIMAL}[lora]\ntargets = []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`lora.targets` is empty") && e.contains("all-linear"),
+            "{e}"
+        );
     }
 
     #[test]

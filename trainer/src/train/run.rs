@@ -18,6 +18,7 @@ use super::grad_reduce::GradReducer;
 use super::init::fresh_adapter;
 use super::method::{BatchSource, Method, StepContext, Sums};
 use super::metrics::{MetricsLog, Progress, StepRecord};
+use super::nonfinite::NonFiniteGuard;
 use super::orpo::Orpo;
 use super::plot::plot_loss;
 use super::schedule::Schedule;
@@ -30,6 +31,7 @@ use crate::lora::{peft, LoraConfig, LoraParams};
 use crate::model::weights::WeightFiles;
 use crate::model::{Decoder, ModelConfig};
 use crate::optim::{AdamW, LossScaler};
+use crate::output_dir::{Overwrite, StagedDir};
 use anyhow::{bail, Context, Result};
 use kernels::{AdamWParams, Backend};
 use serde::Serialize;
@@ -55,6 +57,8 @@ pub struct Summary {
     pub adapter_dir: PathBuf,
     /// The most device memory held at once (`None` on the CPU).
     pub peak_memory_bytes: Option<u64>,
+    /// Steps skipped because their loss or gradients were not finite (or f16 overflowed).
+    pub skipped_steps: u64,
     /// Preference methods: the pairs' counts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preference: Option<PreferenceStats>,
@@ -105,7 +109,10 @@ fn adapter_and_optimizer<B: Backend>(
     };
     let lora = match &cfg.lora.init_adapter {
         Some(dir) => peft::load(be, model, dir)?,
-        None => fresh_adapter(be, model, lora_config, cfg.train.seed)?,
+        None => {
+            crate::arch::validate::check_lora_rank(model, cfg.lora.r, &lora_config.targets)?;
+            fresh_adapter(be, model, lora_config, cfg.train.seed)?
+        }
     };
     let hp = AdamWParams {
         lr: cfg.train.lr,
@@ -146,14 +153,21 @@ pub fn train_ranks<B: GradReducer>(
     resume: Resume,
     dist: &Distributed,
 ) -> Result<Summary> {
-    let out = &cfg.output.dir;
-    if dist.is_main() {
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("cannot create output folder {}", out.display()))?;
-    }
+    // Held until the run ends: a start that fails before writing anything removes the folder.
+    let _folder = dist
+        .is_main()
+        .then(|| crate::output_dir::claim_for_run(cfg, &resume))
+        .transpose()?;
     let model = load_model(be, cfg)?;
     match &cfg.method {
-        MethodSection::Sft(_) => run_loop(be, cfg, resume, dist, &model, &Sft::prepare(cfg)?),
+        MethodSection::Sft(_) => run_loop(
+            be,
+            cfg,
+            resume,
+            dist,
+            &model,
+            &Sft::prepare(cfg, model.config.vocab_size)?,
+        ),
         MethodSection::Dpo(d) => {
             let dpo = Dpo::prepare(be, &model, cfg, d, dist)?;
             run_loop(be, cfg, resume, dist, &model, &dpo)
@@ -191,6 +205,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
     let main = dist.is_main();
     let (mut lora, mut opt) = adapter_and_optimizer(be, cfg, &model.config)?;
     let mut scaler = LossScaler::for_dtype(be.compute_dtype());
+    let mut guard = NonFiniteGuard::new(cfg.train.max_nonfinite_steps);
     let data = method.data();
     let plan_epoch = |epoch| data.epoch_plan(epoch);
     let mut stream = BatchStream::new(dist.rank(), dist.world_size());
@@ -334,7 +349,9 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         results.iter().for_each(|s| sums.add(s));
         let sums = M::Sums::from_values(&dist.global_sum_f64(&sums.to_values())?);
         let lr = schedule.lr(state.step);
-        let stats = opt.step_scaled(be, &mut lora, lr, &mut scaler)?;
+        let stats = guard.step(state.step + 1, sums.loss(), || {
+            opt.step_scaled(be, &mut lora, lr, &mut scaler)
+        })?;
         state.step += 1;
         if let Some(d) = dump.as_mut() {
             d.write(state.step, micro.iter().map(M::Data::host))?;
@@ -402,6 +419,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         peak_memory_bytes: be.peak_memory_bytes(),
         preference: stats.preference,
         row_fill,
+        skipped_steps: guard.skipped,
     };
     let Some(log) = &mut log else {
         return Ok(summary);
@@ -432,7 +450,9 @@ fn write_final_outputs<B: Backend>(
         state,
         cfg.train.save_total_limit,
     )?;
-    peft::save(be, lora, base_model, &summary.adapter_dir)?;
+    let adapter = StagedDir::begin(&summary.adapter_dir, Overwrite::Replace, &[])?;
+    peft::save(be, lora, base_model, adapter.path())?;
+    adapter.commit()?;
     let (steps, evals) = super::metrics::read_steps(&out.join("metrics.jsonl"))?;
     let tmp_png = out.join(".loss.partial.png");
     plot_loss(&tmp_png, &steps, &evals)?;
@@ -465,6 +485,12 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
         lines.push(format!(
             "peak device memory {:.2} GiB",
             bytes as f64 / (1u64 << 30) as f64
+        ));
+    }
+    if s.skipped_steps > 0 {
+        lines.push(format!(
+            "{} steps skipped: their loss or gradients were not finite",
+            s.skipped_steps
         ));
     }
     if let Some(l) = s.final_loss {

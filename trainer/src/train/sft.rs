@@ -9,6 +9,7 @@ use super::method::{BatchSource, DataStats, LayerHook, Method, StepContext, Sums
 use crate::data::batching::{
     assemble, epoch_batches, epoch_plan, plan_fill, Batching, Example, HostBatch,
 };
+use crate::data::check::check_examples;
 use crate::data::packing::RowFill;
 use crate::data::records::{read_file, Record};
 use crate::data::source::ExampleSource;
@@ -102,9 +103,10 @@ fn batching(cfg: &RunConfig, pad_id: i32) -> Batching {
 }
 
 impl Sft {
-    /// Reads and tokenizes the data of `cfg` (or opens its token shards).
-    pub fn prepare(cfg: &RunConfig) -> Result<Sft> {
-        if let Some(sft) = Self::from_token_shards(cfg)? {
+    /// Reads and tokenizes the data of `cfg` (or opens its token shards), refusing token ids
+    /// outside `0..vocab` and training data without a label ([`check_examples`]).
+    pub fn prepare(cfg: &RunConfig, vocab: usize) -> Result<Sft> {
+        if let Some(sft) = Self::from_token_shards(cfg, vocab)? {
             return Ok(sft);
         }
         let tokenizer = Tokenizer::load(&cfg.model.path)?;
@@ -117,6 +119,9 @@ impl Sft {
             let (e, s) = tokenize_records(&tokenizer, &records.eval, &formatting)?;
             (e, Some(s))
         };
+        let numbered = |i: usize| format!("example {i} (counting after tokenization)");
+        check_examples(&train, vocab, "data.train", true, &numbered)?;
+        check_examples(&eval, vocab, "data.validation", false, &numbered)?;
         let pad_id = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0) as i32;
         Ok(Sft {
             train: Arc::new(train),
@@ -134,7 +139,7 @@ impl Sft {
 
     /// Memory-maps `data.train` when it lists token shard files (`fuselora prepare-data`), with the
     /// validation shards read into memory; `None` when the data is JSON to tokenize now.
-    fn from_token_shards(cfg: &RunConfig) -> Result<Option<Sft>> {
+    fn from_token_shards(cfg: &RunConfig, vocab: usize) -> Result<Option<Sft>> {
         let shard_count = cfg.data.train.iter().filter(|p| is_token_shard(p)).count();
         if shard_count == 0 {
             return Ok(None);
@@ -154,6 +159,10 @@ impl Sft {
             }
             TokenShards::open(&cfg.data.validation)?.read_all()
         };
+        check_examples(&train, vocab, "data.train", true, &|i| train.origin(i))?;
+        check_examples(&eval, vocab, "data.validation", false, &|i| {
+            format!("example {i}")
+        })?;
         let eval_stats = (!eval.is_empty()).then(|| TokenizeStats {
             examples: eval.len(),
             tokens: eval.iter().map(|e| e.ids.len()).sum(),
