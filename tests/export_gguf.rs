@@ -13,7 +13,7 @@ use support::{fixtures, tiny_chat_model};
 use trainer::gguf::names::unpermute_rows;
 use trainer::gguf::{GgufFile, MetaValue, QuantType};
 use trainer::model::weights::{to_f32, WeightFiles};
-use trainer::model::{Batch, Decoder, ModelConfig};
+use trainer::model::{Batch, Checkpointing, Decoder, ModelConfig};
 
 fn fuselora(args: &[&str]) -> String {
     let run = Command::new(env!("CARGO_BIN_EXE_fuselora"))
@@ -303,7 +303,9 @@ fn greedy(dir: &Path, prompt: &[i32], steps: usize) -> Vec<i32> {
         let n = ids.len();
         let layout = AttentionLayout::right_padded(&[n], n, None);
         let batch = Batch::new(&be, &model.config, &ids, &ids, layout).unwrap();
-        let acts = model.forward(&be, None, &batch, false).unwrap();
+        let acts = model
+            .forward(&be, None, &batch, Checkpointing::Off)
+            .unwrap();
         let logits = be.download(&model.logits(&be, &acts).unwrap()).unwrap();
         let last = &logits[(n - 1) * vocab..n * vocab];
         let next = (0..vocab)

@@ -14,7 +14,7 @@
 //! MFU = model FLOPs / step time / peak (989 TFLOP/s, the H100/H200 dense bf16 peak, unless told).
 
 use crate::lora::{LoraConfig, LoraParams};
-use crate::model::{Batch, Decoder, ModelConfig, Projection, QuantizeNf4};
+use crate::model::{Batch, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4};
 use crate::optim::{AdamW, LossScaler};
 use crate::train::distributed::Distributed;
 use crate::train::grad_reduce::GradReducer;
@@ -88,7 +88,7 @@ pub struct BenchSpec {
     pub batch: usize,
     pub seq: usize,
     pub grad_accum: usize,
-    pub checkpointing: bool,
+    pub checkpointing: Checkpointing,
     pub warmup: usize,
     pub steps: usize,
     pub seed: u64,
@@ -141,7 +141,7 @@ pub fn step_flops(c: &ModelConfig, lora_values: usize, spec: &BenchSpec) -> (f64
     let t = spec.seq as f64;
     let attn_fwd = c.num_layers as f64 * rows * 2.0 * t * t * (c.num_heads * c.head_dim) as f64;
     let model = tokens * (4.0 * n + 6.0 * p) + 3.5 * attn_fwd;
-    let recompute = if spec.checkpointing {
+    let recompute = if spec.checkpointing.recomputes() {
         tokens * (2.0 * layer_n as f64 + 2.0 * p) + attn_fwd
     } else {
         0.0
@@ -279,7 +279,7 @@ pub fn describe(r: &BenchResult) -> String {
             s.seq,
             s.grad_accum,
             r.tokens_per_step,
-            if s.checkpointing { "on" } else { "off" }
+            s.checkpointing.name()
         ),
         format!(
             "weights     {}",
@@ -349,7 +349,7 @@ mod tests {
     use super::*;
     use kernels::cpu::CpuBackend;
 
-    fn spec(checkpointing: bool) -> BenchSpec {
+    fn spec(checkpointing: Checkpointing) -> BenchSpec {
         BenchSpec {
             preset: "tiny".into(),
             batch: 2,
@@ -368,7 +368,7 @@ mod tests {
     #[test]
     fn the_tiny_preset_trains_on_the_cpu_and_reports_every_number() {
         let be = CpuBackend::new();
-        let r = run(&be, &spec(true), &Distributed::single()).unwrap();
+        let r = run(&be, &spec(Checkpointing::Full), &Distributed::single()).unwrap();
         assert_eq!(r.tokens_per_step, 64);
         assert_eq!(r.step_times_s.len(), 3);
         assert!(r.tokens_per_s > 0.0 && r.median_step_s > 0.0);
@@ -376,7 +376,7 @@ mod tests {
         assert!((r.final_loss - 256f64.ln()).abs() < 0.1, "{}", r.final_loss);
         assert_eq!(r.peak_memory_bytes, None);
         assert!(r.profile.is_empty(), "the CPU backend times no ops");
-        let no_ckpt = run(&be, &spec(false), &Distributed::single()).unwrap();
+        let no_ckpt = run(&be, &spec(Checkpointing::Off), &Distributed::single()).unwrap();
         assert_eq!(no_ckpt.final_loss, r.final_loss, "checkpointing is exact");
         assert!(r.hardware_flops_per_step > r.model_flops_per_step);
         assert_eq!(
@@ -391,10 +391,10 @@ mod tests {
         let q = QuantizeNf4 { double_quant: true };
         let s = BenchSpec {
             quantize: Some(q),
-            ..spec(true)
+            ..spec(Checkpointing::Full)
         };
         let r = run(&be, &s, &Distributed::single()).unwrap();
-        let dense = run(&be, &spec(true), &Distributed::single()).unwrap();
+        let dense = run(&be, &spec(Checkpointing::Full), &Distributed::single()).unwrap();
         // NF4 moves each weight by at most half a code step, so the loss stays at ln 256.
         assert!((r.final_loss - 256f64.ln()).abs() < 0.1, "{}", r.final_loss);
         assert_ne!(r.final_loss, dense.final_loss, "the weights are quantized");
@@ -418,7 +418,7 @@ mod tests {
             batch: 2,
             seq: 2048,
             grad_accum: 1,
-            checkpointing: true,
+            checkpointing: Checkpointing::Full,
             warmup: 0,
             steps: 1,
             seed: 0,

@@ -277,7 +277,7 @@ pub fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Batch, Decoder};
+    use crate::model::{Batch, Checkpointing, Decoder};
     use crate::reference::sft::Inputs;
     use kernels::Backend;
     use std::path::PathBuf;
@@ -307,7 +307,9 @@ mod tests {
             inputs.layout(None).unwrap(),
         )
         .unwrap();
-        let acts = model.forward(&be, None, &batch, false).unwrap();
+        let acts = model
+            .forward(&be, None, &batch, Checkpointing::Off)
+            .unwrap();
         (
             be.download(&model.logits(&be, &acts).unwrap()).unwrap(),
             inputs.mask,

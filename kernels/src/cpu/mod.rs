@@ -39,6 +39,8 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     type Tensor = Vec<f32>;
     type Indices = Vec<i32>;
+    /// Host memory is where the tensor already is.
+    type Parked = Vec<f32>;
 
     fn describe(&self) -> String {
         format!("cpu (f32, {} threads)", rayon::current_num_threads())
@@ -81,6 +83,18 @@ impl Backend for CpuBackend {
     fn fill_zero(&self, t: &mut Vec<f32>) -> Result<()> {
         t.fill(0.0);
         Ok(())
+    }
+
+    fn park(&self, t: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(t)
+    }
+
+    fn prefetch(&self, _p: &mut Vec<f32>) -> Result<()> {
+        Ok(())
+    }
+
+    fn unpark(&self, p: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(p)
     }
 
     fn fill_random(&self, t: &mut Vec<f32>, seed: u64, scale: f32) -> Result<()> {

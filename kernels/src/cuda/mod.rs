@@ -15,10 +15,12 @@ mod launch;
 pub mod libraries;
 mod lm_head;
 mod nf4;
+mod offload;
 mod optimizer;
 mod profiler;
 mod tensor;
 
+pub use offload::CudaParked;
 pub use tensor::{CudaIndices, CudaTensor};
 
 use crate::error::{check_len, check_rows};
@@ -38,6 +40,9 @@ use tensor::{Pool, Storage};
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Copies of offloaded checkpoints (offload.rs), beside the compute stream.
+    copy_stream: Arc<CudaStream>,
+    offload: offload::Offload,
     blas: CudaBlas,
     kernels: Kernels,
     pool: Arc<Pool>,
@@ -71,6 +76,7 @@ impl CudaBackend {
         // One stream: ordering is the stream's, so per-buffer events are not needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        let copy_stream = ctx.new_stream().map_err(device_err("create copy stream"))?;
         let compute_capability = ctx
             .compute_capability()
             .map_err(device_err("compute capability"))?;
@@ -115,6 +121,8 @@ impl CudaBackend {
         let backend = CudaBackend {
             ctx,
             stream,
+            copy_stream,
+            offload: offload::Offload::default(),
             blas,
             kernels: Kernels { functions },
             pool: Arc::new(Pool::default()),
@@ -294,6 +302,7 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Indices = CudaIndices;
+    type Parked = CudaParked;
 
     fn describe(&self) -> String {
         format!(
@@ -411,6 +420,18 @@ impl Backend for CudaBackend {
 
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
         self.memset_zero(t)
+    }
+
+    fn park(&self, t: CudaTensor) -> Result<CudaParked> {
+        self.park_impl(t)
+    }
+
+    fn prefetch(&self, p: &mut CudaParked) -> Result<()> {
+        self.prefetch_impl(p)
+    }
+
+    fn unpark(&self, p: CudaParked) -> Result<CudaTensor> {
+        self.unpark_impl(p)
     }
 
     fn fill_random(&self, t: &mut CudaTensor, seed: u64, scale: f32) -> Result<()> {

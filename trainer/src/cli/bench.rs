@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::{describe, run, BenchResult, BenchSpec, PRESETS};
-use trainer::model::QuantizeNf4;
+use trainer::model::{Checkpointing, QuantizeNf4};
 use trainer::train::config::{BackendKind, ComputeDType};
 use trainer::train::distributed::Distributed;
 use trainer::train::grad_reduce::GradReducer;
@@ -26,8 +26,12 @@ pub struct Args {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Keep every activation instead of recomputing each layer in backward.
-    #[arg(long)]
+    /// What the forward keeps for backward: `full` (layer inputs; backward recomputes each layer),
+    /// `offload` (the same, the inputs in pinned host memory) or `off` (every activation).
+    #[arg(long, value_enum, default_value = "full")]
+    checkpointing: Checkpointing,
+    /// The same as `--checkpointing off`.
+    #[arg(long, conflicts_with = "checkpointing")]
     no_checkpointing: bool,
     /// Steps run before timing starts.
     #[arg(long, default_value_t = 2)]
@@ -103,7 +107,11 @@ pub fn run_cli(args: Args) -> Result<ExitCode> {
         batch: args.batch,
         seq: args.seq,
         grad_accum: args.grad_accum,
-        checkpointing: !args.no_checkpointing,
+        checkpointing: if args.no_checkpointing {
+            Checkpointing::Off
+        } else {
+            args.checkpointing
+        },
         warmup: args.warmup,
         steps: args.steps,
         seed: args.seed,

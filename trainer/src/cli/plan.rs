@@ -6,6 +6,7 @@ use anyhow::Result;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::PRESETS;
+use trainer::model::Checkpointing;
 use trainer::plan::roofline::GpuKind;
 use trainer::plan::{describe, describe_suggestions, suggestions, Plan, PlanSpec};
 use trainer::train::config::RunConfig;
@@ -27,8 +28,11 @@ pub struct Args {
     /// With --preset: tokens per row.
     #[arg(long, default_value_t = 2048, requires = "preset")]
     seq: usize,
-    /// With --preset: keep every activation instead of recomputing each layer in backward.
-    #[arg(long, requires = "preset")]
+    /// With --preset: what the forward keeps for backward, as `bench --checkpointing`.
+    #[arg(long, value_enum, default_value = "full", requires = "preset")]
+    checkpointing: Checkpointing,
+    /// With --preset: the same as `--checkpointing off`.
+    #[arg(long, requires = "preset", conflicts_with = "checkpointing")]
     no_checkpointing: bool,
     /// With --preset: frozen projections dense or NF4, as `bench --quantize`.
     #[arg(long, value_enum, default_value = "none", requires = "preset")]
@@ -55,7 +59,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 preset,
                 args.batch,
                 args.seq,
-                !args.no_checkpointing,
+                if args.no_checkpointing {
+                    Checkpointing::Off
+                } else {
+                    args.checkpointing
+                },
                 args.nproc,
             )?
         },

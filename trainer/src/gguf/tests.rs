@@ -4,7 +4,7 @@
 use super::reader::{GgufError, GgufFile, MetaValue, DEFAULT_ALIGNMENT};
 use super::{import_gguf, ImportSummary};
 use crate::arch::ModelConfig;
-use crate::model::{Batch, Decoder};
+use crate::model::{Batch, Checkpointing, Decoder};
 use crate::weights::WeightFiles;
 use kernels::cpu::CpuBackend;
 use kernels::AttentionLayout;
@@ -264,7 +264,9 @@ fn tiny_llama_imports_with_original_tensors_and_config() {
         AttentionLayout::right_padded(&[3], 3, None),
     )
     .unwrap();
-    let acts = model.forward(&be, None, &batch, false).unwrap();
+    let acts = model
+        .forward(&be, None, &batch, Checkpointing::Off)
+        .unwrap();
     let logits = kernels::Backend::download(&be, &model.logits(&be, &acts).unwrap()).unwrap();
     assert_eq!(logits.len(), 3 * 262);
     assert!(logits.iter().all(|x| x.is_finite()));
@@ -385,7 +387,9 @@ fn tiny_qwen2_and_qwen3_import_as_their_families() {
             AttentionLayout::right_padded(&[3], 3, None),
         )
         .unwrap();
-        let acts = model.forward(&be, None, &batch, false).unwrap();
+        let acts = model
+            .forward(&be, None, &batch, Checkpointing::Off)
+            .unwrap();
         let logits = kernels::Backend::download(&be, &model.logits(&be, &acts).unwrap()).unwrap();
         assert!(logits.len() == 3 * 262 && logits.iter().all(|x| x.is_finite()));
 

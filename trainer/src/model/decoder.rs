@@ -1,10 +1,12 @@
 //! The whole decoder (every family of [`crate::arch`]) over a backend: embedding → layers → final
 //! RMSNorm → LM head, with the loss and the backward pass.
-//! With gradient checkpointing only each layer's input is kept; backward recomputes the layer
-//! forward (Chen et al. 2016) and so produces the same gradients bit for bit.
+//! With gradient checkpointing only each layer's input is kept (on the device, or offloaded to
+//! host memory); backward recomputes the layer forward (Chen et al. 2016) and so produces the same
+//! gradients bit for bit.
 
 use super::batch::Batch;
 use super::bnb_checkpoint;
+use super::checkpointing::Checkpointing;
 use super::layer::{Attend, LayerSaved, LayerWeights, Shapes};
 use super::linear::FrozenLinear;
 use super::proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
@@ -39,6 +41,8 @@ pub struct Activations<B: Backend> {
 enum Saved<B: Backend> {
     Full(LayerSaved<B>),
     Input(B::Tensor),
+    /// The layer input in host memory ([`Checkpointing::Offload`]).
+    Parked(B::Parked),
 }
 
 impl<B: Backend> Decoder<B> {
@@ -229,13 +233,13 @@ impl<B: Backend> Decoder<B> {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Runs every layer. With `checkpoint`, keeps only layer inputs.
+    /// Runs every layer, keeping what `checkpointing` says for backward.
     pub fn forward(
         &self,
         be: &B,
         lora: Option<&LoraParams<B>>,
         batch: &Batch<B>,
-        checkpoint: bool,
+        checkpointing: Checkpointing,
     ) -> Result<Activations<B>> {
         let s = &self.shapes;
         let n = batch.layout.tokens();
@@ -245,10 +249,10 @@ impl<B: Backend> Decoder<B> {
         for (l, layer) in self.layers.iter().enumerate() {
             let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
             // Checkpointing keeps only the layer input (the rest is dropped here, recomputed in backward).
-            saved.push(if checkpoint {
-                Saved::Input(full.x)
-            } else {
-                Saved::Full(full)
+            saved.push(match checkpointing {
+                Checkpointing::Off => Saved::Full(full),
+                Checkpointing::Full => Saved::Input(full.x),
+                Checkpointing::Offload => Saved::Parked(be.park(full.x)?),
             });
             x = y;
         }
@@ -354,15 +358,25 @@ impl<B: Backend> Decoder<B> {
             s.hidden,
             &mut dx,
         )?;
-        for (l, saved) in acts.layers.into_iter().enumerate().rev() {
+        let mut saved = acts.layers;
+        while let Some(this) = saved.pop() {
+            let l = saved.len();
+            // The next layer down's offloaded input starts coming back while this layer runs.
+            if let Some(Saved::Parked(below)) = saved.last_mut() {
+                be.prefetch(below)?;
+            }
             let layer = &self.layers[l];
-            let full = match saved {
-                Saved::Full(f) => f,
-                Saved::Input(x) => {
+            let recompute = |x| {
+                Ok::<_, anyhow::Error>(
                     layer
                         .forward(be, s, l, lora.as_deref(), Attend::Batch(batch), x)?
-                        .1
-                }
+                        .1,
+                )
+            };
+            let full = match this {
+                Saved::Full(f) => f,
+                Saved::Input(x) => recompute(x)?,
+                Saved::Parked(p) => recompute(be.unpark(p)?)?,
             };
             dx = layer.backward(be, s, l, lora.as_deref_mut(), batch, &full, dx)?;
             if let Some(lp) = lora.as_deref_mut() {
@@ -380,10 +394,12 @@ impl<B: Backend> Decoder<B> {
         be: &B,
         lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
-        checkpoint: bool,
+        checkpointing: Checkpointing,
         grad_weight: f32,
     ) -> Result<f64> {
-        self.loss_and_grad_with_hook(be, lora, batch, checkpoint, grad_weight, &mut |_, _| Ok(()))
+        self.loss_and_grad_with_hook(be, lora, batch, checkpointing, grad_weight, &mut |_, _| {
+            Ok(())
+        })
     }
 
     /// [`Decoder::loss_and_grad`] with [`Decoder::backward_with_hook`]'s per-layer hook.
@@ -392,11 +408,11 @@ impl<B: Backend> Decoder<B> {
         be: &B,
         mut lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
-        checkpoint: bool,
+        checkpointing: Checkpointing,
         grad_weight: f32,
         after_layer: &mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>,
     ) -> Result<f64> {
-        let acts = self.forward(be, lora.as_deref(), batch, checkpoint)?;
+        let acts = self.forward(be, lora.as_deref(), batch, checkpointing)?;
         let grad = if lora.is_some() {
             CeGrad::Scale(grad_weight)
         } else {

@@ -5,6 +5,7 @@
 mod batch;
 pub mod bnb_checkpoint;
 mod cached;
+mod checkpointing;
 mod decoder;
 mod layer;
 mod linear;
@@ -18,5 +19,6 @@ pub use crate::arch::{ModelConfig, Projection};
 pub use crate::weights;
 pub use batch::{next_token_targets, Batch};
 pub use cached::KvCache;
+pub use checkpointing::Checkpointing;
 pub use decoder::{Activations, Decoder};
 pub use proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};

@@ -1,7 +1,7 @@
 //! Decoder-level checks on small random models: finite differences of the LoRA gradients through
 //! every op at once, gradient checkpointing, and packed rows behaving like separate sequences.
 
-use super::{Batch, Decoder, ModelConfig, Projection};
+use super::{Batch, Checkpointing, Decoder, ModelConfig, Projection};
 use crate::lora::{LoraConfig, LoraParams};
 use kernels::cpu::CpuBackend;
 use kernels::{AttentionLayout, Backend};
@@ -78,11 +78,11 @@ fn loss_and_grads(
     m: &Decoder<CpuBackend>,
     lora: &mut LoraParams<CpuBackend>,
     batch: &Batch<CpuBackend>,
-    checkpoint: bool,
+    checkpointing: Checkpointing,
 ) -> (f64, Vec<Vec<f32>>) {
     lora.zero_grads(be).unwrap();
     let nll = m
-        .loss_and_grad(be, Some(lora), batch, checkpoint, 1.0)
+        .loss_and_grad(be, Some(lora), batch, checkpointing, 1.0)
         .unwrap();
     (nll, lora.grads.clone())
 }
@@ -102,7 +102,7 @@ fn lora_gradients_match_finite_differences_through_the_whole_model() {
         let layout = AttentionLayout::packed(&[vec![4, 3], vec![6]], 7, window);
         let ids = tokens(14, 1);
         let batch = Batch::new(&be, &c, &ids, &ids, layout).unwrap();
-        let (_, grads) = loss_and_grads(&be, &m, &mut lora, &batch, false);
+        let (_, grads) = loss_and_grads(&be, &m, &mut lora, &batch, Checkpointing::Off);
         let h = 1e-2f32;
         for (t, g) in grads.iter().enumerate() {
             let scale = g.iter().fold(0f32, |a, x| a.max(x.abs())).max(1e-3);
@@ -111,7 +111,9 @@ fn lora_gradients_match_finite_differences_through_the_whole_model() {
                 let mut at = |v: f32| {
                     lora.params[t][i] = v;
                     lora.sync_compute(&be).unwrap();
-                    let acts = m.forward(&be, Some(&lora), &batch, false).unwrap();
+                    let acts = m
+                        .forward(&be, Some(&lora), &batch, Checkpointing::Off)
+                        .unwrap();
                     let (lp, _) = m
                         .head(&be, &acts, &batch.targets, kernels::CeGrad::None)
                         .unwrap();
@@ -146,10 +148,15 @@ fn gradient_checkpointing_changes_no_gradient() {
         AttentionLayout::right_padded(&[10, 7], 10, Some(4)),
     )
     .unwrap();
-    let (l1, g1) = loss_and_grads(&be, &m, &mut lora, &batch, false);
-    let (l2, g2) = loss_and_grads(&be, &m, &mut lora, &batch, true);
-    assert_eq!(l1, l2);
-    assert_eq!(g1, g2, "checkpointed gradients must be bitwise identical");
+    let (l1, g1) = loss_and_grads(&be, &m, &mut lora, &batch, Checkpointing::Off);
+    for mode in [Checkpointing::Full, Checkpointing::Offload] {
+        let (l2, g2) = loss_and_grads(&be, &m, &mut lora, &batch, mode);
+        assert_eq!(l1, l2, "{mode:?}");
+        assert_eq!(
+            g1, g2,
+            "{mode:?}: checkpointed gradients must be bitwise identical"
+        );
+    }
 }
 
 #[test]
@@ -183,8 +190,8 @@ fn packed_documents_equal_separate_rows() {
     .unwrap();
     assert_eq!(packed.n_targets, 4 + 5);
     assert_eq!(separate.n_targets, packed.n_targets);
-    let (lp, gp) = loss_and_grads(&be, &m, &mut lora, &packed, false);
-    let (ls, gs) = loss_and_grads(&be, &m, &mut lora, &separate, false);
+    let (lp, gp) = loss_and_grads(&be, &m, &mut lora, &packed, Checkpointing::Off);
+    let (ls, gs) = loss_and_grads(&be, &m, &mut lora, &separate, Checkpointing::Off);
     assert!(
         (lp - ls).abs() < 1e-5 * ls.abs(),
         "packed {lp} vs separate {ls}"
@@ -210,7 +217,9 @@ fn cached_decoding_gives_the_full_forward_logits() {
             AttentionLayout::right_padded(&[7], 7, window),
         )
         .unwrap();
-        let acts = m.forward(&be, Some(&lora), &full, false).unwrap();
+        let acts = m
+            .forward(&be, Some(&lora), &full, Checkpointing::Off)
+            .unwrap();
         let logits = m.logits(&be, &acts).unwrap();
         let mut cache = super::KvCache::new(&be, &m, vec![0], 7).unwrap();
         let v = c.vocab_size;
@@ -256,7 +265,9 @@ fn quantizing_at_load_matches_the_bitsandbytes_checkpoint() {
     let inputs = Inputs::load(&fixtures.join("tiny-llama-qlora/inputs.safetensors")).unwrap();
     let layout = inputs.layout(None).unwrap();
     let batch = Batch::new(&be, &config, &inputs.ids, &inputs.labels, layout).unwrap();
-    let acts = model.forward(&be, None, &batch, false).unwrap();
+    let acts = model
+        .forward(&be, None, &batch, Checkpointing::Off)
+        .unwrap();
     let got = be.download(&model.logits(&be, &acts).unwrap()).unwrap();
     let expected =
         WeightFiles::open_file(&fixtures.join("tiny-llama-qlora/expected.safetensors")).unwrap();
@@ -296,7 +307,9 @@ fn qwen_models_quantize_at_load_and_keep_their_loss() {
         .unwrap();
         let loss = |quantize| {
             let m = Decoder::load_with(&be, config.clone(), &files, quantize).unwrap();
-            m.loss_and_grad(&be, None, &batch, false, 1.0).unwrap() / batch.n_targets as f64
+            m.loss_and_grad(&be, None, &batch, Checkpointing::Off, 1.0)
+                .unwrap()
+                / batch.n_targets as f64
         };
         let dense = loss(None);
         let nf4 = loss(Some(QuantizeNf4 { double_quant: true }));

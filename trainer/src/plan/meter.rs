@@ -86,6 +86,15 @@ fn tensor_bytes(t: &MeterTensor) -> f64 {
 pub struct MeterBackend {
     meter: Arc<Meter>,
     compute: DType,
+    /// The last parked tensor: the CUDA backend frees it at the next park or fetch.
+    in_flight: Mutex<Option<MeterTensor>>,
+}
+
+/// A parked tensor's length and dtype, and its device buffer once prefetched.
+pub struct MeterParked {
+    len: usize,
+    dtype: DType,
+    fetched: Option<MeterTensor>,
 }
 
 impl MeterBackend {
@@ -93,6 +102,7 @@ impl MeterBackend {
         MeterBackend {
             meter: Arc::new(Meter::default()),
             compute,
+            in_flight: Mutex::new(None),
         }
     }
 
@@ -143,6 +153,7 @@ impl MeterBackend {
 impl Backend for MeterBackend {
     type Tensor = MeterTensor;
     type Indices = usize;
+    type Parked = MeterParked;
 
     fn describe(&self) -> String {
         format!("meter ({})", self.compute.name())
@@ -190,6 +201,30 @@ impl Backend for MeterBackend {
     fn fill_zero(&self, t: &mut MeterTensor) -> Result<()> {
         self.memory_op(tensor_bytes(t));
         Ok(())
+    }
+
+    /// The copies run beside the compute stream: no op is recorded, only the pool's books move.
+    fn park(&self, t: MeterTensor) -> Result<MeterParked> {
+        let parked = MeterParked {
+            len: t.len,
+            dtype: t.dtype,
+            fetched: None,
+        };
+        *self.in_flight.lock().expect("meter lock") = Some(t);
+        Ok(parked)
+    }
+
+    fn prefetch(&self, p: &mut MeterParked) -> Result<()> {
+        if p.fetched.is_none() {
+            self.in_flight.lock().expect("meter lock").take();
+            p.fetched = Some(self.alloc(p.len, p.dtype));
+        }
+        Ok(())
+    }
+
+    fn unpark(&self, mut p: MeterParked) -> Result<MeterTensor> {
+        self.prefetch(&mut p)?;
+        Ok(p.fetched.take().expect("prefetched above"))
     }
 
     fn fill_random(&self, t: &mut MeterTensor, _seed: u64, _scale: f32) -> Result<()> {

@@ -21,7 +21,7 @@ pub mod roofline;
 pub use report::{describe, describe_suggestions, startup_report, suggestions};
 
 use crate::lora::{LoraConfig, LoraParams};
-use crate::model::{Batch, Decoder, ModelConfig, Projection, QuantizeNf4};
+use crate::model::{Batch, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4};
 use crate::optim::{AdamW, LossScaler};
 use anyhow::{bail, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, DType};
@@ -37,7 +37,7 @@ pub struct PlanSpec {
     pub batch: usize,
     pub seq: usize,
     pub grad_accum: usize,
-    pub checkpointing: bool,
+    pub checkpointing: Checkpointing,
     pub dtype: DType,
     pub quantize: Option<QuantizeNf4>,
     /// Data-parallel ranks (one GPU each).
@@ -290,7 +290,11 @@ impl Nf4Bytes {
     /// Dequantizing every projection before each of its GEMMs: forward, recompute (with
     /// checkpointing) and backward, per micro-batch.
     fn dequant_ops(&self, c: &ModelConfig, spec: &PlanSpec, e: u64) -> Vec<Op> {
-        let uses = (if spec.checkpointing { 3 } else { 2 }) * spec.grad_accum;
+        let uses = (if spec.checkpointing.recomputes() {
+            3
+        } else {
+            2
+        }) * spec.grad_accum;
         let mut ops = Vec::new();
         for _ in 0..uses * c.num_layers {
             for p in Projection::ALL {
@@ -331,10 +335,11 @@ impl Parts {
         // dk, dv, dnorm1 and attention's f32 delta and dq accumulator; one LoRA `u` at a time.
         let backward = e * n * (3 * i + h) + e * n * spec.lora.r as u64;
         let layers = c.num_layers as u64;
-        let (checkpoints, activations) = if spec.checkpointing {
-            (layers * layer_input, saved_without_input + backward)
-        } else {
-            (0, layers * (layer_input + saved_without_input) + backward)
+        let (checkpoints, activations) = match spec.checkpointing {
+            Checkpointing::Full => (layers * layer_input, saved_without_input + backward),
+            // One input in flight to the host and the one fetched back ahead of its layer.
+            Checkpointing::Offload => (2 * layer_input, saved_without_input + backward),
+            Checkpointing::Off => (0, layers * (layer_input + saved_without_input) + backward),
         };
         let v = c.vocab_size;
         let chunk = (LM_HEAD_CHUNK_ELEMENTS / v).clamp(1, n as usize) as u64;

@@ -3,7 +3,7 @@
 use super::roofline::GpuKind;
 use super::{Plan, PlanSpec, CONTEXT_RESERVE};
 use crate::lora::LoraConfig;
-use crate::model::{ModelConfig, Projection, QuantizeNf4};
+use crate::model::{Checkpointing, ModelConfig, Projection, QuantizeNf4};
 use crate::train::config::RunConfig;
 use anyhow::Result;
 use kernels::DType;
@@ -48,7 +48,7 @@ impl PlanSpec {
         name: &str,
         batch: usize,
         seq: usize,
-        checkpointing: bool,
+        checkpointing: Checkpointing,
         nproc: usize,
     ) -> Result<PlanSpec> {
         Ok(PlanSpec {
@@ -77,7 +77,7 @@ impl PlanSpec {
             self.seq,
             self.grad_accum,
             self.dtype.name(),
-            if self.checkpointing { "on" } else { "off" },
+            self.checkpointing.name(),
             match self.quantize {
                 None => "no quantization".to_string(),
                 Some(q) if q.double_quant => "NF4 + double quant".to_string(),
@@ -131,16 +131,20 @@ pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
         (
             "checkpoints",
             m.checkpoints,
-            if s.checkpointing {
-                format!("{} layer inputs", c.num_layers)
-            } else {
-                "off".to_string()
+            match s.checkpointing {
+                Checkpointing::Full => format!("{} layer inputs", c.num_layers),
+                Checkpointing::Offload => format!(
+                    "2 of {} layer inputs (the rest in pinned host memory: {})",
+                    c.num_layers,
+                    gib(m.checkpoints / 2 * c.num_layers as u64)
+                ),
+                Checkpointing::Off => "off".to_string(),
             },
         ),
         (
             "activations",
             m.activations,
-            if s.checkpointing {
+            if s.checkpointing.recomputes() {
                 "one layer's forward + backward".to_string()
             } else {
                 format!("all {} layers + one backward", c.num_layers)
@@ -233,7 +237,11 @@ pub fn suggestions(spec: &PlanSpec, gpu: GpuKind) -> Result<Vec<Plan>> {
         if batch > rows_per_step || !rows_per_step.is_multiple_of(batch) {
             continue;
         }
-        for checkpointing in [false, true] {
+        for checkpointing in [
+            Checkpointing::Off,
+            Checkpointing::Full,
+            Checkpointing::Offload,
+        ] {
             for q in quantize {
                 let candidate = PlanSpec {
                     batch,

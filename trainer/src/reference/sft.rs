@@ -4,7 +4,7 @@
 use super::Comparison;
 use crate::lora::{peft, LoraParams};
 use crate::model::weights::{to_i64, WeightFiles};
-use crate::model::{Batch, Decoder, ModelConfig};
+use crate::model::{Batch, Checkpointing, Decoder, ModelConfig};
 use crate::optim::{clip_coefficient, AdamW};
 use anyhow::{anyhow, bail, Context, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad};
@@ -168,7 +168,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
     };
 
     // Base model.
-    let acts = decoder.forward(be, None, &batch, false)?;
+    let acts = decoder.forward(be, None, &batch, Checkpointing::Off)?;
     let logits = be.download(&decoder.logits(be, &acts)?)?;
     let (logp, _) = decoder.head(be, &acts, &batch.targets, CeGrad::None)?;
     let base_loss = -be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>() / n_tok;
@@ -194,7 +194,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
         return Ok(out);
     }
     let mut lora: LoraParams<B> = peft::load(be, &config, &adapter_dir)?;
-    let acts = decoder.forward(be, Some(&lora), &batch, false)?;
+    let acts = decoder.forward(be, Some(&lora), &batch, Checkpointing::Off)?;
     let logits = be.download(&decoder.logits(be, &acts)?)?;
     out.insert(
         "lora_logits".into(),
@@ -204,8 +204,13 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
             mask: Some(logit_mask),
         },
     );
-    let lora_loss =
-        decoder.loss_and_grad(be, Some(&mut lora), &batch, false, (1.0 / n_tok) as f32)? / n_tok;
+    let lora_loss = decoder.loss_and_grad(
+        be,
+        Some(&mut lora),
+        &batch,
+        Checkpointing::Off,
+        (1.0 / n_tok) as f32,
+    )? / n_tok;
     out.insert(
         "lora_loss".into(),
         Comparison::Relative {
@@ -260,8 +265,13 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
         );
     }
     lora.zero_grads(be)?;
-    let step2_loss =
-        decoder.loss_and_grad(be, Some(&mut lora), &batch, false, (1.0 / n_tok) as f32)? / n_tok;
+    let step2_loss = decoder.loss_and_grad(
+        be,
+        Some(&mut lora),
+        &batch,
+        Checkpointing::Off,
+        (1.0 / n_tok) as f32,
+    )? / n_tok;
     out.insert(
         "step2_loss".into(),
         Comparison::Relative {

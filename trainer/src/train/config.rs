@@ -7,7 +7,7 @@
 
 use super::schedule::ScheduleKind;
 use crate::data::records::Format;
-use crate::model::{Projection, QuantizeNf4};
+use crate::model::{Checkpointing, Projection, QuantizeNf4};
 use anyhow::{bail, Context, Result};
 use kernels::DType;
 use serde::{Deserialize, Serialize};
@@ -219,8 +219,9 @@ pub struct TrainSection {
     pub adam_eps: f64,
     #[serde(default = "default_seed")]
     pub seed: u64,
-    #[serde(default = "default_true")]
-    pub gradient_checkpointing: bool,
+    /// `true`/"full", `false`/"off" or "offload" (layer inputs in pinned host memory).
+    #[serde(default = "default_checkpointing")]
+    pub gradient_checkpointing: Checkpointing,
     #[serde(default = "default_one_u64")]
     pub log_steps: u64,
     /// 0: evaluate only at the end.
@@ -415,6 +416,10 @@ fn default_max_seq_len() -> usize {
 fn default_truncation() -> Truncation {
     Truncation::Truncate
 }
+fn default_checkpointing() -> Checkpointing {
+    Checkpointing::Full
+}
+
 fn default_true() -> bool {
     true
 }

@@ -12,7 +12,7 @@ use crate::data::packing::RowFill;
 use crate::data::preference::PreferenceStats;
 use crate::data::tokenize::TokenizeStats;
 use crate::lora::LoraParams;
-use crate::model::Decoder;
+use crate::model::{Checkpointing, Decoder};
 use anyhow::Result;
 use kernels::Backend;
 
@@ -27,8 +27,8 @@ pub struct StepContext<'a> {
     pub totals: &'a [u64],
     /// The fp16 loss scale (1 without loss scaling): every gradient weight is multiplied by it.
     pub loss_scale: f32,
-    /// Keep only layer inputs in forward and recompute each layer in backward.
-    pub checkpointing: bool,
+    /// What the forward keeps for backward.
+    pub checkpointing: Checkpointing,
 }
 
 /// Sums over the items of a step or an evaluation (losses, metric numerators, counts), which

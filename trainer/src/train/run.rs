@@ -510,6 +510,7 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Checkpointing;
     use comms::{Comms, RankInfo, SingleProcess};
     use kernels::cpu::CpuBackend;
 
@@ -565,7 +566,7 @@ mod tests {
         let ctx = StepContext {
             totals: &totals,
             loss_scale,
-            checkpointing: true,
+            checkpointing: Checkpointing::Full,
         };
         let mut layers = Vec::new();
         method

@@ -1,0 +1,199 @@
+//! Checkpoint offload: [`Backend::park`](crate::Backend::park) copies a tensor into pinned host
+//! memory on a second stream while the compute stream goes on, and
+//! [`Backend::prefetch`](crate::Backend::prefetch) / [`Backend::unpark`](crate::Backend::unpark)
+//! bring it back ahead of its use. The backend runs without cudarc's per-buffer event tracking, so
+//! the order between the two streams is set here with events:
+//!
+//! - park: compute records `ready` → the copy stream waits for it, copies device → host, records
+//!   `copied`. The device buffer goes back to the pool one park later (or at the next fetch), after
+//!   the compute stream waits for `copied` — by then the copy has had a whole layer's time, so the
+//!   wait costs nothing and later ops that reuse the buffer run after the copy read it.
+//! - prefetch: a buffer from the pool; compute records `free` (every op that used that buffer
+//!   before is queued ahead of it) → the copy stream waits, copies host → device, records `fetched`.
+//! - unpark: the compute stream waits for `fetched`.
+//!
+//! Host buffers are pinned (page-locked, so the copies are asynchronous DMA) and reused by size:
+//! the offloaded checkpoints of one step are allocated once.
+
+use super::tensor::CudaTensor;
+use super::{device_err, CudaBackend};
+use crate::{DType, Result};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{result, CudaEvent};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Page-locked host memory from the driver.
+pub(crate) struct HostBuffer {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value; the copies that use it are ordered by
+// events on the owning backend's streams.
+unsafe impl Send for HostBuffer {}
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    fn new(bytes: usize) -> Result<Self> {
+        // SAFETY: a fresh allocation of `bytes`; freed once in Drop.
+        let ptr = unsafe { result::malloc_host(bytes.max(1), 0) }
+            .map_err(device_err("pinned host alloc"))? as *mut u8;
+        Ok(HostBuffer { ptr, bytes })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` holds `bytes` bytes for the life of self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host; no copy uses it any more (the backend drops its
+        // buffers after synchronizing, and a parked tensor is dropped only after its copies).
+        let _ = unsafe { result::free_host(self.ptr as *mut _) };
+    }
+}
+
+/// A tensor in pinned host memory, and its device copy once fetched back.
+pub struct CudaParked {
+    host: HostBuffer,
+    len: usize,
+    dtype: DType,
+    /// The device copy and the event (on the copy stream) after which it holds the values.
+    fetched: Option<(CudaTensor, CudaEvent)>,
+}
+
+/// The offload state of a backend: the free pinned buffers and the last parked device tensor.
+#[derive(Default)]
+pub(crate) struct Offload {
+    free_host: Mutex<HashMap<usize, Vec<HostBuffer>>>,
+    in_flight: Mutex<Option<(CudaEvent, CudaTensor)>>,
+}
+
+fn element_bytes(dtype: DType) -> usize {
+    if dtype == DType::F32 {
+        4
+    } else {
+        2
+    }
+}
+
+impl CudaBackend {
+    fn event(&self, on_copy_stream: bool) -> Result<CudaEvent> {
+        let stream = if on_copy_stream {
+            &self.copy_stream
+        } else {
+            &self.stream
+        };
+        stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(device_err("record event"))
+    }
+
+    /// Returns the previously parked device buffer to the pool, after the compute stream waits
+    /// for its copy to the host.
+    fn release_in_flight(&self) -> Result<()> {
+        let previous = self.offload.in_flight.lock().expect("offload lock").take();
+        if let Some((copied, tensor)) = previous {
+            self.stream
+                .wait(&copied)
+                .map_err(device_err("wait for offload"))?;
+            drop(tensor);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn park_impl(&self, t: CudaTensor) -> Result<CudaParked> {
+        self.release_in_flight()?;
+        let (len, dtype) = (t.len(), t.dtype);
+        let bytes = len * element_bytes(dtype);
+        let reused = self
+            .offload
+            .free_host
+            .lock()
+            .expect("offload lock")
+            .get_mut(&bytes)
+            .and_then(Vec::pop);
+        let mut host = match reused {
+            Some(h) => h,
+            None => HostBuffer::new(bytes)?,
+        };
+        let ready = self.event(false)?;
+        self.copy_stream
+            .wait(&ready)
+            .map_err(device_err("offload wait"))?;
+        if bytes > 0 {
+            // SAFETY: `t` stays alive (in_flight) until the compute stream has waited for
+            // `copied`; `host` lives in the returned handle.
+            unsafe {
+                result::memcpy_dtoh_async(
+                    host.as_mut_slice(),
+                    t.ptr(&self.copy_stream),
+                    self.copy_stream.cu_stream(),
+                )
+            }
+            .map_err(device_err("offload copy to host"))?;
+        }
+        let copied = self.event(true)?;
+        *self.offload.in_flight.lock().expect("offload lock") = Some((copied, t));
+        Ok(CudaParked {
+            host,
+            len,
+            dtype,
+            fetched: None,
+        })
+    }
+
+    pub(crate) fn prefetch_impl(&self, p: &mut CudaParked) -> Result<()> {
+        if p.fetched.is_some() {
+            return Ok(());
+        }
+        self.release_in_flight()?;
+        let t = self.alloc(p.len, p.dtype)?;
+        let free = self.event(false)?;
+        self.copy_stream
+            .wait(&free)
+            .map_err(device_err("fetch wait"))?;
+        // The copy to the host was queued on the copy stream before this one, so it is complete
+        // before this copy starts, and `fetched` follows both.
+        if p.len > 0 {
+            // SAFETY: `t` is not used by any op until the compute stream waits for `fetched`;
+            // `p.host` outlives the copy (it goes back to the free list only after that wait, and
+            // the next copy into it is queued behind this one on the same stream).
+            unsafe {
+                result::memcpy_htod_async(
+                    t.ptr(&self.copy_stream),
+                    p.host.as_slice(),
+                    self.copy_stream.cu_stream(),
+                )
+            }
+            .map_err(device_err("offload copy to device"))?;
+        }
+        p.fetched = Some((t, self.event(true)?));
+        Ok(())
+    }
+
+    pub(crate) fn unpark_impl(&self, mut p: CudaParked) -> Result<CudaTensor> {
+        self.prefetch_impl(&mut p)?;
+        let (t, fetched) = p.fetched.take().expect("prefetched above");
+        self.stream
+            .wait(&fetched)
+            .map_err(device_err("wait for fetch"))?;
+        // Reusable by the next park: its copy is queued on the copy stream after this fetch.
+        self.offload
+            .free_host
+            .lock()
+            .expect("offload lock")
+            .entry(p.host.bytes)
+            .or_default()
+            .push(p.host);
+        Ok(t)
+    }
+}
