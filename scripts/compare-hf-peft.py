@@ -80,7 +80,9 @@ def main():
             for r, lens in enumerate(b["docs"]):
                 mask[r, : sum(lens)] = 1
             tg = torch.tensor(targets_of(b["ids"], b["labels"], b["docs"], t), device=dev).view(rows, t)
-            micro.append((ids, mask, tg))
+            # An epoch's last packed micro-batch is padded with empty rows: they carry no target.
+            real = torch.tensor([sum(lens) > 0 for lens in b["docs"]], device=dev)
+            micro.append((ids[real], mask[real], tg[real]))
         n_targets = sum(int((tg != -100).sum()) for _, _, tg in micro)
         opt.zero_grad(set_to_none=True)
         nll = 0.0

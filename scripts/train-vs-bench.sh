@@ -58,11 +58,11 @@ for quant in ["none", "nf4"]:
         print(f"| {quant} | failed | | | | | | |")
         continue
     steps = [r for r in map(json.loads, m.read_text().splitlines()) if "eval_loss" not in r]
-    tps = statistics.median(r.get("all_tokens_per_s", r["tokens_per_s"]) for r in steps[3:])
+    tps = statistics.median(r["tokens_per_s"] for r in steps[3:])  # all real tokens of the step
     summary = json.loads((out / f"train-{quant}" / "summary.json").read_text())
     bench = json.loads(b.read_text())
     tp, bp = summary["peak_memory_bytes"] / 2**30, bench["peak_memory_bytes"] / 2**30
-    fill = summary.get("packing", {}).get("fill", summary.get("fill_ratio", "n/a"))
+    fill = f"{100 * summary['row_fill']:.1f}%"
     print(f"| {'bf16' if quant == 'none' else 'nf4'} | {tps:,.0f} | {bench['tokens_per_s']:,.0f} | "
           f"{tps / bench['tokens_per_s']:.3f} | {tp:.2f} | {bp:.2f} | {tp - bp:+.2f} GiB | {fill} |")
 PY

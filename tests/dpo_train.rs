@@ -118,6 +118,8 @@ fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["preference"]["pairs"], 48);
+    let fill = summary["row_fill"].as_f64().unwrap();
+    assert!(fill > 0.0 && fill <= 1.0, "{fill}");
     assert!(out.join("reference_logps.json").is_file());
     assert!(out.join("adapter/adapter_model.safetensors").is_file());
 }

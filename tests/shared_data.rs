@@ -6,8 +6,11 @@ mod support;
 
 use kernels::cpu::CpuBackend;
 use std::path::PathBuf;
-use support::tiny_chat_model;
-use trainer::data::records::{read_file, Format};
+use support::{fixtures, tiny_chat_model};
+use trainer::data::batching::{epoch_fill, Batching};
+use trainer::data::records::{read_file, Format, Sample};
+use trainer::data::tokenize::{encode_sample, tokenize_records, Formatting};
+use trainer::tokenizer::Tokenizer;
 use trainer::train::checkpoint::Resume;
 use trainer::train::config::RunConfig;
 use trainer::train::run::train;
@@ -70,9 +73,74 @@ fn each_shared_dataset_trains() {
             "{file}: {:?}",
             s.train
         );
-        assert!(
-            s.train.truncated > 0,
-            "{file}: long records are truncated at 128 tokens"
-        );
+        if format == "text" {
+            assert!(
+                s.train.texts_chunked > 0 && s.train.truncated == 0,
+                "{file}: long texts are chunked at 128 tokens: {:?}",
+                s.train
+            );
+        } else {
+            assert!(
+                s.train.truncated > 0,
+                "{file}: long records are truncated at 128 tokens"
+            );
+        }
+    }
+}
+
+/// Best-fit-decreasing packing fills ≥ 98% of the token slots of the micro-batches (rows of 2, the
+/// bench's shape) on every shared dataset, at rows of 512 and 2048 tokens, and chunking keeps
+/// every token of the long texts.
+#[test]
+fn packing_fills_rows_and_chunking_keeps_every_text_token() {
+    let Some(data) = shared_data() else { return };
+    let tok = Tokenizer::load(&fixtures().join("smollm2-tokenizer")).unwrap();
+    let none = Default::default();
+    for (file, format) in [
+        ("alpaca_en_demo.json", Format::Alpaca),
+        ("glaive_toolcall_en_demo.json", Format::ShareGpt),
+        ("c4_demo.jsonl", Format::Text),
+    ] {
+        let records = read_file(&data.join(file), Some(format), &none, false)
+            .unwrap()
+            .records;
+        for max_seq_len in [512, 2048] {
+            let f = Formatting {
+                alpaca_as_chat: true,
+                train_on_prompt: false,
+                max_seq_len,
+                drop_long: false,
+                text_overlap: 0,
+            };
+            let (examples, stats) = tokenize_records(&tok, &records, &f).unwrap();
+            let b = Batching {
+                rows: 2,
+                max_seq_len,
+                packing: true,
+                pad_id: 0,
+            };
+            let fill = epoch_fill(&examples, &b, 42);
+            eprintln!(
+                "{file} at {max_seq_len}: {} examples, {} tokens, {:.2}% filled",
+                examples.len(),
+                stats.tokens,
+                100.0 * fill
+            );
+            assert!(fill >= 0.98, "{file} at {max_seq_len}: {fill}");
+            if format == Format::Text {
+                let document_tokens: usize = records
+                    .iter()
+                    .map(|r| encode_sample(&tok, &r.sample, &f).unwrap().0.len())
+                    .sum();
+                assert!(stats.texts_chunked > 0 && stats.truncated == 0);
+                assert!(records.iter().all(|r| matches!(r.sample, Sample::Text(_))));
+                // Every token is in a chunk, but for one-token tails (no target) dropped.
+                assert_eq!(
+                    stats.tokens + stats.dropped_no_target,
+                    document_tokens,
+                    "{file} at {max_seq_len}"
+                );
+            }
+        }
     }
 }

@@ -142,6 +142,23 @@ fn training_lowers_held_out_loss_and_the_saved_adapter_reproduces_it() {
     }
     let (steps, _) = read_steps(&out.join("metrics.jsonl")).unwrap();
     assert_eq!(steps.len(), 30);
+    // Each step logs its real tokens and, of those, the labelled ones; 2 micro-batches of
+    // 4 rows × 64 slots hold at most 512.
+    for r in &steps {
+        assert!(
+            0 < r.loss_tokens && r.loss_tokens < r.tokens && r.tokens <= 512,
+            "{r:?}"
+        );
+    }
+    let trained: u64 = steps.iter().map(|r| r.loss_tokens).sum();
+    assert_eq!(trained, summary.tokens_trained);
+    // summary.json carries the fill of the packed micro-batches, as the batching computes it.
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let fill = trainer::data::batching::epoch_fill(&*sft.train, &sft.batching, cfg.train.seed);
+    assert!(fill > 0.5 && fill <= 1.0, "{fill}");
+    assert_eq!(written["row_fill"].as_f64(), Some(fill));
+    assert_eq!(summary.row_fill, fill);
 }
 
 #[test]

@@ -761,7 +761,9 @@ fn offloaded_tensors_come_back_bit_for_bit_while_the_pool_reuses_their_buffers()
             g.fill_random(&mut scratch, 50 + l as u64, 3.0).unwrap();
             let got = g.download(&t).unwrap();
             assert!(
-                got.iter().zip(&want[l]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                got.iter()
+                    .zip(&want[l])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{dtype:?} layer {l}: the offloaded tensor changed"
             );
         }

@@ -58,6 +58,8 @@ enum Command {
     Launch(launcher::LaunchArgs),
     /// Tokenize a run config's datasets once into token shard files that ranks memory-map.
     PrepareData(cli::prepare_data::Args),
+    /// Print the first training examples as the run tokenizes them, trained tokens highlighted.
+    Preview(cli::preview::Args),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => cli::plan::run(args),
         Command::Launch(args) => cli::launch::run(args),
         Command::PrepareData(args) => cli::prepare_data::run(args),
+        Command::Preview(args) => cli::preview::run(args),
     };
     match result {
         Ok(code) => code,

@@ -12,4 +12,5 @@ pub mod merge;
 pub mod nccl_link;
 pub mod plan;
 pub mod prepare_data;
+pub mod preview;
 pub mod train;

@@ -69,10 +69,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
             pad_id,
         )?;
         eprintln!(
-            "{split}: {} examples, {} tokens in {} shard(s); {} truncated, {} dropped as too long, {} without a trained token, {skipped} bad records skipped",
+            "{split}: {} examples, {} tokens in {} shard(s); {} long texts chunked, {} truncated, {} dropped as too long, {} without a trained token, {skipped} bad records skipped",
             stats.examples,
             stats.tokens,
             files.len(),
+            stats.texts_chunked,
             stats.truncated,
             stats.dropped_too_long,
             stats.dropped_no_target

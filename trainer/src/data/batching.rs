@@ -1,11 +1,16 @@
 //! Turning tokenized examples into micro-batches, deterministically from (seed, epoch):
-//! - packing (default): examples, in shuffled order, fill rows of `max_seq_len` one after another;
-//!   each keeps its own document (no attention across examples, positions restart);
+//! - packing (default): examples fill rows of `max_seq_len` ([`super::packing`], each row as
+//!   full as a bounded search can make it), the rows are shuffled, then cut into micro-batches; each example keeps
+//!   its own document (no attention across examples, positions restart). Every micro-batch is
+//!   `rows × max_seq_len` (an epoch's last one padded with empty rows), the shape `bench` times:
+//!   the device's buffer pool is keyed by size, and batches of varying shapes would each keep
+//!   their own set of activation buffers;
 //! - padding: one example per row, rows grouped by length so little padding is wasted
 //!   (examples are sorted by length inside windows of 64 batches, as transformers'
-//!   `LengthGroupedSampler` does, then the batches are shuffled).
-//! A batch's rows are as long as its longest row, not `max_seq_len`.
+//!   `LengthGroupedSampler` does, then the batches are shuffled). A batch's rows are as long as
+//!   its longest row.
 
+use super::packing::{pack_rows, RowFill};
 use super::source::ExampleSource;
 use crate::model::next_token_targets;
 use kernels::{AttentionLayout, IGNORE_INDEX};
@@ -86,6 +91,18 @@ pub struct Batching {
     pub pad_id: i32,
 }
 
+impl Batching {
+    /// The smallest `(rows, seq_len)` a micro-batch is padded to: with packing every micro-batch
+    /// is `rows × max_seq_len`; without, as small as its examples allow.
+    pub fn min_shape(&self) -> (usize, usize) {
+        if self.packing {
+            (self.rows, self.max_seq_len)
+        } else {
+            (0, 1)
+        }
+    }
+}
+
 /// A permutation of `0..n` fixed by `(seed, epoch)`.
 pub fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
@@ -104,18 +121,42 @@ pub fn epoch_plan<S: ExampleSource + ?Sized>(
     epoch: u64,
 ) -> Vec<Vec<Vec<usize>>> {
     let order = shuffled(examples.count(), seed, epoch);
-    let rows: Vec<Vec<usize>> = if b.packing {
-        pack(examples, &order, b.max_seq_len)
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
+    if b.packing {
+        // Rows come out longest example first: shuffle them.
+        let mut rows = pack_rows(&order, |i| examples.length(i), b.max_seq_len);
+        rows.shuffle(&mut rng);
+        rows.chunks(b.rows).map(<[_]>::to_vec).collect()
     } else {
-        group_by_length(examples, &order, b.rows)
-    };
-    let mut plan: Vec<Vec<Vec<usize>>> = rows.chunks(b.rows).map(<[_]>::to_vec).collect();
-    if !b.packing {
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
+        let rows = group_by_length(examples, &order, b.rows);
+        let mut plan: Vec<Vec<Vec<usize>>> = rows.chunks(b.rows).map(<[_]>::to_vec).collect();
         plan.shuffle(&mut rng);
+        plan
     }
-    plan
+}
+
+/// How full the micro-batches of epoch 0 are: real tokens over the token slots they compute.
+pub fn epoch_fill<S: ExampleSource + ?Sized>(examples: &S, b: &Batching, seed: u64) -> f64 {
+    plan_fill(examples, &epoch_plan(examples, b, seed, 0), b.min_shape()).ratio()
+}
+
+/// How full the micro-batches of `plan` are (tokens over the slots they compute).
+pub fn plan_fill<S: ExampleSource + ?Sized>(
+    examples: &S,
+    plan: &[Vec<Vec<usize>>],
+    min_shape: (usize, usize),
+) -> RowFill {
+    let mut fill = RowFill::default();
+    for rows in plan {
+        let (n_rows, seq_len) = batch_shape(examples, rows, min_shape);
+        fill.slots += n_rows * seq_len;
+        fill.tokens += rows
+            .iter()
+            .flatten()
+            .map(|&i| examples.length(i))
+            .sum::<usize>();
+    }
+    fill
 }
 
 /// The micro-batches of one epoch.
@@ -127,32 +168,8 @@ pub fn epoch_batches<S: ExampleSource + ?Sized>(
 ) -> Vec<HostBatch> {
     epoch_plan(examples, b, seed, epoch)
         .iter()
-        .map(|rows| assemble(examples, rows, b.pad_id))
+        .map(|rows| assemble(examples, rows, b.pad_id, b.min_shape()))
         .collect()
-}
-
-/// Rows of example indices, filled in order until the next example does not fit.
-pub(crate) fn pack<S: ExampleSource + ?Sized>(
-    examples: &S,
-    order: &[usize],
-    max_len: usize,
-) -> Vec<Vec<usize>> {
-    let mut rows = Vec::new();
-    let mut row: Vec<usize> = Vec::new();
-    let mut used = 0;
-    for &i in order {
-        let len = examples.length(i);
-        if used + len > max_len && !row.is_empty() {
-            rows.push(std::mem::take(&mut row));
-            used = 0;
-        }
-        row.push(i);
-        used += len;
-    }
-    if !row.is_empty() {
-        rows.push(row);
-    }
-    rows
 }
 
 /// One example per row, sorted by length (longest first) inside windows of 64 batches.
@@ -170,22 +187,38 @@ fn group_by_length<S: ExampleSource + ?Sized>(
     out
 }
 
-/// Reads the examples of `rows` into one padded micro-batch.
+/// `(rows, seq_len)` of the micro-batch holding `rows`: at least `min_shape`, and as long as
+/// its longest row.
+fn batch_shape<S: ExampleSource + ?Sized>(
+    examples: &S,
+    rows: &[Vec<usize>],
+    min_shape: (usize, usize),
+) -> (usize, usize) {
+    let longest = rows
+        .iter()
+        .map(|r| r.iter().map(|&i| examples.length(i)).sum::<usize>())
+        .max()
+        .unwrap_or(0);
+    (rows.len().max(min_shape.0), longest.max(min_shape.1).max(1))
+}
+
+/// Reads the examples of `rows` into one micro-batch, padded to at least `min_shape`
+/// (`(rows, seq_len)`; missing rows are all padding).
 pub fn assemble<S: ExampleSource + ?Sized>(
     examples: &S,
     rows: &[Vec<usize>],
     pad_id: i32,
+    min_shape: (usize, usize),
 ) -> HostBatch {
-    let seq_len = rows
+    let (n_rows, seq_len) = batch_shape(examples, rows, min_shape);
+    let mut ids = Vec::with_capacity(n_rows * seq_len);
+    let mut labels = Vec::with_capacity(n_rows * seq_len);
+    let mut docs = Vec::with_capacity(n_rows);
+    let empty = Vec::new();
+    for row in rows
         .iter()
-        .map(|r| r.iter().map(|&i| examples.length(i)).sum::<usize>())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut ids = Vec::with_capacity(rows.len() * seq_len);
-    let mut labels = Vec::with_capacity(rows.len() * seq_len);
-    let mut docs = Vec::with_capacity(rows.len());
-    for row in rows {
+        .chain(std::iter::repeat_n(&empty, n_rows - rows.len()))
+    {
         let start = ids.len();
         for &i in row {
             examples.append(i, &mut ids, &mut labels);
@@ -283,6 +316,36 @@ mod tests {
             epoch_batches(&examples, &b, 5, 2),
             epoch_batches(&examples, &b, 5, 3)
         );
+    }
+
+    #[test]
+    fn packed_micro_batches_all_have_the_same_shape_and_their_fill_counts_padding() {
+        // 17 tokens in rows of 8 need 3 rows: micro-batches of 2 rows are 2 × 8, the last one
+        // padded with an empty row.
+        let examples = vec![ex(5, 1), ex(3, 2), ex(4, 3), ex(4, 4), ex(1, 5)];
+        let b = Batching {
+            rows: 2,
+            max_seq_len: 8,
+            packing: true,
+            pad_id: 0,
+        };
+        let batches = epoch_batches(&examples, &b, 7, 0);
+        assert_eq!(batches.len(), 2);
+        for batch in &batches {
+            assert_eq!(
+                (batch.docs.len(), batch.seq_len, batch.ids.len()),
+                (2, 8, 16)
+            );
+        }
+        assert_eq!(epoch_fill(&examples, &b, 7), 17.0 / 32.0);
+        let padded = Batching {
+            packing: false,
+            ..b
+        };
+        // One example per row, each batch as long as its longest: no shape is imposed.
+        assert!(epoch_batches(&examples, &padded, 7, 0)
+            .iter()
+            .any(|batch| batch.seq_len < 8));
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Preference pairs → micro-batches. A micro-batch holds whole pairs: the chosen and the rejected
 //! sequence (`prompt + completion`, labels only on the completion) of each of its pairs, so both
 //! halves of a pair always see the same weights. Sequence `2k` is pair `k`'s chosen one, `2k + 1`
-//! its rejected one. With packing, sequences fill rows of `row_len` tokens one after another (each
-//! its own document); without, one sequence per row, padded to the longest.
+//! its rejected one. With packing, sequences fill rows of `row_len` tokens as `data::packing` packs
+//! them (each its own document); without, one sequence per row, padded to the longest.
 
-use super::batching::{assemble, pack, Example, HostBatch};
+use super::batching::{assemble, Example, HostBatch};
+use super::packing::pack_rows;
 use super::preference::PreferencePair;
 use kernels::IGNORE_INDEX;
 
@@ -43,11 +44,11 @@ pub fn pair_batch(
         .collect();
     let order: Vec<usize> = (0..examples.len()).collect();
     let rows: Vec<Vec<usize>> = if packing {
-        pack(&examples, &order, row_len)
+        pack_rows(&order, |i| examples[i].ids.len(), row_len)
     } else {
         order.iter().map(|&i| vec![i]).collect()
     };
-    let host = assemble(&examples, &rows, pad_id);
+    let host = assemble(&examples, &rows, pad_id, (0, 1));
     let mut seq_of_position = vec![-1i32; host.ids.len()];
     for (r, row) in rows.iter().enumerate() {
         let mut at = r * host.seq_len;
@@ -97,11 +98,11 @@ mod tests {
     fn packed_rows_keep_sequences_whole_and_mapped() {
         let (a, b) = (pair(2, 1, 3, 10), pair(1, 2, 1, 20));
         let batch = pair_batch(&[&a, &b], true, 8, 0);
-        // 3 + 5 fill row 0; 3 + 2 fill row 1.
-        assert_eq!(batch.host.docs, vec![vec![3, 5], vec![3, 2]]);
+        // Longest first: 5 starts row 0 and a 3 fills it; the other 3 and the 2 share row 1.
+        assert_eq!(batch.host.docs, vec![vec![5, 3], vec![3, 2]]);
         assert_eq!(
             batch.seq_of_position,
-            vec![0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, -1, -1, -1]
+            vec![1, 1, 1, 1, 1, 0, 0, 0, 2, 2, 2, 3, 3, -1, -1, -1]
         );
         assert_eq!(batch.host.target_count(), 1 + 3 + 2 + 1);
     }

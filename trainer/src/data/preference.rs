@@ -8,6 +8,7 @@
 //!   turn, and must be the same in both;
 //! - `{conversations: [turns], chosen: turn, rejected: turn}` (LLaMA-Factory's
 //!   `dpo_en_demo.json`); `chosen` / `rejected` may also be strings or lists of turns.
+//!
 //! Turns are `{role, content}` or `{from, value}` objects (user/human, assistant/gpt, system).
 //!
 //! Tokens, as TRL's `maybe_apply_chat_template` + `DPOTrainer.tokenize_row` make them: the prompt is
@@ -304,7 +305,7 @@ pub fn tokenize_preferences(
     stats.pairs = out.len();
     if out.is_empty() && !records.is_empty() {
         bail!(
-            "no usable preference pair: {} of {} had no room for a completion after a prompt of up to dpo.max_prompt_len = {} tokens within dpo.max_len = {}",
+            "no usable preference pair: {} of {} had no room for a completion after a prompt of up to method.max_prompt_len = {} tokens within method.max_len = {}",
             stats.dropped_no_completion,
             records.len(),
             limits.max_prompt_len,

@@ -2,12 +2,17 @@
 //! - alpaca, `alpaca` template: the Stanford Alpaca prompt, then the output and EOS; the prompt is masked.
 //! - alpaca, `chat` template: `[system?, user: instruction (+ "\n" + input), assistant: output]` through
 //!   the chat template (the convention of tests/fixtures/smollm2-tokenizer's `sft_example`).
-//! - chat (sharegpt / messages): the chat template; user and system turns masked.
-//! - text: the text, then EOS; every token trained.
-//! With `train_on_prompt`, nothing is masked. Examples longer than `max_seq_len` are truncated or
-//! dropped; examples left with no trained token are dropped. Both are counted.
+//! - chat (sharegpt / messages): the chat template, given the record's `tools`; user, system and
+//!   tool turns masked.
+//! - text: the text, then EOS; every token trained. A text longer than `max_seq_len` is split
+//!   into chunks ([`super::chunking`]), none of it lost.
+//!
+//! With `train_on_prompt`, nothing is masked. Alpaca and chat examples longer than `max_seq_len`
+//! are truncated or dropped (`data.truncation`); examples left with no trained token are dropped.
+//! All are counted.
 
 use super::batching::Example;
+use super::chunking::chunk_document;
 use super::records::{Record, Sample};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use anyhow::{bail, Context, Result};
@@ -24,8 +29,10 @@ pub struct Formatting {
     pub alpaca_as_chat: bool,
     pub train_on_prompt: bool,
     pub max_seq_len: usize,
-    /// Drop over-long examples instead of truncating them.
+    /// Drop over-long alpaca/chat examples instead of truncating them.
     pub drop_long: bool,
+    /// Tokens of context each chunk of a long text repeats from the previous one (unlabelled).
+    pub text_overlap: usize,
 }
 
 /// Counts for the run summary.
@@ -36,6 +43,10 @@ pub struct TokenizeStats {
     pub truncated: usize,
     pub dropped_too_long: usize,
     pub dropped_no_target: usize,
+    /// Texts longer than `max_seq_len`, split into several examples (chunks).
+    pub texts_chunked: usize,
+    /// Records whose `tools` the chat template does not print (it has no tools block).
+    pub tools_not_in_template: usize,
 }
 
 /// The Stanford Alpaca prompt for an instruction and optional input.
@@ -90,6 +101,7 @@ pub fn encode_sample(
         } if f.alpaca_as_chat => {
             let (ids, labels) = tok.encode_chat_for_training(
                 &alpaca_messages(system.as_deref(), instruction, input, output),
+                None,
                 f.train_on_prompt,
             )?;
             Ok((to_i32(ids), labels))
@@ -117,12 +129,12 @@ pub fn encode_sample(
             labels.extend_from_slice(&response);
             Ok((ids, labels))
         }
-        Sample::Chat(messages) => {
-            let msgs: Vec<ChatMessage> = messages
-                .iter()
-                .map(|m| ChatMessage::new(&m.role, &m.content))
-                .collect();
-            let (ids, labels) = tok.encode_chat_for_training(&msgs, f.train_on_prompt)?;
+        Sample::Chat { messages, tools } => {
+            let (ids, labels) = tok.encode_chat_for_training(
+                &chat_messages(messages),
+                tools.as_ref(),
+                f.train_on_prompt,
+            )?;
             Ok((to_i32(ids), labels))
         }
         Sample::Text(text) => {
@@ -133,7 +145,60 @@ pub fn encode_sample(
     }
 }
 
-/// Tokenizes every record, applying the length rule.
+fn chat_messages(messages: &[super::records::Message]) -> Vec<ChatMessage> {
+    messages
+        .iter()
+        .map(|m| ChatMessage::new(&m.role, &m.content))
+        .collect()
+}
+
+/// Whether the chat template prints `tools` at all (rendering with and without them differs).
+fn template_prints_tools(
+    tok: &Tokenizer,
+    messages: &[super::records::Message],
+    tools: &serde_json::Value,
+) -> Result<bool> {
+    let messages = chat_messages(messages);
+    Ok(tok.render_chat_with_tools(&messages, false, Some(tools))?
+        != tok.render_chat(&messages, false)?)
+}
+
+/// The examples one record gives under the length rule (none, one, or a long text's chunks),
+/// counted into `stats`.
+pub fn tokenize_record(
+    tok: &Tokenizer,
+    r: &Record,
+    f: &Formatting,
+    stats: &mut TokenizeStats,
+) -> Result<Vec<Example>> {
+    let (mut ids, mut labels) = encode_sample(tok, &r.sample, f)
+        .with_context(|| format!("{}: cannot tokenize the record", r.origin))?;
+    let mut pieces = if ids.len() <= f.max_seq_len {
+        vec![Example { ids, labels }]
+    } else if matches!(r.sample, Sample::Text(_)) {
+        stats.texts_chunked += 1;
+        chunk_document(&ids, f.max_seq_len, f.text_overlap)
+    } else if f.drop_long {
+        stats.dropped_too_long += 1;
+        Vec::new()
+    } else {
+        ids.truncate(f.max_seq_len);
+        labels.truncate(f.max_seq_len);
+        stats.truncated += 1;
+        vec![Example { ids, labels }]
+    };
+    // A label at position 0 is never a target (nothing predicts it).
+    pieces.retain(|e| {
+        let keep = e.labels.iter().skip(1).any(|&l| l != IGNORE_INDEX);
+        stats.dropped_no_target += usize::from(!keep);
+        keep
+    });
+    stats.tokens += pieces.iter().map(|e| e.ids.len()).sum::<usize>();
+    Ok(pieces)
+}
+
+/// Tokenizes every record, applying the length rule: texts are chunked, alpaca and chat
+/// examples truncated or dropped.
 pub fn tokenize_records(
     tok: &Tokenizer,
     records: &[Record],
@@ -141,25 +206,27 @@ pub fn tokenize_records(
 ) -> Result<(Vec<Example>, TokenizeStats)> {
     let mut stats = TokenizeStats::default();
     let mut out = Vec::with_capacity(records.len());
+    let mut tools_printed = None;
     for r in records {
-        let (mut ids, mut labels) = encode_sample(tok, &r.sample, f)
-            .with_context(|| format!("{}: cannot tokenize the record", r.origin))?;
-        if ids.len() > f.max_seq_len {
-            if f.drop_long {
-                stats.dropped_too_long += 1;
-                continue;
-            }
-            ids.truncate(f.max_seq_len);
-            labels.truncate(f.max_seq_len);
-            stats.truncated += 1;
+        if let Sample::Chat {
+            messages,
+            tools: Some(tools),
+        } = &r.sample
+        {
+            let printed = match tools_printed {
+                Some(p) => p,
+                None => *tools_printed.insert(template_prints_tools(tok, messages, tools)?),
+            };
+            stats.tools_not_in_template += usize::from(!printed);
         }
-        // A label at position 0 is never a target (nothing predicts it).
-        if labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
-            stats.dropped_no_target += 1;
-            continue;
-        }
-        stats.tokens += ids.len();
-        out.push(Example { ids, labels });
+        out.extend(tokenize_record(tok, r, f, &mut stats)?);
+    }
+    if stats.tools_not_in_template > 0 {
+        let origin = tok.chat_template().map_or("", |t| t.origin());
+        eprintln!(
+            "warning: {} records have `tools`, but the chat template in {origin} does not print them: the model will learn tool calls without seeing the tool definitions (use a model whose template has a tools block)",
+            stats.tools_not_in_template
+        );
     }
     stats.examples = out.len();
     if out.is_empty() && !records.is_empty() {
@@ -192,6 +259,7 @@ mod tests {
             train_on_prompt: false,
             max_seq_len: 4096,
             drop_long: false,
+            text_overlap: 0,
         }
     }
 
@@ -248,24 +316,27 @@ mod tests {
     #[test]
     fn sharegpt_trains_every_assistant_turn_and_text_trains_everything() {
         let tok = smollm2();
-        let chat = Sample::Chat(vec![
-            Message {
-                role: "user".into(),
-                content: "2+2?".into(),
-            },
-            Message {
-                role: "assistant".into(),
-                content: "4.".into(),
-            },
-            Message {
-                role: "user".into(),
-                content: "3+3?".into(),
-            },
-            Message {
-                role: "assistant".into(),
-                content: "6.".into(),
-            },
-        ]);
+        let chat = Sample::Chat {
+            messages: vec![
+                Message {
+                    role: "user".into(),
+                    content: "2+2?".into(),
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: "4.".into(),
+                },
+                Message {
+                    role: "user".into(),
+                    content: "3+3?".into(),
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: "6.".into(),
+                },
+            ],
+            tools: None,
+        };
         let (ids, labels) = encode_sample(&tok, &chat, &fmt(true)).unwrap();
         assert_eq!(
             trained_text(&tok, &ids, &labels),
@@ -277,21 +348,68 @@ mod tests {
         assert_eq!(*ids.last().unwrap(), tok.eos_id().unwrap() as i32);
     }
 
-    #[test]
-    fn long_examples_are_truncated_or_dropped_and_counted() {
-        let tok = smollm2();
-        let rec = |t: &str| Record {
-            sample: Sample::Text(t.into()),
+    fn chat_record(user: &str, assistant: &str) -> Record {
+        Record {
+            sample: Sample::Chat {
+                messages: vec![
+                    Message {
+                        role: "user".into(),
+                        content: user.into(),
+                    },
+                    Message {
+                        role: "assistant".into(),
+                        content: assistant.into(),
+                    },
+                ],
+                tools: None,
+            },
             origin: "x:1".into(),
-        };
-        let records = vec![rec("one two three four five six seven eight"), rec("short")];
+        }
+    }
+
+    #[test]
+    fn long_chats_are_truncated_or_dropped_and_counted() {
+        let tok = smollm2();
+        let records = vec![
+            chat_record("Hi", "one two three four five six seven eight"),
+            chat_record("Hi", "Hello"),
+        ];
         let mut f = fmt(true);
-        f.max_seq_len = 4;
+        let short = encode_sample(&tok, &records[1].sample, &f).unwrap().0.len();
+        f.max_seq_len = short;
         let (ex, stats) = tokenize_records(&tok, &records, &f).unwrap();
         assert_eq!((ex.len(), stats.truncated), (2, 1));
-        assert!(ex.iter().all(|e| e.ids.len() <= 4));
+        assert!(ex.iter().all(|e| e.ids.len() == short));
         f.drop_long = true;
         let (ex, stats) = tokenize_records(&tok, &records, &f).unwrap();
         assert_eq!((ex.len(), stats.dropped_too_long), (1, 1));
+    }
+
+    #[test]
+    fn long_texts_are_chunked_and_no_token_is_lost() {
+        let tok = smollm2();
+        let text = "one two three four five six seven eight nine ten eleven twelve";
+        let record = Record {
+            sample: Sample::Text(text.into()),
+            origin: "x:1".into(),
+        };
+        let (whole, _) = encode_sample(&tok, &record.sample, &fmt(true)).unwrap();
+        assert!(whole.len() > 8, "{}", whole.len());
+        let mut f = fmt(true);
+        f.max_seq_len = 4;
+        f.drop_long = true;
+        let (ex, stats) = tokenize_records(&tok, std::slice::from_ref(&record), &f).unwrap();
+        assert_eq!(stats.texts_chunked, 1);
+        assert_eq!(stats.dropped_too_long, 0);
+        assert!(ex.iter().all(|e| e.ids.len() <= 4));
+        let joined: Vec<i32> = ex.iter().flat_map(|e| e.ids.clone()).collect();
+        if whole.len() % 4 == 1 {
+            // A one-token tail has no target and is dropped (and counted).
+            assert_eq!(stats.dropped_no_target, 1);
+            assert_eq!(joined[..], whole[..whole.len() - 1]);
+        } else {
+            assert_eq!(joined, whole);
+        }
+        assert_eq!(stats.tokens, joined.len());
     }
 }

@@ -50,7 +50,8 @@ pub fn run(dir: &Path, case: &Value) -> Result<BTreeMap<String, Comparison>> {
         out.insert("chat_ids".into(), exact(ids.into_iter().map(i64::from)));
     }
     if let Some(sft) = case.get("sft_example") {
-        let (ids, labels) = tok.encode_chat_for_training(&messages(sft, "sft_example")?, false)?;
+        let (ids, labels) =
+            tok.encode_chat_for_training(&messages(sft, "sft_example")?, None, false)?;
         out.insert(
             "sft_input_ids".into(),
             exact(ids.into_iter().map(i64::from)),

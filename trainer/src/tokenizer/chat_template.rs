@@ -5,8 +5,9 @@
 //! `strftime_now(fmt)` as globals, and `tojson` replaced by Python's `json.dumps`. Python string
 //! and dict methods (`.strip()`, `.startswith()`, `.split()`, `.items()`, ...) come from
 //! minijinja-contrib's pycompat. The variables are the ones `apply_chat_template` passes:
-//! `messages`, `add_generation_prompt`, the special tokens (`bos_token`, `eos_token`, ...), and
-//! `tools` / `documents` set to none (not undefined: templates test `tools is not none`).
+//! `messages`, `add_generation_prompt`, the special tokens (`bos_token`, `eos_token`, ...),
+//! `tools` (the list of tool schemas, as `apply_chat_template(..., tools=...)` passes it, or none)
+//! and `documents` set to none (not undefined: templates test `tools is not none`).
 //!
 //! transformers' `{% generation %}...{% endgeneration %}` marker (used for assistant masks) has no
 //! minijinja tag; it only marks text, so it is rewritten to `{% if true %}...{% endif %}`, keeping
@@ -79,11 +80,13 @@ impl ChatTemplate {
         &self.origin
     }
 
-    /// Renders `messages` as transformers' `apply_chat_template(..., tokenize=False)` does.
+    /// Renders `messages` as transformers' `apply_chat_template(..., tools=tools, tokenize=False)`
+    /// does; `tools` is a JSON list of tool schemas, given to the template unchanged.
     pub fn render(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
         tokens: &TemplateTokens,
     ) -> Result<String> {
         let template = self
@@ -93,7 +96,7 @@ impl ChatTemplate {
         let variables = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
-            tools => (),
+            tools => tools,
             documents => (),
             ..minijinja::Value::from_serialize(tokens)
         };
@@ -188,6 +191,7 @@ mod tests {
         ChatTemplate::new(source, "test/tokenizer_config.json")?.render(
             messages,
             add_generation_prompt,
+            None,
             &tokens,
         )
     }
@@ -263,6 +267,28 @@ mod tests {
         assert_eq!(
             render(source, &[ChatMessage::new("assistant", "ok")], false).unwrap(),
             "<ok>"
+        );
+    }
+
+    #[test]
+    fn tools_reach_the_template_as_a_list_of_schemas() {
+        // The tool block of Qwen2.5's template, shortened.
+        let source = "{% if tools %}<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>{{ tools | length }}{% endif %}{% for m in messages %}[{{ m.content }}]{% endfor %}";
+        // Keys keep the file's order (json.dumps does not sort), and trim_blocks drops the
+        // newline after each block tag, as in Jinja2.
+        let tools = serde_json::json!([{"name": "f", "description": "d"}, {"name": "g"}]);
+        let text = ChatTemplate::new(source, "t")
+            .unwrap()
+            .render(
+                &[ChatMessage::new("user", "hi")],
+                false,
+                Some(&tools),
+                &TemplateTokens::default(),
+            )
+            .unwrap();
+        assert_eq!(
+            text,
+            "<tools>{\"name\": \"f\", \"description\": \"d\"}{\"name\": \"g\"}</tools>2[hi]"
         );
     }
 }

@@ -130,7 +130,7 @@ fn sft_example_ids_and_labels_match_the_fixture() {
         sft["rendered"].as_str().unwrap()
     );
     let (ids, labels) = tokenizer
-        .encode_chat_for_training(&conversation, false)
+        .encode_chat_for_training(&conversation, None, false)
         .unwrap();
     assert_eq!(widen(&ids), expected_i64("sft_input_ids"));
     let labels_wide: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
@@ -145,7 +145,7 @@ fn sft_example_ids_and_labels_match_the_fixture() {
     );
 
     let (all_ids, all_labels) = tokenizer
-        .encode_chat_for_training(&conversation, true)
+        .encode_chat_for_training(&conversation, None, true)
         .unwrap();
     assert_eq!(all_ids, ids);
     assert_eq!(
@@ -177,7 +177,7 @@ fn multi_turn_trains_every_assistant_turn_and_masks_the_rest() {
         ChatMessage::new("assistant", "6, of course."),
     ];
     let (ids, labels) = tokenizer
-        .encode_chat_for_training(&conversation, false)
+        .encode_chat_for_training(&conversation, None, false)
         .unwrap();
     assert_eq!(ids.len(), labels.len());
     assert_eq!(
@@ -290,7 +290,7 @@ fn llama2_style_template_writes_one_bos_per_user_turn_and_masks_instructions() {
          <|endoftext|>[INST] Bye [/INST] Goodbye. <|im_end|>"
     );
     let (ids, labels) = tokenizer
-        .encode_chat_for_training(&conversation, false)
+        .encode_chat_for_training(&conversation, None, false)
         .unwrap();
     assert_eq!(
         ids.iter().filter(|&&id| id == 0).count(),
@@ -319,7 +319,7 @@ fn llama2_style_template_rejects_roles_out_of_order() {
     assert!(err.contains("tokenizer_config.json"), "{err}");
     assert!(err.contains("line 1"), "{err}");
     let err = tokenizer
-        .encode_chat_for_training(&conversation, false)
+        .encode_chat_for_training(&conversation, None, false)
         .unwrap_err()
         .to_string();
     assert!(err.contains("Conversation roles must alternate"), "{err}");

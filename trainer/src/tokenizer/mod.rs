@@ -240,8 +240,23 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        self.require_chat_template()?
-            .render(messages, add_generation_prompt, &self.template_tokens)
+        self.render_chat_with_tools(messages, add_generation_prompt, None)
+    }
+
+    /// The chat template applied to `messages` with `tools`, a JSON list of tool schemas
+    /// (`apply_chat_template(..., tools=tools, tokenize=False)`).
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
+        self.require_chat_template()?.render(
+            messages,
+            add_generation_prompt,
+            tools,
+            &self.template_tokens,
+        )
     }
 
     /// Ids of the rendered chat (`apply_chat_template(..., tokenize=True)`: no extra BOS).

@@ -8,7 +8,8 @@
 //! The whole conversation is rendered and tokenized once; a token is trained when its first byte
 //! lies in some [start, end). A token that starts in the prompt and runs into the response stays
 //! masked, which is what tokenizing the prompt alone and training the tokens after it gives
-//! (the convention of the Hugging Face fixture `sft_example`).
+//! (the convention of the Hugging Face fixture `sft_example`). Tool schemas, when given, are
+//! passed to every render.
 
 use super::{ChatMessage, Tokenizer};
 use anyhow::{bail, Result};
@@ -16,20 +17,22 @@ use kernels::IGNORE_INDEX;
 use std::ops::Range;
 
 impl Tokenizer {
-    /// Ids of the rendered conversation and their labels: the ids themselves on assistant
-    /// responses (on every token with `train_on_prompt`) and [`IGNORE_INDEX`] elsewhere.
+    /// Ids of the rendered conversation (with `tools`, a JSON list of tool schemas) and their
+    /// labels: the ids themselves on assistant responses (on every token with
+    /// `train_on_prompt`) and [`IGNORE_INDEX`] elsewhere.
     pub fn encode_chat_for_training(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
         train_on_prompt: bool,
     ) -> Result<(Vec<u32>, Vec<i32>)> {
-        let text = self.render_chat(messages, false)?;
+        let text = self.render_chat_with_tools(messages, false, tools)?;
         let encoded = self.encode_with_offsets(&text)?;
         if train_on_prompt {
             let labels = encoded.ids.iter().map(|&id| id as i32).collect();
             return Ok((encoded.ids, labels));
         }
-        let spans = self.assistant_spans(messages, &text)?;
+        let spans = self.assistant_spans(messages, tools, &text)?;
         let labels = encoded
             .ids
             .iter()
@@ -49,6 +52,7 @@ impl Tokenizer {
     fn assistant_spans(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
         rendered: &str,
     ) -> Result<Vec<Range<usize>>> {
         let mut spans = Vec::new();
@@ -56,8 +60,8 @@ impl Tokenizer {
             if message.role != "assistant" {
                 continue;
             }
-            let prompt = self.render_chat(&messages[..turn], true)?;
-            let through_turn = self.render_chat(&messages[..=turn], false)?;
+            let prompt = self.render_chat_with_tools(&messages[..turn], true, tools)?;
+            let through_turn = self.render_chat_with_tools(&messages[..=turn], false, tools)?;
             let is_prefix = rendered.starts_with(&prompt)
                 && rendered.starts_with(&through_turn)
                 && prompt.len() <= through_turn.len();

@@ -152,7 +152,7 @@ pub enum Truncation {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// One or more `.json` / `.jsonl` files.
+    /// One or more `.json` / `.jsonl` / `.txt` files (a `.txt` file is one text document).
     pub train: Vec<PathBuf>,
     #[serde(default = "default_format")]
     pub format: DataFormat,
@@ -163,8 +163,13 @@ pub struct DataSection {
     pub alpaca_template: AlpacaTemplate,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
+    /// Alpaca and chat examples longer than `max_seq_len` (texts are chunked instead).
     #[serde(default = "default_truncation")]
     pub truncation: Truncation,
+    /// Tokens each chunk of a text longer than `max_seq_len` repeats from the previous chunk as
+    /// unlabelled context (0: chunks do not overlap).
+    #[serde(default)]
+    pub text_overlap: usize,
     /// Pack several examples per row (true) or pad one per row, grouped by length (false).
     #[serde(default = "default_true")]
     pub packing: bool,
@@ -304,10 +309,13 @@ pub struct DpoSection {
     /// ε: the assumed fraction of flipped preference labels (sigmoid and robust).
     #[serde(default)]
     pub label_smoothing: f64,
-    #[serde(default = "default_max_prompt_len")]
-    pub max_prompt_len: usize,
-    #[serde(default = "default_max_len")]
-    pub max_len: usize,
+    /// Prompts longer than this keep their last tokens (default: 512, at most half of `max_len`).
+    #[serde(default)]
+    pub max_prompt_len: Option<usize>,
+    /// Prompt + completion; completions are cut from the end to fit. Also the packed row length.
+    /// Default: `data.max_seq_len` (TRL's `max_length`).
+    #[serde(default)]
+    pub max_len: Option<usize>,
     /// Compute the reference log-probabilities once before training and cache them in
     /// `OUTPUT/reference_logps.json` (reused while model and data are unchanged).
     #[serde(default)]
@@ -321,27 +329,42 @@ pub struct OrpoSection {
     /// β (TRL's ORPOConfig.beta, λ in the paper): the weight of the odds-ratio term.
     #[serde(default = "default_beta")]
     pub beta: f64,
-    #[serde(default = "default_max_prompt_len")]
-    pub max_prompt_len: usize,
-    #[serde(default = "default_max_len")]
-    pub max_len: usize,
+    /// As DPO's: default 512, at most half of `max_len`.
+    #[serde(default)]
+    pub max_prompt_len: Option<usize>,
+    /// As DPO's: default `data.max_seq_len`.
+    #[serde(default)]
+    pub max_len: Option<usize>,
 }
 
-impl DpoSection {
-    pub fn lengths(&self) -> PairLengths {
+impl PairLengths {
+    /// The limits a method section sets, defaults filled in: `max_len` defaults to
+    /// `data.max_seq_len` (TRL's `max_length`), `max_prompt_len` to 512 (TRL's
+    /// `max_prompt_length`) or half of `max_len` when that is shorter.
+    pub fn resolve(
+        max_prompt_len: Option<usize>,
+        max_len: Option<usize>,
+        max_seq_len: usize,
+    ) -> Self {
+        let max_len = max_len.unwrap_or(max_seq_len);
         PairLengths {
-            max_prompt_len: self.max_prompt_len,
-            max_len: self.max_len,
+            max_prompt_len: max_prompt_len.unwrap_or(512.min(max_len / 2)),
+            max_len,
         }
     }
 }
 
+impl DpoSection {
+    /// The pair limits, given `data.max_seq_len`.
+    pub fn lengths(&self, max_seq_len: usize) -> PairLengths {
+        PairLengths::resolve(self.max_prompt_len, self.max_len, max_seq_len)
+    }
+}
+
 impl OrpoSection {
-    pub fn lengths(&self) -> PairLengths {
-        PairLengths {
-            max_prompt_len: self.max_prompt_len,
-            max_len: self.max_len,
-        }
+    /// The pair limits, given `data.max_seq_len`.
+    pub fn lengths(&self, max_seq_len: usize) -> PairLengths {
+        PairLengths::resolve(self.max_prompt_len, self.max_len, max_seq_len)
     }
 }
 
@@ -359,12 +382,6 @@ fn default_beta() -> f64 {
 }
 fn default_loss_type() -> LossType {
     LossType::Sigmoid
-}
-fn default_max_prompt_len() -> usize {
-    512
-}
-fn default_max_len() -> usize {
-    1024
 }
 fn default_backend() -> BackendKind {
     BackendKind::Auto
@@ -544,10 +561,17 @@ impl RunConfig {
             }
         }
         if self.data.train.is_empty() {
-            bail!("`data.train` must name at least one .json or .jsonl file");
+            bail!("`data.train` must name at least one .json, .jsonl or .txt file");
         }
         if self.data.max_seq_len < 2 {
             bail!("`data.max_seq_len` must be at least 2");
+        }
+        if self.data.text_overlap >= self.data.max_seq_len / 2 {
+            bail!(
+                "`data.text_overlap = {}` must be below half of `data.max_seq_len = {}` (each chunk must add new tokens)",
+                self.data.text_overlap,
+                self.data.max_seq_len
+            );
         }
         if !(0.0..1.0).contains(&self.data.validation_split) {
             bail!("`data.validation_split` must be in [0, 1)");
@@ -595,12 +619,21 @@ impl RunConfig {
                 if d.loss_type == LossType::Ipo && d.label_smoothing != 0.0 {
                     bail!("`method.label_smoothing` applies to the sigmoid and robust losses; set it to 0 with `method.loss_type = \"ipo\"`");
                 }
-                check_lengths(d.lengths())
+                check_lengths(d.lengths(self.data.max_seq_len))
             }
             MethodSection::Orpo(o) => {
                 check_beta(o.beta)?;
-                check_lengths(o.lengths())
+                check_lengths(o.lengths(self.data.max_seq_len))
             }
+        }
+    }
+
+    /// The pair limits of a preference method (`None` for SFT).
+    pub fn pair_lengths(&self) -> Option<PairLengths> {
+        match &self.method {
+            MethodSection::Sft(_) => None,
+            MethodSection::Dpo(d) => Some(d.lengths(self.data.max_seq_len)),
+            MethodSection::Orpo(o) => Some(o.lengths(self.data.max_seq_len)),
         }
     }
 
@@ -626,7 +659,7 @@ fn check_beta(beta: f64) -> Result<()> {
 fn check_lengths(l: PairLengths) -> Result<()> {
     if l.max_prompt_len == 0 || l.max_prompt_len >= l.max_len {
         bail!(
-            "`method.max_prompt_len = {}` must be at least 1 and below `method.max_len = {}` (room must remain for the completion)",
+            "`method.max_prompt_len = {}` must be at least 1 and below `method.max_len = {}` (room must remain for the completion; method.max_len defaults to data.max_seq_len)",
             l.max_prompt_len,
             l.max_len
         );
@@ -759,12 +792,33 @@ mod tests {
             (d.beta, d.loss_type, d.label_smoothing),
             (0.1, LossType::Sigmoid, 0.0)
         );
-        assert_eq!((d.max_prompt_len, d.max_len), (512, 1024));
-        let orpo = format!("{MINIMAL}[method]\nname = \"orpo\"\nbeta = 0.25\n");
-        let MethodSection::Orpo(o) = RunConfig::from_toml(&orpo).unwrap().method else {
+        assert_eq!((d.max_prompt_len, d.max_len), (None, None));
+        assert_eq!(
+            d.lengths(1024),
+            PairLengths {
+                max_prompt_len: 512,
+                max_len: 1024
+            }
+        );
+        // Pair lengths follow data.max_seq_len (ORPO's too, sharing the pair data path).
+        let short = format!("{MINIMAL}[method]\nname = \"orpo\"\nbeta = 0.25\n")
+            .replace("[output]", "max_seq_len = 256\n[output]");
+        let c = RunConfig::from_toml(&short).unwrap();
+        let MethodSection::Orpo(o) = &c.method else {
             panic!("not orpo");
         };
-        assert_eq!((o.beta, o.max_len), (0.25, 1024));
+        assert_eq!(o.beta, 0.25);
+        assert_eq!(
+            o.lengths(c.data.max_seq_len),
+            PairLengths {
+                max_prompt_len: 128,
+                max_len: 256
+            }
+        );
+        let e = RunConfig::from_toml(&MINIMAL.replace("[output]", "text_overlap = 600\n[output]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.text_overlap = 600"), "{e}");
         let e = RunConfig::from_toml(&format!("{MINIMAL}[method]\nname = \"ppo\"\n"))
             .unwrap_err()
             .to_string();

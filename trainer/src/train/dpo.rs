@@ -286,7 +286,7 @@ impl Dpo {
         if dist.world_size() > 1 && section.precompute_ref {
             bail!("method.precompute_ref = true is for one rank: set it to false for data-parallel DPO (each rank then computes its pairs' reference log-probabilities as it goes)");
         }
-        let data = PreferenceData::prepare(cfg, section.lengths())?;
+        let data = PreferenceData::prepare(cfg, section.lengths(cfg.data.max_seq_len))?;
         let (train_ref, eval_ref) = if section.precompute_ref {
             let out = &cfg.output.dir;
             let base_model = cfg.model.path.display().to_string();

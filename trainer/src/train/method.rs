@@ -8,6 +8,7 @@
 //! So W ranks × accumulation k compute the update of 1 rank × accumulation W·k.
 
 use crate::data::batching::HostBatch;
+use crate::data::packing::RowFill;
 use crate::data::preference::PreferenceStats;
 use crate::data::tokenize::TokenizeStats;
 use crate::lora::LoraParams;
@@ -80,6 +81,8 @@ pub trait BatchSource {
     fn read(&self, plan: &Self::Plan) -> Result<Self::Batch>;
     /// The batch's token rows (for token counts and `train.dump_batches`).
     fn host(batch: &Self::Batch) -> &HostBatch;
+    /// How full epoch 0's micro-batches are: real tokens over the token slots they compute.
+    fn epoch_fill(&self) -> RowFill;
     /// What was read and tokenized, for the summary.
     fn stats(&self) -> DataStats;
 }

@@ -16,8 +16,12 @@ pub struct StepRecord {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f32,
-    /// Loss-carrying tokens in this step.
+    /// Real (non-padding) tokens in this step, over all ranks.
     pub tokens: u64,
+    /// Of those, the tokens that carry a label (responses; the completions of both halves of a
+    /// preference pair).
+    #[serde(default)]
+    pub loss_tokens: u64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
 }

@@ -232,7 +232,7 @@ pub struct Orpo {
 impl Orpo {
     pub fn prepare(cfg: &RunConfig, section: &OrpoSection) -> Result<Orpo> {
         Ok(Orpo {
-            data: PreferenceData::prepare(cfg, section.lengths())?,
+            data: PreferenceData::prepare(cfg, section.lengths(cfg.data.max_seq_len))?,
             beta: section.beta,
         })
     }

@@ -9,6 +9,7 @@ use super::config::{PairLengths, RunConfig};
 use super::dataset::train_and_held_out;
 use super::method::{BatchSource, DataStats, LayerHook, StepContext};
 use crate::data::batching::{shuffled, HostBatch};
+use crate::data::packing::RowFill;
 use crate::data::pair_batching::pair_batch;
 use crate::data::preference::{
     read_preference_file, tokenize_preferences, PairLimits, PreferencePair, PreferenceStats,
@@ -45,6 +46,7 @@ fn as_tokenize_stats(s: &PreferenceStats) -> TokenizeStats {
         truncated: s.prompts_truncated + s.completions_truncated,
         dropped_too_long: s.dropped_no_completion,
         dropped_no_target: 0,
+        ..TokenizeStats::default()
     }
 }
 
@@ -154,6 +156,17 @@ impl BatchSource for PreferenceData {
 
     fn host(batch: &PairMicroBatch) -> &HostBatch {
         &batch.host
+    }
+
+    fn epoch_fill(&self) -> RowFill {
+        let mut fill = RowFill::default();
+        for plan in self.epoch_plan(0) {
+            let pairs: Vec<&PreferencePair> = plan.iter().map(|&i| &self.train[i]).collect();
+            let host = PairMicroBatch::new(&pairs, plan, &self.layout).host;
+            fill.tokens += host.token_count();
+            fill.slots += host.ids.len();
+        }
+        fill
     }
 
     fn stats(&self) -> DataStats {

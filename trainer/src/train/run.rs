@@ -62,6 +62,9 @@ pub struct Summary {
     /// Preference methods: the pairs' counts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preference: Option<PreferenceStats>,
+    /// Real tokens over the token slots (rows × sequence length, padding included) of the first
+    /// epoch's micro-batches.
+    pub row_fill: f64,
 }
 
 /// Loads the model named by `cfg` (quantized at load when `model.quantize` says so).
@@ -217,6 +220,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         );
     }
     let steps_per_epoch = batches_per_epoch.div_ceil(accum) as u64;
+    let row_fill = data.epoch_fill().ratio();
     let total_steps = cfg
         .train
         .max_steps
@@ -243,12 +247,13 @@ fn run_loop<B: GradReducer, M: Method<B>>(
             String::new()
         };
         eprintln!(
-            "fuselora {}: {} on {}{ranks} · {} steps of {accum} × {} · LoRA r={} ({} values)",
+            "fuselora {}: {} on {}{ranks} · {} steps of {accum} × {}, {:.1}% filled · LoRA r={} ({} values)",
             method.describe(),
             model.config.architecture.hf_name(),
             be.describe(),
             total_steps,
             cfg.train.batch_size,
+            100.0 * row_fill,
             lora.config.r,
             lora.num_values()
         );
@@ -360,7 +365,8 @@ fn run_loop<B: GradReducer, M: Method<B>>(
             loss: sums.loss(),
             lr,
             grad_norm: stats.grad_norm,
-            tokens: loss_tokens,
+            tokens,
+            loss_tokens,
             tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             elapsed_s: started.elapsed().as_secs_f64(),
         };
@@ -412,6 +418,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         adapter_dir: out.join("adapter"),
         peak_memory_bytes: be.peak_memory_bytes(),
         preference: stats.preference,
+        row_fill,
         skipped_steps: guard.skipped,
     };
     let Some(log) = &mut log else {
@@ -463,9 +470,10 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
     let mut lines = vec![
         format!("trained {} steps ({}) in {:.1} s on {} ({:.0} loss tokens/s)", s.steps, s.method, s.seconds, s.backend, s.tokens_per_s),
         format!(
-            "data: {} examples, {} tokens; {} truncated, {} dropped as too long, {} without a trained token, {} bad records skipped",
-            s.train.examples, s.train.tokens, s.train.truncated, s.train.dropped_too_long, s.train.dropped_no_target, s.skipped_records
+            "data: {} examples, {} tokens; {} long texts chunked, {} truncated, {} dropped as too long, {} without a trained token, {} bad records skipped",
+            s.train.examples, s.train.tokens, s.train.texts_chunked, s.train.truncated, s.train.dropped_too_long, s.train.dropped_no_target, s.skipped_records
         ),
+        format!("micro-batches {:.1}% filled with real tokens", 100.0 * s.row_fill),
     ];
     if let Some(p) = &s.preference {
         lines.push(format!(
@@ -632,6 +640,12 @@ mod tests {
             assert!(!cfg.output.dir.exists(), "{method}: rank 1 wrote files");
             let summary = train_ranks(&be, &cfg, Resume::No, &Distributed::single()).unwrap();
             assert_eq!(summary.steps, 2);
+            // Pairs of two short sequences each, in packed rows of 64: some padding, never none.
+            assert!(
+                summary.row_fill > 0.2 && summary.row_fill < 1.0,
+                "{method}: {}",
+                summary.row_fill
+            );
             assert!(cfg.output.dir.join("summary.json").is_file(), "{method}");
             std::fs::remove_dir_all(&cfg.output.dir).unwrap();
         }

@@ -6,8 +6,11 @@
 use super::config::{AlpacaTemplate, RunConfig, Truncation};
 use super::dataset::{read_all, train_and_held_out};
 use super::method::{BatchSource, DataStats, LayerHook, Method, StepContext, Sums};
-use crate::data::batching::{assemble, epoch_batches, epoch_plan, Batching, Example, HostBatch};
+use crate::data::batching::{
+    assemble, epoch_batches, epoch_plan, plan_fill, Batching, Example, HostBatch,
+};
 use crate::data::check::check_examples;
+use crate::data::packing::RowFill;
 use crate::data::records::{read_file, Record};
 use crate::data::source::ExampleSource;
 use crate::data::token_shards::{is_token_shard, TokenShards};
@@ -73,6 +76,9 @@ fn read_one(path: &std::path::Path, cfg: &RunConfig) -> Result<(Vec<Record>, Vec
         &cfg.data.columns,
         cfg.data.skip_bad_records,
     )?;
+    if let Some(warning) = r.unused_fields_warning(path) {
+        eprintln!("{warning}");
+    }
     Ok((r.records, r.skipped))
 }
 
@@ -83,6 +89,7 @@ pub fn formatting_for(cfg: &RunConfig) -> Formatting {
         train_on_prompt: cfg.data.train_on_prompt,
         max_seq_len: cfg.data.max_seq_len,
         drop_long: cfg.data.truncation == Truncation::Drop,
+        text_overlap: cfg.data.text_overlap,
     }
 }
 
@@ -251,11 +258,21 @@ impl BatchSource for Sft {
     }
 
     fn read(&self, plan: &Self::Plan) -> Result<HostBatch> {
-        Ok(assemble(&*self.train, plan, self.batching.pad_id))
+        Ok(assemble(
+            &*self.train,
+            plan,
+            self.batching.pad_id,
+            self.batching.min_shape(),
+        ))
     }
 
     fn host(batch: &HostBatch) -> &HostBatch {
         batch
+    }
+
+    /// From the examples' lengths alone (token shards are not read).
+    fn epoch_fill(&self) -> RowFill {
+        plan_fill(&*self.train, &self.epoch_plan(0), self.batching.min_shape())
     }
 
     fn stats(&self) -> DataStats {
