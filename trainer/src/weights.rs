@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -133,19 +134,20 @@ impl WeightFiles {
     }
 }
 
-/// Converts raw little-endian F32/F16/BF16 bytes to f32.
+/// Converts raw little-endian F32/F16/BF16 bytes to f32 (on every core: a 7B checkpoint is
+/// 6.7 billion values, and each conversion is exact and independent).
 pub fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
         Dtype::F32 => data
-            .chunks_exact(4)
+            .par_chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect(),
         Dtype::F16 => data
-            .chunks_exact(2)
+            .par_chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
         Dtype::BF16 => data
-            .chunks_exact(2)
+            .par_chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
         other => {

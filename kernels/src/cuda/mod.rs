@@ -32,6 +32,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nvrtc::Ptx;
 use launch::{blocks_for, blocks_for_chunks_of_8, Arg, Kernels};
 use profiler::Profiler;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tensor::{Pool, Storage};
@@ -347,16 +348,17 @@ impl Backend for CudaBackend {
         let err = device_err("upload");
         match (t.storage.as_mut().expect("fresh tensor"), dtype) {
             (Storage::F32(s), _) => self.stream.memcpy_htod(data, s).map_err(err)?,
+            // Rounded on every core (a 7B model is 6.7 billion values; each is independent).
             (Storage::Half(s), DType::BF16) => {
                 let bits: Vec<u16> = data
-                    .iter()
+                    .par_iter()
                     .map(|&x| half::bf16::from_f32(x).to_bits())
                     .collect();
                 self.stream.memcpy_htod(&bits, s).map_err(err)?
             }
             (Storage::Half(s), _) => {
                 let bits: Vec<u16> = data
-                    .iter()
+                    .par_iter()
                     .map(|&x| half::f16::from_f32(x).to_bits())
                     .collect();
                 self.stream.memcpy_htod(&bits, s).map_err(err)?

@@ -5,6 +5,7 @@
 use super::{ModelConfig, Projection};
 use anyhow::{bail, Result};
 use kernels::rope::RopeScaling;
+use rayon::prelude::*;
 use serde_json::Value;
 use std::collections::HashSet;
 
@@ -81,7 +82,7 @@ pub fn check_numerics(c: &ModelConfig) -> Result<()> {
 /// `values` of the checkpoint tensor `name`, refused when one is NaN or infinite: every loss
 /// through it would be NaN.
 pub fn finite(name: &str, values: Vec<f32>) -> Result<Vec<f32>> {
-    match values.iter().position(|x| !x.is_finite()) {
+    match values.par_iter().position_first(|x| !x.is_finite()) {
         None => Ok(values),
         Some(i) => bail!(
             "tensor `{name}` holds a non-finite value ({}) at index {i}: the checkpoint is damaged, or was saved after a run diverged",
