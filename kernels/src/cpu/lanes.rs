@@ -3,6 +3,39 @@
 //! branch-free polynomial instead of a libm call. The order of every sum depends only on the
 //! slice length, so results are the same bits on every run and for any thread count.
 
+/// Runs `f` compiled for AVX-512, or for AVX2 and FMA, when the CPU has them (as `gemm` picks
+/// its kernels at run time), else as built (SSE2): the loops inlined into `f` then use 16- or
+/// 8-wide registers. The results are the same bits on every path: Rust never fuses `a * b + c`
+/// into an FMA by itself, and each reduction's order is written out in the loop, so the width
+/// changes only the speed.
+#[inline(always)]
+pub fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        // SAFETY (both calls): the CPU has the features the callee is compiled for.
+        if has!("avx512f") {
+            return unsafe { avx512(f) };
+        }
+        if has!("avx2") && has!("fma") {
+            return unsafe { avx2_fma(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_fma<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// Independent accumulators per reduction: wide enough for two AVX-512 registers.
 const LANES: usize = 16;
 
@@ -168,6 +201,19 @@ mod tests {
             let m = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             assert_eq!(max(&a), m, "len {len}");
         }
+    }
+
+    #[test]
+    fn wide_registers_give_the_same_bits() {
+        let x: Vec<f32> = random(1003, 5).iter().map(|v| 40.0 * v).collect();
+        let run = |x: &[f32]| {
+            let mut e = x.to_vec();
+            let total = exp_shifted_in_place(&mut e, 1.5);
+            let sig: Vec<u32> = x.iter().map(|&v| sigmoid(v).to_bits()).collect();
+            let e: Vec<u32> = e.iter().map(|v| v.to_bits()).collect();
+            (e, sig, total.to_bits(), dot3(x, x, x).to_bits(), max(x).to_bits())
+        };
+        assert_eq!(wide(|| run(&x)), run(&x));
     }
 
     #[test]
