@@ -103,7 +103,7 @@ fn forward_block(
         // S = Q Kᵀ / sqrt(d)   [bq, bk]
         let kv = dims.kv_rows(k, row, k0, g, bk);
         gemm_view(dims.scale, qv, kv.t(), 0.0, MatMut::row_major(s, bq, bk));
-        lanes::wide(|| {
+        lanes::wide(#[inline(always)] || {
             for r in 0..bq {
                 let srow = &mut s[r * bk..][..bk];
                 let (lo, hi) = visible(first[r], q0 + r, k0, k1);
@@ -222,7 +222,7 @@ fn backward_group(
                 // S = Q Kᵀ / sqrt(d) into p, dP = dO Vᵀ into ds   [bq, bk]
                 gemm_view(dims.scale, qv, kv.t(), 0.0, MatMut::row_major(p, bq, bk));
                 gemm_view(1.0, dov, vv.t(), 0.0, MatMut::row_major(ds, bq, bk));
-                lanes::wide(|| {
+                lanes::wide(#[inline(always)] || {
                     for r in 0..bq {
                         let (lo, hi) = visible(first[r], q0 + r, k0, k1);
                         let (prow, dsrow) = (&mut p[r * bk..][..bk], &mut ds[r * bk..][..bk]);

@@ -65,7 +65,7 @@ pub fn lm_head_cross_entropy(
                     z.fill(0.0);
                     return;
                 }
-                lanes::wide(|| {
+                lanes::wide(#[inline(always)] || {
                     let target = z[t as usize];
                     let max = lanes::max(z);
                     // z becomes exp(z − max); the softmax is that over its sum.

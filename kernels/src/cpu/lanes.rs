@@ -7,7 +7,9 @@
 /// its kernels at run time), else as built (SSE2): the loops inlined into `f` then use 16- or
 /// 8-wide registers. The results are the same bits on every path: Rust never fuses `a * b + c`
 /// into an FMA by itself, and each reduction's order is written out in the loop, so the width
-/// changes only the speed.
+/// changes only the speed. Mark the closure `#[inline(always)]` (and what it calls, as the
+/// functions here are): code that is not inlined into the wrapper is compiled without the
+/// features.
 #[inline(always)]
 pub fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -121,11 +123,13 @@ fn lane_sum(len: usize, f: impl Fn(usize) -> f32) -> f32 {
 }
 
 /// `Σ xᵢ`.
+#[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {
     lane_sum(x.len(), |i| x[i])
 }
 
 /// `Σ aᵢ bᵢ` over the shorter of the two.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -133,6 +137,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `Σ aᵢ bᵢ cᵢ` over the shortest of the three.
+#[inline(always)]
 pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     let n = a.len().min(b.len()).min(c.len());
     let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
@@ -140,6 +145,7 @@ pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
 }
 
 /// `max xᵢ` (−∞ for an empty slice; NaN entries are skipped, as by `f32::max`).
+#[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
@@ -155,6 +161,7 @@ pub fn max(x: &[f32]) -> f32 {
 }
 
 /// `xᵢ ← e^(xᵢ − shift)`, returning `Σᵢ e^(xᵢ − shift)`.
+#[inline(always)]
 pub fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
     for v in x.iter_mut() {
         *v = exp(*v - shift);
@@ -213,7 +220,7 @@ mod tests {
             let e: Vec<u32> = e.iter().map(|v| v.to_bits()).collect();
             (e, sig, total.to_bits(), dot3(x, x, x).to_bits(), max(x).to_bits())
         };
-        assert_eq!(wide(|| run(&x)), run(&x));
+        assert_eq!(wide(#[inline(always)] || run(&x)), run(&x));
     }
 
     #[test]
