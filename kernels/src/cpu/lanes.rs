@@ -57,14 +57,8 @@ const EXP_MAX: f32 = 88.0;
 /// NaN stays NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    // Comparisons with NaN are false, so NaN flows through to the result.
-    let xc = if x < EXP_MIN {
-        EXP_MIN
-    } else if x > EXP_MAX {
-        EXP_MAX
-    } else {
-        x
-    };
+    // NaN flows through the clamp (and the comparisons below) to the result.
+    let xc = x.clamp(EXP_MIN, EXP_MAX);
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
@@ -73,7 +67,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // The integer n sits in t's low bits: 2ⁿ has the biased exponent n + 127.
     let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
@@ -218,9 +212,21 @@ mod tests {
             let total = exp_shifted_in_place(&mut e, 1.5);
             let sig: Vec<u32> = x.iter().map(|&v| sigmoid(v).to_bits()).collect();
             let e: Vec<u32> = e.iter().map(|v| v.to_bits()).collect();
-            (e, sig, total.to_bits(), dot3(x, x, x).to_bits(), max(x).to_bits())
+            (
+                e,
+                sig,
+                total.to_bits(),
+                dot3(x, x, x).to_bits(),
+                max(x).to_bits(),
+            )
         };
-        assert_eq!(wide(#[inline(always)] || run(&x)), run(&x));
+        assert_eq!(
+            wide(
+                #[inline(always)]
+                || run(&x)
+            ),
+            run(&x)
+        );
     }
 
     #[test]

@@ -198,6 +198,13 @@ struct TileTarget(*mut f32);
 unsafe impl Send for TileTarget {}
 unsafe impl Sync for TileTarget {}
 
+impl TileTarget {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` on row-major f32 slices (see `Backend::gemm`),
 /// over all threads.
 #[allow(clippy::too_many_arguments)]
@@ -237,7 +244,14 @@ pub fn gemm_f32(
 }
 
 /// The GEMM as independent `rows × cols` tiles of C, spread over the threads.
-fn gemm_tiles(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut, (rows, cols): (usize, usize)) {
+fn gemm_tiles(
+    alpha: f32,
+    a: MatRef,
+    b: MatRef,
+    beta: f32,
+    c: MatMut,
+    (rows, cols): (usize, usize),
+) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     let (row_tiles, col_tiles) = (m.div_ceil(rows.max(1)), n.div_ceil(cols.max(1)));
     if row_tiles * col_tiles <= 1 {
@@ -254,7 +268,6 @@ fn gemm_tiles(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut, (rows, col
             row_stride: n,
             col_stride: 1,
         };
-        let target = target;
         // SAFETY: tile t covers rows r0..r0+tile_rows, columns c0..c0+tile_cols of the m×n
         // row-major C (inside it: checked by `MatMut::row_major`), and the tiles do not overlap.
         unsafe {
@@ -263,7 +276,7 @@ fn gemm_tiles(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut, (rows, col
                 a.block(r0, tile_rows, 0, k),
                 b.block(0, k, c0, tile_cols),
                 beta,
-                target.0.add(r0 * n + c0),
+                target.ptr().add(r0 * n + c0),
                 &tile,
             )
         }
@@ -356,7 +369,7 @@ mod tests {
 
     #[test]
     fn an_empty_inner_dimension_scales_c() {
-        let mut c = vec![1.0, 2.0, f32::NAN, 4.0];
+        let mut c = [1.0, 2.0, f32::NAN, 4.0];
         gemm_f32(2, 2, 0, 1.0, &[], false, &[], false, 3.0, &mut c[..]);
         assert_eq!(&c[..2], &[3.0, 6.0]);
         let mut c = vec![f32::NAN; 4];

@@ -12,11 +12,14 @@ pub fn forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
         .for_each(|((o, g), u)| {
-            wide(#[inline(always)] || {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
-                }
-            })
+            wide(
+                #[inline(always)]
+                || {
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o = g * sigmoid(g) * u;
+                    }
+                },
+            )
         });
 }
 
@@ -27,15 +30,18 @@ pub fn backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: 
         .zip(dout.par_chunks(CHUNK))
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(((dg, du), dout), (gate, up))| {
-            wide(#[inline(always)] || {
-                for ((dg, du), ((&d, &g), &u)) in
-                    dg.iter_mut().zip(du).zip(dout.iter().zip(gate).zip(up))
-                {
-                    let s = sigmoid(g);
-                    *du = d * g * s;
-                    *dg = d * u * s * (1.0 + g * (1.0 - s));
-                }
-            })
+            wide(
+                #[inline(always)]
+                || {
+                    for ((dg, du), ((&d, &g), &u)) in
+                        dg.iter_mut().zip(du).zip(dout.iter().zip(gate).zip(up))
+                    {
+                        let s = sigmoid(g);
+                        *du = d * g * s;
+                        *dg = d * u * s * (1.0 + g * (1.0 - s));
+                    }
+                },
+            )
         });
 }
 
