@@ -28,6 +28,14 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
         be.gemm(m, n, k, 0.5, &a, ta, &b, tb, beta, &mut c).unwrap();
         outs.push(c);
     }
+    // A skinny C (halved tiles) and a deep product (split over k), as the LoRA and LM-head GEMMs.
+    for (m, n, k) in [(1000, 16, 70), (20, 30, 5000)] {
+        let (a, b) = (random(m * k, 15), random(k * n, 16));
+        let mut c = random(m * n, 17);
+        be.gemm(m, n, k, 0.5, &a, true, &b, false, 1.0, &mut c)
+            .unwrap();
+        outs.push(c);
+    }
 
     // Attention with GQA and packed documents: 2 rows × 300 tokens span several blocks.
     let (t, heads, kv_heads, d) = (300, 4, 2, 16);

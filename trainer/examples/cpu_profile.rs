@@ -1,6 +1,7 @@
 //! Where a CPU training step spends its time: `fuselora bench`'s step on the CPU backend with its
 //! op profile on (`kernels::cpu::profile`), printed as the per-op table of docs/benchmarks.md.
-//! One step is run first and not counted.
+//! One step is run first and not counted. Wall and CPU time (all threads) per op: on a machine
+//! other programs share, compare the CPU time, which their load stretches much less.
 //!
 //! usage: cargo run --release -p trainer --example cpu_profile [-- PRESET BATCH SEQ STEPS]
 //! (defaults: smollm2-135m 2 512 3; checkpointing off, as `fuselora bench --no-checkpointing`)
@@ -39,51 +40,63 @@ fn main() -> Result<()> {
     bench::run(&be, &spec, &Distributed::single())?;
     profile::take();
     spec.steps = steps;
+    let cpu0 = profile::cpu_seconds();
     let result = bench::run(&be, &spec, &Distributed::single())?;
     let ops = profile::take();
+    // includes building the model and batches, once per run
+    let step_cpu = (profile::cpu_seconds() - cpu0) / steps as f64;
     let per_step = |x: f64| x / steps as f64;
     let step_s = result.step_times_s.iter().sum::<f64>() / steps as f64;
     println!(
-        "{} batch {} × {} on {}: {:.3} s per step (mean of {steps}), {:.0} tokens/s",
+        "{} batch {} × {} on {}: {:.3} s per step (mean of {steps}), {:.3} CPU s, {:.0} tokens/s",
         spec.preset,
         spec.batch,
         spec.seq,
         be.describe(),
         step_s,
+        step_cpu,
         result.tokens_per_s
     );
-    println!("| op | calls/step | ms/step | share | GFLOP/step | GFLOP/s |");
-    println!("| --- | --- | --- | --- | --- | --- |");
-    let mut counted = 0.0;
+    println!(
+        "| op | calls/step | ms/step | CPU ms/step | share of CPU | GFLOP/step | GFLOP/s | GFLOP/CPU-s |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let (mut counted, mut counted_cpu) = (0.0, 0.0);
     for op in &ops {
-        let s = per_step(op.seconds);
+        let (s, cpu) = (per_step(op.seconds), per_step(op.cpu_seconds));
         counted += s;
-        let (gflop, rate) = if op.flops > 0.0 {
+        counted_cpu += cpu;
+        let (gflop, rate, cpu_rate) = if op.flops > 0.0 {
             let g = per_step(op.flops) / 1e9;
-            (format!("{g:.1}"), format!("{:.1}", g / s))
+            let f = |x: f64| format!("{x:.1}");
+            (f(g), f(g / s), f(g / cpu))
         } else {
-            ("—".into(), "—".into())
+            ("—".into(), "—".into(), "—".into())
         };
         println!(
-            "| {} | {} | {:.1} | {:.1} % | {gflop} | {rate} |",
+            "| {} | {} | {:.1} | {:.1} | {:.1} % | {gflop} | {rate} | {cpu_rate} |",
             op.op,
             op.calls / steps as u64,
             s * 1e3,
-            100.0 * s / step_s
+            cpu * 1e3,
+            100.0 * cpu / step_cpu
         );
     }
-    let rest = step_s - counted;
+    let (rest, rest_cpu) = (step_s - counted, step_cpu - counted_cpu);
     println!(
-        "| everything else (copies, adds, clipping, …) | | {:.1} | {:.1} % | | |",
+        "| everything else (copies, adds, clipping, …) | | {:.1} | {:.1} | {:.1} % | | | |",
         rest * 1e3,
-        100.0 * rest / step_s
+        rest_cpu * 1e3,
+        100.0 * rest_cpu / step_cpu
     );
     let flops: f64 = ops.iter().map(|o| per_step(o.flops)).sum();
     println!(
-        "| **step** | | {:.1} | 100 % | {:.1} | {:.1} |",
+        "| **step** | | {:.1} | {:.1} | 100 % | {:.1} | {:.1} | {:.1} |",
         step_s * 1e3,
+        step_cpu * 1e3,
         flops / 1e9,
-        flops / 1e9 / step_s
+        flops / 1e9 / step_s,
+        flops / 1e9 / step_cpu
     );
     Ok(())
 }

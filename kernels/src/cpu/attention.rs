@@ -103,20 +103,26 @@ fn forward_block(
         // S = Q Kᵀ / sqrt(d)   [bq, bk]
         let kv = dims.kv_rows(k, row, k0, g, bk);
         gemm_view(dims.scale, qv, kv.t(), 0.0, MatMut::row_major(s, bq, bk));
-        for r in 0..bq {
-            let srow = &mut s[r * bk..][..bk];
-            let (lo, hi) = visible(first[r], q0 + r, k0, k1);
-            srow[..lo].fill(0.0);
-            srow[hi..].fill(0.0);
-            if lo == hi {
-                continue;
-            }
-            let new_max = max[r].max(lanes::max(&srow[lo..hi]));
-            let correction = lanes::exp(max[r] - new_max);
-            sum[r] = sum[r] * correction + lanes::exp_shifted_in_place(&mut srow[lo..hi], new_max);
-            out[r * d..][..d].iter_mut().for_each(|o| *o *= correction);
-            max[r] = new_max;
-        }
+        lanes::wide(
+            #[inline(always)]
+            || {
+                for r in 0..bq {
+                    let srow = &mut s[r * bk..][..bk];
+                    let (lo, hi) = visible(first[r], q0 + r, k0, k1);
+                    srow[..lo].fill(0.0);
+                    srow[hi..].fill(0.0);
+                    if lo == hi {
+                        continue;
+                    }
+                    let new_max = max[r].max(lanes::max(&srow[lo..hi]));
+                    let correction = lanes::exp(max[r] - new_max);
+                    sum[r] = sum[r] * correction
+                        + lanes::exp_shifted_in_place(&mut srow[lo..hi], new_max);
+                    out[r * d..][..d].iter_mut().for_each(|o| *o *= correction);
+                    max[r] = new_max;
+                }
+            },
+        );
         // out += P V   [bq, d]
         let p = MatRef::row_major(s, bq, bk);
         let vv = dims.kv_rows(v, row, k0, g, bk);
@@ -219,20 +225,25 @@ fn backward_group(
                 // S = Q Kᵀ / sqrt(d) into p, dP = dO Vᵀ into ds   [bq, bk]
                 gemm_view(dims.scale, qv, kv.t(), 0.0, MatMut::row_major(p, bq, bk));
                 gemm_view(1.0, dov, vv.t(), 0.0, MatMut::row_major(ds, bq, bk));
-                for r in 0..bq {
-                    let (lo, hi) = visible(first[r], q0 + r, k0, k1);
-                    let (prow, dsrow) = (&mut p[r * bk..][..bk], &mut ds[r * bk..][..bk]);
-                    let (l, dr) = (x.lse[at(r)], big_d[r]);
-                    for (pj, dsj) in prow[lo..hi].iter_mut().zip(&mut dsrow[lo..hi]) {
-                        *pj = lanes::exp(*pj - l);
-                        // dS/sqrt(d): the scale of dq and dk, folded in once
-                        *dsj = *pj * (*dsj - dr) * dims.scale;
-                    }
-                    prow[..lo].fill(0.0);
-                    prow[hi..].fill(0.0);
-                    dsrow[..lo].fill(0.0);
-                    dsrow[hi..].fill(0.0);
-                }
+                lanes::wide(
+                    #[inline(always)]
+                    || {
+                        for r in 0..bq {
+                            let (lo, hi) = visible(first[r], q0 + r, k0, k1);
+                            let (prow, dsrow) = (&mut p[r * bk..][..bk], &mut ds[r * bk..][..bk]);
+                            let (l, dr) = (x.lse[at(r)], big_d[r]);
+                            for (pj, dsj) in prow[lo..hi].iter_mut().zip(&mut dsrow[lo..hi]) {
+                                *pj = lanes::exp(*pj - l);
+                                // dS/sqrt(d): the scale of dq and dk, folded in once
+                                *dsj = *pj * (*dsj - dr) * dims.scale;
+                            }
+                            prow[..lo].fill(0.0);
+                            prow[hi..].fill(0.0);
+                            dsrow[..lo].fill(0.0);
+                            dsrow[hi..].fill(0.0);
+                        }
+                    },
+                );
                 let (pm, dsm) = (MatRef::row_major(p, bq, bk), MatRef::row_major(ds, bq, bk));
                 // dV += Pᵀ dO,  dK += dSᵀ Q,  dQ += dS K
                 let dv = MatMut::row_major(&mut gg.dv[k0 * d..k1 * d], bk, d);

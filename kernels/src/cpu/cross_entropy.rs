@@ -65,17 +65,22 @@ pub fn lm_head_cross_entropy(
                     z.fill(0.0);
                     return;
                 }
-                let target = z[t as usize];
-                let max = lanes::max(z);
-                // z becomes exp(z − max); the softmax is that over its sum.
-                let sum = lanes::exp_shifted_in_place(z, max);
-                let lse = max + sum.ln();
-                *lp = target - lse;
-                if want_grad {
-                    let w = weights[r] / sum;
-                    z.iter_mut().for_each(|x| *x *= w);
-                    z[t as usize] -= weights[r];
-                }
+                lanes::wide(
+                    #[inline(always)]
+                    || {
+                        let target = z[t as usize];
+                        let max = lanes::max(z);
+                        // z becomes exp(z − max); the softmax is that over its sum.
+                        let sum = lanes::exp_shifted_in_place(z, max);
+                        let lse = max + sum.ln();
+                        *lp = target - lse;
+                        if want_grad {
+                            let w = weights[r] / sum;
+                            z.iter_mut().for_each(|x| *x *= w);
+                            z[t as usize] -= weights[r];
+                        }
+                    },
+                )
             });
         if let Some(dh) = dhidden.as_deref_mut() {
             gemm_f32(

@@ -3,6 +3,41 @@
 //! branch-free polynomial instead of a libm call. The order of every sum depends only on the
 //! slice length, so results are the same bits on every run and for any thread count.
 
+/// Runs `f` compiled for AVX-512, or for AVX2 and FMA, when the CPU has them (as `gemm` picks
+/// its kernels at run time), else as built (SSE2): the loops inlined into `f` then use 16- or
+/// 8-wide registers. The results are the same bits on every path: Rust never fuses `a * b + c`
+/// into an FMA by itself, and each reduction's order is written out in the loop, so the width
+/// changes only the speed. Mark the closure `#[inline(always)]` (and what it calls, as the
+/// functions here are): code that is not inlined into the wrapper is compiled without the
+/// features.
+#[inline(always)]
+pub fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        // SAFETY (both calls): the CPU has the features the callee is compiled for.
+        if has!("avx512f") {
+            return unsafe { avx512(f) };
+        }
+        if has!("avx2") && has!("fma") {
+            return unsafe { avx2_fma(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_fma<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// Independent accumulators per reduction: wide enough for two AVX-512 registers.
 const LANES: usize = 16;
 
@@ -22,14 +57,8 @@ const EXP_MAX: f32 = 88.0;
 /// NaN stays NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    // Comparisons with NaN are false, so NaN flows through to the result.
-    let xc = if x < EXP_MIN {
-        EXP_MIN
-    } else if x > EXP_MAX {
-        EXP_MAX
-    } else {
-        x
-    };
+    // NaN flows through the clamp (and the comparisons below) to the result.
+    let xc = x.clamp(EXP_MIN, EXP_MAX);
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
@@ -38,7 +67,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // The integer n sits in t's low bits: 2ⁿ has the biased exponent n + 127.
     let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
@@ -88,11 +117,13 @@ fn lane_sum(len: usize, f: impl Fn(usize) -> f32) -> f32 {
 }
 
 /// `Σ xᵢ`.
+#[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {
     lane_sum(x.len(), |i| x[i])
 }
 
 /// `Σ aᵢ bᵢ` over the shorter of the two.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -100,6 +131,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `Σ aᵢ bᵢ cᵢ` over the shortest of the three.
+#[inline(always)]
 pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     let n = a.len().min(b.len()).min(c.len());
     let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
@@ -107,6 +139,7 @@ pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
 }
 
 /// `max xᵢ` (−∞ for an empty slice; NaN entries are skipped, as by `f32::max`).
+#[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
@@ -122,6 +155,7 @@ pub fn max(x: &[f32]) -> f32 {
 }
 
 /// `xᵢ ← e^(xᵢ − shift)`, returning `Σᵢ e^(xᵢ − shift)`.
+#[inline(always)]
 pub fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
     for v in x.iter_mut() {
         *v = exp(*v - shift);
@@ -168,6 +202,31 @@ mod tests {
             let m = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             assert_eq!(max(&a), m, "len {len}");
         }
+    }
+
+    #[test]
+    fn wide_registers_give_the_same_bits() {
+        let x: Vec<f32> = random(1003, 5).iter().map(|v| 40.0 * v).collect();
+        let run = |x: &[f32]| {
+            let mut e = x.to_vec();
+            let total = exp_shifted_in_place(&mut e, 1.5);
+            let sig: Vec<u32> = x.iter().map(|&v| sigmoid(v).to_bits()).collect();
+            let e: Vec<u32> = e.iter().map(|v| v.to_bits()).collect();
+            (
+                e,
+                sig,
+                total.to_bits(),
+                dot3(x, x, x).to_bits(),
+                max(x).to_bits(),
+            )
+        };
+        assert_eq!(
+            wide(
+                #[inline(always)]
+                || run(&x)
+            ),
+            run(&x)
+        );
     }
 
     #[test]

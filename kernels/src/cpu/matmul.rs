@@ -2,16 +2,31 @@
 //! of C that rayon spreads over the threads.
 //!
 //! Why tiles: each tile packs only its own rows of op(A) and columns of op(B) (for a
-//! `TILE_ROWS × TILE_COLS` tile that is `(TILE_ROWS + TILE_COLS)·k` copies for
-//! `2·TILE_ROWS·TILE_COLS·k` FLOPs), and the tiles depend on the shape alone, never on the
-//! thread count, so every C element is computed by the same call whichever thread runs it:
-//! results are bitwise identical for any number of threads.
+//! `rows × cols` tile that is `(rows + cols)·k` copies for `2·rows·cols·k` FLOPs), and the
+//! tiles depend on the shape alone, never on the thread count, so every C element is computed
+//! by the same calls whichever thread runs them: results are bitwise identical for any number
+//! of threads.
+//!
+//! Tiles start at `TILE_ROWS × TILE_COLS` and are halved (down to `MIN_TILE`) until C has
+//! `MIN_TASKS` of them, so the skinny LoRA products (`[1024, 16]`, `[16, 576]`) still keep every
+//! thread busy. A deep product (k at least `DEEP` times C's longer side: the LM head's
+//! `[85, 576]` = `dz [85, 49152] · W`, whose narrow tiles would each re-pack all of A) is split
+//! over k instead: `C = β·C + α·Σ_j A_j B_j`, the partial products summed in chunk order.
 
 use rayon::prelude::*;
 
-/// Rows and columns of C per parallel task (multiples of every `gemm` micro-kernel size).
+/// Rows and columns of C per parallel task at most (multiples of every `gemm` micro-kernel size).
 const TILE_ROWS: usize = 256;
 const TILE_COLS: usize = 256;
+/// Tasks a GEMM is split into when its shape allows: several per thread on a small machine, so
+/// that uneven tile counts (3 tiles on 2 threads) cost little. A constant, not the thread count.
+const MIN_TASKS: usize = 8;
+/// The smallest tile side the halving goes down to.
+const MIN_TILE: usize = 64;
+/// A product counts as deep, and is split over k, when k is this many times C's longer side.
+const DEEP: usize = 16;
+/// The shortest inner dimension of one partial product when C is split over k.
+const MIN_K_CHUNK: usize = 2048;
 
 /// A matrix inside a slice: element `(i, j)` is `data[i·row_stride + j·col_stride]`.
 /// A transposed view swaps the strides, so no GEMM needs transpose flags.
@@ -162,12 +177,33 @@ unsafe fn gemm_raw(alpha: f32, a: MatRef, b: MatRef, beta: f32, c_ptr: *mut f32,
     );
 }
 
+/// Rows and columns per tile of an `m × n` C: the largest halvings of `TILE_ROWS × TILE_COLS`
+/// (sides multiples of 16, not below `MIN_TILE`) that give `MIN_TASKS` tiles.
+fn tile_sides(m: usize, n: usize) -> (usize, usize) {
+    let (mut rows, mut cols) = (TILE_ROWS.min(m), TILE_COLS.min(n));
+    while m.div_ceil(rows.max(1)) * n.div_ceil(cols.max(1)) < MIN_TASKS {
+        let longer = if rows >= cols { &mut rows } else { &mut cols };
+        if *longer <= MIN_TILE {
+            break;
+        }
+        *longer = (*longer / 2).next_multiple_of(16);
+    }
+    (rows, cols)
+}
+
 /// C's base pointer, shared by the tasks that write its disjoint tiles.
 #[derive(Clone, Copy)]
 struct TileTarget(*mut f32);
-// SAFETY: each task writes only its own tile of C (see `gemm_f32`).
+// SAFETY: each task writes only its own tile of C (see `gemm_tiles`).
 unsafe impl Send for TileTarget {}
 unsafe impl Sync for TileTarget {}
+
+impl TileTarget {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` on row-major f32 slices (see `Backend::gemm`),
 /// over all threads.
@@ -195,35 +231,86 @@ pub fn gemm_f32(
         MatRef::row_major(b, k, n)
     };
     let c = MatMut::row_major(c, m, n);
-    let (row_tiles, col_tiles) = (m.div_ceil(TILE_ROWS), n.div_ceil(TILE_COLS));
+    let k_chunks = if k >= DEEP * m.max(n) {
+        MIN_TASKS.min(k / MIN_K_CHUNK)
+    } else {
+        1
+    };
+    if k_chunks >= 2 {
+        gemm_split_k(alpha, a, b, beta, c, k_chunks);
+    } else {
+        gemm_tiles(alpha, a, b, beta, c, tile_sides(m, n));
+    }
+}
+
+/// The GEMM as independent `rows × cols` tiles of C, spread over the threads.
+fn gemm_tiles(
+    alpha: f32,
+    a: MatRef,
+    b: MatRef,
+    beta: f32,
+    c: MatMut,
+    (rows, cols): (usize, usize),
+) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    let (row_tiles, col_tiles) = (m.div_ceil(rows.max(1)), n.div_ceil(cols.max(1)));
     if row_tiles * col_tiles <= 1 {
         return gemm_view(alpha, a, b, beta, c);
     }
     let target = TileTarget(c.data.as_mut_ptr());
     (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
-        let (r0, c0) = ((t / col_tiles) * TILE_ROWS, (t % col_tiles) * TILE_COLS);
-        let (rows, cols) = (TILE_ROWS.min(m - r0), TILE_COLS.min(n - c0));
+        let (r0, c0) = ((t / col_tiles) * rows, (t % col_tiles) * cols);
+        let (tile_rows, tile_cols) = (rows.min(m - r0), cols.min(n - c0));
         let tile = MatMut {
             data: &mut [],
-            rows,
-            cols,
+            rows: tile_rows,
+            cols: tile_cols,
             row_stride: n,
             col_stride: 1,
         };
-        let target = target;
-        // SAFETY: tile t covers rows r0..r0+rows, columns c0..c0+cols of the m×n row-major C
-        // (inside it: checked by `MatMut::row_major` above), and the tiles do not overlap.
+        // SAFETY: tile t covers rows r0..r0+tile_rows, columns c0..c0+tile_cols of the m×n
+        // row-major C (inside it: checked by `MatMut::row_major`), and the tiles do not overlap.
         unsafe {
             gemm_raw(
                 alpha,
-                a.block(r0, rows, 0, k),
-                b.block(0, k, c0, cols),
+                a.block(r0, tile_rows, 0, k),
+                b.block(0, k, c0, tile_cols),
                 beta,
-                target.0.add(r0 * n + c0),
+                target.ptr().add(r0 * n + c0),
                 &tile,
             )
         }
     });
+}
+
+/// The GEMM as `chunks` partial products over equal slices of k, one per task, then
+/// `C ← beta · C + alpha · (P_0 + P_1 + …)` summed in chunk order.
+fn gemm_split_k(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut, chunks: usize) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    let per_chunk = k.div_ceil(chunks);
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|j| {
+            let (k0, k1) = (j * per_chunk, ((j + 1) * per_chunk).min(k));
+            let mut p = vec![0.0f32; m * n];
+            let (aj, bj) = (a.block(0, m, k0, k1 - k0), b.block(k0, k1 - k0, 0, n));
+            gemm_view(1.0, aj, bj, 0.0, MatMut::row_major(&mut p, m, n));
+            p
+        })
+        .collect();
+    let (first, rest) = partials.split_first().expect("at least two chunks");
+    for i in 0..m {
+        for j in 0..n {
+            let at = i * n + j;
+            let sum = rest.iter().fold(first[at], |s, p| s + p[at]);
+            let out = &mut c.data[i * c.row_stride + j * c.col_stride];
+            *out = if beta == 0.0 {
+                alpha * sum
+            } else {
+                beta * *out + alpha * sum
+            };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -249,8 +336,9 @@ mod tests {
 
     #[test]
     fn every_transpose_combination_matches_the_definition() {
-        // 300 × 270 spans 2 × 2 tiles with ragged edges.
-        for (m, n, k) in [(70, 45, 33), (300, 270, 40)] {
+        // 300 × 270 spans 2 × 2 tiles with ragged edges; 1000 × 16 is halved into 64-row
+        // tiles; 20 × 30 × 4500 is split over k.
+        for (m, n, k) in [(70, 45, 33), (300, 270, 40), (1000, 16, 20), (20, 30, 4500)] {
             let a = random(m * k, 1);
             let b = random(k * n, 2);
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -261,7 +349,7 @@ mod tests {
                 for i in 0..m * n {
                     let expect = 0.5 * want[i] + 2.0 * c0[i];
                     assert!(
-                        (c[i] - expect).abs() < 1e-4,
+                        (c[i] - expect).abs() < 1e-4 * (1.0 + k as f32 / 100.0),
                         "{m}x{n}x{k} ta={ta} tb={tb} i={i}: {} vs {expect}",
                         c[i]
                     );
@@ -281,7 +369,7 @@ mod tests {
 
     #[test]
     fn an_empty_inner_dimension_scales_c() {
-        let mut c = vec![1.0, 2.0, f32::NAN, 4.0];
+        let mut c = [1.0, 2.0, f32::NAN, 4.0];
         gemm_f32(2, 2, 0, 1.0, &[], false, &[], false, 3.0, &mut c[..]);
         assert_eq!(&c[..2], &[3.0, 6.0]);
         let mut c = vec![f32::NAN; 4];

@@ -9,6 +9,7 @@ mod attention;
 mod broadcast;
 mod cross_entropy;
 mod embedding;
+mod heap;
 mod lanes;
 mod matmul;
 mod nf4;
@@ -27,12 +28,19 @@ use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Res
 use profile::timed;
 
 /// The f32 reference backend.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct CpuBackend;
 
 impl CpuBackend {
     pub fn new() -> Self {
+        heap::keep_freed_memory();
         CpuBackend
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

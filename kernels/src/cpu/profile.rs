@@ -1,6 +1,8 @@
-//! Wall time and useful FLOPs per op of the CPU backend, summed over calls. Off (one relaxed
-//! atomic load per op) unless [`enable`]d; the per-op table of docs/benchmarks.md comes from
-//! it, through the trainer's `examples/cpu_profile.rs`.
+//! Wall time, CPU time and useful FLOPs per op of the CPU backend, summed over calls. Off (one
+//! relaxed atomic load per op) unless [`enable`]d; the per-op table of docs/benchmarks.md comes
+//! from it, through the trainer's `examples/cpu_profile.rs`. The CPU time (all of the process's
+//! threads) is what to compare on a machine other programs share: their load stretches the
+//! wall time of every op but adds little to the CPU time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -16,6 +18,8 @@ pub struct OpTotal {
     pub op: String,
     pub calls: u64,
     pub seconds: f64,
+    /// CPU seconds of the whole process during the op's calls.
+    pub cpu_seconds: f64,
     /// The multiply-adds the op's equation needs, ×2 (0 for the memory-bound ops).
     pub flops: f64,
 }
@@ -30,26 +34,40 @@ pub fn take() -> Vec<OpTotal> {
     std::mem::take(&mut *TOTALS.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// Runs `f`; when counting, charges its wall time to the op and FLOPs `describe` names.
+/// Seconds of CPU time this process has used so far, all threads together.
+pub fn cpu_seconds() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// Runs `f`; when counting, charges its wall and CPU time to the op and FLOPs `describe` names.
 pub(crate) fn timed<R>(describe: impl FnOnce() -> (String, f64), f: impl FnOnce() -> R) -> R {
     if !ON.load(Ordering::Relaxed) {
         return f();
     }
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), cpu_seconds());
     let r = f();
     let seconds = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
     let (op, flops) = describe();
     let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
     match totals.iter_mut().find(|t| t.op == op) {
         Some(t) => {
             t.calls += 1;
             t.seconds += seconds;
+            t.cpu_seconds += cpu;
             t.flops += flops;
         }
         None => totals.push(OpTotal {
             op,
             calls: 1,
             seconds,
+            cpu_seconds: cpu,
             flops,
         }),
     }

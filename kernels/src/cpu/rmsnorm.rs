@@ -10,11 +10,16 @@ pub fn forward(x: &[f32], w: &[f32], hidden: usize, eps: f32, y: &mut [f32], rst
         .zip(rstd.par_iter_mut())
         .zip(x.par_chunks(hidden))
         .for_each(|((y, r), x)| {
-            let mean_sq = lanes::dot(x, x) / hidden as f32;
-            *r = 1.0 / (mean_sq + eps).sqrt();
-            for ((yi, xi), wi) in y.iter_mut().zip(x).zip(w) {
-                *yi = wi * (xi * *r);
-            }
+            lanes::wide(
+                #[inline(always)]
+                || {
+                    let mean_sq = lanes::dot(x, x) / hidden as f32;
+                    *r = 1.0 / (mean_sq + eps).sqrt();
+                    for ((yi, xi), wi) in y.iter_mut().zip(x).zip(w) {
+                        *yi = wi * (xi * *r);
+                    }
+                },
+            )
         });
 }
 
@@ -24,11 +29,16 @@ pub fn backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize, d
         .zip(x.par_chunks(hidden))
         .zip(rstd.par_iter())
         .for_each(|(((dx, dy), x), &r)| {
-            // mean(g ⊙ x̂) = r · Σ(dy ⊙ w ⊙ x) / hidden
-            let mean_gx = r * lanes::dot3(dy, w, x) / hidden as f32;
-            for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
-                *dx += r * (w * dy - x * r * mean_gx);
-            }
+            lanes::wide(
+                #[inline(always)]
+                || {
+                    // mean(g ⊙ x̂) = r · Σ(dy ⊙ w ⊙ x) / hidden
+                    let mean_gx = r * lanes::dot3(dy, w, x) / hidden as f32;
+                    for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+                        *dx += r * (w * dy - x * r * mean_gx);
+                    }
+                },
+            )
         });
 }
 

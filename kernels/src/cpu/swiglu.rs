@@ -1,7 +1,7 @@
 //! SwiGLU (Shazeer 2020): `out = silu(g) ⊙ u`, `silu(g) = g·σ(g)`.
 //! Backward: `du = dout ⊙ silu(g)`, `dg = dout ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g)))`.
 
-use super::lanes::sigmoid;
+use super::lanes::{sigmoid, wide};
 use rayon::prelude::*;
 
 /// Elements per parallel task.
@@ -12,9 +12,14 @@ pub fn forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
         .for_each(|((o, g), u)| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(g) * u;
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o = g * sigmoid(g) * u;
+                    }
+                },
+            )
         });
 }
 
@@ -25,13 +30,18 @@ pub fn backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: 
         .zip(dout.par_chunks(CHUNK))
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(((dg, du), dout), (gate, up))| {
-            for ((dg, du), ((&d, &g), &u)) in
-                dg.iter_mut().zip(du).zip(dout.iter().zip(gate).zip(up))
-            {
-                let s = sigmoid(g);
-                *du = d * g * s;
-                *dg = d * u * s * (1.0 + g * (1.0 - s));
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for ((dg, du), ((&d, &g), &u)) in
+                        dg.iter_mut().zip(du).zip(dout.iter().zip(gate).zip(up))
+                    {
+                        let s = sigmoid(g);
+                        *du = d * g * s;
+                        *dg = d * u * s * (1.0 + g * (1.0 - s));
+                    }
+                },
+            )
         });
 }
 
