@@ -1,7 +1,7 @@
 //! Step time from a metered op log: a roofline per op (Williams et al. 2009) on a small table of
 //! GPU kinds. An op takes `max(FLOPs / achieved FLOP/s, bytes / achieved bandwidth)` plus a fixed
 //! cost per kernel. The achieved fractions of the data-sheet peaks are fuselora's own on the H200
-//! (docs/benchmarks.md): the flash-attention kernels ~81 of 989 TFLOP/s, elementwise kernels ~75 %
+//! (docs/benchmarks.md): the flash-attention kernels ~114 of 989 TFLOP/s, elementwise kernels ~75 %
 //! of the memory bandwidth; the GEMM fraction (0.75) and the per-kernel cost (7.6 µs: launch gaps
 //! and tails) are the two values fitted to the four `bench` presets measured with checkpointing
 //! (docs/benchmarks.md, "The standard set"), which they then match within 2 %.
@@ -93,8 +93,10 @@ impl GpuKind {
 
 /// Fraction of the peak FLOP/s cuBLAS GEMMs reach in a training step (fitted, see above).
 const GEMM_EFFICIENCY: f64 = 0.75;
-/// Fraction of the peak the flash-attention kernels reach (H200: ~81 of 989 TFLOP/s).
-const ATTENTION_EFFICIENCY: f64 = 0.082;
+/// Fraction of the peak the flash-attention kernels reach, forward and backward together as a
+/// checkpointed step runs them (H200, 2026-12-02: forward 144, backward 100 of 989 TFLOP/s; with the
+/// forward run twice per backward, ~114 on average).
+const ATTENTION_EFFICIENCY: f64 = 0.115;
 /// Fraction of the data-sheet bandwidth elementwise kernels and skinny GEMMs reach.
 const BANDWIDTH_EFFICIENCY: f64 = 0.75;
 /// Seconds every kernel costs however small (launch gap and tail; fitted, see above).
