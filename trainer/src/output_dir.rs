@@ -276,17 +276,7 @@ pub fn claim_run_folder(
 /// [`claim_run_folder`] for the run `cfg` (`output.dir`, `output.overwrite`), never deleting its
 /// model, data or initial adapter.
 pub fn claim_for_run(cfg: &RunConfig, resume: &Resume) -> Result<RunFolder> {
-    let mut inputs: Vec<(&str, &Path)> = vec![("model.path", cfg.model.path.as_path())];
-    inputs.extend(cfg.data.train.iter().map(|p| ("data.train", p.as_path())));
-    inputs.extend(
-        cfg.data
-            .validation
-            .iter()
-            .map(|p| ("data.validation", p.as_path())),
-    );
-    if let Some(p) = &cfg.lora.init_adapter {
-        inputs.push(("lora.init_adapter", p.as_path()));
-    }
+    let inputs = cfg.input_paths();
     claim_run_folder(
         &cfg.output.dir,
         !matches!(resume, Resume::No),

@@ -13,4 +13,5 @@ pub mod nccl_link;
 pub mod plan;
 pub mod prepare_data;
 pub mod preview;
+pub mod run_config;
 pub mod train;

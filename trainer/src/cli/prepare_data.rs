@@ -10,17 +10,13 @@ use trainer::data::token_shards::{write_shard, EXTENSION};
 use trainer::data::tokenize::tokenize_records;
 use trainer::output_dir::{Overwrite, StagedDir};
 use trainer::tokenizer::Tokenizer;
-use trainer::train::config::RunConfig;
 use trainer::train::sft::{formatting_for, read_records};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The run config whose model (tokenizer) and data section say what to tokenize and how.
-    #[arg(long)]
-    config: PathBuf,
-    /// Override a config key, e.g. `--set data.max_seq_len=2048`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    #[command(flatten)]
+    run: super::run_config::RunConfigArgs,
     /// Folder for the shard files (written whole: staged, then renamed).
     #[arg(long)]
     out: PathBuf,
@@ -36,20 +32,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if args.examples_per_shard == 0 {
         bail!("--examples-per-shard must be at least 1");
     }
-    let cfg = RunConfig::load(&args.config, &args.overrides)?;
+    let cfg = args.run.load(&[])?;
     let tokenizer = Tokenizer::load(&cfg.model.path)?;
     let pad_id = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0) as i32;
-    let mut inputs: Vec<(&str, &Path)> = vec![
-        ("--config", args.config.as_path()),
-        ("model.path", cfg.model.path.as_path()),
-    ];
-    inputs.extend(cfg.data.train.iter().map(|p| ("data.train", p.as_path())));
-    inputs.extend(
-        cfg.data
-            .validation
-            .iter()
-            .map(|p| ("data.validation", p.as_path())),
-    );
+    let mut inputs = cfg.input_paths();
+    inputs.push(("--config", args.run.config.as_path()));
     let staged = StagedDir::begin(&args.out, Overwrite::from_flag(args.overwrite), &inputs)?;
     let mut written = Vec::new();
     for (split, paths) in [

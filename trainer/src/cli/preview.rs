@@ -7,7 +7,6 @@
 use anyhow::{Context, Result};
 use kernels::IGNORE_INDEX;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::data::preference::{read_preference_file, tokenize_preferences, PairLimits};
 use trainer::data::tokenize::{tokenize_record, TokenizeStats};
@@ -28,11 +27,8 @@ pub enum Color {
 #[derive(clap::Args)]
 pub struct Args {
     /// The run config whose model (tokenizer) and data section to preview.
-    #[arg(long)]
-    config: PathBuf,
-    /// Override a config key, e.g. `--set data.max_seq_len=256`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    #[command(flatten)]
+    run: super::run_config::RunConfigArgs,
     /// How many examples to print.
     #[arg(short = 'n', long, default_value_t = 3)]
     count: usize,
@@ -71,11 +67,11 @@ impl Marks {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let cfg = RunConfig::load(&args.config, &args.overrides)?;
+    let cfg = args.run.load(&[])?;
     let tok = Tokenizer::load(&cfg.model.path)?;
     let marks = Marks::new(args.color);
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{} ({})", args.config.display(), marks.legend)?;
+    writeln!(out, "{} ({})", args.run.config.display(), marks.legend)?;
     match cfg.pair_lengths() {
         Some(lengths) => preview_pairs(&cfg, lengths, &tok, args.count, &marks, &mut out)?,
         None => preview_examples(&cfg, &tok, args.count, &marks, &mut out)?,

@@ -12,12 +12,8 @@ use trainer::train::run::{describe_summary, train_ranks, Summary};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The run config (see configs/ for examples).
-    #[arg(long)]
-    config: PathBuf,
-    /// Override a config key, e.g. `--set train.lr=1e-4 --set data.packing=false`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    #[command(flatten)]
+    run: super::run_config::RunConfigArgs,
     /// The training method, `sft`, `dpo` or `orpo` (shorthand for `--set method.name=...`; the
     /// method's other keys come from the config's `[method]` section).
     #[arg(long, value_parser = ["sft", "dpo", "orpo"])]
@@ -55,14 +51,14 @@ impl BackendTask for Train {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let mut overrides = args.overrides;
+    let mut overrides = Vec::new();
     if let Some(m) = &args.method {
         overrides.push(format!("method.name={m}"));
     }
     if args.overwrite {
         overrides.push("output.overwrite=true".into());
     }
-    let cfg = RunConfig::load(&args.config, &overrides)?;
+    let cfg = args.run.load(&overrides)?;
     let resume = match args.resume.as_deref() {
         None => Resume::No,
         Some("latest") => Resume::Latest,

@@ -487,6 +487,23 @@ impl ModelSection {
 impl RunConfig {
     /// Reads `path`, applies `key=value` overrides (dotted keys, TOML values), resolves relative
     /// paths against the config's folder, and validates.
+    /// The files and folders the run reads, with the key that names each: an output folder must
+    /// not hold them (output_dir.rs).
+    pub fn input_paths(&self) -> Vec<(&'static str, &Path)> {
+        let mut inputs = vec![("model.path", self.model.path.as_path())];
+        inputs.extend(self.data.train.iter().map(|p| ("data.train", p.as_path())));
+        inputs.extend(
+            self.data
+                .validation
+                .iter()
+                .map(|p| ("data.validation", p.as_path())),
+        );
+        if let Some(p) = &self.lora.init_adapter {
+            inputs.push(("lora.init_adapter", p.as_path()));
+        }
+        inputs
+    }
+
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
