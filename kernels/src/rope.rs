@@ -77,6 +77,8 @@ impl RopeConfig {
                     .map(|f| {
                         let wavelen = 2.0 * PI as f32 / f;
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        // transformers' `~(wavelen < high) & ~(wavelen > low)`, NaN included.
+                        #[allow(clippy::neg_cmp_op_on_partial_ord)]
                         let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                         if medium {
                             let smooth = (old / wavelen - low_freq_factor)

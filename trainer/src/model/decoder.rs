@@ -406,7 +406,7 @@ impl<B: Backend> Decoder<B> {
     pub fn loss_and_grad_with_hook(
         &self,
         be: &B,
-        mut lora: Option<&mut LoraParams<B>>,
+        lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
         checkpointing: Checkpointing,
         grad_weight: f32,
@@ -419,7 +419,7 @@ impl<B: Backend> Decoder<B> {
             CeGrad::None
         };
         let (logp, dnormed) = self.head(be, &acts, &batch.targets, grad)?;
-        if let (Some(lp), Some(d)) = (lora.as_deref_mut(), dnormed) {
+        if let (Some(lp), Some(d)) = (lora, dnormed) {
             self.backward_with_hook(be, Some(lp), batch, acts, &d, after_layer)?;
         }
         // Read after the backward is queued, so the device never waits for the host mid-step.

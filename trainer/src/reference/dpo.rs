@@ -44,7 +44,7 @@ fn completion_mask(path: &Path) -> Result<Vec<i64>> {
     let files = WeightFiles::open_file(path)?;
     let (_, dtype) = files.info("completion_mask")?;
     let (_, bytes) = files.bytes("completion_mask")?;
-    Ok(to_i64(dtype, &bytes)?)
+    to_i64(dtype, &bytes)
 }
 
 /// A preference case's model, adapter and batch: `input_ids` rows `[chosen rows, rejected rows]`

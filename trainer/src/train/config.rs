@@ -559,6 +559,8 @@ impl RunConfig {
     }
 
     /// Checks every value that serde cannot.
+    // `!(x > 0.0)` on purpose: NaN fails the checks too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         if self.lora.r == 0 {
             bail!("`lora.r` must be at least 1");
@@ -666,6 +668,8 @@ impl RunConfig {
     }
 }
 
+// `!(beta > 0.0)` on purpose: NaN fails the check too.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn check_beta(beta: f64) -> Result<()> {
     if !(beta > 0.0) {
         bail!("`method.beta` must be positive (TRL's default is 0.1)");

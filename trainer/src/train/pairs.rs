@@ -308,6 +308,24 @@ pub fn backward_from_sequences<B: Backend, R>(
     Ok(result)
 }
 
+/// TRL's reward metrics of a preference method, as means over `pairs`: `rewards/chosen`,
+/// `rewards/rejected`, `rewards/accuracies` (share of pairs with chosen > rejected) and
+/// `rewards/margins` (chosen − rejected).
+pub fn reward_metrics(
+    chosen: f64,
+    rejected: f64,
+    correct: f64,
+    pairs: f64,
+) -> [(&'static str, f64); 4] {
+    let n = pairs.max(1.0);
+    [
+        ("rewards/chosen", chosen / n),
+        ("rewards/rejected", rejected / n),
+        ("rewards/accuracies", correct / n),
+        ("rewards/margins", (chosen - rejected) / n),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,22 +380,4 @@ mod tests {
         assert_eq!(mb.indices, vec![4, 0]);
         assert_eq!(mb.host.docs, vec![vec![2]; 4]);
     }
-}
-
-/// TRL's reward metrics of a preference method, as means over `pairs`: `rewards/chosen`,
-/// `rewards/rejected`, `rewards/accuracies` (share of pairs with chosen > rejected) and
-/// `rewards/margins` (chosen − rejected).
-pub fn reward_metrics(
-    chosen: f64,
-    rejected: f64,
-    correct: f64,
-    pairs: f64,
-) -> [(&'static str, f64); 4] {
-    let n = pairs.max(1.0);
-    [
-        ("rewards/chosen", chosen / n),
-        ("rewards/rejected", rejected / n),
-        ("rewards/accuracies", correct / n),
-        ("rewards/margins", (chosen - rejected) / n),
-    ]
 }

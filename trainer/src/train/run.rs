@@ -178,7 +178,7 @@ pub fn train_ranks<B: GradReducer>(
 
 /// Whether a periodic action (`every` steps; 0 = never) falls on `step` — the last step has its own.
 fn due(every: u64, step: u64, total_steps: u64) -> bool {
-    every > 0 && step % every == 0 && step < total_steps
+    every > 0 && step.is_multiple_of(every) && step < total_steps
 }
 
 /// A metrics.jsonl line: `base`'s fields, then `extra` (the method's metrics).
