@@ -108,6 +108,13 @@ pub trait Backend {
     }
     /// Copies host f32 values to a new tensor, rounding to `dtype`.
     fn upload(&self, data: &[f32], dtype: DType) -> Result<Self::Tensor>;
+    /// Copies 16-bit values as a checkpoint stores them (`stored`: bf16 or f16 bits) to a new
+    /// tensor in `dtype`: widened exactly, then rounded as [`Backend::upload`] rounds — so the
+    /// result is `upload` of the widened values. The default widens on the host; the CUDA backend
+    /// copies the bits as they are when `dtype == stored` (a 7B checkpoint is 13.5 GB of them).
+    fn upload_16bit(&self, bits: &[u16], stored: DType, dtype: DType) -> Result<Self::Tensor> {
+        self.upload(&crate::widen_16bit(bits, stored), dtype)
+    }
     /// Copies a tensor back to the host as f32.
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     /// Copies host indices to the device.

@@ -17,11 +17,13 @@ mod layout;
 pub mod nf4;
 mod profile;
 pub mod rope;
+mod widen;
 
 pub use backend::{AdamWParams, Backend, CeGrad, DType, Nf4Absmax, IGNORE_INDEX};
 pub use error::KernelError;
 pub use layout::AttentionLayout;
 pub use profile::{summarise as summarise_op_times, OpTime};
+pub use widen::{is_finite_16bit, widen_16bit, widen_one};
 
 /// Result of a kernel call.
 pub type Result<T> = std::result::Result<T, KernelError>;

@@ -730,6 +730,35 @@ fn nf4_quantize_matches_the_bitsandbytes_fixture() {
     );
 }
 
+/// A checkpoint's 16-bit values copied as they are equal `upload` of their widened values, in the
+/// same dtype and converted to another.
+#[test]
+fn sixteen_bit_uploads_equal_the_widened_upload() {
+    for (stored, dtype) in [
+        (DType::BF16, DType::BF16),
+        (DType::F16, DType::F16),
+        (DType::F16, DType::BF16),
+        (DType::BF16, DType::F32),
+    ] {
+        let Some(g) = gpu(dtype) else { return };
+        let values = random(100_003, 9, 3.0);
+        let rounded = g.download(&g.upload(&values, stored).unwrap()).unwrap();
+        let bits: Vec<u16> = rounded
+            .iter()
+            .map(|&x| match stored {
+                DType::F16 => half::f16::from_f32(x).to_bits(),
+                _ => half::bf16::from_f32(x).to_bits(),
+            })
+            .collect();
+        let got = g.download(&g.upload_16bit(&bits, stored, dtype).unwrap()).unwrap();
+        let want = g.download(&g.upload(&rounded, dtype).unwrap()).unwrap();
+        assert!(
+            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{stored:?} → {dtype:?}"
+        );
+    }
+}
+
 /// Checkpoint offload as the decoder uses it: a forward parks each layer input while the next
 /// layer overwrites pool buffers of the same size (the parked ones go back to the pool); the
 /// backward fetches them in reverse, each one prefetched a layer ahead while that layer's work is

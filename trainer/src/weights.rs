@@ -2,6 +2,7 @@
 //! `model.safetensors.index.json`; memory-mapped, read as f32 whatever they are stored in.
 
 use anyhow::{anyhow, bail, Context, Result};
+use kernels::DType;
 use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
@@ -106,8 +107,36 @@ impl WeightFiles {
         Ok((view.shape().to_vec(), view.data().to_vec()))
     }
 
+    /// A bf16 or f16 tensor's bit patterns (and which of the two), checking its shape against
+    /// `expected`; `None` for tensors stored in another dtype.
+    pub fn bits_16(&self, name: &str, expected: &[usize]) -> Result<Option<(DType, Vec<u16>)>> {
+        let (_, view) = self.shaped_view(name, expected)?;
+        let stored = match view.dtype() {
+            Dtype::BF16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+            _ => return Ok(None),
+        };
+        let bits = view
+            .data()
+            .par_chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        Ok(Some((stored, bits)))
+    }
+
     /// The tensor as f32, checking its shape against `expected`.
     pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (path, view) = self.shaped_view(name, expected)?;
+        to_f32(view.dtype(), view.data())
+            .with_context(|| format!("tensor `{name}` in {}", path.display()))
+    }
+
+    /// [`WeightFiles::view`], refusing a shape other than `expected`.
+    fn shaped_view(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
         let (path, view) = self.view(name)?;
         if view.shape() != expected {
             bail!(
@@ -117,8 +146,7 @@ impl WeightFiles {
                 expected
             );
         }
-        to_f32(view.dtype(), view.data())
-            .with_context(|| format!("tensor `{name}` in {}", path.display()))
+        Ok((path, view))
     }
 
     fn view(&self, name: &str) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {

@@ -367,6 +367,19 @@ impl Backend for CudaBackend {
         Ok(t)
     }
 
+    fn upload_16bit(&self, bits: &[u16], stored: DType, dtype: DType) -> Result<CudaTensor> {
+        if dtype != stored || dtype == DType::F32 {
+            return self.upload(&crate::widen_16bit(bits, stored), dtype);
+        }
+        let mut t = self.alloc(bits.len(), dtype)?;
+        if let (false, Some(Storage::Half(s))) = (bits.is_empty(), t.storage.as_mut()) {
+            self.stream
+                .memcpy_htod(bits, s)
+                .map_err(device_err("upload"))?;
+        }
+        Ok(t)
+    }
+
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         let err = device_err("download");
         match t.storage.as_ref().expect("tensor storage") {

@@ -5,6 +5,7 @@
 use super::{ModelConfig, Projection};
 use anyhow::{bail, Result};
 use kernels::rope::RopeScaling;
+use kernels::DType;
 use rayon::prelude::*;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -87,6 +88,20 @@ pub fn finite(name: &str, values: Vec<f32>) -> Result<Vec<f32>> {
         Some(i) => bail!(
             "tensor `{name}` holds a non-finite value ({}) at index {i}: the checkpoint is damaged, or was saved after a run diverged",
             values[i]
+        ),
+    }
+}
+
+/// [`finite`] on a bf16 or f16 tensor's bit patterns.
+pub fn finite_16bit(name: &str, bits: Vec<u16>, stored: DType) -> Result<Vec<u16>> {
+    match bits
+        .par_iter()
+        .position_first(|&b| !kernels::is_finite_16bit(b, stored))
+    {
+        None => Ok(bits),
+        Some(i) => bail!(
+            "tensor `{name}` holds a non-finite value ({}) at index {i}: the checkpoint is damaged, or was saved after a run diverged",
+            kernels::widen_one(bits[i], stored)
         ),
     }
 }
@@ -278,6 +293,18 @@ mod tests {
             .to_string();
         assert!(
             e.contains("model.norm.weight") && e.contains("NaN") && e.contains("index 1"),
+            "{e}"
+        );
+        // The same check on the bit patterns of a bf16 or f16 checkpoint.
+        assert_eq!(
+            finite_16bit("w", vec![0x3f80, 0xc020], DType::BF16).unwrap(),
+            vec![0x3f80, 0xc020]
+        );
+        let e = finite_16bit("q_proj", vec![0x3c00, 0x0001, 0xfc00], DType::F16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("q_proj") && e.contains("inf") && e.contains("index 2"),
             "{e}"
         );
     }

@@ -71,6 +71,18 @@ impl<B: Backend> Decoder<B> {
                 let w = bnb_checkpoint::read_nf4(files, name, [o, i])?;
                 return Ok(ProjWeight::Nf4(Nf4Tensor::upload(be, &w)?));
             }
+            if let Some((stored, bits)) = files.bits_16(name, &[o, i])? {
+                let bits = crate::arch::validate::finite_16bit(name, bits, stored)?;
+                return Ok(match quantize {
+                    // Quantized from the stored values themselves, as quantize_host does.
+                    Some(q) => ProjWeight::Nf4(Nf4Tensor::quantize(
+                        be,
+                        &be.upload_16bit(&bits, stored, stored)?,
+                        q,
+                    )?),
+                    None => ProjWeight::Dense(be.upload_16bit(&bits, stored, dt)?),
+                });
+            }
             let dense = crate::arch::validate::finite(name, files.f32(name, &[o, i])?)?;
             Ok(match quantize {
                 Some(q) => {
