@@ -750,10 +750,14 @@ fn sixteen_bit_uploads_equal_the_widened_upload() {
                 _ => half::bf16::from_f32(x).to_bits(),
             })
             .collect();
-        let got = g.download(&g.upload_16bit(&bits, stored, dtype).unwrap()).unwrap();
+        let got = g
+            .download(&g.upload_16bit(&bits, stored, dtype).unwrap())
+            .unwrap();
         let want = g.download(&g.upload(&rounded, dtype).unwrap()).unwrap();
         assert!(
-            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
             "{stored:?} → {dtype:?}"
         );
     }
