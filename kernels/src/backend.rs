@@ -22,6 +22,14 @@ impl DType {
         }
     }
 
+    /// Bytes per element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
     /// Parses a config value (`f32`/`fp32`/`float32`, `bf16`/`bfloat16`, `f16`/`fp16`/`float16`).
     pub fn parse(s: &str) -> Option<DType> {
         match s.to_ascii_lowercase().as_str() {

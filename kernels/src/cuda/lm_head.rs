@@ -14,14 +14,6 @@ const CHUNK_ELEMENTS: usize = 1 << 25;
 /// Factor the stored logit gradient carries (a power of two, so exact): keeps f16 out of subnormals.
 const GRAD_GAIN: f32 = 1024.0;
 
-fn element_bytes(d: DType) -> u64 {
-    if d == DType::F32 {
-        4
-    } else {
-        2
-    }
-}
-
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn lm_head_cross_entropy_impl(
@@ -101,7 +93,7 @@ impl CudaBackend {
         );
         let dz_ptr = dz.as_ref().map_or(0, |t| t.ptr(&self.stream));
         let dh = dhidden.map(|d| (d.ptr(&self.stream), d.dtype));
-        let esize = element_bytes(dt);
+        let esize = dt.size_bytes() as u64;
         for start in (0..rows).step_by(chunk) {
             let c = chunk.min(rows - start);
             let h_chunk = h_ptr + (start * hidden_dim) as u64 * esize;
@@ -140,7 +132,7 @@ impl CudaBackend {
                 &args,
             )?;
             if let Some((dh_ptr, dh_dt)) = dh {
-                let dh_chunk = dh_ptr + (start * hidden_dim) as u64 * element_bytes(dh_dt);
+                let dh_chunk = dh_ptr + (start * hidden_dim) as u64 * dh_dt.size_bytes() as u64;
                 self.gemm_raw(
                     c,
                     hidden_dim,

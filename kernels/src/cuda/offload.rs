@@ -77,14 +77,6 @@ pub(crate) struct Offload {
     in_flight: Mutex<Option<(CudaEvent, CudaTensor)>>,
 }
 
-fn element_bytes(dtype: DType) -> usize {
-    if dtype == DType::F32 {
-        4
-    } else {
-        2
-    }
-}
-
 impl CudaBackend {
     fn event(&self, on_copy_stream: bool) -> Result<CudaEvent> {
         let stream = if on_copy_stream {
@@ -113,7 +105,7 @@ impl CudaBackend {
     pub(crate) fn park_impl(&self, t: CudaTensor) -> Result<CudaParked> {
         self.release_in_flight()?;
         let (len, dtype) = (t.len(), t.dtype);
-        let bytes = len * element_bytes(dtype);
+        let bytes = len * dtype.size_bytes();
         let reused = self
             .offload
             .free_host

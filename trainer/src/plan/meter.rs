@@ -69,17 +69,8 @@ fn is_f32(d: DType) -> bool {
     d == DType::F32
 }
 
-/// Bytes per element as stored on the device.
-pub fn element_bytes(d: DType) -> usize {
-    if is_f32(d) {
-        4
-    } else {
-        2
-    }
-}
-
 fn tensor_bytes(t: &MeterTensor) -> f64 {
-    (t.len * element_bytes(t.dtype)) as f64
+    (t.len * t.dtype.size_bytes()) as f64
 }
 
 /// The metering backend; `compute` is the dtype the run would use on the device.
@@ -126,7 +117,7 @@ impl MeterBackend {
         match p.free.get_mut(&key) {
             Some(n) if *n > 0 => *n -= 1,
             _ => {
-                p.held += (len * element_bytes(dtype)) as u64;
+                p.held += (len * dtype.size_bytes()) as u64;
                 p.peak = p.peak.max(p.held);
             }
         }
@@ -453,7 +444,7 @@ impl Backend for MeterBackend {
         let _logits = self.alloc(chunk * vocab, DType::F32);
         let want_grad = !matches!(grad, CeGrad::None);
         let _dz = want_grad.then(|| self.alloc(chunk * vocab, dt));
-        let e = element_bytes(dt) as f64;
+        let e = dt.size_bytes() as f64;
         for start in (0..rows).step_by(chunk) {
             let c = chunk.min(rows - start);
             let logits = (c * vocab) as f64;

@@ -25,7 +25,7 @@ use crate::model::{Batch, Checkpointing, Decoder, ModelConfig, Projection, Quant
 use crate::optim::{AdamW, LossScaler};
 use anyhow::{bail, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, DType};
-use meter::{element_bytes, MeterBackend, Op, OpKind, LM_HEAD_CHUNK_ELEMENTS};
+use meter::{MeterBackend, Op, OpKind, LM_HEAD_CHUNK_ELEMENTS};
 use roofline::{step_time, GpuKind, StepTime};
 
 /// One training setup to account for.
@@ -137,7 +137,7 @@ impl Plan {
         let pool_peak = be.peak_memory_bytes().unwrap_or(0);
         drop((model, lora, opt));
 
-        let e = element_bytes(spec.dtype) as u64;
+        let e = spec.dtype.size_bytes() as u64;
         let nf4 = spec.quantize.map(|q| Nf4Bytes::of(c, q));
         let dense = dense_weight_bytes(c, e);
         let (weights, index_bytes, scratch) = match &nf4 {
