@@ -378,13 +378,7 @@ impl<B: Backend> Decoder<B> {
                 be.prefetch(below)?;
             }
             let layer = &self.layers[l];
-            let recompute = |x| {
-                Ok::<_, anyhow::Error>(
-                    layer
-                        .forward(be, s, l, lora.as_deref(), Attend::Batch(batch), x)?
-                        .1,
-                )
-            };
+            let recompute = |x| layer.recompute(be, s, l, lora.as_deref(), batch, x);
             let full = match this {
                 Saved::Full(f) => f,
                 Saved::Input(x) => recompute(x)?,

@@ -99,6 +99,18 @@ impl<B: Backend> Attend<'_, B> {
     }
 }
 
+/// Why the layer's forward runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// For the layer's output (and what backward needs).
+    Forward,
+    /// Backward's recomputation under checkpointing: only what backward needs. The output
+    /// `mid + down_proj(act)` is not (the layer above was given it in the forward), so the down
+    /// projection's frozen GEMM, its LoRA `t Bᵀ` term and the residual add are skipped; its
+    /// `t = act Aᵀ` is kept. The saved tensors are the same as [`Pass::Forward`]'s.
+    Recompute,
+}
+
 /// q or k before its per-head RMSNorm, and the norm's `1/rms` per head: what its backward needs.
 struct HeadNormed<B: Backend> {
     raw: B::Tensor,
@@ -169,6 +181,36 @@ impl<B: Backend> LayerWeights<B> {
         attend: Attend<'_, B>,
         x: B::Tensor,
     ) -> Result<(B::Tensor, LayerSaved<B>)> {
+        let (out, saved) = self.run(be, s, layer, lora, attend, x, Pass::Forward)?;
+        Ok((out.expect("Pass::Forward computes the output"), saved))
+    }
+
+    /// Recomputes what backward needs from the layer input `x` (see [`Pass::Recompute`]).
+    pub fn recompute(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        lora: Option<&LoraParams<B>>,
+        batch: &Batch<B>,
+        x: B::Tensor,
+    ) -> Result<LayerSaved<B>> {
+        let attend = Attend::Batch(batch);
+        Ok(self.run(be, s, layer, lora, attend, x, Pass::Recompute)?.1)
+    }
+
+    /// The one layer forward; the output is `None` under [`Pass::Recompute`].
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        lora: Option<&LoraParams<B>>,
+        attend: Attend<'_, B>,
+        x: B::Tensor,
+        pass: Pass,
+    ) -> Result<(Option<B::Tensor>, LayerSaved<B>)> {
         let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
         let slot = |p: Projection| lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
@@ -265,9 +307,19 @@ impl<B: Backend> LayerWeights<B> {
         project(Projection::Up, &norm2, &mut up)?;
         let mut act = be.empty(n * s.inter, dt)?;
         be.swiglu(&gate, &up, &mut act)?;
-        let mut out = be.empty(n * s.hidden, dt)?;
-        project(Projection::Down, &act, &mut out)?;
-        be.axpy(1.0, &mid, &mut out)?;
+        let out = match pass {
+            Pass::Forward => {
+                let mut out = be.empty(n * s.hidden, dt)?;
+                project(Projection::Down, &act, &mut out)?;
+                be.axpy(1.0, &mid, &mut out)?;
+                Some(out)
+            }
+            Pass::Recompute => {
+                let down = Projection::Down;
+                lora_t[down.index()] = linear::lora_input(be, s.dims(down, n), &act, slot(down))?;
+                None
+            }
+        };
 
         let saved = LayerSaved {
             x,

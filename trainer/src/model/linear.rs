@@ -43,32 +43,53 @@ pub fn forward<B: Backend>(
         }
         None => 0.0,
     };
-    let t = match lora {
-        Some((lp, slot)) => {
-            let (a, b) = (&lp.compute[slot.a], &lp.compute[slot.a + 1]);
-            let mut t = be.empty(d.n * slot.rank, be.compute_dtype())?;
-            be.gemm(d.n, slot.rank, d.in_f, 1.0, x, false, a, true, 0.0, &mut t)?;
-            be.gemm(
-                d.n,
-                d.out_f,
-                slot.rank,
-                slot.scaling,
-                &t,
-                false,
-                b,
-                true,
-                beta,
-                y,
-            )?;
-            beta = 1.0;
-            Some(t)
-        }
-        None => None,
-    };
+    let t = lora_input(be, d, x, lora)?;
+    if let (Some((lp, slot)), Some(t)) = (lora, &t) {
+        let b = &lp.compute[slot.a + 1];
+        be.gemm(
+            d.n,
+            d.out_f,
+            slot.rank,
+            slot.scaling,
+            t,
+            false,
+            b,
+            true,
+            beta,
+            y,
+        )?;
+        beta = 1.0;
+    }
     frozen.weight.with_dense(be, |w| {
         Ok(be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, beta, y)?)
     })?;
     Ok(t)
+}
+
+/// `t = x Aᵀ [n, r]` of an adapted projection (what its backward needs); `None` when not adapted.
+pub fn lora_input<B: Backend>(
+    be: &B,
+    d: Dims,
+    x: &B::Tensor,
+    lora: Option<(&LoraParams<B>, LoraSlot)>,
+) -> Result<Option<B::Tensor>> {
+    let Some((lp, slot)) = lora else {
+        return Ok(None);
+    };
+    let mut t = be.empty(d.n * slot.rank, be.compute_dtype())?;
+    be.gemm(
+        d.n,
+        slot.rank,
+        d.in_f,
+        1.0,
+        x,
+        false,
+        &lp.compute[slot.a],
+        true,
+        0.0,
+        &mut t,
+    )?;
+    Ok(Some(t))
 }
 
 /// Adds `dL/dx` into `dx` (or writes it when `accumulate` is false) and adds the LoRA gradients.
