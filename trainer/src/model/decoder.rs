@@ -64,6 +64,21 @@ impl<B: Backend> Decoder<B> {
         let checkpoint_4bit = bnb_checkpoint::quantization_of(&config.raw)?.is_some();
         crate::arch::validate::check_no_unused_tensors(&config, files.names(), checkpoint_4bit)?;
         let dt = be.compute_dtype();
+        // A dense projection on the device: in the compute dtype, or in the dtype the file stores
+        // it in when it is to be quantized (so the quantizer reads the stored values exactly and
+        // writes the host quantizer's bytes); 16-bit files go up as their bits.
+        let upload = |name: &str, shape: &[usize], as_stored: bool| -> Result<B::Tensor> {
+            match files.bits_16(name, shape)? {
+                Some((stored, bits)) => {
+                    let bits = crate::arch::validate::finite_16bit(name, bits, stored)?;
+                    Ok(be.upload_16bit(&bits, stored, if as_stored { stored } else { dt })?)
+                }
+                None => {
+                    let values = crate::arch::validate::finite(name, files.f32(name, shape)?)?;
+                    Ok(be.upload(&values, if as_stored { DType::F32 } else { dt })?)
+                }
+            }
+        };
         let proj = |name: &str, [o, i]: [usize; 2]| -> Result<ProjWeight<B>> {
             let stored_4bit =
                 checkpoint_4bit && files.contains(&format!("{name}.quant_state.bitsandbytes__nf4"));
@@ -71,26 +86,8 @@ impl<B: Backend> Decoder<B> {
                 let w = bnb_checkpoint::read_nf4(files, name, [o, i])?;
                 return Ok(ProjWeight::Nf4(Nf4Tensor::upload(be, &w)?));
             }
-            if let Some((stored, bits)) = files.bits_16(name, &[o, i])? {
-                let bits = crate::arch::validate::finite_16bit(name, bits, stored)?;
-                return Ok(match quantize {
-                    // Quantized from the stored values themselves, as quantize_host does.
-                    Some(q) => ProjWeight::Nf4(Nf4Tensor::quantize(
-                        be,
-                        &be.upload_16bit(&bits, stored, stored)?,
-                        q,
-                    )?),
-                    None => ProjWeight::Dense(be.upload_16bit(&bits, stored, dt)?),
-                });
-            }
-            let dense = crate::arch::validate::finite(name, files.f32(name, &[o, i])?)?;
-            Ok(match quantize {
-                Some(q) => {
-                    let stored = files.info(name)?.1;
-                    ProjWeight::Nf4(Nf4Tensor::quantize_host(be, &dense, stored, q)?)
-                }
-                None => ProjWeight::Dense(be.upload(&dense, dt)?),
-            })
+            // Only one dense projection is on the device at a time: from_dense frees it once quantized.
+            ProjWeight::from_dense(be, upload(name, &[o, i], quantize.is_some())?, quantize)
         };
         Self::build(
             be,

@@ -5,8 +5,7 @@
 
 use anyhow::Result;
 use kernels::nf4::{Nf4Buffers, Nf4Weight};
-use kernels::{Backend, DType};
-use safetensors::Dtype;
+use kernels::Backend;
 
 /// Quantize a dense checkpoint's projections to NF4 at load (`[model] quantize = "nf4"`). As
 /// JSON: `{"format": "nf4", "double_quant": true}`.
@@ -47,20 +46,6 @@ impl<B: Backend> Nf4Tensor<B> {
         })
     }
 
-    /// Quantizes a checkpoint's projection on the backend: `values` are uploaded in `stored`, the
-    /// dtype the file holds them in (bf16 and f16 widen to f32 exactly, so the device reads the
-    /// host's values and writes the host quantizer's bytes), and the dense copy is freed before
-    /// this returns, so only one dense projection is ever on the device.
-    pub fn quantize_host(be: &B, values: &[f32], stored: Dtype, q: QuantizeNf4) -> Result<Self> {
-        let exact = match stored {
-            Dtype::BF16 => DType::BF16,
-            Dtype::F16 => DType::F16,
-            _ => DType::F32,
-        };
-        let dense = be.upload(values, exact)?;
-        Self::quantize(be, &dense, q)
-    }
-
     /// `out ← W'` in `out`'s dtype.
     pub fn dequantize_into(&self, be: &B, out: &mut B::Tensor) -> Result<()> {
         be.dequantize_nf4(&self.buffers.packed, self.buffers.absmax(), out)?;
@@ -95,6 +80,7 @@ mod tests {
     use super::*;
     use kernels::cpu::CpuBackend;
     use kernels::nf4::{bytes_to_words, Absmax, AbsmaxBuffers};
+    use kernels::DType;
 
     /// Values a bf16 checkpoint can hold (so uploading them as bf16 changes nothing).
     fn bf16_values(n: usize) -> Vec<f32> {
@@ -112,8 +98,8 @@ mod tests {
         let x = bf16_values(64 * 300 + 17);
         for double_quant in [false, true] {
             let want = Nf4Weight::quantize(&x, double_quant);
-            let q = Nf4Tensor::quantize_host(&be, &x, Dtype::BF16, QuantizeNf4 { double_quant })
-                .unwrap();
+            let dense = be.upload(&x, DType::BF16).unwrap();
+            let q = Nf4Tensor::quantize(&be, &dense, QuantizeNf4 { double_quant }).unwrap();
             assert_eq!(q.n, x.len());
             assert_eq!(q.buffers.packed, bytes_to_words(&want.packed));
             match (&q.buffers.absmax, &want.absmax) {
