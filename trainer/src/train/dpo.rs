@@ -147,19 +147,12 @@ impl Sums for DpoSums {
 
     /// Means over the pairs, named as TRL logs them.
     fn metrics(&self) -> Vec<(&'static str, f64)> {
-        let n = self.pairs.max(1.0);
-        let mut metrics = reward_metrics(
-            self.chosen_rewards,
-            self.rejected_rewards,
-            self.correct,
+        reward_metrics(
             self.pairs,
+            [self.chosen_rewards, self.rejected_rewards],
+            self.correct,
+            [self.policy_chosen, self.policy_rejected],
         )
-        .to_vec();
-        metrics.extend([
-            ("logps/chosen", self.policy_chosen / n),
-            ("logps/rejected", self.policy_rejected / n),
-        ]);
-        metrics
     }
 
     fn counts(&self) -> Vec<(&'static str, u64)> {

@@ -134,15 +134,12 @@ impl Sums for OrpoSums {
     fn metrics(&self) -> Vec<(&'static str, f64)> {
         let n = self.pairs.max(1.0);
         let mut metrics = reward_metrics(
-            self.chosen_rewards,
-            self.rejected_rewards,
-            self.correct,
             self.pairs,
-        )
-        .to_vec();
+            [self.chosen_rewards, self.rejected_rewards],
+            self.correct,
+            [self.chosen_avg_logp, self.rejected_avg_logp],
+        );
         metrics.extend([
-            ("logps/chosen", self.chosen_avg_logp / n),
-            ("logps/rejected", self.rejected_avg_logp / n),
             ("nll_loss", self.nll_loss()),
             ("log_odds_ratio", self.log_odds_ratio / n),
             ("log_odds_chosen", self.log_odds / n),

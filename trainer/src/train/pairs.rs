@@ -308,21 +308,26 @@ pub fn backward_from_sequences<B: Backend, R>(
     Ok(result)
 }
 
-/// TRL's reward metrics of a preference method, as means over `pairs`: `rewards/chosen`,
-/// `rewards/rejected`, `rewards/accuracies` (share of pairs with chosen > rejected) and
-/// `rewards/margins` (chosen − rejected).
+/// TRL's metrics of a preference method, as means over `pairs`: `rewards/chosen`,
+/// `rewards/rejected`, `rewards/accuracies` (share of pairs with chosen > rejected),
+/// `rewards/margins` (chosen − rejected), and `logps/chosen`, `logps/rejected` (the policy's
+/// completion log-probabilities: sums for DPO, token means for ORPO). `rewards` and `logps` are
+/// `[chosen, rejected]` sums.
 pub fn reward_metrics(
-    chosen: f64,
-    rejected: f64,
-    correct: f64,
     pairs: f64,
-) -> [(&'static str, f64); 4] {
+    rewards: [f64; 2],
+    correct: f64,
+    logps: [f64; 2],
+) -> Vec<(&'static str, f64)> {
     let n = pairs.max(1.0);
-    [
+    let [chosen, rejected] = rewards;
+    vec![
         ("rewards/chosen", chosen / n),
         ("rewards/rejected", rejected / n),
         ("rewards/accuracies", correct / n),
         ("rewards/margins", (chosen - rejected) / n),
+        ("logps/chosen", logps[0] / n),
+        ("logps/rejected", logps[1] / n),
     ]
 }
 
