@@ -45,7 +45,7 @@ TOML
 CPU_PID=$!
 
 echo "== 1. fixtures on the GPU in f32"
-"$BIN" check-reference --backend cuda --dtype f32 "$FIXTURES/tiny-llama" "$FIXTURES/tiny-mistral" \
+"$BIN" check-reference --backend cuda --dtype f32 "$FIXTURES"/tiny-* "$FIXTURES/nf4-quant" \
   "$FIXTURES/smollm2-tokenizer" 2>&1 | tee "$OUT/check-reference-cuda-f32.log" | grep -E "^==|^FAIL|passed,"
 
 echo "== 2. 100-step runs"
