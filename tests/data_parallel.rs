@@ -77,7 +77,15 @@ fn dataset(root: &Path) -> PathBuf {
     path
 }
 
-fn write_config(path: &Path, model: &Path, train: &[PathBuf], out: &Path, accum: usize) {
+/// `model_keys`: extra `[model]` lines (e.g. `quantize = "nf4"`).
+fn write_config(
+    path: &Path,
+    model: &Path,
+    model_keys: &str,
+    train: &[PathBuf],
+    out: &Path,
+    accum: usize,
+) {
     let list: Vec<String> = train
         .iter()
         .map(|p| format!("{:?}", p.display().to_string()))
@@ -86,6 +94,7 @@ fn write_config(path: &Path, model: &Path, train: &[PathBuf], out: &Path, accum:
         r#"[model]
 path = {model:?}
 backend = "cpu"
+{model_keys}
 
 [lora]
 r = 4
@@ -122,7 +131,7 @@ fn prepared(root: &Path) -> (PathBuf, Vec<PathBuf>) {
     let model = model_folder(root);
     let data = dataset(root);
     let cfg = root.join("prepare.toml");
-    write_config(&cfg, &model, &[data], &root.join("unused"), 1);
+    write_config(&cfg, &model, "", &[data], &root.join("unused"), 1);
     let out = Command::new(fuselora())
         .args(["prepare-data", "--examples-per-shard", "20", "--config"])
         .arg(&cfg)
@@ -233,15 +242,24 @@ fn relative_difference(a: &[f32], b: &[f32]) -> f64 {
     (diff / norm.max(1e-30)).sqrt()
 }
 
-/// N ranks × accumulation 2 against 1 rank × accumulation 2N, plus the shard trace.
-fn ranks_match_one_rank_with_the_same_global_batch(ranks: usize) {
+/// N ranks × accumulation 2 against 1 rank × accumulation 2N, plus the shard trace; `model_keys`
+/// go into both runs' `[model]` section. The adapters may differ by `tolerance` (relative): the sums
+/// run in another order in f32, and Adam's `m / √v` magnifies that where a gradient is small.
+fn ranks_match_one_rank_with_the_same_global_batch(ranks: usize, model_keys: &str, tolerance: f64) {
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
     let (model, shards) = prepared(root);
     let (multi_cfg, single_cfg) = (root.join("multi.toml"), root.join("single.toml"));
     let (multi_out, single_out) = (root.join("multi"), root.join("single"));
-    write_config(&multi_cfg, &model, &shards, &multi_out, 2);
-    write_config(&single_cfg, &model, &shards, &single_out, 2 * ranks);
+    write_config(&multi_cfg, &model, model_keys, &shards, &multi_out, 2);
+    write_config(
+        &single_cfg,
+        &model,
+        model_keys,
+        &shards,
+        &single_out,
+        2 * ranks,
+    );
     let trace = root.join("trace");
 
     let out = run_with_limit(
@@ -254,6 +272,11 @@ fn ranks_match_one_rank_with_the_same_global_batch(ranks: usize) {
         stderr.contains(&format!("{ranks} ranks (mpi ({ranks} ranks))")),
         "{stderr}"
     );
+    if model_keys.contains("nf4") {
+        // Every rank quantizes its own copy at load.
+        let quantized = stderr.matches("quantized to NF4").count();
+        assert_eq!(quantized, ranks, "{stderr}");
+    }
     let out = run_with_limit(&mut mpirun(1, &single_cfg, &[]), Duration::from_secs(240));
     assert!(
         out.status.success(),
@@ -278,7 +301,7 @@ fn ranks_match_one_rank_with_the_same_global_batch(ranks: usize) {
     for ((name, m), (_, s)) in multi.iter().zip(&single) {
         let rel = relative_difference(m, s);
         worst = worst.max(rel);
-        assert!(rel <= 1e-6, "{name}: relative difference {rel:e}");
+        assert!(rel <= tolerance, "{name}: relative difference {rel:e}");
         moved += usize::from(name.contains("lora_B") && s.iter().any(|&x| x != 0.0));
     }
     assert_eq!(moved, 21, "a B left zero: training did not move it");
@@ -309,12 +332,18 @@ fn ranks_match_one_rank_with_the_same_global_batch(ranks: usize) {
 
 #[test]
 fn two_ranks_match_one_rank() {
-    ranks_match_one_rank_with_the_same_global_batch(2);
+    ranks_match_one_rank_with_the_same_global_batch(2, "", 1e-6);
+}
+
+#[test]
+fn two_ranks_match_one_rank_with_nf4_weights() {
+    // Measured: 1.1e-6 at worst (2026-12-02).
+    ranks_match_one_rank_with_the_same_global_batch(2, "quantize = \"nf4\"", 1e-5);
 }
 
 #[test]
 fn three_ranks_match_one_rank() {
-    ranks_match_one_rank_with_the_same_global_batch(3);
+    ranks_match_one_rank_with_the_same_global_batch(3, "", 1e-6);
 }
 
 #[test]
@@ -323,7 +352,7 @@ fn a_rank_failing_mid_run_stops_the_job() {
     let root = root.path();
     let (model, shards) = prepared(root);
     let cfg = root.join("run.toml");
-    write_config(&cfg, &model, &shards, &root.join("out"), 1);
+    write_config(&cfg, &model, "", &shards, &root.join("out"), 1);
     let step = Path::new("3");
     let rank = Path::new("1");
     let out = run_with_limit(
@@ -355,7 +384,7 @@ fn launch_runs_the_training_as_rank_0_with_prefixed_output() {
     let root = root.path();
     let (model, shards) = prepared(root);
     let cfg = root.join("run.toml");
-    write_config(&cfg, &model, &shards, &root.join("out"), 4);
+    write_config(&cfg, &model, "", &shards, &root.join("out"), 4);
     let out = run_with_limit(
         Command::new(fuselora())
             .args(["launch", "--nproc-per-node", "1", "--", "train", "--config"])
