@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use support::{fixtures, tiny_chat_model};
 use trainer::gguf::names::unpermute_rows;
-use trainer::gguf::{GgufFile, MetaValue, QuantType};
+use trainer::gguf::{FileType, GgufFile, MetaValue};
 use trainer::model::weights::{to_f32, WeightFiles};
 use trainer::model::{Batch, Checkpointing, Decoder, ModelConfig};
 
@@ -142,7 +142,7 @@ fn an_adapter_merged_on_the_fly_equals_exporting_the_merged_model() {
     ]);
     assert!(said.contains("21 adapted projections merged"), "{said}");
     let from_merged = dir.path().join("from-merged.gguf");
-    trainer::gguf::export_gguf(&merged, None, &from_merged, QuantType::Q4_0).unwrap();
+    trainer::gguf::export_gguf(&merged, None, &from_merged, FileType::Q4_0).unwrap();
     let (a, b) = (
         GgufFile::open(&on_the_fly).unwrap(),
         GgufFile::open(&from_merged).unwrap(),
@@ -153,7 +153,7 @@ fn an_adapter_merged_on_the_fly_equals_exporting_the_merged_model() {
         assert_eq!(a.tensor_bytes(ta), b.tensor_bytes(tb), "{}", ta.name);
     }
     let without = dir.path().join("without.gguf");
-    trainer::gguf::export_gguf(&model, None, &without, QuantType::Q4_0).unwrap();
+    trainer::gguf::export_gguf(&model, None, &without, FileType::Q4_0).unwrap();
     let c = GgufFile::open(&without).unwrap();
     let q = a.tensor("blk.0.attn_q.weight").unwrap();
     assert_ne!(
@@ -229,7 +229,7 @@ fn a_tokenizer_llama_cpp_cannot_take_is_refused_by_name() {
     json["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
     std::fs::write(&path, json.to_string()).unwrap();
     let out = dir.path().join("x.gguf");
-    let e = trainer::gguf::export_gguf(&model, None, &out, QuantType::F16).unwrap_err();
+    let e = trainer::gguf::export_gguf(&model, None, &out, FileType::F16).unwrap_err();
     let e = format!("{e:#}");
     assert!(
         e.contains("tokenizer.json")
@@ -405,7 +405,7 @@ fn add_bos_comes_from_the_post_processor_when_tokenizer_config_is_silent() {
     };
     let flags = |name: &str| {
         let out = dir.path().join(name);
-        trainer::gguf::export_gguf(&model, None, &out, QuantType::F16).unwrap();
+        trainer::gguf::export_gguf(&model, None, &out, FileType::F16).unwrap();
         let f = GgufFile::open(&out).unwrap();
         (
             f.get("tokenizer.ggml.add_bos_token").cloned(),
