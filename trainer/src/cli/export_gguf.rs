@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use trainer::gguf::QuantType;
+use trainer::gguf::FileType;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,9 +17,10 @@ pub struct Args {
     /// The GGUF file to write (atomically).
     #[arg(long)]
     out: PathBuf,
-    /// The type of the matrices; vectors stay f32, matrices whose rows are not whole blocks f16.
+    /// The type of the matrices (vectors stay f32): one type for all, matrices whose rows are not
+    /// whole blocks f16; or a K-quant mix, each tensor's type chosen as llama-quantize does.
     #[arg(long = "type", value_enum, default_value = "f16")]
-    ty: QuantType,
+    ty: FileType,
     /// Write only the adapter, as a llama.cpp GGUF LoRA adapter (`llama-cli --lora FILE`).
     #[arg(long)]
     lora_only: bool,

@@ -2,14 +2,14 @@
 //! llama.cpp GGUF file, as llama.cpp's convert_hf_to_gguf.py writes it; or, with `--lora-only`, the
 //! adapter alone as a GGUF LoRA adapter, as convert_lora_to_gguf.py writes it.
 //!
-//! - Names and the Q/K row permutation: [`super::names`]. Vectors (norms) stay F32; a matrix whose
-//!   rows are not whole blocks of the chosen type falls back to F16 (convert_hf_to_gguf.py does the
-//!   same on `QuantError`).
+//! - Names and the Q/K row permutation: [`super::names`]. The type of each tensor:
+//!   [`super::file_type`] (vectors F32; one type for every matrix, or llama-quantize's K-quant mixes).
 //! - Metadata: `general.*`, the `llama.*` hyper-parameters (Llama and Mistral checkpoints are both
 //!   llama.cpp's `llama` architecture), rope settings, and the tokenizer ([`super::vocab`]).
 //! - Llama 3.1 rope scaling is written as llama.cpp expects it: a `rope_freqs.weight` tensor of
 //!   per-frequency divisors (convert_hf_to_gguf.py `LlamaModel.generate_extra_tensors`).
 
+use super::file_type::{FileType, ModelLayout};
 use super::names::{gguf_name, permute_rows, Rows};
 use super::quant::QuantType;
 use super::reader::MetaValue;
@@ -52,13 +52,15 @@ fn rope_permuted(config: &ModelConfig) -> bool {
     gguf_arch(config) == "llama"
 }
 
-/// The type a tensor of `hf_shape` is stored in when the file's type is `ty`.
-fn storage_type(hf_shape: &[usize], ty: QuantType) -> QuantType {
-    match hf_shape {
-        [_] => QuantType::F32,
-        [.., row] if row % ty.block_elements() != 0 => QuantType::F16,
-        _ => ty,
-    }
+/// What the K-quant mixes need of the model; `tied_head`: the file has no `output.weight`.
+fn model_layout(config: &ModelConfig, tied_head: bool) -> ModelLayout {
+    ModelLayout::new(
+        gguf_arch(config),
+        config.num_layers,
+        config.num_heads,
+        config.num_kv_heads,
+        tied_head,
+    )
 }
 
 fn type_name(ty: QuantType) -> &'static str {
@@ -88,15 +90,15 @@ pub fn export_gguf(
     model: &Path,
     adapter: Option<&Path>,
     out: &Path,
-    ty: QuantType,
+    ty: FileType,
 ) -> Result<ExportSummary> {
     let merged = MergedTensors::open(model, adapter)?;
     let config = &merged.config;
     let arch = gguf_arch(config);
     let mut w = GgufWriter::default();
     general_metadata(&mut w, arch, model, "model");
-    w.add("general.file_type", MetaValue::U32(ty.file_type()));
-    if ty.is_quantized() {
+    w.add("general.file_type", MetaValue::U32(ty.id()));
+    if ty.base_type().is_quantized() {
         // GGML_QNT_VERSION of ggml.h, which gguf-py writes with every quantized file.
         w.add("general.quantization_version", MetaValue::U32(2));
     }
@@ -108,8 +110,11 @@ pub fn export_gguf(
         w.add(key, value);
     }
 
+    let names = merged.names();
+    let has_head = names.iter().any(|n| n == "lm_head.weight");
+    let layout = model_layout(config, config.tie_word_embeddings || !has_head);
     let mut planned = Vec::new();
-    for name in merged.names() {
+    for name in names {
         if name == "lm_head.weight" && config.tie_word_embeddings {
             continue;
         }
@@ -122,8 +127,8 @@ pub fn export_gguf(
         })?;
         let hf_shape = merged.shape(&name)?;
         planned.push(Planned {
+            ty: ty.tensor_type(&gguf, &hf_shape, &layout),
             name: gguf,
-            ty: storage_type(&hf_shape, ty),
             hf_shape,
             source: Source::Model(name),
             rows,
@@ -161,12 +166,20 @@ pub fn export_lora_gguf(
     model: &Path,
     adapter: &Path,
     out: &Path,
-    ty: QuantType,
+    ty: FileType,
 ) -> Result<ExportSummary> {
+    if ty.is_k_mix() {
+        bail!(
+            "--type {} is one of llama-quantize's mixes for a whole model; write the adapter \
+             (--lora-only) as f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1",
+            ty.name()
+        );
+    }
     let config = ModelConfig::load(model)?;
     let be = CpuBackend::new();
     let lora = peft::load(&be, &config, adapter)?;
     let arch = gguf_arch(&config);
+    let layout = model_layout(&config, config.tie_word_embeddings);
     let mut w = GgufWriter::default();
     general_metadata(&mut w, arch, adapter, "adapter");
     w.add("adapter.type", MetaValue::String("lora".into()));
@@ -192,9 +205,10 @@ pub fn export_lora_gguf(
                 ("lora_b", slot.a + 1, rows),
             ] {
                 let hf_shape = lora.shapes[index].to_vec();
+                let name = format!("{gguf}.{suffix}");
                 planned.push(Planned {
-                    name: format!("{gguf}.{suffix}"),
-                    ty: storage_type(&hf_shape, ty),
+                    ty: ty.tensor_type(&name, &hf_shape, &layout),
+                    name,
                     hf_shape,
                     source: Source::Values(be.download(&lora.params[index])?),
                     rows,

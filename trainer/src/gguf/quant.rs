@@ -1,30 +1,30 @@
-//! f32 → ggml tensor types, bit-exact with gguf-py's reference quantizers (`gguf.quants.quantize`,
-//! gguf 0.19), which are written to match `quantize_row_*_ref` of ggml-quants.c.
+//! f32 → ggml tensor types. F16/BF16 and the legacy 32-value types are bit-exact with gguf-py's
+//! reference quantizers (`gguf.quants.quantize`, gguf 0.19), which are written to match
+//! `quantize_row_*_ref` of ggml-quants.c; the K-quants ([`super::kquant`]) follow ggml-quants.c itself.
 //!
 //! Every step is done in f32 in the same order as there (one rounding per operation, no fused
 //! multiply-add), and scales are rounded to f16 with round-to-nearest-even like numpy's `astype`.
 //! The block layouts are the ones [`super::dequant`] reads.
 
+use super::kquant::{self, QK_K};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// A type `export-gguf` can write tensors in (ggml's names).
+/// A ggml type `export-gguf` can write a tensor in (ggml's names).
 #[allow(non_camel_case_types)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantType {
     F32,
     F16,
     Bf16,
-    #[value(name = "q8_0")]
     Q8_0,
-    #[value(name = "q4_0")]
     Q4_0,
-    #[value(name = "q4_1")]
     Q4_1,
-    #[value(name = "q5_0")]
     Q5_0,
-    #[value(name = "q5_1")]
     Q5_1,
+    Q4_K,
+    Q5_K,
+    Q6_K,
 }
 
 impl QuantType {
@@ -38,28 +38,18 @@ impl QuantType {
             QuantType::Q5_0 => 6,
             QuantType::Q5_1 => 7,
             QuantType::Q8_0 => 8,
+            QuantType::Q4_K => 12,
+            QuantType::Q5_K => 13,
+            QuantType::Q6_K => 14,
             QuantType::Bf16 => 30,
         }
     }
 
-    /// `general.file_type` of a model whose matrices are of this type (llama.h `llama_ftype`).
-    pub fn file_type(self) -> u32 {
-        match self {
-            QuantType::F32 => 0,
-            QuantType::F16 => 1,
-            QuantType::Q4_0 => 2,
-            QuantType::Q4_1 => 3,
-            QuantType::Q8_0 => 7,
-            QuantType::Q5_0 => 8,
-            QuantType::Q5_1 => 9,
-            QuantType::Bf16 => 32,
-        }
-    }
-
-    /// Values per block (1 for the float types).
+    /// Values per block (1 for the float types): a row must hold whole blocks.
     pub fn block_elements(self) -> usize {
         match self {
             QuantType::F32 | QuantType::F16 | QuantType::Bf16 => 1,
+            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => QK_K,
             _ => 32,
         }
     }
@@ -81,25 +71,33 @@ impl QuantType {
                 .iter()
                 .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
                 .collect(),
-            QuantType::Q8_0 => blocks(values, 34, q8_0_block),
-            QuantType::Q4_0 => blocks(values, 18, q4_0_block),
-            QuantType::Q4_1 => blocks(values, 20, q4_1_block),
-            QuantType::Q5_0 => blocks(values, 22, q5_0_block),
-            QuantType::Q5_1 => blocks(values, 24, q5_1_block),
+            QuantType::Q8_0 => blocks(values, 32, 34, q8_0_block),
+            QuantType::Q4_0 => blocks(values, 32, 18, q4_0_block),
+            QuantType::Q4_1 => blocks(values, 32, 20, q4_1_block),
+            QuantType::Q5_0 => blocks(values, 32, 22, q5_0_block),
+            QuantType::Q5_1 => blocks(values, 32, 24, q5_1_block),
+            QuantType::Q4_K => blocks(values, QK_K, kquant::Q4_K_BYTES, kquant::q4_k_block),
+            QuantType::Q5_K => blocks(values, QK_K, kquant::Q5_K_BYTES, kquant::q5_k_block),
+            QuantType::Q6_K => blocks(values, QK_K, kquant::Q6_K_BYTES, kquant::q6_k_block),
         }
     }
 }
 
-/// Quantizes every 32-value block of `values` with `block`, in parallel.
-fn blocks(values: &[f32], block_bytes: usize, block: fn(&[f32], &mut [u8])) -> Vec<u8> {
+/// Quantizes every `block_elements`-value block of `values` with `block`, in parallel.
+fn blocks(
+    values: &[f32],
+    block_elements: usize,
+    block_bytes: usize,
+    block: fn(&[f32], &mut [u8]),
+) -> Vec<u8> {
     assert!(
-        values.len().is_multiple_of(32),
-        "{} values are not whole blocks of 32",
+        values.len().is_multiple_of(block_elements),
+        "{} values are not whole blocks of {block_elements}",
         values.len()
     );
-    let mut out = vec![0u8; values.len() / 32 * block_bytes];
+    let mut out = vec![0u8; values.len() / block_elements * block_bytes];
     out.par_chunks_mut(block_bytes)
-        .zip(values.par_chunks(32))
+        .zip(values.par_chunks(block_elements))
         .for_each(|(y, x)| block(x, y));
     out
 }
