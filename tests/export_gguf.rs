@@ -375,8 +375,13 @@ fn check_with_gguf_py(gguf: &Path, model: &Path, ty: &str) -> String {
     text
 }
 
-#[test]
-fn gguf_py_reads_every_type_bit_exact_with_its_quantizers() {
+/// Exports a test model (`make(dir, name)`) as each of `types` and checks every file with gguf-py
+/// (scripts/check-gguf-export.py), which must find all `tensors`; skips, saying why, without gguf-py.
+fn export_each_and_check_with_gguf_py(
+    make: fn(&Path, &str) -> PathBuf,
+    types: &[&str],
+    tensors: usize,
+) {
     if let Err(why) = gguf_py() {
         println!(
             "SKIPPED: llama.cpp's Python package is not importable ({why}); pip install gguf numpy"
@@ -384,8 +389,8 @@ fn gguf_py_reads_every_type_bit_exact_with_its_quantizers() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_chat_model(dir.path(), "model");
-    for ty in ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] {
+    let model = make(dir.path(), "model");
+    for ty in types {
         let out = dir.path().join(format!("{ty}.gguf"));
         fuselora(&[
             "export-gguf",
@@ -398,8 +403,14 @@ fn gguf_py_reads_every_type_bit_exact_with_its_quantizers() {
         ]);
         let said = check_with_gguf_py(&out, &model, ty);
         println!("{ty}: {said}");
-        assert!(said.contains("OK: 30 tensors"), "{said}");
+        assert!(said.contains(&format!("OK: {tensors} tensors")), "{said}");
     }
+}
+
+#[test]
+fn gguf_py_reads_every_type_bit_exact_with_its_quantizers() {
+    let types = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"];
+    export_each_and_check_with_gguf_py(tiny_chat_model, &types, 30);
 }
 
 #[test]
@@ -448,29 +459,8 @@ fn q4_k_m_gives_llama_quantizes_types_and_comes_back_within_its_error() {
 
 #[test]
 fn gguf_py_decodes_every_k_mix_as_fuselora_does() {
-    if let Err(why) = gguf_py() {
-        println!(
-            "SKIPPED: llama.cpp's Python package is not importable ({why}); pip install gguf numpy"
-        );
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let model = wide_chat_model(dir.path(), "wide");
-    for ty in ["q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"] {
-        let out = dir.path().join(format!("{ty}.gguf"));
-        fuselora(&[
-            "export-gguf",
-            "--model",
-            s(&model),
-            "--out",
-            s(&out),
-            "--type",
-            ty,
-        ]);
-        let said = check_with_gguf_py(&out, &model, ty);
-        println!("{ty}: {said}");
-        assert!(said.contains("OK: 75 tensors"), "{said}");
-    }
+    let types = ["q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"];
+    export_each_and_check_with_gguf_py(wide_chat_model, &types, 75);
 }
 
 /// Greedy decoding without a KV cache.
