@@ -3,7 +3,8 @@
 # checks, the fixtures on the GPU in f32, the attention and GEMM micro-benchmarks, then scripts/bench-gpu.sh with per-op profiles and
 # the Hugging Face baseline. Results are packed into OUT/results.tgz after every stage, so a run cut
 # short still returns what it measured.
-# usage: scripts/gpu-profile-round.sh FUSELORA_BIN CUDA_MATCHES_CPU_TEST_BIN OUT_DIR
+# CPU=0 skips the last stage, the CPU backend against torch on two of the host's cores.
+# usage: [CPU=0] scripts/gpu-profile-round.sh FUSELORA_BIN CUDA_MATCHES_CPU_TEST_BIN OUT_DIR
 set -uo pipefail
 BIN=$1 KTEST=$2 OUT=$3
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
@@ -25,5 +26,15 @@ pack
 echo "== bench set (profiled) with the HF + PEFT baseline"
 PROFILE=1 "$SCRIPTS/bench-gpu.sh" "$BIN" "$RES/bench" | tee "$RES/bench-table.md"
 pack
+if [ "${CPU:-1}" != 0 ]; then
+  # The CPU backend against torch on two of the host's cores (docs/benchmarks.md, issue #20).
+  echo "== CPU backend against torch, cores 2,3"
+  cpu_args=(--preset smollm2-135m --batch 2 --seq 512 --warmup 1 --steps 3)
+  OMP_NUM_THREADS=2 RAYON_NUM_THREADS=2 taskset -c 2,3 "$BIN" bench --backend cpu --dtype f32 \
+    --checkpointing off "${cpu_args[@]}" 2>&1 | grep -E "tokens/s|step time" | tee "$RES/cpu-fuselora.txt"
+  OMP_NUM_THREADS=2 taskset -c 2,3 python3 "$SCRIPTS/bench-hf-peft.py" --device cpu --no-checkpointing \
+    "${cpu_args[@]}" 2>&1 | tail -1 | tee "$RES/cpu-torch.txt"
+  pack
+fi
 kill $PACKER
 pack
