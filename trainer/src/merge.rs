@@ -19,6 +19,9 @@ use safetensors::Dtype;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// A tensor as written: name, shape, dtype and little-endian bytes.
+type StoredTensor = (String, Vec<usize>, Dtype, Vec<u8>);
+
 /// Shards are cut before they pass this many bytes (transformers' default `max_shard_size`).
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
 
@@ -194,7 +197,7 @@ pub fn merge(
     let merged = MergedTensors::open(base, Some(adapter))?;
     let (config, dequantized_to) = (&merged.config, merged.dequantized_to);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut shards: Vec<Vec<(String, Vec<usize>, Dtype, Vec<u8>)>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<StoredTensor>> = vec![Vec::new()];
     let mut shard_bytes = 0usize;
     let mut total_bytes = 0usize;
     for name in merged.names() {

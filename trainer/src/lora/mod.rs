@@ -32,6 +32,9 @@ impl LoraConfig {
     }
 }
 
+/// One LoRA parameter on the host: its PEFT name, `[rows, cols]` and values.
+pub type HostParam = (String, [usize; 2], Vec<f32>);
+
 /// Where one adapted projection's tensors live in [`LoraParams`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LoraSlot {
@@ -151,7 +154,7 @@ impl<B: Backend> LoraParams<B> {
     }
 
     /// Downloads every parameter (name, shape, values) — for saving adapters.
-    pub fn download_params(&self, backend: &B) -> Result<Vec<(String, [usize; 2], Vec<f32>)>> {
+    pub fn download_params(&self, backend: &B) -> Result<Vec<HostParam>> {
         self.names
             .iter()
             .zip(&self.shapes)
