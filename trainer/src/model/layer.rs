@@ -100,7 +100,7 @@ impl<B: Backend> Attend<'_, B> {
 }
 
 /// Why the layer's forward runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum Pass {
     /// For the layer's output (and what backward needs).
     Forward,

@@ -485,8 +485,6 @@ impl ModelSection {
 }
 
 impl RunConfig {
-    /// Reads `path`, applies `key=value` overrides (dotted keys, TOML values), resolves relative
-    /// paths against the config's folder, and validates.
     /// The files and folders the run reads, with the key that names each: an output folder must
     /// not hold them (output_dir.rs).
     pub fn input_paths(&self) -> Vec<(&'static str, &Path)> {
@@ -504,6 +502,8 @@ impl RunConfig {
         inputs
     }
 
+    /// Reads `path`, applies `key=value` overrides (dotted keys, TOML values), resolves relative
+    /// paths against the config's folder, and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
