@@ -149,12 +149,9 @@ impl FileType {
             return fitting(self.base_type(), row).unwrap_or(QuantType::F16);
         }
         let head = name == "output.weight" || model.tied_head && name == "token_embd.weight";
+        // The head's fallback (rows not whole super-blocks) is Q6_K's, Q8_0.
         let chosen = if head {
-            if row.is_multiple_of(256) {
-                QuantType::Q6_K
-            } else {
-                QuantType::Q8_0
-            }
+            QuantType::Q6_K
         } else {
             self.layer_type(name, model)
         };
@@ -163,33 +160,27 @@ impl FileType {
             .unwrap_or(QuantType::F16)
     }
 
-    /// The K mix's choice for a tensor that is not the head.
+    /// The K mix's choice for a tensor that is not the head: more bits for some layers' attn_v
+    /// and ffn_down (llama.cpp counts those tensors in file order: layer order here).
     fn layer_type(self, name: &str, model: &ModelLayout) -> QuantType {
         let base = self.base_type();
-        let Some(layer) = layer_of(name) else {
+        let is_v = name.contains("attn_v.weight");
+        let Some(layer) = layer_of(name).filter(|_| is_v || name.contains("ffn_down")) else {
             return base;
         };
         let n = model.layers;
-        if name.contains("attn_v.weight") {
-            // llama.cpp counts attn_v tensors in file order: layer order here.
-            let chosen = match self {
-                FileType::Q4_K_M | FileType::Q5_K_M if use_more_bits(layer, n) => QuantType::Q6_K,
-                FileType::Q4_K_S if layer < 4 => QuantType::Q5_K,
-                _ => base,
-            };
-            if model.seventy_b && chosen == QuantType::Q4_K {
-                return QuantType::Q5_K;
-            }
-            return chosen;
+        // Q4_K_S: attn_v of layers 0–3, ffn_down of the first eighth.
+        let q4_k_s_more = if is_v { layer < 4 } else { layer < n / 8 };
+        let chosen = match self {
+            FileType::Q4_K_M | FileType::Q5_K_M if use_more_bits(layer, n) => QuantType::Q6_K,
+            FileType::Q4_K_S if q4_k_s_more => QuantType::Q5_K,
+            _ => base,
+        };
+        if is_v && model.seventy_b && chosen == QuantType::Q4_K {
+            QuantType::Q5_K
+        } else {
+            chosen
         }
-        if name.contains("ffn_down") {
-            return match self {
-                FileType::Q4_K_M | FileType::Q5_K_M if use_more_bits(layer, n) => QuantType::Q6_K,
-                FileType::Q4_K_S if layer < n / 8 => QuantType::Q5_K,
-                _ => base,
-            };
-        }
-        base
     }
 }
 

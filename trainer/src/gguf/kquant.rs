@@ -77,8 +77,8 @@ pub fn q5_k_block(x: &[f32], y: &mut [u8]) {
     for (v, &q) in b.q.iter().enumerate() {
         qh[v % 32] |= (q >> 4) << (v / 32);
     }
-    let low: Vec<u8> = b.q.iter().map(|q| q & 0x0F).collect();
-    pack_nibbles(&low, &mut y[48..176]);
+    // pack_nibbles keeps each value's low 4 bits (a u8 shift drops bit 4, stored in qh above).
+    pack_nibbles(&b.q, &mut y[48..176]);
 }
 
 /// Q4_K/Q5_K's `qs`: value `64c + l` in the low nibble of `qs[32c + l]`, value `64c + 32 + l` in the
