@@ -13,6 +13,7 @@ use std::process::Command;
 use support::{fixtures, tiny_chat_model};
 use trainer::gguf::names::{gguf_name, unpermute_rows};
 use trainer::gguf::{FileType, GgufFile, MetaValue};
+use trainer::io::write_safetensors_f32;
 use trainer::model::weights::{to_f32, WeightFiles};
 use trainer::model::{Batch, Checkpointing, Decoder, ModelConfig};
 
@@ -50,37 +51,26 @@ fn bf16(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
-/// Exports `model` as `ty` through the binary, imports the file back, returns the imported folder.
-fn round_trip(model: &Path, ty: &str, dir: &Path) -> (PathBuf, String) {
-    let gguf = dir.join(format!("model-{ty}.gguf"));
-    let said = fuselora(&[
+/// `fuselora export-gguf --model MODEL --out OUT --type TY`; returns what it printed.
+fn export(model: &Path, out: &Path, ty: &str) -> String {
+    fuselora(&[
         "export-gguf",
         "--model",
         s(model),
         "--out",
-        s(&gguf),
+        s(out),
         "--type",
         ty,
-    ]);
+    ])
+}
+
+/// Exports `model` as `ty` through the binary, imports the file back, returns the imported folder.
+fn round_trip(model: &Path, ty: &str, dir: &Path) -> (PathBuf, String) {
+    let gguf = dir.join(format!("model-{ty}.gguf"));
+    let said = export(model, &gguf, ty);
     let back = dir.join(format!("back-{ty}"));
     fuselora(&["import-gguf", s(&gguf), "--out", s(&back)]);
     (back, said)
-}
-
-/// Writes f32 tensors to a safetensors file, each flat.
-fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<f32>)]) {
-    let bytes: Vec<(String, Vec<u8>, usize)> = tensors
-        .iter()
-        .map(|(name, v)| {
-            let b = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            (name.clone(), b, v.len())
-        })
-        .collect();
-    let views = bytes.iter().map(|(name, b, n)| {
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], b);
-        (name.as_str(), view.unwrap())
-    });
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
 /// `dir/name`: tiny-llama's architecture at sizes whose rows are whole K-quant super-blocks (hidden
@@ -124,7 +114,7 @@ fn wide_chat_model(dir: &Path, name: &str) -> PathBuf {
         }
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(256);
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = shapes
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
@@ -140,19 +130,10 @@ fn wide_chat_model(dir: &Path, name: &str) -> PathBuf {
                     })
                     .collect()
             };
-            let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-            (name, shape, bytes)
+            (name, shape, values)
         })
         .collect();
-    let views = tensors.iter().map(|(name, shape, b)| {
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b);
-        (name.as_str(), view.unwrap())
-    });
-    std::fs::write(
-        m.join("model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
+    write_safetensors_f32(&m.join("model.safetensors"), &tensors).unwrap();
     m
 }
 
@@ -355,14 +336,17 @@ fn gguf_py() -> Result<(), String> {
 /// K-quant tensor (which gguf-py can decode but not encode) to compare with gguf-py's.
 fn check_with_gguf_py(gguf: &Path, model: &Path, ty: &str) -> String {
     let file = GgufFile::open(gguf).unwrap();
-    let k_tensors: Vec<(String, Vec<f32>)> = file
+    let k_tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
         .tensors
         .iter()
         .filter(|t| file.tensor_type(t).name().ends_with("_K"))
-        .map(|t| (t.name.clone(), file.dequantize(t).unwrap()))
+        .map(|t| {
+            let values = file.dequantize(t).unwrap();
+            (t.name.clone(), vec![values.len()], values)
+        })
         .collect();
     let ours = gguf.with_extension("k-dequantized.safetensors");
-    write_f32_safetensors(&ours, &k_tensors);
+    write_safetensors_f32(&ours, &k_tensors).unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/check-gguf-export.py");
     let run = Command::new("python3")
         .arg(script)
@@ -392,15 +376,7 @@ fn export_each_and_check_with_gguf_py(
     let model = make(dir.path(), "model");
     for ty in types {
         let out = dir.path().join(format!("{ty}.gguf"));
-        fuselora(&[
-            "export-gguf",
-            "--model",
-            s(&model),
-            "--out",
-            s(&out),
-            "--type",
-            ty,
-        ]);
+        export(&model, &out, ty);
         let said = check_with_gguf_py(&out, &model, ty);
         println!("{ty}: {said}");
         assert!(said.contains(&format!("OK: {tensors} tensors")), "{said}");
@@ -521,15 +497,7 @@ fn smollm2_exports_to_f16_q8_0_and_q4_k_m_that_gguf_py_and_import_gguf_read_back
     );
     for ty in ["f16", "q8_0", "q4_k_m"] {
         let out = dir.path().join(format!("smollm2-{ty}.gguf"));
-        let said = fuselora(&[
-            "export-gguf",
-            "--model",
-            s(&imported),
-            "--out",
-            s(&out),
-            "--type",
-            ty,
-        ]);
+        let said = export(&imported, &out, ty);
         println!("{ty}: {said}");
         match &python {
             Ok(()) => {
