@@ -381,7 +381,7 @@ impl<B: Backend> Decoder<B> {
                 Saved::Input(x) => recompute(x)?,
                 Saved::Parked(p) => recompute(be.unpark(p)?)?,
             };
-            dx = layer.backward(be, s, l, lora.as_deref_mut(), batch, &full, dx)?;
+            dx = layer.backward(be, s, l, lora.as_deref_mut(), batch, full, dx)?;
             if let Some(lp) = lora.as_deref_mut() {
                 after_layer(l, lp)?;
             }

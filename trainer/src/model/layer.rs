@@ -342,7 +342,9 @@ impl<B: Backend> LayerWeights<B> {
         Ok((out, saved))
     }
 
-    /// Given `dy = dL/d(output)`, returns `dL/dx` and adds the LoRA gradients into `lora`.
+    /// Given `dy = dL/d(output)`, returns `dL/dx` and adds the LoRA gradients into `lora`. Each saved
+    /// tensor and each gradient is dropped as soon as nothing later reads it, so the pool can hand
+    /// its memory to the next (the backward's peak is a layer's saved state plus the MLP's gradients).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -351,12 +353,30 @@ impl<B: Backend> LayerWeights<B> {
         layer: usize,
         mut lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
-        sv: &LayerSaved<B>,
+        sv: LayerSaved<B>,
         dy: B::Tensor,
     ) -> Result<B::Tensor> {
+        let LayerSaved {
+            x,
+            rstd1,
+            norm1,
+            qk_raw,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            mid,
+            rstd2,
+            norm2,
+            gate,
+            up,
+            act,
+            lora_t,
+        } = sv;
         let n = batch.layout.tokens();
         let dt = be.compute_dtype();
-        let lse = sv.lse.as_ref().ok_or_else(|| {
+        let lse = lse.ok_or_else(|| {
             anyhow!("layer {layer}: backward after a cached (generation) forward, which keeps no log-sum-exp")
         })?;
         let mut project_back = |p: Projection,
@@ -375,7 +395,7 @@ impl<B: Backend> LayerWeights<B> {
                 input,
                 &self.proj[p.index()].weight,
                 lp,
-                sv.lora_t[p.index()].as_ref(),
+                lora_t[p.index()].as_ref(),
                 dinput,
                 accumulate,
             )
@@ -383,35 +403,39 @@ impl<B: Backend> LayerWeights<B> {
 
         // MLP block: y = h + down(act); dh starts as dy (residual).
         let mut dact = be.empty(n * s.inter, dt)?;
-        project_back(Projection::Down, &dy, &sv.act, &mut dact, false)?;
+        project_back(Projection::Down, &dy, &act, &mut dact, false)?;
+        drop(act);
         let mut dgate = be.empty(n * s.inter, dt)?;
         let mut dup = be.empty(n * s.inter, dt)?;
-        be.swiglu_backward(&dact, &sv.gate, &sv.up, &mut dgate, &mut dup)?;
+        be.swiglu_backward(&dact, &gate, &up, &mut dgate, &mut dup)?;
+        drop((dact, gate, up));
         let mut dnorm2 = be.empty(n * s.hidden, dt)?;
-        project_back(Projection::Gate, &dgate, &sv.norm2, &mut dnorm2, false)?;
-        project_back(Projection::Up, &dup, &sv.norm2, &mut dnorm2, true)?;
+        project_back(Projection::Gate, &dgate, &norm2, &mut dnorm2, false)?;
+        project_back(Projection::Up, &dup, &norm2, &mut dnorm2, true)?;
+        drop((dgate, dup, norm2));
         let mut dmid = dy;
         be.rms_norm_backward(
             &dnorm2,
-            &sv.mid,
+            &mid,
             &self.post_attention_norm,
-            &sv.rstd2,
+            &rstd2,
             s.hidden,
             &mut dmid,
         )?;
 
         // Attention block: h = x + o(attn); dx starts as dh.
         let mut dattn = be.empty(n * s.q_dim, dt)?;
-        project_back(Projection::O, &dmid, &sv.attn, &mut dattn, false)?;
+        drop((dnorm2, mid, rstd2));
+        project_back(Projection::O, &dmid, &attn, &mut dattn, false)?;
         let mut dq = be.empty(n * s.q_dim, dt)?;
         let mut dk = be.empty(n * s.kv_dim, dt)?;
         let mut dv = be.empty(n * s.kv_dim, dt)?;
         be.attention_backward(
-            &sv.q,
-            &sv.k,
-            &sv.v,
-            &sv.attn,
-            lse,
+            &q,
+            &k,
+            &v,
+            &attn,
+            &lse,
             &dattn,
             &batch.layout,
             &batch.doc_start,
@@ -440,7 +464,8 @@ impl<B: Backend> LayerWeights<B> {
             s.head_dim,
             true,
         )?;
-        let (dq, dk) = match (&self.qk_norm, &sv.qk_raw) {
+        drop((dattn, q, k, v, attn, lse));
+        let (dq, dk) = match (&self.qk_norm, &qk_raw) {
             (Some([wq, wk]), Some([q_raw, k_raw])) => (
                 head_norm_backward(be, s, wq, q_raw, &dq)?,
                 head_norm_backward(be, s, wk, k_raw, &dk)?,
@@ -448,18 +473,13 @@ impl<B: Backend> LayerWeights<B> {
             _ => (dq, dk),
         };
         let mut dnorm1 = be.empty(n * s.hidden, dt)?;
-        project_back(Projection::Q, &dq, &sv.norm1, &mut dnorm1, false)?;
-        project_back(Projection::K, &dk, &sv.norm1, &mut dnorm1, true)?;
-        project_back(Projection::V, &dv, &sv.norm1, &mut dnorm1, true)?;
+        drop(qk_raw);
+        project_back(Projection::Q, &dq, &norm1, &mut dnorm1, false)?;
+        project_back(Projection::K, &dk, &norm1, &mut dnorm1, true)?;
+        project_back(Projection::V, &dv, &norm1, &mut dnorm1, true)?;
+        drop((dq, dk, dv, norm1));
         let mut dx = dmid;
-        be.rms_norm_backward(
-            &dnorm1,
-            &sv.x,
-            &self.input_norm,
-            &sv.rstd1,
-            s.hidden,
-            &mut dx,
-        )?;
+        be.rms_norm_backward(&dnorm1, &x, &self.input_norm, &rstd1, s.hidden, &mut dx)?;
         Ok(dx)
     }
 }
