@@ -88,7 +88,7 @@ pub trait Backend {
     type Tensor;
     /// A flat device buffer of i32 (token ids, labels, positions, document starts).
     type Indices;
-    /// A tensor moved out of device memory by [`Backend::park`] (checkpoint offload).
+    /// Tensors moved out of device memory by [`Backend::park`] (checkpoint offload).
     type Parked;
 
     /// A name for logs: `cpu (f32, 2 threads)`, `cuda:0 NVIDIA H200 (bf16)`.
@@ -133,17 +133,18 @@ pub trait Backend {
     fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
     /// `t ← 0`.
     fn fill_zero(&self, t: &mut Self::Tensor) -> Result<()>;
-    /// Moves `t` to host memory (no arithmetic: `len` elements cross the host link once each way
-    /// between `park` and [`Backend::unpark`]). The device copy is freed once the transfer is done,
-    /// without the device waiting for it: the CUDA backend copies on a second stream, overlapped
-    /// with the ops queued after this call. The CPU backend keeps `t` as it is.
-    fn park(&self, t: Self::Tensor) -> Result<Self::Parked>;
+    /// Moves the tensors `ts` (one layer's checkpoint) to host memory as one group (no arithmetic:
+    /// their elements cross the host link once each way between `park` and [`Backend::unpark`]).
+    /// The device copies are freed once the transfer is done, without the device waiting for it:
+    /// the CUDA backend copies on a second stream, overlapped with the ops queued after this call.
+    /// The CPU backend keeps the tensors as they are.
+    fn park(&self, ts: Vec<Self::Tensor>) -> Result<Self::Parked>;
     /// Starts bringing `p` back to the device, so that the copy overlaps the ops queued before the
     /// matching [`Backend::unpark`]. Optional: `unpark` fetches what was not prefetched.
     fn prefetch(&self, p: &mut Self::Parked) -> Result<()>;
-    /// The parked tensor on the device again, with its values bit for bit, ready for every op
-    /// queued after this call.
-    fn unpark(&self, p: Self::Parked) -> Result<Self::Tensor>;
+    /// The parked tensors on the device again, in the order given to `park`, with their values
+    /// bit for bit, ready for every op queued after this call.
+    fn unpark(&self, p: Self::Parked) -> Result<Vec<Self::Tensor>>;
     /// `t[i] ← scale · (2u − 1)` with `u ∈ [0, 1)` a pure function of `(seed, i)`
     /// (splitmix64, see `cuda/random.cu`): uniform on `[−scale, scale)`, the same values on every
     /// backend up to rounding to the tensor's dtype. Random weights for benchmarks, made in place.

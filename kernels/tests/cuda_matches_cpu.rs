@@ -763,42 +763,53 @@ fn sixteen_bit_uploads_equal_the_widened_upload() {
     }
 }
 
-/// Checkpoint offload as the decoder uses it: a forward parks each layer input while the next
-/// layer overwrites pool buffers of the same size (the parked ones go back to the pool); the
-/// backward fetches them in reverse, each one prefetched a layer ahead while that layer's work is
-/// queued. Every tensor must come back bit for bit, in bf16 and f32.
+/// Checkpoint offload as the decoder uses it: a forward parks each layer's checkpoint (a group of
+/// tensors of different sizes) while the next layer overwrites pool buffers of the same sizes (the
+/// parked ones go back to the pool); the backward fetches them in reverse, each group prefetched a
+/// layer ahead while that layer's work is queued. Every tensor must come back bit for bit, in its
+/// place in the group, in bf16 and f32.
 #[test]
 fn offloaded_tensors_come_back_bit_for_bit_while_the_pool_reuses_their_buffers() {
     for dtype in [DType::BF16, DType::F32] {
         let Some(g) = gpu(dtype) else { return };
-        let (layers, n) = (6, 2048 * 4096 + 24);
+        let layers = 6;
+        let sizes = [2048 * 4096 + 24, 2048 * 32, 2048 * 4096 + 24];
         let mut want = Vec::new();
         let mut parked = Vec::new();
         for l in 0..layers {
-            let (t, rounded) = up(&g, &random(n, 100 + l as u64, 1.0), dtype);
+            let (group, rounded): (Vec<_>, Vec<_>) = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| up(&g, &random(n, 100 + 10 * l as u64 + i as u64, 1.0), dtype))
+                .unzip();
             want.push(rounded);
-            parked.push(g.park(t).unwrap());
+            parked.push(g.park(group).unwrap());
             // The next layer's work: same-size buffers from the pool, written in full.
-            let mut scratch = g.empty(n, dtype).unwrap();
-            g.fill_random(&mut scratch, 7 + l as u64, 3.0).unwrap();
-            let mut other = g.empty(n, dtype).unwrap();
-            g.copy(&scratch, &mut other).unwrap();
+            for (i, &n) in sizes.iter().enumerate() {
+                let mut scratch = g.empty(n, dtype).unwrap();
+                g.fill_random(&mut scratch, 7 + l as u64 + i as u64, 3.0).unwrap();
+                let mut other = g.empty(n, dtype).unwrap();
+                g.copy(&scratch, &mut other).unwrap();
+            }
         }
         for l in (0..layers).rev() {
             let this = parked.pop().unwrap();
             if let Some(below) = parked.last_mut() {
                 g.prefetch(below).unwrap();
             }
-            let t = g.unpark(this).unwrap();
-            let mut scratch = g.empty(n, dtype).unwrap();
+            let group = g.unpark(this).unwrap();
+            let mut scratch = g.empty(sizes[0], dtype).unwrap();
             g.fill_random(&mut scratch, 50 + l as u64, 3.0).unwrap();
-            let got = g.download(&t).unwrap();
-            assert!(
-                got.iter()
-                    .zip(&want[l])
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{dtype:?} layer {l}: the offloaded tensor changed"
-            );
+            assert_eq!(group.len(), sizes.len());
+            for (i, t) in group.iter().enumerate() {
+                let got = g.download(t).unwrap();
+                assert!(
+                    got.iter()
+                        .zip(&want[l][i])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype:?} layer {l}, tensor {i}: the offloaded tensor changed"
+                );
+            }
         }
     }
 }

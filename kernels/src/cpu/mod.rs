@@ -48,7 +48,7 @@ impl Backend for CpuBackend {
     type Tensor = Vec<f32>;
     type Indices = Vec<i32>;
     /// Host memory is where the tensor already is.
-    type Parked = Vec<f32>;
+    type Parked = Vec<Vec<f32>>;
 
     fn describe(&self) -> String {
         format!("cpu (f32, {} threads)", rayon::current_num_threads())
@@ -93,15 +93,15 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn park(&self, t: Vec<f32>) -> Result<Vec<f32>> {
-        Ok(t)
+    fn park(&self, ts: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        Ok(ts)
     }
 
-    fn prefetch(&self, _p: &mut Vec<f32>) -> Result<()> {
+    fn prefetch(&self, _p: &mut Vec<Vec<f32>>) -> Result<()> {
         Ok(())
     }
 
-    fn unpark(&self, p: Vec<f32>) -> Result<Vec<f32>> {
+    fn unpark(&self, p: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
         Ok(p)
     }
 

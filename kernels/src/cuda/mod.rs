@@ -437,15 +437,15 @@ impl Backend for CudaBackend {
         self.memset_zero(t)
     }
 
-    fn park(&self, t: CudaTensor) -> Result<CudaParked> {
-        self.park_impl(t)
+    fn park(&self, ts: Vec<CudaTensor>) -> Result<CudaParked> {
+        self.park_impl(ts)
     }
 
     fn prefetch(&self, p: &mut CudaParked) -> Result<()> {
         self.prefetch_impl(p)
     }
 
-    fn unpark(&self, p: CudaParked) -> Result<CudaTensor> {
+    fn unpark(&self, p: CudaParked) -> Result<Vec<CudaTensor>> {
         self.unpark_impl(p)
     }
 

@@ -1,14 +1,14 @@
-//! Checkpoint offload: [`Backend::park`](crate::Backend::park) copies a tensor into pinned host
-//! memory on a second stream while the compute stream goes on, and
-//! [`Backend::prefetch`](crate::Backend::prefetch) / [`Backend::unpark`](crate::Backend::unpark)
+//! Checkpoint offload: [`Backend::park`](crate::Backend::park) copies a group of tensors (one
+//! layer's checkpoint) into pinned host memory on a second stream while the compute stream goes
+//! on, and [`Backend::prefetch`](crate::Backend::prefetch) / [`Backend::unpark`](crate::Backend::unpark)
 //! bring it back ahead of its use. The backend runs without cudarc's per-buffer event tracking, so
 //! the order between the two streams is set here with events:
 //!
 //! - park: compute records `ready` → the copy stream waits for it, copies device → host, records
-//!   `copied`. The device buffer goes back to the pool one park later (or at the next fetch), after
-//!   the compute stream waits for `copied` — by then the copy has had a whole layer's time, so the
-//!   wait costs nothing and later ops that reuse the buffer run after the copy read it.
-//! - prefetch: a buffer from the pool; compute records `free` (every op that used that buffer
+//!   `copied`. The device buffers go back to the pool one park later (or at the next fetch), after
+//!   the compute stream waits for `copied` — by then the copies have had a whole layer's time, so
+//!   the wait costs nothing and later ops that reuse the buffers run after the copies read them.
+//! - prefetch: buffers from the pool; compute records `free` (every op that used that buffer
 //!   before is queued ahead of it) → the copy stream waits, copies host → device, records `fetched`.
 //! - unpark: the compute stream waits for `fetched`.
 //!
@@ -61,20 +61,25 @@ impl Drop for HostBuffer {
     }
 }
 
-/// A tensor in pinned host memory, and its device copy once fetched back.
+/// A group of tensors in pinned host memory (one [`HostBuffer`] each), and their device copies once
+/// fetched back.
 pub struct CudaParked {
+    parts: Vec<ParkedPart>,
+    /// The device copies and the event (on the copy stream) after which they hold the values.
+    fetched: Option<(Vec<CudaTensor>, CudaEvent)>,
+}
+
+struct ParkedPart {
     host: HostBuffer,
     len: usize,
     dtype: DType,
-    /// The device copy and the event (on the copy stream) after which it holds the values.
-    fetched: Option<(CudaTensor, CudaEvent)>,
 }
 
-/// The offload state of a backend: the free pinned buffers and the last parked device tensor.
+/// The offload state of a backend: the free pinned buffers and the last parked device tensors.
 #[derive(Default)]
 pub(crate) struct Offload {
     free_host: Mutex<HashMap<usize, Vec<HostBuffer>>>,
-    in_flight: Mutex<Option<(CudaEvent, CudaTensor)>>,
+    in_flight: Mutex<Option<(CudaEvent, Vec<CudaTensor>)>>,
 }
 
 impl CudaBackend {
@@ -89,23 +94,21 @@ impl CudaBackend {
             .map_err(device_err("record event"))
     }
 
-    /// Returns the previously parked device buffer to the pool, after the compute stream waits
-    /// for its copy to the host.
+    /// Returns the previously parked device buffers to the pool, after the compute stream waits
+    /// for their copy to the host.
     fn release_in_flight(&self) -> Result<()> {
         let previous = self.offload.in_flight.lock().expect("offload lock").take();
-        if let Some((copied, tensor)) = previous {
+        if let Some((copied, tensors)) = previous {
             self.stream
                 .wait(&copied)
                 .map_err(device_err("wait for offload"))?;
-            drop(tensor);
+            drop(tensors);
         }
         Ok(())
     }
 
-    pub(crate) fn park_impl(&self, t: CudaTensor) -> Result<CudaParked> {
-        self.release_in_flight()?;
-        let (len, dtype) = (t.len(), t.dtype);
-        let bytes = len * dtype.size_bytes();
+    /// A pinned buffer of `bytes` from the free list, or a new one.
+    fn host_buffer(&self, bytes: usize) -> Result<HostBuffer> {
         let reused = self
             .offload
             .free_host
@@ -113,32 +116,40 @@ impl CudaBackend {
             .expect("offload lock")
             .get_mut(&bytes)
             .and_then(Vec::pop);
-        let mut host = match reused {
-            Some(h) => h,
-            None => HostBuffer::new(bytes)?,
-        };
+        match reused {
+            Some(h) => Ok(h),
+            None => HostBuffer::new(bytes),
+        }
+    }
+
+    pub(crate) fn park_impl(&self, tensors: Vec<CudaTensor>) -> Result<CudaParked> {
+        self.release_in_flight()?;
         let ready = self.event(false)?;
         self.copy_stream
             .wait(&ready)
             .map_err(device_err("offload wait"))?;
-        if bytes > 0 {
-            // SAFETY: `t` stays alive (in_flight) until the compute stream has waited for
-            // `copied`; `host` lives in the returned handle.
-            unsafe {
-                result::memcpy_dtoh_async(
-                    host.as_mut_slice(),
-                    t.ptr(&self.copy_stream),
-                    self.copy_stream.cu_stream(),
-                )
+        let mut parts = Vec::with_capacity(tensors.len());
+        for t in &tensors {
+            let (len, dtype) = (t.len(), t.dtype);
+            let mut host = self.host_buffer(len * dtype.size_bytes())?;
+            if len > 0 {
+                // SAFETY: `t` stays alive (in_flight) until the compute stream has waited for
+                // `copied`; `host` lives in the returned handle.
+                unsafe {
+                    result::memcpy_dtoh_async(
+                        host.as_mut_slice(),
+                        t.ptr(&self.copy_stream),
+                        self.copy_stream.cu_stream(),
+                    )
+                }
+                .map_err(device_err("offload copy to host"))?;
             }
-            .map_err(device_err("offload copy to host"))?;
+            parts.push(ParkedPart { host, len, dtype });
         }
         let copied = self.event(true)?;
-        *self.offload.in_flight.lock().expect("offload lock") = Some((copied, t));
+        *self.offload.in_flight.lock().expect("offload lock") = Some((copied, tensors));
         Ok(CudaParked {
-            host,
-            len,
-            dtype,
+            parts,
             fetched: None,
         })
     }
@@ -148,44 +159,47 @@ impl CudaBackend {
             return Ok(());
         }
         self.release_in_flight()?;
-        let t = self.alloc(p.len, p.dtype)?;
+        let tensors = p
+            .parts
+            .iter()
+            .map(|part| self.alloc(part.len, part.dtype))
+            .collect::<Result<Vec<_>>>()?;
         let free = self.event(false)?;
         self.copy_stream
             .wait(&free)
             .map_err(device_err("fetch wait"))?;
-        // The copy to the host was queued on the copy stream before this one, so it is complete
-        // before this copy starts, and `fetched` follows both.
-        if p.len > 0 {
-            // SAFETY: `t` is not used by any op until the compute stream waits for `fetched`;
-            // `p.host` outlives the copy (it goes back to the free list only after that wait, and
-            // the next copy into it is queued behind this one on the same stream).
-            unsafe {
-                result::memcpy_htod_async(
-                    t.ptr(&self.copy_stream),
-                    p.host.as_slice(),
-                    self.copy_stream.cu_stream(),
-                )
+        // The copies to the host were queued on the copy stream before these, so they are
+        // complete before these start, and `fetched` follows both.
+        for (t, part) in tensors.iter().zip(&p.parts) {
+            if part.len > 0 {
+                // SAFETY: `t` is not used by any op until the compute stream waits for `fetched`;
+                // `part.host` outlives the copy (it goes back to the free list only after that
+                // wait, and the next copy into it is queued behind this one on the same stream).
+                unsafe {
+                    result::memcpy_htod_async(
+                        t.ptr(&self.copy_stream),
+                        part.host.as_slice(),
+                        self.copy_stream.cu_stream(),
+                    )
+                }
+                .map_err(device_err("offload copy to device"))?;
             }
-            .map_err(device_err("offload copy to device"))?;
         }
-        p.fetched = Some((t, self.event(true)?));
+        p.fetched = Some((tensors, self.event(true)?));
         Ok(())
     }
 
-    pub(crate) fn unpark_impl(&self, mut p: CudaParked) -> Result<CudaTensor> {
+    pub(crate) fn unpark_impl(&self, mut p: CudaParked) -> Result<Vec<CudaTensor>> {
         self.prefetch_impl(&mut p)?;
-        let (t, fetched) = p.fetched.take().expect("prefetched above");
+        let (tensors, fetched) = p.fetched.take().expect("prefetched above");
         self.stream
             .wait(&fetched)
             .map_err(device_err("wait for fetch"))?;
-        // Reusable by the next park: its copy is queued on the copy stream after this fetch.
-        self.offload
-            .free_host
-            .lock()
-            .expect("offload lock")
-            .entry(p.host.bytes)
-            .or_default()
-            .push(p.host);
-        Ok(t)
+        // Reusable by the next park: its copies are queued on the copy stream after this fetch.
+        let mut free = self.offload.free_host.lock().expect("offload lock");
+        for part in p.parts {
+            free.entry(part.host.bytes).or_default().push(part.host);
+        }
+        Ok(tensors)
     }
 }

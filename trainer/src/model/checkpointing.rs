@@ -11,9 +11,11 @@ pub enum Checkpointing {
     /// Only each layer's input stays; backward runs the layer's forward again first (a third
     /// more compute, activations of one layer at a time).
     Full,
-    /// As `Full`, with the layer inputs in pinned host memory: copied out on a second stream
-    /// during the forward and back one layer ahead during the backward, so the device holds two
-    /// of them instead of one per layer, at the same speed while the host link keeps up.
+    /// As `Full`, with each layer's input, attention output, log-sum-exp and attention residual
+    /// in pinned host memory: copied out on a second stream during the forward and back one layer
+    /// ahead during the backward, so the device holds two layers' of them instead of every layer's
+    /// input, and the recomputation skips attention and the o projection (faster than `Full`
+    /// while the host link keeps up: 3 × hidden × 2 bytes per token per layer each way).
     Offload,
 }
 

@@ -1,13 +1,13 @@
 //! The whole decoder (every family of [`crate::arch`]) over a backend: embedding → layers → final
 //! RMSNorm → LM head, with the loss and the backward pass.
-//! With gradient checkpointing only each layer's input is kept (on the device, or offloaded to
-//! host memory); backward recomputes the layer forward (Chen et al. 2016) and so produces the same
-//! gradients bit for bit.
+//! With gradient checkpointing only each layer's input is kept on the device, or offloaded to host
+//! memory with the layer's attention output, log-sum-exp and residual; backward recomputes the
+//! rest of the layer forward (Chen et al. 2016) and so produces the same gradients bit for bit.
 
 use super::batch::Batch;
 use super::bnb_checkpoint;
 use super::checkpointing::Checkpointing;
-use super::layer::{Attend, LayerSaved, LayerWeights, Shapes};
+use super::layer::{Attend, LayerCheckpoint, LayerSaved, LayerWeights, Shapes};
 use super::linear::FrozenLinear;
 use super::proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
 use crate::arch::{HeadNorm, ModelConfig, Projection};
@@ -40,8 +40,8 @@ pub struct Activations<B: Backend> {
 
 enum Saved<B: Backend> {
     Full(LayerSaved<B>),
-    Input(B::Tensor),
-    /// The layer input in host memory ([`Checkpointing::Offload`]).
+    Checkpoint(LayerCheckpoint<B>),
+    /// The layer's checkpoint in host memory ([`Checkpointing::Offload`]).
     Parked(B::Parked),
 }
 
@@ -257,11 +257,14 @@ impl<B: Backend> Decoder<B> {
         let mut saved = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
             let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
-            // Checkpointing keeps only the layer input (the rest is dropped here, recomputed in backward).
+            // Checkpointing keeps the layer input (and, offloaded, the attention part); the rest
+            // is dropped here and recomputed in backward.
             saved.push(match checkpointing {
                 Checkpointing::Off => Saved::Full(full),
-                Checkpointing::Full => Saved::Input(full.x),
-                Checkpointing::Offload => Saved::Parked(be.park(full.x)?),
+                Checkpointing::Full => Saved::Checkpoint(full.checkpoint(false)?),
+                Checkpointing::Offload => {
+                    Saved::Parked(be.park(full.checkpoint(true)?.into_tensors())?)
+                }
             });
             x = y;
         }
@@ -375,11 +378,11 @@ impl<B: Backend> Decoder<B> {
                 be.prefetch(below)?;
             }
             let layer = &self.layers[l];
-            let recompute = |x| layer.recompute(be, s, l, lora.as_deref(), batch, x);
+            let recompute = |c| layer.recompute(be, s, l, lora.as_deref(), batch, c);
             let full = match this {
                 Saved::Full(f) => f,
-                Saved::Input(x) => recompute(x)?,
-                Saved::Parked(p) => recompute(be.unpark(p)?)?,
+                Saved::Checkpoint(c) => recompute(c)?,
+                Saved::Parked(p) => recompute(LayerCheckpoint::from_tensors(be.unpark(p)?))?,
             };
             dx = layer.backward(be, s, l, lora.as_deref_mut(), batch, full, dx)?;
             if let Some(lp) = lora.as_deref_mut() {

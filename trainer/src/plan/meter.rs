@@ -77,15 +77,14 @@ fn tensor_bytes(t: &MeterTensor) -> f64 {
 pub struct MeterBackend {
     meter: Arc<Meter>,
     compute: DType,
-    /// The last parked tensor: the CUDA backend frees it at the next park or fetch.
-    in_flight: Mutex<Option<MeterTensor>>,
+    /// The last parked tensors: the CUDA backend frees them at the next park or fetch.
+    in_flight: Mutex<Vec<MeterTensor>>,
 }
 
-/// A parked tensor's length and dtype, and its device buffer once prefetched.
+/// The lengths and dtypes of a parked group, and its device buffers once prefetched.
 pub struct MeterParked {
-    len: usize,
-    dtype: DType,
-    fetched: Option<MeterTensor>,
+    parts: Vec<(usize, DType)>,
+    fetched: Option<Vec<MeterTensor>>,
 }
 
 impl MeterBackend {
@@ -93,7 +92,7 @@ impl MeterBackend {
         MeterBackend {
             meter: Arc::new(Meter::default()),
             compute,
-            in_flight: Mutex::new(None),
+            in_flight: Mutex::new(Vec::new()),
         }
     }
 
@@ -195,25 +194,24 @@ impl Backend for MeterBackend {
     }
 
     /// The copies run beside the compute stream: no op is recorded, only the pool's books move.
-    fn park(&self, t: MeterTensor) -> Result<MeterParked> {
+    fn park(&self, ts: Vec<MeterTensor>) -> Result<MeterParked> {
         let parked = MeterParked {
-            len: t.len,
-            dtype: t.dtype,
+            parts: ts.iter().map(|t| (t.len, t.dtype)).collect(),
             fetched: None,
         };
-        *self.in_flight.lock().expect("meter lock") = Some(t);
+        *self.in_flight.lock().expect("meter lock") = ts;
         Ok(parked)
     }
 
     fn prefetch(&self, p: &mut MeterParked) -> Result<()> {
         if p.fetched.is_none() {
-            self.in_flight.lock().expect("meter lock").take();
-            p.fetched = Some(self.alloc(p.len, p.dtype));
+            self.in_flight.lock().expect("meter lock").clear();
+            p.fetched = Some(p.parts.iter().map(|&(len, dtype)| self.alloc(len, dtype)).collect());
         }
         Ok(())
     }
 
-    fn unpark(&self, mut p: MeterParked) -> Result<MeterTensor> {
+    fn unpark(&self, mut p: MeterParked) -> Result<Vec<MeterTensor>> {
         self.prefetch(&mut p)?;
         Ok(p.fetched.take().expect("prefetched above"))
     }

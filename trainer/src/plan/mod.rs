@@ -51,7 +51,8 @@ pub struct MemoryPlan {
     pub weights: u64,
     /// LoRA A/B: f32 masters and gradients, AdamW's two f32 moments, the compute-dtype copies.
     pub lora_optimizer: u64,
-    /// Layer inputs kept by gradient checkpointing (`layers × tokens × hidden`).
+    /// What gradient checkpointing keeps on the device: every layer input (`layers × tokens ×
+    /// hidden`), or, offloaded, two layers' checkpoints.
     pub checkpoints: u64,
     /// The activations backward needs: one layer's (checkpointing) or every layer's, plus the
     /// buffers of one layer's backward.
@@ -337,8 +338,12 @@ impl Parts {
         let layers = c.num_layers as u64;
         let (checkpoints, activations) = match spec.checkpointing {
             Checkpointing::Full => (layers * layer_input, saved_without_input + backward),
-            // One input in flight to the host and the one fetched back ahead of its layer.
-            Checkpointing::Offload => (2 * layer_input, saved_without_input + backward),
+            // One layer's checkpoint (input, attention output, residual, lse) in flight to the
+            // host and the one fetched back ahead of its layer.
+            Checkpointing::Offload => (
+                2 * (e * n * (2 * h + qd) + 4 * n * heads),
+                saved_without_input + backward,
+            ),
             Checkpointing::Off => (0, layers * (layer_input + saved_without_input) + backward),
         };
         let v = c.vocab_size;

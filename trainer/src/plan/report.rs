@@ -134,7 +134,7 @@ pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
             match s.checkpointing {
                 Checkpointing::Full => format!("{} layer inputs", c.num_layers),
                 Checkpointing::Offload => format!(
-                    "2 of {} layer inputs (the rest in pinned host memory: {})",
+                    "2 of {} layer checkpoints (the rest in pinned host memory: {})",
                     c.num_layers,
                     gib(m.checkpoints / 2 * c.num_layers as u64)
                 ),
