@@ -15,7 +15,7 @@ use trainer::gguf::names::{gguf_name, unpermute_rows};
 use trainer::gguf::{FileType, GgufFile, MetaValue};
 use trainer::io::write_safetensors_f32;
 use trainer::model::weights::{to_f32, WeightFiles};
-use trainer::model::{Batch, Checkpointing, Decoder, ModelConfig};
+use trainer::model::{Batch, CheckpointPolicy, Decoder, ModelConfig};
 
 fn fuselora(args: &[&str]) -> String {
     let run = Command::new(env!("CARGO_BIN_EXE_fuselora"))
@@ -451,7 +451,7 @@ fn greedy(dir: &Path, prompt: &[i32], steps: usize) -> Vec<i32> {
         let layout = AttentionLayout::right_padded(&[n], n, None);
         let batch = Batch::new(&be, &model.config, &ids, &ids, layout).unwrap();
         let acts = model
-            .forward(&be, None, &batch, Checkpointing::Off)
+            .forward(&be, None, &batch, CheckpointPolicy::OFF)
             .unwrap();
         let logits = be.download(&model.logits(&be, &acts).unwrap()).unwrap();
         let last = &logits[(n - 1) * vocab..n * vocab];

@@ -97,6 +97,11 @@ pub trait Backend {
     fn compute_dtype(&self) -> DType;
     /// The most device memory the backend has held at once so far, in bytes (`None` on the CPU).
     fn peak_memory_bytes(&self) -> Option<u64>;
+    /// Device memory free now, in bytes, outside what the backend's pool holds (`None` on the
+    /// CPU, and where no device answers).
+    fn free_memory_bytes(&self) -> Option<u64> {
+        None
+    }
     /// Starts timing every op on the device (the CPU backend times nothing).
     fn profile_start(&self) {}
     /// Ends the region begun by [`Backend::profile_start`]: the device time per op, largest first

@@ -9,12 +9,17 @@
 //!   through the frozen weights to the inputs only (`2N`: no weight gradients), LoRA forward and
 //!   both backward products (`6P`), causal attention forward (`2·T²·h·d` per sequence and layer:
 //!   two `T×T×d` products, half the square) and backward (2.5× the forward);
-//! - hardware FLOPs add what checkpointing recomputes: `tok · (2Nl + 2P) + L · rows · 2·T²·h·d`.
+//! - hardware FLOPs add what checkpointing recomputes, in the share `ρ` of layers it covers:
+//!   `ρ · (tok · (2Nr + 2P) + L · rows · 2·T²·h·d)`, `Nr` = the layers' weights but the down
+//!   projection (its output is not recomputed); offloaded, attention and the o projection are not
+//!   recomputed either (their outputs come back from the host).
 //!
 //! MFU = model FLOPs / step time / peak (989 TFLOP/s, the H100/H200 dense bf16 peak, unless told).
 
 use crate::lora::{LoraConfig, LoraParams};
-use crate::model::{Batch, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4};
+use crate::model::{
+    Batch, CheckpointPolicy, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4,
+};
 use crate::optim::{AdamW, LossScaler};
 use crate::train::distributed::Distributed;
 use crate::train::grad_reduce::GradReducer;
@@ -88,7 +93,7 @@ pub struct BenchSpec {
     pub batch: usize,
     pub seq: usize,
     pub grad_accum: usize,
-    pub checkpointing: Checkpointing,
+    pub checkpointing: CheckpointPolicy,
     pub warmup: usize,
     pub steps: usize,
     pub seed: u64,
@@ -107,6 +112,8 @@ pub struct BenchResult {
     pub backend: String,
     /// Data-parallel ranks (GPUs) the step ran on; tokens count all of them.
     pub ranks: usize,
+    /// The checkpointing as run, in words (`CheckpointPolicy::describe`).
+    pub checkpointing: String,
     pub tokens_per_step: usize,
     pub step_times_s: Vec<f64>,
     pub median_step_s: f64,
@@ -122,30 +129,33 @@ pub struct BenchResult {
     pub profile: Vec<OpTime>,
 }
 
-const FLOPS_FORMULA: &str = "model = tokens*(2N fwd + 2N bwd input grads + 6P LoRA) + layers*rows*3.5*2*T^2*h*d causal attention (fwd + 2.5x bwd); hardware adds tokens*(2N_layers + 2P) + layers*rows*2*T^2*h*d recomputed under checkpointing; N = frozen projection + LM-head weights, P = LoRA weights";
+const FLOPS_FORMULA: &str = "model = tokens*(2N fwd + 2N bwd input grads + 6P LoRA) + layers*rows*3.5*2*T^2*h*d causal attention (fwd + 2.5x bwd); hardware adds rho*(tokens*(2N_recomputed + 2P) + layers*rows*2*T^2*h*d), rho = share of layers checkpointed, N_recomputed = layer weights but down (and o, and no attention, when offloaded); N = frozen projection + LM-head weights, P = LoRA weights";
 
 /// `(model, hardware)` FLOPs of one optimizer step.
 pub fn step_flops(c: &ModelConfig, lora_values: usize, spec: &BenchSpec) -> (f64, f64) {
-    let layer_n: usize = Projection::ALL
-        .iter()
-        .map(|p| {
-            let (o, i) = p.shape(c);
-            o * i
-        })
-        .sum::<usize>()
-        * c.num_layers;
-    let n = (layer_n + c.vocab_size * c.hidden_size) as f64;
+    let weights = |p: &Projection| {
+        let (o, i) = p.shape(c);
+        (o * i * c.num_layers) as f64
+    };
+    let layer_n: f64 = Projection::ALL.iter().map(weights).sum();
+    let n = layer_n + (c.vocab_size * c.hidden_size) as f64;
     let p = lora_values as f64;
     let rows = (spec.batch * spec.grad_accum) as f64;
     let tokens = rows * spec.seq as f64;
     let t = spec.seq as f64;
     let attn_fwd = c.num_layers as f64 * rows * 2.0 * t * t * (c.num_heads * c.head_dim) as f64;
     let model = tokens * (4.0 * n + 6.0 * p) + 3.5 * attn_fwd;
-    let recompute = if spec.checkpointing.recomputes() {
-        tokens * (2.0 * layer_n as f64 + 2.0 * p) + attn_fwd
+    let policy = spec.checkpointing;
+    let share = policy.recomputed_layers(c.num_layers) as f64 / c.num_layers as f64;
+    let offloaded = policy.mode == Checkpointing::Offload;
+    let not_recomputed: &[Projection] = if offloaded {
+        &[Projection::Down, Projection::O]
     } else {
-        0.0
+        &[Projection::Down]
     };
+    let recomputed_n = layer_n - not_recomputed.iter().map(weights).sum::<f64>();
+    let attn_again = if offloaded { 0.0 } else { attn_fwd };
+    let recompute = share * (tokens * (2.0 * recomputed_n + 2.0 * p) + attn_again);
     (model, model + recompute)
 }
 
@@ -241,6 +251,7 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
     let model_tflops = model_flops / med / 1e12;
     Ok(BenchResult {
         spec: spec.clone(),
+        checkpointing: spec.checkpointing.describe(config.num_layers),
         backend: be.describe(),
         ranks: dist.world_size(),
         tokens_per_step,
@@ -279,7 +290,7 @@ pub fn describe(r: &BenchResult) -> String {
             s.seq,
             s.grad_accum,
             r.tokens_per_step,
-            s.checkpointing.name()
+            r.checkpointing
         ),
         format!(
             "weights     {}",
@@ -350,6 +361,7 @@ mod tests {
     use kernels::cpu::CpuBackend;
 
     fn spec(checkpointing: Checkpointing) -> BenchSpec {
+        let checkpointing = CheckpointPolicy::all(checkpointing);
         BenchSpec {
             preset: "tiny".into(),
             batch: 2,
@@ -418,7 +430,7 @@ mod tests {
             batch: 2,
             seq: 2048,
             grad_accum: 1,
-            checkpointing: Checkpointing::Full,
+            checkpointing: CheckpointPolicy::all(Checkpointing::Full),
             warmup: 0,
             steps: 1,
             seed: 0,
@@ -433,9 +445,22 @@ mod tests {
         let n = 6_476_005_376f64 + 32000.0 * 4096.0;
         let attn = 32.0 * 2.0 * 2.0 * 2048f64.powi(2) * 4096.0;
         assert_eq!(model, 4096.0 * (4.0 * n + 6.0 * p as f64) + 3.5 * attn);
-        assert!(
-            (hw - model - (4096.0 * (2.0 * 6_476_005_376f64 + 2.0 * p as f64) + attn)).abs() < 1.0
-        );
+        // Recomputation: every weight but the down projections' (4096 × 11008 × 32), attention.
+        let down = 4096.0 * 11008.0 * 32.0;
+        let recomputed = 4096.0 * (2.0 * (6_476_005_376f64 - down) + 2.0 * p as f64);
+        assert!((hw - model - (recomputed + attn)).abs() < 1.0);
+        // Offloaded for the first 16 of 32 layers: half of that, without o (4096²·32) or attention.
+        let half_offload = BenchSpec {
+            checkpointing: CheckpointPolicy {
+                mode: Checkpointing::Offload,
+                layers: Some(16),
+            },
+            ..s
+        };
+        let (_, hw) = step_flops(&c, p, &half_offload);
+        let o = 4096.0 * 4096.0 * 32.0;
+        let recomputed = 4096.0 * (2.0 * (6_476_005_376f64 - down - o) + 2.0 * p as f64);
+        assert!((hw - model - recomputed / 2.0).abs() < 1.0);
     }
 
     /// Every preset parses; the Qwen shapes give the published sizes (7.6B and 8.2B parameters:

@@ -280,7 +280,7 @@ pub fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Batch, Checkpointing, Decoder};
+    use crate::model::{Batch, CheckpointPolicy, Decoder};
     use crate::reference::sft::Inputs;
     use kernels::Backend;
     use std::path::PathBuf;
@@ -311,7 +311,7 @@ mod tests {
         )
         .unwrap();
         let acts = model
-            .forward(&be, None, &batch, Checkpointing::Off)
+            .forward(&be, None, &batch, CheckpointPolicy::OFF)
             .unwrap();
         (
             be.download(&model.logits(&be, &acts).unwrap()).unwrap(),

@@ -322,6 +322,13 @@ impl Backend for CudaBackend {
         Some(self.pool.peak_bytes())
     }
 
+    fn free_memory_bytes(&self) -> Option<u64> {
+        self.ctx.bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(free, _total)| free as u64)
+    }
+
     fn profile_start(&self) {
         self.profiler.start()
     }

@@ -1,4 +1,5 @@
 //! `fuselora bench --preset NAME [--batch B --seq T --grad-accum A --no-checkpointing
+//! --checkpointing full|offload|off|auto --checkpoint-layers N
 //! --warmup W --steps S --backend auto|cpu|cuda --dtype bf16|f16|f32 --json FILE --profile
 //! --quantize none|nf4 --double-quant true|false]`
 
@@ -7,7 +8,8 @@ use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::{describe, run, BenchResult, BenchSpec, PRESETS};
-use trainer::model::{Checkpointing, QuantizeNf4};
+use trainer::model::{CheckpointPolicy, Checkpointing, QuantizeNf4};
+use trainer::plan::{fit, PlanSpec};
 use trainer::train::config::{BackendKind, ComputeDType};
 use trainer::train::distributed::Distributed;
 use trainer::train::grad_reduce::GradReducer;
@@ -27,9 +29,14 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
     /// What the forward keeps for backward: `full` (layer inputs; backward recomputes each layer),
-    /// `offload` (the same, the inputs in pinned host memory) or `off` (every activation).
+    /// `offload` (layer inputs and attention outputs in pinned host memory; backward recomputes
+    /// the rest), `off` (every activation), or `auto` (what `train.gradient_checkpointing = "auto"`
+    /// chooses on this device: the fewest offloaded layers that fit).
     #[arg(long, value_enum, default_value = "full")]
-    checkpointing: Checkpointing,
+    checkpointing: BenchCheckpointing,
+    /// With `full` or `offload`: checkpoint only the first N layers (the rest keep everything).
+    #[arg(long, conflicts_with = "no_checkpointing")]
+    checkpoint_layers: Option<usize>,
     /// The same as `--checkpointing off`.
     #[arg(long, conflicts_with = "checkpointing")]
     no_checkpointing: bool,
@@ -62,6 +69,15 @@ pub struct Args {
     double_quant: bool,
 }
 
+/// `--checkpointing` of `bench`: a mode for every layer, or the one "auto" chooses.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchCheckpointing {
+    Full,
+    Offload,
+    Off,
+    Auto,
+}
+
 /// `--quantize` of `bench` and `plan --preset`.
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Quantize {
@@ -79,7 +95,11 @@ impl Quantize {
     }
 }
 
-struct Bench(BenchSpec);
+/// The bench to run; with `auto`, its checkpointing is chosen on the device first.
+struct Bench {
+    spec: BenchSpec,
+    auto: bool,
+}
 
 impl BackendTask for Bench {
     /// The result, on rank 0 only.
@@ -87,14 +107,31 @@ impl BackendTask for Bench {
     fn run<B: GradReducer>(mut self, be: &B) -> Result<Option<BenchResult>> {
         let name = be.describe();
         let dense_16bit = be.compute_dtype() != kernels::DType::F32;
-        if self.0.peak_tflops.is_none()
+        let spec = &mut self.spec;
+        if spec.peak_tflops.is_none()
             && dense_16bit
             && (name.contains("H100") || name.contains("H200"))
         {
-            self.0.peak_tflops = Some(989.0);
+            spec.peak_tflops = Some(989.0);
         }
         let dist = Distributed::join(be)?;
-        let result = run(be, &self.0, &dist)?;
+        if self.auto {
+            let plan = PlanSpec {
+                quantize: spec.quantize,
+                dtype: be.compute_dtype(),
+                ..PlanSpec::from_preset(
+                    &spec.preset,
+                    spec.batch,
+                    spec.seq,
+                    Checkpointing::Off,
+                    dist.world_size(),
+                )?
+            };
+            let choice = fit::choose(&plan, be.free_memory_bytes(), fit::host_available_bytes())?;
+            eprintln!("checkpointing auto: {}", choice.why);
+            spec.checkpointing = choice.policy;
+        }
+        let result = run(be, spec, &dist)?;
         let main = dist.is_main();
         dist.finish()?;
         Ok(main.then_some(result))
@@ -107,10 +144,14 @@ pub fn run_cli(args: Args) -> Result<ExitCode> {
         batch: args.batch,
         seq: args.seq,
         grad_accum: args.grad_accum,
-        checkpointing: if args.no_checkpointing {
-            Checkpointing::Off
-        } else {
-            args.checkpointing
+        checkpointing: CheckpointPolicy {
+            mode: match (args.no_checkpointing, args.checkpointing) {
+                (true, _) | (_, BenchCheckpointing::Off) => Checkpointing::Off,
+                (_, BenchCheckpointing::Offload) => Checkpointing::Offload,
+                // "auto" is replaced on the device, before the run.
+                (_, BenchCheckpointing::Full | BenchCheckpointing::Auto) => Checkpointing::Full,
+            },
+            layers: args.checkpoint_layers,
         },
         warmup: args.warmup,
         steps: args.steps,
@@ -123,7 +164,8 @@ pub fn run_cli(args: Args) -> Result<ExitCode> {
         backend: args.backend,
         dtype: args.dtype,
     };
-    let Some(result) = run_on(&selection, Bench(spec))? else {
+    let auto = args.checkpointing == BenchCheckpointing::Auto && !args.no_checkpointing;
+    let Some(result) = run_on(&selection, Bench { spec, auto })? else {
         return Ok(ExitCode::SUCCESS);
     };
     println!("{}", describe(&result));

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use trainer::bench::PRESETS;
 use trainer::model::Checkpointing;
 use trainer::plan::roofline::GpuKind;
-use trainer::plan::{describe, describe_suggestions, suggestions, Plan, PlanSpec};
+use trainer::plan::{
+    describe, describe_suggestions, fit, suggestions, Plan, PlanSpec, CONTEXT_RESERVE,
+};
 use trainer::train::config::RunConfig;
 
 #[derive(clap::Args)]
@@ -51,7 +53,11 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode> {
     let spec = match (&args.config, &args.preset) {
         (Some(config), _) => {
-            PlanSpec::from_run(&RunConfig::load(config, &args.overrides)?, args.nproc)?
+            let cfg = RunConfig::load(config, &args.overrides)?;
+            // "auto" as it would choose on a device of this kind, empty.
+            let free = (args.gpu.spec().memory_mib << 20).saturating_sub(CONTEXT_RESERVE);
+            let choice = fit::for_run(&cfg, Some(free), args.nproc)?;
+            PlanSpec::from_run(&cfg, args.nproc, choice.policy)?
         }
         (None, Some(preset)) => PlanSpec {
             quantize: args.quantize.nf4(args.double_quant),

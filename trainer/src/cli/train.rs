@@ -36,13 +36,6 @@ impl BackendTask for Train {
     type Output = Option<Summary>;
     fn run<B: GradReducer>(self, be: &B) -> Result<Option<Summary>> {
         let dist = Distributed::join(be)?;
-        if dist.is_main() {
-            if let Some(report) =
-                trainer::plan::startup_report(&self.cfg, &be.describe(), dist.world_size())
-            {
-                eprintln!("{report}");
-            }
-        }
         let summary = train_ranks(be, &self.cfg, self.resume, &dist)?;
         let main = dist.is_main();
         dist.finish()?;

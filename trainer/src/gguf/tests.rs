@@ -4,7 +4,7 @@
 use super::reader::{GgufError, GgufFile, MetaValue, DEFAULT_ALIGNMENT};
 use super::{import_gguf, ImportSummary};
 use crate::arch::ModelConfig;
-use crate::model::{Batch, Checkpointing, Decoder};
+use crate::model::{Batch, CheckpointPolicy, Decoder};
 use crate::weights::WeightFiles;
 use kernels::cpu::CpuBackend;
 use kernels::AttentionLayout;
@@ -265,7 +265,7 @@ fn tiny_llama_imports_with_original_tensors_and_config() {
     )
     .unwrap();
     let acts = model
-        .forward(&be, None, &batch, Checkpointing::Off)
+        .forward(&be, None, &batch, CheckpointPolicy::OFF)
         .unwrap();
     let logits = kernels::Backend::download(&be, &model.logits(&be, &acts).unwrap()).unwrap();
     assert_eq!(logits.len(), 3 * 262);
@@ -388,7 +388,7 @@ fn tiny_qwen2_and_qwen3_import_as_their_families() {
         )
         .unwrap();
         let acts = model
-            .forward(&be, None, &batch, Checkpointing::Off)
+            .forward(&be, None, &batch, CheckpointPolicy::OFF)
             .unwrap();
         let logits = kernels::Backend::download(&be, &model.logits(&be, &acts).unwrap()).unwrap();
         assert!(logits.len() == 3 * 262 && logits.iter().all(|x| x.is_finite()));

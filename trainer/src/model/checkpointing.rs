@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// Activation checkpointing. In a config: `true` or `"full"`, `false` or `"off"`, `"offload"`.
+/// Activation checkpointing of a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Checkpointing {
@@ -35,41 +35,130 @@ impl Checkpointing {
     }
 }
 
-impl<'de> Deserialize<'de> for Checkpointing {
-    /// `true`/`false` (the Hugging Face spelling) or one of the names.
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Value {
-            Flag(bool),
-            Name(String),
+/// What the forward keeps, layer by layer: `mode` for the first `layers` layers (all of them when
+/// `None`); the layers above keep every activation (their backward runs first, and they are not
+/// recomputed: each one traded costs its activations' memory and saves its recomputation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckpointPolicy {
+    pub mode: Checkpointing,
+    pub layers: Option<usize>,
+}
+
+impl CheckpointPolicy {
+    /// Every activation kept (evaluation, references, forwards without backward).
+    pub const OFF: CheckpointPolicy = CheckpointPolicy {
+        mode: Checkpointing::Off,
+        layers: None,
+    };
+
+    /// `mode` for every layer.
+    pub fn all(mode: Checkpointing) -> Self {
+        CheckpointPolicy { mode, layers: None }
+    }
+
+    /// What layer `l` keeps.
+    pub fn of_layer(self, l: usize) -> Checkpointing {
+        match self.layers {
+            Some(n) if l >= n => Checkpointing::Off,
+            _ => self.mode,
         }
-        match Value::deserialize(d)? {
-            Value::Flag(true) => Ok(Checkpointing::Full),
-            Value::Flag(false) => Ok(Checkpointing::Off),
-            Value::Name(name) => match name.as_str() {
+    }
+
+    /// How many of `num_layers` layers are recomputed in backward.
+    pub fn recomputed_layers(self, num_layers: usize) -> usize {
+        if self.mode.recomputes() {
+            self.layers.map_or(num_layers, |n| n.min(num_layers))
+        } else {
+            0
+        }
+    }
+
+    /// `full`, `off`, `offload`, or `offload (layers 0-19; 20-31 keep activations)` for a model of
+    /// `num_layers`.
+    pub fn describe(self, num_layers: usize) -> String {
+        match self.recomputed_layers(num_layers) {
+            0 => "off".to_string(),
+            n if n == num_layers => self.mode.name().to_string(),
+            n => format!(
+                "{} (layers 0-{}; {}-{} keep activations)",
+                self.mode.name(),
+                n - 1,
+                n,
+                num_layers - 1
+            ),
+        }
+    }
+}
+
+/// `train.gradient_checkpointing` as written: one mode for every layer, or `"auto"`: the
+/// checkpointed mode the backend runs fastest (`offload` on a GPU, `full` on the CPU) for as few
+/// layers as the memory needs, chosen at start-up from the plan (`fuselora plan`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointingSetting {
+    Auto,
+    #[serde(untagged)]
+    Mode(Checkpointing),
+}
+
+impl<'de> Deserialize<'de> for CheckpointingSetting {
+    /// What [`Checkpointing`] reads, and `"auto"`.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Spelling::deserialize(d)? {
+            Spelling::Name(name) if name == "auto" => Ok(CheckpointingSetting::Auto),
+            other => other
+                .mode()
+                .map(CheckpointingSetting::Mode)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// How a config spells checkpointing.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Spelling {
+    Flag(bool),
+    Name(String),
+}
+
+impl Spelling {
+    fn mode(self) -> Result<Checkpointing, String> {
+        match self {
+            Spelling::Flag(true) => Ok(Checkpointing::Full),
+            Spelling::Flag(false) => Ok(Checkpointing::Off),
+            Spelling::Name(name) => match name.as_str() {
                 "full" => Ok(Checkpointing::Full),
                 "off" => Ok(Checkpointing::Off),
                 "offload" => Ok(Checkpointing::Offload),
-                other => Err(serde::de::Error::custom(format!(
-                    "unknown checkpointing {other:?}: use true (or \"full\"), false (or \"off\"), or \"offload\""
-                ))),
+                other => Err(format!(
+                    "unknown checkpointing {other:?}: use \"auto\", true (or \"full\"), false (or \"off\"), or \"offload\""
+                )),
             },
         }
     }
 }
 
+impl<'de> Deserialize<'de> for Checkpointing {
+    /// `true`/`false` (the Hugging Face spelling) or one of the names.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Spelling::deserialize(d)?
+            .mode()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Checkpointing;
+    use super::{CheckpointPolicy, Checkpointing, CheckpointingSetting};
 
-    #[derive(serde::Deserialize)]
-    struct T {
-        c: Checkpointing,
+    #[derive(serde::Deserialize, serde::Serialize)]
+    struct T<C> {
+        c: C,
     }
 
-    fn parse(v: &str) -> Result<Checkpointing, String> {
-        toml::from_str::<T>(&format!("c = {v}"))
+    fn parse<C: serde::de::DeserializeOwned>(v: &str) -> Result<C, String> {
+        toml::from_str::<T<C>>(&format!("c = {v}"))
             .map(|t| t.c)
             .map_err(|e| e.to_string())
     }
@@ -81,11 +170,49 @@ mod tests {
         assert_eq!(parse("\"full\""), Ok(Checkpointing::Full));
         assert_eq!(parse("\"off\""), Ok(Checkpointing::Off));
         assert_eq!(parse("\"offload\""), Ok(Checkpointing::Offload));
-        let e = parse("\"selective\"").unwrap_err();
+        let e = parse::<Checkpointing>("\"selective\"").unwrap_err();
         assert!(
             e.contains("\"selective\"") && e.contains("\"offload\""),
             "{e}"
         );
         assert!(!Checkpointing::Off.recomputes() && Checkpointing::Offload.recomputes());
+    }
+
+    #[test]
+    fn the_setting_reads_auto_and_every_mode_and_writes_them_back() {
+        use CheckpointingSetting::{Auto, Mode};
+        assert_eq!(parse("\"auto\""), Ok(Auto));
+        assert_eq!(parse("true"), Ok(Mode(Checkpointing::Full)));
+        assert_eq!(parse("\"offload\""), Ok(Mode(Checkpointing::Offload)));
+        let e = parse::<CheckpointingSetting>("\"some\"").unwrap_err();
+        assert!(e.contains("\"auto\""), "{e}");
+        for (setting, written) in [(Auto, "\"auto\""), (Mode(Checkpointing::Off), "\"off\"")] {
+            let text = toml::to_string(&T { c: setting }).unwrap();
+            assert_eq!(text.trim(), format!("c = {written}"));
+        }
+    }
+
+    #[test]
+    fn a_policy_checkpoints_its_first_layers_and_names_the_rest() {
+        let p = CheckpointPolicy {
+            mode: Checkpointing::Offload,
+            layers: Some(20),
+        };
+        assert_eq!(p.of_layer(19), Checkpointing::Offload);
+        assert_eq!(p.of_layer(20), Checkpointing::Off);
+        assert_eq!(p.recomputed_layers(32), 20);
+        assert_eq!(
+            p.describe(32),
+            "offload (layers 0-19; 20-31 keep activations)"
+        );
+        assert_eq!(p.describe(20), "offload");
+        let all = CheckpointPolicy::all(Checkpointing::Full);
+        assert_eq!((all.describe(32), all.recomputed_layers(32)), ("full".into(), 32));
+        let none = CheckpointPolicy {
+            layers: Some(0),
+            ..p
+        };
+        assert_eq!((none.describe(32), none.recomputed_layers(32)), ("off".into(), 0));
+        assert_eq!(CheckpointPolicy::OFF.recomputed_layers(32), 0);
     }
 }

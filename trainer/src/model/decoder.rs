@@ -6,7 +6,7 @@
 
 use super::batch::Batch;
 use super::bnb_checkpoint;
-use super::checkpointing::Checkpointing;
+use super::checkpointing::{CheckpointPolicy, Checkpointing};
 use super::layer::{Attend, LayerCheckpoint, LayerSaved, LayerWeights, Shapes};
 use super::linear::FrozenLinear;
 use super::proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
@@ -248,7 +248,7 @@ impl<B: Backend> Decoder<B> {
         be: &B,
         lora: Option<&LoraParams<B>>,
         batch: &Batch<B>,
-        checkpointing: Checkpointing,
+        checkpointing: CheckpointPolicy,
     ) -> Result<Activations<B>> {
         let s = &self.shapes;
         let n = batch.layout.tokens();
@@ -259,7 +259,7 @@ impl<B: Backend> Decoder<B> {
             let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
             // Checkpointing keeps the layer input (and, offloaded, the attention part); the rest
             // is dropped here and recomputed in backward.
-            saved.push(match checkpointing {
+            saved.push(match checkpointing.of_layer(l) {
                 Checkpointing::Off => Saved::Full(full),
                 Checkpointing::Full => Saved::Checkpoint(full.checkpoint(false)?),
                 Checkpointing::Offload => {
@@ -400,7 +400,7 @@ impl<B: Backend> Decoder<B> {
         be: &B,
         lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
-        checkpointing: Checkpointing,
+        checkpointing: CheckpointPolicy,
         grad_weight: f32,
     ) -> Result<f64> {
         self.loss_and_grad_with_hook(be, lora, batch, checkpointing, grad_weight, &mut |_, _| {
@@ -414,7 +414,7 @@ impl<B: Backend> Decoder<B> {
         be: &B,
         lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
-        checkpointing: Checkpointing,
+        checkpointing: CheckpointPolicy,
         grad_weight: f32,
         after_layer: &mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>,
     ) -> Result<f64> {

@@ -19,6 +19,6 @@ pub use crate::arch::{ModelConfig, Projection};
 pub use crate::weights;
 pub use batch::{next_token_targets, Batch};
 pub use cached::KvCache;
-pub use checkpointing::Checkpointing;
+pub use checkpointing::{CheckpointPolicy, Checkpointing, CheckpointingSetting};
 pub use decoder::{Activations, Decoder};
 pub use proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};

@@ -1,7 +1,7 @@
 //! Decoder-level checks on small random models: finite differences of the LoRA gradients through
 //! every op at once, gradient checkpointing, and packed rows behaving like separate sequences.
 
-use super::{Batch, Checkpointing, Decoder, ModelConfig, Projection};
+use super::{Batch, CheckpointPolicy, Checkpointing, Decoder, ModelConfig, Projection};
 use crate::lora::{LoraConfig, LoraParams};
 use kernels::cpu::CpuBackend;
 use kernels::{AttentionLayout, Backend};
@@ -78,7 +78,7 @@ fn loss_and_grads(
     m: &Decoder<CpuBackend>,
     lora: &mut LoraParams<CpuBackend>,
     batch: &Batch<CpuBackend>,
-    checkpointing: Checkpointing,
+    checkpointing: CheckpointPolicy,
 ) -> (f64, Vec<Vec<f32>>) {
     lora.zero_grads(be).unwrap();
     let nll = m
@@ -102,7 +102,7 @@ fn lora_gradients_match_finite_differences_through_the_whole_model() {
         let layout = AttentionLayout::packed(&[vec![4, 3], vec![6]], 7, window);
         let ids = tokens(14, 1);
         let batch = Batch::new(&be, &c, &ids, &ids, layout).unwrap();
-        let (_, grads) = loss_and_grads(&be, &m, &mut lora, &batch, Checkpointing::Off);
+        let (_, grads) = loss_and_grads(&be, &m, &mut lora, &batch, CheckpointPolicy::OFF);
         let h = 1e-2f32;
         for (t, g) in grads.iter().enumerate() {
             let scale = g.iter().fold(0f32, |a, x| a.max(x.abs())).max(1e-3);
@@ -112,7 +112,7 @@ fn lora_gradients_match_finite_differences_through_the_whole_model() {
                     lora.params[t][i] = v;
                     lora.sync_compute(&be).unwrap();
                     let acts = m
-                        .forward(&be, Some(&lora), &batch, Checkpointing::Off)
+                        .forward(&be, Some(&lora), &batch, CheckpointPolicy::OFF)
                         .unwrap();
                     let (lp, _) = m
                         .head(&be, &acts, &batch.targets, kernels::CeGrad::None)
@@ -148,14 +148,18 @@ fn gradient_checkpointing_changes_no_gradient() {
         AttentionLayout::right_padded(&[10, 7], 10, Some(4)),
     )
     .unwrap();
-    let (l1, g1) = loss_and_grads(&be, &m, &mut lora, &batch, Checkpointing::Off);
+    let (l1, g1) = loss_and_grads(&be, &m, &mut lora, &batch, CheckpointPolicy::OFF);
+    // Every layer, or only the first one (the second keeps everything), in both modes.
     for mode in [Checkpointing::Full, Checkpointing::Offload] {
-        let (l2, g2) = loss_and_grads(&be, &m, &mut lora, &batch, mode);
-        assert_eq!(l1, l2, "{mode:?}");
-        assert_eq!(
-            g1, g2,
-            "{mode:?}: checkpointed gradients must be bitwise identical"
-        );
+        for layers in [None, Some(1)] {
+            let policy = CheckpointPolicy { mode, layers };
+            let (l2, g2) = loss_and_grads(&be, &m, &mut lora, &batch, policy);
+            assert_eq!(l1, l2, "{policy:?}");
+            assert_eq!(
+                g1, g2,
+                "{policy:?}: checkpointed gradients must be bitwise identical"
+            );
+        }
     }
 }
 
@@ -190,8 +194,8 @@ fn packed_documents_equal_separate_rows() {
     .unwrap();
     assert_eq!(packed.n_targets, 4 + 5);
     assert_eq!(separate.n_targets, packed.n_targets);
-    let (lp, gp) = loss_and_grads(&be, &m, &mut lora, &packed, Checkpointing::Off);
-    let (ls, gs) = loss_and_grads(&be, &m, &mut lora, &separate, Checkpointing::Off);
+    let (lp, gp) = loss_and_grads(&be, &m, &mut lora, &packed, CheckpointPolicy::OFF);
+    let (ls, gs) = loss_and_grads(&be, &m, &mut lora, &separate, CheckpointPolicy::OFF);
     assert!(
         (lp - ls).abs() < 1e-5 * ls.abs(),
         "packed {lp} vs separate {ls}"
@@ -218,7 +222,7 @@ fn cached_decoding_gives_the_full_forward_logits() {
         )
         .unwrap();
         let acts = m
-            .forward(&be, Some(&lora), &full, Checkpointing::Off)
+            .forward(&be, Some(&lora), &full, CheckpointPolicy::OFF)
             .unwrap();
         let logits = m.logits(&be, &acts).unwrap();
         let mut cache = super::KvCache::new(&be, &m, vec![0], 7).unwrap();
@@ -266,7 +270,7 @@ fn quantizing_at_load_matches_the_bitsandbytes_checkpoint() {
     let layout = inputs.layout(None).unwrap();
     let batch = Batch::new(&be, &config, &inputs.ids, &inputs.labels, layout).unwrap();
     let acts = model
-        .forward(&be, None, &batch, Checkpointing::Off)
+        .forward(&be, None, &batch, CheckpointPolicy::OFF)
         .unwrap();
     let got = be.download(&model.logits(&be, &acts).unwrap()).unwrap();
     let expected =
@@ -307,7 +311,7 @@ fn qwen_models_quantize_at_load_and_keep_their_loss() {
         .unwrap();
         let loss = |quantize| {
             let m = Decoder::load_with(&be, config.clone(), &files, quantize).unwrap();
-            m.loss_and_grad(&be, None, &batch, Checkpointing::Off, 1.0)
+            m.loss_and_grad(&be, None, &batch, CheckpointPolicy::OFF, 1.0)
                 .unwrap()
                 / batch.n_targets as f64
         };

@@ -14,6 +14,7 @@
 //! scratch buffer per distinct projection shape joins the pool, and every use of a projection
 //! (forward, recompute, backward) adds a dequantization pass.
 
+pub mod fit;
 pub mod meter;
 mod report;
 pub mod roofline;
@@ -21,7 +22,9 @@ pub mod roofline;
 pub use report::{describe, describe_suggestions, startup_report, suggestions};
 
 use crate::lora::{LoraConfig, LoraParams};
-use crate::model::{Batch, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4};
+use crate::model::{
+    Batch, CheckpointPolicy, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4,
+};
 use crate::optim::{AdamW, LossScaler};
 use anyhow::{bail, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, DType};
@@ -37,7 +40,7 @@ pub struct PlanSpec {
     pub batch: usize,
     pub seq: usize,
     pub grad_accum: usize,
-    pub checkpointing: Checkpointing,
+    pub checkpointing: CheckpointPolicy,
     pub dtype: DType,
     pub quantize: Option<QuantizeNf4>,
     /// Data-parallel ranks (one GPU each).
@@ -288,24 +291,31 @@ impl Nf4Bytes {
         sizes.iter().sum::<u64>() * e
     }
 
-    /// Dequantizing every projection before each of its GEMMs: forward, recompute (with
-    /// checkpointing) and backward, per micro-batch.
+    /// Dequantizing each projection before each of its GEMMs, per micro-batch: forward and
+    /// backward, and in the recomputed layers the recomputation's (which skips the down
+    /// projection, and offloaded the o projection too).
     fn dequant_ops(&self, c: &ModelConfig, spec: &PlanSpec, e: u64) -> Vec<Op> {
-        let uses = (if spec.checkpointing.recomputes() {
-            3
-        } else {
-            2
-        }) * spec.grad_accum;
+        let policy = spec.checkpointing;
+        let recomputed = policy.recomputed_layers(c.num_layers);
+        let skipped: &[Projection] = match policy.mode {
+            Checkpointing::Offload => &[Projection::Down, Projection::O],
+            _ => &[Projection::Down],
+        };
         let mut ops = Vec::new();
-        for _ in 0..uses * c.num_layers {
+        for l in 0..c.num_layers * spec.grad_accum {
+            let recomputes = l % c.num_layers < recomputed;
             for p in Projection::ALL {
+                let uses = if recomputes && !skipped.contains(&p) { 3 } else { 2 };
                 let (o, i) = p.shape(c);
                 let n = (o * i) as f64;
-                ops.push(Op {
-                    kind: OpKind::Memory,
-                    flops: 0.0,
-                    bytes: n / 2.0 + n * e as f64,
-                });
+                ops.extend(std::iter::repeat_n(
+                    Op {
+                        kind: OpKind::Memory,
+                        flops: 0.0,
+                        bytes: n / 2.0 + n * e as f64,
+                    },
+                    uses,
+                ));
             }
         }
         ops
@@ -336,16 +346,21 @@ impl Parts {
         // dk, dv, dnorm1 and attention's f32 delta and dq accumulator; one LoRA `u` at a time.
         let backward = e * n * (3 * i + h) + e * n * spec.lora.r as u64;
         let layers = c.num_layers as u64;
-        let (checkpoints, activations) = match spec.checkpointing {
-            Checkpointing::Full => (layers * layer_input, saved_without_input + backward),
+        let policy = spec.checkpointing;
+        let recomputed = policy.recomputed_layers(c.num_layers) as u64;
+        // The layers above the checkpointed ones keep everything.
+        let kept = (layers - recomputed) * (layer_input + saved_without_input);
+        let checkpoints = match policy.mode {
+            _ if recomputed == 0 => 0,
+            Checkpointing::Off => 0,
+            Checkpointing::Full => recomputed * layer_input,
             // One layer's checkpoint (input, attention output, residual, lse) in flight to the
             // host and the one fetched back ahead of its layer.
-            Checkpointing::Offload => (
-                2 * (e * n * (2 * h + qd) + 4 * n * heads),
-                saved_without_input + backward,
-            ),
-            Checkpointing::Off => (0, layers * (layer_input + saved_without_input) + backward),
+            Checkpointing::Offload => 2 * (e * n * (2 * h + qd) + 4 * n * heads),
         };
+        // A recomputed layer's saved state exists one layer at a time, during its backward.
+        let recomputing = if recomputed > 0 { saved_without_input } else { 0 };
+        let activations = kept + recomputing + backward;
         let v = c.vocab_size;
         let chunk = (LM_HEAD_CHUNK_ELEMENTS / v).clamp(1, n as usize) as u64;
         Parts {

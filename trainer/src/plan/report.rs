@@ -3,7 +3,7 @@
 use super::roofline::GpuKind;
 use super::{Plan, PlanSpec, CONTEXT_RESERVE};
 use crate::lora::LoraConfig;
-use crate::model::{Checkpointing, ModelConfig, Projection, QuantizeNf4};
+use crate::model::{CheckpointPolicy, Checkpointing, ModelConfig, Projection, QuantizeNf4};
 use crate::train::config::RunConfig;
 use anyhow::Result;
 use kernels::DType;
@@ -13,10 +13,19 @@ fn gib(bytes: u64) -> String {
 }
 
 impl PlanSpec {
-    /// The setup a run config describes (reads the model's config.json only).
-    pub fn from_run(cfg: &RunConfig, nproc: usize) -> Result<PlanSpec> {
+    /// The setup a run config describes with `checkpointing` (reads the model's config.json only).
+    /// A DPO or ORPO micro-batch holds a chosen and a rejected row per pair, `max_len` long.
+    pub fn from_run(
+        cfg: &RunConfig,
+        nproc: usize,
+        checkpointing: CheckpointPolicy,
+    ) -> Result<PlanSpec> {
         let model = ModelConfig::load(&cfg.model.path)?;
         let dtype = cfg.model.dtype.dtype();
+        let (batch, seq) = match cfg.pair_lengths() {
+            Some(pair) => (2 * cfg.train.batch_size, pair.max_len),
+            None => (cfg.train.batch_size, cfg.data.max_seq_len),
+        };
         Ok(PlanSpec {
             lora: LoraConfig {
                 r: cfg.lora.r,
@@ -25,10 +34,10 @@ impl PlanSpec {
                 use_rslora: cfg.lora.rslora,
                 dropout: cfg.lora.dropout,
             },
-            batch: cfg.train.batch_size,
-            seq: cfg.data.max_seq_len,
+            batch,
+            seq,
             grad_accum: cfg.train.grad_accum,
-            checkpointing: cfg.train.gradient_checkpointing,
+            checkpointing,
             dtype,
             // A bitsandbytes 4-bit checkpoint is NF4 whatever `model.quantize` says.
             quantize: match crate::model::bnb_checkpoint::quantization_of(&model.raw)? {
@@ -63,7 +72,7 @@ impl PlanSpec {
             batch,
             seq,
             grad_accum: 1,
-            checkpointing,
+            checkpointing: CheckpointPolicy::all(checkpointing),
             dtype: DType::BF16,
             quantize: None,
             nproc,
@@ -77,7 +86,7 @@ impl PlanSpec {
             self.seq,
             self.grad_accum,
             self.dtype.name(),
-            self.checkpointing.name(),
+            self.checkpointing.describe(self.model.num_layers),
             match self.quantize {
                 None => "no quantization".to_string(),
                 Some(q) if q.double_quant => "NF4 + double quant".to_string(),
@@ -98,6 +107,7 @@ pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
     let m = &plan.memory;
     let c = &s.model;
     let lora_values = super::lora_values(c, &s.lora);
+    let recomputed = s.checkpointing.recomputed_layers(c.num_layers);
     let mut lines = vec![
         format!(
             "plan: {} layers, hidden {}, vocab {}; LoRA r={} on {} projections; {}",
@@ -131,23 +141,21 @@ pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
         (
             "checkpoints",
             m.checkpoints,
-            match s.checkpointing {
-                Checkpointing::Full => format!("{} layer inputs", c.num_layers),
-                Checkpointing::Offload => format!(
-                    "2 of {} layer checkpoints (the rest in pinned host memory: {})",
-                    c.num_layers,
-                    gib(m.checkpoints / 2 * c.num_layers as u64)
+            match (s.checkpointing.mode, recomputed) {
+                (_, 0) | (Checkpointing::Off, _) => "off".to_string(),
+                (Checkpointing::Full, r) => format!("{r} layer inputs"),
+                (Checkpointing::Offload, r) => format!(
+                    "2 of {r} layer checkpoints (the rest in pinned host memory: {})",
+                    gib(super::fit::offload_host_bytes(s, r))
                 ),
-                Checkpointing::Off => "off".to_string(),
             },
         ),
         (
             "activations",
             m.activations,
-            if s.checkpointing.recomputes() {
-                "one layer's forward + backward".to_string()
-            } else {
-                format!("all {} layers + one backward", c.num_layers)
+            match c.num_layers - recomputed {
+                0 => "one layer's forward + backward".to_string(),
+                kept => format!("{kept} layers' forward + one backward"),
             },
         ),
         (
@@ -246,7 +254,7 @@ pub fn suggestions(spec: &PlanSpec, gpu: GpuKind) -> Result<Vec<Plan>> {
                 let candidate = PlanSpec {
                     batch,
                     grad_accum: rows_per_step / batch,
-                    checkpointing,
+                    checkpointing: CheckpointPolicy::all(checkpointing),
                     quantize: q,
                     dtype,
                     ..spec.clone()
@@ -290,11 +298,17 @@ pub fn describe_suggestions(plans: &[Plan], gpu: GpuKind, n: usize) -> String {
 
 /// What `train` prints before its first step on a GPU (`backend` is the backend's description,
 /// e.g. `cuda:0 NVIDIA H200 (bf16)`); `None` on the CPU, where the pool does not exist.
-pub fn startup_report(cfg: &RunConfig, backend: &str, nproc: usize) -> Option<String> {
+pub fn startup_report(
+    cfg: &RunConfig,
+    checkpointing: CheckpointPolicy,
+    backend: &str,
+    nproc: usize,
+) -> Option<String> {
     if !backend.starts_with("cuda") {
         return None;
     }
-    let planned = PlanSpec::from_run(cfg, nproc).and_then(|spec| Plan::account(&spec));
+    let planned =
+        PlanSpec::from_run(cfg, nproc, checkpointing).and_then(|spec| Plan::account(&spec));
     Some(match planned {
         Ok(plan) => describe(&plan, GpuKind::recognise(backend)),
         Err(e) => format!("plan: the memory accounting failed ({e:#}); training goes on"),

@@ -8,6 +8,7 @@ fn preset(name: &str, batch: usize, checkpointing: Checkpointing) -> PlanSpec {
     PlanSpec::from_preset(name, batch, 2048, checkpointing, 1).unwrap()
 }
 
+
 #[test]
 fn the_meter_keeps_the_pools_books() {
     let be = MeterBackend::new(DType::BF16);
@@ -121,7 +122,7 @@ fn a_t4_is_told_which_7b_qlora_batch_fits() {
         assert_eq!(p.spec.dtype, DType::F16);
         // Dense 7B fits only with the layer inputs offloaded to the host (12.55 GiB of weights).
         assert!(
-            p.spec.quantize.is_some() || p.spec.checkpointing == Checkpointing::Offload,
+            p.spec.quantize.is_some() || p.spec.checkpointing.mode == Checkpointing::Offload,
             "{text}"
         );
         assert_eq!(p.spec.batch * p.spec.grad_accum, 16);
@@ -130,7 +131,7 @@ fn a_t4_is_told_which_7b_qlora_batch_fits() {
     // Batch 16 × 2048 without checkpointing does not fit in 16 GB, even in 4 bits.
     assert!(!fitting
         .iter()
-        .any(|p| p.spec.batch == 16 && p.spec.checkpointing == Checkpointing::Off));
+        .any(|p| p.spec.batch == 16 && p.spec.checkpointing.mode == Checkpointing::Off));
     assert!(text.contains("T4 16 GB") && text.contains("NF4"), "{text}");
 }
 
@@ -185,7 +186,9 @@ fn a_run_config_is_planned_from_its_model_config_json() {
         model.to_str().unwrap()
     );
     let cfg = crate::train::config::RunConfig::from_toml(&toml).unwrap();
-    let spec = PlanSpec::from_run(&cfg, 2).unwrap();
+    let choice = fit::for_run(&cfg, None, 2).unwrap();
+    assert_eq!(choice.why, "as configured");
+    let spec = PlanSpec::from_run(&cfg, 2, choice.policy).unwrap();
     assert_eq!(
         (
             spec.batch,
@@ -195,7 +198,7 @@ fn a_run_config_is_planned_from_its_model_config_json() {
             spec.dtype,
             spec.nproc
         ),
-        (3, 128, 2, Checkpointing::Off, DType::F16, 2)
+        (3, 128, 2, CheckpointPolicy::all(Checkpointing::Off), DType::F16, 2)
     );
     assert_eq!(spec.lora.targets, vec![Projection::Q, Projection::V]);
     assert_eq!(spec.quantize, Some(QuantizeNf4 { double_quant: true }));
@@ -211,6 +214,54 @@ fn a_run_config_is_planned_from_its_model_config_json() {
         .replace("tiny-llama/model", "tiny-llama-qlora/model")
         .replace("quantize = \"nf4\"\n", "");
     let cfg = crate::train::config::RunConfig::from_toml(&qlora).unwrap();
-    let spec = PlanSpec::from_run(&cfg, 1).unwrap();
+    let spec = PlanSpec::from_run(&cfg, 1, CheckpointPolicy::OFF).unwrap();
     assert!(spec.quantize.is_some());
+    // "auto" with checkpoint_layers is refused, naming both keys.
+    let both = toml.replace(
+        "gradient_checkpointing = false",
+        "gradient_checkpointing = \"auto\"\ncheckpoint_layers = 2",
+    );
+    let cfg = crate::train::config::RunConfig::from_toml(&both).unwrap();
+    let e = fit::for_run(&cfg, None, 1).err().unwrap().to_string();
+    assert!(e.contains("checkpoint_layers") && e.contains("\"auto\""), "{e}");
+}
+
+#[test]
+fn auto_checkpoints_the_fewest_layers_that_fit_and_offloads_them() {
+    let spec = preset("llama2-7b", 2, Checkpointing::Off);
+    let gib = |g: f64| (g * GIB) as u64;
+    let host = Some(gib(64.0));
+    // 7B, b2 × 2048: ~30 GiB without checkpointing, ~14.4 GiB with every layer offloaded.
+    let roomy = fit::choose(&spec, Some(gib(80.0)), host).unwrap();
+    assert_eq!(roomy.policy.recomputed_layers(32), 0, "{}", roomy.why);
+    let tight = fit::choose(&spec, Some(gib(16.0)), host).unwrap();
+    assert_eq!(tight.policy.mode, Checkpointing::Offload);
+    assert_eq!(tight.policy.recomputed_layers(32), 32, "{}", tight.why);
+    let middle = fit::choose(&spec, Some(gib(24.0)), host).unwrap();
+    let r = middle.policy.recomputed_layers(32);
+    assert!(0 < r && r < 32, "{}", middle.why);
+    // The fewest: one layer fewer recomputed does not fit in the budget the choice used.
+    let total = |layers| {
+        let policy = CheckpointPolicy {
+            mode: Checkpointing::Offload,
+            layers: Some(layers),
+        };
+        let p = Plan::account(&PlanSpec {
+            checkpointing: policy,
+            ..spec.clone()
+        });
+        p.unwrap().memory.total() as f64 / GIB
+    };
+    let budget = 24.0 * 0.95 - 0.5;
+    assert!(total(r) <= budget && total(r - 1) > budget, "{}", middle.why);
+    // Without host memory to pin, the layers stay on the device (full checkpointing).
+    let no_host = fit::choose(&spec, Some(gib(16.0)), Some(gib(4.0))).unwrap();
+    assert_eq!(no_host.policy.mode, Checkpointing::Full);
+    // Nothing fits: every layer, and the reason names what to change.
+    let small = fit::choose(&spec, Some(gib(8.0)), host).unwrap();
+    assert_eq!(small.policy.recomputed_layers(32), 32);
+    assert!(small.why.contains("train.batch_size"), "{}", small.why);
+    // The CPU: every layer, fully.
+    let cpu = fit::choose(&spec, None, None).unwrap();
+    assert_eq!(cpu.policy, CheckpointPolicy::all(Checkpointing::Full));
 }

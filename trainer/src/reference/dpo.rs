@@ -7,7 +7,7 @@ use super::sft::{Inputs, REL_TOL};
 use super::Comparison;
 use crate::lora::{peft, LoraParams};
 use crate::model::weights::{to_i64, WeightFiles};
-use crate::model::{next_token_targets, Batch, Checkpointing, Decoder, ModelConfig};
+use crate::model::{next_token_targets, Batch, CheckpointPolicy, Decoder, ModelConfig};
 use crate::train::config::LossType;
 use crate::train::dpo::{dpo_micro_step, DpoLoss, PairResult};
 use crate::train::method::StepContext;
@@ -108,7 +108,7 @@ pub(super) fn load_pair_case<B: Backend>(be: &B, dir: &Path) -> Result<PairCase<
 pub(super) const ONE_STEP: StepContext<'static> = StepContext {
     totals: &[],
     loss_scale: 1.0,
-    checkpointing: Checkpointing::Off,
+    checkpointing: CheckpointPolicy::OFF,
 };
 
 pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<String, Comparison>> {

@@ -4,7 +4,7 @@
 use super::Comparison;
 use crate::lora::{peft, LoraParams};
 use crate::model::weights::{to_i64, WeightFiles};
-use crate::model::{Batch, Checkpointing, Decoder, ModelConfig};
+use crate::model::{Batch, CheckpointPolicy, Decoder, ModelConfig};
 use crate::optim::{clip_coefficient, AdamW};
 use anyhow::{anyhow, bail, Context, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad};
@@ -168,7 +168,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
     };
 
     // Base model.
-    let acts = decoder.forward(be, None, &batch, Checkpointing::Off)?;
+    let acts = decoder.forward(be, None, &batch, CheckpointPolicy::OFF)?;
     let logits = be.download(&decoder.logits(be, &acts)?)?;
     let (logp, _) = decoder.head(be, &acts, &batch.targets, CeGrad::None)?;
     let base_loss = -be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>() / n_tok;
@@ -194,7 +194,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
         return Ok(out);
     }
     let mut lora: LoraParams<B> = peft::load(be, &config, &adapter_dir)?;
-    let acts = decoder.forward(be, Some(&lora), &batch, Checkpointing::Off)?;
+    let acts = decoder.forward(be, Some(&lora), &batch, CheckpointPolicy::OFF)?;
     let logits = be.download(&decoder.logits(be, &acts)?)?;
     out.insert(
         "lora_logits".into(),
@@ -208,7 +208,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
         be,
         Some(&mut lora),
         &batch,
-        Checkpointing::Off,
+        CheckpointPolicy::OFF,
         (1.0 / n_tok) as f32,
     )? / n_tok;
     out.insert(
@@ -269,7 +269,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
         be,
         Some(&mut lora),
         &batch,
-        Checkpointing::Off,
+        CheckpointPolicy::OFF,
         (1.0 / n_tok) as f32,
     )? / n_tok;
     out.insert(

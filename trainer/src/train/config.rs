@@ -7,7 +7,7 @@
 
 use super::schedule::ScheduleKind;
 use crate::data::records::Format;
-use crate::model::{Checkpointing, Projection, QuantizeNf4};
+use crate::model::{CheckpointingSetting, Projection, QuantizeNf4};
 use anyhow::{bail, Context, Result};
 use kernels::DType;
 use serde::{Deserialize, Serialize};
@@ -219,9 +219,14 @@ pub struct TrainSection {
     pub adam_eps: f64,
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// `true`/"full", `false`/"off" or "offload" (layer inputs in pinned host memory).
+    /// "auto" (the default: as few layers checkpointed as the GPU's memory needs, offloaded),
+    /// `true`/"full", `false`/"off" or "offload" (model/checkpointing.rs).
     #[serde(default = "default_checkpointing")]
-    pub gradient_checkpointing: Checkpointing,
+    pub gradient_checkpointing: CheckpointingSetting,
+    /// With "full" or "offload": checkpoint only the first N layers (the rest keep every
+    /// activation: faster, more memory). Unset: every layer.
+    #[serde(default)]
+    pub checkpoint_layers: Option<usize>,
     #[serde(default = "default_one_u64")]
     pub log_steps: u64,
     /// 0: evaluate only at the end.
@@ -416,8 +421,8 @@ fn default_max_seq_len() -> usize {
 fn default_truncation() -> Truncation {
     Truncation::Truncate
 }
-fn default_checkpointing() -> Checkpointing {
-    Checkpointing::Full
+fn default_checkpointing() -> CheckpointingSetting {
+    CheckpointingSetting::Auto
 }
 
 fn default_true() -> bool {

@@ -12,7 +12,7 @@ use crate::data::packing::RowFill;
 use crate::data::preference::PreferenceStats;
 use crate::data::tokenize::TokenizeStats;
 use crate::lora::LoraParams;
-use crate::model::{Checkpointing, Decoder};
+use crate::model::{CheckpointPolicy, Decoder};
 use anyhow::Result;
 use kernels::Backend;
 
@@ -28,7 +28,7 @@ pub struct StepContext<'a> {
     /// The fp16 loss scale (1 without loss scaling): every gradient weight is multiplied by it.
     pub loss_scale: f32,
     /// What the forward keeps for backward.
-    pub checkpointing: Checkpointing,
+    pub checkpointing: CheckpointPolicy,
 }
 
 /// Sums over the items of a step or an evaluation (losses, metric numerators, counts), which

@@ -16,7 +16,7 @@ use crate::data::preference::{
 };
 use crate::data::tokenize::TokenizeStats;
 use crate::lora::LoraParams;
-use crate::model::{next_token_targets, Batch, Checkpointing, Decoder};
+use crate::model::{next_token_targets, Batch, CheckpointPolicy, Decoder};
 use crate::tokenizer::Tokenizer;
 use anyhow::Result;
 use kernels::{Backend, CeGrad, DType, IGNORE_INDEX};
@@ -265,7 +265,7 @@ pub fn sequence_logps<B: Backend>(
     batch: &Batch<B>,
     seqs: &TargetSequences,
 ) -> Result<(Vec<f64>, Vec<usize>)> {
-    let acts = model.forward(be, lora, batch, Checkpointing::Off)?;
+    let acts = model.forward(be, lora, batch, CheckpointPolicy::OFF)?;
     let (logp, _) = model.head(be, &acts, &batch.targets, CeGrad::None)?;
     Ok(seqs.sum_by_sequence(&be.download(&logp)?))
 }

@@ -29,7 +29,7 @@ use crate::data::preference::PreferenceStats;
 use crate::data::tokenize::TokenizeStats;
 use crate::lora::{peft, LoraConfig, LoraParams};
 use crate::model::weights::WeightFiles;
-use crate::model::{Decoder, ModelConfig};
+use crate::model::{CheckpointPolicy, Decoder, ModelConfig};
 use crate::optim::{AdamW, LossScaler};
 use crate::output_dir::{Overwrite, StagedDir};
 use anyhow::{bail, Context, Result};
@@ -158,22 +158,47 @@ pub fn train_ranks<B: GradReducer>(
         .is_main()
         .then(|| crate::output_dir::claim_for_run(cfg, &resume))
         .transpose()?;
+    // Chosen before the weights load, while the device's free memory is all the run's.
+    let checkpointing = checkpointing_for(be, cfg, dist)?;
     let model = load_model(be, cfg)?;
+    let ck = checkpointing;
     match &cfg.method {
-        MethodSection::Sft(_) => run_loop(
-            be,
-            cfg,
-            resume,
-            dist,
-            &model,
-            &Sft::prepare(cfg, model.config.vocab_size)?,
-        ),
+        MethodSection::Sft(_) => {
+            let sft = Sft::prepare(cfg, model.config.vocab_size)?;
+            run_loop(be, cfg, resume, dist, &model, &sft, ck)
+        }
         MethodSection::Dpo(d) => {
             let dpo = Dpo::prepare(be, &model, cfg, d, dist)?;
-            run_loop(be, cfg, resume, dist, &model, &dpo)
+            run_loop(be, cfg, resume, dist, &model, &dpo, ck)
         }
-        MethodSection::Orpo(o) => run_loop(be, cfg, resume, dist, &model, &Orpo::prepare(cfg, o)?),
+        MethodSection::Orpo(o) => {
+            let orpo = Orpo::prepare(cfg, o)?;
+            run_loop(be, cfg, resume, dist, &model, &orpo, ck)
+        }
     }
+}
+
+/// The run's checkpointing (`train.gradient_checkpointing`, "auto" resolved by the plan); rank 0
+/// prints it, and on a GPU the plan's memory accounting for it.
+fn checkpointing_for<B: Backend>(
+    be: &B,
+    cfg: &RunConfig,
+    dist: &Distributed,
+) -> Result<CheckpointPolicy> {
+    let choice = crate::plan::fit::for_run(cfg, be.free_memory_bytes(), dist.world_size())?;
+    if dist.is_main() {
+        let layers = ModelConfig::load(&cfg.model.path)?.num_layers;
+        eprintln!(
+            "checkpointing: {} ({})",
+            choice.policy.describe(layers),
+            choice.why
+        );
+        let report = crate::plan::startup_report(cfg, choice.policy, &be.describe(), dist.world_size());
+        if let Some(report) = report {
+            eprintln!("{report}");
+        }
+    }
+    Ok(choice.policy)
 }
 
 /// Whether a periodic action (`every` steps; 0 = never) falls on `step` — the last step has its own.
@@ -199,6 +224,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
     dist: &Distributed,
     model: &Decoder<B>,
     method: &M,
+    checkpointing: CheckpointPolicy,
 ) -> Result<Summary> {
     let started = Instant::now();
     let out = &cfg.output.dir;
@@ -340,7 +366,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         let ctx = StepContext {
             totals: &totals,
             loss_scale: scaler.loss_weight(1.0),
-            checkpointing: cfg.train.gradient_checkpointing,
+            checkpointing,
         };
         let results = dist.accumulate(be, &mut lora, &micro, |b, lora, hook| {
             method.micro_step(be, model, lora, b, ctx, hook)
@@ -566,7 +592,7 @@ mod tests {
         let ctx = StepContext {
             totals: &totals,
             loss_scale,
-            checkpointing: Checkpointing::Full,
+            checkpointing: CheckpointPolicy::all(Checkpointing::Full),
         };
         let mut layers = Vec::new();
         method

@@ -16,7 +16,7 @@ use crate::data::source::ExampleSource;
 use crate::data::token_shards::{is_token_shard, TokenShards};
 use crate::data::tokenize::{tokenize_records, Formatting, TokenizeStats};
 use crate::lora::LoraParams;
-use crate::model::{Batch, Checkpointing, Decoder};
+use crate::model::{Batch, CheckpointPolicy, Decoder};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use kernels::Backend;
@@ -236,7 +236,7 @@ pub fn evaluate<B: Backend>(
     let mut sums = SftSums::default();
     for hb in epoch_batches(examples, batching, 0, 0) {
         let batch = upload(be, model, &hb)?;
-        let acts = model.forward(be, lora, &batch, Checkpointing::Off)?;
+        let acts = model.forward(be, lora, &batch, CheckpointPolicy::OFF)?;
         let (logp, _) = model.head(be, &acts, &batch.targets, kernels::CeGrad::None)?;
         sums.nll -= be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>();
         sums.tokens += batch.n_targets as f64;
