@@ -5,7 +5,8 @@
 # With PROFILE=1 each fuselora run also times one step op by op (OUT_DIR/<run>.txt holds the table).
 # HF=0 skips the baseline (needs python3 with torch, transformers and peft; the QLoRA rows also
 # bitsandbytes: scripts/fetch-bitsandbytes-wheel.sh, else they print a skip and show "—").
-# A run's extra flags go to both programs (bench-hf-peft.py takes --no-checkpointing, --quantize).
+# A run's flags before `|` go to both programs (bench-hf-peft.py takes --no-checkpointing,
+# --quantize), those after it to fuselora only.
 # ONLY="name name ..." keeps just those runs (names as in RUNS below).
 # usage: [PROFILE=1] [HF=0 | FUSELORA=0] [ONLY=...] scripts/bench-gpu.sh [FUSELORA_BIN] [OUT_DIR]
 set -uo pipefail
@@ -13,18 +14,30 @@ BIN=${1:-target/release/fuselora}
 OUT=${2:-bench-results}
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT"
-# name preset batch seq extra-flags
+# name preset batch seq [flags for both] [| flags for fuselora only]; runs whose Hugging Face side is
+# the same (preset, batch, seq, shared flags) share one baseline run.
 RUNS=(
   "llama2-7b llama2-7b 2 2048"
+  "llama2-7b-offload llama2-7b 2 2048 | --checkpointing offload"
+  "llama2-7b-auto llama2-7b 2 2048 | --checkpointing auto"
   "llama2-7b-no-ckpt llama2-7b 2 2048 --no-checkpointing"
   "mistral-7b mistral-7b 2 2048"
+  "mistral-7b-offload mistral-7b 2 2048 | --checkpointing offload"
   "llama2-7b-qlora llama2-7b 2 2048 --quantize nf4"
+  "llama2-7b-qlora-offload llama2-7b 2 2048 --quantize nf4 | --checkpointing offload"
   "mistral-7b-qlora mistral-7b 2 2048 --quantize nf4"
   "qwen2.5-7b qwen2.5-7b 2 2048"
   "qwen3-8b qwen3-8b 2 2048"
   "llama-1b llama-1b 4 2048"
   "smollm2-135m smollm2-135m 8 1024"
 )
+# split RUN: sets name preset batch seq shared ours hf_key
+split() {
+  read -r name preset batch seq rest <<<"$1"
+  shared=${rest%%|*} ours=""
+  [[ $rest == *"|"* ]] && ours=${rest#*|}
+  hf_key=$(echo "$preset $batch $seq $shared" | xargs | tr ' ' '_')
+}
 if [ -n "${ONLY:-}" ]; then
   kept=()
   for r in "${RUNS[@]}"; do
@@ -34,18 +47,19 @@ if [ -n "${ONLY:-}" ]; then
 fi
 if [ "${FUSELORA:-1}" != 0 ]; then
   for r in "${RUNS[@]}"; do
-    read -r name preset batch seq flags <<<"$r"
-    "$BIN" bench --preset "$preset" --batch "$batch" --seq "$seq" $flags --warmup 2 --steps 10 \
+    split "$r"
+    "$BIN" bench --preset "$preset" --batch "$batch" --seq "$seq" $shared $ours --warmup 2 --steps 10 \
       ${PROFILE:+--profile} --json "$OUT/fuselora-$name.json" >"$OUT/fuselora-$name.txt" 2>&1 \
       || { echo "fuselora $name failed:"; tail -5 "$OUT/fuselora-$name.txt"; }
   done
 fi
 if [ "${HF:-1}" != 0 ]; then
   for r in "${RUNS[@]}"; do
-    read -r name preset batch seq flags <<<"$r"
+    split "$r"
+    [ -e "$OUT/hf-$hf_key.json" ] && continue
     python3 "$SCRIPTS/bench-hf-peft.py" --preset "$preset" --batch "$batch" --seq "$seq" \
-      $flags --warmup 2 --steps 10 --json "$OUT/hf-$name.json" >"$OUT/hf-$name.txt" 2>&1 \
-      || { echo "hf $name failed:"; tail -3 "$OUT/hf-$name.txt"; }
+      $shared --warmup 2 --steps 10 --json "$OUT/hf-$hf_key.json" >"$OUT/hf-$hf_key.txt" 2>&1 \
+      || { echo "hf $name failed:"; tail -3 "$OUT/hf-$hf_key.txt"; }
   done
 fi
 python3 - "$OUT" "${RUNS[@]}" <<'PY'
@@ -56,8 +70,9 @@ def load(p):
 print("| run | batch × seq | HF + PEFT tok/s | HF peak GiB | fuselora tok/s | step | MFU | peak GiB | × HF |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for spec in sys.argv[2:]:
-    name, preset, batch, seq = spec.split()[:4]
-    f, h = load(out / f"fuselora-{name}.json"), load(out / f"hf-{name}.json")
+    name, preset, batch, seq, *rest = spec.split("|")[0].split()
+    hf_key = "_".join([preset, batch, seq, *rest])
+    f, h = load(out / f"fuselora-{name}.json"), load(out / f"hf-{hf_key}.json")
     hf_tps = f"{h['tokens_per_s']:,.0f}" if h else "—"
     hf_mem = f"{h['peak_memory_bytes'] / 2**30:.2f}" if h else "—"
     if f:

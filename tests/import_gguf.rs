@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use trainer::model::weights::{to_i64, WeightFiles};
-use trainer::model::{Batch, Checkpointing, Decoder, ModelConfig};
+use trainer::model::{Batch, CheckpointPolicy, Decoder, ModelConfig};
 
 fn fixture(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -74,7 +74,9 @@ fn greedy(be: &CpuBackend, model: &Decoder<CpuBackend>, prompt: &[i32], steps: u
         let n = ids.len();
         let layout = AttentionLayout::right_padded(&[n], n, None);
         let batch = Batch::new(be, &model.config, &ids, &ids, layout).unwrap();
-        let acts = model.forward(be, None, &batch, Checkpointing::Off).unwrap();
+        let acts = model
+            .forward(be, None, &batch, CheckpointPolicy::OFF)
+            .unwrap();
         let logits = be.download(&model.logits(be, &acts).unwrap()).unwrap();
         let last = &logits[(n - 1) * vocab..n * vocab];
         assert!(last.iter().all(|x| x.is_finite()));

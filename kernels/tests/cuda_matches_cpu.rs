@@ -787,7 +787,8 @@ fn offloaded_tensors_come_back_bit_for_bit_while_the_pool_reuses_their_buffers()
             // The next layer's work: same-size buffers from the pool, written in full.
             for (i, &n) in sizes.iter().enumerate() {
                 let mut scratch = g.empty(n, dtype).unwrap();
-                g.fill_random(&mut scratch, 7 + l as u64 + i as u64, 3.0).unwrap();
+                g.fill_random(&mut scratch, 7 + l as u64 + i as u64, 3.0)
+                    .unwrap();
                 let mut other = g.empty(n, dtype).unwrap();
                 g.copy(&scratch, &mut other).unwrap();
             }

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use kernels::cpu::{profile, CpuBackend};
 use kernels::Backend;
 use trainer::bench::{self, BenchSpec};
-use trainer::model::Checkpointing;
+use trainer::model::CheckpointPolicy;
 use trainer::train::distributed::Distributed;
 
 fn main() -> Result<()> {
@@ -26,7 +26,7 @@ fn main() -> Result<()> {
         batch: number(1, "2")?,
         seq: number(2, "512")?,
         grad_accum: 1,
-        checkpointing: Checkpointing::Off,
+        checkpointing: CheckpointPolicy::OFF,
         warmup: 0,
         steps: 1,
         seed: 0,

@@ -286,11 +286,7 @@ pub fn describe(r: &BenchResult) -> String {
         ),
         format!(
             "shape       batch {} × seq {} × accum {} = {} tokens/step, checkpointing {}",
-            s.batch,
-            s.seq,
-            s.grad_accum,
-            r.tokens_per_step,
-            r.checkpointing
+            s.batch, s.seq, s.grad_accum, r.tokens_per_step, r.checkpointing
         ),
         format!(
             "weights     {}",

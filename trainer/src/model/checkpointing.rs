@@ -207,12 +207,18 @@ mod tests {
         );
         assert_eq!(p.describe(20), "offload");
         let all = CheckpointPolicy::all(Checkpointing::Full);
-        assert_eq!((all.describe(32), all.recomputed_layers(32)), ("full".into(), 32));
+        assert_eq!(
+            (all.describe(32), all.recomputed_layers(32)),
+            ("full".into(), 32)
+        );
         let none = CheckpointPolicy {
             layers: Some(0),
             ..p
         };
-        assert_eq!((none.describe(32), none.recomputed_layers(32)), ("off".into(), 0));
+        assert_eq!(
+            (none.describe(32), none.recomputed_layers(32)),
+            ("off".into(), 0)
+        );
         assert_eq!(CheckpointPolicy::OFF.recomputed_layers(32), 0);
     }
 }

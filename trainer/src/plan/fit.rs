@@ -41,7 +41,11 @@ pub struct Choice {
 
 /// `"auto"` for `spec` (its `checkpointing` is ignored) with `device_free` bytes free on the
 /// device (`None`: the CPU) and `host_available` bytes of host memory available.
-pub fn choose(spec: &PlanSpec, device_free: Option<u64>, host_available: Option<u64>) -> Result<Choice> {
+pub fn choose(
+    spec: &PlanSpec,
+    device_free: Option<u64>,
+    host_available: Option<u64>,
+) -> Result<Choice> {
     let layers = spec.model.num_layers;
     let Some(free) = device_free else {
         return Ok(Choice {
@@ -50,7 +54,8 @@ pub fn choose(spec: &PlanSpec, device_free: Option<u64>, host_available: Option<
         });
     };
     let budget = device_budget(free);
-    let offload_fits = |r| host_available.is_some_and(|a| offload_host_bytes(spec, r) <= host_budget(a));
+    let offload_fits =
+        |r| host_available.is_some_and(|a| offload_host_bytes(spec, r) <= host_budget(a));
     let mode = if offload_fits(layers) {
         Checkpointing::Offload
     } else {

@@ -206,7 +206,12 @@ impl Backend for MeterBackend {
     fn prefetch(&self, p: &mut MeterParked) -> Result<()> {
         if p.fetched.is_none() {
             self.in_flight.lock().expect("meter lock").clear();
-            p.fetched = Some(p.parts.iter().map(|&(len, dtype)| self.alloc(len, dtype)).collect());
+            p.fetched = Some(
+                p.parts
+                    .iter()
+                    .map(|&(len, dtype)| self.alloc(len, dtype))
+                    .collect(),
+            );
         }
         Ok(())
     }

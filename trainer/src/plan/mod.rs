@@ -305,7 +305,11 @@ impl Nf4Bytes {
         for l in 0..c.num_layers * spec.grad_accum {
             let recomputes = l % c.num_layers < recomputed;
             for p in Projection::ALL {
-                let uses = if recomputes && !skipped.contains(&p) { 3 } else { 2 };
+                let uses = if recomputes && !skipped.contains(&p) {
+                    3
+                } else {
+                    2
+                };
                 let (o, i) = p.shape(c);
                 let n = (o * i) as f64;
                 ops.extend(std::iter::repeat_n(
@@ -359,7 +363,11 @@ impl Parts {
             Checkpointing::Offload => 2 * (e * n * (2 * h + qd) + 4 * n * heads),
         };
         // A recomputed layer's saved state exists one layer at a time, during its backward.
-        let recomputing = if recomputed > 0 { saved_without_input } else { 0 };
+        let recomputing = if recomputed > 0 {
+            saved_without_input
+        } else {
+            0
+        };
         let activations = kept + recomputing + backward;
         let v = c.vocab_size;
         let chunk = (LM_HEAD_CHUNK_ELEMENTS / v).clamp(1, n as usize) as u64;

@@ -8,7 +8,6 @@ fn preset(name: &str, batch: usize, checkpointing: Checkpointing) -> PlanSpec {
     PlanSpec::from_preset(name, batch, 2048, checkpointing, 1).unwrap()
 }
 
-
 #[test]
 fn the_meter_keeps_the_pools_books() {
     let be = MeterBackend::new(DType::BF16);
@@ -198,7 +197,14 @@ fn a_run_config_is_planned_from_its_model_config_json() {
             spec.dtype,
             spec.nproc
         ),
-        (3, 128, 2, CheckpointPolicy::all(Checkpointing::Off), DType::F16, 2)
+        (
+            3,
+            128,
+            2,
+            CheckpointPolicy::all(Checkpointing::Off),
+            DType::F16,
+            2
+        )
     );
     assert_eq!(spec.lora.targets, vec![Projection::Q, Projection::V]);
     assert_eq!(spec.quantize, Some(QuantizeNf4 { double_quant: true }));
@@ -223,7 +229,10 @@ fn a_run_config_is_planned_from_its_model_config_json() {
     );
     let cfg = crate::train::config::RunConfig::from_toml(&both).unwrap();
     let e = fit::for_run(&cfg, None, 1).err().unwrap().to_string();
-    assert!(e.contains("checkpoint_layers") && e.contains("\"auto\""), "{e}");
+    assert!(
+        e.contains("checkpoint_layers") && e.contains("\"auto\""),
+        "{e}"
+    );
 }
 
 #[test]
@@ -253,7 +262,11 @@ fn auto_checkpoints_the_fewest_layers_that_fit_and_offloads_them() {
         p.unwrap().memory.total() as f64 / GIB
     };
     let budget = 24.0 * 0.95 - 0.5;
-    assert!(total(r) <= budget && total(r - 1) > budget, "{}", middle.why);
+    assert!(
+        total(r) <= budget && total(r - 1) > budget,
+        "{}",
+        middle.why
+    );
     // Without host memory to pin, the layers stay on the device (full checkpointing).
     let no_host = fit::choose(&spec, Some(gib(16.0)), Some(gib(4.0))).unwrap();
     assert_eq!(no_host.policy.mode, Checkpointing::Full);

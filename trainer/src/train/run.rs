@@ -193,7 +193,8 @@ fn checkpointing_for<B: Backend>(
             choice.policy.describe(layers),
             choice.why
         );
-        let report = crate::plan::startup_report(cfg, choice.policy, &be.describe(), dist.world_size());
+        let report =
+            crate::plan::startup_report(cfg, choice.policy, &be.describe(), dist.world_size());
         if let Some(report) = report {
             eprintln!("{report}");
         }
