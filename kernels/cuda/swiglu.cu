@@ -23,8 +23,8 @@ __device__ void swiglu_forward(const T* gate, const T* up, T* out, u64 n) {
 }
 
 template <typename T>
-__device__ void swiglu_backward(const T* dout, const T* gate, const T* up, T* dgate, T* dup, u64 n) {
-    bool vec = aligned16(dout) && aligned16(gate) && aligned16(up) && aligned16(dgate) && aligned16(dup);
+__device__ void swiglu_backward(const T* dout, T* gate, T* up, u64 n) {
+    bool vec = aligned16(dout) && aligned16(gate) && aligned16(up);
     u64 chunks = vec ? n / 8 : 0;
     for (u64 c = THREAD_INDEX; c < chunks; c += GRID_STRIDE) {
         float g[8], u[8], d[8], dg[8], du[8];
@@ -36,22 +36,21 @@ __device__ void swiglu_backward(const T* dout, const T* gate, const T* up, T* dg
             du[j] = d[j] * g[j] * s;
             dg[j] = d[j] * u[j] * s * (1.0f + g[j] * (1.0f - s));
         }
-        store8(dup, c, du);
-        store8(dgate, c, dg);
+        store8(up, c, du);
+        store8(gate, c, dg);
     }
     for (u64 i = chunks * 8 + THREAD_INDEX; i < n; i += GRID_STRIDE) {
         float g = load_f32(gate[i]), u = load_f32(up[i]), d = load_f32(dout[i]);
         float s = sigmoidf(g);
-        dup[i] = store_f32<T>(d * g * s);
-        dgate[i] = store_f32<T>(d * u * s * (1.0f + g * (1.0f - s)));
+        up[i] = store_f32<T>(d * g * s);
+        gate[i] = store_f32<T>(d * u * s * (1.0f + g * (1.0f - s)));
     }
 }
 #define SWIGLU_KERNELS(S, T)                                                                               \
     extern "C" __global__ void swiglu_forward_##S(const T* gate, const T* up, T* out, u64 n) {            \
         swiglu_forward<T>(gate, up, out, n);                                                              \
     }                                                                                                     \
-    extern "C" __global__ void swiglu_backward_##S(const T* dout, const T* gate, const T* up, T* dgate,   \
-                                                   T* dup, u64 n) {                                       \
-        swiglu_backward<T>(dout, gate, up, dgate, dup, n);                                                \
+    extern "C" __global__ void swiglu_backward_##S(const T* dout, T* gate, T* up, u64 n) {               \
+        swiglu_backward<T>(dout, gate, up, n);                                                            \
     }
 FOR_EACH_DTYPE(SWIGLU_KERNELS)

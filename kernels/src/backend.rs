@@ -306,14 +306,14 @@ pub trait Backend {
 
     /// SwiGLU: `out = silu(gate) ⊙ up`, all `[N, inter]`.
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
-    /// SwiGLU backward: `dgate = dout ⊙ up ⊙ silu'(gate)`, `dup = dout ⊙ silu(gate)`.
+    /// SwiGLU backward in place (the forward's `gate` and `up` are read and overwritten, so the
+    /// MLP's backward holds no second pair of `[N, inter]` buffers):
+    /// `gate ← dout ⊙ up ⊙ silu'(gate)`, `up ← dout ⊙ silu(gate)`.
     fn swiglu_backward(
         &self,
         dout: &Self::Tensor,
-        gate: &Self::Tensor,
-        up: &Self::Tensor,
-        dgate: &mut Self::Tensor,
-        dup: &mut Self::Tensor,
+        gate: &mut Self::Tensor,
+        up: &mut Self::Tensor,
     ) -> Result<()>;
 
     /// Fused LM head + cross-entropy over `rows` tokens, chunked so the full `[rows, vocab]` logits

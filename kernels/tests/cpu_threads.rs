@@ -76,9 +76,10 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     let mut roped = x.clone();
     be.rope(&mut roped, &positions, &cos, &sin, 6, 16, false)
         .unwrap();
-    let (mut act, mut dg, mut du) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
+    let mut act = vec![0.0; x.len()];
     be.swiglu(&x, &y, &mut act).unwrap();
-    be.swiglu_backward(&dx, &x, &y, &mut dg, &mut du).unwrap();
+    let (mut dg, mut du) = (x.clone(), y.clone());
+    be.swiglu_backward(&dx, &mut dg, &mut du).unwrap();
     outs.extend([y, rstd, dx, roped, act, dg, du]);
 
     // LM head + cross-entropy: 700 rows × vocab 9000 is several logit chunks and tiles.

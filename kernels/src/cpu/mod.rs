@@ -378,17 +378,14 @@ impl Backend for CpuBackend {
     fn swiglu_backward(
         &self,
         dout: &Vec<f32>,
-        gate: &Vec<f32>,
-        up: &Vec<f32>,
-        dgate: &mut Vec<f32>,
-        dup: &mut Vec<f32>,
+        gate: &mut Vec<f32>,
+        up: &mut Vec<f32>,
     ) -> Result<()> {
         check_len("swiglu_backward", "dout", dout.len(), gate.len())?;
-        check_len("swiglu_backward", "dgate", dgate.len(), gate.len())?;
-        check_len("swiglu_backward", "dup", dup.len(), gate.len())?;
+        check_len("swiglu_backward", "up", up.len(), gate.len())?;
         timed(
             || ("swiglu_backward".into(), 0.0),
-            || swiglu::backward(dout, gate, up, dgate, dup),
+            || swiglu::backward(dout, gate, up),
         );
         Ok(())
     }

@@ -23,22 +23,19 @@ pub fn forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
         });
 }
 
-pub fn backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
-    dgate
-        .par_chunks_mut(CHUNK)
-        .zip(dup.par_chunks_mut(CHUNK))
+pub fn backward(dout: &[f32], gate: &mut [f32], up: &mut [f32]) {
+    gate.par_chunks_mut(CHUNK)
+        .zip(up.par_chunks_mut(CHUNK))
         .zip(dout.par_chunks(CHUNK))
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(((dg, du), dout), (gate, up))| {
+        .for_each(|((gate, up), dout)| {
             wide(
                 #[inline(always)]
                 || {
-                    for ((dg, du), ((&d, &g), &u)) in
-                        dg.iter_mut().zip(du).zip(dout.iter().zip(gate).zip(up))
-                    {
-                        let s = sigmoid(g);
-                        *du = d * g * s;
-                        *dg = d * u * s * (1.0 + g * (1.0 - s));
+                    for ((g, u), &d) in gate.iter_mut().zip(up.iter_mut()).zip(dout) {
+                        let s = sigmoid(*g);
+                        let (dg, du) = (d * *u * s * (1.0 + *g * (1.0 - s)), d * *g * s);
+                        *g = dg;
+                        *u = du;
                     }
                 },
             )
@@ -56,9 +53,8 @@ mod tests {
         let gate: Vec<f32> = random(n, 1).iter().map(|v| 3.0 * v).collect();
         let up = random(n, 2);
         let probe = random(n, 3);
-        let mut dg = vec![0.0; n];
-        let mut du = vec![0.0; n];
-        backward(&probe, &gate, &up, &mut dg, &mut du);
+        let (mut dg, mut du) = (gate.clone(), up.clone());
+        backward(&probe, &mut dg, &mut du);
         let run = |g: &[f32], u: &[f32]| {
             let mut o = vec![0.0; n];
             forward(g, u, &mut o);

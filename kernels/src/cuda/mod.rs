@@ -778,34 +778,18 @@ impl Backend for CudaBackend {
     fn swiglu_backward(
         &self,
         dout: &CudaTensor,
-        gate: &CudaTensor,
-        up: &CudaTensor,
-        dgate: &mut CudaTensor,
-        dup: &mut CudaTensor,
+        gate: &mut CudaTensor,
+        up: &mut CudaTensor,
     ) -> Result<()> {
         check_len("swiglu_backward", "dout", dout.len(), gate.len())?;
-        check_len("swiglu_backward", "dgate", dgate.len(), gate.len())?;
-        check_len("swiglu_backward", "dup", dup.len(), gate.len())?;
+        check_len("swiglu_backward", "up", up.len(), gate.len())?;
         let dt = self.same_dtype(
             "swiglu_backward",
-            &[
-                ("dout", dout),
-                ("gate", gate),
-                ("up", up),
-                ("dgate", dgate),
-                ("dup", dup),
-            ],
+            &[("dout", dout), ("gate", gate), ("up", up)],
         )?;
         let n = gate.len();
         let name = format!("swiglu_backward_{}", suffix(dt));
-        let args = [
-            self.p(dout),
-            self.p(gate),
-            self.p(up),
-            self.p(dgate),
-            self.p(dup),
-            Arg::U64(n as u64),
-        ];
+        let args = [self.p(dout), self.p(gate), self.p(up), Arg::U64(n as u64)];
         self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
     }
 

@@ -502,10 +502,10 @@ impl<B: Backend> LayerWeights<B> {
         let mut dact = be.empty(n * s.inter, dt)?;
         project_back(Projection::Down, &dy, &act, &mut dact, false)?;
         drop(act);
-        let mut dgate = be.empty(n * s.inter, dt)?;
-        let mut dup = be.empty(n * s.inter, dt)?;
-        be.swiglu_backward(&dact, &gate, &up, &mut dgate, &mut dup)?;
-        drop((dact, gate, up));
+        // gate and up become their gradients in place.
+        let (mut dgate, mut dup) = (gate, up);
+        be.swiglu_backward(&dact, &mut dgate, &mut dup)?;
+        drop(dact);
         let mut dnorm2 = be.empty(n * s.hidden, dt)?;
         project_back(Projection::Gate, &dgate, &norm2, &mut dnorm2, false)?;
         project_back(Projection::Up, &dup, &norm2, &mut dnorm2, true)?;

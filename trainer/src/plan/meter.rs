@@ -411,18 +411,11 @@ impl Backend for MeterBackend {
     fn swiglu_backward(
         &self,
         dout: &MeterTensor,
-        gate: &MeterTensor,
-        up: &MeterTensor,
-        dgate: &mut MeterTensor,
-        dup: &mut MeterTensor,
+        gate: &mut MeterTensor,
+        up: &mut MeterTensor,
     ) -> Result<()> {
-        self.memory_op(
-            tensor_bytes(dout)
-                + tensor_bytes(gate)
-                + tensor_bytes(up)
-                + tensor_bytes(dgate)
-                + tensor_bytes(dup),
-        );
+        // Read dout, gate, up; write gate, up.
+        self.memory_op(tensor_bytes(dout) + 2.0 * (tensor_bytes(gate) + tensor_bytes(up)));
         Ok(())
     }
 

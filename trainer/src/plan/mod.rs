@@ -346,9 +346,10 @@ impl Parts {
         let saved_without_input =
             e * n * (3 * h + 2 * qd + 2 * kvd + 3 * i + lora_t) + 4 * n * (2 + heads);
         let layer_input = e * n * h;
-        // LayerWeights::backward at its widest: dact, dgate, dup, dnorm2 (MLP), then dattn, dq,
-        // dk, dv, dnorm1 and attention's f32 delta and dq accumulator; one LoRA `u` at a time.
-        let backward = e * n * (3 * i + h) + e * n * spec.lora.r as u64;
+        // LayerWeights::backward at its widest: dact and dnorm2 (MLP; dgate and dup overwrite
+        // gate and up), then dattn, dq, dk, dv, dnorm1 and attention's f32 delta and dq
+        // accumulator; one LoRA `u` at a time.
+        let backward = e * n * (i + h) + e * n * spec.lora.r as u64;
         let layers = c.num_layers as u64;
         let policy = spec.checkpointing;
         let recomputed = policy.recomputed_layers(c.num_layers) as u64;
