@@ -29,7 +29,9 @@ RUNS=(
   "qwen2.5-7b qwen2.5-7b 2 2048"
   "qwen3-8b qwen3-8b 2 2048"
   "llama-1b llama-1b 4 2048"
+  "llama-1b-auto llama-1b 4 2048 | --checkpointing auto"
   "smollm2-135m smollm2-135m 8 1024"
+  "smollm2-135m-auto smollm2-135m 8 1024 | --checkpointing auto"
 )
 # split RUN: sets name preset batch seq shared ours hf_key
 split() {

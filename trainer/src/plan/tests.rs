@@ -245,7 +245,7 @@ fn auto_checkpoints_the_fewest_layers_that_fit_and_offloads_them() {
     assert_eq!(roomy.policy.recomputed_layers(32), 0, "{}", roomy.why);
     let tight = fit::choose(&spec, Some(gib(16.0)), host).unwrap();
     assert_eq!(tight.policy.mode, Checkpointing::Offload);
-    assert_eq!(tight.policy.recomputed_layers(32), 32, "{}", tight.why);
+    assert!(tight.policy.recomputed_layers(32) >= 28, "{}", tight.why);
     let middle = fit::choose(&spec, Some(gib(24.0)), host).unwrap();
     let r = middle.policy.recomputed_layers(32);
     assert!(0 < r && r < 32, "{}", middle.why);
