@@ -7,8 +7,9 @@
  * attention_backward_mma_<t>_d<D>_w<NW> (bf16/f16): a block owns 16·NW keys of one (row, kv head);
  *   its NW warps hold 16 keys each, with dK and dV accumulated in registers over every query head of the GQA
  *   group and every query tile of 32 that can see the keys (so dk/dv need no atomics and K/V are
- *   read once). Per tile: S^T = K Q^T and dP^T = V dO^T on the tensor cores, P^T and dS^T in
- *   registers, dV += P^T dO and dK += dS^T Q from those registers, then dS goes through shared
+ *   read once; each warp's K A-fragments stay in registers for the whole run: 2.4% faster than
+ *   reloading them per tile, while holding V's too spills). Per tile: S^T = K Q^T and
+ *   dP^T = V dO^T on the tensor cores, P^T and dS^T in registers, dV += P^T dO and dK += dS^T Q from those registers, then dS goes through shared
  *   memory for dQ += dS K, added atomically into an f32 accumulator (cast to the dtype afterwards).
  *   Tiles no query of which sees the keys (documents, window) are skipped. The next tile's Q and dO
  *   stream into a second buffer by cp.async while the current one is used. Fragments come from shared
@@ -82,6 +83,10 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
         *(uint4*)(vs + r * LD + col) = vv4;
     }
 
+    __syncthreads();
+    /* This warp's 16 keys as A fragments, held for the whole run (loaded once, not per tile). */
+    u32 kf[KSTEPS][4];
+    for (int s = 0; s < KSTEPS; s++) ldm_a(kf[s], ks, LD, warp * 16, 16 * s);
     float dkacc[DTILES][4], dvacc[DTILES][4];
     for (int i = 0; i < DTILES; i++)
         for (int e = 0; e < 4; e++) dkacc[i][e] = dvacc[i][e] = 0.0f;
@@ -137,8 +142,8 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
             for (int n = 0; n < QTILES; n++)
                 for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
             for (int s = 0; s < KSTEPS; s++) {
-                u32 ka[4], va[4];
-                ldm_a(ka, ks, LD, warp * 16, 16 * s);
+                const u32* ka = kf[s];
+                u32 va[4];
                 ldm_a(va, vs, LD, warp * 16, 16 * s);
                 for (int n = 0; n < QTILES; n += 2) {
                     u32 b[4];
