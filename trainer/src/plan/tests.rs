@@ -27,14 +27,13 @@ fn the_meter_keeps_the_pools_books() {
     assert_eq!(be.peak_memory_bytes(), Some(7998));
 }
 
-/// The H200 measurements of docs/benchmarks.md (session 5's first call, after the backward frees
-/// saved tensors early: bf16, LoRA r=16 on all projections, checkpointing on):
-/// `(preset, batch, seq, peak GiB, tokens/s)`.
+/// The H200 measurements of docs/benchmarks.md (session 5, call 3: bf16, LoRA r=16 on all
+/// projections, full checkpointing): `(preset, batch, seq, peak GiB, tokens/s)`.
 const MEASURED: [(&str, usize, usize, f64, f64); 4] = [
-    ("llama2-7b", 2, 2048, 15.30, 11347.0),
-    ("mistral-7b", 2, 2048, 16.46, 10920.0),
-    ("llama-1b", 4, 2048, 4.09, 48317.0),
-    ("smollm2-135m", 8, 1024, 1.06, 142931.0),
+    ("llama2-7b", 2, 2048, 15.22, 11337.0),
+    ("mistral-7b", 2, 2048, 16.35, 10891.0),
+    ("llama-1b", 4, 2048, 4.00, 48192.0),
+    ("smollm2-135m", 8, 1024, 1.03, 141107.0),
 ];
 
 #[test]
