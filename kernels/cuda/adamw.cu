@@ -3,25 +3,16 @@
  *   p = p - step_size * m / (sqrt(v)/sqrt(1-b2^t) + eps),  step_size = lr / (1-b1^t)
  * The scalars are formed on the host in f64 and rounded once, as in kernels/src/cpu/adamw.rs.
  * Tensors are reached through device tables of pointers; `starts[i]` is the first flat index of
- * tensor i (starts[count] = total), so a thread finds its tensor by binary search. Each element's
+ * tensor i (starts[count] = total), so a thread finds its tensor by binary search (owner_of). Each element's
  * four values are read and its three outputs written once: one pass over 16 bytes in, 12 out.
  */
-__device__ __forceinline__ int tensor_of(const u64* starts, int count, u64 idx) {
-    int lo = 0, hi = count - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
-        if (starts[mid] <= idx) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
 extern "C" __global__ void adamw_multi_f32(float* const* params, const float* const* grads, float* const* exp_avg,
                                            float* const* exp_avg_sq, const u64* starts, int count, float step_size,
                                            float decay, float one_minus_b1, float b2, float one_minus_b2,
                                            float bias2_sqrt, float eps, float grad_scale) {
     u64 total = starts[count];
     for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (u64)gridDim.x * blockDim.x) {
-        int t = tensor_of(starts, count, idx);
+        int t = owner_of(starts, count, idx);
         u64 i = idx - starts[t];
         float g = grads[t][i] * grad_scale;
         float p = params[t][i] * decay;

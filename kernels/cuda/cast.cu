@@ -2,6 +2,9 @@
  *   cast_<src>_<dst>:  dst = src                 (f32 master weights -> bf16 copies, and back)
  *   axpy_<src>_<dst>:  dst = dst + alpha * src   (residual adds, gradient accumulation)
  *   scale_<t>:         t = alpha * t
+ *   cast_multi_f32_<dst>: dst_t = src_t for every tensor t of a table (the compute-dtype copies of
+ *                      all LoRA weights after an optimizer step, in one launch instead of one each);
+ *                      src/dst are tables of addresses, starts[t] the first flat index of tensor t.
  * Streaming grid-stride loops, each element read and written once, 8 elements per access
  * (load8/store8: 16 bytes of a 16-bit type) and single elements for a tail.
  */
@@ -51,3 +54,19 @@ FOR_EACH_DTYPE(CAST_FROM)
 #define SCALE_KERNEL(S, T) \
     extern "C" __global__ void scale_##S(float alpha, T* t, u64 n) { scale<T>(alpha, t, n); }
 FOR_EACH_DTYPE(SCALE_KERNEL)
+
+template <typename D>
+__device__ void cast_multi(const u64* src, const u64* dst, const u64* starts, int count) {
+    const u64 total = starts[count];
+    for (u64 idx = THREAD_INDEX; idx < total; idx += GRID_STRIDE) {
+        int t = owner_of(starts, count, idx);
+        u64 i = idx - starts[t];
+        ((D*)dst[t])[i] = store_f32<D>(((const float*)src[t])[i]);
+    }
+}
+#define CAST_MULTI(S, T)                                                                                  \
+    extern "C" __global__ void cast_multi_f32_##S(const u64* src, const u64* dst, const u64* starts,     \
+                                                  int count) {                                          \
+        cast_multi<T>(src, dst, starts, count);                                                          \
+    }
+FOR_EACH_DTYPE(CAST_MULTI)

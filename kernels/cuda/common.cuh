@@ -212,3 +212,14 @@ template <typename T> __device__ __forceinline__ void store8(T* p, u64 c, const 
  * then single elements from `tail_start`. */
 #define GRID_STRIDE ((u64)gridDim.x * blockDim.x)
 #define THREAD_INDEX ((u64)blockIdx.x * blockDim.x + threadIdx.x)
+
+/* The tensor of a multi-tensor table that flat index `idx` falls in: `starts[t]` is the first flat
+ * index of tensor t (starts[count] = total), found by binary search. */
+__device__ __forceinline__ int owner_of(const u64* starts, int count, u64 idx) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (starts[mid] <= idx) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}

@@ -4,15 +4,6 @@
  * Tensors come as tables: ptrs[i], dtypes[i] (0 = f32, 1 = bf16, 2 = f16) and starts[i], the first
  * flat index of tensor i (starts[count] = total). One read of every element, nothing else.
  */
-__device__ __forceinline__ int owner_of(const u64* starts, int count, u64 idx) {
-    int lo = 0, hi = count - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
-        if (starts[mid] <= idx) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
 __device__ __forceinline__ float element_as_f32(const u64* ptrs, const int* dtypes, int t, u64 i) {
     switch (dtypes[t]) {
         case 0: return ((const float*)ptrs[t])[i];

@@ -1,3 +1,4 @@
+use crate::error::check_len;
 use crate::nf4::Nf4Buffers;
 use crate::{AttentionLayout, OpTime, Result};
 
@@ -136,6 +137,15 @@ pub trait Backend {
     fn len(&self, t: &Self::Tensor) -> usize;
     /// `dst ← src`, converting dtype (f32 master weights → compute dtype copies).
     fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
+    /// `dst[i] ← src[i]` for every pair, converting dtype: the compute-dtype copies of all LoRA
+    /// weights after an optimizer step. The CUDA backend does f32 → one dtype in one launch.
+    fn copy_many(&self, src: &[Self::Tensor], dst: &mut [Self::Tensor]) -> Result<()> {
+        check_len("copy_many", "dst tensors", dst.len(), src.len())?;
+        for (s, d) in src.iter().zip(dst) {
+            self.copy(s, d)?;
+        }
+        Ok(())
+    }
     /// `t ← 0`.
     fn fill_zero(&self, t: &mut Self::Tensor) -> Result<()>;
     /// Moves the tensors `ts` (one layer's checkpoint) to host memory as one group (no arithmetic:

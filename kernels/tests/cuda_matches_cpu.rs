@@ -813,6 +813,42 @@ fn offloaded_tensors_come_back_bit_for_bit_while_the_pool_reuses_their_buffers()
     }
 }
 
+/// The LoRA compute copies in one launch equal one copy per tensor, bit for bit, for every
+/// destination dtype; mixed dtypes take the per-tensor path.
+#[test]
+fn copy_many_equals_one_copy_per_tensor() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    let sizes = [4096 * 16, 16 * 11008, 3, 1 << 20, 7];
+    let src: Vec<CudaTensor> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            g.upload(&random(n, 60 + i as u64, 1.0), DType::F32)
+                .unwrap()
+        })
+        .collect();
+    for to in [DType::BF16, DType::F16, DType::F32] {
+        let mut many: Vec<CudaTensor> = sizes.iter().map(|&n| g.zeros(n, to).unwrap()).collect();
+        g.copy_many(&src, &mut many).unwrap();
+        for (s, got) in src.iter().zip(&many) {
+            let mut one = g.zeros(s.len(), to).unwrap();
+            g.copy(s, &mut one).unwrap();
+            let (a, b) = (g.download(got).unwrap(), g.download(&one).unwrap());
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "copy_many to {to:?} differs from copy ({} elements)",
+                s.len()
+            );
+        }
+    }
+    let mut mixed = vec![
+        g.zeros(sizes[0], DType::BF16).unwrap(),
+        g.zeros(sizes[1], DType::F32).unwrap(),
+    ];
+    g.copy_many(&src[..2], &mut mixed).unwrap();
+    assert_eq!(g.download(&mixed[1]).unwrap(), g.download(&src[1]).unwrap());
+}
+
 #[test]
 fn optimizer_norm_and_finiteness_match_and_the_pool_reuses_zeroed_buffers() {
     let cpu = CpuBackend::new();

@@ -149,7 +149,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
                         .flat_map(move |d| [format!("cast_{s}_{d}"), format!("axpy_{s}_{d}")])
                 })
                 .collect();
-            names.extend(per_dtype(&["scale"]));
+            names.extend(per_dtype(&["scale", "cast_multi_f32"]));
             names
         },
     },

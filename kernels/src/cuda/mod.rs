@@ -440,6 +440,10 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn copy_many(&self, src: &[CudaTensor], dst: &mut [CudaTensor]) -> Result<()> {
+        self.copy_many_impl(src, dst)
+    }
+
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
         self.memset_zero(t)
     }

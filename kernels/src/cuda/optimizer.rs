@@ -95,6 +95,41 @@ impl CudaBackend {
         Ok(host[0])
     }
 
+    /// `dst[i] ← src[i]`: one `cast_multi_f32_<d>` launch when every source is f32 and every
+    /// destination has one dtype (the LoRA compute copies), else one copy per pair.
+    pub(crate) fn copy_many_impl(&self, src: &[CudaTensor], dst: &mut [CudaTensor]) -> Result<()> {
+        check_len("copy_many", "dst tensors", dst.len(), src.len())?;
+        for (s, d) in src.iter().zip(dst.iter()) {
+            check_len("copy_many", "dst", d.len(), s.len())?;
+        }
+        let Some(first) = dst.first() else {
+            return Ok(());
+        };
+        let to = first.dtype;
+        let batched =
+            src.iter().all(|s| s.dtype == DType::F32) && dst.iter().all(|d| d.dtype == to);
+        if !batched {
+            for (s, d) in src.iter().zip(dst) {
+                crate::Backend::copy(self, s, d)?;
+            }
+            return Ok(());
+        }
+        let (src_ptrs, _, starts, total) = self.tensor_tables(src)?;
+        if total == 0 {
+            return Ok(());
+        }
+        let dst_ptrs: Vec<u64> = dst.iter().map(|t| t.ptr(&self.stream)).collect();
+        let dst_ptrs = self.table_u64(&dst_ptrs)?;
+        let name = format!("cast_multi_f32_{}", super::suffix(to));
+        let args = [
+            Arg::Ptr(src_ptrs.device_ptr(&self.stream).0),
+            Arg::Ptr(dst_ptrs.device_ptr(&self.stream).0),
+            Arg::Ptr(starts.device_ptr(&self.stream).0),
+            Arg::I32(src.len() as i32),
+        ];
+        self.launch(&name, (blocks_for(total).min(4096), 1, 1), 256, 0, &args)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn adamw_impl(
         &self,

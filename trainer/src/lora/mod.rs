@@ -139,10 +139,7 @@ impl<B: Backend> LoraParams<B> {
 
     /// Copies the f32 masters into the compute-dtype tensors (after each optimizer step).
     pub fn sync_compute(&mut self, backend: &B) -> Result<()> {
-        for (p, c) in self.params.iter().zip(self.compute.iter_mut()) {
-            backend.copy(p, c)?;
-        }
-        Ok(())
+        Ok(backend.copy_many(&self.params, &mut self.compute)?)
     }
 
     /// Sets every gradient to zero (start of an optimizer step).

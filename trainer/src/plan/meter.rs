@@ -188,6 +188,13 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
+    /// One launch, as the CUDA backend's.
+    fn copy_many(&self, src: &[MeterTensor], dst: &mut [MeterTensor]) -> Result<()> {
+        let bytes = src.iter().chain(dst.iter()).map(tensor_bytes).sum();
+        self.memory_op(bytes);
+        Ok(())
+    }
+
     fn fill_zero(&self, t: &mut MeterTensor) -> Result<()> {
         self.memory_op(tensor_bytes(t));
         Ok(())
