@@ -5,6 +5,11 @@ use crate::{AttentionLayout, OpTime, Result};
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i32 = -100;
 
+/// Logits per chunk of the GPU's fused LM head + cross-entropy, in elements: 64 MiB of f32 (plus
+/// half that of 16-bit gradient) — at 7B, b2 × 2048 eight chunks of 524 rows, whose GEMMs still run
+/// at the GEMM ceiling; the plan's meter keeps the same books.
+pub const LM_HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
+
 /// Element type of a tensor. The CPU backend stores everything as f32 whatever is asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {

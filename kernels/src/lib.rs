@@ -19,7 +19,9 @@ mod profile;
 pub mod rope;
 mod widen;
 
-pub use backend::{AdamWParams, Backend, CeGrad, DType, Nf4Absmax, IGNORE_INDEX};
+pub use backend::{
+    AdamWParams, Backend, CeGrad, DType, Nf4Absmax, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS,
+};
 pub use error::KernelError;
 pub use layout::AttentionLayout;
 pub use profile::{summarise as summarise_op_times, OpTime};

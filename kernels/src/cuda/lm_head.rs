@@ -6,10 +6,7 @@
 use super::launch::Arg;
 use super::{suffix, CudaBackend, CudaIndices, CudaTensor};
 use crate::error::check_len;
-use crate::{CeGrad, DType, KernelError, Result, IGNORE_INDEX};
-
-/// Logits per chunk, in elements: 128 MiB of f32 (plus half that of 16-bit gradient).
-const CHUNK_ELEMENTS: usize = 1 << 25;
+use crate::{CeGrad, DType, KernelError, Result, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS};
 
 /// Factor the stored logit gradient carries (a power of two, so exact): keeps f16 out of subnormals.
 const GRAD_GAIN: f32 = 1024.0;
@@ -78,7 +75,7 @@ impl CudaBackend {
         } else {
             1.0 / GRAD_GAIN
         };
-        let chunk = (CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows);
+        let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows);
         let logits = self.alloc(chunk * vocab, DType::F32)?;
         let dz = if want_grad {
             Some(self.alloc(chunk * vocab, dt)?)

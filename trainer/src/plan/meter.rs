@@ -15,8 +15,7 @@ use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, R
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// Logits per chunk of the CUDA LM head (kernels/src/cuda/lm_head.rs `CHUNK_ELEMENTS`).
-pub const LM_HEAD_CHUNK_ELEMENTS: usize = 1 << 25;
+pub use kernels::LM_HEAD_CHUNK_ELEMENTS;
 
 /// What bounds an op on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

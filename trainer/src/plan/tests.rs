@@ -105,7 +105,7 @@ fn a_t4_is_told_which_7b_qlora_batch_fits() {
     let mut spec = preset("llama2-7b", 4, Checkpointing::Full);
     spec.grad_accum = 4;
     spec.quantize = Some(QuantizeNf4 { double_quant: true });
-    let dense_bf16 = Plan::account(&preset("llama2-7b", 1, Checkpointing::Full)).unwrap();
+    let dense_bf16 = Plan::account(&preset("llama2-7b", 2, Checkpointing::Full)).unwrap();
     assert!(!dense_bf16.fits(GpuKind::T4));
     assert_eq!(
         dense_bf16.tokens_per_s(GpuKind::T4),
@@ -118,9 +118,11 @@ fn a_t4_is_told_which_7b_qlora_batch_fits() {
     assert!(!fitting.is_empty());
     for p in &fitting {
         assert_eq!(p.spec.dtype, DType::F16);
-        // Dense 7B fits only with the layer inputs offloaded to the host (12.55 GiB of weights).
+        // Dense 7B (12.55 GiB of weights) fits only checkpointed, at batch 1 or offloaded.
         assert!(
-            p.spec.quantize.is_some() || p.spec.checkpointing.mode == Checkpointing::Offload,
+            p.spec.quantize.is_some()
+                || (p.spec.checkpointing.mode.recomputes() && p.spec.batch == 1)
+                || p.spec.checkpointing.mode == Checkpointing::Offload,
             "{text}"
         );
         assert_eq!(p.spec.batch * p.spec.grad_accum, 16);
