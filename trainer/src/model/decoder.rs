@@ -256,16 +256,23 @@ impl<B: Backend> Decoder<B> {
         be.embedding(&self.embed, &batch.ids, s.hidden, &mut x)?;
         let mut saved = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
-            let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
             // Checkpointing keeps the layer input (and, offloaded, the attention part); the rest
-            // is dropped here and recomputed in backward.
-            saved.push(match checkpointing.of_layer(l) {
-                Checkpointing::Off => Saved::Full(full),
-                Checkpointing::Full => Saved::Checkpoint(full.checkpoint(false)?),
-                Checkpointing::Offload => {
-                    Saved::Parked(be.park(full.checkpoint(true)?.into_tensors())?)
-                }
-            });
+            // is recomputed in backward.
+            let mode = checkpointing.of_layer(l);
+            let (y, kept) = if mode == Checkpointing::Off {
+                let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
+                (y, Saved::Full(full))
+            } else {
+                let offload = mode == Checkpointing::Offload;
+                let (y, c) = layer.forward_checkpointed(be, s, l, lora, batch, x, offload)?;
+                let kept = if offload {
+                    Saved::Parked(be.park(c.into_tensors())?)
+                } else {
+                    Saved::Checkpoint(c)
+                };
+                (y, kept)
+            };
+            saved.push(kept);
             x = y;
         }
         let mut final_rstd = be.empty(n, DType::F32)?;
@@ -378,13 +385,15 @@ impl<B: Backend> Decoder<B> {
                 be.prefetch(below)?;
             }
             let layer = &self.layers[l];
-            let recompute = |c| layer.recompute(be, s, l, lora.as_deref(), batch, c);
-            let full = match this {
-                Saved::Full(f) => f,
-                Saved::Checkpoint(c) => recompute(c)?,
-                Saved::Parked(p) => recompute(LayerCheckpoint::from_tensors(be.unpark(p)?))?,
+            let lp = lora.as_deref_mut();
+            dx = match this {
+                Saved::Full(f) => layer.backward(be, s, l, lp, batch, f, dx)?,
+                Saved::Checkpoint(c) => layer.recompute_backward(be, s, l, lp, batch, c, dx)?,
+                Saved::Parked(p) => {
+                    let c = LayerCheckpoint::from_tensors(be.unpark(p)?);
+                    layer.recompute_backward(be, s, l, lp, batch, c, dx)?
+                }
             };
-            dx = layer.backward(be, s, l, lora.as_deref_mut(), batch, full, dx)?;
             if let Some(lp) = lora.as_deref_mut() {
                 after_layer(l, lp)?;
             }

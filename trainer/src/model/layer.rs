@@ -99,19 +99,6 @@ impl<B: Backend> Attend<'_, B> {
     }
 }
 
-/// Why the layer's forward runs.
-enum Pass<B: Backend> {
-    /// For the layer's output (and what backward needs).
-    Forward,
-    /// Backward's recomputation under checkpointing: only what backward needs. The output
-    /// `mid + down_proj(act)` is not (the layer above was given it in the forward), so the down
-    /// projection's frozen GEMM, its LoRA `t Bᵀ` term and the residual add are skipped; its
-    /// `t = act Aᵀ` is kept. Given the attention part of the checkpoint, attention and the o
-    /// projection are skipped too (only o's `t = attn Aᵀ` is recomputed). The saved tensors are
-    /// the same as [`Pass::Forward`]'s.
-    Recompute(Option<AttentionKept<B>>),
-}
-
 /// What checkpointing keeps of a layer's forward for backward's recomputation: the layer input
 /// and, when kept, the attention part ([`AttentionKept`]).
 pub struct LayerCheckpoint<B: Backend> {
@@ -156,10 +143,10 @@ struct HeadNormed<B: Backend> {
     rstd: B::Tensor,
 }
 
-/// Everything the layer's backward needs from its forward.
-pub struct LayerSaved<B: Backend> {
+/// What the attention half of the layer's backward needs from its forward.
+struct AttentionSaved<B: Backend> {
     /// The layer input `x [N, hidden]`.
-    pub x: B::Tensor,
+    x: B::Tensor,
     rstd1: B::Tensor,
     norm1: B::Tensor,
     /// q and k before their per-head norms (families with `qk_norm`).
@@ -171,6 +158,12 @@ pub struct LayerSaved<B: Backend> {
     attn: B::Tensor,
     /// Log-sum-exp of each query's scores `[N, hq]`; `None` after a cached (generation) forward.
     lse: Option<B::Tensor>,
+    /// `x Aᵀ` of the adapted q, k, v, o projections, in [`Projection::ALL`] order.
+    lora_t: LoraInputs<B>,
+}
+
+/// What the MLP half of the layer's backward needs from its forward.
+struct MlpSaved<B: Backend> {
     /// After the attention residual: `h [N, hidden]`.
     mid: B::Tensor,
     rstd2: B::Tensor,
@@ -178,31 +171,17 @@ pub struct LayerSaved<B: Backend> {
     gate: B::Tensor,
     up: B::Tensor,
     act: B::Tensor,
-    /// `x Aᵀ` of each adapted projection, in [`Projection::ALL`] order.
-    lora_t: [Option<B::Tensor>; 7],
+    /// `x Aᵀ` of the adapted gate, up, down projections, in [`Projection::ALL`] order.
+    lora_t: LoraInputs<B>,
 }
 
-impl<B: Backend> LayerSaved<B> {
-    /// What checkpointing keeps of this forward (the rest is dropped here): the input, and the
-    /// attention part when `keep_attention`.
-    pub fn checkpoint(self, keep_attention: bool) -> Result<LayerCheckpoint<B>> {
-        let attention = if keep_attention {
-            let lse = self
-                .lse
-                .ok_or_else(|| anyhow!("a cached (generation) forward keeps no checkpoint"))?;
-            Some(AttentionKept {
-                attn: self.attn,
-                lse,
-                mid: self.mid,
-            })
-        } else {
-            None
-        };
-        Ok(LayerCheckpoint {
-            x: self.x,
-            attention,
-        })
-    }
+/// `t = input Aᵀ` per adapted projection, indexed by [`Projection::index`].
+type LoraInputs<B> = [Option<<B as Backend>::Tensor>; 7];
+
+/// Everything the layer's backward needs from its forward.
+pub struct LayerSaved<B: Backend> {
+    attention: AttentionSaved<B>,
+    mlp: MlpSaved<B>,
 }
 
 /// `y[t, h, :] = w ⊙ x[t, h, :] · r[t, h]`: RMSNorm over each head vector of `x [N, heads·d]`
@@ -243,28 +222,122 @@ impl<B: Backend> LayerWeights<B> {
         attend: Attend<'_, B>,
         x: B::Tensor,
     ) -> Result<(B::Tensor, LayerSaved<B>)> {
-        let (out, saved) = self.run(be, s, layer, lora, attend, x, Pass::Forward)?;
-        Ok((out.expect("Pass::Forward computes the output"), saved))
+        let (attention, mid) = self.attention_half(be, s, layer, lora, attend, x, None)?;
+        let mid = mid.expect("attention ran, so the residual is computed");
+        let (mlp, out) = self.mlp_half(be, s, layer, lora, mid, true)?;
+        let out = out.expect("the output was asked for");
+        Ok((out, LayerSaved { attention, mlp }))
     }
 
-    /// Recomputes what backward needs from the checkpoint (see [`Pass::Recompute`]).
-    pub fn recompute(
+    /// The forward under checkpointing: returns the output and only the checkpoint (the input,
+    /// and the attention part when `keep_attention`). Each half's other activations are dropped as
+    /// soon as it is done, so the forward never holds a whole layer's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_checkpointed(
         &self,
         be: &B,
         s: &Shapes,
         layer: usize,
         lora: Option<&LoraParams<B>>,
         batch: &Batch<B>,
-        checkpoint: LayerCheckpoint<B>,
-    ) -> Result<LayerSaved<B>> {
+        x: B::Tensor,
+        keep_attention: bool,
+    ) -> Result<(B::Tensor, LayerCheckpoint<B>)> {
         let attend = Attend::Batch(batch);
-        let pass = Pass::Recompute(checkpoint.attention);
-        Ok(self.run(be, s, layer, lora, attend, checkpoint.x, pass)?.1)
+        let (attention, mid) = self.attention_half(be, s, layer, lora, attend, x, None)?;
+        let mid = mid.expect("attention ran, so the residual is computed");
+        let AttentionSaved { x, attn, lse, .. } = attention;
+        let lse = lse.expect("a batch forward computes the log-sum-exp");
+        let kept_attention = keep_attention.then_some((attn, lse));
+        let (mlp, out) = self.mlp_half(be, s, layer, lora, mid, true)?;
+        let out = out.expect("the output was asked for");
+        let attention = kept_attention.map(|(attn, lse)| AttentionKept {
+            attn,
+            lse,
+            mid: mlp.mid,
+        });
+        Ok((out, LayerCheckpoint { x, attention }))
     }
 
-    /// The one layer forward; the output is `None` under [`Pass::Recompute`].
+    /// Backward from a checkpoint: recomputes what backward needs and back-propagates `dy`,
+    /// returning `dL/dx` and adding the LoRA gradients into `lora`. The recomputation skips the
+    /// output (`mid + down_proj(act)` was given to the layer above in the forward: the down
+    /// projection's frozen GEMM, LoRA `t Bᵀ` term and residual add; its `t = act Aᵀ` is kept).
+    /// With the attention part kept, attention and the o projection are not recomputed either (only
+    /// o's `t = attn Aᵀ`), and the halves run one after the other — the MLP's recomputation from
+    /// the kept residual and its backward, then the attention's — so the device never holds both
+    /// halves' activations at once. Bit for bit the gradients of [`LayerWeights::backward`].
     #[allow(clippy::too_many_arguments)]
-    fn run(
+    pub fn recompute_backward(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        mut lora: Option<&mut LoraParams<B>>,
+        batch: &Batch<B>,
+        checkpoint: LayerCheckpoint<B>,
+        dy: B::Tensor,
+    ) -> Result<B::Tensor> {
+        let attend = Attend::Batch(batch);
+        let LayerCheckpoint { x, attention } = checkpoint;
+        match attention {
+            None => {
+                let (attention, mid) =
+                    self.attention_half(be, s, layer, lora.as_deref(), attend, x, None)?;
+                let mid = mid.expect("attention ran, so the residual is computed");
+                let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false)?;
+                let saved = LayerSaved { attention, mlp };
+                self.backward(be, s, layer, lora, batch, saved, dy)
+            }
+            Some(AttentionKept { attn, lse, mid }) => {
+                let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false)?;
+                let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), mlp, dy)?;
+                let kept = Some((attn, lse));
+                let (attention, _) =
+                    self.attention_half(be, s, layer, lora.as_deref(), attend, x, kept)?;
+                self.backward_attention(be, s, layer, lora, batch, attention, dmid)
+            }
+        }
+    }
+
+    /// `out ← input Wᵀ (+ LoRA)` of projection `p`; returns its `t = input Aᵀ` when adapted.
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        lora: Option<&LoraParams<B>>,
+        p: Projection,
+        input: &B::Tensor,
+        out: &mut B::Tensor,
+    ) -> Result<Option<B::Tensor>> {
+        let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
+        let slot = lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
+        linear::forward(be, d, input, &self.proj[p.index()], slot, out)
+    }
+
+    /// `t = input Aᵀ` of projection `p` alone (what its backward needs when its output is not).
+    fn lora_input(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        lora: Option<&LoraParams<B>>,
+        p: Projection,
+        input: &B::Tensor,
+    ) -> Result<Option<B::Tensor>> {
+        let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
+        let slot = lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
+        linear::lora_input(be, d, input, slot)
+    }
+
+    /// The attention half of the forward: `h = x + o_proj(attn(rope(q), rope(k), v))`. Returns
+    /// what its backward needs and the residual `h`; given `kept` (the forward's attention output
+    /// and log-sum-exp, checkpoint offload), attention and the o projection are not run again and
+    /// `h` is not returned.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_half(
         &self,
         be: &B,
         s: &Shapes,
@@ -272,23 +345,11 @@ impl<B: Backend> LayerWeights<B> {
         lora: Option<&LoraParams<B>>,
         attend: Attend<'_, B>,
         x: B::Tensor,
-        pass: Pass<B>,
-    ) -> Result<(Option<B::Tensor>, LayerSaved<B>)> {
+        kept: Option<(B::Tensor, B::Tensor)>,
+    ) -> Result<(AttentionSaved<B>, Option<B::Tensor>)> {
         let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
-        let slot = |p: Projection| lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
-        let mut lora_t: [Option<B::Tensor>; 7] = Default::default();
-        // `out ← input Wᵀ (+ LoRA)`; stores the projection's `t = input Aᵀ` for backward.
-        let project = |p: Projection,
-                       input: &B::Tensor,
-                       out: &mut B::Tensor,
-                       lora_t: &mut [Option<B::Tensor>; 7]|
-         -> Result<()> {
-            lora_t[p.index()] =
-                linear::forward(be, s.dims(p, n), input, &self.proj[p.index()], slot(p), out)?;
-            Ok(())
-        };
-
+        let mut lora_t: LoraInputs<B> = Default::default();
         let mut rstd1 = be.empty(n, DType::F32)?;
         let mut norm1 = be.empty(n * s.hidden, dt)?;
         be.rms_norm(
@@ -302,9 +363,13 @@ impl<B: Backend> LayerWeights<B> {
         let mut q = be.empty(n * s.q_dim, dt)?;
         let mut k = be.empty(n * s.kv_dim, dt)?;
         let mut v = be.empty(n * s.kv_dim, dt)?;
-        project(Projection::Q, &norm1, &mut q, &mut lora_t)?;
-        project(Projection::K, &norm1, &mut k, &mut lora_t)?;
-        project(Projection::V, &norm1, &mut v, &mut lora_t)?;
+        for (p, out) in [
+            (Projection::Q, &mut q),
+            (Projection::K, &mut k),
+            (Projection::V, &mut v),
+        ] {
+            lora_t[p.index()] = self.project(be, s, layer, lora, p, &norm1, out)?;
+        }
         let (mut q, mut k, qk_raw) = match &self.qk_norm {
             Some([wq, wk]) => {
                 let (q, q_raw) = head_norm(be, s, q, wq)?;
@@ -316,26 +381,50 @@ impl<B: Backend> LayerWeights<B> {
         let (positions, cos, sin) = attend.rope_tables();
         be.rope(&mut q, positions, cos, sin, s.heads, s.head_dim, false)?;
         be.rope(&mut k, positions, cos, sin, s.kv_heads, s.head_dim, false)?;
-        let (kept, recomputing) = match pass {
-            Pass::Forward => (None, false),
-            Pass::Recompute(kept) => (kept, true),
-        };
+        let o = Projection::O;
         let (attn, lse, mid) = match kept {
-            Some(AttentionKept { attn, lse, mid }) => {
-                let o = Projection::O;
-                lora_t[o.index()] = linear::lora_input(be, s.dims(o, n), &attn, slot(o))?;
-                (attn, Some(lse), mid)
+            Some((attn, lse)) => {
+                lora_t[o.index()] = self.lora_input(be, s, layer, lora, o, &attn)?;
+                (attn, Some(lse), None)
             }
             None => {
                 let mut attn = be.empty(n * s.q_dim, dt)?;
                 let lse = self.attend(be, s, attend, &q, &k, &v, &mut attn)?;
                 let mut mid = be.empty(n * s.hidden, dt)?;
-                project(Projection::O, &attn, &mut mid, &mut lora_t)?;
+                lora_t[o.index()] = self.project(be, s, layer, lora, o, &attn, &mut mid)?;
                 be.axpy(1.0, &x, &mut mid)?;
-                (attn, lse, mid)
+                (attn, lse, Some(mid))
             }
         };
+        let saved = AttentionSaved {
+            x,
+            rstd1,
+            norm1,
+            qk_raw,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            lora_t,
+        };
+        Ok((saved, mid))
+    }
 
+    /// The MLP half of the forward: `y = h + down_proj(silu(gate_proj(m)) ⊙ up_proj(m))`,
+    /// `m = rms2(h)`. Returns what its backward needs and, when `output`, `y`.
+    fn mlp_half(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        lora: Option<&LoraParams<B>>,
+        mid: B::Tensor,
+        output: bool,
+    ) -> Result<(MlpSaved<B>, Option<B::Tensor>)> {
+        let n = be.len(&mid) / s.hidden;
+        let dt = be.compute_dtype();
+        let mut lora_t: LoraInputs<B> = Default::default();
         let mut rstd2 = be.empty(n, DType::F32)?;
         let mut norm2 = be.empty(n * s.hidden, dt)?;
         be.rms_norm(
@@ -348,31 +437,22 @@ impl<B: Backend> LayerWeights<B> {
         )?;
         let mut gate = be.empty(n * s.inter, dt)?;
         let mut up = be.empty(n * s.inter, dt)?;
-        project(Projection::Gate, &norm2, &mut gate, &mut lora_t)?;
-        project(Projection::Up, &norm2, &mut up, &mut lora_t)?;
+        for (p, out) in [(Projection::Gate, &mut gate), (Projection::Up, &mut up)] {
+            lora_t[p.index()] = self.project(be, s, layer, lora, p, &norm2, out)?;
+        }
         let mut act = be.empty(n * s.inter, dt)?;
         be.swiglu(&gate, &up, &mut act)?;
-        let out = if recomputing {
-            let down = Projection::Down;
-            lora_t[down.index()] = linear::lora_input(be, s.dims(down, n), &act, slot(down))?;
-            None
-        } else {
+        let down = Projection::Down;
+        let out = if output {
             let mut out = be.empty(n * s.hidden, dt)?;
-            project(Projection::Down, &act, &mut out, &mut lora_t)?;
+            lora_t[down.index()] = self.project(be, s, layer, lora, down, &act, &mut out)?;
             be.axpy(1.0, &mid, &mut out)?;
             Some(out)
+        } else {
+            lora_t[down.index()] = self.lora_input(be, s, layer, lora, down, &act)?;
+            None
         };
-
-        let saved = LayerSaved {
-            x,
-            rstd1,
-            norm1,
-            qk_raw,
-            q,
-            k,
-            v,
-            attn,
-            lse,
+        let saved = MlpSaved {
             mid,
             rstd2,
             norm2,
@@ -381,7 +461,7 @@ impl<B: Backend> LayerWeights<B> {
             act,
             lora_t,
         };
-        Ok((out, saved))
+        Ok((saved, out))
     }
 
     /// `attn = softmax(q kᵀ / √d) v` over the keys `attend` names; returns the log-sum-exp of each
@@ -441,7 +521,7 @@ impl<B: Backend> LayerWeights<B> {
 
     /// Given `dy = dL/d(output)`, returns `dL/dx` and adds the LoRA gradients into `lora`. Each saved
     /// tensor and each gradient is dropped as soon as nothing later reads it, so the pool can hand
-    /// its memory to the next (the backward's peak is a layer's saved state plus the MLP's gradients).
+    /// its memory to the next.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -450,19 +530,49 @@ impl<B: Backend> LayerWeights<B> {
         layer: usize,
         mut lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
-        sv: LayerSaved<B>,
+        saved: LayerSaved<B>,
         dy: B::Tensor,
     ) -> Result<B::Tensor> {
-        let LayerSaved {
-            x,
-            rstd1,
-            norm1,
-            qk_raw,
-            q,
-            k,
-            v,
-            attn,
-            lse,
+        let LayerSaved { attention, mlp } = saved;
+        let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), mlp, dy)?;
+        self.backward_attention(be, s, layer, lora, batch, attention, dmid)
+    }
+
+    /// Adds `dL/d input` of projection `p` into `dinput` (writes it when not `accumulate`), and
+    /// its LoRA gradients into `lora` (see [`linear::backward`]).
+    #[allow(clippy::too_many_arguments)]
+    fn project_back(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        lora: Option<&mut LoraParams<B>>,
+        lora_t: &LoraInputs<B>,
+        p: Projection,
+        dout: &B::Tensor,
+        input: &B::Tensor,
+        dinput: &mut B::Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        let d = s.dims(p, be.len(dout) / s.dims(p, 1).out_f);
+        let lp = lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
+        let t = lora_t[p.index()].as_ref();
+        let w = &self.proj[p.index()].weight;
+        linear::backward(be, d, dout, input, w, lp, t, dinput, accumulate)
+    }
+
+    /// The MLP half's backward: `y = h + down(act)`, so `dL/dh` starts as `dy` (the residual);
+    /// returns it.
+    fn backward_mlp(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        mut lora: Option<&mut LoraParams<B>>,
+        saved: MlpSaved<B>,
+        dy: B::Tensor,
+    ) -> Result<B::Tensor> {
+        let MlpSaved {
             mid,
             rstd2,
             norm2,
@@ -470,45 +580,23 @@ impl<B: Backend> LayerWeights<B> {
             up,
             act,
             lora_t,
-        } = sv;
-        let n = batch.layout.tokens();
+        } = saved;
+        let n = be.len(&mid) / s.hidden;
         let dt = be.compute_dtype();
-        let lse = lse.ok_or_else(|| {
-            anyhow!("layer {layer}: backward after a cached (generation) forward, which keeps no log-sum-exp")
-        })?;
-        let mut project_back = |p: Projection,
-                                dout: &B::Tensor,
-                                input: &B::Tensor,
-                                dinput: &mut B::Tensor,
-                                accumulate: bool|
-         -> Result<()> {
-            let lp = lora
-                .as_deref_mut()
-                .and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
-            linear::backward(
-                be,
-                s.dims(p, n),
-                dout,
-                input,
-                &self.proj[p.index()].weight,
-                lp,
-                lora_t[p.index()].as_ref(),
-                dinput,
-                accumulate,
-            )
+        let mut back = |p, dout: &B::Tensor, input: &B::Tensor, dinput: &mut B::Tensor, acc| {
+            let lora = lora.as_deref_mut();
+            self.project_back(be, s, layer, lora, &lora_t, p, dout, input, dinput, acc)
         };
-
-        // MLP block: y = h + down(act); dh starts as dy (residual).
         let mut dact = be.empty(n * s.inter, dt)?;
-        project_back(Projection::Down, &dy, &act, &mut dact, false)?;
+        back(Projection::Down, &dy, &act, &mut dact, false)?;
         drop(act);
         // gate and up become their gradients in place.
         let (mut dgate, mut dup) = (gate, up);
         be.swiglu_backward(&dact, &mut dgate, &mut dup)?;
         drop(dact);
         let mut dnorm2 = be.empty(n * s.hidden, dt)?;
-        project_back(Projection::Gate, &dgate, &norm2, &mut dnorm2, false)?;
-        project_back(Projection::Up, &dup, &norm2, &mut dnorm2, true)?;
+        back(Projection::Gate, &dgate, &norm2, &mut dnorm2, false)?;
+        back(Projection::Up, &dup, &norm2, &mut dnorm2, true)?;
         drop((dgate, dup, norm2));
         let mut dmid = dy;
         be.rms_norm_backward(
@@ -519,11 +607,44 @@ impl<B: Backend> LayerWeights<B> {
             s.hidden,
             &mut dmid,
         )?;
+        Ok(dmid)
+    }
 
-        // Attention block: h = x + o(attn); dx starts as dh.
+    /// The attention half's backward: `h = x + o(attn)`, so `dL/dx` starts as `dmid`; returns it.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_attention(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        mut lora: Option<&mut LoraParams<B>>,
+        batch: &Batch<B>,
+        saved: AttentionSaved<B>,
+        dmid: B::Tensor,
+    ) -> Result<B::Tensor> {
+        let AttentionSaved {
+            x,
+            rstd1,
+            norm1,
+            qk_raw,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            lora_t,
+        } = saved;
+        let lse = lse.ok_or_else(|| {
+            anyhow!("layer {layer}: backward after a cached (generation) forward, which keeps no log-sum-exp")
+        })?;
+        let n = be.len(&x) / s.hidden;
+        let dt = be.compute_dtype();
+        let mut back = |p, dout: &B::Tensor, input: &B::Tensor, dinput: &mut B::Tensor, acc| {
+            let lora = lora.as_deref_mut();
+            self.project_back(be, s, layer, lora, &lora_t, p, dout, input, dinput, acc)
+        };
         let mut dattn = be.empty(n * s.q_dim, dt)?;
-        drop((dnorm2, mid, rstd2));
-        project_back(Projection::O, &dmid, &attn, &mut dattn, false)?;
+        back(Projection::O, &dmid, &attn, &mut dattn, false)?;
         let mut dq = be.empty(n * s.q_dim, dt)?;
         let mut dk = be.empty(n * s.kv_dim, dt)?;
         let mut dv = be.empty(n * s.kv_dim, dt)?;
@@ -543,24 +664,9 @@ impl<B: Backend> LayerWeights<B> {
             &mut dk,
             &mut dv,
         )?;
-        be.rope(
-            &mut dq,
-            &batch.positions,
-            &batch.cos,
-            &batch.sin,
-            s.heads,
-            s.head_dim,
-            true,
-        )?;
-        be.rope(
-            &mut dk,
-            &batch.positions,
-            &batch.cos,
-            &batch.sin,
-            s.kv_heads,
-            s.head_dim,
-            true,
-        )?;
+        let (positions, cos, sin) = (&batch.positions, &batch.cos, &batch.sin);
+        be.rope(&mut dq, positions, cos, sin, s.heads, s.head_dim, true)?;
+        be.rope(&mut dk, positions, cos, sin, s.kv_heads, s.head_dim, true)?;
         drop((dattn, q, k, v, attn, lse));
         let (dq, dk) = match (&self.qk_norm, &qk_raw) {
             (Some([wq, wk]), Some([q_raw, k_raw])) => (
@@ -569,11 +675,11 @@ impl<B: Backend> LayerWeights<B> {
             ),
             _ => (dq, dk),
         };
-        let mut dnorm1 = be.empty(n * s.hidden, dt)?;
         drop(qk_raw);
-        project_back(Projection::Q, &dq, &norm1, &mut dnorm1, false)?;
-        project_back(Projection::K, &dk, &norm1, &mut dnorm1, true)?;
-        project_back(Projection::V, &dv, &norm1, &mut dnorm1, true)?;
+        let mut dnorm1 = be.empty(n * s.hidden, dt)?;
+        back(Projection::Q, &dq, &norm1, &mut dnorm1, false)?;
+        back(Projection::K, &dk, &norm1, &mut dnorm1, true)?;
+        back(Projection::V, &dv, &norm1, &mut dnorm1, true)?;
         drop((dq, dk, dv, norm1));
         let mut dx = dmid;
         be.rms_norm_backward(&dnorm1, &x, &self.input_norm, &rstd1, s.hidden, &mut dx)?;
