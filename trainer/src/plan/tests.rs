@@ -27,13 +27,13 @@ fn the_meter_keeps_the_pools_books() {
     assert_eq!(be.peak_memory_bytes(), Some(7998));
 }
 
-/// The H200 measurements of docs/benchmarks.md (session 5, call 3: bf16, LoRA r=16 on all
+/// The H200 measurements of docs/benchmarks.md (session 5, the last call: bf16, LoRA r=16 on all
 /// projections, full checkpointing): `(preset, batch, seq, peak GiB, tokens/s)`.
 const MEASURED: [(&str, usize, usize, f64, f64); 4] = [
-    ("llama2-7b", 2, 2048, 15.22, 11337.0),
-    ("mistral-7b", 2, 2048, 16.35, 10891.0),
-    ("llama-1b", 4, 2048, 4.00, 48192.0),
-    ("smollm2-135m", 8, 1024, 1.03, 141107.0),
+    ("llama2-7b", 2, 2048, 15.12, 11623.0),
+    ("mistral-7b", 2, 2048, 16.26, 11180.0),
+    ("llama-1b", 4, 2048, 3.91, 47653.0),
+    ("smollm2-135m", 8, 1024, 0.94, 146665.0),
 ];
 
 #[test]
