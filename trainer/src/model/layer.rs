@@ -4,13 +4,17 @@
 //! `h = x + o_proj(attn(rope(qn(q)), rope(kn(k)), v))`, `q, k, v = {q,k,v}_proj(rms1(x))` (each
 //! `b + x Wᵀ` where the family has biases), `qn`/`kn` the per-head RMSNorm of families that have
 //! it (identity otherwise); then `y = h + down_proj(silu(gate_proj(m)) ⊙ up_proj(m))`, `m = rms2(h)`.
+//! The forward runs as two halves, attention then MLP, each saving what its own backward needs
+//! (`AttentionSaved`, `MlpSaved`); the backward is in [`backward`].
 
 use super::batch::Batch;
 use super::linear::{self, Dims, FrozenLinear};
 use crate::arch::{ModelConfig, Projection};
 use crate::lora::LoraParams;
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use kernels::{Backend, DType};
+
+mod backward;
 
 /// Sizes every layer needs, copied out of the config.
 pub struct Shapes {
@@ -198,19 +202,6 @@ fn head_norm<B: Backend>(
     Ok((y, HeadNormed { raw: x, rstd }))
 }
 
-/// `dL/dx` of [`head_norm`] from `dy`.
-fn head_norm_backward<B: Backend>(
-    be: &B,
-    s: &Shapes,
-    w: &B::Tensor,
-    saved: &HeadNormed<B>,
-    dy: &B::Tensor,
-) -> Result<B::Tensor> {
-    let mut dx = be.zeros(be.len(dy), be.compute_dtype())?;
-    be.rms_norm_backward(dy, &saved.raw, w, &saved.rstd, s.head_dim, &mut dx)?;
-    Ok(dx)
-}
-
 impl<B: Backend> LayerWeights<B> {
     /// Runs the layer on `x`; returns the output and what backward needs.
     pub fn forward(
@@ -257,47 +248,6 @@ impl<B: Backend> LayerWeights<B> {
             mid: mlp.mid,
         });
         Ok((out, LayerCheckpoint { x, attention }))
-    }
-
-    /// Backward from a checkpoint: recomputes what backward needs and back-propagates `dy`,
-    /// returning `dL/dx` and adding the LoRA gradients into `lora`. The recomputation skips the
-    /// output (`mid + down_proj(act)` was given to the layer above in the forward: the down
-    /// projection's frozen GEMM, LoRA `t Bᵀ` term and residual add; its `t = act Aᵀ` is kept).
-    /// With the attention part kept, attention and the o projection are not recomputed either (only
-    /// o's `t = attn Aᵀ`), and the halves run one after the other — the MLP's recomputation from
-    /// the kept residual and its backward, then the attention's — so the device never holds both
-    /// halves' activations at once. Bit for bit the gradients of [`LayerWeights::backward`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn recompute_backward(
-        &self,
-        be: &B,
-        s: &Shapes,
-        layer: usize,
-        mut lora: Option<&mut LoraParams<B>>,
-        batch: &Batch<B>,
-        checkpoint: LayerCheckpoint<B>,
-        dy: B::Tensor,
-    ) -> Result<B::Tensor> {
-        let attend = Attend::Batch(batch);
-        let LayerCheckpoint { x, attention } = checkpoint;
-        match attention {
-            None => {
-                let (attention, mid) =
-                    self.attention_half(be, s, layer, lora.as_deref(), attend, x, None)?;
-                let mid = mid.expect("attention ran, so the residual is computed");
-                let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false)?;
-                let saved = LayerSaved { attention, mlp };
-                self.backward(be, s, layer, lora, batch, saved, dy)
-            }
-            Some(AttentionKept { attn, lse, mid }) => {
-                let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false)?;
-                let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), mlp, dy)?;
-                let kept = Some((attn, lse));
-                let (attention, _) =
-                    self.attention_half(be, s, layer, lora.as_deref(), attend, x, kept)?;
-                self.backward_attention(be, s, layer, lora, batch, attention, dmid)
-            }
-        }
     }
 
     /// `out ← input Wᵀ (+ LoRA)` of projection `p`; returns its `t = input Aᵀ` when adapted.
@@ -517,172 +467,5 @@ impl<B: Backend> LayerWeights<B> {
                 Ok(None)
             }
         }
-    }
-
-    /// Given `dy = dL/d(output)`, returns `dL/dx` and adds the LoRA gradients into `lora`. Each saved
-    /// tensor and each gradient is dropped as soon as nothing later reads it, so the pool can hand
-    /// its memory to the next.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        &self,
-        be: &B,
-        s: &Shapes,
-        layer: usize,
-        mut lora: Option<&mut LoraParams<B>>,
-        batch: &Batch<B>,
-        saved: LayerSaved<B>,
-        dy: B::Tensor,
-    ) -> Result<B::Tensor> {
-        let LayerSaved { attention, mlp } = saved;
-        let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), mlp, dy)?;
-        self.backward_attention(be, s, layer, lora, batch, attention, dmid)
-    }
-
-    /// Adds `dL/d input` of projection `p` into `dinput` (writes it when not `accumulate`), and
-    /// its LoRA gradients into `lora` (see [`linear::backward`]).
-    #[allow(clippy::too_many_arguments)]
-    fn project_back(
-        &self,
-        be: &B,
-        s: &Shapes,
-        layer: usize,
-        lora: Option<&mut LoraParams<B>>,
-        lora_t: &LoraInputs<B>,
-        p: Projection,
-        dout: &B::Tensor,
-        input: &B::Tensor,
-        dinput: &mut B::Tensor,
-        accumulate: bool,
-    ) -> Result<()> {
-        let d = s.dims(p, be.len(dout) / s.dims(p, 1).out_f);
-        let lp = lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
-        let t = lora_t[p.index()].as_ref();
-        let w = &self.proj[p.index()].weight;
-        linear::backward(be, d, dout, input, w, lp, t, dinput, accumulate)
-    }
-
-    /// The MLP half's backward: `y = h + down(act)`, so `dL/dh` starts as `dy` (the residual);
-    /// returns it.
-    fn backward_mlp(
-        &self,
-        be: &B,
-        s: &Shapes,
-        layer: usize,
-        mut lora: Option<&mut LoraParams<B>>,
-        saved: MlpSaved<B>,
-        dy: B::Tensor,
-    ) -> Result<B::Tensor> {
-        let MlpSaved {
-            mid,
-            rstd2,
-            norm2,
-            gate,
-            up,
-            act,
-            lora_t,
-        } = saved;
-        let n = be.len(&mid) / s.hidden;
-        let dt = be.compute_dtype();
-        let mut back = |p, dout: &B::Tensor, input: &B::Tensor, dinput: &mut B::Tensor, acc| {
-            let lora = lora.as_deref_mut();
-            self.project_back(be, s, layer, lora, &lora_t, p, dout, input, dinput, acc)
-        };
-        let mut dact = be.empty(n * s.inter, dt)?;
-        back(Projection::Down, &dy, &act, &mut dact, false)?;
-        drop(act);
-        // gate and up become their gradients in place.
-        let (mut dgate, mut dup) = (gate, up);
-        be.swiglu_backward(&dact, &mut dgate, &mut dup)?;
-        drop(dact);
-        let mut dnorm2 = be.empty(n * s.hidden, dt)?;
-        back(Projection::Gate, &dgate, &norm2, &mut dnorm2, false)?;
-        back(Projection::Up, &dup, &norm2, &mut dnorm2, true)?;
-        drop((dgate, dup, norm2));
-        let mut dmid = dy;
-        be.rms_norm_backward(
-            &dnorm2,
-            &mid,
-            &self.post_attention_norm,
-            &rstd2,
-            s.hidden,
-            &mut dmid,
-        )?;
-        Ok(dmid)
-    }
-
-    /// The attention half's backward: `h = x + o(attn)`, so `dL/dx` starts as `dmid`; returns it.
-    #[allow(clippy::too_many_arguments)]
-    fn backward_attention(
-        &self,
-        be: &B,
-        s: &Shapes,
-        layer: usize,
-        mut lora: Option<&mut LoraParams<B>>,
-        batch: &Batch<B>,
-        saved: AttentionSaved<B>,
-        dmid: B::Tensor,
-    ) -> Result<B::Tensor> {
-        let AttentionSaved {
-            x,
-            rstd1,
-            norm1,
-            qk_raw,
-            q,
-            k,
-            v,
-            attn,
-            lse,
-            lora_t,
-        } = saved;
-        let lse = lse.ok_or_else(|| {
-            anyhow!("layer {layer}: backward after a cached (generation) forward, which keeps no log-sum-exp")
-        })?;
-        let n = be.len(&x) / s.hidden;
-        let dt = be.compute_dtype();
-        let mut back = |p, dout: &B::Tensor, input: &B::Tensor, dinput: &mut B::Tensor, acc| {
-            let lora = lora.as_deref_mut();
-            self.project_back(be, s, layer, lora, &lora_t, p, dout, input, dinput, acc)
-        };
-        let mut dattn = be.empty(n * s.q_dim, dt)?;
-        back(Projection::O, &dmid, &attn, &mut dattn, false)?;
-        let mut dq = be.empty(n * s.q_dim, dt)?;
-        let mut dk = be.empty(n * s.kv_dim, dt)?;
-        let mut dv = be.empty(n * s.kv_dim, dt)?;
-        be.attention_backward(
-            &q,
-            &k,
-            &v,
-            &attn,
-            &lse,
-            &dattn,
-            &batch.layout,
-            &batch.doc_start,
-            s.heads,
-            s.kv_heads,
-            s.head_dim,
-            &mut dq,
-            &mut dk,
-            &mut dv,
-        )?;
-        let (positions, cos, sin) = (&batch.positions, &batch.cos, &batch.sin);
-        be.rope(&mut dq, positions, cos, sin, s.heads, s.head_dim, true)?;
-        be.rope(&mut dk, positions, cos, sin, s.kv_heads, s.head_dim, true)?;
-        drop((dattn, q, k, v, attn, lse));
-        let (dq, dk) = match (&self.qk_norm, &qk_raw) {
-            (Some([wq, wk]), Some([q_raw, k_raw])) => (
-                head_norm_backward(be, s, wq, q_raw, &dq)?,
-                head_norm_backward(be, s, wk, k_raw, &dk)?,
-            ),
-            _ => (dq, dk),
-        };
-        drop(qk_raw);
-        let mut dnorm1 = be.empty(n * s.hidden, dt)?;
-        back(Projection::Q, &dq, &norm1, &mut dnorm1, false)?;
-        back(Projection::K, &dk, &norm1, &mut dnorm1, true)?;
-        back(Projection::V, &dv, &norm1, &mut dnorm1, true)?;
-        drop((dq, dk, dv, norm1));
-        let mut dx = dmid;
-        be.rms_norm_backward(&dnorm1, &x, &self.input_norm, &rstd1, s.hidden, &mut dx)?;
-        Ok(dx)
     }
 }
