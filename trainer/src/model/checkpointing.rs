@@ -51,6 +51,14 @@ impl CheckpointPolicy {
         layers: None,
     };
 
+    /// A forward with no backward after it (evaluation, reference log-probabilities): each layer
+    /// keeps only its input, as under full checkpointing, so an evaluation never needs more memory
+    /// than the training step (nothing is recomputed: no backward runs).
+    pub const FORWARD_ONLY: CheckpointPolicy = CheckpointPolicy {
+        mode: Checkpointing::Full,
+        layers: None,
+    };
+
     /// `mode` for every layer.
     pub fn all(mode: Checkpointing) -> Self {
         CheckpointPolicy { mode, layers: None }

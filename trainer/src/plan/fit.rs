@@ -50,7 +50,8 @@ pub fn choose(
     let Some(free) = device_free else {
         return Ok(Choice {
             policy: CheckpointPolicy::all(Checkpointing::Full),
-            why: "every layer (the CPU's memory is not planned)".into(),
+            why: "every layer (no free-memory figure from the backend: the CPU's memory is not planned)"
+                .into(),
         });
     };
     let budget = device_budget(free);

@@ -265,7 +265,7 @@ pub fn sequence_logps<B: Backend>(
     batch: &Batch<B>,
     seqs: &TargetSequences,
 ) -> Result<(Vec<f64>, Vec<usize>)> {
-    let acts = model.forward(be, lora, batch, CheckpointPolicy::OFF)?;
+    let acts = model.forward(be, lora, batch, CheckpointPolicy::FORWARD_ONLY)?;
     let (logp, _) = model.head(be, &acts, &batch.targets, CeGrad::None)?;
     Ok(seqs.sum_by_sequence(&be.download(&logp)?))
 }

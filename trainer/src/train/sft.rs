@@ -236,7 +236,7 @@ pub fn evaluate<B: Backend>(
     let mut sums = SftSums::default();
     for hb in epoch_batches(examples, batching, 0, 0) {
         let batch = upload(be, model, &hb)?;
-        let acts = model.forward(be, lora, &batch, CheckpointPolicy::OFF)?;
+        let acts = model.forward(be, lora, &batch, CheckpointPolicy::FORWARD_ONLY)?;
         let (logp, _) = model.head(be, &acts, &batch.targets, kernels::CeGrad::None)?;
         sums.nll -= be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>();
         sums.tokens += batch.n_targets as f64;
