@@ -26,10 +26,14 @@ impl CudaBackend {
             .map_err(super::device_err("upload pointer table"))
     }
 
-    /// Device tables (addresses, dtype codes, first flat index of each tensor + total) for `tensors`.
-    fn tensor_tables(&self, tensors: &[CudaTensor]) -> Result<TensorTables> {
+    /// The device addresses of `tensors`, as a device table.
+    fn address_table(&self, tensors: &[CudaTensor]) -> Result<CudaSlice<u64>> {
         let ptrs: Vec<u64> = tensors.iter().map(|t| t.ptr(&self.stream)).collect();
-        let codes: Vec<i32> = tensors.iter().map(|t| dtype_code(t.dtype)).collect();
+        self.table_u64(&ptrs)
+    }
+
+    /// The first flat index of each tensor, then the total, as a device table; and the total.
+    fn starts_table(&self, tensors: &[CudaTensor]) -> Result<(CudaSlice<u64>, usize)> {
         let mut starts = Vec::with_capacity(tensors.len() + 1);
         let mut total = 0u64;
         for t in tensors {
@@ -37,16 +41,18 @@ impl CudaBackend {
             total += t.len() as u64;
         }
         starts.push(total);
+        Ok((self.table_u64(&starts)?, total as usize))
+    }
+
+    /// Device tables (addresses, dtype codes, first flat index of each tensor + total) for `tensors`.
+    fn tensor_tables(&self, tensors: &[CudaTensor]) -> Result<TensorTables> {
+        let codes: Vec<i32> = tensors.iter().map(|t| dtype_code(t.dtype)).collect();
         let codes = self
             .stream
             .clone_htod(&codes)
             .map_err(super::device_err("upload dtype table"))?;
-        Ok((
-            self.table_u64(&ptrs)?,
-            codes,
-            self.table_u64(&starts)?,
-            total as usize,
-        ))
+        let (starts, total) = self.starts_table(tensors)?;
+        Ok((self.address_table(tensors)?, codes, starts, total))
     }
 
     pub(crate) fn sum_of_squares_impl(&self, tensors: &[CudaTensor]) -> Result<f64> {
@@ -114,12 +120,11 @@ impl CudaBackend {
             }
             return Ok(());
         }
-        let (src_ptrs, _, starts, total) = self.tensor_tables(src)?;
-        if total == 0 {
+        if src.iter().all(|t| t.is_empty()) {
             return Ok(());
         }
-        let dst_ptrs: Vec<u64> = dst.iter().map(|t| t.ptr(&self.stream)).collect();
-        let dst_ptrs = self.table_u64(&dst_ptrs)?;
+        let (starts, total) = self.starts_table(src)?;
+        let (src_ptrs, dst_ptrs) = (self.address_table(src)?, self.address_table(dst)?);
         let name = format!("cast_multi_f32_{}", super::suffix(to));
         let args = [
             Arg::Ptr(src_ptrs.device_ptr(&self.stream).0),
@@ -165,21 +170,12 @@ impl CudaBackend {
         if total == 0 {
             return Ok(());
         }
-        let addresses =
-            |ts: &[CudaTensor]| -> Vec<u64> { ts.iter().map(|t| t.ptr(&self.stream)).collect() };
-        let mut starts = Vec::with_capacity(params.len() + 1);
-        let mut acc = 0u64;
-        for p in params.iter() {
-            starts.push(acc);
-            acc += p.len() as u64;
-        }
-        starts.push(acc);
         let tables = [
-            self.table_u64(&addresses(params))?,
-            self.table_u64(&addresses(grads))?,
-            self.table_u64(&addresses(m))?,
-            self.table_u64(&addresses(v))?,
-            self.table_u64(&starts)?,
+            self.address_table(params)?,
+            self.address_table(grads)?,
+            self.address_table(m)?,
+            self.address_table(v)?,
+            self.starts_table(params)?.0,
         ];
         // Scalars formed in f64 and rounded once, exactly as the CPU reference does.
         let t = step as i32;

@@ -258,21 +258,14 @@ impl<B: Backend> Decoder<B> {
         for (l, layer) in self.layers.iter().enumerate() {
             // Checkpointing keeps the layer input (and, offloaded, the attention part); the rest
             // is recomputed in backward.
-            let mode = checkpointing.of_layer(l);
-            let (y, kept) = if mode == Checkpointing::Off {
-                let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
-                (y, Saved::Full(full))
-            } else {
-                let offload = mode == Checkpointing::Offload;
-                let (y, c) = layer.forward_checkpointed(be, s, l, lora, batch, x, offload)?;
-                let kept = if offload {
-                    Saved::Parked(be.park(c.into_tensors())?)
-                } else {
-                    Saved::Checkpoint(c)
-                };
-                (y, kept)
-            };
-            saved.push(kept);
+            let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
+            saved.push(match checkpointing.of_layer(l) {
+                Checkpointing::Off => Saved::Full(full),
+                Checkpointing::Full => Saved::Checkpoint(full.checkpoint(false)?),
+                Checkpointing::Offload => {
+                    Saved::Parked(be.park(full.checkpoint(true)?.into_tensors())?)
+                }
+            });
             x = y;
         }
         let mut final_rstd = be.empty(n, DType::F32)?;

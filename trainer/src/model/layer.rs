@@ -10,8 +10,8 @@
 use super::batch::Batch;
 use super::linear::{self, Dims, FrozenLinear};
 use crate::arch::{ModelConfig, Projection};
-use crate::lora::LoraParams;
-use anyhow::Result;
+use crate::lora::{LoraParams, LoraSlot};
+use anyhow::{anyhow, Result};
 use kernels::{Backend, DType};
 
 mod backward;
@@ -106,7 +106,7 @@ impl<B: Backend> Attend<'_, B> {
 /// What checkpointing keeps of a layer's forward for backward's recomputation: the layer input
 /// and, when kept, the attention part ([`AttentionKept`]).
 pub struct LayerCheckpoint<B: Backend> {
-    pub x: B::Tensor,
+    x: B::Tensor,
     attention: Option<AttentionKept<B>>,
 }
 
@@ -188,6 +188,30 @@ pub struct LayerSaved<B: Backend> {
     mlp: MlpSaved<B>,
 }
 
+impl<B: Backend> LayerSaved<B> {
+    /// What checkpointing keeps of this forward (the rest is dropped here): the input, and the
+    /// attention part when `keep_attention`.
+    pub fn checkpoint(self, keep_attention: bool) -> Result<LayerCheckpoint<B>> {
+        let LayerSaved { attention, mlp } = self;
+        let kept = if keep_attention {
+            let lse = attention
+                .lse
+                .ok_or_else(|| anyhow!("a cached (generation) forward keeps no checkpoint"))?;
+            Some(AttentionKept {
+                attn: attention.attn,
+                lse,
+                mid: mlp.mid,
+            })
+        } else {
+            None
+        };
+        Ok(LayerCheckpoint {
+            x: attention.x,
+            attention: kept,
+        })
+    }
+}
+
 /// `y[t, h, :] = w ⊙ x[t, h, :] · r[t, h]`: RMSNorm over each head vector of `x [N, heads·d]`
 /// (the rows of the RMSNorm op are the heads).
 fn head_norm<B: Backend>(
@@ -200,6 +224,19 @@ fn head_norm<B: Backend>(
     let mut rstd = be.empty(be.len(&x) / s.head_dim, DType::F32)?;
     be.rms_norm(&x, w, s.head_dim, s.eps, &mut y, &mut rstd)?;
     Ok((y, HeadNormed { raw: x, rstd }))
+}
+
+/// The shapes of projection `p` on `input`, and its adapter slot in `lora` when adapted.
+fn call<'a, B: Backend>(
+    be: &B,
+    s: &Shapes,
+    layer: usize,
+    lora: Option<&'a LoraParams<B>>,
+    p: Projection,
+    input: &B::Tensor,
+) -> (Dims, Option<(&'a LoraParams<B>, LoraSlot)>) {
+    let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
+    (d, lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl))))
 }
 
 impl<B: Backend> LayerWeights<B> {
@@ -220,36 +257,6 @@ impl<B: Backend> LayerWeights<B> {
         Ok((out, LayerSaved { attention, mlp }))
     }
 
-    /// The forward under checkpointing: returns the output and only the checkpoint (the input,
-    /// and the attention part when `keep_attention`). Each half's other activations are dropped as
-    /// soon as it is done, so the forward never holds a whole layer's.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_checkpointed(
-        &self,
-        be: &B,
-        s: &Shapes,
-        layer: usize,
-        lora: Option<&LoraParams<B>>,
-        batch: &Batch<B>,
-        x: B::Tensor,
-        keep_attention: bool,
-    ) -> Result<(B::Tensor, LayerCheckpoint<B>)> {
-        let attend = Attend::Batch(batch);
-        let (attention, mid) = self.attention_half(be, s, layer, lora, attend, x, None)?;
-        let mid = mid.expect("attention ran, so the residual is computed");
-        let AttentionSaved { x, attn, lse, .. } = attention;
-        let lse = lse.expect("a batch forward computes the log-sum-exp");
-        let kept_attention = keep_attention.then_some((attn, lse));
-        let (mlp, out) = self.mlp_half(be, s, layer, lora, mid, true)?;
-        let out = out.expect("the output was asked for");
-        let attention = kept_attention.map(|(attn, lse)| AttentionKept {
-            attn,
-            lse,
-            mid: mlp.mid,
-        });
-        Ok((out, LayerCheckpoint { x, attention }))
-    }
-
     /// `out ← input Wᵀ (+ LoRA)` of projection `p`; returns its `t = input Aᵀ` when adapted.
     #[allow(clippy::too_many_arguments)]
     fn project(
@@ -262,8 +269,7 @@ impl<B: Backend> LayerWeights<B> {
         input: &B::Tensor,
         out: &mut B::Tensor,
     ) -> Result<Option<B::Tensor>> {
-        let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
-        let slot = lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
+        let (d, slot) = call(be, s, layer, lora, p, input);
         linear::forward(be, d, input, &self.proj[p.index()], slot, out)
     }
 
@@ -277,8 +283,7 @@ impl<B: Backend> LayerWeights<B> {
         p: Projection,
         input: &B::Tensor,
     ) -> Result<Option<B::Tensor>> {
-        let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
-        let slot = lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
+        let (d, slot) = call(be, s, layer, lora, p, input);
         linear::lora_input(be, d, input, slot)
     }
 

@@ -73,22 +73,25 @@ pub fn choose(
         Ok(Plan::account(&candidate)?.memory.total())
     };
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    if total(layers)? > budget {
+    let every_layer = total(layers)?;
+    if every_layer > budget {
         return Ok(Choice {
             policy: CheckpointPolicy::all(mode),
             why: format!(
                 "every layer, and the plan still needs {:.2} GiB of the {:.2} GiB free: lower train.batch_size or data.max_seq_len, or quantize",
-                gib(total(layers)?),
+                gib(every_layer),
                 gib(free)
             ),
         });
     }
-    // Memory falls as more layers are recomputed: the fewest that fit, by bisection.
-    let (mut lo, mut hi) = (0, layers);
+    // Memory falls as more layers are recomputed: the fewest that fit, by bisection (`fitting`:
+    // the plan of `hi` layers, which always fits).
+    let (mut lo, mut hi, mut fitting) = (0, layers, every_layer);
     while lo < hi {
         let mid = (lo + hi) / 2;
-        if total(mid)? <= budget {
-            hi = mid;
+        let t = total(mid)?;
+        if t <= budget {
+            (hi, fitting) = (mid, t);
         } else {
             lo = mid + 1;
         }
@@ -102,7 +105,7 @@ pub fn choose(
         why: format!(
             "{} of {layers} layers recomputed: the plan's {:.2} GiB fit in the {:.2} GiB free",
             lo,
-            gib(total(lo)?),
+            gib(fitting),
             gib(free)
         ),
     })

@@ -32,6 +32,7 @@ use crate::model::weights::WeightFiles;
 use crate::model::{CheckpointPolicy, Decoder, ModelConfig};
 use crate::optim::{AdamW, LossScaler};
 use crate::output_dir::{Overwrite, StagedDir};
+use crate::plan::fit::Choice;
 use anyhow::{bail, Context, Result};
 use kernels::{AdamWParams, Backend};
 use serde::Serialize;
@@ -159,9 +160,12 @@ pub fn train_ranks<B: GradReducer>(
         .then(|| crate::output_dir::claim_for_run(cfg, &resume))
         .transpose()?;
     // Chosen before the weights load, while the device's free memory is all the run's.
-    let checkpointing = checkpointing_for(be, cfg, dist)?;
+    let choice = crate::plan::fit::for_run(cfg, be.free_memory_bytes(), dist.world_size())?;
     let model = load_model(be, cfg)?;
-    let ck = checkpointing;
+    if dist.is_main() {
+        report_checkpointing(be, cfg, &choice, model.config.num_layers, dist.world_size());
+    }
+    let ck = choice.policy;
     match &cfg.method {
         MethodSection::Sft(_) => {
             let sft = Sft::prepare(cfg, model.config.vocab_size)?;
@@ -178,28 +182,24 @@ pub fn train_ranks<B: GradReducer>(
     }
 }
 
-/// The run's checkpointing (`train.gradient_checkpointing`, "auto" resolved by the plan); rank 0
-/// prints it, and on a GPU the plan's memory accounting for it.
-fn checkpointing_for<B: Backend>(
+/// Prints the run's checkpointing (`train.gradient_checkpointing`, "auto" resolved by the plan)
+/// and, on a GPU, the plan's memory accounting for it.
+fn report_checkpointing<B: Backend>(
     be: &B,
     cfg: &RunConfig,
-    dist: &Distributed,
-) -> Result<CheckpointPolicy> {
-    let choice = crate::plan::fit::for_run(cfg, be.free_memory_bytes(), dist.world_size())?;
-    if dist.is_main() {
-        let layers = ModelConfig::load(&cfg.model.path)?.num_layers;
-        eprintln!(
-            "checkpointing: {} ({})",
-            choice.policy.describe(layers),
-            choice.why
-        );
-        let report =
-            crate::plan::startup_report(cfg, choice.policy, &be.describe(), dist.world_size());
-        if let Some(report) = report {
-            eprintln!("{report}");
-        }
+    choice: &Choice,
+    num_layers: usize,
+    nproc: usize,
+) {
+    let policy = choice.policy;
+    eprintln!(
+        "checkpointing: {} ({})",
+        policy.describe(num_layers),
+        choice.why
+    );
+    if let Some(report) = crate::plan::startup_report(cfg, policy, &be.describe(), nproc) {
+        eprintln!("{report}");
     }
-    Ok(choice.policy)
 }
 
 /// Whether a periodic action (`every` steps; 0 = never) falls on `step` — the last step has its own.
