@@ -26,6 +26,10 @@ RUNS=(
   "llama2-7b-qlora llama2-7b 2 2048 --quantize nf4"
   "llama2-7b-qlora-offload llama2-7b 2 2048 --quantize nf4 | --checkpointing offload"
   "mistral-7b-qlora mistral-7b 2 2048 --quantize nf4"
+  "mistral-7b-qlora-offload mistral-7b 2 2048 --quantize nf4 | --checkpointing offload"
+  "llama2-7b-offload-host llama2-7b 2 2048 | --checkpointing offload --optimizer-state host"
+  "llama2-7b-qlora-offload-host llama2-7b 2 2048 --quantize nf4 | --checkpointing offload --optimizer-state host"
+  "mistral-7b-qlora-offload-host mistral-7b 2 2048 --quantize nf4 | --checkpointing offload --optimizer-state host"
   "qwen2.5-7b qwen2.5-7b 2 2048"
   "qwen3-8b qwen3-8b 2 2048"
   "llama-1b llama-1b 4 2048"
@@ -69,17 +73,22 @@ import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 def load(p):
     return json.loads(p.read_text()) if p.exists() else None
-print("| run | batch × seq | HF + PEFT tok/s | HF peak GiB | fuselora tok/s | step | MFU | peak GiB | × HF |")
+def gib(r, key):
+    return f"{r[key] / 2**30:.2f}" if r and r.get(key) else "—"
+# Peaks: in tensors (torch.cuda.max_memory_allocated; fuselora's pool) / reserved by the allocator
+# (torch.cuda.max_memory_reserved; the CUDA driver's stream-ordered pool behind fuselora's).
+print("| run | batch × seq | HF + PEFT tok/s | HF peak GiB (tensors / reserved) | fuselora tok/s | step | MFU "
+      "| peak GiB (tensors / reserved) | × HF |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for spec in sys.argv[2:]:
     name, preset, batch, seq, *rest = spec.split("|")[0].split()
     hf_key = "_".join([preset, batch, seq, *rest])
     f, h = load(out / f"fuselora-{name}.json"), load(out / f"hf-{hf_key}.json")
     hf_tps = f"{h['tokens_per_s']:,.0f}" if h else "—"
-    hf_mem = f"{h['peak_memory_bytes'] / 2**30:.2f}" if h else "—"
+    hf_mem = f"{gib(h, 'peak_memory_bytes')} / {gib(h, 'reserved_peak_bytes')}"
     if f:
         mfu = f"{f['mfu'] * 100:.1f}%" if f.get("mfu") is not None else "n/a"
-        mem = f"{f['peak_memory_bytes'] / 2**30:.2f}" if f.get("peak_memory_bytes") else "n/a"
+        mem = f"{gib(f, 'peak_memory_bytes')} / {gib(f, 'reserved_peak_bytes')}"
         ratio = f"{f['tokens_per_s'] / h['tokens_per_s']:.2f}×" if h else "—"
         print(f"| {name} | {batch} × {seq} | {hf_tps} | {hf_mem} | {f['tokens_per_s']:,.0f} | "
               f"{f['median_step_s']:.3f} s | {mfu} | {mem} | {ratio} |")

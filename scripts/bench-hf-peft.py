@@ -144,6 +144,8 @@ res = {
     "median_step_s": statistics.median(times), "tokens_per_s": tokens * len(times) / sum(times),
     "peak_memory_bytes": peak, "loss": loss.item(), "torch": torch.__version__,
 }
+if gpu:
+    res["reserved_peak_bytes"] = torch.cuda.max_memory_reserved()
 if a.quantize == "nf4":
     res["bitsandbytes"] = bnb.__version__
 print(f"hf+peft {a.preset} on {a.device} ({res['threads']} threads) batch {a.batch} seq {a.seq}"

@@ -103,10 +103,22 @@ pub trait Backend {
     fn compute_dtype(&self) -> DType;
     /// The most device memory the backend has held at once so far, in bytes (`None` on the CPU).
     fn peak_memory_bytes(&self) -> Option<u64>;
+    /// The most device memory the driver's stream-ordered allocator has reserved for the
+    /// backend's buffers (its own rounding and fragmentation included), in bytes: the honest
+    /// counterpart of [`Backend::peak_memory_bytes`] (`None` on the CPU).
+    fn reserved_peak_bytes(&self) -> Option<u64> {
+        None
+    }
     /// Device memory free now, in bytes, outside what the backend's pool holds (`None` on the
     /// CPU, and where no device answers).
     fn free_memory_bytes(&self) -> Option<u64> {
         None
+    }
+    /// Hands the buffers the backend's pool keeps for reuse back to the device, once every queued
+    /// op is done (before something large that the pool's cached sizes cannot hold; nothing on the
+    /// CPU).
+    fn release_cached(&self) -> Result<()> {
+        Ok(())
     }
     /// Starts timing every op on the device (the CPU backend times nothing).
     fn profile_start(&self) {}

@@ -20,7 +20,7 @@ use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{
     Batch, CheckpointPolicy, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4,
 };
-use crate::optim::{AdamW, LossScaler};
+use crate::optim::{AdamW, LossScaler, OptimizerState};
 use crate::train::distributed::Distributed;
 use crate::train::grad_reduce::GradReducer;
 use crate::train::init::fresh_adapter;
@@ -103,6 +103,8 @@ pub struct BenchSpec {
     pub profile: bool,
     /// The projections quantized to NF4 on the device (QLoRA), or dense in the compute dtype.
     pub quantize: Option<QuantizeNf4>,
+    /// Where AdamW's masters and moments wait between steps.
+    pub optimizer_state: OptimizerState,
 }
 
 /// What was measured (written as JSON by `--json`).
@@ -123,7 +125,10 @@ pub struct BenchResult {
     pub model_tflops: f64,
     pub mfu: Option<f64>,
     pub flops_formula: &'static str,
+    /// The pool's peak: the most memory in tensors at once (as `max_memory_allocated`).
     pub peak_memory_bytes: Option<u64>,
+    /// The driver allocator's reserved peak behind those tensors (as `max_memory_reserved`).
+    pub reserved_peak_bytes: Option<u64>,
     pub final_loss: f64,
     /// Device time per op of the profiled step (empty without `profile`, and on the CPU).
     pub profile: Vec<OpTime>,
@@ -208,6 +213,7 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         weight_decay: 0.0,
     };
     let mut opt = AdamW::new(be, &lora, hp, Some(1.0))?;
+    opt.place(be, &mut lora, spec.optimizer_state)?;
     let mut scaler = LossScaler::for_dtype(be.compute_dtype());
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed.wrapping_add(dist.rank() as u64));
     let batches = (0..spec.grad_accum)
@@ -234,8 +240,10 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
             sft_micro_step(be, &model, lora, b, ctx, hook)
         })?;
         opt.step_scaled(be, &mut lora, hp.lr, &mut scaler)?;
-        // Reading a weight back waits for the step's queued work, so the time is the whole step's.
-        be.download(&lora.params[0])?;
+        // Reading a weight back waits for the step's queued work, so the time is the whole step's
+        // (with the optimizer state on the host, all but the copy of its last layer back, which
+        // the next step's forward hides).
+        be.download(&lora.compute[0])?;
         final_loss = sums.iter().map(|s| s.nll).sum::<f64>() / targets as f64;
         if profiled {
             profile = be.profile_stop()?;
@@ -264,6 +272,7 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         mfu: spec.peak_tflops.map(|p| model_tflops / p),
         flops_formula: FLOPS_FORMULA,
         peak_memory_bytes: be.peak_memory_bytes(),
+        reserved_peak_bytes: be.reserved_peak_bytes(),
         final_loss,
         profile,
     })
@@ -285,8 +294,16 @@ pub fn describe(r: &BenchResult) -> String {
             }
         ),
         format!(
-            "shape       batch {} × seq {} × accum {} = {} tokens/step, checkpointing {}",
-            s.batch, s.seq, s.grad_accum, r.tokens_per_step, r.checkpointing
+            "shape       batch {} × seq {} × accum {} = {} tokens/step, checkpointing {}{}",
+            s.batch,
+            s.seq,
+            s.grad_accum,
+            r.tokens_per_step,
+            r.checkpointing,
+            match s.optimizer_state {
+                OptimizerState::Device => "",
+                OptimizerState::Host => ", optimizer state on the host",
+            }
         ),
         format!(
             "weights     {}",
@@ -308,8 +325,11 @@ pub fn describe(r: &BenchResult) -> String {
                 .unwrap_or_default()
         ),
         format!(
-            "peak memory {}",
-            r.peak_memory_bytes.map(gib).unwrap_or("n/a (cpu)".into())
+            "peak memory {}{}",
+            r.peak_memory_bytes.map(gib).unwrap_or("n/a (cpu)".into()),
+            r.reserved_peak_bytes
+                .map(|b| format!(" in tensors, {} reserved by the driver", gib(b)))
+                .unwrap_or_default()
         ),
         format!("loss        {:.4} (last step)", r.final_loss),
     ]
@@ -370,6 +390,7 @@ mod tests {
             peak_tflops: Some(1.0),
             profile: true,
             quantize: None,
+            optimizer_state: OptimizerState::Device,
         }
     }
 
@@ -386,6 +407,13 @@ mod tests {
         assert!(r.profile.is_empty(), "the CPU backend times no ops");
         let no_ckpt = run(&be, &spec(Checkpointing::Off), &Distributed::single()).unwrap();
         assert_eq!(no_ckpt.final_loss, r.final_loss, "checkpointing is exact");
+        let host = BenchSpec {
+            optimizer_state: OptimizerState::Host,
+            ..spec(Checkpointing::Full)
+        };
+        let host = run(&be, &host, &Distributed::single()).unwrap();
+        assert_eq!(host.final_loss, r.final_loss, "the host state steps alike");
+        assert!(describe(&host).contains("optimizer state on the host"));
         assert!(r.hardware_flops_per_step > r.model_flops_per_step);
         assert_eq!(
             no_ckpt.hardware_flops_per_step,
@@ -433,6 +461,7 @@ mod tests {
             peak_tflops: None,
             profile: false,
             quantize: None,
+            optimizer_state: OptimizerState::Device,
         };
         // LoRA r=16 on all seven projections of Llama-2-7B: 39,976,960 values.
         let p = 16 * (3 * (4096 + 4096) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096)) * 32;

@@ -43,6 +43,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     /// Copies of offloaded checkpoints (offload.rs), beside the compute stream.
     copy_stream: Arc<CudaStream>,
+    /// Host → device copies of parked tensors, so that they run alongside the device → host ones.
+    fetch_stream: Arc<CudaStream>,
     offload: offload::Offload,
     blas: CudaBlas,
     kernels: Kernels,
@@ -78,6 +80,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let copy_stream = ctx.new_stream().map_err(device_err("create copy stream"))?;
+        let fetch_stream = ctx.new_stream().map_err(device_err("create fetch stream"))?;
         let compute_capability = ctx
             .compute_capability()
             .map_err(device_err("compute capability"))?;
@@ -123,6 +126,7 @@ impl CudaBackend {
             ctx,
             stream,
             copy_stream,
+            fetch_stream,
             offload: offload::Offload::default(),
             blas,
             kernels: Kernels { functions },
@@ -152,17 +156,14 @@ impl CudaBackend {
         &self.stream
     }
 
-    /// Waits until every queued op has finished.
+    /// Waits until every queued op has finished, the copies to and from host memory included.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(device_err("synchronize"))
-    }
-
-    /// Hands the pool's cached (free) buffers back to the driver.
-    pub fn release_cached_memory(&self) -> Result<()> {
-        self.synchronize()?;
-        self.pool.release_cached();
+        for s in [&self.stream, &self.copy_stream, &self.fetch_stream] {
+            s.synchronize().map_err(device_err("synchronize"))?;
+        }
         Ok(())
     }
+
 
     /// A tensor of `len` elements with unspecified contents, from the pool when a buffer fits.
     pub(crate) fn alloc(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
@@ -177,10 +178,12 @@ impl CudaBackend {
                         Storage::Half(self.stream.null().map_err(device_err("alloc"))?)
                     }
                 } else if is_f32 {
+                    drop(self.pool.make_room(len * 4));
                     Storage::F32(
                         unsafe { self.stream.alloc::<f32>(len) }.map_err(device_err("alloc"))?,
                     )
                 } else {
+                    drop(self.pool.make_room(len * 2));
                     Storage::Half(
                         unsafe { self.stream.alloc::<u16>(len) }.map_err(device_err("alloc"))?,
                     )
@@ -320,6 +323,34 @@ impl Backend for CudaBackend {
 
     fn peak_memory_bytes(&self) -> Option<u64> {
         Some(self.pool.peak_bytes())
+    }
+
+    fn release_cached(&self) -> Result<()> {
+        self.synchronize()?;
+        self.pool.release_cached();
+        Ok(())
+    }
+
+    fn reserved_peak_bytes(&self) -> Option<u64> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().ok()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut high: u64 = 0;
+        // SAFETY: out-parameters of the right types for the driver's default pool of this
+        // context's device and its u64 attribute.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
+                .result()
+                .ok()?;
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                &mut high as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()
+            .ok()?;
+        }
+        Some(high)
     }
 
     fn free_memory_bytes(&self) -> Option<u64> {

@@ -1,15 +1,19 @@
 //! Checkpoint offload: [`Backend::park`](crate::Backend::park) copies a group of tensors (one
-//! layer's checkpoint) into pinned host memory on a second stream while the compute stream goes
-//! on, and [`Backend::prefetch`](crate::Backend::prefetch) / [`Backend::unpark`](crate::Backend::unpark)
-//! bring it back ahead of its use. The backend runs without cudarc's per-buffer event tracking, so
-//! the order between the two streams is set here with events:
+//! layer's checkpoint, or one layer's optimizer state) into pinned host memory on a copy stream
+//! while the compute stream goes on, and [`Backend::prefetch`](crate::Backend::prefetch) /
+//! [`Backend::unpark`](crate::Backend::unpark) bring it back ahead of its use on a second, fetch
+//! stream, so that copies in the two directions overlap (the link carries both at once: 55 GB/s
+//! one way, 97 GB/s both ways together on an H200). The backend runs without cudarc's per-buffer
+//! event tracking, so the order between the streams is set here with events:
 //!
 //! - park: compute records `ready` → the copy stream waits for it, copies device → host, records
-//!   `copied`. The device buffers go back to the pool one park later (or at the next fetch), after
-//!   the compute stream waits for `copied` — by then the copies have had a whole layer's time, so
-//!   the wait costs nothing and later ops that reuse the buffers run after the copies read them.
+//!   `copied` (kept with the group, and with its device buffers). The device buffers go back to
+//!   the pool one park later (or at the next fetch), after the compute stream waits for `copied` —
+//!   by then the copies have had a whole layer's time, so the wait costs nothing and later ops that
+//!   reuse the buffers run after the copies read them.
 //! - prefetch: buffers from the pool; compute records `free` (every op that used that buffer
-//!   before is queued ahead of it) → the copy stream waits, copies host → device, records `fetched`.
+//!   before is queued ahead of it) → the fetch stream waits for it and for the group's `copied`,
+//!   copies host → device, records `fetched`.
 //! - unpark: the compute stream waits for `fetched`.
 //!
 //! Host buffers are pinned (page-locked, so the copies are asynchronous DMA) and reused by size:
@@ -19,7 +23,7 @@ use super::tensor::CudaTensor;
 use super::{device_err, CudaBackend};
 use crate::{DType, Result};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{result, CudaEvent};
+use cudarc::driver::{result, CudaEvent, CudaStream};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -65,6 +69,8 @@ impl Drop for HostBuffer {
 /// fetched back.
 pub struct CudaParked {
     parts: Vec<ParkedPart>,
+    /// On the copy stream: the host buffers hold the values after it.
+    copied: CudaEvent,
     /// The device copies and the event (on the copy stream) after which they hold the values.
     fetched: Option<(Vec<CudaTensor>, CudaEvent)>,
 }
@@ -83,12 +89,7 @@ pub(crate) struct Offload {
 }
 
 impl CudaBackend {
-    fn event(&self, on_copy_stream: bool) -> Result<CudaEvent> {
-        let stream = if on_copy_stream {
-            &self.copy_stream
-        } else {
-            &self.stream
-        };
+    fn event(stream: &CudaStream) -> Result<CudaEvent> {
         stream
             .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
             .map_err(device_err("record event"))
@@ -124,7 +125,7 @@ impl CudaBackend {
 
     pub(crate) fn park_impl(&self, tensors: Vec<CudaTensor>) -> Result<CudaParked> {
         self.release_in_flight()?;
-        let ready = self.event(false)?;
+        let ready = Self::event(&self.stream)?;
         self.copy_stream
             .wait(&ready)
             .map_err(device_err("offload wait"))?;
@@ -146,10 +147,11 @@ impl CudaBackend {
             }
             parts.push(ParkedPart { host, len, dtype });
         }
-        let copied = self.event(true)?;
-        *self.offload.in_flight.lock().expect("offload lock") = Some((copied, tensors));
+        *self.offload.in_flight.lock().expect("offload lock") =
+            Some((Self::event(&self.copy_stream)?, tensors));
         Ok(CudaParked {
             parts,
+            copied: Self::event(&self.copy_stream)?,
             fetched: None,
         })
     }
@@ -164,28 +166,29 @@ impl CudaBackend {
             .iter()
             .map(|part| self.alloc(part.len, part.dtype))
             .collect::<Result<Vec<_>>>()?;
-        let free = self.event(false)?;
-        self.copy_stream
-            .wait(&free)
-            .map_err(device_err("fetch wait"))?;
-        // The copies to the host were queued on the copy stream before these, so they are
-        // complete before these start, and `fetched` follows both.
+        let free = Self::event(&self.stream)?;
+        for ready in [&free, &p.copied] {
+            self.fetch_stream
+                .wait(ready)
+                .map_err(device_err("fetch wait"))?;
+        }
         for (t, part) in tensors.iter().zip(&p.parts) {
             if part.len > 0 {
                 // SAFETY: `t` is not used by any op until the compute stream waits for `fetched`;
                 // `part.host` outlives the copy (it goes back to the free list only after that
-                // wait, and the next copy into it is queued behind this one on the same stream).
+                // wait, and the next park that takes it queues its copy behind a compute-stream
+                // event recorded after the wait).
                 unsafe {
                     result::memcpy_htod_async(
-                        t.ptr(&self.copy_stream),
+                        t.ptr(&self.fetch_stream),
                         part.host.as_slice(),
-                        self.copy_stream.cu_stream(),
+                        self.fetch_stream.cu_stream(),
                     )
                 }
                 .map_err(device_err("offload copy to device"))?;
             }
         }
-        p.fetched = Some((tensors, self.event(true)?));
+        p.fetched = Some((tensors, Self::event(&self.fetch_stream)?));
         Ok(())
     }
 
@@ -195,7 +198,7 @@ impl CudaBackend {
         self.stream
             .wait(&fetched)
             .map_err(device_err("wait for fetch"))?;
-        // Reusable by the next park: its copies are queued on the copy stream after this fetch.
+        // Reusable by the next park: its copy waits for an event recorded after this wait.
         let mut free = self.offload.free_host.lock().expect("offload lock");
         for part in p.parts {
             free.entry(part.host.bytes).or_default().push(part.host);

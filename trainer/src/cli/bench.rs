@@ -1,7 +1,7 @@
 //! `fuselora bench --preset NAME [--batch B --seq T --grad-accum A --no-checkpointing
 //! --checkpointing full|offload|off|auto --checkpoint-layers N
 //! --warmup W --steps S --backend auto|cpu|cuda --dtype bf16|f16|f32 --json FILE --profile
-//! --quantize none|nf4 --double-quant true|false]`
+//! --quantize none|nf4 --double-quant true|false --optimizer-state device|host]`
 
 use super::backend::{run_on, BackendTask, Selection};
 use anyhow::{Context, Result};
@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::{describe, run, BenchResult, BenchSpec, PRESETS};
 use trainer::model::{CheckpointPolicy, Checkpointing, QuantizeNf4};
+use trainer::optim::OptimizerState;
 use trainer::plan::{fit, PlanSpec};
 use trainer::train::config::{BackendKind, ComputeDType};
 use trainer::train::distributed::Distributed;
@@ -67,6 +68,9 @@ pub struct Args {
     /// With --quantize nf4: store each block's absmax in 8 bits too (bnb_4bit_use_double_quant).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     double_quant: bool,
+    /// Where AdamW's masters and moments wait between steps (`train.optimizer_state`).
+    #[arg(long, value_enum, default_value = "device")]
+    optimizer_state: OptimizerState,
 }
 
 /// `--checkpointing` of `bench`: a mode for every layer, or the one "auto" chooses.
@@ -119,6 +123,7 @@ impl BackendTask for Bench {
             let plan = PlanSpec {
                 quantize: spec.quantize,
                 dtype: be.compute_dtype(),
+                optimizer_state: spec.optimizer_state,
                 ..PlanSpec::from_preset(
                     &spec.preset,
                     spec.batch,
@@ -159,6 +164,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode> {
         peak_tflops: args.peak_tflops,
         profile: args.profile,
         quantize: args.quantize.nf4(args.double_quant),
+        optimizer_state: args.optimizer_state,
     };
     let selection = Selection {
         backend: args.backend,

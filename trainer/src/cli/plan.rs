@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::PRESETS;
 use trainer::model::Checkpointing;
+use trainer::optim::OptimizerState;
 use trainer::plan::roofline::GpuKind;
 use trainer::plan::{
     describe, describe_suggestions, fit, suggestions, Plan, PlanSpec, CONTEXT_RESERVE,
@@ -42,6 +43,10 @@ pub struct Args {
     /// With --quantize nf4: store each block's absmax in 8 bits too (bnb_4bit_use_double_quant).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, requires = "preset")]
     double_quant: bool,
+    /// With --preset: where AdamW's masters and moments wait between steps, as `bench
+    /// --optimizer-state`.
+    #[arg(long, value_enum, default_value = "device", requires = "preset")]
+    optimizer_state: OptimizerState,
     /// The GPU kind to plan for.
     #[arg(long, value_enum, default_value = "h200")]
     gpu: GpuKind,
@@ -61,6 +66,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         (None, Some(preset)) => PlanSpec {
             quantize: args.quantize.nf4(args.double_quant),
+            optimizer_state: args.optimizer_state,
             ..PlanSpec::from_preset(
                 preset,
                 args.batch,

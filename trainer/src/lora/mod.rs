@@ -128,6 +128,11 @@ impl<B: Backend> LoraParams<B> {
         self.slots[layer][proj.index()]
     }
 
+    /// Number of model layers (adapted or not).
+    pub fn num_layers(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Indices of `layer`'s tensors in `params`/`grads` (contiguous: tensors are stored layer by layer).
     pub fn layer_range(&self, layer: usize) -> std::ops::Range<usize> {
         let mut slots = self.slots[layer].iter().flatten();

@@ -3,8 +3,9 @@
 //!
 //! - memory as the CUDA backend's caching pool holds it (kernels/src/cuda/tensor.rs): a freed
 //!   buffer waits for a tensor of the same storage kind (f32, or 16-bit for bf16/f16) and length,
-//!   a new length is a new allocation, and the peak counts buffers in use plus cached — the number
-//!   `bench` reports as peak memory. The buffers the CUDA ops take for themselves are mirrored
+//!   a new length is a new allocation — before which the cached buffers are handed back when it
+//!   would raise the peak — and the peak counts buffers in use plus cached: the number `bench`
+//!   reports as peak memory. The buffers the CUDA ops take for themselves are mirrored
 //!   (the LM head's logits chunk, kernels/src/cuda/lm_head.rs; attention backward's `delta` and
 //!   f32 `dq` accumulator, kernels/src/cuda/attention.rs);
 //! - every op's FLOPs and bytes moved, for the roofline in [`super::roofline`].
@@ -68,6 +69,12 @@ fn is_f32(d: DType) -> bool {
     d == DType::F32
 }
 
+/// Bytes of cached buffers given as ((is f32, length), count).
+fn cached_bytes(free: impl Iterator<Item = ((bool, usize), usize)>) -> u64 {
+    free.map(|((f32, len), n)| (len * if f32 { 4 } else { 2 } * n) as u64)
+        .sum()
+}
+
 fn tensor_bytes(t: &MeterTensor) -> f64 {
     (t.len * t.dtype.size_bytes()) as f64
 }
@@ -115,7 +122,11 @@ impl MeterBackend {
         match p.free.get_mut(&key) {
             Some(n) if *n > 0 => *n -= 1,
             _ => {
-                p.held += (len * dtype.size_bytes()) as u64;
+                let bytes = (len * dtype.size_bytes()) as u64;
+                if p.held + bytes > p.peak {
+                    p.held -= cached_bytes(p.free.drain());
+                }
+                p.held += bytes;
                 p.peak = p.peak.max(p.held);
             }
         }
@@ -154,6 +165,12 @@ impl Backend for MeterBackend {
 
     fn peak_memory_bytes(&self) -> Option<u64> {
         Some(self.meter.pool.lock().expect("meter lock").peak)
+    }
+
+    fn release_cached(&self) -> Result<()> {
+        let mut p = self.meter.pool.lock().expect("meter lock");
+        p.held -= cached_bytes(p.free.drain());
+        Ok(())
     }
 
     fn zeros(&self, len: usize, dtype: DType) -> Result<MeterTensor> {

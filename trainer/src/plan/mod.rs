@@ -25,7 +25,7 @@ use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{
     Batch, CheckpointPolicy, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4,
 };
-use crate::optim::{AdamW, LossScaler};
+use crate::optim::{AdamW, LossScaler, OptimizerState};
 use anyhow::{bail, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, DType};
 use meter::{MeterBackend, Op, OpKind, LM_HEAD_CHUNK_ELEMENTS};
@@ -43,6 +43,8 @@ pub struct PlanSpec {
     pub checkpointing: CheckpointPolicy,
     pub dtype: DType,
     pub quantize: Option<QuantizeNf4>,
+    /// Where AdamW's masters and moments wait between steps.
+    pub optimizer_state: OptimizerState,
     /// Data-parallel ranks (one GPU each).
     pub nproc: usize,
 }
@@ -52,7 +54,8 @@ pub struct PlanSpec {
 pub struct MemoryPlan {
     /// Frozen weights: embedding, norms, projections (dense or NF4 codes + absmax), LM head.
     pub weights: u64,
-    /// LoRA A/B: f32 masters and gradients, AdamW's two f32 moments, the compute-dtype copies.
+    /// LoRA A/B: f32 masters and gradients, AdamW's two f32 moments, the compute-dtype copies
+    /// (with the optimizer state on the host: gradients, copies and three layers' state).
     pub lora_optimizer: u64,
     /// What gradient checkpointing keeps on the device: every layer input (`layers × tokens ×
     /// hidden`), or, offloaded, two layers' checkpoints.
@@ -121,6 +124,7 @@ impl Plan {
             weight_decay: 0.0,
         };
         let mut opt = AdamW::new(&be, &lora, hp, Some(1.0))?;
+        opt.place(&be, &mut lora, spec.optimizer_state)?;
         let mut scaler = LossScaler::for_dtype(spec.dtype);
         let n = spec.batch * spec.seq;
         let ids = vec![0i32; n];
@@ -154,7 +158,7 @@ impl Plan {
         };
         let pooled_total = pool_peak - dense.total + (weights - index_bytes) + scratch;
         let parts = Parts::of(spec, e);
-        let lora_optimizer = lora_bytes(c, &spec.lora, e);
+        let lora_optimizer = lora_bytes(c, &spec.lora, e, spec.optimizer_state);
         let counted = (weights - index_bytes)
             + lora_optimizer
             + parts.checkpoints
@@ -178,7 +182,13 @@ impl Plan {
 
     /// Predicted time of one optimizer step on one GPU of `gpu`; `None` if it cannot run the dtype.
     pub fn step_time(&self, gpu: GpuKind) -> Option<StepTime> {
-        step_time(&self.ops, gpu, self.spec.dtype)
+        let mut t = step_time(&self.ops, gpu, self.spec.dtype)?;
+        if self.spec.optimizer_state == OptimizerState::Host {
+            // Masters, m and v (12 bytes a value) go in and out, the two directions at once.
+            let bytes = 12 * lora_values(&self.spec.model, &self.spec.lora);
+            t.host_copies = bytes as f64 / (gpu.spec().host_link_gb_s * 1e9);
+        }
+        Some(t)
     }
 
     /// Predicted tokens/s over all ranks (the gradient all-reduce measured ~0.3 % on 2 × H200).
@@ -235,9 +245,17 @@ fn lora_values(c: &ModelConfig, lora: &LoraConfig) -> u64 {
         * c.num_layers as u64
 }
 
-fn lora_bytes(c: &ModelConfig, lora: &LoraConfig, e: u64) -> u64 {
-    // f32 master + f32 gradient + AdamW m and v in f32 + the compute-dtype copy.
-    lora_values(c, lora) * (4 * 4 + e)
+fn lora_bytes(c: &ModelConfig, lora: &LoraConfig, e: u64, state: OptimizerState) -> u64 {
+    let values = lora_values(c, lora);
+    match state {
+        // f32 master + f32 gradient + AdamW m and v in f32 + the compute-dtype copy.
+        OptimizerState::Device => values * (4 * 4 + e),
+        // The gradient and the copy stay; master, m and v of three layers pass through (optim.rs).
+        OptimizerState::Host => {
+            let per_layer = values / c.num_layers.max(1) as u64;
+            values * (4 + e) + 3 * per_layer * 12
+        }
+    }
 }
 
 /// The NF4 storage of the projections (bitsandbytes blocks of 64 values).

@@ -3,6 +3,7 @@
 use super::roofline::GpuKind;
 use super::{Plan, PlanSpec, CONTEXT_RESERVE};
 use crate::lora::LoraConfig;
+use crate::optim::OptimizerState;
 use crate::model::{CheckpointPolicy, Checkpointing, ModelConfig, Projection, QuantizeNf4};
 use crate::train::config::RunConfig;
 use anyhow::Result;
@@ -46,6 +47,7 @@ impl PlanSpec {
                 }),
                 None => cfg.model.quantize_nf4(),
             },
+            optimizer_state: cfg.train.optimizer_state,
             model,
             nproc,
         })
@@ -75,13 +77,14 @@ impl PlanSpec {
             checkpointing: CheckpointPolicy::all(checkpointing),
             dtype: DType::BF16,
             quantize: None,
+            optimizer_state: OptimizerState::Device,
             nproc,
         })
     }
 
     fn settings(&self) -> String {
         format!(
-            "batch {} × seq {} × accum {}, {}, checkpointing {}, {}{}",
+            "batch {} × seq {} × accum {}, {}, checkpointing {}, {}{}{}",
             self.batch,
             self.seq,
             self.grad_accum,
@@ -91,6 +94,10 @@ impl PlanSpec {
                 None => "no quantization".to_string(),
                 Some(q) if q.double_quant => "NF4 + double quant".to_string(),
                 Some(_) => "NF4".to_string(),
+            },
+            match self.optimizer_state {
+                OptimizerState::Device => "",
+                OptimizerState::Host => ", optimizer state on the host",
             },
             if self.nproc > 1 {
                 format!(", {} GPUs", self.nproc)
@@ -133,10 +140,17 @@ pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
         (
             "LoRA + AdamW",
             m.lora_optimizer,
-            format!(
-                "{lora_values} values: f32 master, grad, m, v + {} copy",
-                s.dtype.name()
-            ),
+            match s.optimizer_state {
+                OptimizerState::Device => format!(
+                    "{lora_values} values: f32 master, grad, m, v + {} copy",
+                    s.dtype.name()
+                ),
+                OptimizerState::Host => format!(
+                    "{lora_values} values: f32 grad + {} copy; master, m, v in pinned host memory: {}",
+                    s.dtype.name(),
+                    gib(12 * lora_values)
+                ),
+            },
         ),
         (
             "checkpoints",

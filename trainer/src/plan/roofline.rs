@@ -34,6 +34,9 @@ pub struct GpuSpec {
     pub bf16_tflops: Option<f64>,
     pub f16_tflops: f64,
     pub bandwidth_gb_s: f64,
+    /// Pinned host ↔ device copies, one direction (PCIe): 55 GB/s measured on the H200 (PCIe 5),
+    /// the nominal x16 rate less the same ~13% elsewhere.
+    pub host_link_gb_s: f64,
     /// What the device's name contains (`NVIDIA H200`), to recognise it when `train` starts.
     pub device_name: &'static str,
 }
@@ -50,13 +53,21 @@ impl GpuKind {
     ];
 
     pub fn spec(self) -> GpuSpec {
-        let g = |name, memory_mib, bf16_tflops, f16_tflops, bandwidth_gb_s, device_name| GpuSpec {
-            name,
-            memory_mib,
-            bf16_tflops,
-            f16_tflops,
-            bandwidth_gb_s,
-            device_name,
+        let g = |name, memory_mib, bf16_tflops, f16_tflops, bandwidth_gb_s, device_name| {
+            let host_link_gb_s = match name {
+                "H200 141 GB" | "H100 80 GB SXM" => 55.0,
+                "T4 16 GB" => 13.8,
+                _ => 27.5,
+            };
+            GpuSpec {
+                name,
+                memory_mib,
+                bf16_tflops,
+                f16_tflops,
+                bandwidth_gb_s,
+                host_link_gb_s,
+                device_name,
+            }
         };
         match self {
             GpuKind::H200 => g("H200 141 GB", 143_771, Some(989.0), 989.0, 4800.0, "H200"),
@@ -109,11 +120,13 @@ pub struct StepTime {
     pub attention: f64,
     pub memory: f64,
     pub launches: f64,
+    /// Host ↔ device copies nothing overlaps (AdamW's state streamed from the host).
+    pub host_copies: f64,
 }
 
 impl StepTime {
     pub fn total(&self) -> f64 {
-        self.gemm + self.attention + self.memory + self.launches
+        self.gemm + self.attention + self.memory + self.launches + self.host_copies
     }
 }
 

@@ -8,6 +8,7 @@
 use super::schedule::ScheduleKind;
 use crate::data::records::Format;
 use crate::model::{CheckpointingSetting, Projection, QuantizeNf4};
+use crate::optim::OptimizerState;
 use anyhow::{bail, Context, Result};
 use kernels::DType;
 use serde::{Deserialize, Serialize};
@@ -227,6 +228,11 @@ pub struct TrainSection {
     /// activation: faster, more memory). Unset: every layer.
     #[serde(default)]
     pub checkpoint_layers: Option<usize>,
+    /// Where AdamW's f32 masters and moments wait between steps: "device" (the default) or
+    /// "host" (pinned host memory, streamed through the device at each step: 12 bytes less per
+    /// trainable value on the device, the step longer by their copies; optim.rs).
+    #[serde(default)]
+    pub optimizer_state: OptimizerState,
     #[serde(default = "default_one_u64")]
     pub log_steps: u64,
     /// 0: evaluate only at the end.

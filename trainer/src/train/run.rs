@@ -296,6 +296,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
     if dump.is_some() && state.step == 0 {
         peft::save(be, &lora, &base_model, &out.join("adapter-init"))?;
     }
+    opt.place(be, &mut lora, cfg.train.optimizer_state)?;
     let progress = Progress::new(total_steps, state.step, main);
     let eval_at = |step: u64, lora: &LoraParams<B>, log: &mut MetricsLog| -> Result<Option<f64>> {
         let Some(sums) = method.evaluate(be, model, lora)? else {
@@ -414,15 +415,17 @@ fn run_loop<B: GradReducer, M: Method<B>>(
             eval_at(state.step, &lora, log)?;
         }
         if due(cfg.train.save_steps, state.step, total_steps) {
-            let dir = checkpoint::save(
-                be,
-                out,
-                &base_model,
-                &lora,
-                &opt,
-                &state,
-                cfg.train.save_total_limit,
-            )?;
+            let dir = opt.on_device(be, &mut lora, |lora, opt| {
+                checkpoint::save(
+                    be,
+                    out,
+                    &base_model,
+                    lora,
+                    opt,
+                    &state,
+                    cfg.train.save_total_limit,
+                )
+            })?;
             progress.println(&format!("saved {}", dir.display()));
         }
     }
@@ -452,7 +455,9 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         return Ok(summary);
     };
     summary.eval_loss_end = eval_at(state.step, &lora, log)?;
-    write_final_outputs(be, cfg, &base_model, &lora, &opt, &state, &summary)?;
+    opt.on_device(be, &mut lora, |lora, opt| {
+        write_final_outputs(be, cfg, &base_model, lora, opt, &state, &summary)
+    })?;
     Ok(summary)
 }
 
@@ -538,6 +543,7 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
 mod tests {
     use super::*;
     use crate::model::Checkpointing;
+    use crate::optim::OptimizerState;
     use comms::{Comms, RankInfo, SingleProcess};
     use kernels::cpu::CpuBackend;
 
@@ -645,6 +651,30 @@ mod tests {
             panic!("orpo config")
         };
         scales_its_loss_and_reduces_per_layer(&cfg, |_, _| Orpo::prepare(&cfg, section).unwrap());
+    }
+
+    /// A run with AdamW's state on the host writes the same checkpoints (adapter and moments) and
+    /// final adapter, byte for byte, as one with the state on the device.
+    #[test]
+    fn the_optimizer_state_on_the_host_saves_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = preference_run(dir.path(), "name = \"dpo\"");
+        cfg.train.save_steps = 1;
+        let mut outputs = Vec::new();
+        for state in [OptimizerState::Device, OptimizerState::Host] {
+            cfg.train.optimizer_state = state;
+            cfg.output.dir = dir.path().join(format!("out-{state:?}"));
+            let summary = train(&CpuBackend::new(), &cfg, Resume::No).unwrap();
+            assert_eq!(summary.steps, 2);
+            let read = |f: &str| std::fs::read(cfg.output.dir.join(f)).unwrap();
+            outputs.push([
+                read("checkpoint-1/adapter_model.safetensors"),
+                read("checkpoint-1/optimizer.safetensors"),
+                read("checkpoint-2/optimizer.safetensors"),
+                read("adapter/adapter_model.safetensors"),
+            ]);
+        }
+        assert!(outputs[0] == outputs[1], "the saved files differ");
     }
 
     #[test]
