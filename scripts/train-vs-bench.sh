@@ -3,14 +3,14 @@
 # this GPU: a random folder with the preset's exact shape (scripts/make-random-model.py, the byte
 # tokenizer of the tests so every id fits the 32000 vocabulary), the c4 demo texts packed into rows
 # of SEQ, batch BATCH, checkpointing CKPT (default auto: both programs choose on this GPU, as
-# `train` does by default), AdamW's state on OPT (device, the default, or host); bf16 and NF4
-# (double quant). Prints one table: tokens/s (all tokens of a step over its time, median of the
+# `train` does by default), AdamW's state and the embedding table on OPT and EMB (device, the
+# default, or host); bf16 and NF4 (double quant). Prints one table: tokens/s (all tokens of a step over its time, median of the
 # steps after the first three) and peak memory.
 # usage: scripts/train-vs-bench.sh FUSELORA_BIN C4_DEMO_JSONL OUT_DIR [preset] [batch] [seq]
 set -uo pipefail
 BIN=$(realpath "$1") DATA=$(realpath "$2") OUT=$3
 PRESET=${4:-llama2-7b} BATCH=${5:-2} SEQ=${6:-2048} STEPS=${STEPS:-16} CKPT=${CKPT:-auto}
-OPT=${OPT:-device}
+OPT=${OPT:-device} EMB=${EMB:-device}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
@@ -24,6 +24,7 @@ path = "$MODEL"
 backend = "cuda"
 dtype = "bf16"
 quantize = "$quant"
+embedding = "$EMB"
 [lora]
 r = 16
 alpha = 16
@@ -48,7 +49,7 @@ EOF
     || { echo "train $quant failed:"; tail -5 "$OUT/train-$quant.log"; }
   flag=(); [ "$quant" = nf4 ] && flag=(--quantize nf4)
   "$BIN" bench --preset "$PRESET" --batch "$BATCH" --seq "$SEQ" "${flag[@]}" --checkpointing "$CKPT" \
-    --optimizer-state "$OPT" \
+    --optimizer-state "$OPT" --embedding "$EMB" \
     --warmup 2 --steps 10 \
     --json "$OUT/bench-$quant.json" >"$OUT/bench-$quant.txt" 2>&1 \
     || { echo "bench $quant failed:"; tail -5 "$OUT/bench-$quant.txt"; }

@@ -219,6 +219,16 @@ pub trait Backend {
         hidden: usize,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+    /// [`Backend::embedding`] from a table parked in host memory (one `[vocab, hidden]` tensor
+    /// given to [`Backend::park`]): `out[i,:] ← table[ids[i],:]` with the rows gathered on the host
+    /// from the ids' host copy and copied up, so the table takes no device memory.
+    fn embedding_from_host(
+        &self,
+        table: &Self::Parked,
+        ids: &Self::Indices,
+        hidden: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
 
     /// RMSNorm: `y = w ⊙ x · r`, `r = 1/sqrt(mean(x²) + eps)` per row; saves `rstd[N] = r` (f32).
     fn rms_norm(

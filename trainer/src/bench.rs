@@ -20,7 +20,8 @@ use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{
     Batch, CheckpointPolicy, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4,
 };
-use crate::optim::{AdamW, LossScaler, OptimizerState};
+use crate::optim::{AdamW, LossScaler};
+use crate::residence::Residence;
 use crate::train::distributed::Distributed;
 use crate::train::grad_reduce::GradReducer;
 use crate::train::init::fresh_adapter;
@@ -104,7 +105,9 @@ pub struct BenchSpec {
     /// The projections quantized to NF4 on the device (QLoRA), or dense in the compute dtype.
     pub quantize: Option<QuantizeNf4>,
     /// Where AdamW's masters and moments wait between steps.
-    pub optimizer_state: OptimizerState,
+    pub optimizer_state: Residence,
+    /// Where the input embedding table stays.
+    pub embedding: Residence,
 }
 
 /// What was measured (written as JSON by `--json`).
@@ -196,7 +199,10 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         bail!("bench needs batch ≥ 1, seq ≥ 2, grad_accum ≥ 1 and steps ≥ 1");
     }
     let config = preset_config(&spec.preset)?;
-    let model = Decoder::random(be, config.clone(), spec.seed, spec.quantize)?;
+    let mut model = Decoder::random(be, config.clone(), spec.seed, spec.quantize)?;
+    if spec.embedding == Residence::Host && !model.keep_embedding_on_host(be)? {
+        bail!("--embedding host: the {} preset ties its embedding to the LM head", spec.preset);
+    }
     let lora_config = LoraConfig {
         r: 16,
         alpha: 16.0,
@@ -294,15 +300,19 @@ pub fn describe(r: &BenchResult) -> String {
             }
         ),
         format!(
-            "shape       batch {} × seq {} × accum {} = {} tokens/step, checkpointing {}{}",
+            "shape       batch {} × seq {} × accum {} = {} tokens/step, checkpointing {}{}{}",
             s.batch,
             s.seq,
             s.grad_accum,
             r.tokens_per_step,
             r.checkpointing,
             match s.optimizer_state {
-                OptimizerState::Device => "",
-                OptimizerState::Host => ", optimizer state on the host",
+                Residence::Device => "",
+                Residence::Host => ", optimizer state on the host",
+            },
+            match s.embedding {
+                Residence::Device => "",
+                Residence::Host => ", embedding on the host",
             }
         ),
         format!(
@@ -390,7 +400,8 @@ mod tests {
             peak_tflops: Some(1.0),
             profile: true,
             quantize: None,
-            optimizer_state: OptimizerState::Device,
+            optimizer_state: Residence::Device,
+            embedding: Residence::Device,
         }
     }
 
@@ -408,7 +419,7 @@ mod tests {
         let no_ckpt = run(&be, &spec(Checkpointing::Off), &Distributed::single()).unwrap();
         assert_eq!(no_ckpt.final_loss, r.final_loss, "checkpointing is exact");
         let host = BenchSpec {
-            optimizer_state: OptimizerState::Host,
+            optimizer_state: Residence::Host,
             ..spec(Checkpointing::Full)
         };
         let host = run(&be, &host, &Distributed::single()).unwrap();
@@ -461,7 +472,8 @@ mod tests {
             peak_tflops: None,
             profile: false,
             quantize: None,
-            optimizer_state: OptimizerState::Device,
+            optimizer_state: Residence::Device,
+            embedding: Residence::Device,
         };
         // LoRA r=16 on all seven projections of Llama-2-7B: 39,976,960 values.
         let p = 16 * (3 * (4096 + 4096) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096)) * 32;

@@ -34,6 +34,7 @@ pub mod optim;
 pub mod output_dir;
 pub mod plan;
 pub mod reference;
+pub mod residence;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

@@ -1,30 +1,18 @@
 //! The optimizer step: clip all LoRA gradients together by their global L2 norm
 //! (`torch.nn.utils.clip_grad_norm_`), then `torch.optim.AdamW` on every LoRA tensor.
 //!
-//! With [`OptimizerState::Host`] the f32 masters and both moments (12 bytes per trainable value:
+//! With `train.optimizer_state = "host"` ([`Residence::Host`]) the f32 masters and both moments (12 bytes per trainable value:
 //! 0.45 GiB at 7B, r = 16 on all seven projections) wait in pinned host memory between steps,
 //! one group per layer; the step brings each group to the device, updates it and sends it back
 //! while the next group is on its way in ([`Backend::park`]), so the device holds three layers'
 //! worth. The arithmetic is the same kernel on the same values: the results are bit for bit those
-//! of [`OptimizerState::Device`].
+//! of [`Residence::Device`].
 
 use crate::lora::LoraParams;
+use crate::residence::Residence;
 use anyhow::Result;
 use kernels::{AdamWParams, Backend, DType};
-use serde::{Deserialize, Serialize};
 use std::ops::Range;
-
-/// Where AdamW's f32 masters and moments live between steps (`train.optimizer_state`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerState {
-    /// On the device: the fastest.
-    #[default]
-    Device,
-    /// In pinned host memory, streamed through the device at each step: less device memory, the
-    /// step longer by the copies (about 10 ms at 7B on an H200's 55 GB/s link).
-    Host,
-}
 
 /// `clip_grad_norm_`'s coefficient: `min(1, max_norm / (norm + 1e-6))`, in f32 as torch computes it.
 pub fn clip_coefficient(total_norm: f32, max_norm: f32) -> f32 {
@@ -74,7 +62,7 @@ pub struct AdamW<B: Backend> {
     pub v: Vec<B::Tensor>,
     /// Steps taken so far (the next step is `step + 1`).
     pub step: u64,
-    /// With [`OptimizerState::Host`]: each layer's masters and moments.
+    /// With [`Residence::Host`]: each layer's masters and moments.
     host: Option<Vec<HostGroup<B>>>,
 }
 
@@ -113,19 +101,19 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Where the masters and moments are now.
-    pub fn state(&self) -> OptimizerState {
+    pub fn state(&self) -> Residence {
         match self.host {
-            Some(_) => OptimizerState::Host,
-            None => OptimizerState::Device,
+            Some(_) => Residence::Host,
+            None => Residence::Device,
         }
     }
 
     /// Moves the masters (out of `lora.params`) and the moments to `to`. On the host they are
     /// out of reach of anything but [`AdamW::step`]: [`AdamW::on_device`] brings them back for a
     /// save.
-    pub fn place(&mut self, be: &B, lora: &mut LoraParams<B>, to: OptimizerState) -> Result<()> {
+    pub fn place(&mut self, be: &B, lora: &mut LoraParams<B>, to: Residence) -> Result<()> {
         match (self.host.take(), to) {
-            (None, OptimizerState::Host) => {
+            (None, Residence::Host) => {
                 let mut params = std::mem::take(&mut lora.params).into_iter();
                 let mut m = std::mem::take(&mut self.m).into_iter();
                 let mut v = std::mem::take(&mut self.v).into_iter();
@@ -148,7 +136,7 @@ impl<B: Backend> AdamW<B> {
                 // Their device buffers, cached by size, would never be asked for again.
                 be.release_cached()?;
             }
-            (Some(groups), OptimizerState::Device) => {
+            (Some(groups), Residence::Device) => {
                 for g in groups {
                     let (p, m, v) = split_group(be.unpark(g.parked)?, g.range.len());
                     lora.params.extend(p);
@@ -171,10 +159,10 @@ impl<B: Backend> AdamW<B> {
         f: impl FnOnce(&LoraParams<B>, &Self) -> Result<R>,
     ) -> Result<R> {
         let was = self.state();
-        if was == OptimizerState::Host {
+        if was == Residence::Host {
             be.release_cached()?;
         }
-        self.place(be, lora, OptimizerState::Device)?;
+        self.place(be, lora, Residence::Device)?;
         let result = f(lora, self);
         self.place(be, lora, was)?;
         result
@@ -206,9 +194,7 @@ impl<B: Backend> AdamW<B> {
                 )?;
                 lora.sync_compute(be)?;
             }
-            Some(groups) => {
-                self.host = Some(self.step_streamed(be, lora, groups, &hp, clip_coef)?)
-            }
+            Some(groups) => self.host = Some(self.step_streamed(be, lora, groups, &hp, clip_coef)?),
         }
         Ok(StepStats {
             grad_norm,
@@ -219,7 +205,7 @@ impl<B: Backend> AdamW<B> {
 }
 
 impl<B: Backend> AdamW<B> {
-    /// The step of [`OptimizerState::Host`]: group by group, the next group's copy to the device
+    /// The step of [`Residence::Host`]: group by group, the next group's copy to the device
     /// started before this one is updated, its compute-dtype copies refreshed, and the group sent
     /// back to the host.
     fn step_streamed(
@@ -420,10 +406,12 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.01,
         };
-        let run = |state: OptimizerState| {
+        let run = |state: Residence| {
             let mut k = 0u32;
             let mut lora = LoraParams::build(&be, &model, config.clone(), |_, [r, c]| {
-                Ok((0..r * c).map(|i| ((i as f32) * 0.37).sin() * 0.1).collect())
+                Ok((0..r * c)
+                    .map(|i| ((i as f32) * 0.37).sin() * 0.1)
+                    .collect())
             })
             .unwrap();
             let mut opt = AdamW::new(&be, &lora, hp, Some(0.5)).unwrap();
@@ -448,8 +436,8 @@ mod tests {
             assert_eq!(opt.state(), state, "on_device puts the state back");
             (params, m, v, compute)
         };
-        let device = run(OptimizerState::Device);
-        let host = run(OptimizerState::Host);
+        let device = run(Residence::Device);
+        let host = run(Residence::Host);
         assert_eq!(device.0.len(), 7 * 2 * model.num_layers);
         assert!(device.1.iter().flatten().any(|&x| x != 0.0));
         assert_eq!(device, host);

@@ -151,6 +151,17 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn embedding_from_host(
+        &self,
+        table: &Vec<Vec<f32>>,
+        ids: &Vec<i32>,
+        hidden: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_len("embedding_from_host", "parked tensors", table.len(), 1)?;
+        self.embedding(&table[0], ids, hidden, out)
+    }
+
     fn embedding(
         &self,
         table: &Vec<f32>,

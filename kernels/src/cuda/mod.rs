@@ -483,6 +483,16 @@ impl Backend for CudaBackend {
         self.park_impl(ts)
     }
 
+    fn embedding_from_host(
+        &self,
+        table: &CudaParked,
+        ids: &CudaIndices,
+        hidden: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        self.embedding_from_host_impl(table, ids, hidden, out)
+    }
+
     fn prefetch(&self, p: &mut CudaParked) -> Result<()> {
         self.prefetch_impl(p)
     }

@@ -19,9 +19,9 @@
 //! Host buffers are pinned (page-locked, so the copies are asynchronous DMA) and reused by size:
 //! the offloaded checkpoints of one step are allocated once.
 
-use super::tensor::CudaTensor;
+use super::tensor::{CudaIndices, CudaTensor};
 use super::{device_err, CudaBackend};
-use crate::{DType, Result};
+use crate::{DType, KernelError, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{result, CudaEvent, CudaStream};
 use std::collections::HashMap;
@@ -204,5 +204,70 @@ impl CudaBackend {
             free.entry(part.host.bytes).or_default().push(part.host);
         }
         Ok(tensors)
+    }
+
+    /// `out[i,:] ← table[ids[i],:]` from a `[vocab, hidden]` table parked in host memory: the rows
+    /// are gathered on the host (every core) into a pinned buffer and copied up on the compute
+    /// stream, which the host then waits for before the buffer is reused.
+    pub(crate) fn embedding_from_host_impl(
+        &self,
+        table: &CudaParked,
+        ids: &CudaIndices,
+        hidden: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let [part] = table.parts.as_slice() else {
+            return Err(KernelError::Unsupported(format!(
+                "embedding_from_host: the table is one parked tensor, not {}",
+                table.parts.len()
+            )));
+        };
+        if part.dtype != out.dtype {
+            return Err(KernelError::Unsupported(format!(
+                "embedding_from_host: the table is {} but out is {}",
+                part.dtype.name(),
+                out.dtype.name()
+            )));
+        }
+        let ids = ids.host("embedding_from_host")?;
+        crate::error::check_len("embedding_from_host", "out", out.len(), ids.len() * hidden)?;
+        let vocab = part.len / hidden.max(1);
+        if let Some(&id) = ids.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+            return Err(KernelError::Unsupported(format!(
+                "embedding_from_host: token id {id} outside the vocabulary of {vocab}"
+            )));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        table
+            .copied
+            .synchronize()
+            .map_err(device_err("wait for the parked table"))?;
+        let row = hidden * part.dtype.size_bytes();
+        let mut staging = self.host_buffer(ids.len() * row)?;
+        let src = part.host.as_slice();
+        staging
+            .as_mut_slice()
+            .par_chunks_mut(row)
+            .zip(ids.par_iter())
+            .for_each(|(dst, &id)| dst.copy_from_slice(&src[id as usize * row..][..row]));
+        // SAFETY: `out` holds ids.len() × hidden elements of the table's dtype (checked above);
+        // `staging` lives until the stream has finished the copy (synchronized below).
+        unsafe {
+            result::memcpy_htod_async(
+                out.ptr(&self.stream),
+                staging.as_slice(),
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(device_err("embedding rows to the device"))?;
+        self.stream
+            .synchronize()
+            .map_err(device_err("embedding rows to the device"))?;
+        let mut free = self.offload.free_host.lock().expect("offload lock");
+        free.entry(staging.bytes).or_default().push(staging);
+        Ok(())
     }
 }

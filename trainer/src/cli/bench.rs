@@ -1,7 +1,8 @@
 //! `fuselora bench --preset NAME [--batch B --seq T --grad-accum A --no-checkpointing
 //! --checkpointing full|offload|off|auto --checkpoint-layers N
 //! --warmup W --steps S --backend auto|cpu|cuda --dtype bf16|f16|f32 --json FILE --profile
-//! --quantize none|nf4 --double-quant true|false --optimizer-state device|host]`
+//! --quantize none|nf4 --double-quant true|false --optimizer-state device|host
+//! --embedding device|host]`
 
 use super::backend::{run_on, BackendTask, Selection};
 use anyhow::{Context, Result};
@@ -9,8 +10,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::{describe, run, BenchResult, BenchSpec, PRESETS};
 use trainer::model::{CheckpointPolicy, Checkpointing, QuantizeNf4};
-use trainer::optim::OptimizerState;
 use trainer::plan::{fit, PlanSpec};
+use trainer::residence::Residence;
 use trainer::train::config::{BackendKind, ComputeDType};
 use trainer::train::distributed::Distributed;
 use trainer::train::grad_reduce::GradReducer;
@@ -70,7 +71,10 @@ pub struct Args {
     double_quant: bool,
     /// Where AdamW's masters and moments wait between steps (`train.optimizer_state`).
     #[arg(long, value_enum, default_value = "device")]
-    optimizer_state: OptimizerState,
+    optimizer_state: Residence,
+    /// Where the input embedding table stays (`model.embedding`).
+    #[arg(long, value_enum, default_value = "device")]
+    embedding: Residence,
 }
 
 /// `--checkpointing` of `bench`: a mode for every layer, or the one "auto" chooses.
@@ -124,6 +128,7 @@ impl BackendTask for Bench {
                 quantize: spec.quantize,
                 dtype: be.compute_dtype(),
                 optimizer_state: spec.optimizer_state,
+                embedding: spec.embedding,
                 ..PlanSpec::from_preset(
                     &spec.preset,
                     spec.batch,
@@ -165,6 +170,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode> {
         profile: args.profile,
         quantize: args.quantize.nf4(args.double_quant),
         optimizer_state: args.optimizer_state,
+        embedding: args.embedding,
     };
     let selection = Selection {
         backend: args.backend,

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::bench::PRESETS;
 use trainer::model::Checkpointing;
-use trainer::optim::OptimizerState;
 use trainer::plan::roofline::GpuKind;
 use trainer::plan::{
     describe, describe_suggestions, fit, suggestions, Plan, PlanSpec, CONTEXT_RESERVE,
 };
+use trainer::residence::Residence;
 use trainer::train::config::RunConfig;
 
 #[derive(clap::Args)]
@@ -46,7 +46,10 @@ pub struct Args {
     /// With --preset: where AdamW's masters and moments wait between steps, as `bench
     /// --optimizer-state`.
     #[arg(long, value_enum, default_value = "device", requires = "preset")]
-    optimizer_state: OptimizerState,
+    optimizer_state: Residence,
+    /// With --preset: where the input embedding table stays, as `bench --embedding`.
+    #[arg(long, value_enum, default_value = "device", requires = "preset")]
+    embedding: Residence,
     /// The GPU kind to plan for.
     #[arg(long, value_enum, default_value = "h200")]
     gpu: GpuKind,
@@ -67,6 +70,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         (None, Some(preset)) => PlanSpec {
             quantize: args.quantize.nf4(args.double_quant),
             optimizer_state: args.optimizer_state,
+            embedding: args.embedding,
             ..PlanSpec::from_preset(
                 preset,
                 args.batch,

@@ -83,7 +83,8 @@ impl<B: Backend> Decoder<B> {
             .collect();
         let positions = be.upload_indices(&positions)?;
         let mut x = be.zeros(n * s.hidden, dt)?;
-        be.embedding(&self.embed, &be.upload_indices(ids)?, s.hidden, &mut x)?;
+        self.embed
+            .rows(be, &be.upload_indices(ids)?, s.hidden, &mut x)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let step = CacheStep {
                 k: &mut cache.k[l],

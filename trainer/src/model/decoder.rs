@@ -20,11 +20,36 @@ use kernels::{Backend, CeGrad, DType};
 pub struct Decoder<B: Backend> {
     pub config: ModelConfig,
     pub(super) shapes: Shapes,
-    pub(super) embed: B::Tensor,
+    pub(super) embed: Embedding<B>,
     pub(super) layers: Vec<LayerWeights<B>>,
     pub(super) final_norm: B::Tensor,
     /// `None` when the LM head is tied to the embedding.
     pub(super) lm_head: Option<B::Tensor>,
+}
+
+/// The input embedding table `[vocab, hidden]`: on the device, or in host memory with each
+/// batch's rows gathered there (`model.embedding = "host"`; an untied table only, as the LM head
+/// reads a tied one).
+pub(super) enum Embedding<B: Backend> {
+    Device(B::Tensor),
+    Host(B::Parked),
+}
+
+impl<B: Backend> Embedding<B> {
+    /// `out[i,:] ← table[ids[i],:]` wherever the table is.
+    pub(super) fn rows(
+        &self,
+        be: &B,
+        ids: &B::Indices,
+        hidden: usize,
+        out: &mut B::Tensor,
+    ) -> Result<()> {
+        match self {
+            Embedding::Device(table) => be.embedding(table, ids, hidden, out)?,
+            Embedding::Host(table) => be.embedding_from_host(table, ids, hidden, out)?,
+        }
+        Ok(())
+    }
 }
 
 /// What a forward pass keeps for backward.
@@ -170,7 +195,7 @@ impl<B: Backend> Decoder<B> {
         Ok(Decoder {
             shapes: Shapes::of(c),
             config,
-            embed,
+            embed: Embedding::Device(embed),
             layers,
             final_norm,
             lm_head,
@@ -231,7 +256,7 @@ impl<B: Backend> Decoder<B> {
         Ok(Decoder {
             shapes: Shapes::of(c),
             config,
-            embed,
+            embed: Embedding::Device(embed),
             layers,
             final_norm,
             lm_head,
@@ -239,7 +264,27 @@ impl<B: Backend> Decoder<B> {
     }
 
     pub(super) fn head_weight(&self) -> &B::Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
+        match (&self.lm_head, &self.embed) {
+            (Some(head), _) => head,
+            (None, Embedding::Device(table)) => table,
+            (None, Embedding::Host(_)) => unreachable!("a tied embedding stays on the device"),
+        }
+    }
+
+    /// Moves the input embedding table to host memory (`model.embedding = "host"`): the device
+    /// saves `vocab × hidden` values, and each batch's rows are gathered on the host. Returns
+    /// false, keeping it on the device, when the LM head is tied to it.
+    pub fn keep_embedding_on_host(&mut self, be: &B) -> Result<bool> {
+        if self.lm_head.is_none() {
+            return Ok(false);
+        }
+        if let Embedding::Device(table) = &mut self.embed {
+            let table = std::mem::replace(table, be.empty(0, be.compute_dtype())?);
+            self.embed = Embedding::Host(be.park(vec![table])?);
+            // The table's device buffer, cached by its size, would never be asked for again.
+            be.release_cached()?;
+        }
+        Ok(true)
     }
 
     /// Runs every layer, keeping what `checkpointing` says for backward.
@@ -253,7 +298,7 @@ impl<B: Backend> Decoder<B> {
         let s = &self.shapes;
         let n = batch.layout.tokens();
         let mut x = be.empty(n * s.hidden, be.compute_dtype())?;
-        be.embedding(&self.embed, &batch.ids, s.hidden, &mut x)?;
+        self.embed.rows(be, &batch.ids, s.hidden, &mut x)?;
         let mut saved = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
             // Checkpointing keeps the layer input (and, offloaded, the attention part); the rest

@@ -163,6 +163,28 @@ fn gradient_checkpointing_changes_no_gradient() {
     }
 }
 
+/// The embedding table in host memory gives the same loss and gradients; a tied table, which the
+/// LM head reads, stays where it is.
+#[test]
+fn the_embedding_on_the_host_changes_nothing() {
+    let be = CpuBackend::new();
+    let c = config(LLAMA, None, false);
+    let mut m = model(&be, &c, false);
+    let mut lora = adapter(&be, &c);
+    let ids = tokens(16, 3);
+    let layout = AttentionLayout::right_padded(&[8, 8], 8, None);
+    let batch = Batch::new(&be, &c, &ids, &ids, layout).unwrap();
+    let on_device = loss_and_grads(&be, &m, &mut lora, &batch, CheckpointPolicy::OFF);
+    assert!(m.keep_embedding_on_host(&be).unwrap());
+    assert!(matches!(m.embed, super::decoder::Embedding::Host(_)));
+    let on_host = loss_and_grads(&be, &m, &mut lora, &batch, CheckpointPolicy::OFF);
+    assert_eq!(on_device, on_host);
+    let tied = config(LLAMA, None, true);
+    let mut m = model(&be, &tied, true);
+    assert!(!m.keep_embedding_on_host(&be).unwrap());
+    assert!(matches!(m.embed, super::decoder::Embedding::Device(_)));
+}
+
 #[test]
 fn packed_documents_equal_separate_rows() {
     let be = CpuBackend::new();

@@ -292,6 +292,18 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
+    fn embedding_from_host(
+        &self,
+        _table: &MeterParked,
+        _ids: &usize,
+        _hidden: usize,
+        out: &mut MeterTensor,
+    ) -> Result<()> {
+        // The rows come over the host link; on the device the copy only writes them.
+        self.memory_op(tensor_bytes(out));
+        Ok(())
+    }
+
     fn rms_norm(
         &self,
         x: &MeterTensor,

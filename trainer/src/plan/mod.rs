@@ -25,7 +25,8 @@ use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{
     Batch, CheckpointPolicy, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4,
 };
-use crate::optim::{AdamW, LossScaler, OptimizerState};
+use crate::optim::{AdamW, LossScaler};
+use crate::residence::Residence;
 use anyhow::{bail, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, DType};
 use meter::{MeterBackend, Op, OpKind, LM_HEAD_CHUNK_ELEMENTS};
@@ -44,7 +45,9 @@ pub struct PlanSpec {
     pub dtype: DType,
     pub quantize: Option<QuantizeNf4>,
     /// Where AdamW's masters and moments wait between steps.
-    pub optimizer_state: OptimizerState,
+    pub optimizer_state: Residence,
+    /// Where the input embedding table stays (an untied one: a tied table stays on the device).
+    pub embedding: Residence,
     /// Data-parallel ranks (one GPU each).
     pub nproc: usize,
 }
@@ -113,7 +116,9 @@ impl Plan {
         }
         let c = &spec.model;
         let be = MeterBackend::new(spec.dtype);
-        let model = Decoder::random(&be, c.clone(), 0, None)?;
+        let mut model = Decoder::random(&be, c.clone(), 0, None)?;
+        let embedding_on_host =
+            spec.embedding == Residence::Host && model.keep_embedding_on_host(&be)?;
         let mut lora =
             LoraParams::build(&be, c, spec.lora.clone(), |_, [r, k]| Ok(vec![0.0; r * k]))?;
         let hp = AdamWParams {
@@ -147,7 +152,10 @@ impl Plan {
 
         let e = spec.dtype.size_bytes() as u64;
         let nf4 = spec.quantize.map(|q| Nf4Bytes::of(c, q));
-        let dense = dense_weight_bytes(c, e);
+        let mut dense = dense_weight_bytes(c, e);
+        if embedding_on_host {
+            dense.total -= (c.vocab_size * c.hidden_size) as u64 * e;
+        }
         let (weights, index_bytes, scratch) = match &nf4 {
             None => (dense.total, 0, 0),
             Some(q) => {
@@ -183,7 +191,7 @@ impl Plan {
     /// Predicted time of one optimizer step on one GPU of `gpu`; `None` if it cannot run the dtype.
     pub fn step_time(&self, gpu: GpuKind) -> Option<StepTime> {
         let mut t = step_time(&self.ops, gpu, self.spec.dtype)?;
-        if self.spec.optimizer_state == OptimizerState::Host {
+        if self.spec.optimizer_state == Residence::Host {
             // Masters, m and v (12 bytes a value) go in and out, the two directions at once.
             let bytes = 12 * lora_values(&self.spec.model, &self.spec.lora);
             t.host_copies = bytes as f64 / (gpu.spec().host_link_gb_s * 1e9);
@@ -245,13 +253,13 @@ fn lora_values(c: &ModelConfig, lora: &LoraConfig) -> u64 {
         * c.num_layers as u64
 }
 
-fn lora_bytes(c: &ModelConfig, lora: &LoraConfig, e: u64, state: OptimizerState) -> u64 {
+fn lora_bytes(c: &ModelConfig, lora: &LoraConfig, e: u64, state: Residence) -> u64 {
     let values = lora_values(c, lora);
     match state {
         // f32 master + f32 gradient + AdamW m and v in f32 + the compute-dtype copy.
-        OptimizerState::Device => values * (4 * 4 + e),
+        Residence::Device => values * (4 * 4 + e),
         // The gradient and the copy stay; master, m and v of three layers pass through (optim.rs).
-        OptimizerState::Host => {
+        Residence::Host => {
             let per_layer = values / c.num_layers.max(1) as u64;
             values * (4 + e) + 3 * per_layer * 12
         }

@@ -3,8 +3,8 @@
 use super::roofline::GpuKind;
 use super::{Plan, PlanSpec, CONTEXT_RESERVE};
 use crate::lora::LoraConfig;
-use crate::optim::OptimizerState;
 use crate::model::{CheckpointPolicy, Checkpointing, ModelConfig, Projection, QuantizeNf4};
+use crate::residence::Residence;
 use crate::train::config::RunConfig;
 use anyhow::Result;
 use kernels::DType;
@@ -48,6 +48,7 @@ impl PlanSpec {
                 None => cfg.model.quantize_nf4(),
             },
             optimizer_state: cfg.train.optimizer_state,
+            embedding: cfg.model.embedding,
             model,
             nproc,
         })
@@ -77,7 +78,8 @@ impl PlanSpec {
             checkpointing: CheckpointPolicy::all(checkpointing),
             dtype: DType::BF16,
             quantize: None,
-            optimizer_state: OptimizerState::Device,
+            optimizer_state: Residence::Device,
+            embedding: Residence::Device,
             nproc,
         })
     }
@@ -96,8 +98,8 @@ impl PlanSpec {
                 Some(_) => "NF4".to_string(),
             },
             match self.optimizer_state {
-                OptimizerState::Device => "",
-                OptimizerState::Host => ", optimizer state on the host",
+                Residence::Device => "",
+                Residence::Host => ", optimizer state on the host",
             },
             if self.nproc > 1 {
                 format!(", {} GPUs", self.nproc)
@@ -131,21 +133,32 @@ pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
         (
             "weights",
             m.weights,
-            if s.quantize.is_some() {
-                "projections NF4, the rest in the compute dtype".to_string()
-            } else {
-                s.dtype.name().to_string()
-            },
+            format!(
+                "{}{}",
+                if s.quantize.is_some() {
+                    "projections NF4, the rest in the compute dtype".to_string()
+                } else {
+                    s.dtype.name().to_string()
+                },
+                if s.embedding == Residence::Host && !c.tie_word_embeddings {
+                    format!(
+                        "; the embedding in host memory: {}",
+                        gib((c.vocab_size * c.hidden_size * s.dtype.size_bytes()) as u64)
+                    )
+                } else {
+                    String::new()
+                }
+            ),
         ),
         (
             "LoRA + AdamW",
             m.lora_optimizer,
             match s.optimizer_state {
-                OptimizerState::Device => format!(
+                Residence::Device => format!(
                     "{lora_values} values: f32 master, grad, m, v + {} copy",
                     s.dtype.name()
                 ),
-                OptimizerState::Host => format!(
+                Residence::Host => format!(
                     "{lora_values} values: f32 grad + {} copy; master, m, v in pinned host memory: {}",
                     s.dtype.name(),
                     gib(12 * lora_values)

@@ -8,7 +8,7 @@
 use super::schedule::ScheduleKind;
 use crate::data::records::Format;
 use crate::model::{CheckpointingSetting, Projection, QuantizeNf4};
-use crate::optim::OptimizerState;
+use crate::residence::Residence;
 use anyhow::{bail, Context, Result};
 use kernels::DType;
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,11 @@ pub struct ModelSection {
     /// With `quantize = "nf4"`: store each block's absmax in 8 bits too (bitsandbytes' double quant).
     #[serde(default = "default_true")]
     pub double_quant: bool,
+    /// Where the input embedding table stays: "device" (the default) or "host" (pinned host
+    /// memory, each batch's rows gathered there: `vocab × hidden` values less on the device; a
+    /// table tied to the LM head stays on the device).
+    #[serde(default)]
+    pub embedding: Residence,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -232,7 +237,7 @@ pub struct TrainSection {
     /// "host" (pinned host memory, streamed through the device at each step: 12 bytes less per
     /// trainable value on the device, the step longer by their copies; optim.rs).
     #[serde(default)]
-    pub optimizer_state: OptimizerState,
+    pub optimizer_state: Residence,
     #[serde(default = "default_one_u64")]
     pub log_steps: u64,
     /// 0: evaluate only at the end.

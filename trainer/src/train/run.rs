@@ -31,6 +31,7 @@ use crate::lora::{peft, LoraConfig, LoraParams};
 use crate::model::weights::WeightFiles;
 use crate::model::{CheckpointPolicy, Decoder, ModelConfig};
 use crate::optim::{AdamW, LossScaler};
+use crate::residence::Residence;
 use crate::output_dir::{Overwrite, StagedDir};
 use crate::plan::fit::Choice;
 use anyhow::{bail, Context, Result};
@@ -74,13 +75,20 @@ pub fn load_model<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Decoder<B>> {
     let start = std::time::Instant::now();
     let model_config = ModelConfig::load(&cfg.model.path)?;
     let quantize = cfg.model.quantize_nf4();
-    let model = Decoder::load_with(
+    let mut model = Decoder::load_with(
         be,
         model_config,
         &WeightFiles::open(&cfg.model.path)?,
         quantize,
     )
     .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
+    if cfg.model.embedding == Residence::Host && !model.keep_embedding_on_host(be)? {
+        eprintln!(
+            "model.embedding = \"host\": {} ties its embedding to the LM head, which reads it on the \
+             device, so it stays there",
+            cfg.model.path.display()
+        );
+    }
     eprintln!(
         "loaded {} in {:.1} s{}",
         cfg.model.path.display(),
@@ -543,7 +551,6 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
 mod tests {
     use super::*;
     use crate::model::Checkpointing;
-    use crate::optim::OptimizerState;
     use comms::{Comms, RankInfo, SingleProcess};
     use kernels::cpu::CpuBackend;
 
@@ -661,7 +668,7 @@ mod tests {
         let mut cfg = preference_run(dir.path(), "name = \"dpo\"");
         cfg.train.save_steps = 1;
         let mut outputs = Vec::new();
-        for state in [OptimizerState::Device, OptimizerState::Host] {
+        for state in [Residence::Device, Residence::Host] {
             cfg.train.optimizer_state = state;
             cfg.output.dir = dir.path().join(format!("out-{state:?}"));
             let summary = train(&CpuBackend::new(), &cfg, Resume::No).unwrap();
