@@ -178,12 +178,10 @@ impl CudaBackend {
                         Storage::Half(self.stream.null().map_err(device_err("alloc"))?)
                     }
                 } else if is_f32 {
-                    drop(self.pool.make_room(len * 4));
                     Storage::F32(
                         unsafe { self.stream.alloc::<f32>(len) }.map_err(device_err("alloc"))?,
                     )
                 } else {
-                    drop(self.pool.make_room(len * 2));
                     Storage::Half(
                         unsafe { self.stream.alloc::<u16>(len) }.map_err(device_err("alloc"))?,
                     )

@@ -5,13 +5,7 @@
 //! length), so the activation buffers of one layer are reused by the next layer and the next step
 //! without going back to the driver. The pool counts the bytes it holds from the driver (in use
 //! plus cached) and remembers the peak: that is the memory the training run needs.
-//!
-//! A length the pool has no buffer for is allocated from the driver's stream-ordered pool
-//! (`cuMemAllocAsync`), which reuses freed memory whatever its size. So before such an allocation
-//! would raise the peak, the pool hands its cached buffers back to the driver first
-//! ([`Pool::make_room`]): the peak is then the most memory in use at once, as
-//! `torch.cuda.max_memory_allocated` counts it, and not what buffers of other sizes kept cached.
-//! In a training loop that happens in the first step; later steps reuse the cache.
+
 
 use crate::{DType, KernelError, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
@@ -55,19 +49,6 @@ impl Pool {
             .free
             .get_mut(&(is_f32, len))
             .and_then(|v| v.pop())
-    }
-
-    /// Before allocating `bytes` from the driver: when that would raise the peak, takes every
-    /// cached buffer out of the pool (and out of its count) for the caller to drop, which hands
-    /// them back to the driver.
-    pub(crate) fn make_room(&self, bytes: usize) -> Vec<Storage> {
-        let mut s = self.state.lock().expect("pool lock");
-        if s.held_bytes + bytes as u64 <= s.peak_bytes {
-            return Vec::new();
-        }
-        let cached: Vec<Storage> = s.free.drain().flat_map(|(_, v)| v).collect();
-        s.held_bytes -= cached.iter().map(|b| b.bytes() as u64).sum::<u64>();
-        cached
     }
 
     /// Counts a buffer freshly allocated from the driver.

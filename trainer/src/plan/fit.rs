@@ -78,7 +78,7 @@ pub fn choose(
         return Ok(Choice {
             policy: CheckpointPolicy::all(mode),
             why: format!(
-                "every layer, and the plan still needs {:.2} GiB of the {:.2} GiB free: lower train.batch_size or data.max_seq_len, or quantize",
+                "every layer, and the plan still needs {:.2} GiB of the {:.2} GiB free: lower train.batch_size or data.max_seq_len, quantize, or keep AdamW's state and the embedding in host memory (train.optimizer_state = \"host\", model.embedding = \"host\")",
                 gib(every_layer),
                 gib(free)
             ),

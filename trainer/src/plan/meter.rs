@@ -3,9 +3,8 @@
 //!
 //! - memory as the CUDA backend's caching pool holds it (kernels/src/cuda/tensor.rs): a freed
 //!   buffer waits for a tensor of the same storage kind (f32, or 16-bit for bf16/f16) and length,
-//!   a new length is a new allocation — before which the cached buffers are handed back when it
-//!   would raise the peak — and the peak counts buffers in use plus cached: the number `bench`
-//!   reports as peak memory. The buffers the CUDA ops take for themselves are mirrored
+//!   a new length is a new allocation, and the peak counts buffers in use plus cached — the number
+//!   `bench` reports as peak memory. The buffers the CUDA ops take for themselves are mirrored
 //!   (the LM head's logits chunk, kernels/src/cuda/lm_head.rs; attention backward's `delta` and
 //!   f32 `dq` accumulator, kernels/src/cuda/attention.rs);
 //! - every op's FLOPs and bytes moved, for the roofline in [`super::roofline`].
@@ -122,11 +121,7 @@ impl MeterBackend {
         match p.free.get_mut(&key) {
             Some(n) if *n > 0 => *n -= 1,
             _ => {
-                let bytes = (len * dtype.size_bytes()) as u64;
-                if p.held + bytes > p.peak {
-                    p.held -= cached_bytes(p.free.drain());
-                }
-                p.held += bytes;
+                p.held += (len * dtype.size_bytes()) as u64;
                 p.peak = p.peak.max(p.held);
             }
         }
