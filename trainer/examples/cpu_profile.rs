@@ -11,6 +11,7 @@ use kernels::cpu::{profile, CpuBackend};
 use kernels::Backend;
 use trainer::bench::{self, BenchSpec};
 use trainer::model::CheckpointPolicy;
+use trainer::residence::Residence;
 use trainer::train::distributed::Distributed;
 
 fn main() -> Result<()> {
@@ -33,6 +34,8 @@ fn main() -> Result<()> {
         peak_tflops: None,
         profile: false,
         quantize: None,
+        optimizer_state: Residence::Device,
+        embedding: Residence::Device,
     };
     let steps = number(3, "3")?;
     let be = CpuBackend::new();
