@@ -10,6 +10,7 @@
 mod attention;
 pub mod compile;
 mod gemm;
+mod gemm_lt;
 mod generation;
 mod launch;
 pub mod libraries;
@@ -45,6 +46,8 @@ pub struct CudaBackend {
     copy_stream: Arc<CudaStream>,
     /// Host → device copies of parked tensors, so that they run alongside the device → host ones.
     fetch_stream: Arc<CudaStream>,
+    /// cuBLASLt and the algorithm chosen per large GEMM shape.
+    lt: gemm_lt::Tuned,
     offload: offload::Offload,
     blas: CudaBlas,
     kernels: Kernels,
@@ -80,7 +83,9 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let copy_stream = ctx.new_stream().map_err(device_err("create copy stream"))?;
-        let fetch_stream = ctx.new_stream().map_err(device_err("create fetch stream"))?;
+        let fetch_stream = ctx
+            .new_stream()
+            .map_err(device_err("create fetch stream"))?;
         let compute_capability = ctx
             .compute_capability()
             .map_err(device_err("compute capability"))?;
@@ -127,6 +132,7 @@ impl CudaBackend {
             stream,
             copy_stream,
             fetch_stream,
+            lt: gemm_lt::Tuned::default(),
             offload: offload::Offload::default(),
             blas,
             kernels: Kernels { functions },
@@ -163,7 +169,6 @@ impl CudaBackend {
         }
         Ok(())
     }
-
 
     /// A tensor of `len` elements with unspecified contents, from the pool when a buffer fits.
     pub(crate) fn alloc(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
@@ -326,7 +331,9 @@ impl Backend for CudaBackend {
     fn release_cached(&self) -> Result<()> {
         self.synchronize()?;
         self.pool.release_cached();
-        Ok(())
+        // The frees are stream-ordered: the driver's pool gives the memory back to the device at
+        // the next synchronization, before other sizes could fragment it.
+        self.synchronize()
     }
 
     fn reserved_peak_bytes(&self) -> Option<u64> {

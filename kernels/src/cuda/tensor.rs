@@ -6,7 +6,6 @@
 //! without going back to the driver. The pool counts the bytes it holds from the driver (in use
 //! plus cached) and remembers the peak: that is the memory the training run needs.
 
-
 use crate::{DType, KernelError, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
