@@ -97,9 +97,11 @@ impl PlanSpec {
                 Some(q) if q.double_quant => "NF4 + double quant".to_string(),
                 Some(_) => "NF4".to_string(),
             },
-            match self.optimizer_state {
-                Residence::Device => "",
-                Residence::Host => ", optimizer state on the host",
+            match (self.optimizer_state, self.embedding) {
+                (Residence::Device, Residence::Device) => "",
+                (Residence::Host, Residence::Device) => ", optimizer state on the host",
+                (Residence::Device, Residence::Host) => ", embedding on the host",
+                (Residence::Host, Residence::Host) => ", optimizer state and embedding on the host",
             },
             if self.nproc > 1 {
                 format!(", {} GPUs", self.nproc)
@@ -277,18 +279,27 @@ pub fn suggestions(spec: &PlanSpec, gpu: GpuKind) -> Result<Vec<Plan>> {
             Checkpointing::Full,
             Checkpointing::Offload,
         ] {
+            // With offload, also the least device memory: AdamW's state and the embedding on the host.
+            let residences: &[Residence] = match checkpointing {
+                Checkpointing::Offload => &[Residence::Device, Residence::Host],
+                _ => &[Residence::Device],
+            };
             for q in quantize {
-                let candidate = PlanSpec {
-                    batch,
-                    grad_accum: rows_per_step / batch,
-                    checkpointing: CheckpointPolicy::all(checkpointing),
-                    quantize: q,
-                    dtype,
-                    ..spec.clone()
-                };
-                let plan = Plan::account(&candidate)?;
-                if plan.fits(gpu) {
-                    fitting.push(plan);
+                for &residence in residences {
+                    let candidate = PlanSpec {
+                        batch,
+                        grad_accum: rows_per_step / batch,
+                        checkpointing: CheckpointPolicy::all(checkpointing),
+                        quantize: q,
+                        dtype,
+                        optimizer_state: residence,
+                        embedding: residence,
+                        ..spec.clone()
+                    };
+                    let plan = Plan::account(&candidate)?;
+                    if plan.fits(gpu) {
+                        fitting.push(plan);
+                    }
                 }
             }
         }
