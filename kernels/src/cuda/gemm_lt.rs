@@ -5,7 +5,8 @@
 //! so that the call's own output may be written), cuBLASLt proposes up to [`CANDIDATES`]
 //! algorithms; each of them and `cublasGemmEx` are timed on the call's own operands, and the
 //! fastest serves that shape from then on. Every candidate accumulates in f32
-//! (`CUBLAS_COMPUTE_32F`), as `cublasGemmEx` does: they differ only in the order of the f32 sums.
+//! (`CUBLAS_COMPUTE_32F`, split-k partial sums in f32 too), as `cublasGemmEx` does: they differ only
+//! in the order of the f32 sums.
 //!
 //! The operands are mapped as in gemm.rs: row-major `C[m,n] = op(A) op(B)` is column-major
 //! `Cᵀ[n,m] = op(B)ᵀ op(A)ᵀ`, so cuBLASLt's first operand is our B and its second our A.
@@ -156,6 +157,9 @@ impl Plan {
             // SAFETY: plain C structs, written by the heuristic below before being read.
             vec![unsafe { std::mem::zeroed() }; CANDIDATES];
         let mut found = 0i32;
+        // Split-k partial sums only in f32 (the compute type), never in the 16-bit output type.
+        let reductions =
+            sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
         // SAFETY: every descriptor is live; `results` holds CANDIDATES entries.
         let status = unsafe {
             lt::set_matmul_pref_attribute(
@@ -164,6 +168,14 @@ impl Plan {
                 &bytes as *const u64 as *const c_void,
                 8,
             )
+            .and_then(|()| {
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                    &reductions as *const u32 as *const c_void,
+                    4,
+                )
+            })
             .and_then(|()| {
                 sys::cublasLtMatmulAlgoGetHeuristic(
                     handle,
