@@ -5,7 +5,6 @@
 //! `Cᵀ[n,m]`, and `Cᵀ = op(B)ᵀ op(A)ᵀ`, so we ask cuBLAS for the product with the operands
 //! swapped: first operand B (transposed iff `trans_b`), second A (iff `trans_a`), sizes (n, m, k).
 
-use super::gemm_lt::Operands;
 use super::CudaBackend;
 use crate::{DType, KernelError, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
@@ -68,53 +67,39 @@ impl CudaBackend {
                 c.1.name()
             )
         };
-        let gemm_ex = || {
-            let lda = if trans_b { k } else { n };
-            let ldb = if trans_a { m } else { k };
-            // SAFETY: the addresses hold op(A) [m,k], op(B) [k,n] and C [m,n] (the callers check
-            // the tensors' lengths); the call is queued on the handle's stream.
-            unsafe {
-                cudarc::cublas::result::gemm_ex(
-                    *self.blas.handle(),
-                    op(trans_b),
-                    op(trans_a),
-                    n as i32,
-                    m as i32,
-                    k as i32,
-                    (&alpha) as *const f32 as *const _,
-                    b.0 as *const _,
-                    cuda_type(b.1),
-                    lda as i32,
-                    a.0 as *const _,
-                    cuda_type(a.1),
-                    ldb as i32,
-                    (&beta) as *const f32 as *const _,
-                    c.0 as *mut _,
-                    cuda_type(c.1),
-                    n as i32,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| KernelError::Device {
-                op: "gemm",
-                message: format!("cublasGemmEx (m={m} n={n} k={k}): {e:?}"),
-            })
-        };
-        let key = (m, n, k, trans_a, trans_b, c.1);
-        let operands = Operands {
-            a: a.0,
-            b: b.0,
-            c: c.0,
-            alpha,
-            beta,
-        };
         self.timed(
             name,
             || 2.0 * m as f64 * n as f64 * k as f64,
-            || match self.gemm_tuned(key, operands, &gemm_ex)? {
-                true => Ok(()),
-                false => gemm_ex(),
+            || {
+                let lda = if trans_b { k } else { n };
+                let ldb = if trans_a { m } else { k };
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        *self.blas.handle(),
+                        op(trans_b),
+                        op(trans_a),
+                        n as i32,
+                        m as i32,
+                        k as i32,
+                        (&alpha) as *const f32 as *const _,
+                        b.0 as *const _,
+                        cuda_type(b.1),
+                        lda as i32,
+                        a.0 as *const _,
+                        cuda_type(a.1),
+                        ldb as i32,
+                        (&beta) as *const f32 as *const _,
+                        c.0 as *mut _,
+                        cuda_type(c.1),
+                        n as i32,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| KernelError::Device {
+                    op: "gemm",
+                    message: format!("cublasGemmEx (m={m} n={n} k={k}): {e:?}"),
+                })
             },
         )
     }

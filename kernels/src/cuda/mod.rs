@@ -10,7 +10,6 @@
 mod attention;
 pub mod compile;
 mod gemm;
-mod gemm_lt;
 mod generation;
 mod launch;
 pub mod libraries;
@@ -46,8 +45,6 @@ pub struct CudaBackend {
     copy_stream: Arc<CudaStream>,
     /// Host → device copies of parked tensors, so that they run alongside the device → host ones.
     fetch_stream: Arc<CudaStream>,
-    /// cuBLASLt and the algorithm chosen per large GEMM shape.
-    lt: gemm_lt::Tuned,
     offload: offload::Offload,
     blas: CudaBlas,
     kernels: Kernels,
@@ -83,9 +80,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let copy_stream = ctx.new_stream().map_err(device_err("create copy stream"))?;
-        let fetch_stream = ctx
-            .new_stream()
-            .map_err(device_err("create fetch stream"))?;
+        let fetch_stream = ctx.new_stream().map_err(device_err("create fetch stream"))?;
         let compute_capability = ctx
             .compute_capability()
             .map_err(device_err("compute capability"))?;
@@ -132,7 +127,6 @@ impl CudaBackend {
             stream,
             copy_stream,
             fetch_stream,
-            lt: gemm_lt::Tuned::default(),
             offload: offload::Offload::default(),
             blas,
             kernels: Kernels { functions },
@@ -169,6 +163,7 @@ impl CudaBackend {
         }
         Ok(())
     }
+
 
     /// A tensor of `len` elements with unspecified contents, from the pool when a buffer fits.
     pub(crate) fn alloc(&self, len: usize, dtype: DType) -> Result<CudaTensor> {

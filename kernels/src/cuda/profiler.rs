@@ -131,11 +131,6 @@ fn event_elapsed_fn() -> Result<ElapsedFn> {
     }
 }
 
-/// Milliseconds between two completed events, through [`event_elapsed_fn`].
-pub(crate) fn milliseconds_between(start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
-    elapsed_ms(event_elapsed_fn()?, start, end)
-}
-
 /// Milliseconds between two completed events.
 fn elapsed_ms(f: ElapsedFn, start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
     let mut ms = 0.0f32;
