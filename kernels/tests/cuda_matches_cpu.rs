@@ -843,7 +843,11 @@ fn groups_fetched_right_after_parking_and_host_embedding_rows_are_exact() {
             }
             let mut group = g.unpark(this).unwrap();
             for (i, t) in group.iter_mut().enumerate() {
-                assert_eq!(g.download(t).unwrap(), want[l][i], "round {round}, group {l}, tensor {i}");
+                assert_eq!(
+                    g.download(t).unwrap(),
+                    want[l][i],
+                    "round {round}, group {l}, tensor {i}"
+                );
                 g.scale(2.0, t).unwrap();
                 want[l][i].iter_mut().for_each(|x| *x *= 2.0);
             }
@@ -855,7 +859,11 @@ fn groups_fetched_right_after_parking_and_host_embedding_rows_are_exact() {
     let (vocab, hidden) = (1000, 4096);
     let (table, _) = up(&g, &random(vocab * hidden, 5, 1.0), DType::BF16);
     let ids = g
-        .upload_indices(&(0..300).map(|i| (i * 37 % vocab) as i32).collect::<Vec<_>>())
+        .upload_indices(
+            &(0..300)
+                .map(|i| (i * 37 % vocab) as i32)
+                .collect::<Vec<_>>(),
+        )
         .unwrap();
     let mut on_device = g.empty(300 * hidden, DType::BF16).unwrap();
     g.embedding(&table, &ids, hidden, &mut on_device).unwrap();

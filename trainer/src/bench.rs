@@ -201,7 +201,10 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
     let config = preset_config(&spec.preset)?;
     let mut model = Decoder::random(be, config.clone(), spec.seed, spec.quantize)?;
     if spec.embedding == Residence::Host && !model.keep_embedding_on_host(be)? {
-        bail!("--embedding host: the {} preset ties its embedding to the LM head", spec.preset);
+        bail!(
+            "--embedding host: the {} preset ties its embedding to the LM head",
+            spec.preset
+        );
     }
     let lora_config = LoraConfig {
         r: 16,

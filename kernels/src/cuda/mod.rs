@@ -80,7 +80,9 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let copy_stream = ctx.new_stream().map_err(device_err("create copy stream"))?;
-        let fetch_stream = ctx.new_stream().map_err(device_err("create fetch stream"))?;
+        let fetch_stream = ctx
+            .new_stream()
+            .map_err(device_err("create fetch stream"))?;
         let compute_capability = ctx
             .compute_capability()
             .map_err(device_err("compute capability"))?;
@@ -163,7 +165,6 @@ impl CudaBackend {
         }
         Ok(())
     }
-
 
     /// A tensor of `len` elements with unspecified contents, from the pool when a buffer fits.
     pub(crate) fn alloc(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
