@@ -12,8 +12,8 @@ With --quantize nf4 (QLoRA): the seven projections of every layer become bitsand
 (NF4, blocksize 64, double quant unless --double-quant false, bf16 compute), what
 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
 bnb_4bit_compute_dtype=torch.bfloat16) builds at load; the peak is counted from after quantizing.
-Needs bitsandbytes (scripts/fetch-bitsandbytes-wheel.sh downloads its wheel for a machine without
-network); without it the run prints why it skipped and exits 0.
+Needs bitsandbytes (scripts/fetch-bitsandbytes-wheel.sh unpacks it into .whl/bnb for a machine without
+network: PYTHONPATH=.whl/bnb); without it the run prints why it skipped and exits 0.
 
 usage: bench-hf-peft.py [--preset llama2-7b] [--batch 2 --seq 2048 --warmup 2 --steps 10]
                         [--device cuda|cpu] [--no-checkpointing]

@@ -1,12 +1,12 @@
 //! The optimizer step: clip all LoRA gradients together by their global L2 norm
 //! (`torch.nn.utils.clip_grad_norm_`), then `torch.optim.AdamW` on every LoRA tensor.
 //!
-//! With `train.optimizer_state = "host"` ([`Residence::Host`]) the f32 masters and both moments (12 bytes per trainable value:
-//! 0.45 GiB at 7B, r = 16 on all seven projections) wait in pinned host memory between steps,
-//! one group per layer; the step brings each group to the device, updates it and sends it back
-//! while the next group is on its way in ([`Backend::park`]), so the device holds three layers'
-//! worth. The arithmetic is the same kernel on the same values: the results are bit for bit those
-//! of [`Residence::Device`].
+//! With `train.optimizer_state = "host"` ([`Residence::Host`]) the f32 masters and both moments
+//! (12 bytes per trainable value: 0.45 GiB at 7B, r = 16 on all seven projections) wait in pinned
+//! host memory between steps, one group per layer; the step brings each group to the device,
+//! updates it and sends it back while the next group is on its way in ([`Backend::park`]), so the
+//! device holds three layers' worth. The arithmetic is the same kernel on the same values: the
+//! results are bit for bit those of [`Residence::Device`].
 
 use crate::lora::LoraParams;
 use crate::residence::Residence;

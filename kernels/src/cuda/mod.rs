@@ -575,16 +575,11 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         check_len("embedding", "out", out.len(), ids.len() * hidden)?;
         let dt = self.same_dtype("embedding", &[("table", table), ("out", out)])?;
-        let vocab = table.len() / hidden.max(1);
-        if let Some(&id) = ids
-            .host("embedding")?
-            .iter()
-            .find(|&&id| id < 0 || id as usize >= vocab)
-        {
-            return Err(KernelError::Unsupported(format!(
-                "embedding: token id {id} outside the vocabulary of {vocab}"
-            )));
-        }
+        check_token_ids(
+            "embedding",
+            ids.host("embedding")?,
+            table.len() / hidden.max(1),
+        )?;
         if ids.is_empty() {
             return Ok(());
         }
@@ -899,4 +894,21 @@ impl Backend for CudaBackend {
 /// Qwen3 has rows of head_dim = 128), so no warp of the block idles.
 fn norm_threads(hidden: usize) -> u32 {
     hidden.next_multiple_of(32).min(256) as u32
+}
+
+impl Drop for CudaBackend {
+    /// Pinned host buffers (offload.rs) are freed with the backend: no copy may still use them.
+    fn drop(&mut self) {
+        let _ = self.synchronize();
+    }
+}
+
+/// Every id must name a row of a table of `vocab` rows.
+fn check_token_ids(op: &str, ids: &[i32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+        Some(id) => Err(KernelError::Unsupported(format!(
+            "{op}: token id {id} outside the vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
 }

@@ -86,6 +86,9 @@ struct ParkedPart {
 pub(crate) struct Offload {
     free_host: Mutex<HashMap<usize, Vec<HostBuffer>>>,
     in_flight: Mutex<Option<(CudaEvent, Vec<CudaTensor>)>>,
+    /// The pinned rows of the last [`CudaBackend::embedding_from_host_impl`] and the event (on
+    /// the compute stream) after which their copy to the device is done.
+    rows_in_flight: Mutex<Option<(CudaEvent, HostBuffer)>>,
 }
 
 impl CudaBackend {
@@ -121,6 +124,12 @@ impl CudaBackend {
             Some(h) => Ok(h),
             None => HostBuffer::new(bytes),
         }
+    }
+
+    /// Puts a pinned buffer whose copies are done on the free list.
+    fn return_host_buffer(&self, buffer: HostBuffer) {
+        let mut free = self.offload.free_host.lock().expect("offload lock");
+        free.entry(buffer.bytes).or_default().push(buffer);
     }
 
     pub(crate) fn park_impl(&self, tensors: Vec<CudaTensor>) -> Result<CudaParked> {
@@ -199,16 +208,16 @@ impl CudaBackend {
             .wait(&fetched)
             .map_err(device_err("wait for fetch"))?;
         // Reusable by the next park: its copy waits for an event recorded after this wait.
-        let mut free = self.offload.free_host.lock().expect("offload lock");
         for part in p.parts {
-            free.entry(part.host.bytes).or_default().push(part.host);
+            self.return_host_buffer(part.host);
         }
         Ok(tensors)
     }
 
     /// `out[i,:] ← table[ids[i],:]` from a `[vocab, hidden]` table parked in host memory: the rows
     /// are gathered on the host (every core) into a pinned buffer and copied up on the compute
-    /// stream, which the host then waits for before the buffer is reused.
+    /// stream, without waiting: the buffer is kept until the next call, which waits for that copy
+    /// (a step earlier, long done) before handing the buffer back.
     pub(crate) fn embedding_from_host_impl(
         &self,
         table: &CudaParked,
@@ -232,19 +241,28 @@ impl CudaBackend {
         }
         let ids = ids.host("embedding_from_host")?;
         crate::error::check_len("embedding_from_host", "out", out.len(), ids.len() * hidden)?;
-        let vocab = part.len / hidden.max(1);
-        if let Some(&id) = ids.iter().find(|&&id| id < 0 || id as usize >= vocab) {
-            return Err(KernelError::Unsupported(format!(
-                "embedding_from_host: token id {id} outside the vocabulary of {vocab}"
-            )));
-        }
+        super::check_token_ids("embedding_from_host", ids, part.len / hidden.max(1))?;
         if ids.is_empty() {
             return Ok(());
         }
+        // The table's own copy to the host (once, at load) and the previous rows' copy to the
+        // device (a whole step ago) are done by now: these waits cost nothing in a step.
         table
             .copied
             .synchronize()
             .map_err(device_err("wait for the parked table"))?;
+        let previous = self
+            .offload
+            .rows_in_flight
+            .lock()
+            .expect("offload lock")
+            .take();
+        if let Some((copied, rows)) = previous {
+            copied
+                .synchronize()
+                .map_err(device_err("wait for the embedding rows"))?;
+            self.return_host_buffer(rows);
+        }
         let row = hidden * part.dtype.size_bytes();
         let mut staging = self.host_buffer(ids.len() * row)?;
         let src = part.host.as_slice();
@@ -254,7 +272,7 @@ impl CudaBackend {
             .zip(ids.par_iter())
             .for_each(|(dst, &id)| dst.copy_from_slice(&src[id as usize * row..][..row]));
         // SAFETY: `out` holds ids.len() × hidden elements of the table's dtype (checked above);
-        // `staging` lives until the stream has finished the copy (synchronized below).
+        // `staging` is kept until the event recorded after the copy (the next call waits for it).
         unsafe {
             result::memcpy_htod_async(
                 out.ptr(&self.stream),
@@ -263,11 +281,8 @@ impl CudaBackend {
             )
         }
         .map_err(device_err("embedding rows to the device"))?;
-        self.stream
-            .synchronize()
-            .map_err(device_err("embedding rows to the device"))?;
-        let mut free = self.offload.free_host.lock().expect("offload lock");
-        free.entry(staging.bytes).or_default().push(staging);
+        *self.offload.rows_in_flight.lock().expect("offload lock") =
+            Some((Self::event(&self.stream)?, staging));
         Ok(())
     }
 }
