@@ -18,7 +18,7 @@
 //! things such as a loss to log, not for gradients. Barrier is an all-reduce of one element.
 
 use crate::{Communicator, Error, ReduceOp, Result};
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use cudarc::nccl::{Comm, Id, NcclType};
 use half::bf16;
 use std::sync::Arc;
@@ -66,7 +66,7 @@ impl NcclCommunicator {
     /// Combines a device buffer over all ranks in place, asynchronously on [`Self::stream`].
     pub fn all_reduce_device<T: NcclType>(
         &self,
-        buf: &mut CudaSlice<T>,
+        buf: &mut impl DevicePtrMut<T>,
         op: ReduceOp,
     ) -> Result<()> {
         let op = match op {
@@ -81,9 +81,9 @@ impl NcclCommunicator {
 
     /// All-reduces every buffer in one NCCL group: the calls are fused into a single launch, so
     /// hundreds of small LoRA gradients cost about what one buffer of their total size costs.
-    pub fn all_reduce_device_group<'a, T: NcclType + 'a>(
+    pub fn all_reduce_device_group<'a, T: NcclType, B: DevicePtrMut<T> + 'a>(
         &self,
-        bufs: impl IntoIterator<Item = &'a mut CudaSlice<T>>,
+        bufs: impl IntoIterator<Item = &'a mut B>,
         op: ReduceOp,
     ) -> Result<()> {
         let group = |what: &str,

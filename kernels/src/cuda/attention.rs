@@ -267,7 +267,7 @@ impl CudaBackend {
         let scale = 1.0 / (head_dim as f32).sqrt();
         let (seq, rows) = (layout.seq_len, layout.rows);
         let pairs = n * heads;
-        let delta = self.alloc(pairs, DType::F32)?;
+        let delta = self.alloc_f32_scratch(pairs)?;
         let dot_blocks = pairs.div_ceil(WARPS_PER_BLOCK_SIMPLE) as u32;
         self.launch(
             &format!("attention_backward_dot_{}", suffix(dt)),
@@ -288,14 +288,14 @@ impl CudaBackend {
             Arg::I32(kv_heads as i32),
         ];
         if let Some(warps) = self.backward_mma_warps(dt, head_dim) {
-            let mut dq_acc = self.alloc(dq.len(), DType::F32)?;
+            let mut dq_acc = self.alloc_f32_scratch(dq.len())?;
             self.memset_zero(&mut dq_acc)?;
             let name = format!("attention_backward_mma_{}_d{head_dim}_w{warps}", suffix(dt));
             // GQA: one block per query head, dK and dV summed over the group afterwards.
             let parts = if heads > kv_heads {
                 Some((
-                    self.alloc(n * heads * head_dim, DType::F32)?,
-                    self.alloc(n * heads * head_dim, DType::F32)?,
+                    self.alloc_f32_scratch(n * heads * head_dim)?,
+                    self.alloc_f32_scratch(n * heads * head_dim)?,
                 ))
             } else {
                 None

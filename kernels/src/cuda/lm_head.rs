@@ -76,7 +76,7 @@ impl CudaBackend {
             1.0 / GRAD_GAIN
         };
         let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows);
-        let logits = self.alloc(chunk * vocab, DType::F32)?;
+        let logits = self.alloc_f32_scratch(chunk * vocab)?;
         let dz = if want_grad {
             Some(self.alloc(chunk * vocab, dt)?)
         } else {

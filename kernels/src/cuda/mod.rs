@@ -193,9 +193,17 @@ impl CudaBackend {
         };
         Ok(CudaTensor {
             storage: Some(storage),
+            len,
             dtype,
             pool: self.pool.clone(),
         })
+    }
+
+    /// An op's own f32 scratch of `len` values (an accumulator, the LM head's logits), passed to
+    /// kernels by address only: held in 16-bit storage of `2 · len` elements, so that it reuses
+    /// the pool's activation buffers (tensor.rs) instead of raising the peak beside them.
+    pub(crate) fn alloc_f32_scratch(&self, len: usize) -> Result<CudaTensor> {
+        self.alloc(2 * len, DType::BF16)
     }
 
     pub(crate) fn launch(
@@ -290,13 +298,14 @@ impl CudaBackend {
             || "memset".to_string(),
             || 0.0,
             || match t.storage.as_mut() {
-                Some(Storage::F32(s)) if !s.is_empty() => {
-                    stream.memset_zeros(s).map_err(device_err("memset"))
-                }
-                Some(Storage::Half(s)) if !s.is_empty() => {
-                    stream.memset_zeros(s).map_err(device_err("memset"))
-                }
-                _ => Ok(()),
+                _ if t.len == 0 => Ok(()),
+                Some(Storage::F32(s)) => stream
+                    .memset_zeros(&mut s.slice_mut(..t.len))
+                    .map_err(device_err("memset")),
+                Some(Storage::Half(s)) => stream
+                    .memset_zeros(&mut s.slice_mut(..t.len))
+                    .map_err(device_err("memset")),
+                None => Ok(()),
             },
         )
     }
@@ -385,22 +394,30 @@ impl Backend for CudaBackend {
             return Ok(t);
         }
         let err = device_err("upload");
+        let len = t.len;
         match (t.storage.as_mut().expect("fresh tensor"), dtype) {
-            (Storage::F32(s), _) => self.stream.memcpy_htod(data, s).map_err(err)?,
+            (Storage::F32(s), _) => self
+                .stream
+                .memcpy_htod(data, &mut s.slice_mut(..len))
+                .map_err(err)?,
             // Rounded on every core (a 7B model is 6.7 billion values; each is independent).
             (Storage::Half(s), DType::BF16) => {
                 let bits: Vec<u16> = data
                     .par_iter()
                     .map(|&x| half::bf16::from_f32(x).to_bits())
                     .collect();
-                self.stream.memcpy_htod(&bits, s).map_err(err)?
+                self.stream
+                    .memcpy_htod(&bits, &mut s.slice_mut(..len))
+                    .map_err(err)?
             }
             (Storage::Half(s), _) => {
                 let bits: Vec<u16> = data
                     .par_iter()
                     .map(|&x| half::f16::from_f32(x).to_bits())
                     .collect();
-                self.stream.memcpy_htod(&bits, s).map_err(err)?
+                self.stream
+                    .memcpy_htod(&bits, &mut s.slice_mut(..len))
+                    .map_err(err)?
             }
         }
         Ok(t)
@@ -413,7 +430,7 @@ impl Backend for CudaBackend {
         let mut t = self.alloc(bits.len(), dtype)?;
         if let (false, Some(Storage::Half(s))) = (bits.is_empty(), t.storage.as_mut()) {
             self.stream
-                .memcpy_htod(bits, s)
+                .memcpy_htod(bits, &mut s.slice_mut(..bits.len()))
                 .map_err(device_err("upload"))?;
         }
         Ok(t)
@@ -423,9 +440,9 @@ impl Backend for CudaBackend {
         let err = device_err("download");
         match t.storage.as_ref().expect("tensor storage") {
             _ if t.is_empty() => Ok(Vec::new()),
-            Storage::F32(s) => self.stream.clone_dtoh(s).map_err(err),
+            Storage::F32(s) => self.stream.clone_dtoh(&s.slice(..t.len)).map_err(err),
             Storage::Half(s) => {
-                let bits = self.stream.clone_dtoh(s).map_err(err)?;
+                let bits = self.stream.clone_dtoh(&s.slice(..t.len)).map_err(err)?;
                 Ok(match t.dtype {
                     DType::BF16 => bits
                         .iter()

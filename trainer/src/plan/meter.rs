@@ -2,16 +2,20 @@
 //! decoder code runs on it, and it records
 //!
 //! - memory as the CUDA backend's caching pool holds it (kernels/src/cuda/tensor.rs): a freed
-//!   buffer waits for a tensor of the same storage kind (f32, or 16-bit for bf16/f16) and length,
-//!   a new length is a new allocation, and the peak counts buffers in use plus cached — the number
-//!   `bench` reports as peak memory. The buffers the CUDA ops take for themselves are mirrored
-//!   (the LM head's logits chunk, kernels/src/cuda/lm_head.rs; attention backward's `delta` and
-//!   f32 `dq` accumulator, kernels/src/cuda/attention.rs);
+//!   buffer waits for a tensor of the same storage kind (f32, or 16-bit for bf16/f16) whose length
+//!   is at least 1/[`POOL_REUSE_SLACK`] of its own (the smallest such buffer serves), anything else
+//!   is a new allocation, and the peak counts buffers in use plus cached — the number `bench`
+//!   reports as peak memory. The buffers the CUDA ops take for themselves are mirrored, f32
+//!   scratch in 16-bit storage as there (the LM head's logits chunk, kernels/src/cuda/lm_head.rs;
+//!   attention backward's `delta`, f32 `dq` accumulator and GQA's f32 dK/dV parts,
+//!   kernels/src/cuda/attention.rs);
 //! - every op's FLOPs and bytes moved, for the roofline in [`super::roofline`].
 //!
 //! Index buffers (token ids, positions) are not in the pool, as on the device.
 
-use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result};
+use kernels::{
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result, POOL_REUSE_SLACK,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -53,6 +57,8 @@ pub struct Meter {
 /// A buffer: its length and dtype only.
 pub struct MeterTensor {
     len: usize,
+    /// Elements of the pooled buffer behind it (at least `len`).
+    capacity: usize,
     dtype: DType,
     meter: Arc<Meter>,
 }
@@ -60,12 +66,19 @@ pub struct MeterTensor {
 impl Drop for MeterTensor {
     fn drop(&mut self) {
         let mut p = self.meter.pool.lock().expect("meter lock");
-        *p.free.entry((is_f32(self.dtype), self.len)).or_insert(0) += 1;
+        *p.free
+            .entry((is_f32(self.dtype), self.capacity))
+            .or_insert(0) += 1;
     }
 }
 
 fn is_f32(d: DType) -> bool {
     d == DType::F32
+}
+
+/// Whether a free buffer of `capacity` elements serves a tensor of `len` (as the CUDA pool decides).
+fn fits(len: usize, capacity: usize) -> bool {
+    len <= capacity && capacity <= POOL_REUSE_SLACK * len.max(1)
 }
 
 /// Bytes of cached buffers given as ((is f32, length), count).
@@ -117,18 +130,44 @@ impl MeterBackend {
 
     fn alloc(&self, len: usize, dtype: DType) -> MeterTensor {
         let mut p = self.meter.pool.lock().expect("meter lock");
-        let key = (is_f32(dtype), len);
-        match p.free.get_mut(&key) {
-            Some(n) if *n > 0 => *n -= 1,
-            _ => {
+        let kind = is_f32(dtype);
+        let fit = p
+            .free
+            .iter()
+            .filter(|&(&(f, cap), &n)| n > 0 && f == kind && fits(len, cap))
+            .map(|(&(_, cap), _)| cap)
+            .min();
+        let capacity = match fit {
+            Some(cap) => {
+                *p.free.get_mut(&(kind, cap)).expect("found above") -= 1;
+                cap
+            }
+            None => {
                 p.held += (len * dtype.size_bytes()) as u64;
                 p.peak = p.peak.max(p.held);
+                len
             }
-        }
+        };
         MeterTensor {
             len,
+            capacity,
             dtype,
             meter: self.meter.clone(),
+        }
+    }
+
+    /// An op's f32 scratch of `len` values, held in 16-bit storage as the CUDA backend does
+    /// (`CudaBackend::alloc_f32_scratch`).
+    fn alloc_f32_scratch(&self, len: usize) -> MeterTensor {
+        self.alloc(2 * len, self.compute_16bit())
+    }
+
+    /// The 16-bit storage kind (the compute dtype, or bf16 in an f32 run).
+    fn compute_16bit(&self) -> DType {
+        if self.compute == DType::F32 {
+            DType::BF16
+        } else {
+            self.compute
         }
     }
 
@@ -372,17 +411,25 @@ impl Backend for MeterBackend {
         layout: &AttentionLayout,
         _doc_start: &usize,
         heads: usize,
-        _kv_heads: usize,
+        kv_heads: usize,
         head_dim: usize,
         dq: &mut MeterTensor,
         dk: &mut MeterTensor,
         dv: &mut MeterTensor,
     ) -> Result<()> {
-        // attention.rs: `delta [n·heads]` f32, and with the mma kernels an f32 dq accumulator.
+        // attention.rs: `delta [n·heads]` f32, and with the mma kernels an f32 dq accumulator and,
+        // with GQA, f32 dK and dV per query head; all f32 scratch in 16-bit storage.
         let n = layout.tokens();
-        let _delta = self.alloc(n * heads, DType::F32);
+        let _delta = self.alloc_f32_scratch(n * heads);
         let mma = self.compute != DType::F32 && matches!(head_dim, 64 | 128);
-        let _dq_acc = mma.then(|| self.alloc(dq.len, DType::F32));
+        let _dq_acc = mma.then(|| self.alloc_f32_scratch(dq.len));
+        let gqa = mma && heads > kv_heads;
+        let _parts = gqa.then(|| {
+            [
+                self.alloc_f32_scratch(n * heads * head_dim),
+                self.alloc_f32_scratch(n * heads * head_dim),
+            ]
+        });
         let bytes = [q, k, v, out, lse, dout]
             .iter()
             .map(|t| tensor_bytes(t))
@@ -467,7 +514,7 @@ impl Backend for MeterBackend {
         // lm_head.rs: f32 logits and, with a gradient, compute-dtype dz for `chunk` rows.
         let dt = hidden.dtype;
         let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows);
-        let _logits = self.alloc(chunk * vocab, DType::F32);
+        let _logits = self.alloc_f32_scratch(chunk * vocab);
         let want_grad = !matches!(grad, CeGrad::None);
         let _dz = want_grad.then(|| self.alloc(chunk * vocab, dt));
         let e = dt.size_bytes() as f64;

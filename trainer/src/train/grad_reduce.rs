@@ -121,7 +121,7 @@ impl GradReducer for kernels::cuda::CudaBackend {
             slices.push(slice);
         }
         nccl.stream().join(self.stream())?;
-        nccl.all_reduce_device_group(slices, ReduceOp::Sum)?;
+        nccl.all_reduce_device_group(slices.iter_mut(), ReduceOp::Sum)?;
         Ok(())
     }
 
