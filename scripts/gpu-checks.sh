@@ -9,7 +9,7 @@
 #   3. fuselora bench llama2-7b batch 2 × 2048 with checkpointing, then the HF + PEFT baseline.
 # usage: [FIXTURES=tests/fixtures] [SKIP_BENCH=1] scripts/gpu-checks.sh FUSELORA_BIN DATA.jsonl OUT_DIR
 set -uo pipefail
-BIN=$1 DATA=$2 OUT=$3
+BIN=$(realpath "$1") DATA=$(realpath "$2") OUT=$3
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
 FIXTURES=${FIXTURES:-$SCRIPTS/../tests/fixtures}
 WORK=$(mktemp -d)
