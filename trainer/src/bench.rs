@@ -132,6 +132,10 @@ pub struct BenchResult {
     pub peak_memory_bytes: Option<u64>,
     /// The driver allocator's reserved peak behind those tensors (as `max_memory_reserved`).
     pub reserved_peak_bytes: Option<u64>,
+    /// Both peaks as they stood before the first step (the model, adapter and optimizer made and
+    /// placed): which part of the run set them.
+    pub setup_peak_bytes: Option<u64>,
+    pub setup_reserved_peak_bytes: Option<u64>,
     pub final_loss: f64,
     /// Device time per op of the profiled step (empty without `profile`, and on the CPU).
     pub profile: Vec<OpTime>,
@@ -229,6 +233,8 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         .map(|_| random_batch(be, &config, spec, &mut rng))
         .collect::<Result<Vec<_>>>()?;
     let targets: usize = batches.iter().map(|b| b.n_targets).sum();
+    be.download(&lora.compute[0])?; // waits for the setup's queued work
+    let (setup_peak, setup_reserved) = (be.peak_memory_bytes(), be.reserved_peak_bytes());
     let mut times = Vec::with_capacity(spec.steps);
     let mut final_loss = 0.0;
     let mut profile = Vec::new();
@@ -282,6 +288,8 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         flops_formula: FLOPS_FORMULA,
         peak_memory_bytes: be.peak_memory_bytes(),
         reserved_peak_bytes: be.reserved_peak_bytes(),
+        setup_peak_bytes: setup_peak,
+        setup_reserved_peak_bytes: setup_reserved,
         final_loss,
         profile,
     })
@@ -346,6 +354,17 @@ pub fn describe(r: &BenchResult) -> String {
         ),
         format!("loss        {:.4} (last step)", r.final_loss),
     ]
+    .into_iter()
+    .chain(r.setup_peak_bytes.map(|b| {
+        format!(
+            "setup peak  {b}{} (the model, adapter and optimizer made, before the first step)",
+            r.setup_reserved_peak_bytes
+                .map(|b| format!(" in tensors, {} reserved", gib(b)))
+                .unwrap_or_default(),
+            b = gib(b)
+        )
+    }))
+    .collect::<Vec<_>>()
     .join("\n")
         + &profile_table(&r.profile, r.median_step_s)
 }
