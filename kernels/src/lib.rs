@@ -34,3 +34,10 @@ pub type Result<T> = std::result::Result<T, KernelError>;
 /// this many times its length (the smallest that fits); `fuselora plan`'s meter books the same.
 /// 2 lowered every preset's predicted peak (by 0.07-0.29 GiB) and raised none; 4 raised some.
 pub const POOL_REUSE_SLACK: usize = 2;
+
+/// Whether a free pool buffer of `capacity` elements may serve a tensor of `len` elements: it
+/// holds it and wastes at most [`POOL_REUSE_SLACK`] − 1 times its length. One rule for the CUDA
+/// pool and the plan's meter.
+pub fn pool_buffer_fits(len: usize, capacity: usize) -> bool {
+    len <= capacity && capacity <= POOL_REUSE_SLACK * len.max(1)
+}

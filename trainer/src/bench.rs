@@ -346,25 +346,23 @@ pub fn describe(r: &BenchResult) -> String {
                 .unwrap_or_default()
         ),
         format!(
-            "peak memory {}{}",
+            "peak memory {}{}{}",
             r.peak_memory_bytes.map(gib).unwrap_or("n/a (cpu)".into()),
             r.reserved_peak_bytes
                 .map(|b| format!(" in tensors, {} reserved by the driver", gib(b)))
+                .unwrap_or_default(),
+            r.setup_peak_bytes
+                .map(|b| format!(
+                    "\nsetup peak  {}{} (the model, adapter and optimizer made, before the first step)",
+                    gib(b),
+                    r.setup_reserved_peak_bytes
+                        .map(|b| format!(" in tensors, {} reserved", gib(b)))
+                        .unwrap_or_default()
+                ))
                 .unwrap_or_default()
         ),
         format!("loss        {:.4} (last step)", r.final_loss),
     ]
-    .into_iter()
-    .chain(r.setup_peak_bytes.map(|b| {
-        format!(
-            "setup peak  {b}{} (the model, adapter and optimizer made, before the first step)",
-            r.setup_reserved_peak_bytes
-                .map(|b| format!(" in tensors, {} reserved", gib(b)))
-                .unwrap_or_default(),
-            b = gib(b)
-        )
-    }))
-    .collect::<Vec<_>>()
     .join("\n")
         + &profile_table(&r.profile, r.median_step_s)
 }

@@ -4,14 +4,14 @@
 //! storage for bf16 and f16. Dropping one returns its buffer to a pool keyed by (storage kind,
 //! capacity), so the activation buffers of one layer are reused by the next layer and the next
 //! step without going back to the driver. A tensor takes the smallest free buffer of its kind that
-//! holds it and is at most [`POOL_REUSE_SLACK`] times its length: so a layer's attention tensors
+//! holds it and is at most [`crate::POOL_REUSE_SLACK`] times its length: so a layer's attention tensors
 //! reuse the larger MLP buffers the backward has just freed instead of raising the peak (0.07-0.29
 //! GiB less across `fuselora plan`'s presets). The ops' f32 scratch lives in 16-bit storage
 //! (`CudaBackend::alloc_f32_scratch`) to share those buffers too. The pool counts the bytes it
 //! holds from the driver (in use plus cached) and remembers the peak: that is the memory the
 //! training run needs.
 
-use crate::{DType, KernelError, Result, POOL_REUSE_SLACK};
+use crate::{pool_buffer_fits, DType, KernelError, Result};
 use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DevicePtr};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,17 +46,14 @@ pub(crate) struct Pool {
 
 impl Pool {
     /// The smallest cached buffer of this kind with room for `len` elements and at most
-    /// [`POOL_REUSE_SLACK`] times that, if one is free.
+    /// [`crate::POOL_REUSE_SLACK`] times that ([`pool_buffer_fits`]), if one is free.
     pub(crate) fn take(&self, is_f32: bool, len: usize) -> Option<Storage> {
         let mut s = self.state.lock().expect("pool lock");
         let capacity = s
             .free
             .iter()
             .filter(|&(&(kind, cap), v)| {
-                kind == is_f32
-                    && !v.is_empty()
-                    && len <= cap
-                    && cap <= POOL_REUSE_SLACK * len.max(1)
+                kind == is_f32 && !v.is_empty() && pool_buffer_fits(len, cap)
             })
             .map(|(&(_, cap), _)| cap)
             .min()?;

@@ -3,7 +3,7 @@
 //!
 //! - memory as the CUDA backend's caching pool holds it (kernels/src/cuda/tensor.rs): a freed
 //!   buffer waits for a tensor of the same storage kind (f32, or 16-bit for bf16/f16) whose length
-//!   is at least 1/[`POOL_REUSE_SLACK`] of its own (the smallest such buffer serves), anything else
+//!   is at least 1/[`kernels::POOL_REUSE_SLACK`] of its own (the smallest such buffer serves), anything else
 //!   is a new allocation, and the peak counts buffers in use plus cached — the number `bench`
 //!   reports as peak memory. The buffers the CUDA ops take for themselves are mirrored, f32
 //!   scratch in 16-bit storage as there (the LM head's logits chunk, kernels/src/cuda/lm_head.rs;
@@ -14,7 +14,7 @@
 //! Index buffers (token ids, positions) are not in the pool, as on the device.
 
 use kernels::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result, POOL_REUSE_SLACK,
+    pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -76,11 +76,6 @@ fn is_f32(d: DType) -> bool {
     d == DType::F32
 }
 
-/// Whether a free buffer of `capacity` elements serves a tensor of `len` (as the CUDA pool decides).
-fn fits(len: usize, capacity: usize) -> bool {
-    len <= capacity && capacity <= POOL_REUSE_SLACK * len.max(1)
-}
-
 /// Bytes of cached buffers given as ((is f32, length), count).
 fn cached_bytes(free: impl Iterator<Item = ((bool, usize), usize)>) -> u64 {
     free.map(|((f32, len), n)| (len * if f32 { 4 } else { 2 } * n) as u64)
@@ -134,7 +129,7 @@ impl MeterBackend {
         let fit = p
             .free
             .iter()
-            .filter(|&(&(f, cap), &n)| n > 0 && f == kind && fits(len, cap))
+            .filter(|&(&(f, cap), &n)| n > 0 && f == kind && pool_buffer_fits(len, cap))
             .map(|(&(_, cap), _)| cap)
             .min();
         let capacity = match fit {
@@ -159,16 +154,7 @@ impl MeterBackend {
     /// An op's f32 scratch of `len` values, held in 16-bit storage as the CUDA backend does
     /// (`CudaBackend::alloc_f32_scratch`).
     fn alloc_f32_scratch(&self, len: usize) -> MeterTensor {
-        self.alloc(2 * len, self.compute_16bit())
-    }
-
-    /// The 16-bit storage kind (the compute dtype, or bf16 in an f32 run).
-    fn compute_16bit(&self) -> DType {
-        if self.compute == DType::F32 {
-            DType::BF16
-        } else {
-            self.compute
-        }
+        self.alloc(2 * len, DType::BF16)
     }
 
     fn record(&self, kind: OpKind, flops: f64, bytes: f64) {
