@@ -43,6 +43,15 @@ __device__ void attention_backward_dot(const T* dout, const T* out, float* delta
     if (lane == 0) delta[pair] = acc;
 }
 
+/* The 16-bit bits of P, dS, dK and dV in the tensor-core kernel: bf16 rounded by integer
+ * arithmetic (common.cuh says why), f16 by cvt. */
+template <typename T> __device__ __forceinline__ u16 bits_int(float f);
+template <> __device__ __forceinline__ u16 bits_int<bf16>(float f) { return f32_to_bf16_bits_int(f); }
+template <> __device__ __forceinline__ u16 bits_int<f16>(float f) { return f32_to_f16_bits(f); }
+template <typename T> __device__ __forceinline__ u32 pack2_int(float lo, float hi) {
+    return (u32)bits_int<T>(lo) | ((u32)bits_int<T>(hi) << 16);
+}
+
 template <typename T, int D, int NW>
 __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const T* dout, const float* lse,
                                        const float* delta, const int* doc_start, float* dq_acc, T* dk, T* dv, float* dk_part,
@@ -169,14 +178,14 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
             /* dV += P^T dO and dK += dS^T Q, the A operands straight from registers. */
             for (int j = 0; j < BWD_BM / 16; j++) {
                 u32 pa[4], da[4];
-                pa[0] = pack2<T>(st[2 * j][0], st[2 * j][1]);
-                pa[1] = pack2<T>(st[2 * j][2], st[2 * j][3]);
-                pa[2] = pack2<T>(st[2 * j + 1][0], st[2 * j + 1][1]);
-                pa[3] = pack2<T>(st[2 * j + 1][2], st[2 * j + 1][3]);
-                da[0] = pack2<T>(dpt[2 * j][0], dpt[2 * j][1]);
-                da[1] = pack2<T>(dpt[2 * j][2], dpt[2 * j][3]);
-                da[2] = pack2<T>(dpt[2 * j + 1][0], dpt[2 * j + 1][1]);
-                da[3] = pack2<T>(dpt[2 * j + 1][2], dpt[2 * j + 1][3]);
+                pa[0] = pack2_int<T>(st[2 * j][0], st[2 * j][1]);
+                pa[1] = pack2_int<T>(st[2 * j][2], st[2 * j][3]);
+                pa[2] = pack2_int<T>(st[2 * j + 1][0], st[2 * j + 1][1]);
+                pa[3] = pack2_int<T>(st[2 * j + 1][2], st[2 * j + 1][3]);
+                da[0] = pack2_int<T>(dpt[2 * j][0], dpt[2 * j][1]);
+                da[1] = pack2_int<T>(dpt[2 * j][2], dpt[2 * j][3]);
+                da[2] = pack2_int<T>(dpt[2 * j + 1][0], dpt[2 * j + 1][1]);
+                da[3] = pack2_int<T>(dpt[2 * j + 1][2], dpt[2 * j + 1][3]);
                 for (int i = 0; i < DTILES; i += 2) {
                     u32 b[4];
                     ldm_b2_t(b, dos, LD, 16 * j, 8 * i);
@@ -192,7 +201,7 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
                 for (int e = 0; e < 4; e++) {
                     int ql = 8 * n + 2 * tq + (e & 1);
                     int kl = warp * 16 + g + (e < 2 ? 0 : 8);
-                    dss[ql * LDS + kl] = store_f32<T>(dpt[n][e] * scale).bits;
+                    dss[ql * LDS + kl] = bits_int<T>(dpt[n][e] * scale);
                 }
             }
             __syncthreads();
@@ -251,13 +260,13 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
         int d = 8 * i + 2 * tq;
         if (key_a < seq) {
             u64 at = ((tok0 + key_a) * kv_heads + kvh) * D + d;
-            *(u32*)(dkg + at) = pack2<T>(dkacc[i][0] * scale, dkacc[i][1] * scale);
-            *(u32*)(dvg + at) = pack2<T>(dvacc[i][0], dvacc[i][1]);
+            *(u32*)(dkg + at) = pack2_int<T>(dkacc[i][0] * scale, dkacc[i][1] * scale);
+            *(u32*)(dvg + at) = pack2_int<T>(dvacc[i][0], dvacc[i][1]);
         }
         if (key_b < seq) {
             u64 at = ((tok0 + key_b) * kv_heads + kvh) * D + d;
-            *(u32*)(dkg + at) = pack2<T>(dkacc[i][2] * scale, dkacc[i][3] * scale);
-            *(u32*)(dvg + at) = pack2<T>(dvacc[i][2], dvacc[i][3]);
+            *(u32*)(dkg + at) = pack2_int<T>(dkacc[i][2] * scale, dkacc[i][3] * scale);
+            *(u32*)(dvg + at) = pack2_int<T>(dvacc[i][2], dvacc[i][3]);
         }
     }
 }

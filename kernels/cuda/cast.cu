@@ -5,6 +5,8 @@
  *   cast_multi_f32_<dst>: dst_t = src_t for every tensor t of a table (the compute-dtype copies of
  *                      all LoRA weights after an optimizer step, in one launch instead of one each);
  *                      src/dst are tables of addresses, starts[t] the first flat index of tensor t.
+ *   zero_multi_f32:    t = 0 for every f32 tensor t of a table (all LoRA gradients at a step's start:
+ *                      one launch instead of a memset each); the same tables.
  * Streaming grid-stride loops, each element read and written once, 8 elements per access
  * (load8/store8: 16 bytes of a 16-bit type) and single elements for a tail.
  */
@@ -70,3 +72,11 @@ __device__ void cast_multi(const u64* src, const u64* dst, const u64* starts, in
         cast_multi<T>(src, dst, starts, count);                                                          \
     }
 FOR_EACH_DTYPE(CAST_MULTI)
+
+extern "C" __global__ void zero_multi_f32(const u64* dst, const u64* starts, int count) {
+    const u64 total = starts[count];
+    for (u64 idx = THREAD_INDEX; idx < total; idx += GRID_STRIDE) {
+        int t = owner_of(starts, count, idx);
+        ((float*)dst[t])[idx - starts[t]] = 0.0f;
+    }
+}

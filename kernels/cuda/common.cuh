@@ -29,11 +29,25 @@ __device__ __forceinline__ float load_f32(f16 x) {
     return f;
 }
 
-__device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
+/* f32 -> bf16, rounding to nearest even, NaN kept NaN (its payload may differ between the two):
+ * by integer arithmetic, and from sm_80 on by one cvt, which the issue-bound attention forward
+ * and the element-wise kernels use (attention forward 0.432 -> 0.383 ms at b2 x 2048, 32 heads,
+ * d 128). Attention backward keeps the integer form: with the cvt its registers spill
+ * (1.634 -> 1.854 ms, same shape). */
+__device__ __forceinline__ u16 f32_to_bf16_bits_int(float f) {
     u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                     /* round to nearest even */
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
     return (u16)(u >> 16);
+}
+__device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
+#if __CUDA_ARCH__ >= 800
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else
+    return f32_to_bf16_bits_int(f);
+#endif
 }
 __device__ __forceinline__ u16 f32_to_f16_bits(float f) {
     u16 h;
@@ -50,6 +64,19 @@ template <> __device__ __forceinline__ f16 store_f32<f16>(float f) { f16 r; r.bi
 template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return (u32)store_f32<T>(lo).bits | ((u32)store_f32<T>(hi).bits << 16);
 }
+#if __CUDA_ARCH__ >= 800
+/* Both conversions in one instruction (cvt's first source goes to the upper half). */
+template <> __device__ __forceinline__ u32 pack2<bf16>(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <> __device__ __forceinline__ u32 pack2<f16>(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+#endif
 __device__ __forceinline__ u32 pack_bits(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
 
 __device__ __forceinline__ float warp_sum(float v) {

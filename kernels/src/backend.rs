@@ -165,6 +165,14 @@ pub trait Backend {
     }
     /// `t ← 0`.
     fn fill_zero(&self, t: &mut Self::Tensor) -> Result<()>;
+    /// `t ← 0` for every tensor of `ts`: all LoRA gradients at the start of a step. The CUDA
+    /// backend zeroes f32 tensors in one launch (448 memsets a step at 7B otherwise).
+    fn fill_zero_many(&self, ts: &mut [Self::Tensor]) -> Result<()> {
+        for t in ts {
+            self.fill_zero(t)?;
+        }
+        Ok(())
+    }
     /// Moves the tensors `ts` (one layer's checkpoint) to host memory as one group (no arithmetic:
     /// their elements cross the host link once each way between `park` and [`Backend::unpark`]).
     /// The device copies are freed once the transfer is done, without the device waiting for it:

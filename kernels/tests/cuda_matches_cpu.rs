@@ -913,6 +913,34 @@ fn copy_many_equals_one_copy_per_tensor() {
     assert_eq!(g.download(&mixed[1]).unwrap(), g.download(&src[1]).unwrap());
 }
 
+/// All gradients zeroed in one launch: every element of every tensor, whatever its size; a list
+/// with a 16-bit tensor takes the per-tensor path.
+#[test]
+fn fill_zero_many_zeroes_every_tensor() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    let sizes = [4096 * 16, 16 * 11008, 3, 1 << 20, 7];
+    let mut ts: Vec<CudaTensor> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            g.upload(&random(n, 70 + i as u64, 1.0), DType::F32)
+                .unwrap()
+        })
+        .collect();
+    g.fill_zero_many(&mut ts).unwrap();
+    for t in &ts {
+        assert!(g.download(t).unwrap().iter().all(|&x| x.to_bits() == 0));
+    }
+    let mut mixed = vec![
+        g.upload(&random(100, 80, 1.0), DType::BF16).unwrap(),
+        g.upload(&random(100, 81, 1.0), DType::F32).unwrap(),
+    ];
+    g.fill_zero_many(&mut mixed).unwrap();
+    for t in &mixed {
+        assert!(g.download(t).unwrap().iter().all(|&x| x == 0.0));
+    }
+}
+
 #[test]
 fn optimizer_norm_and_finiteness_match_and_the_pool_reuses_zeroed_buffers() {
     let cpu = CpuBackend::new();

@@ -497,6 +497,10 @@ impl Backend for CudaBackend {
         self.memset_zero(t)
     }
 
+    fn fill_zero_many(&self, ts: &mut [CudaTensor]) -> Result<()> {
+        self.fill_zero_many_impl(ts)
+    }
+
     fn park(&self, ts: Vec<CudaTensor>) -> Result<CudaParked> {
         self.park_impl(ts)
     }

@@ -135,6 +135,34 @@ impl CudaBackend {
         self.launch(&name, (blocks_for(total).min(4096), 1, 1), 256, 0, &args)
     }
 
+    /// `t ← 0` for every tensor: one `zero_multi_f32` launch when all are f32 (the LoRA
+    /// gradients), else one memset each.
+    pub(crate) fn fill_zero_many_impl(&self, ts: &mut [CudaTensor]) -> Result<()> {
+        if !ts.iter().all(|t| t.dtype == DType::F32) {
+            for t in ts.iter_mut() {
+                self.memset_zero(t)?;
+            }
+            return Ok(());
+        }
+        if ts.iter().all(|t| t.is_empty()) {
+            return Ok(());
+        }
+        let (starts, total) = self.starts_table(ts)?;
+        let ptrs = self.address_table(ts)?;
+        let args = [
+            Arg::Ptr(ptrs.device_ptr(&self.stream).0),
+            Arg::Ptr(starts.device_ptr(&self.stream).0),
+            Arg::I32(ts.len() as i32),
+        ];
+        self.launch(
+            "zero_multi_f32",
+            (blocks_for(total).min(4096), 1, 1),
+            256,
+            0,
+            &args,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn adamw_impl(
         &self,

@@ -149,10 +149,7 @@ impl<B: Backend> LoraParams<B> {
 
     /// Sets every gradient to zero (start of an optimizer step).
     pub fn zero_grads(&mut self, backend: &B) -> Result<()> {
-        for g in &mut self.grads {
-            backend.fill_zero(g)?;
-        }
-        Ok(())
+        Ok(backend.fill_zero_many(&mut self.grads)?)
     }
 
     /// Downloads every parameter (name, shape, values) — for saving adapters.

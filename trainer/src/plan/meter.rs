@@ -236,6 +236,12 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
+    /// One launch, as the CUDA backend's.
+    fn fill_zero_many(&self, ts: &mut [MeterTensor]) -> Result<()> {
+        self.memory_op(ts.iter().map(tensor_bytes).sum());
+        Ok(())
+    }
+
     /// The copies run beside the compute stream: no op is recorded, only the pool's books move.
     fn park(&self, ts: Vec<MeterTensor>) -> Result<MeterParked> {
         let parked = MeterParked {
