@@ -23,7 +23,7 @@
  * (8 warps, 113 KiB of shared memory) halve the dQ atomics and the Q/dO tile loads per key against
  * 64 keys (4 warps, 74 KiB), with the same warps per multiprocessor (one block of 8 instead of two
  * of 4); the host takes the 8-warp kernel where the device's shared memory per block allows. */
-#define BWD_BM 32
+#define BWD_BM 32 /* = the warp size: lane l of every warp checks query l of a tile */
 #define LOG2E 1.4426950408889634f
 
 __device__ __forceinline__ int first_key_of(const int* doc_start, u64 tok0, int qi, int window) {
@@ -64,9 +64,9 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
     u16* qbuf = vs + BWD_BN * LD;      /* [2][BM][LD] query tiles: the current one and the next */
     u16* dobuf = qbuf + 2 * BWD_BM * LD; /* [2][BM][LD] their output gradients */
     u16* dss = dobuf + 2 * BWD_BM * LD; /* [BM][LDS] dS (scaled), query-major */
-    float* lse_s = (float*)(dss + BWD_BM * LDS); /* [BM] lse in log2 units */
-    float* dl_s = lse_s + BWD_BM;      /* [BM] D_i */
-    int* fk_s = (int*)(dl_s + BWD_BM); /* [BM] first visible key */
+    float* lse_buf = (float*)(dss + BWD_BM * LDS); /* [2][BM] lse of the two tiles' queries */
+    float* dl_buf = lse_buf + 2 * BWD_BM;              /* [2][BM] D_i */
+    int* doc_buf = (int*)(dl_buf + 2 * BWD_BM);        /* [2][BM] first key of each query's document */
 
     /* Without parts a block owns a kv head and all its query heads; with them (GQA), one query head,
      * its dK and dV going to the f32 parts [N, heads, D] that attention_backward_group_sum adds up. */
@@ -102,8 +102,9 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
     const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;
     const int q_end = window > 0 ? min(seq, key_last + window) : seq;
 
-    /* The (query head, query tile) pairs in order; tile t + 1's Q and dO load by cp.async while
-     * tile t is used. */
+    /* The (query head, query tile) pairs in order; tile t + 1's Q, dO, lse, D and document starts
+     * load by cp.async while tile t is used, so that a tile needs two barriers and no load waits
+     * in its path (before: four, the lse/D/document loads waited on by the whole block). */
     const int q_start = (k0 / BWD_BM) * BWD_BM;
     const int per_head = q_end > q_start ? (q_end - q_start + BWD_BM - 1) / BWD_BM : 0;
     const int tiles = n_heads * per_head;
@@ -117,6 +118,14 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
             cp_async16(qbuf + (buf * BWD_BM + r) * LD + col, qg + at, valid);
             cp_async16(dobuf + (buf * BWD_BM + r) * LD + col, dog + at, valid);
         }
+        if (threadIdx.x < BWD_BM) {
+            int qi = tq0 + threadIdx.x;
+            bool valid = qi < seq;
+            u64 at = valid ? (tok0 + qi) * heads + th : 0;
+            cp_async4(lse_buf + buf * BWD_BM + threadIdx.x, lse + at, valid);
+            cp_async4(dl_buf + buf * BWD_BM + threadIdx.x, delta + at, valid);
+            cp_async4(doc_buf + buf * BWD_BM + threadIdx.x, doc_start + (valid ? tok0 + qi : 0), valid);
+        }
         cp_async_commit();
     };
     if (tiles > 0) load_tile(0, 0);
@@ -124,27 +133,18 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
         const int h = h_first + t / per_head, q0 = q_start + (t % per_head) * BWD_BM;
         const u16* qs = qbuf + (t & 1) * BWD_BM * LD;
         const u16* dos = dobuf + (t & 1) * BWD_BM * LD;
+        const float* lse_s = lse_buf + (t & 1) * BWD_BM;
+        const float* dl_s = dl_buf + (t & 1) * BWD_BM;
+        const int* doc_s = doc_buf + (t & 1) * BWD_BM;
         {
-            __syncthreads(); /* the previous tile's readers are done with its buffers */
+            cp_async_wait<0>();
+            __syncthreads(); /* tile t is in shared memory; every warp is done with tile t - 1 */
             if (t + 1 < tiles) load_tile(t + 1, (t + 1) & 1);
-            bool sees = false;
-            if (threadIdx.x < BWD_BM) {
-                int qi = q0 + threadIdx.x;
-                int f = qi < seq ? first_key_of(doc_start, tok0, qi, window) : (1 << 30);
-                fk_s[threadIdx.x] = f;
-                sees = qi < seq && f <= key_last && qi >= k0;
-                float l = qi < seq ? lse[(tok0 + qi) * heads + h] : 0.0f;
-                lse_s[threadIdx.x] = l * LOG2E;
-                dl_s[threadIdx.x] = qi < seq ? delta[(tok0 + qi) * heads + h] : 0.0f;
-            }
-            const bool any = __syncthreads_or(sees);
-            if (t + 1 < tiles) {
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
-            __syncthreads();
-            if (!any) continue;
+            /* Whether any query of the tile sees this block's keys: the same answer in every warp
+             * (lane l looks at query l), so the skip keeps the block together. */
+            const int qi_l = q0 + lane;
+            const int fk_l = window > 0 ? max(doc_s[lane], qi_l + 1 - window) : doc_s[lane];
+            if (!__any_sync(0xffffffffu, qi_l < seq && fk_l <= key_last && qi_l >= k0)) continue;
 
             /* S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 32 queries. */
             float st[QTILES][4], dpt[QTILES][4];
@@ -169,8 +169,9 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
                 for (int e = 0; e < 4; e++) {
                     int ql = 8 * n + 2 * tq + (e & 1), qi = q0 + ql;
                     int key = e < 2 ? key_a : key_b;
-                    bool vis = key >= fk_s[ql] && key <= qi && qi < seq;
-                    float p = vis ? exp2f(st[n][e] * scale_log2 - lse_s[ql]) : 0.0f;
+                    int fk = window > 0 ? max(doc_s[ql], qi + 1 - window) : doc_s[ql];
+                    bool vis = key >= fk && key <= qi && qi < seq;
+                    float p = vis ? exp2f(st[n][e] * scale_log2 - __fmul_rn(lse_s[ql], LOG2E)) : 0.0f;
                     st[n][e] = p;
                     dpt[n][e] = p * (dpt[n][e] - dl_s[ql]);
                 }

@@ -169,6 +169,15 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
     *(uint4*)dst = valid ? *(const uint4*)src : make_uint4(0, 0, 0, 0);
 #endif
 }
+/* The same for 4 bytes (one f32 or int), through L1. */
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 4 : 0));
+#else
+    *(u32*)dst = valid ? *(const u32*)src : 0u;
+#endif
+}
 /* Closes the group of cp.async issued so far. */
 __device__ __forceinline__ void cp_async_commit() {
 #if __CUDA_ARCH__ >= 800

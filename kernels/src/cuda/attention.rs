@@ -27,13 +27,13 @@ fn forward_shared_bytes(head_dim: usize) -> usize {
 }
 
 /// Dynamic shared memory of the backward kernel with `warps` warps (16 keys each): K, V tiles,
-/// two stages of Q and dO tiles, dS, and three vectors.
+/// two stages of Q and dO tiles, dS, and two stages of three vectors (lse, D, document start).
 fn backward_shared_bytes(head_dim: usize, warps: usize) -> usize {
     let ld = head_dim + 8;
     let keys = 16 * warps;
     let halves =
         2 * keys * ld + 2 * 2 * BWD_QUERIES_PER_TILE * ld + BWD_QUERIES_PER_TILE * (keys + 8);
-    halves * 2 + 3 * BWD_QUERIES_PER_TILE * 4
+    halves * 2 + 2 * 3 * BWD_QUERIES_PER_TILE * 4
 }
 
 impl CudaBackend {
