@@ -10,7 +10,8 @@
  *   read once; each warp's K A-fragments stay in registers for the whole run: 2.4% faster than
  *   reloading them per tile, while holding V's too spills). Per tile: S^T = K Q^T and
  *   dP^T = V dO^T on the tensor cores, P^T and dS^T in registers, dV += P^T dO and dK += dS^T Q from those registers, then dS goes through shared
- *   memory for dQ += dS K, added atomically into an f32 accumulator (cast to the dtype afterwards).
+ *   memory for dQ += dS K, added into an f32 accumulator by 8-byte vector reductions on sm_90 (pairs of
+ *   columns: 1.548 -> 1.391 ms against scalar atomics), scalar atomics below (cast to the dtype afterwards).
  *   Tiles no query of which sees the keys (documents, window) are skipped. The next tile's Q and dO
  *   stream into a second buffer by cp.async while the current one is used. Fragments come from shared
  *   memory through ldmatrix (.trans where the product needs the transposed tile), rows padded by 8.
@@ -50,6 +51,16 @@ template <> __device__ __forceinline__ u16 bits_int<bf16>(float f) { return f32_
 template <> __device__ __forceinline__ u16 bits_int<f16>(float f) { return f32_to_f16_bits(f); }
 template <typename T> __device__ __forceinline__ u32 pack2_int(float lo, float hi) {
     return (u32)bits_int<T>(lo) | ((u32)bits_int<T>(hi) << 16);
+}
+
+/* dq[0] += a, dq[1] += b: one 8-byte vector reduction on sm_90, two atomics below it. */
+__device__ __forceinline__ void add_pair(float* dq, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dq), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(dq, a);
+    atomicAdd(dq + 1, b);
+#endif
 }
 
 template <typename T, int D, int NW>
@@ -227,13 +238,11 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
                     int d = dbase + part + 8 * i + 2 * tq;
                     if (qa < seq) {
                         float* p = dq_acc + ((tok0 + qa) * heads + h) * D + d;
-                        atomicAdd(p, acc[i][0]);
-                        atomicAdd(p + 1, acc[i][1]);
+                        add_pair(p, acc[i][0], acc[i][1]);
                     }
                     if (qb < seq) {
                         float* p = dq_acc + ((tok0 + qb) * heads + h) * D + d;
-                        atomicAdd(p, acc[i][2]);
-                        atomicAdd(p + 1, acc[i][3]);
+                        add_pair(p, acc[i][2], acc[i][3]);
                     }
                 }
             }
