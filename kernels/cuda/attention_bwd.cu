@@ -29,10 +29,12 @@
 #define BWD_BM 32 /* = the warp size: lane l of every warp checks query l of a tile */
 #define LOG2E 1.4426950408889634f
 
+/* The first key query qi sees: its document's first token, or later inside a sliding window. */
+__device__ __forceinline__ int first_visible(int doc_first, int qi, int window) {
+    return window > 0 ? max(doc_first, qi + 1 - window) : doc_first;
+}
 __device__ __forceinline__ int first_key_of(const int* doc_start, u64 tok0, int qi, int window) {
-    int f = doc_start[tok0 + qi];
-    if (window > 0) f = max(f, qi + 1 - window);
-    return f;
+    return first_visible(doc_start[tok0 + qi], qi, window);
 }
 
 template <typename T>
@@ -156,7 +158,7 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
             /* Whether any query of the tile sees this block's keys: the same answer in every warp
              * (lane l looks at query l), so the skip keeps the block together. */
             const int qi_l = q0 + lane;
-            const int fk_l = window > 0 ? max(doc_s[lane], qi_l + 1 - window) : doc_s[lane];
+            const int fk_l = first_visible(doc_s[lane], qi_l, window);
             if (!__any_sync(0xffffffffu, qi_l < seq && fk_l <= key_last && qi_l >= k0)) continue;
 
             /* S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 32 queries. */
@@ -182,7 +184,7 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
                 for (int e = 0; e < 4; e++) {
                     int ql = 8 * n + 2 * tq + (e & 1), qi = q0 + ql;
                     int key = e < 2 ? key_a : key_b;
-                    int fk = window > 0 ? max(doc_s[ql], qi + 1 - window) : doc_s[ql];
+                    int fk = first_visible(doc_s[ql], qi, window);
                     bool vis = key >= fk && key <= qi && qi < seq;
                     float p = vis ? exp2f(st[n][e] * scale_log2 - __fmul_rn(lse_s[ql], LOG2E)) : 0.0f;
                     st[n][e] = p;
