@@ -27,15 +27,6 @@
  * 64 keys (4 warps, 74 KiB), with the same warps per multiprocessor (one block of 8 instead of two
  * of 4); the host takes the 8-warp kernel where the device's shared memory per block allows. */
 #define BWD_BM 32 /* = the warp size: lane l of every warp checks query l of a tile */
-#define LOG2E 1.4426950408889634f
-
-/* The first key query qi sees: its document's first token, or later inside a sliding window. */
-__device__ __forceinline__ int first_visible(int doc_first, int qi, int window) {
-    return window > 0 ? max(doc_first, qi + 1 - window) : doc_first;
-}
-__device__ __forceinline__ int first_key_of(const int* doc_start, u64 tok0, int qi, int window) {
-    return first_visible(doc_start[tok0 + qi], qi, window);
-}
 
 template <typename T>
 __device__ void attention_backward_dot(const T* dout, const T* out, float* delta, u64 pairs, int d) {
@@ -55,16 +46,6 @@ template <> __device__ __forceinline__ u16 bits_int<bf16>(float f) { return f32_
 template <> __device__ __forceinline__ u16 bits_int<f16>(float f) { return f32_to_f16_bits(f); }
 template <typename T> __device__ __forceinline__ u32 pack2_int(float lo, float hi) {
     return (u32)bits_int<T>(lo) | ((u32)bits_int<T>(hi) << 16);
-}
-
-/* dq[0] += a, dq[1] += b: one 8-byte vector reduction on sm_90, two atomics below it. */
-__device__ __forceinline__ void add_pair(float* dq, float a, float b) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dq), "f"(a), "f"(b) : "memory");
-#else
-    atomicAdd(dq, a);
-    atomicAdd(dq + 1, b);
-#endif
 }
 
 template <typename T, int D, int NW>

@@ -23,13 +23,6 @@
 #define ATTN_BM 128
 #define ATTN_BN 64
 #define ATTN_WARPS 8
-#define LOG2E 1.4426950408889634f
-
-__device__ __forceinline__ int first_visible_key(const int* doc_start, u64 tok0, int qi, int window) {
-    int f = doc_start[tok0 + qi];
-    if (window > 0) f = max(f, qi + 1 - window);
-    return f;
-}
 
 /* Queues the K and V tiles of keys kt..kt+63 into one stage (rows past the sequence read as zero). */
 template <int D>
@@ -64,7 +57,7 @@ __device__ void attention_forward_mma(const T* q, const T* k, const T* v, const 
 
     if (threadIdx.x < ATTN_BM) {
         int qi = q0 + threadIdx.x;
-        fk[threadIdx.x] = qi < seq ? first_visible_key(doc_start, tok0, qi, window) : (1 << 30);
+        fk[threadIdx.x] = qi < seq ? first_key_of(doc_start, tok0, qi, window) : (1 << 30);
     }
     __syncthreads();
     if (warp == 0) {
@@ -220,7 +213,7 @@ __device__ void attention_forward_simple(const T* q, const T* k, const T* v, con
     const int h = (int)(pair % heads), kvh = h / (heads / kv_heads);
     const int qi = (int)(tok % seq);
     const u64 tok0 = tok - qi;
-    const int first = first_visible_key(doc_start, tok0, qi, window);
+    const int first = first_key_of(doc_start, tok0, qi, window);
     float qv[8], acc[8];
     for (int c = 0; c < 8; c++) {
         int dim = lane + 32 * c;

@@ -416,6 +416,8 @@ fn attention_matches_with_gqa_window_packing_and_padding_at_seq_2048() {
         attention_case(&g, d, &padded, 8, 2, 128, "gqa 8/2 d128 right-padded");
         attention_case(&g, d, &packed, 8, 2, 128, "gqa 8/2 d128 packed+window");
         attention_case(&g, d, &left, 4, 1, 64, "mqa 4/1 d64 left-padded");
+        attention_case(&g, d, &packed, 4, 4, 128, "mha 4/4 d128 packed+window");
+        attention_case(&g, d, &padded, 2, 2, 64, "mha 2/2 d64 right-padded");
         attention_case(
             &g,
             d,

@@ -61,6 +61,7 @@ fn a_broken_kernel_reports_the_compiler_log() {
     let broken = kernels::cuda::compile::KernelSource {
         name: "broken",
         source: "extern \"C\" __global__ void broken() { undeclared_name = 1; }",
+        headers: &[],
         entry_points: Vec::new,
     };
     let err = compile_to_ptx(&broken, 80).unwrap_err().to_string();

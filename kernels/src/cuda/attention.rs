@@ -1,6 +1,9 @@
-//! Launching the attention kernels of `kernels/cuda/attention_{fwd,bwd}.cu`: the tensor-core
-//! (mma.sync) kernels for bf16/f16 with head_dim 64 or 128, the warp-per-row kernels otherwise
-//! (the f32 mode and other head sizes). The layout's doc_start lives on the device as `doc_start`.
+//! Launching the attention kernels: for bf16/f16 with head_dim 64 or 128 the tensor-core kernels,
+//! on Hopper (compute capability 9.0) the wgmma ones of `kernels/cuda/attention_{fwd,bwd}_hopper.cu`,
+//! elsewhere the mma.sync ones of `kernels/cuda/attention_{fwd,bwd}.cu`; the warp-per-row kernels
+//! otherwise (the f32 mode and other head sizes). The layout's doc_start lives on the device as
+//! `doc_start`. `FUSELORA_ATTENTION=mma-sync` keeps a Hopper GPU on the mma.sync kernels (to compare
+//! the two).
 
 use super::launch::Arg;
 use super::{suffix, CudaBackend, CudaIndices, CudaTensor};
@@ -13,6 +16,11 @@ const FWD_WARPS: usize = 8;
 const FWD_KEYS_PER_TILE: usize = 64;
 const BWD_QUERIES_PER_TILE: usize = 32;
 const WARPS_PER_BLOCK_SIMPLE: usize = 8;
+/// The wgmma kernels: 128 queries (forward) or keys (backward) a block of two warpgroups, key
+/// tiles of 64 (forward), query tiles of 64 (backward).
+const HOPPER_BLOCK_ROWS: usize = 128;
+const HOPPER_THREADS: usize = 256;
+const HOPPER_TILE_ROWS: usize = 64;
 
 /// The backward kernels compiled: `(head_dim, warps)`, `attention_backward_mma_<t>_d<D>_w<NW>`.
 pub(crate) const BACKWARD_MMA_VARIANTS: [(usize, usize); 3] = [(64, 4), (128, 4), (128, 8)];
@@ -36,7 +44,48 @@ fn backward_shared_bytes(head_dim: usize, warps: usize) -> usize {
     halves * 2 + 2 * 3 * BWD_QUERIES_PER_TILE * 4
 }
 
+/// Which tensor-core attention kernels run on this device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AttentionKernels {
+    /// mma.sync (sm_75 and up; f16 only below sm_80).
+    MmaSync,
+    /// Hopper's warpgroup MMA (compute capability 9.0, built for sm_90a).
+    Wgmma,
+}
+
+impl AttentionKernels {
+    /// wgmma on compute capability 9.0 unless `FUSELORA_ATTENTION=mma-sync`; mma.sync elsewhere.
+    pub(crate) fn for_device(compute_capability: (i32, i32)) -> Result<Self> {
+        let requested = std::env::var("FUSELORA_ATTENTION").ok();
+        match requested.as_deref() {
+            None | Some("") | Some("auto") if compute_capability == (9, 0) => Ok(Self::Wgmma),
+            None | Some("") | Some("auto") | Some("mma-sync") => Ok(Self::MmaSync),
+            Some(other) => Err(KernelError::Unsupported(format!(
+                "FUSELORA_ATTENTION={other}: expected \"auto\" or \"mma-sync\""
+            ))),
+        }
+    }
+}
+
+/// Dynamic shared memory of the wgmma forward: the block's queries, two stages of K and V tiles.
+fn hopper_forward_shared_bytes(head_dim: usize) -> usize {
+    (HOPPER_BLOCK_ROWS + 2 * 2 * HOPPER_TILE_ROWS) * head_dim * 2
+}
+
+/// Dynamic shared memory of the wgmma backward: the block's K and V, two stages of Q and dO tiles,
+/// dS, and two stages of three vectors (lse, D, document start).
+fn hopper_backward_shared_bytes(head_dim: usize) -> usize {
+    let halves = (2 * HOPPER_BLOCK_ROWS + 2 * 2 * HOPPER_TILE_ROWS) * head_dim
+        + HOPPER_TILE_ROWS * HOPPER_BLOCK_ROWS;
+    halves * 2 + 2 * 3 * HOPPER_TILE_ROWS * 4
+}
+
 impl CudaBackend {
+    /// Whether the wgmma kernels run this attention (bf16/f16, head_dim 64 or 128, on Hopper).
+    fn attention_uses_wgmma(&self, dtype: DType, head_dim: usize) -> bool {
+        self.attention_kernels == AttentionKernels::Wgmma && has_mma_kernels(dtype, head_dim)
+    }
+
     /// Whether the tensor-core forward runs here: a bf16/f16 kernel for the head size whose shared
     /// memory the device can give one block (a T4's 64 KiB does not hold head_dim 128's 68 KiB).
     fn forward_uses_mma(&self, dtype: DType, head_dim: usize) -> bool {
@@ -91,6 +140,30 @@ impl CudaBackend {
                     100,
                 )
                 .map_err(super::device_err("kernel shared memory carveout"))?;
+            }
+        }
+        if self.attention_kernels == AttentionKernels::Wgmma {
+            for t in ["bf16", "f16"] {
+                for d in [64, 128] {
+                    for (name, bytes) in [
+                        (
+                            format!("attention_forward_wgmma_{t}_d{d}"),
+                            hopper_forward_shared_bytes(d),
+                        ),
+                        (
+                            format!("attention_backward_wgmma_{t}_d{d}"),
+                            hopper_backward_shared_bytes(d),
+                        ),
+                    ] {
+                        self.kernels
+                            .get(&name)?
+                            .set_attribute(
+                                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                bytes as i32,
+                            )
+                            .map_err(super::device_err("kernel shared memory limit"))?;
+                    }
+                }
             }
         }
         Ok(())
@@ -164,7 +237,17 @@ impl CudaBackend {
         let scale = 1.0 / (head_dim as f32).sqrt();
         let (seq, rows) = (layout.seq_len, layout.rows);
         if self.forward_uses_mma(dt, head_dim) {
-            let name = format!("attention_forward_mma_{}_d{head_dim}", suffix(dt));
+            let wgmma = self.attention_uses_wgmma(dt, head_dim);
+            let (kind, threads, shared) = if wgmma {
+                (
+                    "wgmma",
+                    HOPPER_THREADS,
+                    hopper_forward_shared_bytes(head_dim),
+                )
+            } else {
+                ("mma", FWD_WARPS * 32, forward_shared_bytes(head_dim))
+            };
+            let name = format!("attention_forward_{kind}_{}_d{head_dim}", suffix(dt));
             let grid = (
                 seq.div_ceil(FWD_QUERIES_PER_BLOCK) as u32,
                 heads as u32,
@@ -184,14 +267,7 @@ impl CudaBackend {
                 Arg::F32(scale),
             ];
             let flops = || 4.0 * (heads * head_dim) as f64 * layout.visible_pairs() as f64;
-            self.launch_counted(
-                &name,
-                grid,
-                (FWD_WARPS * 32) as u32,
-                forward_shared_bytes(head_dim) as u32,
-                &args,
-                flops,
-            )
+            self.launch_counted(&name, grid, threads as u32, shared as u32, &args, flops)
         } else {
             let name = format!("attention_forward_simple_{}", suffix(dt));
             let warps = n * heads;
@@ -290,7 +366,22 @@ impl CudaBackend {
         if let Some(warps) = self.backward_mma_warps(dt, head_dim) {
             let mut dq_acc = self.alloc_f32_scratch(dq.len())?;
             self.memset_zero(&mut dq_acc)?;
-            let name = format!("attention_backward_mma_{}_d{head_dim}_w{warps}", suffix(dt));
+            // (name, keys a block, threads, shared bytes)
+            let (name, block_keys, threads, shared) = if self.attention_uses_wgmma(dt, head_dim) {
+                (
+                    format!("attention_backward_wgmma_{}_d{head_dim}", suffix(dt)),
+                    HOPPER_BLOCK_ROWS,
+                    HOPPER_THREADS,
+                    hopper_backward_shared_bytes(head_dim),
+                )
+            } else {
+                (
+                    format!("attention_backward_mma_{}_d{head_dim}_w{warps}", suffix(dt)),
+                    16 * warps,
+                    32 * warps,
+                    backward_shared_bytes(head_dim, warps),
+                )
+            };
             // GQA: one block per query head, dK and dV summed over the group afterwards.
             let parts = if heads > kv_heads {
                 Some((
@@ -301,7 +392,7 @@ impl CudaBackend {
                 None
             };
             let grid = (
-                seq.div_ceil(16 * warps) as u32,
+                seq.div_ceil(block_keys) as u32,
                 if parts.is_some() { heads } else { kv_heads } as u32,
                 rows as u32,
             );
@@ -328,14 +419,7 @@ impl CudaBackend {
             // Backward: dV = PᵀdO, dP = dO Vᵀ, dS → dQ = dS K, dK = dSᵀQ, plus S = QKᵀ again:
             // five products against the forward's two, so 2.5× its FLOPs.
             let flops = || 10.0 * (heads * head_dim) as f64 * layout.visible_pairs() as f64;
-            self.launch_counted(
-                &name,
-                grid,
-                32 * warps as u32,
-                backward_shared_bytes(head_dim, warps) as u32,
-                &args,
-                flops,
-            )?;
+            self.launch_counted(&name, grid, threads as u32, shared as u32, &args, flops)?;
             if let Some((dk_part, dv_part)) = &parts {
                 let total = n * kv_heads * head_dim;
                 for (part, out) in [(dk_part, &mut *dk), (dv_part, &mut *dv)] {

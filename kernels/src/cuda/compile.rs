@@ -1,6 +1,7 @@
 //! The CUDA C sources under `kernels/cuda/`, embedded in the binary, and their compilation by
-//! NVRTC to PTX for one architecture. Each source is compiled with `common.cuh` prepended, so no
-//! CUDA header or include path is needed on any NVRTC version. PTX is cached on disk under
+//! NVRTC to PTX for one architecture (compute capability 9.0 as `compute_90a`, so that the Hopper
+//! kernels may use wgmma). Each source is compiled with `common.cuh` and the headers it names
+//! prepended, so no CUDA header or include path is needed on any NVRTC version. PTX is cached on disk under
 //! `$FUSELORA_KERNEL_CACHE`, else `$XDG_CACHE_HOME/fuselora/kernels`, else `~/.cache/fuselora/kernels`,
 //! keyed by a hash of the source, the architecture and the NVRTC version; a failed compile returns
 //! the compiler's log.
@@ -13,11 +14,15 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 
 const COMMON: &str = include_str!("../../cuda/common.cuh");
+const ATTENTION: &str = include_str!("../../cuda/attention.cuh");
+const WGMMA: &str = include_str!("../../cuda/wgmma.cuh");
 
-/// One kernel file and the entry points the backend loads from it.
+/// One kernel file, the headers prepended to it (after `common.cuh`, as `(file name, text)`) and the
+/// entry points the backend loads from it.
 pub struct KernelSource {
     pub name: &'static str,
     pub source: &'static str,
+    pub headers: &'static [(&'static str, &'static str)],
     pub entry_points: fn() -> Vec<String>,
 }
 
@@ -29,13 +34,14 @@ fn per_dtype(ops: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// The tensor-core attention kernels: forward per head size, backward per (head size, warps).
+/// The tensor-core attention kernels: forward (mma.sync and wgmma) and the wgmma backward per head
+/// size, the mma.sync backward per (head size, warps).
 fn attention_mma(op: &str) -> Vec<String> {
     let variants: Vec<String> = match op {
-        "attention_forward_mma" => [64, 128].map(|d| format!("d{d}")).to_vec(),
-        _ => super::attention::BACKWARD_MMA_VARIANTS
+        "attention_backward_mma" => super::attention::BACKWARD_MMA_VARIANTS
             .map(|(d, w)| format!("d{d}_w{w}"))
             .to_vec(),
+        _ => [64, 128].map(|d| format!("d{d}")).to_vec(),
     };
     ["bf16", "f16"]
         .iter()
@@ -48,31 +54,37 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "rmsnorm",
         source: include_str!("../../cuda/rmsnorm.cu"),
+        headers: &[],
         entry_points: || per_dtype(&["rms_norm_forward", "rms_norm_backward"]),
     },
     KernelSource {
         name: "rope",
         source: include_str!("../../cuda/rope.cu"),
+        headers: &[],
         entry_points: || per_dtype(&["rope"]),
     },
     KernelSource {
         name: "broadcast",
         source: include_str!("../../cuda/broadcast.cu"),
+        headers: &[],
         entry_points: || per_dtype(&["broadcast_rows"]),
     },
     KernelSource {
         name: "swiglu",
         source: include_str!("../../cuda/swiglu.cu"),
+        headers: &[],
         entry_points: || per_dtype(&["swiglu_forward", "swiglu_backward"]),
     },
     KernelSource {
         name: "embedding",
         source: include_str!("../../cuda/embedding.cu"),
+        headers: &[],
         entry_points: || per_dtype(&["embedding"]),
     },
     KernelSource {
         name: "attention_fwd",
         source: include_str!("../../cuda/attention_fwd.cu"),
+        headers: &[("attention.cuh", ATTENTION)],
         entry_points: || {
             let mut names = attention_mma("attention_forward_mma");
             names.extend(per_dtype(&["attention_forward_simple"]));
@@ -82,6 +94,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "attention_bwd",
         source: include_str!("../../cuda/attention_bwd.cu"),
+        headers: &[("attention.cuh", ATTENTION)],
         entry_points: || {
             let mut names = attention_mma("attention_backward_mma");
             names.extend(per_dtype(&[
@@ -94,28 +107,45 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         },
     },
     KernelSource {
+        name: "attention_fwd_hopper",
+        source: include_str!("../../cuda/attention_fwd_hopper.cu"),
+        headers: &[("attention.cuh", ATTENTION), ("wgmma.cuh", WGMMA)],
+        entry_points: || attention_mma("attention_forward_wgmma"),
+    },
+    KernelSource {
+        name: "attention_bwd_hopper",
+        source: include_str!("../../cuda/attention_bwd_hopper.cu"),
+        headers: &[("attention.cuh", ATTENTION), ("wgmma.cuh", WGMMA)],
+        entry_points: || attention_mma("attention_backward_wgmma"),
+    },
+    KernelSource {
         name: "generation",
         source: include_str!("../../cuda/generation.cu"),
+        headers: &[],
         entry_points: || per_dtype(&["write_cache", "attention_cached"]),
     },
     KernelSource {
         name: "random",
         source: include_str!("../../cuda/random.cu"),
+        headers: &[],
         entry_points: || per_dtype(&["fill_random"]),
     },
     KernelSource {
         name: "cross_entropy",
         source: include_str!("../../cuda/cross_entropy.cu"),
+        headers: &[],
         entry_points: || per_dtype(&["softmax_cross_entropy"]),
     },
     KernelSource {
         name: "adamw",
         source: include_str!("../../cuda/adamw.cu"),
+        headers: &[],
         entry_points: || vec!["adamw_multi_f32".to_string()],
     },
     KernelSource {
         name: "reduce",
         source: include_str!("../../cuda/reduce.cu"),
+        headers: &[],
         entry_points: || {
             vec![
                 "sum_squares_multi".to_string(),
@@ -126,11 +156,13 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "nf4",
         source: include_str!("../../cuda/nf4.cu"),
+        headers: &[],
         entry_points: || per_dtype(&["nf4_dequantize_plain", "nf4_dequantize_double"]),
     },
     KernelSource {
         name: "nf4_quantize",
         source: include_str!("../../cuda/nf4_quantize.cu"),
+        headers: &[],
         entry_points: || {
             let mut names = per_dtype(&["nf4_quantize"]);
             names.push("nf4_double_quant".to_string());
@@ -140,6 +172,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "cast",
         source: include_str!("../../cuda/cast.cu"),
+        headers: &[],
         entry_points: || {
             let mut names: Vec<String> = DTYPES
                 .iter()
@@ -156,18 +189,24 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     },
 ];
 
-/// The full text NVRTC compiles for `source`: the shared header, then the file. For kernel work,
-/// `FUSELORA_KERNEL_SOURCE_DIR` names a folder whose `common.cuh` and `<name>.cu`, where present,
-/// replace the embedded copies (variants tried on a GPU machine without rebuilding the binary).
+/// The full text NVRTC compiles for `source`: the shared header, the file's headers, then the file.
+/// For kernel work, `FUSELORA_KERNEL_SOURCE_DIR` names a folder whose `common.cuh`, headers and
+/// `<name>.cu`, where present, replace the embedded copies (variants tried on a GPU machine without
+/// rebuilding the binary).
 pub fn full_source(source: &KernelSource) -> String {
     let from_dir = |file: &str| {
         std::env::var_os("FUSELORA_KERNEL_SOURCE_DIR")
             .and_then(|dir| std::fs::read_to_string(PathBuf::from(dir).join(file)).ok())
     };
-    let common = from_dir("common.cuh").unwrap_or_else(|| COMMON.to_string());
+    let mut text = from_dir("common.cuh").unwrap_or_else(|| COMMON.to_string());
+    for (file, embedded) in source.headers {
+        let header = from_dir(file).unwrap_or_else(|| embedded.to_string());
+        text.push_str(&format!("\n#line 1 \"{file}\"\n{header}"));
+    }
     let body =
         from_dir(&format!("{}.cu", source.name)).unwrap_or_else(|| source.source.to_string());
-    format!("{common}\n#line 1 \"{}.cu\"\n{body}", source.name)
+    text.push_str(&format!("\n#line 1 \"{}.cu\"\n{body}", source.name));
+    text
 }
 
 /// NVRTC's version, `(major, minor)`.
@@ -192,8 +231,14 @@ pub fn compile_to_ptx(source: &KernelSource, arch: u32) -> Result<String, Kernel
         log: format!("{e:?}"),
     };
     let prog = nvrtc::create_program(&text, Some(&name)).map_err(fail)?;
+    // 9.0 as 90a: the architecture-specific target that admits wgmma (a 9.x GPU runs no other).
+    let target = if arch == 90 {
+        "90a".to_string()
+    } else {
+        arch.to_string()
+    };
     let options = [
-        format!("--gpu-architecture=compute_{arch}"),
+        format!("--gpu-architecture=compute_{target}"),
         "--std=c++17".to_string(),
         "-lineinfo".to_string(),
     ];

@@ -52,6 +52,7 @@ pub struct CudaBackend {
     dtype: DType,
     device_name: String,
     compute_capability: (i32, i32),
+    attention_kernels: attention::AttentionKernels,
     /// Shared memory one block may opt into (bytes): which attention kernels fit.
     max_shared_per_block: usize,
     profiler: Profiler,
@@ -136,6 +137,7 @@ impl CudaBackend {
             dtype,
             device_name,
             compute_capability,
+            attention_kernels: attention::AttentionKernels::for_device(compute_capability)?,
             max_shared_per_block,
             profiler: Profiler::default(),
         };

@@ -1,0 +1,231 @@
+/* Causal self-attention backward on Hopper's warpgroup MMA (wgmma, sm_90a), the math of
+ * attention_bwd.cu (FlashAttention-2, Dao 2023), P recomputed from the saved lse:
+ *   p_ij = exp(s_ij - lse_i),  dP_ij = dout_i . v_j,  dS_ij = p_ij (dP_ij - D_i)
+ *   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i p_ij dout_i
+ *
+ * attention_backward_wgmma_<t>_d<D> (bf16/f16, D = 64 or 128): a block owns 128 keys of one (row, kv
+ * head), 64 per warpgroup, and walks the query tiles of 64 that see them (every query head of the GQA
+ * group, or one with the f32 parts, as attention_bwd.cu). All tiles are in wgmma's core-matrix layout
+ * (wgmma.cuh). Per tile and warpgroup:
+ *   S^T = K Q^T and dP^T = V dO^T   2 x D/16 wgmma m64n64k16 from shared memory (K-major both);
+ *   P^T, dS^T                       in registers, mma.sync's layout (attention_bwd.cu's code);
+ *   dV += P^T dO, dK += dS^T Q      4 + 4 wgmma m64nDk16, A from those registers, B read MN-major,
+ *                                   dK and dV accumulated in registers over the whole walk;
+ *   dS (times the scale) to shared memory, then dQ = dS K for half of the head dimension per
+ *   warpgroup: 8 wgmma m64n(D/2)k16, A = dS K-major, B = K MN-major, added into the f32 accumulator
+ *   by 8-byte vector reductions (red.global.add.v2.f32).
+ * The next tile's Q, dO, lse, D and document starts stream in by cp.async while this one is used;
+ * tiles no query of which sees the block's keys are skipped (the same decision in every warp).
+ * Shared memory: K, V 128 x D; Q, dO 2 x 64 x D; dS 64 x 128 halves; 2 x 3 x 64 words
+ *   = 147,968 bytes at D = 128, 82,432 at D = 64.
+ */
+#define HBWD_BM 64  /* queries per tile */
+#define HBWD_BN 128 /* keys per block, 64 per warpgroup */
+
+template <typename T, int D>
+__device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, const T* dout, const float* lse,
+                                         const float* delta, const int* doc_start, float* dq_acc, T* dk, T* dv,
+                                         float* dk_part, float* dv_part, int seq, int heads, int kv_heads, int window,
+                                         float scale) {
+#if WGMMA_AVAILABLE
+    constexpr int KSTEPS = D / 16, DTILES = D / 8, QTILES = HBWD_BM / 8, CHUNKS = D / 8, DQ_COLS = D / 2;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    u16* ks = (u16*)smem_raw;               /* [BN][D] keys of this block */
+    u16* vs = ks + HBWD_BN * D;             /* [BN][D] values */
+    u16* qbuf = vs + HBWD_BN * D;           /* [2][BM][D] query tiles: the current one and the next */
+    u16* dobuf = qbuf + 2 * HBWD_BM * D;    /* [2][BM][D] their output gradients */
+    u16* dss = dobuf + 2 * HBWD_BM * D;     /* [BM][BN] dS (scaled), query rows */
+    float* lse_buf = (float*)(dss + HBWD_BM * HBWD_BN); /* [2][BM] lse of the two tiles' queries */
+    float* dl_buf = lse_buf + 2 * HBWD_BM;              /* [2][BM] D_i */
+    int* doc_buf = (int*)(dl_buf + 2 * HBWD_BM);        /* [2][BM] first key of each query's document */
+
+    const bool split = dk_part != nullptr;
+    const int k0 = blockIdx.x * HBWD_BN, row = blockIdx.z;
+    const int per_kv = heads / kv_heads;
+    const int kvh = split ? blockIdx.y / per_kv : blockIdx.y;
+    const int h_first = split ? blockIdx.y : kvh * per_kv, n_heads = split ? 1 : per_kv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int group = warp >> 2, gwarp = warp & 3;
+    const u64 tok0 = (u64)row * seq;
+    const float scale_log2 = scale * LOG2E;
+    const int key_last = min(k0 + HBWD_BN, seq) - 1;
+    const u16 *kg = (const u16*)k, *vg = (const u16*)v, *qg = (const u16*)q, *dog = (const u16*)dout;
+
+    for (int i = threadIdx.x; i < HBWD_BN * CHUNKS; i += blockDim.x) {
+        int key = k0 + core_row(i, CHUNKS);
+        bool valid = key < seq;
+        u64 at = valid ? ((tok0 + key) * kv_heads + kvh) * D + 8 * core_chunk(i, CHUNKS) : 0;
+        cp_async16(ks + 8 * i, kg + at, valid);
+        cp_async16(vs + 8 * i, vg + at, valid);
+    }
+    cp_async_commit();
+    float dkacc[DTILES][4], dvacc[DTILES][4];
+    #pragma unroll
+    for (int i = 0; i < DTILES; i++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) dkacc[i][e] = dvacc[i][e] = 0.0f;
+    /* Warp w holds keys 16w + g and 16w + g + 8 of the block (rows of its warpgroup's accumulators). */
+    const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;
+    const int q_end = window > 0 ? min(seq, key_last + window) : seq;
+
+    const int q_start = (k0 / HBWD_BM) * HBWD_BM;
+    const int per_head = q_end > q_start ? (q_end - q_start + HBWD_BM - 1) / HBWD_BM : 0;
+    const int tiles = n_heads * per_head;
+    auto load_tile = [&](int t, int buf) {
+        const int th = h_first + t / per_head, tq0 = q_start + (t % per_head) * HBWD_BM;
+        u16* qd = qbuf + buf * HBWD_BM * D;
+        u16* dod = dobuf + buf * HBWD_BM * D;
+        for (int i = threadIdx.x; i < HBWD_BM * CHUNKS; i += blockDim.x) {
+            int qi = tq0 + core_row(i, CHUNKS);
+            bool valid = qi < seq;
+            u64 at = valid ? ((tok0 + qi) * heads + th) * D + 8 * core_chunk(i, CHUNKS) : 0;
+            cp_async16(qd + 8 * i, qg + at, valid);
+            cp_async16(dod + 8 * i, dog + at, valid);
+        }
+        if (threadIdx.x < HBWD_BM) {
+            int qi = tq0 + threadIdx.x;
+            bool valid = qi < seq;
+            u64 at = valid ? (tok0 + qi) * heads + th : 0;
+            cp_async4(lse_buf + buf * HBWD_BM + threadIdx.x, lse + at, valid);
+            cp_async4(dl_buf + buf * HBWD_BM + threadIdx.x, delta + at, valid);
+            cp_async4(doc_buf + buf * HBWD_BM + threadIdx.x, doc_start + (valid ? tok0 + qi : 0), valid);
+        }
+        cp_async_commit();
+    };
+    if (tiles > 0) load_tile(0, 0);
+    for (int t = 0; t < tiles; t++) {
+        const int h = h_first + t / per_head, q0 = q_start + (t % per_head) * HBWD_BM;
+        const u16* qs = qbuf + (t & 1) * HBWD_BM * D;
+        const u16* dos = dobuf + (t & 1) * HBWD_BM * D;
+        const float* lse_s = lse_buf + (t & 1) * HBWD_BM;
+        const float* dl_s = dl_buf + (t & 1) * HBWD_BM;
+        const int* doc_s = doc_buf + (t & 1) * HBWD_BM;
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads(); /* tile t is in shared memory; every warp is done with tile t - 1 */
+        if (t + 1 < tiles) load_tile(t + 1, (t + 1) & 1);
+        /* Whether any query of the tile sees this block's keys: lane l checks queries l and l + 32,
+         * the same answer in every warp. */
+        bool any = false;
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int ql = lane + 32 * half, qi = q0 + ql;
+            any |= qi < seq && first_visible(doc_s[ql], qi, window) <= key_last && qi >= k0;
+        }
+        if (!__any_sync(0xffffffffu, any)) continue;
+
+        /* S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x the tile's 64 queries. */
+        float st[QTILES][4], dpt[QTILES][4];
+        #pragma unroll
+        for (int n = 0; n < QTILES; n++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
+        wgmma_fence();
+        #pragma unroll
+        for (int s = 0; s < KSTEPS; s++)
+            wgmma_ss<0, 0>(st, kmajor_desc(ks, D, group * 64, 16 * s), kmajor_desc(qs, D, 0, 16 * s), (T*)0);
+        #pragma unroll
+        for (int s = 0; s < KSTEPS; s++)
+            wgmma_ss<0, 0>(dpt, kmajor_desc(vs, D, group * 64, 16 * s), kmajor_desc(dos, D, 0, 16 * s), (T*)0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        /* P^T and dS^T in place: element e of block n is key (g or g+8), query 8n + 2tq + (e&1); the
+         * A fragments of dV += P^T dO and dK += dS^T Q packed from them, and dS (scaled) to shared memory. */
+        u32 pa[HBWD_BM / 16][4], da[HBWD_BM / 16][4];
+        #pragma unroll
+        for (int n = 0; n < QTILES; n++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int ql = 8 * n + 2 * tq + (e & 1), qi = q0 + ql;
+                int key = e < 2 ? key_a : key_b;
+                int fk = first_visible(doc_s[ql], qi, window);
+                bool vis = key >= fk && key <= qi && qi < seq;
+                float p = vis ? exp2f(st[n][e] * scale_log2 - __fmul_rn(lse_s[ql], LOG2E)) : 0.0f;
+                st[n][e] = p;
+                dpt[n][e] = p * (dpt[n][e] - dl_s[ql]);
+                int kl = warp * 16 + g + (e < 2 ? 0 : 8);
+                *(u16*)((unsigned char*)dss + core_offset(ql, kl, HBWD_BN)) = store_f32<T>(dpt[n][e] * scale).bits;
+            }
+            pa[n / 2][2 * (n & 1)] = pack2<T>(st[n][0], st[n][1]);
+            pa[n / 2][2 * (n & 1) + 1] = pack2<T>(st[n][2], st[n][3]);
+            da[n / 2][2 * (n & 1)] = pack2<T>(dpt[n][0], dpt[n][1]);
+            da[n / 2][2 * (n & 1) + 1] = pack2<T>(dpt[n][2], dpt[n][3]);
+        }
+        wgmma_fence();
+        #pragma unroll
+        for (int j = 0; j < HBWD_BM / 16; j++) {
+            wgmma_rs<1>(dvacc, pa[j], mnmajor_desc(dos, D, 16 * j, 0), (T*)0);
+            wgmma_rs<1>(dkacc, da[j], mnmajor_desc(qs, D, 16 * j, 0), (T*)0);
+        }
+        wgmma_commit();
+        fence_proxy_async();
+        __syncthreads(); /* both warpgroups' dS are in shared memory */
+        /* dQ[:, this group's half of D] = dS K over the block's 128 keys. */
+        float dq[DQ_COLS / 8][4];
+        #pragma unroll
+        for (int i = 0; i < DQ_COLS / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+        wgmma_fence();
+        #pragma unroll
+        for (int s = 0; s < HBWD_BN / 16; s++)
+            wgmma_ss<0, 1>(dq, kmajor_desc(dss, HBWD_BN, 0, 16 * s), mnmajor_desc(ks, D, 16 * s, group * DQ_COLS),
+                           (T*)0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        const int qa = q0 + gwarp * 16 + g, qb = qa + 8;
+        #pragma unroll
+        for (int i = 0; i < DQ_COLS / 8; i++) {
+            int d = group * DQ_COLS + 8 * i + 2 * tq;
+            if (qa < seq) add_pair(dq_acc + ((tok0 + qa) * heads + h) * D + d, dq[i][0], dq[i][1]);
+            if (qb < seq) add_pair(dq_acc + ((tok0 + qb) * heads + h) * D + d, dq[i][2], dq[i][3]);
+        }
+    }
+    if (split) {
+        #pragma unroll
+        for (int i = 0; i < DTILES; i++) {
+            int d = 8 * i + 2 * tq;
+            if (key_a < seq) {
+                u64 at = ((tok0 + key_a) * heads + h_first) * D + d;
+                *(float2*)(dk_part + at) = make_float2(dkacc[i][0] * scale, dkacc[i][1] * scale);
+                *(float2*)(dv_part + at) = make_float2(dvacc[i][0], dvacc[i][1]);
+            }
+            if (key_b < seq) {
+                u64 at = ((tok0 + key_b) * heads + h_first) * D + d;
+                *(float2*)(dk_part + at) = make_float2(dkacc[i][2] * scale, dkacc[i][3] * scale);
+                *(float2*)(dv_part + at) = make_float2(dvacc[i][2], dvacc[i][3]);
+            }
+        }
+        return;
+    }
+    u16* dkg = (u16*)dk;
+    u16* dvg = (u16*)dv;
+    #pragma unroll
+    for (int i = 0; i < DTILES; i++) {
+        int d = 8 * i + 2 * tq;
+        if (key_a < seq) {
+            u64 at = ((tok0 + key_a) * kv_heads + kvh) * D + d;
+            *(u32*)(dkg + at) = pack2<T>(dkacc[i][0] * scale, dkacc[i][1] * scale);
+            *(u32*)(dvg + at) = pack2<T>(dvacc[i][0], dvacc[i][1]);
+        }
+        if (key_b < seq) {
+            u64 at = ((tok0 + key_b) * kv_heads + kvh) * D + d;
+            *(u32*)(dkg + at) = pack2<T>(dkacc[i][2] * scale, dkacc[i][3] * scale);
+            *(u32*)(dvg + at) = pack2<T>(dvacc[i][2], dvacc[i][3]);
+        }
+    }
+#else
+    __trap(); /* wgmma needs sm_90a; the host launches this kernel only on compute capability 9.0 */
+#endif
+}
+
+#define ATTN_BWD_WGMMA(S, T, D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(HBWD_BN * 2, 1) attention_backward_wgmma_##S##_d##D(             \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,                  \
+        const int* doc_start, float* dq_acc, T* dk, T* dv, float* dk_part, float* dv_part, int seq, int heads,    \
+        int kv_heads, int window, float scale) {                                                                  \
+        attention_backward_wgmma<T, D>(q, k, v, dout, lse, delta, doc_start, dq_acc, dk, dv, dk_part, dv_part,    \
+                                       seq, heads, kv_heads, window, scale);                                      \
+    }
+ATTN_BWD_WGMMA(bf16, bf16, 64)
+ATTN_BWD_WGMMA(bf16, bf16, 128)
+ATTN_BWD_WGMMA(f16, f16, 64)
+ATTN_BWD_WGMMA(f16, f16, 128)
