@@ -34,7 +34,7 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     u16* vs = ks + HBWD_BN * D;             /* [BN][D] values */
     u16* qbuf = vs + HBWD_BN * D;           /* [2][BM][D] query tiles: the current one and the next */
     u16* dobuf = qbuf + 2 * HBWD_BM * D;    /* [2][BM][D] their output gradients */
-    u16* dss = dobuf + 2 * HBWD_BM * D;     /* [BM][BN] dS (scaled), query rows */
+    u16* dss = dobuf + 2 * HBWD_BM * D;     /* [BN][BM] dS^T (scaled), key rows */
     float* lse_buf = (float*)(dss + HBWD_BM * HBWD_BN); /* [2][BM] lse of the two tiles' queries */
     float* dl_buf = lse_buf + 2 * HBWD_BM;              /* [2][BM] D_i */
     int* doc_buf = (int*)(dl_buf + 2 * HBWD_BM);        /* [2][BM] first key of each query's document */
@@ -60,13 +60,17 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     }
     cp_async_commit();
     float dkacc[DTILES][4], dvacc[DTILES][4];
-    #pragma unroll
+#pragma unroll
     for (int i = 0; i < DTILES; i++)
-        #pragma unroll
+#pragma unroll
         for (int e = 0; e < 4; e++) dkacc[i][e] = dvacc[i][e] = 0.0f;
     /* Warp w holds keys 16w + g and 16w + g + 8 of the block (rows of its warpgroup's accumulators). */
     const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;
     const int q_end = window > 0 ? min(seq, key_last + window) : seq;
+    /* Descriptors of the fixed operands: this warpgroup's K and V rows (K-major), dS^T and the
+     * group's half of K for dQ (MN-major). */
+    const u64 k_desc = kmajor_desc(ks, D, group * 64, 0), v_desc = kmajor_desc(vs, D, group * 64, 0);
+    const u64 ds_desc = mnmajor_desc(dss, HBWD_BM, 0, 0), k_t_desc = mnmajor_desc(ks, D, 0, group * DQ_COLS);
 
     const int q_start = (k0 / HBWD_BM) * HBWD_BM;
     const int per_head = q_end > q_start ? (q_end - q_start + HBWD_BM - 1) / HBWD_BM : 0;
@@ -104,75 +108,92 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         fence_proxy_async();
         __syncthreads(); /* tile t is in shared memory; every warp is done with tile t - 1 */
         if (t + 1 < tiles) load_tile(t + 1, (t + 1) & 1);
-        /* Whether any query of the tile sees this block's keys: lane l checks queries l and l + 32,
-         * the same answer in every warp. */
-        bool any = false;
-        #pragma unroll
+        /* Whether any query of the tile sees this block's keys, and whether every query sees all of
+         * them (no mask needed): lane l checks queries l and l + 32, the same answer in every warp. */
+        bool any = false, all = true;
+#pragma unroll
         for (int half = 0; half < 2; half++) {
             const int ql = lane + 32 * half, qi = q0 + ql;
-            any |= qi < seq && first_visible(doc_s[ql], qi, window) <= key_last && qi >= k0;
+            const int fk = first_visible(doc_s[ql], qi, window);
+            any |= qi < seq && fk <= key_last && qi >= k0;
+            all &= qi < seq && fk <= k0 && qi >= key_last;
         }
         if (!__any_sync(0xffffffffu, any)) continue;
+        const bool full = __all_sync(0xffffffffu, all);
 
         /* S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x the tile's 64 queries. */
         float st[QTILES][4], dpt[QTILES][4];
-        #pragma unroll
-        for (int n = 0; n < QTILES; n++)
-            #pragma unroll
-            for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
+        const u64 q_desc = kmajor_desc(qs, D, 0, 0), do_desc = kmajor_desc(dos, D, 0, 0);
         wgmma_fence();
-        #pragma unroll
+#pragma unroll
         for (int s = 0; s < KSTEPS; s++)
-            wgmma_ss<0, 0>(st, kmajor_desc(ks, D, group * 64, 16 * s), kmajor_desc(qs, D, 0, 16 * s), (T*)0);
-        #pragma unroll
-        for (int s = 0; s < KSTEPS; s++)
-            wgmma_ss<0, 0>(dpt, kmajor_desc(vs, D, group * 64, 16 * s), kmajor_desc(dos, D, 0, 16 * s), (T*)0);
+            wgmma_ss<0, 0>(st, desc_advance(k_desc, 256 * s), desc_advance(q_desc, 256 * s), s > 0, (T*)0);
         wgmma_commit();
-        wgmma_wait<0>();
-        /* P^T and dS^T in place: element e of block n is key (g or g+8), query 8n + 2tq + (e&1); the
-         * A fragments of dV += P^T dO and dK += dS^T Q packed from them, and dS (scaled) to shared memory. */
-        u32 pa[HBWD_BM / 16][4], da[HBWD_BM / 16][4];
-        #pragma unroll
+#pragma unroll
+        for (int s = 0; s < KSTEPS; s++)
+            wgmma_ss<0, 0>(dpt, desc_advance(v_desc, 256 * s), desc_advance(do_desc, 256 * s), s > 0, (T*)0);
+        wgmma_commit();
+        /* P^T = exp(S^T - lse) (masked) while the tensor cores still compute dP^T. */
+        wgmma_wait<1>();
+#pragma unroll
         for (int n = 0; n < QTILES; n++) {
-            #pragma unroll
+            const int ql0 = 8 * n + 2 * tq;
+            const float2 lse2 = *(const float2*)(lse_s + ql0);
+            const float lse_log2[2] = {__fmul_rn(lse2.x, LOG2E), __fmul_rn(lse2.y, LOG2E)};
+#pragma unroll
             for (int e = 0; e < 4; e++) {
-                int ql = 8 * n + 2 * tq + (e & 1), qi = q0 + ql;
-                int key = e < 2 ? key_a : key_b;
-                int fk = first_visible(doc_s[ql], qi, window);
-                bool vis = key >= fk && key <= qi && qi < seq;
-                float p = vis ? exp2f(st[n][e] * scale_log2 - __fmul_rn(lse_s[ql], LOG2E)) : 0.0f;
+                float p = exp2f(st[n][e] * scale_log2 - lse_log2[e & 1]);
+                if (!full) {
+                    const int ql = ql0 + (e & 1), qi = q0 + ql, key = e < 2 ? key_a : key_b;
+                    const bool vis = key >= first_visible(doc_s[ql], qi, window) && key <= qi && qi < seq;
+                    p = vis ? p : 0.0f;
+                }
                 st[n][e] = p;
-                dpt[n][e] = p * (dpt[n][e] - dl_s[ql]);
-                int kl = warp * 16 + g + (e < 2 ? 0 : 8);
-                *(u16*)((unsigned char*)dss + core_offset(ql, kl, HBWD_BN)) = store_f32<T>(dpt[n][e] * scale).bits;
+            }
+        }
+        wgmma_wait<0>();
+        /* dS^T = P^T (dP^T - D) in place: element e of block n is key (g or g+8), query 8n + 2tq + (e&1);
+         * the A fragments of dV += P^T dO and dK += dS^T Q packed from them, and dS^T (scaled) to
+         * shared memory with key rows, where the two queries of a pair are adjacent (one 4-byte store). */
+        u32 pa[HBWD_BM / 16][4], da[HBWD_BM / 16][4];
+#pragma unroll
+        for (int n = 0; n < QTILES; n++) {
+            const int ql0 = 8 * n + 2 * tq;
+            const float2 dl2 = *(const float2*)(dl_s + ql0);
+#pragma unroll
+            for (int e = 0; e < 4; e++) dpt[n][e] = st[n][e] * (dpt[n][e] - ((e & 1) ? dl2.y : dl2.x));
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                int kl = warp * 16 + g + 8 * half;
+                *(u32*)((unsigned char*)dss + core_offset(kl, ql0, HBWD_BM)) =
+                    pack2<T>(dpt[n][2 * half] * scale, dpt[n][2 * half + 1] * scale);
             }
             pa[n / 2][2 * (n & 1)] = pack2<T>(st[n][0], st[n][1]);
             pa[n / 2][2 * (n & 1) + 1] = pack2<T>(st[n][2], st[n][3]);
             da[n / 2][2 * (n & 1)] = pack2<T>(dpt[n][0], dpt[n][1]);
             da[n / 2][2 * (n & 1) + 1] = pack2<T>(dpt[n][2], dpt[n][3]);
         }
+        const u64 do_t_desc = mnmajor_desc(dos, D, 0, 0), q_t_desc = mnmajor_desc(qs, D, 0, 0);
         wgmma_fence();
-        #pragma unroll
+#pragma unroll
         for (int j = 0; j < HBWD_BM / 16; j++) {
-            wgmma_rs<1>(dvacc, pa[j], mnmajor_desc(dos, D, 16 * j, 0), (T*)0);
-            wgmma_rs<1>(dkacc, da[j], mnmajor_desc(qs, D, 16 * j, 0), (T*)0);
+            wgmma_rs<1>(dvacc, pa[j], desc_advance(do_t_desc, 32 * D * j), 1, (T*)0);
+            wgmma_rs<1>(dkacc, da[j], desc_advance(q_t_desc, 32 * D * j), 1, (T*)0);
         }
         wgmma_commit();
         fence_proxy_async();
         __syncthreads(); /* both warpgroups' dS are in shared memory */
         /* dQ[:, this group's half of D] = dS K over the block's 128 keys. */
         float dq[DQ_COLS / 8][4];
-        #pragma unroll
-        for (int i = 0; i < DQ_COLS / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
         wgmma_fence();
-        #pragma unroll
+#pragma unroll
         for (int s = 0; s < HBWD_BN / 16; s++)
-            wgmma_ss<0, 1>(dq, kmajor_desc(dss, HBWD_BN, 0, 16 * s), mnmajor_desc(ks, D, 16 * s, group * DQ_COLS),
+            wgmma_ss<1, 1>(dq, desc_advance(ds_desc, 32 * HBWD_BM * s), desc_advance(k_t_desc, 32 * D * s), s > 0,
                            (T*)0);
         wgmma_commit();
         wgmma_wait<0>();
         const int qa = q0 + gwarp * 16 + g, qb = qa + 8;
-        #pragma unroll
+#pragma unroll
         for (int i = 0; i < DQ_COLS / 8; i++) {
             int d = group * DQ_COLS + 8 * i + 2 * tq;
             if (qa < seq) add_pair(dq_acc + ((tok0 + qa) * heads + h) * D + d, dq[i][0], dq[i][1]);
@@ -180,7 +201,7 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         }
     }
     if (split) {
-        #pragma unroll
+#pragma unroll
         for (int i = 0; i < DTILES; i++) {
             int d = 8 * i + 2 * tq;
             if (key_a < seq) {
@@ -198,7 +219,7 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     }
     u16* dkg = (u16*)dk;
     u16* dvg = (u16*)dv;
-    #pragma unroll
+#pragma unroll
     for (int i = 0; i < DTILES; i++) {
         int d = 8 * i + 2 * tq;
         if (key_a < seq) {

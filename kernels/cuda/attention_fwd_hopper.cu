@@ -70,7 +70,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
     const int k_begin = (min(group_lo[0], group_lo[1]) / HFWD_BN) * HFWD_BN, k_end = min(q0 + HFWD_BM, seq);
 
     float o[DTILES][4];
-    #pragma unroll
+#pragma unroll
     for (int i = 0; i < DTILES; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m_a = -F32_INF, m_b = -F32_INF, l_a = 0.0f, l_b = 0.0f;
     auto load_kv = [&](int kt, int stage) {
@@ -101,22 +101,22 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
         const u16* vs = vbuf + stage * HFWD_BN * D;
         if (kt <= gq0 + 63 && kt + HFWD_BN > g_lo) {
             float s[NTILES][4];
-            #pragma unroll
+#pragma unroll
             for (int n = 0; n < NTILES; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
             /* S = Q K^T: the group's 64 query rows times the tile's 64 keys. */
             wgmma_fence();
-            #pragma unroll
+#pragma unroll
             for (int st = 0; st < KSTEPS; st++)
-                wgmma_ss<0, 0>(s, kmajor_desc(qs, D, group * 64, 16 * st), kmajor_desc(ks, D, 0, 16 * st), (T*)0);
+                wgmma_ss<0, 0>(s, kmajor_desc(qs, D, group * 64, 16 * st), kmajor_desc(ks, D, 0, 16 * st), 1, (T*)0);
             wgmma_commit();
             wgmma_wait<0>();
             /* Scale to log2 units (masking where the tile crosses the diagonal or a document start),
              * and the row maxima (4 lanes share a row). */
             float mx_a = -F32_INF, mx_b = -F32_INF;
             if (kt + HFWD_BN - 1 > wq0 || kt < w_hi) {
-                #pragma unroll
+#pragma unroll
                 for (int n = 0; n < NTILES; n++) {
-                    #pragma unroll
+#pragma unroll
                     for (int e = 0; e < 2; e++) {
                         int key = kt + 8 * n + 2 * tq + e;
                         bool va = key >= fk_a && key <= qa_row, vb = key >= fk_b && key <= qb_row;
@@ -125,12 +125,12 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
                     }
                 }
             } else {
-                #pragma unroll
+#pragma unroll
                 for (int n = 0; n < NTILES; n++)
-                    #pragma unroll
+#pragma unroll
                     for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
             }
-            #pragma unroll
+#pragma unroll
             for (int n = 0; n < NTILES; n++) {
                 mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
                 mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
@@ -146,7 +146,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
             m_b = new_b;
             l_a *= alpha_a;
             l_b *= alpha_b;
-            #pragma unroll
+#pragma unroll
             for (int i = 0; i < DTILES; i++) {
                 o[i][0] *= alpha_a;
                 o[i][1] *= alpha_a;
@@ -154,9 +154,9 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
                 o[i][3] *= alpha_b;
             }
             u32 pa[HFWD_BN / 16][4];
-            #pragma unroll
+#pragma unroll
             for (int j = 0; j < HFWD_BN / 16; j++) {
-                #pragma unroll
+#pragma unroll
                 for (int half = 0; half < 2; half++) {
                     float* sn = s[2 * j + half];
                     sn[0] = exp2f(sn[0] - ref_a);
@@ -171,8 +171,8 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
             }
             /* O += P V: P's accumulators are already A fragments, 16 keys a step; V read MN-major. */
             wgmma_fence();
-            #pragma unroll
-            for (int j = 0; j < HFWD_BN / 16; j++) wgmma_rs<1>(o, pa[j], mnmajor_desc(vs, D, 16 * j, 0), (T*)0);
+#pragma unroll
+            for (int j = 0; j < HFWD_BN / 16; j++) wgmma_rs<1>(o, pa[j], mnmajor_desc(vs, D, 16 * j, 0), 1, (T*)0);
             wgmma_commit();
             wgmma_wait<0>();
         }
@@ -185,7 +185,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
     }
     float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
     u16* og = (u16*)out;
-    #pragma unroll
+#pragma unroll
     for (int i = 0; i < DTILES; i++) {
         int d = 8 * i + 2 * tq;
         if (qa_row < seq) *(u32*)(og + ((tok0 + qa_row) * heads + h) * D + d) = pack2<T>(o[i][0] * inv_a, o[i][1] * inv_a);
@@ -202,7 +202,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
 }
 
 #define ATTN_FWD_WGMMA(S, T, D)                                                                                \
-    extern "C" __global__ void __launch_bounds__(HFWD_BM * 2) attention_forward_wgmma_##S##_d##D(              \
+    extern "C" __global__ void __launch_bounds__(HFWD_BM * 2) attention_forward_wgmma_##S##_d##D(               \
         const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse, int seq, int heads,      \
         int kv_heads, int window, float scale) {                                                               \
         attention_forward_wgmma<T, D>(q, k, v, doc_start, out, lse, seq, heads, kv_heads, window, scale);      \

@@ -18,6 +18,8 @@ use std::time::Instant;
 fn gpu(dtype: DType) -> Option<CudaBackend> {
     match CudaBackend::new(0, dtype) {
         Ok(b) => Some(b),
+        // A kernel that does not compile is a failure, not a missing GPU.
+        Err(e @ kernels::KernelError::Compile { .. }) => panic!("{e}"),
         Err(e) => {
             eprintln!("skipped: no usable CUDA device ({e})");
             None
