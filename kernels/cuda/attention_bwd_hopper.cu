@@ -97,6 +97,20 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         cp_async_commit();
     };
     if (tiles > 0) load_tile(0, 0);
+    /* A tile's dQ waits in registers, and its reductions into dq_acc are issued behind the next
+     * tile's S^T and dP^T products. */
+    float dq[DQ_COLS / 8][4];
+    int pending_h = -1, pending_q0 = 0;
+    auto add_dq = [&]() {
+        const int qa = pending_q0 + gwarp * 16 + g, qb = qa + 8;
+#pragma unroll
+        for (int i = 0; i < DQ_COLS / 8; i++) {
+            int d = group * DQ_COLS + 8 * i + 2 * tq;
+            if (qa < seq) add_pair(dq_acc + ((tok0 + qa) * heads + pending_h) * D + d, dq[i][0], dq[i][1]);
+            if (qb < seq) add_pair(dq_acc + ((tok0 + qb) * heads + pending_h) * D + d, dq[i][2], dq[i][3]);
+        }
+        pending_h = -1;
+    };
     for (int t = 0; t < tiles; t++) {
         const int h = h_first + t / per_head, q0 = q_start + (t % per_head) * HBWD_BM;
         const u16* qs = qbuf + (t & 1) * HBWD_BM * D;
@@ -104,6 +118,7 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         const float* lse_s = lse_buf + (t & 1) * HBWD_BM;
         const float* dl_s = dl_buf + (t & 1) * HBWD_BM;
         const int* doc_s = doc_buf + (t & 1) * HBWD_BM;
+        wgmma_wait<0>(); /* the last tile's products are done (with its Q, dO and dS buffers) */
         cp_async_wait<0>();
         fence_proxy_async();
         __syncthreads(); /* tile t is in shared memory; every warp is done with tile t - 1 */
@@ -133,6 +148,7 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         for (int s = 0; s < KSTEPS; s++)
             wgmma_ss<0, 0>(dpt, desc_advance(v_desc, 256 * s), desc_advance(do_desc, 256 * s), s > 0, (T*)0);
         wgmma_commit();
+        if (pending_h >= 0) add_dq(); /* the last tile's dQ reductions, behind S^T and dP^T */
         /* P^T = exp(S^T - lse) (masked) while the tensor cores still compute dP^T. */
         wgmma_wait<1>();
 #pragma unroll
@@ -183,23 +199,18 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         wgmma_commit();
         fence_proxy_async();
         __syncthreads(); /* both warpgroups' dS are in shared memory */
-        /* dQ[:, this group's half of D] = dS K over the block's 128 keys. */
-        float dq[DQ_COLS / 8][4];
+        /* dQ[:, this group's half of D] = dS K over the block's 128 keys, left in flight. */
         wgmma_fence();
 #pragma unroll
         for (int s = 0; s < HBWD_BN / 16; s++)
             wgmma_ss<1, 1>(dq, desc_advance(ds_desc, 32 * HBWD_BM * s), desc_advance(k_t_desc, 32 * D * s), s > 0,
                            (T*)0);
         wgmma_commit();
-        wgmma_wait<0>();
-        const int qa = q0 + gwarp * 16 + g, qb = qa + 8;
-#pragma unroll
-        for (int i = 0; i < DQ_COLS / 8; i++) {
-            int d = group * DQ_COLS + 8 * i + 2 * tq;
-            if (qa < seq) add_pair(dq_acc + ((tok0 + qa) * heads + h) * D + d, dq[i][0], dq[i][1]);
-            if (qb < seq) add_pair(dq_acc + ((tok0 + qb) * heads + h) * D + d, dq[i][2], dq[i][3]);
-        }
+        pending_h = h;
+        pending_q0 = q0;
     }
+    wgmma_wait<0>();
+    if (pending_h >= 0) add_dq();
     if (split) {
 #pragma unroll
         for (int i = 0; i < DTILES; i++) {
