@@ -5,7 +5,7 @@
  *
  * attention_backward_wgmma_<t>_d<D> (bf16/f16, D = 64 or 128): a block owns 128 keys of one (row, kv
  * head), 64 per warpgroup, and walks the query tiles of 64 that see them (every query head of the GQA
- * group, or one with the f32 parts, as attention_bwd.cu). All tiles are in wgmma's core-matrix layout
+ * group, or one with the f32 parts, as attention_bwd.cu). All tiles are in wgmma's 128-byte swizzled layout
  * (wgmma.cuh). Per tile and warpgroup:
  *   S^T = K Q^T and dP^T = V dO^T   2 x D/16 wgmma m64n64k16 from shared memory (K-major both);
  *   P^T, dS^T                       in registers, mma.sync's layout (attention_bwd.cu's code);
@@ -30,7 +30,7 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
 #if WGMMA_AVAILABLE
     constexpr int KSTEPS = D / 16, DTILES = D / 8, QTILES = HBWD_BM / 8, CHUNKS = D / 8, DQ_COLS = D / 2;
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    u16* ks = (u16*)smem_raw;               /* [BN][D] keys of this block */
+    u16* ks = (u16*)align_1024(smem_raw);   /* [BN][D] keys of this block */
     u16* vs = ks + HBWD_BN * D;             /* [BN][D] values */
     u16* qbuf = vs + HBWD_BN * D;           /* [2][BM][D] query tiles: the current one and the next */
     u16* dobuf = qbuf + 2 * HBWD_BM * D;    /* [2][BM][D] their output gradients */
@@ -52,11 +52,11 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     const u16 *kg = (const u16*)k, *vg = (const u16*)v, *qg = (const u16*)q, *dog = (const u16*)dout;
 
     for (int i = threadIdx.x; i < HBWD_BN * CHUNKS; i += blockDim.x) {
-        int key = k0 + core_row(i, CHUNKS);
+        int r = i / CHUNKS, j = i % CHUNKS, key = k0 + r;
         bool valid = key < seq;
-        u64 at = valid ? ((tok0 + key) * kv_heads + kvh) * D + 8 * core_chunk(i, CHUNKS) : 0;
-        cp_async16(ks + 8 * i, kg + at, valid);
-        cp_async16(vs + 8 * i, vg + at, valid);
+        u64 at = valid ? ((tok0 + key) * kv_heads + kvh) * D + 8 * j : 0;
+        cp_async16((unsigned char*)ks + swz_chunk(r, j, D), kg + at, valid);
+        cp_async16((unsigned char*)vs + swz_chunk(r, j, D), vg + at, valid);
     }
     cp_async_commit();
     float dkacc[DTILES][4], dvacc[DTILES][4];
@@ -80,11 +80,11 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         u16* qd = qbuf + buf * HBWD_BM * D;
         u16* dod = dobuf + buf * HBWD_BM * D;
         for (int i = threadIdx.x; i < HBWD_BM * CHUNKS; i += blockDim.x) {
-            int qi = tq0 + core_row(i, CHUNKS);
+            int r = i / CHUNKS, j = i % CHUNKS, qi = tq0 + r;
             bool valid = qi < seq;
-            u64 at = valid ? ((tok0 + qi) * heads + th) * D + 8 * core_chunk(i, CHUNKS) : 0;
-            cp_async16(qd + 8 * i, qg + at, valid);
-            cp_async16(dod + 8 * i, dog + at, valid);
+            u64 at = valid ? ((tok0 + qi) * heads + th) * D + 8 * j : 0;
+            cp_async16((unsigned char*)qd + swz_chunk(r, j, D), qg + at, valid);
+            cp_async16((unsigned char*)dod + swz_chunk(r, j, D), dog + at, valid);
         }
         if (threadIdx.x < HBWD_BM) {
             int qi = tq0 + threadIdx.x;
@@ -142,11 +142,12 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         wgmma_fence();
 #pragma unroll
         for (int s = 0; s < KSTEPS; s++)
-            wgmma_ss<0, 0>(st, desc_advance(k_desc, 256 * s), desc_advance(q_desc, 256 * s), s > 0, (T*)0);
+            wgmma_ss<0, 0>(st, desc_advance(k_desc, kmajor_step(s)), desc_advance(q_desc, kmajor_step(s)), s > 0, (T*)0);
         wgmma_commit();
 #pragma unroll
         for (int s = 0; s < KSTEPS; s++)
-            wgmma_ss<0, 0>(dpt, desc_advance(v_desc, 256 * s), desc_advance(do_desc, 256 * s), s > 0, (T*)0);
+            wgmma_ss<0, 0>(dpt, desc_advance(v_desc, kmajor_step(s)), desc_advance(do_desc, kmajor_step(s)), s > 0,
+                           (T*)0);
         wgmma_commit();
         if (pending_h >= 0) add_dq(); /* the last tile's dQ reductions, behind S^T and dP^T */
         /* P^T = exp(S^T - lse) (masked) while the tensor cores still compute dP^T. */
@@ -181,7 +182,7 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
 #pragma unroll
             for (int half = 0; half < 2; half++) {
                 int kl = warp * 16 + g + 8 * half;
-                *(u32*)((unsigned char*)dss + core_offset(kl, ql0, HBWD_BM)) =
+                *(u32*)((unsigned char*)dss + swz_offset(kl, ql0, HBWD_BM)) =
                     pack2<T>(dpt[n][2 * half] * scale, dpt[n][2 * half + 1] * scale);
             }
             pa[n / 2][2 * (n & 1)] = pack2<T>(st[n][0], st[n][1]);
@@ -193,8 +194,8 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < HBWD_BM / 16; j++) {
-            wgmma_rs<1>(dvacc, pa[j], desc_advance(do_t_desc, 32 * D * j), 1, (T*)0);
-            wgmma_rs<1>(dkacc, da[j], desc_advance(q_t_desc, 32 * D * j), 1, (T*)0);
+            wgmma_rs<1>(dvacc, pa[j], desc_advance(do_t_desc, 2 * (D / 64) * 1024 * j), 1, (T*)0);
+            wgmma_rs<1>(dkacc, da[j], desc_advance(q_t_desc, 2 * (D / 64) * 1024 * j), 1, (T*)0);
         }
         wgmma_commit();
         fence_proxy_async();
@@ -203,7 +204,8 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         wgmma_fence();
 #pragma unroll
         for (int s = 0; s < HBWD_BN / 16; s++)
-            wgmma_ss<1, 1>(dq, desc_advance(ds_desc, 32 * HBWD_BM * s), desc_advance(k_t_desc, 32 * D * s), s > 0,
+            wgmma_ss<1, 1>(dq, desc_advance(ds_desc, 2 * (HBWD_BM / 64) * 1024 * s),
+                           desc_advance(k_t_desc, 2 * (D / 64) * 1024 * s), s > 0,
                            (T*)0);
         wgmma_commit();
         pending_h = h;

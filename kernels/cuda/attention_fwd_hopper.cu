@@ -4,7 +4,7 @@
  *
  * attention_forward_wgmma_<t>_d<D> (bf16/f16, D = 64 or 128): a block owns 128 queries of one
  * (row, head), 64 per warpgroup. Q sits in shared memory for the whole run; key/value tiles of 64
- * rows stream in by cp.async, two stages deep, all in wgmma's core-matrix layout (wgmma.cuh).
+ * rows stream in by cp.async, two stages deep, all in wgmma's 128-byte swizzled layout (wgmma.cuh).
  * Per tile and warpgroup: S = Q K^T as D/16 wgmma m64n64k16 from shared memory (K-major both), the
  * online softmax on the accumulators in registers (their layout is mma.sync's, so the masking and
  * rescaling code is attention_fwd.cu's), then O += P V as four wgmma m64nDk16 with P from registers
@@ -23,7 +23,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
 #if WGMMA_AVAILABLE
     constexpr int KSTEPS = D / 16, DTILES = D / 8, NTILES = HFWD_BN / 8, CHUNKS = D / 8;
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    u16* qs = (u16*)smem_raw;            /* [BM][D] */
+    u16* qs = (u16*)align_1024(smem_raw); /* [BM][D] */
     u16* kbuf = qs + HFWD_BM * D;        /* [2 stages][BN][D] */
     u16* vbuf = kbuf + 2 * HFWD_BN * D;  /* [2 stages][BN][D] */
     __shared__ int fk[HFWD_BM];
@@ -37,9 +37,9 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
     const u16 *qg = (const u16*)q, *kg = (const u16*)k, *vg = (const u16*)v;
 
     for (int i = threadIdx.x; i < HFWD_BM * CHUNKS; i += blockDim.x) {
-        int r = core_row(i, CHUNKS), qi = q0 + r;
+        int r = i / CHUNKS, j = i % CHUNKS, qi = q0 + r;
         bool valid = qi < seq;
-        cp_async16(qs + 8 * i, qg + (valid ? ((tok0 + qi) * heads + h) * D + 8 * core_chunk(i, CHUNKS) : 0), valid);
+        cp_async16((unsigned char*)qs + swz_chunk(r, j, D), qg + (valid ? ((tok0 + qi) * heads + h) * D + 8 * j : 0), valid);
     }
     cp_async_commit();
     if (threadIdx.x < HFWD_BM) {
@@ -77,11 +77,11 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
         u16* ks = kbuf + stage * HFWD_BN * D;
         u16* vs = vbuf + stage * HFWD_BN * D;
         for (int i = threadIdx.x; i < HFWD_BN * CHUNKS; i += blockDim.x) {
-            int key = kt + core_row(i, CHUNKS);
+            int r = i / CHUNKS, j = i % CHUNKS, key = kt + r;
             bool valid = key < seq;
-            u64 at = valid ? ((tok0 + key) * kv_heads + kvh) * D + 8 * core_chunk(i, CHUNKS) : 0;
-            cp_async16(ks + 8 * i, kg + at, valid);
-            cp_async16(vs + 8 * i, vg + at, valid);
+            u64 at = valid ? ((tok0 + key) * kv_heads + kvh) * D + 8 * j : 0;
+            cp_async16((unsigned char*)ks + swz_chunk(r, j, D), kg + at, valid);
+            cp_async16((unsigned char*)vs + swz_chunk(r, j, D), vg + at, valid);
         }
         cp_async_commit();
     };

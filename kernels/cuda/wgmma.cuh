@@ -10,10 +10,11 @@
  * of wgmma_rs is the m16n8k16 A fragment of rows 16w.. (common.cuh): the register code of the mma.sync
  * kernels carries over unchanged.
  *
- * Shared-memory tiles are 16-bit [rows][cols] in the canonical layout without swizzle: 8 rows x 16 bytes
- * make one 128-byte core matrix, and core matrix (r/8, c/8) sits at ((r/8) * (cols/8) + c/8) * 128 bytes.
- * A cp.async loop whose chunk i (16 bytes) is row core_row(i), 8-column chunk core_chunk(i) writes byte
- * 16 i: eight consecutive threads fill one core matrix, on distinct banks. The same tile is read
+ * Shared-memory tiles are 16-bit [rows][cols] (cols a multiple of 64) in the 128-byte swizzled layout:
+ * atoms of 8 rows x 64 columns (1024 bytes, 1024-aligned), atom (r/8, c/64) at ((r/8)(cols/64) + c/64)
+ * x 1024 bytes; inside an atom row r%8 sits at 128 (r%8) and its 16-byte chunk j at 16 (j XOR r%8), so
+ * that the tensor cores' reads of 8 rows hit 8 different bank groups (without the swizzle, half the
+ * shared-memory wavefronts of the backward were conflicts: ncu, session 9). The same tile is read
  *   K-major (rows along M or N, cols along K): kmajor_desc, and
  *   MN-major (rows along K, cols along N, the transposed operand, TA/TB = 1): mnmajor_desc.
  */
@@ -23,33 +24,40 @@
 #define WGMMA_AVAILABLE 0
 #endif
 
-/* Row and 8-column chunk of a tile with `chunks` chunks a row, for chunk index i in core-matrix order. */
-__device__ __forceinline__ int core_row(int i, int chunks) { return (i & 7) | ((i / (8 * chunks)) << 3); }
-__device__ __forceinline__ int core_chunk(int i, int chunks) { return (i >> 3) % chunks; }
-/* Byte offset of element (r, c) of a [rows][cols] tile in that layout. */
-__device__ __forceinline__ int core_offset(int r, int c, int cols) {
-    return ((r >> 3) * (cols >> 3) + (c >> 3)) * 128 + (r & 7) * 16 + (c & 7) * 2;
+/* Byte offset of 16-byte chunk j (columns 8j..8j+7) of row r, and of element (r, c), in that layout. */
+__device__ __forceinline__ int swz_chunk(int r, int j, int cols) {
+    return ((r >> 3) * (cols >> 6) + (j >> 3)) * 1024 + (r & 7) * 128 + (((j & 7) ^ (r & 7)) << 4);
+}
+__device__ __forceinline__ int swz_offset(int r, int c, int cols) { return swz_chunk(r, c >> 3, cols) + (c & 7) * 2; }
+/* The first 1024-aligned byte of dynamic shared memory (the host adds 1024 bytes for it). */
+__device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
+    return p + ((1024 - (smem_addr(p) & 1023)) & 1023);
 }
 
 #if WGMMA_AVAILABLE
 /* The 64-bit shared-memory matrix descriptor: start address, leading and stride byte offsets (each
- * stored >> 4), no swizzle, base offset 0 (PTX ISA, "Matrix Descriptor Format"). */
-__device__ __forceinline__ u64 wgmma_desc(const u16* start, u32 leading, u32 stride) {
-    return (u64)((smem_addr(start) & 0x3FFFF) >> 4) | ((u64)(leading >> 4) << 16) | ((u64)(stride >> 4) << 32);
+ * stored >> 4), base offset 0 (atoms 1024-aligned), 128-byte swizzle (PTX ISA, "Matrix Descriptor"). */
+__device__ __forceinline__ u64 wgmma_desc(const unsigned char* start, u32 leading, u32 stride) {
+    return (u64)((smem_addr(start) & 0x3FFFF) >> 4) | ((u64)(leading >> 4) << 16) | ((u64)(stride >> 4) << 32) |
+           (1ull << 62);
 }
-/* The 64 x 16 (or N x 16) block at row r0, column k0 (multiples of 8 and 16) of a tile with `cols`
- * columns along K: the next core matrix along K is 128 bytes on, the next 8 rows cols * 16. */
+/* The block at row r0 (a multiple of 8), column k0 (a multiple of 16) of a tile with `cols` columns along
+ * K: the next 8 rows are (cols/64) atoms on; the leading offset is unused with the swizzle. */
 __device__ __forceinline__ u64 kmajor_desc(const u16* tile, int cols, int r0, int k0) {
-    return wgmma_desc(tile + r0 * cols + k0 * 8, 128, cols * 16);
+    return wgmma_desc((const unsigned char*)tile + ((r0 >> 3) * (cols >> 6) + (k0 >> 6)) * 1024 + (k0 & 63) * 2, 16,
+                      (cols >> 6) * 1024);
 }
-/* The 16 x N block at row k0, column n0 of a tile whose rows run along K and columns along N: the next
- * 8 rows (along K) are cols * 16 bytes on, the next 8 columns (along N) 128. */
+/* The block at row k0 (a multiple of 8), column n0 (a multiple of 8) of a tile whose rows run along K and
+ * columns along N: the next 64 columns are one atom (1024 bytes) on, the next 8 rows (cols/64) atoms. */
 __device__ __forceinline__ u64 mnmajor_desc(const u16* tile, int cols, int k0, int n0) {
-    return wgmma_desc(tile + k0 * cols + n0 * 8, cols * 16, 128);
+    return wgmma_desc((const unsigned char*)tile + ((k0 >> 3) * (cols >> 6) + (n0 >> 6)) * 1024 + (n0 & 63) * 2, 1024,
+                      (cols >> 6) * 1024);
 }
-/* A descriptor moved `bytes` on (16-byte multiples): the next k-step of the same tile, 256 bytes on
- * K-major, 32 * cols MN-major. */
+/* A descriptor moved `bytes` on (16-byte multiples). The k-step s of a K-major operand starts
+ * kmajor_step(s) bytes on (32 bytes a step inside an atom row, the next atom after four); of an MN-major
+ * one 2 (cols/64) x 1024 bytes a step. */
 __device__ __forceinline__ u64 desc_advance(u64 desc, int bytes) { return desc + (u64)(bytes >> 4); }
+__device__ __forceinline__ constexpr int kmajor_step(int s) { return (s >> 2) * 1024 + (s & 3) * 32; }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() {

@@ -67,17 +67,18 @@ impl AttentionKernels {
     }
 }
 
-/// Dynamic shared memory of the wgmma forward: the block's queries, two stages of K and V tiles.
+/// Dynamic shared memory of the wgmma forward: the block's queries, two stages of K and V tiles, and
+/// up to 1 KiB to align the tiles' swizzle atoms to 1024 bytes.
 fn hopper_forward_shared_bytes(head_dim: usize) -> usize {
-    (HOPPER_BLOCK_ROWS + 2 * 2 * HOPPER_TILE_ROWS) * head_dim * 2
+    (HOPPER_BLOCK_ROWS + 2 * 2 * HOPPER_TILE_ROWS) * head_dim * 2 + 1024
 }
 
 /// Dynamic shared memory of the wgmma backward: the block's K and V, two stages of Q and dO tiles,
-/// dS, and two stages of three vectors (lse, D, document start).
+/// dS, two stages of three vectors (lse, D, document start), and the 1 KiB of alignment.
 fn hopper_backward_shared_bytes(head_dim: usize) -> usize {
     let halves = (2 * HOPPER_BLOCK_ROWS + 2 * 2 * HOPPER_TILE_ROWS) * head_dim
         + HOPPER_TILE_ROWS * HOPPER_BLOCK_ROWS;
-    halves * 2 + 2 * 3 * HOPPER_TILE_ROWS * 4
+    halves * 2 + 2 * 3 * HOPPER_TILE_ROWS * 4 + 1024
 }
 
 impl CudaBackend {
