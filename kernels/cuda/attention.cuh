@@ -12,12 +12,22 @@ __device__ __forceinline__ int first_key_of(const int* doc_start, u64 tok0, int 
     return first_visible(doc_start[tok0 + qi], qi, window);
 }
 
-/* dq[0] += a, dq[1] += b: one 8-byte vector reduction on sm_90, two atomics below it. */
+/* dq[0] += a, dq[1] += b: one 8-byte vector reduction on sm_90, two atomics below it. The kernels
+ * never read dq back, so the reduction needs no ordering against their other memory accesses. */
 __device__ __forceinline__ void add_pair(float* dq, float a, float b) {
 #if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dq), "f"(a), "f"(b) : "memory");
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dq), "f"(a), "f"(b));
 #else
     atomicAdd(dq, a);
     atomicAdd(dq + 1, b);
+#endif
+}
+/* add_pair where `valid`, as one predicated instruction (no branch around it) on sm_90. */
+__device__ __forceinline__ void add_pair_if(bool valid, float* dq, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %3, 0;\n@p red.global.add.v2.f32 [%0], {%1, %2};\n}" ::"l"(dq), "f"(a),
+                 "f"(b), "r"((int)valid));
+#else
+    if (valid) add_pair(dq, a, b);
 #endif
 }

@@ -22,6 +22,30 @@
 #define HBWD_BM 64  /* queries per tile */
 #define HBWD_BN 128 /* keys per block, 64 per warpgroup */
 
+/* P^T in place of S^T: p = exp2(s scale log2(e) - lse log2(e)), zero where the key is not visible
+ * (MASKED: the tile crosses the diagonal, a document start or the window). Element e of block n is
+ * key (g or g+8), query 8n + 2tq + (e&1); lse_s and doc_s hold the tile's queries. */
+template <bool MASKED, int QTILES>
+__device__ __forceinline__ void exp_rows(float (&st)[QTILES][4], const float* lse_s, const int* doc_s, int q0, int tq,
+                                         int key_a, int key_b, int seq, int window, float scale_log2) {
+#pragma unroll
+    for (int n = 0; n < QTILES; n++) {
+        const int ql0 = 8 * n + 2 * tq;
+        const float2 lse2 = *(const float2*)(lse_s + ql0);
+        const float lse_log2[2] = {__fmul_rn(lse2.x, LOG2E), __fmul_rn(lse2.y, LOG2E)};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float p = exp2f(st[n][e] * scale_log2 - lse_log2[e & 1]);
+            if (MASKED) {
+                const int ql = ql0 + (e & 1), qi = q0 + ql, key = e < 2 ? key_a : key_b;
+                const bool vis = key >= first_visible(doc_s[ql], qi, window) && key <= qi && qi < seq;
+                p = vis ? p : 0.0f;
+            }
+            st[n][e] = p;
+        }
+    }
+}
+
 template <typename T, int D>
 __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, const T* dout, const float* lse,
                                          const float* delta, const int* doc_start, float* dq_acc, T* dk, T* dv,
@@ -103,11 +127,13 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     int pending_h = -1, pending_q0 = 0;
     auto add_dq = [&]() {
         const int qa = pending_q0 + gwarp * 16 + g, qb = qa + 8;
+        const u64 col = group * DQ_COLS + 2 * tq;
+        float* row_a = dq_acc + ((tok0 + qa) * heads + pending_h) * D + col;
+        float* row_b = dq_acc + ((tok0 + qb) * heads + pending_h) * D + col;
 #pragma unroll
         for (int i = 0; i < DQ_COLS / 8; i++) {
-            int d = group * DQ_COLS + 8 * i + 2 * tq;
-            if (qa < seq) add_pair(dq_acc + ((tok0 + qa) * heads + pending_h) * D + d, dq[i][0], dq[i][1]);
-            if (qb < seq) add_pair(dq_acc + ((tok0 + qb) * heads + pending_h) * D + d, dq[i][2], dq[i][3]);
+            add_pair_if(qa < seq, row_a + 8 * i, dq[i][0], dq[i][1]);
+            add_pair_if(qb < seq, row_b + 8 * i, dq[i][2], dq[i][3]);
         }
         pending_h = -1;
     };
@@ -152,22 +178,10 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         if (pending_h >= 0) add_dq(); /* the last tile's dQ reductions, behind S^T and dP^T */
         /* P^T = exp(S^T - lse) (masked) while the tensor cores still compute dP^T. */
         wgmma_wait<1>();
-#pragma unroll
-        for (int n = 0; n < QTILES; n++) {
-            const int ql0 = 8 * n + 2 * tq;
-            const float2 lse2 = *(const float2*)(lse_s + ql0);
-            const float lse_log2[2] = {__fmul_rn(lse2.x, LOG2E), __fmul_rn(lse2.y, LOG2E)};
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float p = exp2f(st[n][e] * scale_log2 - lse_log2[e & 1]);
-                if (!full) {
-                    const int ql = ql0 + (e & 1), qi = q0 + ql, key = e < 2 ? key_a : key_b;
-                    const bool vis = key >= first_visible(doc_s[ql], qi, window) && key <= qi && qi < seq;
-                    p = vis ? p : 0.0f;
-                }
-                st[n][e] = p;
-            }
-        }
+        if (full)
+            exp_rows<false>(st, lse_s, doc_s, q0, tq, key_a, key_b, seq, window, scale_log2);
+        else
+            exp_rows<true>(st, lse_s, doc_s, q0, tq, key_a, key_b, seq, window, scale_log2);
         wgmma_wait<0>();
         /* dS^T = P^T (dP^T - D) in place: element e of block n is key (g or g+8), query 8n + 2tq + (e&1);
          * the A fragments of dV += P^T dO and dK += dS^T Q packed from them, and dS^T (scaled) to
