@@ -12,7 +12,9 @@
  * warpgroup, so the skip is decided per warpgroup); masking is applied only where a tile crosses
  * the diagonal or a document start. Blocks run latest queries first.
  * Traffic: Q, O once; K, V once per 128-query block.
- * Shared memory: Q 128 x D + 2 stages x (K + V) x 64 x D halves = 96 KiB at D = 128.
+ * Shared memory: Q 128 x D + 2 stages x (K + V) x 64 x D halves + 1 KiB to align = 97 KiB at D = 128,
+ * so that two blocks share a multiprocessor (128 registers a thread).
+ * H200, b2 x 2048, 32 heads, D 128 (session 9): 0.265 ms, 259 TFLOP/s (mma.sync kernel: 0.383 ms).
  */
 #define HFWD_BM 128 /* queries per block, 64 per warpgroup */
 #define HFWD_BN 64  /* keys per tile */
