@@ -12,17 +12,17 @@ __device__ __forceinline__ int first_key_of(const int* doc_start, u64 tok0, int 
     return first_visible(doc_start[tok0 + qi], qi, window);
 }
 
-/* dq[0] += a, dq[1] += b: one 8-byte vector reduction on sm_90, two atomics below it. The kernels
- * never read dq back, so the reduction needs no ordering against their other memory accesses. */
+/* dq[0] += a, dq[1] += b: one 8-byte vector reduction on sm_90, two atomics below it. */
 __device__ __forceinline__ void add_pair(float* dq, float a, float b) {
 #if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dq), "f"(a), "f"(b));
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dq), "f"(a), "f"(b) : "memory");
 #else
     atomicAdd(dq, a);
     atomicAdd(dq + 1, b);
 #endif
 }
-/* add_pair where `valid`, as one predicated instruction (no branch around it) on sm_90. */
+/* add_pair where `valid`, as one predicated instruction on sm_90, without add_pair's ordering against
+ * other memory accesses (the kernels never read dq back), so that the addresses are computed once. */
 __device__ __forceinline__ void add_pair_if(bool valid, float* dq, float a, float b) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %3, 0;\n@p red.global.add.v2.f32 [%0], {%1, %2};\n}" ::"l"(dq), "f"(a),
