@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite (what CI runs): installs what the tests need when it is missing, then runs every
 # crate's tests with MPI (the data-parallel tests run real `mpirun -np 2` / `-np 3` CPU trainings),
-# compiles every CUDA kernel with NVRTC (no GPU needed), and builds, installs and runs the pip wheel.
+# compiles every CUDA kernel with NVRTC and runs the CUDA backend's host-side unit tests (no GPU
+# needed), and builds, installs and runs the pip wheel.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +73,8 @@ cargo test --workspace --features trainer/mpi,comms/mpi "$@"
 # DPO and ORPO trained on the shared preference data with the real SmolLM2 (minutes each, so in a
 # release build; they skip, saying why, without ../shared or the model).
 cargo test --release -p trainer --test dpo_train -- --ignored
-cargo test -p kernels --features cuda --test nvrtc_compile "$@"
+# The CUDA backend's host-side unit tests (kernel choice, shared-memory sizes) and the compile check.
+cargo test -p kernels --features cuda --lib --test nvrtc_compile "$@"
 
 # The pip wheel: built as released (maturin --zig, manylinux_2_28 checked by auditwheel, CUDA calls
 # checked against CUDA 12's), then installed into a fresh venv and run with no Rust on PATH.

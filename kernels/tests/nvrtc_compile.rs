@@ -1,5 +1,5 @@
 //! Every CUDA kernel source compiles with NVRTC to PTX for sm_75, sm_80 and sm_90, and the PTX
-//! holds every entry point the backend loads. Needs libnvrtc but no GPU:
+//! holds every entry point the backend loads; for sm_90 the Hopper attention kernels hold wgmma. Needs libnvrtc but no GPU:
 //! `pip install nvidia-cuda-nvrtc==13.0.*` gives it on any machine, and the backend's own search
 //! (`kernels::cuda::libraries`) finds it in that Python environment with no LD_LIBRARY_PATH.
 #![cfg(feature = "cuda")]
@@ -51,6 +51,25 @@ fn every_kernel_compiles_for_turing_ampere_and_hopper() {
                     source.name
                 );
             }
+        }
+    }
+}
+
+/// The build compiles cc 9.0 for `compute_90a`, where the Hopper attention kernels use wgmma; on any
+/// other target their bodies are a trap (the host never launches them there). A PTX without wgmma
+/// for sm_90 would mean the feature macro went missing and the H200 path traps at run time.
+#[test]
+fn the_hopper_attention_kernels_use_wgmma_on_sm_90_only() {
+    load();
+    for name in ["attention_fwd_hopper", "attention_bwd_hopper"] {
+        let source = KERNEL_SOURCES.iter().find(|s| s.name == name).unwrap();
+        for arch in [75, 80, 90] {
+            let ptx = compile_to_ptx(source, arch).unwrap();
+            assert_eq!(
+                ptx.contains("wgmma.mma_async"),
+                arch == 90,
+                "{name} for sm_{arch}"
+            );
         }
     }
 }

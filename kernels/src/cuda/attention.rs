@@ -56,8 +56,15 @@ pub(crate) enum AttentionKernels {
 impl AttentionKernels {
     /// wgmma on compute capability 9.0 unless `FUSELORA_ATTENTION=mma-sync`; mma.sync elsewhere.
     pub(crate) fn for_device(compute_capability: (i32, i32)) -> Result<Self> {
-        let requested = std::env::var("FUSELORA_ATTENTION").ok();
-        match requested.as_deref() {
+        Self::choose(
+            compute_capability,
+            std::env::var("FUSELORA_ATTENTION").ok().as_deref(),
+        )
+    }
+
+    /// The choice for a device and a `FUSELORA_ATTENTION` setting (`None`: unset).
+    fn choose(compute_capability: (i32, i32), setting: Option<&str>) -> Result<Self> {
+        match setting {
             None | Some("") | Some("auto") if compute_capability == (9, 0) => Ok(Self::Wgmma),
             None | Some("") | Some("auto") | Some("mma-sync") => Ok(Self::MmaSync),
             Some(other) => Err(KernelError::Unsupported(format!(
@@ -490,5 +497,52 @@ impl CudaBackend {
                 &args,
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hopper_takes_wgmma_unless_told_otherwise() {
+        let choose = AttentionKernels::choose;
+        assert_eq!(choose((9, 0), None).unwrap(), AttentionKernels::Wgmma);
+        assert_eq!(
+            choose((9, 0), Some("auto")).unwrap(),
+            AttentionKernels::Wgmma
+        );
+        assert_eq!(
+            choose((9, 0), Some("mma-sync")).unwrap(),
+            AttentionKernels::MmaSync
+        );
+        // wgmma exists only on 9.0 (sm_90a): not on Ampere, Ada, Turing or Blackwell.
+        for cc in [(8, 0), (8, 9), (7, 5), (10, 0), (12, 0)] {
+            assert_eq!(choose(cc, None).unwrap(), AttentionKernels::MmaSync);
+        }
+        let err = choose((9, 0), Some("wgmma")).unwrap_err().to_string();
+        assert!(
+            err.contains("FUSELORA_ATTENTION=wgmma") && err.contains("mma-sync"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_hopper_kernels_fit_an_h100s_shared_memory() {
+        // 227 KiB a block on compute capability 9.0; the forward also leaves room for two blocks
+        // a multiprocessor (228 KiB in all, 1 KiB of each block reserved).
+        let per_block = 227 * 1024;
+        for d in [64, 128] {
+            assert!(
+                hopper_backward_shared_bytes(d) <= per_block,
+                "backward d{d}"
+            );
+            assert!(
+                2 * (hopper_forward_shared_bytes(d) + 1024) <= 228 * 1024,
+                "forward d{d}"
+            );
+        }
+        assert_eq!(hopper_backward_shared_bytes(128), 150_016);
+        assert_eq!(hopper_forward_shared_bytes(128), 99_328);
     }
 }
