@@ -39,15 +39,6 @@ __device__ void attention_backward_dot(const T* dout, const T* out, float* delta
     if (lane == 0) delta[pair] = acc;
 }
 
-/* The 16-bit bits of P, dS, dK and dV in the tensor-core kernel: bf16 rounded by integer
- * arithmetic (common.cuh says why), f16 by cvt. */
-template <typename T> __device__ __forceinline__ u16 bits_int(float f);
-template <> __device__ __forceinline__ u16 bits_int<bf16>(float f) { return f32_to_bf16_bits_int(f); }
-template <> __device__ __forceinline__ u16 bits_int<f16>(float f) { return f32_to_f16_bits(f); }
-template <typename T> __device__ __forceinline__ u32 pack2_int(float lo, float hi) {
-    return (u32)bits_int<T>(lo) | ((u32)bits_int<T>(hi) << 16);
-}
-
 template <typename T, int D, int NW>
 __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const T* dout, const float* lse,
                                        const float* delta, const int* doc_start, float* dq_acc, T* dk, T* dv, float* dk_part,
@@ -64,13 +55,9 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
     float* dl_buf = lse_buf + 2 * BWD_BM;              /* [2][BM] D_i */
     int* doc_buf = (int*)(dl_buf + 2 * BWD_BM);        /* [2][BM] first key of each query's document */
 
-    /* Without parts a block owns a kv head and all its query heads; with them (GQA), one query head,
-     * its dK and dV going to the f32 parts [N, heads, D] that attention_backward_group_sum adds up. */
-    const bool split = dk_part != nullptr;
+    const BackwardHeads bh = backward_heads(dk_part != nullptr, heads, kv_heads);
+    const int kvh = bh.kvh, h_first = bh.h_first, n_heads = bh.n_heads;
     const int k0 = blockIdx.x * BWD_BN, row = blockIdx.z;
-    const int per_kv = heads / kv_heads;
-    const int kvh = split ? blockIdx.y / per_kv : blockIdx.y;
-    const int h_first = split ? blockIdx.y : kvh * per_kv, n_heads = split ? 1 : per_kv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const u64 tok0 = (u64)row * seq;
     const float scale_log2 = scale * LOG2E;
@@ -114,14 +101,8 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
             cp_async16(qbuf + (buf * BWD_BM + r) * LD + col, qg + at, valid);
             cp_async16(dobuf + (buf * BWD_BM + r) * LD + col, dog + at, valid);
         }
-        if (threadIdx.x < BWD_BM) {
-            int qi = tq0 + threadIdx.x;
-            bool valid = qi < seq;
-            u64 at = valid ? (tok0 + qi) * heads + th : 0;
-            cp_async4(lse_buf + buf * BWD_BM + threadIdx.x, lse + at, valid);
-            cp_async4(dl_buf + buf * BWD_BM + threadIdx.x, delta + at, valid);
-            cp_async4(doc_buf + buf * BWD_BM + threadIdx.x, doc_start + (valid ? tok0 + qi : 0), valid);
-        }
+        load_query_vectors<BWD_BM>(lse_buf + buf * BWD_BM, dl_buf + buf * BWD_BM, doc_buf + buf * BWD_BM, lse, delta, doc_start,
+                                 tok0, tq0, seq, heads, th);
         cp_async_commit();
     };
     if (tiles > 0) load_tile(0, 0);
@@ -233,37 +214,8 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
             }
         }
     }
-    if (split) {
-        for (int i = 0; i < DTILES; i++) {
-            int d = 8 * i + 2 * tq;
-            if (key_a < seq) {
-                u64 at = ((tok0 + key_a) * heads + h_first) * D + d;
-                *(float2*)(dk_part + at) = make_float2(dkacc[i][0] * scale, dkacc[i][1] * scale);
-                *(float2*)(dv_part + at) = make_float2(dvacc[i][0], dvacc[i][1]);
-            }
-            if (key_b < seq) {
-                u64 at = ((tok0 + key_b) * heads + h_first) * D + d;
-                *(float2*)(dk_part + at) = make_float2(dkacc[i][2] * scale, dkacc[i][3] * scale);
-                *(float2*)(dv_part + at) = make_float2(dvacc[i][2], dvacc[i][3]);
-            }
-        }
-        return;
-    }
-    u16* dkg = (u16*)dk;
-    u16* dvg = (u16*)dv;
-    for (int i = 0; i < DTILES; i++) {
-        int d = 8 * i + 2 * tq;
-        if (key_a < seq) {
-            u64 at = ((tok0 + key_a) * kv_heads + kvh) * D + d;
-            *(u32*)(dkg + at) = pack2_int<T>(dkacc[i][0] * scale, dkacc[i][1] * scale);
-            *(u32*)(dvg + at) = pack2_int<T>(dvacc[i][0], dvacc[i][1]);
-        }
-        if (key_b < seq) {
-            u64 at = ((tok0 + key_b) * kv_heads + kvh) * D + d;
-            *(u32*)(dkg + at) = pack2_int<T>(dkacc[i][2] * scale, dkacc[i][3] * scale);
-            *(u32*)(dvg + at) = pack2_int<T>(dvacc[i][2], dvacc[i][3]);
-        }
-    }
+    store_key_gradients<T, D, true>(dkacc, dvacc, scale, dk, dv, dk_part, dv_part, tok0, key_a, key_b, seq, heads,
+                                    kv_heads, kvh, h_first, tq);
 }
 
 /* dK, dV of GQA from the per-query-head parts: out[t, kvh, c] = sum_j part[t, kvh * per_kv + j, c].

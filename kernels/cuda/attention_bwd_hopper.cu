@@ -56,7 +56,7 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
                                          float* dk_part, float* dv_part, int seq, int heads, int kv_heads, int window,
                                          float scale) {
 #if WGMMA_AVAILABLE
-    constexpr int KSTEPS = D / 16, DTILES = D / 8, QTILES = HBWD_BM / 8, CHUNKS = D / 8, DQ_COLS = D / 2;
+    constexpr int KSTEPS = D / 16, DTILES = D / 8, QTILES = HBWD_BM / 8, DQ_COLS = D / 2;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     u16* ks = (u16*)align_1024(smem_raw);   /* [BN][D] keys of this block */
     u16* vs = ks + HBWD_BN * D;             /* [BN][D] values */
@@ -67,25 +67,16 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     float* dl_buf = lse_buf + 2 * HBWD_BM;              /* [2][BM] D_i */
     int* doc_buf = (int*)(dl_buf + 2 * HBWD_BM);        /* [2][BM] first key of each query's document */
 
-    const bool split = dk_part != nullptr;
+    const BackwardHeads bh = backward_heads(dk_part != nullptr, heads, kv_heads);
+    const int kvh = bh.kvh, h_first = bh.h_first, n_heads = bh.n_heads;
     const int k0 = blockIdx.x * HBWD_BN, row = blockIdx.z;
-    const int per_kv = heads / kv_heads;
-    const int kvh = split ? blockIdx.y / per_kv : blockIdx.y;
-    const int h_first = split ? blockIdx.y : kvh * per_kv, n_heads = split ? 1 : per_kv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int group = warp >> 2, gwarp = warp & 3;
     const u64 tok0 = (u64)row * seq;
     const float scale_log2 = scale * LOG2E;
     const int key_last = min(k0 + HBWD_BN, seq) - 1;
-    const u16 *kg = (const u16*)k, *vg = (const u16*)v, *qg = (const u16*)q, *dog = (const u16*)dout;
 
-    for (int i = threadIdx.x; i < HBWD_BN * CHUNKS; i += blockDim.x) {
-        int r = i / CHUNKS, j = i % CHUNKS, key = k0 + r;
-        bool valid = key < seq;
-        u64 at = valid ? ((tok0 + key) * kv_heads + kvh) * D + 8 * j : 0;
-        cp_async16((unsigned char*)ks + swz_chunk(r, j, D), kg + at, valid);
-        cp_async16((unsigned char*)vs + swz_chunk(r, j, D), vg + at, valid);
-    }
+    load_rows<D, HBWD_BN>(ks, vs, k, v, tok0, k0, seq, kv_heads, kvh);
     cp_async_commit();
     float dkacc[DTILES][4], dvacc[DTILES][4];
 #pragma unroll
@@ -105,23 +96,9 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     const int tiles = n_heads * per_head;
     auto load_tile = [&](int t, int buf) {
         const int th = h_first + t / per_head, tq0 = q_start + (t % per_head) * HBWD_BM;
-        u16* qd = qbuf + buf * HBWD_BM * D;
-        u16* dod = dobuf + buf * HBWD_BM * D;
-        for (int i = threadIdx.x; i < HBWD_BM * CHUNKS; i += blockDim.x) {
-            int r = i / CHUNKS, j = i % CHUNKS, qi = tq0 + r;
-            bool valid = qi < seq;
-            u64 at = valid ? ((tok0 + qi) * heads + th) * D + 8 * j : 0;
-            cp_async16((unsigned char*)qd + swz_chunk(r, j, D), qg + at, valid);
-            cp_async16((unsigned char*)dod + swz_chunk(r, j, D), dog + at, valid);
-        }
-        if (threadIdx.x < HBWD_BM) {
-            int qi = tq0 + threadIdx.x;
-            bool valid = qi < seq;
-            u64 at = valid ? (tok0 + qi) * heads + th : 0;
-            cp_async4(lse_buf + buf * HBWD_BM + threadIdx.x, lse + at, valid);
-            cp_async4(dl_buf + buf * HBWD_BM + threadIdx.x, delta + at, valid);
-            cp_async4(doc_buf + buf * HBWD_BM + threadIdx.x, doc_start + (valid ? tok0 + qi : 0), valid);
-        }
+        load_rows<D, HBWD_BM>(qbuf + buf * HBWD_BM * D, dobuf + buf * HBWD_BM * D, q, dout, tok0, tq0, seq, heads, th);
+        load_query_vectors<HBWD_BM>(lse_buf + buf * HBWD_BM, dl_buf + buf * HBWD_BM, doc_buf + buf * HBWD_BM, lse, delta, doc_start,
+                                 tok0, tq0, seq, heads, th);
         cp_async_commit();
     };
     if (tiles > 0) load_tile(0, 0);
@@ -231,39 +208,8 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     }
     wgmma_wait<0>();
     if (pending_h >= 0) add_dq();
-    if (split) {
-#pragma unroll
-        for (int i = 0; i < DTILES; i++) {
-            int d = 8 * i + 2 * tq;
-            if (key_a < seq) {
-                u64 at = ((tok0 + key_a) * heads + h_first) * D + d;
-                *(float2*)(dk_part + at) = make_float2(dkacc[i][0] * scale, dkacc[i][1] * scale);
-                *(float2*)(dv_part + at) = make_float2(dvacc[i][0], dvacc[i][1]);
-            }
-            if (key_b < seq) {
-                u64 at = ((tok0 + key_b) * heads + h_first) * D + d;
-                *(float2*)(dk_part + at) = make_float2(dkacc[i][2] * scale, dkacc[i][3] * scale);
-                *(float2*)(dv_part + at) = make_float2(dvacc[i][2], dvacc[i][3]);
-            }
-        }
-        return;
-    }
-    u16* dkg = (u16*)dk;
-    u16* dvg = (u16*)dv;
-#pragma unroll
-    for (int i = 0; i < DTILES; i++) {
-        int d = 8 * i + 2 * tq;
-        if (key_a < seq) {
-            u64 at = ((tok0 + key_a) * kv_heads + kvh) * D + d;
-            *(u32*)(dkg + at) = pack2<T>(dkacc[i][0] * scale, dkacc[i][1] * scale);
-            *(u32*)(dvg + at) = pack2<T>(dvacc[i][0], dvacc[i][1]);
-        }
-        if (key_b < seq) {
-            u64 at = ((tok0 + key_b) * kv_heads + kvh) * D + d;
-            *(u32*)(dkg + at) = pack2<T>(dkacc[i][2] * scale, dkacc[i][3] * scale);
-            *(u32*)(dvg + at) = pack2<T>(dvacc[i][2], dvacc[i][3]);
-        }
-    }
+    store_key_gradients<T, D, false>(dkacc, dvacc, scale, dk, dv, dk_part, dv_part, tok0, key_a, key_b, seq, heads,
+                                     kv_heads, kvh, h_first, tq);
 #else
     __trap(); /* wgmma needs sm_90a; the host launches this kernel only on compute capability 9.0 */
 #endif

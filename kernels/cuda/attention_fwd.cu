@@ -120,86 +120,25 @@ __device__ void attention_forward_mma(const T* q, const T* k, const T* v, const 
                     mma_16x8x16(s[2 * np + 1], qf[st], b + 2, (T*)0);
                 }
             }
-            /* Scale to log2 units (masking where the tile crosses the diagonal or a document start),
-             * and the row maxima (4 lanes share a row). */
-            float mx_a = -F32_INF, mx_b = -F32_INF;
-            if (kt + ATTN_BN - 1 > wq0 || kt < w_hi) {
-                for (int n = 0; n < NTILES; n++) {
-                    for (int e = 0; e < 2; e++) {
-                        int key = kt + 8 * n + 2 * tq + e;
-                        bool va = key >= fk_a && key <= qa_row, vb = key >= fk_b && key <= qb_row;
-                        s[n][e] = va ? s[n][e] * scale_log2 : -F32_INF;
-                        s[n][2 + e] = vb ? s[n][2 + e] * scale_log2 : -F32_INF;
-                    }
-                }
-            } else {
-                for (int n = 0; n < NTILES; n++)
-                    for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
-            }
-            for (int n = 0; n < NTILES; n++) {
-                mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
-                mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
-            }
-            for (int off = 1; off < 4; off <<= 1) {
-                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
-                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
-            }
-            float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
-            float ref_a = new_a == -F32_INF ? 0.0f : new_a, ref_b = new_b == -F32_INF ? 0.0f : new_b;
-            float alpha_a = exp2f(m_a - ref_a), alpha_b = exp2f(m_b - ref_b);
-            m_a = new_a;
-            m_b = new_b;
-            l_a *= alpha_a;
-            l_b *= alpha_b;
-            for (int i = 0; i < DTILES; i++) {
-                o[i][0] *= alpha_a;
-                o[i][1] *= alpha_a;
-                o[i][2] *= alpha_b;
-                o[i][3] *= alpha_b;
-            }
-            for (int n = 0; n < NTILES; n++) {
-                s[n][0] = exp2f(s[n][0] - ref_a);
-                s[n][1] = exp2f(s[n][1] - ref_a);
-                s[n][2] = exp2f(s[n][2] - ref_b);
-                s[n][3] = exp2f(s[n][3] - ref_b);
-                l_a += s[n][0] + s[n][1];
-                l_b += s[n][2] + s[n][3];
-            }
+            /* The online softmax, masked where the tile crosses the diagonal or a document start. */
+            u32 pa[NTILES / 2][4];
+            softmax_tile<T>(s, o, pa, m_a, m_b, l_a, l_b, kt + ATTN_BN - 1 > wq0 || kt < w_hi, kt, tq, fk_a, fk_b,
+                            qa_row, qb_row, scale_log2);
             /* O += P V: P's accumulators are already A fragments, 16 keys per step; one
              * ldmatrix.x4.trans gives the B fragments of 16 output dimensions. */
             for (int j = 0; j < ATTN_BN / 16; j++) {
-                u32 pa[4];
-                pa[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
-                pa[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
-                pa[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);
-                pa[3] = pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3]);
                 for (int dp = 0; dp < DTILES / 2; dp++) {
                     u32 b[4];
                     ldm_b2_t(b, vs, LD, 16 * j, dp * 16);
-                    mma_16x8x16(o[2 * dp], pa, b, (T*)0);
-                    mma_16x8x16(o[2 * dp + 1], pa, b + 2, (T*)0);
+                    mma_16x8x16(o[2 * dp], pa[j], b, (T*)0);
+                    mma_16x8x16(o[2 * dp + 1], pa[j], b + 2, (T*)0);
                 }
             }
         }
         __syncthreads(); /* every warp is done with this stage before it is refilled */
         stage ^= 1;
     }
-    for (int off = 1; off < 4; off <<= 1) {
-        l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
-        l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
-    }
-    float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
-    u16* og = (u16*)out;
-    for (int i = 0; i < DTILES; i++) {
-        int d = 8 * i + 2 * tq;
-        if (qa_row < seq) *(u32*)(og + ((tok0 + qa_row) * heads + h) * D + d) = pack2<T>(o[i][0] * inv_a, o[i][1] * inv_a);
-        if (qb_row < seq) *(u32*)(og + ((tok0 + qb_row) * heads + h) * D + d) = pack2<T>(o[i][2] * inv_b, o[i][3] * inv_b);
-    }
-    if (tq == 0) {
-        const float ln2 = 0.6931471805599453f;
-        if (qa_row < seq) lse[(tok0 + qa_row) * heads + h] = (m_a + log2f(l_a)) * ln2;
-        if (qb_row < seq) lse[(tok0 + qb_row) * heads + h] = (m_b + log2f(l_b)) * ln2;
-    }
+    store_output_rows<T, D>(o, m_a, m_b, l_a, l_b, out, lse, tok0, qa_row, qb_row, seq, heads, h, tq);
 }
 
 /* One warp per (token, head); lane c holds dimensions c, c+32, ... (up to 8 of them). */

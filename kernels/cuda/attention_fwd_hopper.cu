@@ -23,7 +23,7 @@ template <typename T, int D>
 __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse,
                                         int seq, int heads, int kv_heads, int window, float scale) {
 #if WGMMA_AVAILABLE
-    constexpr int KSTEPS = D / 16, DTILES = D / 8, NTILES = HFWD_BN / 8, CHUNKS = D / 8;
+    constexpr int KSTEPS = D / 16, DTILES = D / 8, NTILES = HFWD_BN / 8;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     u16* qs = (u16*)align_1024(smem_raw); /* [BM][D] */
     u16* kbuf = qs + HFWD_BM * D;        /* [2 stages][BN][D] */
@@ -36,13 +36,8 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
     const int group = warp >> 2;
     const u64 tok0 = (u64)row * seq;
     const float scale_log2 = scale * LOG2E;
-    const u16 *qg = (const u16*)q, *kg = (const u16*)k, *vg = (const u16*)v;
 
-    for (int i = threadIdx.x; i < HFWD_BM * CHUNKS; i += blockDim.x) {
-        int r = i / CHUNKS, j = i % CHUNKS, qi = q0 + r;
-        bool valid = qi < seq;
-        cp_async16((unsigned char*)qs + swz_chunk(r, j, D), qg + (valid ? ((tok0 + qi) * heads + h) * D + 8 * j : 0), valid);
-    }
+    load_rows<D, HFWD_BM>(qs, nullptr, q, nullptr, tok0, q0, seq, heads, h);
     cp_async_commit();
     if (threadIdx.x < HFWD_BM) {
         int qi = q0 + threadIdx.x;
@@ -76,15 +71,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
     for (int i = 0; i < DTILES; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m_a = -F32_INF, m_b = -F32_INF, l_a = 0.0f, l_b = 0.0f;
     auto load_kv = [&](int kt, int stage) {
-        u16* ks = kbuf + stage * HFWD_BN * D;
-        u16* vs = vbuf + stage * HFWD_BN * D;
-        for (int i = threadIdx.x; i < HFWD_BN * CHUNKS; i += blockDim.x) {
-            int r = i / CHUNKS, j = i % CHUNKS, key = kt + r;
-            bool valid = key < seq;
-            u64 at = valid ? ((tok0 + key) * kv_heads + kvh) * D + 8 * j : 0;
-            cp_async16((unsigned char*)ks + swz_chunk(r, j, D), kg + at, valid);
-            cp_async16((unsigned char*)vs + swz_chunk(r, j, D), vg + at, valid);
-        }
+        load_rows<D, HFWD_BN>(kbuf + stage * HFWD_BN * D, vbuf + stage * HFWD_BN * D, k, v, tok0, kt, seq, kv_heads, kvh);
         cp_async_commit();
     };
 
@@ -112,65 +99,10 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
                 wgmma_ss<0, 0>(s, kmajor_desc(qs, D, group * 64, 16 * st), kmajor_desc(ks, D, 0, 16 * st), 1, (T*)0);
             wgmma_commit();
             wgmma_wait<0>();
-            /* Scale to log2 units (masking where the tile crosses the diagonal or a document start),
-             * and the row maxima (4 lanes share a row). */
-            float mx_a = -F32_INF, mx_b = -F32_INF;
-            if (kt + HFWD_BN - 1 > wq0 || kt < w_hi) {
-#pragma unroll
-                for (int n = 0; n < NTILES; n++) {
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        int key = kt + 8 * n + 2 * tq + e;
-                        bool va = key >= fk_a && key <= qa_row, vb = key >= fk_b && key <= qb_row;
-                        s[n][e] = va ? s[n][e] * scale_log2 : -F32_INF;
-                        s[n][2 + e] = vb ? s[n][2 + e] * scale_log2 : -F32_INF;
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int n = 0; n < NTILES; n++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
-            }
-#pragma unroll
-            for (int n = 0; n < NTILES; n++) {
-                mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
-                mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
-            }
-            for (int off = 1; off < 4; off <<= 1) {
-                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
-                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
-            }
-            float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
-            float ref_a = new_a == -F32_INF ? 0.0f : new_a, ref_b = new_b == -F32_INF ? 0.0f : new_b;
-            float alpha_a = exp2f(m_a - ref_a), alpha_b = exp2f(m_b - ref_b);
-            m_a = new_a;
-            m_b = new_b;
-            l_a *= alpha_a;
-            l_b *= alpha_b;
-#pragma unroll
-            for (int i = 0; i < DTILES; i++) {
-                o[i][0] *= alpha_a;
-                o[i][1] *= alpha_a;
-                o[i][2] *= alpha_b;
-                o[i][3] *= alpha_b;
-            }
+            /* The online softmax, masked where the tile crosses the diagonal or a document start. */
             u32 pa[HFWD_BN / 16][4];
-#pragma unroll
-            for (int j = 0; j < HFWD_BN / 16; j++) {
-#pragma unroll
-                for (int half = 0; half < 2; half++) {
-                    float* sn = s[2 * j + half];
-                    sn[0] = exp2f(sn[0] - ref_a);
-                    sn[1] = exp2f(sn[1] - ref_a);
-                    sn[2] = exp2f(sn[2] - ref_b);
-                    sn[3] = exp2f(sn[3] - ref_b);
-                    l_a += sn[0] + sn[1];
-                    l_b += sn[2] + sn[3];
-                    pa[j][2 * half] = pack2<T>(sn[0], sn[1]);
-                    pa[j][2 * half + 1] = pack2<T>(sn[2], sn[3]);
-                }
-            }
+            softmax_tile<T>(s, o, pa, m_a, m_b, l_a, l_b, kt + HFWD_BN - 1 > wq0 || kt < w_hi, kt, tq, fk_a, fk_b,
+                            qa_row, qb_row, scale_log2);
             /* O += P V: P's accumulators are already A fragments, 16 keys a step; V read MN-major. */
             wgmma_fence();
 #pragma unroll
@@ -181,23 +113,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
         __syncthreads(); /* every warp is done with this stage before it is refilled */
         stage ^= 1;
     }
-    for (int off = 1; off < 4; off <<= 1) {
-        l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
-        l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
-    }
-    float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
-    u16* og = (u16*)out;
-#pragma unroll
-    for (int i = 0; i < DTILES; i++) {
-        int d = 8 * i + 2 * tq;
-        if (qa_row < seq) *(u32*)(og + ((tok0 + qa_row) * heads + h) * D + d) = pack2<T>(o[i][0] * inv_a, o[i][1] * inv_a);
-        if (qb_row < seq) *(u32*)(og + ((tok0 + qb_row) * heads + h) * D + d) = pack2<T>(o[i][2] * inv_b, o[i][3] * inv_b);
-    }
-    if (tq == 0) {
-        const float ln2 = 0.6931471805599453f;
-        if (qa_row < seq) lse[(tok0 + qa_row) * heads + h] = (m_a + log2f(l_a)) * ln2;
-        if (qb_row < seq) lse[(tok0 + qb_row) * heads + h] = (m_b + log2f(l_b)) * ln2;
-    }
+    store_output_rows<T, D>(o, m_a, m_b, l_a, l_b, out, lse, tok0, qa_row, qb_row, seq, heads, h, tq);
 #else
     __trap(); /* wgmma needs sm_90a; the host launches this kernel only on compute capability 9.0 */
 #endif

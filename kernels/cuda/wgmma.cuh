@@ -29,6 +29,20 @@ __device__ __forceinline__ int swz_chunk(int r, int j, int cols) {
     return ((r >> 3) * (cols >> 6) + (j >> 3)) * 1024 + (r & 7) * 128 + (((j & 7) ^ (r & 7)) << 4);
 }
 __device__ __forceinline__ int swz_offset(int r, int c, int cols) { return swz_chunk(r, c >> 3, cols) + (c & 7) * 2; }
+/* Rows first..first+R-1 of one head of [N, heads, D] tensors (row r at token tok0 + first + r) into
+ * [R][D] tiles in that layout by cp.async, zeros past `seq`: `a` into a_tile and, when b is not null,
+ * `b` into b_tile. The block's threads take consecutive 16-byte chunks of a row. */
+template <int D, int R>
+__device__ __forceinline__ void load_rows(u16* a_tile, u16* b_tile, const void* a, const void* b, u64 tok0, int first,
+                                          int seq, int heads, int head) {
+    for (int i = threadIdx.x; i < R * (D / 8); i += blockDim.x) {
+        const int r = i / (D / 8), j = i % (D / 8), t = first + r;
+        const bool valid = t < seq;
+        const u64 at = valid ? ((tok0 + t) * heads + head) * D + 8 * j : 0;
+        cp_async16((unsigned char*)a_tile + swz_chunk(r, j, D), (const u16*)a + at, valid);
+        if (b != nullptr) cp_async16((unsigned char*)b_tile + swz_chunk(r, j, D), (const u16*)b + at, valid);
+    }
+}
 /* The first 1024-aligned byte of dynamic shared memory (the host adds 1024 bytes for it). */
 __device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
     return p + ((1024 - (smem_addr(p) & 1023)) & 1023);
