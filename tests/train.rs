@@ -211,6 +211,45 @@ fn resuming_from_a_checkpoint_is_bitwise_identical() {
     assert_eq!(a, b, "final adapters must be bitwise identical");
 }
 
+/// AdamW's state in host memory, its update deferred into the next step's forward layer by layer
+/// (with the layer inputs offloaded as well, so both kinds of parked groups interleave), trains
+/// to the same bits as the state on the device: losses, gradient norms, evaluations between
+/// steps, the checkpoint and the final adapter.
+#[test]
+fn the_optimizer_state_on_the_host_trains_to_the_device_states_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = CpuBackend::new();
+    let run = |name: &str, extra: &str| {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let cfg = config(
+            &sub,
+            &format!("max_steps = 5\neval_steps = 2\nsave_steps = 3\n{extra}"),
+        );
+        let summary = train(&be, &cfg, Resume::No).unwrap();
+        let out = sub.join("out");
+        let (steps, evals) = read_steps(&out.join("metrics.jsonl")).unwrap();
+        let steps: Vec<(f64, f32)> = steps.iter().map(|r| (r.loss, r.grad_norm)).collect();
+        let evals: Vec<f64> = evals.iter().map(|e| e.eval_loss).collect();
+        let read = |p: &str| std::fs::read(out.join(p)).unwrap();
+        (
+            steps,
+            evals,
+            summary.eval_loss_end,
+            read("adapter/adapter_model.safetensors"),
+            read("checkpoint-3/optimizer.safetensors"),
+        )
+    };
+    let device = run("device", "");
+    let host = run(
+        "host",
+        "optimizer_state = \"host\"\ngradient_checkpointing = \"offload\"",
+    );
+    assert_eq!(device.0.len(), 5);
+    assert_eq!(device.1.len(), 4, "evaluations at steps 0, 2, 4 and 5");
+    assert_eq!(device, host);
+}
+
 #[test]
 fn training_continues_from_an_adapter_written_by_peft() {
     let dir = tempfile::tempdir().unwrap();

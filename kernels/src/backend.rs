@@ -1,6 +1,6 @@
 use crate::error::check_len;
 use crate::nf4::Nf4Buffers;
-use crate::{AttentionLayout, OpTime, Result};
+use crate::{AttentionLayout, OpTime, ParkLane, Result};
 
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i32 = -100;
@@ -177,8 +177,9 @@ pub trait Backend {
     /// their elements cross the host link once each way between `park` and [`Backend::unpark`]).
     /// The device copies are freed once the transfer is done, without the device waiting for it:
     /// the CUDA backend copies on a second stream, overlapped with the ops queued after this call.
-    /// The CPU backend keeps the tensors as they are.
-    fn park(&self, ts: Vec<Self::Tensor>) -> Result<Self::Parked>;
+    /// The CPU backend keeps the tensors as they are. `lane` says who parks ([`ParkLane`]): a
+    /// call releases only its own lane's earlier parks and what was parked before them.
+    fn park(&self, ts: Vec<Self::Tensor>, lane: ParkLane) -> Result<Self::Parked>;
     /// Starts bringing `p` back to the device, so that the copy overlaps the ops queued before the
     /// matching [`Backend::unpark`]. Optional: `unpark` fetches what was not prefetched.
     fn prefetch(&self, p: &mut Self::Parked) -> Result<()>;

@@ -7,12 +7,14 @@
 //! - [`rope`]: rotary-embedding frequency tables for every supported scaling kind (host-side math).
 //! - [`OpTime`]: per-op device times of a profiled region (`Backend::profile_start`/`profile_stop`).
 //! - [`AttentionLayout`]: which keys each query may see (causal, padding, packed documents, window).
+//! - [`InFlight`], [`ParkLane`]: when parked groups' device buffers go back to the pool.
 
 mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod error;
+mod in_flight;
 mod layout;
 pub mod nf4;
 mod profile;
@@ -23,6 +25,7 @@ pub use backend::{
     AdamWParams, Backend, CeGrad, DType, Nf4Absmax, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS,
 };
 pub use error::KernelError;
+pub use in_flight::{InFlight, ParkLane};
 pub use layout::AttentionLayout;
 pub use profile::{summarise as summarise_op_times, OpTime};
 pub use widen::{is_finite_16bit, widen_16bit, widen_one};

@@ -9,7 +9,9 @@
 use kernels::cpu::CpuBackend;
 use kernels::cuda::{CudaBackend, CudaIndices, CudaTensor};
 use kernels::nf4::{self, Absmax, AbsmaxBuffers, Nf4Buffers, Nf4Weight, DYNAMIC_MAP};
-use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, IGNORE_INDEX};
+use kernels::{
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, ParkLane, IGNORE_INDEX,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::SafeTensors;
@@ -785,7 +787,7 @@ fn offloaded_tensors_come_back_bit_for_bit_while_the_pool_reuses_their_buffers()
                 .map(|(i, &n)| up(&g, &random(n, 100 + 10 * l as u64 + i as u64, 1.0), dtype))
                 .unzip();
             want.push(rounded);
-            parked.push(g.park(group).unwrap());
+            parked.push(g.park(group, ParkLane::Activations).unwrap());
             // The next layer's work: same-size buffers from the pool, written in full.
             for (i, &n) in sizes.iter().enumerate() {
                 let mut scratch = g.empty(n, dtype).unwrap();
@@ -835,7 +837,10 @@ fn groups_fetched_right_after_parking_and_host_embedding_rows_are_exact() {
     let up_f32 = |v: &Vec<f32>| g.upload(v, DType::F32).unwrap();
     let mut parked: Vec<_> = want
         .iter()
-        .map(|group| g.park(group.iter().map(up_f32).collect()).unwrap())
+        .map(|group| {
+            g.park(group.iter().map(up_f32).collect(), ParkLane::OptimizerState)
+                .unwrap()
+        })
         .collect();
     for round in 0..3 {
         let mut next = Vec::new();
@@ -855,7 +860,7 @@ fn groups_fetched_right_after_parking_and_host_embedding_rows_are_exact() {
                 g.scale(2.0, t).unwrap();
                 want[l][i].iter_mut().for_each(|x| *x *= 2.0);
             }
-            next.push(g.park(group).unwrap());
+            next.push(g.park(group, ParkLane::OptimizerState).unwrap());
             l += 1;
         }
         parked = next;
@@ -871,7 +876,7 @@ fn groups_fetched_right_after_parking_and_host_embedding_rows_are_exact() {
         .unwrap();
     let mut on_device = g.empty(300 * hidden, DType::BF16).unwrap();
     g.embedding(&table, &ids, hidden, &mut on_device).unwrap();
-    let host_table = g.park(vec![table]).unwrap();
+    let host_table = g.park(vec![table], ParkLane::Activations).unwrap();
     let mut from_host = g.empty(300 * hidden, DType::BF16).unwrap();
     g.embedding_from_host(&host_table, &ids, hidden, &mut from_host)
         .unwrap();

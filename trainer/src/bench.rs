@@ -20,7 +20,7 @@ use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{
     Batch, CheckpointPolicy, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4,
 };
-use crate::optim::{AdamW, LossScaler};
+use crate::optim::{AdamW, LossScaler, UpdateTiming};
 use crate::residence::Residence;
 use crate::train::distributed::Distributed;
 use crate::train::grad_reduce::GradReducer;
@@ -251,13 +251,21 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
             loss_scale: scaler.loss_weight(1.0),
             checkpointing: spec.checkpointing,
         };
-        let sums = dist.accumulate(be, &mut lora, &batches, |b, lora, hook| {
-            sft_micro_step(be, &model, lora, b, ctx, hook)
+        let mut update = |layer, lora: &mut LoraParams<B>| opt.update_layer(be, lora, layer);
+        let sums = dist.accumulate(be, &mut lora, &batches, &mut update, |b, lora, hooks| {
+            sft_micro_step(be, &model, lora, b, ctx, hooks)
         })?;
-        opt.step_scaled(be, &mut lora, hp.lr, &mut scaler)?;
-        // Reading a weight back waits for the step's queued work, so the time is the whole step's
-        // (with the optimizer state on the host, all but the copy of its last layer back, which
-        // the next step's forward hides).
+        // As the training loop: with the state on the host, the update reaches each layer in the
+        // next step's forward.
+        opt.step_scaled(
+            be,
+            &mut lora,
+            hp.lr,
+            &mut scaler,
+            UpdateTiming::InNextForward,
+        )?;
+        // Reading a weight back waits for the step's queued work, so the time is the whole step's:
+        // its forward (with the previous step's update), backward and gradient norm.
         be.download(&lora.compute[0])?;
         final_loss = sums.iter().map(|s| s.nll).sum::<f64>() / targets as f64;
         if profiled {

@@ -24,7 +24,7 @@ pub use matmul::gemm_f32;
 
 use crate::error::{check_len, check_rows};
 use crate::nf4::{Nf4Buffers, Nf4Weight};
-use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result};
+use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, ParkLane, Result};
 use profile::timed;
 
 /// The f32 reference backend.
@@ -93,7 +93,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn park(&self, ts: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+    fn park(&self, ts: Vec<Vec<f32>>, _lane: ParkLane) -> Result<Vec<Vec<f32>>> {
         Ok(ts)
     }
 

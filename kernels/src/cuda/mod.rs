@@ -25,7 +25,8 @@ pub use tensor::{CudaIndices, CudaTensor};
 
 use crate::error::{check_len, check_rows};
 use crate::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Nf4Absmax, OpTime, Result,
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Nf4Absmax, OpTime, ParkLane,
+    Result,
 };
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
@@ -503,8 +504,8 @@ impl Backend for CudaBackend {
         self.fill_zero_many_impl(ts)
     }
 
-    fn park(&self, ts: Vec<CudaTensor>) -> Result<CudaParked> {
-        self.park_impl(ts)
+    fn park(&self, ts: Vec<CudaTensor>, lane: ParkLane) -> Result<CudaParked> {
+        self.park_impl(ts, lane)
     }
 
     fn embedding_from_host(

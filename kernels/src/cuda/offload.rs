@@ -8,9 +8,9 @@
 //!
 //! - park: compute records `ready` → the copy stream waits for it, copies device → host, records
 //!   `copied` (kept with the group, and with its device buffers). The device buffers go back to
-//!   the pool one park later (or at the next fetch), after the compute stream waits for `copied` —
-//!   by then the copies have had a whole layer's time, so the wait costs nothing and later ops that
-//!   reuse the buffers run after the copies read them.
+//!   the pool at a later park or fetch of the same lane ([`InFlight`]), after the compute stream
+//!   waits for `copied` — by then the copies have had a whole layer's time, so the wait costs
+//!   nothing and later ops that reuse the buffers run after the copies read them.
 //! - prefetch: buffers from the pool; compute records `free` (every op that used that buffer
 //!   before is queued ahead of it) → the fetch stream waits for it and for the group's `copied`,
 //!   copies host → device, records `fetched`.
@@ -21,7 +21,7 @@
 
 use super::tensor::{CudaIndices, CudaTensor};
 use super::{device_err, CudaBackend};
-use crate::{DType, KernelError, Result};
+use crate::{DType, InFlight, KernelError, ParkLane, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{result, CudaEvent, CudaStream};
 use std::collections::HashMap;
@@ -69,6 +69,7 @@ impl Drop for HostBuffer {
 /// fetched back.
 pub struct CudaParked {
     parts: Vec<ParkedPart>,
+    lane: ParkLane,
     /// On the copy stream: the host buffers hold the values after it.
     copied: CudaEvent,
     /// The device copies and the event (on the copy stream) after which they hold the values.
@@ -85,7 +86,8 @@ struct ParkedPart {
 #[derive(Default)]
 pub(crate) struct Offload {
     free_host: Mutex<HashMap<usize, Vec<HostBuffer>>>,
-    in_flight: Mutex<Option<(CudaEvent, Vec<CudaTensor>)>>,
+    /// Parked groups' device buffers and the events (on the copy stream) after which they are copied.
+    in_flight: Mutex<InFlight<(CudaEvent, Vec<CudaTensor>)>>,
     /// The pinned rows of the last [`CudaBackend::embedding_from_host_impl`] and the event (on
     /// the compute stream) after which their copy to the device is done.
     rows_in_flight: Mutex<Option<(CudaEvent, HostBuffer)>>,
@@ -98,11 +100,16 @@ impl CudaBackend {
             .map_err(device_err("record event"))
     }
 
-    /// Returns the previously parked device buffers to the pool, after the compute stream waits
-    /// for their copy to the host.
-    fn release_in_flight(&self) -> Result<()> {
-        let previous = self.offload.in_flight.lock().expect("offload lock").take();
-        if let Some((copied, tensors)) = previous {
+    /// Returns the parked device buffers that a call from `lane` may release ([`InFlight`]) to
+    /// the pool, after the compute stream waits for their copy to the host.
+    fn release_in_flight(&self, lane: ParkLane) -> Result<()> {
+        let released = self
+            .offload
+            .in_flight
+            .lock()
+            .expect("offload lock")
+            .release(lane);
+        for (copied, tensors) in released {
             self.stream
                 .wait(&copied)
                 .map_err(device_err("wait for offload"))?;
@@ -132,8 +139,8 @@ impl CudaBackend {
         free.entry(buffer.bytes).or_default().push(buffer);
     }
 
-    pub(crate) fn park_impl(&self, tensors: Vec<CudaTensor>) -> Result<CudaParked> {
-        self.release_in_flight()?;
+    pub(crate) fn park_impl(&self, tensors: Vec<CudaTensor>, lane: ParkLane) -> Result<CudaParked> {
+        self.release_in_flight(lane)?;
         let ready = Self::event(&self.stream)?;
         self.copy_stream
             .wait(&ready)
@@ -156,10 +163,14 @@ impl CudaBackend {
             }
             parts.push(ParkedPart { host, len, dtype });
         }
-        *self.offload.in_flight.lock().expect("offload lock") =
-            Some((Self::event(&self.copy_stream)?, tensors));
+        self.offload
+            .in_flight
+            .lock()
+            .expect("offload lock")
+            .push(lane, (Self::event(&self.copy_stream)?, tensors));
         Ok(CudaParked {
             parts,
+            lane,
             copied: Self::event(&self.copy_stream)?,
             fetched: None,
         })
@@ -169,7 +180,7 @@ impl CudaBackend {
         if p.fetched.is_some() {
             return Ok(());
         }
-        self.release_in_flight()?;
+        self.release_in_flight(p.lane)?;
         let tensors = p
             .parts
             .iter()

@@ -59,6 +59,9 @@ pub struct LoraParams<B: Backend> {
     pub grads: Vec<B::Tensor>,
     /// `slots[layer][projection index]`
     slots: Vec<[Option<LoraSlot>; 7]>,
+    /// Layers below this one hold the latest weights; the others wait for the last optimizer
+    /// step's update, deferred into the next training forward (`crate::optim::UpdateTiming`).
+    current_below: usize,
 }
 
 /// The PEFT key of a projection's A or B tensor.
@@ -87,6 +90,7 @@ impl<B: Backend> LoraParams<B> {
             compute: Vec::new(),
             grads: Vec::new(),
             slots: vec![[None; 7]; model.num_layers],
+            current_below: model.num_layers,
             config,
         };
         let scaling = lp.config.scaling();
@@ -147,9 +151,39 @@ impl<B: Backend> LoraParams<B> {
         Ok(backend.copy_many(&self.params, &mut self.compute)?)
     }
 
-    /// Sets every gradient to zero (start of an optimizer step).
+    /// Whether `layer`'s weights (masters and compute copies) are the latest: not waiting for a
+    /// deferred optimizer update.
+    pub fn is_current(&self, layer: usize) -> bool {
+        layer < self.current_below
+    }
+
+    /// Marks every layer as waiting for an optimizer update deferred into the next forward.
+    pub fn await_update(&mut self) {
+        self.current_below = 0;
+    }
+
+    /// Marks layers up to `layer` as updated.
+    pub fn updated_through(&mut self, layer: usize) {
+        self.current_below = self.current_below.max(layer + 1);
+    }
+
+    /// Index in `params` of the first tensor of `layer` or a layer above it (`params.len()` when
+    /// there is none).
+    fn first_tensor_from(&self, layer: usize) -> usize {
+        self.slots
+            .iter()
+            .skip(layer)
+            .flat_map(|s| s.iter().flatten())
+            .map(|slot| slot.a)
+            .next()
+            .unwrap_or(self.grads.len())
+    }
+
+    /// Sets the gradients to zero (start of an optimizer step): all of them, but those of layers
+    /// whose deferred update is still to come, which read them first and zero them then.
     pub fn zero_grads(&mut self, backend: &B) -> Result<()> {
-        Ok(backend.fill_zero_many(&mut self.grads)?)
+        let current = self.first_tensor_from(self.current_below);
+        Ok(backend.fill_zero_many(&mut self.grads[..current])?)
     }
 
     /// Downloads every parameter (name, shape, values) — for saving adapters.

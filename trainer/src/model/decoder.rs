@@ -7,14 +7,15 @@
 use super::batch::Batch;
 use super::bnb_checkpoint;
 use super::checkpointing::{CheckpointPolicy, Checkpointing};
+use super::hooks::{LayerHooks, NoHooks};
 use super::layer::{Attend, LayerCheckpoint, LayerSaved, LayerWeights, Shapes};
 use super::linear::FrozenLinear;
 use super::proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
 use crate::arch::{HeadNorm, ModelConfig, Projection};
 use crate::lora::LoraParams;
 use crate::weights::WeightFiles;
-use anyhow::Result;
-use kernels::{Backend, CeGrad, DType};
+use anyhow::{bail, Result};
+use kernels::{Backend, CeGrad, DType, ParkLane};
 
 /// The decoder's frozen weights.
 pub struct Decoder<B: Backend> {
@@ -280,18 +281,42 @@ impl<B: Backend> Decoder<B> {
         }
         if let Embedding::Device(table) = &mut self.embed {
             let table = std::mem::replace(table, be.empty(0, be.compute_dtype())?);
-            self.embed = Embedding::Host(be.park(vec![table])?);
+            self.embed = Embedding::Host(be.park(vec![table], ParkLane::Activations)?);
             // The table's device buffer, cached by its size, would never be asked for again.
             be.release_cached()?;
         }
         Ok(true)
     }
 
-    /// Runs every layer, keeping what `checkpointing` says for backward.
+    /// Runs every layer, keeping what `checkpointing` says for backward. Every layer's LoRA
+    /// weights must be current (no optimizer update waits for a training forward).
     pub fn forward(
         &self,
         be: &B,
         lora: Option<&LoraParams<B>>,
+        batch: &Batch<B>,
+        checkpointing: CheckpointPolicy,
+    ) -> Result<Activations<B>> {
+        self.forward_layers(be, AdapterAccess::Read(lora), batch, checkpointing)
+    }
+
+    /// [`Decoder::forward`] with the adapter, calling `hooks.before_forward(l, lora)` right
+    /// before each layer `l` runs (where a deferred optimizer update reaches that layer).
+    pub fn forward_with_hooks(
+        &self,
+        be: &B,
+        lora: &mut LoraParams<B>,
+        batch: &Batch<B>,
+        checkpointing: CheckpointPolicy,
+        hooks: &mut dyn LayerHooks<B>,
+    ) -> Result<Activations<B>> {
+        self.forward_layers(be, AdapterAccess::Hooked(lora, hooks), batch, checkpointing)
+    }
+
+    fn forward_layers(
+        &self,
+        be: &B,
+        mut lora: AdapterAccess<'_, B>,
         batch: &Batch<B>,
         checkpointing: CheckpointPolicy,
     ) -> Result<Activations<B>> {
@@ -303,13 +328,14 @@ impl<B: Backend> Decoder<B> {
         for (l, layer) in self.layers.iter().enumerate() {
             // Checkpointing keeps the layer input (and, offloaded, the attention part); the rest
             // is recomputed in backward.
+            let lora = lora.layer(l)?;
             let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
             saved.push(match checkpointing.of_layer(l) {
                 Checkpointing::Off => Saved::Full(full),
                 Checkpointing::Full => Saved::Checkpoint(full.checkpoint(false)?),
-                Checkpointing::Offload => {
-                    Saved::Parked(be.park(full.checkpoint(true)?.into_tensors())?)
-                }
+                Checkpointing::Offload => Saved::Parked(
+                    be.park(full.checkpoint(true)?.into_tensors(), ParkLane::Activations)?,
+                ),
             });
             x = y;
         }
@@ -390,20 +416,20 @@ impl<B: Backend> Decoder<B> {
         acts: Activations<B>,
         dnormed: &B::Tensor,
     ) -> Result<()> {
-        self.backward_with_hook(be, lora, batch, acts, dnormed, &mut |_, _| Ok(()))
+        self.backward_with_hooks(be, lora, batch, acts, dnormed, &mut NoHooks)
     }
 
-    /// [`Decoder::backward`], calling `after_layer(l, lora)` as soon as layer `l`'s LoRA gradients
-    /// are complete (last layer first) — where data parallelism starts reducing them while the
-    /// layers below are still back-propagating.
-    pub fn backward_with_hook(
+    /// [`Decoder::backward`], calling `hooks.after_backward(l, lora)` as soon as layer `l`'s LoRA
+    /// gradients are complete (last layer first) — where data parallelism starts reducing them
+    /// while the layers below are still back-propagating.
+    pub fn backward_with_hooks(
         &self,
         be: &B,
         mut lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
         acts: Activations<B>,
         dnormed: &B::Tensor,
-        after_layer: &mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>,
+        hooks: &mut dyn LayerHooks<B>,
     ) -> Result<()> {
         let s = &self.shapes;
         let mut dx = be.zeros(be.len(&acts.last), be.compute_dtype())?;
@@ -433,7 +459,7 @@ impl<B: Backend> Decoder<B> {
                 }
             };
             if let Some(lp) = lora.as_deref_mut() {
-                after_layer(l, lp)?;
+                hooks.after_backward(l, lp)?;
             }
         }
         Ok(())
@@ -450,22 +476,24 @@ impl<B: Backend> Decoder<B> {
         checkpointing: CheckpointPolicy,
         grad_weight: f32,
     ) -> Result<f64> {
-        self.loss_and_grad_with_hook(be, lora, batch, checkpointing, grad_weight, &mut |_, _| {
-            Ok(())
-        })
+        self.loss_and_grad_with_hooks(be, lora, batch, checkpointing, grad_weight, &mut NoHooks)
     }
 
-    /// [`Decoder::loss_and_grad`] with [`Decoder::backward_with_hook`]'s per-layer hook.
-    pub fn loss_and_grad_with_hook(
+    /// [`Decoder::loss_and_grad`] with the per-layer hooks of [`Decoder::forward_with_hooks`]
+    /// and [`Decoder::backward_with_hooks`].
+    pub fn loss_and_grad_with_hooks(
         &self,
         be: &B,
-        lora: Option<&mut LoraParams<B>>,
+        mut lora: Option<&mut LoraParams<B>>,
         batch: &Batch<B>,
         checkpointing: CheckpointPolicy,
         grad_weight: f32,
-        after_layer: &mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>,
+        hooks: &mut dyn LayerHooks<B>,
     ) -> Result<f64> {
-        let acts = self.forward(be, lora.as_deref(), batch, checkpointing)?;
+        let acts = match lora.as_deref_mut() {
+            Some(lp) => self.forward_with_hooks(be, lp, batch, checkpointing, hooks)?,
+            None => self.forward(be, None, batch, checkpointing)?,
+        };
         let grad = if lora.is_some() {
             CeGrad::Scale(grad_weight)
         } else {
@@ -473,9 +501,36 @@ impl<B: Backend> Decoder<B> {
         };
         let (logp, dnormed) = self.head(be, &acts, &batch.targets, grad)?;
         if let (Some(lp), Some(d)) = (lora, dnormed) {
-            self.backward_with_hook(be, Some(lp), batch, acts, &d, after_layer)?;
+            self.backward_with_hooks(be, Some(lp), batch, acts, &d, hooks)?;
         }
         // Read after the backward is queued, so the device never waits for the host mid-step.
         Ok(-be.download(&logp)?.iter().map(|&x| x as f64).sum::<f64>())
+    }
+}
+
+/// How a forward reaches the adapter: as it is, or through a step's per-layer hooks.
+enum AdapterAccess<'a, B: Backend> {
+    Read(Option<&'a LoraParams<B>>),
+    Hooked(&'a mut LoraParams<B>, &'a mut dyn LayerHooks<B>),
+}
+
+impl<B: Backend> AdapterAccess<'_, B> {
+    /// The adapter for layer `l`'s forward (after its hook), whose weights must be current.
+    fn layer(&mut self, l: usize) -> Result<Option<&LoraParams<B>>> {
+        let lora = match self {
+            AdapterAccess::Read(lora) => *lora,
+            AdapterAccess::Hooked(lora, hooks) => {
+                hooks.before_forward(l, lora)?;
+                Some(&**lora)
+            }
+        };
+        if lora.is_some_and(|lp| !lp.is_current(l)) {
+            bail!(
+                "layer {l}'s LoRA weights still wait for the last optimizer step's update, which \
+                 was deferred into the next training forward: finish it first \
+                 (AdamW::finish_update)"
+            );
+        }
+        Ok(lora)
     }
 }

@@ -14,7 +14,8 @@
 //! Index buffers (token ids, positions) are not in the pool, as on the device.
 
 use kernels::{
-    pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, Result,
+    pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, InFlight, Nf4Absmax,
+    ParkLane, Result,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -90,13 +91,14 @@ fn tensor_bytes(t: &MeterTensor) -> f64 {
 pub struct MeterBackend {
     meter: Arc<Meter>,
     compute: DType,
-    /// The last parked tensors: the CUDA backend frees them at the next park or fetch.
-    in_flight: Mutex<Vec<MeterTensor>>,
+    /// Parked tensors not yet released: the CUDA backend's rule ([`InFlight`]).
+    in_flight: Mutex<InFlight<Vec<MeterTensor>>>,
 }
 
 /// The lengths and dtypes of a parked group, and its device buffers once prefetched.
 pub struct MeterParked {
     parts: Vec<(usize, DType)>,
+    lane: ParkLane,
     fetched: Option<Vec<MeterTensor>>,
 }
 
@@ -105,7 +107,7 @@ impl MeterBackend {
         MeterBackend {
             meter: Arc::new(Meter::default()),
             compute,
-            in_flight: Mutex::new(Vec::new()),
+            in_flight: Mutex::new(InFlight::default()),
         }
     }
 
@@ -243,18 +245,21 @@ impl Backend for MeterBackend {
     }
 
     /// The copies run beside the compute stream: no op is recorded, only the pool's books move.
-    fn park(&self, ts: Vec<MeterTensor>) -> Result<MeterParked> {
+    fn park(&self, ts: Vec<MeterTensor>, lane: ParkLane) -> Result<MeterParked> {
         let parked = MeterParked {
             parts: ts.iter().map(|t| (t.len, t.dtype)).collect(),
+            lane,
             fetched: None,
         };
-        *self.in_flight.lock().expect("meter lock") = ts;
+        let mut in_flight = self.in_flight.lock().expect("meter lock");
+        drop(in_flight.release(lane));
+        in_flight.push(lane, ts);
         Ok(parked)
     }
 
     fn prefetch(&self, p: &mut MeterParked) -> Result<()> {
         if p.fetched.is_none() {
-            self.in_flight.lock().expect("meter lock").clear();
+            drop(self.in_flight.lock().expect("meter lock").release(p.lane));
             p.fetched = Some(
                 p.parts
                     .iter()

@@ -23,9 +23,10 @@ pub use report::{describe, describe_suggestions, startup_report, suggestions};
 
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{
-    Batch, CheckpointPolicy, Checkpointing, Decoder, ModelConfig, Projection, QuantizeNf4,
+    Batch, CheckpointPolicy, Checkpointing, Decoder, LayerHooks, ModelConfig, Projection,
+    QuantizeNf4,
 };
-use crate::optim::{AdamW, LossScaler};
+use crate::optim::{AdamW, LossScaler, UpdateTiming};
 use crate::residence::Residence;
 use anyhow::{bail, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, DType};
@@ -142,10 +143,30 @@ impl Plan {
             for _ in 0..spec.grad_accum {
                 let layout = AttentionLayout::packed(&docs, spec.seq, c.sliding_window);
                 let batch = Batch::new(&be, c, &ids, &ids, layout)?;
-                model.loss_and_grad(&be, Some(&mut lora), &batch, spec.checkpointing, 1.0)?;
+                let mut hooks = DeferredUpdate {
+                    be: &be,
+                    opt: &mut opt,
+                };
+                model.loss_and_grad_with_hooks(
+                    &be,
+                    Some(&mut lora),
+                    &batch,
+                    spec.checkpointing,
+                    1.0,
+                    &mut hooks,
+                )?;
             }
-            opt.step_scaled(&be, &mut lora, hp.lr, &mut scaler)?;
+            // As the training loop: with the state on the host, step 1's forward updates the
+            // layers with step 0's update.
+            opt.step_scaled(
+                &be,
+                &mut lora,
+                hp.lr,
+                &mut scaler,
+                UpdateTiming::InNextForward,
+            )?;
         }
+        opt.finish_update(&be, &mut lora)?;
         let mut ops = be.ops();
         let pool_peak = be.peak_memory_bytes().unwrap_or(0);
         drop((model, lora, opt));
@@ -192,8 +213,11 @@ impl Plan {
     pub fn step_time(&self, gpu: GpuKind) -> Option<StepTime> {
         let mut t = step_time(&self.ops, gpu, self.spec.dtype)?;
         if self.spec.optimizer_state == Residence::Host {
-            // Masters, m and v (12 bytes a value) go in and out, the two directions at once.
-            let bytes = 12 * lora_values(&self.spec.model, &self.spec.lora);
+            // Masters, m and v (12 bytes a value) go in and out, the two directions at once,
+            // layer by layer during the next forward (optim.rs): the device waits only for the
+            // first layer's group.
+            let c = &self.spec.model;
+            let bytes = 12 * lora_values(c, &self.spec.lora) / c.num_layers.max(1) as u64;
             t.host_copies = bytes as f64 / (gpu.spec().host_link_gb_s * 1e9);
         }
         Some(t)
@@ -251,6 +275,22 @@ fn lora_values(c: &ModelConfig, lora: &LoraConfig) -> u64 {
         })
         .sum::<u64>()
         * c.num_layers as u64
+}
+
+/// The training loop's per-layer hook, metered: the deferred optimizer update before each layer.
+struct DeferredUpdate<'a> {
+    be: &'a MeterBackend,
+    opt: &'a mut AdamW<MeterBackend>,
+}
+
+impl LayerHooks<MeterBackend> for DeferredUpdate<'_> {
+    fn before_forward(&mut self, layer: usize, lora: &mut LoraParams<MeterBackend>) -> Result<()> {
+        self.opt.update_layer(self.be, lora, layer)
+    }
+
+    fn after_backward(&mut self, _: usize, _: &mut LoraParams<MeterBackend>) -> Result<()> {
+        Ok(())
+    }
 }
 
 fn lora_bytes(c: &ModelConfig, lora: &LoraConfig, e: u64, state: Residence) -> u64 {

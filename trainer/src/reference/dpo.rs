@@ -7,7 +7,7 @@ use super::sft::{Inputs, REL_TOL};
 use super::Comparison;
 use crate::lora::{peft, LoraParams};
 use crate::model::weights::{to_i64, WeightFiles};
-use crate::model::{next_token_targets, Batch, CheckpointPolicy, Decoder, ModelConfig};
+use crate::model::{next_token_targets, Batch, CheckpointPolicy, Decoder, ModelConfig, NoHooks};
 use crate::train::config::LossType;
 use crate::train::dpo::{dpo_micro_step, DpoLoss, PairResult};
 use crate::train::method::StepContext;
@@ -131,7 +131,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
         &loss,
         1.0 / pairs as f64,
         ONE_STEP,
-        &mut |_, _| Ok(()),
+        &mut NoHooks,
     )?;
 
     let rel = |got: Vec<f64>| Comparison::Relative {

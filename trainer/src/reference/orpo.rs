@@ -6,6 +6,7 @@
 use super::dpo::{insert_grads, load_pair_case, PairCase, ONE_STEP};
 use super::sft::REL_TOL;
 use super::Comparison;
+use crate::model::NoHooks;
 use crate::train::method::Sums;
 use crate::train::orpo::{orpo_micro_step, OrpoPair, OrpoSums};
 use anyhow::{anyhow, Result};
@@ -38,7 +39,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
         pairs as u64,
         chosen_tokens as u64,
         ONE_STEP,
-        &mut |_, _| Ok(()),
+        &mut NoHooks,
     )?;
     let sums = OrpoSums::of(beta, &results, nll, chosen_tokens, 0);
     let rel = |got: Vec<f64>| Comparison::Relative {

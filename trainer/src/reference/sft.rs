@@ -5,7 +5,7 @@ use super::Comparison;
 use crate::lora::{peft, LoraParams};
 use crate::model::weights::{to_i64, WeightFiles};
 use crate::model::{Batch, CheckpointPolicy, Decoder, ModelConfig};
-use crate::optim::{clip_coefficient, AdamW};
+use crate::optim::{clip_coefficient, AdamW, UpdateTiming};
 use anyhow::{anyhow, bail, Context, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad};
 use serde_json::Value;
@@ -230,7 +230,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
     // Two optimizer steps on the same batch, as the case's optimizer section says.
     let (hp, max_norm) = optimizer_from_case(case)?;
     let mut opt = AdamW::new(be, &lora, hp, Some(max_norm))?;
-    let stats = opt.step(be, &mut lora, hp.lr)?;
+    let stats = opt.step(be, &mut lora, hp.lr, UpdateTiming::Now)?;
     out.insert("step1_grad_norm".into(), rel(vec![stats.grad_norm]));
     out.insert(
         "step1_clip_coef".into(),
@@ -284,7 +284,7 @@ pub fn run<B: Backend>(be: &B, dir: &Path, case: &Value) -> Result<BTreeMap<Stri
     for (name, g) in lora.names.iter().zip(&grads2) {
         out.insert(format!("step2_grad/{name}"), rel(g.clone()));
     }
-    let stats2 = opt.step(be, &mut lora, hp.lr)?;
+    let stats2 = opt.step(be, &mut lora, hp.lr, UpdateTiming::Now)?;
     out.insert("step2_grad_norm".into(), rel(vec![stats2.grad_norm]));
     for (k, (name, p)) in lora
         .names

@@ -7,6 +7,7 @@
 
 use super::grad_reduce::GradReducer;
 use crate::lora::LoraParams;
+use crate::model::LayerHooks;
 use anyhow::{bail, Context, Result};
 use comms::{Comms, Communicator, RankInfo, ReduceOp, SingleProcess};
 use std::cell::Cell;
@@ -124,32 +125,31 @@ impl Distributed {
             .context("waiting for the LoRA gradient all-reduce")
     }
 
-    /// The backward passes of one optimizer step: zeroes the LoRA gradients, runs `micro_step` on
-    /// each micro-batch — the last one's layers summed over the ranks as its backward finishes
-    /// them (the hook it is given) — and waits for the sums. Every rank has the same number of
-    /// micro-batches, so the collectives line up. Returns each micro-batch's result.
+    /// The passes of one optimizer step: zeroes the LoRA gradients (those of layers still
+    /// waiting for the previous step's deferred update are zeroed by it), runs `micro_step` on
+    /// each micro-batch with the step's [`LayerHooks`] — `before_forward(layer, lora)` before
+    /// each layer's forward (where that update reaches it), and the last micro-batch's layers
+    /// summed over the ranks as its backward finishes them — and waits for the sums. Every rank has
+    /// the same number of micro-batches, so the collectives line up. Returns each micro-batch's
+    /// result.
     pub fn accumulate<B: GradReducer, T, R>(
         &self,
         be: &B,
         lora: &mut LoraParams<B>,
         micro: &[T],
-        mut micro_step: impl FnMut(
-            &T,
-            &mut LoraParams<B>,
-            &mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>,
-        ) -> Result<R>,
+        before_forward: &mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>,
+        mut micro_step: impl FnMut(&T, &mut LoraParams<B>, &mut dyn LayerHooks<B>) -> Result<R>,
     ) -> Result<Vec<R>> {
         lora.zero_grads(be)?;
         let mut results = Vec::with_capacity(micro.len());
         for (i, batch) in micro.iter().enumerate() {
-            let last = i + 1 == micro.len();
-            results.push(micro_step(batch, lora, &mut |layer, lp| {
-                if last {
-                    self.layer_done(be, lp, layer)
-                } else {
-                    Ok(())
-                }
-            })?);
+            let mut hooks = StepHooks {
+                dist: self,
+                be,
+                before_forward: &mut *before_forward,
+                reduce: i + 1 == micro.len(),
+            };
+            results.push(micro_step(batch, lora, &mut hooks)?);
         }
         self.wait_for_sums(be)?;
         Ok(results)
@@ -211,6 +211,29 @@ impl Distributed {
         // SAFETY: `self` is consumed and its `comms` is never touched again.
         unsafe { ManuallyDrop::drop(&mut self.comms) };
         Ok(())
+    }
+}
+
+/// One micro-batch's [`LayerHooks`]: the caller's `before_forward`, and with `reduce` (the
+/// step's last micro-batch) each layer's gradients summed over the ranks once final.
+struct StepHooks<'a, B: GradReducer> {
+    dist: &'a Distributed,
+    be: &'a B,
+    before_forward: &'a mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>,
+    reduce: bool,
+}
+
+impl<B: GradReducer> LayerHooks<B> for StepHooks<'_, B> {
+    fn before_forward(&mut self, layer: usize, lora: &mut LoraParams<B>) -> Result<()> {
+        (self.before_forward)(layer, lora)
+    }
+
+    fn after_backward(&mut self, layer: usize, lora: &mut LoraParams<B>) -> Result<()> {
+        if self.reduce {
+            self.dist.layer_done(self.be, lora, layer)
+        } else {
+            Ok(())
+        }
     }
 }
 

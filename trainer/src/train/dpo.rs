@@ -228,33 +228,24 @@ pub fn dpo_micro_step<B: Backend>(
     loss: &DpoLoss,
     pair_weight: f64,
     ctx: StepContext<'_>,
-    after_layer: LayerHook<'_, B>,
+    hooks: LayerHook<'_, B>,
 ) -> Result<Vec<PairResult>> {
-    backward_from_sequences(
-        be,
-        model,
-        lora,
-        batch,
-        seqs,
-        ctx,
-        after_layer,
-        |sums, counts| {
-            let scored = score_pairs(loss, &pair_logps(sums), reference, counts)?;
-            // dL/dlogπ(token of sequence s), divided by the sequence's token count when ipo averages.
-            let mut seq_grad = vec![0.0f64; 2 * seqs.pairs];
-            for (k, (_, dz)) in scored.iter().enumerate() {
-                for (s, sign) in [(2 * k, 1.0), (2 * k + 1, -1.0)] {
-                    let scale = if loss.averages_tokens() {
-                        1.0 / counts[s].max(1) as f64
-                    } else {
-                        1.0
-                    };
-                    seq_grad[s] = sign * pair_weight * dz * scale;
-                }
+    backward_from_sequences(be, model, lora, batch, seqs, ctx, hooks, |sums, counts| {
+        let scored = score_pairs(loss, &pair_logps(sums), reference, counts)?;
+        // dL/dlogπ(token of sequence s), divided by the sequence's token count when ipo averages.
+        let mut seq_grad = vec![0.0f64; 2 * seqs.pairs];
+        for (k, (_, dz)) in scored.iter().enumerate() {
+            for (s, sign) in [(2 * k, 1.0), (2 * k + 1, -1.0)] {
+                let scale = if loss.averages_tokens() {
+                    1.0 / counts[s].max(1) as f64
+                } else {
+                    1.0
+                };
+                seq_grad[s] = sign * pair_weight * dz * scale;
             }
-            Ok((scored.into_iter().map(|(r, _)| r).collect(), seq_grad))
-        },
-    )
+        }
+        Ok((scored.into_iter().map(|(r, _)| r).collect(), seq_grad))
+    })
 }
 
 /// The DPO method: preference data, the loss, and the precomputed reference log-probabilities
@@ -360,7 +351,7 @@ impl<B: Backend> Method<B> for Dpo {
         lora: &mut LoraParams<B>,
         mb: &PairMicroBatch,
         ctx: StepContext<'_>,
-        after_layer: LayerHook<'_, B>,
+        hooks: LayerHook<'_, B>,
     ) -> Result<DpoSums> {
         let batch = mb.upload(be, model)?;
         let reference = Self::reference(be, model, &batch, mb, self.train_ref.as_deref())?;
@@ -374,7 +365,7 @@ impl<B: Backend> Method<B> for Dpo {
             &self.loss,
             1.0 / ctx.totals[0].max(1) as f64,
             ctx,
-            after_layer,
+            hooks,
         )?;
         Ok(DpoSums::of(&results, mb.host.target_count()))
     }

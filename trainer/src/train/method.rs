@@ -12,13 +12,13 @@ use crate::data::packing::RowFill;
 use crate::data::preference::PreferenceStats;
 use crate::data::tokenize::TokenizeStats;
 use crate::lora::LoraParams;
-use crate::model::{CheckpointPolicy, Decoder};
+use crate::model::{CheckpointPolicy, Decoder, LayerHooks};
 use anyhow::Result;
 use kernels::Backend;
 
-/// Called after each layer's LoRA gradients are final during backward (last layer first): where
-/// data parallelism starts summing them over the ranks.
-pub type LayerHook<'a, B> = &'a mut dyn FnMut(usize, &mut LoraParams<B>) -> Result<()>;
+/// The step's per-layer calls ([`LayerHooks`]): a deferred optimizer update before each layer's
+/// forward, the gradient sum over the ranks after each layer's backward.
+pub type LayerHook<'a, B> = &'a mut dyn LayerHooks<B>;
 
 /// What every micro-batch of a step is told about the whole step.
 #[derive(Clone, Copy, Debug)]
@@ -100,8 +100,8 @@ pub trait Method<B: Backend> {
     /// The counts the step's loss is normalised by (loss tokens; pairs; …).
     fn loss_counts(&self, batch: &MicroBatch<Self, B>) -> Vec<u64>;
     /// Forward, loss and backward of one micro-batch: adds `d(step loss)/dθ · ctx.loss_scale`
-    /// into `lora`'s gradients, calling `after_layer` as each layer's are final, and returns
-    /// the micro-batch's sums.
+    /// into `lora`'s gradients, running `hooks` around each layer's forward and backward, and
+    /// returns the micro-batch's sums.
     fn micro_step(
         &self,
         be: &B,
@@ -109,7 +109,7 @@ pub trait Method<B: Backend> {
         lora: &mut LoraParams<B>,
         batch: &MicroBatch<Self, B>,
         ctx: StepContext<'_>,
-        after_layer: LayerHook<'_, B>,
+        hooks: LayerHook<'_, B>,
     ) -> Result<Self::Sums>;
     /// The sums over the held-out data under `lora` (no gradient); `None` without held-out data.
     fn evaluate(

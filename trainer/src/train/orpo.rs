@@ -189,30 +189,21 @@ pub fn orpo_micro_step<B: Backend>(
     step_pairs: u64,
     step_chosen_tokens: u64,
     ctx: StepContext<'_>,
-    after_layer: LayerHook<'_, B>,
+    hooks: LayerHook<'_, B>,
 ) -> Result<(Vec<OrpoPair>, f64)> {
     let (p, n) = (step_pairs.max(1) as f64, step_chosen_tokens.max(1) as f64);
-    backward_from_sequences(
-        be,
-        model,
-        lora,
-        batch,
-        seqs,
-        ctx,
-        after_layer,
-        |sums, counts| {
-            let pairs = score_pairs(sums, counts);
-            let mut seq_grad = vec![0.0f64; sums.len()];
-            for (k, pair) in pairs.iter().enumerate() {
-                let odds = beta / p * sigmoid(-pair.log_odds);
-                let (n_c, n_r) = (counts[2 * k].max(1) as f64, counts[2 * k + 1].max(1) as f64);
-                seq_grad[2 * k] = -1.0 / n - odds / (-pair.chosen_avg_logp.exp_m1()) / n_c;
-                seq_grad[2 * k + 1] = odds / (-pair.rejected_avg_logp.exp_m1()) / n_r;
-            }
-            let nll = -(0..pairs.len()).map(|k| sums[2 * k]).sum::<f64>();
-            Ok(((pairs, nll), seq_grad))
-        },
-    )
+    backward_from_sequences(be, model, lora, batch, seqs, ctx, hooks, |sums, counts| {
+        let pairs = score_pairs(sums, counts);
+        let mut seq_grad = vec![0.0f64; sums.len()];
+        for (k, pair) in pairs.iter().enumerate() {
+            let odds = beta / p * sigmoid(-pair.log_odds);
+            let (n_c, n_r) = (counts[2 * k].max(1) as f64, counts[2 * k + 1].max(1) as f64);
+            seq_grad[2 * k] = -1.0 / n - odds / (-pair.chosen_avg_logp.exp_m1()) / n_c;
+            seq_grad[2 * k + 1] = odds / (-pair.rejected_avg_logp.exp_m1()) / n_r;
+        }
+        let nll = -(0..pairs.len()).map(|k| sums[2 * k]).sum::<f64>();
+        Ok(((pairs, nll), seq_grad))
+    })
 }
 
 /// Completion tokens of the chosen sequences of a micro-batch.
@@ -258,7 +249,7 @@ impl<B: Backend> Method<B> for Orpo {
         lora: &mut LoraParams<B>,
         mb: &PairMicroBatch,
         ctx: StepContext<'_>,
-        after_layer: LayerHook<'_, B>,
+        hooks: LayerHook<'_, B>,
     ) -> Result<OrpoSums> {
         let batch = mb.upload(be, model)?;
         let (pairs, nll) = orpo_micro_step(
@@ -271,7 +262,7 @@ impl<B: Backend> Method<B> for Orpo {
             ctx.totals[0],
             ctx.totals[1],
             ctx,
-            after_layer,
+            hooks,
         )?;
         Ok(self.sums(&pairs, nll, mb))
     }

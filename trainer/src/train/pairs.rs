@@ -273,7 +273,7 @@ pub fn sequence_logps<B: Backend>(
 /// Forward with the adapter, then backward of a loss of the sequences' summed log-probabilities.
 /// `score(sums, counts)` returns its result and, per sequence, `∂(step loss)/∂logp(token)` —
 /// the same for every completion token of the sequence. Adds `loss_scale ·` the gradient into
-/// `lora`, calling `after_layer` as each layer's gradients are final.
+/// `lora`, running `hooks` around each layer's forward and backward.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_from_sequences<B: Backend, R>(
     be: &B,
@@ -282,10 +282,10 @@ pub fn backward_from_sequences<B: Backend, R>(
     batch: &Batch<B>,
     seqs: &TargetSequences,
     ctx: StepContext<'_>,
-    after_layer: LayerHook<'_, B>,
+    hooks: LayerHook<'_, B>,
     score: impl FnOnce(&[f64], &[usize]) -> Result<(R, Vec<f64>)>,
 ) -> Result<R> {
-    let acts = model.forward(be, Some(lora), batch, ctx.checkpointing)?;
+    let acts = model.forward_with_hooks(be, lora, batch, ctx.checkpointing, hooks)?;
     let (logp, _) = model.head(be, &acts, &batch.targets, CeGrad::None)?;
     let (sums, counts) = seqs.sum_by_sequence(&be.download(&logp)?);
     let (result, seq_grad) = score(&sums, &counts)?;
@@ -304,7 +304,7 @@ pub fn backward_from_sequences<B: Backend, R>(
     let w = be.upload(&weights, DType::F32)?;
     let (_, dnormed) = model.head(be, &acts, &batch.targets, CeGrad::PerRow(&w))?;
     let dnormed = dnormed.expect("a gradient was requested");
-    model.backward_with_hook(be, Some(lora), batch, acts, &dnormed, after_layer)?;
+    model.backward_with_hooks(be, Some(lora), batch, acts, &dnormed, hooks)?;
     Ok(result)
 }
 

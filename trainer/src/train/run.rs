@@ -30,7 +30,7 @@ use crate::data::tokenize::TokenizeStats;
 use crate::lora::{peft, LoraConfig, LoraParams};
 use crate::model::weights::WeightFiles;
 use crate::model::{CheckpointPolicy, Decoder, ModelConfig};
-use crate::optim::{AdamW, LossScaler};
+use crate::optim::{AdamW, LossScaler, UpdateTiming};
 use crate::output_dir::{Overwrite, StagedDir};
 use crate::plan::fit::Choice;
 use crate::residence::Residence;
@@ -215,12 +215,16 @@ fn due(every: u64, step: u64, total_steps: u64) -> bool {
     every > 0 && step.is_multiple_of(every) && step < total_steps
 }
 
-/// A metrics.jsonl line: `base`'s fields, then `extra` (the method's metrics).
-fn record_with(base: &impl Serialize, extra: &[(String, f64)]) -> Result<serde_json::Value> {
+/// A metrics.jsonl line: `base`'s fields, then `extra` (the method's metrics and counts; counts
+/// stay whole numbers, as [`crate::train::metrics::EvalRecord`] reads them).
+fn record_with(
+    base: &impl Serialize,
+    extra: &[(String, serde_json::Value)],
+) -> Result<serde_json::Value> {
     let mut value = serde_json::to_value(base)?;
     let obj = value.as_object_mut().expect("records are JSON objects");
     for (k, v) in extra {
-        obj.insert(k.clone(), (*v).into());
+        obj.insert(k.clone(), v.clone());
     }
     Ok(value)
 }
@@ -310,15 +314,15 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         let Some(sums) = method.evaluate(be, model, lora)? else {
             return Ok(None);
         };
-        let mut extra: Vec<(String, f64)> = sums
+        let mut extra: Vec<(String, serde_json::Value)> = sums
             .counts()
             .into_iter()
-            .map(|(k, v)| (format!("eval_{k}"), v as f64))
+            .map(|(k, v)| (format!("eval_{k}"), v.into()))
             .collect();
         extra.extend(
             sums.metrics()
                 .into_iter()
-                .map(|(k, v)| (format!("eval_{k}"), v)),
+                .map(|(k, v)| (format!("eval_{k}"), v.into())),
         );
         #[derive(Serialize)]
         struct Eval {
@@ -378,15 +382,18 @@ fn run_loop<B: GradReducer, M: Method<B>>(
             loss_scale: scaler.loss_weight(1.0),
             checkpointing,
         };
-        let results = dist.accumulate(be, &mut lora, &micro, |b, lora, hook| {
-            method.micro_step(be, model, lora, b, ctx, hook)
+        let mut update = |layer, lora: &mut LoraParams<B>| opt.update_layer(be, lora, layer);
+        let results = dist.accumulate(be, &mut lora, &micro, &mut update, |b, lora, hooks| {
+            method.micro_step(be, model, lora, b, ctx, hooks)
         })?;
         let mut sums = M::Sums::default();
         results.iter().for_each(|s| sums.add(s));
         let sums = M::Sums::from_values(&dist.global_sum_f64(&sums.to_values())?);
         let lr = schedule.lr(state.step);
+        // With the state on the host, the update reaches each layer in the next step's forward
+        // (an evaluation or a save first finishes it).
         let stats = guard.step(state.step + 1, sums.loss(), || {
-            opt.step_scaled(be, &mut lora, lr, &mut scaler)
+            opt.step_scaled(be, &mut lora, lr, &mut scaler, UpdateTiming::InNextForward)
         })?;
         state.step += 1;
         if let Some(d) = dump.as_mut() {
@@ -411,15 +418,16 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         };
         let log_now = state.step % cfg.train.log_steps.max(1) == 0 || state.step == total_steps;
         if log_now {
-            let metrics: Vec<(String, f64)> = sums
+            let metrics: Vec<(String, serde_json::Value)> = sums
                 .metrics()
                 .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
+                .map(|(k, v)| (k.to_string(), v.into()))
                 .collect();
             log.write(&record_with(&record, &metrics)?)?;
         }
         progress.step(&record, log_now);
         if due(cfg.train.eval_steps, state.step, total_steps) {
+            opt.finish_update(be, &mut lora)?;
             eval_at(state.step, &lora, log)?;
         }
         if due(cfg.train.save_steps, state.step, total_steps) {
@@ -437,6 +445,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
             progress.println(&format!("saved {}", dir.display()));
         }
     }
+    opt.finish_update(be, &mut lora)?;
     progress.finish();
     let seconds = loop_start.elapsed().as_secs_f64();
     let stats = data.stats();
@@ -550,7 +559,7 @@ pub fn describe_summary(s: &Summary, out: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Checkpointing;
+    use crate::model::{Checkpointing, LayerHooks};
     use comms::{Comms, RankInfo, SingleProcess};
     use kernels::cpu::CpuBackend;
 
@@ -584,15 +593,34 @@ mod tests {
         RunConfig::load(&dir.join("run.toml"), &[]).unwrap()
     }
 
+    /// The layers each hook saw, in order.
+    #[derive(Default)]
+    struct SeenLayers {
+        forward: Vec<usize>,
+        backward: Vec<usize>,
+    }
+
+    impl LayerHooks<CpuBackend> for SeenLayers {
+        fn before_forward(&mut self, l: usize, _: &mut LoraParams<CpuBackend>) -> Result<()> {
+            self.forward.push(l);
+            Ok(())
+        }
+
+        fn after_backward(&mut self, l: usize, _: &mut LoraParams<CpuBackend>) -> Result<()> {
+            self.backward.push(l);
+            Ok(())
+        }
+    }
+
     /// One micro-step of `method` with a trained-looking adapter (every B non-zero, so that every
-    /// gradient is): the LoRA gradients and the layers the hook saw, in order.
+    /// gradient is): the LoRA gradients and the layers the hooks saw.
     fn one_micro_step<M: Method<CpuBackend>>(
         be: &CpuBackend,
         cfg: &RunConfig,
         model: &Decoder<CpuBackend>,
         method: &M,
         loss_scale: f32,
-    ) -> (Vec<Vec<f32>>, Vec<usize>) {
+    ) -> (Vec<Vec<f32>>, SeenLayers) {
         let (mut lora, _) = adapter_and_optimizer(be, cfg, &model.config).unwrap();
         for p in lora.params.iter_mut() {
             p.iter_mut()
@@ -608,19 +636,16 @@ mod tests {
             loss_scale,
             checkpointing: CheckpointPolicy::all(Checkpointing::Full),
         };
-        let mut layers = Vec::new();
+        let mut layers = SeenLayers::default();
         method
-            .micro_step(be, model, &mut lora, &batch, ctx, &mut |l, _| {
-                layers.push(l);
-                Ok(())
-            })
+            .micro_step(be, model, &mut lora, &batch, ctx, &mut layers)
             .unwrap();
         (lora.grads.clone(), layers)
     }
 
     /// The fp16 path's loss scale reaches every gradient of `method` exactly (a power of two
-    /// scales without rounding), and the per-layer reduce hook fires during backward, last layer
-    /// first, as for SFT.
+    /// scales without rounding), and the per-layer hooks fire before each layer's forward in
+    /// order and after each layer's backward, last layer first, as for SFT.
     fn scales_its_loss_and_reduces_per_layer<M: Method<CpuBackend>>(
         cfg: &RunConfig,
         prepare: impl Fn(&CpuBackend, &Decoder<CpuBackend>) -> M,
@@ -631,7 +656,8 @@ mod tests {
         let (plain, layers) = one_micro_step(&be, cfg, &model, &method, 1.0);
         let (scaled, _) = one_micro_step(&be, cfg, &model, &method, 1024.0);
         let n = model.config.num_layers;
-        assert_eq!(layers, (0..n).rev().collect::<Vec<_>>());
+        assert_eq!(layers.forward, (0..n).collect::<Vec<_>>());
+        assert_eq!(layers.backward, (0..n).rev().collect::<Vec<_>>());
         assert!(plain.iter().flatten().any(|&g| g != 0.0));
         for (p, s) in plain.iter().flatten().zip(scaled.iter().flatten()) {
             assert_eq!(p * 1024.0, *s);

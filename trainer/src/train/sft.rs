@@ -199,8 +199,8 @@ pub fn upload<B: Backend>(be: &B, model: &Decoder<B>, hb: &HostBatch) -> Result<
 }
 
 /// The supervised micro-step: forward, cross-entropy and backward of `batch`, every target
-/// weighted by `loss_scale / (loss tokens of the step)` (`ctx.totals[0]`), calling `after_layer`
-/// as each layer's LoRA gradients are final. Returns `Σ −log p` over the batch's targets and
+/// weighted by `loss_scale / (loss tokens of the step)` (`ctx.totals[0]`), running `hooks` around
+/// each layer's forward and backward. Returns `Σ −log p` over the batch's targets and
 /// their count.
 pub fn sft_micro_step<B: Backend>(
     be: &B,
@@ -208,17 +208,11 @@ pub fn sft_micro_step<B: Backend>(
     lora: &mut LoraParams<B>,
     batch: &Batch<B>,
     ctx: StepContext<'_>,
-    after_layer: LayerHook<'_, B>,
+    hooks: LayerHook<'_, B>,
 ) -> Result<SftSums> {
     let weight = (1.0 / ctx.totals[0].max(1) as f32) * ctx.loss_scale;
-    let nll = model.loss_and_grad_with_hook(
-        be,
-        Some(lora),
-        batch,
-        ctx.checkpointing,
-        weight,
-        after_layer,
-    )?;
+    let nll =
+        model.loss_and_grad_with_hooks(be, Some(lora), batch, ctx.checkpointing, weight, hooks)?;
     Ok(SftSums {
         nll,
         tokens: batch.n_targets as f64,
@@ -299,10 +293,10 @@ impl<B: Backend> Method<B> for Sft {
         lora: &mut LoraParams<B>,
         batch: &HostBatch,
         ctx: StepContext<'_>,
-        after_layer: LayerHook<'_, B>,
+        hooks: LayerHook<'_, B>,
     ) -> Result<SftSums> {
         let device = upload(be, model, batch)?;
-        sft_micro_step(be, model, lora, &device, ctx, after_layer)
+        sft_micro_step(be, model, lora, &device, ctx, hooks)
     }
 
     fn evaluate(
