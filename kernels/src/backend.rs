@@ -120,6 +120,13 @@ pub trait Backend {
     fn release_cached(&self) -> Result<()> {
         Ok(())
     }
+    /// Picks, for every matrix-product shape [`Backend::gemm`] has run since the last call, the
+    /// fastest of the library's algorithms on this device, by timing them on scratch operands
+    /// (the same product in f32 accumulation; the order of its k-sum may differ). Call it where
+    /// the step's activations are freed. Nothing on the CPU.
+    fn tune(&self) -> Result<()> {
+        Ok(())
+    }
     /// Starts timing every op on the device (the CPU backend times nothing).
     fn profile_start(&self) {}
     /// Ends the region begun by [`Backend::profile_start`]: the device time per op, largest first

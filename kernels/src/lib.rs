@@ -33,6 +33,11 @@ pub use widen::{is_finite_16bit, widen_16bit, widen_one};
 /// Result of a kernel call.
 pub type Result<T> = std::result::Result<T, KernelError>;
 
+/// The workspace of the matrix-product algorithms the CUDA backend picks by timing
+/// ([`Backend::tune`]; split-k partial sums), held from the first tune on; `fuselora plan`'s
+/// meter books it too.
+pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
+
 /// The CUDA backend's caching pool serves a tensor from a free buffer of its storage kind up to
 /// this many times its length (the smallest that fits); `fuselora plan`'s meter books the same.
 /// 2 lowered every preset's predicted peak (by 0.07-0.29 GiB) and raised none; 4 raised some.

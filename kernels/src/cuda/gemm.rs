@@ -4,7 +4,9 @@
 //! Our matrices are row-major; cuBLAS's are column-major. A row-major `C[m,n]` is a column-major
 //! `Cᵀ[n,m]`, and `Cᵀ = op(B)ᵀ op(A)ᵀ`, so we ask cuBLAS for the product with the operands
 //! swapped: first operand B (transposed iff `trans_b`), second A (iff `trans_a`), sizes (n, m, k).
+//! Each shape runs `cublasGemmEx` or the cuBLASLt algorithm timed fastest for it (gemm_tuning.rs).
 
+use super::gemm_tuning::{GemmChoice, GemmShape};
 use super::CudaBackend;
 use crate::{DType, KernelError, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
@@ -58,6 +60,16 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        let shape = GemmShape {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            inputs: a.1,
+            output: c.1,
+            accumulate: beta != 0.0,
+        };
         let name = || {
             let t = |x: bool| if x { 'T' } else { 'N' };
             format!(
@@ -71,36 +83,65 @@ impl CudaBackend {
             name,
             || 2.0 * m as f64 * n as f64 * k as f64,
             || {
-                let lda = if trans_b { k } else { n };
-                let ldb = if trans_a { m } else { k };
-                unsafe {
-                    cudarc::cublas::result::gemm_ex(
-                        *self.blas.handle(),
-                        op(trans_b),
-                        op(trans_a),
-                        n as i32,
-                        m as i32,
-                        k as i32,
-                        (&alpha) as *const f32 as *const _,
-                        b.0 as *const _,
-                        cuda_type(b.1),
-                        lda as i32,
-                        a.0 as *const _,
-                        cuda_type(a.1),
-                        ldb as i32,
-                        (&beta) as *const f32 as *const _,
-                        c.0 as *mut _,
-                        cuda_type(c.1),
-                        n as i32,
-                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
+                let mut choices = self.tuner.choices.lock().expect("gemm choices lock");
+                match choices.entry(shape).or_insert(GemmChoice::Untuned) {
+                    GemmChoice::Lt(plan) => self.run_lt(plan, alpha, a.0, b.0, beta, c.0),
+                    GemmChoice::Untuned | GemmChoice::GemmEx => {
+                        self.run_gemm_ex(&shape, alpha, a.0, b.0, beta, c.0)
+                    }
                 }
-                .map_err(|e| KernelError::Device {
-                    op: "gemm",
-                    message: format!("cublasGemmEx (m={m} n={n} k={k}): {e:?}"),
-                })
             },
         )
+    }
+
+    /// `shape`'s product through `cublasGemmEx` on the compute stream, operands swapped to
+    /// column-major (the top of this file).
+    pub(crate) fn run_gemm_ex(
+        &self,
+        shape: &GemmShape,
+        alpha: f32,
+        a: u64,
+        b: u64,
+        beta: f32,
+        c: u64,
+    ) -> Result<()> {
+        let GemmShape {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            ..
+        } = *shape;
+        let lda = if trans_b { k } else { n };
+        let ldb = if trans_a { m } else { k };
+        // SAFETY: the caller's addresses hold the operands of `shape` in their dtypes.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                op(trans_b),
+                op(trans_a),
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                b as *const _,
+                cuda_type(shape.inputs),
+                lda as i32,
+                a as *const _,
+                cuda_type(shape.inputs),
+                ldb as i32,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                cuda_type(shape.output),
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| KernelError::Device {
+            op: "gemm",
+            message: format!("cublasGemmEx (m={m} n={n} k={k}): {e:?}"),
+        })
     }
 }

@@ -10,6 +10,7 @@
 mod attention;
 pub mod compile;
 mod gemm;
+mod gemm_tuning;
 mod generation;
 mod launch;
 pub mod libraries;
@@ -56,6 +57,8 @@ pub struct CudaBackend {
     attention_kernels: attention::AttentionKernels,
     /// Shared memory one block may opt into (bytes): which attention kernels fit.
     max_shared_per_block: usize,
+    /// Each matrix product shape's algorithm (gemm_tuning.rs).
+    tuner: gemm_tuning::Tuner,
     profiler: Profiler,
 }
 
@@ -140,6 +143,7 @@ impl CudaBackend {
             compute_capability,
             attention_kernels: attention::AttentionKernels::for_device(compute_capability)?,
             max_shared_per_block,
+            tuner: gemm_tuning::Tuner::new(gemm_tuning::GemmTuning::from_env()?),
             profiler: Profiler::default(),
         };
         backend.allow_large_shared_memory()?;
@@ -195,6 +199,18 @@ impl CudaBackend {
             }
         };
         Ok(CudaTensor {
+            storage: Some(storage),
+            len,
+            dtype,
+            pool: self.pool.clone(),
+        })
+    }
+
+    /// A tensor of `len` elements from a buffer the pool has cached, or `None` when none fits
+    /// (nothing new is taken from the driver: the held peak stays where it is).
+    pub(crate) fn alloc_cached(&self, len: usize, dtype: DType) -> Option<CudaTensor> {
+        let storage = self.pool.take(dtype == DType::F32, len)?;
+        Some(CudaTensor {
             storage: Some(storage),
             len,
             dtype,
@@ -334,6 +350,10 @@ impl Backend for CudaBackend {
 
     fn peak_memory_bytes(&self) -> Option<u64> {
         Some(self.pool.peak_bytes())
+    }
+
+    fn tune(&self) -> Result<()> {
+        self.tune_impl()
     }
 
     fn release_cached(&self) -> Result<()> {

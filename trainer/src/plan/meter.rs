@@ -15,7 +15,7 @@
 
 use kernels::{
     pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, InFlight, Nf4Absmax,
-    ParkLane, Result,
+    ParkLane, Result, GEMM_WORKSPACE_BYTES,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -93,6 +93,8 @@ pub struct MeterBackend {
     compute: DType,
     /// Parked tensors not yet released: the CUDA backend's rule ([`InFlight`]).
     in_flight: Mutex<InFlight<Vec<MeterTensor>>>,
+    /// The tuned products' workspace, held from the first [`Backend::tune`] on.
+    gemm_workspace: Mutex<Option<MeterTensor>>,
 }
 
 /// The lengths and dtypes of a parked group, and its device buffers once prefetched.
@@ -108,6 +110,7 @@ impl MeterBackend {
             meter: Arc::new(Meter::default()),
             compute,
             in_flight: Mutex::new(InFlight::default()),
+            gemm_workspace: Mutex::new(None),
         }
     }
 
@@ -187,6 +190,14 @@ impl Backend for MeterBackend {
 
     fn peak_memory_bytes(&self) -> Option<u64> {
         Some(self.meter.pool.lock().expect("meter lock").peak)
+    }
+
+    fn tune(&self) -> Result<()> {
+        let mut workspace = self.gemm_workspace.lock().expect("meter lock");
+        if workspace.is_none() {
+            *workspace = Some(self.alloc(GEMM_WORKSPACE_BYTES / 2, DType::BF16));
+        }
+        Ok(())
     }
 
     fn release_cached(&self) -> Result<()> {

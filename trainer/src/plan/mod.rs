@@ -165,6 +165,9 @@ impl Plan {
                 &mut scaler,
                 UpdateTiming::InNextForward,
             )?;
+            if step == 0 {
+                be.tune()?;
+            }
         }
         opt.finish_update(&be, &mut lora)?;
         let mut ops = be.ops();

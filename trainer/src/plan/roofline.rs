@@ -105,9 +105,16 @@ impl GpuKind {
 /// Fraction of the peak FLOP/s cuBLAS GEMMs reach in a training step (fitted, see above).
 const GEMM_EFFICIENCY: f64 = 0.75;
 /// Fraction of the peak the flash-attention kernels reach, forward and backward together as a
-/// checkpointed step runs them (H200, 2026-12-02: forward 144, backward 100 of 989 TFLOP/s; with the
-/// forward run twice per backward, ~114 on average).
-const ATTENTION_EFFICIENCY: f64 = 0.115;
+/// checkpointed step runs them (the forward twice per backward). Hopper's wgmma kernels (H200,
+/// 2026-12-03, a 7B min-memory step: forward 224, backward 209 of 989 TFLOP/s, 213 together);
+/// the mma.sync kernels elsewhere (H200 with `FUSELORA_ATTENTION=mma-sync`: forward 179, backward
+/// 124 in the kernel check's benchmark, ~0.14 together).
+fn attention_efficiency(gpu: GpuKind) -> f64 {
+    match gpu {
+        GpuKind::H200 | GpuKind::H100 => 0.215,
+        _ => 0.14,
+    }
+}
 /// Fraction of the data-sheet bandwidth elementwise kernels and skinny GEMMs reach.
 const BANDWIDTH_EFFICIENCY: f64 = 0.75;
 /// Seconds every kernel costs however small (launch gap and tail; fitted, see above).
@@ -147,7 +154,7 @@ pub fn step_time(ops: &[Op], gpu: GpuKind, dtype: DType) -> Option<StepTime> {
         match op.kind {
             OpKind::Gemm => t.gemm += (op.flops / (peak * GEMM_EFFICIENCY)).max(by_memory),
             OpKind::Attention => {
-                t.attention += (op.flops / (peak * ATTENTION_EFFICIENCY)).max(by_memory)
+                t.attention += (op.flops / (peak * attention_efficiency(gpu))).max(by_memory)
             }
             OpKind::Memory => t.memory += by_memory,
         }

@@ -349,6 +349,7 @@ fn run_loop<B: GradReducer, M: Method<B>>(
     };
 
     let loop_start = Instant::now();
+    let first_step = state.step;
     let tokens_at_start = state.tokens_seen;
     let mut final_loss = None;
     while state.step < total_steps {
@@ -395,6 +396,10 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         let stats = guard.step(state.step + 1, sums.loss(), || {
             opt.step_scaled(be, &mut lora, lr, &mut scaler, UpdateTiming::InNextForward)
         })?;
+        if state.step == first_step {
+            // Activations are freed here: time each matrix product's algorithms once.
+            be.tune()?;
+        }
         state.step += 1;
         if let Some(d) = dump.as_mut() {
             d.write(state.step, micro.iter().map(M::Data::host))?;
