@@ -50,15 +50,6 @@ impl<T> InFlight<T> {
     pub fn push(&mut self, lane: ParkLane, t: T) {
         self.entries.push((lane, t));
     }
-
-    /// Number of groups in flight.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -75,7 +66,7 @@ mod tests {
         f.push(A, 2);
         f.push(A, 3);
         assert_eq!(f.release(A), vec![2, 3]);
-        assert!(f.is_empty());
+        assert!(f.release(A).is_empty(), "nothing is left in flight");
     }
 
     /// The forward with a deferred optimizer update: per layer l, prefetch group l+1, park group
@@ -93,8 +84,8 @@ mod tests {
         f.push(O, "group 1");
         assert_eq!(f.release(A), vec!["checkpoint 0"], "park of checkpoint 1");
         f.push(A, "checkpoint 1");
-        assert_eq!(f.len(), 2);
-        // backward's first prefetch (a checkpoint) releases both
+        // backward's first prefetch (a checkpoint) releases both, and nothing else is in flight
         assert_eq!(f.release(A), vec!["group 1", "checkpoint 1"]);
+        assert!(f.release(O).is_empty());
     }
 }

@@ -84,12 +84,8 @@ impl CudaBackend {
             || 2.0 * m as f64 * n as f64 * k as f64,
             || {
                 let mut choices = self.tuner.choices.lock().expect("gemm choices lock");
-                match choices.entry(shape).or_insert(GemmChoice::Untuned) {
-                    GemmChoice::Lt(plan) => self.run_lt(plan, alpha, a.0, b.0, beta, c.0),
-                    GemmChoice::Untuned | GemmChoice::GemmEx => {
-                        self.run_gemm_ex(&shape, alpha, a.0, b.0, beta, c.0)
-                    }
-                }
+                let choice = choices.entry(shape).or_insert(GemmChoice::Untuned);
+                self.run_choice(choice, &shape, alpha, a.0, b.0, beta, c.0)
             },
         )
     }

@@ -22,7 +22,7 @@ use crate::{DType, KernelError, Result};
 use cudarc::cublaslt::sys as lt;
 use cudarc::driver::sys::CUevent_flags;
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 /// cuBLASLt heuristic candidates timed per shape (besides `cublasGemmEx`).
 const CANDIDATES: usize = 8;
@@ -46,7 +46,7 @@ pub(crate) struct GemmShape {
     pub accumulate: bool,
 }
 
-/// How a shape's products run.
+/// How a shape's products run (and, while tuning, one candidate way).
 pub(crate) enum GemmChoice {
     /// `cublasGemmEx`, not yet timed against the candidates.
     Untuned,
@@ -81,13 +81,11 @@ impl GemmTuning {
 }
 
 /// The tuning state of a backend: each shape's choice, cuBLASLt's handle and workspace (the
-/// choices first: their plans go before the handle they were made with).
+/// choices first: their plans go before the handle and workspace they were made with).
 pub(crate) struct Tuner {
     pub setting: GemmTuning,
     pub choices: Mutex<HashMap<GemmShape, GemmChoice>>,
     lt: Mutex<Option<LtContext>>,
-    /// The workspace's device address, once made.
-    workspace: OnceLock<u64>,
 }
 
 impl Tuner {
@@ -96,7 +94,6 @@ impl Tuner {
             setting,
             choices: Mutex::new(HashMap::new()),
             lt: Mutex::new(None),
-            workspace: OnceLock::new(),
         }
     }
 }
@@ -104,8 +101,8 @@ impl Tuner {
 /// cuBLASLt's handle and the workspace its algorithms share (one stream, so one at a time).
 struct LtContext {
     handle: lt::cublasLtHandle_t,
-    /// Kept alive (and counted by the pool) for the plans' runs.
-    _workspace: CudaTensor,
+    /// Counted by the pool; its address goes into every plan.
+    workspace: CudaTensor,
 }
 
 // SAFETY: the handle is used under the tuner's lock or from the backend's one compute stream.
@@ -195,11 +192,13 @@ impl Described {
     }
 }
 
-/// A cuBLASLt product, ready to run: its descriptors and algorithm.
+/// A cuBLASLt product, ready to run: its descriptors, algorithm, and the context's handle and
+/// workspace address (both outlive every plan: see [`Tuner`]).
 pub(crate) struct LtPlan {
     described: Described,
     algo: lt::cublasLtMatmulAlgo_t,
     handle: lt::cublasLtHandle_t,
+    workspace: u64,
 }
 
 // SAFETY: the descriptors are immutable after creation; runs are ordered on the compute stream.
@@ -207,7 +206,11 @@ unsafe impl Send for LtPlan {}
 
 impl LtPlan {
     /// cuBLASLt's first [`CANDIDATES`] algorithms for `s` within the workspace, each as a plan.
-    fn candidates(handle: lt::cublasLtHandle_t, s: &GemmShape) -> Result<Vec<LtPlan>> {
+    fn candidates(
+        handle: lt::cublasLtHandle_t,
+        workspace: u64,
+        s: &GemmShape,
+    ) -> Result<Vec<LtPlan>> {
         let query = Described::of(s)?;
         // SAFETY: the preference is created and destroyed here; `results` has room for
         // CANDIDATES entries and `count` says how many were written.
@@ -253,6 +256,7 @@ impl LtPlan {
                     described: Described::of(s)?,
                     algo: r.algo,
                     handle,
+                    workspace,
                 })
             })
             .collect()
@@ -287,24 +291,29 @@ fn lt_check(what: &'static str, status: lt::cublasStatus_t) -> Result<()> {
     }
 }
 
-/// One timed way to run a shape's product.
-enum Candidate {
-    GemmEx,
-    Lt(LtPlan),
-}
-
 impl CudaBackend {
-    /// `C ← alpha · op(A) op(B) + beta · C` with `plan` on the compute stream.
-    pub(crate) fn run_lt(
+    /// `shape`'s product `C ← alpha · op(A) op(B) + beta · C` the way `choice` says, on the
+    /// compute stream.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_choice(
         &self,
-        plan: &LtPlan,
+        choice: &GemmChoice,
+        shape: &GemmShape,
         alpha: f32,
         a: u64,
         b: u64,
         beta: f32,
         c: u64,
     ) -> Result<()> {
-        let workspace = self.tuner.workspace.get().copied().unwrap_or(0);
+        match choice {
+            GemmChoice::Untuned | GemmChoice::GemmEx => {
+                self.run_gemm_ex(shape, alpha, a, b, beta, c)
+            }
+            GemmChoice::Lt(plan) => self.run_lt(plan, alpha, a, b, beta, c),
+        }
+    }
+
+    fn run_lt(&self, plan: &LtPlan, alpha: f32, a: u64, b: u64, beta: f32, c: u64) -> Result<()> {
         let d = &plan.described;
         // SAFETY: the addresses hold the operands of the shape `plan` was made for; the
         // workspace (WORKSPACE_BYTES, the candidates' limit) lives as long as the backend and is
@@ -324,7 +333,7 @@ impl CudaBackend {
                 c as *mut _,
                 d.layouts[2],
                 &plan.algo,
-                workspace as *mut _,
+                plan.workspace as *mut _,
                 WORKSPACE_BYTES,
                 self.stream.cu_stream() as lt::cudaStream_t,
             )
@@ -357,12 +366,9 @@ impl CudaBackend {
         if untuned.is_empty() {
             return Ok(());
         }
-        let handle = self.lt_handle()?;
+        let (handle, workspace) = self.lt_context()?;
         for shape in untuned {
-            let choice = match self.fastest(handle, &shape)? {
-                Candidate::GemmEx => GemmChoice::GemmEx,
-                Candidate::Lt(plan) => GemmChoice::Lt(plan),
-            };
+            let choice = self.fastest(handle, workspace, &shape)?;
             self.tuner
                 .choices
                 .lock()
@@ -372,28 +378,29 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// cuBLASLt's handle and workspace, made at the first tune.
-    fn lt_handle(&self) -> Result<lt::cublasLtHandle_t> {
+    /// cuBLASLt's handle and workspace address, made at the first tune.
+    fn lt_context(&self) -> Result<(lt::cublasLtHandle_t, u64)> {
         let mut context = self.tuner.lt.lock().expect("cublasLt lock");
         if context.is_none() {
             let mut handle = std::ptr::null_mut();
             // SAFETY: creates a handle, destroyed by LtContext's Drop.
             lt_check("cublasLtCreate", unsafe { lt::cublasLtCreate(&mut handle) })?;
             let workspace = self.alloc(WORKSPACE_BYTES / 2, DType::BF16)?;
-            let ptr = workspace.ptr(&self.stream);
-            *context = Some(LtContext {
-                handle,
-                _workspace: workspace,
-            });
-            let _ = self.tuner.workspace.set(ptr);
+            *context = Some(LtContext { handle, workspace });
         }
-        Ok(context.as_ref().expect("made above").handle)
+        let c = context.as_ref().expect("made above");
+        Ok((c.handle, c.workspace.ptr(&self.stream)))
     }
 
     /// The fastest way to run `shape` on this device: `cublasGemmEx` or one of cuBLASLt's
     /// candidates, each timed [`ROUNDS`] × [`REPEATS`] times on random operands (median round) —
     /// `cublasGemmEx` untimed when the pool has no cached buffers for the operands.
-    fn fastest(&self, handle: lt::cublasLtHandle_t, shape: &GemmShape) -> Result<Candidate> {
+    fn fastest(
+        &self,
+        handle: lt::cublasLtHandle_t,
+        workspace: u64,
+        shape: &GemmShape,
+    ) -> Result<GemmChoice> {
         let scratch = [
             (shape.m * shape.k, shape.inputs),
             (shape.k * shape.n, shape.inputs),
@@ -401,7 +408,7 @@ impl CudaBackend {
         ]
         .map(|(len, dtype)| self.alloc_cached(len, dtype));
         let [Some(mut a), Some(mut b), Some(mut c)] = scratch else {
-            return Ok(Candidate::GemmEx);
+            return Ok(GemmChoice::GemmEx);
         };
         self.fill_random_impl(&mut a, 1, 1.0)?;
         self.fill_random_impl(&mut b, 2, 1.0)?;
@@ -412,18 +419,18 @@ impl CudaBackend {
             c.ptr(&self.stream),
         );
         let beta = if shape.accumulate { 1.0 } else { 0.0 };
-        let run = |cand: &Candidate| match cand {
-            Candidate::GemmEx => self.run_gemm_ex(shape, 1.0, pa, pb, beta, pc),
-            Candidate::Lt(plan) => self.run_lt(plan, 1.0, pa, pb, beta, pc),
-        };
-        let mut candidates = vec![Candidate::GemmEx];
+        let run = |cand: &GemmChoice| self.run_choice(cand, shape, 1.0, pa, pb, beta, pc);
+        let mut candidates = vec![GemmChoice::GemmEx];
         candidates.extend(
-            LtPlan::candidates(handle, shape)?
+            LtPlan::candidates(handle, workspace, shape)?
                 .into_iter()
-                .map(Candidate::Lt),
+                .map(GemmChoice::Lt),
         );
         // A candidate that fails to launch is dropped; warm-up runs first.
         candidates.retain(|cand| run(cand).and_then(|_| run(cand)).is_ok());
+        if candidates.is_empty() {
+            return Ok(GemmChoice::GemmEx);
+        }
         let mut times = vec![Vec::with_capacity(ROUNDS); candidates.len()];
         for _ in 0..ROUNDS {
             let mut events = Vec::with_capacity(candidates.len() + 1);
@@ -449,7 +456,7 @@ impl CudaBackend {
         };
         let best = (0..candidates.len())
             .min_by(|&i, &j| median(&times[i]).total_cmp(&median(&times[j])))
-            .unwrap_or(0);
+            .expect("candidates is not empty");
         Ok(candidates.swap_remove(best))
     }
 

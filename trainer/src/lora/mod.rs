@@ -167,7 +167,7 @@ impl<B: Backend> LoraParams<B> {
         self.current_below = self.current_below.max(layer + 1);
     }
 
-    /// Index in `params` of the first tensor of `layer` or a layer above it (`params.len()` when
+    /// Index in `grads` of the first tensor of `layer` or a layer above it (`grads.len()` when
     /// there is none).
     fn first_tensor_from(&self, layer: usize) -> usize {
         self.slots

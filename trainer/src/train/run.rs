@@ -396,10 +396,6 @@ fn run_loop<B: GradReducer, M: Method<B>>(
         let stats = guard.step(state.step + 1, sums.loss(), || {
             opt.step_scaled(be, &mut lora, lr, &mut scaler, UpdateTiming::InNextForward)
         })?;
-        if state.step == first_step {
-            // Activations are freed here: time each matrix product's algorithms once.
-            be.tune()?;
-        }
         state.step += 1;
         if let Some(d) = dump.as_mut() {
             d.write(state.step, micro.iter().map(M::Data::host))?;
@@ -418,6 +414,11 @@ fn run_loop<B: GradReducer, M: Method<B>>(
             tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             elapsed_s: started.elapsed().as_secs_f64(),
         };
+        if state.step == first_step + 1 {
+            // Activations are freed here: time each matrix product's algorithms once (after the
+            // first step's speed is taken, so it does not count the tuning).
+            be.tune()?;
+        }
         let Some(log) = &mut log else {
             continue;
         };
