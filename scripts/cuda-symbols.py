@@ -6,7 +6,7 @@ headers declare it (#[cfg(any(feature = "cuda-12040", ...))]). A binary built ag
 bindings still runs on a 12.x library when every function it calls exists in 12.x.
 
 Usage: scripts/cuda-symbols.py BINARY [--require-cuda 12040]
-Prints the oldest CUDA version that declares every CUDA function used (driver, cuBLAS, NVRTC) and the
+Prints the oldest CUDA version that declares every CUDA function used (driver, cuBLAS, cuBLASLt, NVRTC) and the
 oldest NCCL; with --require-cuda, exits 1 (naming the functions) when that version lacks one.
 """
 import argparse
@@ -51,7 +51,12 @@ def main():
     data = open(args.binary, "rb").read()
     src = cudarc_src()
     families = {
-        "cuda": ["driver/sys/mod.rs", "cublas/sys/mod.rs", "nvrtc/sys/mod.rs"],
+        "cuda": [
+            "driver/sys/mod.rs",
+            "cublas/sys/mod.rs",
+            "cublaslt/sys/mod.rs",
+            "nvrtc/sys/mod.rs",
+        ],
         "nccl": ["nccl/sys/mod.rs"],
     }
     failed = False

@@ -16,6 +16,7 @@
 //! another order (split-k), so bits can differ from `cublasGemmEx`'s as they do between GPUs.
 //! `FUSELORA_GEMM_TUNING=off` keeps `cublasGemmEx` for every shape.
 
+use super::event_timing::EventClock;
 use super::tensor::CudaTensor;
 use super::{device_err, CudaBackend};
 use crate::{DType, KernelError, Result};
@@ -431,6 +432,7 @@ impl CudaBackend {
         if candidates.is_empty() {
             return Ok(GemmChoice::GemmEx);
         }
+        let clock = EventClock::new("time a gemm")?;
         let mut times = vec![Vec::with_capacity(ROUNDS); candidates.len()];
         for _ in 0..ROUNDS {
             let mut events = Vec::with_capacity(candidates.len() + 1);
@@ -442,11 +444,7 @@ impl CudaBackend {
                 events.push(self.timing_event()?);
             }
             for (t, pair) in times.iter_mut().zip(events.windows(2)) {
-                t.push(
-                    pair[0]
-                        .elapsed_ms(&pair[1])
-                        .map_err(device_err("time a gemm"))?,
-                );
+                t.push(clock.elapsed_ms(&pair[0], &pair[1])?);
             }
         }
         let median = |t: &Vec<f32>| {

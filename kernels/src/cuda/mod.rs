@@ -9,6 +9,7 @@
 
 mod attention;
 pub mod compile;
+mod event_timing;
 mod gemm;
 mod gemm_tuning;
 mod generation;

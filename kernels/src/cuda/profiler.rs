@@ -3,7 +3,8 @@
 //! Off (the default) it costs one mutex check per launch.
 
 use super::device_err;
-use crate::{KernelError, OpTime, Result};
+use super::event_timing::EventClock;
+use crate::{OpTime, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use std::sync::{Arc, Mutex};
@@ -86,60 +87,14 @@ impl Profiler {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let elapsed = event_elapsed_fn()?;
+        let clock = EventClock::new("profile event")?;
         for r in records {
-            r.end.synchronize().map_err(device_err("profile event"))?;
             timed.push((
                 r.name,
-                elapsed_ms(elapsed, &r.start, &r.end)? as f64,
+                clock.elapsed_ms(&r.start, &r.end)? as f64,
                 r.flops,
             ));
         }
         Ok(crate::summarise_op_times(timed))
     }
-}
-
-type ElapsedFn = unsafe extern "C" fn(
-    *mut f32,
-    cudarc::driver::sys::CUevent,
-    cudarc::driver::sys::CUevent,
-) -> cudarc::driver::sys::CUresult;
-
-fn unavailable(what: &str) -> KernelError {
-    KernelError::Device {
-        op: "profile event",
-        message: format!("{what}; profiling needs libcuda's cuEventElapsedTime"),
-    }
-}
-
-/// `cuEventElapsedTime`, looked up in the loaded libcuda by name: every driver exports it, while the
-/// `_v2` that cudarc's CUDA 13 bindings call needs a 12.8+ driver and would narrow the drivers the
-/// binary runs on (scripts/cuda-symbols.py).
-fn event_elapsed_fn() -> Result<ElapsedFn> {
-    // SAFETY: libcuda.so.1 is already loaded by the backend (RTLD_NOLOAD only finds it); the symbol
-    // has this C signature in every CUDA driver.
-    unsafe {
-        let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
-        if lib.is_null() {
-            return Err(unavailable("libcuda.so.1 is not loaded"));
-        }
-        let sym = libc::dlsym(lib, c"cuEventElapsedTime".as_ptr());
-        if sym.is_null() {
-            return Err(unavailable("libcuda.so.1 has no cuEventElapsedTime"));
-        }
-        Ok(std::mem::transmute::<*mut libc::c_void, ElapsedFn>(sym))
-    }
-}
-
-/// Milliseconds between two completed events.
-fn elapsed_ms(f: ElapsedFn, start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
-    let mut ms = 0.0f32;
-    // SAFETY: both events are live, recorded and complete (synchronized by the caller).
-    let status = unsafe { f(&mut ms, start.cu_event(), end.cu_event()) };
-    if status != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
-        return Err(unavailable(&format!(
-            "cuEventElapsedTime failed ({status:?})"
-        )));
-    }
-    Ok(ms)
 }
