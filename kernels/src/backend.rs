@@ -83,6 +83,78 @@ pub enum Nf4Absmax<'a, T, I> {
     },
 }
 
+/// Where a row-major matrix operand of [`Backend::gemm_at`] lies in its tensor: row `i` starts
+/// at element `offset + i · ld` (`ld` at least the stored row's length). LoRA's products read and
+/// write column blocks of a wider matrix this way (`t_q` of `t = x [A_q; A_k; A_v]ᵀ`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MatAt {
+    pub offset: usize,
+    pub ld: usize,
+}
+
+impl MatAt {
+    /// A whole tensor holding a dense matrix whose rows are `cols` long.
+    pub fn dense(cols: usize) -> Self {
+        MatAt {
+            offset: 0,
+            ld: cols,
+        }
+    }
+
+    /// Rows `ld` apart, the first at `offset`.
+    pub fn at(offset: usize, ld: usize) -> Self {
+        MatAt { offset, ld }
+    }
+
+    /// Elements a `rows × cols` matrix laid out this way reaches into its tensor: one past the
+    /// last element (0 for an empty matrix).
+    pub fn extent(self, rows: usize, cols: usize) -> usize {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            self.offset + (rows - 1) * self.ld + cols
+        }
+    }
+
+    /// Checks that a `rows × cols` matrix laid out this way fits a tensor of `len` elements.
+    pub fn check(
+        self,
+        op: &'static str,
+        what: &'static str,
+        rows: usize,
+        cols: usize,
+        len: usize,
+    ) -> Result<()> {
+        if (rows > 1 && self.ld < cols) || self.extent(rows, cols) > len {
+            return Err(crate::KernelError::Layout {
+                op,
+                what,
+                rows,
+                cols,
+                offset: self.offset,
+                ld: self.ld,
+                len,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks [`Backend::gemm_at`]'s three operands against their tensors' lengths.
+pub(crate) fn check_gemm_at(
+    (m, n, k): (usize, usize, usize),
+    (a_at, trans_a, a_len): (MatAt, bool, usize),
+    (b_at, trans_b, b_len): (MatAt, bool, usize),
+    (c_at, c_len): (MatAt, usize),
+) -> Result<()> {
+    let stored = |rows, cols, trans| if trans { (cols, rows) } else { (rows, cols) };
+    let (ar, ac) = stored(m, k, trans_a);
+    let (br, bc) = stored(k, n, trans_b);
+    a_at.check("gemm", "A", ar, ac, a_len)?;
+    b_at.check("gemm", "B", br, bc, b_len)?;
+    c_at.check("gemm", "C", m, n, c_len)
+}
+
 /// The ops a Llama/Mistral decoder needs for LoRA training, each with an explicit backward.
 ///
 /// Conventions: matrices are row-major; `N` is the number of tokens in the batch
@@ -161,15 +233,15 @@ pub trait Backend {
     fn len(&self, t: &Self::Tensor) -> usize;
     /// `dst ← src`, converting dtype (f32 master weights → compute dtype copies).
     fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
-    /// `dst[i] ← src[i]` for every pair, converting dtype: the compute-dtype copies of all LoRA
-    /// weights after an optimizer step. The CUDA backend does f32 → one dtype in one launch.
-    fn copy_many(&self, src: &[Self::Tensor], dst: &mut [Self::Tensor]) -> Result<()> {
-        check_len("copy_many", "dst tensors", dst.len(), src.len())?;
-        for (s, d) in src.iter().zip(dst) {
-            self.copy(s, d)?;
-        }
-        Ok(())
-    }
+    /// `dst[at[i] .. at[i] + len(src[i])] ← src[i]` for every i, converting dtype: one layer's
+    /// LoRA compute copies, which share one tensor. The CUDA backend does f32 → one dtype in one
+    /// launch.
+    fn copy_many_into(
+        &self,
+        src: &[Self::Tensor],
+        dst: &mut Self::Tensor,
+        at: &[usize],
+    ) -> Result<()>;
     /// `t ← 0`.
     fn fill_zero(&self, t: &mut Self::Tensor) -> Result<()>;
     /// `t ← 0` for every tensor of `ts`: all LoRA gradients at the start of a step. The CUDA
@@ -207,10 +279,28 @@ pub trait Backend {
     fn broadcast_rows(&self, row: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
 
     // ---- matrix product -----------------------------------------------------------------------
-    /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` with fp32 accumulation.
+    /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` with fp32 accumulation, each operand a matrix
+    /// inside its tensor ([`MatAt`]: the element row 0 starts at, and the distance between rows).
     /// `op(A)` is `[m,k]`: A is stored `[m,k]`, or `[k,m]` when `trans_a`. `op(B)` is `[k,n]`:
     /// B is stored `[k,n]`, or `[n,k]` when `trans_b` (so `y = x Wᵀ` is `trans_b = true`).
     /// C may have another dtype than A and B (bf16 inputs accumulating into f32 LoRA grads).
+    /// C must not overlap A or B.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_at(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: (&Self::Tensor, MatAt),
+        trans_a: bool,
+        b: (&Self::Tensor, MatAt),
+        trans_b: bool,
+        beta: f32,
+        c: (&mut Self::Tensor, MatAt),
+    ) -> Result<()>;
+
+    /// [`Backend::gemm_at`] on whole tensors, each a dense row-major matrix.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -224,7 +314,25 @@ pub trait Backend {
         trans_b: bool,
         beta: f32,
         c: &mut Self::Tensor,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check_len("gemm", "A", self.len(a), m * k)?;
+        check_len("gemm", "B", self.len(b), k * n)?;
+        check_len("gemm", "C", self.len(c), m * n)?;
+        let a_at = MatAt::dense(if trans_a { m } else { k });
+        let b_at = MatAt::dense(if trans_b { k } else { n });
+        self.gemm_at(
+            m,
+            n,
+            k,
+            alpha,
+            (a, a_at),
+            trans_a,
+            (b, b_at),
+            trans_b,
+            beta,
+            (c, MatAt::dense(n)),
+        )
+    }
 
     // ---- layers ---------------------------------------------------------------------------------
     /// `out[i,:] ← table[ids[i],:]`; table `[vocab, hidden]`, out `[N, hidden]`.

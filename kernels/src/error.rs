@@ -11,6 +11,18 @@ pub enum KernelError {
         got: usize,
         expected: usize,
     },
+    /// A matrix placed inside a tensor ([`crate::MatAt`]) does not fit it: its rows overlap
+    /// (`ld` below the row length) or it reaches past the tensor's end.
+    #[error("{op}: {what} [{rows}×{cols}] at element {offset} with rows {ld} apart does not fit its tensor of {len} elements")]
+    Layout {
+        op: &'static str,
+        what: &'static str,
+        rows: usize,
+        cols: usize,
+        offset: usize,
+        ld: usize,
+        len: usize,
+    },
     /// The device refused an allocation, a launch or a copy.
     #[error("device error in {op}: {message}")]
     Device { op: &'static str, message: String },

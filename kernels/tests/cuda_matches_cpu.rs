@@ -10,7 +10,7 @@ use kernels::cpu::CpuBackend;
 use kernels::cuda::{CudaBackend, CudaIndices, CudaTensor};
 use kernels::nf4::{self, Absmax, AbsmaxBuffers, Nf4Buffers, Nf4Weight, DYNAMIC_MAP};
 use kernels::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, ParkLane, IGNORE_INDEX,
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, MatAt, Nf4Absmax, ParkLane, IGNORE_INDEX,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -298,6 +298,88 @@ fn gemm_matches_for_every_transpose_and_mixed_output() {
                 );
             }
         }
+    }
+}
+
+/// Products on column blocks of wider matrices (LoRA's `t_q` of `t = x [A_q; A_k; A_v]ᵀ`, `u_k`
+/// written into `u = [u_q, u_k, u_v]`) match the CPU's, before and after tuning picks algorithms
+/// for them; C's other columns keep their values.
+#[test]
+fn gemm_on_column_blocks_matches_before_and_after_tuning() {
+    let cpu = CpuBackend::new();
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        let (m, n, k, wide) = (4096, 16, 4096, 32);
+        for round in 0..2 {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (ar, ac) = if ta { (k, m) } else { (m, k) };
+                let (br, bc) = if tb { (n, k) } else { (k, n) };
+                let (a, a_c) = up(&g, &random(ar * (ac + wide), 1, 1.0), d);
+                let (b, b_c) = up(&g, &random(br * (bc + wide), 2, 1.0), d);
+                let c0 = random(m * (n + wide), 3, 1.0);
+                let (mut c, mut c_c) = up(&g, &c0, DType::F32);
+                let (a_at, b_at, c_at) = (
+                    MatAt::at(16, ac + wide),
+                    MatAt::at(8, bc + wide),
+                    MatAt::at(16, n + wide),
+                );
+                g.gemm_at(
+                    m,
+                    n,
+                    k,
+                    0.5,
+                    (&a, a_at),
+                    ta,
+                    (&b, b_at),
+                    tb,
+                    1.0,
+                    (&mut c, c_at),
+                )
+                .unwrap();
+                cpu.gemm_at(
+                    m,
+                    n,
+                    k,
+                    0.5,
+                    (&a_c, a_at),
+                    ta,
+                    (&b_c, b_at),
+                    tb,
+                    1.0,
+                    (&mut c_c, c_at),
+                )
+                .unwrap();
+                let got = g.download(&c).unwrap();
+                check(
+                    &format!("gemm_at ta={ta} tb={tb} round {round}"),
+                    d,
+                    &got,
+                    &c_c,
+                );
+                for r in 0..m {
+                    for j in (0..16).chain(16 + n..n + wide) {
+                        assert_eq!(got[r * (n + wide) + j], c0[r * (n + wide) + j]);
+                    }
+                }
+            }
+            g.tune().unwrap();
+        }
+        let err = g
+            .gemm_at(
+                8,
+                8,
+                8,
+                1.0,
+                (&g.zeros(64, d).unwrap(), MatAt::at(1, 8)),
+                false,
+                (&g.zeros(64, d).unwrap(), MatAt::dense(8)),
+                false,
+                0.0,
+                (&mut g.zeros(64, DType::F32).unwrap(), MatAt::dense(8)),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not fit"), "{err}");
     }
 }
 
@@ -886,10 +968,11 @@ fn groups_fetched_right_after_parking_and_host_embedding_rows_are_exact() {
     );
 }
 
-/// The LoRA compute copies in one launch equal one copy per tensor, bit for bit, for every
-/// destination dtype; mixed dtypes take the per-tensor path.
+/// The compute copies of one layer's LoRA weights, written into one tensor at given offsets in one
+/// launch, bit for bit as one copy each, in every destination dtype; the elements between the
+/// places keep their values; 16-bit sources take the per-tensor path.
 #[test]
-fn copy_many_equals_one_copy_per_tensor() {
+fn copy_many_into_equals_one_copy_per_tensor() {
     let Some(g) = gpu(DType::BF16) else { return };
     let sizes = [4096 * 16, 16 * 11008, 3, 1 << 20, 7];
     let src: Vec<CudaTensor> = sizes
@@ -900,26 +983,48 @@ fn copy_many_equals_one_copy_per_tensor() {
                 .unwrap()
         })
         .collect();
+    // Each tensor 5 elements after the previous one ends.
+    let at: Vec<usize> = sizes
+        .iter()
+        .scan(5, |next, &n| {
+            let start = *next;
+            *next += n + 5;
+            Some(start)
+        })
+        .collect();
+    let total = at[sizes.len() - 1] + sizes[sizes.len() - 1] + 5;
+    let filler = random(total, 66, 1.0);
     for to in [DType::BF16, DType::F16, DType::F32] {
-        let mut many: Vec<CudaTensor> = sizes.iter().map(|&n| g.zeros(n, to).unwrap()).collect();
-        g.copy_many(&src, &mut many).unwrap();
-        for (s, got) in src.iter().zip(&many) {
+        let mut dst = g.upload(&filler, to).unwrap();
+        let before = g.download(&dst).unwrap();
+        g.copy_many_into(&src, &mut dst, &at).unwrap();
+        let got = g.download(&dst).unwrap();
+        let mut want = before.clone();
+        for (s, &start) in src.iter().zip(&at) {
             let mut one = g.zeros(s.len(), to).unwrap();
             g.copy(s, &mut one).unwrap();
-            let (a, b) = (g.download(got).unwrap(), g.download(&one).unwrap());
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "copy_many to {to:?} differs from copy ({} elements)",
-                s.len()
-            );
+            want[start..start + s.len()].copy_from_slice(&g.download(&one).unwrap());
         }
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "copy_many_into to {to:?} differs from one copy each"
+        );
     }
-    let mut mixed = vec![
-        g.zeros(sizes[0], DType::BF16).unwrap(),
-        g.zeros(sizes[1], DType::F32).unwrap(),
-    ];
-    g.copy_many(&src[..2], &mut mixed).unwrap();
-    assert_eq!(g.download(&mixed[1]).unwrap(), g.download(&src[1]).unwrap());
+    let halves: Vec<CudaTensor> = src[..2]
+        .iter()
+        .map(|s| {
+            let mut h = g.zeros(s.len(), DType::BF16).unwrap();
+            g.copy(s, &mut h).unwrap();
+            h
+        })
+        .collect();
+    let mut dst = g.zeros(total, DType::F32).unwrap();
+    g.copy_many_into(&halves, &mut dst, &at[..2]).unwrap();
+    let got = g.download(&dst).unwrap();
+    let h1 = g.download(&halves[1]).unwrap();
+    assert_eq!(&got[at[1]..at[1] + sizes[1]], &h1[..]);
 }
 
 /// All gradients zeroed in one launch: every element of every tensor, whatever its size; a list

@@ -233,7 +233,7 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         .map(|_| random_batch(be, &config, spec, &mut rng))
         .collect::<Result<Vec<_>>>()?;
     let targets: usize = batches.iter().map(|b| b.n_targets).sum();
-    be.download(&lora.compute[0])?; // waits for the setup's queued work
+    be.download(&lora.grads[0])?; // waits for the setup's queued work
     let (setup_peak, setup_reserved) = (be.peak_memory_bytes(), be.reserved_peak_bytes());
     let mut times = Vec::with_capacity(spec.steps);
     let mut final_loss = 0.0;
@@ -264,9 +264,9 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
             &mut scaler,
             UpdateTiming::InNextForward,
         )?;
-        // Reading a weight back waits for the step's queued work, so the time is the whole step's:
-        // its forward (with the previous step's update), backward and gradient norm.
-        be.download(&lora.compute[0])?;
+        // Reading a gradient back waits for the step's queued work, so the time is the whole
+        // step's: its forward (with the previous step's update), backward and gradient norm.
+        be.download(&lora.grads[0])?;
         if i == 0 {
             // As the training loop after its first step: each product's algorithm is timed once.
             be.tune()?;

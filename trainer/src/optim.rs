@@ -329,7 +329,7 @@ impl<B: Backend> AdamW<B> {
             pending.step,
             pending.clip_coef,
         )?;
-        be.copy_many(&p, &mut lora.compute[range.clone()])?;
+        lora.refresh_layer_compute(be, group.layer, &p)?;
         if pending.zero_grads {
             be.fill_zero_many(&mut lora.grads[range.clone()])?;
         }

@@ -13,6 +13,7 @@
 //! `[85, 576]` = `dz [85, 49152] · W`, whose narrow tiles would each re-pack all of A) is split
 //! over k instead: `C = β·C + α·Σ_j A_j B_j`, the partial products summed in chunk order.
 
+use crate::MatAt;
 use rayon::prelude::*;
 
 /// Rows and columns of C per parallel task at most (multiples of every `gemm` micro-kernel size).
@@ -77,6 +78,16 @@ impl<'a> MatRef<'a> {
     /// A dense row-major `rows × cols` matrix.
     pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Self::new(data, rows, cols, cols, 1)
+    }
+
+    /// A row-major `rows × cols` matrix placed in `data` as `at` says.
+    pub fn placed(data: &'a [f32], at: MatAt, rows: usize, cols: usize) -> Self {
+        let data = if at.extent(rows, cols) == 0 {
+            &data[..0]
+        } else {
+            &data[at.offset..]
+        };
+        Self::new(data, rows, cols, at.ld, 1)
     }
 
     /// The transposed view.
@@ -205,8 +216,8 @@ impl TileTarget {
     }
 }
 
-/// `C[m,n] ← alpha · op(A) · op(B) + beta · C` on row-major f32 slices (see `Backend::gemm`),
-/// over all threads.
+/// `C[m,n] ← alpha · op(A) · op(B) + beta · C` on dense row-major f32 slices (see
+/// `Backend::gemm`), over all threads.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_f32(
     m: usize,
@@ -220,17 +231,53 @@ pub fn gemm_f32(
     beta: f32,
     c: &mut [f32],
 ) {
+    let a_at = MatAt::dense(if trans_a { m } else { k });
+    let b_at = MatAt::dense(if trans_b { k } else { n });
+    gemm_f32_at(
+        m,
+        n,
+        k,
+        alpha,
+        (a, a_at),
+        trans_a,
+        (b, b_at),
+        trans_b,
+        beta,
+        (c, MatAt::dense(n)),
+    )
+}
+
+/// [`gemm_f32`] on matrices inside slices (see `Backend::gemm_at`); panics when one does not fit
+/// its slice (the backend checks first).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32_at(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    (a, a_at): (&[f32], MatAt),
+    trans_a: bool,
+    (b, b_at): (&[f32], MatAt),
+    trans_b: bool,
+    beta: f32,
+    (c, c_at): (&mut [f32], MatAt),
+) {
     let a = if trans_a {
-        MatRef::row_major(a, k, m).t()
+        MatRef::placed(a, a_at, k, m).t()
     } else {
-        MatRef::row_major(a, m, k)
+        MatRef::placed(a, a_at, m, k)
     };
     let b = if trans_b {
-        MatRef::row_major(b, n, k).t()
+        MatRef::placed(b, b_at, n, k).t()
     } else {
-        MatRef::row_major(b, k, n)
+        MatRef::placed(b, b_at, k, n)
     };
-    let c = MatMut::row_major(c, m, n);
+    let c_data = if c_at.extent(m, n) == 0 {
+        &mut c[..0]
+    } else {
+        &mut c[c_at.offset..]
+    };
+    let c = MatMut::new(c_data, m, n, c_at.ld, 1);
     let k_chunks = if k >= DEEP * m.max(n) {
         MIN_TASKS.min(k / MIN_K_CHUNK)
     } else {
@@ -257,6 +304,7 @@ fn gemm_tiles(
     if row_tiles * col_tiles <= 1 {
         return gemm_view(alpha, a, b, beta, c);
     }
+    let c_rows_apart = c.row_stride;
     let target = TileTarget(c.data.as_mut_ptr());
     (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
         let (r0, c0) = ((t / col_tiles) * rows, (t % col_tiles) * cols);
@@ -265,18 +313,19 @@ fn gemm_tiles(
             data: &mut [],
             rows: tile_rows,
             cols: tile_cols,
-            row_stride: n,
+            row_stride: c_rows_apart,
             col_stride: 1,
         };
-        // SAFETY: tile t covers rows r0..r0+tile_rows, columns c0..c0+tile_cols of the m×n
-        // row-major C (inside it: checked by `MatMut::row_major`), and the tiles do not overlap.
+        // SAFETY: tile t covers rows r0..r0+tile_rows, columns c0..c0+tile_cols of the m×n C
+        // (inside its slice: checked by `MatMut::new`; C's columns are adjacent), and the tiles
+        // do not overlap.
         unsafe {
             gemm_raw(
                 alpha,
                 a.block(r0, tile_rows, 0, k),
                 b.block(0, k, c0, tile_cols),
                 beta,
-                target.ptr().add(r0 * n + c0),
+                target.ptr().add(r0 * c_rows_apart + c0),
                 &tile,
             )
         }
@@ -392,6 +441,59 @@ mod tests {
                     .map(|p| store_a[i * 8 + 2 * p] * store_b[p * 3 + j])
                     .sum();
                 assert!((c[i * 3 + j] - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    /// Copies the `rows × cols` block at column `c0` of a row-major matrix with `ld` columns.
+    fn block_of(data: &[f32], ld: usize, rows: usize, c0: usize, cols: usize) -> Vec<f32> {
+        (0..rows)
+            .flat_map(|r| data[r * ld + c0..r * ld + c0 + cols].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn column_blocks_of_wider_matrices_multiply_like_their_copies() {
+        // Each operand is the block at column 3 of a matrix 7 columns wider; C's other columns
+        // keep their values. 300 rows span two tiles.
+        let (m, n, k, wide) = (300, 20, 16, 7);
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (ar, ac) = if ta { (k, m) } else { (m, k) };
+            let (br, bc) = if tb { (n, k) } else { (k, n) };
+            let a = random(ar * (ac + wide), 1);
+            let b = random(br * (bc + wide), 2);
+            let c0 = random(m * (n + wide), 3);
+            let mut c = c0.clone();
+            gemm_f32_at(
+                m,
+                n,
+                k,
+                0.5,
+                (&a, MatAt::at(3, ac + wide)),
+                ta,
+                (&b, MatAt::at(3, bc + wide)),
+                tb,
+                1.0,
+                (&mut c, MatAt::at(3, n + wide)),
+            );
+            let mut want = block_of(&c0, n + wide, m, 3, n);
+            gemm_f32(
+                m,
+                n,
+                k,
+                0.5,
+                &block_of(&a, ac + wide, ar, 3, ac),
+                ta,
+                &block_of(&b, bc + wide, br, 3, bc),
+                tb,
+                1.0,
+                &mut want,
+            );
+            assert_eq!(block_of(&c, n + wide, m, 3, n), want, "ta={ta} tb={tb}");
+            for r in 0..m {
+                for j in (0..3).chain(3 + n..n + wide) {
+                    assert_eq!(c[r * (n + wide) + j], c0[r * (n + wide) + j]);
+                }
             }
         }
     }

@@ -20,11 +20,14 @@ mod rope;
 mod swiglu;
 
 pub use attention::{attention_backward_f32, attention_forward_f32};
-pub use matmul::gemm_f32;
+pub use matmul::{gemm_f32, gemm_f32_at};
 
+use crate::backend::check_gemm_at;
 use crate::error::{check_len, check_rows};
 use crate::nf4::{Nf4Buffers, Nf4Weight};
-use crate::{AdamWParams, AttentionLayout, Backend, CeGrad, DType, Nf4Absmax, ParkLane, Result};
+use crate::{
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, MatAt, Nf4Absmax, ParkLane, Result,
+};
 use profile::timed;
 
 /// The f32 reference backend.
@@ -88,6 +91,15 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn copy_many_into(&self, src: &[Vec<f32>], dst: &mut Vec<f32>, at: &[usize]) -> Result<()> {
+        check_len("copy_many_into", "offsets", at.len(), src.len())?;
+        for (s, &start) in src.iter().zip(at) {
+            MatAt::at(start, s.len()).check("copy_many_into", "src", 1, s.len(), dst.len())?;
+            dst[start..start + s.len()].copy_from_slice(s);
+        }
+        Ok(())
+    }
+
     fn fill_zero(&self, t: &mut Vec<f32>) -> Result<()> {
         t.fill(0.0);
         Ok(())
@@ -121,22 +133,25 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn gemm(
+    fn gemm_at(
         &self,
         m: usize,
         n: usize,
         k: usize,
         alpha: f32,
-        a: &Vec<f32>,
+        (a, a_at): (&Vec<f32>, MatAt),
         trans_a: bool,
-        b: &Vec<f32>,
+        (b, b_at): (&Vec<f32>, MatAt),
         trans_b: bool,
         beta: f32,
-        c: &mut Vec<f32>,
+        (c, c_at): (&mut Vec<f32>, MatAt),
     ) -> Result<()> {
-        check_len("gemm", "A", a.len(), m * k)?;
-        check_len("gemm", "B", b.len(), k * n)?;
-        check_len("gemm", "C", c.len(), m * n)?;
+        check_gemm_at(
+            (m, n, k),
+            (a_at, trans_a, a.len()),
+            (b_at, trans_b, b.len()),
+            (c_at, c.len()),
+        )?;
         let describe = || {
             let op = if m.min(n).min(k) <= 64 {
                 "gemm, one side ≤ 64 (LoRA)".to_string()
@@ -146,7 +161,18 @@ impl Backend for CpuBackend {
             (op, 2.0 * (m * n * k) as f64)
         };
         timed(describe, || {
-            gemm_f32(m, n, k, alpha, a, trans_a, b, trans_b, beta, c)
+            gemm_f32_at(
+                m,
+                n,
+                k,
+                alpha,
+                (a, a_at),
+                trans_a,
+                (b, b_at),
+                trans_b,
+                beta,
+                (c, c_at),
+            )
         });
         Ok(())
     }

@@ -27,8 +27,28 @@ fn op(trans: bool) -> cublasOperation_t {
     }
 }
 
+/// One operand of [`CudaBackend::gemm_raw`]: the device address of its first element, its dtype
+/// and the elements between its rows (row-major).
+#[derive(Clone, Copy)]
+pub(crate) struct Operand {
+    pub ptr: u64,
+    pub dtype: DType,
+    pub ld: usize,
+}
+
+impl Operand {
+    /// A dense row-major matrix with rows `cols` long at `ptr`.
+    pub fn dense(ptr: u64, dtype: DType, cols: usize) -> Self {
+        Operand {
+            ptr,
+            dtype,
+            ld: cols,
+        }
+    }
+}
+
 impl CudaBackend {
-    /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` on raw device addresses with their dtypes.
+    /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` on raw device operands.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_raw(
         &self,
@@ -36,25 +56,25 @@ impl CudaBackend {
         n: usize,
         k: usize,
         alpha: f32,
-        a: (u64, DType),
+        a: Operand,
         trans_a: bool,
-        b: (u64, DType),
+        b: Operand,
         trans_b: bool,
         beta: f32,
-        c: (u64, DType),
+        c: Operand,
     ) -> Result<()> {
-        if a.1 != b.1 {
+        if a.dtype != b.dtype {
             return Err(KernelError::Unsupported(format!(
                 "gemm: A is {} but B is {}; copy one to the other's dtype first",
-                a.1.name(),
-                b.1.name()
+                a.dtype.name(),
+                b.dtype.name()
             )));
         }
-        if c.1 != DType::F32 && c.1 != a.1 {
+        if c.dtype != DType::F32 && c.dtype != a.dtype {
             return Err(KernelError::Unsupported(format!(
                 "gemm: C is {} but the inputs are {}; C must be f32 or the inputs' dtype",
-                c.1.name(),
-                a.1.name()
+                c.dtype.name(),
+                a.dtype.name()
             )));
         }
         if m == 0 || n == 0 {
@@ -66,9 +86,11 @@ impl CudaBackend {
             k,
             trans_a,
             trans_b,
-            inputs: a.1,
-            output: c.1,
+            inputs: a.dtype,
+            output: c.dtype,
             accumulate: beta != 0.0,
+            lds: [a.ld, b.ld, c.ld],
+            aligned: [a.ptr, b.ptr, c.ptr].iter().all(|p| p % 16 == 0),
         };
         let name = || {
             let t = |x: bool| if x { 'T' } else { 'N' };
@@ -76,7 +98,7 @@ impl CudaBackend {
                 "gemm {m}x{n}x{k} {}{} {}",
                 t(trans_a),
                 t(trans_b),
-                c.1.name()
+                c.dtype.name()
             )
         };
         self.timed(
@@ -84,8 +106,12 @@ impl CudaBackend {
             || 2.0 * m as f64 * n as f64 * k as f64,
             || {
                 let mut choices = self.tuner.choices.lock().expect("gemm choices lock");
-                let choice = choices.entry(shape).or_insert(GemmChoice::Untuned);
-                self.run_choice(choice, &shape, alpha, a.0, b.0, beta, c.0)
+                let choice = choices.entry(shape).or_insert(if shape.aligned {
+                    GemmChoice::Untuned
+                } else {
+                    GemmChoice::GemmEx
+                });
+                self.run_choice(choice, &shape, alpha, a.ptr, b.ptr, beta, c.ptr)
             },
         )
     }
@@ -107,10 +133,9 @@ impl CudaBackend {
             k,
             trans_a,
             trans_b,
+            lds: [ld_a, ld_b, ld_c],
             ..
         } = *shape;
-        let lda = if trans_b { k } else { n };
-        let ldb = if trans_a { m } else { k };
         // SAFETY: the caller's addresses hold the operands of `shape` in their dtypes.
         unsafe {
             cudarc::cublas::result::gemm_ex(
@@ -123,14 +148,14 @@ impl CudaBackend {
                 (&alpha) as *const f32 as *const _,
                 b as *const _,
                 cuda_type(shape.inputs),
-                lda as i32,
+                ld_b as i32,
                 a as *const _,
                 cuda_type(shape.inputs),
-                ldb as i32,
+                ld_a as i32,
                 (&beta) as *const f32 as *const _,
                 c as *mut _,
                 cuda_type(shape.output),
-                n as i32,
+                ld_c as i32,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )

@@ -45,6 +45,31 @@ pub(crate) struct GemmShape {
     pub output: DType,
     /// `beta ≠ 0`: C is read and accumulated into.
     pub accumulate: bool,
+    /// Elements between rows of A, B and C as stored (row-major).
+    pub lds: [usize; 3],
+    /// Every operand's address is a multiple of 16 bytes. cuBLASLt's heuristics assume so (an
+    /// operand inside a wider tensor may not be), so only such shapes are tuned; the others run
+    /// `cublasGemmEx` from the start (it checks alignment on each call).
+    pub aligned: bool,
+}
+
+impl GemmShape {
+    /// Elements each operand (A, B, C) spans from its first: what a scratch copy needs.
+    fn extents(&self) -> [usize; 3] {
+        let stored = |rows, cols, trans| if trans { (cols, rows) } else { (rows, cols) };
+        let span = |(rows, cols): (usize, usize), ld: usize| {
+            if rows == 0 || cols == 0 {
+                0
+            } else {
+                (rows - 1) * ld + cols
+            }
+        };
+        [
+            span(stored(self.m, self.k, self.trans_a), self.lds[0]),
+            span(stored(self.k, self.n, self.trans_b), self.lds[1]),
+            span((self.m, self.n), self.lds[2]),
+        ]
+    }
 }
 
 /// How a shape's products run (and, while tuning, one candidate way).
@@ -178,14 +203,15 @@ impl Described {
                     ),
                 )?;
             }
-            for (slot, (dtype, (r, c))) in d.layouts.iter_mut().zip([
-                (s.inputs, first),
-                (s.inputs, second),
-                (s.output, (rows, cols)),
+            let [ld_a, ld_b, ld_c] = s.lds;
+            for (slot, (dtype, (r, c), ld)) in d.layouts.iter_mut().zip([
+                (s.inputs, first, ld_b),
+                (s.inputs, second, ld_a),
+                (s.output, (rows, cols), ld_c),
             ]) {
                 lt_check(
                     "matrix layout",
-                    lt::cublasLtMatrixLayoutCreate(slot, lt_type(dtype), r, c, r as i64),
+                    lt::cublasLtMatrixLayoutCreate(slot, lt_type(dtype), r, c, ld as i64),
                 )?;
             }
         }
@@ -402,10 +428,11 @@ impl CudaBackend {
         workspace: u64,
         shape: &GemmShape,
     ) -> Result<GemmChoice> {
+        let [a_len, b_len, c_len] = shape.extents();
         let scratch = [
-            (shape.m * shape.k, shape.inputs),
-            (shape.k * shape.n, shape.inputs),
-            (shape.m * shape.n, shape.output),
+            (a_len, shape.inputs),
+            (b_len, shape.inputs),
+            (c_len, shape.output),
         ]
         .map(|(len, dtype)| self.alloc_cached(len, dtype));
         let [Some(mut a), Some(mut b), Some(mut c)] = scratch else {

@@ -3,6 +3,7 @@
 //! into log-probabilities and the logit gradient `dz` (compute dtype), and cuBLAS adds nothing
 //! but writes `dh = dz W` for those rows. Only `[chunk, vocab]` logits ever exist.
 
+use super::gemm::Operand;
 use super::launch::Arg;
 use super::{suffix, CudaBackend, CudaIndices, CudaTensor};
 use crate::error::check_len;
@@ -99,12 +100,12 @@ impl CudaBackend {
                 vocab,
                 hidden_dim,
                 1.0,
-                (h_chunk, dt),
+                Operand::dense(h_chunk, dt, hidden_dim),
                 false,
-                (w_ptr, dt),
+                Operand::dense(w_ptr, dt, hidden_dim),
                 true,
                 0.0,
-                (logits.ptr(&self.stream), DType::F32),
+                Operand::dense(logits.ptr(&self.stream), DType::F32, vocab),
             )?;
             let args = [
                 self.p(&logits),
@@ -135,12 +136,12 @@ impl CudaBackend {
                     hidden_dim,
                     vocab,
                     alpha,
-                    (dz_ptr, dt),
+                    Operand::dense(dz_ptr, dt, vocab),
                     false,
-                    (w_ptr, dt),
+                    Operand::dense(w_ptr, dt, hidden_dim),
                     false,
                     0.0,
-                    (dh_chunk, dh_dt),
+                    Operand::dense(dh_chunk, dh_dt, hidden_dim),
                 )?;
             }
         }

@@ -25,14 +25,16 @@ mod tensor;
 pub use offload::CudaParked;
 pub use tensor::{CudaIndices, CudaTensor};
 
+use crate::backend::check_gemm_at;
 use crate::error::{check_len, check_rows};
 use crate::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, Nf4Absmax, OpTime, ParkLane,
-    Result,
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, MatAt, Nf4Absmax, OpTime,
+    ParkLane, Result,
 };
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nvrtc::Ptx;
+use gemm::Operand;
 use launch::{blocks_for, blocks_for_chunks_of_8, Arg, Kernels};
 use profiler::Profiler;
 use rayon::prelude::*;
@@ -513,8 +515,8 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn copy_many(&self, src: &[CudaTensor], dst: &mut [CudaTensor]) -> Result<()> {
-        self.copy_many_impl(src, dst)
+    fn copy_many_into(&self, src: &[CudaTensor], dst: &mut CudaTensor, at: &[usize]) -> Result<()> {
+        self.copy_many_into_impl(src, dst, at)
     }
 
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
@@ -581,33 +583,42 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn gemm(
+    fn gemm_at(
         &self,
         m: usize,
         n: usize,
         k: usize,
         alpha: f32,
-        a: &CudaTensor,
+        (a, a_at): (&CudaTensor, MatAt),
         trans_a: bool,
-        b: &CudaTensor,
+        (b, b_at): (&CudaTensor, MatAt),
         trans_b: bool,
         beta: f32,
-        c: &mut CudaTensor,
+        (c, c_at): (&mut CudaTensor, MatAt),
     ) -> Result<()> {
-        check_len("gemm", "A", a.len(), m * k)?;
-        check_len("gemm", "B", b.len(), k * n)?;
-        check_len("gemm", "C", c.len(), m * n)?;
+        check_gemm_at(
+            (m, n, k),
+            (a_at, trans_a, a.len()),
+            (b_at, trans_b, b.len()),
+            (c_at, c.len()),
+        )?;
+        let operand = |t: &CudaTensor, at: MatAt| Operand {
+            ptr: t.ptr(&self.stream) + (at.offset * t.dtype.size_bytes()) as u64,
+            dtype: t.dtype,
+            ld: at.ld,
+        };
+        let c_operand = operand(c, c_at);
         self.gemm_raw(
             m,
             n,
             k,
             alpha,
-            (a.ptr(&self.stream), a.dtype),
+            operand(a, a_at),
             trans_a,
-            (b.ptr(&self.stream), b.dtype),
+            operand(b, b_at),
             trans_b,
             beta,
-            (c.ptr(&self.stream), c.dtype),
+            c_operand,
         )
     }
 

@@ -2,7 +2,7 @@
 //! reduce.cu): the tensors' addresses and first flat indices go to the device as small tables, so
 //! AdamW, the global gradient norm and the finiteness check are one launch each.
 
-use super::launch::{blocks_for, Arg};
+use super::launch::{blocks_for, blocks_for_chunks_of_8, Arg};
 use super::{CudaBackend, CudaTensor};
 use crate::error::check_len;
 use crate::{AdamWParams, DType, KernelError, Result};
@@ -101,22 +101,37 @@ impl CudaBackend {
         Ok(host[0])
     }
 
-    /// `dst[i] ← src[i]`: one `cast_multi_f32_<d>` launch when every source is f32 and every
-    /// destination has one dtype (the LoRA compute copies), else one copy per pair.
-    pub(crate) fn copy_many_impl(&self, src: &[CudaTensor], dst: &mut [CudaTensor]) -> Result<()> {
-        check_len("copy_many", "dst tensors", dst.len(), src.len())?;
-        for (s, d) in src.iter().zip(dst.iter()) {
-            check_len("copy_many", "dst", d.len(), s.len())?;
+    /// `dst[at[i]..] ← src[i]` for every i: one `cast_multi_f32_<dst>` launch when every source
+    /// is f32 (the LoRA masters), else one `cast_<src>_<dst>` each.
+    pub(crate) fn copy_many_into_impl(
+        &self,
+        src: &[CudaTensor],
+        dst: &mut CudaTensor,
+        at: &[usize],
+    ) -> Result<()> {
+        check_len("copy_many_into", "offsets", at.len(), src.len())?;
+        for (s, &start) in src.iter().zip(at) {
+            crate::MatAt::at(start, s.len()).check(
+                "copy_many_into",
+                "src",
+                1,
+                s.len(),
+                dst.len(),
+            )?;
         }
-        let Some(first) = dst.first() else {
-            return Ok(());
-        };
-        let to = first.dtype;
-        let batched =
-            src.iter().all(|s| s.dtype == DType::F32) && dst.iter().all(|d| d.dtype == to);
-        if !batched {
-            for (s, d) in src.iter().zip(dst) {
-                crate::Backend::copy(self, s, d)?;
+        let base = dst.ptr(&self.stream);
+        let size = dst.dtype.size_bytes() as u64;
+        let places: Vec<u64> = at.iter().map(|&a| base + a as u64 * size).collect();
+        if !src.iter().all(|s| s.dtype == DType::F32) {
+            for (s, &place) in src.iter().zip(&places) {
+                let name = format!(
+                    "cast_{}_{}",
+                    super::suffix(s.dtype),
+                    super::suffix(dst.dtype)
+                );
+                let n = s.len();
+                let args = [self.p(s), Arg::Ptr(place), Arg::U64(n as u64)];
+                self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)?;
             }
             return Ok(());
         }
@@ -124,8 +139,8 @@ impl CudaBackend {
             return Ok(());
         }
         let (starts, total) = self.starts_table(src)?;
-        let (src_ptrs, dst_ptrs) = (self.address_table(src)?, self.address_table(dst)?);
-        let name = format!("cast_multi_f32_{}", super::suffix(to));
+        let (src_ptrs, dst_ptrs) = (self.address_table(src)?, self.table_u64(&places)?);
+        let name = format!("cast_multi_f32_{}", super::suffix(dst.dtype));
         let args = [
             Arg::Ptr(src_ptrs.device_ptr(&self.stream).0),
             Arg::Ptr(dst_ptrs.device_ptr(&self.stream).0),

@@ -89,11 +89,7 @@ impl Profiler {
         }
         let clock = EventClock::new("profile event")?;
         for r in records {
-            timed.push((
-                r.name,
-                clock.elapsed_ms(&r.start, &r.end)? as f64,
-                r.flops,
-            ));
+            timed.push((r.name, clock.elapsed_ms(&r.start, &r.end)? as f64, r.flops));
         }
         Ok(crate::summarise_op_times(timed))
     }

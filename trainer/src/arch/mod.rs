@@ -12,4 +12,4 @@ pub mod validate;
 
 pub use config::ModelConfig;
 pub use family::{Family, LayerKind, FAMILIES};
-pub use projection::{Block, HeadNorm, Projection};
+pub use projection::{Block, HeadNorm, InputGroup, Projection};

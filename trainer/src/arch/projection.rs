@@ -35,6 +35,16 @@ impl Projection {
         Projection::Down,
     ];
 
+    /// The projections that read the same input as this one.
+    pub fn input_group(self) -> InputGroup {
+        match self {
+            Projection::Q | Projection::K | Projection::V => InputGroup::Qkv,
+            Projection::O => InputGroup::O,
+            Projection::Gate | Projection::Up => InputGroup::GateUp,
+            Projection::Down => InputGroup::Down,
+        }
+    }
+
     /// Position in [`Projection::ALL`].
     pub fn index(self) -> usize {
         Projection::ALL.iter().position(|&p| p == self).unwrap()
@@ -93,6 +103,42 @@ impl Projection {
             Projection::O => (c.hidden_size, c.q_dim()),
             Projection::Gate | Projection::Up => (c.intermediate_size, c.hidden_size),
             Projection::Down => (c.hidden_size, c.intermediate_size),
+        }
+    }
+}
+
+/// Projections that read one input: q, k and v the normed layer input, gate and up the normed
+/// residual; o and down each their own. LoRA's `x Aᵀ` of a group is one product with the
+/// members' A stacked (`t = x [A_q; A_k; A_v]ᵀ`), and so is its `dx += s · u [A_q; A_k; A_v]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputGroup {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+impl InputGroup {
+    /// In the order of the forward pass.
+    pub const ALL: [InputGroup; 4] = [
+        InputGroup::Qkv,
+        InputGroup::O,
+        InputGroup::GateUp,
+        InputGroup::Down,
+    ];
+
+    /// Position in [`InputGroup::ALL`].
+    pub fn index(self) -> usize {
+        InputGroup::ALL.iter().position(|&g| g == self).unwrap()
+    }
+
+    /// The projections of the group, in [`Projection::ALL`] order.
+    pub fn members(self) -> &'static [Projection] {
+        match self {
+            InputGroup::Qkv => &[Projection::Q, Projection::K, Projection::V],
+            InputGroup::O => &[Projection::O],
+            InputGroup::GateUp => &[Projection::Gate, Projection::Up],
+            InputGroup::Down => &[Projection::Down],
         }
     }
 }

@@ -2,12 +2,14 @@
 //! `A [r, in]`, `B [out, r]` trainable and `s = lora_alpha / r` (or `lora_alpha / sqrt(r)` with rsLoRA).
 //!
 //! - [`LoraConfig`]: rank, alpha, targets (PEFT's `adapter_config.json` fields).
-//! - [`LoraParams`]: every A and B of a model as f32 master tensors, with gradients, in PEFT's order.
+//! - [`LoraParams`]: every A and B of a model as f32 master tensors, with gradients, in PEFT's
+//!   order, and each layer's compute-dtype copies in one tensor, the A of projections that read
+//!   one input stacked ([`InputGroup`]).
 //! - [`peft`]: reading and writing PEFT adapter folders.
 
 pub mod peft;
 
-use crate::arch::{ModelConfig, Projection};
+use crate::arch::{InputGroup, ModelConfig, Projection};
 use anyhow::{bail, Result};
 use kernels::{Backend, DType};
 
@@ -42,11 +44,34 @@ pub struct LoraSlot {
     pub a: usize,
     pub rank: usize,
     pub scaling: f32,
+    /// Position among its input group's adapted projections: its `t = x Aᵀ` is columns
+    /// `member · rank ..` of the group's `x A_groupᵀ`.
+    pub member: usize,
+    /// Offset of B's compute copy `[out, r]` in the layer's compute tensor.
+    pub b_at: usize,
+}
+
+/// Where an input group's stacked A lives: rows `[members · rank, in]` at `a_at` of the layer's
+/// compute tensor (each member's A in turn, [`Projection::ALL`] order).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupSlot {
+    pub a_at: usize,
+    pub members: usize,
+    pub rank: usize,
+    pub scaling: f32,
+}
+
+impl GroupSlot {
+    /// Columns of the group's `t = x A_groupᵀ` (and of `u = dy B` stacked alike).
+    pub fn width(&self) -> usize {
+        self.members * self.rank
+    }
 }
 
 /// All LoRA tensors of a model: f32 masters, compute-dtype copies for the GEMMs, f32 gradients.
 /// Order: layer by layer, projections in [`Projection::ALL`] order, A then B — a layer's tensors are
-/// contiguous, so its gradients can be reduced as soon as its backward ends.
+/// contiguous, so its gradients can be reduced as soon as its backward ends. The compute copies
+/// are one tensor, layer by layer: per input group, the members' A stacked, then their B.
 pub struct LoraParams<B: Backend> {
     pub config: LoraConfig,
     /// PEFT keys, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
@@ -54,11 +79,16 @@ pub struct LoraParams<B: Backend> {
     /// `[rows, cols]` of each tensor.
     pub shapes: Vec<[usize; 2]>,
     pub params: Vec<B::Tensor>,
-    /// `params` rounded to the backend's compute dtype; refreshed by [`LoraParams::sync_compute`].
-    pub compute: Vec<B::Tensor>,
+    /// `params` rounded to the backend's compute dtype, in one tensor (`None` without adapters);
+    /// refreshed by [`LoraParams::sync_compute`].
+    pub compute: Option<B::Tensor>,
+    /// Offset of each tensor's copy in `compute`.
+    compute_at: Vec<usize>,
     pub grads: Vec<B::Tensor>,
     /// `slots[layer][projection index]`
     slots: Vec<[Option<LoraSlot>; 7]>,
+    /// `groups[layer][input group index]`
+    groups: Vec<[Option<GroupSlot>; 4]>,
     /// Layers below this one hold the latest weights; the others wait for the last optimizer
     /// step's update, deferred into the next training forward (`crate::optim::UpdateTiming`).
     current_below: usize,
@@ -87,13 +117,16 @@ impl<B: Backend> LoraParams<B> {
             names: Vec::new(),
             shapes: Vec::new(),
             params: Vec::new(),
-            compute: Vec::new(),
+            compute: None,
+            compute_at: Vec::new(),
             grads: Vec::new(),
             slots: vec![[None; 7]; model.num_layers],
+            groups: vec![[None; 4]; model.num_layers],
             current_below: model.num_layers,
             config,
         };
-        let scaling = lp.config.scaling();
+        let (r, scaling) = (lp.config.r, lp.config.scaling());
+        let mut compute_len = 0;
         for layer in 0..model.num_layers {
             for (pi, proj) in Projection::ALL.iter().enumerate() {
                 if !lp.config.targets.contains(proj) {
@@ -102,10 +135,12 @@ impl<B: Backend> LoraParams<B> {
                 let (out_f, in_f) = proj.shape(model);
                 lp.slots[layer][pi] = Some(LoraSlot {
                     a: lp.params.len(),
-                    rank: lp.config.r,
+                    rank: r,
                     scaling,
+                    member: 0,
+                    b_at: 0,
                 });
-                for (which, shape) in [('A', [lp.config.r, in_f]), ('B', [out_f, lp.config.r])] {
+                for (which, shape) in [('A', [r, in_f]), ('B', [out_f, r])] {
                     let name = peft_key(layer, *proj, which);
                     let data = values(&name, shape)?;
                     if data.len() != shape[0] * shape[1] {
@@ -116,20 +151,73 @@ impl<B: Backend> LoraParams<B> {
                         );
                     }
                     lp.params.push(backend.upload(&data, DType::F32)?);
-                    lp.compute
-                        .push(backend.upload(&data, backend.compute_dtype())?);
                     lp.grads.push(backend.zeros(data.len(), DType::F32)?);
                     lp.names.push(name);
                     lp.shapes.push(shape);
                 }
             }
+            compute_len = lp.place_compute_copies(layer, compute_len);
+        }
+        if compute_len > 0 {
+            lp.compute = Some(backend.zeros(compute_len, backend.compute_dtype())?);
+            lp.sync_compute(backend)?;
         }
         Ok(lp)
+    }
+
+    /// Lays out `layer`'s part of the compute tensor from offset `next`: per input group, the
+    /// members' A one after another (a stacked `[members · r, in]`), then their B. Returns where
+    /// the next layer's part starts.
+    fn place_compute_copies(&mut self, layer: usize, mut next: usize) -> usize {
+        self.compute_at.resize(self.params.len(), 0);
+        for group in InputGroup::ALL {
+            let adapted: Vec<Projection> = group
+                .members()
+                .iter()
+                .copied()
+                .filter(|p| self.slots[layer][p.index()].is_some())
+                .collect();
+            let Some(first_member) = adapted.first() else {
+                continue;
+            };
+            let lead = self.slots[layer][first_member.index()].expect("adapted");
+            self.groups[layer][group.index()] = Some(GroupSlot {
+                a_at: next,
+                members: adapted.len(),
+                rank: lead.rank,
+                scaling: lead.scaling,
+            });
+            for (member, p) in adapted.iter().enumerate() {
+                let slot = self.slots[layer][p.index()].as_mut().expect("adapted");
+                slot.member = member;
+                self.compute_at[slot.a] = next;
+                next += self.shapes[slot.a][0] * self.shapes[slot.a][1];
+            }
+            for p in &adapted {
+                let slot = self.slots[layer][p.index()].as_mut().expect("adapted");
+                slot.b_at = next;
+                self.compute_at[slot.a + 1] = next;
+                next += self.shapes[slot.a + 1][0] * self.shapes[slot.a + 1][1];
+            }
+        }
+        next
     }
 
     /// The slot of a layer's projection, if it is adapted.
     pub fn slot(&self, layer: usize, proj: Projection) -> Option<LoraSlot> {
         self.slots[layer][proj.index()]
+    }
+
+    /// The stacked A of a layer's input group, if any member is adapted.
+    pub fn group(&self, layer: usize, group: InputGroup) -> Option<GroupSlot> {
+        self.groups[layer][group.index()]
+    }
+
+    /// The compute tensor (every A and B in the compute dtype, at the offsets the slots give).
+    pub fn compute(&self) -> &B::Tensor {
+        self.compute
+            .as_ref()
+            .expect("an adapter with a slot has a compute tensor")
     }
 
     /// Number of model layers (adapted or not).
@@ -146,9 +234,27 @@ impl<B: Backend> LoraParams<B> {
         }
     }
 
-    /// Copies the f32 masters into the compute-dtype tensors (after each optimizer step).
+    /// Copies the f32 masters into the compute tensor (after each optimizer step; one launch).
     pub fn sync_compute(&mut self, backend: &B) -> Result<()> {
-        Ok(backend.copy_many(&self.params, &mut self.compute)?)
+        let Some(compute) = self.compute.as_mut() else {
+            return Ok(());
+        };
+        Ok(backend.copy_many_into(&self.params, compute, &self.compute_at)?)
+    }
+
+    /// Copies `layer`'s f32 masters `masters` (its tensors in `params` order, fetched from host
+    /// memory by the optimizer) into its part of the compute tensor (one launch).
+    pub fn refresh_layer_compute(
+        &mut self,
+        backend: &B,
+        layer: usize,
+        masters: &[B::Tensor],
+    ) -> Result<()> {
+        let range = self.layer_range(layer);
+        let Some(compute) = self.compute.as_mut() else {
+            return Ok(());
+        };
+        Ok(backend.copy_many_into(masters, compute, &self.compute_at[range])?)
     }
 
     /// Whether `layer`'s weights (masters and compute copies) are the latest: not waiting for a

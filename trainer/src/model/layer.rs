@@ -8,9 +8,9 @@
 //! (`AttentionSaved`, `MlpSaved`); the backward is in [`backward`].
 
 use super::batch::Batch;
-use super::linear::{self, Dims, FrozenLinear};
-use crate::arch::{ModelConfig, Projection};
-use crate::lora::{LoraParams, LoraSlot};
+use super::linear::{self, Dims, FrozenLinear, GroupAdapter};
+use crate::arch::{InputGroup, ModelConfig, Projection};
+use crate::lora::LoraParams;
 use anyhow::{anyhow, Result};
 use kernels::{Backend, DType};
 
@@ -162,7 +162,7 @@ struct AttentionSaved<B: Backend> {
     attn: B::Tensor,
     /// Log-sum-exp of each query's scores `[N, hq]`; `None` after a cached (generation) forward.
     lse: Option<B::Tensor>,
-    /// `x Aᵀ` of the adapted q, k, v, o projections, in [`Projection::ALL`] order.
+    /// `x A_gᵀ` of the adapted q, k, v group and o.
     lora_t: LoraInputs<B>,
 }
 
@@ -175,12 +175,12 @@ struct MlpSaved<B: Backend> {
     gate: B::Tensor,
     up: B::Tensor,
     act: B::Tensor,
-    /// `x Aᵀ` of the adapted gate, up, down projections, in [`Projection::ALL`] order.
+    /// `x A_gᵀ` of the adapted gate, up group and down.
     lora_t: LoraInputs<B>,
 }
 
-/// `t = input Aᵀ` per adapted projection, indexed by [`Projection::index`].
-type LoraInputs<B> = [Option<<B as Backend>::Tensor>; 7];
+/// `t = input A_gᵀ` per input group with an adapted member, indexed by [`InputGroup::index`].
+type LoraInputs<B> = [Option<<B as Backend>::Tensor>; 4];
 
 /// Everything the layer's backward needs from its forward.
 pub struct LayerSaved<B: Backend> {
@@ -226,17 +226,15 @@ fn head_norm<B: Backend>(
     Ok((y, HeadNormed { raw: x, rstd }))
 }
 
-/// The shapes of projection `p` on `input`, and its adapter slot in `lora` when adapted.
-fn call<'a, B: Backend>(
-    be: &B,
-    s: &Shapes,
-    layer: usize,
+/// The adapter of `layer`'s input group `g`, when one of its projections is adapted.
+fn group_adapter<'a, B: Backend>(
     lora: Option<&'a LoraParams<B>>,
-    p: Projection,
-    input: &B::Tensor,
-) -> (Dims, Option<(&'a LoraParams<B>, LoraSlot)>) {
-    let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
-    (d, lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl))))
+    layer: usize,
+    g: InputGroup,
+) -> Option<GroupAdapter<'a, B>> {
+    let lp = lora?;
+    let group = lp.group(layer, g)?;
+    Some(GroupAdapter { params: lp, group })
 }
 
 impl<B: Backend> LayerWeights<B> {
@@ -257,34 +255,49 @@ impl<B: Backend> LayerWeights<B> {
         Ok((out, LayerSaved { attention, mlp }))
     }
 
-    /// `out ← input Wᵀ (+ LoRA)` of projection `p`; returns its `t = input Aᵀ` when adapted.
-    #[allow(clippy::too_many_arguments)]
-    fn project(
-        &self,
-        be: &B,
-        s: &Shapes,
-        layer: usize,
-        lora: Option<&LoraParams<B>>,
-        p: Projection,
-        input: &B::Tensor,
-        out: &mut B::Tensor,
-    ) -> Result<Option<B::Tensor>> {
-        let (d, slot) = call(be, s, layer, lora, p, input);
-        linear::forward(be, d, input, &self.proj[p.index()], slot, out)
-    }
-
-    /// `t = input Aᵀ` of projection `p` alone (what its backward needs when its output is not).
+    /// `t = input A_gᵀ` of input group `g` ([`linear::lora_input`]), when a member is adapted.
     fn lora_input(
         &self,
         be: &B,
         s: &Shapes,
         layer: usize,
         lora: Option<&LoraParams<B>>,
-        p: Projection,
+        g: InputGroup,
         input: &B::Tensor,
     ) -> Result<Option<B::Tensor>> {
-        let (d, slot) = call(be, s, layer, lora, p, input);
-        linear::lora_input(be, d, input, slot)
+        let Some(adapter) = group_adapter(lora, layer, g) else {
+            return Ok(None);
+        };
+        let d = s.dims(g.members()[0], 1);
+        let n = be.len(input) / d.in_f;
+        Ok(Some(linear::lora_input(be, n, d.in_f, input, &adapter)?))
+    }
+
+    /// `outs[i] ← input Wᵀ (+ LoRA)` of each projection of input group `g`; returns the group's
+    /// `t = input A_gᵀ` when a member is adapted.
+    #[allow(clippy::too_many_arguments)]
+    fn project_group(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        lora: Option<&LoraParams<B>>,
+        g: InputGroup,
+        input: &B::Tensor,
+        outs: &mut [&mut B::Tensor],
+    ) -> Result<Option<B::Tensor>> {
+        assert_eq!(outs.len(), g.members().len(), "one output per member");
+        let t = self.lora_input(be, s, layer, lora, g, input)?;
+        let adapter = group_adapter(lora, layer, g);
+        for (&p, out) in g.members().iter().zip(outs.iter_mut()) {
+            let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
+            let term = match (&adapter, lora.and_then(|l| l.slot(layer, p)), &t) {
+                (Some(a), Some(slot), Some(t)) => Some((a, slot, t)),
+                _ => None,
+            };
+            linear::forward(be, d, input, &self.proj[p.index()], term, out)?;
+        }
+        Ok(t)
     }
 
     /// The attention half of the forward: `h = x + o_proj(attn(rope(q), rope(k), v))`. Returns
@@ -318,13 +331,16 @@ impl<B: Backend> LayerWeights<B> {
         let mut q = be.empty(n * s.q_dim, dt)?;
         let mut k = be.empty(n * s.kv_dim, dt)?;
         let mut v = be.empty(n * s.kv_dim, dt)?;
-        for (p, out) in [
-            (Projection::Q, &mut q),
-            (Projection::K, &mut k),
-            (Projection::V, &mut v),
-        ] {
-            lora_t[p.index()] = self.project(be, s, layer, lora, p, &norm1, out)?;
-        }
+        let qkv = InputGroup::Qkv;
+        lora_t[qkv.index()] = self.project_group(
+            be,
+            s,
+            layer,
+            lora,
+            qkv,
+            &norm1,
+            &mut [&mut q, &mut k, &mut v],
+        )?;
         let (mut q, mut k, qk_raw) = match &self.qk_norm {
             Some([wq, wk]) => {
                 let (q, q_raw) = head_norm(be, s, q, wq)?;
@@ -336,7 +352,7 @@ impl<B: Backend> LayerWeights<B> {
         let (positions, cos, sin) = attend.rope_tables();
         be.rope(&mut q, positions, cos, sin, s.heads, s.head_dim, false)?;
         be.rope(&mut k, positions, cos, sin, s.kv_heads, s.head_dim, false)?;
-        let o = Projection::O;
+        let o = InputGroup::O;
         let (attn, lse, mid) = match kept {
             Some((attn, lse)) => {
                 lora_t[o.index()] = self.lora_input(be, s, layer, lora, o, &attn)?;
@@ -346,7 +362,8 @@ impl<B: Backend> LayerWeights<B> {
                 let mut attn = be.empty(n * s.q_dim, dt)?;
                 let lse = self.attend(be, s, attend, &q, &k, &v, &mut attn)?;
                 let mut mid = be.empty(n * s.hidden, dt)?;
-                lora_t[o.index()] = self.project(be, s, layer, lora, o, &attn, &mut mid)?;
+                lora_t[o.index()] =
+                    self.project_group(be, s, layer, lora, o, &attn, &mut [&mut mid])?;
                 be.axpy(1.0, &x, &mut mid)?;
                 (attn, lse, Some(mid))
             }
@@ -392,15 +409,23 @@ impl<B: Backend> LayerWeights<B> {
         )?;
         let mut gate = be.empty(n * s.inter, dt)?;
         let mut up = be.empty(n * s.inter, dt)?;
-        for (p, out) in [(Projection::Gate, &mut gate), (Projection::Up, &mut up)] {
-            lora_t[p.index()] = self.project(be, s, layer, lora, p, &norm2, out)?;
-        }
+        let gate_up = InputGroup::GateUp;
+        lora_t[gate_up.index()] = self.project_group(
+            be,
+            s,
+            layer,
+            lora,
+            gate_up,
+            &norm2,
+            &mut [&mut gate, &mut up],
+        )?;
         let mut act = be.empty(n * s.inter, dt)?;
         be.swiglu(&gate, &up, &mut act)?;
-        let down = Projection::Down;
+        let down = InputGroup::Down;
         let out = if output {
             let mut out = be.empty(n * s.hidden, dt)?;
-            lora_t[down.index()] = self.project(be, s, layer, lora, down, &act, &mut out)?;
+            lora_t[down.index()] =
+                self.project_group(be, s, layer, lora, down, &act, &mut [&mut out])?;
             be.axpy(1.0, &mid, &mut out)?;
             Some(out)
         } else {

@@ -1,17 +1,23 @@
-//! A frozen projection (weight, optional bias) with an optional LoRA adapter, forward and backward.
+//! A frozen projection (weight, optional bias) with an optional LoRA adapter, forward and backward,
+//! for the projections of an input group ([`crate::arch::InputGroup`]: q, k, v read one input,
+//! gate and up another) together.
 //!
-//! Forward:  `y = b + x Wᵀ + s · t Bᵀ` with `t = x Aᵀ` (saved for backward); the bias and the
-//! LoRA term are laid down first and the frozen GEMM accumulates onto them (`beta = 1`), as torch's
-//! `addmm`: cuBLAS reads `y` inside its epilogue, so the wide `[n, out]` output makes one trip
-//! through memory.
-//! Backward: `dx (+)= dy W + s · u A` with `u = dy B`;  `dB += s · dyᵀ t`;  `dA += s · uᵀ x`
-//! (the bias is frozen and `dx` does not depend on it).
+//! Forward:  `t = x A_gᵀ` once for the group (`A_g = [A_q; A_k; A_v]` stacked, saved for backward),
+//! then per projection `y = b + x Wᵀ + s · t_p Bᵀ` with `t_p` its columns of `t`; the bias and
+//! the LoRA term are laid down first and the frozen GEMM accumulates onto them (`beta = 1`), as
+//! torch's `addmm`: cuBLAS reads `y` inside its epilogue, so the wide `[n, out]` output makes one
+//! trip through memory.
+//! Backward: per projection `dB += s · dyᵀ t_p`, `u_p = dy B` (into its columns of `u`),
+//! `dA += s · u_pᵀ x`; then once for the group `dx (+)= s · u A_g`, and per projection
+//! `dx += dy W` (the bias is frozen and `dx` does not depend on it).
+//! Stacking turns a group's skinny `x Aᵀ` and `u A` products, which each stream all of `x` or
+//! `dx` through memory for 16 columns, into one each.
 //! An NF4 `W` is dequantized right before each of its two GEMMs and dropped after (QLoRA).
 
 use super::proj_weight::ProjWeight;
-use crate::lora::{LoraParams, LoraSlot};
+use crate::lora::{GroupSlot, LoraParams, LoraSlot};
 use anyhow::Result;
-use kernels::Backend;
+use kernels::{Backend, MatAt};
 
 /// A frozen projection: `W [out, in]` and, in families that have one, the bias `b [out]`.
 pub struct FrozenLinear<B: Backend> {
@@ -27,15 +33,48 @@ pub struct Dims {
     pub out_f: usize,
 }
 
-/// `y ← b + x Wᵀ (+ s · (x Aᵀ) Bᵀ)`; returns `t = x Aᵀ [n, r]` when the projection is adapted.
+/// An input group's adapter in one layer: the parameters and the group's stacked A.
+pub struct GroupAdapter<'a, B: Backend> {
+    pub params: &'a LoraParams<B>,
+    pub group: GroupSlot,
+}
+
+/// `t = x A_gᵀ [n, members · r]`: the LoRA inputs of every adapted projection of the group on
+/// `x [n, in]`, one product.
+pub fn lora_input<B: Backend>(
+    be: &B,
+    n: usize,
+    in_f: usize,
+    x: &B::Tensor,
+    adapter: &GroupAdapter<'_, B>,
+) -> Result<B::Tensor> {
+    let g = adapter.group;
+    let mut t = be.empty(n * g.width(), be.compute_dtype())?;
+    be.gemm_at(
+        n,
+        g.width(),
+        in_f,
+        1.0,
+        (x, MatAt::dense(in_f)),
+        false,
+        (adapter.params.compute(), MatAt::at(g.a_at, in_f)),
+        true,
+        0.0,
+        (&mut t, MatAt::dense(g.width())),
+    )?;
+    Ok(t)
+}
+
+/// `y ← b + x Wᵀ (+ s · t_p Bᵀ)`, given the group's adapter, `t` ([`lora_input`]) and this
+/// projection's slot when it is adapted.
 pub fn forward<B: Backend>(
     be: &B,
     d: Dims,
     x: &B::Tensor,
     frozen: &FrozenLinear<B>,
-    lora: Option<(&LoraParams<B>, LoraSlot)>,
+    lora: Option<(&GroupAdapter<'_, B>, LoraSlot, &B::Tensor)>,
     y: &mut B::Tensor,
-) -> Result<Option<B::Tensor>> {
+) -> Result<()> {
     let mut beta = match &frozen.bias {
         Some(b) => {
             be.broadcast_rows(b, y)?;
@@ -43,130 +82,120 @@ pub fn forward<B: Backend>(
         }
         None => 0.0,
     };
-    let t = lora_input(be, d, x, lora)?;
-    if let (Some((lp, slot)), Some(t)) = (lora, &t) {
-        let b = &lp.compute[slot.a + 1];
-        be.gemm(
+    if let Some((adapter, slot, t)) = lora {
+        let (r, width) = (slot.rank, adapter.group.width());
+        be.gemm_at(
             d.n,
             d.out_f,
-            slot.rank,
+            r,
             slot.scaling,
-            t,
+            (t, MatAt::at(slot.member * r, width)),
             false,
-            b,
+            (adapter.params.compute(), MatAt::at(slot.b_at, r)),
             true,
             beta,
-            y,
+            (y, MatAt::dense(d.out_f)),
         )?;
         beta = 1.0;
     }
     frozen.weight.with_dense(be, |w| {
         Ok(be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, beta, y)?)
     })?;
-    Ok(t)
+    Ok(())
 }
 
-/// `t = x Aᵀ [n, r]` of an adapted projection (what its backward needs); `None` when not adapted.
-pub fn lora_input<B: Backend>(
-    be: &B,
-    d: Dims,
-    x: &B::Tensor,
-    lora: Option<(&LoraParams<B>, LoraSlot)>,
-) -> Result<Option<B::Tensor>> {
-    let Some((lp, slot)) = lora else {
-        return Ok(None);
-    };
-    let mut t = be.empty(d.n * slot.rank, be.compute_dtype())?;
-    be.gemm(
-        d.n,
-        slot.rank,
-        d.in_f,
-        1.0,
-        x,
-        false,
-        &lp.compute[slot.a],
-        true,
-        0.0,
-        &mut t,
-    )?;
-    Ok(Some(t))
+/// One projection of a group in [`backward`]: its shapes, output gradient, frozen weight, and its
+/// LoRA slot when adapted.
+pub struct MemberGrad<'a, B: Backend> {
+    pub d: Dims,
+    pub dy: &'a B::Tensor,
+    pub w: &'a ProjWeight<B>,
+    pub slot: Option<LoraSlot>,
 }
 
-/// Adds `dL/dx` into `dx` (or writes it when `accumulate` is false) and adds the LoRA gradients.
-/// As in [`forward`], the LoRA term `s · u A` goes into `dx` first and the frozen GEMM adds onto it.
-#[allow(clippy::too_many_arguments)]
+/// Adds `dL/dx` of every member of a group that reads `x` into `dx` (writes it when `accumulate`
+/// is false) and the members' LoRA gradients into `lora` (the parameters, the group's stacked A
+/// and its forward's `t`). As in [`forward`], the LoRA term `s · u A_g` goes
+/// into `dx` first and the frozen GEMMs add onto it.
 pub fn backward<B: Backend>(
     be: &B,
-    d: Dims,
-    dy: &B::Tensor,
+    members: &[MemberGrad<'_, B>],
     x: &B::Tensor,
-    w: &ProjWeight<B>,
-    lora: Option<(&mut LoraParams<B>, LoraSlot)>,
-    t: Option<&B::Tensor>,
+    lora: Option<(&mut LoraParams<B>, GroupSlot, &B::Tensor)>,
     dx: &mut B::Tensor,
     accumulate: bool,
 ) -> Result<()> {
     let mut beta = if accumulate { 1.0 } else { 0.0 };
-    if let (Some((lp, slot)), Some(t)) = (lora, t) {
-        let r = slot.rank;
-        let s = slot.scaling;
-        // dB [out, r] += s · dyᵀ [out, n] · t [n, r]
-        be.gemm(
-            d.out_f,
-            r,
-            d.n,
+    let Some(first) = members.first() else {
+        return Ok(());
+    };
+    let (n, in_f) = (first.d.n, first.d.in_f);
+    if let Some((lp, group, t)) = lora {
+        let (r, s, width) = (group.rank, group.scaling, group.width());
+        let mut u = be.empty(n * width, be.compute_dtype())?;
+        for m in members {
+            let Some(slot) = m.slot else { continue };
+            let (d, cols) = (m.d, MatAt::at(slot.member * r, width));
+            // dB [out, r] += s · dyᵀ [out, n] · t_p [n, r]
+            be.gemm_at(
+                d.out_f,
+                r,
+                n,
+                s,
+                (m.dy, MatAt::dense(d.out_f)),
+                true,
+                (t, cols),
+                false,
+                1.0,
+                (&mut lp.grads[slot.a + 1], MatAt::dense(r)),
+            )?;
+            // u_p [n, r] = dy [n, out] · B [out, r]
+            be.gemm_at(
+                n,
+                r,
+                d.out_f,
+                1.0,
+                (m.dy, MatAt::dense(d.out_f)),
+                false,
+                (lp.compute(), MatAt::at(slot.b_at, r)),
+                false,
+                0.0,
+                (&mut u, cols),
+            )?;
+            // dA [r, in] += s · u_pᵀ [r, n] · x [n, in]
+            be.gemm_at(
+                r,
+                in_f,
+                n,
+                s,
+                (&u, cols),
+                true,
+                (x, MatAt::dense(in_f)),
+                false,
+                1.0,
+                (&mut lp.grads[slot.a], MatAt::dense(in_f)),
+            )?;
+        }
+        // dx [n, in] (+)= s · u [n, members · r] · A_g [members · r, in]
+        be.gemm_at(
+            n,
+            in_f,
+            width,
             s,
-            dy,
-            true,
-            t,
+            (&u, MatAt::dense(width)),
             false,
-            1.0,
-            &mut lp.grads[slot.a + 1],
-        )?;
-        // u [n, r] = dy [n, out] · B [out, r]
-        let mut u = be.empty(d.n * r, be.compute_dtype())?;
-        be.gemm(
-            d.n,
-            r,
-            d.out_f,
-            1.0,
-            dy,
-            false,
-            &lp.compute[slot.a + 1],
-            false,
-            0.0,
-            &mut u,
-        )?;
-        // dA [r, in] += s · uᵀ [r, n] · x [n, in]
-        be.gemm(
-            r,
-            d.in_f,
-            d.n,
-            s,
-            &u,
-            true,
-            x,
-            false,
-            1.0,
-            &mut lp.grads[slot.a],
-        )?;
-        // dx [n, in] (+)= s · u [n, r] · A [r, in]
-        be.gemm(
-            d.n,
-            d.in_f,
-            r,
-            s,
-            &u,
-            false,
-            &lp.compute[slot.a],
+            (lp.compute(), MatAt::at(group.a_at, in_f)),
             false,
             beta,
-            dx,
+            (dx, MatAt::dense(in_f)),
         )?;
         beta = 1.0;
     }
-    w.with_dense(be, |w| {
-        Ok(be.gemm(d.n, d.in_f, d.out_f, 1.0, dy, false, w, false, beta, dx)?)
-    })?;
+    for m in members {
+        m.w.with_dense(be, |w| {
+            Ok(be.gemm(n, in_f, m.d.out_f, 1.0, m.dy, false, w, false, beta, dx)?)
+        })?;
+        beta = 1.0;
+    }
     Ok(())
 }

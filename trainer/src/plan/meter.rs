@@ -14,8 +14,8 @@
 //! Index buffers (token ids, positions) are not in the pool, as on the device.
 
 use kernels::{
-    pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, InFlight, Nf4Absmax,
-    ParkLane, Result, GEMM_WORKSPACE_BYTES,
+    pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, InFlight, MatAt,
+    Nf4Absmax, ParkLane, Result, GEMM_WORKSPACE_BYTES,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -238,9 +238,15 @@ impl Backend for MeterBackend {
     }
 
     /// One launch, as the CUDA backend's.
-    fn copy_many(&self, src: &[MeterTensor], dst: &mut [MeterTensor]) -> Result<()> {
-        let bytes = src.iter().chain(dst.iter()).map(tensor_bytes).sum();
-        self.memory_op(bytes);
+    fn copy_many_into(
+        &self,
+        src: &[MeterTensor],
+        dst: &mut MeterTensor,
+        _at: &[usize],
+    ) -> Result<()> {
+        let read: f64 = src.iter().map(tensor_bytes).sum();
+        let written: usize = src.iter().map(|s| s.len * dst.dtype.size_bytes()).sum();
+        self.memory_op(read + written as f64);
         Ok(())
     }
 
@@ -301,24 +307,26 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
-    fn gemm(
+    /// The matrices' own bytes cross memory (a block of a wider tensor, not the whole tensor).
+    fn gemm_at(
         &self,
         m: usize,
         n: usize,
         k: usize,
         _alpha: f32,
-        a: &MeterTensor,
+        (a, _): (&MeterTensor, MatAt),
         _trans_a: bool,
-        b: &MeterTensor,
+        (b, _): (&MeterTensor, MatAt),
         _trans_b: bool,
         beta: f32,
-        c: &mut MeterTensor,
+        (c, _): (&mut MeterTensor, MatAt),
     ) -> Result<()> {
+        let bytes = |t: &MeterTensor, elements: usize| (elements * t.dtype.size_bytes()) as f64;
         let c_passes = if beta == 0.0 { 1.0 } else { 2.0 };
         self.record(
             OpKind::Gemm,
             2.0 * (m * n * k) as f64,
-            tensor_bytes(a) + tensor_bytes(b) + c_passes * tensor_bytes(c),
+            bytes(a, m * k) + bytes(b, k * n) + c_passes * bytes(c, m * n),
         );
         Ok(())
     }

@@ -6,10 +6,10 @@ use super::{
     Attend, AttentionKept, AttentionSaved, HeadNormed, LayerCheckpoint, LayerSaved, LayerWeights,
     LoraInputs, MlpSaved, Shapes,
 };
-use crate::arch::Projection;
+use crate::arch::InputGroup;
 use crate::lora::LoraParams;
 use crate::model::batch::Batch;
-use crate::model::linear;
+use crate::model::linear::{self, MemberGrad};
 use anyhow::{anyhow, Result};
 use kernels::Backend;
 
@@ -87,27 +87,39 @@ impl<B: Backend> LayerWeights<B> {
         self.backward_attention(be, s, layer, lora, batch, attention, dmid)
     }
 
-    /// Adds `dL/d input` of projection `p` into `dinput` (writes it when not `accumulate`), and
-    /// its LoRA gradients into `lora` (see [`linear::backward`]).
+    /// Adds `dL/d input` of input group `g` (its members' output gradients `douts`) into
+    /// `dinput` (writes it when not `accumulate`), and their LoRA gradients into `lora` (see
+    /// [`linear::backward`]).
     #[allow(clippy::too_many_arguments)]
-    fn project_back(
+    fn group_back(
         &self,
         be: &B,
         s: &Shapes,
         layer: usize,
         lora: Option<&mut LoraParams<B>>,
         lora_t: &LoraInputs<B>,
-        p: Projection,
-        dout: &B::Tensor,
+        g: InputGroup,
+        douts: &[&B::Tensor],
         input: &B::Tensor,
         dinput: &mut B::Tensor,
         accumulate: bool,
     ) -> Result<()> {
-        let d = s.dims(p, be.len(dout) / s.dims(p, 1).out_f);
-        let lp = lora.and_then(|l| l.slot(layer, p).map(|sl| (l, sl)));
-        let t = lora_t[p.index()].as_ref();
-        let w = &self.proj[p.index()].weight;
-        linear::backward(be, d, dout, input, w, lp, t, dinput, accumulate)
+        let members: Vec<MemberGrad<'_, B>> = g
+            .members()
+            .iter()
+            .zip(douts)
+            .map(|(&p, &dy)| MemberGrad {
+                d: s.dims(p, be.len(dy) / s.dims(p, 1).out_f),
+                dy,
+                w: &self.proj[p.index()].weight,
+                slot: lora.as_ref().and_then(|l| l.slot(layer, p)),
+            })
+            .collect();
+        let adapter = match (lora, &lora_t[g.index()]) {
+            (Some(lp), Some(t)) => lp.group(layer, g).map(|group| (lp, group, t)),
+            _ => None,
+        };
+        linear::backward(be, &members, input, adapter, dinput, accumulate)
     }
 
     /// The MLP half's backward: `y = h + down(act)`, so `dL/dh` starts as `dy` (the residual);
@@ -132,20 +144,19 @@ impl<B: Backend> LayerWeights<B> {
         } = saved;
         let n = be.len(&mid) / s.hidden;
         let dt = be.compute_dtype();
-        let mut back = |p, dout: &B::Tensor, input: &B::Tensor, dinput: &mut B::Tensor, acc| {
+        let mut back = |g, douts: &[&B::Tensor], input: &B::Tensor, dinput: &mut B::Tensor| {
             let lora = lora.as_deref_mut();
-            self.project_back(be, s, layer, lora, &lora_t, p, dout, input, dinput, acc)
+            self.group_back(be, s, layer, lora, &lora_t, g, douts, input, dinput, false)
         };
         let mut dact = be.empty(n * s.inter, dt)?;
-        back(Projection::Down, &dy, &act, &mut dact, false)?;
+        back(InputGroup::Down, &[&dy], &act, &mut dact)?;
         drop(act);
         // gate and up become their gradients in place.
         let (mut dgate, mut dup) = (gate, up);
         be.swiglu_backward(&dact, &mut dgate, &mut dup)?;
         drop(dact);
         let mut dnorm2 = be.empty(n * s.hidden, dt)?;
-        back(Projection::Gate, &dgate, &norm2, &mut dnorm2, false)?;
-        back(Projection::Up, &dup, &norm2, &mut dnorm2, true)?;
+        back(InputGroup::GateUp, &[&dgate, &dup], &norm2, &mut dnorm2)?;
         drop((dgate, dup, norm2));
         let mut dmid = dy;
         be.rms_norm_backward(
@@ -188,12 +199,12 @@ impl<B: Backend> LayerWeights<B> {
         })?;
         let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
-        let mut back = |p, dout: &B::Tensor, input: &B::Tensor, dinput: &mut B::Tensor, acc| {
+        let mut back = |g, douts: &[&B::Tensor], input: &B::Tensor, dinput: &mut B::Tensor| {
             let lora = lora.as_deref_mut();
-            self.project_back(be, s, layer, lora, &lora_t, p, dout, input, dinput, acc)
+            self.group_back(be, s, layer, lora, &lora_t, g, douts, input, dinput, false)
         };
         let mut dattn = be.empty(n * s.q_dim, dt)?;
-        back(Projection::O, &dmid, &attn, &mut dattn, false)?;
+        back(InputGroup::O, &[&dmid], &attn, &mut dattn)?;
         let mut dq = be.empty(n * s.q_dim, dt)?;
         let mut dk = be.empty(n * s.kv_dim, dt)?;
         let mut dv = be.empty(n * s.kv_dim, dt)?;
@@ -226,9 +237,7 @@ impl<B: Backend> LayerWeights<B> {
         };
         drop(qk_raw);
         let mut dnorm1 = be.empty(n * s.hidden, dt)?;
-        back(Projection::Q, &dq, &norm1, &mut dnorm1, false)?;
-        back(Projection::K, &dk, &norm1, &mut dnorm1, true)?;
-        back(Projection::V, &dv, &norm1, &mut dnorm1, true)?;
+        back(InputGroup::Qkv, &[&dq, &dk, &dv], &norm1, &mut dnorm1)?;
         drop((dq, dk, dv, norm1));
         let mut dx = dmid;
         be.rms_norm_backward(&dnorm1, &x, &self.input_norm, &rstd1, s.hidden, &mut dx)?;
