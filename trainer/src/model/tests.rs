@@ -52,10 +52,15 @@ fn model(be: &CpuBackend, c: &ModelConfig, tied: bool) -> Decoder<CpuBackend> {
 }
 
 fn adapter(be: &CpuBackend, c: &ModelConfig) -> LoraParams<CpuBackend> {
+    adapter_on(be, c, &Projection::ALL)
+}
+
+/// An adapter of rank 2 on `targets` with random weights.
+fn adapter_on(be: &CpuBackend, c: &ModelConfig, targets: &[Projection]) -> LoraParams<CpuBackend> {
     let cfg = LoraConfig {
         r: 2,
         alpha: 4.0,
-        targets: Projection::ALL.to_vec(),
+        targets: targets.to_vec(),
         use_rslora: false,
         dropout: 0.0,
     };
@@ -89,16 +94,19 @@ fn loss_and_grads(
 
 #[test]
 fn lora_gradients_match_finite_differences_through_the_whole_model() {
+    use Projection::*;
     let be = CpuBackend::new();
-    for (class, window, tied) in [
-        (LLAMA, None, false),
-        (MISTRAL, Some(3), true),
-        (QWEN2, None, true),
-        (QWEN3, None, false),
+    // Every projection, and input groups with some members adapted (q and v of q/k/v, up alone
+    // of gate/up): each adapted member's columns of the group's stacked products.
+    for (class, window, tied, targets) in [
+        (LLAMA, None, false, &Projection::ALL[..]),
+        (MISTRAL, Some(3), true, &[Q, V, Up, Down][..]),
+        (QWEN2, None, true, &[K, O, Gate][..]),
+        (QWEN3, None, false, &Projection::ALL[..]),
     ] {
         let c = config(class, window, tied);
         let m = model(&be, &c, tied);
-        let mut lora = adapter(&be, &c);
+        let mut lora = adapter_on(&be, &c, targets);
         let layout = AttentionLayout::packed(&[vec![4, 3], vec![6]], 7, window);
         let ids = tokens(14, 1);
         let batch = Batch::new(&be, &c, &ids, &ids, layout).unwrap();
