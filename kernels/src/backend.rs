@@ -68,6 +68,14 @@ pub enum CeGrad<'a, T> {
     PerRow(&'a T),
 }
 
+/// RoPE's tables as [`Backend::rope`] reads them: each token's position, and `cos`, `sin`
+/// `[positions, head_dim / 2]` (f32).
+pub struct Rotation<'a, I, T> {
+    pub positions: &'a I,
+    pub cos: &'a T,
+    pub sin: &'a T,
+}
+
 /// Where [`Backend::dequantize_nf4`] finds each 64-element block's absmax (see [`crate::nf4`]).
 pub enum Nf4Absmax<'a, T, I> {
     /// One f32 per block: an f32 tensor `[n_blocks]`.
@@ -410,6 +418,9 @@ pub trait Backend {
         lse: &mut Self::Tensor,
     ) -> Result<()>;
     /// Attention backward: writes `dq`, `dk`, `dv` from `dout` and the forward's `out` and `lse`.
+    /// Given `unrotate_dq` (RoPE's tables of the forward), `dq` is also rotated back —
+    /// `rope(dq, .., inverse = true)`, the gradient of q before RoPE — in the pass that rounds the
+    /// CUDA backend's f32 dq accumulator.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -427,6 +438,7 @@ pub trait Backend {
         dq: &mut Self::Tensor,
         dk: &mut Self::Tensor,
         dv: &mut Self::Tensor,
+        unrotate_dq: Option<Rotation<'_, Self::Indices, Self::Tensor>>,
     ) -> Result<()>;
 
     /// Writes `new` tokens per row of `src [rows, new, width]` into the cache

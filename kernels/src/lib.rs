@@ -22,7 +22,8 @@ pub mod rope;
 mod widen;
 
 pub use backend::{
-    AdamWParams, Backend, CeGrad, DType, MatAt, Nf4Absmax, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS,
+    AdamWParams, Backend, CeGrad, DType, MatAt, Nf4Absmax, Rotation, IGNORE_INDEX,
+    LM_HEAD_CHUNK_ELEMENTS,
 };
 pub use error::KernelError;
 pub use in_flight::{InFlight, ParkLane};

@@ -55,7 +55,7 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; kk.len()], vec![0.0; v.len()]);
     be.attention_backward(
         &q, &kk, &v, &out, &lse, &dout, &layout, &starts, heads, kv_heads, d, &mut dq, &mut dk,
-        &mut dv,
+        &mut dv, None,
     )
     .unwrap();
     outs.extend([out, lse, dq, dk, dv]);

@@ -10,7 +10,8 @@ use kernels::cpu::CpuBackend;
 use kernels::cuda::{CudaBackend, CudaIndices, CudaTensor};
 use kernels::nf4::{self, Absmax, AbsmaxBuffers, Nf4Buffers, Nf4Weight, DYNAMIC_MAP};
 use kernels::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, MatAt, Nf4Absmax, ParkLane, IGNORE_INDEX,
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, MatAt, Nf4Absmax, ParkLane, Rotation,
+    IGNORE_INDEX,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -431,7 +432,8 @@ fn attention_case(
     let mut dk = g.upload(&vec![f32::NAN; n * kv_heads * hd], d).unwrap();
     let mut dv = g.upload(&vec![f32::NAN; n * kv_heads * hd], d).unwrap();
     g.attention_backward(
-        &q, &k, &v, &out, &lse, &dout, layout, &doc, heads, kv_heads, hd, &mut dq, &mut dk, &mut dv,
+        &q, &k, &v, &out, &lse, &dout, layout, &doc, heads, kv_heads, hd, &mut dq, &mut dk,
+        &mut dv, None,
     )
     .unwrap();
     // The CPU backward runs on the GPU's rounded forward output, as the trainer would feed it.
@@ -455,6 +457,7 @@ fn attention_case(
         &mut dq_c,
         &mut dk_c,
         &mut dv_c,
+        None,
     )
     .unwrap();
     check(
@@ -474,6 +477,47 @@ fn attention_case(
         d,
         &g.download(&dv).unwrap(),
         &dv_c,
+    );
+    // dq rotated back by RoPE's inverse in the same call (the layer's backward): the CPU's dq
+    // rotated by its rope op.
+    let seq = layout.seq_len;
+    let cos = random(seq * hd / 2, 5, 1.0);
+    let sin = random(seq * hd / 2, 6, 1.0);
+    let (cos_g, sin_g) = (
+        g.upload(&cos, DType::F32).unwrap(),
+        g.upload(&sin, DType::F32).unwrap(),
+    );
+    let positions = g.upload_indices(&layout.positions).unwrap();
+    let mut dq_rot = g.upload(&vec![f32::NAN; n * heads * hd], d).unwrap();
+    g.attention_backward(
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+        &dout,
+        layout,
+        &doc,
+        heads,
+        kv_heads,
+        hd,
+        &mut dq_rot,
+        &mut dk,
+        &mut dv,
+        Some(Rotation {
+            positions: &positions,
+            cos: &cos_g,
+            sin: &sin_g,
+        }),
+    )
+    .unwrap();
+    cpu.rope(&mut dq_c, &layout.positions, &cos, &sin, heads, hd, true)
+        .unwrap();
+    check(
+        &format!("attention {label} dq rotated back"),
+        d,
+        &g.download(&dq_rot).unwrap(),
+        &dq_c,
     );
 }
 
@@ -1192,7 +1236,7 @@ fn bench_llama2_7b_attention_and_gemms() {
     let bwd = time_ms(&g, 10, || {
         g.attention_backward(
             &q, &k, &v, &out, &lse, &dout, &layout, &doc, heads, heads, hd, &mut dq, &mut dk,
-            &mut dv,
+            &mut dv, None,
         )
         .unwrap()
     });

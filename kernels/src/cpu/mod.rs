@@ -27,6 +27,7 @@ use crate::error::{check_len, check_rows};
 use crate::nf4::{Nf4Buffers, Nf4Weight};
 use crate::{
     AdamWParams, AttentionLayout, Backend, CeGrad, DType, MatAt, Nf4Absmax, ParkLane, Result,
+    Rotation,
 };
 use profile::timed;
 
@@ -298,6 +299,7 @@ impl Backend for CpuBackend {
         dq: &mut Vec<f32>,
         dk: &mut Vec<f32>,
         dv: &mut Vec<f32>,
+        unrotate_dq: Option<Rotation<'_, Vec<i32>, Vec<f32>>>,
     ) -> Result<()> {
         let n = layout.tokens();
         check_len(
@@ -329,7 +331,10 @@ impl Backend for CpuBackend {
                 )
             },
         );
-        Ok(())
+        match unrotate_dq {
+            Some(r) => self.rope(dq, r.positions, r.cos, r.sin, heads, head_dim, true),
+            None => Ok(()),
+        }
     }
 
     fn write_cache(

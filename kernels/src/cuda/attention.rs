@@ -8,7 +8,7 @@
 use super::launch::Arg;
 use super::{suffix, CudaBackend, CudaIndices, CudaTensor};
 use crate::error::check_len;
-use crate::{AttentionLayout, DType, KernelError, Result};
+use crate::{AttentionLayout, DType, KernelError, Result, Rotation};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 
 const FWD_QUERIES_PER_BLOCK: usize = 128;
@@ -322,6 +322,7 @@ impl CudaBackend {
         dq: &mut CudaTensor,
         dk: &mut CudaTensor,
         dv: &mut CudaTensor,
+        unrotate_dq: Option<Rotation<'_, CudaIndices, CudaTensor>>,
     ) -> Result<()> {
         let op = "attention_backward";
         let dt = self.check_attention(op, q, k, v, layout, doc_start, heads, kv_heads, head_dim)?;
@@ -447,14 +448,33 @@ impl CudaBackend {
                     )?;
                 }
             }
+            // dq ← dq_acc rounded to the compute dtype (and rotated back by RoPE's inverse).
             let total = dq.len();
-            self.launch(
-                &format!("cast_f32_{}", suffix(dt)),
-                (super::launch::blocks_for(total), 1, 1),
-                256,
-                0,
-                &[self.p(&dq_acc), self.p(dq), Arg::U64(total as u64)],
-            )
+            match unrotate_dq {
+                Some(r) => {
+                    let (positions, cos, sin) = (r.positions, r.cos, r.sin);
+                    let tail =
+                        self.rope_tail(op, total, positions, cos, sin, heads, head_dim, true)?;
+                    let args: Vec<Arg> = [self.p(&dq_acc), self.p(dq)]
+                        .into_iter()
+                        .chain(tail.unwrap_or_default())
+                        .collect();
+                    self.launch(
+                        &format!("rope_from_f32_{}", suffix(dt)),
+                        (super::launch::blocks_for_chunks_of_8(total / 2), 1, 1),
+                        256,
+                        0,
+                        &args,
+                    )
+                }
+                None => self.launch(
+                    &format!("cast_f32_{}", suffix(dt)),
+                    (super::launch::blocks_for(total), 1, 1),
+                    256,
+                    0,
+                    &[self.p(&dq_acc), self.p(dq), Arg::U64(total as u64)],
+                ),
+            }
         } else {
             let base = [
                 self.p(q),
@@ -495,7 +515,13 @@ impl CudaBackend {
                 threads,
                 0,
                 &args,
-            )
+            )?;
+            match unrotate_dq {
+                Some(r) => {
+                    crate::Backend::rope(self, dq, r.positions, r.cos, r.sin, heads, head_dim, true)
+                }
+                None => Ok(()),
+            }
         }
     }
 }

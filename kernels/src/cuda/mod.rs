@@ -29,7 +29,7 @@ use crate::backend::check_gemm_at;
 use crate::error::{check_len, check_rows};
 use crate::{
     AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, MatAt, Nf4Absmax, OpTime,
-    ParkLane, Result,
+    ParkLane, Result, Rotation,
 };
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
@@ -271,6 +271,49 @@ impl CudaBackend {
         op()?;
         self.profiler
             .finish(timing, &self.ctx, &self.stream, name, flops)
+    }
+
+    /// Checks RoPE's tables for `len` elements of `[tokens, heads, head_dim]` and returns the
+    /// rope kernels' arguments after the tensors (positions, tables, sizes, sign); `None` when
+    /// there is nothing to rotate.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_tail(
+        &self,
+        op: &'static str,
+        len: usize,
+        positions: &CudaIndices,
+        cos: &CudaTensor,
+        sin: &CudaTensor,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<Option<Vec<Arg>>> {
+        check_len(op, "x", len, positions.len() * heads * head_dim)?;
+        self.require_dtype(op, "cos", cos, DType::F32)?;
+        self.require_dtype(op, "sin", sin, DType::F32)?;
+        let half = head_dim / 2;
+        let table_rows = cos.len() / half.max(1);
+        if let Some(&p) = positions
+            .host(op)?
+            .iter()
+            .find(|&&p| p < 0 || p as usize >= table_rows)
+        {
+            return Err(KernelError::Unsupported(format!(
+                "{op}: position {p} outside the table of {table_rows} positions"
+            )));
+        }
+        if positions.len() * heads * half == 0 {
+            return Ok(None);
+        }
+        Ok(Some(vec![
+            self.pi(positions),
+            self.p(cos),
+            self.p(sin),
+            Arg::I32(positions.len() as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(head_dim as i32),
+            Arg::F32(if inverse { -1.0 } else { 1.0 }),
+        ]))
     }
 
     fn p(&self, t: &CudaTensor) -> Arg {
@@ -727,36 +770,22 @@ impl Backend for CudaBackend {
         head_dim: usize,
         inverse: bool,
     ) -> Result<()> {
-        check_len("rope", "x", x.len(), positions.len() * heads * head_dim)?;
-        self.require_dtype("rope", "cos", cos, DType::F32)?;
-        self.require_dtype("rope", "sin", sin, DType::F32)?;
-        let half = head_dim / 2;
-        let table_rows = cos.len() / half.max(1);
-        if let Some(&p) = positions
-            .host("rope")?
-            .iter()
-            .find(|&&p| p < 0 || p as usize >= table_rows)
-        {
-            return Err(KernelError::Unsupported(format!(
-                "rope: position {p} outside the table of {table_rows} positions"
-            )));
-        }
-        let n = positions.len() * heads * half;
-        if n == 0 {
+        let Some(tail) = self.rope_tail(
+            "rope",
+            x.len(),
+            positions,
+            cos,
+            sin,
+            heads,
+            head_dim,
+            inverse,
+        )?
+        else {
             return Ok(());
-        }
+        };
+        let n = positions.len() * heads * (head_dim / 2);
         let name = format!("rope_{}", suffix(x.dtype));
-        let sign = if inverse { -1.0 } else { 1.0 };
-        let args = [
-            self.p(x),
-            self.pi(positions),
-            self.p(cos),
-            self.p(sin),
-            Arg::I32(positions.len() as i32),
-            Arg::I32(heads as i32),
-            Arg::I32(head_dim as i32),
-            Arg::F32(sign),
-        ];
+        let args: Vec<Arg> = [self.p(x)].into_iter().chain(tail).collect();
         self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
     }
 
@@ -794,9 +823,24 @@ impl Backend for CudaBackend {
         dq: &mut CudaTensor,
         dk: &mut CudaTensor,
         dv: &mut CudaTensor,
+        unrotate_dq: Option<Rotation<'_, CudaIndices, CudaTensor>>,
     ) -> Result<()> {
         self.attention_backward_impl(
-            q, k, v, out, lse, dout, layout, doc_start, heads, kv_heads, head_dim, dq, dk, dv,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            dout,
+            layout,
+            doc_start,
+            heads,
+            kv_heads,
+            head_dim,
+            dq,
+            dk,
+            dv,
+            unrotate_dq,
         )
     }
 

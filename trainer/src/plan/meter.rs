@@ -15,7 +15,7 @@
 
 use kernels::{
     pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, InFlight, MatAt,
-    Nf4Absmax, ParkLane, Result, GEMM_WORKSPACE_BYTES,
+    Nf4Absmax, ParkLane, Result, Rotation, GEMM_WORKSPACE_BYTES,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -432,6 +432,7 @@ impl Backend for MeterBackend {
         dq: &mut MeterTensor,
         dk: &mut MeterTensor,
         dv: &mut MeterTensor,
+        _unrotate_dq: Option<Rotation<'_, usize, MeterTensor>>,
     ) -> Result<()> {
         // attention.rs: `delta [n·heads]` f32, and with the mma kernels an f32 dq accumulator and,
         // with GQA, f32 dK and dV per query head; all f32 scratch in 16-bit storage.

@@ -11,7 +11,7 @@ use crate::lora::LoraParams;
 use crate::model::batch::Batch;
 use crate::model::linear::{self, MemberGrad};
 use anyhow::{anyhow, Result};
-use kernels::Backend;
+use kernels::{Backend, Rotation};
 
 /// `dL/dx` of [`super::head_norm`] from `dy`.
 fn head_norm_backward<B: Backend>(
@@ -205,6 +205,7 @@ impl<B: Backend> LayerWeights<B> {
         };
         let mut dattn = be.empty(n * s.q_dim, dt)?;
         back(InputGroup::O, &[&dmid], &attn, &mut dattn)?;
+        let (positions, cos, sin) = (&batch.positions, &batch.cos, &batch.sin);
         let mut dq = be.empty(n * s.q_dim, dt)?;
         let mut dk = be.empty(n * s.kv_dim, dt)?;
         let mut dv = be.empty(n * s.kv_dim, dt)?;
@@ -223,9 +224,12 @@ impl<B: Backend> LayerWeights<B> {
             &mut dq,
             &mut dk,
             &mut dv,
+            Some(Rotation {
+                positions,
+                cos,
+                sin,
+            }),
         )?;
-        let (positions, cos, sin) = (&batch.positions, &batch.cos, &batch.sin);
-        be.rope(&mut dq, positions, cos, sin, s.heads, s.head_dim, true)?;
         be.rope(&mut dk, positions, cos, sin, s.kv_heads, s.head_dim, true)?;
         drop((dattn, q, k, v, attn, lse));
         let (dq, dk) = match (&self.qk_norm, &qk_raw) {
