@@ -109,6 +109,15 @@ impl MatAt {
         }
     }
 
+    /// The layouts of a product's A, B and C when each is a whole dense tensor.
+    pub fn dense_operands(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> [Self; 3] {
+        [
+            MatAt::dense(if trans_a { m } else { k }),
+            MatAt::dense(if trans_b { k } else { n }),
+            MatAt::dense(n),
+        ]
+    }
+
     /// Rows `ld` apart, the first at `offset`.
     pub fn at(offset: usize, ld: usize) -> Self {
         MatAt { offset, ld }
@@ -326,8 +335,7 @@ pub trait Backend {
         check_len("gemm", "A", self.len(a), m * k)?;
         check_len("gemm", "B", self.len(b), k * n)?;
         check_len("gemm", "C", self.len(c), m * n)?;
-        let a_at = MatAt::dense(if trans_a { m } else { k });
-        let b_at = MatAt::dense(if trans_b { k } else { n });
+        let [a_at, b_at, c_at] = MatAt::dense_operands(m, n, k, trans_a, trans_b);
         self.gemm_at(
             m,
             n,
@@ -338,7 +346,7 @@ pub trait Backend {
             (b, b_at),
             trans_b,
             beta,
-            (c, MatAt::dense(n)),
+            (c, c_at),
         )
     }
 

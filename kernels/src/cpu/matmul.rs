@@ -231,8 +231,7 @@ pub fn gemm_f32(
     beta: f32,
     c: &mut [f32],
 ) {
-    let a_at = MatAt::dense(if trans_a { m } else { k });
-    let b_at = MatAt::dense(if trans_b { k } else { n });
+    let [a_at, b_at, c_at] = MatAt::dense_operands(m, n, k, trans_a, trans_b);
     gemm_f32_at(
         m,
         n,
@@ -243,7 +242,7 @@ pub fn gemm_f32(
         (b, b_at),
         trans_b,
         beta,
-        (c, MatAt::dense(n)),
+        (c, c_at),
     )
 }
 
