@@ -172,6 +172,19 @@ pub(crate) fn check_gemm_at(
     c_at.check("gemm", "C", m, n, c_len)
 }
 
+/// Checks [`Backend::copy_many_into`]'s places: one per source, each inside `dst_len` elements.
+pub(crate) fn check_copy_places(
+    src_lens: impl ExactSizeIterator<Item = usize>,
+    at: &[usize],
+    dst_len: usize,
+) -> Result<()> {
+    check_len("copy_many_into", "offsets", at.len(), src_lens.len())?;
+    for (len, &start) in src_lens.zip(at) {
+        MatAt::at(start, len).check("copy_many_into", "src", 1, len, dst_len)?;
+    }
+    Ok(())
+}
+
 /// The ops a Llama/Mistral decoder needs for LoRA training, each with an explicit backward.
 ///
 /// Conventions: matrices are row-major; `N` is the number of tokens in the batch
@@ -250,9 +263,9 @@ pub trait Backend {
     fn len(&self, t: &Self::Tensor) -> usize;
     /// `dst ← src`, converting dtype (f32 master weights → compute dtype copies).
     fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
-    /// `dst[at[i] .. at[i] + len(src[i])] ← src[i]` for every i, converting dtype: one layer's
-    /// LoRA compute copies, which share one tensor. The CUDA backend does f32 → one dtype in one
-    /// launch.
+    /// `dst[at[i] .. at[i] + len(src[i])] ← src[i]` for every i, converting dtype: the LoRA
+    /// compute copies, which share one tensor (the model's, or one layer's part of it). The CUDA
+    /// backend does f32 → one dtype in one launch.
     fn copy_many_into(
         &self,
         src: &[Self::Tensor],

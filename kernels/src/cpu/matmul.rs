@@ -139,6 +139,16 @@ impl<'a> MatMut<'a> {
     pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
         Self::new(data, rows, cols, cols, 1)
     }
+
+    /// A row-major `rows × cols` matrix placed in `data` as `at` says.
+    pub fn placed(data: &'a mut [f32], at: MatAt, rows: usize, cols: usize) -> Self {
+        let data = if at.extent(rows, cols) == 0 {
+            &mut data[..0]
+        } else {
+            &mut data[at.offset..]
+        };
+        Self::new(data, rows, cols, at.ld, 1)
+    }
 }
 
 /// `C ← alpha · A · B + beta · C` on one thread; with `beta = 0` C is only written
@@ -271,12 +281,7 @@ pub fn gemm_f32_at(
     } else {
         MatRef::placed(b, b_at, k, n)
     };
-    let c_data = if c_at.extent(m, n) == 0 {
-        &mut c[..0]
-    } else {
-        &mut c[c_at.offset..]
-    };
-    let c = MatMut::new(c_data, m, n, c_at.ld, 1);
+    let c = MatMut::placed(c, c_at, m, n);
     let k_chunks = if k >= DEEP * m.max(n) {
         MIN_TASKS.min(k / MIN_K_CHUNK)
     } else {

@@ -452,9 +452,7 @@ impl CudaBackend {
             let total = dq.len();
             match unrotate_dq {
                 Some(r) => {
-                    let (positions, cos, sin) = (r.positions, r.cos, r.sin);
-                    let tail =
-                        self.rope_tail(op, total, positions, cos, sin, heads, head_dim, true)?;
+                    let tail = self.rope_tail(op, &r, heads, head_dim, true)?;
                     let args: Vec<Arg> = [self.p(&dq_acc), self.p(dq)]
                         .into_iter()
                         .chain(tail.unwrap_or_default())

@@ -273,22 +273,27 @@ impl CudaBackend {
             .finish(timing, &self.ctx, &self.stream, name, flops)
     }
 
-    /// Checks RoPE's tables for `len` elements of `[tokens, heads, head_dim]` and returns the
-    /// rope kernels' arguments after the tensors (positions, tables, sizes, sign); `None` when
-    /// there is nothing to rotate.
-    #[allow(clippy::too_many_arguments)]
+    /// `src`'s elements, converted to `dtype`, written from device address `dst` on
+    /// (`cast_<src>_<dtype>`).
+    fn cast_to(&self, src: &CudaTensor, dst: u64, dtype: DType) -> Result<()> {
+        let name = format!("cast_{}_{}", suffix(src.dtype), suffix(dtype));
+        let n = src.len();
+        let args = [self.p(src), Arg::Ptr(dst), Arg::U64(n as u64)];
+        self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
+    }
+
+    /// Checks RoPE's tables for a `[tokens, heads, head_dim]` tensor (the caller checks its
+    /// length) and returns the rope kernels' arguments after the tensors (positions, tables,
+    /// sizes, sign); `None` when there is nothing to rotate.
     fn rope_tail(
         &self,
         op: &'static str,
-        len: usize,
-        positions: &CudaIndices,
-        cos: &CudaTensor,
-        sin: &CudaTensor,
+        r: &Rotation<'_, CudaIndices, CudaTensor>,
         heads: usize,
         head_dim: usize,
         inverse: bool,
     ) -> Result<Option<Vec<Arg>>> {
-        check_len(op, "x", len, positions.len() * heads * head_dim)?;
+        let (positions, cos, sin) = (r.positions, r.cos, r.sin);
         self.require_dtype(op, "cos", cos, DType::F32)?;
         self.require_dtype(op, "sin", sin, DType::F32)?;
         let half = head_dim / 2;
@@ -547,15 +552,7 @@ impl Backend for CudaBackend {
 
     fn copy(&self, src: &CudaTensor, dst: &mut CudaTensor) -> Result<()> {
         check_len("copy", "dst", dst.len(), src.len())?;
-        let name = format!("cast_{}_{}", suffix(src.dtype), suffix(dst.dtype));
-        let n = src.len();
-        self.launch(
-            &name,
-            (blocks_for_chunks_of_8(n), 1, 1),
-            256,
-            0,
-            &[self.p(src), self.p(dst), Arg::U64(n as u64)],
-        )
+        self.cast_to(src, dst.ptr(&self.stream), dst.dtype)
     }
 
     fn copy_many_into(&self, src: &[CudaTensor], dst: &mut CudaTensor, at: &[usize]) -> Result<()> {
@@ -770,17 +767,13 @@ impl Backend for CudaBackend {
         head_dim: usize,
         inverse: bool,
     ) -> Result<()> {
-        let Some(tail) = self.rope_tail(
-            "rope",
-            x.len(),
+        check_len("rope", "x", x.len(), positions.len() * heads * head_dim)?;
+        let tables = Rotation {
             positions,
             cos,
             sin,
-            heads,
-            head_dim,
-            inverse,
-        )?
-        else {
+        };
+        let Some(tail) = self.rope_tail("rope", &tables, heads, head_dim, inverse)? else {
             return Ok(());
         };
         let n = positions.len() * heads * (head_dim / 2);

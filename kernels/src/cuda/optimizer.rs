@@ -2,7 +2,7 @@
 //! reduce.cu): the tensors' addresses and first flat indices go to the device as small tables, so
 //! AdamW, the global gradient norm and the finiteness check are one launch each.
 
-use super::launch::{blocks_for, blocks_for_chunks_of_8, Arg};
+use super::launch::{blocks_for, Arg};
 use super::{CudaBackend, CudaTensor};
 use crate::error::check_len;
 use crate::{AdamWParams, DType, KernelError, Result};
@@ -109,29 +109,13 @@ impl CudaBackend {
         dst: &mut CudaTensor,
         at: &[usize],
     ) -> Result<()> {
-        check_len("copy_many_into", "offsets", at.len(), src.len())?;
-        for (s, &start) in src.iter().zip(at) {
-            crate::MatAt::at(start, s.len()).check(
-                "copy_many_into",
-                "src",
-                1,
-                s.len(),
-                dst.len(),
-            )?;
-        }
+        crate::backend::check_copy_places(src.iter().map(|s| s.len()), at, dst.len())?;
         let base = dst.ptr(&self.stream);
         let size = dst.dtype.size_bytes() as u64;
         let places: Vec<u64> = at.iter().map(|&a| base + a as u64 * size).collect();
         if !src.iter().all(|s| s.dtype == DType::F32) {
             for (s, &place) in src.iter().zip(&places) {
-                let name = format!(
-                    "cast_{}_{}",
-                    super::suffix(s.dtype),
-                    super::suffix(dst.dtype)
-                );
-                let n = s.len();
-                let args = [self.p(s), Arg::Ptr(place), Arg::U64(n as u64)];
-                self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)?;
+                self.cast_to(s, place, dst.dtype)?;
             }
             return Ok(());
         }

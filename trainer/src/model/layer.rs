@@ -260,17 +260,16 @@ impl<B: Backend> LayerWeights<B> {
         &self,
         be: &B,
         s: &Shapes,
-        layer: usize,
-        lora: Option<&LoraParams<B>>,
         g: InputGroup,
+        adapter: Option<&GroupAdapter<'_, B>>,
         input: &B::Tensor,
     ) -> Result<Option<B::Tensor>> {
-        let Some(adapter) = group_adapter(lora, layer, g) else {
+        let Some(adapter) = adapter else {
             return Ok(None);
         };
-        let d = s.dims(g.members()[0], 1);
-        let n = be.len(input) / d.in_f;
-        Ok(Some(linear::lora_input(be, n, d.in_f, input, &adapter)?))
+        let in_f = s.dims(g.members()[0], 1).in_f;
+        let n = be.len(input) / in_f;
+        Ok(Some(linear::lora_input(be, n, in_f, input, adapter)?))
     }
 
     /// `outs[i] ← input Wᵀ (+ LoRA)` of each projection of input group `g`; returns the group's
@@ -287,12 +286,12 @@ impl<B: Backend> LayerWeights<B> {
         outs: &mut [&mut B::Tensor],
     ) -> Result<Option<B::Tensor>> {
         assert_eq!(outs.len(), g.members().len(), "one output per member");
-        let t = self.lora_input(be, s, layer, lora, g, input)?;
         let adapter = group_adapter(lora, layer, g);
+        let t = self.lora_input(be, s, g, adapter.as_ref(), input)?;
         for (&p, out) in g.members().iter().zip(outs.iter_mut()) {
             let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
-            let term = match (&adapter, lora.and_then(|l| l.slot(layer, p)), &t) {
-                (Some(a), Some(slot), Some(t)) => Some((a, slot, t)),
+            let term = match (&adapter, &t) {
+                (Some(a), Some(t)) => a.params.slot(layer, p).map(|slot| (a, slot, t)),
                 _ => None,
             };
             linear::forward(be, d, input, &self.proj[p.index()], term, out)?;
@@ -355,7 +354,8 @@ impl<B: Backend> LayerWeights<B> {
         let o = InputGroup::O;
         let (attn, lse, mid) = match kept {
             Some((attn, lse)) => {
-                lora_t[o.index()] = self.lora_input(be, s, layer, lora, o, &attn)?;
+                let adapter = group_adapter(lora, layer, o);
+                lora_t[o.index()] = self.lora_input(be, s, o, adapter.as_ref(), &attn)?;
                 (attn, Some(lse), None)
             }
             None => {
@@ -429,7 +429,8 @@ impl<B: Backend> LayerWeights<B> {
             be.axpy(1.0, &mid, &mut out)?;
             Some(out)
         } else {
-            lora_t[down.index()] = self.lora_input(be, s, layer, lora, down, &act)?;
+            let adapter = group_adapter(lora, layer, down);
+            lora_t[down.index()] = self.lora_input(be, s, down, adapter.as_ref(), &act)?;
             None
         };
         let saved = MlpSaved {
