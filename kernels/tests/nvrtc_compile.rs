@@ -1,5 +1,6 @@
 //! Every CUDA kernel source compiles with NVRTC to PTX for sm_75, sm_80 and sm_90, and the PTX
-//! holds every entry point the backend loads; for sm_90 the Hopper attention kernels hold wgmma. Needs libnvrtc but no GPU:
+//! holds exactly the entry points the backend loads (a kernel missing from `entry_points` would be
+//! compiled but never loaded, and fail only when a GPU launches it); for sm_90 the Hopper attention kernels hold wgmma. Needs libnvrtc but no GPU:
 //! `pip install nvidia-cuda-nvrtc==13.0.*` gives it on any machine, and the backend's own search
 //! (`kernels::cuda::libraries`) finds it in that Python environment with no LD_LIBRARY_PATH.
 #![cfg(feature = "cuda")]
@@ -42,15 +43,20 @@ fn every_kernel_compiles_for_turing_ampere_and_hopper() {
                 "{} for sm_{arch}: wrong target",
                 source.name
             );
-            let entries = (source.entry_points)();
-            assert!(!entries.is_empty());
-            for name in entries {
-                assert!(
-                    ptx.contains(&format!(".entry {name}(")),
-                    "{}.cu for sm_{arch}: no entry point {name}",
-                    source.name
-                );
-            }
+            let mut loaded = (source.entry_points)();
+            assert!(!loaded.is_empty());
+            loaded.sort();
+            let mut in_ptx: Vec<String> = ptx
+                .lines()
+                .filter_map(|l| l.trim_start().strip_prefix(".visible .entry "))
+                .map(|l| l.split('(').next().unwrap().trim().to_string())
+                .collect();
+            in_ptx.sort();
+            assert_eq!(
+                in_ptx, loaded,
+                "{}.cu for sm_{arch}: kernels in the PTX (left) against the entry points the backend loads (right)",
+                source.name
+            );
         }
     }
 }

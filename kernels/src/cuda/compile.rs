@@ -61,7 +61,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         name: "rope",
         source: include_str!("../../cuda/rope.cu"),
         headers: &[],
-        entry_points: || per_dtype(&["rope"]),
+        entry_points: || per_dtype(&["rope", "rope_from_f32"]),
     },
     KernelSource {
         name: "broadcast",
