@@ -160,11 +160,7 @@ pub fn step_flops(c: &ModelConfig, lora_values: usize, spec: &BenchSpec) -> (f64
     let policy = spec.checkpointing;
     let share = policy.recomputed_layers(c.num_layers) as f64 / c.num_layers as f64;
     let offloaded = policy.mode == Checkpointing::Offload;
-    let not_recomputed: &[Projection] = if offloaded {
-        &[Projection::Down, Projection::O]
-    } else {
-        &[Projection::Down]
-    };
+    let not_recomputed = policy.mode.not_recomputed(c);
     let recomputed_n = layer_n - not_recomputed.iter().map(weights).sum::<f64>();
     let attn_again = if offloaded { 0.0 } else { attn_fwd };
     let recompute = share * (tokens * (2.0 * recomputed_n + 2.0 * p) + attn_again);
@@ -518,7 +514,8 @@ mod tests {
         let down = 4096.0 * 11008.0 * 32.0;
         let recomputed = 4096.0 * (2.0 * (6_476_005_376f64 - down) + 2.0 * p as f64);
         assert!((hw - model - (recomputed + attn)).abs() < 1.0);
-        // Offloaded for the first 16 of 32 layers: half of that, without o (4096²·32) or attention.
+        // Offloaded for the first 16 of 32 layers: half of that, without o and v (4096²·32 each:
+        // the checkpoint keeps v) or attention.
         let half_offload = BenchSpec {
             checkpointing: CheckpointPolicy {
                 mode: Checkpointing::Offload,
@@ -527,8 +524,8 @@ mod tests {
             ..s
         };
         let (_, hw) = step_flops(&c, p, &half_offload);
-        let o = 4096.0 * 4096.0 * 32.0;
-        let recomputed = 4096.0 * (2.0 * (6_476_005_376f64 - down - o) + 2.0 * p as f64);
+        let (o, v) = (4096.0 * 4096.0 * 32.0, 4096.0 * 4096.0 * 32.0);
+        let recomputed = 4096.0 * (2.0 * (6_476_005_376f64 - down - o - v) + 2.0 * p as f64);
         assert!((hw - model - recomputed / 2.0).abs() < 1.0);
     }
 

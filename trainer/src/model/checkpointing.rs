@@ -1,5 +1,6 @@
 //! What a layer's forward keeps for its backward (`train.gradient_checkpointing`).
 
+use crate::arch::{ModelConfig, Projection};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Activation checkpointing of a layer.
@@ -12,17 +13,70 @@ pub enum Checkpointing {
     /// more compute, activations of one layer at a time).
     Full,
     /// As `Full`, with each layer's input, attention output, log-sum-exp and attention residual
-    /// in pinned host memory: copied out on a second stream during the forward and back one layer
-    /// ahead during the backward, so the device holds two layers' of them instead of every layer's
-    /// input, and the recomputation skips attention and the o projection (faster than `Full`
-    /// while the host link keeps up: 3 × hidden × 2 bytes per token per layer each way).
+    /// (and the v, or k and v, projections' outputs: [`KeptKv`]) in pinned host memory: copied
+    /// out on a second stream during the forward and back one layer ahead during the backward, so
+    /// the device holds two layers' of them instead of every layer's input, and the recomputation
+    /// skips attention, the o projection and the kept projections (faster than `Full` while the
+    /// host link keeps up: (3 × hidden + kept) × 2 bytes per token per layer each way).
     Offload,
+}
+
+/// Which of the k and v projections' outputs an offloaded checkpoint keeps, so that the
+/// recomputation skips their GEMMs. Each costs `kv_dim × 2` bytes per token of the host link, which
+/// is only free while the link keeps up with the forward: at Llama-2-7B's shape (kv_dim = hidden)
+/// one more tensor of that size fits in a layer's forward time and two do not; with grouped-query
+/// attention (kv_dim ≤ hidden / 4) both fit. K is kept after RoPE, which is all its backward needs
+/// unless the family normalises k per head (Qwen3): then its pre-norm value would be needed too,
+/// and only v is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeptKv {
+    V,
+    #[serde(rename = "k+v")]
+    KV,
+}
+
+impl KeptKv {
+    /// What an offloaded checkpoint of `c` keeps.
+    pub fn of(c: &ModelConfig) -> KeptKv {
+        if !c.qk_norm && 4 * c.kv_dim() <= c.hidden_size {
+            KeptKv::KV
+        } else {
+            KeptKv::V
+        }
+    }
+
+    /// The values an offloaded checkpoint of `c` holds per token: `(in the compute dtype, in
+    /// f32)` — the input, attention output, residual and kept k/v; the log-sum-exp per head.
+    pub fn checkpoint_values_per_token(c: &ModelConfig) -> (usize, usize) {
+        let kept = KeptKv::of(c).projections().len() * c.kv_dim();
+        (2 * c.hidden_size + c.q_dim() + kept, c.num_heads)
+    }
+
+    /// The kept projections (not recomputed).
+    pub fn projections(self) -> &'static [Projection] {
+        match self {
+            KeptKv::V => &[Projection::V],
+            KeptKv::KV => &[Projection::K, Projection::V],
+        }
+    }
 }
 
 impl Checkpointing {
     /// Whether backward recomputes each layer's forward.
     pub fn recomputes(self) -> bool {
         self != Checkpointing::Off
+    }
+
+    /// The projections a recomputed layer of `c` does not run again: the down projection (its
+    /// output went to the layer above), and offloaded also o and the kept k/v ([`KeptKv`]).
+    pub fn not_recomputed(self, c: &ModelConfig) -> Vec<Projection> {
+        let mut skipped = vec![Projection::Down];
+        if self == Checkpointing::Offload {
+            skipped.push(Projection::O);
+            skipped.extend_from_slice(KeptKv::of(c).projections());
+        }
+        skipped
     }
 
     /// The config spelling.

@@ -1,14 +1,14 @@
 //! The whole decoder (every family of [`crate::arch`]) over a backend: embedding → layers → final
 //! RMSNorm → LM head, with the loss and the backward pass.
 //! With gradient checkpointing only each layer's input is kept on the device, or offloaded to host
-//! memory with the layer's attention output, log-sum-exp and residual; backward recomputes the
+//! memory with the layer's attention output, log-sum-exp, residual and v (or k and v); backward recomputes the
 //! rest of the layer forward (Chen et al. 2016) and so produces the same gradients bit for bit.
 
 use super::batch::Batch;
 use super::bnb_checkpoint;
-use super::checkpointing::{CheckpointPolicy, Checkpointing};
+use super::checkpointing::{CheckpointPolicy, Checkpointing, KeptKv};
 use super::hooks::{LayerHooks, NoHooks};
-use super::layer::{Attend, LayerCheckpoint, LayerSaved, LayerWeights, Shapes};
+use super::layer::{Attend, CheckpointKeeps, LayerCheckpoint, LayerSaved, LayerWeights, Shapes};
 use super::linear::FrozenLinear;
 use super::proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
 use crate::arch::{HeadNorm, ModelConfig, Projection};
@@ -325,17 +325,19 @@ impl<B: Backend> Decoder<B> {
         let mut x = be.empty(n * s.hidden, be.compute_dtype())?;
         self.embed.rows(be, &batch.ids, s.hidden, &mut x)?;
         let mut saved = Vec::with_capacity(self.layers.len());
+        let offloaded = CheckpointKeeps::Attention(KeptKv::of(&self.config));
         for (l, layer) in self.layers.iter().enumerate() {
-            // Checkpointing keeps the layer input (and, offloaded, the attention part); the rest
-            // is recomputed in backward.
+            // Checkpointing keeps the layer input (and, offloaded, the attention part and v, or
+            // k and v); the rest is recomputed in backward.
             let lora = lora.layer(l)?;
             let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
             saved.push(match checkpointing.of_layer(l) {
                 Checkpointing::Off => Saved::Full(full),
-                Checkpointing::Full => Saved::Checkpoint(full.checkpoint(false)?),
-                Checkpointing::Offload => Saved::Parked(
-                    be.park(full.checkpoint(true)?.into_tensors(), ParkLane::Activations)?,
-                ),
+                Checkpointing::Full => Saved::Checkpoint(full.checkpoint(CheckpointKeeps::Input)?),
+                Checkpointing::Offload => Saved::Parked(be.park(
+                    full.checkpoint(offloaded)?.into_tensors(),
+                    ParkLane::Activations,
+                )?),
             });
             x = y;
         }

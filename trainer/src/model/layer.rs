@@ -8,10 +8,11 @@
 //! (`AttentionSaved`, `MlpSaved`); the backward is in [`backward`].
 
 use super::batch::Batch;
+use super::checkpointing::KeptKv;
 use super::linear::{self, Dims, FrozenLinear, GroupAdapter};
 use crate::arch::{InputGroup, ModelConfig, Projection};
 use crate::lora::LoraParams;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use kernels::{Backend, DType};
 
 mod backward;
@@ -112,20 +113,34 @@ pub struct LayerCheckpoint<B: Backend> {
 
 /// The attention output, its log-sum-exp and the residual after the o projection: with these the
 /// recomputation skips the attention forward and the o projection's frozen GEMM (at 7B, b2 × 2048:
-/// 8.0 MiB per 1k tokens per layer against ~0.7 ms of recomputation).
+/// 8.0 MiB per 1k tokens per layer against ~0.7 ms of recomputation); and v (or k after RoPE and
+/// v, [`KeptKv`]), whose projections it then skips too.
 struct AttentionKept<B: Backend> {
     attn: B::Tensor,
     lse: B::Tensor,
     mid: B::Tensor,
+    v: B::Tensor,
+    k: Option<B::Tensor>,
+}
+
+/// What a checkpoint keeps besides the layer input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointKeeps {
+    /// Nothing ([`Checkpointing::Full`](super::Checkpointing::Full)).
+    Input,
+    /// The attention part with `KeptKv`'s projections
+    /// ([`Checkpointing::Offload`](super::Checkpointing::Offload)).
+    Attention(KeptKv),
 }
 
 impl<B: Backend> LayerCheckpoint<B> {
-    /// The tensors, in the order [`LayerCheckpoint::from_tensors`] takes: `[x]` or
-    /// `[x, attn, lse, mid]`.
+    /// The tensors, in the order [`LayerCheckpoint::from_tensors`] takes: `[x]`,
+    /// `[x, attn, lse, mid, v]` or `[x, attn, lse, mid, v, k]`.
     pub fn into_tensors(self) -> Vec<B::Tensor> {
         let mut ts = vec![self.x];
-        if let Some(k) = self.attention {
-            ts.extend([k.attn, k.lse, k.mid]);
+        if let Some(kept) = self.attention {
+            ts.extend([kept.attn, kept.lse, kept.mid, kept.v]);
+            ts.extend(kept.k);
         }
         ts
     }
@@ -133,12 +148,27 @@ impl<B: Backend> LayerCheckpoint<B> {
     pub fn from_tensors(ts: Vec<B::Tensor>) -> Self {
         let mut it = ts.into_iter();
         let x = it.next().expect("a checkpoint holds the layer input");
-        let attention = match (it.next(), it.next(), it.next()) {
-            (Some(attn), Some(lse), Some(mid)) => Some(AttentionKept { attn, lse, mid }),
+        let attention = match (it.next(), it.next(), it.next(), it.next()) {
+            (Some(attn), Some(lse), Some(mid), Some(v)) => Some(AttentionKept {
+                attn,
+                lse,
+                mid,
+                v,
+                k: it.next(),
+            }),
             _ => None,
         };
         LayerCheckpoint { x, attention }
     }
+}
+
+/// What an offloaded checkpoint gives the attention half's recomputation
+/// ([`AttentionKept`] but the residual, which the MLP half takes).
+struct ReusedAttention<B: Backend> {
+    attn: B::Tensor,
+    lse: B::Tensor,
+    v: B::Tensor,
+    k: Option<B::Tensor>,
 }
 
 /// q or k before its per-head RMSNorm, and the norm's `1/rms` per head: what its backward needs.
@@ -189,21 +219,27 @@ pub struct LayerSaved<B: Backend> {
 }
 
 impl<B: Backend> LayerSaved<B> {
-    /// What checkpointing keeps of this forward (the rest is dropped here): the input, and the
-    /// attention part when `keep_attention`.
-    pub fn checkpoint(self, keep_attention: bool) -> Result<LayerCheckpoint<B>> {
+    /// What checkpointing keeps of this forward (the rest is dropped here).
+    pub fn checkpoint(self, keeps: CheckpointKeeps) -> Result<LayerCheckpoint<B>> {
         let LayerSaved { attention, mlp } = self;
-        let kept = if keep_attention {
-            let lse = attention
-                .lse
-                .ok_or_else(|| anyhow!("a cached (generation) forward keeps no checkpoint"))?;
-            Some(AttentionKept {
-                attn: attention.attn,
-                lse,
-                mid: mlp.mid,
-            })
-        } else {
-            None
+        let kept = match keeps {
+            CheckpointKeeps::Input => None,
+            CheckpointKeeps::Attention(kv) => {
+                let lse = attention
+                    .lse
+                    .ok_or_else(|| anyhow!("a cached (generation) forward keeps no checkpoint"))?;
+                if kv == KeptKv::KV && attention.qk_raw.is_some() {
+                    // KeptKv::of never asks for it: k's norm backward needs k before its norm.
+                    bail!("a checkpoint keeps k only in families without a per-head k norm");
+                }
+                Some(AttentionKept {
+                    attn: attention.attn,
+                    lse,
+                    mid: mlp.mid,
+                    v: attention.v,
+                    k: (kv == KeptKv::KV).then_some(attention.k),
+                })
+            }
         };
         Ok(LayerCheckpoint {
             x: attention.x,
@@ -272,8 +308,9 @@ impl<B: Backend> LayerWeights<B> {
         Ok(Some(linear::lora_input(be, n, in_f, input, adapter)?))
     }
 
-    /// `outs[i] ← input Wᵀ (+ LoRA)` of each projection of input group `g`; returns the group's
-    /// `t = input A_gᵀ` when a member is adapted.
+    /// `outs[i] ← input Wᵀ (+ LoRA)` of each projection of input group `g` whose output is asked
+    /// for (`None`: kept by a checkpoint, not run again); returns the group's `t = input A_gᵀ`
+    /// when a member is adapted.
     #[allow(clippy::too_many_arguments)]
     fn project_group(
         &self,
@@ -283,12 +320,13 @@ impl<B: Backend> LayerWeights<B> {
         lora: Option<&LoraParams<B>>,
         g: InputGroup,
         input: &B::Tensor,
-        outs: &mut [&mut B::Tensor],
+        outs: &mut [Option<&mut B::Tensor>],
     ) -> Result<Option<B::Tensor>> {
         assert_eq!(outs.len(), g.members().len(), "one output per member");
         let adapter = group_adapter(lora, layer, g);
         let t = self.lora_input(be, s, g, adapter.as_ref(), input)?;
         for (&p, out) in g.members().iter().zip(outs.iter_mut()) {
+            let Some(out) = out else { continue };
             let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
             let term = match (&adapter, &t) {
                 (Some(a), Some(t)) => a.params.slot(layer, p).map(|slot| (a, slot, t)),
@@ -300,9 +338,9 @@ impl<B: Backend> LayerWeights<B> {
     }
 
     /// The attention half of the forward: `h = x + o_proj(attn(rope(q), rope(k), v))`. Returns
-    /// what its backward needs and the residual `h`; given `kept` (the forward's attention output
-    /// and log-sum-exp, checkpoint offload), attention and the o projection are not run again and
-    /// `h` is not returned.
+    /// what its backward needs and the residual `h`; given what an offloaded checkpoint kept
+    /// (`reused`: the attention output, its log-sum-exp, v and perhaps k), attention, the o
+    /// projection and the kept projections are not run again and `h` is not returned.
     #[allow(clippy::too_many_arguments)]
     fn attention_half(
         &self,
@@ -312,7 +350,7 @@ impl<B: Backend> LayerWeights<B> {
         lora: Option<&LoraParams<B>>,
         attend: Attend<'_, B>,
         x: B::Tensor,
-        kept: Option<(B::Tensor, B::Tensor)>,
+        reused: Option<ReusedAttention<B>>,
     ) -> Result<(AttentionSaved<B>, Option<B::Tensor>)> {
         let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
@@ -327,9 +365,14 @@ impl<B: Backend> LayerWeights<B> {
             &mut norm1,
             &mut rstd1,
         )?;
+        let (kept_attention, kept_k, kept_v) = match reused {
+            Some(r) => (Some((r.attn, r.lse)), r.k, Some(r.v)),
+            None => (None, None, None),
+        };
+        let (project_k, project_v) = (kept_k.is_none(), kept_v.is_none());
         let mut q = be.empty(n * s.q_dim, dt)?;
-        let mut k = be.empty(n * s.kv_dim, dt)?;
-        let mut v = be.empty(n * s.kv_dim, dt)?;
+        let mut k = kept_k.map_or_else(|| be.empty(n * s.kv_dim, dt), Ok)?;
+        let mut v = kept_v.map_or_else(|| be.empty(n * s.kv_dim, dt), Ok)?;
         let qkv = InputGroup::Qkv;
         lora_t[qkv.index()] = self.project_group(
             be,
@@ -338,10 +381,17 @@ impl<B: Backend> LayerWeights<B> {
             lora,
             qkv,
             &norm1,
-            &mut [&mut q, &mut k, &mut v],
+            &mut [
+                Some(&mut q),
+                project_k.then_some(&mut k),
+                project_v.then_some(&mut v),
+            ],
         )?;
         let (mut q, mut k, qk_raw) = match &self.qk_norm {
             Some([wq, wk]) => {
+                if !project_k {
+                    bail!("a kept k is after its per-head norm, whose backward needs it before");
+                }
                 let (q, q_raw) = head_norm(be, s, q, wq)?;
                 let (k, k_raw) = head_norm(be, s, k, wk)?;
                 (q, k, Some([q_raw, k_raw]))
@@ -350,9 +400,11 @@ impl<B: Backend> LayerWeights<B> {
         };
         let (positions, cos, sin) = attend.rope_tables();
         be.rope(&mut q, positions, cos, sin, s.heads, s.head_dim, false)?;
-        be.rope(&mut k, positions, cos, sin, s.kv_heads, s.head_dim, false)?;
+        if project_k {
+            be.rope(&mut k, positions, cos, sin, s.kv_heads, s.head_dim, false)?;
+        }
         let o = InputGroup::O;
-        let (attn, lse, mid) = match kept {
+        let (attn, lse, mid) = match kept_attention {
             Some((attn, lse)) => {
                 let adapter = group_adapter(lora, layer, o);
                 lora_t[o.index()] = self.lora_input(be, s, o, adapter.as_ref(), &attn)?;
@@ -363,7 +415,7 @@ impl<B: Backend> LayerWeights<B> {
                 let lse = self.attend(be, s, attend, &q, &k, &v, &mut attn)?;
                 let mut mid = be.empty(n * s.hidden, dt)?;
                 lora_t[o.index()] =
-                    self.project_group(be, s, layer, lora, o, &attn, &mut [&mut mid])?;
+                    self.project_group(be, s, layer, lora, o, &attn, &mut [Some(&mut mid)])?;
                 be.axpy(1.0, &x, &mut mid)?;
                 (attn, lse, Some(mid))
             }
@@ -417,7 +469,7 @@ impl<B: Backend> LayerWeights<B> {
             lora,
             gate_up,
             &norm2,
-            &mut [&mut gate, &mut up],
+            &mut [Some(&mut gate), Some(&mut up)],
         )?;
         let mut act = be.empty(n * s.inter, dt)?;
         be.swiglu(&gate, &up, &mut act)?;
@@ -425,7 +477,7 @@ impl<B: Backend> LayerWeights<B> {
         let out = if output {
             let mut out = be.empty(n * s.hidden, dt)?;
             lora_t[down.index()] =
-                self.project_group(be, s, layer, lora, down, &act, &mut [&mut out])?;
+                self.project_group(be, s, layer, lora, down, &act, &mut [Some(&mut out)])?;
             be.axpy(1.0, &mid, &mut out)?;
             Some(out)
         } else {

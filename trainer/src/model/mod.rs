@@ -20,7 +20,7 @@ pub use crate::arch::{ModelConfig, Projection};
 pub use crate::weights;
 pub use batch::{next_token_targets, Batch};
 pub use cached::KvCache;
-pub use checkpointing::{CheckpointPolicy, Checkpointing, CheckpointingSetting};
+pub use checkpointing::{CheckpointPolicy, Checkpointing, CheckpointingSetting, KeptKv};
 pub use decoder::{Activations, Decoder};
 pub use hooks::{LayerHooks, NoHooks};
 pub use proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};

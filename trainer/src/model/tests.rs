@@ -1,7 +1,7 @@
 //! Decoder-level checks on small random models: finite differences of the LoRA gradients through
 //! every op at once, gradient checkpointing, and packed rows behaving like separate sequences.
 
-use super::{Batch, CheckpointPolicy, Checkpointing, Decoder, ModelConfig, Projection};
+use super::{Batch, CheckpointPolicy, Checkpointing, Decoder, KeptKv, ModelConfig, Projection};
 use crate::lora::{LoraConfig, LoraParams};
 use kernels::cpu::CpuBackend;
 use kernels::{AttentionLayout, Backend};
@@ -141,32 +141,47 @@ fn lora_gradients_match_finite_differences_through_the_whole_model() {
     }
 }
 
+/// Full and offloaded checkpointing, of every layer or of the first only, give the gradients of no
+/// checkpointing bit for bit; offloaded in each case of [`KeptKv`]: v alone (Mistral, 2 of 4 heads),
+/// k and v (Llama with one key/value head), v alone where k has a per-head norm (Qwen3).
 #[test]
 fn gradient_checkpointing_changes_no_gradient() {
     let be = CpuBackend::new();
-    let c = config(MISTRAL, Some(4), false);
-    let m = model(&be, &c, false);
-    let mut lora = adapter(&be, &c);
-    let ids = tokens(20, 2);
-    let batch = Batch::new(
-        &be,
-        &c,
-        &ids,
-        &ids,
-        AttentionLayout::right_padded(&[10, 7], 10, Some(4)),
-    )
-    .unwrap();
-    let (l1, g1) = loss_and_grads(&be, &m, &mut lora, &batch, CheckpointPolicy::OFF);
-    // Every layer, or only the first one (the second keeps everything), in both modes.
-    for mode in [Checkpointing::Full, Checkpointing::Offload] {
-        for layers in [None, Some(1)] {
-            let policy = CheckpointPolicy { mode, layers };
-            let (l2, g2) = loss_and_grads(&be, &m, &mut lora, &batch, policy);
-            assert_eq!(l1, l2, "{policy:?}");
-            assert_eq!(
-                g1, g2,
-                "{policy:?}: checkpointed gradients must be bitwise identical"
-            );
+    let one_kv_head = {
+        let mut c = config(LLAMA, None, false);
+        c.num_kv_heads = 1;
+        c
+    };
+    let cases = [
+        (config(MISTRAL, Some(4), false), KeptKv::V),
+        (one_kv_head, KeptKv::KV),
+        (config(QWEN3, None, false), KeptKv::V),
+    ];
+    for (c, kept) in cases {
+        assert_eq!(KeptKv::of(&c), kept);
+        let m = model(&be, &c, false);
+        let mut lora = adapter(&be, &c);
+        let ids = tokens(20, 2);
+        let batch = Batch::new(
+            &be,
+            &c,
+            &ids,
+            &ids,
+            AttentionLayout::right_padded(&[10, 7], 10, c.sliding_window),
+        )
+        .unwrap();
+        let (l1, g1) = loss_and_grads(&be, &m, &mut lora, &batch, CheckpointPolicy::OFF);
+        // Every layer, or only the first one (the second keeps everything), in both modes.
+        for mode in [Checkpointing::Full, Checkpointing::Offload] {
+            for layers in [None, Some(1)] {
+                let policy = CheckpointPolicy { mode, layers };
+                let (l2, g2) = loss_and_grads(&be, &m, &mut lora, &batch, policy);
+                assert_eq!(l1, l2, "{kept:?} {policy:?}");
+                assert_eq!(
+                    g1, g2,
+                    "{kept:?} {policy:?}: checkpointed gradients must be bitwise identical"
+                );
+            }
         }
     }
 }

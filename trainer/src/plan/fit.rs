@@ -8,7 +8,7 @@
 //! in full.
 
 use super::{Plan, PlanSpec};
-use crate::model::{CheckpointPolicy, Checkpointing, CheckpointingSetting};
+use crate::model::{CheckpointPolicy, Checkpointing, CheckpointingSetting, KeptKv};
 use crate::train::config::RunConfig;
 use anyhow::{bail, Result};
 
@@ -23,14 +23,13 @@ fn host_budget(available: u64) -> u64 {
     available / 2
 }
 
-/// Pinned host bytes of offloading `layers` layers' checkpoints (input, attention output,
-/// residual: compute dtype; log-sum-exp: f32), as model/layer.rs's `LayerCheckpoint`.
+/// Pinned host bytes of offloading `layers` layers' checkpoints (model/layer.rs's
+/// `LayerCheckpoint`, [`KeptKv::checkpoint_values_per_token`]).
 pub fn offload_host_bytes(spec: &PlanSpec, layers: usize) -> u64 {
-    let c = &spec.model;
     let n = (spec.batch * spec.seq) as u64;
     let e = spec.dtype.size_bytes() as u64;
-    let per_layer = e * n * (2 * c.hidden_size + c.q_dim()) as u64 + 4 * n * c.num_heads as u64;
-    per_layer * layers as u64
+    let (compute, f32s) = KeptKv::checkpoint_values_per_token(&spec.model);
+    n * (e * compute as u64 + 4 * f32s as u64) * layers as u64
 }
 
 /// The checkpointing `"auto"` chooses, and why, in words.

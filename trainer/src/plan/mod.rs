@@ -23,7 +23,7 @@ pub use report::{describe, describe_suggestions, startup_report, suggestions};
 
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{
-    Batch, CheckpointPolicy, Checkpointing, Decoder, LayerHooks, ModelConfig, Projection,
+    Batch, CheckpointPolicy, Checkpointing, Decoder, KeptKv, LayerHooks, ModelConfig, Projection,
     QuantizeNf4,
 };
 use crate::optim::{AdamW, LossScaler, UpdateTiming};
@@ -362,14 +362,11 @@ impl Nf4Bytes {
 
     /// Dequantizing each projection before each of its GEMMs, per micro-batch: forward and
     /// backward, and in the recomputed layers the recomputation's (which skips the down
-    /// projection, and offloaded the o projection too).
+    /// projection, and offloaded the o projection and the kept k/v too).
     fn dequant_ops(&self, c: &ModelConfig, spec: &PlanSpec, e: u64) -> Vec<Op> {
         let policy = spec.checkpointing;
         let recomputed = policy.recomputed_layers(c.num_layers);
-        let skipped: &[Projection] = match policy.mode {
-            Checkpointing::Offload => &[Projection::Down, Projection::O],
-            _ => &[Projection::Down],
-        };
+        let skipped = policy.mode.not_recomputed(c);
         let mut ops = Vec::new();
         for l in 0..c.num_layers * spec.grad_accum {
             let recomputes = l % c.num_layers < recomputed;
@@ -428,9 +425,12 @@ impl Parts {
             _ if recomputed == 0 => 0,
             Checkpointing::Off => 0,
             Checkpointing::Full => recomputed * layer_input,
-            // One layer's checkpoint (input, attention output, residual, lse) in flight to the
-            // host and the one fetched back ahead of its layer.
-            Checkpointing::Offload => 2 * (e * n * (2 * h + qd) + 4 * n * heads),
+            // One layer's checkpoint (input, attention output, residual, lse, kept k/v) in flight
+            // to the host and the one fetched back ahead of its layer.
+            Checkpointing::Offload => {
+                let (compute, f32s) = KeptKv::checkpoint_values_per_token(c);
+                2 * n * (e * compute as u64 + 4 * f32s as u64)
+            }
         };
         // A recomputed layer's saved state exists one layer at a time, during its backward.
         let recomputing = if recomputed > 0 {

@@ -4,7 +4,7 @@
 
 use super::{
     Attend, AttentionKept, AttentionSaved, HeadNormed, LayerCheckpoint, LayerSaved, LayerWeights,
-    LoraInputs, MlpSaved, Shapes,
+    LoraInputs, MlpSaved, ReusedAttention, Shapes,
 };
 use crate::arch::InputGroup;
 use crate::lora::LoraParams;
@@ -31,8 +31,8 @@ impl<B: Backend> LayerWeights<B> {
     /// returning `dL/dx` and adding the LoRA gradients into `lora`. The recomputation skips the
     /// output (`mid + down_proj(act)` was given to the layer above in the forward: the down
     /// projection's frozen GEMM, LoRA `t Bᵀ` term and residual add; its `t = act Aᵀ` is kept).
-    /// With the attention part kept, attention and the o projection are not recomputed either (only
-    /// o's `t = attn Aᵀ`), and the halves run one after the other — the MLP's recomputation from
+    /// With the attention part kept, attention, the o projection and the kept k/v projections are
+    /// not recomputed either (only o's `t = attn Aᵀ` and the q/k/v group's), and the halves run one after the other — the MLP's recomputation from
     /// the kept residual and its backward, then the attention's — so the device never holds both
     /// halves' activations at once. Bit for bit the gradients of [`LayerWeights::backward`].
     #[allow(clippy::too_many_arguments)]
@@ -57,12 +57,18 @@ impl<B: Backend> LayerWeights<B> {
                 let saved = LayerSaved { attention, mlp };
                 self.backward(be, s, layer, lora, batch, saved, dy)
             }
-            Some(AttentionKept { attn, lse, mid }) => {
+            Some(AttentionKept {
+                attn,
+                lse,
+                mid,
+                v,
+                k,
+            }) => {
                 let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false)?;
                 let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), mlp, dy)?;
-                let kept = Some((attn, lse));
+                let reused = Some(ReusedAttention { attn, lse, v, k });
                 let (attention, _) =
-                    self.attention_half(be, s, layer, lora.as_deref(), attend, x, kept)?;
+                    self.attention_half(be, s, layer, lora.as_deref(), attend, x, reused)?;
                 self.backward_attention(be, s, layer, lora, batch, attention, dmid)
             }
         }
