@@ -141,7 +141,7 @@ pub struct BenchResult {
     pub profile: Vec<OpTime>,
 }
 
-const FLOPS_FORMULA: &str = "model = tokens*(2N fwd + 2N bwd input grads + 6P LoRA) + layers*rows*3.5*2*T^2*h*d causal attention (fwd + 2.5x bwd); hardware adds rho*(tokens*(2N_recomputed + 2P) + layers*rows*2*T^2*h*d), rho = share of layers checkpointed, N_recomputed = layer weights but down (and o, and no attention, when offloaded); N = frozen projection + LM-head weights, P = LoRA weights";
+const FLOPS_FORMULA: &str = "model = tokens*(2N fwd + 2N bwd input grads + 6P LoRA) + layers*rows*3.5*2*T^2*h*d causal attention (fwd + 2.5x bwd); hardware adds rho*(tokens*(2N_recomputed + 2P) + layers*rows*2*T^2*h*d), rho = share of layers checkpointed, N_recomputed = layer weights but down (and o, the kept v or k and v, and no attention, when offloaded); N = frozen projection + LM-head weights, P = LoRA weights";
 
 /// `(model, hardware)` FLOPs of one optimizer step.
 pub fn step_flops(c: &ModelConfig, lora_values: usize, spec: &BenchSpec) -> (f64, f64) {

@@ -47,10 +47,11 @@ impl KeptKv {
     }
 
     /// The values an offloaded checkpoint of `c` holds per token: `(in the compute dtype, in
-    /// f32)` — the input, attention output, residual and kept k/v; the log-sum-exp per head.
-    pub fn checkpoint_values_per_token(c: &ModelConfig) -> (usize, usize) {
+    /// f32)` — the input, attention output, residual, kept k/v and the LoRA inputs (`lora_t`: the
+    /// adapted projections times the rank); the log-sum-exp per head.
+    pub fn checkpoint_values_per_token(c: &ModelConfig, lora_t: usize) -> (usize, usize) {
         let kept = KeptKv::of(c).projections().len() * c.kv_dim();
-        (2 * c.hidden_size + c.q_dim() + kept, c.num_heads)
+        (2 * c.hidden_size + c.q_dim() + kept + lora_t, c.num_heads)
     }
 
     /// The kept projections (not recomputed).

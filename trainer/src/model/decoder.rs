@@ -8,7 +8,9 @@ use super::batch::Batch;
 use super::bnb_checkpoint;
 use super::checkpointing::{CheckpointPolicy, Checkpointing, KeptKv};
 use super::hooks::{LayerHooks, NoHooks};
-use super::layer::{Attend, CheckpointKeeps, LayerCheckpoint, LayerSaved, LayerWeights, Shapes};
+use super::layer::{
+    Attend, CheckpointKeeps, CheckpointShape, LayerCheckpoint, LayerSaved, LayerWeights, Shapes,
+};
 use super::linear::FrozenLinear;
 use super::proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
 use crate::arch::{HeadNorm, ModelConfig, Projection};
@@ -68,7 +70,7 @@ enum Saved<B: Backend> {
     Full(LayerSaved<B>),
     Checkpoint(LayerCheckpoint<B>),
     /// The layer's checkpoint in host memory ([`Checkpointing::Offload`]).
-    Parked(B::Parked),
+    Parked(B::Parked, CheckpointShape),
 }
 
 impl<B: Backend> Decoder<B> {
@@ -327,17 +329,17 @@ impl<B: Backend> Decoder<B> {
         let mut saved = Vec::with_capacity(self.layers.len());
         let offloaded = CheckpointKeeps::Attention(KeptKv::of(&self.config));
         for (l, layer) in self.layers.iter().enumerate() {
-            // Checkpointing keeps the layer input (and, offloaded, the attention part and v, or
-            // k and v); the rest is recomputed in backward.
+            // Checkpointing keeps the layer input (and, offloaded, the attention part, v or k and
+            // v, and the LoRA inputs); the rest is recomputed in backward.
             let lora = lora.layer(l)?;
             let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
             saved.push(match checkpointing.of_layer(l) {
                 Checkpointing::Off => Saved::Full(full),
                 Checkpointing::Full => Saved::Checkpoint(full.checkpoint(CheckpointKeeps::Input)?),
-                Checkpointing::Offload => Saved::Parked(be.park(
-                    full.checkpoint(offloaded)?.into_tensors(),
-                    ParkLane::Activations,
-                )?),
+                Checkpointing::Offload => {
+                    let (tensors, shape) = full.checkpoint(offloaded)?.into_tensors();
+                    Saved::Parked(be.park(tensors, ParkLane::Activations)?, shape)
+                }
             });
             x = y;
         }
@@ -447,7 +449,7 @@ impl<B: Backend> Decoder<B> {
         while let Some(this) = saved.pop() {
             let l = saved.len();
             // The next layer down's offloaded input starts coming back while this layer runs.
-            if let Some(Saved::Parked(below)) = saved.last_mut() {
+            if let Some(Saved::Parked(below, _)) = saved.last_mut() {
                 be.prefetch(below)?;
             }
             let layer = &self.layers[l];
@@ -455,8 +457,8 @@ impl<B: Backend> Decoder<B> {
             dx = match this {
                 Saved::Full(f) => layer.backward(be, s, l, lp, batch, f, dx)?,
                 Saved::Checkpoint(c) => layer.recompute_backward(be, s, l, lp, batch, c, dx)?,
-                Saved::Parked(p) => {
-                    let c = LayerCheckpoint::from_tensors(be.unpark(p)?);
+                Saved::Parked(p, shape) => {
+                    let c = LayerCheckpoint::from_tensors(be.unpark(p)?, shape)?;
                     layer.recompute_backward(be, s, l, lp, batch, c, dx)?
                 }
             };

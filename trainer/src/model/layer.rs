@@ -114,13 +114,23 @@ pub struct LayerCheckpoint<B: Backend> {
 /// The attention output, its log-sum-exp and the residual after the o projection: with these the
 /// recomputation skips the attention forward and the o projection's frozen GEMM (at 7B, b2 × 2048:
 /// 8.0 MiB per 1k tokens per layer against ~0.7 ms of recomputation); and v (or k after RoPE and
-/// v, [`KeptKv`]), whose projections it then skips too.
+/// v, [`KeptKv`]), whose projections it then skips too; and the LoRA inputs `t = input A_gᵀ` of
+/// every adapted input group (`n × members · r` values each), which it then does not recompute.
 struct AttentionKept<B: Backend> {
     attn: B::Tensor,
     lse: B::Tensor,
     mid: B::Tensor,
     v: B::Tensor,
     k: Option<B::Tensor>,
+    lora_t: LoraInputs<B>,
+}
+
+/// Which of its optional tensors a checkpoint's list ([`LayerCheckpoint::into_tensors`]) holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointShape {
+    attention: bool,
+    k: bool,
+    lora_t: [bool; 4],
 }
 
 /// What a checkpoint keeps besides the layer input.
@@ -134,31 +144,50 @@ pub enum CheckpointKeeps {
 }
 
 impl<B: Backend> LayerCheckpoint<B> {
-    /// The tensors, in the order [`LayerCheckpoint::from_tensors`] takes: `[x]`,
-    /// `[x, attn, lse, mid, v]` or `[x, attn, lse, mid, v, k]`.
-    pub fn into_tensors(self) -> Vec<B::Tensor> {
+    /// The tensors, `[x]` or `[x, attn, lse, mid, v, k?, t…]` (the `t` in
+    /// [`InputGroup::index`] order), and which optional ones are there, as
+    /// [`LayerCheckpoint::from_tensors`] takes them.
+    pub fn into_tensors(self) -> (Vec<B::Tensor>, CheckpointShape) {
         let mut ts = vec![self.x];
+        let mut shape = CheckpointShape {
+            attention: false,
+            k: false,
+            lora_t: [false; 4],
+        };
         if let Some(kept) = self.attention {
+            shape.attention = true;
+            shape.k = kept.k.is_some();
+            shape.lora_t = kept.lora_t.each_ref().map(Option::is_some);
             ts.extend([kept.attn, kept.lse, kept.mid, kept.v]);
             ts.extend(kept.k);
+            ts.extend(kept.lora_t.into_iter().flatten());
         }
-        ts
+        (ts, shape)
     }
 
-    pub fn from_tensors(ts: Vec<B::Tensor>) -> Self {
+    pub fn from_tensors(ts: Vec<B::Tensor>, shape: CheckpointShape) -> Result<Self> {
+        let count = 1
+            + usize::from(shape.attention) * 4
+            + usize::from(shape.k)
+            + shape.lora_t.iter().filter(|&&t| t).count();
+        if ts.len() != count {
+            bail!(
+                "a layer checkpoint of {count} tensors came back with {}",
+                ts.len()
+            );
+        }
         let mut it = ts.into_iter();
-        let x = it.next().expect("a checkpoint holds the layer input");
-        let attention = match (it.next(), it.next(), it.next(), it.next()) {
-            (Some(attn), Some(lse), Some(mid), Some(v)) => Some(AttentionKept {
-                attn,
-                lse,
-                mid,
-                v,
-                k: it.next(),
-            }),
-            _ => None,
-        };
-        LayerCheckpoint { x, attention }
+        let mut next = || it.next().expect("counted above");
+        let x = next();
+        let attention = shape.attention.then(|| AttentionKept {
+            attn: next(),
+            lse: next(),
+            mid: next(),
+            v: next(),
+            k: shape.k.then(&mut next),
+            lora_t: shape.lora_t.map(|kept| kept.then(&mut next)),
+        });
+        Ok(LayerCheckpoint { x, attention })
     }
 }
 
@@ -232,12 +261,17 @@ impl<B: Backend> LayerSaved<B> {
                     // KeptKv::of never asks for it: k's norm backward needs k before its norm.
                     bail!("a checkpoint keeps k only in families without a per-head k norm");
                 }
+                let mut lora_t = attention.lora_t;
+                for (t, mlp_t) in lora_t.iter_mut().zip(mlp.lora_t) {
+                    *t = t.take().or(mlp_t);
+                }
                 Some(AttentionKept {
                     attn: attention.attn,
                     lse,
                     mid: mlp.mid,
                     v: attention.v,
                     k: (kv == KeptKv::KV).then_some(attention.k),
+                    lora_t,
                 })
             }
         };
@@ -284,14 +318,16 @@ impl<B: Backend> LayerWeights<B> {
         attend: Attend<'_, B>,
         x: B::Tensor,
     ) -> Result<(B::Tensor, LayerSaved<B>)> {
-        let (attention, mid) = self.attention_half(be, s, layer, lora, attend, x, None)?;
+        let none = &mut LoraInputs::<B>::default();
+        let (attention, mid) = self.attention_half(be, s, layer, lora, attend, x, None, none)?;
         let mid = mid.expect("attention ran, so the residual is computed");
-        let (mlp, out) = self.mlp_half(be, s, layer, lora, mid, true)?;
+        let (mlp, out) = self.mlp_half(be, s, layer, lora, mid, true, none)?;
         let out = out.expect("the output was asked for");
         Ok((out, LayerSaved { attention, mlp }))
     }
 
-    /// `t = input A_gᵀ` of input group `g` ([`linear::lora_input`]), when a member is adapted.
+    /// `t = input A_gᵀ` of input group `g` ([`linear::lora_input`]), when a member is adapted:
+    /// taken out of `kept` (a checkpoint's) when there, else computed.
     fn lora_input(
         &self,
         be: &B,
@@ -299,10 +335,14 @@ impl<B: Backend> LayerWeights<B> {
         g: InputGroup,
         adapter: Option<&GroupAdapter<'_, B>>,
         input: &B::Tensor,
+        kept: &mut LoraInputs<B>,
     ) -> Result<Option<B::Tensor>> {
         let Some(adapter) = adapter else {
             return Ok(None);
         };
+        if let Some(t) = kept[g.index()].take() {
+            return Ok(Some(t));
+        }
         let in_f = s.dims(g.members()[0], 1).in_f;
         let n = be.len(input) / in_f;
         Ok(Some(linear::lora_input(be, n, in_f, input, adapter)?))
@@ -310,7 +350,7 @@ impl<B: Backend> LayerWeights<B> {
 
     /// `outs[i] ← input Wᵀ (+ LoRA)` of each projection of input group `g` whose output is asked
     /// for (`None`: kept by a checkpoint, not run again); returns the group's `t = input A_gᵀ`
-    /// when a member is adapted.
+    /// ([`LayerWeights::lora_input`]) when a member is adapted.
     #[allow(clippy::too_many_arguments)]
     fn project_group(
         &self,
@@ -321,10 +361,11 @@ impl<B: Backend> LayerWeights<B> {
         g: InputGroup,
         input: &B::Tensor,
         outs: &mut [Option<&mut B::Tensor>],
+        kept_t: &mut LoraInputs<B>,
     ) -> Result<Option<B::Tensor>> {
         assert_eq!(outs.len(), g.members().len(), "one output per member");
         let adapter = group_adapter(lora, layer, g);
-        let t = self.lora_input(be, s, g, adapter.as_ref(), input)?;
+        let t = self.lora_input(be, s, g, adapter.as_ref(), input, kept_t)?;
         for (&p, out) in g.members().iter().zip(outs.iter_mut()) {
             let Some(out) = out else { continue };
             let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
@@ -340,7 +381,8 @@ impl<B: Backend> LayerWeights<B> {
     /// The attention half of the forward: `h = x + o_proj(attn(rope(q), rope(k), v))`. Returns
     /// what its backward needs and the residual `h`; given what an offloaded checkpoint kept
     /// (`reused`: the attention output, its log-sum-exp, v and perhaps k), attention, the o
-    /// projection and the kept projections are not run again and `h` is not returned.
+    /// projection and the kept projections are not run again and `h` is not returned; the LoRA
+    /// inputs in `kept_t` are taken instead of recomputed.
     #[allow(clippy::too_many_arguments)]
     fn attention_half(
         &self,
@@ -351,6 +393,7 @@ impl<B: Backend> LayerWeights<B> {
         attend: Attend<'_, B>,
         x: B::Tensor,
         reused: Option<ReusedAttention<B>>,
+        kept_t: &mut LoraInputs<B>,
     ) -> Result<(AttentionSaved<B>, Option<B::Tensor>)> {
         let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
@@ -386,6 +429,7 @@ impl<B: Backend> LayerWeights<B> {
                 project_k.then_some(&mut k),
                 project_v.then_some(&mut v),
             ],
+            kept_t,
         )?;
         let (mut q, mut k, qk_raw) = match &self.qk_norm {
             Some([wq, wk]) => {
@@ -407,15 +451,23 @@ impl<B: Backend> LayerWeights<B> {
         let (attn, lse, mid) = match kept_attention {
             Some((attn, lse)) => {
                 let adapter = group_adapter(lora, layer, o);
-                lora_t[o.index()] = self.lora_input(be, s, o, adapter.as_ref(), &attn)?;
+                lora_t[o.index()] = self.lora_input(be, s, o, adapter.as_ref(), &attn, kept_t)?;
                 (attn, Some(lse), None)
             }
             None => {
                 let mut attn = be.empty(n * s.q_dim, dt)?;
                 let lse = self.attend(be, s, attend, &q, &k, &v, &mut attn)?;
                 let mut mid = be.empty(n * s.hidden, dt)?;
-                lora_t[o.index()] =
-                    self.project_group(be, s, layer, lora, o, &attn, &mut [Some(&mut mid)])?;
+                lora_t[o.index()] = self.project_group(
+                    be,
+                    s,
+                    layer,
+                    lora,
+                    o,
+                    &attn,
+                    &mut [Some(&mut mid)],
+                    kept_t,
+                )?;
                 be.axpy(1.0, &x, &mut mid)?;
                 (attn, lse, Some(mid))
             }
@@ -436,7 +488,9 @@ impl<B: Backend> LayerWeights<B> {
     }
 
     /// The MLP half of the forward: `y = h + down_proj(silu(gate_proj(m)) ⊙ up_proj(m))`,
-    /// `m = rms2(h)`. Returns what its backward needs and, when `output`, `y`.
+    /// `m = rms2(h)`. Returns what its backward needs and, when `output`, `y`; the LoRA inputs
+    /// in `kept_t` are taken instead of recomputed.
+    #[allow(clippy::too_many_arguments)]
     fn mlp_half(
         &self,
         be: &B,
@@ -445,6 +499,7 @@ impl<B: Backend> LayerWeights<B> {
         lora: Option<&LoraParams<B>>,
         mid: B::Tensor,
         output: bool,
+        kept_t: &mut LoraInputs<B>,
     ) -> Result<(MlpSaved<B>, Option<B::Tensor>)> {
         let n = be.len(&mid) / s.hidden;
         let dt = be.compute_dtype();
@@ -470,19 +525,28 @@ impl<B: Backend> LayerWeights<B> {
             gate_up,
             &norm2,
             &mut [Some(&mut gate), Some(&mut up)],
+            kept_t,
         )?;
         let mut act = be.empty(n * s.inter, dt)?;
         be.swiglu(&gate, &up, &mut act)?;
         let down = InputGroup::Down;
         let out = if output {
             let mut out = be.empty(n * s.hidden, dt)?;
-            lora_t[down.index()] =
-                self.project_group(be, s, layer, lora, down, &act, &mut [Some(&mut out)])?;
+            lora_t[down.index()] = self.project_group(
+                be,
+                s,
+                layer,
+                lora,
+                down,
+                &act,
+                &mut [Some(&mut out)],
+                kept_t,
+            )?;
             be.axpy(1.0, &mid, &mut out)?;
             Some(out)
         } else {
             let adapter = group_adapter(lora, layer, down);
-            lora_t[down.index()] = self.lora_input(be, s, down, adapter.as_ref(), &act)?;
+            lora_t[down.index()] = self.lora_input(be, s, down, adapter.as_ref(), &act, kept_t)?;
             None
         };
         let saved = MlpSaved {

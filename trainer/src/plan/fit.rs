@@ -28,7 +28,8 @@ fn host_budget(available: u64) -> u64 {
 pub fn offload_host_bytes(spec: &PlanSpec, layers: usize) -> u64 {
     let n = (spec.batch * spec.seq) as u64;
     let e = spec.dtype.size_bytes() as u64;
-    let (compute, f32s) = KeptKv::checkpoint_values_per_token(&spec.model);
+    let lora_t = spec.lora.targets.len() * spec.lora.r;
+    let (compute, f32s) = KeptKv::checkpoint_values_per_token(&spec.model, lora_t);
     n * (e * compute as u64 + 4 * f32s as u64) * layers as u64
 }
 

@@ -428,7 +428,7 @@ impl Parts {
             // One layer's checkpoint (input, attention output, residual, lse, kept k/v) in flight
             // to the host and the one fetched back ahead of its layer.
             Checkpointing::Offload => {
-                let (compute, f32s) = KeptKv::checkpoint_values_per_token(c);
+                let (compute, f32s) = KeptKv::checkpoint_values_per_token(c, lora_t as usize);
                 2 * n * (e * compute as u64 + 4 * f32s as u64)
             }
         };

@@ -50,10 +50,11 @@ impl<B: Backend> LayerWeights<B> {
         let LayerCheckpoint { x, attention } = checkpoint;
         match attention {
             None => {
+                let none = &mut LoraInputs::<B>::default();
                 let (attention, mid) =
-                    self.attention_half(be, s, layer, lora.as_deref(), attend, x, None)?;
+                    self.attention_half(be, s, layer, lora.as_deref(), attend, x, None, none)?;
                 let mid = mid.expect("attention ran, so the residual is computed");
-                let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false)?;
+                let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false, none)?;
                 let saved = LayerSaved { attention, mlp };
                 self.backward(be, s, layer, lora, batch, saved, dy)
             }
@@ -63,12 +64,15 @@ impl<B: Backend> LayerWeights<B> {
                 mid,
                 v,
                 k,
+                mut lora_t,
             }) => {
-                let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false)?;
+                let kept_t = &mut lora_t;
+                let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false, kept_t)?;
                 let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), mlp, dy)?;
                 let reused = Some(ReusedAttention { attn, lse, v, k });
+                let lp = lora.as_deref();
                 let (attention, _) =
-                    self.attention_half(be, s, layer, lora.as_deref(), attend, x, reused)?;
+                    self.attention_half(be, s, layer, lp, attend, x, reused, kept_t)?;
                 self.backward_attention(be, s, layer, lora, batch, attention, dmid)
             }
         }
