@@ -647,10 +647,10 @@ fn lm_head_cross_entropy_matches_with_ignored_rows_and_row_weights() {
 #[test]
 fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
     let cpu = CpuBackend::new();
-    // 4096 × 4097 + 3: odd (a pad nibble), a partial last block, many nested groups.
-    let n = 4096 * 4097 + 3;
-    let x = random(n, 21, 0.05);
-    for double in [false, true] {
+    // 4096 × 4097 + 3: odd (a pad nibble), a partial last block, many nested groups, 3 elements
+    // past the last whole chunk of 8; and 5: no whole chunk at all.
+    for (n, double) in [(4096 * 4097 + 3, false), (4096 * 4097 + 3, true), (5, true)] {
+        let x = random(n, 21, 0.05);
         let w = Nf4Weight::quantize(&x, double);
         let want = w.dequantize();
         for d in ALL {
@@ -684,7 +684,7 @@ fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
                 .filter(|(a, b)| a.to_bits() != b.to_bits())
                 .count();
             println!(
-                "nf4 dequantize double={double} {:<4} mismatches {mismatches}",
+                "nf4 dequantize n={n} double={double} {:<4} mismatches {mismatches}",
                 d.name()
             );
             assert_eq!(mismatches, 0, "double={double} {}", d.name());

@@ -11,6 +11,8 @@ use crate::{Backend, DType, Nf4Absmax, Result};
 
 /// Threads per block of the NF4 kernels (the double quantization needs one per absmax of a group).
 const THREADS: u32 = 256;
+/// Chunks of 8 elements each thread of the dequantization decodes: nf4.cu's `NF4_CHUNKS_PER_THREAD`.
+const NF4_CHUNKS_PER_THREAD: usize = 4;
 
 impl CudaBackend {
     /// `len` i32 words with unspecified contents (every kernel writing one writes it in full).
@@ -120,8 +122,10 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        // One thread per 16 elements.
-        let grid = (n.div_ceil(16).div_ceil(THREADS as usize) as u32, 1, 1);
+        // Each thread decodes NF4_CHUNKS_PER_THREAD chunks of 8 elements (nf4.cu); block 0 also
+        // the last n % 8.
+        let chunks_per_block = NF4_CHUNKS_PER_THREAD * THREADS as usize;
+        let grid = ((n / 8).div_ceil(chunks_per_block).max(1) as u32, 1, 1);
         let dt = suffix(out.dtype);
         match absmax {
             Nf4Absmax::Plain(a) => {
