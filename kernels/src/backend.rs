@@ -373,8 +373,8 @@ pub trait Backend {
         out: &mut Self::Tensor,
     ) -> Result<()>;
     /// [`Backend::embedding`] from a table parked in host memory (one `[vocab, hidden]` tensor
-    /// given to [`Backend::park`]): `out[i,:] ← table[ids[i],:]` with the rows gathered on the host
-    /// from the ids' host copy and copied up, so the table takes no device memory.
+    /// given to [`Backend::park`]): `out[i,:] ← table[ids[i],:]`, the rows read from host memory
+    /// (CUDA: by the gather kernel, across the host link), so the table takes no device memory.
     fn embedding_from_host(
         &self,
         table: &Self::Parked,

@@ -19,6 +19,7 @@
 //! Host buffers are pinned (page-locked, so the copies are asynchronous DMA) and reused by size:
 //! the offloaded checkpoints of one step are allocated once.
 
+use super::launch::Arg;
 use super::tensor::{CudaIndices, CudaTensor};
 use super::{device_err, CudaBackend};
 use crate::{DType, InFlight, KernelError, ParkLane, Result};
@@ -88,9 +89,6 @@ pub(crate) struct Offload {
     free_host: Mutex<HashMap<usize, Vec<HostBuffer>>>,
     /// Parked groups' device buffers and the events (on the copy stream) after which they are copied.
     in_flight: Mutex<InFlight<(CudaEvent, Vec<CudaTensor>)>>,
-    /// The pinned rows of the last [`CudaBackend::embedding_from_host_impl`] and the event (on
-    /// the compute stream) after which their copy to the device is done.
-    rows_in_flight: Mutex<Option<(CudaEvent, HostBuffer)>>,
 }
 
 impl CudaBackend {
@@ -225,10 +223,12 @@ impl CudaBackend {
         Ok(tensors)
     }
 
-    /// `out[i,:] ← table[ids[i],:]` from a `[vocab, hidden]` table parked in host memory: the rows
-    /// are gathered on the host (every core) into a pinned buffer and copied up on the compute
-    /// stream, without waiting: the buffer is kept until the next call, which waits for that copy
-    /// (a step earlier, long done) before handing the buffer back.
+    /// `out[i,:] ← table[ids[i],:]` from a `[vocab, hidden]` table parked in host memory: the
+    /// embedding kernel reads the rows across the host link itself. Pinned host memory is readable
+    /// by kernels at its host address in every 64-bit CUDA process (unified addressing), so the
+    /// gather is one launch on the compute stream (after the table's own copy to the host, once at
+    /// load): the host neither gathers nor waits (session 12: the host-side gather was device idle
+    /// at the start of every step).
     pub(crate) fn embedding_from_host_impl(
         &self,
         table: &CudaParked,
@@ -236,7 +236,6 @@ impl CudaBackend {
         hidden: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        use rayon::prelude::*;
         let [part] = table.parts.as_slice() else {
             return Err(KernelError::Unsupported(format!(
                 "embedding_from_host: the table is one parked tensor, not {}",
@@ -250,50 +249,31 @@ impl CudaBackend {
                 out.dtype.name()
             )));
         }
-        let ids = ids.host("embedding_from_host")?;
-        crate::error::check_len("embedding_from_host", "out", out.len(), ids.len() * hidden)?;
-        super::check_token_ids("embedding_from_host", ids, part.len / hidden.max(1))?;
-        if ids.is_empty() {
+        let host_ids = ids.host("embedding_from_host")?;
+        crate::error::check_len(
+            "embedding_from_host",
+            "out",
+            out.len(),
+            host_ids.len() * hidden,
+        )?;
+        super::check_token_ids("embedding_from_host", host_ids, part.len / hidden.max(1))?;
+        if host_ids.is_empty() {
             return Ok(());
         }
-        // The table's own copy to the host (once, at load) and the previous rows' copy to the
-        // device (a whole step ago) are done by now: these waits cost nothing in a step.
-        table
-            .copied
-            .synchronize()
-            .map_err(device_err("wait for the parked table"))?;
-        let previous = self
-            .offload
-            .rows_in_flight
-            .lock()
-            .expect("offload lock")
-            .take();
-        if let Some((copied, rows)) = previous {
-            copied
-                .synchronize()
-                .map_err(device_err("wait for the embedding rows"))?;
-            self.return_host_buffer(rows);
-        }
-        let row = hidden * part.dtype.size_bytes();
-        let mut staging = self.host_buffer(ids.len() * row)?;
-        let src = part.host.as_slice();
-        staging
-            .as_mut_slice()
-            .par_chunks_mut(row)
-            .zip(ids.par_iter())
-            .for_each(|(dst, &id)| dst.copy_from_slice(&src[id as usize * row..][..row]));
-        // SAFETY: `out` holds ids.len() × hidden elements of the table's dtype (checked above);
-        // `staging` is kept until the event recorded after the copy (the next call waits for it).
-        unsafe {
-            result::memcpy_htod_async(
-                out.ptr(&self.stream),
-                staging.as_slice(),
-                self.stream.cu_stream(),
-            )
-        }
-        .map_err(device_err("embedding rows to the device"))?;
-        *self.offload.rows_in_flight.lock().expect("offload lock") =
-            Some((Self::event(&self.stream)?, staging));
-        Ok(())
+        self.stream
+            .wait(&table.copied)
+            .map_err(device_err("order the gather after the table's copy"))?;
+        self.launch(
+            &format!("embedding_{}", super::suffix(out.dtype)),
+            (host_ids.len() as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(part.host.ptr as u64),
+                self.pi(ids),
+                self.p(out),
+                Arg::I32(hidden as i32),
+            ],
+        )
     }
 }
