@@ -6,18 +6,19 @@
 # `train` does by default), AdamW's state and the embedding table on OPT and EMB (device, the
 # default, or host); bf16 and NF4 (double quant). Prints one table: tokens/s (all tokens of a step over its time, median of the
 # steps after the first three) and peak memory.
-# usage: scripts/train-vs-bench.sh FUSELORA_BIN C4_DEMO_JSONL OUT_DIR [preset] [batch] [seq]
+# QUANTS="none" (or "nf4") runs one of the two.
+# usage: [QUANTS=...] scripts/train-vs-bench.sh FUSELORA_BIN C4_DEMO_JSONL OUT_DIR [preset] [batch] [seq]
 set -uo pipefail
 BIN=$(realpath "$1") DATA=$(realpath "$2") OUT=$3
 PRESET=${4:-llama2-7b} BATCH=${5:-2} SEQ=${6:-2048} STEPS=${STEPS:-16} CKPT=${CKPT:-auto}
-OPT=${OPT:-device} EMB=${EMB:-device}
+OPT=${OPT:-device} EMB=${EMB:-device} QUANTS=${QUANTS:-none nf4}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 MODEL=${MODEL_DIR:-/tmp/random-$PRESET}
 [ -f "$MODEL/config.json" ] || python3 "$ROOT/scripts/make-random-model.py" "$MODEL" --preset "$PRESET" \
   --tokenizer "$ROOT/tests/fixtures/byte-tokenizer" | tail -1
-for quant in none nf4; do
+for quant in $QUANTS; do
   cat >"$OUT/train-$quant.toml" <<EOF
 [model]
 path = "$MODEL"
@@ -54,12 +55,12 @@ EOF
     --json "$OUT/bench-$quant.json" >"$OUT/bench-$quant.txt" 2>&1 \
     || { echo "bench $quant failed:"; tail -5 "$OUT/bench-$quant.txt"; }
 done
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" $QUANTS <<'PY'
 import json, pathlib, statistics, sys
 out = pathlib.Path(sys.argv[1])
 print("| weights | train tokens/s | bench tokens/s | train / bench | train peak GiB | bench peak GiB | difference | row fill |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-for quant in ["none", "nf4"]:
+for quant in sys.argv[2:]:
     m, b = out / f"train-{quant}" / "metrics.jsonl", out / f"bench-{quant}.json"
     if not m.exists() or not b.exists():
         print(f"| {quant} | failed | | | | | | |")
