@@ -23,16 +23,15 @@ pub enum Checkpointing {
 
 /// Which of the k and v projections' outputs an offloaded checkpoint keeps, so that the
 /// recomputation skips their GEMMs. Each costs `kv_dim × 2` bytes per token of the host link, which
-/// is only free while the link keeps up with the forward: at Llama-2-7B's shape (kv_dim = hidden)
-/// one more tensor of that size fits in a layer's forward time and two do not; with grouped-query
-/// attention (kv_dim ≤ hidden / 4) both fit. K is kept after RoPE, which is all its backward needs
-/// unless the family normalises k per head (Qwen3): then its pre-norm value would be needed too,
-/// and only v is kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// is only free while the link keeps up with the forward. Measured on an H200 (docs/benchmarks.md,
+/// session 12): at Llama-2-7B's shape (kv_dim = hidden) keeping v was faster than keeping neither
+/// and keeping k too was slower than v alone; at Mistral-7B's (kv_dim = hidden / 4) keeping both
+/// was faster than keeping neither. K is kept after RoPE, which is all its backward needs unless
+/// the family normalises k per head (Qwen3): then its pre-norm value would be needed too, and only
+/// v is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeptKv {
     V,
-    #[serde(rename = "k+v")]
     KV,
 }
 

@@ -1,8 +1,9 @@
 //! The whole decoder (every family of [`crate::arch`]) over a backend: embedding → layers → final
 //! RMSNorm → LM head, with the loss and the backward pass.
 //! With gradient checkpointing only each layer's input is kept on the device, or offloaded to host
-//! memory with the layer's attention output, log-sum-exp, residual and v (or k and v); backward recomputes the
-//! rest of the layer forward (Chen et al. 2016) and so produces the same gradients bit for bit.
+//! memory with the layer's attention output, log-sum-exp, residual, v (or k and v) and LoRA inputs;
+//! backward recomputes the rest of the layer forward (Chen et al. 2016) and so produces the same
+//! gradients bit for bit.
 
 use super::batch::Batch;
 use super::bnb_checkpoint;

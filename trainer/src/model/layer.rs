@@ -111,17 +111,13 @@ pub struct LayerCheckpoint<B: Backend> {
     attention: Option<AttentionKept<B>>,
 }
 
-/// The attention output, its log-sum-exp and the residual after the o projection: with these the
-/// recomputation skips the attention forward and the o projection's frozen GEMM (at 7B, b2 × 2048:
-/// 8.0 MiB per 1k tokens per layer against ~0.7 ms of recomputation); and v (or k after RoPE and
-/// v, [`KeptKv`]), whose projections it then skips too; and the LoRA inputs `t = input A_gᵀ` of
-/// every adapted input group (`n × members · r` values each), which it then does not recompute.
+/// What an offloaded checkpoint keeps besides the input: the attention half's part (with it the
+/// recomputation skips attention, the o projection and the kept k/v projections), the residual
+/// after the o projection (the MLP half's input), and the LoRA inputs `t = input A_gᵀ` of every
+/// adapted input group (`n × members · r` values each), which it then does not recompute.
 struct AttentionKept<B: Backend> {
-    attn: B::Tensor,
-    lse: B::Tensor,
+    reused: ReusedAttention<B>,
     mid: B::Tensor,
-    v: B::Tensor,
-    k: Option<B::Tensor>,
     lora_t: LoraInputs<B>,
 }
 
@@ -155,11 +151,12 @@ impl<B: Backend> LayerCheckpoint<B> {
             lora_t: [false; 4],
         };
         if let Some(kept) = self.attention {
+            let ReusedAttention { attn, lse, v, k } = kept.reused;
             shape.attention = true;
-            shape.k = kept.k.is_some();
+            shape.k = k.is_some();
             shape.lora_t = kept.lora_t.each_ref().map(Option::is_some);
-            ts.extend([kept.attn, kept.lse, kept.mid, kept.v]);
-            ts.extend(kept.k);
+            ts.extend([attn, lse, kept.mid, v]);
+            ts.extend(k);
             ts.extend(kept.lora_t.into_iter().flatten());
         }
         (ts, shape)
@@ -179,20 +176,25 @@ impl<B: Backend> LayerCheckpoint<B> {
         let mut it = ts.into_iter();
         let mut next = || it.next().expect("counted above");
         let x = next();
-        let attention = shape.attention.then(|| AttentionKept {
-            attn: next(),
-            lse: next(),
-            mid: next(),
-            v: next(),
-            k: shape.k.then(&mut next),
-            lora_t: shape.lora_t.map(|kept| kept.then(&mut next)),
+        let attention = shape.attention.then(|| {
+            let (attn, lse, mid, v) = (next(), next(), next(), next());
+            AttentionKept {
+                reused: ReusedAttention {
+                    attn,
+                    lse,
+                    v,
+                    k: shape.k.then(&mut next),
+                },
+                mid,
+                lora_t: shape.lora_t.map(|kept| kept.then(&mut next)),
+            }
         });
         Ok(LayerCheckpoint { x, attention })
     }
 }
 
-/// What an offloaded checkpoint gives the attention half's recomputation
-/// ([`AttentionKept`] but the residual, which the MLP half takes).
+/// What an offloaded checkpoint gives the attention half's recomputation: the attention output,
+/// its log-sum-exp, v, and k after RoPE when [`KeptKv::KV`].
 struct ReusedAttention<B: Backend> {
     attn: B::Tensor,
     lse: B::Tensor,
@@ -261,16 +263,19 @@ impl<B: Backend> LayerSaved<B> {
                     // KeptKv::of never asks for it: k's norm backward needs k before its norm.
                     bail!("a checkpoint keeps k only in families without a per-head k norm");
                 }
+                // Each half filled its own groups' entries (q/k/v and o; gate/up and down).
                 let mut lora_t = attention.lora_t;
                 for (t, mlp_t) in lora_t.iter_mut().zip(mlp.lora_t) {
                     *t = t.take().or(mlp_t);
                 }
                 Some(AttentionKept {
-                    attn: attention.attn,
-                    lse,
+                    reused: ReusedAttention {
+                        attn: attention.attn,
+                        lse,
+                        v: attention.v,
+                        k: (kv == KeptKv::KV).then_some(attention.k),
+                    },
                     mid: mlp.mid,
-                    v: attention.v,
-                    k: (kv == KeptKv::KV).then_some(attention.k),
                     lora_t,
                 })
             }

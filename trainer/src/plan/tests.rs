@@ -291,3 +291,41 @@ fn auto_checkpoints_the_fewest_layers_that_fit_and_offloads_them() {
     let cpu = fit::choose(&spec, None, None).unwrap();
     assert_eq!(cpu.policy, CheckpointPolicy::all(Checkpointing::Full));
 }
+
+/// An offloaded checkpoint's recomputation runs no product for what it keeps: against full
+/// checkpointing, the metered step's GEMMs lack exactly the o and kept k/v projections' (frozen
+/// weight and LoRA `t Bᵀ` term) and every LoRA input product `x A_gᵀ` — v alone kept at
+/// Llama-2-7B's shape, k and v at Mistral-7B's.
+#[test]
+fn offload_recomputes_no_product_of_what_it_keeps() {
+    for (name, kept) in [("llama2-7b", KeptKv::V), ("mistral-7b", KeptKv::KV)] {
+        let gemm_flops = |mode| -> f64 {
+            let plan =
+                Plan::account(&PlanSpec::from_preset(name, 1, 256, mode, 1).unwrap()).unwrap();
+            let gemms = plan.ops.iter().filter(|o| o.kind == OpKind::Gemm);
+            gemms.map(|o| o.flops).sum()
+        };
+        let spec = PlanSpec::from_preset(name, 1, 256, Checkpointing::Offload, 1).unwrap();
+        let c = &spec.model;
+        assert_eq!(KeptKv::of(c), kept);
+        let (n, r, layers) = (256.0, spec.lora.r as f64, c.num_layers as f64);
+        let skipped_projections: f64 = [Projection::O]
+            .iter()
+            .chain(kept.projections())
+            .map(|p| {
+                let (out, inp) = p.shape(c);
+                2.0 * n * (out * inp) as f64 + 2.0 * n * r * out as f64
+            })
+            .sum();
+        let lora_inputs: f64 = Projection::ALL
+            .iter()
+            .map(|p| 2.0 * n * r * p.shape(c).1 as f64)
+            .sum();
+        let saved = gemm_flops(Checkpointing::Full) - gemm_flops(Checkpointing::Offload);
+        let want = layers * (skipped_projections + lora_inputs);
+        assert!(
+            (saved / want - 1.0).abs() < 1e-12,
+            "{name}: {saved} FLOPs fewer, expected {want}"
+        );
+    }
+}

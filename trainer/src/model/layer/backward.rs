@@ -4,7 +4,7 @@
 
 use super::{
     Attend, AttentionKept, AttentionSaved, HeadNormed, LayerCheckpoint, LayerSaved, LayerWeights,
-    LoraInputs, MlpSaved, ReusedAttention, Shapes,
+    LoraInputs, MlpSaved, Shapes,
 };
 use crate::arch::InputGroup;
 use crate::lora::LoraParams;
@@ -30,11 +30,11 @@ impl<B: Backend> LayerWeights<B> {
     /// Backward from a checkpoint: recomputes what backward needs and back-propagates `dy`,
     /// returning `dL/dx` and adding the LoRA gradients into `lora`. The recomputation skips the
     /// output (`mid + down_proj(act)` was given to the layer above in the forward: the down
-    /// projection's frozen GEMM, LoRA `t Bᵀ` term and residual add; its `t = act Aᵀ` is kept).
-    /// With the attention part kept, attention, the o projection and the kept k/v projections are
-    /// not recomputed either (only o's `t = attn Aᵀ` and the q/k/v group's), and the halves run one after the other — the MLP's recomputation from
-    /// the kept residual and its backward, then the attention's — so the device never holds both
-    /// halves' activations at once. Bit for bit the gradients of [`LayerWeights::backward`].
+    /// projection's frozen GEMM, LoRA `t Bᵀ` term and residual add; its `t = act Aᵀ` is
+    /// recomputed). With the attention part kept (offload), attention, the o projection, the kept
+    /// k/v projections and every LoRA input `t` are not recomputed either, and the halves run one
+    /// after the other — the MLP's recomputation from the kept residual and its backward, then the
+    /// attention's — so the device never holds both halves' activations at once. Bit for bit the gradients of [`LayerWeights::backward`].
     #[allow(clippy::too_many_arguments)]
     pub fn recompute_backward(
         &self,
@@ -59,20 +59,16 @@ impl<B: Backend> LayerWeights<B> {
                 self.backward(be, s, layer, lora, batch, saved, dy)
             }
             Some(AttentionKept {
-                attn,
-                lse,
+                reused,
                 mid,
-                v,
-                k,
                 mut lora_t,
             }) => {
                 let kept_t = &mut lora_t;
                 let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false, kept_t)?;
                 let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), mlp, dy)?;
-                let reused = Some(ReusedAttention { attn, lse, v, k });
                 let lp = lora.as_deref();
                 let (attention, _) =
-                    self.attention_half(be, s, layer, lp, attend, x, reused, kept_t)?;
+                    self.attention_half(be, s, layer, lp, attend, x, Some(reused), kept_t)?;
                 self.backward_attention(be, s, layer, lora, batch, attention, dmid)
             }
         }
