@@ -3,7 +3,8 @@
 //! the device dtype first and the CPU runs on those rounded values, so only the op's own error is
 //! measured. Needs a GPU: without one each test prints why it skipped.
 //! `cargo test -p kernels --features cuda --release --test cuda_matches_cpu -- --ignored` runs the
-//! micro-benchmark (attention and GEMMs at Llama-2-7B shapes).
+//! micro-benchmarks at Llama-2-7B shapes: attention and GEMMs, and LoRA's terms beside the frozen
+//! products against folded into them.
 #![cfg(feature = "cuda")]
 
 use kernels::cpu::CpuBackend;
@@ -1294,6 +1295,135 @@ fn bench_llama2_7b_attention_and_gemms() {
         "peak pool memory: {:.2} GiB",
         g.peak_memory_bytes().unwrap() as f64 / (1u64 << 30) as f64
     );
+}
+
+/// What LoRA's rank-16 terms cost beside the frozen products at Llama-2-7B shapes (b2 × 2048),
+/// and what they would cost folded into them: the forward `y = s · t Bᵀ` then `y += x Wᵀ`
+/// (model/linear.rs) against one product `[x | t] · [W | B]ᵀ` (K = in + r; in + 3r where q, k and
+/// v share `[x | t_q t_k t_v]` and each `[W | B]` carries zero blocks), and the backward's
+/// `u = dy B` then `dx += dy W` against one `[dx | u] (+)= dy · [W | B]` (N = in + r); cuBLAS's
+/// default, then the tuned algorithms. With the write rate of a plain memset for the scale.
+#[test]
+#[ignore = "micro-benchmark: run with --ignored on a GPU"]
+fn bench_lora_folded_into_frozen_products() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    let (n, r) = (4096, 16);
+    let bf = |len: usize, seed: u64| g.upload(&random(len, seed, 0.1), DType::BF16).unwrap();
+    for (label, out, inn) in [
+        ("q/k/v/o", 4096, 4096),
+        ("gate/up", 11008, 4096),
+        ("down", 4096, 11008),
+    ] {
+        let (x, t) = (bf(n * inn, 1), bf(n * 3 * r, 2));
+        let (w, b) = (bf(out * inn, 3), bf(out * r, 4));
+        let (xa, wa) = (bf(n * (inn + 3 * r), 5), bf(out * (inn + 3 * r), 6));
+        let dy = bf(n * out, 7);
+        let mut y = g.zeros(n * out, DType::BF16).unwrap();
+        let mut dx = g.zeros(n * (inn + r), DType::BF16).unwrap();
+        let mut u = g.zeros(n * 3 * r, DType::BF16).unwrap();
+        for tuned in [false, true] {
+            let fwd = time_ms(&g, 20, || {
+                let t_at = MatAt::at(0, 3 * r);
+                g.gemm_at(
+                    n,
+                    out,
+                    r,
+                    1.0,
+                    (&t, t_at),
+                    false,
+                    (&b, MatAt::dense(r)),
+                    true,
+                    0.0,
+                    (&mut y, MatAt::dense(out)),
+                )
+                .unwrap();
+                g.gemm(n, out, inn, 1.0, &x, false, &w, true, 1.0, &mut y)
+                    .unwrap();
+            });
+            let folded = |k: usize| {
+                let (a_at, b_at) = (MatAt::dense(inn + 3 * r), MatAt::dense(inn + 3 * r));
+                let mut y2 = g.zeros(n * out, DType::BF16).unwrap();
+                time_ms(&g, 20, || {
+                    g.gemm_at(
+                        n,
+                        out,
+                        k,
+                        1.0,
+                        (&xa, a_at),
+                        false,
+                        (&wa, b_at),
+                        true,
+                        0.0,
+                        (&mut y2, MatAt::dense(out)),
+                    )
+                    .unwrap()
+                })
+            };
+            let (fold1, fold3) = (folded(inn + r), folded(inn + 3 * r));
+            let bwd = time_ms(&g, 20, || {
+                let u_at = MatAt::at(0, 3 * r);
+                g.gemm_at(
+                    n,
+                    r,
+                    out,
+                    1.0,
+                    (&dy, MatAt::dense(out)),
+                    false,
+                    (&b, MatAt::dense(r)),
+                    false,
+                    0.0,
+                    (&mut u, u_at),
+                )
+                .unwrap();
+                g.gemm_at(
+                    n,
+                    inn,
+                    out,
+                    1.0,
+                    (&dy, MatAt::dense(out)),
+                    false,
+                    (&wa, MatAt::dense(inn + 3 * r)),
+                    false,
+                    1.0,
+                    (&mut dx, MatAt::dense(inn + r)),
+                )
+                .unwrap();
+            });
+            let bwd_folded = time_ms(&g, 20, || {
+                g.gemm_at(
+                    n,
+                    inn + r,
+                    out,
+                    1.0,
+                    (&dy, MatAt::dense(out)),
+                    false,
+                    (&wa, MatAt::dense(inn + 3 * r)),
+                    false,
+                    1.0,
+                    (&mut dx, MatAt::dense(inn + r)),
+                )
+                .unwrap()
+            });
+            println!(
+                "{label:8} {n}x{out}x{inn} {}: forward y = s t Bᵀ + x Wᵀ {:.1} µs, folded K+{r} {:.1} µs, K+{} {:.1} µs; \
+                 backward u = dy B + dx += dy W {:.1} µs, folded N+{r} {:.1} µs",
+                if tuned { "tuned  " } else { "default" },
+                fwd * 1e3,
+                fold1 * 1e3,
+                3 * r,
+                fold3 * 1e3,
+                bwd * 1e3,
+                bwd_folded * 1e3
+            );
+            g.tune().unwrap();
+        }
+        let ms = time_ms(&g, 20, || g.fill_zero(&mut y).unwrap());
+        println!(
+            "memset of y [{n}, {out}] bf16: {:.1} µs, {:.2} TB/s",
+            ms * 1e3,
+            (n * out * 2) as f64 / ms / 1e9
+        );
+    }
 }
 
 #[test]
