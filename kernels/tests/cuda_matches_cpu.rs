@@ -1321,6 +1321,23 @@ fn bench_lora_folded_into_frozen_products() {
         let mut y = g.zeros(n * out, DType::BF16).unwrap();
         let mut dx = g.zeros(n * (inn + r), DType::BF16).unwrap();
         let mut u = g.zeros(n * 3 * r, DType::BF16).unwrap();
+        // `dx [n, in + r]`'s first `cols` columns += dy · [W | B]'s first `cols` columns.
+        let dy_times_wa = |cols: usize, dx: &mut CudaTensor| {
+            let (dy_at, wa_at) = (MatAt::dense(out), MatAt::dense(inn + 3 * r));
+            g.gemm_at(
+                n,
+                cols,
+                out,
+                1.0,
+                (&dy, dy_at),
+                false,
+                (&wa, wa_at),
+                false,
+                1.0,
+                (dx, MatAt::dense(inn + r)),
+            )
+            .unwrap()
+        };
         for tuned in [false, true] {
             let fwd = time_ms(&g, 20, || {
                 let t_at = MatAt::at(0, 3 * r);
@@ -1375,35 +1392,9 @@ fn bench_lora_folded_into_frozen_products() {
                     (&mut u, u_at),
                 )
                 .unwrap();
-                g.gemm_at(
-                    n,
-                    inn,
-                    out,
-                    1.0,
-                    (&dy, MatAt::dense(out)),
-                    false,
-                    (&wa, MatAt::dense(inn + 3 * r)),
-                    false,
-                    1.0,
-                    (&mut dx, MatAt::dense(inn + r)),
-                )
-                .unwrap();
+                dy_times_wa(inn, &mut dx);
             });
-            let bwd_folded = time_ms(&g, 20, || {
-                g.gemm_at(
-                    n,
-                    inn + r,
-                    out,
-                    1.0,
-                    (&dy, MatAt::dense(out)),
-                    false,
-                    (&wa, MatAt::dense(inn + 3 * r)),
-                    false,
-                    1.0,
-                    (&mut dx, MatAt::dense(inn + r)),
-                )
-                .unwrap()
-            });
+            let bwd_folded = time_ms(&g, 20, || dy_times_wa(inn + r, &mut dx));
             println!(
                 "{label:8} {n}x{out}x{inn} {}: forward y = s t Bᵀ + x Wᵀ {:.1} µs, folded K+{r} {:.1} µs, K+{} {:.1} µs; \
                  backward u = dy B + dx += dy W {:.1} µs, folded N+{r} {:.1} µs",
