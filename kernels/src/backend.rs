@@ -301,6 +301,15 @@ pub trait Backend {
     fn fill_random(&self, t: &mut Self::Tensor, seed: u64, scale: f32) -> Result<()>;
     /// `dst ← dst + alpha · src`.
     fn axpy(&self, alpha: f32, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
+    /// `dst[i] ← dst[i] + alpha · src[offset + i]` for every `i < len(dst)`: one block of a
+    /// stacked result added into its own tensor (an input group's `dA`, one product for all its
+    /// members, into each member's gradient).
+    fn axpy_from(
+        &self,
+        alpha: f32,
+        src: (&Self::Tensor, usize),
+        dst: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `t ← alpha · t`.
     fn scale(&self, alpha: f32, t: &mut Self::Tensor) -> Result<()>;
     /// `out[r, :] ← row` for every row of `out [rows, len(row)]`: a linear layer's bias, laid down

@@ -128,6 +128,24 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn axpy_from(
+        &self,
+        alpha: f32,
+        (src, offset): (&Vec<f32>, usize),
+        dst: &mut Vec<f32>,
+    ) -> Result<()> {
+        let block =
+            src.get(offset..offset + dst.len())
+                .ok_or_else(|| crate::KernelError::Shape {
+                    op: "axpy_from",
+                    what: "src",
+                    got: src.len(),
+                    expected: offset + dst.len(),
+                })?;
+        dst.iter_mut().zip(block).for_each(|(d, s)| *d += alpha * s);
+        Ok(())
+    }
+
     fn scale(&self, alpha: f32, t: &mut Vec<f32>) -> Result<()> {
         t.iter_mut().for_each(|x| *x *= alpha);
         Ok(())

@@ -611,6 +611,37 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn axpy_from(
+        &self,
+        alpha: f32,
+        (src, offset): (&CudaTensor, usize),
+        dst: &mut CudaTensor,
+    ) -> Result<()> {
+        let n = dst.len();
+        if offset + n > src.len() {
+            return Err(KernelError::Shape {
+                op: "axpy_from",
+                what: "src",
+                got: src.len(),
+                expected: offset + n,
+            });
+        }
+        let name = format!("axpy_{}_{}", suffix(src.dtype), suffix(dst.dtype));
+        let at = src.ptr(&self.stream) + (offset * src.dtype.size_bytes()) as u64;
+        self.launch(
+            &name,
+            (blocks_for_chunks_of_8(n), 1, 1),
+            256,
+            0,
+            &[
+                Arg::F32(alpha),
+                Arg::Ptr(at),
+                self.p(dst),
+                Arg::U64(n as u64),
+            ],
+        )
+    }
+
     fn scale(&self, alpha: f32, t: &mut CudaTensor) -> Result<()> {
         let n = t.len();
         let name = format!("scale_{}", suffix(t.dtype));

@@ -7,17 +7,17 @@
 //! the LoRA term are laid down first and the frozen GEMM accumulates onto them (`beta = 1`), as
 //! torch's `addmm`: cuBLAS reads `y` inside its epilogue, so the wide `[n, out]` output makes one
 //! trip through memory.
-//! Backward: per projection `dB += s · dyᵀ t_p`, `u_p = dy B` (into its columns of `u`),
-//! `dA += s · u_pᵀ x`; then once for the group `dx (+)= s · u A_g`, and per projection
-//! `dx += dy W` (the bias is frozen and `dx` does not depend on it).
-//! Stacking turns a group's skinny `x Aᵀ` and `u A` products, which each stream all of `x` or
-//! `dx` through memory for 16 columns, into one each.
+//! Backward: per projection `dB += s · dyᵀ t_p`, `u_p = dy B` (into its columns of `u`); then
+//! once for the group `s · uᵀ x` (every member's `dA_p += s · u_pᵀ x`), `dx (+)= s · u A_g`, and
+//! per projection `dx += dy W` (the bias is frozen and `dx` does not depend on it).
+//! Stacking turns a group's skinny `x Aᵀ`, `uᵀ x` and `u A` products, which each stream all of
+//! `x` or `dx` through memory for 16 columns, into one each.
 //! An NF4 `W` is dequantized right before each of its two GEMMs and dropped after (QLoRA).
 
 use super::proj_weight::ProjWeight;
 use crate::lora::{GroupSlot, LoraParams, LoraSlot};
-use anyhow::Result;
-use kernels::{Backend, MatAt};
+use anyhow::{bail, Result};
+use kernels::{Backend, DType, MatAt};
 
 /// A frozen projection: `W [out, in]` and, in families that have one, the bias `b [out]`.
 pub struct FrozenLinear<B: Backend> {
@@ -162,19 +162,37 @@ pub fn backward<B: Backend>(
                 0.0,
                 (&mut u, cols),
             )?;
-            // dA [r, in] += s · u_pᵀ [r, n] · x [n, in]
-            be.gemm_at(
-                r,
-                in_f,
-                n,
-                s,
-                (&u, cols),
-                true,
-                (x, MatAt::dense(in_f)),
-                false,
-                1.0,
-                (&mut lp.grads[slot.a], MatAt::dense(in_f)),
-            )?;
+        }
+        // dA_p [r, in] += s · u_pᵀ [r, n] · x [n, in] for every member as one product
+        // `s · uᵀ x [members · r, in]` (x read once, not once per member): straight into the
+        // gradient of a lone member, else into a stacked result whose row blocks are added into
+        // the members' gradients
+        let mut stacked = match group.members {
+            1 => None,
+            _ => Some(be.empty(width * in_f, DType::F32)?),
+        };
+        let lone = members.iter().find_map(|m| m.slot).map(|slot| slot.a);
+        let (da, beta_da) = match (&mut stacked, lone) {
+            (Some(st), _) => (st, 0.0),
+            (None, Some(a)) => (&mut lp.grads[a], 1.0),
+            (None, None) => bail!("an adapted input group without an adapted member"),
+        };
+        be.gemm_at(
+            width,
+            in_f,
+            n,
+            s,
+            (&u, MatAt::dense(width)),
+            true,
+            (x, MatAt::dense(in_f)),
+            false,
+            beta_da,
+            (da, MatAt::dense(in_f)),
+        )?;
+        if let Some(st) = stacked {
+            for slot in members.iter().filter_map(|m| m.slot) {
+                be.axpy_from(1.0, (&st, slot.member * r * in_f), &mut lp.grads[slot.a])?;
+            }
         }
         // dx [n, in] (+)= s · u [n, members · r] · A_g [members · r, in]
         be.gemm_at(

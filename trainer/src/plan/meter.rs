@@ -302,6 +302,17 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
+    fn axpy_from(
+        &self,
+        _alpha: f32,
+        (src, _): (&MeterTensor, usize),
+        dst: &mut MeterTensor,
+    ) -> Result<()> {
+        let src_bytes = (dst.len * src.dtype.size_bytes()) as f64;
+        self.memory_op(src_bytes + 2.0 * tensor_bytes(dst));
+        Ok(())
+    }
+
     fn scale(&self, _alpha: f32, t: &mut MeterTensor) -> Result<()> {
         self.memory_op(2.0 * tensor_bytes(t));
         Ok(())
