@@ -299,8 +299,11 @@ pub trait Backend {
     /// (splitmix64, see `cuda/random.cu`): uniform on `[−scale, scale)`, the same values on every
     /// backend up to rounding to the tensor's dtype. Random weights for benchmarks, made in place.
     fn fill_random(&self, t: &mut Self::Tensor, seed: u64, scale: f32) -> Result<()>;
-    /// `dst ← dst + alpha · src`.
-    fn axpy(&self, alpha: f32, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()>;
+    /// `dst ← dst + alpha · src`: [`Backend::axpy_from`] at offset 0, lengths equal.
+    fn axpy(&self, alpha: f32, src: &Self::Tensor, dst: &mut Self::Tensor) -> Result<()> {
+        check_len("axpy", "dst", self.len(dst), self.len(src))?;
+        self.axpy_from(alpha, (src, 0), dst)
+    }
     /// `dst[i] ← dst[i] + alpha · src[offset + i]` for every `i < len(dst)`: one block of a
     /// stacked result added into its own tensor (an input group's `dA`, one product for all its
     /// members, into each member's gradient).

@@ -122,12 +122,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn axpy(&self, alpha: f32, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
-        check_len("axpy", "dst", dst.len(), src.len())?;
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
-        Ok(())
-    }
-
     fn axpy_from(
         &self,
         alpha: f32,

@@ -593,24 +593,6 @@ impl Backend for CudaBackend {
         self.fill_random_impl(t, seed, scale)
     }
 
-    fn axpy(&self, alpha: f32, src: &CudaTensor, dst: &mut CudaTensor) -> Result<()> {
-        check_len("axpy", "dst", dst.len(), src.len())?;
-        let name = format!("axpy_{}_{}", suffix(src.dtype), suffix(dst.dtype));
-        let n = src.len();
-        self.launch(
-            &name,
-            (blocks_for_chunks_of_8(n), 1, 1),
-            256,
-            0,
-            &[
-                Arg::F32(alpha),
-                self.p(src),
-                self.p(dst),
-                Arg::U64(n as u64),
-            ],
-        )
-    }
-
     fn axpy_from(
         &self,
         alpha: f32,

@@ -171,11 +171,14 @@ pub fn backward<B: Backend>(
             1 => None,
             _ => Some(be.empty(width * in_f, DType::F32)?),
         };
-        let lone = members.iter().find_map(|m| m.slot).map(|slot| slot.a);
-        let (da, beta_da) = match (&mut stacked, lone) {
-            (Some(st), _) => (st, 0.0),
-            (None, Some(a)) => (&mut lp.grads[a], 1.0),
-            (None, None) => bail!("an adapted input group without an adapted member"),
+        let (da, beta_da) = match &mut stacked {
+            Some(st) => (st, 0.0),
+            None => {
+                let Some(slot) = members.iter().find_map(|m| m.slot) else {
+                    bail!("an adapted input group without an adapted member");
+                };
+                (&mut lp.grads[slot.a], 1.0)
+            }
         };
         be.gemm_at(
             width,

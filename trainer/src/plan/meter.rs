@@ -297,11 +297,6 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
-    fn axpy(&self, _alpha: f32, src: &MeterTensor, dst: &mut MeterTensor) -> Result<()> {
-        self.memory_op(tensor_bytes(src) + 2.0 * tensor_bytes(dst));
-        Ok(())
-    }
-
     fn axpy_from(
         &self,
         _alpha: f32,
