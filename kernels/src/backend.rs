@@ -514,10 +514,12 @@ pub trait Backend {
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
     /// SwiGLU backward in place (the forward's `gate` and `up` are read and overwritten, so the
     /// MLP's backward holds no second pair of `[N, inter]` buffers):
-    /// `gate ← dout ⊙ up ⊙ silu'(gate)`, `up ← dout ⊙ silu(gate)`.
+    /// `gate ← dout ⊙ up ⊙ silu'(gate)`, `up ← dout ⊙ silu(gate)`, and `dout ← silu(gate) ⊙ up`,
+    /// the forward's output bit for bit ([`Backend::swiglu`]'s arithmetic), so that a backward
+    /// that still needs it (the down projection's `dA` reads it) neither keeps nor recomputes it.
     fn swiglu_backward(
         &self,
-        dout: &Self::Tensor,
+        dout: &mut Self::Tensor,
         gate: &mut Self::Tensor,
         up: &mut Self::Tensor,
     ) -> Result<()>;

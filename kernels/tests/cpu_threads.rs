@@ -78,9 +78,10 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
         .unwrap();
     let mut act = vec![0.0; x.len()];
     be.swiglu(&x, &y, &mut act).unwrap();
-    let (mut dg, mut du) = (x.clone(), y.clone());
-    be.swiglu_backward(&dx, &mut dg, &mut du).unwrap();
-    outs.extend([y, rstd, dx, roped, act, dg, du]);
+    let (mut dg, mut du, mut act_again) = (x.clone(), y.clone(), dx.clone());
+    be.swiglu_backward(&mut act_again, &mut dg, &mut du)
+        .unwrap();
+    outs.extend([y, rstd, dx, roped, act, dg, du, act_again]);
 
     // LM head + cross-entropy: 700 rows × vocab 9000 is several logit chunks and tiles.
     let (ce_rows, h, vocab) = (700, 40, 9000);

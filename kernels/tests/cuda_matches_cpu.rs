@@ -167,13 +167,26 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
         let mut out_c = vec![0.0; m];
         cpu.swiglu(&gate_r, &up_r, &mut out_c).unwrap();
         check("swiglu", d, &g.download(&out).unwrap(), &out_c);
-        let (dout, dout_r) = up(&g, &random(m, 8, 1.0), d);
+        let (mut dout, mut dout_r) = up(&g, &random(m, 8, 1.0), d);
         let (mut dg, mut du) = (gate, upv);
-        g.swiglu_backward(&dout, &mut dg, &mut du).unwrap();
+        g.swiglu_backward(&mut dout, &mut dg, &mut du).unwrap();
         let (mut dg_c, mut du_c) = (gate_r, up_r);
-        cpu.swiglu_backward(&dout_r, &mut dg_c, &mut du_c).unwrap();
+        cpu.swiglu_backward(&mut dout_r, &mut dg_c, &mut du_c)
+            .unwrap();
         check("swiglu_backward dgate", d, &g.download(&dg).unwrap(), &dg_c);
         check("swiglu_backward dup", d, &g.download(&du).unwrap(), &du_c);
+        // dout becomes the forward's output again, bit for bit (the down projection's dA reads it).
+        let (out, act) = (g.download(&out).unwrap(), g.download(&dout).unwrap());
+        let differ = out
+            .iter()
+            .zip(&act)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        println!(
+            "swiglu_backward output       {:<4} bits differing from the forward's {differ}",
+            d.name()
+        );
+        assert_eq!(differ, 0, "swiglu_backward's output ({})", d.name());
 
         let (vocab, eh) = (32000, 512);
         let (table, table_r) = up(&g, &random(vocab * eh, 9, 1.0), d);

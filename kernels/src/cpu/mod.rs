@@ -430,7 +430,7 @@ impl Backend for CpuBackend {
 
     fn swiglu_backward(
         &self,
-        dout: &Vec<f32>,
+        dout: &mut Vec<f32>,
         gate: &mut Vec<f32>,
         up: &mut Vec<f32>,
     ) -> Result<()> {

@@ -1,5 +1,6 @@
 //! SwiGLU (Shazeer 2020): `out = silu(g) ⊙ u`, `silu(g) = g·σ(g)`.
-//! Backward: `du = dout ⊙ silu(g)`, `dg = dout ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g)))`.
+//! Backward: `du = dout ⊙ silu(g)`, `dg = dout ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g)))`, and the forward's
+//! `out` again (same arithmetic, so the same bits) in `dout`'s place.
 
 use super::lanes::{sigmoid, wide};
 use rayon::prelude::*;
@@ -23,17 +24,18 @@ pub fn forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
         });
 }
 
-pub fn backward(dout: &[f32], gate: &mut [f32], up: &mut [f32]) {
+pub fn backward(dout: &mut [f32], gate: &mut [f32], up: &mut [f32]) {
     gate.par_chunks_mut(CHUNK)
         .zip(up.par_chunks_mut(CHUNK))
-        .zip(dout.par_chunks(CHUNK))
+        .zip(dout.par_chunks_mut(CHUNK))
         .for_each(|((gate, up), dout)| {
             wide(
                 #[inline(always)]
                 || {
-                    for ((g, u), &d) in gate.iter_mut().zip(up.iter_mut()).zip(dout) {
+                    for ((g, u), d) in gate.iter_mut().zip(up.iter_mut()).zip(dout.iter_mut()) {
                         let s = sigmoid(*g);
-                        let (dg, du) = (d * *u * s * (1.0 + *g * (1.0 - s)), d * *g * s);
+                        let (dg, du) = (*d * *u * s * (1.0 + *g * (1.0 - s)), *d * *g * s);
+                        *d = *g * s * *u;
                         *g = dg;
                         *u = du;
                     }
@@ -53,8 +55,14 @@ mod tests {
         let gate: Vec<f32> = random(n, 1).iter().map(|v| 3.0 * v).collect();
         let up = random(n, 2);
         let probe = random(n, 3);
-        let (mut dg, mut du) = (gate.clone(), up.clone());
-        backward(&probe, &mut dg, &mut du);
+        let (mut dg, mut du, mut out) = (gate.clone(), up.clone(), probe.clone());
+        backward(&mut out, &mut dg, &mut du);
+        let mut forward_out = vec![0.0; n];
+        forward(&gate, &up, &mut forward_out);
+        assert_eq!(
+            out, forward_out,
+            "dout becomes the forward's output, bit for bit"
+        );
         let run = |g: &[f32], u: &[f32]| {
             let mut o = vec![0.0; n];
             forward(g, u, &mut o);

@@ -924,7 +924,7 @@ impl Backend for CudaBackend {
 
     fn swiglu_backward(
         &self,
-        dout: &CudaTensor,
+        dout: &mut CudaTensor,
         gate: &mut CudaTensor,
         up: &mut CudaTensor,
     ) -> Result<()> {

@@ -235,8 +235,8 @@ struct MlpSaved<B: Backend> {
     norm2: B::Tensor,
     gate: B::Tensor,
     up: B::Tensor,
-    act: B::Tensor,
-    /// `x A_gᵀ` of the adapted gate, up group and down.
+    /// `x A_gᵀ` of the adapted gate, up group and down (the SwiGLU output `act` that down reads
+    /// is not kept: its backward makes it again, [`Backend::swiglu_backward`]).
     lora_t: LoraInputs<B>,
 }
 
@@ -494,7 +494,8 @@ impl<B: Backend> LayerWeights<B> {
 
     /// The MLP half of the forward: `y = h + down_proj(silu(gate_proj(m)) ⊙ up_proj(m))`,
     /// `m = rms2(h)`. Returns what its backward needs and, when `output`, `y`; the LoRA inputs
-    /// in `kept_t` are taken instead of recomputed.
+    /// in `kept_t` are taken instead of recomputed. The SwiGLU output is made only for what
+    /// reads it here: the down projection, or its LoRA input when that is not kept.
     #[allow(clippy::too_many_arguments)]
     fn mlp_half(
         &self,
@@ -532,35 +533,36 @@ impl<B: Backend> LayerWeights<B> {
             &mut [Some(&mut gate), Some(&mut up)],
             kept_t,
         )?;
-        let mut act = be.empty(n * s.inter, dt)?;
-        be.swiglu(&gate, &up, &mut act)?;
         let down = InputGroup::Down;
-        let out = if output {
+        let down_adapter = group_adapter(lora, layer, down);
+        let needs_t = down_adapter.is_some() && kept_t[down.index()].is_none();
+        let act = if output || needs_t {
+            let mut act = be.empty(n * s.inter, dt)?;
+            be.swiglu(&gate, &up, &mut act)?;
+            Some(act)
+        } else {
+            None
+        };
+        let out = if let (true, Some(act)) = (output, &act) {
             let mut out = be.empty(n * s.hidden, dt)?;
-            lora_t[down.index()] = self.project_group(
-                be,
-                s,
-                layer,
-                lora,
-                down,
-                &act,
-                &mut [Some(&mut out)],
-                kept_t,
-            )?;
+            lora_t[down.index()] =
+                self.project_group(be, s, layer, lora, down, act, &mut [Some(&mut out)], kept_t)?;
             be.axpy(1.0, &mid, &mut out)?;
             Some(out)
         } else {
-            let adapter = group_adapter(lora, layer, down);
-            lora_t[down.index()] = self.lora_input(be, s, down, adapter.as_ref(), &act, kept_t)?;
+            lora_t[down.index()] = match &act {
+                Some(act) => self.lora_input(be, s, down, down_adapter.as_ref(), act, kept_t)?,
+                None => kept_t[down.index()].take(),
+            };
             None
         };
+        drop(act);
         let saved = MlpSaved {
             mid,
             rstd2,
             norm2,
             gate,
             up,
-            act,
             lora_t,
         };
         Ok((saved, out))

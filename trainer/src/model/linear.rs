@@ -8,8 +8,9 @@
 //! torch's `addmm`: cuBLAS reads `y` inside its epilogue, so the wide `[n, out]` output makes one
 //! trip through memory.
 //! Backward: per projection `dB += s · dyᵀ t_p`, `u_p = dy B` (into its columns of `u`); then
-//! once for the group `s · uᵀ x` (every member's `dA_p += s · u_pᵀ x`), `dx (+)= s · u A_g`, and
-//! per projection `dx += dy W` (the bias is frozen and `dx` does not depend on it).
+//! once for the group `dx (+)= s · u A_g`, per projection `dx += dy W` (the bias is frozen and `dx`
+//! does not depend on it), and last, once for the group, `s · uᵀ x` (every member's
+//! `dA_p += s · u_pᵀ x`): the only part that reads `x`, so it can wait for an `x` made later.
 //! Stacking turns a group's skinny `x Aᵀ`, `uᵀ x` and `u A` products, which each stream all of
 //! `x` or `dx` through memory for 16 columns, into one each.
 //! An NF4 `W` is dequantized right before each of its two GEMMs and dropped after (QLoRA).
@@ -115,21 +116,41 @@ pub struct MemberGrad<'a, B: Backend> {
 
 /// Adds `dL/dx` of every member of a group that reads `x` into `dx` (writes it when `accumulate`
 /// is false) and the members' LoRA gradients into `lora` (the parameters, the group's stacked A
-/// and its forward's `t`). As in [`forward`], the LoRA term `s · u A_g` goes
-/// into `dx` first and the frozen GEMMs add onto it.
+/// and its forward's `t`): [`backward_to_input`], then [`lora_a_grads`].
 pub fn backward<B: Backend>(
     be: &B,
     members: &[MemberGrad<'_, B>],
     x: &B::Tensor,
-    lora: Option<(&mut LoraParams<B>, GroupSlot, &B::Tensor)>,
+    mut lora: Option<(&mut LoraParams<B>, GroupSlot, &B::Tensor)>,
     dx: &mut B::Tensor,
     accumulate: bool,
 ) -> Result<()> {
+    let lp = lora.as_mut().map(|(lp, group, t)| (&mut **lp, *group, *t));
+    let u = backward_to_input(be, members, lp, dx, accumulate)?;
+    match (lora, u) {
+        (Some((lp, group, _)), Some(u)) => lora_a_grads(be, members, lp, group, &u, x),
+        _ => Ok(()),
+    }
+}
+
+/// The part of [`backward`] that does not read the input `x`: every member's `dB` and `u_p = dy B`
+/// (returned, stacked as `u [n, members · r]`, when the group is adapted) and `dL/dx`. As in
+/// [`forward`], the LoRA term `s · u A_g` goes into `dx` first and the frozen GEMMs add onto it.
+/// [`lora_a_grads`] then takes `u` and `x`, which the caller may make only now (the MLP's
+/// SwiGLU output comes out of its backward).
+pub fn backward_to_input<B: Backend>(
+    be: &B,
+    members: &[MemberGrad<'_, B>],
+    lora: Option<(&mut LoraParams<B>, GroupSlot, &B::Tensor)>,
+    dx: &mut B::Tensor,
+    accumulate: bool,
+) -> Result<Option<B::Tensor>> {
     let mut beta = if accumulate { 1.0 } else { 0.0 };
     let Some(first) = members.first() else {
-        return Ok(());
+        return Ok(None);
     };
     let (n, in_f) = (first.d.n, first.d.in_f);
+    let mut stacked_u = None;
     if let Some((lp, group, t)) = lora {
         let (r, s, width) = (group.rank, group.scaling, group.width());
         let mut u = be.empty(n * width, be.compute_dtype())?;
@@ -163,40 +184,6 @@ pub fn backward<B: Backend>(
                 (&mut u, cols),
             )?;
         }
-        // dA_p [r, in] += s · u_pᵀ [r, n] · x [n, in] for every member as one product
-        // `s · uᵀ x [members · r, in]` (x read once, not once per member): straight into the
-        // gradient of a lone member, else into a stacked result whose row blocks are added into
-        // the members' gradients
-        let mut stacked = match group.members {
-            1 => None,
-            _ => Some(be.empty(width * in_f, DType::F32)?),
-        };
-        let (da, beta_da) = match &mut stacked {
-            Some(st) => (st, 0.0),
-            None => {
-                let Some(slot) = members.iter().find_map(|m| m.slot) else {
-                    bail!("an adapted input group without an adapted member");
-                };
-                (&mut lp.grads[slot.a], 1.0)
-            }
-        };
-        be.gemm_at(
-            width,
-            in_f,
-            n,
-            s,
-            (&u, MatAt::dense(width)),
-            true,
-            (x, MatAt::dense(in_f)),
-            false,
-            beta_da,
-            (da, MatAt::dense(in_f)),
-        )?;
-        if let Some(st) = stacked {
-            for slot in members.iter().filter_map(|m| m.slot) {
-                be.axpy_from(1.0, (&st, slot.member * r * in_f), &mut lp.grads[slot.a])?;
-            }
-        }
         // dx [n, in] (+)= s · u [n, members · r] · A_g [members · r, in]
         be.gemm_at(
             n,
@@ -211,12 +198,63 @@ pub fn backward<B: Backend>(
             (dx, MatAt::dense(in_f)),
         )?;
         beta = 1.0;
+        stacked_u = Some(u);
     }
     for m in members {
         m.w.with_dense(be, |w| {
             Ok(be.gemm(n, in_f, m.d.out_f, 1.0, m.dy, false, w, false, beta, dx)?)
         })?;
         beta = 1.0;
+    }
+    Ok(stacked_u)
+}
+
+/// `dA_p [r, in] += s · u_pᵀ [r, n] · x [n, in]` for every adapted member, as one product
+/// `s · uᵀ x [members · r, in]` (x read once, not once per member): straight into the gradient of
+/// a lone member, else into a stacked result whose row blocks are added into the members'
+/// gradients. `u` is [`backward_to_input`]'s.
+pub fn lora_a_grads<B: Backend>(
+    be: &B,
+    members: &[MemberGrad<'_, B>],
+    lp: &mut LoraParams<B>,
+    group: GroupSlot,
+    u: &B::Tensor,
+    x: &B::Tensor,
+) -> Result<()> {
+    let Some(first) = members.first() else {
+        return Ok(());
+    };
+    let (n, in_f) = (first.d.n, first.d.in_f);
+    let (r, width) = (group.rank, group.width());
+    let mut stacked = match group.members {
+        1 => None,
+        _ => Some(be.empty(width * in_f, DType::F32)?),
+    };
+    let (da, beta_da) = match &mut stacked {
+        Some(st) => (st, 0.0),
+        None => {
+            let Some(slot) = members.iter().find_map(|m| m.slot) else {
+                bail!("an adapted input group without an adapted member");
+            };
+            (&mut lp.grads[slot.a], 1.0)
+        }
+    };
+    be.gemm_at(
+        width,
+        in_f,
+        n,
+        group.scaling,
+        (u, MatAt::dense(width)),
+        true,
+        (x, MatAt::dense(in_f)),
+        false,
+        beta_da,
+        (da, MatAt::dense(in_f)),
+    )?;
+    if let Some(st) = stacked {
+        for slot in members.iter().filter_map(|m| m.slot) {
+            be.axpy_from(1.0, (&st, slot.member * r * in_f), &mut lp.grads[slot.a])?;
+        }
     }
     Ok(())
 }

@@ -510,12 +510,12 @@ impl Backend for MeterBackend {
 
     fn swiglu_backward(
         &self,
-        dout: &MeterTensor,
+        dout: &mut MeterTensor,
         gate: &mut MeterTensor,
         up: &mut MeterTensor,
     ) -> Result<()> {
-        // Read dout, gate, up; write gate, up.
-        self.memory_op(tensor_bytes(dout) + 2.0 * (tensor_bytes(gate) + tensor_bytes(up)));
+        // Read dout, gate, up; write the gradients and the forward's output in their place.
+        self.memory_op(2.0 * (tensor_bytes(dout) + tensor_bytes(gate) + tensor_bytes(up)));
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use super::{
     LoraInputs, MlpSaved, Shapes,
 };
 use crate::arch::InputGroup;
-use crate::lora::LoraParams;
+use crate::lora::{GroupSlot, LoraParams};
 use crate::model::batch::Batch;
 use crate::model::linear::{self, MemberGrad};
 use anyhow::{anyhow, Result};
@@ -24,6 +24,20 @@ fn head_norm_backward<B: Backend>(
     let mut dx = be.zeros(be.len(dy), be.compute_dtype())?;
     be.rms_norm_backward(dy, &saved.raw, w, &saved.rstd, s.head_dim, &mut dx)?;
     Ok(dx)
+}
+
+/// Input group `g`'s adapter for [`linear::backward`]: the parameters, the group's stacked A and
+/// its forward's `t`, when a member is adapted.
+fn group_lora<'a, B: Backend>(
+    lora: Option<&'a mut LoraParams<B>>,
+    lora_t: &'a LoraInputs<B>,
+    layer: usize,
+    g: InputGroup,
+) -> Option<(&'a mut LoraParams<B>, GroupSlot, &'a B::Tensor)> {
+    match (lora, &lora_t[g.index()]) {
+        (Some(lp), Some(t)) => lp.group(layer, g).map(|group| (lp, group, t)),
+        _ => None,
+    }
 }
 
 impl<B: Backend> LayerWeights<B> {
@@ -93,6 +107,28 @@ impl<B: Backend> LayerWeights<B> {
         self.backward_attention(be, s, layer, lora, batch, attention, dmid)
     }
 
+    /// The members of input group `g` for [`linear::backward`], given their output gradients.
+    fn member_grads<'a>(
+        &'a self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        lora: Option<&LoraParams<B>>,
+        g: InputGroup,
+        douts: &[&'a B::Tensor],
+    ) -> Vec<MemberGrad<'a, B>> {
+        g.members()
+            .iter()
+            .zip(douts)
+            .map(|(&p, &dy)| MemberGrad {
+                d: s.dims(p, be.len(dy) / s.dims(p, 1).out_f),
+                dy,
+                w: &self.proj[p.index()].weight,
+                slot: lora.and_then(|l| l.slot(layer, p)),
+            })
+            .collect()
+    }
+
     /// Adds `dL/d input` of input group `g` (its members' output gradients `douts`) into
     /// `dinput` (writes it when not `accumulate`), and their LoRA gradients into `lora` (see
     /// [`linear::backward`]).
@@ -110,26 +146,14 @@ impl<B: Backend> LayerWeights<B> {
         dinput: &mut B::Tensor,
         accumulate: bool,
     ) -> Result<()> {
-        let members: Vec<MemberGrad<'_, B>> = g
-            .members()
-            .iter()
-            .zip(douts)
-            .map(|(&p, &dy)| MemberGrad {
-                d: s.dims(p, be.len(dy) / s.dims(p, 1).out_f),
-                dy,
-                w: &self.proj[p.index()].weight,
-                slot: lora.as_ref().and_then(|l| l.slot(layer, p)),
-            })
-            .collect();
-        let adapter = match (lora, &lora_t[g.index()]) {
-            (Some(lp), Some(t)) => lp.group(layer, g).map(|group| (lp, group, t)),
-            _ => None,
-        };
+        let members = self.member_grads(be, s, layer, lora.as_deref(), g, douts);
+        let adapter = group_lora(lora, lora_t, layer, g);
         linear::backward(be, &members, input, adapter, dinput, accumulate)
     }
 
     /// The MLP half's backward: `y = h + down(act)`, so `dL/dh` starts as `dy` (the residual);
-    /// returns it.
+    /// returns it. `act` is not saved: the SwiGLU backward writes it over `dL/dact`, and down's
+    /// LoRA `dA`, the one reader, runs after it.
     fn backward_mlp(
         &self,
         be: &B,
@@ -145,24 +169,38 @@ impl<B: Backend> LayerWeights<B> {
             norm2,
             gate,
             up,
-            act,
             lora_t,
         } = saved;
         let n = be.len(&mid) / s.hidden;
         let dt = be.compute_dtype();
-        let mut back = |g, douts: &[&B::Tensor], input: &B::Tensor, dinput: &mut B::Tensor| {
-            let lora = lora.as_deref_mut();
-            self.group_back(be, s, layer, lora, &lora_t, g, douts, input, dinput, false)
-        };
+        let down = InputGroup::Down;
+        let members = self.member_grads(be, s, layer, lora.as_deref(), down, &[&dy]);
+        let adapter = group_lora(lora.as_deref_mut(), &lora_t, layer, down);
         let mut dact = be.empty(n * s.inter, dt)?;
-        back(InputGroup::Down, &[&dy], &act, &mut dact)?;
-        drop(act);
-        // gate and up become their gradients in place.
+        let u = linear::backward_to_input(be, &members, adapter, &mut dact, false)?;
+        // gate and up become their gradients in place, dact the forward's act.
         let (mut dgate, mut dup) = (gate, up);
-        be.swiglu_backward(&dact, &mut dgate, &mut dup)?;
-        drop(dact);
+        be.swiglu_backward(&mut dact, &mut dgate, &mut dup)?;
+        let act = dact;
+        if let (Some(u), Some((lp, group, _))) =
+            (u, group_lora(lora.as_deref_mut(), &lora_t, layer, down))
+        {
+            linear::lora_a_grads(be, &members, lp, group, &u, &act)?;
+        }
+        drop((act, members));
         let mut dnorm2 = be.empty(n * s.hidden, dt)?;
-        back(InputGroup::GateUp, &[&dgate, &dup], &norm2, &mut dnorm2)?;
+        self.group_back(
+            be,
+            s,
+            layer,
+            lora,
+            &lora_t,
+            InputGroup::GateUp,
+            &[&dgate, &dup],
+            &norm2,
+            &mut dnorm2,
+            false,
+        )?;
         drop((dgate, dup, norm2));
         let mut dmid = dy;
         be.rms_norm_backward(
