@@ -69,6 +69,15 @@ fn check(what: &str, d: DType, got: &[f32], want: &[f32]) {
     );
 }
 
+/// How many elements of `got` differ from `want` in their bits.
+fn bits_differing(got: &[f32], want: &[f32]) -> usize {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count()
+}
+
 /// Uploads `data` in `d` and returns the tensor with the values it really holds.
 fn up(g: &CudaBackend, data: &[f32], d: DType) -> (CudaTensor, Vec<f32>) {
     let t = g.upload(data, d).unwrap();
@@ -177,11 +186,7 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
         check("swiglu_backward dup", d, &g.download(&du).unwrap(), &du_c);
         // dout becomes the forward's output again, bit for bit (the down projection's dA reads it).
         let (out, act) = (g.download(&out).unwrap(), g.download(&dout).unwrap());
-        let differ = out
-            .iter()
-            .zip(&act)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
+        let differ = bits_differing(&act, &out);
         println!(
             "swiglu_backward output       {:<4} bits differing from the forward's {differ}",
             d.name()
@@ -705,11 +710,7 @@ fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
             }
             let got = g.download(&out).unwrap();
             let rounded = g.download(&g.upload(&want, d).unwrap()).unwrap();
-            let mismatches = got
-                .iter()
-                .zip(&rounded)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
+            let mismatches = bits_differing(&got, &rounded);
             println!(
                 "nf4 dequantize n={n} double={double} {:<4} mismatches {mismatches}",
                 d.name()

@@ -10,6 +10,7 @@
 use super::batch::Batch;
 use super::checkpointing::KeptKv;
 use super::linear::{self, Dims, FrozenLinear, GroupAdapter};
+use super::proj_weight::Dequantized;
 use crate::arch::{InputGroup, ModelConfig, Projection};
 use crate::lora::LoraParams;
 use anyhow::{anyhow, bail, Result};
@@ -354,7 +355,8 @@ impl<B: Backend> LayerWeights<B> {
     }
 
     /// `outs[i] ← input Wᵀ (+ LoRA)` of each projection of input group `g` whose output is asked
-    /// for (`None`: kept by a checkpoint, not run again); returns the group's `t = input A_gᵀ`
+    /// for (`None`: kept by a checkpoint, not run again), an NF4 weight's dense copy dropped or
+    /// kept after (`after`); returns the group's `t = input A_gᵀ`
     /// ([`LayerWeights::lora_input`]) when a member is adapted.
     #[allow(clippy::too_many_arguments)]
     fn project_group(
@@ -367,6 +369,7 @@ impl<B: Backend> LayerWeights<B> {
         input: &B::Tensor,
         outs: &mut [Option<&mut B::Tensor>],
         kept_t: &mut LoraInputs<B>,
+        after: Dequantized,
     ) -> Result<Option<B::Tensor>> {
         assert_eq!(outs.len(), g.members().len(), "one output per member");
         let adapter = group_adapter(lora, layer, g);
@@ -378,7 +381,7 @@ impl<B: Backend> LayerWeights<B> {
                 (Some(a), Some(t)) => a.params.slot(layer, p).map(|slot| (a, slot, t)),
                 _ => None,
             };
-            linear::forward(be, d, input, &self.proj[p.index()], term, out)?;
+            linear::forward(be, d, input, &self.proj[p.index()], term, after, out)?;
         }
         Ok(t)
     }
@@ -418,6 +421,12 @@ impl<B: Backend> LayerWeights<B> {
             None => (None, None, None),
         };
         let (project_k, project_v) = (kept_k.is_none(), kept_v.is_none());
+        // With the attention part kept, this is a recomputation that the layer's backward
+        // follows at once: it takes the recomputed q/k projections' NF4 dense copies.
+        let after = match kept_attention {
+            Some(_) => Dequantized::KeptForNext,
+            None => Dequantized::Dropped,
+        };
         let mut q = be.empty(n * s.q_dim, dt)?;
         let mut k = kept_k.map_or_else(|| be.empty(n * s.kv_dim, dt), Ok)?;
         let mut v = kept_v.map_or_else(|| be.empty(n * s.kv_dim, dt), Ok)?;
@@ -435,6 +444,7 @@ impl<B: Backend> LayerWeights<B> {
                 project_v.then_some(&mut v),
             ],
             kept_t,
+            after,
         )?;
         let (mut q, mut k, qk_raw) = match &self.qk_norm {
             Some([wq, wk]) => {
@@ -472,6 +482,7 @@ impl<B: Backend> LayerWeights<B> {
                     &attn,
                     &mut [Some(&mut mid)],
                     kept_t,
+                    Dequantized::Dropped,
                 )?;
                 be.axpy(1.0, &x, &mut mid)?;
                 (attn, lse, Some(mid))
@@ -532,6 +543,11 @@ impl<B: Backend> LayerWeights<B> {
             &norm2,
             &mut [Some(&mut gate), Some(&mut up)],
             kept_t,
+            // A recomputation (no output): the backward that follows takes the dense copies.
+            match output {
+                true => Dequantized::Dropped,
+                false => Dequantized::KeptForNext,
+            },
         )?;
         let down = InputGroup::Down;
         let down_adapter = group_adapter(lora, layer, down);
@@ -545,8 +561,17 @@ impl<B: Backend> LayerWeights<B> {
         };
         let out = if let (true, Some(act)) = (output, &act) {
             let mut out = be.empty(n * s.hidden, dt)?;
-            lora_t[down.index()] =
-                self.project_group(be, s, layer, lora, down, act, &mut [Some(&mut out)], kept_t)?;
+            lora_t[down.index()] = self.project_group(
+                be,
+                s,
+                layer,
+                lora,
+                down,
+                act,
+                &mut [Some(&mut out)],
+                kept_t,
+                Dequantized::Dropped,
+            )?;
             be.axpy(1.0, &mid, &mut out)?;
             Some(out)
         } else {

@@ -13,9 +13,10 @@
 //! `dA_p += s · u_pᵀ x`): the only part that reads `x`, so it can wait for an `x` made later.
 //! Stacking turns a group's skinny `x Aᵀ`, `uᵀ x` and `u A` products, which each stream all of
 //! `x` or `dx` through memory for 16 columns, into one each.
-//! An NF4 `W` is dequantized right before each of its two GEMMs and dropped after (QLoRA).
+//! An NF4 `W` is dequantized right before each of its two GEMMs and dropped after (QLoRA), or
+//! kept from a recomputed forward's product for the backward's ([`Dequantized`]).
 
-use super::proj_weight::ProjWeight;
+use super::proj_weight::{Dequantized, ProjWeight};
 use crate::lora::{GroupSlot, LoraParams, LoraSlot};
 use anyhow::{bail, Result};
 use kernels::{Backend, DType, MatAt};
@@ -67,13 +68,14 @@ pub fn lora_input<B: Backend>(
 }
 
 /// `y ← b + x Wᵀ (+ s · t_p Bᵀ)`, given the group's adapter, `t` ([`lora_input`]) and this
-/// projection's slot when it is adapted.
+/// projection's slot when it is adapted; an NF4 `W`'s dense copy is then dropped or kept (`after`).
 pub fn forward<B: Backend>(
     be: &B,
     d: Dims,
     x: &B::Tensor,
     frozen: &FrozenLinear<B>,
     lora: Option<(&GroupAdapter<'_, B>, LoraSlot, &B::Tensor)>,
+    after: Dequantized,
     y: &mut B::Tensor,
 ) -> Result<()> {
     let mut beta = match &frozen.bias {
@@ -99,7 +101,7 @@ pub fn forward<B: Backend>(
         )?;
         beta = 1.0;
     }
-    frozen.weight.with_dense(be, |w| {
+    frozen.weight.with_dense(be, after, |w| {
         Ok(be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, beta, y)?)
     })?;
     Ok(())
@@ -201,7 +203,7 @@ pub fn backward_to_input<B: Backend>(
         stacked_u = Some(u);
     }
     for m in members {
-        m.w.with_dense(be, |w| {
+        m.w.with_dense(be, Dequantized::Dropped, |w| {
             Ok(be.gemm(n, in_f, m.d.out_f, 1.0, m.dy, false, w, false, beta, dx)?)
         })?;
         beta = 1.0;

@@ -186,6 +186,43 @@ fn gradient_checkpointing_changes_no_gradient() {
     }
 }
 
+/// With NF4 weights, a recomputation keeps the dense copies of the projections that the layer's
+/// backward runs next (gate and up; q, and k unless the checkpoint keeps it) and the backward takes
+/// them: the gradients of no checkpointing bit for bit, and no copy left behind.
+#[test]
+fn nf4_dense_copies_kept_for_the_backward_change_no_gradient() {
+    use crate::model::QuantizeNf4;
+    let be = CpuBackend::new();
+    let one_kv_head = {
+        let mut c = config(LLAMA, None, false);
+        c.num_kv_heads = 1;
+        c
+    };
+    for c in [config(MISTRAL, Some(4), false), one_kv_head] {
+        let q = Some(QuantizeNf4 { double_quant: true });
+        let m = Decoder::random(&be, c.clone(), 3, q).unwrap();
+        let mut lora = adapter(&be, &c);
+        let ids = tokens(20, 2);
+        let layout = AttentionLayout::right_padded(&[10, 7], 10, c.sliding_window);
+        let batch = Batch::new(&be, &c, &ids, &ids, layout).unwrap();
+        let (l1, g1) = loss_and_grads(&be, &m, &mut lora, &batch, CheckpointPolicy::OFF);
+        for mode in [Checkpointing::Full, Checkpointing::Offload] {
+            let policy = CheckpointPolicy::all(mode);
+            let (l2, g2) = loss_and_grads(&be, &m, &mut lora, &batch, policy);
+            assert_eq!(
+                (l1, &g1),
+                (l2, &g2),
+                "{mode:?}: gradients must be bitwise identical"
+            );
+            let left = m.layers.iter().flat_map(|l| &l.proj);
+            assert!(
+                !left.into_iter().any(|p| p.weight.holds_kept_copy()),
+                "{mode:?}: a kept dense copy was not taken by the backward"
+            );
+        }
+    }
+}
+
 /// The embedding table in host memory gives the same loss and gradients; a tied table, which the
 /// LM head reads, stays where it is.
 #[test]
