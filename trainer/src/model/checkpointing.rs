@@ -79,6 +79,22 @@ impl Checkpointing {
         skipped
     }
 
+    /// The projections whose NF4 dense copies a recomputed layer of `c` keeps from its
+    /// recomputation for its backward (model/proj_weight.rs `Dequantized::KeptForNext`): gate and
+    /// up, and offloaded the recomputed ones of q and k (model/layer.rs decides it there).
+    pub fn dense_kept_for_backward(self, c: &ModelConfig) -> Vec<Projection> {
+        let mut kept = vec![Projection::Gate, Projection::Up];
+        if self == Checkpointing::Offload {
+            let skipped = self.not_recomputed(c);
+            kept.extend(
+                [Projection::Q, Projection::K]
+                    .into_iter()
+                    .filter(|p| !skipped.contains(p)),
+            );
+        }
+        kept
+    }
+
     /// The config spelling.
     pub fn name(self) -> &'static str {
         match self {

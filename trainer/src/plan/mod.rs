@@ -11,8 +11,9 @@
 //!
 //! NF4 (QLoRA) is metered dense and converted: the projections' 4-bit codes (outside the pool, as
 //! index buffers on the device) and their absmax replace the dense projections, one dequantized
-//! scratch buffer per distinct projection shape joins the pool, and every use of a projection
-//! (forward, recompute, backward) adds a dequantization pass.
+//! scratch buffer per distinct projection shape joins the pool (in recomputed layers, the copies
+//! kept from the recomputation for the backward beside one more), and every dequantization
+//! (forward, recompute, backward, but a kept copy's) adds a pass.
 
 pub mod fit;
 pub mod meter;
@@ -185,7 +186,11 @@ impl Plan {
             Some(q) => {
                 let pooled = dense.total - dense.projections + q.pooled;
                 ops.extend(q.dequant_ops(c, spec, e));
-                (pooled + q.index_bytes, q.index_bytes, q.scratch(c, e))
+                (
+                    pooled + q.index_bytes,
+                    q.index_bytes,
+                    q.scratch(c, spec.checkpointing, e),
+                )
             }
         };
         let pooled_total = pool_peak - dense.total + (weights - index_bytes) + scratch;
@@ -346,32 +351,47 @@ impl Nf4Bytes {
         }
     }
 
-    /// One dequantized weight per distinct projection shape stays cached in the pool.
-    fn scratch(&self, c: &ModelConfig, e: u64) -> u64 {
-        let mut sizes: Vec<u64> = Projection::ALL
-            .iter()
-            .map(|p| {
-                let (o, i) = p.shape(c);
-                (o * i) as u64
-            })
-            .collect();
+    /// One dequantized weight per distinct projection shape stays cached in the pool; a
+    /// recomputed layer's backward holds the copies kept from its recomputation
+    /// ([`Checkpointing::dense_kept_for_backward`]) while it dequantizes the rest of that half
+    /// one at a time.
+    fn scratch(&self, c: &ModelConfig, policy: CheckpointPolicy, e: u64) -> u64 {
+        let size = |p: &Projection| {
+            let (o, i) = p.shape(c);
+            (o * i) as u64
+        };
+        let mut sizes: Vec<u64> = Projection::ALL.iter().map(size).collect();
         sizes.sort_unstable();
         sizes.dedup();
-        sizes.iter().sum::<u64>() * e
+        let distinct = sizes.iter().sum::<u64>();
+        if policy.recomputed_layers(c.num_layers) == 0 {
+            return distinct * e;
+        }
+        let kept = policy.mode.dense_kept_for_backward(c);
+        let half = |members: &[Projection]| -> u64 {
+            let held: u64 = members.iter().filter(|p| kept.contains(p)).map(size).sum();
+            let other = members.iter().filter(|p| !kept.contains(p)).map(size).max();
+            held + other.unwrap_or(0)
+        };
+        let attention = [Projection::Q, Projection::K, Projection::V, Projection::O];
+        let mlp = [Projection::Gate, Projection::Up, Projection::Down];
+        distinct.max(half(&attention)).max(half(&mlp)) * e
     }
 
     /// Dequantizing each projection before each of its GEMMs, per micro-batch: forward and
     /// backward, and in the recomputed layers the recomputation's (which skips the down
-    /// projection, and offloaded the o projection and the kept k/v too).
+    /// projection, and offloaded the o projection and the kept k/v too; the backward takes the
+    /// copies the recomputation kept instead of dequantizing again).
     fn dequant_ops(&self, c: &ModelConfig, spec: &PlanSpec, e: u64) -> Vec<Op> {
         let policy = spec.checkpointing;
         let recomputed = policy.recomputed_layers(c.num_layers);
         let skipped = policy.mode.not_recomputed(c);
+        let kept = policy.mode.dense_kept_for_backward(c);
         let mut ops = Vec::new();
         for l in 0..c.num_layers * spec.grad_accum {
             let recomputes = l % c.num_layers < recomputed;
             for p in Projection::ALL {
-                let uses = if recomputes && !skipped.contains(&p) {
+                let uses = if recomputes && !skipped.contains(&p) && !kept.contains(&p) {
                     3
                 } else {
                     2
@@ -407,10 +427,11 @@ impl Parts {
         let (qd, kvd) = (c.q_dim() as u64, c.kv_dim() as u64);
         let heads = c.num_heads as u64;
         let lora_t = spec.lora.targets.len() as u64 * spec.lora.r as u64;
-        // LayerSaved: x, norm1, q, k, v, attn, mid, norm2, gate, up, act, x·Aᵀ per adapted
-        // projection (compute dtype); rstd1, rstd2, lse (f32).
+        // LayerSaved: x, norm1, q, k, v, attn, mid, norm2, gate, up, x·Aᵀ per adapted
+        // projection (compute dtype; not the SwiGLU output, which the backward makes again);
+        // rstd1, rstd2, lse (f32).
         let saved_without_input =
-            e * n * (3 * h + 2 * qd + 2 * kvd + 3 * i + lora_t) + 4 * n * (2 + heads);
+            e * n * (3 * h + 2 * qd + 2 * kvd + 2 * i + lora_t) + 4 * n * (2 + heads);
         let layer_input = e * n * h;
         // LayerWeights::backward at its widest: dact and dnorm2 (MLP; dgate and dup overwrite
         // gate and up), then dattn, dq, dk, dv, dnorm1 and attention's f32 delta and dq

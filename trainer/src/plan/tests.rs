@@ -112,6 +112,20 @@ fn nf4_shrinks_the_weights_to_about_a_quarter() {
     assert!(nf4.tokens_per_s(GpuKind::H200).unwrap() < dense.tokens_per_s(GpuKind::H200).unwrap());
 }
 
+/// A recomputed NF4 layer keeps gate's and up's dense copies for its backward while it
+/// dequantizes down: three MLP-sized copies in the workspace, in both checkpointed modes.
+#[test]
+fn nf4_recomputation_keeps_the_mlp_copies_for_the_backward() {
+    let mlp_copy = 11008 * 4096 * 2;
+    for mode in [Checkpointing::Full, Checkpointing::Offload] {
+        let mut spec = preset("llama2-7b", 2, mode);
+        spec.quantize = Some(QuantizeNf4 { double_quant: true });
+        let plan = Plan::account(&spec).unwrap();
+        let workspace = plan.memory.workspace;
+        assert!(workspace >= 3 * mlp_copy, "{mode:?}: {workspace}");
+    }
+}
+
 #[test]
 fn a_t4_is_told_which_7b_qlora_batch_fits() {
     let mut spec = preset("llama2-7b", 4, Checkpointing::Full);
