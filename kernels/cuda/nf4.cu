@@ -1,7 +1,9 @@
 /* NF4 dequantization (bitsandbytes quant_type="nf4", blocksize 64), the QLoRA base weight read:
- *   out[i] = c[code[i]] * A[i / 64]
+ *   out[(i / cols) * ld + i % cols] = c[code[i]] * A[i / 64]    for i < n = rows * cols
  * with c the 16-value NF4 table and the 4-bit codes packed two per byte, element 2k in the high
- * nibble. A is the block's absmax: stored as f32 (plain), or decoded from 8 bits (double quant):
+ * nibble. The weight's rows of cols elements land ld >= cols apart and columns cols..ld of each
+ * are left as they are (a LoRA-padded weight W' = [W | B-block]); cols == ld is the dense weight.
+ * A is the block's absmax: stored as f32 (plain), or decoded from 8 bits (double quant):
  *   A[b] = f32(map[code8[b]] * nested_absmax[b / 256]) + offset
  * rounded twice, as bitsandbytes does: __fmul_rn/__fadd_rn keep the compiler from fusing them.
  *
@@ -13,10 +15,17 @@
  * of the H200's bandwidth. The 8 elements of a chunk share their block's absmax (8 divides 64).
  * The code table is read from shared memory: in __constant__ memory the 32 lanes' different
  * indices serialise (one address per cycle), which held this kernel to ~15% of the memory
- * bandwidth. Traffic: n/2 bytes in, n·sizeof(T) out, the absmax tables ~n/64. Byte j of a word is
- * bits 8j..8j+7 (little endian): elements 2j (high nibble) and 2j+1 of the chunk. The last n % 8
- * elements, and every element when the output is not 16-byte aligned, are stored one by one. The
- * f32 output holds exactly the host's bits.
+ * bandwidth. Traffic: n/2 bytes in, n·sizeof(T) out (the pad columns are not touched), the absmax
+ * tables ~n/64. Byte j of a word is bits 8j..8j+7 (little endian): elements 2j (high nibble) and
+ * 2j+1 of the chunk. A chunk is one 16-byte store when the output is 16-byte aligned and the chunk
+ * stays 8 aligned consecutive elements of out: cols == ld (the dense weight), or cols and ld
+ * multiples of 8, the chunk's row found by one division per chunk. Otherwise (and for the last
+ * n % 8 elements) elements are stored one by one, the row advancing as the column wraps past cols:
+ * about 6x slower (0.19 against 0.033 ms for bf16 11008 x 4096 on an H200), so padded rows are best
+ * kept multiples of 8 long. The dense weight has its own kernels (nf4_dequantize_{plain,double}),
+ * the padded one the _padded ones: the row arithmetic as a run-time choice inside the dense kernel
+ * cost the double-quant one 3-14% (0.0373-0.0415 against 0.0363 ms, same shape). The f32 output
+ * holds exactly the host's bits.
  */
 __constant__ float NF4_CODE[16] = {
     -1.0f,         -0.6961928f,  -0.52507305f, -0.3949175f,  -0.28444138f, -0.18477343f,
@@ -32,16 +41,45 @@ __device__ __forceinline__ float nf4_absmax(u64 b, const float* absmax, const un
     return DOUBLE ? __fadd_rn(__fmul_rn(map[absmax_codes[b]], nested_absmax[b / 256]), offset) : absmax[b];
 }
 
-template <typename T, bool DOUBLE>
+/* Stores v[0..count) as the weight's elements first.. : at first.. in the dense weight, else in
+ * rows of cols elements ld apart (the row advancing as the column wraps). */
+template <bool PADDED, typename T>
+__device__ __forceinline__ void nf4_store_each(T* out, u64 first, const float* v, int count, u64 cols, u64 ld) {
+    if (!PADDED) {
+        for (int j = 0; j < count; j++) out[first + j] = store_f32<T>(v[j]);
+        return;
+    }
+    u64 row = div_u64(first, cols), col = first - row * cols;
+    for (int j = 0; j < count; j++) {
+        out[row * ld + col] = store_f32<T>(v[j]);
+        if (++col == cols) {
+            col = 0;
+            row++;
+        }
+    }
+}
+
+/* Where chunk c goes in out, counted in chunks of 8: c in the dense weight, else row c / (cols/8)
+ * of rows ld/8 chunks apart (cols and ld multiples of 8, so the chunk stays in its row). */
+template <bool PADDED>
+__device__ __forceinline__ u64 nf4_out_chunk(u64 c, u64 cols, u64 ld) {
+    if (!PADDED) return c;
+    const u64 row = div_u64(c, cols / 8);
+    return row * (ld / 8) + (c - row * (cols / 8));
+}
+
+/* PADDED: rows of cols elements ld apart (the _padded kernels); else cols == ld and out is the
+ * dense weight, whose kernels carry none of the row arithmetic and ignore cols and ld. */
+template <typename T, bool DOUBLE, bool PADDED>
 __device__ void nf4_dequantize(const unsigned char* packed, const float* absmax,
                                const unsigned char* absmax_codes, const float* nested_absmax,
-                               const float* map, float offset, T* out, u64 n) {
+                               const float* map, float offset, T* out, u64 n, u64 cols, u64 ld) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     __syncthreads();
     const u64 chunks = n / 8;
     const u64 first = (u64)blockIdx.x * blockDim.x * NF4_CHUNKS_PER_THREAD + threadIdx.x;
-    const bool vector = aligned16(out);
+    const bool vector = aligned16(out) && (!PADDED || (cols % 8 == 0 && ld % 8 == 0));
     unsigned word[NF4_CHUNKS_PER_THREAD];
     float a[NF4_CHUNKS_PER_THREAD];
 #pragma unroll
@@ -64,29 +102,37 @@ __device__ void nf4_dequantize(const unsigned char* packed, const float* absmax,
             v[2 * j + 1] = __fmul_rn(code[byte & 15], a[r]);
         }
         if (vector) {
-            store8(out, c, v);
+            store8(out, nf4_out_chunk<PADDED>(c, cols, ld), v);
         } else {
-            for (int j = 0; j < 8; j++) out[8 * c + j] = store_f32<T>(v[j]);
+            nf4_store_each<PADDED>(out, 8 * c, v, 8, cols, ld);
         }
     }
     if (blockIdx.x == 0 && threadIdx.x < n % 8) {
         const u64 i = chunks * 8 + threadIdx.x;
         const unsigned byte = packed[i / 2];
         const float ai = nf4_absmax<DOUBLE>(i / 64, absmax, absmax_codes, nested_absmax, map, offset);
-        out[i] = store_f32<T>(__fmul_rn(code[i % 2 == 0 ? byte >> 4 : byte & 15], ai));
+        const float v = __fmul_rn(code[i % 2 == 0 ? byte >> 4 : byte & 15], ai);
+        nf4_store_each<PADDED>(out, i, &v, 1, cols, ld);
     }
 }
 
-#define NF4_KERNELS(S, T)                                                                         \
-    extern "C" __global__ void nf4_dequantize_plain_##S(const int* packed, const float* absmax,   \
-                                                        T* out, u64 n) {                          \
-        nf4_dequantize<T, false>((const unsigned char*)packed, absmax, 0, 0, 0, 0.0f, out, n);   \
-    }                                                                                             \
-    extern "C" __global__ void nf4_dequantize_double_##S(                                         \
-        const int* packed, const int* absmax_codes, const float* nested_absmax, const float* map, \
-        float offset, T* out, u64 n) {                                                            \
-        nf4_dequantize<T, true>((const unsigned char*)packed, 0,                                  \
-                                (const unsigned char*)absmax_codes, nested_absmax, map, offset,   \
-                                out, n);                                                          \
+#define NF4_PLAIN_KERNEL(NAME, T, PADDED)                                                         \
+    extern "C" __global__ void NAME(const int* packed, const float* absmax, T* out, u64 n, u64 cols, \
+                                    u64 ld) {                                                     \
+        nf4_dequantize<T, false, PADDED>((const unsigned char*)packed, absmax, 0, 0, 0, 0.0f, out, \
+                                         n, cols, ld);                                            \
     }
+#define NF4_DOUBLE_KERNEL(NAME, T, PADDED)                                                        \
+    extern "C" __global__ void NAME(const int* packed, const int* absmax_codes,                   \
+                                    const float* nested_absmax, const float* map, float offset,   \
+                                    T* out, u64 n, u64 cols, u64 ld) {                            \
+        nf4_dequantize<T, true, PADDED>((const unsigned char*)packed, 0,                          \
+                                        (const unsigned char*)absmax_codes, nested_absmax, map,   \
+                                        offset, out, n, cols, ld);                                \
+    }
+#define NF4_KERNELS(S, T)                                                                         \
+    NF4_PLAIN_KERNEL(nf4_dequantize_plain_##S, T, false)                                          \
+    NF4_PLAIN_KERNEL(nf4_dequantize_plain_padded_##S, T, true)                                    \
+    NF4_DOUBLE_KERNEL(nf4_dequantize_double_##S, T, false)                                        \
+    NF4_DOUBLE_KERNEL(nf4_dequantize_double_padded_##S, T, true)
 FOR_EACH_DTYPE(NF4_KERNELS)

@@ -1,21 +1,30 @@
 /* RMSNorm forward and backward, one block per row of `hidden` elements.
  *   forward:  r = 1/sqrt(mean(x^2) + eps),  y = w * (x * r),  rstd[row] = r (f32)
  *   backward: dx += r * (w*dy - xhat * mean(w*dy*xhat)),  xhat = x * r   (adds into dx)
- * Memory traffic: forward reads x once and writes y once (w stays in L1/L2); backward reads dy, x
- * and dx once and writes dx once. The row is read twice from cache (reduction, then output), which
- * keeps the kernel simple and still bandwidth-bound for hidden <= 8192. Rows move 8 elements per
- * access (load8/store8) when hidden is a multiple of 8.
+ * x and dx are dense [rows, hidden]; y's rows are y_ld >= hidden elements apart and dy's dy_ld
+ * apart, of which only the first hidden columns are written or read (LoRA's padded input
+ * x' = [x | s t]: the norm fills x, another op the pad columns).
+ * Memory traffic: forward reads x once and writes rows * hidden elements of y (w stays in L1/L2);
+ * backward reads hidden columns of dy, x and dx once and writes dx once. The row is read twice
+ * from cache (reduction, then output), which keeps the kernel simple and still bandwidth-bound for
+ * hidden <= 8192. When hidden is a multiple of 8 the sums run over chunks of 8 elements: one
+ * 16-byte load where the row's pointer is 16-byte aligned (load8), else one element at a time in
+ * the same order (load8_or_each), so rstd, y and dx do not depend on the row strides to the bit.
+ * The forward's output moves in chunks where x, w and the y row are aligned, else element by
+ * element (each y is one product, so its bits do not depend on the path), threads side by side so
+ * the stores stay coalesced.
  */
 template <typename T>
-__device__ void rms_norm_forward(const T* x, const T* w, T* y, float* rstd, int hidden, float eps) {
+__device__ void rms_norm_forward(const T* x, const T* w, T* y, int y_ld, float* rstd, int hidden, float eps) {
     __shared__ float scratch[32];
     const T* xr = x + (u64)blockIdx.x * hidden;
-    T* yr = y + (u64)blockIdx.x * hidden;
-    const int chunks = hidden % 8 == 0 && aligned16(xr) && aligned16(yr) && aligned16(w) ? hidden / 8 : 0;
+    T* yr = y + (u64)blockIdx.x * y_ld;
+    const int chunks = hidden % 8 == 0 ? hidden / 8 : 0;
+    const bool vx = aligned16(xr), vw = aligned16(w), vy = aligned16(yr);
     float ss = 0.0f;
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float v[8];
-        load8(xr, c, v);
+        load8_or_each(xr, c, v, vx);
         for (int j = 0; j < 8; j++) ss += v[j] * v[j];
     }
     for (int i = chunks * 8 + threadIdx.x; i < hidden; i += blockDim.x) {
@@ -25,33 +34,37 @@ __device__ void rms_norm_forward(const T* x, const T* w, T* y, float* rstd, int 
     ss = block_sum(ss, scratch);
     float r = rsqrtf(ss / hidden + eps);
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+    /* Each output is its own product: chunks where every row pointer is aligned, else the
+     * threads' single elements side by side, which keeps a misaligned y row's stores coalesced. */
+    const int out_chunks = vx && vw && vy ? chunks : 0;
+    for (int c = threadIdx.x; c < out_chunks; c += blockDim.x) {
         float v[8], wv[8];
         load8(xr, c, v);
         load8(w, c, wv);
         for (int j = 0; j < 8; j++) v[j] = wv[j] * (v[j] * r);
         store8(yr, c, v);
     }
-    for (int i = chunks * 8 + threadIdx.x; i < hidden; i += blockDim.x) {
+    for (int i = out_chunks * 8 + threadIdx.x; i < hidden; i += blockDim.x) {
         yr[i] = store_f32<T>(load_f32(w[i]) * (load_f32(xr[i]) * r));
     }
 }
 
 template <typename T>
-__device__ void rms_norm_backward(const T* dy, const T* x, const T* w, const float* rstd, T* dx, int hidden) {
+__device__ void rms_norm_backward(const T* dy, int dy_ld, const T* x, const T* w, const float* rstd, T* dx,
+                                  int hidden) {
     __shared__ float scratch[32];
-    u64 base = (u64)blockIdx.x * hidden;
-    const T *dyr = dy + base, *xr = x + base;
+    const u64 base = (u64)blockIdx.x * hidden;
+    const T *dyr = dy + (u64)blockIdx.x * dy_ld, *xr = x + base;
     T* dxr = dx + base;
-    const int chunks =
-        hidden % 8 == 0 && aligned16(dyr) && aligned16(xr) && aligned16(dxr) && aligned16(w) ? hidden / 8 : 0;
+    const int chunks = hidden % 8 == 0 ? hidden / 8 : 0;
+    const bool vdy = aligned16(dyr), vx = aligned16(xr), vw = aligned16(w), vdx = aligned16(dxr);
     float r = rstd[blockIdx.x];
     float acc = 0.0f;
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float d[8], xv[8], wv[8];
-        load8(dyr, c, d);
-        load8(xr, c, xv);
-        load8(w, c, wv);
+        load8_or_each(dyr, c, d, vdy);
+        load8_or_each(xr, c, xv, vx);
+        load8_or_each(w, c, wv, vw);
         for (int j = 0; j < 8; j++) acc += d[j] * wv[j] * xv[j] * r;
     }
     for (int i = chunks * 8 + threadIdx.x; i < hidden; i += blockDim.x) {
@@ -60,12 +73,12 @@ __device__ void rms_norm_backward(const T* dy, const T* x, const T* w, const flo
     float mean_gx = block_sum(acc, scratch) / hidden;
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float d[8], xv[8], wv[8], o[8];
-        load8(dyr, c, d);
-        load8(xr, c, xv);
-        load8(w, c, wv);
-        load8(dxr, c, o);
+        load8_or_each(dyr, c, d, vdy);
+        load8_or_each(xr, c, xv, vx);
+        load8_or_each(w, c, wv, vw);
+        load8_or_each(dxr, c, o, vdx);
         for (int j = 0; j < 8; j++) o[j] += r * (wv[j] * d[j] - xv[j] * r * mean_gx);
-        store8(dxr, c, o);
+        store8_or_each(dxr, c, o, vdx);
     }
     for (int i = chunks * 8 + threadIdx.x; i < hidden; i += blockDim.x) {
         float xh = load_f32(xr[i]) * r;
@@ -74,13 +87,13 @@ __device__ void rms_norm_backward(const T* dy, const T* x, const T* w, const flo
     }
 }
 
-#define RMSNORM_KERNELS(S, T)                                                                             \
-    extern "C" __global__ void rms_norm_forward_##S(const T* x, const T* w, T* y, float* rstd, int hidden, \
-                                                    float eps) {                                          \
-        rms_norm_forward<T>(x, w, y, rstd, hidden, eps);                                                  \
-    }                                                                                                     \
-    extern "C" __global__ void rms_norm_backward_##S(const T* dy, const T* x, const T* w, const float* rstd, \
-                                                     T* dx, int hidden) {                                 \
-        rms_norm_backward<T>(dy, x, w, rstd, dx, hidden);                                                 \
+#define RMSNORM_KERNELS(S, T)                                                                              \
+    extern "C" __global__ void rms_norm_forward_##S(const T* x, const T* w, T* y, int y_ld, float* rstd,   \
+                                                    int hidden, float eps) {                               \
+        rms_norm_forward<T>(x, w, y, y_ld, rstd, hidden, eps);                                             \
+    }                                                                                                      \
+    extern "C" __global__ void rms_norm_backward_##S(const T* dy, int dy_ld, const T* x, const T* w,       \
+                                                     const float* rstd, T* dx, int hidden) {               \
+        rms_norm_backward<T>(dy, dy_ld, x, w, rstd, dx, hidden);                                           \
     }
 FOR_EACH_DTYPE(RMSNORM_KERNELS)

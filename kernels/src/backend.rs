@@ -1,6 +1,7 @@
-use crate::error::check_len;
+use crate::error::{check_len, check_row_stride};
 use crate::nf4::Nf4Buffers;
 use crate::{AttentionLayout, OpTime, ParkLane, Result};
+use std::ops::Range;
 
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i32 = -100;
@@ -91,9 +92,10 @@ pub enum Nf4Absmax<'a, T, I> {
     },
 }
 
-/// Where a row-major matrix operand of [`Backend::gemm_at`] lies in its tensor: row `i` starts
-/// at element `offset + i · ld` (`ld` at least the stored row's length). LoRA's products read and
-/// write column blocks of a wider matrix this way (`t_q` of `t = x [A_q; A_k; A_v]ᵀ`).
+/// Where a row-major matrix operand of [`Backend::gemm_at`] or [`Backend::place_block`] lies in
+/// its tensor: row `i` starts at element `offset + i · ld` (`ld` at least the stored row's length).
+/// LoRA's products read and write column blocks of a wider matrix this way (`t_q` of
+/// `t = x [A_q; A_k; A_v]ᵀ`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MatAt {
     pub offset: usize,
@@ -183,6 +185,45 @@ pub(crate) fn check_copy_places(
         MatAt::at(start, len).check("copy_many_into", "src", 1, len, dst_len)?;
     }
     Ok(())
+}
+
+/// Checks [`Backend::place_block`]'s block (inside the `width` columns) and its two matrices
+/// against their tensors' lengths.
+pub(crate) fn check_place_block(
+    rows: usize,
+    width: usize,
+    block: &Range<usize>,
+    (src_at, src_len): (MatAt, usize),
+    (dst_at, dst_len): (MatAt, usize),
+) -> Result<()> {
+    if block.start > block.end || block.end > width {
+        return Err(crate::KernelError::Unsupported(format!(
+            "place_block: block {}..{} is not a column range inside the width {width}",
+            block.start, block.end
+        )));
+    }
+    src_at.check("place_block", "src", rows, block.len(), src_len)?;
+    dst_at.check("place_block", "dst", rows, width, dst_len)
+}
+
+/// Checks [`Backend::dequantize_nf4`]'s output rows (`cols ≥ 1` elements each, `ld ≥ cols` apart,
+/// `len` a whole number of them) and returns the weight's element count `n = rows · cols`.
+pub(crate) fn nf4_out_elements(cols: usize, ld: usize, len: usize) -> Result<usize> {
+    if cols == 0 {
+        return Err(crate::KernelError::Unsupported(
+            "dequantize_nf4: cols is 0; every row of the weight holds at least one element".into(),
+        ));
+    }
+    check_row_stride("dequantize_nf4", "out", cols, ld)?;
+    if !len.is_multiple_of(ld) {
+        return Err(crate::KernelError::Shape {
+            op: "dequantize_nf4",
+            what: "out (whole rows `ld` apart)",
+            got: len,
+            expected: len.next_multiple_of(ld),
+        });
+    }
+    Ok(len / ld * cols)
 }
 
 /// The ops a Llama/Mistral decoder needs for LoRA training, each with an explicit backward.
@@ -319,6 +360,19 @@ pub trait Backend {
     /// before its GEMM accumulates `x Wᵀ` onto it (`y = b + x Wᵀ`, torch's `addmm` order). The
     /// biases are frozen and `dx` does not depend on them, so the op has no backward.
     fn broadcast_rows(&self, row: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+    /// `dst[i, j] ← src[i, j − block.start]` for `j ∈ block` and `dst[i, j] ← 0` for the other
+    /// `j < width`, for every row `i < rows`; each matrix inside its tensor as a [`MatAt`], src
+    /// `[rows, len(block)]` and dst `[rows, width]`, both of one dtype. A LoRA B `[out, r]` written
+    /// into its block of a padded weight's pad columns (the other members' blocks zeroed), and pad
+    /// columns copied out to a dense tensor or back (`block = 0..width`).
+    fn place_block(
+        &self,
+        rows: usize,
+        width: usize,
+        block: Range<usize>,
+        src: (&Self::Tensor, MatAt),
+        dst: (&mut Self::Tensor, MatAt),
+    ) -> Result<()>;
 
     // ---- matrix product -----------------------------------------------------------------------
     /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` with fp32 accumulation, each operand a matrix
@@ -396,6 +450,10 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// RMSNorm: `y = w ⊙ x · r`, `r = 1/sqrt(mean(x²) + eps)` per row; saves `rstd[N] = r` (f32).
+    /// `x` is `[N, hidden]` with `N = len(rstd)`; `y` holds its N rows `y_ld ≥ hidden` apart
+    /// (`len(y) = N · y_ld`) and only their columns `0..hidden` are written, so `y_ld > hidden`
+    /// leaves pad columns beside the norm for another op (LoRA's `x' = [x | s·t]`).
+    #[allow(clippy::too_many_arguments)]
     fn rms_norm(
         &self,
         x: &Self::Tensor,
@@ -403,13 +461,18 @@ pub trait Backend {
         hidden: usize,
         eps: f32,
         y: &mut Self::Tensor,
+        y_ld: usize,
         rstd: &mut Self::Tensor,
     ) -> Result<()>;
     /// RMSNorm backward, adding into `dx`: `dx += r · (w⊙dy − x̂ · mean(w⊙dy ⊙ x̂))`, `x̂ = x·r`.
+    /// `dy` holds its N rows `dy_ld ≥ hidden` apart (`len(dy) = N · dy_ld`), of which only
+    /// columns `0..hidden` are read; `x` and `dx` are `[N, hidden]`, `N = len(rstd)`.
     /// The norm weight is frozen, so it gets no gradient.
+    #[allow(clippy::too_many_arguments)]
     fn rms_norm_backward(
         &self,
         dy: &Self::Tensor,
+        dy_ld: usize,
         x: &Self::Tensor,
         w: &Self::Tensor,
         rstd: &Self::Tensor,
@@ -554,14 +617,19 @@ pub trait Backend {
         x: &Self::Tensor,
         double_quant: bool,
     ) -> Result<Nf4Buffers<Self::Tensor, Self::Indices>>;
-    /// NF4 dequantization (bitsandbytes, blocksize 64) of `n = len(out)` elements:
-    /// `out[i] = c[code[i]] · A[i / 64]` with `c` the NF4 table and the 4-bit codes packed two per
-    /// byte, element `2k` in the high nibble, the bytes in i32 words ([`crate::nf4::bytes_to_words`]).
+    /// NF4 dequantization (bitsandbytes, blocksize 64) of a weight of `n = rows · cols` elements
+    /// into rows `ld ≥ cols` apart: `out` holds `rows = len(out) / ld` of them, and
+    /// `out[(i / cols) · ld + i % cols] = c[code[i]] · A[i / 64]` for `i < n`, with `c` the NF4
+    /// table and the 4-bit codes packed two per byte, element `2k` in the high nibble, the bytes in
+    /// i32 words ([`crate::nf4::bytes_to_words`]). Columns `cols..ld` are left as they are (a
+    /// LoRA-padded weight `W' = [W | B-block]`); `cols = ld` is the dense `[rows, cols]` weight.
     /// Products are single f32 roundings, so an f32 `out` holds exactly [`crate::nf4::dequantize`]'s bits.
     fn dequantize_nf4(
         &self,
         packed: &Self::Indices,
         absmax: Nf4Absmax<'_, Self::Tensor, Self::Indices>,
+        cols: usize,
+        ld: usize,
         out: &mut Self::Tensor,
     ) -> Result<()>;
 

@@ -23,6 +23,14 @@ pub enum KernelError {
         ld: usize,
         len: usize,
     },
+    /// Rows stored `ld` elements apart would overlap: `ld` is below the `cols` each row holds.
+    #[error("{op}: {what}'s rows are {ld} elements apart, fewer than the {cols} each holds")]
+    RowStride {
+        op: &'static str,
+        what: &'static str,
+        cols: usize,
+        ld: usize,
+    },
     /// The device refused an allocation, a launch or a copy.
     #[error("device error in {op}: {message}")]
     Device { op: &'static str, message: String },
@@ -51,6 +59,31 @@ pub(crate) fn check_len(
             expected,
         })
     }
+}
+
+/// Checks that rows of `cols` elements stored `ld` apart do not overlap (`ld ≥ cols`).
+pub(crate) fn check_row_stride(
+    op: &'static str,
+    what: &'static str,
+    cols: usize,
+    ld: usize,
+) -> crate::Result<()> {
+    if ld >= cols {
+        Ok(())
+    } else {
+        Err(KernelError::RowStride { op, what, cols, ld })
+    }
+}
+
+/// Checks a buffer of `len` elements holding exactly `rows` rows `ld ≥ cols` apart.
+pub(crate) fn check_strided_rows(
+    op: &'static str,
+    what: &'static str,
+    (rows, cols, ld): (usize, usize, usize),
+    len: usize,
+) -> crate::Result<()> {
+    check_row_stride(op, what, cols, ld)?;
+    check_len(op, what, len, rows * ld)
 }
 
 /// Checks that a `[rows, row_len]` buffer of `len` elements holds whole rows (`row_len > 0`).

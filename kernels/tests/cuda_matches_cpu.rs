@@ -78,6 +78,11 @@ fn bits_differing(got: &[f32], want: &[f32]) -> usize {
         .count()
 }
 
+/// The first `cols` elements of every row of `v`, rows `ld` apart.
+fn first_columns(v: &[f32], ld: usize, cols: usize) -> Vec<f32> {
+    v.chunks(ld).flat_map(|row| &row[..cols]).copied().collect()
+}
+
 /// Uploads `data` in `d` and returns the tensor with the values it really holds.
 fn up(g: &CudaBackend, data: &[f32], d: DType) -> (CudaTensor, Vec<f32>) {
     let t = g.upload(data, d).unwrap();
@@ -104,9 +109,10 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
         );
         let mut y = g.zeros(n * hidden, d).unwrap();
         let mut rstd = g.zeros(n, DType::F32).unwrap();
-        g.rms_norm(&x, &w, hidden, 1e-5, &mut y, &mut rstd).unwrap();
+        g.rms_norm(&x, &w, hidden, 1e-5, &mut y, hidden, &mut rstd)
+            .unwrap();
         let (mut y_c, mut rstd_c) = (vec![0.0; n * hidden], vec![0.0; n]);
-        cpu.rms_norm(&xr, &wr, hidden, 1e-5, &mut y_c, &mut rstd_c)
+        cpu.rms_norm(&xr, &wr, hidden, 1e-5, &mut y_c, hidden, &mut rstd_c)
             .unwrap();
         check("rms_norm y", d, &g.download(&y).unwrap(), &y_c);
         check(
@@ -117,9 +123,9 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
         );
         let (dy, dyr) = up(&g, &random(n * hidden, 3, 1.0), d);
         let (mut dx, mut dx_c) = up(&g, &random(n * hidden, 4, 1.0), d);
-        g.rms_norm_backward(&dy, &x, &w, &rstd, hidden, &mut dx)
+        g.rms_norm_backward(&dy, hidden, &x, &w, &rstd, hidden, &mut dx)
             .unwrap();
-        cpu.rms_norm_backward(&dyr, &xr, &wr, &rstd_c, hidden, &mut dx_c)
+        cpu.rms_norm_backward(&dyr, hidden, &xr, &wr, &rstd_c, hidden, &mut dx_c)
             .unwrap();
         check(
             "rms_norm_backward dx (adds into)",
@@ -286,20 +292,102 @@ fn bias_broadcast_and_per_head_rms_norm_match() {
             );
             let mut y = g.zeros(rows * head_dim, d).unwrap();
             let mut rstd = g.zeros(rows, DType::F32).unwrap();
-            g.rms_norm(&q, &w, head_dim, 1e-6, &mut y, &mut rstd)
+            g.rms_norm(&q, &w, head_dim, 1e-6, &mut y, head_dim, &mut rstd)
                 .unwrap();
             let (mut y_c, mut rstd_c) = (vec![0.0; rows * head_dim], vec![0.0; rows]);
-            cpu.rms_norm(&qr, &wr, head_dim, 1e-6, &mut y_c, &mut rstd_c)
+            cpu.rms_norm(&qr, &wr, head_dim, 1e-6, &mut y_c, head_dim, &mut rstd_c)
                 .unwrap();
             check("per-head rms_norm y", d, &g.download(&y).unwrap(), &y_c);
             let (dy, dyr) = up(&g, &random(rows * head_dim, 16, 1.0), d);
             let mut dx = g.zeros(rows * head_dim, d).unwrap();
             let mut dx_c = vec![0.0; rows * head_dim];
-            g.rms_norm_backward(&dy, &q, &w, &rstd, head_dim, &mut dx)
+            g.rms_norm_backward(&dy, head_dim, &q, &w, &rstd, head_dim, &mut dx)
                 .unwrap();
-            cpu.rms_norm_backward(&dyr, &qr, &wr, &rstd_c, head_dim, &mut dx_c)
+            cpu.rms_norm_backward(&dyr, head_dim, &qr, &wr, &rstd_c, head_dim, &mut dx_c)
                 .unwrap();
             check("per-head rms_norm dx", d, &g.download(&dx).unwrap(), &dx_c);
+        }
+    }
+}
+
+/// RMSNorm with `y`'s and `dy`'s rows `ld > hidden` apart (LoRA's padded input `x' = [x | s·t]`):
+/// rows 16-byte aligned (`ld = hidden + 48`) and not (`hidden + 3`), and a row length that is no
+/// multiple of 8. The norm's columns and `rstd` are the dense launch's bits, the pad columns keep
+/// theirs (dy's pad holds NaN, so reading it would show), and both match the CPU.
+#[test]
+fn strided_rms_norm_equals_the_dense_norm_and_leaves_the_pad() {
+    let cpu = CpuBackend::new();
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        for (rows, hidden) in [(1024, 4096), (512, 100)] {
+            let (x, xr) = up(&g, &random(rows * hidden, 31, 2.0), d);
+            let weights: Vec<f32> = random(hidden, 32, 1.0)
+                .iter()
+                .map(|v| 1.0 + 0.5 * v)
+                .collect();
+            let (w, wr) = up(&g, &weights, d);
+            let (dy, dyr) = up(&g, &random(rows * hidden, 33, 1.0), d);
+            let dx0 = random(rows * hidden, 34, 1.0);
+            let mut y = g.zeros(rows * hidden, d).unwrap();
+            let mut rstd = g.zeros(rows, DType::F32).unwrap();
+            g.rms_norm(&x, &w, hidden, 1e-5, &mut y, hidden, &mut rstd)
+                .unwrap();
+            let (y_dense, rstd_dense) = (g.download(&y).unwrap(), g.download(&rstd).unwrap());
+            let mut dx = g.upload(&dx0, d).unwrap();
+            g.rms_norm_backward(&dy, hidden, &x, &w, &rstd, hidden, &mut dx)
+                .unwrap();
+            let dx_dense = g.download(&dx).unwrap();
+            for ld in [hidden + 48, hidden + 3] {
+                let what = format!("rows {rows} hidden {hidden} ld {ld} {}", d.name());
+                let pad0 = random(rows * ld, 35, 4.0);
+                let (mut y, pad) = up(&g, &pad0, d);
+                let mut rstd = g.zeros(rows, DType::F32).unwrap();
+                g.rms_norm(&x, &w, hidden, 1e-5, &mut y, ld, &mut rstd)
+                    .unwrap();
+                let got = g.download(&y).unwrap();
+                assert_eq!(
+                    bits_differing(&g.download(&rstd).unwrap(), &rstd_dense),
+                    0,
+                    "rstd, {what}"
+                );
+                let (mut y_c, mut rstd_c) = (pad.clone(), vec![0.0; rows]);
+                cpu.rms_norm(&xr, &wr, hidden, 1e-5, &mut y_c, ld, &mut rstd_c)
+                    .unwrap();
+                check(
+                    &format!("strided rms_norm y ld {ld}"),
+                    d,
+                    &first_columns(&got, ld, hidden),
+                    &first_columns(&y_c, ld, hidden),
+                );
+                for r in 0..rows {
+                    let row = &got[r * ld..][..ld];
+                    assert_eq!(
+                        bits_differing(&row[..hidden], &y_dense[r * hidden..][..hidden]),
+                        0,
+                        "y row {r}, {what}"
+                    );
+                    assert_eq!(
+                        bits_differing(&row[hidden..], &pad[r * ld + hidden..][..ld - hidden]),
+                        0,
+                        "y pad of row {r}, {what}"
+                    );
+                }
+
+                let mut dy_padded = vec![f32::NAN; rows * ld];
+                for r in 0..rows {
+                    dy_padded[r * ld..][..hidden].copy_from_slice(&dyr[r * hidden..][..hidden]);
+                }
+                let dy_strided = g.upload(&dy_padded, d).unwrap();
+                let (mut dx, dx_rounded) = up(&g, &dx0, d);
+                g.rms_norm_backward(&dy_strided, ld, &x, &w, &rstd, hidden, &mut dx)
+                    .unwrap();
+                let got = g.download(&dx).unwrap();
+                assert_eq!(bits_differing(&got, &dx_dense), 0, "dx, {what}");
+                let mut dx_c = dx_rounded;
+                cpu.rms_norm_backward(&dy_padded, ld, &xr, &wr, &rstd_c, hidden, &mut dx_c)
+                    .unwrap();
+                check(&format!("strided rms_norm dx ld {ld}"), d, &got, &dx_c);
+            }
         }
     }
 }
@@ -692,7 +780,7 @@ fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
             match &w.absmax {
                 Absmax::Plain(a) => {
                     let a = g.upload(a, DType::F32).unwrap();
-                    g.dequantize_nf4(&packed, Nf4Absmax::Plain(&a), &mut out)
+                    g.dequantize_nf4(&packed, Nf4Absmax::Plain(&a), n, n, &mut out)
                         .unwrap();
                 }
                 Absmax::Double(q) => {
@@ -705,7 +793,7 @@ fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
                         map: &map,
                         offset: q.offset,
                     };
-                    g.dequantize_nf4(&packed, absmax, &mut out).unwrap();
+                    g.dequantize_nf4(&packed, absmax, n, n, &mut out).unwrap();
                 }
             }
             let got = g.download(&out).unwrap();
@@ -722,10 +810,52 @@ fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
     cpu.dequantize_nf4(
         &nf4::bytes_to_words(&nf4::pack(&[0, 15, 7, 8, 1, 2, 3, 4])),
         Nf4Absmax::Plain(&vec![2.0]),
+        8,
+        8,
         &mut host,
     )
     .unwrap();
     assert_eq!(&host[..3], &[-2.0, 2.0, 0.0]);
+}
+
+/// NF4 dequantization into rows `ld` apart, plain and double-quantized absmax, in every dtype: the
+/// CPU's bits once rounded, the pad columns untouched. Covers the 16-byte stores (`cols` and `ld`
+/// multiples of 8), rows not 16-byte aligned (`ld = cols + 3`), chunks of 8 crossing rows with an
+/// odd element count (`cols = 41`), and a Llama-2-7B projection padded by three rank-16 adapters.
+#[test]
+fn strided_nf4_dequantize_is_bit_exact_and_leaves_the_pad() {
+    let cpu = CpuBackend::new();
+    for (rows, cols, ld) in [
+        (1000, 128, 176),
+        (1000, 128, 131),
+        (301, 41, 44),
+        (4096, 4096, 4144),
+    ] {
+        let x = random(rows * cols, 23, 0.05);
+        let pad0 = random(rows * ld, 24, 1.0);
+        for double in [false, true] {
+            let w = Nf4Weight::quantize(&x, double);
+            let cpu_q = Nf4Buffers::upload(&cpu, &w).unwrap();
+            for d in ALL {
+                let Some(g) = gpu(d) else { return };
+                let what = format!(
+                    "rows {rows} cols {cols} ld {ld} double {double} {}",
+                    d.name()
+                );
+                let q = Nf4Buffers::upload(&g, &w).unwrap();
+                let (mut out, pad) = up(&g, &pad0, d);
+                g.dequantize_nf4(&q.packed, q.absmax(), cols, ld, &mut out)
+                    .unwrap();
+                let mut want = pad;
+                cpu.dequantize_nf4(&cpu_q.packed, cpu_q.absmax(), cols, ld, &mut want)
+                    .unwrap();
+                let want = g.download(&g.upload(&want, d).unwrap()).unwrap();
+                let mismatches = bits_differing(&g.download(&out).unwrap(), &want);
+                println!("strided nf4 dequantize {what} mismatches {mismatches}");
+                assert_eq!(mismatches, 0, "{what}");
+            }
+        }
+    }
 }
 
 /// The device's NF4 buffers as host bytes: packed codes, and the absmax (plain f32, or the 8-bit
@@ -1101,6 +1231,102 @@ fn copy_many_into_equals_one_copy_per_tensor() {
 
 /// All gradients zeroed in one launch: every element of every tensor, whatever its size; a list
 /// with a 16-bit tensor takes the per-tensor path.
+/// `place_block` copies bit for bit as the CPU does: a LoRA B `[out, r]` into its block of a padded
+/// weight's pad columns (the rest of the pad zeroed, the weight's own columns kept), pad columns
+/// copied out to a dense tensor and back, and a narrow block in rows not 16-byte aligned. A
+/// matrix past its tensor and mixed dtypes are refused.
+#[test]
+fn place_block_matches_bit_for_bit() {
+    let cpu = CpuBackend::new();
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        let (out_f, in_f, r, width) = (4096, 4096, 16, 48);
+        let ld = in_f + width;
+        let cases = [
+            // (rows, width, block, src [len, at], dst [len, at])
+            (
+                out_f,
+                width,
+                16..32,
+                (out_f * r, MatAt::dense(r)),
+                (out_f * ld, MatAt::at(in_f, ld)),
+            ),
+            (
+                2048,
+                width,
+                0..width,
+                (2048 * ld, MatAt::at(in_f, ld)),
+                (2048 * width, MatAt::dense(width)),
+            ),
+            (
+                2048,
+                width,
+                0..width,
+                (2048 * width, MatAt::dense(width)),
+                (2048 * ld, MatAt::at(in_f, ld)),
+            ),
+            (
+                777,
+                5,
+                1..4,
+                (777 * 7 + 2, MatAt::at(2, 7)),
+                (777 * 13, MatAt::at(6, 13)),
+            ),
+        ];
+        for (i, (rows, width, block, (src_len, src_at), (dst_len, dst_at))) in
+            cases.into_iter().enumerate()
+        {
+            let (src, src_c) = up(&g, &random(src_len, 40 + i as u64, 1.0), d);
+            let (mut dst, mut dst_c) = up(&g, &random(dst_len, 50 + i as u64, 1.0), d);
+            g.place_block(
+                rows,
+                width,
+                block.clone(),
+                (&src, src_at),
+                (&mut dst, dst_at),
+            )
+            .unwrap();
+            cpu.place_block(rows, width, block, (&src_c, src_at), (&mut dst_c, dst_at))
+                .unwrap();
+            let mismatches = bits_differing(&g.download(&dst).unwrap(), &dst_c);
+            println!(
+                "place_block case {i} {:<4} mismatches {mismatches}",
+                d.name()
+            );
+            assert_eq!(mismatches, 0, "case {i} {}", d.name());
+        }
+        let src = g.zeros(8, d).unwrap();
+        let mut dst = g.zeros(4 * 10, d).unwrap();
+        let err = g
+            .place_block(
+                4,
+                8,
+                0..2,
+                (&src, MatAt::dense(2)),
+                (&mut dst, MatAt::at(3, 10)),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dst [4×8] at element 3"), "{err}");
+        let other = if d == DType::F32 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let err = g
+            .place_block(
+                4,
+                8,
+                0..2,
+                (&g.zeros(8, other).unwrap(), MatAt::dense(2)),
+                (&mut dst, MatAt::dense(10)),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("place_block: dst is"), "{err}");
+    }
+}
+
 #[test]
 fn fill_zero_many_zeroes_every_tensor() {
     let Some(g) = gpu(DType::BF16) else { return };

@@ -199,13 +199,6 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         bail!("bench needs batch ≥ 1, seq ≥ 2, grad_accum ≥ 1 and steps ≥ 1");
     }
     let config = preset_config(&spec.preset)?;
-    let mut model = Decoder::random(be, config.clone(), spec.seed, spec.quantize)?;
-    if spec.embedding == Residence::Host && !model.keep_embedding_on_host(be)? {
-        bail!(
-            "--embedding host: the {} preset ties its embedding to the LM head",
-            spec.preset
-        );
-    }
     let lora_config = LoraConfig {
         r: 16,
         alpha: 16.0,
@@ -213,6 +206,19 @@ pub fn run<B: GradReducer>(be: &B, spec: &BenchSpec, dist: &Distributed) -> Resu
         use_rslora: false,
         dropout: 0.0,
     };
+    let mut model = Decoder::random(
+        be,
+        config.clone(),
+        spec.seed,
+        spec.quantize,
+        Some(&lora_config),
+    )?;
+    if spec.embedding == Residence::Host && !model.keep_embedding_on_host(be)? {
+        bail!(
+            "--embedding host: the {} preset ties its embedding to the LM head",
+            spec.preset
+        );
+    }
     let mut lora: LoraParams<B> = fresh_adapter(be, &config, lora_config, spec.seed)?;
     let hp = AdamWParams {
         lr: 1e-4,

@@ -13,6 +13,7 @@ mod heap;
 mod lanes;
 mod matmul;
 mod nf4;
+mod place_block;
 pub mod profile;
 mod random;
 mod rmsnorm;
@@ -22,14 +23,15 @@ mod swiglu;
 pub use attention::{attention_backward_f32, attention_forward_f32};
 pub use matmul::{gemm_f32, gemm_f32_at};
 
-use crate::backend::{check_copy_places, check_gemm_at};
-use crate::error::{check_len, check_rows};
+use crate::backend::{check_copy_places, check_gemm_at, check_place_block};
+use crate::error::{check_len, check_rows, check_strided_rows};
 use crate::nf4::{Nf4Buffers, Nf4Weight};
 use crate::{
     AdamWParams, AttentionLayout, Backend, CeGrad, DType, MatAt, Nf4Absmax, ParkLane, Result,
     Rotation,
 };
 use profile::timed;
+use std::ops::Range;
 
 /// The f32 reference backend.
 #[derive(Clone, Debug)]
@@ -218,14 +220,15 @@ impl Backend for CpuBackend {
         hidden: usize,
         eps: f32,
         y: &mut Vec<f32>,
+        y_ld: usize,
         rstd: &mut Vec<f32>,
     ) -> Result<()> {
         check_len("rms_norm", "w", w.len(), hidden)?;
-        check_len("rms_norm", "y", y.len(), x.len())?;
         check_len("rms_norm", "rstd", rstd.len() * hidden, x.len())?;
+        check_strided_rows("rms_norm", "y", (rstd.len(), hidden, y_ld), y.len())?;
         timed(
             || ("rms_norm".into(), 0.0),
-            || rmsnorm::forward(x, w, hidden, eps, y, rstd),
+            || rmsnorm::forward(x, w, hidden, eps, (y, y_ld), rstd),
         );
         Ok(())
     }
@@ -233,18 +236,25 @@ impl Backend for CpuBackend {
     fn rms_norm_backward(
         &self,
         dy: &Vec<f32>,
+        dy_ld: usize,
         x: &Vec<f32>,
         w: &Vec<f32>,
         rstd: &Vec<f32>,
         hidden: usize,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
-        check_len("rms_norm_backward", "dy", dy.len(), x.len())?;
-        check_len("rms_norm_backward", "dx", dx.len(), x.len())?;
+        check_len("rms_norm_backward", "w", w.len(), hidden)?;
         check_len("rms_norm_backward", "rstd", rstd.len() * hidden, x.len())?;
+        check_len("rms_norm_backward", "dx", dx.len(), x.len())?;
+        check_strided_rows(
+            "rms_norm_backward",
+            "dy",
+            (rstd.len(), hidden, dy_ld),
+            dy.len(),
+        )?;
         timed(
             || ("rms_norm_backward".into(), 0.0),
-            || rmsnorm::backward(dy, x, w, rstd, hidden, dx),
+            || rmsnorm::backward((dy, dy_ld), x, w, rstd, hidden, dx),
         );
         Ok(())
     }
@@ -421,6 +431,25 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn place_block(
+        &self,
+        rows: usize,
+        width: usize,
+        block: Range<usize>,
+        (src, src_at): (&Vec<f32>, MatAt),
+        (dst, dst_at): (&mut Vec<f32>, MatAt),
+    ) -> Result<()> {
+        check_place_block(
+            rows,
+            width,
+            &block,
+            (src_at, src.len()),
+            (dst_at, dst.len()),
+        )?;
+        place_block::place_block(rows, width, block, (src, src_at), (dst, dst_at));
+        Ok(())
+    }
+
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
         check_len("swiglu", "up", up.len(), gate.len())?;
         check_len("swiglu", "out", out.len(), gate.len())?;
@@ -505,9 +534,11 @@ impl Backend for CpuBackend {
         &self,
         packed: &Vec<i32>,
         absmax: Nf4Absmax<'_, Vec<f32>, Vec<i32>>,
+        cols: usize,
+        ld: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        nf4::dequantize(packed, absmax, out)
+        nf4::dequantize(packed, absmax, cols, ld, out)
     }
 
     fn all_finite(&self, tensors: &[Vec<f32>]) -> Result<bool> {

@@ -1,12 +1,22 @@
 //! RMSNorm (Zhang & Sennrich 2019), as transformers' `LlamaRMSNorm`:
 //! `y = w ⊙ x · r` with `r = 1/sqrt(mean(x²) + eps)` per row.
 //! Backward (w frozen): with `x̂ = x·r` and `g = w ⊙ dy`, `dx = r · (g − x̂ · mean(g ⊙ x̂))`.
+//! `y` and `dy` may hold their rows `ld ≥ hidden` apart; only the first `hidden` columns of each
+//! are touched.
 
 use super::lanes;
 use rayon::prelude::*;
 
-pub fn forward(x: &[f32], w: &[f32], hidden: usize, eps: f32, y: &mut [f32], rstd: &mut [f32]) {
-    y.par_chunks_mut(hidden)
+/// `x [rows, hidden]` into `y` (rows `y_ld` apart, columns `hidden..y_ld` untouched), `rstd [rows]`.
+pub fn forward(
+    x: &[f32],
+    w: &[f32],
+    hidden: usize,
+    eps: f32,
+    (y, y_ld): (&mut [f32], usize),
+    rstd: &mut [f32],
+) {
+    y.par_chunks_mut(y_ld)
         .zip(rstd.par_iter_mut())
         .zip(x.par_chunks(hidden))
         .for_each(|((y, r), x)| {
@@ -15,7 +25,7 @@ pub fn forward(x: &[f32], w: &[f32], hidden: usize, eps: f32, y: &mut [f32], rst
                 || {
                     let mean_sq = lanes::dot(x, x) / hidden as f32;
                     *r = 1.0 / (mean_sq + eps).sqrt();
-                    for ((yi, xi), wi) in y.iter_mut().zip(x).zip(w) {
+                    for ((yi, xi), wi) in y[..hidden].iter_mut().zip(x).zip(w) {
                         *yi = wi * (xi * *r);
                     }
                 },
@@ -23,9 +33,17 @@ pub fn forward(x: &[f32], w: &[f32], hidden: usize, eps: f32, y: &mut [f32], rst
         });
 }
 
-pub fn backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize, dx: &mut [f32]) {
+/// Adds into `dx [rows, hidden]` from `dy` (rows `dy_ld` apart, its first `hidden` columns read).
+pub fn backward(
+    (dy, dy_ld): (&[f32], usize),
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    hidden: usize,
+    dx: &mut [f32],
+) {
     dx.par_chunks_mut(hidden)
-        .zip(dy.par_chunks(hidden))
+        .zip(dy.par_chunks(dy_ld))
         .zip(x.par_chunks(hidden))
         .zip(rstd.par_iter())
         .for_each(|(((dx, dy), x), &r)| {
@@ -33,6 +51,7 @@ pub fn backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize, d
                 #[inline(always)]
                 || {
                     // mean(g ⊙ x̂) = r · Σ(dy ⊙ w ⊙ x) / hidden
+                    let dy = &dy[..hidden];
                     let mean_gx = r * lanes::dot3(dy, w, x) / hidden as f32;
                     for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
                         *dx += r * (w * dy - x * r * mean_gx);
@@ -46,6 +65,8 @@ pub fn backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize, d
 mod tests {
     use super::*;
     use crate::cpu::testing::{check_gradient, dot, random};
+    use crate::cpu::CpuBackend;
+    use crate::Backend;
 
     #[test]
     fn backward_matches_finite_differences() {
@@ -56,14 +77,14 @@ mod tests {
         let loss = |x: &[f32]| {
             let mut y = vec![0.0; x.len()];
             let mut r = vec![0.0; rows];
-            forward(x, &w, hidden, 1e-5, &mut y, &mut r);
+            forward(x, &w, hidden, 1e-5, (&mut y, hidden), &mut r);
             dot(&y, &probe)
         };
         let mut y = vec![0.0; x.len()];
         let mut r = vec![0.0; rows];
-        forward(&x, &w, hidden, 1e-5, &mut y, &mut r);
+        forward(&x, &w, hidden, 1e-5, (&mut y, hidden), &mut r);
         let mut dx = vec![0.0; x.len()];
-        backward(&probe, &x, &w, &r, hidden, &mut dx);
+        backward((&probe, hidden), &x, &w, &r, hidden, &mut dx);
         check_gradient(&x, &dx, 1e-2, 2e-3, loss);
     }
 
@@ -73,13 +94,85 @@ mod tests {
         let w = vec![1.0; 8];
         let mut y = vec![0.0; 8];
         let mut r = vec![0.0; 1];
-        forward(&x, &w, 8, 1e-5, &mut y, &mut r);
+        forward(&x, &w, 8, 1e-5, (&mut y, 8), &mut r);
         let mut once = vec![0.0; 8];
-        backward(&y, &x, &w, &r, 8, &mut once);
+        backward((&y, 8), &x, &w, &r, 8, &mut once);
         let mut twice = once.clone();
-        backward(&y, &x, &w, &r, 8, &mut twice);
+        backward((&y, 8), &x, &w, &r, 8, &mut twice);
         for i in 0..8 {
             assert!((twice[i] - 2.0 * once[i]).abs() < 1e-6);
         }
+    }
+
+    /// Rows `y_ld` apart: columns `0..hidden` hold the dense norm's bits, the pad keeps its values.
+    #[test]
+    fn strided_forward_writes_the_dense_norm_and_leaves_the_pad() {
+        let be = CpuBackend::new();
+        let (rows, hidden, y_ld) = (5, 24, 31);
+        let x = random(rows * hidden, 4);
+        let w: Vec<f32> = random(hidden, 5).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let (mut dense, mut rstd_dense) = (vec![0.0; rows * hidden], vec![0.0; rows]);
+        be.rms_norm(&x, &w, hidden, 1e-5, &mut dense, hidden, &mut rstd_dense)
+            .unwrap();
+        let (mut y, mut rstd) = (vec![7.5; rows * y_ld], vec![0.0; rows]);
+        be.rms_norm(&x, &w, hidden, 1e-5, &mut y, y_ld, &mut rstd)
+            .unwrap();
+        assert_eq!(rstd, rstd_dense);
+        for r in 0..rows {
+            assert_eq!(&y[r * y_ld..][..hidden], &dense[r * hidden..][..hidden]);
+            assert!(y[r * y_ld + hidden..][..y_ld - hidden]
+                .iter()
+                .all(|&v| v == 7.5));
+        }
+    }
+
+    /// `dy` with rows `dy_ld` apart gives the dense backward's bits; its pad columns are not read.
+    #[test]
+    fn strided_backward_reads_only_the_first_hidden_columns() {
+        let be = CpuBackend::new();
+        let (rows, hidden, dy_ld) = (5, 24, 40);
+        let x = random(rows * hidden, 6);
+        let w: Vec<f32> = random(hidden, 7).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let (mut y, mut rstd) = (vec![0.0; rows * hidden], vec![0.0; rows]);
+        be.rms_norm(&x, &w, hidden, 1e-5, &mut y, hidden, &mut rstd)
+            .unwrap();
+        let dy = random(rows * hidden, 8);
+        let mut dy_strided = vec![f32::NAN; rows * dy_ld];
+        for r in 0..rows {
+            dy_strided[r * dy_ld..][..hidden].copy_from_slice(&dy[r * hidden..][..hidden]);
+        }
+        let dx0 = random(rows * hidden, 9);
+        let mut dense = dx0.clone();
+        be.rms_norm_backward(&dy, hidden, &x, &w, &rstd, hidden, &mut dense)
+            .unwrap();
+        let mut strided = dx0;
+        be.rms_norm_backward(&dy_strided, dy_ld, &x, &w, &rstd, hidden, &mut strided)
+            .unwrap();
+        assert_eq!(strided, dense);
+    }
+
+    #[test]
+    fn overlapping_or_short_strided_rows_are_refused() {
+        let be = CpuBackend::new();
+        let (x, w) = (vec![1.0; 2 * 8], vec![1.0; 8]);
+        let mut rstd = vec![0.0; 2];
+        let e = be
+            .rms_norm(&x, &w, 8, 1e-5, &mut vec![0.0; 2 * 6], 6, &mut rstd)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "rms_norm: y's rows are 6 elements apart, fewer than the 8 each holds"
+        );
+        let e = be
+            .rms_norm(&x, &w, 8, 1e-5, &mut vec![0.0; 2 * 10 - 2], 10, &mut rstd)
+            .unwrap_err();
+        assert_eq!(e.to_string(), "rms_norm: y has 18 elements, expected 20");
+        let e = be
+            .rms_norm_backward(&vec![0.0; 2 * 12], 10, &x, &w, &rstd, 8, &mut vec![0.0; 16])
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "rms_norm_backward: dy has 24 elements, expected 20"
+        );
     }
 }

@@ -70,6 +70,12 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         entry_points: || per_dtype(&["broadcast_rows"]),
     },
     KernelSource {
+        name: "place_block",
+        source: include_str!("../../cuda/place_block.cu"),
+        headers: &[],
+        entry_points: || per_dtype(&["place_block"]),
+    },
+    KernelSource {
         name: "swiglu",
         source: include_str!("../../cuda/swiglu.cu"),
         headers: &[],
@@ -157,7 +163,14 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         name: "nf4",
         source: include_str!("../../cuda/nf4.cu"),
         headers: &[],
-        entry_points: || per_dtype(&["nf4_dequantize_plain", "nf4_dequantize_double"]),
+        entry_points: || {
+            per_dtype(&[
+                "nf4_dequantize_plain",
+                "nf4_dequantize_double",
+                "nf4_dequantize_plain_padded",
+                "nf4_dequantize_double_padded",
+            ])
+        },
     },
     KernelSource {
         name: "nf4_quantize",

@@ -25,8 +25,8 @@ mod tensor;
 pub use offload::CudaParked;
 pub use tensor::{CudaIndices, CudaTensor};
 
-use crate::backend::check_gemm_at;
-use crate::error::{check_len, check_rows};
+use crate::backend::{check_gemm_at, check_place_block};
+use crate::error::{check_len, check_rows, check_strided_rows};
 use crate::{
     AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, MatAt, Nf4Absmax, OpTime,
     ParkLane, Result, Rotation,
@@ -39,6 +39,7 @@ use launch::{blocks_for, blocks_for_chunks_of_8, Arg, Kernels};
 use profiler::Profiler;
 use rayon::prelude::*;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use tensor::{Pool, Storage};
 
@@ -714,11 +715,12 @@ impl Backend for CudaBackend {
         hidden: usize,
         eps: f32,
         y: &mut CudaTensor,
+        y_ld: usize,
         rstd: &mut CudaTensor,
     ) -> Result<()> {
         check_len("rms_norm", "w", w.len(), hidden)?;
-        check_len("rms_norm", "y", y.len(), x.len())?;
         check_len("rms_norm", "rstd", rstd.len() * hidden, x.len())?;
+        check_strided_rows("rms_norm", "y", (rstd.len(), hidden, y_ld), y.len())?;
         let dt = self.same_dtype("rms_norm", &[("x", x), ("w", w), ("y", y)])?;
         self.require_dtype("rms_norm", "rstd", rstd, DType::F32)?;
         let rows = rstd.len();
@@ -730,6 +732,7 @@ impl Backend for CudaBackend {
             self.p(x),
             self.p(w),
             self.p(y),
+            Arg::I32(y_ld as i32),
             self.p(rstd),
             Arg::I32(hidden as i32),
             Arg::F32(eps),
@@ -740,15 +743,22 @@ impl Backend for CudaBackend {
     fn rms_norm_backward(
         &self,
         dy: &CudaTensor,
+        dy_ld: usize,
         x: &CudaTensor,
         w: &CudaTensor,
         rstd: &CudaTensor,
         hidden: usize,
         dx: &mut CudaTensor,
     ) -> Result<()> {
-        check_len("rms_norm_backward", "dy", dy.len(), x.len())?;
-        check_len("rms_norm_backward", "dx", dx.len(), x.len())?;
+        check_len("rms_norm_backward", "w", w.len(), hidden)?;
         check_len("rms_norm_backward", "rstd", rstd.len() * hidden, x.len())?;
+        check_len("rms_norm_backward", "dx", dx.len(), x.len())?;
+        check_strided_rows(
+            "rms_norm_backward",
+            "dy",
+            (rstd.len(), hidden, dy_ld),
+            dy.len(),
+        )?;
         let dt = self.same_dtype(
             "rms_norm_backward",
             &[("dy", dy), ("x", x), ("w", w), ("dx", dx)],
@@ -761,6 +771,7 @@ impl Backend for CudaBackend {
         let name = format!("rms_norm_backward_{}", suffix(dt));
         let args = [
             self.p(dy),
+            Arg::I32(dy_ld as i32),
             self.p(x),
             self.p(w),
             self.p(rstd),
@@ -907,6 +918,43 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn place_block(
+        &self,
+        rows: usize,
+        width: usize,
+        block: Range<usize>,
+        (src, src_at): (&CudaTensor, MatAt),
+        (dst, dst_at): (&mut CudaTensor, MatAt),
+    ) -> Result<()> {
+        check_place_block(
+            rows,
+            width,
+            &block,
+            (src_at, src.len()),
+            (dst_at, dst.len()),
+        )?;
+        let dt = self.same_dtype("place_block", &[("src", src), ("dst", dst)])?;
+        let n = rows * width;
+        if n == 0 {
+            return Ok(());
+        }
+        let at = |t: &CudaTensor, m: MatAt| {
+            Arg::Ptr(t.ptr(&self.stream) + (m.offset * dt.size_bytes()) as u64)
+        };
+        let args = [
+            at(src, src_at),
+            Arg::U64(src_at.ld as u64),
+            at(dst, dst_at),
+            Arg::U64(dst_at.ld as u64),
+            Arg::U64(width as u64),
+            Arg::U64(block.start as u64),
+            Arg::U64(block.end as u64),
+            Arg::U64(n as u64),
+        ];
+        let name = format!("place_block_{}", suffix(dt));
+        self.launch(&name, (blocks_for(n), 1, 1), 256, 0, &args)
+    }
+
     fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
         check_len("swiglu", "up", up.len(), gate.len())?;
         check_len("swiglu", "out", out.len(), gate.len())?;
@@ -973,9 +1021,11 @@ impl Backend for CudaBackend {
         &self,
         packed: &CudaIndices,
         absmax: Nf4Absmax<'_, CudaTensor, CudaIndices>,
+        cols: usize,
+        ld: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        self.dequantize_nf4_impl(packed, absmax, out)
+        self.dequantize_nf4_impl(packed, absmax, (cols, ld), out)
     }
 
     fn all_finite(&self, tensors: &[CudaTensor]) -> Result<bool> {

@@ -1,9 +1,10 @@
 //! NF4 on the GPU: quantization (kernels/cuda/nf4_quantize.cu), bit for bit the host quantizer,
-//! and dequantization (kernels/cuda/nf4.cu), 16 elements per thread written in the compute dtype,
-//! so a 4-bit weight becomes a dense GEMM operand in one pass.
+//! and dequantization (kernels/cuda/nf4.cu), chunks of 8 elements written in the compute dtype, so
+//! a 4-bit weight becomes a dense GEMM operand (or the `W` part of a LoRA-padded one) in one pass.
 
 use super::launch::Arg;
 use super::{device_err, suffix, CudaBackend, CudaIndices, CudaTensor};
+use crate::backend::nf4_out_elements;
 use crate::error::check_len;
 use crate::nf4::double_quant::{absmax_mean, NESTED_BLOCK};
 use crate::nf4::{n_blocks, AbsmaxBuffers, Nf4Buffers, DYNAMIC_MAP};
@@ -104,13 +105,15 @@ impl CudaBackend {
         })
     }
 
+    /// Dequantizes the `n = rows · cols` elements into rows `ld` apart (`rows = len(out) / ld`).
     pub(crate) fn dequantize_nf4_impl(
         &self,
         packed: &CudaIndices,
         absmax: Nf4Absmax<'_, CudaTensor, CudaIndices>,
+        (cols, ld): (usize, usize),
         out: &mut CudaTensor,
     ) -> Result<()> {
-        let n = out.len();
+        let n = nf4_out_elements(cols, ld, out.len())?;
         let bytes = n.div_ceil(2);
         let blocks = n_blocks(n);
         check_len(
@@ -126,17 +129,34 @@ impl CudaBackend {
         // the last n % 8.
         let chunks_per_block = NF4_CHUNKS_PER_THREAD * THREADS as usize;
         let grid = ((n / 8).div_ceil(chunks_per_block).max(1) as u32, 1, 1);
-        let dt = suffix(out.dtype);
+        // The dense weight's kernels carry none of the padded rows' arithmetic (nf4.cu).
+        let variant = if cols == ld {
+            suffix(out.dtype).to_string()
+        } else {
+            format!("padded_{}", suffix(out.dtype))
+        };
+        let (n_arg, cols_arg, ld_arg) = (
+            Arg::U64(n as u64),
+            Arg::U64(cols as u64),
+            Arg::U64(ld as u64),
+        );
         match absmax {
             Nf4Absmax::Plain(a) => {
                 check_len("dequantize_nf4", "absmax", a.len(), blocks)?;
                 self.require_dtype("dequantize_nf4", "absmax", a, DType::F32)?;
                 self.launch(
-                    &format!("nf4_dequantize_plain_{dt}"),
+                    &format!("nf4_dequantize_plain_{variant}"),
                     grid,
                     THREADS,
                     0,
-                    &[self.pi(packed), self.p(a), self.p(out), Arg::U64(n as u64)],
+                    &[
+                        self.pi(packed),
+                        self.p(a),
+                        self.p(out),
+                        n_arg,
+                        cols_arg,
+                        ld_arg,
+                    ],
                 )
             }
             Nf4Absmax::Double {
@@ -161,7 +181,7 @@ impl CudaBackend {
                 self.require_dtype("dequantize_nf4", "nested absmax", nested_absmax, DType::F32)?;
                 self.require_dtype("dequantize_nf4", "nested map", map, DType::F32)?;
                 self.launch(
-                    &format!("nf4_dequantize_double_{dt}"),
+                    &format!("nf4_dequantize_double_{variant}"),
                     grid,
                     THREADS,
                     0,
@@ -172,7 +192,9 @@ impl CudaBackend {
                         self.p(map),
                         Arg::F32(offset),
                         self.p(out),
-                        Arg::U64(n as u64),
+                        n_arg,
+                        cols_arg,
+                        ld_arg,
                     ],
                 )
             }

@@ -88,19 +88,20 @@ pub fn dequantize(packed: &[u8], absmax: &[f32], n: usize) -> Vec<f32> {
 
 /// [`dequantize`] into `out` (its length is `n`).
 pub fn dequantize_into(packed: &[u8], absmax: &[f32], out: &mut [f32]) {
-    for (b, block) in out.chunks_mut(BLOCK).enumerate() {
-        let a = absmax[b];
-        for (j, o) in block.iter_mut().enumerate() {
-            let i = b * BLOCK + j;
-            let byte = packed[i / 2];
-            let code = if i.is_multiple_of(2) {
-                byte >> 4
-            } else {
-                byte & 0x0f
-            };
-            *o = NF4_CODE[code as usize] * a;
-        }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = dequantize_element(packed, absmax, i);
     }
+}
+
+/// Element `i` of the weight: `W'[i] = c[code[i]] · absmax[i / 64]`.
+pub fn dequantize_element(packed: &[u8], absmax: &[f32], i: usize) -> f32 {
+    let byte = packed[i / 2];
+    let code = if i.is_multiple_of(2) {
+        byte >> 4
+    } else {
+        byte & 0x0f
+    };
+    NF4_CODE[code as usize] * absmax[i / BLOCK]
 }
 
 /// Bytes as little-endian i32 words (byte `4w + j` in bits `8j..8j+8` of word `w`), zero padded:

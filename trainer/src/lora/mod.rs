@@ -12,6 +12,15 @@ pub mod peft;
 use crate::arch::{InputGroup, ModelConfig, Projection};
 use anyhow::{bail, Result};
 use kernels::{Backend, DType};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The next compute-copy version ([`LoraParams::compute_version`]): process-wide, so no two
+/// refreshes of any adapters' copies share a number.
+static NEXT_COMPUTE_VERSION: AtomicU64 = AtomicU64::new(1);
+
+fn new_compute_version() -> u64 {
+    NEXT_COMPUTE_VERSION.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Which projections get adapters, and how large they are.
 #[derive(Clone, Debug, PartialEq)]
@@ -84,6 +93,8 @@ pub struct LoraParams<B: Backend> {
     pub compute: Option<B::Tensor>,
     /// Offset of each tensor's copy in `compute`.
     compute_at: Vec<usize>,
+    /// Per layer, the version its compute copies were last refreshed to.
+    compute_versions: Vec<u64>,
     pub grads: Vec<B::Tensor>,
     /// `slots[layer][projection index]`
     slots: Vec<[Option<LoraSlot>; 7]>,
@@ -119,6 +130,7 @@ impl<B: Backend> LoraParams<B> {
             params: Vec::new(),
             compute: None,
             compute_at: Vec::new(),
+            compute_versions: vec![0; model.num_layers],
             grads: Vec::new(),
             slots: vec![[None; 7]; model.num_layers],
             groups: vec![[None; 4]; model.num_layers],
@@ -239,7 +251,10 @@ impl<B: Backend> LoraParams<B> {
         let Some(compute) = self.compute.as_mut() else {
             return Ok(());
         };
-        Ok(backend.copy_many_into(&self.params, compute, &self.compute_at)?)
+        backend.copy_many_into(&self.params, compute, &self.compute_at)?;
+        let version = new_compute_version();
+        self.compute_versions.fill(version);
+        Ok(())
     }
 
     /// Copies `layer`'s f32 masters `masters` (its tensors in `params` order, fetched from host
@@ -254,7 +269,16 @@ impl<B: Backend> LoraParams<B> {
         let Some(compute) = self.compute.as_mut() else {
             return Ok(());
         };
-        Ok(backend.copy_many_into(masters, compute, &self.compute_at[range])?)
+        backend.copy_many_into(masters, compute, &self.compute_at[range])?;
+        self.compute_versions[layer] = new_compute_version();
+        Ok(())
+    }
+
+    /// Which refresh `layer`'s compute copies hold: a number no other refresh of any adapter
+    /// took, so a copy made from them (a folded weight's pad, `crate::model::proj_weight`) can
+    /// tell whether it is current.
+    pub fn compute_version(&self, layer: usize) -> u64 {
+        self.compute_versions[layer]
     }
 
     /// Whether `layer`'s weights (masters and compute copies) are the latest: not waiting for a

@@ -116,6 +116,7 @@ impl<B: Backend> Decoder<B> {
             s.hidden,
             s.eps,
             &mut normed,
+            s.hidden,
             &mut rstd,
         )?;
         let v = self.config.vocab_size;

@@ -15,7 +15,7 @@ use super::layer::{
 use super::linear::FrozenLinear;
 use super::proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
 use crate::arch::{HeadNorm, ModelConfig, Projection};
-use crate::lora::LoraParams;
+use crate::lora::{LoraConfig, LoraParams};
 use crate::weights::WeightFiles;
 use anyhow::{bail, Result};
 use kernels::{Backend, CeGrad, DType, ParkLane};
@@ -78,16 +78,18 @@ impl<B: Backend> Decoder<B> {
     /// Loads the weights of a Hugging Face folder onto the backend (NF4 projections when the
     /// checkpoint is a bitsandbytes 4-bit one).
     pub fn load(be: &B, config: ModelConfig, files: &WeightFiles) -> Result<Self> {
-        Self::load_with(be, config, files, None)
+        Self::load_with(be, config, files, None, None)
     }
 
     /// [`Decoder::load`], quantizing the projections of a dense checkpoint to NF4 when `quantize`
-    /// asks (QLoRA); a 4-bit checkpoint keeps its own quantization.
+    /// asks (QLoRA); a 4-bit checkpoint keeps its own quantization. With `fold`, each layer is
+    /// laid out for an adapter of that config as it loads ([`Decoder::fold_lora`]).
     pub fn load_with(
         be: &B,
         config: ModelConfig,
         files: &WeightFiles,
         quantize: Option<QuantizeNf4>,
+        fold: Option<&LoraConfig>,
     ) -> Result<Self> {
         let tied = config.tie_word_embeddings && !files.contains("lm_head.weight");
         let checkpoint_4bit = bnb_checkpoint::quantization_of(&config.raw)?.is_some();
@@ -113,7 +115,7 @@ impl<B: Backend> Decoder<B> {
                 checkpoint_4bit && files.contains(&format!("{name}.quant_state.bitsandbytes__nf4"));
             if stored_4bit {
                 let w = bnb_checkpoint::read_nf4(files, name, [o, i])?;
-                return Ok(ProjWeight::Nf4(Nf4Tensor::upload(be, &w)?));
+                return Ok(ProjWeight::nf4(Nf4Tensor::upload(be, &w)?));
             }
             // Only one dense projection is on the device at a time: from_dense frees it once quantized.
             ProjWeight::from_dense(be, upload(name, &[o, i], quantize.is_some())?, quantize)
@@ -124,6 +126,7 @@ impl<B: Backend> Decoder<B> {
             tied,
             |name, shape| crate::arch::validate::finite(name, files.f32(name, shape)?),
             proj,
+            fold,
         )
     }
 
@@ -136,20 +139,24 @@ impl<B: Backend> Decoder<B> {
         source: impl Fn(&str, &[usize]) -> Result<Vec<f32>>,
     ) -> Result<Self> {
         let dense = |name: &str, [o, i]: [usize; 2]| -> Result<ProjWeight<B>> {
-            Ok(ProjWeight::Dense(
+            ProjWeight::from_dense(
+                be,
                 be.upload(&source(name, &[o, i])?, be.compute_dtype())?,
-            ))
+                None,
+            )
         };
-        Self::build(be, config, tied, &source, dense)
+        Self::build(be, config, tied, &source, dense, None)
     }
 
-    /// Builds the decoder: norms, embedding and LM head from `source`, projections from `proj`.
+    /// Builds the decoder: norms, embedding and LM head from `source`, projections from `proj`,
+    /// each layer folded for `fold` as soon as it is made.
     fn build(
         be: &B,
         config: ModelConfig,
         tied: bool,
         source: impl Fn(&str, &[usize]) -> Result<Vec<f32>>,
         proj: impl Fn(&str, [usize; 2]) -> Result<ProjWeight<B>>,
+        fold: Option<&LoraConfig>,
     ) -> Result<Self> {
         let dt = be.compute_dtype();
         let c = &config;
@@ -189,7 +196,13 @@ impl<B: Backend> Decoder<B> {
                 proj: [q?, k?, v?, o?, gate?, up?, down?],
                 qk_norm,
             });
+            if let Some(f) = fold {
+                // The unpadded copies freed here are the next layer's uploads' buffers.
+                let layer = layers.last_mut().expect("pushed");
+                layer.fold_lora(be, &Shapes::of(c), f)?;
+            }
         }
+        be.release_cached()?;
         let final_norm = get("model.norm.weight", &[c.hidden_size])?;
         let lm_head = if tied {
             None
@@ -209,12 +222,14 @@ impl<B: Backend> Decoder<B> {
     /// A decoder of `config`'s shape with random weights made on the device (benchmarks; no
     /// download): projections, biases and embeddings uniform with standard deviation 0.02
     /// (transformers' `initializer_range`), norm weights 1. Tensor `i` is filled from seed `seed + i`.
-    /// With `quantize`, each projection is quantized to NF4 as soon as it is made.
+    /// With `quantize`, each projection is quantized to NF4 as soon as it is made; with `fold`,
+    /// each layer is laid out for an adapter of that config ([`Decoder::fold_lora`]).
     pub fn random(
         be: &B,
         config: ModelConfig,
         seed: u64,
         quantize: Option<QuantizeNf4>,
+        fold: Option<&LoraConfig>,
     ) -> Result<Self> {
         let dt = be.compute_dtype();
         let scale = 0.02 * 3f32.sqrt();
@@ -250,7 +265,12 @@ impl<B: Backend> Decoder<B> {
                 proj: [q?, k?, v?, o?, gate?, up?, down?],
                 qk_norm,
             });
+            if let Some(f) = fold {
+                let layer = layers.last_mut().expect("pushed");
+                layer.fold_lora(be, &Shapes::of(c), f)?;
+            }
         }
+        be.release_cached()?;
         let final_norm = ones(c.hidden_size)?;
         let lm_head = if c.tie_word_embeddings {
             None
@@ -273,6 +293,19 @@ impl<B: Backend> Decoder<B> {
             (None, Embedding::Device(table)) => table,
             (None, Embedding::Host(_)) => unreachable!("a tied embedding stays on the device"),
         }
+    }
+
+    /// Lays the weights out for folding the terms of an adapter of `lora` into the frozen
+    /// products of every input group it fully adapts ([`LayerWeights::fold_lora`]): the dense
+    /// weights of those groups are stored padded (`members · r` more columns each). A forward
+    /// with another adapter, or none, still runs. On a device, fold at load instead
+    /// ([`Decoder::load_with`], [`Decoder::random`]): afterwards the padded copies would sit
+    /// between the freed unpadded ones, which the driver then cannot hand back whole.
+    pub fn fold_lora(&mut self, be: &B, lora: &LoraConfig) -> Result<()> {
+        for layer in &mut self.layers {
+            layer.fold_lora(be, &self.shapes, lora)?;
+        }
+        Ok(be.release_cached()?)
     }
 
     /// Moves the input embedding table to host memory (`model.embedding = "host"`): the device
@@ -352,6 +385,7 @@ impl<B: Backend> Decoder<B> {
             s.hidden,
             s.eps,
             &mut normed,
+            s.hidden,
             &mut final_rstd,
         )?;
         Ok(Activations {
@@ -440,6 +474,7 @@ impl<B: Backend> Decoder<B> {
         let mut dx = be.zeros(be.len(&acts.last), be.compute_dtype())?;
         be.rms_norm_backward(
             dnormed,
+            s.hidden,
             &acts.last,
             &self.final_norm,
             &acts.final_rstd,

@@ -9,14 +9,26 @@
 
 use super::batch::Batch;
 use super::checkpointing::KeptKv;
-use super::linear::{self, Dims, FrozenLinear, GroupAdapter};
-use super::proj_weight::Dequantized;
+use super::linear::{self, Dims, FrozenLinear, GroupAdapter, LoraTerm};
+use super::proj_weight::{Dequantized, FoldLayout, PadSource};
 use crate::arch::{InputGroup, ModelConfig, Projection};
-use crate::lora::LoraParams;
+use crate::lora::{LoraConfig, LoraParams};
 use anyhow::{anyhow, bail, Result};
-use kernels::{Backend, DType};
+use kernels::{Backend, DType, MatAt};
 
 mod backward;
+
+/// The input groups whose LoRA can be folded into their frozen products
+/// ([`crate::model::proj_weight`]): their input is an RMSNorm output, which the norm writes
+/// into rows with room for `t` beside it.
+const FOLDABLE: [InputGroup; 2] = [InputGroup::Qkv, InputGroup::GateUp];
+
+/// The width of group `g`'s pad (`members · r`) when an adapter of `lora` is folded into it
+/// ([`LayerWeights::fold_lora`]): a foldable group whose members are all targets.
+pub fn fold_width(g: InputGroup, lora: &LoraConfig) -> Option<usize> {
+    let all = g.members().iter().all(|p| lora.targets.contains(p));
+    (FOLDABLE.contains(&g) && all).then(|| g.members().len() * lora.r)
+}
 
 /// Sizes every layer needs, copied out of the config.
 pub struct Shapes {
@@ -114,7 +126,7 @@ pub struct LayerCheckpoint<B: Backend> {
 
 /// What an offloaded checkpoint keeps besides the input: the attention half's part (with it the
 /// recomputation skips attention, the o projection and the kept k/v projections), the residual
-/// after the o projection (the MLP half's input), and the LoRA inputs `t = input A_gᵀ` of every
+/// after the o projection (the MLP half's input), and the LoRA inputs `t = s · input A_gᵀ` of every
 /// adapted input group (`n × members · r` values each), which it then does not recompute.
 struct AttentionKept<B: Backend> {
     reused: ReusedAttention<B>,
@@ -224,7 +236,7 @@ struct AttentionSaved<B: Backend> {
     attn: B::Tensor,
     /// Log-sum-exp of each query's scores `[N, hq]`; `None` after a cached (generation) forward.
     lse: Option<B::Tensor>,
-    /// `x A_gᵀ` of the adapted q, k, v group and o.
+    /// `s · x A_gᵀ` of the adapted q, k, v group and o.
     lora_t: LoraInputs<B>,
 }
 
@@ -236,12 +248,12 @@ struct MlpSaved<B: Backend> {
     norm2: B::Tensor,
     gate: B::Tensor,
     up: B::Tensor,
-    /// `x A_gᵀ` of the adapted gate, up group and down (the SwiGLU output `act` that down reads
+    /// `s · x A_gᵀ` of the adapted gate, up group and down (the SwiGLU output `act` that down reads
     /// is not kept: its backward makes it again, [`Backend::swiglu_backward`]).
     lora_t: LoraInputs<B>,
 }
 
-/// `t = input A_gᵀ` per input group with an adapted member, indexed by [`InputGroup::index`].
+/// `t = s · input A_gᵀ` per input group with an adapted member, indexed by [`InputGroup::index`].
 type LoraInputs<B> = [Option<<B as Backend>::Tensor>; 4];
 
 /// Everything the layer's backward needs from its forward.
@@ -298,7 +310,7 @@ fn head_norm<B: Backend>(
 ) -> Result<(B::Tensor, HeadNormed<B>)> {
     let mut y = be.empty(be.len(&x), be.compute_dtype())?;
     let mut rstd = be.empty(be.len(&x) / s.head_dim, DType::F32)?;
-    be.rms_norm(&x, w, s.head_dim, s.eps, &mut y, &mut rstd)?;
+    be.rms_norm(&x, w, s.head_dim, s.eps, &mut y, s.head_dim, &mut rstd)?;
     Ok((y, HeadNormed { raw: x, rstd }))
 }
 
@@ -332,8 +344,78 @@ impl<B: Backend> LayerWeights<B> {
         Ok((out, LayerSaved { attention, mlp }))
     }
 
-    /// `t = input A_gᵀ` of input group `g` ([`linear::lora_input`]), when a member is adapted:
-    /// taken out of `kept` (a checkpoint's) when there, else computed.
+    /// Lays out the frozen weights of the foldable input groups ([`FOLDABLE`]) that an adapter
+    /// of `lora` fully adapts for folding its terms into their products ([`fold_width`]; each
+    /// member's B in the block of its place in the group).
+    pub fn fold_lora(&mut self, be: &B, s: &Shapes, lora: &LoraConfig) -> Result<()> {
+        for g in FOLDABLE {
+            let Some(width) = fold_width(g, lora) else {
+                continue;
+            };
+            for (member, p) in g.members().iter().enumerate() {
+                let d = s.dims(*p, 1);
+                let layout = FoldLayout {
+                    out_f: d.out_f,
+                    in_f: d.in_f,
+                    width,
+                    block: member * lora.r,
+                    rank: lora.r,
+                };
+                self.proj[p.index()].weight.fold(be, layout)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Each member's [`FoldLayout`] for `lora`'s group `g`, when every member is adapted.
+    fn fold_layouts(
+        &self,
+        s: &Shapes,
+        lora: Option<&LoraParams<B>>,
+        layer: usize,
+        g: InputGroup,
+    ) -> Option<Vec<(Projection, FoldLayout)>> {
+        let lp = lora?;
+        let group = lp.group(layer, g)?;
+        g.members()
+            .iter()
+            .map(|&p| {
+                let slot = lp.slot(layer, p)?;
+                let d = s.dims(p, 1);
+                Some((
+                    p,
+                    FoldLayout {
+                        out_f: d.out_f,
+                        in_f: d.in_f,
+                        width: group.width(),
+                        block: slot.member * slot.rank,
+                        rank: slot.rank,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// The width of group `g`'s `t` when its LoRA is folded into its products: every member
+    /// adapted and its weight laid out for this adapter ([`LayerWeights::fold_lora`]); another
+    /// adapter, or none, runs unfolded on the same weights.
+    fn folded_width(
+        &self,
+        s: &Shapes,
+        lora: Option<&LoraParams<B>>,
+        layer: usize,
+        g: InputGroup,
+    ) -> Option<usize> {
+        let layouts = self.fold_layouts(s, lora, layer, g)?;
+        let all = layouts
+            .iter()
+            .all(|(p, f)| self.proj[p.index()].weight.fold_layout() == Some(*f));
+        all.then(|| layouts[0].1.width)
+    }
+
+    /// `t = s · input A_gᵀ` of input group `g` ([`linear::lora_input`]) on `n` tokens, when a
+    /// member is adapted: taken out of `kept` (a checkpoint's) when there, else computed.
+    #[allow(clippy::too_many_arguments)]
     fn lora_input(
         &self,
         be: &B,
@@ -341,6 +423,7 @@ impl<B: Backend> LayerWeights<B> {
         g: InputGroup,
         adapter: Option<&GroupAdapter<'_, B>>,
         input: &B::Tensor,
+        n: usize,
         kept: &mut LoraInputs<B>,
     ) -> Result<Option<B::Tensor>> {
         let Some(adapter) = adapter else {
@@ -350,14 +433,14 @@ impl<B: Backend> LayerWeights<B> {
             return Ok(Some(t));
         }
         let in_f = s.dims(g.members()[0], 1).in_f;
-        let n = be.len(input) / in_f;
         Ok(Some(linear::lora_input(be, n, in_f, input, adapter)?))
     }
 
     /// `outs[i] ← input Wᵀ (+ LoRA)` of each projection of input group `g` whose output is asked
     /// for (`None`: kept by a checkpoint, not run again), an NF4 weight's dense copy dropped or
-    /// kept after (`after`); returns the group's `t = input A_gᵀ`
-    /// ([`LayerWeights::lora_input`]) when a member is adapted.
+    /// kept after (`after`); returns the group's `t = s · input A_gᵀ`
+    /// ([`LayerWeights::lora_input`]) when a member is adapted. When the group is folded
+    /// ([`LayerWeights::folded_width`]), `input` is `[x | room for t]` and `t` goes into it.
     #[allow(clippy::too_many_arguments)]
     fn project_group(
         &self,
@@ -366,24 +449,58 @@ impl<B: Backend> LayerWeights<B> {
         layer: usize,
         lora: Option<&LoraParams<B>>,
         g: InputGroup,
-        input: &B::Tensor,
+        input: &mut B::Tensor,
+        n: usize,
         outs: &mut [Option<&mut B::Tensor>],
         kept_t: &mut LoraInputs<B>,
         after: Dequantized,
     ) -> Result<Option<B::Tensor>> {
         assert_eq!(outs.len(), g.members().len(), "one output per member");
         let adapter = group_adapter(lora, layer, g);
-        let t = self.lora_input(be, s, g, adapter.as_ref(), input, kept_t)?;
+        let t = self.lora_input(be, s, g, adapter.as_ref(), input, n, kept_t)?;
+        let folded = self.folded_width(s, lora, layer, g);
+        if let (Some(width), Some(t)) = (folded, &t) {
+            let in_f = s.dims(g.members()[0], 1).in_f;
+            be.place_block(
+                n,
+                width,
+                0..width,
+                (t, MatAt::dense(width)),
+                (input, MatAt::at(in_f, in_f + width)),
+            )?;
+        }
         for (&p, out) in g.members().iter().zip(outs.iter_mut()) {
             let Some(out) = out else { continue };
-            let d = s.dims(p, be.len(input) / s.dims(p, 1).in_f);
+            let d = s.dims(p, n);
             let term = match (&adapter, &t) {
-                (Some(a), Some(t)) => a.params.slot(layer, p).map(|slot| (a, slot, t)),
+                (Some(a), Some(t)) => a.params.slot(layer, p).map(|slot| match folded {
+                    Some(_) => LoraTerm::Folded(PadSource {
+                        compute: a.params.compute(),
+                        b_at: slot.b_at,
+                        version: a.params.compute_version(layer),
+                    }),
+                    None => LoraTerm::Product {
+                        adapter: a,
+                        slot,
+                        t,
+                    },
+                }),
                 _ => None,
             };
             linear::forward(be, d, input, &self.proj[p.index()], term, after, out)?;
         }
         Ok(t)
+    }
+
+    /// Row length of group `g`'s input: `in`, plus the width of `t` when folded.
+    fn input_row(
+        &self,
+        s: &Shapes,
+        lora: Option<&LoraParams<B>>,
+        layer: usize,
+        g: InputGroup,
+    ) -> usize {
+        s.dims(g.members()[0], 1).in_f + self.folded_width(s, lora, layer, g).unwrap_or(0)
     }
 
     /// The attention half of the forward: `h = x + o_proj(attn(rope(q), rope(k), v))`. Returns
@@ -406,14 +523,17 @@ impl<B: Backend> LayerWeights<B> {
         let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
         let mut lora_t: LoraInputs<B> = Default::default();
+        let qkv = InputGroup::Qkv;
+        let row1 = self.input_row(s, lora, layer, qkv);
         let mut rstd1 = be.empty(n, DType::F32)?;
-        let mut norm1 = be.empty(n * s.hidden, dt)?;
+        let mut norm1 = be.empty(n * row1, dt)?;
         be.rms_norm(
             &x,
             &self.input_norm,
             s.hidden,
             s.eps,
             &mut norm1,
+            row1,
             &mut rstd1,
         )?;
         let (kept_attention, kept_k, kept_v) = match reused {
@@ -430,14 +550,14 @@ impl<B: Backend> LayerWeights<B> {
         let mut q = be.empty(n * s.q_dim, dt)?;
         let mut k = kept_k.map_or_else(|| be.empty(n * s.kv_dim, dt), Ok)?;
         let mut v = kept_v.map_or_else(|| be.empty(n * s.kv_dim, dt), Ok)?;
-        let qkv = InputGroup::Qkv;
         lora_t[qkv.index()] = self.project_group(
             be,
             s,
             layer,
             lora,
             qkv,
-            &norm1,
+            &mut norm1,
+            n,
             &mut [
                 Some(&mut q),
                 project_k.then_some(&mut k),
@@ -466,7 +586,8 @@ impl<B: Backend> LayerWeights<B> {
         let (attn, lse, mid) = match kept_attention {
             Some((attn, lse)) => {
                 let adapter = group_adapter(lora, layer, o);
-                lora_t[o.index()] = self.lora_input(be, s, o, adapter.as_ref(), &attn, kept_t)?;
+                lora_t[o.index()] =
+                    self.lora_input(be, s, o, adapter.as_ref(), &attn, n, kept_t)?;
                 (attn, Some(lse), None)
             }
             None => {
@@ -479,7 +600,8 @@ impl<B: Backend> LayerWeights<B> {
                     layer,
                     lora,
                     o,
-                    &attn,
+                    &mut attn,
+                    n,
                     &mut [Some(&mut mid)],
                     kept_t,
                     Dequantized::Dropped,
@@ -521,26 +643,29 @@ impl<B: Backend> LayerWeights<B> {
         let n = be.len(&mid) / s.hidden;
         let dt = be.compute_dtype();
         let mut lora_t: LoraInputs<B> = Default::default();
+        let gate_up = InputGroup::GateUp;
+        let row2 = self.input_row(s, lora, layer, gate_up);
         let mut rstd2 = be.empty(n, DType::F32)?;
-        let mut norm2 = be.empty(n * s.hidden, dt)?;
+        let mut norm2 = be.empty(n * row2, dt)?;
         be.rms_norm(
             &mid,
             &self.post_attention_norm,
             s.hidden,
             s.eps,
             &mut norm2,
+            row2,
             &mut rstd2,
         )?;
         let mut gate = be.empty(n * s.inter, dt)?;
         let mut up = be.empty(n * s.inter, dt)?;
-        let gate_up = InputGroup::GateUp;
         lora_t[gate_up.index()] = self.project_group(
             be,
             s,
             layer,
             lora,
             gate_up,
-            &norm2,
+            &mut norm2,
+            n,
             &mut [Some(&mut gate), Some(&mut up)],
             kept_t,
             // A recomputation (no output): the backward that follows takes the dense copies.
@@ -552,14 +677,14 @@ impl<B: Backend> LayerWeights<B> {
         let down = InputGroup::Down;
         let down_adapter = group_adapter(lora, layer, down);
         let needs_t = down_adapter.is_some() && kept_t[down.index()].is_none();
-        let act = if output || needs_t {
+        let mut act = if output || needs_t {
             let mut act = be.empty(n * s.inter, dt)?;
             be.swiglu(&gate, &up, &mut act)?;
             Some(act)
         } else {
             None
         };
-        let out = if let (true, Some(act)) = (output, &act) {
+        let out = if let (true, Some(act)) = (output, &mut act) {
             let mut out = be.empty(n * s.hidden, dt)?;
             lora_t[down.index()] = self.project_group(
                 be,
@@ -568,6 +693,7 @@ impl<B: Backend> LayerWeights<B> {
                 lora,
                 down,
                 act,
+                n,
                 &mut [Some(&mut out)],
                 kept_t,
                 Dequantized::Dropped,
@@ -576,7 +702,7 @@ impl<B: Backend> LayerWeights<B> {
             Some(out)
         } else {
             lora_t[down.index()] = match &act {
-                Some(act) => self.lora_input(be, s, down, down_adapter.as_ref(), act, kept_t)?,
+                Some(act) => self.lora_input(be, s, down, down_adapter.as_ref(), act, n, kept_t)?,
                 None => kept_t[down.index()].take(),
             };
             None

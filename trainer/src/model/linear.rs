@@ -2,12 +2,13 @@
 //! for the projections of an input group ([`crate::arch::InputGroup`]: q, k, v read one input,
 //! gate and up another) together.
 //!
-//! Forward:  `t = x A_gᵀ` once for the group (`A_g = [A_q; A_k; A_v]` stacked, saved for backward),
-//! then per projection `y = b + x Wᵀ + s · t_p Bᵀ` with `t_p` its columns of `t`; the bias and
-//! the LoRA term are laid down first and the frozen GEMM accumulates onto them (`beta = 1`), as
-//! torch's `addmm`: cuBLAS reads `y` inside its epilogue, so the wide `[n, out]` output makes one
-//! trip through memory.
-//! Backward: per projection `dB += s · dyᵀ t_p`, `u_p = dy B` (into its columns of `u`); then
+//! Forward:  `t = s · x A_gᵀ` once for the group (`A_g = [A_q; A_k; A_v]` stacked, saved for
+//! backward), then per projection `y = b + x Wᵀ + t_p Bᵀ` with `t_p` its columns of `t`: either
+//! the LoRA term is its own product, laid down first with the bias so that the frozen GEMM
+//! accumulates onto it (`beta = 1`), as torch's `addmm` (cuBLAS reads `y` inside its epilogue,
+//! so the wide `[n, out]` output makes one trip through memory), or it is folded into the frozen
+//! product (`[x | t] · [W | B]ᵀ`, [`LoraTerm::Folded`]; the caller lays `x` out with `t` beside it).
+//! Backward: per projection `dB += dyᵀ t_p`, `u_p = dy B` (into its columns of `u`); then
 //! once for the group `dx (+)= s · u A_g`, per projection `dx += dy W` (the bias is frozen and `dx`
 //! does not depend on it), and last, once for the group, `s · uᵀ x` (every member's
 //! `dA_p += s · u_pᵀ x`): the only part that reads `x`, so it can wait for an `x` made later.
@@ -15,8 +16,10 @@
 //! `x` or `dx` through memory for 16 columns, into one each.
 //! An NF4 `W` is dequantized right before each of its two GEMMs and dropped after (QLoRA), or
 //! kept from a recomputed forward's product for the backward's ([`Dequantized`]).
+//! An input `x` may have wider rows than `in` (a folded group's `[x | t]`): its row length is
+//! `len(x) / n`, and only the first `in` columns are `x`.
 
-use super::proj_weight::{Dequantized, ProjWeight};
+use super::proj_weight::{Dequantized, PadSource, ProjWeight};
 use crate::lora::{GroupSlot, LoraParams, LoraSlot};
 use anyhow::{bail, Result};
 use kernels::{Backend, DType, MatAt};
@@ -41,8 +44,13 @@ pub struct GroupAdapter<'a, B: Backend> {
     pub group: GroupSlot,
 }
 
-/// `t = x A_gᵀ [n, members · r]`: the LoRA inputs of every adapted projection of the group on
-/// `x [n, in]`, one product.
+/// `x [n, in]` inside `x`, whose rows may be wider ([`self`]).
+fn input_at<B: Backend>(be: &B, n: usize, x: &B::Tensor) -> MatAt {
+    MatAt::dense(be.len(x) / n.max(1))
+}
+
+/// `t = s · x A_gᵀ [n, members · r]`: the LoRA inputs of every adapted projection of the group on
+/// `x [n, in]`, one product, scaled (so `t_p Bᵀ` is the LoRA term).
 pub fn lora_input<B: Backend>(
     be: &B,
     n: usize,
@@ -56,8 +64,8 @@ pub fn lora_input<B: Backend>(
         n,
         g.width(),
         in_f,
-        1.0,
-        (x, MatAt::dense(in_f)),
+        g.scaling,
+        (x, input_at(be, n, x)),
         false,
         (adapter.params.compute(), MatAt::at(g.a_at, in_f)),
         true,
@@ -67,14 +75,27 @@ pub fn lora_input<B: Backend>(
     Ok(t)
 }
 
-/// `y ← b + x Wᵀ (+ s · t_p Bᵀ)`, given the group's adapter, `t` ([`lora_input`]) and this
-/// projection's slot when it is adapted; an NF4 `W`'s dense copy is then dropped or kept (`after`).
+/// A projection's LoRA term in [`forward`].
+pub enum LoraTerm<'a, B: Backend> {
+    /// `t_p Bᵀ` as its own product: the group's adapter, this projection's slot and the group's
+    /// `t` ([`lora_input`]).
+    Product {
+        adapter: &'a GroupAdapter<'a, B>,
+        slot: LoraSlot,
+        t: &'a B::Tensor,
+    },
+    /// Folded into the frozen product: `x` is `[x | t]` and the weight's pad holds `B`
+    /// ([`crate::model::proj_weight`]).
+    Folded(PadSource<'a, B>),
+}
+
+/// `y ← b + x Wᵀ (+ t_p Bᵀ)`; an NF4 `W`'s dense copy is then dropped or kept (`after`).
 pub fn forward<B: Backend>(
     be: &B,
     d: Dims,
     x: &B::Tensor,
     frozen: &FrozenLinear<B>,
-    lora: Option<(&GroupAdapter<'_, B>, LoraSlot, &B::Tensor)>,
+    lora: Option<LoraTerm<'_, B>>,
     after: Dequantized,
     y: &mut B::Tensor,
 ) -> Result<()> {
@@ -85,24 +106,51 @@ pub fn forward<B: Backend>(
         }
         None => 0.0,
     };
-    if let Some((adapter, slot, t)) = lora {
-        let (r, width) = (slot.rank, adapter.group.width());
-        be.gemm_at(
+    let mut pad = None;
+    match lora {
+        Some(LoraTerm::Product { adapter, slot, t }) => {
+            let (r, width) = (slot.rank, adapter.group.width());
+            be.gemm_at(
+                d.n,
+                d.out_f,
+                r,
+                1.0,
+                (t, MatAt::at(slot.member * r, width)),
+                false,
+                (adapter.params.compute(), MatAt::at(slot.b_at, r)),
+                true,
+                beta,
+                (y, MatAt::dense(d.out_f)),
+            )?;
+            beta = 1.0;
+        }
+        Some(LoraTerm::Folded(src)) => pad = Some(src),
+        None => {}
+    }
+    let x_at = input_at(be, d.n, x);
+    let folded = pad.is_some();
+    frozen.weight.with_dense(be, after, pad, |w| {
+        // Folded: K runs over the pad too, `[x | t] · [W | B]ᵀ`.
+        let k = match (folded, w.padded) {
+            (true, Some(f)) if f.ld() == x_at.ld => f.ld(),
+            (true, _) => bail!(
+                "a folded product needs its input's rows ({}) as long as the padded weight's",
+                x_at.ld
+            ),
+            (false, _) => d.in_f,
+        };
+        Ok(be.gemm_at(
             d.n,
             d.out_f,
-            r,
-            slot.scaling,
-            (t, MatAt::at(slot.member * r, width)),
+            k,
+            1.0,
+            (x, x_at),
             false,
-            (adapter.params.compute(), MatAt::at(slot.b_at, r)),
+            (w.w, w.w_at(d.in_f)),
             true,
             beta,
             (y, MatAt::dense(d.out_f)),
-        )?;
-        beta = 1.0;
-    }
-    frozen.weight.with_dense(be, after, |w| {
-        Ok(be.gemm(d.n, d.out_f, d.in_f, 1.0, x, false, w, true, beta, y)?)
+        )?)
     })?;
     Ok(())
 }
@@ -159,12 +207,12 @@ pub fn backward_to_input<B: Backend>(
         for m in members {
             let Some(slot) = m.slot else { continue };
             let (d, cols) = (m.d, MatAt::at(slot.member * r, width));
-            // dB [out, r] += s · dyᵀ [out, n] · t_p [n, r]
+            // dB [out, r] += dyᵀ [out, n] · t_p [n, r]   (t is scaled by s)
             be.gemm_at(
                 d.out_f,
                 r,
                 n,
-                s,
+                1.0,
                 (m.dy, MatAt::dense(d.out_f)),
                 true,
                 (t, cols),
@@ -203,8 +251,19 @@ pub fn backward_to_input<B: Backend>(
         stacked_u = Some(u);
     }
     for m in members {
-        m.w.with_dense(be, Dequantized::Dropped, |w| {
-            Ok(be.gemm(n, in_f, m.d.out_f, 1.0, m.dy, false, w, false, beta, dx)?)
+        m.w.with_dense(be, Dequantized::Dropped, None, |w| {
+            Ok(be.gemm_at(
+                n,
+                in_f,
+                m.d.out_f,
+                1.0,
+                (m.dy, MatAt::dense(m.d.out_f)),
+                false,
+                (w.w, w.w_at(in_f)),
+                false,
+                beta,
+                (dx, MatAt::dense(in_f)),
+            )?)
         })?;
         beta = 1.0;
     }
@@ -248,7 +307,7 @@ pub fn lora_a_grads<B: Backend>(
         group.scaling,
         (u, MatAt::dense(width)),
         true,
-        (x, MatAt::dense(in_f)),
+        (x, input_at(be, n, x)),
         false,
         beta_da,
         (da, MatAt::dense(in_f)),

@@ -23,4 +23,5 @@ pub use cached::KvCache;
 pub use checkpointing::{CheckpointPolicy, Checkpointing, CheckpointingSetting, KeptKv};
 pub use decoder::{Activations, Decoder};
 pub use hooks::{LayerHooks, NoHooks};
+pub use layer::fold_width;
 pub use proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};

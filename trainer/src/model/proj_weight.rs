@@ -4,10 +4,20 @@
 //! and frees it afterwards, so only one dense projection exists at a time — except where the
 //! caller keeps it for the weight's next product ([`Dequantized::KeptForNext`]): a recomputed
 //! layer's backward follows its recomputation at once and needs the same weights again.
+//!
+//! Folding ([`ProjWeight::fold`]): when every projection of an input group is adapted, the
+//! group's LoRA term joins the frozen product. The dense form is used padded, rows
+//! `[W | pad]` of `in + width` (`width = members · r`), the pad holding this member's `B` in
+//! its own `r` columns and zeros in the others'; with the group's input laid out
+//! `x' = [x | t]` (`t = s · x A_gᵀ`, every member's columns), one product gives
+//! `x' W'ᵀ = x Wᵀ + s · t_p Bᵀ` (Hu et al. 2021, eq. 3) — the skinny `t_p Bᵀ` product, which
+//! reads and writes the wide output once more, is gone. A dense weight is stored padded and its
+//! pad rewritten when the adapter's compute copies change ([`PadSource::version`]); an NF4
+//! weight is dequantized into padded rows and its pad written then.
 
 use anyhow::Result;
 use kernels::nf4::{Nf4Buffers, Nf4Weight};
-use kernels::Backend;
+use kernels::{Backend, MatAt};
 use std::sync::Mutex;
 
 /// Quantize a dense checkpoint's projections to NF4 at load (`[model] quantize = "nf4"`). As
@@ -19,10 +29,47 @@ pub struct QuantizeNf4 {
     pub double_quant: bool,
 }
 
-/// A projection's `[out, in]` weight.
-pub enum ProjWeight<B: Backend> {
-    Dense(B::Tensor),
+/// A projection's `[out, in]` weight, dense or NF4, folded or not ([`FoldLayout`]).
+pub struct ProjWeight<B: Backend> {
+    stored: Stored<B>,
+    fold: Option<FoldLayout>,
+}
+
+enum Stored<B: Backend> {
+    /// `[out, in]`, or `[out, in + width]` when folded, its pad holding the B of compute-copy
+    /// version `pad_holds` (`None`: zeros).
+    Dense {
+        w: Mutex<B::Tensor>,
+        pad_holds: Mutex<Option<u64>>,
+    },
     Nf4(Nf4Tensor<B>),
+}
+
+/// How a folded weight's dense rows are laid out: `[W | pad]`, `in_f + width` long, this member's
+/// `B [out, rank]` in pad columns `block .. block + rank`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FoldLayout {
+    pub out_f: usize,
+    pub in_f: usize,
+    pub width: usize,
+    pub block: usize,
+    pub rank: usize,
+}
+
+impl FoldLayout {
+    /// Elements between rows.
+    pub fn ld(&self) -> usize {
+        self.in_f + self.width
+    }
+}
+
+/// Where a folded weight's pad comes from: its member's `B [out, rank]` at `b_at` of the
+/// adapter's compute tensor, at compute-copy `version` ([`crate::lora::LoraParams::compute_version`]).
+#[derive(Clone, Copy)]
+pub struct PadSource<'a, B: Backend> {
+    pub compute: &'a B::Tensor,
+    pub b_at: usize,
+    pub version: u64,
 }
 
 /// What becomes of an NF4 weight's dequantized copy after a product ([`ProjWeight::with_dense`]).
@@ -36,12 +83,25 @@ pub enum Dequantized {
     KeptForNext,
 }
 
+/// A dense weight as a product reads it: `[out, in]`, or padded rows as `padded` says.
+pub struct DenseView<'a, B: Backend> {
+    pub w: &'a B::Tensor,
+    pub padded: Option<FoldLayout>,
+}
+
+impl<B: Backend> DenseView<'_, B> {
+    /// `W [out, in_f]` inside the tensor (the padded rows' first `in_f` columns when padded).
+    pub fn w_at(&self, in_f: usize) -> MatAt {
+        MatAt::at(0, self.padded.map_or(in_f, |f| f.ld()))
+    }
+}
+
 /// An NF4 weight on the device: packed codes and absmax as [`Backend::dequantize_nf4`] takes them.
 pub struct Nf4Tensor<B: Backend> {
     n: usize,
     buffers: Nf4Buffers<B::Tensor, B::Indices>,
-    /// The dense copy a product kept for the next ([`Dequantized::KeptForNext`]).
-    kept: Mutex<Option<B::Tensor>>,
+    /// The dense copy a product kept for the next ([`Dequantized::KeptForNext`]), padded or not.
+    kept: Mutex<Option<(B::Tensor, Option<FoldLayout>)>>,
 }
 
 impl<B: Backend> Nf4Tensor<B> {
@@ -64,50 +124,140 @@ impl<B: Backend> Nf4Tensor<B> {
         })
     }
 
-    /// `out ← W'` in `out`'s dtype.
-    pub fn dequantize_into(&self, be: &B, out: &mut B::Tensor) -> Result<()> {
-        be.dequantize_nf4(&self.buffers.packed, self.buffers.absmax(), out)?;
+    /// `out ← W'` in `out`'s dtype, rows of `cols` elements `ld` apart (the columns after `cols`
+    /// untouched).
+    pub fn dequantize_into(
+        &self,
+        be: &B,
+        cols: usize,
+        ld: usize,
+        out: &mut B::Tensor,
+    ) -> Result<()> {
+        be.dequantize_nf4(&self.buffers.packed, self.buffers.absmax(), cols, ld, out)?;
         Ok(())
     }
+}
+
+/// `dst`'s pad columns `← [0 … B … 0]`: the member's B in its block, zeros in the others'.
+fn write_pad<B: Backend>(
+    be: &B,
+    f: FoldLayout,
+    src: &PadSource<'_, B>,
+    dst: &mut B::Tensor,
+) -> Result<()> {
+    be.place_block(
+        f.out_f,
+        f.width,
+        f.block..f.block + f.rank,
+        (src.compute, MatAt::at(src.b_at, f.rank)),
+        (dst, MatAt::at(f.in_f, f.ld())),
+    )?;
+    Ok(())
 }
 
 impl<B: Backend> ProjWeight<B> {
     /// `w` itself, or its NF4 quantization with `w` freed as soon as it is quantized.
     pub fn from_dense(be: &B, w: B::Tensor, quantize: Option<QuantizeNf4>) -> Result<Self> {
         Ok(match quantize {
-            Some(q) => ProjWeight::Nf4(Nf4Tensor::quantize(be, &w, q)?),
-            None => ProjWeight::Dense(w),
+            Some(q) => Self::nf4(Nf4Tensor::quantize(be, &w, q)?),
+            None => ProjWeight {
+                stored: Stored::Dense {
+                    w: Mutex::new(w),
+                    pad_holds: Mutex::new(None),
+                },
+                fold: None,
+            },
         })
+    }
+
+    /// An NF4 weight.
+    pub fn nf4(w: Nf4Tensor<B>) -> Self {
+        ProjWeight {
+            stored: Stored::Nf4(w),
+            fold: None,
+        }
+    }
+
+    /// The folded layout, when [`ProjWeight::fold`] set one.
+    pub fn fold_layout(&self) -> Option<FoldLayout> {
+        self.fold
+    }
+
+    /// Lays the weight out for folding as `f` says (a dense weight is copied into padded rows,
+    /// the pad zero until its first [`ProjWeight::with_dense`] with a [`PadSource`]).
+    pub fn fold(&mut self, be: &B, f: FoldLayout) -> Result<()> {
+        if self.fold == Some(f) {
+            return Ok(());
+        }
+        if let Stored::Dense { w, pad_holds } = &mut self.stored {
+            let w = w.get_mut().expect("dense weight");
+            let ld = self.fold.map_or(f.in_f, |old| old.ld());
+            let mut padded = be.empty(f.out_f * f.ld(), be.compute_dtype())?;
+            be.place_block(
+                f.out_f,
+                f.ld(),
+                0..f.in_f,
+                (w, MatAt::at(0, ld)),
+                (&mut padded, MatAt::dense(f.ld())),
+            )?;
+            *w = padded;
+            *pad_holds.get_mut().expect("pad version") = None;
+        }
+        self.fold = Some(f);
+        Ok(())
     }
 
     /// Whether a product kept an NF4 dense copy that no later product has taken yet.
     #[cfg(test)]
     pub(crate) fn holds_kept_copy(&self) -> bool {
-        matches!(self, ProjWeight::Nf4(q) if q.kept.lock().expect("kept dense copy").is_some())
+        matches!(&self.stored, Stored::Nf4(q) if q.kept.lock().expect("kept dense copy").is_some())
     }
 
-    /// Runs `f` on the dense weight: the tensor itself, or `W'` — the copy an earlier product
-    /// kept, or dequantized now — freed afterwards or kept for the next product (`after`).
+    /// Runs `f` on the dense weight ([`DenseView`]): the tensor itself, or `W'` — the copy an
+    /// earlier product kept, or dequantized now — freed afterwards or kept for the next product
+    /// (`after`). With `pad` (a folded weight's product), the rows are the padded ones with the
+    /// pad holding `pad`'s B; without, the rows may be padded or not (`ld`), the pad anything.
     pub fn with_dense<R>(
         &self,
         be: &B,
         after: Dequantized,
-        f: impl FnOnce(&B::Tensor) -> Result<R>,
+        pad: Option<PadSource<'_, B>>,
+        f: impl FnOnce(DenseView<'_, B>) -> Result<R>,
     ) -> Result<R> {
-        match self {
-            ProjWeight::Dense(w) => f(w),
-            ProjWeight::Nf4(q) => {
-                let w = match q.kept.lock().expect("kept dense copy").take() {
-                    Some(w) => w,
-                    None => {
-                        let mut w = be.empty(q.n, be.compute_dtype())?;
-                        q.dequantize_into(be, &mut w)?;
-                        w
+        let fold = self.fold.filter(|_| pad.is_some());
+        match &self.stored {
+            Stored::Dense { w, pad_holds } => {
+                let mut w = w.lock().expect("dense weight");
+                if let (Some(fl), Some(src)) = (fold, &pad) {
+                    let mut holds = pad_holds.lock().expect("pad version");
+                    if *holds != Some(src.version) {
+                        write_pad(be, fl, src, &mut w)?;
+                        *holds = Some(src.version);
+                    }
+                }
+                f(DenseView {
+                    w: &w,
+                    padded: self.fold,
+                })
+            }
+            Stored::Nf4(q) => {
+                let kept = q.kept.lock().expect("kept dense copy").take();
+                let (w, padded) = match kept {
+                    // A padded product needs the pad; any other reads the first columns.
+                    Some((w, padded)) if fold.is_none() || padded == fold => (w, padded),
+                    _ => {
+                        let (cols, ld) = fold.map_or((q.n, q.n), |fl| (fl.in_f, fl.ld()));
+                        let mut w = be.empty(q.n / cols * ld, be.compute_dtype())?;
+                        q.dequantize_into(be, cols, ld, &mut w)?;
+                        if let (Some(fl), Some(src)) = (fold, &pad) {
+                            write_pad(be, fl, src, &mut w)?;
+                        }
+                        (w, fold)
                     }
                 };
-                let r = f(&w)?;
+                let r = f(DenseView { w: &w, padded })?;
                 if after == Dequantized::KeptForNext {
-                    *q.kept.lock().expect("kept dense copy") = Some(w);
+                    *q.kept.lock().expect("kept dense copy") = Some((w, padded));
                 }
                 Ok(r)
             }
@@ -160,29 +310,103 @@ mod tests {
                 _ => panic!("absmax storage differs (double_quant = {double_quant})"),
             }
             let mut dense = vec![0.0; x.len()];
-            q.dequantize_into(&be, &mut dense).unwrap();
+            q.dequantize_into(&be, x.len(), x.len(), &mut dense)
+                .unwrap();
             assert_eq!(dense, want.dequantize());
         }
+    }
+
+    /// The dense rows `with_dense` hands a product, as a host copy, and whether they are padded.
+    fn dense_of(
+        w: &ProjWeight<CpuBackend>,
+        pad: Option<PadSource<'_, CpuBackend>>,
+    ) -> (Vec<f32>, bool) {
+        w.with_dense(&CpuBackend::new(), Dequantized::Dropped, pad, |d| {
+            Ok((d.w.clone(), d.padded.is_some()))
+        })
+        .unwrap()
     }
 
     #[test]
     fn from_dense_keeps_or_quantizes_the_weight() {
         let be = CpuBackend::new();
         let x = bf16_values(4096);
-        let ProjWeight::Dense(kept) = ProjWeight::from_dense(&be, x.clone(), None).unwrap() else {
-            panic!("no quantization asked: the weight stays dense");
-        };
-        assert_eq!(kept, x);
+        let kept = ProjWeight::from_dense(&be, x.clone(), None).unwrap();
+        assert_eq!(dense_of(&kept, None), (x.clone(), false));
         let q = QuantizeNf4 { double_quant: true };
         let w = ProjWeight::from_dense(&be, x.clone(), Some(q)).unwrap();
-        let got = w
-            .with_dense(&be, Dequantized::Dropped, |d| Ok(d.clone()))
-            .unwrap();
+        let (got, _) = dense_of(&w, None);
         assert_eq!(got, Nf4Weight::quantize(&x, true).dequantize());
         assert_ne!(
             got, x,
             "NF4 rounds every weight to one of 16 levels per block"
         );
+    }
+
+    /// `rows` of `w [rows, in_f]` each followed by `pad(row)`.
+    fn padded_rows(w: &[f32], in_f: usize, pad: impl Fn(usize) -> Vec<f32>) -> Vec<f32> {
+        w.chunks(in_f)
+            .enumerate()
+            .flat_map(|(row, r)| r.iter().copied().chain(pad(row)).collect::<Vec<_>>())
+            .collect()
+    }
+
+    #[test]
+    fn a_folded_weight_holds_its_members_b_in_its_pad_block_and_zeros_elsewhere() {
+        let be = CpuBackend::new();
+        let (out_f, in_f, rank) = (8, 128, 2);
+        let f = FoldLayout {
+            out_f,
+            in_f,
+            width: 3 * rank,
+            block: rank,
+            rank,
+        };
+        let x = bf16_values(out_f * in_f);
+        // The compute tensor: 5 leading values, then this member's B [out, rank].
+        let b: Vec<f32> = (0..out_f * rank).map(|i| i as f32 + 0.5).collect();
+        let mut compute: Vec<f32> = vec![9.0; 5].into_iter().chain(b.clone()).collect();
+        let pad_of = |b: &[f32]| {
+            let b = b.to_vec();
+            move |row: usize| {
+                let mut p = vec![0.0; 3 * rank];
+                p[rank..2 * rank].copy_from_slice(&b[row * rank..(row + 1) * rank]);
+                p
+            }
+        };
+        for quantize in [None, Some(QuantizeNf4 { double_quant: true })] {
+            let mut w = ProjWeight::from_dense(&be, x.clone(), quantize).unwrap();
+            let (w0, _) = dense_of(&w, None);
+            w.fold(&be, f).unwrap();
+            fn src(compute: &Vec<f32>, version: u64) -> PadSource<'_, CpuBackend> {
+                PadSource {
+                    compute,
+                    b_at: 5,
+                    version,
+                }
+            }
+            assert_eq!(
+                dense_of(&w, Some(src(&compute, 1))),
+                (padded_rows(&w0, in_f, pad_of(&b)), true),
+                "{quantize:?}"
+            );
+            // Without a pad source a product reads only W: an NF4 copy is not padded.
+            let (plain, padded) = dense_of(&w, None);
+            assert_eq!(padded, quantize.is_none());
+            if quantize.is_some() {
+                assert_eq!(plain, w0);
+            }
+            // A new version of the compute copies rewrites the pad; the same version does not
+            // (a dense weight keeps its pad; an NF4 copy is written anew each time).
+            let b2: Vec<f32> = b.iter().map(|v| -v).collect();
+            compute[5..].copy_from_slice(&b2);
+            let (same, _) = dense_of(&w, Some(src(&compute, 1)));
+            let stale = if quantize.is_none() { &b } else { &b2 };
+            assert_eq!(same, padded_rows(&w0, in_f, pad_of(stale)));
+            let (fresh, _) = dense_of(&w, Some(src(&compute, 2)));
+            assert_eq!(fresh, padded_rows(&w0, in_f, pad_of(&b2)));
+            compute[5..].copy_from_slice(&b);
+        }
     }
 
     #[test]
@@ -192,26 +416,24 @@ mod tests {
         let want = Nf4Weight::quantize(&x, true).dequantize();
         let q = QuantizeNf4 { double_quant: true };
         let w = ProjWeight::from_dense(&be, x, Some(q)).unwrap();
-        let ProjWeight::Nf4(nf4) = &w else {
+        let Stored::Nf4(nf4) = &w.stored else {
             panic!("quantized at load")
         };
         let first = w
-            .with_dense(&be, Dequantized::KeptForNext, |d| Ok(d.clone()))
+            .with_dense(&be, Dequantized::KeptForNext, None, |d| Ok(d.w.clone()))
             .unwrap();
         assert_eq!(first, want);
         let kept = nf4.kept.lock().unwrap().clone();
-        assert_eq!(kept.as_ref(), Some(&want), "kept after the product");
+        assert_eq!(kept, Some((want.clone(), None)), "kept after the product");
         // The next product takes the kept copy (a sentinel value shows it is not dequantized again)
         // and, dropping it, leaves nothing behind.
-        *nf4.kept.lock().unwrap() = Some(vec![7.0; want.len()]);
+        *nf4.kept.lock().unwrap() = Some((vec![7.0; want.len()], None));
         let second = w
-            .with_dense(&be, Dequantized::Dropped, |d| Ok(d[0]))
+            .with_dense(&be, Dequantized::Dropped, None, |d| Ok(d.w[0]))
             .unwrap();
         assert_eq!(second, 7.0);
         assert!(nf4.kept.lock().unwrap().is_none());
-        let third = w
-            .with_dense(&be, Dequantized::Dropped, |d| Ok(d.clone()))
-            .unwrap();
+        let (third, _) = dense_of(&w, None);
         assert_eq!(third, want);
     }
 }

@@ -105,8 +105,10 @@ fn lora_gradients_match_finite_differences_through_the_whole_model() {
         (QWEN3, None, false, &Projection::ALL[..]),
     ] {
         let c = config(class, window, tied);
-        let m = model(&be, &c, tied);
+        let mut m = model(&be, &c, tied);
         let mut lora = adapter_on(&be, &c, targets);
+        // Folded where a group is fully adapted: each nudge of a B must reach its weight's pad.
+        m.fold_lora(&be, &lora.config).unwrap();
         let layout = AttentionLayout::packed(&[vec![4, 3], vec![6]], 7, window);
         let ids = tokens(14, 1);
         let batch = Batch::new(&be, &c, &ids, &ids, layout).unwrap();
@@ -159,8 +161,9 @@ fn gradient_checkpointing_changes_no_gradient() {
     ];
     for (c, kept) in cases {
         assert_eq!(KeptKv::of(&c), kept);
-        let m = model(&be, &c, false);
+        let mut m = model(&be, &c, false);
         let mut lora = adapter(&be, &c);
+        m.fold_lora(&be, &lora.config).unwrap();
         let ids = tokens(20, 2);
         let batch = Batch::new(
             &be,
@@ -200,8 +203,9 @@ fn nf4_dense_copies_kept_for_the_backward_change_no_gradient() {
     };
     for c in [config(MISTRAL, Some(4), false), one_kv_head] {
         let q = Some(QuantizeNf4 { double_quant: true });
-        let m = Decoder::random(&be, c.clone(), 3, q).unwrap();
+        let mut m = Decoder::random(&be, c.clone(), 3, q, None).unwrap();
         let mut lora = adapter(&be, &c);
+        m.fold_lora(&be, &lora.config).unwrap();
         let ids = tokens(20, 2);
         let layout = AttentionLayout::right_padded(&[10, 7], 10, c.sliding_window);
         let batch = Batch::new(&be, &c, &ids, &ids, layout).unwrap();
@@ -219,6 +223,57 @@ fn nf4_dense_copies_kept_for_the_backward_change_no_gradient() {
                 !left.into_iter().any(|p| p.weight.holds_kept_copy()),
                 "{mode:?}: a kept dense copy was not taken by the backward"
             );
+        }
+    }
+}
+
+/// Folding the LoRA terms of fully adapted groups into the frozen products
+/// ([`crate::model::proj_weight`]) gives the unfolded loss and gradients up to f32 rounding (the
+/// products sum in another order), dense and NF4, with and without checkpointing; partly adapted
+/// groups (q and v of q/k/v) are not folded. A forward without the adapter still runs on the
+/// padded weights and gives the base model's loss.
+#[test]
+fn folding_lora_into_the_frozen_products_changes_only_rounding() {
+    use crate::model::QuantizeNf4;
+    use Projection::*;
+    let be = CpuBackend::new();
+    let c = config(LLAMA, None, false);
+    let ids = tokens(20, 2);
+    let layout = AttentionLayout::right_padded(&[10, 7], 10, c.sliding_window);
+    let batch = Batch::new(&be, &c, &ids, &ids, layout).unwrap();
+    for quantize in [None, Some(QuantizeNf4 { double_quant: true })] {
+        for targets in [&Projection::ALL[..], &[Q, V, Gate, Up][..]] {
+            let mut m = Decoder::random(&be, c.clone(), 3, quantize, None).unwrap();
+            let mut lora = adapter_on(&be, &c, targets);
+            let base = m.loss_and_grad(&be, None, &batch, CheckpointPolicy::OFF, 1.0);
+            let base = base.unwrap();
+            let plain = loss_and_grads(&be, &m, &mut lora, &batch, CheckpointPolicy::OFF);
+            m.fold_lora(&be, &lora.config).unwrap();
+            let padded = m.layers[0]
+                .proj
+                .iter()
+                .map(|p| p.weight.fold_layout().is_some());
+            let want = targets.len() == 7;
+            assert_eq!(
+                padded.collect::<Vec<_>>(),
+                [want, want, want, false, true, true, false],
+                "{targets:?}: the fully adapted q/k/v and gate/up groups are folded"
+            );
+            for policy in [
+                CheckpointPolicy::OFF,
+                CheckpointPolicy::all(Checkpointing::Offload),
+            ] {
+                let folded = loss_and_grads(&be, &m, &mut lora, &batch, policy);
+                assert!((folded.0 - plain.0).abs() < 1e-5 * plain.0.abs());
+                for (a, b) in folded.1.iter().flatten().zip(plain.1.iter().flatten()) {
+                    assert!(
+                        (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                        "{policy:?}: {a} vs {b}"
+                    );
+                }
+            }
+            let base_folded = m.loss_and_grad(&be, None, &batch, CheckpointPolicy::OFF, 1.0);
+            assert!((base_folded.unwrap() - base).abs() < 1e-5 * base.abs());
         }
     }
 }
@@ -346,6 +401,7 @@ fn quantizing_at_load_matches_the_bitsandbytes_checkpoint() {
         config.clone(),
         &WeightFiles::open(&dir).unwrap(),
         quantize,
+        None,
     )
     .unwrap();
     let inputs = Inputs::load(&fixtures.join("tiny-llama-qlora/inputs.safetensors")).unwrap();
@@ -392,7 +448,7 @@ fn qwen_models_quantize_at_load_and_keep_their_loss() {
         )
         .unwrap();
         let loss = |quantize| {
-            let m = Decoder::load_with(&be, config.clone(), &files, quantize).unwrap();
+            let m = Decoder::load_with(&be, config.clone(), &files, quantize, None).unwrap();
             m.loss_and_grad(&be, None, &batch, CheckpointPolicy::OFF, 1.0)
                 .unwrap()
                 / batch.n_targets as f64

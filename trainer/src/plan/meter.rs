@@ -14,10 +14,11 @@
 //! Index buffers (token ids, positions) are not in the pool, as on the device.
 
 use kernels::{
-    pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, InFlight, MatAt,
-    Nf4Absmax, ParkLane, Result, Rotation, GEMM_WORKSPACE_BYTES,
+    pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, InFlight, KernelError,
+    MatAt, Nf4Absmax, ParkLane, Result, Rotation, GEMM_WORKSPACE_BYTES,
 };
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 pub use kernels::LM_HEAD_CHUNK_ELEMENTS;
@@ -360,29 +361,35 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
+    /// Only `hidden` columns of each of y's rows are written.
     fn rms_norm(
         &self,
         x: &MeterTensor,
         _w: &MeterTensor,
-        _hidden: usize,
+        hidden: usize,
         _eps: f32,
         y: &mut MeterTensor,
+        _y_ld: usize,
         rstd: &mut MeterTensor,
     ) -> Result<()> {
-        self.memory_op(tensor_bytes(x) + tensor_bytes(y) + tensor_bytes(rstd));
+        let y_written = (rstd.len * hidden * y.dtype.size_bytes()) as f64;
+        self.memory_op(tensor_bytes(x) + y_written + tensor_bytes(rstd));
         Ok(())
     }
 
+    /// Only `hidden` columns of each of dy's rows are read.
     fn rms_norm_backward(
         &self,
         dy: &MeterTensor,
+        _dy_ld: usize,
         x: &MeterTensor,
         _w: &MeterTensor,
-        _rstd: &MeterTensor,
-        _hidden: usize,
+        rstd: &MeterTensor,
+        hidden: usize,
         dx: &mut MeterTensor,
     ) -> Result<()> {
-        self.memory_op(tensor_bytes(dy) + tensor_bytes(x) + 2.0 * tensor_bytes(dx));
+        let dy_read = (rstd.len * hidden * dy.dtype.size_bytes()) as f64;
+        self.memory_op(dy_read + tensor_bytes(x) + 2.0 * tensor_bytes(dx));
         Ok(())
     }
 
@@ -566,6 +573,27 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
+    /// Reads the block's `rows · len(block)` elements, writes `rows · width`.
+    fn place_block(
+        &self,
+        rows: usize,
+        width: usize,
+        block: Range<usize>,
+        (src, _): (&MeterTensor, MatAt),
+        (dst, _): (&mut MeterTensor, MatAt),
+    ) -> Result<()> {
+        if src.dtype != dst.dtype {
+            return Err(KernelError::Unsupported(format!(
+                "place_block: dst is {} but src is {}",
+                dst.dtype.name(),
+                src.dtype.name()
+            )));
+        }
+        let elements = rows * (block.len() + width);
+        self.memory_op((elements * dst.dtype.size_bytes()) as f64);
+        Ok(())
+    }
+
     fn quantize_nf4(
         &self,
         x: &MeterTensor,
@@ -581,13 +609,17 @@ impl Backend for MeterBackend {
         })
     }
 
+    /// The packed words read, the weight's `rows · cols` elements written (not the pad columns).
     fn dequantize_nf4(
         &self,
         packed: &usize,
         _absmax: Nf4Absmax<'_, MeterTensor, usize>,
+        cols: usize,
+        ld: usize,
         out: &mut MeterTensor,
     ) -> Result<()> {
-        self.memory_op(4.0 * *packed as f64 + tensor_bytes(out));
+        let written = (out.len / ld.max(1) * cols * out.dtype.size_bytes()) as f64;
+        self.memory_op(4.0 * *packed as f64 + written);
         Ok(())
     }
 

@@ -22,10 +22,11 @@ pub mod roofline;
 
 pub use report::{describe, describe_suggestions, startup_report, suggestions};
 
+use crate::arch::InputGroup;
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{
-    Batch, CheckpointPolicy, Checkpointing, Decoder, KeptKv, LayerHooks, ModelConfig, Projection,
-    QuantizeNf4,
+    fold_width, Batch, CheckpointPolicy, Checkpointing, Decoder, KeptKv, LayerHooks, ModelConfig,
+    Projection, QuantizeNf4,
 };
 use crate::optim::{AdamW, LossScaler, UpdateTiming};
 use crate::residence::Residence;
@@ -118,7 +119,7 @@ impl Plan {
         }
         let c = &spec.model;
         let be = MeterBackend::new(spec.dtype);
-        let mut model = Decoder::random(&be, c.clone(), 0, None)?;
+        let mut model = Decoder::random(&be, c.clone(), 0, None, Some(&spec.lora))?;
         let embedding_on_host =
             spec.embedding == Residence::Host && model.keep_embedding_on_host(&be)?;
         let mut lora =
@@ -177,7 +178,7 @@ impl Plan {
 
         let e = spec.dtype.size_bytes() as u64;
         let nf4 = spec.quantize.map(|q| Nf4Bytes::of(c, q));
-        let mut dense = dense_weight_bytes(c, e);
+        let mut dense = dense_weight_bytes(c, &spec.lora, e);
         if embedding_on_host {
             dense.total -= (c.vocab_size * c.hidden_size) as u64 * e;
         }
@@ -189,7 +190,7 @@ impl Plan {
                 (
                     pooled + q.index_bytes,
                     q.index_bytes,
-                    q.scratch(c, spec.checkpointing, e),
+                    q.scratch(c, &spec.lora, spec.checkpointing, e),
                 )
             }
         };
@@ -251,22 +252,31 @@ struct DenseBytes {
     projections: u64,
 }
 
-fn projection_elements(c: &ModelConfig) -> u64 {
-    Projection::ALL
-        .iter()
-        .map(|p| {
-            let (o, i) = p.shape(c);
-            (o * i) as u64
-        })
-        .sum::<u64>()
-        * c.num_layers as u64
+/// Projection `p`'s dense `[out, in]` elements, with the pad of a LoRA term folded into it
+/// ([`fold_width`]).
+fn dense_elements(c: &ModelConfig, lora: &LoraConfig, p: Projection) -> u64 {
+    let (o, i) = p.shape(c);
+    let pad = fold_width(p.input_group(), lora).unwrap_or(0);
+    (o * (i + pad)) as u64
 }
 
-fn dense_weight_bytes(c: &ModelConfig, e: u64) -> DenseBytes {
+/// The columns a folded group's input rows have besides the input: `t` ([`fold_width`]).
+fn folded_input_columns(lora: &LoraConfig) -> u64 {
+    InputGroup::ALL
+        .iter()
+        .filter_map(|&g| fold_width(g, lora))
+        .sum::<usize>() as u64
+}
+
+fn dense_weight_bytes(c: &ModelConfig, lora: &LoraConfig, e: u64) -> DenseBytes {
     let (v, h) = (c.vocab_size as u64, c.hidden_size as u64);
     let heads = if c.tie_word_embeddings { 1 } else { 2 };
     let norms = (2 * c.num_layers as u64 + 1) * h;
-    let projections = projection_elements(c) * e;
+    let per_layer: u64 = Projection::ALL
+        .iter()
+        .map(|&p| dense_elements(c, lora, p))
+        .sum();
+    let projections = per_layer * c.num_layers as u64 * e;
     DenseBytes {
         total: (heads * v * h + norms) * e + projections,
         projections,
@@ -355,11 +365,8 @@ impl Nf4Bytes {
     /// recomputed layer's backward holds the copies kept from its recomputation
     /// ([`Checkpointing::dense_kept_for_backward`]) while it dequantizes the rest of that half
     /// one at a time.
-    fn scratch(&self, c: &ModelConfig, policy: CheckpointPolicy, e: u64) -> u64 {
-        let size = |p: &Projection| {
-            let (o, i) = p.shape(c);
-            (o * i) as u64
-        };
+    fn scratch(&self, c: &ModelConfig, lora: &LoraConfig, policy: CheckpointPolicy, e: u64) -> u64 {
+        let size = |p: &Projection| dense_elements(c, lora, *p);
         let mut sizes: Vec<u64> = Projection::ALL.iter().map(size).collect();
         sizes.sort_unstable();
         sizes.dedup();
@@ -398,11 +405,12 @@ impl Nf4Bytes {
                 };
                 let (o, i) = p.shape(c);
                 let n = (o * i) as f64;
+                let dense = dense_elements(c, &spec.lora, p) as f64;
                 ops.extend(std::iter::repeat_n(
                     Op {
                         kind: OpKind::Memory,
                         flops: 0.0,
-                        bytes: n / 2.0 + n * e as f64,
+                        bytes: n / 2.0 + dense * e as f64,
                     },
                     uses,
                 ));
@@ -427,11 +435,12 @@ impl Parts {
         let (qd, kvd) = (c.q_dim() as u64, c.kv_dim() as u64);
         let heads = c.num_heads as u64;
         let lora_t = spec.lora.targets.len() as u64 * spec.lora.r as u64;
-        // LayerSaved: x, norm1, q, k, v, attn, mid, norm2, gate, up, x·Aᵀ per adapted
-        // projection (compute dtype; not the SwiGLU output, which the backward makes again);
-        // rstd1, rstd2, lse (f32).
+        // LayerSaved: x, norm1, q, k, v, attn, mid, norm2, gate, up (norm1 and norm2 with
+        // room for a folded group's `t`), x·Aᵀ per adapted projection (compute dtype; not the
+        // SwiGLU output, which the backward makes again); rstd1, rstd2, lse (f32).
+        let folded = folded_input_columns(&spec.lora);
         let saved_without_input =
-            e * n * (3 * h + 2 * qd + 2 * kvd + 2 * i + lora_t) + 4 * n * (2 + heads);
+            e * n * (3 * h + 2 * qd + 2 * kvd + 2 * i + lora_t + folded) + 4 * n * (2 + heads);
         let layer_input = e * n * h;
         // LayerWeights::backward at its widest: dact and dnorm2 (MLP; dgate and dup overwrite
         // gate and up), then dattn, dq, dk, dv, dnorm1 and attention's f32 delta and dq

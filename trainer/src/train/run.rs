@@ -69,8 +69,8 @@ pub struct Summary {
     pub row_fill: f64,
 }
 
-/// Loads the model named by `cfg` (quantized at load when `model.quantize` says so).
-/// Prints how long the load took.
+/// Loads the model named by `cfg` (quantized at load when `model.quantize` says so), laid out
+/// for folding the run's adapter into its products. Prints how long the load took.
 pub fn load_model<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Decoder<B>> {
     let start = std::time::Instant::now();
     let model_config = ModelConfig::load(&cfg.model.path)?;
@@ -80,6 +80,7 @@ pub fn load_model<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Decoder<B>> {
         model_config,
         &WeightFiles::open(&cfg.model.path)?,
         quantize,
+        Some(&lora_config(cfg)?),
     )
     .with_context(|| format!("loading the model in {}", cfg.model.path.display()))?;
     if cfg.model.embedding == Residence::Host && !model.keep_embedding_on_host(be)? {
@@ -102,6 +103,20 @@ pub fn load_model<B: Backend>(be: &B, cfg: &RunConfig) -> Result<Decoder<B>> {
     Ok(model)
 }
 
+/// The config of the adapter the run trains: `lora.init_adapter`'s, else the `[lora]` section's.
+fn lora_config(cfg: &RunConfig) -> Result<LoraConfig> {
+    Ok(match &cfg.lora.init_adapter {
+        Some(dir) => peft::read_config(dir)?,
+        None => LoraConfig {
+            r: cfg.lora.r,
+            alpha: cfg.lora.alpha,
+            targets: cfg.targets(),
+            use_rslora: cfg.lora.rslora,
+            dropout: cfg.lora.dropout,
+        },
+    })
+}
+
 /// The adapter the run starts from (`lora.init_adapter`, else a fresh one from the seed) and its
 /// AdamW with the config's hyper-parameters and clipping.
 fn adapter_and_optimizer<B: Backend>(
@@ -109,16 +124,10 @@ fn adapter_and_optimizer<B: Backend>(
     cfg: &RunConfig,
     model: &ModelConfig,
 ) -> Result<(LoraParams<B>, AdamW<B>)> {
-    let lora_config = LoraConfig {
-        r: cfg.lora.r,
-        alpha: cfg.lora.alpha,
-        targets: cfg.targets(),
-        use_rslora: cfg.lora.rslora,
-        dropout: cfg.lora.dropout,
-    };
     let lora = match &cfg.lora.init_adapter {
         Some(dir) => peft::load(be, model, dir)?,
         None => {
+            let lora_config = lora_config(cfg)?;
             crate::arch::validate::check_lora_rank(model, cfg.lora.r, &lora_config.targets)?;
             fresh_adapter(be, model, lora_config, cfg.train.seed)?
         }
@@ -174,18 +183,19 @@ pub fn train_ranks<B: GradReducer>(
         report_checkpointing(be, cfg, &choice, model.config.num_layers, dist.world_size());
     }
     let ck = choice.policy;
+    let adapter = adapter_and_optimizer(be, cfg, &model.config)?;
     match &cfg.method {
         MethodSection::Sft(_) => {
             let sft = Sft::prepare(cfg, model.config.vocab_size)?;
-            run_loop(be, cfg, resume, dist, &model, &sft, ck)
+            run_loop(be, cfg, resume, dist, &model, adapter, &sft, ck)
         }
         MethodSection::Dpo(d) => {
             let dpo = Dpo::prepare(be, &model, cfg, d, dist)?;
-            run_loop(be, cfg, resume, dist, &model, &dpo, ck)
+            run_loop(be, cfg, resume, dist, &model, adapter, &dpo, ck)
         }
         MethodSection::Orpo(o) => {
             let orpo = Orpo::prepare(cfg, o)?;
-            run_loop(be, cfg, resume, dist, &model, &orpo, ck)
+            run_loop(be, cfg, resume, dist, &model, adapter, &orpo, ck)
         }
     }
 }
@@ -229,20 +239,22 @@ fn record_with(
     Ok(value)
 }
 
-/// The training loop of `method` (see the top of this file).
+/// The training loop of `method` (see the top of this file), from the adapter and optimizer of
+/// [`adapter_and_optimizer`].
+#[allow(clippy::too_many_arguments)]
 fn run_loop<B: GradReducer, M: Method<B>>(
     be: &B,
     cfg: &RunConfig,
     resume: Resume,
     dist: &Distributed,
     model: &Decoder<B>,
+    (mut lora, mut opt): (LoraParams<B>, AdamW<B>),
     method: &M,
     checkpointing: CheckpointPolicy,
 ) -> Result<Summary> {
     let started = Instant::now();
     let out = &cfg.output.dir;
     let main = dist.is_main();
-    let (mut lora, mut opt) = adapter_and_optimizer(be, cfg, &model.config)?;
     let mut scaler = LossScaler::for_dtype(be.compute_dtype());
     let mut guard = NonFiniteGuard::new(cfg.train.max_nonfinite_steps);
     let data = method.data();
