@@ -1,15 +1,15 @@
 /* RMSNorm forward and backward, one block per row of `hidden` elements.
  *   forward:  r = 1/sqrt(mean(x^2) + eps),  y = w * (x * r),  rstd[row] = r (f32)
  *   backward: dx += r * (w*dy - xhat * mean(w*dy*xhat)),  xhat = x * r   (adds into dx)
- * x and dx are dense [rows, hidden]; y's rows are y_ld >= hidden elements apart and dy's dy_ld
- * apart, of which only the first hidden columns are written or read (LoRA's padded input
- * x' = [x | s t]: the norm fills x, another op the pad columns).
+ * x, dy and dx are dense [rows, hidden]; y's rows are y_ld >= hidden elements apart, of which
+ * only the first hidden columns are written (LoRA's padded input x' = [x | s t]: the norm fills
+ * x, another op the pad columns).
  * Memory traffic: forward reads x once and writes rows * hidden elements of y (w stays in L1/L2);
- * backward reads hidden columns of dy, x and dx once and writes dx once. The row is read twice
+ * backward reads dy, x and dx once and writes dx once. The row is read twice
  * from cache (reduction, then output), which keeps the kernel simple and still bandwidth-bound for
  * hidden <= 8192. When hidden is a multiple of 8 the sums run over chunks of 8 elements: one
  * 16-byte load where the row's pointer is 16-byte aligned (load8), else one element at a time in
- * the same order (load8_or_each), so rstd, y and dx do not depend on the row strides to the bit.
+ * the same order (load8_or_each), so rstd and y do not depend on y's row stride to the bit.
  * The forward's output moves in chunks where x, w and the y row are aligned, else element by
  * element (each y is one product, so its bits do not depend on the path), threads side by side so
  * the stores stay coalesced.
@@ -50,11 +50,10 @@ __device__ void rms_norm_forward(const T* x, const T* w, T* y, int y_ld, float* 
 }
 
 template <typename T>
-__device__ void rms_norm_backward(const T* dy, int dy_ld, const T* x, const T* w, const float* rstd, T* dx,
-                                  int hidden) {
+__device__ void rms_norm_backward(const T* dy, const T* x, const T* w, const float* rstd, T* dx, int hidden) {
     __shared__ float scratch[32];
     const u64 base = (u64)blockIdx.x * hidden;
-    const T *dyr = dy + (u64)blockIdx.x * dy_ld, *xr = x + base;
+    const T *dyr = dy + base, *xr = x + base;
     T* dxr = dx + base;
     const int chunks = hidden % 8 == 0 ? hidden / 8 : 0;
     const bool vdy = aligned16(dyr), vx = aligned16(xr), vw = aligned16(w), vdx = aligned16(dxr);
@@ -92,8 +91,8 @@ __device__ void rms_norm_backward(const T* dy, int dy_ld, const T* x, const T* w
                                                     int hidden, float eps) {                               \
         rms_norm_forward<T>(x, w, y, y_ld, rstd, hidden, eps);                                             \
     }                                                                                                      \
-    extern "C" __global__ void rms_norm_backward_##S(const T* dy, int dy_ld, const T* x, const T* w,       \
+    extern "C" __global__ void rms_norm_backward_##S(const T* dy, const T* x, const T* w,                  \
                                                      const float* rstd, T* dx, int hidden) {               \
-        rms_norm_backward<T>(dy, dy_ld, x, w, rstd, dx, hidden);                                           \
+        rms_norm_backward<T>(dy, x, w, rstd, dx, hidden);                                                  \
     }
 FOR_EACH_DTYPE(RMSNORM_KERNELS)

@@ -464,15 +464,12 @@ pub trait Backend {
         y_ld: usize,
         rstd: &mut Self::Tensor,
     ) -> Result<()>;
-    /// RMSNorm backward, adding into `dx`: `dx += r · (w⊙dy − x̂ · mean(w⊙dy ⊙ x̂))`, `x̂ = x·r`.
-    /// `dy` holds its N rows `dy_ld ≥ hidden` apart (`len(dy) = N · dy_ld`), of which only
-    /// columns `0..hidden` are read; `x` and `dx` are `[N, hidden]`, `N = len(rstd)`.
+    /// RMSNorm backward, adding into `dx`: `dx += r · (w⊙dy − x̂ · mean(w⊙dy ⊙ x̂))`, `x̂ = x·r`;
+    /// `dy`, `x` and `dx` are `[N, hidden]`, `N = len(rstd)`.
     /// The norm weight is frozen, so it gets no gradient.
-    #[allow(clippy::too_many_arguments)]
     fn rms_norm_backward(
         &self,
         dy: &Self::Tensor,
-        dy_ld: usize,
         x: &Self::Tensor,
         w: &Self::Tensor,
         rstd: &Self::Tensor,

@@ -68,7 +68,7 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     be.rms_norm(&x, &w, hidden, 1e-5, &mut y, hidden, &mut rstd)
         .unwrap();
     let mut dx = random(x.len(), 10);
-    be.rms_norm_backward(&y, hidden, &x, &w, &rstd, hidden, &mut dx)
+    be.rms_norm_backward(&y, &x, &w, &rstd, hidden, &mut dx)
         .unwrap();
     let positions: Vec<i32> = (0..rows as i32).map(|p| p % 300).collect();
     let cos = random(300 * 8, 11);

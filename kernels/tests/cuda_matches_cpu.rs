@@ -123,9 +123,9 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
         );
         let (dy, dyr) = up(&g, &random(n * hidden, 3, 1.0), d);
         let (mut dx, mut dx_c) = up(&g, &random(n * hidden, 4, 1.0), d);
-        g.rms_norm_backward(&dy, hidden, &x, &w, &rstd, hidden, &mut dx)
+        g.rms_norm_backward(&dy, &x, &w, &rstd, hidden, &mut dx)
             .unwrap();
-        cpu.rms_norm_backward(&dyr, hidden, &xr, &wr, &rstd_c, hidden, &mut dx_c)
+        cpu.rms_norm_backward(&dyr, &xr, &wr, &rstd_c, hidden, &mut dx_c)
             .unwrap();
         check(
             "rms_norm_backward dx (adds into)",
@@ -301,19 +301,19 @@ fn bias_broadcast_and_per_head_rms_norm_match() {
             let (dy, dyr) = up(&g, &random(rows * head_dim, 16, 1.0), d);
             let mut dx = g.zeros(rows * head_dim, d).unwrap();
             let mut dx_c = vec![0.0; rows * head_dim];
-            g.rms_norm_backward(&dy, head_dim, &q, &w, &rstd, head_dim, &mut dx)
+            g.rms_norm_backward(&dy, &q, &w, &rstd, head_dim, &mut dx)
                 .unwrap();
-            cpu.rms_norm_backward(&dyr, head_dim, &qr, &wr, &rstd_c, head_dim, &mut dx_c)
+            cpu.rms_norm_backward(&dyr, &qr, &wr, &rstd_c, head_dim, &mut dx_c)
                 .unwrap();
             check("per-head rms_norm dx", d, &g.download(&dx).unwrap(), &dx_c);
         }
     }
 }
 
-/// RMSNorm with `y`'s and `dy`'s rows `ld > hidden` apart (LoRA's padded input `x' = [x | s·t]`):
-/// rows 16-byte aligned (`ld = hidden + 48`) and not (`hidden + 3`), and a row length that is no
+/// RMSNorm with `y`'s rows `ld > hidden` apart (LoRA's padded input `x' = [x | s·t]`): rows
+/// 16-byte aligned (`ld = hidden + 48`) and not (`hidden + 3`), and a row length that is no
 /// multiple of 8. The norm's columns and `rstd` are the dense launch's bits, the pad columns keep
-/// theirs (dy's pad holds NaN, so reading it would show), and both match the CPU.
+/// theirs, and both match the CPU.
 #[test]
 fn strided_rms_norm_equals_the_dense_norm_and_leaves_the_pad() {
     let cpu = CpuBackend::new();
@@ -326,17 +326,11 @@ fn strided_rms_norm_equals_the_dense_norm_and_leaves_the_pad() {
                 .map(|v| 1.0 + 0.5 * v)
                 .collect();
             let (w, wr) = up(&g, &weights, d);
-            let (dy, dyr) = up(&g, &random(rows * hidden, 33, 1.0), d);
-            let dx0 = random(rows * hidden, 34, 1.0);
             let mut y = g.zeros(rows * hidden, d).unwrap();
             let mut rstd = g.zeros(rows, DType::F32).unwrap();
             g.rms_norm(&x, &w, hidden, 1e-5, &mut y, hidden, &mut rstd)
                 .unwrap();
             let (y_dense, rstd_dense) = (g.download(&y).unwrap(), g.download(&rstd).unwrap());
-            let mut dx = g.upload(&dx0, d).unwrap();
-            g.rms_norm_backward(&dy, hidden, &x, &w, &rstd, hidden, &mut dx)
-                .unwrap();
-            let dx_dense = g.download(&dx).unwrap();
             for ld in [hidden + 48, hidden + 3] {
                 let what = format!("rows {rows} hidden {hidden} ld {ld} {}", d.name());
                 let pad0 = random(rows * ld, 35, 4.0);
@@ -372,21 +366,6 @@ fn strided_rms_norm_equals_the_dense_norm_and_leaves_the_pad() {
                         "y pad of row {r}, {what}"
                     );
                 }
-
-                let mut dy_padded = vec![f32::NAN; rows * ld];
-                for r in 0..rows {
-                    dy_padded[r * ld..][..hidden].copy_from_slice(&dyr[r * hidden..][..hidden]);
-                }
-                let dy_strided = g.upload(&dy_padded, d).unwrap();
-                let (mut dx, dx_rounded) = up(&g, &dx0, d);
-                g.rms_norm_backward(&dy_strided, ld, &x, &w, &rstd, hidden, &mut dx)
-                    .unwrap();
-                let got = g.download(&dx).unwrap();
-                assert_eq!(bits_differing(&got, &dx_dense), 0, "dx, {what}");
-                let mut dx_c = dx_rounded;
-                cpu.rms_norm_backward(&dy_padded, ld, &xr, &wr, &rstd_c, hidden, &mut dx_c)
-                    .unwrap();
-                check(&format!("strided rms_norm dx ld {ld}"), d, &got, &dx_c);
             }
         }
     }

@@ -236,7 +236,6 @@ impl Backend for CpuBackend {
     fn rms_norm_backward(
         &self,
         dy: &Vec<f32>,
-        dy_ld: usize,
         x: &Vec<f32>,
         w: &Vec<f32>,
         rstd: &Vec<f32>,
@@ -246,15 +245,10 @@ impl Backend for CpuBackend {
         check_len("rms_norm_backward", "w", w.len(), hidden)?;
         check_len("rms_norm_backward", "rstd", rstd.len() * hidden, x.len())?;
         check_len("rms_norm_backward", "dx", dx.len(), x.len())?;
-        check_strided_rows(
-            "rms_norm_backward",
-            "dy",
-            (rstd.len(), hidden, dy_ld),
-            dy.len(),
-        )?;
+        check_len("rms_norm_backward", "dy", dy.len(), x.len())?;
         timed(
             || ("rms_norm_backward".into(), 0.0),
-            || rmsnorm::backward((dy, dy_ld), x, w, rstd, hidden, dx),
+            || rmsnorm::backward(dy, x, w, rstd, hidden, dx),
         );
         Ok(())
     }

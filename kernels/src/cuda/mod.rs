@@ -743,7 +743,6 @@ impl Backend for CudaBackend {
     fn rms_norm_backward(
         &self,
         dy: &CudaTensor,
-        dy_ld: usize,
         x: &CudaTensor,
         w: &CudaTensor,
         rstd: &CudaTensor,
@@ -753,12 +752,7 @@ impl Backend for CudaBackend {
         check_len("rms_norm_backward", "w", w.len(), hidden)?;
         check_len("rms_norm_backward", "rstd", rstd.len() * hidden, x.len())?;
         check_len("rms_norm_backward", "dx", dx.len(), x.len())?;
-        check_strided_rows(
-            "rms_norm_backward",
-            "dy",
-            (rstd.len(), hidden, dy_ld),
-            dy.len(),
-        )?;
+        check_len("rms_norm_backward", "dy", dy.len(), x.len())?;
         let dt = self.same_dtype(
             "rms_norm_backward",
             &[("dy", dy), ("x", x), ("w", w), ("dx", dx)],
@@ -771,7 +765,6 @@ impl Backend for CudaBackend {
         let name = format!("rms_norm_backward_{}", suffix(dt));
         let args = [
             self.p(dy),
-            Arg::I32(dy_ld as i32),
             self.p(x),
             self.p(w),
             self.p(rstd),

@@ -474,7 +474,6 @@ impl<B: Backend> Decoder<B> {
         let mut dx = be.zeros(be.len(&acts.last), be.compute_dtype())?;
         be.rms_norm_backward(
             dnormed,
-            s.hidden,
             &acts.last,
             &self.final_norm,
             &acts.final_rstd,

@@ -377,19 +377,16 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
-    /// Only `hidden` columns of each of dy's rows are read.
     fn rms_norm_backward(
         &self,
         dy: &MeterTensor,
-        _dy_ld: usize,
         x: &MeterTensor,
         _w: &MeterTensor,
-        rstd: &MeterTensor,
-        hidden: usize,
+        _rstd: &MeterTensor,
+        _hidden: usize,
         dx: &mut MeterTensor,
     ) -> Result<()> {
-        let dy_read = (rstd.len * hidden * dy.dtype.size_bytes()) as f64;
-        self.memory_op(dy_read + tensor_bytes(x) + 2.0 * tensor_bytes(dx));
+        self.memory_op(tensor_bytes(dy) + tensor_bytes(x) + 2.0 * tensor_bytes(dx));
         Ok(())
     }
 

@@ -22,15 +22,7 @@ fn head_norm_backward<B: Backend>(
     dy: &B::Tensor,
 ) -> Result<B::Tensor> {
     let mut dx = be.zeros(be.len(dy), be.compute_dtype())?;
-    be.rms_norm_backward(
-        dy,
-        s.head_dim,
-        &saved.raw,
-        w,
-        &saved.rstd,
-        s.head_dim,
-        &mut dx,
-    )?;
+    be.rms_norm_backward(dy, &saved.raw, w, &saved.rstd, s.head_dim, &mut dx)?;
     Ok(dx)
 }
 
@@ -213,7 +205,6 @@ impl<B: Backend> LayerWeights<B> {
         let mut dmid = dy;
         be.rms_norm_backward(
             &dnorm2,
-            s.hidden,
             &mid,
             &self.post_attention_norm,
             &rstd2,
@@ -297,15 +288,7 @@ impl<B: Backend> LayerWeights<B> {
         back(InputGroup::Qkv, &[&dq, &dk, &dv], &norm1, &mut dnorm1)?;
         drop((dq, dk, dv, norm1));
         let mut dx = dmid;
-        be.rms_norm_backward(
-            &dnorm1,
-            s.hidden,
-            &x,
-            &self.input_norm,
-            &rstd1,
-            s.hidden,
-            &mut dx,
-        )?;
+        be.rms_norm_backward(&dnorm1, &x, &self.input_norm, &rstd1, s.hidden, &mut dx)?;
         Ok(dx)
     }
 }
