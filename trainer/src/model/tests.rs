@@ -345,10 +345,19 @@ fn packed_documents_equal_separate_rows() {
 #[test]
 fn cached_decoding_gives_the_full_forward_logits() {
     let be = CpuBackend::new();
-    for (class, window) in [(MISTRAL, Some(4)), (QWEN2, None), (QWEN3, None)] {
+    // Qwen2 with its LoRA folded into the products (q/k/v with biases): the cached steps too.
+    for (class, window, fold) in [
+        (MISTRAL, Some(4), false),
+        (QWEN2, None, false),
+        (QWEN2, None, true),
+        (QWEN3, None, false),
+    ] {
         let c = config(class, window, false);
-        let m = model(&be, &c, false);
+        let mut m = model(&be, &c, false);
         let lora = adapter(&be, &c);
+        if fold {
+            m.fold_lora(&be, &lora.config).unwrap();
+        }
         let ids = tokens(7, 5);
         let full = Batch::new(
             &be,
