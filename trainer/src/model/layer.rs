@@ -56,6 +56,24 @@ impl Shapes {
         }
     }
 
+    /// Projection `proj`'s padded layout as member `member` of a folded group `width` wide.
+    fn fold_layout(
+        &self,
+        proj: Projection,
+        width: usize,
+        member: usize,
+        rank: usize,
+    ) -> FoldLayout {
+        let d = self.dims(proj, 1);
+        FoldLayout {
+            out_f: d.out_f,
+            in_f: d.in_f,
+            width,
+            block: member * rank,
+            rank,
+        }
+    }
+
     fn dims(&self, proj: Projection, n: usize) -> Dims {
         let (out_f, in_f) = match proj {
             Projection::Q => (self.q_dim, self.hidden),
@@ -353,14 +371,7 @@ impl<B: Backend> LayerWeights<B> {
                 continue;
             };
             for (member, p) in g.members().iter().enumerate() {
-                let d = s.dims(*p, 1);
-                let layout = FoldLayout {
-                    out_f: d.out_f,
-                    in_f: d.in_f,
-                    width,
-                    block: member * lora.r,
-                    rank: lora.r,
-                };
+                let layout = s.fold_layout(*p, width, member, lora.r);
                 self.proj[p.index()].weight.fold(be, layout)?;
             }
         }
@@ -381,17 +392,7 @@ impl<B: Backend> LayerWeights<B> {
             .iter()
             .map(|&p| {
                 let slot = lp.slot(layer, p)?;
-                let d = s.dims(p, 1);
-                Some((
-                    p,
-                    FoldLayout {
-                        out_f: d.out_f,
-                        in_f: d.in_f,
-                        width: group.width(),
-                        block: slot.member * slot.rank,
-                        rank: slot.rank,
-                    },
-                ))
+                Some((p, s.fold_layout(p, group.width(), slot.member, slot.rank)))
             })
             .collect()
     }
