@@ -244,20 +244,13 @@ template <typename T> __device__ __forceinline__ void store8(T* p, u64 c, const 
     ((uint4*)p)[c] = make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
 }
 
-/* Chunk c of p as load8/store8 move it when `vector` (p 16-byte aligned), else element by element:
+/* Chunk c of p as load8 reads it when `vector` (p 16-byte aligned), else element by element:
  * the same values in the same order either way, so a kernel's sums do not depend on alignment. */
 template <typename T> __device__ __forceinline__ void load8_or_each(const T* p, u64 c, float* v, bool vector) {
     if (vector) {
         load8(p, c, v);
     } else {
         for (int j = 0; j < 8; j++) v[j] = load_f32(p[8 * c + j]);
-    }
-}
-template <typename T> __device__ __forceinline__ void store8_or_each(T* p, u64 c, const float* v, bool vector) {
-    if (vector) {
-        store8(p, c, v);
-    } else {
-        for (int j = 0; j < 8; j++) p[8 * c + j] = store_f32<T>(v[j]);
     }
 }
 

@@ -9,7 +9,8 @@
  * from cache (reduction, then output), which keeps the kernel simple and still bandwidth-bound for
  * hidden <= 8192. When hidden is a multiple of 8 the sums run over chunks of 8 elements: one
  * 16-byte load where the row's pointer is 16-byte aligned (load8), else one element at a time in
- * the same order (load8_or_each), so rstd and y do not depend on y's row stride to the bit.
+ * the same order (load8_or_each), so rstd and y do not depend on y's row stride to the bit. The
+ * backward moves 8 elements per access when every row pointer is aligned.
  * The forward's output moves in chunks where x, w and the y row are aligned, else element by
  * element (each y is one product, so its bits do not depend on the path), threads side by side so
  * the stores stay coalesced.
@@ -52,18 +53,18 @@ __device__ void rms_norm_forward(const T* x, const T* w, T* y, int y_ld, float* 
 template <typename T>
 __device__ void rms_norm_backward(const T* dy, const T* x, const T* w, const float* rstd, T* dx, int hidden) {
     __shared__ float scratch[32];
-    const u64 base = (u64)blockIdx.x * hidden;
+    u64 base = (u64)blockIdx.x * hidden;
     const T *dyr = dy + base, *xr = x + base;
     T* dxr = dx + base;
-    const int chunks = hidden % 8 == 0 ? hidden / 8 : 0;
-    const bool vdy = aligned16(dyr), vx = aligned16(xr), vw = aligned16(w), vdx = aligned16(dxr);
+    const int chunks =
+        hidden % 8 == 0 && aligned16(dyr) && aligned16(xr) && aligned16(dxr) && aligned16(w) ? hidden / 8 : 0;
     float r = rstd[blockIdx.x];
     float acc = 0.0f;
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float d[8], xv[8], wv[8];
-        load8_or_each(dyr, c, d, vdy);
-        load8_or_each(xr, c, xv, vx);
-        load8_or_each(w, c, wv, vw);
+        load8(dyr, c, d);
+        load8(xr, c, xv);
+        load8(w, c, wv);
         for (int j = 0; j < 8; j++) acc += d[j] * wv[j] * xv[j] * r;
     }
     for (int i = chunks * 8 + threadIdx.x; i < hidden; i += blockDim.x) {
@@ -72,12 +73,12 @@ __device__ void rms_norm_backward(const T* dy, const T* x, const T* w, const flo
     float mean_gx = block_sum(acc, scratch) / hidden;
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float d[8], xv[8], wv[8], o[8];
-        load8_or_each(dyr, c, d, vdy);
-        load8_or_each(xr, c, xv, vx);
-        load8_or_each(w, c, wv, vw);
-        load8_or_each(dxr, c, o, vdx);
+        load8(dyr, c, d);
+        load8(xr, c, xv);
+        load8(w, c, wv);
+        load8(dxr, c, o);
         for (int j = 0; j < 8; j++) o[j] += r * (wv[j] * d[j] - xv[j] * r * mean_gx);
-        store8_or_each(dxr, c, o, vdx);
+        store8(dxr, c, o);
     }
     for (int i = chunks * 8 + threadIdx.x; i < hidden; i += blockDim.x) {
         float xh = load_f32(xr[i]) * r;

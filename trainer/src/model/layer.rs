@@ -378,25 +378,6 @@ impl<B: Backend> LayerWeights<B> {
         Ok(())
     }
 
-    /// Each member's [`FoldLayout`] for `lora`'s group `g`, when every member is adapted.
-    fn fold_layouts(
-        &self,
-        s: &Shapes,
-        lora: Option<&LoraParams<B>>,
-        layer: usize,
-        g: InputGroup,
-    ) -> Option<Vec<(Projection, FoldLayout)>> {
-        let lp = lora?;
-        let group = lp.group(layer, g)?;
-        g.members()
-            .iter()
-            .map(|&p| {
-                let slot = lp.slot(layer, p)?;
-                Some((p, s.fold_layout(p, group.width(), slot.member, slot.rank)))
-            })
-            .collect()
-    }
-
     /// The width of group `g`'s `t` when its LoRA is folded into its products: every member
     /// adapted and its weight laid out for this adapter ([`LayerWeights::fold_lora`]); another
     /// adapter, or none, runs unfolded on the same weights.
@@ -407,11 +388,15 @@ impl<B: Backend> LayerWeights<B> {
         layer: usize,
         g: InputGroup,
     ) -> Option<usize> {
-        let layouts = self.fold_layouts(s, lora, layer, g)?;
-        let all = layouts
-            .iter()
-            .all(|(p, f)| self.proj[p.index()].weight.fold_layout() == Some(*f));
-        all.then(|| layouts[0].1.width)
+        let lp = lora?;
+        let width = lp.group(layer, g)?.width();
+        let laid_out = |p: &Projection| {
+            lp.slot(layer, *p).is_some_and(|slot| {
+                let want = s.fold_layout(*p, width, slot.member, slot.rank);
+                self.proj[p.index()].weight.fold_layout() == Some(want)
+            })
+        };
+        g.members().iter().all(laid_out).then_some(width)
     }
 
     /// `t = s · input A_gᵀ` of input group `g` ([`linear::lora_input`]) on `n` tokens, when a
@@ -441,7 +426,8 @@ impl<B: Backend> LayerWeights<B> {
     /// for (`None`: kept by a checkpoint, not run again), an NF4 weight's dense copy dropped or
     /// kept after (`after`); returns the group's `t = s · input A_gᵀ`
     /// ([`LayerWeights::lora_input`]) when a member is adapted. When the group is folded
-    /// ([`LayerWeights::folded_width`]), `input` is `[x | room for t]` and `t` goes into it.
+    /// (`folded`: [`LayerWeights::folded_width`]), `input` is `[x | room for t]` and `t` goes
+    /// into it.
     #[allow(clippy::too_many_arguments)]
     fn project_group(
         &self,
@@ -450,7 +436,7 @@ impl<B: Backend> LayerWeights<B> {
         layer: usize,
         lora: Option<&LoraParams<B>>,
         g: InputGroup,
-        input: &mut B::Tensor,
+        (input, folded): (&mut B::Tensor, Option<usize>),
         n: usize,
         outs: &mut [Option<&mut B::Tensor>],
         kept_t: &mut LoraInputs<B>,
@@ -459,7 +445,6 @@ impl<B: Backend> LayerWeights<B> {
         assert_eq!(outs.len(), g.members().len(), "one output per member");
         let adapter = group_adapter(lora, layer, g);
         let t = self.lora_input(be, s, g, adapter.as_ref(), input, n, kept_t)?;
-        let folded = self.folded_width(s, lora, layer, g);
         if let (Some(width), Some(t)) = (folded, &t) {
             let in_f = s.dims(g.members()[0], 1).in_f;
             be.place_block(
@@ -493,17 +478,6 @@ impl<B: Backend> LayerWeights<B> {
         Ok(t)
     }
 
-    /// Row length of group `g`'s input: `in`, plus the width of `t` when folded.
-    fn input_row(
-        &self,
-        s: &Shapes,
-        lora: Option<&LoraParams<B>>,
-        layer: usize,
-        g: InputGroup,
-    ) -> usize {
-        s.dims(g.members()[0], 1).in_f + self.folded_width(s, lora, layer, g).unwrap_or(0)
-    }
-
     /// The attention half of the forward: `h = x + o_proj(attn(rope(q), rope(k), v))`. Returns
     /// what its backward needs and the residual `h`; given what an offloaded checkpoint kept
     /// (`reused`: the attention output, its log-sum-exp, v and perhaps k), attention, the o
@@ -525,7 +499,8 @@ impl<B: Backend> LayerWeights<B> {
         let dt = be.compute_dtype();
         let mut lora_t: LoraInputs<B> = Default::default();
         let qkv = InputGroup::Qkv;
-        let row1 = self.input_row(s, lora, layer, qkv);
+        let fold1 = self.folded_width(s, lora, layer, qkv);
+        let row1 = s.hidden + fold1.unwrap_or(0);
         let mut rstd1 = be.empty(n, DType::F32)?;
         let mut norm1 = be.empty(n * row1, dt)?;
         be.rms_norm(
@@ -557,7 +532,7 @@ impl<B: Backend> LayerWeights<B> {
             layer,
             lora,
             qkv,
-            &mut norm1,
+            (&mut norm1, fold1),
             n,
             &mut [
                 Some(&mut q),
@@ -601,7 +576,7 @@ impl<B: Backend> LayerWeights<B> {
                     layer,
                     lora,
                     o,
-                    &mut attn,
+                    (&mut attn, None),
                     n,
                     &mut [Some(&mut mid)],
                     kept_t,
@@ -645,7 +620,8 @@ impl<B: Backend> LayerWeights<B> {
         let dt = be.compute_dtype();
         let mut lora_t: LoraInputs<B> = Default::default();
         let gate_up = InputGroup::GateUp;
-        let row2 = self.input_row(s, lora, layer, gate_up);
+        let fold2 = self.folded_width(s, lora, layer, gate_up);
+        let row2 = s.hidden + fold2.unwrap_or(0);
         let mut rstd2 = be.empty(n, DType::F32)?;
         let mut norm2 = be.empty(n * row2, dt)?;
         be.rms_norm(
@@ -665,7 +641,7 @@ impl<B: Backend> LayerWeights<B> {
             layer,
             lora,
             gate_up,
-            &mut norm2,
+            (&mut norm2, fold2),
             n,
             &mut [Some(&mut gate), Some(&mut up)],
             kept_t,
@@ -693,7 +669,7 @@ impl<B: Backend> LayerWeights<B> {
                 layer,
                 lora,
                 down,
-                act,
+                (act, None),
                 n,
                 &mut [Some(&mut out)],
                 kept_t,

@@ -10,7 +10,7 @@
 //! `[W | pad]` of `in + width` (`width = members · r`), the pad holding this member's `B` in
 //! its own `r` columns and zeros in the others'; with the group's input laid out
 //! `x' = [x | t]` (`t = s · x A_gᵀ`, every member's columns), one product gives
-//! `x' W'ᵀ = x Wᵀ + s · t_p Bᵀ` (Hu et al. 2021, eq. 3) — the skinny `t_p Bᵀ` product, which
+//! `x' W'ᵀ = x Wᵀ + t_p Bᵀ` (Hu et al. 2021, eq. 3) — the skinny `t_p Bᵀ` product, which
 //! reads and writes the wide output once more, is gone. A dense weight is stored padded and its
 //! pad rewritten when the adapter's compute copies change ([`PadSource::version`]); an NF4
 //! weight is dequantized into padded rows and its pad written then.
@@ -36,13 +36,15 @@ pub struct ProjWeight<B: Backend> {
 }
 
 enum Stored<B: Backend> {
-    /// `[out, in]`, or `[out, in + width]` when folded, its pad holding the B of compute-copy
-    /// version `pad_holds` (`None`: zeros).
-    Dense {
-        w: Mutex<B::Tensor>,
-        pad_holds: Mutex<Option<u64>>,
-    },
+    Dense(Mutex<DenseWeight<B>>),
     Nf4(Nf4Tensor<B>),
+}
+
+/// `[out, in]`, or `[out, in + width]` when folded, its pad holding the B of compute-copy
+/// version `pad_holds` (`None`: zeros).
+struct DenseWeight<B: Backend> {
+    w: B::Tensor,
+    pad_holds: Option<u64>,
 }
 
 /// How a folded weight's dense rows are laid out: `[W | pad]`, `in_f + width` long, this member's
@@ -161,10 +163,7 @@ impl<B: Backend> ProjWeight<B> {
         Ok(match quantize {
             Some(q) => Self::nf4(Nf4Tensor::quantize(be, &w, q)?),
             None => ProjWeight {
-                stored: Stored::Dense {
-                    w: Mutex::new(w),
-                    pad_holds: Mutex::new(None),
-                },
+                stored: Stored::Dense(Mutex::new(DenseWeight { w, pad_holds: None })),
                 fold: None,
             },
         })
@@ -189,22 +188,33 @@ impl<B: Backend> ProjWeight<B> {
         if self.fold == Some(f) {
             return Ok(());
         }
-        if let Stored::Dense { w, pad_holds } = &mut self.stored {
-            let w = w.get_mut().expect("dense weight");
+        if let Stored::Dense(dense) = &mut self.stored {
+            let dense = dense.get_mut().expect("dense weight");
             let ld = self.fold.map_or(f.in_f, |old| old.ld());
             let mut padded = be.empty(f.out_f * f.ld(), be.compute_dtype())?;
             be.place_block(
                 f.out_f,
                 f.ld(),
                 0..f.in_f,
-                (w, MatAt::at(0, ld)),
+                (&dense.w, MatAt::at(0, ld)),
                 (&mut padded, MatAt::dense(f.ld())),
             )?;
-            *w = padded;
-            *pad_holds.get_mut().expect("pad version") = None;
+            *dense = DenseWeight {
+                w: padded,
+                pad_holds: None,
+            };
         }
         self.fold = Some(f);
         Ok(())
+    }
+
+    /// The compute-copy version a dense weight's pad holds (`None`: zeros, or not dense).
+    #[cfg(test)]
+    pub(crate) fn pad_version(&self) -> Option<u64> {
+        match &self.stored {
+            Stored::Dense(dense) => dense.lock().expect("dense weight").pad_holds,
+            Stored::Nf4(_) => None,
+        }
     }
 
     /// Whether a product kept an NF4 dense copy that no later product has taken yet.
@@ -216,7 +226,7 @@ impl<B: Backend> ProjWeight<B> {
     /// Runs `f` on the dense weight ([`DenseView`]): the tensor itself, or `W'` — the copy an
     /// earlier product kept, or dequantized now — freed afterwards or kept for the next product
     /// (`after`). With `pad` (a folded weight's product), the rows are the padded ones with the
-    /// pad holding `pad`'s B; without, the rows may be padded or not (`ld`), the pad anything.
+    /// pad holding `pad`'s B; without, the rows may be padded or not (`padded`), the pad anything.
     pub fn with_dense<R>(
         &self,
         be: &B,
@@ -226,17 +236,16 @@ impl<B: Backend> ProjWeight<B> {
     ) -> Result<R> {
         let fold = self.fold.filter(|_| pad.is_some());
         match &self.stored {
-            Stored::Dense { w, pad_holds } => {
-                let mut w = w.lock().expect("dense weight");
+            Stored::Dense(dense) => {
+                let mut dense = dense.lock().expect("dense weight");
                 if let (Some(fl), Some(src)) = (fold, &pad) {
-                    let mut holds = pad_holds.lock().expect("pad version");
-                    if *holds != Some(src.version) {
-                        write_pad(be, fl, src, &mut w)?;
-                        *holds = Some(src.version);
+                    if dense.pad_holds != Some(src.version) {
+                        write_pad(be, fl, src, &mut dense.w)?;
+                        dense.pad_holds = Some(src.version);
                     }
                 }
                 f(DenseView {
-                    w: &w,
+                    w: &dense.w,
                     padded: self.fold,
                 })
             }

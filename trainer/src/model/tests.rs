@@ -264,6 +264,18 @@ fn folding_lora_into_the_frozen_products_changes_only_rounding() {
                 CheckpointPolicy::all(Checkpointing::Offload),
             ] {
                 let folded = loss_and_grads(&be, &m, &mut lora, &batch, policy);
+                if quantize.is_none() {
+                    // The folded products ran: each padded weight's pad holds its layer's B.
+                    for (l, layer) in m.layers.iter().enumerate() {
+                        for p in layer
+                            .proj
+                            .iter()
+                            .filter(|p| p.weight.fold_layout().is_some())
+                        {
+                            assert_eq!(p.weight.pad_version(), Some(lora.compute_version(l)));
+                        }
+                    }
+                }
                 assert!((folded.0 - plain.0).abs() < 1e-5 * plain.0.abs());
                 for (a, b) in folded.1.iter().flatten().zip(plain.1.iter().flatten()) {
                     assert!(
@@ -384,6 +396,17 @@ fn cached_decoding_gives_the_full_forward_logits() {
                 m.step_cached(&be, Some(&lora), &ids[t..t + 1], &mut cache)
                     .unwrap(),
             ));
+        }
+        if fold {
+            let padded = m.layers[0]
+                .proj
+                .iter()
+                .filter_map(|p| p.weight.pad_version());
+            assert_eq!(
+                padded.count(),
+                5,
+                "the folded q/k/v and gate/up products ran"
+            );
         }
         for (t, got) in steps {
             for (a, b) in got.iter().zip(&logits[t * v..(t + 1) * v]) {
