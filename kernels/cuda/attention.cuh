@@ -42,26 +42,6 @@ __device__ __forceinline__ void load_query_vectors(float* lse_dst, float* dl_dst
     }
 }
 
-/* dq[0] += a, dq[1] += b: one 8-byte vector reduction on sm_90, two atomics below it. */
-__device__ __forceinline__ void add_pair(float* dq, float a, float b) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dq), "f"(a), "f"(b) : "memory");
-#else
-    atomicAdd(dq, a);
-    atomicAdd(dq + 1, b);
-#endif
-}
-/* add_pair where `valid`, as one predicated instruction on sm_90, without add_pair's ordering against
- * other memory accesses (the kernels never read dq back), so that the addresses are computed once. */
-__device__ __forceinline__ void add_pair_if(bool valid, float* dq, float a, float b) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %3, 0;\n@p red.global.add.v2.f32 [%0], {%1, %2};\n}" ::"l"(dq), "f"(a),
-                 "f"(b), "r"((int)valid));
-#else
-    if (valid) add_pair(dq, a, b);
-#endif
-}
-
 /* The 16-bit bits of bf16 rounded by integer arithmetic, f16 by cvt: the mma.sync backward's (with the
  * cvt its 255 registers spill, common.cuh). */
 template <typename T> __device__ __forceinline__ u16 bits_int(float f);

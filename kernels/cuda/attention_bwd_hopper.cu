@@ -16,9 +16,14 @@
  *   dS^T (times the scale) to shared memory with key rows (one 4-byte store per query pair), then
  *   dQ = dS K for half of the head dimension per warpgroup: 8 wgmma m64n(D/2)k16, A = dS^T read
  *   M-major, B = K MN-major; its reductions into the f32 accumulator (red.global.add.v2.f32) are
- *   issued behind the next tile's S^T and dP^T products.
+ *   issued behind the next tile's S^T and dP^T products. They cost the kernel 18 % (0.797 against
+ *   0.655 ms without them, session 16); staging dQ in shared memory and adding it by one bulk
+ *   reduction per query row (cp.reduce.async.bulk) measured no faster (0.797 against 0.785 ms).
  * The next tile's Q, dO, lse, D and document starts stream in by cp.async while this one is used;
  * tiles no query of which sees the block's keys are skipped (the same decision in every warp).
+ * GQA (dk_part non-null): a block per query head, its dK and dV added into f32 sums per kv head
+ * [N, kv_heads, D] (dk_part, dv_part, zeroed by the host and rounded into dk, dv after) by bulk
+ * reductions from shared memory, one per key row.
  * H200, b2 x 2048, 32 heads, D 128 (session 9): 0.779 ms, 221 TFLOP/s (mma.sync kernel: 1.390 ms).
  * Shared memory: K, V 128 x D; Q, dO 2 x 64 x D; dS 128 x 64 halves; 2 x 3 x 64 words; 1 KiB to
  *   align = 150,016 bytes at D = 128, 84,480 at D = 64.
@@ -208,8 +213,38 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     }
     wgmma_wait<0>();
     if (pending_h >= 0) add_dq();
-    store_key_gradients<T, D, false>(dkacc, dvacc, scale, dk, dv, dk_part, dv_part, tok0, key_a, key_b, seq, heads,
-                                     kv_heads, kvh, h_first, tq);
+    if (dk_part == nullptr) {
+        store_key_gradients<T, D, false>(dkacc, dvacc, scale, dk, dv, nullptr, nullptr, tok0, key_a, key_b, seq, heads,
+                                         kv_heads, kvh, h_first, tq);
+        return;
+    }
+    /* GQA: this query head's dK (times the scale) and dV added into the f32 sums of its kv head,
+     * [N, kv_heads, D]: staged in the tiles' shared memory (free once both warpgroups' products are
+     * done: rows of D + 4 floats, 132 KiB of their 144 at D = 128), then one bulk reduction per key
+     * row and tensor by thread r < 64 of each warpgroup. */
+    __syncthreads();
+    constexpr int LD = D + 4; /* floats between staged rows: 16-byte aligned, fewer bank conflicts */
+    float* stage_k = (float*)ks;
+    float* stage_v = stage_k + HBWD_BN * LD;
+    const int ra = warp * 16 + g, rb = ra + 8;
+#pragma unroll
+    for (int i = 0; i < DTILES; i++) {
+        const int d = 8 * i + 2 * tq;
+        *(float2*)(stage_k + ra * LD + d) = make_float2(dkacc[i][0] * scale, dkacc[i][1] * scale);
+        *(float2*)(stage_k + rb * LD + d) = make_float2(dkacc[i][2] * scale, dkacc[i][3] * scale);
+        *(float2*)(stage_v + ra * LD + d) = make_float2(dvacc[i][0], dvacc[i][1]);
+        *(float2*)(stage_v + rb * LD + d) = make_float2(dvacc[i][2], dvacc[i][3]);
+    }
+    fence_proxy_async();
+    named_barrier(1 + group, 128);
+    const int group_thread = threadIdx.x & 127, kr = group * 64 + group_thread, key = k0 + kr;
+    if (group_thread < 64 && key < seq) {
+        const u64 at = ((tok0 + key) * kv_heads + kvh) * D;
+        bulk_reduce_add_f32(dk_part + at, stage_k + kr * LD, D * 4);
+        bulk_reduce_add_f32(dv_part + at, stage_v + kr * LD, D * 4);
+        bulk_commit();
+        bulk_wait_all();
+    }
 #else
     __trap(); /* wgmma needs sm_90a; the host launches this kernel only on compute capability 9.0 */
 #endif

@@ -7,7 +7,8 @@
  *
  * Every kernel reads its elements through load_f32(T) and writes through store_f32<T>(float), so
  * one template body serves all three types and accumulates in f32. The tensor-core helpers at the
- * end wrap mma.sync m16n8k16 (sm_80+) and, for f16 on sm_75, two m16n8k8 instructions.
+ * end wrap mma.sync m16n8k16 (sm_80+) and, for f16 on sm_75, two m16n8k8 instructions, the ldmatrix
+ * loads of its fragments, cp.async, and the f32 reductions of results into global sums (add_pair).
  */
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -207,6 +208,35 @@ __device__ __forceinline__ void ldm_b2(u32* b, const u16* s, int ld, int k0, int
 __device__ __forceinline__ void ldm_b2_t(u32* b, const u16* s, int ld, int k0, int n0) {
     int l = threadIdx.x & 31;
     ldmatrix_x4_trans(b, s + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8);
+}
+
+/* ldm_a for a matrix stored transposed: the A fragment of the 16x16 tile at (m0, k0) of
+ * A[m][k] = s[k*ld + m] (rows of s are k, as for ldm_b2_t). Matrix i of the ldmatrix.x4.trans is rows
+ * k0 + 8(i/2).., columns m0 + 8(i%2).. of s, so that register i holds A[g + 8(i%2)][2t + 8(i/2) ..+1]
+ * (g = lane/4, t = lane%4), the fragment layout of mma_16x8x16. */
+__device__ __forceinline__ void ldm_a_t(u32* a, const u16* s, int ld, int m0, int k0) {
+    int l = threadIdx.x & 31;
+    ldmatrix_x4_trans(a, s + (k0 + (l & 7) + (l >> 4) * 8) * ld + m0 + ((l >> 3) & 1) * 8);
+}
+
+/* p[0] += a, p[1] += b (p 8-byte aligned): one 8-byte vector reduction on sm_90, two atomics below it. */
+__device__ __forceinline__ void add_pair(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+/* add_pair where `valid`, as one predicated instruction on sm_90, without add_pair's ordering against
+ * other memory accesses (the kernels never read the sums back), so that the addresses are computed once. */
+__device__ __forceinline__ void add_pair_if(bool valid, float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %3, 0;\n@p red.global.add.v2.f32 [%0], {%1, %2};\n}" ::"l"(p), "f"(a),
+                 "f"(b), "r"((int)valid));
+#else
+    if (valid) add_pair(p, a, b);
+#endif
 }
 
 /* Eight consecutive elements per access (16 bytes of a 16-bit type, two float4 of f32): the element-

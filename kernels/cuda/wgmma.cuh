@@ -80,6 +80,22 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 /* Makes this thread's ordinary shared-memory writes (stores, cp.async) visible to the tensor cores'
  * reads that follow the next barrier. */
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+/* Barrier `id` (1..15; 0 is __syncthreads') of `threads` threads, e.g. one warpgroup's 128. */
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+/* dst[i] += src[i] for the `bytes` / 4 floats at src (shared, 16-byte aligned, written by ordinary
+ * stores before fence_proxy_async) into dst (global, 16-byte aligned, `bytes` a multiple of 16): one
+ * bulk reduction done by the copy engine in L2, each element added atomically (against other blocks'
+ * reductions into the same sums). The thread that issues it commits it (bulk_commit) and waits for it
+ * (bulk_wait_all) before the block exits, which frees its source. */
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const float* src, int bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst),
+                 "r"(smem_addr(src)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 
 /* wgmma_ss<TA, TB>(d, desc_a, desc_b, accumulate): D[64 x N] = A B (+ D when accumulate != 0) for
  * N = 32, 64; wgmma_rs<TB>(d, a, desc_b, accumulate) for N = 64, 128 with A in registers.

@@ -429,6 +429,31 @@ pub trait Backend {
         )
     }
 
+    /// LoRA's two backward products with a projection's output gradient `dy [n, out]` (dense),
+    /// added into f32 accumulators:
+    /// `dB [out, r] += dyᵀ · t`  and  `u [n, r] += dy · B`,
+    /// with `t [n, r]` (one member's columns of `t = s · x A_gᵀ`), `B [out, r]` (the adapter's, in
+    /// the compute copies) and `u` matrices inside their tensors ([`MatAt`]), `dB` a dense f32
+    /// tensor and `u`'s tensor f32; `dy`, `t` and `B` share a dtype. The CUDA backend reads `dy`
+    /// once for both (`cuda/lora_dy.cu`; bf16/f16 on compute capability 8.0+, aligned operands);
+    /// the default, which the CPU backend runs, is the two products through [`Backend::gemm_at`]
+    /// with `beta = 1` (`crate::lora_dy`). The sums' order differs between the two: equal up to
+    /// f32 rounding.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_dy_products(
+        &self,
+        n: usize,
+        out: usize,
+        r: usize,
+        dy: &Self::Tensor,
+        t: (&Self::Tensor, MatAt),
+        b: (&Self::Tensor, MatAt),
+        db: &mut Self::Tensor,
+        u: (&mut Self::Tensor, MatAt),
+    ) -> Result<()> {
+        crate::lora_dy::as_two_products(self, n, out, r, dy, t, b, db, u)
+    }
+
     // ---- layers ---------------------------------------------------------------------------------
     /// `out[i,:] ← table[ids[i],:]`; table `[vocab, hidden]`, out `[N, hidden]`.
     fn embedding(

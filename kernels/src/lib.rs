@@ -16,6 +16,7 @@ pub mod cuda;
 mod error;
 mod in_flight;
 mod layout;
+mod lora_dy;
 pub mod nf4;
 mod profile;
 pub mod rope;

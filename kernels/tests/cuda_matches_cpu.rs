@@ -3,8 +3,8 @@
 //! the device dtype first and the CPU runs on those rounded values, so only the op's own error is
 //! measured. Needs a GPU: without one each test prints why it skipped.
 //! `cargo test -p kernels --features cuda --release --test cuda_matches_cpu -- --ignored` runs the
-//! micro-benchmarks at Llama-2-7B shapes: attention and GEMMs, and LoRA's terms beside the frozen
-//! products against folded into them.
+//! micro-benchmarks at Llama-2-7B shapes: attention and GEMMs, LoRA's backward products with dy
+//! fused against as two GEMMs, and LoRA's terms beside the frozen products against folded into them.
 #![cfg(feature = "cuda")]
 
 use kernels::cpu::CpuBackend;
@@ -1306,6 +1306,100 @@ fn place_block_matches_bit_for_bit() {
     }
 }
 
+/// `lora_dy_products` against the CPU's two products, bf16 and f16 inputs: tails in n and out
+/// (neither a whole number of the kernel's 64-row chunks and 128-column strips), ranks 8 to 64,
+/// one member's columns of a 3-member `t` and `u` and B at an offset inside its tensor, both
+/// results added onto non-zero f32 values (u's other columns keep theirs); then operands the fused
+/// kernel does not take — out not a multiple of 8, r = 12, B not on 16 bytes — which run as the
+/// two products. An f32 input where f32 accumulators belong is refused.
+#[test]
+fn lora_dy_products_match_with_tails_member_columns_and_fallbacks() {
+    let cpu = CpuBackend::new();
+    for d in [DType::BF16, DType::F16] {
+        let Some(g) = gpu(d) else { return };
+        // (n, out, r, member, B's offset in elements)
+        let cases = [
+            (1000, 1000, 8, 1, 64),
+            (1000, 1000, 16, 2, 8),
+            (1000, 1000, 32, 0, 0),
+            (4096, 4096, 16, 1, 4096 * 16),
+            (300, 520, 64, 2, 0),
+            (1000, 1001, 16, 1, 0),
+            (1000, 1000, 12, 1, 0),
+            (1000, 1000, 16, 1, 4),
+        ];
+        for (case, (n, out, r, member, b_offset)) in cases.into_iter().enumerate() {
+            let (width, cols) = (3 * r, member * r..member * r + r);
+            let at = MatAt::at(member * r, width);
+            let b_at = MatAt::at(b_offset, r);
+            let seed = 60 + 10 * case as u64;
+            let (dy, dy_c) = up(&g, &random(n * out, seed, 1.0), d);
+            let (t, t_c) = up(&g, &random(n * width, seed + 1, 1.0), d);
+            let (b, b_c) = up(&g, &random(b_offset + out * r, seed + 2, 1.0), d);
+            let (mut db, mut db_c) = up(&g, &random(out * r, seed + 3, 1.0), DType::F32);
+            let u0 = random(n * width, seed + 4, 1.0);
+            let (mut u, mut u_c) = up(&g, &u0, DType::F32);
+            g.lora_dy_products(n, out, r, &dy, (&t, at), (&b, b_at), &mut db, (&mut u, at))
+                .unwrap();
+            cpu.lora_dy_products(
+                n,
+                out,
+                r,
+                &dy_c,
+                (&t_c, at),
+                (&b_c, b_at),
+                &mut db_c,
+                (&mut u_c, at),
+            )
+            .unwrap();
+            let label = format!("lora_dy_products {n}x{out} r{r} member {member}");
+            check(&format!("{label} dB"), d, &g.download(&db).unwrap(), &db_c);
+            let got_u = g.download(&u).unwrap();
+            let member_columns = |v: &[f32]| -> Vec<f32> {
+                v.chunks(width)
+                    .flat_map(|row| &row[cols.clone()])
+                    .copied()
+                    .collect()
+            };
+            check(
+                &format!("{label} u"),
+                d,
+                &member_columns(&got_u),
+                &member_columns(&u_c),
+            );
+            for (i, (row, row0)) in got_u.chunks(width).zip(u0.chunks(width)).enumerate() {
+                for j in (0..width).filter(|j| !cols.contains(j)) {
+                    assert_eq!(row[j], row0[j], "{label}: u [{i}, {j}], another member's");
+                }
+            }
+        }
+        let (n, out, r) = (64, 128, 16);
+        let (dy, t, b) = (
+            g.zeros(n * out, d).unwrap(),
+            g.zeros(n * r, d).unwrap(),
+            g.zeros(out * r, d).unwrap(),
+        );
+        let mut u = g.zeros(n * r, DType::F32).unwrap();
+        let err = g
+            .lora_dy_products(
+                n,
+                out,
+                r,
+                &dy,
+                (&t, MatAt::dense(r)),
+                (&b, MatAt::dense(r)),
+                &mut g.zeros(out * r, d).unwrap(),
+                (&mut u, MatAt::dense(r)),
+            )
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!("lora_dy_products: dB is {}, expected f32", d.name())
+        );
+    }
+}
+
 #[test]
 fn fill_zero_many_zeroes_every_tensor() {
     let Some(g) = gpu(DType::BF16) else { return };
@@ -1580,6 +1674,72 @@ fn bench_llama2_7b_attention_and_gemms() {
         "peak pool memory: {:.2} GiB",
         g.peak_memory_bytes().unwrap() as f64 / (1u64 << 30) as f64
     );
+}
+
+/// LoRA's backward products with dy at Llama-2-7B's widths (n = 4096 = b2 × 2048, r = 16, the
+/// q/k/v group's t and u of width 3r): the fused `lora_dy_products`, which reads dy once, against
+/// the two cuBLAS products it replaces (`dB += dyᵀ t`, `u += dy B`, f32 outputs; cuBLAS's default,
+/// then the tuned algorithms), with the rate of dy's reads (once by the fused op, twice by the pair).
+#[test]
+#[ignore = "micro-benchmark: run with --ignored on a GPU"]
+fn bench_lora_dy_products() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    println!("device: {}", g.describe());
+    let (n, r) = (4096, 16);
+    let bf = |len: usize, seed: u64| g.upload(&random(len, seed, 0.1), DType::BF16).unwrap();
+    let t = bf(n * 3 * r, 1);
+    let at = MatAt::at(r, 3 * r);
+    let mut u = g.zeros(n * 3 * r, DType::F32).unwrap();
+    for out in [1024, 4096, 11008, 14336] {
+        let (dy, b) = (bf(n * out, 2), bf(out * r, 3));
+        let mut db = g.zeros(out * r, DType::F32).unwrap();
+        let (dy_at, b_at) = (MatAt::dense(out), MatAt::dense(r));
+        let fused = time_ms(&g, 50, || {
+            g.lora_dy_products(n, out, r, &dy, (&t, at), (&b, b_at), &mut db, (&mut u, at))
+                .unwrap()
+        });
+        let mut pair = || {
+            time_ms(&g, 50, || {
+                g.gemm_at(
+                    out,
+                    r,
+                    n,
+                    1.0,
+                    (&dy, dy_at),
+                    true,
+                    (&t, at),
+                    false,
+                    1.0,
+                    (&mut db, b_at),
+                )
+                .unwrap();
+                g.gemm_at(
+                    n,
+                    r,
+                    out,
+                    1.0,
+                    (&dy, dy_at),
+                    false,
+                    (&b, b_at),
+                    false,
+                    1.0,
+                    (&mut u, at),
+                )
+                .unwrap();
+            })
+        };
+        let pair_default = pair();
+        g.tune().unwrap();
+        let pair_tuned = pair();
+        let dy_gb = (n * out * 2) as f64 / 1e9;
+        println!(
+            "lora dy products n {n} out {out:5} r {r}: fused {fused:.4} ms ({:.0} GB/s of dy); \
+             dB + u by cuBLAS {pair_default:.4} ms ({:.0} GB/s), tuned {pair_tuned:.4} ms ({:.0} GB/s)",
+            dy_gb / fused * 1e3,
+            2.0 * dy_gb / pair_default * 1e3,
+            2.0 * dy_gb / pair_tuned * 1e3
+        );
+    }
 }
 
 /// What LoRA's rank-16 terms cost beside the frozen products at Llama-2-7B shapes (b2 × 2048),

@@ -375,8 +375,9 @@ impl CudaBackend {
         if let Some(warps) = self.backward_mma_warps(dt, head_dim) {
             let mut dq_acc = self.alloc_f32_scratch(dq.len())?;
             self.memset_zero(&mut dq_acc)?;
+            let wgmma = self.attention_uses_wgmma(dt, head_dim);
             // (name, keys a block, threads, shared bytes)
-            let (name, block_keys, threads, shared) = if self.attention_uses_wgmma(dt, head_dim) {
+            let (name, block_keys, threads, shared) = if wgmma {
                 (
                     format!("attention_backward_wgmma_{}_d{head_dim}", suffix(dt)),
                     HOPPER_BLOCK_ROWS,
@@ -391,12 +392,17 @@ impl CudaBackend {
                     backward_shared_bytes(head_dim, warps),
                 )
             };
-            // GQA: one block per query head, dK and dV summed over the group afterwards.
+            // GQA: one block per query head. The wgmma kernel adds each head's dK and dV into f32
+            // sums per kv head (bulk reductions), rounded into dk and dv afterwards; the mma.sync
+            // one writes f32 parts per query head, which attention_backward_group_sum adds up.
             let parts = if heads > kv_heads {
-                Some((
-                    self.alloc_f32_scratch(n * heads * head_dim)?,
-                    self.alloc_f32_scratch(n * heads * head_dim)?,
-                ))
+                let len = n * if wgmma { kv_heads } else { heads } * head_dim;
+                let mut p = (self.alloc_f32_scratch(len)?, self.alloc_f32_scratch(len)?);
+                if wgmma {
+                    self.memset_zero(&mut p.0)?;
+                    self.memset_zero(&mut p.1)?;
+                }
+                Some(p)
             } else {
                 None
             };
@@ -432,6 +438,16 @@ impl CudaBackend {
             if let Some((dk_part, dv_part)) = &parts {
                 let total = n * kv_heads * head_dim;
                 for (part, out) in [(dk_part, &mut *dk), (dv_part, &mut *dv)] {
+                    if wgmma {
+                        self.launch(
+                            &format!("cast_f32_{}", suffix(dt)),
+                            (super::launch::blocks_for(total), 1, 1),
+                            256,
+                            0,
+                            &[self.p(part), self.p(out), Arg::U64(total as u64)],
+                        )?;
+                        continue;
+                    }
                     self.launch(
                         &format!("attention_backward_group_sum_{}", suffix(dt)),
                         (super::launch::blocks_for(total), 1, 1),

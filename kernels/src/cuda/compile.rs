@@ -125,6 +125,19 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         entry_points: || attention_mma("attention_backward_wgmma"),
     },
     KernelSource {
+        name: "lora_dy",
+        source: include_str!("../../cuda/lora_dy.cu"),
+        headers: &[],
+        entry_points: || {
+            ["bf16", "f16"]
+                .iter()
+                .flat_map(|t| {
+                    super::lora_dy::PADDED_RANKS.map(|rp| format!("lora_dy_products_{t}_r{rp}"))
+                })
+                .collect()
+        },
+    },
+    KernelSource {
         name: "generation",
         source: include_str!("../../cuda/generation.cu"),
         headers: &[],

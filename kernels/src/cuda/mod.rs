@@ -16,6 +16,7 @@ mod generation;
 mod launch;
 pub mod libraries;
 mod lm_head;
+mod lora_dy;
 mod nf4;
 mod offload;
 mod optimizer;
@@ -61,6 +62,8 @@ pub struct CudaBackend {
     attention_kernels: attention::AttentionKernels,
     /// Shared memory one block may opt into (bytes): which attention kernels fit.
     max_shared_per_block: usize,
+    /// Streaming multiprocessors: the fused LoRA products size their grid from it (lora_dy.rs).
+    multiprocessors: usize,
     /// Each matrix product shape's algorithm (gemm_tuning.rs).
     tuner: gemm_tuning::Tuner,
     profiler: Profiler,
@@ -101,6 +104,11 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )
             .map_err(device_err("shared memory per block"))? as usize;
+        let multiprocessors = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(device_err("multiprocessor count"))? as usize;
         if dtype == DType::BF16 && compute_capability.0 < 8 {
             return Err(KernelError::Unsupported(format!(
                 "{device_name} (compute capability {}.{}) has no bf16 tensor cores; use dtype = \"f16\" \
@@ -147,10 +155,12 @@ impl CudaBackend {
             compute_capability,
             attention_kernels: attention::AttentionKernels::for_device(compute_capability)?,
             max_shared_per_block,
+            multiprocessors,
             tuner: gemm_tuning::Tuner::new(gemm_tuning::GemmTuning::from_env()?),
             profiler: Profiler::default(),
         };
         backend.allow_large_shared_memory()?;
+        backend.allow_lora_dy_shared_memory()?;
         Ok(backend)
     }
 
@@ -674,6 +684,20 @@ impl Backend for CudaBackend {
             beta,
             c_operand,
         )
+    }
+
+    fn lora_dy_products(
+        &self,
+        n: usize,
+        out: usize,
+        r: usize,
+        dy: &CudaTensor,
+        t: (&CudaTensor, MatAt),
+        b: (&CudaTensor, MatAt),
+        db: &mut CudaTensor,
+        u: (&mut CudaTensor, MatAt),
+    ) -> Result<()> {
+        self.lora_dy_products_impl(n, out, r, dy, t, b, db, u)
     }
 
     fn embedding(

@@ -232,6 +232,16 @@ impl<B: Backend> LoraParams<B> {
             .expect("an adapter with a slot has a compute tensor")
     }
 
+    /// [`LoraParams::compute`] and the gradients together: a backward product reads the one
+    /// and adds into the other.
+    pub fn compute_and_grads(&mut self) -> (&B::Tensor, &mut [B::Tensor]) {
+        let compute = self
+            .compute
+            .as_ref()
+            .expect("an adapter with a slot has a compute tensor");
+        (compute, &mut self.grads)
+    }
+
     /// Number of model layers (adapted or not).
     pub fn num_layers(&self) -> usize {
         self.slots.len()

@@ -8,7 +8,8 @@
 //! accumulates onto it (`beta = 1`), as torch's `addmm` (cuBLAS reads `y` inside its epilogue,
 //! so the wide `[n, out]` output makes one trip through memory), or it is folded into the frozen
 //! product (`[x | t] · [W | B]ᵀ`, [`LoraTerm::Folded`]; the caller lays `x` out with `t` beside it).
-//! Backward: per projection `dB += dyᵀ t_p`, `u_p = dy B` (into its columns of `u`); then
+//! Backward: per projection `dB += dyᵀ t_p` and `u_p = dy B` (into its columns of `u`) from one
+//! read of `dy` ([`Backend::lora_dy_products`]); then
 //! once for the group `dx (+)= s · u A_g`, per projection `dx += dy W` (the bias is frozen and `dx`
 //! does not depend on it), and last, once for the group, `s · uᵀ x` (every member's
 //! `dA_p += s · u_pᵀ x`): the only part that reads `x`, so it can wait for an `x` made later.
@@ -203,37 +204,27 @@ pub fn backward_to_input<B: Backend>(
     let mut stacked_u = None;
     if let Some((lp, group, t)) = lora {
         let (r, s, width) = (group.rank, group.scaling, group.width());
-        let mut u = be.empty(n * width, be.compute_dtype())?;
+        let mut u_sum = be.zeros(n * width, DType::F32)?;
         for m in members {
             let Some(slot) = m.slot else { continue };
-            let (d, cols) = (m.d, MatAt::at(slot.member * r, width));
-            // dB [out, r] += dyᵀ [out, n] · t_p [n, r]   (t is scaled by s)
-            be.gemm_at(
-                d.out_f,
-                r,
+            let cols = MatAt::at(slot.member * r, width);
+            let (compute, grads) = lp.compute_and_grads();
+            // dB [out, r] += dyᵀ [out, n] · t_p [n, r] (t is scaled by s) and
+            // u_p [n, r] = dy [n, out] · B [out, r], both from one read of dy
+            be.lora_dy_products(
                 n,
-                1.0,
-                (m.dy, MatAt::dense(d.out_f)),
-                true,
+                m.d.out_f,
+                r,
+                m.dy,
                 (t, cols),
-                false,
-                1.0,
-                (&mut lp.grads[slot.a + 1], MatAt::dense(r)),
-            )?;
-            // u_p [n, r] = dy [n, out] · B [out, r]
-            be.gemm_at(
-                n,
-                r,
-                d.out_f,
-                1.0,
-                (m.dy, MatAt::dense(d.out_f)),
-                false,
-                (lp.compute(), MatAt::at(slot.b_at, r)),
-                false,
-                0.0,
-                (&mut u, cols),
+                (compute, MatAt::at(slot.b_at, r)),
+                &mut grads[slot.a + 1],
+                (&mut u_sum, cols),
             )?;
         }
+        // u in the compute dtype, rounded once from its f32 sums as a GEMM's output is
+        let mut u = be.empty(n * width, be.compute_dtype())?;
+        be.copy(&u_sum, &mut u)?;
         // dx [n, in] (+)= s · u [n, members · r] · A_g [members · r, in]
         be.gemm_at(
             n,
