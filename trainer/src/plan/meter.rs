@@ -445,7 +445,8 @@ impl Backend for MeterBackend {
         _unrotate_dq: Option<Rotation<'_, usize, MeterTensor>>,
     ) -> Result<()> {
         // attention.rs: `delta [n·heads]` f32, and with the mma kernels an f32 dq accumulator and,
-        // with GQA, f32 dK and dV per query head; all f32 scratch in 16-bit storage.
+        // with GQA, f32 dK and dV per query head (the mma.sync kernels' parts; Hopper's wgmma
+        // kernel sums per kv head, less: the larger is counted); all f32 scratch in 16-bit storage.
         let n = layout.tokens();
         let _delta = self.alloc_f32_scratch(n * heads);
         let mma = self.compute != DType::F32 && matches!(head_dim, 64 | 128);
