@@ -377,6 +377,12 @@ impl<B: Backend> Decoder<B> {
             });
             x = y;
         }
+        // The top layer's offloaded checkpoint is the backward's first: it starts coming back now,
+        // behind its own copy out, while the final norm and the LM head run; otherwise the
+        // backward's first unpark would wait for the copies both ways.
+        if let Some(Saved::Parked(top, _)) = saved.last_mut() {
+            be.prefetch(top)?;
+        }
         let mut final_rstd = be.empty(n, DType::F32)?;
         let mut normed = be.empty(n * s.hidden, be.compute_dtype())?;
         be.rms_norm(
