@@ -24,6 +24,8 @@ def part(name, lora_rank=16):
         return "frozen-weight GEMMs"
     if name.startswith("softmax_cross_entropy"):
         return "LM head GEMMs"
+    if name.startswith("idle "):
+        return "idle between ops (waits for copies, launches)"
     if name == "memset":
         return "memsets"
     if name.startswith(("adamw", "sum_squares", "all_finite")):

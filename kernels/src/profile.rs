@@ -13,6 +13,19 @@ pub struct OpTime {
     pub flops: f64,
 }
 
+/// Idle stream time shorter than this between two ops is launch spacing, summed under one name;
+/// longer gaps are named after the op that waited (a stream wait for an offload copy, or the host).
+pub const IDLE_NAMED_MS: f64 = 0.02;
+
+/// The profile's name for `ms` of idle stream time right before op `next`: `idle before <next>`
+/// from [`IDLE_NAMED_MS`] on, `idle (gaps under 20 µs)` below.
+pub fn idle_name(next: &str, ms: f64) -> String {
+    match ms >= IDLE_NAMED_MS {
+        true => format!("idle before {next}"),
+        false => "idle (gaps under 20 µs)".to_string(),
+    }
+}
+
 /// Sums `(name, ms, flops)` records by name, largest total time first.
 pub fn summarise(records: impl IntoIterator<Item = (String, f64, f64)>) -> Vec<OpTime> {
     let mut by_name: std::collections::HashMap<String, OpTime> = std::collections::HashMap::new();
@@ -35,6 +48,12 @@ pub fn summarise(records: impl IntoIterator<Item = (String, f64, f64)>) -> Vec<O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_gaps_are_named_by_the_waiting_op_from_20_us() {
+        assert_eq!(idle_name("gemm 4x4x4 NN bf16", 0.5), "idle before gemm 4x4x4 NN bf16");
+        assert_eq!(idle_name("rope_bf16", 0.0199), "idle (gaps under 20 µs)");
+    }
 
     #[test]
     fn records_are_summed_by_name_largest_first() {

@@ -382,17 +382,25 @@ pub fn describe(r: &BenchResult) -> String {
 }
 
 /// The per-op table of a profiled step: calls, device time, share of the median step, TFLOP/s.
+/// The profile's idle-time rows ([`kernels::idle_name`]).
+fn is_idle(op: &OpTime) -> bool {
+    op.name.starts_with("idle ")
+}
+
 fn profile_table(ops: &[OpTime], step_s: f64) -> String {
     if ops.is_empty() {
         return String::new();
     }
-    let total: f64 = ops.iter().map(|o| o.ms).sum();
+    let idle: f64 = ops.iter().filter(|o| is_idle(o)).map(|o| o.ms).sum();
+    let busy: f64 = ops.iter().filter(|o| !is_idle(o)).map(|o| o.ms).sum();
     let mut lines = vec![
         String::new(),
         format!(
-            "profile     one step, {:.1} ms of device time in ops ({:.1}% of the median step)",
-            total,
-            100.0 * total / 1e3 / step_s
+            "profile     one step, {:.1} ms of device time in ops ({:.1}% of the median step), \
+             {:.1} ms idle between them",
+            busy,
+            100.0 * busy / 1e3 / step_s,
+            idle
         ),
         "| op | calls | ms | % of step | TFLOP/s |".to_string(),
         "| --- | --- | --- | --- | --- |".to_string(),

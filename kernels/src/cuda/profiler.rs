@@ -1,5 +1,6 @@
 //! Device-time profiling of every launch (kernels, GEMMs, memsets): when on, each op is bracketed
-//! by two timing events on the stream; `stop` waits for the stream and sums the gaps by op name.
+//! by two timing events on the stream; `stop` waits for the stream and sums the gaps by op name,
+//! and the stream's idle time between ops by the op that waited ([`crate::idle_name`]).
 //! Off (the default) it costs one mutex check per launch.
 
 use super::device_err;
@@ -88,8 +89,14 @@ impl Profiler {
             return Ok(Vec::new());
         }
         let clock = EventClock::new("profile event")?;
-        for r in records {
-            timed.push((r.name, clock.elapsed_ms(&r.start, &r.end)? as f64, r.flops));
+        for (i, r) in records.iter().enumerate() {
+            timed.push((r.name.clone(), clock.elapsed_ms(&r.start, &r.end)? as f64, r.flops));
+            // The stream's time between the previous op's end and this one's start: waits on
+            // other streams' events (offload copies) or on the host's launches.
+            if let Some(prev) = i.checked_sub(1).map(|p| &records[p]) {
+                let idle = clock.elapsed_ms(&prev.end, &r.start)? as f64;
+                timed.push((crate::idle_name(&r.name, idle), idle, 0.0));
+            }
         }
         Ok(crate::summarise_op_times(timed))
     }
