@@ -51,7 +51,10 @@ mod tests {
 
     #[test]
     fn idle_gaps_are_named_by_the_waiting_op_from_20_us() {
-        assert_eq!(idle_name("gemm 4x4x4 NN bf16", 0.5), "idle before gemm 4x4x4 NN bf16");
+        assert_eq!(
+            idle_name("gemm 4x4x4 NN bf16", 0.5),
+            "idle before gemm 4x4x4 NN bf16"
+        );
         assert_eq!(idle_name("rope_bf16", 0.0199), "idle (gaps under 20 µs)");
     }
 

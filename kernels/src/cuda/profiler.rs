@@ -90,7 +90,11 @@ impl Profiler {
         }
         let clock = EventClock::new("profile event")?;
         for (i, r) in records.iter().enumerate() {
-            timed.push((r.name.clone(), clock.elapsed_ms(&r.start, &r.end)? as f64, r.flops));
+            timed.push((
+                r.name.clone(),
+                clock.elapsed_ms(&r.start, &r.end)? as f64,
+                r.flops,
+            ));
             // The stream's time between the previous op's end and this one's start: waits on
             // other streams' events (offload copies) or on the host's launches.
             if let Some(prev) = i.checked_sub(1).map(|p| &records[p]) {
