@@ -370,18 +370,18 @@ impl<B: Backend> Decoder<B> {
             saved.push(match checkpointing.of_layer(l) {
                 Checkpointing::Off => Saved::Full(full),
                 Checkpointing::Full => Saved::Checkpoint(full.checkpoint(CheckpointKeeps::Input)?),
+                // The top layer's checkpoint stays on the device: the backward starts with it, so
+                // parking it would make the backward wait for its copies out and back (both
+                // behind the other layers' on the link).
+                Checkpointing::Offload if l + 1 == self.layers.len() => {
+                    Saved::Checkpoint(full.checkpoint(offloaded)?)
+                }
                 Checkpointing::Offload => {
                     let (tensors, shape) = full.checkpoint(offloaded)?.into_tensors();
                     Saved::Parked(be.park(tensors, ParkLane::Activations)?, shape)
                 }
             });
             x = y;
-        }
-        // The top layer's offloaded checkpoint is the backward's first: it starts coming back now,
-        // behind its own copy out, while the final norm and the LM head run; otherwise the
-        // backward's first unpark would wait for the copies both ways.
-        if let Some(Saved::Parked(top, _)) = saved.last_mut() {
-            be.prefetch(top)?;
         }
         let mut final_rstd = be.empty(n, DType::F32)?;
         let mut normed = be.empty(n * s.hidden, be.compute_dtype())?;

@@ -23,9 +23,15 @@ fn host_budget(available: u64) -> u64 {
     available / 2
 }
 
-/// Pinned host bytes of offloading `layers` layers' checkpoints (model/layer.rs's
-/// `LayerCheckpoint`, [`KeptKv::checkpoint_values_per_token`]).
+/// Pinned host bytes of offloading the first `layers` layers' checkpoints (model/layer.rs's
+/// `LayerCheckpoint`, [`KeptKv::checkpoint_values_per_token`]): the top layer's stays on the
+/// device (model/decoder.rs), so with every layer offloaded one fewer.
 pub fn offload_host_bytes(spec: &PlanSpec, layers: usize) -> u64 {
+    let num_layers = spec.model.num_layers;
+    let layers = match layers >= num_layers {
+        true => num_layers.saturating_sub(1),
+        false => layers,
+    };
     let n = (spec.batch * spec.seq) as u64;
     let e = spec.dtype.size_bytes() as u64;
     let lora_t = spec.lora.targets.len() * spec.lora.r;
