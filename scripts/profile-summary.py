@@ -15,6 +15,8 @@ def part(name, lora_rank=16):
         return "attention forward (incl. recompute)"
     if name.startswith("attention_backward"):
         return "attention backward"
+    if name.startswith("lora_dy_products"):
+        return "LoRA GEMMs (rank 16)"
     if name.startswith("gemm"):
         m, n, k = map(int, re.match(r"gemm (\d+)x(\d+)x(\d+)", name).groups())
         if lora_rank in (m, n, k):
