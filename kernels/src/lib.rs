@@ -29,7 +29,7 @@ pub use backend::{
 pub use error::KernelError;
 pub use in_flight::{InFlight, ParkLane};
 pub use layout::AttentionLayout;
-pub use profile::{idle_name, summarise as summarise_op_times, OpTime, IDLE_NAMED_MS};
+pub use profile::{idle_name, is_idle, summarise as summarise_op_times, OpTime};
 pub use widen::{is_finite_16bit, widen_16bit, widen_one};
 
 /// Result of a kernel call.

@@ -15,7 +15,7 @@ pub struct OpTime {
 
 /// Idle stream time shorter than this between two ops is launch spacing, summed under one name;
 /// longer gaps are named after the op that waited (a stream wait for an offload copy, or the host).
-pub const IDLE_NAMED_MS: f64 = 0.02;
+const IDLE_NAMED_MS: f64 = 0.02;
 
 /// The profile's name for `ms` of idle stream time right before op `next`: `idle before <next>`
 /// from [`IDLE_NAMED_MS`] on, `idle (gaps under 20 µs)` below.
@@ -24,6 +24,11 @@ pub fn idle_name(next: &str, ms: f64) -> String {
         true => format!("idle before {next}"),
         false => "idle (gaps under 20 µs)".to_string(),
     }
+}
+
+/// Whether a profile row is idle time ([`idle_name`]) rather than an op.
+pub fn is_idle(name: &str) -> bool {
+    name.starts_with("idle ")
 }
 
 /// Sums `(name, ms, flops)` records by name, largest total time first.
@@ -56,6 +61,8 @@ mod tests {
             "idle before gemm 4x4x4 NN bf16"
         );
         assert_eq!(idle_name("rope_bf16", 0.0199), "idle (gaps under 20 µs)");
+        assert!(is_idle(&idle_name("rope_bf16", 0.5)) && is_idle(&idle_name("rope_bf16", 0.0)));
+        assert!(!is_idle("rope_bf16"));
     }
 
     #[test]

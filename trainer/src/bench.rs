@@ -28,7 +28,7 @@ use crate::train::init::fresh_adapter;
 use crate::train::method::StepContext;
 use crate::train::sft::sft_micro_step;
 use anyhow::{bail, Result};
-use kernels::{AdamWParams, AttentionLayout, Backend, OpTime};
+use kernels::{is_idle, AdamWParams, AttentionLayout, Backend, OpTime};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -381,18 +381,14 @@ pub fn describe(r: &BenchResult) -> String {
         + &profile_table(&r.profile, r.median_step_s)
 }
 
-/// The per-op table of a profiled step: calls, device time, share of the median step, TFLOP/s.
-/// The profile's idle-time rows ([`kernels::idle_name`]).
-fn is_idle(op: &OpTime) -> bool {
-    op.name.starts_with("idle ")
-}
-
+/// The per-op table of a profiled step: calls, device time, share of the median step, TFLOP/s;
+/// the idle rows ([`kernels::is_idle`]) counted apart from the ops' time.
 fn profile_table(ops: &[OpTime], step_s: f64) -> String {
     if ops.is_empty() {
         return String::new();
     }
-    let idle: f64 = ops.iter().filter(|o| is_idle(o)).map(|o| o.ms).sum();
-    let busy: f64 = ops.iter().filter(|o| !is_idle(o)).map(|o| o.ms).sum();
+    let idle: f64 = ops.iter().filter(|o| is_idle(&o.name)).map(|o| o.ms).sum();
+    let busy: f64 = ops.iter().filter(|o| !is_idle(&o.name)).map(|o| o.ms).sum();
     let mut lines = vec![
         String::new(),
         format!(

@@ -142,6 +142,20 @@ impl CheckpointPolicy {
         }
     }
 
+    /// Whether layer `l` (of `num_layers`) parks its checkpoint in host memory: every offloaded
+    /// layer but the top one, whose checkpoint the backward takes first, so that parking it would
+    /// only make the backward wait for its copies out and back (it stays on the device).
+    pub fn parks(self, l: usize, num_layers: usize) -> bool {
+        self.of_layer(l) == Checkpointing::Offload && l + 1 < num_layers
+    }
+
+    /// How many of `num_layers` layers park their checkpoints ([`CheckpointPolicy::parks`]).
+    pub fn parked_layers(self, num_layers: usize) -> usize {
+        (0..num_layers)
+            .filter(|&l| self.parks(l, num_layers))
+            .count()
+    }
+
     /// How many of `num_layers` layers are recomputed in backward.
     pub fn recomputed_layers(self, num_layers: usize) -> usize {
         if self.mode.recomputes() {
@@ -284,6 +298,16 @@ mod tests {
             "offload (layers 0-19; 20-31 keep activations)"
         );
         assert_eq!(p.describe(20), "offload");
+        // Offloaded layers park their checkpoints, but the model's top layer.
+        assert!(p.parks(19, 32) && !p.parks(20, 32));
+        assert_eq!(p.parked_layers(32), 20);
+        let every = CheckpointPolicy::all(Checkpointing::Offload);
+        assert!(every.parks(30, 32) && !every.parks(31, 32));
+        assert_eq!(every.parked_layers(32), 31);
+        assert_eq!(
+            CheckpointPolicy::all(Checkpointing::Full).parked_layers(32),
+            0
+        );
         let all = CheckpointPolicy::all(Checkpointing::Full);
         assert_eq!(
             (all.describe(32), all.recomputed_layers(32)),

@@ -370,16 +370,12 @@ impl<B: Backend> Decoder<B> {
             saved.push(match checkpointing.of_layer(l) {
                 Checkpointing::Off => Saved::Full(full),
                 Checkpointing::Full => Saved::Checkpoint(full.checkpoint(CheckpointKeeps::Input)?),
-                // The top layer's checkpoint stays on the device: the backward starts with it, so
-                // parking it would make the backward wait for its copies out and back (both
-                // behind the other layers' on the link).
-                Checkpointing::Offload if l + 1 == self.layers.len() => {
-                    Saved::Checkpoint(full.checkpoint(offloaded)?)
-                }
-                Checkpointing::Offload => {
+                Checkpointing::Offload if checkpointing.parks(l, self.layers.len()) => {
                     let (tensors, shape) = full.checkpoint(offloaded)?.into_tensors();
                     Saved::Parked(be.park(tensors, ParkLane::Activations)?, shape)
                 }
+                // The top layer's offloaded checkpoint stays on the device (`parks`).
+                Checkpointing::Offload => Saved::Checkpoint(full.checkpoint(offloaded)?),
             });
             x = y;
         }

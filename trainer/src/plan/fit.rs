@@ -23,15 +23,10 @@ fn host_budget(available: u64) -> u64 {
     available / 2
 }
 
-/// Pinned host bytes of offloading the first `layers` layers' checkpoints (model/layer.rs's
-/// `LayerCheckpoint`, [`KeptKv::checkpoint_values_per_token`]): the top layer's stays on the
-/// device (model/decoder.rs), so with every layer offloaded one fewer.
-pub fn offload_host_bytes(spec: &PlanSpec, layers: usize) -> u64 {
-    let num_layers = spec.model.num_layers;
-    let layers = match layers >= num_layers {
-        true => num_layers.saturating_sub(1),
-        false => layers,
-    };
+/// Pinned host bytes of the checkpoints `policy` parks (model/layer.rs's `LayerCheckpoint`,
+/// [`KeptKv::checkpoint_values_per_token`], [`CheckpointPolicy::parked_layers`]).
+pub fn offload_host_bytes(spec: &PlanSpec, policy: CheckpointPolicy) -> u64 {
+    let layers = policy.parked_layers(spec.model.num_layers);
     let n = (spec.batch * spec.seq) as u64;
     let e = spec.dtype.size_bytes() as u64;
     let lora_t = spec.lora.targets.len() * spec.lora.r;
@@ -61,9 +56,10 @@ pub fn choose(
         });
     };
     let budget = device_budget(free);
+    let every_offloaded = CheckpointPolicy::all(Checkpointing::Offload);
     let offload_fits =
-        |r| host_available.is_some_and(|a| offload_host_bytes(spec, r) <= host_budget(a));
-    let mode = if offload_fits(layers) {
+        host_available.is_some_and(|a| offload_host_bytes(spec, every_offloaded) <= host_budget(a));
+    let mode = if offload_fits {
         Checkpointing::Offload
     } else {
         Checkpointing::Full

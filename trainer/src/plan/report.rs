@@ -175,7 +175,7 @@ pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
                 (Checkpointing::Full, r) => format!("{r} layer inputs"),
                 (Checkpointing::Offload, r) => format!(
                     "2 of {r} layer checkpoints (the rest in pinned host memory: {})",
-                    gib(super::fit::offload_host_bytes(s, r))
+                    gib(super::fit::offload_host_bytes(s, s.checkpointing))
                 ),
             },
         ),

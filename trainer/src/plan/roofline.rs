@@ -106,12 +106,12 @@ impl GpuKind {
 const GEMM_EFFICIENCY: f64 = 0.75;
 /// Fraction of the peak the flash-attention kernels reach, forward and backward together as a
 /// checkpointed step runs them (the forward twice per backward). Hopper's wgmma kernels (H200,
-/// 2026-12-04, 7B min-memory steps: forward 245, backward ~228 of 989 TFLOP/s, ~233 together);
+/// 2026-12-04, Mistral-7B min-memory step: forward 241, backward 224 of 989 TFLOP/s, 229 together);
 /// the mma.sync kernels elsewhere (H200 with `FUSELORA_ATTENTION=mma-sync`: forward 179, backward
 /// 124 in the kernel check's benchmark, ~0.14 together).
 fn attention_efficiency(gpu: GpuKind) -> f64 {
     match gpu {
-        GpuKind::H200 | GpuKind::H100 => 0.235,
+        GpuKind::H200 | GpuKind::H100 => 0.23,
         _ => 0.14,
     }
 }
