@@ -246,6 +246,12 @@ pub trait Backend {
     fn compute_dtype(&self) -> DType;
     /// The most device memory the backend has held at once so far, in bytes (`None` on the CPU).
     fn peak_memory_bytes(&self) -> Option<u64>;
+    /// Seconds the host has spent blocked in [`Backend::download`] waiting for the device's
+    /// queued work, since the backend was made (0 on the CPU, where nothing is queued): a step's
+    /// share of it against the step's time says whether the device waits for the host.
+    fn host_wait_s(&self) -> f64 {
+        0.0
+    }
     /// The most device memory the driver's stream-ordered allocator has reserved for the
     /// backend's buffers (its own rounding and fragmentation included), in bytes: the honest
     /// counterpart of [`Backend::peak_memory_bytes`] (`None` on the CPU).

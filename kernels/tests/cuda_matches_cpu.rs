@@ -1862,6 +1862,137 @@ fn bench_lora_folded_into_frozen_products() {
     }
 }
 
+/// An input group's frozen products as one (issue #11: "q/k/v as one GEMM, gate/up as one"),
+/// at Llama-2-7B's and Mistral-7B's widths, n = 4096, K the folded `[x | t]`'s: forward `y_i = x
+/// W_iᵀ` per member against `[y_1 | y_2 …] = x [W_1; W_2 …]ᵀ`; backward `dx = Σ_i dy_i W_i` (beta 1
+/// from the second member on) against `[dy_1 | dy_2 …] · [W_1; W_2 …]`, one product with K = Σ out.
+/// Tuned, twice each, interleaved, 40 products a timing (long enough to meet the power cap).
+#[test]
+#[ignore = "micro-benchmark: run with --ignored on a GPU"]
+fn bench_group_products() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    println!("device: {}", g.describe());
+    let (n, hidden) = (4096, 4096);
+    let bf = |len: usize, seed: u64| g.upload(&random(len, seed, 0.1), DType::BF16).unwrap();
+    for (label, k, outs) in [
+        ("llama2 gate/up", hidden + 32, vec![11008, 11008]),
+        ("llama2 q/k/v", hidden + 48, vec![4096, 4096, 4096]),
+        ("mistral q/k/v", hidden + 48, vec![4096, 1024, 1024]),
+        ("mistral gate/up", hidden + 32, vec![14336, 14336]),
+    ] {
+        let total: usize = outs.iter().sum();
+        let starts: Vec<usize> = outs
+            .iter()
+            .scan(0, |at, o| Some(std::mem::replace(at, *at + o)))
+            .collect();
+        let (x, w) = (bf(n * k, 1), bf(total * k, 2));
+        let dy = bf(n * total, 3);
+        let mut ys: Vec<_> = outs
+            .iter()
+            .map(|&o| g.zeros(n * o, DType::BF16).unwrap())
+            .collect();
+        let mut y = g.zeros(n * total, DType::BF16).unwrap();
+        let (mut dx, mut dx2) = (
+            g.zeros(n * hidden, DType::BF16).unwrap(),
+            g.zeros(n * hidden, DType::BF16).unwrap(),
+        );
+        let (w_at, dy_at) = (
+            |row: usize| MatAt::at(row * k, k),
+            |col: usize| MatAt::at(col, total),
+        );
+        let mut forward_apart = || {
+            for ((yi, &o), &at) in ys.iter_mut().zip(&outs).zip(&starts) {
+                g.gemm_at(
+                    n,
+                    o,
+                    k,
+                    1.0,
+                    (&x, MatAt::dense(k)),
+                    false,
+                    (&w, w_at(at)),
+                    true,
+                    0.0,
+                    (yi, MatAt::dense(o)),
+                )
+                .unwrap();
+            }
+        };
+        forward_apart();
+        let mut forward_joined = || {
+            g.gemm_at(
+                n,
+                total,
+                k,
+                1.0,
+                (&x, MatAt::dense(k)),
+                false,
+                (&w, w_at(0)),
+                true,
+                0.0,
+                (&mut y, MatAt::dense(total)),
+            )
+            .unwrap();
+        };
+        forward_joined();
+        let mut backward_apart = || {
+            for (i, (&o, &at)) in outs.iter().zip(&starts).enumerate() {
+                let beta = if i == 0 { 0.0 } else { 1.0 };
+                g.gemm_at(
+                    n,
+                    hidden,
+                    o,
+                    1.0,
+                    (&dy, dy_at(at)),
+                    false,
+                    (&w, w_at(at)),
+                    false,
+                    beta,
+                    (&mut dx, MatAt::dense(hidden)),
+                )
+                .unwrap();
+            }
+        };
+        backward_apart();
+        let mut backward_joined = || {
+            g.gemm_at(
+                n,
+                hidden,
+                total,
+                1.0,
+                (&dy, dy_at(0)),
+                false,
+                (&w, w_at(0)),
+                false,
+                0.0,
+                (&mut dx2, MatAt::dense(hidden)),
+            )
+            .unwrap();
+        };
+        backward_joined();
+        g.tune().unwrap();
+        let flops = 2.0 * (n * total * k) as f64;
+        let bflops = 2.0 * (n * total * hidden) as f64;
+        for round in 0..2 {
+            let fa = time_ms(&g, 40, &mut forward_apart);
+            let fj = time_ms(&g, 40, &mut forward_joined);
+            let ba = time_ms(&g, 40, &mut backward_apart);
+            let bj = time_ms(&g, 40, &mut backward_joined);
+            println!(
+                "{label:15} round {round}: forward {n}x{outs:?}x{k} apart {:.1} µs ({:.0} TFLOP/s), joined {:.1} µs ({:.0}); \
+                 backward dx K={outs:?} apart {:.1} µs ({:.0}), joined {:.1} µs ({:.0})",
+                fa * 1e3,
+                flops / fa / 1e9,
+                fj * 1e3,
+                flops / fj / 1e9,
+                ba * 1e3,
+                bflops / ba / 1e9,
+                bj * 1e3,
+                bflops / bj / 1e9
+            );
+        }
+    }
+}
+
 #[test]
 fn kv_cache_write_cached_attention_and_random_fill_match() {
     let cpu = CpuBackend::new();

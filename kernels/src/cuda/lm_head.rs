@@ -1,7 +1,8 @@
 //! The fused LM head + cross-entropy, chunked over rows: per chunk, cuBLAS writes f32 logits
 //! `z = h Wᵀ` for `chunk` rows, `softmax_cross_entropy` (kernels/cuda/cross_entropy.cu) turns them
-//! into log-probabilities and the logit gradient `dz` (compute dtype), and cuBLAS adds nothing
-//! but writes `dh = dz W` for those rows. Only `[chunk, vocab]` logits ever exist.
+//! into log-probabilities and the logit gradient `dz` (compute dtype, written over the logits:
+//! each row where its logits start), and cuBLAS adds nothing but writes `dh = dz W` for those
+//! rows. Only `[chunk, vocab]` f32 logits ever exist, and nothing beside them.
 
 use super::gemm::Operand;
 use super::launch::Arg;
@@ -78,18 +79,14 @@ impl CudaBackend {
         };
         let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows);
         let logits = self.alloc_f32_scratch(chunk * vocab)?;
-        let dz = if want_grad {
-            Some(self.alloc(chunk * vocab, dt)?)
-        } else {
-            None
-        };
         let (h_ptr, w_ptr, t_ptr, lp_ptr) = (
             hidden.ptr(&self.stream),
             weight.ptr(&self.stream),
             targets.ptr(&self.stream),
             logp.ptr(&self.stream),
         );
-        let dz_ptr = dz.as_ref().map_or(0, |t| t.ptr(&self.stream));
+        // dz's rows lie where the f32 logits' rows start: `vocab` f32s apart.
+        let dz_ld = vocab * 4 / dt.size_bytes();
         let dh = dhidden.map(|d| (d.ptr(&self.stream), d.dtype));
         let esize = dt.size_bytes() as u64;
         for start in (0..rows).step_by(chunk) {
@@ -119,7 +116,6 @@ impl CudaBackend {
                 Arg::F32(gain),
                 Arg::I32(want_grad as i32),
                 Arg::Ptr(lp_ptr + start as u64 * 4),
-                Arg::Ptr(dz_ptr),
                 Arg::I32(vocab as i32),
             ];
             self.launch(
@@ -136,7 +132,11 @@ impl CudaBackend {
                     hidden_dim,
                     vocab,
                     alpha,
-                    Operand::dense(dz_ptr, dt, vocab),
+                    Operand {
+                        ptr: logits.ptr(&self.stream),
+                        dtype: dt,
+                        ld: dz_ld,
+                    },
                     false,
                     Operand::dense(w_ptr, dt, hidden_dim),
                     false,

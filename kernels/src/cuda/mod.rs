@@ -67,6 +67,8 @@ pub struct CudaBackend {
     /// Each matrix product shape's algorithm (gemm_tuning.rs).
     tuner: gemm_tuning::Tuner,
     profiler: Profiler,
+    /// Nanoseconds the host has waited in downloads ([`crate::Backend::host_wait_s`]).
+    host_wait_ns: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) fn device_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> KernelError {
@@ -158,6 +160,7 @@ impl CudaBackend {
             multiprocessors,
             tuner: gemm_tuning::Tuner::new(gemm_tuning::GemmTuning::from_env()?),
             profiler: Profiler::default(),
+            host_wait_ns: Default::default(),
         };
         backend.allow_large_shared_memory()?;
         backend.allow_lora_dy_shared_memory()?;
@@ -521,8 +524,18 @@ impl Backend for CudaBackend {
         Ok(t)
     }
 
+    fn host_wait_s(&self) -> f64 {
+        self.host_wait_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+    }
+
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         let err = device_err("download");
+        // The wait for the queued work, timed apart from the copy and the conversion.
+        let start = std::time::Instant::now();
+        self.stream.synchronize().map_err(device_err("download"))?;
+        let waited = start.elapsed().as_nanos() as u64;
+        self.host_wait_ns
+            .fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
         match t.storage.as_ref().expect("tensor storage") {
             _ if t.is_empty() => Ok(Vec::new()),
             Storage::F32(s) => self.stream.clone_dtoh(&s.slice(..t.len)).map_err(err),

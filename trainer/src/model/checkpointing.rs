@@ -106,8 +106,9 @@ impl Checkpointing {
 }
 
 /// What the forward keeps, layer by layer: `mode` for the first `layers` layers (all of them when
-/// `None`); the layers above keep every activation (their backward runs first, and they are not
-/// recomputed: each one traded costs its activations' memory and saves its recomputation).
+/// `None`) but the model's top layer; the layers above keep every activation (their backward runs
+/// first, and they are not recomputed: each one traded costs its activations' memory and saves its
+/// recomputation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct CheckpointPolicy {
     pub mode: Checkpointing,
@@ -134,19 +135,24 @@ impl CheckpointPolicy {
         CheckpointPolicy { mode, layers: None }
     }
 
-    /// What layer `l` keeps.
-    pub fn of_layer(self, l: usize) -> Checkpointing {
+    /// What layer `l` of `num_layers` keeps. The top layer keeps every activation in every mode:
+    /// its backward runs right after the LM head, so recomputing it would only rebuild, at that
+    /// moment, the activations that keeping them holds — the peak is the same, the recomputation
+    /// is saved (and no checkpoint of it is waited for: session 17). What keeping costs is those
+    /// activations living through the LM head, whose logit gradient shares the logits' buffer so
+    /// that nothing is added there (kernels/src/cuda/lm_head.rs).
+    pub fn of_layer(self, l: usize, num_layers: usize) -> Checkpointing {
         match self.layers {
+            _ if l + 1 >= num_layers => Checkpointing::Off,
             Some(n) if l >= n => Checkpointing::Off,
             _ => self.mode,
         }
     }
 
     /// Whether layer `l` (of `num_layers`) parks its checkpoint in host memory: every offloaded
-    /// layer but the top one, whose checkpoint the backward takes first, so that parking it would
-    /// only make the backward wait for its copies out and back (it stays on the device).
+    /// layer.
     pub fn parks(self, l: usize, num_layers: usize) -> bool {
-        self.of_layer(l) == Checkpointing::Offload && l + 1 < num_layers
+        self.of_layer(l, num_layers) == Checkpointing::Offload
     }
 
     /// How many of `num_layers` layers park their checkpoints ([`CheckpointPolicy::parks`]).
@@ -156,21 +162,23 @@ impl CheckpointPolicy {
             .count()
     }
 
-    /// How many of `num_layers` layers are recomputed in backward.
+    /// How many of `num_layers` layers are recomputed in backward (never the top one:
+    /// [`CheckpointPolicy::of_layer`]).
     pub fn recomputed_layers(self, num_layers: usize) -> usize {
         if self.mode.recomputes() {
-            self.layers.map_or(num_layers, |n| n.min(num_layers))
+            let below_top = num_layers.saturating_sub(1);
+            self.layers.map_or(below_top, |n| n.min(below_top))
         } else {
             0
         }
     }
 
-    /// `full`, `off`, `offload`, or `offload (layers 0-19; 20-31 keep activations)` for a model of
-    /// `num_layers`.
+    /// `full`, `off`, `offload` (every layer but the top one, which always keeps its activations),
+    /// or `offload (layers 0-19; 20-31 keep activations)` for a model of `num_layers`.
     pub fn describe(self, num_layers: usize) -> String {
         match self.recomputed_layers(num_layers) {
             0 => "off".to_string(),
-            n if n == num_layers => self.mode.name().to_string(),
+            n if n + 1 >= num_layers => self.mode.name().to_string(),
             n => format!(
                 "{} (layers 0-{}; {}-{} keep activations)",
                 self.mode.name(),
@@ -290,15 +298,21 @@ mod tests {
             mode: Checkpointing::Offload,
             layers: Some(20),
         };
-        assert_eq!(p.of_layer(19), Checkpointing::Offload);
-        assert_eq!(p.of_layer(20), Checkpointing::Off);
+        assert_eq!(p.of_layer(19, 32), Checkpointing::Offload);
+        assert_eq!(p.of_layer(20, 32), Checkpointing::Off);
         assert_eq!(p.recomputed_layers(32), 20);
         assert_eq!(
             p.describe(32),
             "offload (layers 0-19; 20-31 keep activations)"
         );
-        assert_eq!(p.describe(20), "offload");
-        // Offloaded layers park their checkpoints, but the model's top layer.
+        // The top layer keeps its activations in every mode.
+        assert_eq!(p.of_layer(19, 20), Checkpointing::Off);
+        assert_eq!(
+            (p.recomputed_layers(20), p.describe(20)),
+            (19, "offload".into())
+        );
+        assert_eq!(p.recomputed_layers(1), 0);
+        // Offloaded layers park their checkpoints.
         assert!(p.parks(19, 32) && !p.parks(20, 32));
         assert_eq!(p.parked_layers(32), 20);
         let every = CheckpointPolicy::all(Checkpointing::Offload);
@@ -311,7 +325,7 @@ mod tests {
         let all = CheckpointPolicy::all(Checkpointing::Full);
         assert_eq!(
             (all.describe(32), all.recomputed_layers(32)),
-            ("full".into(), 32)
+            ("full".into(), 31)
         );
         let none = CheckpointPolicy {
             layers: Some(0),

@@ -367,15 +367,13 @@ impl<B: Backend> Decoder<B> {
             // v, and the LoRA inputs); the rest is recomputed in backward.
             let lora = lora.layer(l)?;
             let (y, full) = layer.forward(be, s, l, lora, Attend::Batch(batch), x)?;
-            saved.push(match checkpointing.of_layer(l) {
+            saved.push(match checkpointing.of_layer(l, self.layers.len()) {
                 Checkpointing::Off => Saved::Full(full),
                 Checkpointing::Full => Saved::Checkpoint(full.checkpoint(CheckpointKeeps::Input)?),
-                Checkpointing::Offload if checkpointing.parks(l, self.layers.len()) => {
+                Checkpointing::Offload => {
                     let (tensors, shape) = full.checkpoint(offloaded)?.into_tensors();
                     Saved::Parked(be.park(tensors, ParkLane::Activations)?, shape)
                 }
-                // The top layer's offloaded checkpoint stays on the device (`parks`).
-                Checkpointing::Offload => Saved::Checkpoint(full.checkpoint(offloaded)?),
             });
             x = y;
         }

@@ -106,7 +106,7 @@ pub fn choose(
         policy,
         why: format!(
             "{} of {layers} layers recomputed: the plan's {:.2} GiB fit in the {:.2} GiB free",
-            lo,
+            policy.recomputed_layers(layers),
             gib(fitting),
             gib(free)
         ),

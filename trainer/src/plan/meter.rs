@@ -539,12 +539,11 @@ impl Backend for MeterBackend {
         if rows == 0 {
             return Ok(());
         }
-        // lm_head.rs: f32 logits and, with a gradient, compute-dtype dz for `chunk` rows.
+        // lm_head.rs: f32 logits for `chunk` rows, the compute-dtype dz written over them.
         let dt = hidden.dtype;
         let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows);
         let _logits = self.alloc_f32_scratch(chunk * vocab);
         let want_grad = !matches!(grad, CeGrad::None);
-        let _dz = want_grad.then(|| self.alloc(chunk * vocab, dt));
         let e = dt.size_bytes() as f64;
         for start in (0..rows).step_by(chunk) {
             let c = chunk.min(rows - start);

@@ -69,7 +69,7 @@ pub struct MemoryPlan {
     /// The activations backward needs: one layer's (checkpointing) or every layer's, plus the
     /// buffers of one layer's backward.
     pub activations: u64,
-    /// The LM head's f32 logits chunk and its gradient (kernels/src/cuda/lm_head.rs).
+    /// The LM head's f32 logits chunk, its gradient written over it (kernels/src/cuda/lm_head.rs).
     pub logits_chunk: u64,
     /// Everything else the pool holds at its peak: RoPE tables, the final norm's buffers, NF4
     /// scratch, buffers cached by the pool between uses.
@@ -468,13 +468,15 @@ impl Parts {
         } else {
             0
         };
-        let activations = kept + recomputing + backward;
+        // The kept layers' backward runs first and frees them before the first recomputation.
+        let activations = kept.max(recomputing) + backward;
         let v = c.vocab_size;
         let chunk = (LM_HEAD_CHUNK_ELEMENTS / v).clamp(1, n as usize) as u64;
         Parts {
             checkpoints,
             activations,
-            logits_chunk: chunk * v as u64 * (4 + e),
+            // f32 logits; the gradient is written over them (kernels/src/cuda/lm_head.rs).
+            logits_chunk: chunk * v as u64 * 4,
         }
     }
 }

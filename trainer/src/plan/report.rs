@@ -183,14 +183,15 @@ pub fn describe(plan: &Plan, gpu: Option<GpuKind>) -> String {
             "activations",
             m.activations,
             match c.num_layers - recomputed {
-                0 => "one layer's forward + backward".to_string(),
+                // The top layer is never recomputed (`CheckpointPolicy::of_layer`).
+                0 | 1 => "one layer's forward + backward".to_string(),
                 kept => format!("{kept} layers' forward + one backward"),
             },
         ),
         (
             "logits chunk",
             m.logits_chunk,
-            "f32 logits + gradient of one LM-head chunk".to_string(),
+            "f32 logits of one LM-head chunk (the gradient written over them)".to_string(),
         ),
         (
             "workspace",
