@@ -16,6 +16,14 @@
  *   wait for S_t; its online softmax (masked only where the tile crosses the diagonal or a document
  *   start) while the tensor cores do P_{t-1} V_{t-1}; wait for that; O *= exp2(m_old - m_new) and
  *   P_t packed into A fragments for the next round.
+ * Between the warpgroups, ping-pong (FA3 section 3.1): they take turns issuing those wgmma, so that
+ * one's softmax runs while the other's products do. A turn: wait for the tiles (K_t, V_{t-1}), then
+ * bar.sync on the own barrier (named barrier 1 for warpgroup 0, 2 for warpgroup 1, 256 consumer
+ * threads each, the producer takes no part), issue, bar.arrive at the other's. Warpgroup 1 arrives at
+ * barrier 1 once at the start, so warpgroup 0 goes first. Each takes n_tiles + 1 turns: round t
+ * (0 <= t <= n_tiles) issues S_t and / or P_{t-1} V_{t-1} of the tiles it sees, and is an empty turn
+ * (sync, arrive) where there is neither (a skipped tile is waited for after its empty turn);
+ * warpgroup 0 syncs once more on barrier 1 after its store to take warpgroup 1's last arrival.
  * The scores stay raw in the accumulators: p = exp2(s scale log2(e) - m) is one FMA and one exp2.
  * A warpgroup skips the tiles none of its 64 queries sees (it still waits for them and frees their
  * stages, which keeps the mbarrier phases in step). Blocks run latest queries first.
@@ -24,9 +32,10 @@
  * (81 KiB at D = 64), one block a multiprocessor. Registers: 168 a thread at launch (65536 / 384),
  * moved by setmaxnreg to 232 for a consumer, which holds O (D/2), S (64) and P (32) at once, and 40 for
  * the producer (ptxas: no spills).
- * H200, b2 x 2048, 32 heads, D 128 (session 17): 0.233 ms, 295 TFLOP/s; 8.98 ms for the 32 calls of a
- * Llama-2-7B step. The previous kernel (256 threads, 64-key tiles, all threads loading, no overlap
- * inside a warpgroup): 0.266 ms, 258 TFLOP/s, 10.0-10.3 ms in the step.
+ * H200, b2 x 2048, 32 heads, D 128 (session 17, before ping-pong; with it not measured yet): 0.233 ms,
+ * 295 TFLOP/s; 8.98 ms for the 32 calls of a Llama-2-7B step. The previous kernel (256 threads, 64-key
+ * tiles, all threads loading, no overlap inside a warpgroup): 0.266 ms, 258 TFLOP/s, 10.0-10.3 ms in the
+ * step.
  */
 #define HFWD_BM 128               /* queries per block, 64 per consumer warpgroup */
 #define HFWD_BN 128               /* keys per tile */
@@ -38,6 +47,9 @@
  * share (FlashAttention-3 takes 24 / 240; the cp.async producer spills at 24). */
 #define HFWD_PRODUCER_REGS 40
 #define HFWD_CONSUMER_REGS 232
+/* Named barriers 1 and 2 (0 is __syncthreads'), of the 256 consumer threads: HFWD_TURN_BARRIER + g is
+ * consumer warpgroup g's turn on the tensor cores, which it syncs on and the other warpgroup arrives at. */
+#define HFWD_TURN_BARRIER 1
 
 /* The softmax half of one key tile on a warp's raw scores S (rows row_a, row_b, keys key0 + 8n + 2t +
  * e&1), masked where `masked` (key j visible to row r iff fk_r <= j <= r): the running maxima m (log2
@@ -230,10 +242,28 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
         mbarrier_wait(&v_full[st], parity);
         release(&v_free[st]);
     };
-    /* S = Q K^T for tile t: the group's 64 query rows times the tile's 128 keys (committed, not waited). */
+    /* Ping-pong: the warpgroups take turns issuing their wgmma, one turn a round, warpgroup 0 first
+     * (warpgroup 1 arrives at warpgroup 0's barrier once at the start), so that one's softmax runs while
+     * the other's products do. Both take n_tiles + 1 turns, empty ones included, and wait for no tile
+     * inside a turn. */
+    auto turn_begin = [&]() { /* constant ids: ptxas then reserves 3 barriers, not all 16 */
+        if (group == 0) named_barrier(HFWD_TURN_BARRIER, HFWD_CONSUMERS);
+        else named_barrier(HFWD_TURN_BARRIER + 1, HFWD_CONSUMERS);
+    };
+    auto turn_end = [&]() {
+        if (group == 0) named_barrier_arrive(HFWD_TURN_BARRIER + 1, HFWD_CONSUMERS);
+        else named_barrier_arrive(HFWD_TURN_BARRIER, HFWD_CONSUMERS);
+    };
+    auto empty_turn = [&]() {
+        turn_begin();
+        turn_end();
+    };
+    auto keys_landed = [&](int t) { mbarrier_wait(&k_full[t & 1], (t >> 1) & 1); };
+    auto values_landed = [&](int t) { mbarrier_wait(&v_full[t & 1], (t >> 1) & 1); };
+    /* S = Q K^T for tile t, landed: the group's 64 query rows times the tile's 128 keys (committed, not
+     * waited). */
     auto issue_scores = [&](float (&s)[NTILES][4], int t) {
         const u16* ks = kbuf + (t & 1) * HFWD_BN * D;
-        mbarrier_wait(&k_full[t & 1], (t >> 1) & 1);
         fence_proxy_async(); /* the producer's cp.async writes, seen through the tensor cores */
         wgmma_fence();
 #pragma unroll
@@ -241,10 +271,9 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
             wgmma_ss<0, 0>(s, kmajor_desc(qs, D, group * 64, 16 * st), kmajor_desc(ks, D, 0, 16 * st), st > 0, (T*)0);
         wgmma_commit();
     };
-    /* O += P V for tile t: P's accumulators are already A fragments, 16 keys a step; V read MN-major. */
+    /* O += P V for tile t, landed: P's accumulators are already A fragments, 16 keys a step; V read MN-major. */
     auto issue_values = [&](float (&o)[DTILES][4], const u32 (&pa)[PSTEPS][4], int t) {
         const u16* vs = vbuf + (t & 1) * HFWD_BN * D;
-        mbarrier_wait(&v_full[t & 1], (t >> 1) & 1);
         fence_proxy_async();
         wgmma_fence();
 #pragma unroll
@@ -258,13 +287,20 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
     for (int i = 0; i < DTILES; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m_a = -F32_INF, m_b = -F32_INF, l_a = 0.0f, l_b = 0.0f;
 
-    for (int t = 0; t < t_first; t++) skip_tile(t);
+    if (group == 1) turn_end(); /* the first turn is warpgroup 0's */
+    for (int t = 0; t < t_first; t++) {
+        empty_turn();
+        skip_tile(t);
+    }
     if (t_first < t_last) {
         float s[NTILES][4], alpha_a, alpha_b;
         u32 pa[PSTEPS][4];
         mbarrier_wait(&q_full, 0);
         /* The first tile alone: S, its softmax, P. */
+        keys_landed(t_first);
+        turn_begin();
         issue_scores(s, t_first);
+        turn_end();
         wgmma_wait<0>();
         fence_registers(s);
         release(&k_free[t_first & 1]);
@@ -273,8 +309,12 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
                        scale_log2);
         rescale_and_pack<T>(o, s, pa, alpha_a, alpha_b);
         for (int t = t_first + 1; t < t_last; t++) {
+            keys_landed(t);
+            values_landed(t - 1);
+            turn_begin();
             issue_scores(s, t);
             issue_values(o, pa, t - 1);
+            turn_end();
             wgmma_wait<1>(); /* S_t is in; P_{t-1} V_{t-1} may still run */
             fence_registers(s);
             kt = k_begin + t * HFWD_BN;
@@ -289,13 +329,24 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
             release(&v_free[(t - 1) & 1]);
             rescale_and_pack<T>(o, s, pa, alpha_a, alpha_b);
         }
+        values_landed(t_last - 1);
+        turn_begin();
         issue_values(o, pa, t_last - 1);
+        turn_end();
         wgmma_wait<0>();
         fence_registers(o);
         release(&v_free[(t_last - 1) & 1]);
+    } else {
+        empty_turn(); /* in place of the last P V */
     }
-    for (int t = t_last; t < n_tiles; t++) skip_tile(t);
+    for (int t = t_last; t < n_tiles; t++) {
+        empty_turn();
+        skip_tile(t);
+    }
     store_output_rows<T, D>(o, m_a, m_b, l_a, l_b, out, lse, tok0, qa_row, qb_row, seq, heads, h, tq);
+    /* Warpgroup 1's last turn_end is one more arrival than warpgroup 0 has turns: taken here, so that
+     * no barrier is left half passed. */
+    if (group == 0) turn_begin();
 #else
     __trap(); /* wgmma needs sm_90a; the host launches this kernel only on compute capability 9.0 */
 #endif

@@ -84,6 +84,10 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+/* Arrives at barrier `id` without waiting: the `threads` count the syncing and the arriving threads. */
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
 /* dst[i] += src[i] for the `bytes` / 4 floats at src (shared, 16-byte aligned, written by ordinary
  * stores before fence_proxy_async) into dst (global, 16-byte aligned, `bytes` a multiple of 16): one
  * bulk reduction done by the copy engine in L2, each element added atomically (against other blocks'
