@@ -5,7 +5,7 @@
  * attention_forward_wgmma_<t>_d<D> (bf16/f16, D = 64 or 128), FlashAttention-3's warp-specialized
  * pipeline (Shah et al. 2024, sections 3.1-3.2): a block of 384 threads owns 128 queries of one
  * (row, head). Warps 0-7 are two consumer warpgroups of 64 queries each; warps 8-11 the producer,
- * which loads Q once, then key and value tiles of 128 rows into two stages each by cp.async, all in
+ * which loads Q once, then key and value tiles of 128 rows into three stages each by cp.async, all in
  * wgmma's 128-byte swizzled layout (wgmma.cuh). After the start no block-wide barrier: mbarriers say
  * "tile landed" (each producer thread's cp.async arrive on completion, 128 arrivals) and "stage free"
  * (each consumer warp once its wgmma reading the stage is complete, 8 arrivals), K and V apart, so
@@ -28,10 +28,11 @@
  * A warpgroup skips the tiles none of its 64 queries sees (it still waits for them and frees their
  * stages, which keeps the mbarrier phases in step). Blocks run latest queries first.
  * Traffic: Q, O once; K, V once per 128-query block.
- * Shared memory: Q 128 x D + 2 stages x (K + V) x 128 x D halves + 1 KiB to align = 161 KiB at D = 128
- * (81 KiB at D = 64), one block a multiprocessor. Registers: 168 a thread at launch (65536 / 384),
- * moved by setmaxnreg to 232 for a consumer, which holds O (D/2), S (64) and P (32) at once, and 40 for
- * the producer (ptxas: no spills).
+ * Shared memory: Q 128 x D + 3 stages x (K + V) x 128 x D halves + 1 KiB to align = 225 KiB at D = 128
+ * (113 KiB at D = 64; two stages: 161 and 81 KiB), one block a multiprocessor; the kernel traps where
+ * the host gives it less. Registers: 168 a thread at launch (65536 / 384), moved by setmaxnreg to 232
+ * for a consumer, which holds O (D/2), S (64) and P (32) at once, and 40 for the producer (ptxas: no
+ * spills).
  * H200, b2 x 2048, 32 heads, D 128 (session 17, before ping-pong; with it not measured yet): 0.233 ms,
  * 295 TFLOP/s; 8.98 ms for the 32 calls of a Llama-2-7B step. The previous kernel (256 threads, 64-key
  * tiles, all threads loading, no overlap inside a warpgroup): 0.266 ms, 258 TFLOP/s, 10.0-10.3 ms in the
@@ -39,6 +40,7 @@
  */
 #define HFWD_BM 128               /* queries per block, 64 per consumer warpgroup */
 #define HFWD_BN 128               /* keys per tile */
+#define HFWD_STAGES 3             /* K and V tiles in flight */
 #define HFWD_THREADS 384          /* two consumer warpgroups and the producer warpgroup */
 #define HFWD_CONSUMERS 256        /* threads 0-255 consume, 256-383 load */
 #define HFWD_PRODUCERS 128
@@ -137,6 +139,10 @@ template <int N> __device__ __forceinline__ void fence_registers(u32 (&r)[N][4])
         for (int e = 0; e < 4; e++) asm volatile("" : "+r"(r[i][e])::"memory");
 }
 
+/* Key tile t's stage, and the parity of the mbarrier phase in which that stage holds it. */
+__device__ __forceinline__ int stage_of(int t) { return (unsigned)t % HFWD_STAGES; }
+__device__ __forceinline__ u32 parity_of(int t) { return ((unsigned)t / HFWD_STAGES) & 1; }
+
 template <typename T, int D>
 __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse,
                                         int seq, int heads, int kv_heads, int window, float scale) {
@@ -145,17 +151,21 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
     constexpr int CHUNKS = D / 8; /* 16-byte chunks a row */
     extern __shared__ __align__(128) unsigned char smem_raw[];
     u16* qs = (u16*)align_1024(smem_raw); /* [BM][D] */
-    u16* kbuf = qs + HFWD_BM * D;        /* [2 stages][BN][D] */
-    u16* vbuf = kbuf + 2 * HFWD_BN * D;  /* [2 stages][BN][D] */
+    u16* kbuf = qs + HFWD_BM * D;                  /* [STAGES][BN][D] */
+    u16* vbuf = kbuf + HFWD_STAGES * HFWD_BN * D;  /* [STAGES][BN][D] */
     __shared__ int fk[HFWD_BM];
     __shared__ int group_lo[2];
     /* q_full; k_full, v_full (producer -> consumers); k_free, v_free (consumers -> producer); per stage. */
-    __shared__ __align__(8) u64 q_full, k_full[2], v_full[2], k_free[2], v_free[2];
+    __shared__ __align__(8) u64 q_full, k_full[HFWD_STAGES], v_full[HFWD_STAGES], k_free[HFWD_STAGES],
+        v_free[HFWD_STAGES];
     const int q0 = (gridDim.x - 1 - blockIdx.x) * HFWD_BM, h = blockIdx.y, row = blockIdx.z;
     const int kvh = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const u64 tok0 = (u64)row * seq;
     if (blockDim.x != HFWD_THREADS) __trap(); /* an older host's 256 threads would leave the loads undone */
+    u32 smem_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+    if (smem_bytes < (u32)(HFWD_BM + 2 * HFWD_STAGES * HFWD_BN) * D * 2 + 1024) __trap(); /* a two-stage host's */
 
     if (threadIdx.x < HFWD_BM) {
         int qi = q0 + threadIdx.x;
@@ -163,7 +173,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
     }
     if (threadIdx.x == 0) {
         mbarrier_init(&q_full, HFWD_PRODUCERS);
-        for (int s = 0; s < 2; s++) {
+        for (int s = 0; s < HFWD_STAGES; s++) {
             mbarrier_init(&k_full[s], HFWD_PRODUCERS);
             mbarrier_init(&v_full[s], HFWD_PRODUCERS);
             mbarrier_init(&k_free[s], HFWD_CONSUMER_WARPS);
@@ -204,8 +214,8 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
         };
         load(qs, q, q0, HFWD_BM, heads, h, &q_full);
         for (int t = 0; t < n_tiles; t++) {
-            const int st = t & 1, kt = k_begin + t * HFWD_BN;
-            const u32 free_parity = ((t >> 1) & 1) ^ 1; /* the release of tile t - 2 */
+            const int st = stage_of(t), kt = k_begin + t * HFWD_BN;
+            const u32 free_parity = parity_of(t) ^ 1; /* the release of tile t - STAGES */
             mbarrier_wait(&k_free[st], free_parity);
             load(kbuf + st * HFWD_BN * D, k, kt, HFWD_BN, kv_heads, kvh, &k_full[st]);
             mbarrier_wait(&v_free[st], free_parity);
@@ -235,8 +245,8 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
         if (lane == 0) mbarrier_arrive(bar);
     };
     auto skip_tile = [&](int t) {
-        const int st = t & 1;
-        const u32 parity = (t >> 1) & 1;
+        const int st = stage_of(t);
+        const u32 parity = parity_of(t);
         mbarrier_wait(&k_full[st], parity);
         release(&k_free[st]);
         mbarrier_wait(&v_full[st], parity);
@@ -258,12 +268,12 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
         turn_begin();
         turn_end();
     };
-    auto keys_landed = [&](int t) { mbarrier_wait(&k_full[t & 1], (t >> 1) & 1); };
-    auto values_landed = [&](int t) { mbarrier_wait(&v_full[t & 1], (t >> 1) & 1); };
+    auto keys_landed = [&](int t) { mbarrier_wait(&k_full[stage_of(t)], parity_of(t)); };
+    auto values_landed = [&](int t) { mbarrier_wait(&v_full[stage_of(t)], parity_of(t)); };
     /* S = Q K^T for tile t, landed: the group's 64 query rows times the tile's 128 keys (committed, not
      * waited). */
     auto issue_scores = [&](float (&s)[NTILES][4], int t) {
-        const u16* ks = kbuf + (t & 1) * HFWD_BN * D;
+        const u16* ks = kbuf + stage_of(t) * HFWD_BN * D;
         fence_proxy_async(); /* the producer's cp.async writes, seen through the tensor cores */
         wgmma_fence();
 #pragma unroll
@@ -273,7 +283,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
     };
     /* O += P V for tile t, landed: P's accumulators are already A fragments, 16 keys a step; V read MN-major. */
     auto issue_values = [&](float (&o)[DTILES][4], const u32 (&pa)[PSTEPS][4], int t) {
-        const u16* vs = vbuf + (t & 1) * HFWD_BN * D;
+        const u16* vs = vbuf + stage_of(t) * HFWD_BN * D;
         fence_proxy_async();
         wgmma_fence();
 #pragma unroll
@@ -303,7 +313,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
         turn_end();
         wgmma_wait<0>();
         fence_registers(s);
-        release(&k_free[t_first & 1]);
+        release(&k_free[stage_of(t_first)]);
         int kt = k_begin + t_first * HFWD_BN;
         softmax_scores(s, m_a, m_b, l_a, l_b, alpha_a, alpha_b, masked(kt), kt, tq, fk_a, fk_b, qa_row, qb_row,
                        scale_log2);
@@ -322,11 +332,11 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
                            scale_log2);
             /* K_t's stage is free since the wait above; freeing it only now also keeps ptxas from
              * hoisting the wait below above the softmax (the branch ends the basic block). */
-            release(&k_free[t & 1]);
+            release(&k_free[stage_of(t)]);
             wgmma_wait<0>();
             fence_registers(o);
             fence_registers(pa);
-            release(&v_free[(t - 1) & 1]);
+            release(&v_free[stage_of(t - 1)]);
             rescale_and_pack<T>(o, s, pa, alpha_a, alpha_b);
         }
         values_landed(t_last - 1);
@@ -335,7 +345,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
         turn_end();
         wgmma_wait<0>();
         fence_registers(o);
-        release(&v_free[(t_last - 1) & 1]);
+        release(&v_free[stage_of(t_last - 1)]);
     } else {
         empty_turn(); /* in place of the last P V */
     }

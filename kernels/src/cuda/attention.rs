@@ -18,10 +18,11 @@ const BWD_QUERIES_PER_TILE: usize = 32;
 const WARPS_PER_BLOCK_SIMPLE: usize = 8;
 /// The wgmma kernels: 128 queries (forward) or keys (backward) a block of two warpgroups, key
 /// tiles of 128 (forward), query tiles of 64 (backward), and a producer warpgroup that loads the
-/// tiles (the backward's into three stages).
+/// tiles (the forward's and the backward's into three stages).
 const HOPPER_BLOCK_ROWS: usize = 128;
 const HOPPER_FORWARD_THREADS: usize = 384;
 const HOPPER_FORWARD_KEYS: usize = 128;
+const HOPPER_FORWARD_STAGES: usize = 3;
 const HOPPER_BACKWARD_THREADS: usize = 384;
 const HOPPER_BACKWARD_STAGES: usize = 3;
 const HOPPER_TILE_ROWS: usize = 64;
@@ -78,10 +79,10 @@ impl AttentionKernels {
     }
 }
 
-/// Dynamic shared memory of the wgmma forward: the block's queries, two stages of K and V tiles, and
-/// up to 1 KiB to align the tiles' swizzle atoms to 1024 bytes (one block a multiprocessor).
+/// Dynamic shared memory of the wgmma forward: the block's queries, three stages of K and V tiles,
+/// and up to 1 KiB to align the tiles' swizzle atoms to 1024 bytes (one block a multiprocessor).
 fn hopper_forward_shared_bytes(head_dim: usize) -> usize {
-    (HOPPER_BLOCK_ROWS + 2 * 2 * HOPPER_FORWARD_KEYS) * head_dim * 2 + 1024
+    (HOPPER_BLOCK_ROWS + HOPPER_FORWARD_STAGES * 2 * HOPPER_FORWARD_KEYS) * head_dim * 2 + 1024
 }
 
 /// Dynamic shared memory of the wgmma backward: the block's K and V, three stages of Q and dO tiles
@@ -588,6 +589,6 @@ mod tests {
         }
         assert_eq!(hopper_backward_shared_bytes(128), 199_936);
         assert_eq!(hopper_backward_shared_bytes(64), 118_016);
-        assert_eq!(hopper_forward_shared_bytes(128), 164_864);
+        assert_eq!(hopper_forward_shared_bytes(128), 230_400);
     }
 }
