@@ -33,10 +33,10 @@
  * the host gives it less. Registers: 168 a thread at launch (65536 / 384), moved by setmaxnreg to 232
  * for a consumer, which holds O (D/2), S (64) and P (32) at once, and 40 for the producer (ptxas: no
  * spills).
- * H200, b2 x 2048, 32 heads, D 128 (session 17, before ping-pong; with it not measured yet): 0.233 ms,
- * 295 TFLOP/s; 8.98 ms for the 32 calls of a Llama-2-7B step. The previous kernel (256 threads, 64-key
- * tiles, all threads loading, no overlap inside a warpgroup): 0.266 ms, 258 TFLOP/s, 10.0-10.3 ms in the
- * step.
+ * H200, b2 x 2048, 32 heads, D 128 (session 18): 0.219 ms, 314 TFLOP/s, 8.83 ms for the 32 calls of a
+ * Llama-2-7B step; ping-pong with two stages 0.222 ms (309), neither (session 17) 0.233-0.235 ms (293-
+ * 295), 8.98-9.24 ms in the step. The kernel before (256 threads, 64-key tiles, all threads loading, no
+ * overlap inside a warpgroup): 0.266 ms, 258 TFLOP/s, 10.0-10.3 ms in the step.
  */
 #define HFWD_BM 128               /* queries per block, 64 per consumer warpgroup */
 #define HFWD_BN 128               /* keys per tile */
