@@ -1900,74 +1900,54 @@ fn bench_group_products() {
             |row: usize| MatAt::at(row * k, k),
             |col: usize| MatAt::at(col, total),
         );
-        let mut forward_apart = || {
-            for ((yi, &o), &at) in ys.iter_mut().zip(&outs).zip(&starts) {
-                g.gemm_at(
-                    n,
-                    o,
-                    k,
-                    1.0,
-                    (&x, MatAt::dense(k)),
-                    false,
-                    (&w, w_at(at)),
-                    true,
-                    0.0,
-                    (yi, MatAt::dense(o)),
-                )
-                .unwrap();
-            }
-        };
-        forward_apart();
-        let mut forward_joined = || {
+        // `y [n, out] = x W[at..at + out]ᵀ`, and `dx (+)= dy[:, at..at + out] W[at..at + out]`.
+        let forward = |y: &mut CudaTensor, out: usize, at: usize| {
+            let (x_at, y_at) = (MatAt::dense(k), MatAt::dense(out));
             g.gemm_at(
                 n,
-                total,
+                out,
                 k,
                 1.0,
-                (&x, MatAt::dense(k)),
+                (&x, x_at),
                 false,
-                (&w, w_at(0)),
+                (&w, w_at(at)),
                 true,
                 0.0,
-                (&mut y, MatAt::dense(total)),
+                (y, y_at),
             )
-            .unwrap();
+            .unwrap()
         };
-        forward_joined();
-        let mut backward_apart = || {
-            for (i, (&o, &at)) in outs.iter().zip(&starts).enumerate() {
-                let beta = if i == 0 { 0.0 } else { 1.0 };
-                g.gemm_at(
-                    n,
-                    hidden,
-                    o,
-                    1.0,
-                    (&dy, dy_at(at)),
-                    false,
-                    (&w, w_at(at)),
-                    false,
-                    beta,
-                    (&mut dx, MatAt::dense(hidden)),
-                )
-                .unwrap();
-            }
-        };
-        backward_apart();
-        let mut backward_joined = || {
+        let backward = |dx: &mut CudaTensor, out: usize, at: usize, beta: f32| {
+            let dx_at = MatAt::dense(hidden);
             g.gemm_at(
                 n,
                 hidden,
-                total,
+                out,
                 1.0,
-                (&dy, dy_at(0)),
+                (&dy, dy_at(at)),
                 false,
-                (&w, w_at(0)),
+                (&w, w_at(at)),
                 false,
-                0.0,
-                (&mut dx2, MatAt::dense(hidden)),
+                beta,
+                (dx, dx_at),
             )
-            .unwrap();
+            .unwrap()
         };
+        let mut forward_apart = || {
+            for ((yi, &o), &at) in ys.iter_mut().zip(&outs).zip(&starts) {
+                forward(yi, o, at);
+            }
+        };
+        let mut forward_joined = || forward(&mut y, total, 0);
+        let mut backward_apart = || {
+            for (i, (&o, &at)) in outs.iter().zip(&starts).enumerate() {
+                backward(&mut dx, o, at, if i == 0 { 0.0 } else { 1.0 });
+            }
+        };
+        let mut backward_joined = || backward(&mut dx2, total, 0, 0.0);
+        forward_apart();
+        forward_joined();
+        backward_apart();
         backward_joined();
         g.tune().unwrap();
         let flops = 2.0 * (n * total * k) as f64;
