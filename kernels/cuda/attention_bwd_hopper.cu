@@ -55,6 +55,20 @@
 #define HBWD_PRODUCER_REGS 40
 #define HBWD_CONSUMER_REGS 232
 
+/* Tile t of a block's walk over the query tiles that see its keys (per_head tiles of each head
+ * from q_start, heads from h_first): its stage of the ring, the parity its "tile landed" barrier
+ * completes with this time round (the producer waits for "stage free" with the other one: a fresh
+ * barrier's parity 1 counts as done, so the stages start empty), its query head and first query.
+ * Producer and consumers both take it from t, so their rings cannot drift apart. */
+struct BwdTile {
+    int stage;
+    u32 parity;
+    int head, q0;
+};
+__device__ __forceinline__ BwdTile bwd_tile(int t, int h_first, int q_start, int per_head) {
+    return {t % HBWD_STAGES, (u32)(t / HBWD_STAGES) & 1u, h_first + t / per_head, q_start + (t % per_head) * HBWD_BM};
+}
+
 /* P^T in place of S^T: p = exp2(s scale log2(e) - lse log2(e)), zero where the key is not visible
  * (MASKED: the tile crosses the diagonal, a document start or the window). Element e of block n is
  * key (g or g+8), query 8n + 2tq + (e&1); lse_s and doc_s hold the tile's queries. */
@@ -145,10 +159,10 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         };
         load_pair(ks, vs, k, v, k0, HBWD_BN, kv_heads, kvh);
         mbarrier_cp_async_arrive(&kv_full);
-        int s = 0, th = h_first, tq0 = q_start;
-        u32 free_parity = 1; /* a fresh barrier's parity 1 counts as done: the stages start empty */
         for (int t = 0; t < tiles; t++) {
-            mbarrier_wait(&tile_free[s], free_parity);
+            const BwdTile tile = bwd_tile(t, h_first, q_start, per_head);
+            const int s = tile.stage, th = tile.head, tq0 = tile.q0;
+            mbarrier_wait(&tile_free[s], tile.parity ^ 1u);
             load_pair(qbuf + s * HBWD_BM * D, dobuf + s * HBWD_BM * D, q, dout, tq0, HBWD_BM, heads, th);
             if (p < HBWD_BM) {
                 const int qi = tq0 + p;
@@ -159,15 +173,6 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
                 cp_async4(doc_buf + s * HBWD_BM + p, doc_start + (valid ? tok0 + qi : 0), valid);
             }
             mbarrier_cp_async_arrive(&tile_full[s]);
-            if (++s == HBWD_STAGES) {
-                s = 0;
-                free_parity ^= 1;
-            }
-            tq0 += HBWD_BM;
-            if (tq0 >= q_start + per_head * HBWD_BM) {
-                tq0 = q_start;
-                th++;
-            }
         }
         cp_async_commit();
         cp_async_wait<0>();
@@ -213,15 +218,16 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
         mbarrier_wait(&kv_full, 0);
         fence_proxy_async(); /* the producer's cp.async writes, seen through the tensor cores */
     }
-    int stage = 0, h = h_first, q0 = q_start, done = 0;
-    u32 full_parity = 0;
+    int done = 0;
     for (int t = 0; t < tiles; t++) {
+        const BwdTile tile = bwd_tile(t, h_first, q_start, per_head);
+        const int stage = tile.stage, q0 = tile.q0;
         const u16* qs = qbuf + stage * HBWD_BM * D;
         const u16* dos = dobuf + stage * HBWD_BM * D;
         const float* lse_s = lse_buf + stage * HBWD_BM;
         const float* dl_s = dl_buf + stage * HBWD_BM;
         const int* doc_s = doc_buf + stage * HBWD_BM;
-        mbarrier_wait(&tile_full[stage], full_parity);
+        mbarrier_wait(&tile_full[stage], tile.parity);
         fence_proxy_async();
         /* Whether any query of the tile sees this block's keys, and whether every query sees all of
          * them (no mask needed): lane l checks queries l and l + 32, the same answer in every warp. */
@@ -311,19 +317,10 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
                 wgmma_ss<1, 1>(dq, desc_advance(ds_desc, 2 * (HBWD_BM / 64) * 1024 * s),
                                desc_advance(k_t_desc, 2 * (D / 64) * 1024 * s), s > 0, (T*)0);
             wgmma_commit();
-            pending_h = h;
+            pending_h = tile.head;
             pending_q0 = q0;
             pending_stage = stage;
             done++;
-        }
-        if (++stage == HBWD_STAGES) {
-            stage = 0;
-            full_parity ^= 1;
-        }
-        q0 += HBWD_BM;
-        if (q0 >= q_start + per_head * HBWD_BM) {
-            q0 = q_start;
-            h++;
         }
     }
     wgmma_wait<0>();
