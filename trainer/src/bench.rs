@@ -462,6 +462,8 @@ mod tests {
         assert_eq!(r.tokens_per_step, 64);
         assert_eq!(r.step_times_s.len(), 3);
         assert!(r.tokens_per_s > 0.0 && r.median_step_s > 0.0);
+        // The CPU queues nothing: the host is busy the whole step.
+        assert_eq!(r.median_host_busy_s, r.median_step_s);
         // Random weights of std 0.02 predict about uniformly: loss ≈ ln(vocab) = ln 256.
         assert!((r.final_loss - 256f64.ln()).abs() < 0.1, "{}", r.final_loss);
         assert_eq!(r.peak_memory_bytes, None);

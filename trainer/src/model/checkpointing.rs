@@ -149,28 +149,21 @@ impl CheckpointPolicy {
         }
     }
 
-    /// Whether layer `l` (of `num_layers`) parks its checkpoint in host memory: every offloaded
-    /// layer.
-    pub fn parks(self, l: usize, num_layers: usize) -> bool {
-        self.of_layer(l, num_layers) == Checkpointing::Offload
-    }
-
-    /// How many of `num_layers` layers park their checkpoints ([`CheckpointPolicy::parks`]).
-    pub fn parked_layers(self, num_layers: usize) -> usize {
+    /// How many of `num_layers` layers keep what `keeps` says ([`CheckpointPolicy::of_layer`]).
+    fn count(self, num_layers: usize, keeps: impl Fn(Checkpointing) -> bool) -> usize {
         (0..num_layers)
-            .filter(|&l| self.parks(l, num_layers))
+            .filter(|&l| keeps(self.of_layer(l, num_layers)))
             .count()
     }
 
-    /// How many of `num_layers` layers are recomputed in backward (never the top one:
-    /// [`CheckpointPolicy::of_layer`]).
+    /// How many of `num_layers` layers park their checkpoints in host memory: the offloaded ones.
+    pub fn parked_layers(self, num_layers: usize) -> usize {
+        self.count(num_layers, |c| c == Checkpointing::Offload)
+    }
+
+    /// How many of `num_layers` layers are recomputed in backward (never the top one).
     pub fn recomputed_layers(self, num_layers: usize) -> usize {
-        if self.mode.recomputes() {
-            let below_top = num_layers.saturating_sub(1);
-            self.layers.map_or(below_top, |n| n.min(below_top))
-        } else {
-            0
-        }
+        self.count(num_layers, Checkpointing::recomputes)
     }
 
     /// `full`, `off`, `offload` (every layer but the top one, which always keeps its activations),
@@ -313,10 +306,9 @@ mod tests {
         );
         assert_eq!(p.recomputed_layers(1), 0);
         // Offloaded layers park their checkpoints.
-        assert!(p.parks(19, 32) && !p.parks(20, 32));
         assert_eq!(p.parked_layers(32), 20);
         let every = CheckpointPolicy::all(Checkpointing::Offload);
-        assert!(every.parks(30, 32) && !every.parks(31, 32));
+        assert_eq!(every.of_layer(31, 32), Checkpointing::Off);
         assert_eq!(every.parked_layers(32), 31);
         assert_eq!(
             CheckpointPolicy::all(Checkpointing::Full).parked_layers(32),
