@@ -1004,7 +1004,8 @@ impl Backend for CudaBackend {
             Arg::U64(n as u64),
         ];
         let name = format!("place_block_{}", suffix(dt));
-        self.launch(&name, (blocks_for(n), 1, 1), 256, 0, &args)
+        // Threads for 16-byte words; the element loop, where it runs, strides over the same grid.
+        self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
     }
 
     fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
