@@ -14,15 +14,6 @@
  * The forward's output moves in chunks where x, w and the y row are aligned, else element by
  * element (each y is one product, so its bits do not depend on the path), threads side by side so
  * the stores stay coalesced.
- *
- * rms_norm_forward_rows_<t>_c<CH>: the forward with one warp per row (4 rows a block of 128
- * threads), for hidden a multiple of 8 up to 256 CH with x and w 16-byte aligned: lane l holds
- * chunks l, l + 32, ... (at most CH) in registers from its one read of x, so x is read once from
- * memory and not again from cache, and the row's sum needs only shuffles (no block barrier between
- * the read and the write: the warps of a multiprocessor stream rows independently). The chunks'
- * sums run in one order whatever y's stride (a misaligned y row is stored element by element), so
- * rstd and y do not depend on it to the bit; the order differs from rms_norm_forward_<t>'s, so the
- * two agree to f32 rounding.
  */
 template <typename T>
 __device__ void rms_norm_forward(const T* x, const T* w, T* y, int y_ld, float* rstd, int hidden, float eps) {
@@ -95,75 +86,6 @@ __device__ void rms_norm_backward(const T* dy, const T* x, const T* w, const flo
         dxr[i] = store_f32<T>(load_f32(dxr[i]) + r * (g - xh * mean_gx));
     }
 }
-
-/* Eight elements of T as loaded, undecoded: one 16-byte word for a 16-bit T, two for f32. */
-template <typename T> struct Raw8 {
-    uint4 w[sizeof(T) / 2];
-};
-template <typename T> __device__ __forceinline__ void load_raw8(const T* p, u64 c, Raw8<T>& r) {
-#pragma unroll
-    for (int i = 0; i < (int)(sizeof(T) / 2); i++) r.w[i] = ((const uint4*)p)[c * (sizeof(T) / 2) + i];
-}
-__device__ __forceinline__ void unpack8(const Raw8<float>& r, float* v) {
-    for (int i = 0; i < 2; i++) {
-        v[4 * i] = __uint_as_float(r.w[i].x);
-        v[4 * i + 1] = __uint_as_float(r.w[i].y);
-        v[4 * i + 2] = __uint_as_float(r.w[i].z);
-        v[4 * i + 3] = __uint_as_float(r.w[i].w);
-    }
-}
-template <typename T> __device__ __forceinline__ void unpack8(const Raw8<T>& r, float* v) {
-    decode8(r.w[0], v, (const T*)nullptr);
-}
-
-template <typename T, int CH>
-__device__ void rms_norm_forward_rows(const T* x, const T* w, T* y, int y_ld, float* rstd, int rows, int hidden,
-                                      float eps) {
-    const int lane = threadIdx.x & 31, row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    const int chunks = hidden / 8;
-    const T* xr = x + (u64)row * hidden;
-    T* yr = y + (u64)row * y_ld;
-    Raw8<T> raw[CH];
-    float ss = 0.0f;
-#pragma unroll
-    for (int k = 0; k < CH; k++) {
-        const int c = lane + 32 * k;
-        if (c < chunks) {
-            float v[8];
-            load_raw8(xr, c, raw[k]);
-            unpack8(raw[k], v);
-            for (int j = 0; j < 8; j++) ss += v[j] * v[j];
-        }
-    }
-    const float r = rsqrtf(warp_sum(ss) / hidden + eps);
-    if (lane == 0) rstd[row] = r;
-    const bool vy = aligned16(yr);
-#pragma unroll
-    for (int k = 0; k < CH; k++) {
-        const int c = lane + 32 * k;
-        if (c < chunks) {
-            float v[8], wv[8];
-            unpack8(raw[k], v);
-            load8(w, c, wv);
-            for (int j = 0; j < 8; j++) v[j] = wv[j] * (v[j] * r);
-            if (vy) {
-                store8(yr, c, v);
-            } else {
-                for (int j = 0; j < 8; j++) yr[8 * c + j] = store_f32<T>(v[j]);
-            }
-        }
-    }
-}
-
-#define RMSNORM_ROWS_KERNEL(S, T, CH)                                                                      \
-    extern "C" __global__ void rms_norm_forward_rows_##S##_c##CH(const T* x, const T* w, T* y, int y_ld,   \
-                                                                 float* rstd, int rows, int hidden,        \
-                                                                 float eps) {                              \
-        rms_norm_forward_rows<T, CH>(x, w, y, y_ld, rstd, rows, hidden, eps);                              \
-    }
-#define RMSNORM_ROWS_KERNELS(S, T) RMSNORM_ROWS_KERNEL(S, T, 4) RMSNORM_ROWS_KERNEL(S, T, 8) RMSNORM_ROWS_KERNEL(S, T, 16)
-FOR_EACH_DTYPE(RMSNORM_ROWS_KERNELS)
 
 #define RMSNORM_KERNELS(S, T)                                                                              \
     extern "C" __global__ void rms_norm_forward_##S(const T* x, const T* w, T* y, int y_ld, float* rstd,   \

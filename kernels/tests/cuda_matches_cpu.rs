@@ -319,7 +319,7 @@ fn strided_rms_norm_equals_the_dense_norm_and_leaves_the_pad() {
     let cpu = CpuBackend::new();
     for d in ALL {
         let Some(g) = gpu(d) else { return };
-        for (rows, hidden) in [(1024, 4096), (512, 100), (256, 1000), (128, 5120)] {
+        for (rows, hidden) in [(1024, 4096), (512, 100)] {
             let (x, xr) = up(&g, &random(rows * hidden, 31, 2.0), d);
             let weights: Vec<f32> = random(hidden, 32, 1.0)
                 .iter()

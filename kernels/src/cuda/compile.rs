@@ -55,15 +55,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         name: "rmsnorm",
         source: include_str!("../../cuda/rmsnorm.cu"),
         headers: &[],
-        entry_points: || {
-            let mut names = per_dtype(&["rms_norm_forward", "rms_norm_backward"]);
-            names.extend(
-                DTYPES
-                    .iter()
-                    .flat_map(|t| [4, 8, 16].map(|ch| format!("rms_norm_forward_rows_{t}_c{ch}"))),
-            );
-            names
-        },
+        entry_points: || per_dtype(&["rms_norm_forward", "rms_norm_backward"]),
     },
     KernelSource {
         name: "rope",

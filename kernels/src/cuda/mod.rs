@@ -764,28 +764,6 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let aligned = [x, w].iter().all(|t| t.ptr(&self.stream) % 16 == 0);
-        if let (true, Some(ch)) = (aligned, rows_kernel_chunks(hidden)) {
-            let name = format!("rms_norm_forward_rows_{}_c{ch}", suffix(dt));
-            let args = [
-                self.p(x),
-                self.p(w),
-                self.p(y),
-                Arg::I32(y_ld as i32),
-                self.p(rstd),
-                Arg::I32(rows as i32),
-                Arg::I32(hidden as i32),
-                Arg::F32(eps),
-            ];
-            let blocks = rows.div_ceil(NORM_ROWS_PER_BLOCK) as u32;
-            return self.launch(
-                &name,
-                (blocks, 1, 1),
-                32 * NORM_ROWS_PER_BLOCK as u32,
-                0,
-                &args,
-            );
-        }
         let name = format!("rms_norm_forward_{}", suffix(dt));
         let args = [
             self.p(x),
@@ -1101,20 +1079,6 @@ impl Backend for CudaBackend {
 
 /// Threads per RMSNorm row: 256, or fewer whole warps for short rows (the per-head q/k norm of
 /// Qwen3 has rows of head_dim = 128), so no warp of the block idles.
-/// Rows a block of `rms_norm_forward_rows_<t>_c<CH>` normalises, one warp each.
-const NORM_ROWS_PER_BLOCK: usize = 4;
-
-/// The chunks of 8 a lane of `rms_norm_forward_rows_<t>_c<CH>` holds (CH: 4, 8 or 16, the
-/// smallest that covers the row), or `None` where that kernel does not apply (hidden not a
-/// multiple of 8, or over 32 · 16 · 8 = 4096): rms_norm_forward_<t> takes those rows.
-pub(crate) fn rows_kernel_chunks(hidden: usize) -> Option<usize> {
-    let per_lane = (hidden / 8).div_ceil(32);
-    match hidden.is_multiple_of(8) {
-        true => [4, 8, 16].into_iter().find(|&ch| per_lane <= ch),
-        false => None,
-    }
-}
-
 fn norm_threads(hidden: usize) -> u32 {
     hidden.next_multiple_of(32).min(256) as u32
 }
