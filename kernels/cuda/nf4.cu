@@ -1,8 +1,12 @@
 /* NF4 dequantization (bitsandbytes quant_type="nf4", blocksize 64), the QLoRA base weight read:
  *   out[(i / cols) * ld + i % cols] = c[code[i]] * A[i / 64]    for i < n = rows * cols
  * with c the 16-value NF4 table and the 4-bit codes packed two per byte, element 2k in the high
- * nibble. The weight's rows of cols elements land ld >= cols apart and columns cols..ld of each
- * are left as they are (a LoRA-padded weight W' = [W | B-block]); cols == ld is the dense weight.
+ * nibble. The weight's rows of cols elements land ld >= cols apart; cols == ld is the dense weight.
+ * The _padded kernels also write a LoRA-padded weight's pad W' = [W | pad] (Nf4Pad, width w =
+ * ld - cols), what place_block.cu would write in a launch of its own:
+ *   out[i * ld + cols + j] = B[i, j - b0]   for b0 <= j < b1,   0 for the other j < w
+ * with B [rows, b1 - b0] rows b_ld apart (a member's LoRA B in its block, zeros in the others');
+ * with w passed as 0 the pad columns are left as they are.
  * A is the block's absmax: stored as f32 (plain), or decoded from 8 bits (double quant):
  *   A[b] = f32(map[code8[b]] * nested_absmax[b / 256]) + offset
  * rounded twice, as bitsandbytes does: __fmul_rn/__fadd_rn keep the compiler from fusing them.
@@ -15,8 +19,10 @@
  * of the H200's bandwidth. The 8 elements of a chunk share their block's absmax (8 divides 64).
  * The code table is read from shared memory: in __constant__ memory the 32 lanes' different
  * indices serialise (one address per cycle), which held this kernel to ~15% of the memory
- * bandwidth. Traffic: n/2 bytes in, n·sizeof(T) out (the pad columns are not touched), the absmax
- * tables ~n/64. Byte j of a word is bits 8j..8j+7 (little endian): elements 2j (high nibble) and
+ * bandwidth. Traffic: n/2 bytes in, n·sizeof(T) out, the absmax tables ~n/64; with a pad also
+ * rows·(b1 - b0) elements of B read and rows·w written (w = 48 against cols = 4096 at 7B with three
+ * rank-16 adapters: about 1% more).
+ * Byte j of a word is bits 8j..8j+7 (little endian): elements 2j (high nibble) and
  * 2j+1 of the chunk. A chunk is one 16-byte store when the output is 16-byte aligned and the chunk
  * stays 8 aligned consecutive elements of out: cols == ld (the dense weight), or cols and ld
  * multiples of 8, the chunk's row found by one division per chunk. Otherwise (and for the last
@@ -25,7 +31,13 @@
  * kept multiples of 8 long. The dense weight has its own kernels (nf4_dequantize_{plain,double}),
  * the padded one the _padded ones: the row arithmetic as a run-time choice inside the dense kernel
  * cost the double-quant one 3-14% (0.0373-0.0415 against 0.0363 ms, same shape). The f32 output
- * holds exactly the host's bits.
+ * holds exactly the host's bits; B's values are copied as stored.
+ *
+ * The pad is a grid-stride loop over the flat index i * w + j that each thread runs after its own
+ * chunks, so a warp writes consecutive pad columns of a row (one division per element, 32-bit where
+ * it fits); the grid's ~n/32 threads outnumber the rows·w pad elements whenever w < cols/32 (at 7B
+ * each thread writes at most one). Writing it here instead of in place_block saves a launch per
+ * dequantization (~8.5 us each, ~250 a Mistral-7B QLoRA step).
  */
 __constant__ float NF4_CODE[16] = {
     -1.0f,         -0.6961928f,  -0.52507305f, -0.3949175f,  -0.28444138f, -0.18477343f,
@@ -68,12 +80,34 @@ __device__ __forceinline__ u64 nf4_out_chunk(u64 c, u64 cols, u64 ld) {
     return row * (ld / 8) + (c - row * (cols / 8));
 }
 
-/* PADDED: rows of cols elements ld apart (the _padded kernels); else cols == ld and out is the
- * dense weight, whose kernels carry none of the row arithmetic and ignore cols and ld. */
+/* The pad a _padded kernel writes after each row's cols elements: its width w pad columns (0: the
+ * pad is left as it is), B [rows, b1 - b0] at b with rows b_ld apart, and the block b0..b1. */
+template <typename T>
+struct Nf4Pad {
+    const T* b;
+    u64 b_ld, b0, b1, width;
+};
+
+/* Pad column j < w of row i: B[i, j - b0] inside the block, 0 outside; a grid-stride loop over the
+ * flat index i * w + j, so a warp writes consecutive columns of a row. */
+template <typename T>
+__device__ __forceinline__ void nf4_write_pad(T* out, u64 rows, u64 cols, u64 ld, const Nf4Pad<T>& pad) {
+    const u64 total = rows * pad.width;
+    for (u64 k = THREAD_INDEX; k < total; k += GRID_STRIDE) {
+        const u64 i = div_u64(k, pad.width), j = k - i * pad.width;
+        out[i * ld + cols + j] =
+            j >= pad.b0 && j < pad.b1 ? pad.b[i * pad.b_ld + (j - pad.b0)] : store_f32<T>(0.0f);
+    }
+}
+
+/* PADDED: rows of cols elements ld apart, then the pad (the _padded kernels); else cols == ld and
+ * out is the dense weight, whose kernels carry none of the row arithmetic and ignore cols, ld and
+ * pad. */
 template <typename T, bool DOUBLE, bool PADDED>
 __device__ void nf4_dequantize(const unsigned char* packed, const float* absmax,
                                const unsigned char* absmax_codes, const float* nested_absmax,
-                               const float* map, float offset, T* out, u64 n, u64 cols, u64 ld) {
+                               const float* map, float offset, T* out, u64 n, u64 cols, u64 ld,
+                               const Nf4Pad<T>& pad) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     __syncthreads();
@@ -114,25 +148,33 @@ __device__ void nf4_dequantize(const unsigned char* packed, const float* absmax,
         const float v = __fmul_rn(code[i % 2 == 0 ? byte >> 4 : byte & 15], ai);
         nf4_store_each<PADDED>(out, i, &v, 1, cols, ld);
     }
+    if (PADDED) nf4_write_pad(out, div_u64(n, cols), cols, ld, pad);
 }
 
-#define NF4_PLAIN_KERNEL(NAME, T, PADDED)                                                         \
-    extern "C" __global__ void NAME(const int* packed, const float* absmax, T* out, u64 n, u64 cols, \
-                                    u64 ld) {                                                     \
-        nf4_dequantize<T, false, PADDED>((const unsigned char*)packed, absmax, 0, 0, 0, 0.0f, out, \
-                                         n, cols, ld);                                            \
-    }
-#define NF4_DOUBLE_KERNEL(NAME, T, PADDED)                                                        \
-    extern "C" __global__ void NAME(const int* packed, const int* absmax_codes,                   \
-                                    const float* nested_absmax, const float* map, float offset,   \
-                                    T* out, u64 n, u64 cols, u64 ld) {                            \
-        nf4_dequantize<T, true, PADDED>((const unsigned char*)packed, 0,                          \
-                                        (const unsigned char*)absmax_codes, nested_absmax, map,   \
-                                        offset, out, n, cols, ld);                                \
-    }
+/* The dense kernels take cols and ld and ignore them; the padded ones take the pad's fields too. */
+#define NF4_PAD_PARAMS(T) const T *pad_b, u64 pad_b_ld, u64 pad_b0, u64 pad_b1, u64 pad_width
+#define NF4_PAD(T) Nf4Pad<T>{pad_b, pad_b_ld, pad_b0, pad_b1, pad_width}
+#define NF4_PLAIN_ARGS (const unsigned char*)packed, absmax, 0, 0, 0, 0.0f, out, n, cols, ld
+#define NF4_DOUBLE_ARGS                                                                           \
+    (const unsigned char*)packed, 0, (const unsigned char*)absmax_codes, nested_absmax, map, offset, \
+        out, n, cols, ld
+#define NF4_PLAIN_PARAMS(T) const int *packed, const float *absmax, T *out, u64 n, u64 cols, u64 ld
+#define NF4_DOUBLE_PARAMS(T)                                                                      \
+    const int *packed, const int *absmax_codes, const float *nested_absmax, const float *map,     \
+        float offset, T *out, u64 n, u64 cols, u64 ld
 #define NF4_KERNELS(S, T)                                                                         \
-    NF4_PLAIN_KERNEL(nf4_dequantize_plain_##S, T, false)                                          \
-    NF4_PLAIN_KERNEL(nf4_dequantize_plain_padded_##S, T, true)                                    \
-    NF4_DOUBLE_KERNEL(nf4_dequantize_double_##S, T, false)                                        \
-    NF4_DOUBLE_KERNEL(nf4_dequantize_double_padded_##S, T, true)
+    extern "C" __global__ void nf4_dequantize_plain_##S(NF4_PLAIN_PARAMS(T)) {                    \
+        nf4_dequantize<T, false, false>(NF4_PLAIN_ARGS, Nf4Pad<T>{});                             \
+    }                                                                                             \
+    extern "C" __global__ void nf4_dequantize_plain_padded_##S(NF4_PLAIN_PARAMS(T),               \
+                                                               NF4_PAD_PARAMS(T)) {               \
+        nf4_dequantize<T, false, true>(NF4_PLAIN_ARGS, NF4_PAD(T));                               \
+    }                                                                                             \
+    extern "C" __global__ void nf4_dequantize_double_##S(NF4_DOUBLE_PARAMS(T)) {                  \
+        nf4_dequantize<T, true, false>(NF4_DOUBLE_ARGS, Nf4Pad<T>{});                             \
+    }                                                                                             \
+    extern "C" __global__ void nf4_dequantize_double_padded_##S(NF4_DOUBLE_PARAMS(T),             \
+                                                                NF4_PAD_PARAMS(T)) {              \
+        nf4_dequantize<T, true, true>(NF4_DOUBLE_ARGS, NF4_PAD(T));                               \
+    }
 FOR_EACH_DTYPE(NF4_KERNELS)

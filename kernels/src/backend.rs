@@ -92,6 +92,18 @@ pub enum Nf4Absmax<'a, T, I> {
     },
 }
 
+/// The pad columns [`Backend::dequantize_nf4`] writes after each row of a LoRA-padded weight
+/// `W' = [W | pad]` (the layout [`Backend::place_block`] writes for a dense one): pad column `j`
+/// (`j < ld − cols`) of row `i` holds `B[i, j − block.start]` for `j ∈ block` and 0 otherwise,
+/// with `B [rows, len(block)]` in its tensor as `b_at` says, of `out`'s dtype. A member's B in its
+/// own block, zeros in the other members' blocks.
+#[derive(Clone, Debug)]
+pub struct LoraPad<'a, T> {
+    pub b: &'a T,
+    pub b_at: MatAt,
+    pub block: Range<usize>,
+}
+
 /// Where a row-major matrix operand of [`Backend::gemm_at`] or [`Backend::place_block`] lies in
 /// its tensor: row `i` starts at element `offset + i · ld` (`ld` at least the stored row's length).
 /// LoRA's products read and write column blocks of a wider matrix this way (`t_q` of
@@ -224,6 +236,31 @@ pub(crate) fn nf4_out_elements(cols: usize, ld: usize, len: usize) -> Result<usi
         });
     }
     Ok(len / ld * cols)
+}
+
+/// Checks [`Backend::dequantize_nf4`]'s [`LoraPad`] against `rows` rows of `cols` elements `ld`
+/// apart (checked by [`nf4_out_elements`]): the rows have pad columns, the block lies inside
+/// them, and B `[rows, len(block)]` inside its tensor of `b_len` elements.
+pub(crate) fn check_lora_pad(
+    (rows, cols, ld): (usize, usize, usize),
+    block: &Range<usize>,
+    (b_at, b_len): (MatAt, usize),
+) -> Result<()> {
+    if ld == cols {
+        return Err(crate::KernelError::Unsupported(format!(
+            "dequantize_nf4: a LoRA pad was given but the rows have no pad columns (ld = cols = \
+             {cols}); pass no pad for the dense weight, or rows ld > cols apart"
+        )));
+    }
+    let width = ld - cols;
+    if block.start > block.end || block.end > width {
+        return Err(crate::KernelError::Unsupported(format!(
+            "dequantize_nf4: pad block {}..{} is not a column range inside the pad's {width} \
+             columns (ld - cols)",
+            block.start, block.end
+        )));
+    }
+    b_at.check("dequantize_nf4", "pad B", rows, block.len(), b_len)
 }
 
 /// The ops a Llama/Mistral decoder needs for LoRA training, each with an explicit backward.
@@ -649,8 +686,10 @@ pub trait Backend {
     /// into rows `ld ≥ cols` apart: `out` holds `rows = len(out) / ld` of them, and
     /// `out[(i / cols) · ld + i % cols] = c[code[i]] · A[i / 64]` for `i < n`, with `c` the NF4
     /// table and the 4-bit codes packed two per byte, element `2k` in the high nibble, the bytes in
-    /// i32 words ([`crate::nf4::bytes_to_words`]). Columns `cols..ld` are left as they are (a
-    /// LoRA-padded weight `W' = [W | B-block]`); `cols = ld` is the dense `[rows, cols]` weight.
+    /// i32 words ([`crate::nf4::bytes_to_words`]); `cols = ld` is the dense `[rows, cols]` weight.
+    /// Columns `cols..ld` of a LoRA-padded weight `W' = [W | pad]` are written as `pad` says
+    /// ([`LoraPad`]: `out[i · ld + cols + j] = B[i, j − block.start]` for `j ∈ block`, 0 for the
+    /// other `j < ld − cols`; only with `ld > cols`), or left as they are without one.
     /// Products are single f32 roundings, so an f32 `out` holds exactly [`crate::nf4::dequantize`]'s bits.
     fn dequantize_nf4(
         &self,
@@ -658,6 +697,7 @@ pub trait Backend {
         absmax: Nf4Absmax<'_, Self::Tensor, Self::Indices>,
         cols: usize,
         ld: usize,
+        pad: Option<LoraPad<'_, Self::Tensor>>,
         out: &mut Self::Tensor,
     ) -> Result<()>;
 

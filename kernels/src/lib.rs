@@ -23,7 +23,7 @@ pub mod rope;
 mod widen;
 
 pub use backend::{
-    AdamWParams, Backend, CeGrad, DType, MatAt, Nf4Absmax, Rotation, IGNORE_INDEX,
+    AdamWParams, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, Rotation, IGNORE_INDEX,
     LM_HEAD_CHUNK_ELEMENTS,
 };
 pub use error::KernelError;

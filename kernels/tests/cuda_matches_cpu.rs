@@ -11,8 +11,8 @@ use kernels::cpu::CpuBackend;
 use kernels::cuda::{CudaBackend, CudaIndices, CudaTensor};
 use kernels::nf4::{self, Absmax, AbsmaxBuffers, Nf4Buffers, Nf4Weight, DYNAMIC_MAP};
 use kernels::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, MatAt, Nf4Absmax, ParkLane, Rotation,
-    IGNORE_INDEX,
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, ParkLane,
+    Rotation, IGNORE_INDEX,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -759,7 +759,7 @@ fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
             match &w.absmax {
                 Absmax::Plain(a) => {
                     let a = g.upload(a, DType::F32).unwrap();
-                    g.dequantize_nf4(&packed, Nf4Absmax::Plain(&a), n, n, &mut out)
+                    g.dequantize_nf4(&packed, Nf4Absmax::Plain(&a), n, n, None, &mut out)
                         .unwrap();
                 }
                 Absmax::Double(q) => {
@@ -772,7 +772,8 @@ fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
                         map: &map,
                         offset: q.offset,
                     };
-                    g.dequantize_nf4(&packed, absmax, n, n, &mut out).unwrap();
+                    g.dequantize_nf4(&packed, absmax, n, n, None, &mut out)
+                        .unwrap();
                 }
             }
             let got = g.download(&out).unwrap();
@@ -791,6 +792,7 @@ fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
         Nf4Absmax::Plain(&vec![2.0]),
         8,
         8,
+        None,
         &mut host,
     )
     .unwrap();
@@ -798,40 +800,74 @@ fn nf4_dequantize_is_bit_exact_in_f32_and_rounds_once_otherwise() {
 }
 
 /// NF4 dequantization into rows `ld` apart, plain and double-quantized absmax, in every dtype: the
-/// CPU's bits once rounded, the pad columns untouched. Covers the 16-byte stores (`cols` and `ld`
-/// multiples of 8), rows not 16-byte aligned (`ld = cols + 3`), chunks of 8 crossing rows with an
-/// odd element count (`cols = 41`), and a Llama-2-7B projection padded by three rank-16 adapters.
+/// CPU's bits once rounded; without a pad the pad columns untouched, with a [`LoraPad`] holding B's
+/// bits in its block and zeros in the rest, as the CPU writes them. Covers the 16-byte stores
+/// (`cols` and `ld` multiples of 8), rows not 16-byte aligned (`ld = cols + 3`), chunks of 8
+/// crossing rows with an odd element count and more pad elements than the grid has threads
+/// (`cols = 41`), and a Llama-2-7B projection padded by three rank-16 adapters. B is read at an
+/// offset, its rows farther apart than the block is wide. A B of another dtype is refused.
 #[test]
-fn strided_nf4_dequantize_is_bit_exact_and_leaves_the_pad() {
+fn strided_nf4_dequantize_is_bit_exact_and_writes_or_leaves_the_pad() {
     let cpu = CpuBackend::new();
-    for (rows, cols, ld) in [
-        (1000, 128, 176),
-        (1000, 128, 131),
-        (301, 41, 44),
-        (4096, 4096, 4144),
+    for (rows, cols, ld, block) in [
+        (1000, 128, 176, 16..32),
+        (1000, 128, 131, 1..2),
+        (301, 41, 44, 0..3),
+        (4096, 4096, 4144, 32..48),
     ] {
         let x = random(rows * cols, 23, 0.05);
         let pad0 = random(rows * ld, 24, 1.0);
+        let b_at = MatAt::at(5, block.len() + 3);
+        let b0 = random(b_at.extent(rows, block.len()), 25, 1.0);
         for double in [false, true] {
             let w = Nf4Weight::quantize(&x, double);
             let cpu_q = Nf4Buffers::upload(&cpu, &w).unwrap();
             for d in ALL {
                 let Some(g) = gpu(d) else { return };
-                let what = format!(
-                    "rows {rows} cols {cols} ld {ld} double {double} {}",
-                    d.name()
-                );
                 let q = Nf4Buffers::upload(&g, &w).unwrap();
-                let (mut out, pad) = up(&g, &pad0, d);
-                g.dequantize_nf4(&q.packed, q.absmax(), cols, ld, &mut out)
-                    .unwrap();
-                let mut want = pad;
-                cpu.dequantize_nf4(&cpu_q.packed, cpu_q.absmax(), cols, ld, &mut want)
-                    .unwrap();
-                let want = g.download(&g.upload(&want, d).unwrap()).unwrap();
-                let mismatches = bits_differing(&g.download(&out).unwrap(), &want);
-                println!("strided nf4 dequantize {what} mismatches {mismatches}");
-                assert_eq!(mismatches, 0, "{what}");
+                let (b, b_c) = up(&g, &b0, d);
+                for with_pad in [false, true] {
+                    let what = format!(
+                        "rows {rows} cols {cols} ld {ld} double {double} pad {with_pad} {}",
+                        d.name()
+                    );
+                    let block = block.clone();
+                    let pad = with_pad.then_some(LoraPad {
+                        b: &b,
+                        b_at,
+                        block: block.clone(),
+                    });
+                    let cpu_pad = with_pad.then_some(LoraPad {
+                        b: &b_c,
+                        b_at,
+                        block,
+                    });
+                    let (mut out, mut want) = up(&g, &pad0, d);
+                    g.dequantize_nf4(&q.packed, q.absmax(), cols, ld, pad, &mut out)
+                        .unwrap();
+                    cpu.dequantize_nf4(&cpu_q.packed, cpu_q.absmax(), cols, ld, cpu_pad, &mut want)
+                        .unwrap();
+                    let want = g.download(&g.upload(&want, d).unwrap()).unwrap();
+                    let mismatches = bits_differing(&g.download(&out).unwrap(), &want);
+                    println!("strided nf4 dequantize {what} mismatches {mismatches}");
+                    assert_eq!(mismatches, 0, "{what}");
+                }
+                let other = if d == DType::F32 {
+                    DType::BF16
+                } else {
+                    DType::F32
+                };
+                let b_other = g.upload(&b0, other).unwrap();
+                let pad = LoraPad {
+                    b: &b_other,
+                    b_at,
+                    block: block.clone(),
+                };
+                let mut out = g.zeros(rows * ld, d).unwrap();
+                let e = g
+                    .dequantize_nf4(&q.packed, q.absmax(), cols, ld, Some(pad), &mut out)
+                    .unwrap_err();
+                assert!(e.to_string().contains("pad B is"), "{e}");
             }
         }
     }

@@ -27,8 +27,8 @@ use crate::backend::{check_copy_places, check_gemm_at, check_place_block};
 use crate::error::{check_len, check_rows, check_strided_rows};
 use crate::nf4::{Nf4Buffers, Nf4Weight};
 use crate::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, MatAt, Nf4Absmax, ParkLane, Result,
-    Rotation,
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, ParkLane,
+    Result, Rotation,
 };
 use profile::timed;
 use std::ops::Range;
@@ -530,9 +530,10 @@ impl Backend for CpuBackend {
         absmax: Nf4Absmax<'_, Vec<f32>, Vec<i32>>,
         cols: usize,
         ld: usize,
+        pad: Option<LoraPad<'_, Vec<f32>>>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        nf4::dequantize(packed, absmax, cols, ld, out)
+        nf4::dequantize(packed, absmax, (cols, ld), pad, out)
     }
 
     fn all_finite(&self, tensors: &[Vec<f32>]) -> Result<bool> {

@@ -29,8 +29,8 @@ pub use tensor::{CudaIndices, CudaTensor};
 use crate::backend::{check_gemm_at, check_place_block};
 use crate::error::{check_len, check_rows, check_strided_rows};
 use crate::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, MatAt, Nf4Absmax, OpTime,
-    ParkLane, Result, Rotation,
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, LoraPad, MatAt, Nf4Absmax,
+    OpTime, ParkLane, Result, Rotation,
 };
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
@@ -1054,9 +1054,10 @@ impl Backend for CudaBackend {
         absmax: Nf4Absmax<'_, CudaTensor, CudaIndices>,
         cols: usize,
         ld: usize,
+        pad: Option<LoraPad<'_, CudaTensor>>,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        self.dequantize_nf4_impl(packed, absmax, (cols, ld), out)
+        self.dequantize_nf4_impl(packed, absmax, (cols, ld), pad, out)
     }
 
     fn all_finite(&self, tensors: &[CudaTensor]) -> Result<bool> {

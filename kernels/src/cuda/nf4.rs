@@ -1,14 +1,14 @@
 //! NF4 on the GPU: quantization (kernels/cuda/nf4_quantize.cu), bit for bit the host quantizer,
 //! and dequantization (kernels/cuda/nf4.cu), chunks of 8 elements written in the compute dtype, so
-//! a 4-bit weight becomes a dense GEMM operand (or the `W` part of a LoRA-padded one) in one pass.
+//! a 4-bit weight becomes a dense GEMM operand, or a LoRA-padded one with its pad, in one pass.
 
 use super::launch::Arg;
 use super::{device_err, suffix, CudaBackend, CudaIndices, CudaTensor};
-use crate::backend::nf4_out_elements;
+use crate::backend::{check_lora_pad, nf4_out_elements};
 use crate::error::check_len;
 use crate::nf4::double_quant::{absmax_mean, NESTED_BLOCK};
 use crate::nf4::{n_blocks, AbsmaxBuffers, Nf4Buffers, DYNAMIC_MAP};
-use crate::{Backend, DType, Nf4Absmax, Result};
+use crate::{Backend, DType, LoraPad, Nf4Absmax, Result};
 
 /// Threads per block of the NF4 kernels (the double quantization needs one per absmax of a group).
 const THREADS: u32 = 256;
@@ -105,15 +105,43 @@ impl CudaBackend {
         })
     }
 
-    /// Dequantizes the `n = rows · cols` elements into rows `ld` apart (`rows = len(out) / ld`).
+    /// The padded kernels' last arguments (nf4.cu's `Nf4Pad`): B's first element, its row
+    /// distance, the block's columns, and the `width` pad columns to write (0 without a pad: the
+    /// pad is left as it is).
+    fn nf4_pad_args(&self, pad: Option<&LoraPad<'_, CudaTensor>>, width: usize) -> [Arg; 5] {
+        match pad {
+            Some(p) => [
+                Arg::Ptr(p.b.ptr(&self.stream) + (p.b_at.offset * p.b.dtype.size_bytes()) as u64),
+                Arg::U64(p.b_at.ld as u64),
+                Arg::U64(p.block.start as u64),
+                Arg::U64(p.block.end as u64),
+                Arg::U64(width as u64),
+            ],
+            None => [
+                Arg::Ptr(0),
+                Arg::U64(0),
+                Arg::U64(0),
+                Arg::U64(0),
+                Arg::U64(0),
+            ],
+        }
+    }
+
+    /// Dequantizes the `n = rows · cols` elements into rows `ld` apart (`rows = len(out) / ld`),
+    /// and with `pad` writes the pad columns in the same launch.
     pub(crate) fn dequantize_nf4_impl(
         &self,
         packed: &CudaIndices,
         absmax: Nf4Absmax<'_, CudaTensor, CudaIndices>,
         (cols, ld): (usize, usize),
+        pad: Option<LoraPad<'_, CudaTensor>>,
         out: &mut CudaTensor,
     ) -> Result<()> {
         let n = nf4_out_elements(cols, ld, out.len())?;
+        if let Some(p) = &pad {
+            check_lora_pad((n / cols, cols, ld), &p.block, (p.b_at, p.b.len()))?;
+            self.same_dtype("dequantize_nf4", &[("out", out), ("pad B", p.b)])?;
+        }
         let bytes = n.div_ceil(2);
         let blocks = n_blocks(n);
         check_len(
@@ -129,11 +157,13 @@ impl CudaBackend {
         // the last n % 8.
         let chunks_per_block = NF4_CHUNKS_PER_THREAD * THREADS as usize;
         let grid = ((n / 8).div_ceil(chunks_per_block).max(1) as u32, 1, 1);
-        // The dense weight's kernels carry none of the padded rows' arithmetic (nf4.cu).
-        let variant = if cols == ld {
-            suffix(out.dtype).to_string()
+        // The dense weight's kernels carry none of the padded rows' arithmetic (nf4.cu); the padded
+        // ones take the pad's arguments last.
+        let (variant, pad_args) = if cols == ld {
+            (suffix(out.dtype).to_string(), Vec::new())
         } else {
-            format!("padded_{}", suffix(out.dtype))
+            let pad_args = self.nf4_pad_args(pad.as_ref(), ld - cols).to_vec();
+            (format!("padded_{}", suffix(out.dtype)), pad_args)
         };
         let (n_arg, cols_arg, ld_arg) = (
             Arg::U64(n as u64),
@@ -150,13 +180,17 @@ impl CudaBackend {
                     THREADS,
                     0,
                     &[
-                        self.pi(packed),
-                        self.p(a),
-                        self.p(out),
-                        n_arg,
-                        cols_arg,
-                        ld_arg,
-                    ],
+                        &[
+                            self.pi(packed),
+                            self.p(a),
+                            self.p(out),
+                            n_arg,
+                            cols_arg,
+                            ld_arg,
+                        ],
+                        &pad_args[..],
+                    ]
+                    .concat(),
                 )
             }
             Nf4Absmax::Double {
@@ -186,16 +220,20 @@ impl CudaBackend {
                     THREADS,
                     0,
                     &[
-                        self.pi(packed),
-                        self.pi(codes),
-                        self.p(nested_absmax),
-                        self.p(map),
-                        Arg::F32(offset),
-                        self.p(out),
-                        n_arg,
-                        cols_arg,
-                        ld_arg,
-                    ],
+                        &[
+                            self.pi(packed),
+                            self.pi(codes),
+                            self.p(nested_absmax),
+                            self.p(map),
+                            Arg::F32(offset),
+                            self.p(out),
+                            n_arg,
+                            cols_arg,
+                            ld_arg,
+                        ],
+                        &pad_args[..],
+                    ]
+                    .concat(),
                 )
             }
         }

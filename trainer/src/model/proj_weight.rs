@@ -13,11 +13,11 @@
 //! `x' W'ᵀ = x Wᵀ + t_p Bᵀ` (Hu et al. 2021, eq. 3) — the skinny `t_p Bᵀ` product, which
 //! reads and writes the wide output once more, is gone. A dense weight is stored padded and its
 //! pad rewritten when the adapter's compute copies change ([`PadSource::version`]); an NF4
-//! weight is dequantized into padded rows and its pad written then.
+//! weight is dequantized into padded rows, its pad written by the same dequantization.
 
 use anyhow::Result;
 use kernels::nf4::{Nf4Buffers, Nf4Weight};
-use kernels::{Backend, MatAt};
+use kernels::{Backend, LoraPad, MatAt};
 use std::sync::Mutex;
 
 /// Quantize a dense checkpoint's projections to NF4 at load (`[model] quantize = "nf4"`). As
@@ -62,6 +62,16 @@ impl FoldLayout {
     /// Elements between rows.
     pub fn ld(&self) -> usize {
         self.in_f + self.width
+    }
+
+    /// The pad of this member's rows: its `B [out, rank]` from `src` in its block, zeros in the
+    /// other members' blocks.
+    fn pad_from<'a, B: Backend>(&self, src: &PadSource<'a, B>) -> LoraPad<'a, B::Tensor> {
+        LoraPad {
+            b: src.compute,
+            b_at: MatAt::at(src.b_at, self.rank),
+            block: self.block..self.block + self.rank,
+        }
     }
 }
 
@@ -126,32 +136,35 @@ impl<B: Backend> Nf4Tensor<B> {
         })
     }
 
-    /// `out ← W'` in `out`'s dtype, rows of `cols` elements `ld` apart (the columns after `cols`
-    /// untouched).
+    /// `out ← W'` in `out`'s dtype, rows of `cols` elements `ld` apart, the columns after `cols`
+    /// holding `pad` (untouched without one).
     pub fn dequantize_into(
         &self,
         be: &B,
         cols: usize,
         ld: usize,
+        pad: Option<LoraPad<'_, B::Tensor>>,
         out: &mut B::Tensor,
     ) -> Result<()> {
-        be.dequantize_nf4(&self.buffers.packed, self.buffers.absmax(), cols, ld, out)?;
+        let absmax = self.buffers.absmax();
+        be.dequantize_nf4(&self.buffers.packed, absmax, cols, ld, pad, out)?;
         Ok(())
     }
 }
 
-/// `dst`'s pad columns `← [0 … B … 0]`: the member's B in its block, zeros in the others'.
+/// A dense weight's pad columns `← [0 … B … 0]`: the member's B in its block, zeros in the others'.
 fn write_pad<B: Backend>(
     be: &B,
     f: FoldLayout,
     src: &PadSource<'_, B>,
     dst: &mut B::Tensor,
 ) -> Result<()> {
+    let pad = f.pad_from(src);
     be.place_block(
         f.out_f,
         f.width,
-        f.block..f.block + f.rank,
-        (src.compute, MatAt::at(src.b_at, f.rank)),
+        pad.block,
+        (pad.b, pad.b_at),
         (dst, MatAt::at(f.in_f, f.ld())),
     )?;
     Ok(())
@@ -257,10 +270,8 @@ impl<B: Backend> ProjWeight<B> {
                     _ => {
                         let (cols, ld) = fold.map_or((q.n, q.n), |fl| (fl.in_f, fl.ld()));
                         let mut w = be.empty(q.n / cols * ld, be.compute_dtype())?;
-                        q.dequantize_into(be, cols, ld, &mut w)?;
-                        if let (Some(fl), Some(src)) = (fold, &pad) {
-                            write_pad(be, fl, src, &mut w)?;
-                        }
+                        let lora_pad = fold.zip(pad.as_ref()).map(|(fl, src)| fl.pad_from(src));
+                        q.dequantize_into(be, cols, ld, lora_pad, &mut w)?;
                         (w, fold)
                     }
                 };
@@ -319,7 +330,7 @@ mod tests {
                 _ => panic!("absmax storage differs (double_quant = {double_quant})"),
             }
             let mut dense = vec![0.0; x.len()];
-            q.dequantize_into(&be, x.len(), x.len(), &mut dense)
+            q.dequantize_into(&be, x.len(), x.len(), None, &mut dense)
                 .unwrap();
             assert_eq!(dense, want.dequantize());
         }

@@ -15,7 +15,7 @@
 
 use kernels::{
     pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, InFlight, KernelError,
-    MatAt, Nf4Absmax, ParkLane, Result, Rotation, GEMM_WORKSPACE_BYTES,
+    LoraPad, MatAt, Nf4Absmax, ParkLane, Result, Rotation, GEMM_WORKSPACE_BYTES,
 };
 use std::collections::HashMap;
 use std::ops::Range;
@@ -606,17 +606,31 @@ impl Backend for MeterBackend {
         })
     }
 
-    /// The packed words read, the weight's `rows · cols` elements written (not the pad columns).
+    /// The packed words read, the weight's `rows · cols` elements written; with a pad also its
+    /// block of B read and its `rows · (ld − cols)` elements written.
     fn dequantize_nf4(
         &self,
         packed: &usize,
         _absmax: Nf4Absmax<'_, MeterTensor, usize>,
         cols: usize,
         ld: usize,
+        pad: Option<LoraPad<'_, MeterTensor>>,
         out: &mut MeterTensor,
     ) -> Result<()> {
-        let written = (out.len / ld.max(1) * cols * out.dtype.size_bytes()) as f64;
-        self.memory_op(4.0 * *packed as f64 + written);
+        let rows = out.len / ld.max(1);
+        let pad_elements = match pad {
+            Some(p) if p.b.dtype != out.dtype => {
+                return Err(KernelError::Unsupported(format!(
+                    "dequantize_nf4: out is {} but pad B is {}",
+                    out.dtype.name(),
+                    p.b.dtype.name()
+                )))
+            }
+            Some(p) => rows * (p.block.len() + ld.saturating_sub(cols)),
+            None => 0,
+        };
+        let elements = rows * cols + pad_elements;
+        self.memory_op(4.0 * *packed as f64 + (elements * out.dtype.size_bytes()) as f64);
         Ok(())
     }
 

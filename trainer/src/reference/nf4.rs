@@ -109,7 +109,7 @@ pub fn run_qlora<B: Backend>(
             let (o, i) = p.shape(&config);
             let w = read_nf4(&files, &name, [o, i])?;
             let mut dense = be.zeros(w.n, DType::F32)?;
-            Nf4Tensor::upload(be, &w)?.dequantize_into(be, i, i, &mut dense)?;
+            Nf4Tensor::upload(be, &w)?.dequantize_into(be, i, i, None, &mut dense)?;
             out.insert(format!("dequantized/{name}"), bits(&be.download(&dense)?));
             out.insert(
                 format!("absmax_dequantized/{name}"),
