@@ -439,6 +439,32 @@ pub trait Backend {
         c: (&mut Self::Tensor, MatAt),
     ) -> Result<()>;
 
+    /// `out[m,n] ← alpha · op(A) · op(B) + residual`, `out` and `residual` dense `[m, n]` of one
+    /// dtype (A and B as in [`Backend::gemm_at`]): a product that lands on a residual stream
+    /// (`h = x + y`, the o and down projections), where the product's epilogue reads `residual`
+    /// instead of `out` being written, read again and added to in a pass of its own. Rounded once
+    /// from `residual + A·B` in f32. This default copies `residual` into `out` and accumulates.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_residual(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: (&Self::Tensor, MatAt),
+        trans_a: bool,
+        b: (&Self::Tensor, MatAt),
+        trans_b: bool,
+        residual: &Self::Tensor,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        check_len("gemm_residual", "residual", self.len(residual), m * n)?;
+        check_len("gemm_residual", "out", self.len(out), m * n)?;
+        self.copy(residual, out)?;
+        let out_at = MatAt::dense(n);
+        self.gemm_at(m, n, k, alpha, a, trans_a, b, trans_b, 1.0, (out, out_at))
+    }
+
     /// [`Backend::gemm_at`] on whole tensors, each a dense row-major matrix.
     #[allow(clippy::too_many_arguments)]
     fn gemm(

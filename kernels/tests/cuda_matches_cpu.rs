@@ -401,6 +401,86 @@ fn gemm_matches_for_every_transpose_and_mixed_output() {
     }
 }
 
+/// `gemm_residual` (`out = A Bᵀ + residual`, the o and down projections onto the residual
+/// stream) matches the CPU's before tuning (cublasGemmEx after copying the residual into out) and
+/// after (cuBLASLt reading the residual as C and writing out as D), the residual left unchanged; a
+/// residual of another length is refused.
+#[test]
+fn gemm_residual_matches_before_and_after_tuning() {
+    let cpu = CpuBackend::new();
+    for d in [DType::BF16, DType::F16, DType::F32] {
+        let Some(g) = gpu(d) else { return };
+        let (m, n, k) = (1024, 4096, 16 + 4096);
+        let (a, a_c) = up(&g, &random(m * k, 61, 1.0), d);
+        let (b, b_c) = up(&g, &random(n * k, 62, 1.0), d);
+        let (res, res_c) = up(&g, &random(m * n, 63, 4.0), d);
+        for round in 0..2 {
+            let mut out = g.zeros(m * n, d).unwrap();
+            let mut out_c = vec![0.0; m * n];
+            let (a_at, b_at) = (MatAt::dense(k), MatAt::dense(k));
+            g.gemm_residual(
+                m,
+                n,
+                k,
+                1.0,
+                (&a, a_at),
+                false,
+                (&b, b_at),
+                true,
+                &res,
+                &mut out,
+            )
+            .unwrap();
+            cpu.gemm_residual(
+                m,
+                n,
+                k,
+                1.0,
+                (&a_c, a_at),
+                false,
+                (&b_c, b_at),
+                true,
+                &res_c,
+                &mut out_c,
+            )
+            .unwrap();
+            check(
+                &format!("gemm_residual round {round}"),
+                d,
+                &g.download(&out).unwrap(),
+                &out_c,
+            );
+            assert_eq!(
+                bits_differing(&g.download(&res).unwrap(), &res_c),
+                0,
+                "residual untouched"
+            );
+            g.tune().unwrap();
+        }
+        let short = g.zeros(m * n - 1, d).unwrap();
+        let mut out = g.zeros(m * n, d).unwrap();
+        let err = g
+            .gemm_residual(
+                m,
+                n,
+                k,
+                1.0,
+                (&a, MatAt::dense(k)),
+                false,
+                (&b, MatAt::dense(k)),
+                true,
+                &short,
+                &mut out,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gemm_residual") && err.contains("residual"),
+            "{err}"
+        );
+    }
+}
+
 /// Products on column blocks of wider matrices (LoRA's `t_q` of `t = x [A_q; A_k; A_v]ᵀ`, `u_k`
 /// written into `u = [u_q, u_k, u_v]`) match the CPU's, before and after tuning picks algorithms
 /// for them; C's other columns keep their values.

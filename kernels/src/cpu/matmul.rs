@@ -387,6 +387,59 @@ mod tests {
         c
     }
 
+    /// The trait's default `gemm_residual` (the CPU's): the residual plus the product, the residual
+    /// kept, and a residual of another length refused by name.
+    #[test]
+    fn a_residual_product_adds_the_product_to_the_residual() {
+        use crate::{Backend, MatAt};
+        let be = crate::cpu::CpuBackend::new();
+        let (m, n, k) = (70, 45, 33);
+        let (a, b, res) = (random(m * k, 1), random(n * k, 2), random(m * n, 3));
+        let mut out = vec![0.0; m * n];
+        let at = MatAt::dense(k);
+        be.gemm_residual(
+            m,
+            n,
+            k,
+            0.5,
+            (&a, at),
+            false,
+            (&b, at),
+            true,
+            &res,
+            &mut out,
+        )
+        .unwrap();
+        let product = naive(m, n, k, &a, false, &b, true);
+        for i in 0..m * n {
+            let want = res[i] + 0.5 * product[i];
+            assert!(
+                (out[i] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{i}: {} vs {want}",
+                out[i]
+            );
+        }
+        let err = be
+            .gemm_residual(
+                m,
+                n,
+                k,
+                0.5,
+                (&a, at),
+                false,
+                (&b, at),
+                true,
+                &res[1..].to_vec(),
+                &mut out,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gemm_residual") && err.contains("residual"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn every_transpose_combination_matches_the_definition() {
         // 300 × 270 spans 2 × 2 tiles with ragged edges; 1000 × 16 is halved into 64-row

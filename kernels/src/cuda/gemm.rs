@@ -6,7 +6,7 @@
 //! swapped: first operand B (transposed iff `trans_b`), second A (iff `trans_a`), sizes (n, m, k).
 //! Each shape runs `cublasGemmEx` or the cuBLASLt algorithm timed fastest for it (gemm_tuning.rs).
 
-use super::gemm_tuning::{GemmChoice, GemmShape};
+use super::gemm_tuning::{CInput, GemmChoice, GemmShape};
 use super::CudaBackend;
 use crate::{DType, KernelError, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
@@ -63,6 +63,39 @@ impl CudaBackend {
         beta: f32,
         c: Operand,
     ) -> Result<()> {
+        let c_input = if beta != 0.0 {
+            CInput::Accumulate
+        } else {
+            CInput::None
+        };
+        self.gemm_raw_from(
+            m,
+            n,
+            k,
+            alpha,
+            (a, trans_a),
+            (b, trans_b),
+            beta,
+            (c_input, c.ptr),
+            c,
+        )
+    }
+
+    /// [`CudaBackend::gemm_raw`] with C read from `c_in` (`CInput::Residual`: another matrix of
+    /// C's layout, beta 1) or from C itself.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_raw_from(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        (a, trans_a): (Operand, bool),
+        (b, trans_b): (Operand, bool),
+        beta: f32,
+        (c_input, c_in): (CInput, u64),
+        c: Operand,
+    ) -> Result<()> {
         if a.dtype != b.dtype {
             return Err(KernelError::Unsupported(format!(
                 "gemm: A is {} but B is {}; copy one to the other's dtype first",
@@ -88,14 +121,19 @@ impl CudaBackend {
             trans_b,
             inputs: a.dtype,
             output: c.dtype,
-            accumulate: beta != 0.0,
+            c_input,
             lds: [a.ld, b.ld, c.ld],
-            aligned: [a.ptr, b.ptr, c.ptr].iter().all(|p| p % 16 == 0),
+            aligned: [a.ptr, b.ptr, c.ptr, c_in].iter().all(|p| p % 16 == 0),
         };
         let name = || {
             let t = |x: bool| if x { 'T' } else { 'N' };
+            let residual = if c_input == CInput::Residual {
+                " +residual"
+            } else {
+                ""
+            };
             format!(
-                "gemm {m}x{n}x{k} {}{} {}",
+                "gemm {m}x{n}x{k} {}{} {}{residual}",
                 t(trans_a),
                 t(trans_b),
                 c.dtype.name()
@@ -111,7 +149,7 @@ impl CudaBackend {
                 } else {
                     GemmChoice::GemmEx
                 });
-                self.run_choice(choice, &shape, alpha, a.ptr, b.ptr, beta, c.ptr)
+                self.run_choice(choice, &shape, alpha, a.ptr, b.ptr, beta, (c_in, c.ptr))
             },
         )
     }

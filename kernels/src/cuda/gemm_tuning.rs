@@ -33,6 +33,18 @@ const REPEATS: usize = 3;
 /// The workspace cuBLASLt's candidates may use, allocated at the first tune.
 const WORKSPACE_BYTES: usize = crate::GEMM_WORKSPACE_BYTES;
 
+/// What a product adds its A·B to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum CInput {
+    /// Nothing (`beta = 0`): C is only written.
+    None,
+    /// C itself (`beta ≠ 0`): read and written.
+    Accumulate,
+    /// Another matrix of C's layout (`gemm_residual`): read, and C written. cuBLASLt's D ≠ C;
+    /// `cublasGemmEx` has no such form, so it copies the residual into C first.
+    Residual,
+}
+
 /// What identifies a product for the choice of algorithm (row-major sizes as in `gemm_raw`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct GemmShape {
@@ -43,8 +55,8 @@ pub(crate) struct GemmShape {
     pub trans_b: bool,
     pub inputs: DType,
     pub output: DType,
-    /// `beta ≠ 0`: C is read and accumulated into.
-    pub accumulate: bool,
+    /// What the product's epilogue reads besides A·B.
+    pub c_input: CInput,
     /// Elements between rows of A, B and C as stored (row-major).
     pub lds: [usize; 3],
     /// Every operand's address is a multiple of 16 bytes. cuBLASLt's heuristics assume so (an
@@ -322,6 +334,9 @@ impl CudaBackend {
     /// `shape`'s product `C ← alpha · op(A) op(B) + beta · C` the way `choice` says, on the
     /// compute stream.
     #[allow(clippy::too_many_arguments)]
+    /// `shape`'s product by `choice`, C read from `c_in` and written to `c` (the same address
+    /// but for a residual product).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_choice(
         &self,
         choice: &GemmChoice,
@@ -330,17 +345,40 @@ impl CudaBackend {
         a: u64,
         b: u64,
         beta: f32,
-        c: u64,
+        (c_in, c): (u64, u64),
     ) -> Result<()> {
         match choice {
             GemmChoice::Untuned | GemmChoice::GemmEx => {
+                if c_in != c {
+                    self.copy_rows(c_in, c, shape)?;
+                }
                 self.run_gemm_ex(shape, alpha, a, b, beta, c)
             }
-            GemmChoice::Lt(plan) => self.run_lt(plan, alpha, a, b, beta, c),
+            GemmChoice::Lt(plan) => self.run_lt(plan, alpha, a, b, beta, (c_in, c)),
         }
     }
 
-    fn run_lt(&self, plan: &LtPlan, alpha: f32, a: u64, b: u64, beta: f32, c: u64) -> Result<()> {
+    /// `C ← residual` for cublasGemmEx's residual product: C's dense `[m, n]` bytes.
+    fn copy_rows(&self, from: u64, to: u64, shape: &GemmShape) -> Result<()> {
+        let bytes = shape.m * shape.n * shape.output.size_bytes();
+        // SAFETY: both addresses hold a dense [m, n] matrix of the output dtype (gemm_residual
+        // checks the lengths), on this backend's stream.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(to, from, bytes, self.stream.cu_stream())
+        }
+        .map_err(super::device_err("gemm residual copy"))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_lt(
+        &self,
+        plan: &LtPlan,
+        alpha: f32,
+        a: u64,
+        b: u64,
+        beta: f32,
+        (c_in, c): (u64, u64),
+    ) -> Result<()> {
         let d = &plan.described;
         // SAFETY: the addresses hold the operands of the shape `plan` was made for; the
         // workspace (WORKSPACE_BYTES, the candidates' limit) lives as long as the backend and is
@@ -355,7 +393,7 @@ impl CudaBackend {
                 a as *const _,
                 d.layouts[1],
                 (&beta) as *const f32 as *const _,
-                c as *const _,
+                c_in as *const _,
                 d.layouts[2],
                 c as *mut _,
                 d.layouts[2],
@@ -446,9 +484,19 @@ impl CudaBackend {
             b.ptr(&self.stream),
             c.ptr(&self.stream),
         );
-        let beta = if shape.accumulate { 1.0 } else { 0.0 };
-        let run = |cand: &GemmChoice| self.run_choice(cand, shape, 1.0, pa, pb, beta, pc);
-        let mut candidates = vec![GemmChoice::GemmEx];
+        let beta = if shape.c_input == CInput::None {
+            0.0
+        } else {
+            1.0
+        };
+        // A residual product is timed reading C into itself: the same traffic as from another
+        // matrix, for every candidate but cublasGemmEx, whose copy of the residual it leaves out —
+        // so that one is a candidate only where no cuBLASLt algorithm runs.
+        let run = |cand: &GemmChoice| self.run_choice(cand, shape, 1.0, pa, pb, beta, (pc, pc));
+        let mut candidates = match shape.c_input {
+            CInput::Residual => vec![],
+            CInput::None | CInput::Accumulate => vec![GemmChoice::GemmEx],
+        };
         candidates.extend(
             LtPlan::candidates(handle, workspace, shape)?
                 .into_iter()

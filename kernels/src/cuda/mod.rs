@@ -699,6 +699,49 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn gemm_residual(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        (a, a_at): (&CudaTensor, MatAt),
+        trans_a: bool,
+        (b, b_at): (&CudaTensor, MatAt),
+        trans_b: bool,
+        residual: &CudaTensor,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let out_at = MatAt::dense(n);
+        check_gemm_at(
+            (m, n, k),
+            (a_at, trans_a, a.len()),
+            (b_at, trans_b, b.len()),
+            (out_at, out.len()),
+        )?;
+        check_len("gemm_residual", "residual", residual.len(), m * n)?;
+        check_len("gemm_residual", "out", out.len(), m * n)?;
+        self.same_dtype("gemm_residual", &[("residual", residual), ("out", out)])?;
+        let operand = |t: &CudaTensor, at: MatAt| Operand {
+            ptr: t.ptr(&self.stream) + (at.offset * t.dtype.size_bytes()) as u64,
+            dtype: t.dtype,
+            ld: at.ld,
+        };
+        let c_in = (gemm_tuning::CInput::Residual, residual.ptr(&self.stream));
+        let c = operand(out, out_at);
+        self.gemm_raw_from(
+            m,
+            n,
+            k,
+            alpha,
+            (operand(a, a_at), trans_a),
+            (operand(b, b_at), trans_b),
+            1.0,
+            c_in,
+            c,
+        )
+    }
+
     fn lora_dy_products(
         &self,
         n: usize,

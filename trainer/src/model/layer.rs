@@ -9,7 +9,7 @@
 
 use super::batch::Batch;
 use super::checkpointing::KeptKv;
-use super::linear::{self, Dims, FrozenLinear, GroupAdapter, LoraTerm};
+use super::linear::{self, Dims, FrozenLinear, GroupAdapter, LoraTerm, Onto};
 use super::proj_weight::{Dequantized, FoldLayout, PadSource};
 use crate::arch::{InputGroup, ModelConfig, Projection};
 use crate::lora::{LoraConfig, LoraParams};
@@ -440,9 +440,16 @@ impl<B: Backend> LayerWeights<B> {
         n: usize,
         outs: &mut [Option<&mut B::Tensor>],
         kept_t: &mut LoraInputs<B>,
-        after: Dequantized,
+        (after, onto): (Dequantized, Onto<'_, B>),
     ) -> Result<Option<B::Tensor>> {
         assert_eq!(outs.len(), g.members().len(), "one output per member");
+        if let Onto::Residual(_) = onto {
+            assert_eq!(
+                outs.len(),
+                1,
+                "a residual stream under a one-member group only"
+            );
+        }
         let adapter = group_adapter(lora, layer, g);
         let t = self.lora_input(be, s, g, adapter.as_ref(), input, n, kept_t)?;
         if let (Some(width), Some(t)) = (folded, &t) {
@@ -473,7 +480,7 @@ impl<B: Backend> LayerWeights<B> {
                 }),
                 _ => None,
             };
-            linear::forward(be, d, input, &self.proj[p.index()], term, after, out)?;
+            linear::forward(be, d, input, &self.proj[p.index()], term, after, onto, out)?;
         }
         Ok(t)
     }
@@ -540,7 +547,7 @@ impl<B: Backend> LayerWeights<B> {
                 project_v.then_some(&mut v),
             ],
             kept_t,
-            after,
+            (after, Onto::Nothing),
         )?;
         let (mut q, mut k, qk_raw) = match &self.qk_norm {
             Some([wq, wk]) => {
@@ -580,9 +587,8 @@ impl<B: Backend> LayerWeights<B> {
                     n,
                     &mut [Some(&mut mid)],
                     kept_t,
-                    Dequantized::Dropped,
+                    (Dequantized::Dropped, Onto::Residual(&x)),
                 )?;
-                be.axpy(1.0, &x, &mut mid)?;
                 (attn, lse, Some(mid))
             }
         };
@@ -647,8 +653,8 @@ impl<B: Backend> LayerWeights<B> {
             kept_t,
             // A recomputation (no output): the backward that follows takes the dense copies.
             match output {
-                true => Dequantized::Dropped,
-                false => Dequantized::KeptForNext,
+                true => (Dequantized::Dropped, Onto::Nothing),
+                false => (Dequantized::KeptForNext, Onto::Nothing),
             },
         )?;
         let down = InputGroup::Down;
@@ -673,9 +679,8 @@ impl<B: Backend> LayerWeights<B> {
                 n,
                 &mut [Some(&mut out)],
                 kept_t,
-                Dequantized::Dropped,
+                (Dequantized::Dropped, Onto::Residual(&mid)),
             )?;
-            be.axpy(1.0, &mid, &mut out)?;
             Some(out)
         } else {
             lora_t[down.index()] = match &act {

@@ -90,7 +90,53 @@ pub enum LoraTerm<'a, B: Backend> {
     Folded(PadSource<'a, B>),
 }
 
-/// `y ← b + x Wᵀ (+ t_p Bᵀ)`; an NF4 `W`'s dense copy is then dropped or kept (`after`).
+/// What a projection's output starts from in [`forward`].
+pub enum Onto<'a, B: Backend> {
+    /// Nothing: `y = b + x Wᵀ (+ t_p Bᵀ)`.
+    Nothing,
+    /// A residual stream `r [n, out]`: `y = r + b + x Wᵀ (+ t_p Bᵀ)` (`h = x + o_proj(…)`), the
+    /// first product reading `r` in its epilogue ([`Backend::gemm_residual`]) where there is no
+    /// bias to lay down first.
+    Residual(&'a B::Tensor),
+}
+
+// By hand: a derive would ask `B: Copy`, where only the reference is copied.
+impl<B: Backend> Clone for Onto<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Onto<'_, B> {}
+
+/// How the next product of [`forward`] treats `y`.
+enum Start<'a, B: Backend> {
+    Write,
+    Accumulate,
+    Residual(&'a B::Tensor),
+}
+
+/// `y ← op(A) op(B)` started as `start` says, `y` a dense `[m, n]`.
+#[allow(clippy::too_many_arguments)]
+fn product<B: Backend>(
+    be: &B,
+    start: &Start<'_, B>,
+    (m, n, k): (usize, usize, usize),
+    a: (&B::Tensor, MatAt),
+    b: (&B::Tensor, MatAt),
+    y: &mut B::Tensor,
+) -> Result<()> {
+    let y_at = MatAt::dense(n);
+    match start {
+        Start::Write => be.gemm_at(m, n, k, 1.0, a, false, b, true, 0.0, (y, y_at))?,
+        Start::Accumulate => be.gemm_at(m, n, k, 1.0, a, false, b, true, 1.0, (y, y_at))?,
+        Start::Residual(r) => be.gemm_residual(m, n, k, 1.0, a, false, b, true, r, y)?,
+    }
+    Ok(())
+}
+
+/// `y ← (r +) b + x Wᵀ (+ t_p Bᵀ)` (`onto`); an NF4 `W`'s dense copy is then dropped or kept
+/// (`after`).
+#[allow(clippy::too_many_arguments)]
 pub fn forward<B: Backend>(
     be: &B,
     d: Dims,
@@ -98,32 +144,30 @@ pub fn forward<B: Backend>(
     frozen: &FrozenLinear<B>,
     lora: Option<LoraTerm<'_, B>>,
     after: Dequantized,
+    onto: Onto<'_, B>,
     y: &mut B::Tensor,
 ) -> Result<()> {
-    let mut beta = match &frozen.bias {
-        Some(b) => {
+    let mut start = match (&frozen.bias, onto) {
+        (Some(b), _) => {
             be.broadcast_rows(b, y)?;
-            1.0
+            Start::Accumulate
         }
-        None => 0.0,
+        (None, Onto::Residual(r)) => Start::Residual(r),
+        (None, Onto::Nothing) => Start::Write,
     };
     let mut pad = None;
     match lora {
         Some(LoraTerm::Product { adapter, slot, t }) => {
             let (r, width) = (slot.rank, adapter.group.width());
-            be.gemm_at(
-                d.n,
-                d.out_f,
-                r,
-                1.0,
+            product(
+                be,
+                &start,
+                (d.n, d.out_f, r),
                 (t, MatAt::at(slot.member * r, width)),
-                false,
                 (adapter.params.compute(), MatAt::at(slot.b_at, r)),
-                true,
-                beta,
-                (y, MatAt::dense(d.out_f)),
+                y,
             )?;
-            beta = 1.0;
+            start = Start::Accumulate;
         }
         Some(LoraTerm::Folded(src)) => pad = Some(src),
         None => {}
@@ -140,19 +184,18 @@ pub fn forward<B: Backend>(
             ),
             (false, _) => d.in_f,
         };
-        Ok(be.gemm_at(
-            d.n,
-            d.out_f,
-            k,
-            1.0,
+        product(
+            be,
+            &start,
+            (d.n, d.out_f, k),
             (x, x_at),
-            false,
             (w.w, w.w_at(d.in_f)),
-            true,
-            beta,
-            (y, MatAt::dense(d.out_f)),
-        )?)
+            y,
+        )
     })?;
+    if let (Some(_), Onto::Residual(r)) = (&frozen.bias, onto) {
+        be.axpy(1.0, r, y)?;
+    }
     Ok(())
 }
 
