@@ -336,6 +336,28 @@ impl CudaBackend {
         ]))
     }
 
+    /// A product's operands as `gemm_raw` takes them, after `check_gemm_at`'s checks.
+    fn gemm_operands(
+        &self,
+        mnk: (usize, usize, usize),
+        (a, a_at, trans_a): (&CudaTensor, MatAt, bool),
+        (b, b_at, trans_b): (&CudaTensor, MatAt, bool),
+        (c, c_at): (&CudaTensor, MatAt),
+    ) -> Result<[Operand; 3]> {
+        check_gemm_at(
+            mnk,
+            (a_at, trans_a, a.len()),
+            (b_at, trans_b, b.len()),
+            (c_at, c.len()),
+        )?;
+        let operand = |t: &CudaTensor, at: MatAt| Operand {
+            ptr: t.ptr(&self.stream) + (at.offset * t.dtype.size_bytes()) as u64,
+            dtype: t.dtype,
+            ld: at.ld,
+        };
+        Ok([operand(a, a_at), operand(b, b_at), operand(c, c_at)])
+    }
+
     fn p(&self, t: &CudaTensor) -> Arg {
         Arg::Ptr(t.ptr(&self.stream))
     }
@@ -674,30 +696,9 @@ impl Backend for CudaBackend {
         beta: f32,
         (c, c_at): (&mut CudaTensor, MatAt),
     ) -> Result<()> {
-        check_gemm_at(
-            (m, n, k),
-            (a_at, trans_a, a.len()),
-            (b_at, trans_b, b.len()),
-            (c_at, c.len()),
-        )?;
-        let operand = |t: &CudaTensor, at: MatAt| Operand {
-            ptr: t.ptr(&self.stream) + (at.offset * t.dtype.size_bytes()) as u64,
-            dtype: t.dtype,
-            ld: at.ld,
-        };
-        let c_operand = operand(c, c_at);
-        self.gemm_raw(
-            m,
-            n,
-            k,
-            alpha,
-            operand(a, a_at),
-            trans_a,
-            operand(b, b_at),
-            trans_b,
-            beta,
-            c_operand,
-        )
+        let [a, b, c] =
+            self.gemm_operands((m, n, k), (a, a_at, trans_a), (b, b_at, trans_b), (c, c_at))?;
+        self.gemm_raw(m, n, k, alpha, a, trans_a, b, trans_b, beta, c)
     }
 
     fn gemm_residual(
@@ -713,34 +714,18 @@ impl Backend for CudaBackend {
         residual: &CudaTensor,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        let out_at = MatAt::dense(n);
-        check_gemm_at(
-            (m, n, k),
-            (a_at, trans_a, a.len()),
-            (b_at, trans_b, b.len()),
-            (out_at, out.len()),
-        )?;
         check_len("gemm_residual", "residual", residual.len(), m * n)?;
         check_len("gemm_residual", "out", out.len(), m * n)?;
         self.same_dtype("gemm_residual", &[("residual", residual), ("out", out)])?;
-        let operand = |t: &CudaTensor, at: MatAt| Operand {
-            ptr: t.ptr(&self.stream) + (at.offset * t.dtype.size_bytes()) as u64,
-            dtype: t.dtype,
-            ld: at.ld,
-        };
+        let out_at = MatAt::dense(n);
+        let [a, b, c] = self.gemm_operands(
+            (m, n, k),
+            (a, a_at, trans_a),
+            (b, b_at, trans_b),
+            (out, out_at),
+        )?;
         let c_in = (gemm_tuning::CInput::Residual, residual.ptr(&self.stream));
-        let c = operand(out, out_at);
-        self.gemm_raw_from(
-            m,
-            n,
-            k,
-            alpha,
-            (operand(a, a_at), trans_a),
-            (operand(b, b_at), trans_b),
-            1.0,
-            c_in,
-            c,
-        )
+        self.gemm_raw_from(m, n, k, alpha, (a, trans_a), (b, trans_b), 1.0, c_in, c)
     }
 
     fn lora_dy_products(
