@@ -247,16 +247,16 @@ __device__ __forceinline__ void load8(const float* p, u64 c, float* v) {
     float4 a = ((const float4*)p)[2 * c], b = ((const float4*)p)[2 * c + 1];
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
-/* The 8 16-bit elements of a 16-byte word, element 2i in the low half of 32-bit word i, as f32. */
-template <typename T> __device__ __forceinline__ void widen8(uint4 r, float* v);
-template <> __device__ __forceinline__ void widen8<bf16>(uint4 r, float* v) {
+__device__ __forceinline__ void load8(const bf16* p, u64 c, float* v) {
+    uint4 r = ((const uint4*)p)[c];
     u32 w[4] = {r.x, r.y, r.z, r.w};
     for (int i = 0; i < 4; i++) {
         v[2 * i] = __uint_as_float(w[i] << 16);
         v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
-template <> __device__ __forceinline__ void widen8<f16>(uint4 r, float* v) {
+__device__ __forceinline__ void load8(const f16* p, u64 c, float* v) {
+    uint4 r = ((const uint4*)p)[c];
     u32 w[4] = {r.x, r.y, r.z, r.w};
     for (int i = 0; i < 4; i++) {
         f16 lo, hi;
@@ -266,8 +266,6 @@ template <> __device__ __forceinline__ void widen8<f16>(uint4 r, float* v) {
         v[2 * i + 1] = load_f32(hi);
     }
 }
-__device__ __forceinline__ void load8(const bf16* p, u64 c, float* v) { widen8<bf16>(((const uint4*)p)[c], v); }
-__device__ __forceinline__ void load8(const f16* p, u64 c, float* v) { widen8<f16>(((const uint4*)p)[c], v); }
 __device__ __forceinline__ void store8(float* p, u64 c, const float* v) {
     ((float4*)p)[2 * c] = make_float4(v[0], v[1], v[2], v[3]);
     ((float4*)p)[2 * c + 1] = make_float4(v[4], v[5], v[6], v[7]);

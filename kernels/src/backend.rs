@@ -104,48 +104,6 @@ pub struct LoraPad<'a, T> {
     pub block: Range<usize>,
 }
 
-/// A LoRA input term `scale · u A [n, inter]` that [`Backend::swiglu_backward`] adds into its
-/// `dout` itself: the down projection's `dL/d act = dy W_down + s · u A_down`, with
-/// `u = dy B_down`, so that no product of its own (K = `rank`) writes it and the frozen one reads
-/// it back. `u [n, rank]` and `A [rank, inter]` lie inside their tensors as their [`MatAt`]s say,
-/// of `dout`'s dtype; `inter` is the row length of `dout`, `gate` and `up`, so `n = len(dout) / inter`.
-#[derive(Clone, Debug)]
-pub struct LoraInputTerm<'a, T> {
-    pub u: &'a T,
-    pub u_at: MatAt,
-    pub a: &'a T,
-    pub a_at: MatAt,
-    pub rank: usize,
-    pub inter: usize,
-    pub scale: f32,
-}
-
-impl<T> LoraInputTerm<'_, T> {
-    /// Checks the term against `[n, inter]` tensors of `len` elements (whole rows) and u's and
-    /// A's tensors (`u_len`, `a_len` elements); returns `n`.
-    pub(crate) fn check(&self, len: usize, u_len: usize, a_len: usize) -> Result<usize> {
-        const OP: &str = "swiglu_backward";
-        if self.inter == 0 {
-            return Err(crate::KernelError::Unsupported(format!(
-                "{OP}: the LoRA input term's inter is 0; pass the row length of dout, gate and up"
-            )));
-        }
-        if !len.is_multiple_of(self.inter) {
-            return Err(crate::KernelError::Shape {
-                op: OP,
-                what: "dout (whole rows of the LoRA input term's inter elements)",
-                got: len,
-                expected: len.next_multiple_of(self.inter),
-            });
-        }
-        let n = len / self.inter;
-        self.u_at.check(OP, "LoRA u", n, self.rank, u_len)?;
-        self.a_at
-            .check(OP, "LoRA A", self.rank, self.inter, a_len)?;
-        Ok(n)
-    }
-}
-
 /// Where a row-major matrix operand of [`Backend::gemm_at`] or [`Backend::place_block`] lies in
 /// its tensor: row `i` starts at element `offset + i · ld` (`ld` at least the stored row's length).
 /// LoRA's products read and write column blocks of a wider matrix this way (`t_q` of
@@ -710,19 +668,14 @@ pub trait Backend {
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
     /// SwiGLU backward in place (the forward's `gate` and `up` are read and overwritten, so the
     /// MLP's backward holds no second pair of `[N, inter]` buffers):
-    /// `gate ← d ⊙ up ⊙ silu'(gate)`, `up ← d ⊙ silu(gate)`, and `dout ← silu(gate) ⊙ up`,
+    /// `gate ← dout ⊙ up ⊙ silu'(gate)`, `up ← dout ⊙ silu(gate)`, and `dout ← silu(gate) ⊙ up`,
     /// the forward's output bit for bit ([`Backend::swiglu`]'s arithmetic), so that a backward
     /// that still needs it (the down projection's `dA` reads it) neither keeps nor recomputes it.
-    /// `d = dout`, or given `lora`, `d = dout + scale · u A` ([`LoraInputTerm`]), the sum in f32
-    /// and not rounded to the dtype: the CUDA backend reads u and A beside the three tensors
-    /// (`cuda/swiglu.cu`; bf16/f16, rank 8 or 16, aligned rows), and elsewhere adds the term into
-    /// `dout` by a product with `beta = 1` first (then `dout + scale · u A` is rounded once).
     fn swiglu_backward(
         &self,
         dout: &mut Self::Tensor,
         gate: &mut Self::Tensor,
         up: &mut Self::Tensor,
-        lora: Option<LoraInputTerm<'_, Self::Tensor>>,
     ) -> Result<()>;
 
     /// Fused LM head + cross-entropy over `rows` tokens, chunked so the full `[rows, vocab]` logits

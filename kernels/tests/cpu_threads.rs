@@ -2,7 +2,7 @@
 //! on shapes large enough to span several GEMM tiles and attention blocks.
 
 use kernels::cpu::CpuBackend;
-use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad, LoraInputTerm, MatAt};
+use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -79,23 +79,9 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     let mut act = vec![0.0; x.len()];
     be.swiglu(&x, &y, &mut act).unwrap();
     let (mut dg, mut du, mut act_again) = (x.clone(), y.clone(), dx.clone());
-    be.swiglu_backward(&mut act_again, &mut dg, &mut du, None)
+    be.swiglu_backward(&mut act_again, &mut dg, &mut du)
         .unwrap();
-    // and with a rank-16 LoRA input term added to dout
-    let (u, a_down) = (random(rows * 16, 18), random(16 * hidden, 19));
-    let term = LoraInputTerm {
-        u: &u,
-        u_at: MatAt::dense(16),
-        a: &a_down,
-        a_at: MatAt::dense(hidden),
-        rank: 16,
-        inter: hidden,
-        scale: 2.0,
-    };
-    let (mut dg_lora, mut du_lora, mut dout_lora) = (x.clone(), y.clone(), dx.clone());
-    be.swiglu_backward(&mut dout_lora, &mut dg_lora, &mut du_lora, Some(term))
-        .unwrap();
-    outs.extend([y, rstd, dx, roped, act, dg, du, act_again, dg_lora, du_lora]);
+    outs.extend([y, rstd, dx, roped, act, dg, du, act_again]);
 
     // LM head + cross-entropy: 700 rows × vocab 9000 is several logit chunks and tiles.
     let (ce_rows, h, vocab) = (700, 40, 9000);

@@ -4,16 +4,15 @@
 //! measured. Needs a GPU: without one each test prints why it skipped.
 //! `cargo test -p kernels --features cuda --release --test cuda_matches_cpu -- --ignored` runs the
 //! micro-benchmarks at Llama-2-7B shapes: attention and GEMMs, LoRA's backward products with dy
-//! fused against as two GEMMs, LoRA's terms beside the frozen products against folded into them,
-//! and the SwiGLU backward adding the down projection's LoRA input term against a product for it.
+//! fused against as two GEMMs, and LoRA's terms beside the frozen products against folded into them.
 #![cfg(feature = "cuda")]
 
 use kernels::cpu::CpuBackend;
 use kernels::cuda::{CudaBackend, CudaIndices, CudaTensor};
 use kernels::nf4::{self, Absmax, AbsmaxBuffers, Nf4Buffers, Nf4Weight, DYNAMIC_MAP};
 use kernels::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, LoraInputTerm, LoraPad, MatAt, Nf4Absmax,
-    ParkLane, Rotation, IGNORE_INDEX,
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, ParkLane,
+    Rotation, IGNORE_INDEX,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -185,10 +184,9 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
         check("swiglu", d, &g.download(&out).unwrap(), &out_c);
         let (mut dout, mut dout_r) = up(&g, &random(m, 8, 1.0), d);
         let (mut dg, mut du) = (gate, upv);
-        g.swiglu_backward(&mut dout, &mut dg, &mut du, None)
-            .unwrap();
+        g.swiglu_backward(&mut dout, &mut dg, &mut du).unwrap();
         let (mut dg_c, mut du_c) = (gate_r, up_r);
-        cpu.swiglu_backward(&mut dout_r, &mut dg_c, &mut du_c, None)
+        cpu.swiglu_backward(&mut dout_r, &mut dg_c, &mut du_c)
             .unwrap();
         check("swiglu_backward dgate", d, &g.download(&dg).unwrap(), &dg_c);
         check("swiglu_backward dup", d, &g.download(&du).unwrap(), &du_c);
@@ -1518,115 +1516,6 @@ fn lora_dy_products_match_with_tails_member_columns_and_fallbacks() {
     }
 }
 
-/// The LoRA input term `2 · u A` of `rank` over `inter` columns, u and A where their `MatAt`s say.
-fn lora_term<'a, T>(
-    (u, u_at): (&'a T, MatAt),
-    (a, a_at): (&'a T, MatAt),
-    rank: usize,
-    inter: usize,
-) -> LoraInputTerm<'a, T> {
-    LoraInputTerm {
-        u,
-        u_at,
-        a,
-        a_at,
-        rank,
-        inter,
-        scale: 2.0,
-    }
-}
-
-/// The SwiGLU backward with the down projection's LoRA input term (`dout + s · u A` before the
-/// backward's math) against the CPU: the fused kernel (bf16/f16, rank 8 or 16, aligned rows) at
-/// Llama-2-7B's inter and b2 × 2048 and on a few odd rows, and the product the other cases take
-/// (inter not a multiple of 8, other ranks, A off a 16-byte boundary, f32), each case's kernel
-/// read from the profile. The output is the forward's, bit for bit, either way.
-#[test]
-fn swiglu_backward_with_a_lora_input_term_matches_fused_and_through_the_product() {
-    let cpu = CpuBackend::new();
-    for d in ALL {
-        let Some(g) = gpu(d) else { return };
-        // (n, inter, rank, A's offset in elements: a multiple of 8 keeps its rows aligned)
-        let cases = [
-            (4096, 11008, 16, 8 * 11008),
-            (4096, 11008, 8, 0),
-            (37, 200, 16, 200),
-            (37, 200, 8, 8),
-            (37, 204, 16, 0),
-            (100, 256, 12, 0),
-            (100, 256, 32, 0),
-            (100, 256, 16, 4),
-        ];
-        for (case, (n, inter, rank, a_offset)) in cases.into_iter().enumerate() {
-            let len = n * inter;
-            let seed = 200 + 10 * case as u64;
-            let (u_at, a_at) = (MatAt::at(rank, rank), MatAt::at(a_offset, inter));
-            let (u, u_c) = up(&g, &random(u_at.extent(n, rank), seed, 1.0), d);
-            let (a, a_c) = up(&g, &random(a_at.extent(rank, inter), seed + 1, 0.1), d);
-            let (gate, gate_c) = up(&g, &random(len, seed + 2, 4.0), d);
-            let (upv, up_c) = up(&g, &random(len, seed + 3, 1.0), d);
-            let (mut dout, mut dout_c) = up(&g, &random(len, seed + 4, 1.0), d);
-            let mut act = g.zeros(len, d).unwrap();
-            g.swiglu(&gate, &upv, &mut act).unwrap();
-            let (mut dg, mut du) = (gate, upv);
-            g.profile_start();
-            g.swiglu_backward(
-                &mut dout,
-                &mut dg,
-                &mut du,
-                Some(lora_term((&u, u_at), (&a, a_at), rank, inter)),
-            )
-            .unwrap();
-            let kernels: Vec<String> = g
-                .profile_stop()
-                .unwrap()
-                .into_iter()
-                .map(|t| t.name)
-                .collect();
-            let (mut dg_c, mut du_c) = (gate_c, up_c);
-            cpu.swiglu_backward(
-                &mut dout_c,
-                &mut dg_c,
-                &mut du_c,
-                Some(lora_term((&u_c, u_at), (&a_c, a_at), rank, inter)),
-            )
-            .unwrap();
-            let fused =
-                d != DType::F32 && inter % 8 == 0 && [8, 16].contains(&rank) && a_offset % 8 == 0;
-            let want = match fused {
-                true => format!("swiglu_backward_lora_{}_r{rank}", d.name()),
-                false => format!("swiglu_backward_{}", d.name()),
-            };
-            let label = format!("swiglu_backward lora {n}x{inter} r{rank} A at {a_offset}");
-            assert!(
-                kernels.contains(&want),
-                "{label} ({}): ran {kernels:?}",
-                d.name()
-            );
-            assert_eq!(
-                kernels.iter().any(|k| k.starts_with("gemm")),
-                !fused,
-                "{label} ({}): ran {kernels:?}",
-                d.name()
-            );
-            check(
-                &format!("{label} dgate"),
-                d,
-                &g.download(&dg).unwrap(),
-                &dg_c,
-            );
-            check(&format!("{label} dup"), d, &g.download(&du).unwrap(), &du_c);
-            let (act, act_again) = (g.download(&act).unwrap(), g.download(&dout).unwrap());
-            assert_eq!(
-                bits_differing(&act_again, &act),
-                0,
-                "{label}: output ({})",
-                d.name()
-            );
-        }
-    }
-}
-
 #[test]
 fn fill_zero_many_zeroes_every_tensor() {
     let Some(g) = gpu(DType::BF16) else { return };
@@ -1965,64 +1854,6 @@ fn bench_lora_dy_products() {
             dy_gb / fused * 1e3,
             2.0 * dy_gb / pair_default * 1e3,
             2.0 * dy_gb / pair_tuned * 1e3
-        );
-    }
-}
-
-/// The MLP's SwiGLU backward with the down projection's LoRA input term at b2 × 2048, r = 16,
-/// Llama-2-7B's and Mistral-7B's inter: the fused kernel, which adds `s · u A` to dout itself,
-/// against the K = 16 product into dout (`beta = 1`; cuBLAS's default, then the tuned algorithm)
-/// followed by the plain backward it replaces, and the plain backward alone; with the rate of the
-/// 12 bytes per element the backward moves.
-#[test]
-#[ignore = "micro-benchmark: run with --ignored on a GPU"]
-fn bench_swiglu_backward_lora_term() {
-    let Some(g) = gpu(DType::BF16) else { return };
-    println!("device: {}", g.describe());
-    let (n, r) = (4096, 16);
-    let bf = |len: usize, seed: u64| g.upload(&random(len, seed, 0.1), DType::BF16).unwrap();
-    let u = bf(n * r, 1);
-    for inter in [11008, 14336] {
-        let a = bf(r * inter, 2);
-        let (mut dout, mut gate, mut upv) = (bf(n * inter, 3), bf(n * inter, 4), bf(n * inter, 5));
-        let term = || lora_term((&u, MatAt::dense(r)), (&a, MatAt::dense(inter)), r, inter);
-        let fused = time_ms(&g, 50, || {
-            g.swiglu_backward(&mut dout, &mut gate, &mut upv, Some(term()))
-                .unwrap()
-        });
-        let plain = time_ms(&g, 50, || {
-            g.swiglu_backward(&mut dout, &mut gate, &mut upv, None)
-                .unwrap()
-        });
-        let mut product_then_plain = || {
-            time_ms(&g, 50, || {
-                g.gemm_at(
-                    n,
-                    inter,
-                    r,
-                    2.0,
-                    (&u, MatAt::dense(r)),
-                    false,
-                    (&a, MatAt::dense(inter)),
-                    false,
-                    1.0,
-                    (&mut dout, MatAt::dense(inter)),
-                )
-                .unwrap();
-                g.swiglu_backward(&mut dout, &mut gate, &mut upv, None)
-                    .unwrap();
-            })
-        };
-        let pair_default = product_then_plain();
-        g.tune().unwrap();
-        let pair_tuned = product_then_plain();
-        let gb = (12 * n * inter) as f64 / 1e9;
-        println!(
-            "swiglu backward + lora term n {n} inter {inter} r {r}: fused {fused:.4} ms \
-             ({:.0} GB/s); K = {r} product + plain {pair_default:.4} ms, tuned {pair_tuned:.4} ms; \
-             plain alone {plain:.4} ms ({:.0} GB/s)",
-            gb / fused * 1e3,
-            gb / plain * 1e3
         );
     }
 }

@@ -27,8 +27,8 @@ use crate::backend::{check_copy_places, check_gemm_at, check_place_block};
 use crate::error::{check_len, check_rows, check_strided_rows};
 use crate::nf4::{Nf4Buffers, Nf4Weight};
 use crate::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, LoraInputTerm, LoraPad, MatAt, Nf4Absmax,
-    ParkLane, Result, Rotation,
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, ParkLane,
+    Result, Rotation,
 };
 use profile::timed;
 use std::ops::Range;
@@ -456,26 +456,12 @@ impl Backend for CpuBackend {
         dout: &mut Vec<f32>,
         gate: &mut Vec<f32>,
         up: &mut Vec<f32>,
-        lora: Option<LoraInputTerm<'_, Vec<f32>>>,
     ) -> Result<()> {
         check_len("swiglu_backward", "dout", dout.len(), gate.len())?;
         check_len("swiglu_backward", "up", up.len(), gate.len())?;
-        // the LoRA input term's multiply-adds; the rest is memory-bound
-        let flops = match &lora {
-            Some(term) => {
-                let n = term.check(dout.len(), term.u.len(), term.a.len())?;
-                2.0 * (n * term.inter * term.rank) as f64
-            }
-            None => 0.0,
-        };
         timed(
-            || ("swiglu_backward".into(), flops),
-            || {
-                if let Some(term) = &lora {
-                    swiglu::add_lora_input_term(dout, term);
-                }
-                swiglu::backward(dout, gate, up)
-            },
+            || ("swiglu_backward".into(), 0.0),
+            || swiglu::backward(dout, gate, up),
         );
         Ok(())
     }

@@ -79,13 +79,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         name: "swiglu",
         source: include_str!("../../cuda/swiglu.cu"),
         headers: &[],
-        entry_points: || {
-            let mut names = per_dtype(&["swiglu_forward", "swiglu_backward"]);
-            names.extend(["bf16", "f16"].iter().flat_map(|t| {
-                super::swiglu::FUSED_RANKS.map(|r| format!("swiglu_backward_lora_{t}_r{r}"))
-            }));
-            names
-        },
+        entry_points: || per_dtype(&["swiglu_forward", "swiglu_backward"]),
     },
     KernelSource {
         name: "embedding",

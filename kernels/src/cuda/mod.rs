@@ -21,7 +21,6 @@ mod nf4;
 mod offload;
 mod optimizer;
 mod profiler;
-mod swiglu;
 mod tensor;
 
 pub use offload::CudaParked;
@@ -30,8 +29,8 @@ pub use tensor::{CudaIndices, CudaTensor};
 use crate::backend::{check_gemm_at, check_place_block};
 use crate::error::{check_len, check_rows, check_strided_rows};
 use crate::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, LoraInputTerm, LoraPad,
-    MatAt, Nf4Absmax, OpTime, ParkLane, Result, Rotation,
+    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, LoraPad, MatAt, Nf4Absmax,
+    OpTime, ParkLane, Result, Rotation,
 };
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
@@ -1035,9 +1034,17 @@ impl Backend for CudaBackend {
         dout: &mut CudaTensor,
         gate: &mut CudaTensor,
         up: &mut CudaTensor,
-        lora: Option<LoraInputTerm<'_, CudaTensor>>,
     ) -> Result<()> {
-        self.swiglu_backward_impl(dout, gate, up, lora)
+        check_len("swiglu_backward", "dout", dout.len(), gate.len())?;
+        check_len("swiglu_backward", "up", up.len(), gate.len())?;
+        let dt = self.same_dtype(
+            "swiglu_backward",
+            &[("dout", dout), ("gate", gate), ("up", up)],
+        )?;
+        let n = gate.len();
+        let name = format!("swiglu_backward_{}", suffix(dt));
+        let args = [self.p(dout), self.p(gate), self.p(up), Arg::U64(n as u64)];
+        self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
     }
 
     fn lm_head_cross_entropy(

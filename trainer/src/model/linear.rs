@@ -10,11 +10,9 @@
 //! product (`[x | t] · [W | B]ᵀ`, [`LoraTerm::Folded`]; the caller lays `x` out with `t` beside it).
 //! Backward: per projection `dB += dyᵀ t_p` and `u_p = dy B` (into its columns of `u`) from one
 //! read of `dy` ([`Backend::lora_dy_products`]); then
-//! once for the group `dx (+)= s · u A_g` (or, [`InputTerm::LeftToCaller`], by the op that reads
-//! `dx` next: the MLP's SwiGLU backward adds the down projection's), per projection `dx += dy W`
-//! (the bias is frozen and `dx` does not depend on it), and last, once for the group, `s · uᵀ x`
-//! (every member's `dA_p += s · u_pᵀ x`): the only part that reads `x`, so it can wait for an `x`
-//! made later.
+//! once for the group `dx (+)= s · u A_g`, per projection `dx += dy W` (the bias is frozen and `dx`
+//! does not depend on it), and last, once for the group, `s · uᵀ x` (every member's
+//! `dA_p += s · u_pᵀ x`): the only part that reads `x`, so it can wait for an `x` made later.
 //! Stacking turns a group's skinny `x Aᵀ`, `uᵀ x` and `u A` products, which each stream all of
 //! `x` or `dx` through memory for 16 columns, into one each.
 //! An NF4 `W` is dequantized right before each of its two GEMMs and dropped after (QLoRA), or
@@ -25,7 +23,7 @@
 use super::proj_weight::{Dequantized, PadSource, ProjWeight};
 use crate::lora::{GroupSlot, LoraParams, LoraSlot};
 use anyhow::{bail, Result};
-use kernels::{Backend, DType, LoraInputTerm, MatAt};
+use kernels::{Backend, DType, MatAt};
 
 /// A frozen projection: `W [out, in]` and, in families that have one, the bias `b [out]`.
 pub struct FrozenLinear<B: Backend> {
@@ -222,34 +220,22 @@ pub fn backward<B: Backend>(
     accumulate: bool,
 ) -> Result<()> {
     let lp = lora.as_mut().map(|(lp, group, t)| (&mut **lp, *group, *t));
-    let u = backward_to_input(be, members, lp, InputTerm::Added, dx, accumulate)?;
+    let u = backward_to_input(be, members, lp, dx, accumulate)?;
     match (lora, u) {
         (Some((lp, group, _)), Some(u)) => lora_a_grads(be, members, lp, group, &u, x),
         _ => Ok(()),
     }
 }
 
-/// Who adds an adapted group's LoRA input term `s · u A_g` into `dx` in [`backward_to_input`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InputTerm {
-    /// [`backward_to_input`] does, by a product of its own (K = members · r) before the frozen
-    /// GEMMs add onto it.
-    Added,
-    /// The caller does, from the returned `u` ([`lora_input_term`]): `dx` holds the frozen GEMMs'
-    /// part only (the MLP's SwiGLU backward adds the down projection's term as it reads `dx`).
-    LeftToCaller,
-}
-
 /// The part of [`backward`] that does not read the input `x`: every member's `dB` and `u_p = dy B`
 /// (returned, stacked as `u [n, members · r]`, when the group is adapted) and `dL/dx`. As in
-/// [`forward`], the LoRA term `s · u A_g` goes into `dx` first and the frozen GEMMs add onto it,
-/// unless `term` leaves it to the caller. [`lora_a_grads`] then takes `u` and `x`, which the
-/// caller may make only now (the MLP's SwiGLU output comes out of its backward).
+/// [`forward`], the LoRA term `s · u A_g` goes into `dx` first and the frozen GEMMs add onto it.
+/// [`lora_a_grads`] then takes `u` and `x`, which the caller may make only now (the MLP's
+/// SwiGLU output comes out of its backward).
 pub fn backward_to_input<B: Backend>(
     be: &B,
     members: &[MemberGrad<'_, B>],
     lora: Option<(&mut LoraParams<B>, GroupSlot, &B::Tensor)>,
-    term: InputTerm,
     dx: &mut B::Tensor,
     accumulate: bool,
 ) -> Result<Option<B::Tensor>> {
@@ -260,7 +246,7 @@ pub fn backward_to_input<B: Backend>(
     let (n, in_f) = (first.d.n, first.d.in_f);
     let mut stacked_u = None;
     if let Some((lp, group, t)) = lora {
-        let (r, width) = (group.rank, group.width());
+        let (r, s, width) = (group.rank, group.scaling, group.width());
         let mut u_sum = be.zeros(n * width, DType::F32)?;
         for m in members {
             let Some(slot) = m.slot else { continue };
@@ -282,23 +268,20 @@ pub fn backward_to_input<B: Backend>(
         // u in the compute dtype, rounded once from its f32 sums as a GEMM's output is
         let mut u = be.empty(n * width, be.compute_dtype())?;
         be.copy(&u_sum, &mut u)?;
-        if term == InputTerm::Added {
-            // dx [n, in] (+)= s · u [n, members · r] · A_g [members · r, in]
-            let t = lora_input_term(lp, group, &u, in_f);
-            be.gemm_at(
-                n,
-                in_f,
-                t.rank,
-                t.scale,
-                (t.u, t.u_at),
-                false,
-                (t.a, t.a_at),
-                false,
-                beta,
-                (dx, MatAt::dense(in_f)),
-            )?;
-            beta = 1.0;
-        }
+        // dx [n, in] (+)= s · u [n, members · r] · A_g [members · r, in]
+        be.gemm_at(
+            n,
+            in_f,
+            width,
+            s,
+            (&u, MatAt::dense(width)),
+            false,
+            (lp.compute(), MatAt::at(group.a_at, in_f)),
+            false,
+            beta,
+            (dx, MatAt::dense(in_f)),
+        )?;
+        beta = 1.0;
         stacked_u = Some(u);
     }
     for m in members {
@@ -319,25 +302,6 @@ pub fn backward_to_input<B: Backend>(
         beta = 1.0;
     }
     Ok(stacked_u)
-}
-
-/// A group's LoRA input term `s · u A_g [n, in]`: the stacked `u [n, members · r]` that
-/// [`backward_to_input`] returns and the group's `A_g [members · r, in]` in the compute copies.
-pub fn lora_input_term<'a, B: Backend>(
-    lp: &'a LoraParams<B>,
-    group: GroupSlot,
-    u: &'a B::Tensor,
-    in_f: usize,
-) -> LoraInputTerm<'a, B::Tensor> {
-    LoraInputTerm {
-        u,
-        u_at: MatAt::dense(group.width()),
-        a: lp.compute(),
-        a_at: MatAt::at(group.a_at, in_f),
-        rank: group.width(),
-        inter: in_f,
-        scale: group.scaling,
-    }
 }
 
 /// `dA_p [r, in] += s · u_pᵀ [r, n] · x [n, in]` for every adapted member, as one product

@@ -15,7 +15,7 @@
 
 use kernels::{
     pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, InFlight, KernelError,
-    LoraInputTerm, LoraPad, MatAt, Nf4Absmax, ParkLane, Result, Rotation, GEMM_WORKSPACE_BYTES,
+    LoraPad, MatAt, Nf4Absmax, ParkLane, Result, Rotation, GEMM_WORKSPACE_BYTES,
 };
 use std::collections::HashMap;
 use std::ops::Range;
@@ -513,26 +513,14 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
-    /// Reads dout, gate and up and writes the gradients and the forward's output in their place;
-    /// with a LoRA input term also reads u and A, their matrices' own bytes (CUDA's fused kernel,
-    /// memory-bound: its multiply-adds are not counted).
     fn swiglu_backward(
         &self,
         dout: &mut MeterTensor,
         gate: &mut MeterTensor,
         up: &mut MeterTensor,
-        lora: Option<LoraInputTerm<'_, MeterTensor>>,
     ) -> Result<()> {
-        let term_bytes = match lora {
-            Some(t) => {
-                let n = dout.len / t.inter.max(1);
-                let e = t.u.dtype.size_bytes();
-                ((n * t.rank + t.rank * t.inter) * e) as f64
-            }
-            None => 0.0,
-        };
-        let tensors = tensor_bytes(dout) + tensor_bytes(gate) + tensor_bytes(up);
-        self.memory_op(2.0 * tensors + term_bytes);
+        // Read dout, gate, up; write the gradients and the forward's output in their place.
+        self.memory_op(2.0 * (tensor_bytes(dout) + tensor_bytes(gate) + tensor_bytes(up)));
         Ok(())
     }
 

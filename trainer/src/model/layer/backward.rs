@@ -9,7 +9,7 @@ use super::{
 use crate::arch::InputGroup;
 use crate::lora::{GroupSlot, LoraParams};
 use crate::model::batch::Batch;
-use crate::model::linear::{self, InputTerm, MemberGrad};
+use crate::model::linear::{self, MemberGrad};
 use anyhow::{anyhow, Result};
 use kernels::{Backend, Rotation};
 
@@ -153,8 +153,7 @@ impl<B: Backend> LayerWeights<B> {
 
     /// The MLP half's backward: `y = h + down(act)`, so `dL/dh` starts as `dy` (the residual);
     /// returns it. `act` is not saved: the SwiGLU backward writes it over `dL/dact`, and down's
-    /// LoRA `dA`, the one reader, runs after it. Down's LoRA input term `s · u A` is added by the
-    /// SwiGLU backward as it reads `dL/dact`, so the frozen GEMM alone writes `dact`.
+    /// LoRA `dA`, the one reader, runs after it.
     fn backward_mlp(
         &self,
         be: &B,
@@ -178,20 +177,14 @@ impl<B: Backend> LayerWeights<B> {
         let members = self.member_grads(be, s, layer, lora.as_deref(), down, &[&dy]);
         let adapter = group_lora(lora.as_deref_mut(), &lora_t, layer, down);
         let mut dact = be.empty(n * s.inter, dt)?;
-        let left = InputTerm::LeftToCaller;
-        let u = linear::backward_to_input(be, &members, adapter, left, &mut dact, false)?;
-        let down_lora = group_lora(lora.as_deref_mut(), &lora_t, layer, down);
-        let term = match (&u, &down_lora) {
-            (Some(u), Some((lp, group, _))) => {
-                Some(linear::lora_input_term(lp, *group, u, s.inter))
-            }
-            _ => None,
-        };
-        // dact + s · u A: gate and up become their gradients in place, dact the forward's act.
+        let u = linear::backward_to_input(be, &members, adapter, &mut dact, false)?;
+        // gate and up become their gradients in place, dact the forward's act.
         let (mut dgate, mut dup) = (gate, up);
-        be.swiglu_backward(&mut dact, &mut dgate, &mut dup, term)?;
+        be.swiglu_backward(&mut dact, &mut dgate, &mut dup)?;
         let act = dact;
-        if let (Some(u), Some((lp, group, _))) = (u, down_lora) {
+        if let (Some(u), Some((lp, group, _))) =
+            (u, group_lora(lora.as_deref_mut(), &lora_t, layer, down))
+        {
             linear::lora_a_grads(be, &members, lp, group, &u, &act)?;
         }
         drop((act, members));
