@@ -208,12 +208,9 @@ pub(crate) fn check_place_block(
     (src_at, src_len): (MatAt, usize),
     (dst_at, dst_len): (MatAt, usize),
 ) -> Result<()> {
-    if block.start > block.end || block.end > width {
-        return Err(crate::KernelError::Unsupported(format!(
-            "place_block: block {}..{} is not a column range inside the width {width}",
-            block.start, block.end
-        )));
-    }
+    check_block_inside(block, width, || {
+        format!("place_block: block {block:?} is not a column range inside the width {width}")
+    })?;
     src_at.check("place_block", "src", rows, block.len(), src_len)?;
     dst_at.check("place_block", "dst", rows, width, dst_len)
 }
@@ -253,14 +250,35 @@ pub(crate) fn check_lora_pad(
         )));
     }
     let width = ld - cols;
-    if block.start > block.end || block.end > width {
-        return Err(crate::KernelError::Unsupported(format!(
-            "dequantize_nf4: pad block {}..{} is not a column range inside the pad's {width} \
-             columns (ld - cols)",
-            block.start, block.end
-        )));
-    }
+    check_block_inside(block, width, || {
+        format!(
+            "dequantize_nf4: pad block {block:?} is not a column range inside the pad's {width} \
+             columns (ld - cols)"
+        )
+    })?;
     b_at.check("dequantize_nf4", "pad B", rows, block.len(), b_len)
+}
+
+/// A column block `start..end` inside `width` columns, else the error `message` says.
+fn check_block_inside(
+    block: &Range<usize>,
+    width: usize,
+    message: impl FnOnce() -> String,
+) -> Result<()> {
+    match block.start <= block.end && block.end <= width {
+        true => Ok(()),
+        false => Err(crate::KernelError::Unsupported(message())),
+    }
+}
+
+/// Checks [`Backend::gemm_residual`]'s `residual` and `out`: dense `[m, n]` each.
+pub(crate) fn check_gemm_residual(
+    (m, n): (usize, usize),
+    residual_len: usize,
+    out_len: usize,
+) -> Result<()> {
+    check_len("gemm_residual", "residual", residual_len, m * n)?;
+    check_len("gemm_residual", "out", out_len, m * n)
 }
 
 /// The ops a Llama/Mistral decoder needs for LoRA training, each with an explicit backward.
@@ -458,8 +476,7 @@ pub trait Backend {
         residual: &Self::Tensor,
         out: &mut Self::Tensor,
     ) -> Result<()> {
-        check_len("gemm_residual", "residual", self.len(residual), m * n)?;
-        check_len("gemm_residual", "out", self.len(out), m * n)?;
+        check_gemm_residual((m, n), self.len(residual), self.len(out))?;
         self.copy(residual, out)?;
         let out_at = MatAt::dense(n);
         self.gemm_at(m, n, k, alpha, a, trans_a, b, trans_b, 1.0, (out, out_at))

@@ -474,9 +474,13 @@ fn gemm_residual_matches_before_and_after_tuning() {
             )
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("gemm_residual") && err.contains("residual"),
-            "{err}"
+        assert_eq!(
+            err,
+            format!(
+                "gemm_residual: residual has {} elements, expected {}",
+                m * n - 1,
+                m * n
+            )
         );
     }
 }

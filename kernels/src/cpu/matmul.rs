@@ -434,9 +434,13 @@ mod tests {
             )
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("gemm_residual") && err.contains("residual"),
-            "{err}"
+        assert_eq!(
+            err,
+            format!(
+                "gemm_residual: residual has {} elements, expected {}",
+                m * n - 1,
+                m * n
+            )
         );
     }
 

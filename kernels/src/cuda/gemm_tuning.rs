@@ -331,11 +331,9 @@ fn lt_check(what: &'static str, status: lt::cublasStatus_t) -> Result<()> {
 }
 
 impl CudaBackend {
-    /// `shape`'s product `C ← alpha · op(A) op(B) + beta · C` the way `choice` says, on the
-    /// compute stream.
-    #[allow(clippy::too_many_arguments)]
-    /// `shape`'s product by `choice`, C read from `c_in` and written to `c` (the same address
-    /// but for a residual product).
+    /// `shape`'s product `C ← alpha · op(A) op(B) + beta · C_in` the way `choice` says, on the
+    /// compute stream: C read from `c_in` and written to `c` (the same address but for a residual
+    /// product).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_choice(
         &self,

@@ -26,7 +26,7 @@ mod tensor;
 pub use offload::CudaParked;
 pub use tensor::{CudaIndices, CudaTensor};
 
-use crate::backend::{check_gemm_at, check_place_block};
+use crate::backend::{check_gemm_at, check_gemm_residual, check_place_block};
 use crate::error::{check_len, check_rows, check_strided_rows};
 use crate::{
     AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, LoraPad, MatAt, Nf4Absmax,
@@ -713,8 +713,7 @@ impl Backend for CudaBackend {
         residual: &CudaTensor,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        check_len("gemm_residual", "residual", residual.len(), m * n)?;
-        check_len("gemm_residual", "out", out.len(), m * n)?;
+        check_gemm_residual((m, n), residual.len(), out.len())?;
         self.same_dtype("gemm_residual", &[("residual", residual), ("out", out)])?;
         let out_at = MatAt::dense(n);
         let [a, b, c] = self.gemm_operands(

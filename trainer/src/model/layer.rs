@@ -641,6 +641,11 @@ impl<B: Backend> LayerWeights<B> {
         )?;
         let mut gate = be.empty(n * s.inter, dt)?;
         let mut up = be.empty(n * s.inter, dt)?;
+        // A recomputation (no output): the backward that follows takes the dense copies.
+        let after = match output {
+            true => Dequantized::Dropped,
+            false => Dequantized::KeptForNext,
+        };
         lora_t[gate_up.index()] = self.project_group(
             be,
             s,
@@ -651,11 +656,7 @@ impl<B: Backend> LayerWeights<B> {
             n,
             &mut [Some(&mut gate), Some(&mut up)],
             kept_t,
-            // A recomputation (no output): the backward that follows takes the dense copies.
-            match output {
-                true => (Dequantized::Dropped, Onto::Nothing),
-                false => (Dequantized::KeptForNext, Onto::Nothing),
-            },
+            (after, Onto::Nothing),
         )?;
         let down = InputGroup::Down;
         let down_adapter = group_adapter(lora, layer, down);

@@ -116,7 +116,6 @@ enum Start<'a, B: Backend> {
 }
 
 /// `y ← op(A) op(B)` started as `start` says, `y` a dense `[m, n]`.
-#[allow(clippy::too_many_arguments)]
 fn product<B: Backend>(
     be: &B,
     start: &Start<'_, B>,
