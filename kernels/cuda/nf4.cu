@@ -3,7 +3,7 @@
  * with c the 16-value NF4 table and the 4-bit codes packed two per byte, element 2k in the high
  * nibble. The weight's rows of cols elements land ld >= cols apart; cols == ld is the dense weight.
  * The _padded kernels also write a LoRA-padded weight's pad W' = [W | pad] (Nf4Pad, width w =
- * ld - cols), what place_block.cu would write in a launch of its own:
+ * ld - cols), what place_block.cuh's function writes (here, in the same launch):
  *   out[i * ld + cols + j] = B[i, j - b0]   for b0 <= j < b1,   0 for the other j < w
  * with B [rows, b1 - b0] rows b_ld apart (a member's LoRA B in its block, zeros in the others');
  * with w passed as 0 the pad columns are left as they are.
@@ -33,11 +33,11 @@
  * cost the double-quant one 3-14% (0.0373-0.0415 against 0.0363 ms, same shape). The f32 output
  * holds exactly the host's bits; B's values are copied as stored.
  *
- * The pad is a grid-stride loop over the flat index i * w + j that each thread runs after its own
- * chunks, so a warp writes consecutive pad columns of a row (one division per element, 32-bit where
- * it fits); the grid's ~n/32 threads outnumber the rows·w pad elements whenever w < cols/32 (at 7B
- * each thread writes at most one). Writing it here instead of in place_block saves a launch per
- * dequantization (~8.5 us each, ~250 a Mistral-7B QLoRA step).
+ * The pad is place_block.cuh's grid-stride loop (16-byte words where B, the pad and their strides
+ * allow, else elements), run by each thread after its own chunks; the grid's ~n/32 threads
+ * outnumber the rows·w pad elements whenever w < cols/32. Writing it here instead of in a
+ * place_block launch saves a launch per dequantization (~250 a Mistral-7B QLoRA step: the
+ * forward's five folded projections and the recomputation's three, per layer).
  */
 __constant__ float NF4_CODE[16] = {
     -1.0f,         -0.6961928f,  -0.52507305f, -0.3949175f,  -0.28444138f, -0.18477343f,
@@ -88,18 +88,6 @@ struct Nf4Pad {
     u64 b_ld, b0, b1, width;
 };
 
-/* Pad column j < w of row i: B[i, j - b0] inside the block, 0 outside; a grid-stride loop over the
- * flat index i * w + j, so a warp writes consecutive columns of a row. */
-template <typename T>
-__device__ __forceinline__ void nf4_write_pad(T* out, u64 rows, u64 cols, u64 ld, const Nf4Pad<T>& pad) {
-    const u64 total = rows * pad.width;
-    for (u64 k = THREAD_INDEX; k < total; k += GRID_STRIDE) {
-        const u64 i = div_u64(k, pad.width), j = k - i * pad.width;
-        out[i * ld + cols + j] =
-            j >= pad.b0 && j < pad.b1 ? pad.b[i * pad.b_ld + (j - pad.b0)] : store_f32<T>(0.0f);
-    }
-}
-
 /* PADDED: rows of cols elements ld apart, then the pad (the _padded kernels); else cols == ld and
  * out is the dense weight, whose kernels carry none of the row arithmetic and ignore cols, ld and
  * pad. */
@@ -148,7 +136,9 @@ __device__ void nf4_dequantize(const unsigned char* packed, const float* absmax,
         const float v = __fmul_rn(code[i % 2 == 0 ? byte >> 4 : byte & 15], ai);
         nf4_store_each<PADDED>(out, i, &v, 1, cols, ld);
     }
-    if (PADDED) nf4_write_pad(out, div_u64(n, cols), cols, ld, pad);
+    /* The pad: place_block.cuh's loop over the pad columns, with this grid. */
+    if (PADDED)
+        place_block(pad.b, pad.b_ld, out + cols, ld, pad.width, pad.b0, pad.b1, div_u64(n, cols) * pad.width);
 }
 
 /* The dense kernels take cols and ld and ignore them; the padded ones take the pad's fields too. */

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 const COMMON: &str = include_str!("../../cuda/common.cuh");
 const ATTENTION: &str = include_str!("../../cuda/attention.cuh");
 const WGMMA: &str = include_str!("../../cuda/wgmma.cuh");
+const PLACE_BLOCK: &str = include_str!("../../cuda/place_block.cuh");
 
 /// One kernel file, the headers prepended to it (after `common.cuh`, as `(file name, text)`) and the
 /// entry points the backend loads from it.
@@ -72,7 +73,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "place_block",
         source: include_str!("../../cuda/place_block.cu"),
-        headers: &[],
+        headers: &[("place_block.cuh", PLACE_BLOCK)],
         entry_points: || per_dtype(&["place_block"]),
     },
     KernelSource {
@@ -175,7 +176,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "nf4",
         source: include_str!("../../cuda/nf4.cu"),
-        headers: &[],
+        headers: &[("place_block.cuh", PLACE_BLOCK)],
         entry_points: || {
             per_dtype(&[
                 "nf4_dequantize_plain",
