@@ -54,6 +54,8 @@
 /* Registers a thread after the split (setmaxnreg): 40 x 128 + 232 x 256 = 168 x 384, the block's share. */
 #define HBWD_PRODUCER_REGS 40
 #define HBWD_CONSUMER_REGS 232
+static_assert(REGISTER_SPLIT_FITS(HBWD_THREADS, HBWD_PRODUCERS, HBWD_PRODUCER_REGS, HBWD_CONSUMERS, HBWD_CONSUMER_REGS),
+              "the setmaxnreg split asks for more registers than the block holds at launch (wgmma.cuh)");
 
 /* Tile t of a block's walk over the query tiles that see its keys (per_head tiles of each head
  * from q_start, heads from h_first): its stage of the ring, the parity its "tile landed" barrier

@@ -49,6 +49,8 @@
  * share (FlashAttention-3 takes 24 / 240; the cp.async producer spills at 24). */
 #define HFWD_PRODUCER_REGS 40
 #define HFWD_CONSUMER_REGS 232
+static_assert(REGISTER_SPLIT_FITS(HFWD_THREADS, HFWD_PRODUCERS, HFWD_PRODUCER_REGS, HFWD_CONSUMERS, HFWD_CONSUMER_REGS),
+              "the setmaxnreg split asks for more registers than the block holds at launch (wgmma.cuh)");
 /* Named barriers 1 and 2 (0 is __syncthreads'), of the 256 consumer threads: HFWD_TURN_BARRIER + g is
  * consumer warpgroup g's turn on the tensor cores, which it syncs on and the other warpgroup arrives at. */
 #define HFWD_TURN_BARRIER 1

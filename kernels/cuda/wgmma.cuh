@@ -24,6 +24,15 @@
 #define WGMMA_AVAILABLE 0
 #endif
 
+/* setmaxnreg moves registers between a block's warpgroups inside the pool the block got at launch:
+ * under __launch_bounds__(threads, 1), 65536 / threads a thread rounded down to the allocation's 8
+ * (168 at 384 threads, 64,512 in all, not 65,536). setmaxnreg.inc waits until the others have given
+ * back enough, so a split that asks for more than the pool waits forever (48 for 128 producer threads
+ * and 232 for 256 consumers hung every block on the H200, session 22): each kernel that splits checks
+ * its split with this at compile time. */
+#define REGISTER_SPLIT_FITS(threads, producers, producer_regs, consumers, consumer_regs) \
+    ((producers) * (producer_regs) + (consumers) * (consumer_regs) <= (65536 / (threads)) / 8 * 8 * (threads))
+
 /* Byte offset of 16-byte chunk j (columns 8j..8j+7) of row r, and of element (r, c), in that layout. */
 __device__ __forceinline__ int swz_chunk(int r, int j, int cols) {
     return ((r >> 3) * (cols >> 6) + (j >> 3)) * 1024 + (r & 7) * 128 + (((j & 7) ^ (r & 7)) << 4);
