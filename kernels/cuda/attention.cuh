@@ -42,8 +42,8 @@ __device__ __forceinline__ GridBlock heavy_first_block() {
 }
 
 /* The heads a backward block (grid y = `y`) covers: without the GQA parts, kv head y and all its query
- * heads; with them (split), query head y alone, its dK and dV going to the f32 parts [N, heads, D] that
- * attention_backward_group_sum adds up. */
+ * heads; with them (split), query head y alone, its dK and dV going to f32 parts (the mma.sync kernel's
+ * [N, heads, D], which attention_backward_group_sum adds up; the wgmma kernel's sums [N, kv_heads, D]). */
 struct BackwardHeads {
     int kvh, h_first, n_heads;
 };

@@ -13,7 +13,7 @@
  *   memory for dQ += dS K, added into an f32 accumulator by 8-byte vector reductions on sm_90 (pairs of
  *   columns: 1.548 -> 1.391 ms against scalar atomics), scalar atomics below (cast to the dtype afterwards).
  *   Tiles no query of which sees the keys (documents, window) are skipped; blocks run heaviest (earliest
- *   keys) first, every head's before the next block (heavy_first_block in attention.cuh). The next tile's Q and dO,
+ *   keys) first, over groups of 8 (head, row) pairs (heavy_first_block in attention.cuh). The next tile's Q and dO,
  *   with its queries' lse, D and document starts, stream into a second buffer by cp.async while the
  *   current one is used: two barriers a tile (1.632 -> 1.548 ms against four, with the per-query loads
  *   waited on by the whole block). Fragments come from shared

@@ -31,8 +31,8 @@
  *   by one bulk reduction per query row (cp.reduce.async.bulk) measured no faster (0.797 against 0.785).
  * Tiles no query of which sees the block's keys are skipped (the same decision in every warp; the
  * consumers still wait for them and free their stages, which keeps the mbarrier phases in step).
- * Blocks run heaviest (earliest keys, which every later query sees) first, every head's before the
- * next block (heavy_first_block in attention.cuh).
+ * Blocks run heaviest (earliest keys, which every later query sees) first, over groups of 8 (head,
+ * row) pairs (heavy_first_block in attention.cuh).
  * GQA (dk_part non-null): a block per query head, its dK and dV added into f32 sums per kv head
  * [N, kv_heads, D] (dk_part, dv_part, zeroed by the host and rounded into dk, dv after) by bulk
  * reductions from shared memory, one per key row.

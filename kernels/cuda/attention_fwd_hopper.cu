@@ -26,8 +26,8 @@
  * warpgroup 0 syncs once more on barrier 1 after its store to take warpgroup 1's last arrival.
  * The scores stay raw in the accumulators: p = exp2(s scale log2(e) - m) is one FMA and one exp2.
  * A warpgroup skips the tiles none of its 64 queries sees (it still waits for them and frees their
- * stages, which keeps the mbarrier phases in step). Blocks run heaviest (latest queries) first, every
- * head's before the next block (heavy_first_block in attention.cuh).
+ * stages, which keeps the mbarrier phases in step). Blocks run heaviest (latest queries) first, over
+ * groups of 8 (head, row) pairs (heavy_first_block in attention.cuh).
  * Traffic: Q, O once; K, V once per 128-query block.
  * Shared memory: Q 128 x D + 3 stages x (K + V) x 128 x D halves + 1 KiB to align = 225 KiB at D = 128
  * (113 KiB at D = 64; two stages: 161 and 81 KiB), one block a multiprocessor; the kernel traps where
