@@ -27,7 +27,10 @@ __device__ __forceinline__ int first_key_of(const int* doc_start, u64 tok0, int 
  * dQ's f32 sums) stay in L2 (8 pairs × 2048 tokens × 128 × 2 bytes × 4 = 16 MiB of 50): within a
  * group every pair's heaviest block, then every pair's next. In a list-scheduling model of the
  * b2 × 2048 × 32-head grid on 132 multiprocessors (block cost = its tiles + 1): 159 → 144 units, ideal
- * 140. `rank` 0 is the heaviest; the kernel maps it to its query or key block. */
+ * 140. `rank` 0 is the heaviest; the kernel maps it to its query or key block. The wgmma kernels only:
+ * a block index from divisions is no longer a uniform register, and ptxas gives the mma.sync kernels
+ * 5-40 more registers for it (sm_80 forward D 128: 174 → 214; sm_75 f16 D 64 spills 16 bytes), where
+ * the wgmma ones keep their fixed split. */
 #define HEAVY_FIRST_GROUP 8
 struct GridBlock {
     int rank, y, row;

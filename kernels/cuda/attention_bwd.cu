@@ -12,8 +12,7 @@
  *   dP^T = V dO^T on the tensor cores, P^T and dS^T in registers, dV += P^T dO and dK += dS^T Q from those registers, then dS goes through shared
  *   memory for dQ += dS K, added into an f32 accumulator by 8-byte vector reductions on sm_90 (pairs of
  *   columns: 1.548 -> 1.391 ms against scalar atomics), scalar atomics below (cast to the dtype afterwards).
- *   Tiles no query of which sees the keys (documents, window) are skipped; blocks run heaviest (earliest
- *   keys) first, over groups of 8 (head, row) pairs (heavy_first_block in attention.cuh). The next tile's Q and dO,
+ *   Tiles no query of which sees the keys (documents, window) are skipped. The next tile's Q and dO,
  *   with its queries' lse, D and document starts, stream into a second buffer by cp.async while the
  *   current one is used: two barriers a tile (1.632 -> 1.548 ms against four, with the per-query loads
  *   waited on by the whole block). Fragments come from shared
@@ -56,10 +55,9 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
     float* dl_buf = lse_buf + 2 * BWD_BM;              /* [2][BM] D_i */
     int* doc_buf = (int*)(dl_buf + 2 * BWD_BM);        /* [2][BM] first key of each query's document */
 
-    const GridBlock blk = heavy_first_block(); /* rank 0: the first key block, which every query sees */
-    const BackwardHeads bh = backward_heads(dk_part != nullptr, blk.y, heads, kv_heads);
+    const BackwardHeads bh = backward_heads(dk_part != nullptr, blockIdx.y, heads, kv_heads);
     const int kvh = bh.kvh, h_first = bh.h_first, n_heads = bh.n_heads;
-    const int k0 = blk.rank * BWD_BN, row = blk.row;
+    const int k0 = blockIdx.x * BWD_BN, row = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const u64 tok0 = (u64)row * seq;
     const float scale_log2 = scale * LOG2E;

@@ -13,8 +13,8 @@
  * (running max m, running sum l) rescales O in registers, and P goes from the S accumulators straight
  * into A fragments. Masking is applied only to tiles that cross the diagonal or a document start;
  * a warp skips tiles none of its rows sees, a block the tiles before its earliest visible key.
- * Blocks run heaviest first (latest queries; over groups of 8 (head, row) pairs: heavy_first_block in
- * attention.cuh), so the longest causal rows start early and the tail is short.
+ * Blocks run latest queries first, so the longest causal rows start early and the tail is short (in
+ * launch order: heavy_first_block, the wgmma kernels' order, costs these kernels 5-40 registers).
  * Traffic: Q, O once; K, V once per 128-query block (GQA: the kv head is indexed, never copied).
  * Shared memory: 2 stages x (K + V) x 64 x (D + 8) halves = 69,632 bytes at D = 128.
  *
@@ -50,8 +50,7 @@ __device__ void attention_forward_mma(const T* q, const T* k, const T* v, const 
     u16* vbuf = kbuf + 2 * ATTN_BN * LD;  /* [2 stages][BN][LD] */
     __shared__ int fk[ATTN_BM];
     __shared__ int lo_s;
-    const GridBlock blk = heavy_first_block(); /* rank 0: the last query block, which sees every key */
-    const int q0 = (gridDim.x - 1 - blk.rank) * ATTN_BM, h = blk.y, row = blk.row;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * ATTN_BM, h = blockIdx.y, row = blockIdx.z;
     const int kvh = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const u64 tok0 = (u64)row * seq;
