@@ -15,14 +15,43 @@ __device__ __forceinline__ int first_key_of(const int* doc_start, u64 tok0, int 
     return first_visible(doc_start[tok0 + qi], qi, window);
 }
 
-/* The heads a backward block (grid y) covers: without the GQA parts, kv head y and all its query heads;
- * with them (split), query head y alone, its dK and dV going to the f32 parts [N, heads, D] that
- * attention_backward_group_sum adds up. */
+/* Which block of the grid (gridDim.x blocks along the sequence, y heads, z rows) this one is, taken in
+ * the order blocks are dispatched (blockIdx.x fastest) so that the heaviest run first. Under the causal
+ * mask a block's work falls linearly along x (the forward's last query block sees every key, the
+ * backward's first key block every query); the scheduler starts blocks in launch order as
+ * multiprocessors free up, so with x fastest each (head, row)'s heavy block starts only after the
+ * previous pairs' light ones, and the last pairs' heavy blocks run alone at the end (session 19's Nsight
+ * Compute: the busiest multiprocessor 12 % above the average). Longest-processing-time-first order
+ * ends within one light block of the mean. Taken over groups of HEAVY_FIRST_GROUP (head, row) pairs
+ * (heads adjacent, so GQA's query heads of one kv head share it), so that a group's Q, K, V, dO (and
+ * dQ's f32 sums) stay in L2 (8 pairs × 2048 tokens × 128 × 2 bytes × 4 = 16 MiB of 50): within a
+ * group every pair's heaviest block, then every pair's next. In a list-scheduling model of the
+ * b2 × 2048 × 32-head grid on 132 multiprocessors (block cost = its tiles + 1): 159 → 144 units, ideal
+ * 140. `rank` 0 is the heaviest; the kernel maps it to its query or key block. The wgmma kernels only:
+ * a block index from divisions is no longer a uniform register, and ptxas gives the mma.sync kernels
+ * 5-40 more registers for it (sm_80 forward D 128: 174 → 214; sm_75 f16 D 64 spills 16 bytes), where
+ * the wgmma ones keep their fixed split. */
+#define HEAVY_FIRST_GROUP 8
+struct GridBlock {
+    int rank, y, row;
+};
+__device__ __forceinline__ GridBlock heavy_first_block() {
+    const int nx = gridDim.x, pairs = gridDim.y * gridDim.z;
+    const int lin = blockIdx.x + nx * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int p0 = lin / (nx * HEAVY_FIRST_GROUP) * HEAVY_FIRST_GROUP; /* the group's first pair */
+    const int size = min(HEAVY_FIRST_GROUP, pairs - p0), within = lin - p0 * nx;
+    const int pair = p0 + within % size;
+    return GridBlock{within / size, pair % (int)gridDim.y, pair / (int)gridDim.y};
+}
+
+/* The heads a backward block (grid y = `y`) covers: without the GQA parts, kv head y and all its query
+ * heads; with them (split), query head y alone, its dK and dV going to f32 parts (the mma.sync kernel's
+ * [N, heads, D], which attention_backward_group_sum adds up; the wgmma kernel's sums [N, kv_heads, D]). */
 struct BackwardHeads {
     int kvh, h_first, n_heads;
 };
-__device__ __forceinline__ BackwardHeads backward_heads(bool split, int heads, int kv_heads) {
-    const int per_kv = heads / kv_heads, y = blockIdx.y;
+__device__ __forceinline__ BackwardHeads backward_heads(bool split, int y, int heads, int kv_heads) {
+    const int per_kv = heads / kv_heads;
     return split ? BackwardHeads{y / per_kv, y, 1} : BackwardHeads{y, y * per_kv, per_kv};
 }
 

@@ -55,7 +55,7 @@ __device__ void attention_backward_mma(const T* q, const T* k, const T* v, const
     float* dl_buf = lse_buf + 2 * BWD_BM;              /* [2][BM] D_i */
     int* doc_buf = (int*)(dl_buf + 2 * BWD_BM);        /* [2][BM] first key of each query's document */
 
-    const BackwardHeads bh = backward_heads(dk_part != nullptr, heads, kv_heads);
+    const BackwardHeads bh = backward_heads(dk_part != nullptr, blockIdx.y, heads, kv_heads);
     const int kvh = bh.kvh, h_first = bh.h_first, n_heads = bh.n_heads;
     const int k0 = blockIdx.x * BWD_BN, row = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;

@@ -31,6 +31,8 @@
  *   by one bulk reduction per query row (cp.reduce.async.bulk) measured no faster (0.797 against 0.785).
  * Tiles no query of which sees the block's keys are skipped (the same decision in every warp; the
  * consumers still wait for them and free their stages, which keeps the mbarrier phases in step).
+ * Blocks run heaviest (earliest keys, which every later query sees) first, over groups of 8 (head,
+ * row) pairs (heavy_first_block in attention.cuh).
  * GQA (dk_part non-null): a block per query head, its dK and dV added into f32 sums per kv head
  * [N, kv_heads, D] (dk_part, dv_part, zeroed by the host and rounded into dk, dv after) by bulk
  * reductions from shared memory, one per key row.
@@ -115,9 +117,10 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     /* kv_full; tile_full (producer -> consumers) and tile_free (consumers -> producer) per stage. */
     __shared__ __align__(8) u64 kv_full, tile_full[HBWD_STAGES], tile_free[HBWD_STAGES];
 
-    const BackwardHeads bh = backward_heads(dk_part != nullptr, heads, kv_heads);
+    const GridBlock blk = heavy_first_block(); /* rank 0: the first key block, which every query sees */
+    const BackwardHeads bh = backward_heads(dk_part != nullptr, blk.y, heads, kv_heads);
     const int kvh = bh.kvh, h_first = bh.h_first, n_heads = bh.n_heads;
-    const int k0 = blockIdx.x * HBWD_BN, row = blockIdx.z;
+    const int k0 = blk.rank * HBWD_BN, row = blk.row;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u64 tok0 = (u64)row * seq;
     const int key_last = min(k0 + HBWD_BN, seq) - 1;

@@ -13,7 +13,8 @@
  * (running max m, running sum l) rescales O in registers, and P goes from the S accumulators straight
  * into A fragments. Masking is applied only to tiles that cross the diagonal or a document start;
  * a warp skips tiles none of its rows sees, a block the tiles before its earliest visible key.
- * Blocks run latest queries first, so the longest causal rows start early and the tail is short.
+ * Blocks run latest queries first, so the longest causal rows start early and the tail is short (in
+ * launch order: heavy_first_block, the wgmma kernels' order, costs these kernels 5-40 registers).
  * Traffic: Q, O once; K, V once per 128-query block (GQA: the kv head is indexed, never copied).
  * Shared memory: 2 stages x (K + V) x 64 x (D + 8) halves = 69,632 bytes at D = 128.
  *

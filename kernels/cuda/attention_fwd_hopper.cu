@@ -26,7 +26,8 @@
  * warpgroup 0 syncs once more on barrier 1 after its store to take warpgroup 1's last arrival.
  * The scores stay raw in the accumulators: p = exp2(s scale log2(e) - m) is one FMA and one exp2.
  * A warpgroup skips the tiles none of its 64 queries sees (it still waits for them and frees their
- * stages, which keeps the mbarrier phases in step). Blocks run latest queries first.
+ * stages, which keeps the mbarrier phases in step). Blocks run heaviest (latest queries) first, over
+ * groups of 8 (head, row) pairs (heavy_first_block in attention.cuh).
  * Traffic: Q, O once; K, V once per 128-query block.
  * Shared memory: Q 128 x D + 3 stages x (K + V) x 128 x D halves + 1 KiB to align = 225 KiB at D = 128
  * (113 KiB at D = 64; two stages: 161 and 81 KiB), one block a multiprocessor; the kernel traps where
@@ -160,7 +161,8 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
     /* q_full; k_full, v_full (producer -> consumers); k_free, v_free (consumers -> producer); per stage. */
     __shared__ __align__(8) u64 q_full, k_full[HFWD_STAGES], v_full[HFWD_STAGES], k_free[HFWD_STAGES],
         v_free[HFWD_STAGES];
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * HFWD_BM, h = blockIdx.y, row = blockIdx.z;
+    const GridBlock blk = heavy_first_block(); /* rank 0: the last query block, which sees every key */
+    const int q0 = (gridDim.x - 1 - blk.rank) * HFWD_BM, h = blk.y, row = blk.row;
     const int kvh = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const u64 tok0 = (u64)row * seq;

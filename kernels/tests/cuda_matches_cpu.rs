@@ -731,6 +731,11 @@ fn attention_matches_with_gqa_window_packing_and_padding_at_seq_2048() {
         attention_case(&g, d, &left, 4, 1, 64, "mqa 4/1 d64 left-padded");
         attention_case(&g, d, &packed, 4, 4, 128, "mha 4/4 d128 packed+window");
         attention_case(&g, d, &padded, 2, 2, 64, "mha 2/2 d64 right-padded");
+        // 6 heads × 2 rows: a full group of heavy-first pairs and a partial one (attention.cuh);
+        // seq 333: partial query and key tiles on the tensor-core paths
+        let short = AttentionLayout::right_padded(&[333, 200], 333, None);
+        attention_case(&g, d, &short, 6, 3, 128, "gqa 6/3 d128 seq 333");
+        attention_case(&g, d, &short, 6, 2, 64, "gqa 6/2 d64 seq 333");
         attention_case(
             &g,
             d,
