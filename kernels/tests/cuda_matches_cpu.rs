@@ -1056,15 +1056,29 @@ fn nf4_quantize_matches_the_host_bytes_exactly() {
     }
 }
 
+/// A fixture folder: beside the sources this test was built from, or, where the binary runs on
+/// another machine (the GPU machine's copy of the checkout, at another path), under the working
+/// directory's `tests/fixtures`.
+fn fixture_dir(name: &str) -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let root = if built.is_dir() {
+        built
+    } else {
+        std::path::PathBuf::from("tests/fixtures")
+    };
+    root.join(name)
+}
+
 /// The nf4-quant fixture (bitsandbytes 0.50.2): the GPU's codes, packed bytes and plain absmax are
 /// bitsandbytes' own; double quantization is the host's (whose offset, an f64 mean, can sit one
 /// ulp from bitsandbytes'), and bitsandbytes' own wherever the two offsets agree.
 #[test]
 fn nf4_quantize_matches_the_bitsandbytes_fixture() {
     let Some(g) = gpu(DType::F32) else { return };
-    let dir =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/nf4-quant");
-    let read = |f: &str| std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let dir = fixture_dir("nf4-quant");
+    let read = |f: &str| {
+        std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(f).display()))
+    };
     let (inputs, expected) = (read("inputs.safetensors"), read("expected.safetensors"));
     let inp = SafeTensors::deserialize(&inputs).unwrap();
     let exp = SafeTensors::deserialize(&expected).unwrap();
