@@ -104,6 +104,17 @@ pub struct LoraPad<'a, T> {
     pub block: Range<usize>,
 }
 
+/// One [`Backend::place_block`] of a [`Backend::place_blocks`] batch: `src [rows, len(block)]`
+/// into columns `block` of `dst [rows, width]`, the other columns of the width zeroed.
+#[derive(Debug)]
+pub struct Placement<'a, T> {
+    pub rows: usize,
+    pub width: usize,
+    pub block: Range<usize>,
+    pub src: (&'a T, MatAt),
+    pub dst: (&'a mut T, MatAt),
+}
+
 /// Where a row-major matrix operand of [`Backend::gemm_at`] or [`Backend::place_block`] lies in
 /// its tensor: row `i` starts at element `offset + i · ld` (`ld` at least the stored row's length).
 /// LoRA's products read and write column blocks of a wider matrix this way (`t_q` of
@@ -434,6 +445,23 @@ pub trait Backend {
         src: (&Self::Tensor, MatAt),
         dst: (&mut Self::Tensor, MatAt),
     ) -> Result<()>;
+    /// [`Backend::place_block`] for each placement, every `dst` a tensor of its own and all of
+    /// one dtype: a layer's LoRA B blocks written into its folded weights' pads after an update
+    /// (one launch on the GPU, where each of the ~5 a layer is a launch-bound few hundred KiB).
+    fn place_blocks(&self, placements: &mut [Placement<'_, Self::Tensor>]) -> Result<()> {
+        for p in placements {
+            let (src, src_at) = p.src;
+            let (dst, dst_at) = (&mut *p.dst.0, p.dst.1);
+            self.place_block(
+                p.rows,
+                p.width,
+                p.block.clone(),
+                (src, src_at),
+                (dst, dst_at),
+            )?;
+        }
+        Ok(())
+    }
 
     // ---- matrix product -----------------------------------------------------------------------
     /// `C[m,n] ← alpha · op(A) · op(B) + beta · C` with fp32 accumulation, each operand a matrix

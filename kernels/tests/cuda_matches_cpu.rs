@@ -12,7 +12,7 @@ use kernels::cuda::{CudaBackend, CudaIndices, CudaTensor};
 use kernels::nf4::{self, Absmax, AbsmaxBuffers, Nf4Buffers, Nf4Weight, DYNAMIC_MAP};
 use kernels::{
     AdamWParams, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, ParkLane,
-    Rotation, IGNORE_INDEX,
+    Placement, Rotation, IGNORE_INDEX,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -1349,6 +1349,53 @@ fn copy_many_into_equals_one_copy_per_tensor() {
 
 /// All gradients zeroed in one launch: every element of every tensor, whatever its size; a list
 /// with a 16-bit tensor takes the per-tensor path.
+/// `place_block`'s cases: (rows, width, block, src [len, at], dst [len, at]).
+type PlaceCase = (
+    usize,
+    usize,
+    std::ops::Range<usize>,
+    (usize, MatAt),
+    (usize, MatAt),
+);
+
+/// A LoRA B `[out, r]` into its block of a padded weight's pad columns, pad columns copied out to a
+/// dense tensor and back, and a narrow block in rows not 16-byte aligned.
+fn place_block_cases() -> Vec<PlaceCase> {
+    let (out_f, in_f, r, width) = (4096, 4096, 16, 48);
+    let ld = in_f + width;
+    vec![
+        // (rows, width, block, src [len, at], dst [len, at])
+        (
+            out_f,
+            width,
+            16..32,
+            (out_f * r, MatAt::dense(r)),
+            (out_f * ld, MatAt::at(in_f, ld)),
+        ),
+        (
+            2048,
+            width,
+            0..width,
+            (2048 * ld, MatAt::at(in_f, ld)),
+            (2048 * width, MatAt::dense(width)),
+        ),
+        (
+            2048,
+            width,
+            0..width,
+            (2048 * width, MatAt::dense(width)),
+            (2048 * ld, MatAt::at(in_f, ld)),
+        ),
+        (
+            777,
+            5,
+            1..4,
+            (777 * 7 + 2, MatAt::at(2, 7)),
+            (777 * 13, MatAt::at(6, 13)),
+        ),
+    ]
+}
+
 /// `place_block` copies bit for bit as the CPU does: a LoRA B `[out, r]` into its block of a padded
 /// weight's pad columns (the rest of the pad zeroed, the weight's own columns kept), pad columns
 /// copied out to a dense tensor and back, and a narrow block in rows not 16-byte aligned. A
@@ -1358,41 +1405,8 @@ fn place_block_matches_bit_for_bit() {
     let cpu = CpuBackend::new();
     for d in ALL {
         let Some(g) = gpu(d) else { return };
-        let (out_f, in_f, r, width) = (4096, 4096, 16, 48);
-        let ld = in_f + width;
-        let cases = [
-            // (rows, width, block, src [len, at], dst [len, at])
-            (
-                out_f,
-                width,
-                16..32,
-                (out_f * r, MatAt::dense(r)),
-                (out_f * ld, MatAt::at(in_f, ld)),
-            ),
-            (
-                2048,
-                width,
-                0..width,
-                (2048 * ld, MatAt::at(in_f, ld)),
-                (2048 * width, MatAt::dense(width)),
-            ),
-            (
-                2048,
-                width,
-                0..width,
-                (2048 * width, MatAt::dense(width)),
-                (2048 * ld, MatAt::at(in_f, ld)),
-            ),
-            (
-                777,
-                5,
-                1..4,
-                (777 * 7 + 2, MatAt::at(2, 7)),
-                (777 * 13, MatAt::at(6, 13)),
-            ),
-        ];
         for (i, (rows, width, block, (src_len, src_at), (dst_len, dst_at))) in
-            cases.into_iter().enumerate()
+            place_block_cases().into_iter().enumerate()
         {
             let (src, src_c) = up(&g, &random(src_len, 40 + i as u64, 1.0), d);
             let (mut dst, mut dst_c) = up(&g, &random(dst_len, 50 + i as u64, 1.0), d);
@@ -1442,6 +1456,74 @@ fn place_block_matches_bit_for_bit() {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("place_block: dst is"), "{err}");
+    }
+}
+
+/// `place_blocks` (one launch) leaves every destination as `place_block` on each in turn does on
+/// the CPU, bit for bit: `place_block`'s cases as one batch, each into a tensor of its own. A
+/// batch mixing dtypes is refused.
+#[test]
+fn place_blocks_equal_one_place_block_each() {
+    let cpu = CpuBackend::new();
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        let cases = place_block_cases();
+        let mut srcs = Vec::new();
+        let mut dsts = Vec::new();
+        for (i, (_, _, _, (src_len, _), (dst_len, _))) in cases.iter().enumerate() {
+            srcs.push(up(&g, &random(*src_len, 60 + i as u64, 1.0), d));
+            dsts.push(up(&g, &random(*dst_len, 70 + i as u64, 1.0), d));
+        }
+        let mut placements: Vec<Placement<'_, CudaTensor>> = cases
+            .iter()
+            .zip(&srcs)
+            .zip(dsts.iter_mut())
+            .map(|((c, (src, _)), (dst, _))| Placement {
+                rows: c.0,
+                width: c.1,
+                block: c.2.clone(),
+                src: (src, c.3 .1),
+                dst: (dst, c.4 .1),
+            })
+            .collect();
+        g.place_blocks(&mut placements).unwrap();
+        drop(placements);
+        for (i, (c, ((_, src_c), (dst, dst_c)))) in cases
+            .into_iter()
+            .zip(srcs.iter().zip(dsts.iter_mut()))
+            .enumerate()
+        {
+            cpu.place_block(c.0, c.1, c.2, (src_c, c.3 .1), (dst_c, c.4 .1))
+                .unwrap();
+            let mismatches = bits_differing(&g.download(dst).unwrap(), dst_c);
+            println!(
+                "place_blocks case {i} {:<4} mismatches {mismatches}",
+                d.name()
+            );
+            assert_eq!(mismatches, 0, "case {i} {}", d.name());
+        }
+        let other = if d == DType::F32 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let (src, mut a, mut b) = (
+            g.zeros(8, d).unwrap(),
+            g.zeros(40, d).unwrap(),
+            g.zeros(40, other).unwrap(),
+        );
+        let place = |dst| Placement {
+            rows: 4,
+            width: 8,
+            block: 0..2,
+            src: (&src, MatAt::dense(2)),
+            dst: (dst, MatAt::dense(10)),
+        };
+        let err = g
+            .place_blocks(&mut [place(&mut a), place(&mut b)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("place_blocks: "), "{err}");
     }
 }
 

@@ -74,7 +74,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         name: "place_block",
         source: include_str!("../../cuda/place_block.cu"),
         headers: &[("place_block.cuh", PLACE_BLOCK)],
-        entry_points: || per_dtype(&["place_block"]),
+        entry_points: || per_dtype(&["place_block", "place_blocks"]),
     },
     KernelSource {
         name: "swiglu",

@@ -30,10 +30,10 @@ use crate::backend::{check_gemm_at, check_gemm_residual, check_place_block};
 use crate::error::{check_len, check_rows, check_strided_rows};
 use crate::{
     AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, LoraPad, MatAt, Nf4Absmax,
-    OpTime, ParkLane, Result, Rotation,
+    OpTime, ParkLane, Placement, Result, Rotation,
 };
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use gemm::Operand;
 use launch::{blocks_for, blocks_for_chunks_of_8, Arg, Kernels};
@@ -1011,6 +1011,57 @@ impl Backend for CudaBackend {
         let name = format!("place_block_{}", suffix(dt));
         // Threads for 16-byte words; the element loop, where it runs, strides over the same grid.
         self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
+    }
+
+    /// One `place_blocks_<t>` launch: a row of 8 u64 per copy (place_block's arguments), the
+    /// grid's y the copy.
+    fn place_blocks(&self, placements: &mut [Placement<'_, CudaTensor>]) -> Result<()> {
+        let Some(first) = placements.first() else {
+            return Ok(());
+        };
+        let dt = first.dst.0.dtype;
+        let (mut table, mut widest) = (Vec::with_capacity(8 * placements.len()), 0);
+        for p in placements.iter() {
+            let (src, src_at) = p.src;
+            let (dst, dst_at) = (&*p.dst.0, p.dst.1);
+            check_place_block(
+                p.rows,
+                p.width,
+                &p.block,
+                (src_at, src.len()),
+                (dst_at, dst.len()),
+            )?;
+            self.same_dtype(
+                "place_blocks",
+                &[("src", src), ("dst", dst), ("the first dst", first.dst.0)],
+            )?;
+            let at = |t: &CudaTensor, m: MatAt| {
+                t.ptr(&self.stream) + (m.offset * dt.size_bytes()) as u64
+            };
+            let n = p.rows * p.width;
+            table.extend([
+                at(src, src_at),
+                src_at.ld as u64,
+                at(dst, dst_at),
+                dst_at.ld as u64,
+                p.width as u64,
+                p.block.start as u64,
+                p.block.end as u64,
+                n as u64,
+            ]);
+            widest = widest.max(n);
+        }
+        if widest == 0 {
+            return Ok(());
+        }
+        let table = self
+            .stream
+            .clone_htod(&table)
+            .map_err(device_err("upload the place_blocks table"))?;
+        let grid = (blocks_for_chunks_of_8(widest), placements.len() as u32, 1);
+        let name = format!("place_blocks_{}", suffix(dt));
+        let table_at = Arg::Ptr(table.device_ptr(&self.stream).0);
+        self.launch(&name, grid, 256, 0, &[table_at])
     }
 
     fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {

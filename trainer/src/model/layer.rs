@@ -10,7 +10,7 @@
 use super::batch::Batch;
 use super::checkpointing::KeptKv;
 use super::linear::{self, Dims, FrozenLinear, GroupAdapter, LoraTerm, Onto};
-use super::proj_weight::{Dequantized, FoldLayout, PadSource};
+use super::proj_weight::{write_pads, Dequantized, FoldLayout, PadSource};
 use crate::arch::{InputGroup, ModelConfig, Projection};
 use crate::lora::{LoraConfig, LoraParams};
 use anyhow::{anyhow, bail, Result};
@@ -354,6 +354,7 @@ impl<B: Backend> LayerWeights<B> {
         attend: Attend<'_, B>,
         x: B::Tensor,
     ) -> Result<(B::Tensor, LayerSaved<B>)> {
+        self.refresh_pads(be, s, layer, lora)?;
         let none = &mut LoraInputs::<B>::default();
         let (attention, mid) = self.attention_half(be, s, layer, lora, attend, x, None, none)?;
         let mid = mid.expect("attention ran, so the residual is computed");
@@ -376,6 +377,34 @@ impl<B: Backend> LayerWeights<B> {
             }
         }
         Ok(())
+    }
+
+    /// Brings every folded dense weight's pad up to `lora`'s compute copies of this layer (after
+    /// an optimizer update) in one [`Backend::place_blocks`], before the products that read them;
+    /// each product would otherwise rewrite its own pad, a launch each.
+    fn refresh_pads(
+        &self,
+        be: &B,
+        s: &Shapes,
+        layer: usize,
+        lora: Option<&LoraParams<B>>,
+    ) -> Result<()> {
+        let Some(lp) = lora else {
+            return Ok(());
+        };
+        let mut stale = Vec::new();
+        for g in FOLDABLE {
+            if self.folded_width(s, lora, layer, g).is_none() {
+                continue;
+            }
+            for p in g.members() {
+                if let Some(slot) = lp.slot(layer, *p) {
+                    let src = PadSource::of(lp, layer, slot);
+                    stale.extend(self.proj[p.index()].weight.stale_pad(src));
+                }
+            }
+        }
+        write_pads(be, &mut stale)
     }
 
     /// The width of group `g`'s `t` when its LoRA is folded into its products: every member
@@ -467,11 +496,7 @@ impl<B: Backend> LayerWeights<B> {
             let d = s.dims(p, n);
             let term = match (&adapter, &t) {
                 (Some(a), Some(t)) => a.params.slot(layer, p).map(|slot| match folded {
-                    Some(_) => LoraTerm::Folded(PadSource {
-                        compute: a.params.compute(),
-                        b_at: slot.b_at,
-                        version: a.params.compute_version(layer),
-                    }),
+                    Some(_) => LoraTerm::Folded(PadSource::of(a.params, layer, slot)),
                     None => LoraTerm::Product {
                         adapter: a,
                         slot,

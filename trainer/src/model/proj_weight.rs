@@ -15,10 +15,11 @@
 //! pad rewritten when the adapter's compute copies change ([`PadSource::version`]); an NF4
 //! weight is dequantized into padded rows, its pad written by the same dequantization.
 
+use crate::lora::{LoraParams, LoraSlot};
 use anyhow::Result;
 use kernels::nf4::{Nf4Buffers, Nf4Weight};
-use kernels::{Backend, LoraPad, MatAt};
-use std::sync::Mutex;
+use kernels::{Backend, LoraPad, MatAt, Placement};
+use std::sync::{Mutex, MutexGuard};
 
 /// Quantize a dense checkpoint's projections to NF4 at load (`[model] quantize = "nf4"`). As
 /// JSON: `{"format": "nf4", "double_quant": true}`.
@@ -82,6 +83,17 @@ pub struct PadSource<'a, B: Backend> {
     pub compute: &'a B::Tensor,
     pub b_at: usize,
     pub version: u64,
+}
+
+impl<'a, B: Backend> PadSource<'a, B> {
+    /// The B of `layer`'s adapted projection in `slot`, as `lora`'s compute copies hold it now.
+    pub fn of(lora: &'a LoraParams<B>, layer: usize, slot: LoraSlot) -> Self {
+        PadSource {
+            compute: lora.compute(),
+            b_at: slot.b_at,
+            version: lora.compute_version(layer),
+        }
+    }
 }
 
 /// What becomes of an NF4 weight's dequantized copy after a product ([`ProjWeight::with_dense`]).
@@ -152,21 +164,35 @@ impl<B: Backend> Nf4Tensor<B> {
     }
 }
 
-/// A dense weight's pad columns `← [0 … B … 0]`: the member's B in its block, zeros in the others'.
-fn write_pad<B: Backend>(
-    be: &B,
-    f: FoldLayout,
-    src: &PadSource<'_, B>,
-    dst: &mut B::Tensor,
-) -> Result<()> {
-    let pad = f.pad_from(src);
-    be.place_block(
-        f.out_f,
-        f.width,
-        pad.block,
-        (pad.b, pad.b_at),
-        (dst, MatAt::at(f.in_f, f.ld())),
-    )?;
+/// A folded dense weight whose pad does not hold its B's compute copy at `src`'s version yet,
+/// locked until [`write_pads`] rewrites it ([`ProjWeight::stale_pad`]).
+pub struct StalePad<'a, B: Backend> {
+    dense: MutexGuard<'a, DenseWeight<B>>,
+    layout: FoldLayout,
+    src: PadSource<'a, B>,
+}
+
+/// Each stale pad's columns `← [0 … B … 0]` (its member's B in its block, zeros in the others'),
+/// all in one [`Backend::place_blocks`].
+pub fn write_pads<B: Backend>(be: &B, stale: &mut [StalePad<'_, B>]) -> Result<()> {
+    let mut placements: Vec<Placement<'_, B::Tensor>> = stale
+        .iter_mut()
+        .map(|p| {
+            let (f, pad) = (p.layout, p.layout.pad_from(&p.src));
+            Placement {
+                rows: f.out_f,
+                width: f.width,
+                block: pad.block,
+                src: (pad.b, pad.b_at),
+                dst: (&mut p.dense.w, MatAt::at(f.in_f, f.ld())),
+            }
+        })
+        .collect();
+    be.place_blocks(&mut placements)?;
+    drop(placements);
+    for p in stale {
+        p.dense.pad_holds = Some(p.src.version);
+    }
     Ok(())
 }
 
@@ -221,6 +247,17 @@ impl<B: Backend> ProjWeight<B> {
         Ok(())
     }
 
+    /// This weight's pad, locked, when it is a folded dense weight whose pad does not hold the B
+    /// of `src`'s version (for [`write_pads`]); `None` for an NF4 weight, whose dequantization
+    /// writes the pad each time.
+    pub fn stale_pad<'a>(&'a self, src: PadSource<'a, B>) -> Option<StalePad<'a, B>> {
+        let (Some(layout), Stored::Dense(dense)) = (self.fold, &self.stored) else {
+            return None;
+        };
+        let dense = dense.lock().expect("dense weight");
+        (dense.pad_holds != Some(src.version)).then_some(StalePad { dense, layout, src })
+    }
+
     /// The compute-copy version a dense weight's pad holds (`None`: zeros, or not dense).
     #[cfg(test)]
     pub(crate) fn pad_version(&self) -> Option<u64> {
@@ -250,13 +287,10 @@ impl<B: Backend> ProjWeight<B> {
         let fold = self.fold.filter(|_| pad.is_some());
         match &self.stored {
             Stored::Dense(dense) => {
-                let mut dense = dense.lock().expect("dense weight");
-                if let (Some(fl), Some(src)) = (fold, &pad) {
-                    if dense.pad_holds != Some(src.version) {
-                        write_pad(be, fl, src, &mut dense.w)?;
-                        dense.pad_holds = Some(src.version);
-                    }
+                if let Some(mut stale) = pad.and_then(|src| self.stale_pad(src)) {
+                    write_pads(be, std::slice::from_mut(&mut stale))?;
                 }
+                let dense = dense.lock().expect("dense weight");
                 f(DenseView {
                     w: &dense.w,
                     padded: self.fold,
