@@ -7,6 +7,9 @@
  *                      src/dst are tables of addresses, starts[t] the first flat index of tensor t.
  *   zero_multi_f32:    t = 0 for every f32 tensor t of a table (all LoRA gradients at a step's start:
  *                      one launch instead of a memset each); the same tables.
+ *   axpy_blocks_f32:   dst_b = dst_b + alpha * src_b for each block b, blockIdx.y the block and its
+ *                      row of the table (src, dst addresses, n): a stacked LoRA dA [members * r, in]
+ *                      added into the members' gradients in one launch instead of one each.
  * Streaming grid-stride loops, each element read and written once, 8 elements per access
  * (load8/store8: 16 bytes of a 16-bit type) and single elements for a tail.
  */
@@ -79,4 +82,9 @@ extern "C" __global__ void zero_multi_f32(const u64* dst, const u64* starts, int
         int t = owner_of(starts, count, idx);
         ((float*)dst[t])[idx - starts[t]] = 0.0f;
     }
+}
+
+extern "C" __global__ void axpy_blocks_f32(float alpha, const u64* table) {
+    const u64* b = table + 3 * (u64)blockIdx.y;
+    axpy<float, float>(alpha, (const float*)b[0], (float*)b[1], b[2]);
 }

@@ -426,6 +426,20 @@ pub trait Backend {
         src: (&Self::Tensor, usize),
         dst: &mut Self::Tensor,
     ) -> Result<()>;
+    /// [`Backend::axpy_from`] for each `(offset, dst)`: `dst[i] ← dst[i] + alpha · src[offset + i]`,
+    /// every `dst` a tensor of its own. An input group's stacked `dA` added into each member's
+    /// gradient (one launch on the GPU where all are f32, 5 a layer otherwise).
+    fn axpy_from_many(
+        &self,
+        alpha: f32,
+        src: &Self::Tensor,
+        dsts: &mut [(usize, &mut Self::Tensor)],
+    ) -> Result<()> {
+        for (offset, dst) in dsts {
+            self.axpy_from(alpha, (src, *offset), dst)?;
+        }
+        Ok(())
+    }
     /// `t ← alpha · t`.
     fn scale(&self, alpha: f32, t: &mut Self::Tensor) -> Result<()>;
     /// `out[r, :] ← row` for every row of `out [rows, len(row)]`: a linear layer's bias, laid down

@@ -1347,8 +1347,43 @@ fn copy_many_into_equals_one_copy_per_tensor() {
     assert_eq!(&got[at[1]..at[1] + sizes[1]], &h1[..]);
 }
 
-/// All gradients zeroed in one launch: every element of every tensor, whatever its size; a list
-/// with a 16-bit tensor takes the per-tensor path.
+/// A stacked f32 result's blocks added into their own tensors in one launch: each as
+/// `axpy_from` alone leaves it, bit for bit (sizes not multiples of 8, a block at an odd offset);
+/// a 16-bit destination takes the per-tensor path, and a block past the source is refused.
+#[test]
+fn axpy_from_many_equals_one_axpy_from_each() {
+    let Some(g) = gpu(DType::F32) else { return };
+    let sizes = [16 * 4096, 16 * 4096 + 3, 777];
+    let offsets = [0, 16 * 4096, 2 * 16 * 4096 + 5];
+    let src = g
+        .upload(&random(offsets[2] + sizes[2], 80, 1.0), DType::F32)
+        .unwrap();
+    for d in [DType::F32, DType::BF16] {
+        let starts: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| random(n, 81 + i as u64, 1.0))
+            .collect();
+        let mut many: Vec<CudaTensor> = starts.iter().map(|v| g.upload(v, d).unwrap()).collect();
+        let mut dsts: Vec<(usize, &mut CudaTensor)> =
+            offsets.iter().copied().zip(many.iter_mut()).collect();
+        g.axpy_from_many(0.5, &src, &mut dsts).unwrap();
+        for (i, (v, &offset)) in starts.iter().zip(&offsets).enumerate() {
+            let mut one = g.upload(v, d).unwrap();
+            g.axpy_from(0.5, (&src, offset), &mut one).unwrap();
+            let mismatches =
+                bits_differing(&g.download(&many[i]).unwrap(), &g.download(&one).unwrap());
+            assert_eq!(mismatches, 0, "block {i} into {}", d.name());
+        }
+    }
+    let mut short = g.zeros(8, DType::F32).unwrap();
+    let err = g
+        .axpy_from_many(1.0, &src, &mut [(offsets[2] + sizes[2] - 4, &mut short)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("axpy_from_many"), "{err}");
+}
+
 /// `place_block`'s cases: (rows, width, block, src [len, at], dst [len, at]).
 type PlaceCase = (
     usize,
@@ -1621,6 +1656,8 @@ fn lora_dy_products_match_with_tails_member_columns_and_fallbacks() {
     }
 }
 
+/// All gradients zeroed in one launch: every element of every tensor, whatever its size; a list
+/// with a 16-bit tensor takes the per-tensor path.
 #[test]
 fn fill_zero_many_zeroes_every_tensor() {
     let Some(g) = gpu(DType::BF16) else { return };

@@ -211,6 +211,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
                 .collect();
             names.extend(per_dtype(&["scale", "cast_multi_f32"]));
             names.push("zero_multi_f32".to_string());
+            names.push("axpy_blocks_f32".to_string());
             names
         },
     },

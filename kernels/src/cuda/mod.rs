@@ -670,6 +670,57 @@ impl Backend for CudaBackend {
         )
     }
 
+    /// All f32: one `axpy_blocks_f32` launch, a row of (src, dst, n) per block, the grid's y the
+    /// block; otherwise one `axpy_from` each.
+    fn axpy_from_many(
+        &self,
+        alpha: f32,
+        src: &CudaTensor,
+        dsts: &mut [(usize, &mut CudaTensor)],
+    ) -> Result<()> {
+        let f32s = src.dtype == DType::F32 && dsts.iter().all(|(_, d)| d.dtype == DType::F32);
+        if !f32s || dsts.is_empty() {
+            for (offset, dst) in dsts {
+                self.axpy_from(alpha, (src, *offset), dst)?;
+            }
+            return Ok(());
+        }
+        let (mut table, mut longest) = (Vec::with_capacity(3 * dsts.len()), 0);
+        for (offset, dst) in dsts.iter() {
+            let n = dst.len();
+            if offset + n > src.len() {
+                return Err(KernelError::Shape {
+                    op: "axpy_from_many",
+                    what: "src",
+                    got: src.len(),
+                    expected: offset + n,
+                });
+            }
+            table.extend([
+                src.ptr(&self.stream) + (offset * 4) as u64,
+                dst.ptr(&self.stream),
+                n as u64,
+            ]);
+            longest = longest.max(n);
+        }
+        if longest == 0 {
+            return Ok(());
+        }
+        let table = self
+            .stream
+            .clone_htod(&table)
+            .map_err(device_err("upload the axpy_blocks table"))?;
+        let grid = (blocks_for_chunks_of_8(longest), dsts.len() as u32, 1);
+        let table_at = Arg::Ptr(table.device_ptr(&self.stream).0);
+        self.launch(
+            "axpy_blocks_f32",
+            grid,
+            256,
+            0,
+            &[Arg::F32(alpha), table_at],
+        )
+    }
+
     fn scale(&self, alpha: f32, t: &mut CudaTensor) -> Result<()> {
         let n = t.len();
         let name = format!("scale_{}", suffix(t.dtype));

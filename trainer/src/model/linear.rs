@@ -207,23 +207,33 @@ pub struct MemberGrad<'a, B: Backend> {
     pub slot: Option<LoraSlot>,
 }
 
+/// An adapted group in [`backward`]: the parameters, the group's stacked A, its forward's `t`,
+/// and f32 `[n, width]` zeros for its `u` sums (a layer's groups' are zeroed in one launch).
+pub struct GroupGrad<'a, B: Backend> {
+    pub params: &'a mut LoraParams<B>,
+    pub group: GroupSlot,
+    pub t: &'a B::Tensor,
+    pub u_sum: B::Tensor,
+}
+
 /// Adds `dL/dx` of every member of a group that reads `x` into `dx` (writes it when `accumulate`
-/// is false) and the members' LoRA gradients into `lora` (the parameters, the group's stacked A
-/// and its forward's `t`): [`backward_to_input`], then [`lora_a_grads`].
+/// is false) and the members' LoRA gradients into the adapter (`lora`): [`backward_to_input`],
+/// then [`lora_a_grads`].
 pub fn backward<B: Backend>(
     be: &B,
     members: &[MemberGrad<'_, B>],
     x: &B::Tensor,
-    mut lora: Option<(&mut LoraParams<B>, GroupSlot, &B::Tensor)>,
+    lora: Option<GroupGrad<'_, B>>,
     dx: &mut B::Tensor,
     accumulate: bool,
 ) -> Result<()> {
-    let lp = lora.as_mut().map(|(lp, group, t)| (&mut **lp, *group, *t));
-    let u = backward_to_input(be, members, lp, dx, accumulate)?;
-    match (lora, u) {
-        (Some((lp, group, _)), Some(u)) => lora_a_grads(be, members, lp, group, &u, x),
-        _ => Ok(()),
-    }
+    let Some(lora) = lora else {
+        backward_to_input(be, members, None, dx, accumulate)?;
+        return Ok(());
+    };
+    let group = lora.group;
+    let (u, lp) = backward_to_input_adapted(be, members, lora, dx, accumulate)?;
+    lora_a_grads(be, members, lp, group, &u, x)
 }
 
 /// The part of [`backward`] that does not read the input `x`: every member's `dB` and `u_p = dy B`
@@ -231,58 +241,97 @@ pub fn backward<B: Backend>(
 /// [`forward`], the LoRA term `s · u A_g` goes into `dx` first and the frozen GEMMs add onto it.
 /// [`lora_a_grads`] then takes `u` and `x`, which the caller may make only now (the MLP's
 /// SwiGLU output comes out of its backward).
-pub fn backward_to_input<B: Backend>(
+pub fn backward_to_input<'a, B: Backend>(
     be: &B,
     members: &[MemberGrad<'_, B>],
-    lora: Option<(&mut LoraParams<B>, GroupSlot, &B::Tensor)>,
+    lora: Option<GroupGrad<'a, B>>,
     dx: &mut B::Tensor,
     accumulate: bool,
-) -> Result<Option<B::Tensor>> {
-    let mut beta = if accumulate { 1.0 } else { 0.0 };
+) -> Result<Option<(B::Tensor, &'a mut LoraParams<B>)>> {
+    match lora {
+        Some(lora) => backward_to_input_adapted(be, members, lora, dx, accumulate).map(Some),
+        None => {
+            frozen_backward_to_input(be, members, dx, accumulate)?;
+            Ok(None)
+        }
+    }
+}
+
+/// [`backward_to_input`] of an adapted group: returns `u` and the parameters back.
+fn backward_to_input_adapted<'a, B: Backend>(
+    be: &B,
+    members: &[MemberGrad<'_, B>],
+    lora: GroupGrad<'a, B>,
+    dx: &mut B::Tensor,
+    accumulate: bool,
+) -> Result<(B::Tensor, &'a mut LoraParams<B>)> {
+    let GroupGrad {
+        params: lp,
+        group,
+        t,
+        mut u_sum,
+    } = lora;
     let Some(first) = members.first() else {
-        return Ok(None);
+        bail!("an adapted input group without members");
     };
     let (n, in_f) = (first.d.n, first.d.in_f);
-    let mut stacked_u = None;
-    if let Some((lp, group, t)) = lora {
-        let (r, s, width) = (group.rank, group.scaling, group.width());
-        let mut u_sum = be.zeros(n * width, DType::F32)?;
-        for m in members {
-            let Some(slot) = m.slot else { continue };
-            let cols = MatAt::at(slot.member * r, width);
-            let (compute, grads) = lp.compute_and_grads();
-            // dB [out, r] += dyᵀ [out, n] · t_p [n, r] (t is scaled by s) and
-            // u_p [n, r] = dy [n, out] · B [out, r], both from one read of dy
-            be.lora_dy_products(
-                n,
-                m.d.out_f,
-                r,
-                m.dy,
-                (t, cols),
-                (compute, MatAt::at(slot.b_at, r)),
-                &mut grads[slot.a + 1],
-                (&mut u_sum, cols),
-            )?;
-        }
-        // u in the compute dtype, rounded once from its f32 sums as a GEMM's output is
-        let mut u = be.empty(n * width, be.compute_dtype())?;
-        be.copy(&u_sum, &mut u)?;
-        // dx [n, in] (+)= s · u [n, members · r] · A_g [members · r, in]
-        be.gemm_at(
-            n,
-            in_f,
-            width,
-            s,
-            (&u, MatAt::dense(width)),
-            false,
-            (lp.compute(), MatAt::at(group.a_at, in_f)),
-            false,
-            beta,
-            (dx, MatAt::dense(in_f)),
-        )?;
-        beta = 1.0;
-        stacked_u = Some(u);
+    let (r, s, width) = (group.rank, group.scaling, group.width());
+    if be.len(&u_sum) != n * width {
+        bail!(
+            "the group's u sums hold {} values, not n · width = {n} · {width}",
+            be.len(&u_sum)
+        );
     }
+    for m in members {
+        let Some(slot) = m.slot else { continue };
+        let cols = MatAt::at(slot.member * r, width);
+        let (compute, grads) = lp.compute_and_grads();
+        // dB [out, r] += dyᵀ [out, n] · t_p [n, r] (t is scaled by s) and
+        // u_p [n, r] = dy [n, out] · B [out, r], both from one read of dy
+        be.lora_dy_products(
+            n,
+            m.d.out_f,
+            r,
+            m.dy,
+            (t, cols),
+            (compute, MatAt::at(slot.b_at, r)),
+            &mut grads[slot.a + 1],
+            (&mut u_sum, cols),
+        )?;
+    }
+    // u in the compute dtype, rounded once from its f32 sums as a GEMM's output is
+    let mut u = be.empty(n * width, be.compute_dtype())?;
+    be.copy(&u_sum, &mut u)?;
+    drop(u_sum);
+    // dx [n, in] (+)= s · u [n, members · r] · A_g [members · r, in]
+    be.gemm_at(
+        n,
+        in_f,
+        width,
+        s,
+        (&u, MatAt::dense(width)),
+        false,
+        (lp.compute(), MatAt::at(group.a_at, in_f)),
+        false,
+        if accumulate { 1.0 } else { 0.0 },
+        (dx, MatAt::dense(in_f)),
+    )?;
+    frozen_backward_to_input(be, members, dx, true)?;
+    Ok((u, lp))
+}
+
+/// `dx (+)= Σ_p dy_p W_p` over the members' frozen weights (written first when not `accumulate`).
+fn frozen_backward_to_input<B: Backend>(
+    be: &B,
+    members: &[MemberGrad<'_, B>],
+    dx: &mut B::Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    let mut beta = if accumulate { 1.0 } else { 0.0 };
+    let Some(first) = members.first() else {
+        return Ok(());
+    };
+    let (n, in_f) = (first.d.n, first.d.in_f);
     for m in members {
         m.w.with_dense(be, Dequantized::Dropped, None, |w| {
             Ok(be.gemm_at(
@@ -300,7 +349,7 @@ pub fn backward_to_input<B: Backend>(
         })?;
         beta = 1.0;
     }
-    Ok(stacked_u)
+    Ok(())
 }
 
 /// `dA_p [r, in] += s · u_pᵀ [r, n] · x [n, in]` for every adapted member, as one product
@@ -346,9 +395,21 @@ pub fn lora_a_grads<B: Backend>(
         (da, MatAt::dense(in_f)),
     )?;
     if let Some(st) = stacked {
-        for slot in members.iter().filter_map(|m| m.slot) {
-            be.axpy_from(1.0, (&st, slot.member * r * in_f), &mut lp.grads[slot.a])?;
-        }
+        let offsets: Vec<(usize, usize)> = members
+            .iter()
+            .filter_map(|m| m.slot)
+            .map(|slot| (slot.a, slot.member * r * in_f))
+            .collect();
+        let mut dsts: Vec<(usize, &mut B::Tensor)> = lp
+            .grads
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, g)| {
+                let (_, offset) = offsets.iter().find(|(a, _)| *a == i)?;
+                Some((*offset, g))
+            })
+            .collect();
+        be.axpy_from_many(1.0, &st, &mut dsts)?;
     }
     Ok(())
 }

@@ -7,11 +7,11 @@ use super::{
     LoraInputs, MlpSaved, Shapes,
 };
 use crate::arch::InputGroup;
-use crate::lora::{GroupSlot, LoraParams};
+use crate::lora::LoraParams;
 use crate::model::batch::Batch;
-use crate::model::linear::{self, MemberGrad};
+use crate::model::linear::{self, GroupGrad, MemberGrad};
 use anyhow::{anyhow, Result};
-use kernels::{Backend, Rotation};
+use kernels::{Backend, DType, Rotation};
 
 /// `dL/dx` of [`super::head_norm`] from `dy`.
 fn head_norm_backward<B: Backend>(
@@ -26,18 +26,60 @@ fn head_norm_backward<B: Backend>(
     Ok(dx)
 }
 
-/// Input group `g`'s adapter for [`linear::backward`]: the parameters, the group's stacked A and
-/// its forward's `t`, when a member is adapted.
+/// Each adapted input group's f32 `[n, width]` for its `u` sums ([`linear::backward_to_input`]),
+/// by [`InputGroup::index`]: zeroed together at the start of the layer's backward, one launch
+/// where each group's own zeroing was one (4 a layer), and taken by the groups' backwards in turn.
+type USums<B> = [Option<<B as Backend>::Tensor>; 4];
+
+fn zeroed_u_sums<B: Backend>(
+    be: &B,
+    lora: Option<&LoraParams<B>>,
+    layer: usize,
+    n: usize,
+) -> Result<USums<B>> {
+    let mut sums: USums<B> = Default::default();
+    let Some(lp) = lora else {
+        return Ok(sums);
+    };
+    let mut groups = Vec::new();
+    let mut tensors = Vec::new();
+    for g in InputGroup::ALL {
+        if let Some(group) = lp.group(layer, g) {
+            groups.push(g.index());
+            tensors.push(be.empty(n * group.width(), DType::F32)?);
+        }
+    }
+    be.fill_zero_many(&mut tensors)?;
+    for (i, t) in groups.into_iter().zip(tensors) {
+        sums[i] = Some(t);
+    }
+    Ok(sums)
+}
+
+/// Input group `g`'s adapter for [`linear::backward`] when a member is adapted: the parameters,
+/// the group's stacked A, its forward's `t`, and its zeroed `u` sums, taken out of `u_sums`.
 fn group_lora<'a, B: Backend>(
     lora: Option<&'a mut LoraParams<B>>,
     lora_t: &'a LoraInputs<B>,
+    u_sums: &mut USums<B>,
     layer: usize,
     g: InputGroup,
-) -> Option<(&'a mut LoraParams<B>, GroupSlot, &'a B::Tensor)> {
-    match (lora, &lora_t[g.index()]) {
-        (Some(lp), Some(t)) => lp.group(layer, g).map(|group| (lp, group, t)),
-        _ => None,
-    }
+) -> Result<Option<GroupGrad<'a, B>>> {
+    let (Some(params), Some(t)) = (lora, &lora_t[g.index()]) else {
+        return Ok(None);
+    };
+    let Some(group) = params.group(layer, g) else {
+        return Ok(None);
+    };
+    let u_sum = u_sums[g.index()]
+        .take()
+        .ok_or_else(|| anyhow!("layer {layer}: the {g:?} group's u sums were not made"))?;
+    Ok(Some(GroupGrad {
+        params,
+        group,
+        t,
+        u_sum,
+    }))
 }
 
 impl<B: Backend> LayerWeights<B> {
@@ -78,12 +120,15 @@ impl<B: Backend> LayerWeights<B> {
                 mut lora_t,
             }) => {
                 let kept_t = &mut lora_t;
+                let n = be.len(&x) / s.hidden;
+                let u_sums = &mut zeroed_u_sums(be, lora.as_deref(), layer, n)?;
                 let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false, kept_t)?;
-                let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), mlp, dy)?;
+                let lp = lora.as_deref_mut();
+                let dmid = self.backward_mlp(be, s, layer, lp, u_sums, mlp, dy)?;
                 let lp = lora.as_deref();
                 let (attention, _) =
                     self.attention_half(be, s, layer, lp, attend, x, Some(reused), kept_t)?;
-                self.backward_attention(be, s, layer, lora, batch, attention, dmid)
+                self.backward_attention(be, s, layer, lora, u_sums, batch, attention, dmid)
             }
         }
     }
@@ -103,8 +148,10 @@ impl<B: Backend> LayerWeights<B> {
         dy: B::Tensor,
     ) -> Result<B::Tensor> {
         let LayerSaved { attention, mlp } = saved;
-        let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), mlp, dy)?;
-        self.backward_attention(be, s, layer, lora, batch, attention, dmid)
+        let n = be.len(&attention.x) / s.hidden;
+        let u_sums = &mut zeroed_u_sums(be, lora.as_deref(), layer, n)?;
+        let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), u_sums, mlp, dy)?;
+        self.backward_attention(be, s, layer, lora, u_sums, batch, attention, dmid)
     }
 
     /// The members of input group `g` for [`linear::backward`], given their output gradients.
@@ -138,8 +185,7 @@ impl<B: Backend> LayerWeights<B> {
         be: &B,
         s: &Shapes,
         layer: usize,
-        lora: Option<&mut LoraParams<B>>,
-        lora_t: &LoraInputs<B>,
+        (lora, lora_t, u_sums): (Option<&mut LoraParams<B>>, &LoraInputs<B>, &mut USums<B>),
         g: InputGroup,
         douts: &[&B::Tensor],
         input: &B::Tensor,
@@ -147,7 +193,7 @@ impl<B: Backend> LayerWeights<B> {
         accumulate: bool,
     ) -> Result<()> {
         let members = self.member_grads(be, s, layer, lora.as_deref(), g, douts);
-        let adapter = group_lora(lora, lora_t, layer, g);
+        let adapter = group_lora(lora, lora_t, u_sums, layer, g)?;
         linear::backward(be, &members, input, adapter, dinput, accumulate)
     }
 
@@ -160,6 +206,7 @@ impl<B: Backend> LayerWeights<B> {
         s: &Shapes,
         layer: usize,
         mut lora: Option<&mut LoraParams<B>>,
+        u_sums: &mut USums<B>,
         saved: MlpSaved<B>,
         dy: B::Tensor,
     ) -> Result<B::Tensor> {
@@ -175,16 +222,15 @@ impl<B: Backend> LayerWeights<B> {
         let dt = be.compute_dtype();
         let down = InputGroup::Down;
         let members = self.member_grads(be, s, layer, lora.as_deref(), down, &[&dy]);
-        let adapter = group_lora(lora.as_deref_mut(), &lora_t, layer, down);
+        let adapter = group_lora(lora.as_deref_mut(), &lora_t, u_sums, layer, down)?;
+        let group = adapter.as_ref().map(|a| a.group);
         let mut dact = be.empty(n * s.inter, dt)?;
         let u = linear::backward_to_input(be, &members, adapter, &mut dact, false)?;
         // gate and up become their gradients in place, dact the forward's act.
         let (mut dgate, mut dup) = (gate, up);
         be.swiglu_backward(&mut dact, &mut dgate, &mut dup)?;
         let act = dact;
-        if let (Some(u), Some((lp, group, _))) =
-            (u, group_lora(lora.as_deref_mut(), &lora_t, layer, down))
-        {
+        if let (Some((u, lp)), Some(group)) = (u, group) {
             linear::lora_a_grads(be, &members, lp, group, &u, &act)?;
         }
         drop((act, members));
@@ -193,8 +239,7 @@ impl<B: Backend> LayerWeights<B> {
             be,
             s,
             layer,
-            lora,
-            &lora_t,
+            (lora, &lora_t, u_sums),
             InputGroup::GateUp,
             &[&dgate, &dup],
             &norm2,
@@ -222,6 +267,7 @@ impl<B: Backend> LayerWeights<B> {
         s: &Shapes,
         layer: usize,
         mut lora: Option<&mut LoraParams<B>>,
+        u_sums: &mut USums<B>,
         batch: &Batch<B>,
         saved: AttentionSaved<B>,
         dmid: B::Tensor,
@@ -244,8 +290,8 @@ impl<B: Backend> LayerWeights<B> {
         let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
         let mut back = |g, douts: &[&B::Tensor], input: &B::Tensor, dinput: &mut B::Tensor| {
-            let lora = lora.as_deref_mut();
-            self.group_back(be, s, layer, lora, &lora_t, g, douts, input, dinput, false)
+            let adapter = (lora.as_deref_mut(), &lora_t, &mut *u_sums);
+            self.group_back(be, s, layer, adapter, g, douts, input, dinput, false)
         };
         let mut dattn = be.empty(n * s.q_dim, dt)?;
         back(InputGroup::O, &[&dmid], &attn, &mut dattn)?;
