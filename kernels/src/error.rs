@@ -61,6 +61,26 @@ pub(crate) fn check_len(
     }
 }
 
+/// Checks that the block `src[offset..offset + n]` lies inside `src` (`src_len` elements): the
+/// block of a stacked result that `axpy_from` adds into a tensor of `n`.
+pub(crate) fn check_block_in_src(
+    op: &'static str,
+    src_len: usize,
+    offset: usize,
+    n: usize,
+) -> crate::Result<()> {
+    if offset + n <= src_len {
+        Ok(())
+    } else {
+        Err(KernelError::Shape {
+            op,
+            what: "src",
+            got: src_len,
+            expected: offset + n,
+        })
+    }
+}
+
 /// Checks that rows of `cols` elements stored `ld` apart do not overlap (`ld ≥ cols`).
 pub(crate) fn check_row_stride(
     op: &'static str,

@@ -130,14 +130,8 @@ impl Backend for CpuBackend {
         (src, offset): (&Vec<f32>, usize),
         dst: &mut Vec<f32>,
     ) -> Result<()> {
-        let block =
-            src.get(offset..offset + dst.len())
-                .ok_or_else(|| crate::KernelError::Shape {
-                    op: "axpy_from",
-                    what: "src",
-                    got: src.len(),
-                    expected: offset + dst.len(),
-                })?;
+        crate::error::check_block_in_src("axpy_from", src.len(), offset, dst.len())?;
+        let block = &src[offset..offset + dst.len()];
         dst.iter_mut().zip(block).for_each(|(d, s)| *d += alpha * s);
         Ok(())
     }

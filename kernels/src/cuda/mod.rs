@@ -27,7 +27,7 @@ pub use offload::CudaParked;
 pub use tensor::{CudaIndices, CudaTensor};
 
 use crate::backend::{check_gemm_at, check_gemm_residual, check_place_block};
-use crate::error::{check_len, check_rows, check_strided_rows};
+use crate::error::{check_block_in_src, check_len, check_rows, check_strided_rows};
 use crate::{
     AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, LoraPad, MatAt, Nf4Absmax,
     OpTime, ParkLane, Placement, Result, Rotation,
@@ -383,6 +383,30 @@ impl CudaBackend {
         }
     }
 
+    /// Launches a batched kernel (`place_blocks_<t>`, `axpy_blocks_f32`) over `copies` copies:
+    /// `args`, then the address of `table` uploaded (a row of it per copy), the grid's y the copy
+    /// and its x sized for the longest copy (`longest` elements, 8 a thread). Nothing runs when
+    /// every copy is empty.
+    fn launch_batched(
+        &self,
+        name: &str,
+        args: &[Arg],
+        (table, copies): (&[u64], usize),
+        longest: usize,
+    ) -> Result<()> {
+        if longest == 0 {
+            return Ok(());
+        }
+        let table = self
+            .stream
+            .clone_htod(table)
+            .map_err(device_err("upload a batched kernel's table"))?;
+        let grid = (blocks_for_chunks_of_8(longest), copies as u32, 1);
+        let mut all = args.to_vec();
+        all.push(Arg::Ptr(table.device_ptr(&self.stream).0));
+        self.launch(name, grid, 256, 0, &all)
+    }
+
     fn same_dtype(&self, op: &'static str, tensors: &[(&str, &CudaTensor)]) -> Result<DType> {
         let first = tensors[0].1.dtype;
         for (what, t) in tensors {
@@ -646,14 +670,7 @@ impl Backend for CudaBackend {
         dst: &mut CudaTensor,
     ) -> Result<()> {
         let n = dst.len();
-        if offset + n > src.len() {
-            return Err(KernelError::Shape {
-                op: "axpy_from",
-                what: "src",
-                got: src.len(),
-                expected: offset + n,
-            });
-        }
+        check_block_in_src("axpy_from", src.len(), offset, n)?;
         let name = format!("axpy_{}_{}", suffix(src.dtype), suffix(dst.dtype));
         let at = src.ptr(&self.stream) + (offset * src.dtype.size_bytes()) as u64;
         self.launch(
@@ -688,14 +705,7 @@ impl Backend for CudaBackend {
         let (mut table, mut longest) = (Vec::with_capacity(3 * dsts.len()), 0);
         for (offset, dst) in dsts.iter() {
             let n = dst.len();
-            if offset + n > src.len() {
-                return Err(KernelError::Shape {
-                    op: "axpy_from_many",
-                    what: "src",
-                    got: src.len(),
-                    expected: offset + n,
-                });
-            }
+            check_block_in_src("axpy_from_many", src.len(), *offset, n)?;
             table.extend([
                 src.ptr(&self.stream) + (offset * 4) as u64,
                 dst.ptr(&self.stream),
@@ -703,22 +713,8 @@ impl Backend for CudaBackend {
             ]);
             longest = longest.max(n);
         }
-        if longest == 0 {
-            return Ok(());
-        }
-        let table = self
-            .stream
-            .clone_htod(&table)
-            .map_err(device_err("upload the axpy_blocks table"))?;
-        let grid = (blocks_for_chunks_of_8(longest), dsts.len() as u32, 1);
-        let table_at = Arg::Ptr(table.device_ptr(&self.stream).0);
-        self.launch(
-            "axpy_blocks_f32",
-            grid,
-            256,
-            0,
-            &[Arg::F32(alpha), table_at],
-        )
+        let copies = (&table[..], dsts.len());
+        self.launch_batched("axpy_blocks_f32", &[Arg::F32(alpha)], copies, longest)
     }
 
     fn scale(&self, alpha: f32, t: &mut CudaTensor) -> Result<()> {
@@ -1102,17 +1098,8 @@ impl Backend for CudaBackend {
             ]);
             widest = widest.max(n);
         }
-        if widest == 0 {
-            return Ok(());
-        }
-        let table = self
-            .stream
-            .clone_htod(&table)
-            .map_err(device_err("upload the place_blocks table"))?;
-        let grid = (blocks_for_chunks_of_8(widest), placements.len() as u32, 1);
         let name = format!("place_blocks_{}", suffix(dt));
-        let table_at = Arg::Ptr(table.device_ptr(&self.stream).0);
-        self.launch(&name, grid, 256, 0, &[table_at])
+        self.launch_batched(&name, &[], (&table[..], placements.len()), widest)
     }
 
     fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {

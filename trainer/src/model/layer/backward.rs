@@ -200,6 +200,7 @@ impl<B: Backend> LayerWeights<B> {
     /// The MLP half's backward: `y = h + down(act)`, so `dL/dh` starts as `dy` (the residual);
     /// returns it. `act` is not saved: the SwiGLU backward writes it over `dL/dact`, and down's
     /// LoRA `dA`, the one reader, runs after it.
+    #[allow(clippy::too_many_arguments)]
     fn backward_mlp(
         &self,
         be: &B,
