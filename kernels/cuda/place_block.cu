@@ -11,7 +11,7 @@ FOR_EACH_DTYPE(PLACE_BLOCK_KERNELS)
  * are row y of a table of PLACE_BLOCKS_FIELDS u64s (src, src_ld, dst, dst_ld, width, b0, b1, n as
  * place_block takes them, the pointers as addresses). The grid's x extent is sized for the largest
  * copy; each copy's grid-stride loop runs over the blocks of its row of the grid, so a smaller one
- * leaves some of them idle. A layer's LoRA pads (~5 copies of 0.4-1 MB at 7B) are one launch,
+ * leaves some of them idle. A layer's LoRA pads (5 copies of 0.1-0.9 MB at 7B) are one launch,
  * where one each was launch-bound (~8 us a copy on an H100). Traffic: the sum of the copies'. */
 #define PLACE_BLOCKS_FIELDS 8 /* kernels/src/cuda/mod.rs writes the table */
 #define PLACE_BLOCKS_KERNELS(S, T)                                                                 \

@@ -216,6 +216,21 @@ pub struct GroupGrad<'a, B: Backend> {
     pub u_sum: B::Tensor,
 }
 
+/// What [`backward_to_input`] leaves of an adapted group's backward for when its input `x` is
+/// there: `u` stacked `[n, members · r]`, the parameters and the group, for [`lora_a_grads`].
+pub struct PendingAGrads<'a, B: Backend> {
+    u: B::Tensor,
+    params: &'a mut LoraParams<B>,
+    group: GroupSlot,
+}
+
+impl<B: Backend> PendingAGrads<'_, B> {
+    /// The members' `dA` from the group's input `x` ([`lora_a_grads`]).
+    pub fn add(self, be: &B, members: &[MemberGrad<'_, B>], x: &B::Tensor) -> Result<()> {
+        lora_a_grads(be, members, self.params, self.group, &self.u, x)
+    }
+}
+
 /// Adds `dL/dx` of every member of a group that reads `x` into `dx` (writes it when `accumulate`
 /// is false) and the members' LoRA gradients into the adapter (`lora`): [`backward_to_input`],
 /// then [`lora_a_grads`].
@@ -227,44 +242,28 @@ pub fn backward<B: Backend>(
     dx: &mut B::Tensor,
     accumulate: bool,
 ) -> Result<()> {
-    let Some(lora) = lora else {
-        backward_to_input(be, members, None, dx, accumulate)?;
-        return Ok(());
-    };
-    let group = lora.group;
-    let (u, lp) = backward_to_input_adapted(be, members, lora, dx, accumulate)?;
-    lora_a_grads(be, members, lp, group, &u, x)
+    match backward_to_input(be, members, lora, dx, accumulate)? {
+        Some(pending) => pending.add(be, members, x),
+        None => Ok(()),
+    }
 }
 
 /// The part of [`backward`] that does not read the input `x`: every member's `dB` and `u_p = dy B`
-/// (returned, stacked as `u [n, members · r]`, when the group is adapted) and `dL/dx`. As in
-/// [`forward`], the LoRA term `s · u A_g` goes into `dx` first and the frozen GEMMs add onto it.
-/// [`lora_a_grads`] then takes `u` and `x`, which the caller may make only now (the MLP's
-/// SwiGLU output comes out of its backward).
+/// (stacked as `u [n, members · r]`, returned for [`lora_a_grads`] when the group is adapted) and
+/// `dL/dx`. As in [`forward`], the LoRA term `s · u A_g` goes into `dx` first and the frozen GEMMs
+/// add onto it. [`PendingAGrads::add`] then takes `x`, which the caller may make only now (the
+/// MLP's SwiGLU output comes out of its backward).
 pub fn backward_to_input<'a, B: Backend>(
     be: &B,
     members: &[MemberGrad<'_, B>],
     lora: Option<GroupGrad<'a, B>>,
     dx: &mut B::Tensor,
     accumulate: bool,
-) -> Result<Option<(B::Tensor, &'a mut LoraParams<B>)>> {
-    match lora {
-        Some(lora) => backward_to_input_adapted(be, members, lora, dx, accumulate).map(Some),
-        None => {
-            frozen_backward_to_input(be, members, dx, accumulate)?;
-            Ok(None)
-        }
-    }
-}
-
-/// [`backward_to_input`] of an adapted group: returns `u` and the parameters back.
-fn backward_to_input_adapted<'a, B: Backend>(
-    be: &B,
-    members: &[MemberGrad<'_, B>],
-    lora: GroupGrad<'a, B>,
-    dx: &mut B::Tensor,
-    accumulate: bool,
-) -> Result<(B::Tensor, &'a mut LoraParams<B>)> {
+) -> Result<Option<PendingAGrads<'a, B>>> {
+    let Some(lora) = lora else {
+        frozen_backward_to_input(be, members, dx, accumulate)?;
+        return Ok(None);
+    };
     let GroupGrad {
         params: lp,
         group,
@@ -317,7 +316,11 @@ fn backward_to_input_adapted<'a, B: Backend>(
         (dx, MatAt::dense(in_f)),
     )?;
     frozen_backward_to_input(be, members, dx, true)?;
-    Ok((u, lp))
+    Ok(Some(PendingAGrads {
+        u,
+        params: lp,
+        group,
+    }))
 }
 
 /// `dx (+)= Σ_p dy_p W_p` over the members' frozen weights (written first when not `accumulate`).
@@ -355,8 +358,8 @@ fn frozen_backward_to_input<B: Backend>(
 /// `dA_p [r, in] += s · u_pᵀ [r, n] · x [n, in]` for every adapted member, as one product
 /// `s · uᵀ x [members · r, in]` (x read once, not once per member): straight into the gradient of
 /// a lone member, else into a stacked result whose row blocks are added into the members'
-/// gradients. `u` is [`backward_to_input`]'s.
-pub fn lora_a_grads<B: Backend>(
+/// gradients. `u` is [`backward_to_input`]'s ([`PendingAGrads`]).
+fn lora_a_grads<B: Backend>(
     be: &B,
     members: &[MemberGrad<'_, B>],
     lp: &mut LoraParams<B>,

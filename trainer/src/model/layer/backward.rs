@@ -224,15 +224,14 @@ impl<B: Backend> LayerWeights<B> {
         let down = InputGroup::Down;
         let members = self.member_grads(be, s, layer, lora.as_deref(), down, &[&dy]);
         let adapter = group_lora(lora.as_deref_mut(), &lora_t, u_sums, layer, down)?;
-        let group = adapter.as_ref().map(|a| a.group);
         let mut dact = be.empty(n * s.inter, dt)?;
-        let u = linear::backward_to_input(be, &members, adapter, &mut dact, false)?;
+        let pending = linear::backward_to_input(be, &members, adapter, &mut dact, false)?;
         // gate and up become their gradients in place, dact the forward's act.
         let (mut dgate, mut dup) = (gate, up);
         be.swiglu_backward(&mut dact, &mut dgate, &mut dup)?;
         let act = dact;
-        if let (Some((u, lp)), Some(group)) = (u, group) {
-            linear::lora_a_grads(be, &members, lp, group, &u, &act)?;
+        if let Some(pending) = pending {
+            pending.add(be, &members, &act)?;
         }
         drop((act, members));
         let mut dnorm2 = be.empty(n * s.hidden, dt)?;
