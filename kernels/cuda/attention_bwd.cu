@@ -3,7 +3,11 @@
  *   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i p_ij dout_i
  * with the visibility rule of attention_fwd.cu. Nothing of size seq x seq reaches global memory.
  *
- * attention_backward_dot_<t>:     D_i = dout_i . out_i  (f32 [N, heads]), one warp per (token, head).
+ * attention_backward_dot_<t>:     D_i = dout_i . out_i  (f32 [N, heads]), one warp per (token, head);
+ *   the same warp zeroes the f32 accumulators the mma kernels add into: dQ's row of its (token, head)
+ *   and, with GQA on Hopper, the dK/dV sums' row of (token, kv head = head) for head < kv_heads (null
+ *   pointers where there are none), so that no memset launch of its own runs before the backward
+ *   (4 bytes written per f32 element: the memset's traffic, one launch fewer or three with GQA).
  * attention_backward_mma_<t>_d<D>_w<NW> (bf16/f16): a block owns 16·NW keys of one (row, kv head);
  *   its NW warps hold 16 keys each, with dK and dV accumulated in registers over every query head of the GQA
  *   group and every query tile of 32 that can see the keys (so dk/dv need no atomics and K/V are
@@ -29,7 +33,8 @@
 #define BWD_BM 32 /* = the warp size: lane l of every warp checks query l of a tile */
 
 template <typename T>
-__device__ void attention_backward_dot(const T* dout, const T* out, float* delta, u64 pairs, int d) {
+__device__ void attention_backward_dot(const T* dout, const T* out, float* delta, u64 pairs, int d, float* dq_zero,
+                                       float* dk_zero, float* dv_zero, int heads, int kv_heads) {
     const int lane = threadIdx.x & 31;
     const u64 pair = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (pair >= pairs) return;
@@ -37,6 +42,13 @@ __device__ void attention_backward_dot(const T* dout, const T* out, float* delta
     for (int c = lane; c < d; c += 32) acc += load_f32(dout[pair * d + c]) * load_f32(out[pair * d + c]);
     acc = warp_sum(acc);
     if (lane == 0) delta[pair] = acc;
+    if (dq_zero != nullptr)
+        for (int c = lane; c < d; c += 32) dq_zero[pair * d + c] = 0.0f;
+    const int head = (int)(pair % heads);
+    if (dk_zero != nullptr && head < kv_heads) {
+        const u64 at = ((pair / heads) * kv_heads + head) * d;
+        for (int c = lane; c < d; c += 32) dk_zero[at + c] = dv_zero[at + c] = 0.0f;
+    }
 }
 
 template <typename T, int D, int NW>
@@ -352,8 +364,9 @@ ATTN_BWD_MMA(f16, f16, 128, 8)
         attention_backward_group_sum<T>(part, out, total, heads, kv_heads, d);                                  \
     }                                                                                                             \
     extern "C" __global__ void attention_backward_dot_##S(const T* dout, const T* out, float* delta, u64 pairs,   \
-                                                          int d) {                                               \
-        attention_backward_dot<T>(dout, out, delta, pairs, d);                                                   \
+                                                          int d, float* dq_zero, float* dk_zero, float* dv_zero,  \
+                                                          int heads, int kv_heads) {                              \
+        attention_backward_dot<T>(dout, out, delta, pairs, d, dq_zero, dk_zero, dv_zero, heads, kv_heads);      \
     }                                                                                                             \
     extern "C" __global__ void attention_backward_simple_dq_##S(                                                 \
         const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,                  \

@@ -13,10 +13,13 @@
  * backward moves 8 elements per access when every row pointer is aligned.
  * The forward's output moves in chunks where x, w and the y row are aligned, else element by
  * element (each y is one product, so its bits do not depend on the path), threads side by side so
- * the stores stay coalesced.
+ * the stores stay coalesced. With `beside` (non-null, [rows, y_ld - hidden] dense) the forward also
+ * copies its row into y's pad columns: y[row, hidden + j] = beside[row, j] (a checkpoint's kept
+ * LoRA t), 2 (y_ld - hidden) bytes a row more, where a place_block launch would follow.
  */
 template <typename T>
-__device__ void rms_norm_forward(const T* x, const T* w, T* y, int y_ld, float* rstd, int hidden, float eps) {
+__device__ void rms_norm_forward(const T* x, const T* w, T* y, int y_ld, float* rstd, int hidden, float eps,
+                                 const T* beside) {
     __shared__ float scratch[32];
     const T* xr = x + (u64)blockIdx.x * hidden;
     T* yr = y + (u64)blockIdx.x * y_ld;
@@ -47,6 +50,11 @@ __device__ void rms_norm_forward(const T* x, const T* w, T* y, int y_ld, float* 
     }
     for (int i = out_chunks * 8 + threadIdx.x; i < hidden; i += blockDim.x) {
         yr[i] = store_f32<T>(load_f32(w[i]) * (load_f32(xr[i]) * r));
+    }
+    if (beside != nullptr) {
+        const int width = y_ld - hidden;
+        const T* br = beside + (u64)blockIdx.x * width;
+        for (int j = threadIdx.x; j < width; j += blockDim.x) yr[hidden + j] = br[j];
     }
 }
 
@@ -89,8 +97,8 @@ __device__ void rms_norm_backward(const T* dy, const T* x, const T* w, const flo
 
 #define RMSNORM_KERNELS(S, T)                                                                              \
     extern "C" __global__ void rms_norm_forward_##S(const T* x, const T* w, T* y, int y_ld, float* rstd,   \
-                                                    int hidden, float eps) {                               \
-        rms_norm_forward<T>(x, w, y, y_ld, rstd, hidden, eps);                                             \
+                                                    int hidden, float eps, const T* beside) {              \
+        rms_norm_forward<T>(x, w, y, y_ld, rstd, hidden, eps, beside);                                     \
     }                                                                                                      \
     extern "C" __global__ void rms_norm_backward_##S(const T* dy, const T* x, const T* w,                  \
                                                      const float* rstd, T* dx, int hidden) {               \

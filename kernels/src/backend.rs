@@ -617,6 +617,31 @@ pub trait Backend {
         y_ld: usize,
         rstd: &mut Self::Tensor,
     ) -> Result<()>;
+    /// [`Backend::rms_norm`] with `y`'s pad columns filled too: `y[i, hidden..y_ld] ←
+    /// beside[i, ..]` for `beside [N, y_ld − hidden]` (dense), in the same launch on the GPU. A
+    /// recomputed layer's norm writes the LoRA `t` its checkpoint kept beside its rows, where a
+    /// [`Backend::place_block`] launch would follow the norm.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_beside(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        hidden: usize,
+        eps: f32,
+        (y, y_ld): (&mut Self::Tensor, usize),
+        beside: &Self::Tensor,
+        rstd: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.rms_norm(x, w, hidden, eps, y, y_ld, rstd)?;
+        let (rows, width) = (self.len(rstd), y_ld.saturating_sub(hidden));
+        self.place_block(
+            rows,
+            width,
+            0..width,
+            (beside, MatAt::dense(width)),
+            (y, MatAt::at(hidden, y_ld)),
+        )
+    }
     /// RMSNorm backward, adding into `dx`: `dx += r · (w⊙dy − x̂ · mean(w⊙dy ⊙ x̂))`, `x̂ = x·r`;
     /// `dy`, `x` and `dx` are `[N, hidden]`, `N = len(rstd)`.
     /// The norm weight is frozen, so it gets no gradient.

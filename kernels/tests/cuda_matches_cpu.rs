@@ -371,6 +371,48 @@ fn strided_rms_norm_equals_the_dense_norm_and_leaves_the_pad() {
     }
 }
 
+/// [`Backend::rms_norm_beside`] (the norm and the pad columns in one launch) against
+/// [`Backend::rms_norm`] then [`Backend::place_block`] of the same `beside`: every bit of `y` and
+/// `rstd`, rows aligned (`hidden + 48`) and not (`hidden + 3`, hidden 100).
+#[test]
+fn rms_norm_beside_equals_the_norm_then_the_pad_placed() {
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        for (rows, hidden, width) in [(1024, 4096, 48), (512, 100, 3), (300, 4096, 32)] {
+            let ld = hidden + width;
+            let what = format!("rows {rows} hidden {hidden} width {width} {}", d.name());
+            let (x, _) = up(&g, &random(rows * hidden, 41, 2.0), d);
+            let weights: Vec<f32> = random(hidden, 42, 1.0)
+                .iter()
+                .map(|v| 1.0 + 0.5 * v)
+                .collect();
+            let (w, _) = up(&g, &weights, d);
+            let (beside, _) = up(&g, &random(rows * width, 43, 3.0), d);
+            let start = random(rows * ld, 44, 4.0);
+            let (mut want, _) = up(&g, &start, d);
+            let mut rstd_want = g.zeros(rows, DType::F32).unwrap();
+            g.rms_norm(&x, &w, hidden, 1e-5, &mut want, ld, &mut rstd_want)
+                .unwrap();
+            g.place_block(
+                rows,
+                width,
+                0..width,
+                (&beside, MatAt::dense(width)),
+                (&mut want, MatAt::at(hidden, ld)),
+            )
+            .unwrap();
+            let (mut got, _) = up(&g, &start, d);
+            let mut rstd = g.zeros(rows, DType::F32).unwrap();
+            g.rms_norm_beside(&x, &w, hidden, 1e-5, (&mut got, ld), &beside, &mut rstd)
+                .unwrap();
+            let (got, want) = (g.download(&got).unwrap(), g.download(&want).unwrap());
+            assert_eq!(bits_differing(&got, &want), 0, "y, {what}");
+            let (rstd, rstd_want) = (g.download(&rstd).unwrap(), g.download(&rstd_want).unwrap());
+            assert_eq!(bits_differing(&rstd, &rstd_want), 0, "rstd, {what}");
+        }
+    }
+}
+
 #[test]
 fn gemm_matches_for_every_transpose_and_mixed_output() {
     let cpu = CpuBackend::new();

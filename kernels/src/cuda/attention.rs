@@ -358,6 +358,24 @@ impl CudaBackend {
         let (seq, rows) = (layout.seq_len, layout.rows);
         let pairs = n * heads;
         let delta = self.alloc_f32_scratch(pairs)?;
+        let mma_warps = self.backward_mma_warps(dt, head_dim);
+        let wgmma = mma_warps.is_some() && self.attention_uses_wgmma(dt, head_dim);
+        // Both tensor-core kernels add dQ into an f32 accumulator, and with GQA the wgmma one adds
+        // dK and dV into f32 sums per kv head: these start from zeros, which the D_i kernel
+        // writes beside its dot products (no memset launches of their own).
+        let dq_acc = match mma_warps {
+            Some(_) => Some(self.alloc_f32_scratch(dq.len())?),
+            None => None,
+        };
+        let parts = match mma_warps {
+            Some(_) if heads > kv_heads => {
+                let len = n * if wgmma { kv_heads } else { heads } * head_dim;
+                Some((self.alloc_f32_scratch(len)?, self.alloc_f32_scratch(len)?))
+            }
+            _ => None,
+        };
+        let zeroed = |t: Option<&CudaTensor>| t.map_or(Arg::Ptr(0), |t| self.p(t));
+        let zeroed_parts = parts.as_ref().filter(|_| wgmma);
         let dot_blocks = pairs.div_ceil(WARPS_PER_BLOCK_SIMPLE) as u32;
         self.launch(
             &format!("attention_backward_dot_{}", suffix(dt)),
@@ -370,6 +388,11 @@ impl CudaBackend {
                 self.p(&delta),
                 Arg::U64(pairs as u64),
                 Arg::I32(head_dim as i32),
+                zeroed(dq_acc.as_ref()),
+                zeroed(zeroed_parts.map(|p| &p.0)),
+                zeroed(zeroed_parts.map(|p| &p.1)),
+                Arg::I32(heads as i32),
+                Arg::I32(kv_heads as i32),
             ],
         )?;
         let common = [
@@ -377,10 +400,7 @@ impl CudaBackend {
             Arg::I32(heads as i32),
             Arg::I32(kv_heads as i32),
         ];
-        if let Some(warps) = self.backward_mma_warps(dt, head_dim) {
-            let mut dq_acc = self.alloc_f32_scratch(dq.len())?;
-            self.memset_zero(&mut dq_acc)?;
-            let wgmma = self.attention_uses_wgmma(dt, head_dim);
+        if let (Some(warps), Some(dq_acc)) = (mma_warps, dq_acc) {
             // (name, keys a block, threads, shared bytes)
             let (name, block_keys, threads, shared) = if wgmma {
                 (
@@ -400,17 +420,6 @@ impl CudaBackend {
             // GQA: one block per query head. The wgmma kernel adds each head's dK and dV into f32
             // sums per kv head (bulk reductions), rounded into dk and dv afterwards; the mma.sync
             // one writes f32 parts per query head, which attention_backward_group_sum adds up.
-            let parts = if heads > kv_heads {
-                let len = n * if wgmma { kv_heads } else { heads } * head_dim;
-                let mut p = (self.alloc_f32_scratch(len)?, self.alloc_f32_scratch(len)?);
-                if wgmma {
-                    self.memset_zero(&mut p.0)?;
-                    self.memset_zero(&mut p.1)?;
-                }
-                Some(p)
-            } else {
-                None
-            };
             let grid = (
                 seq.div_ceil(block_keys) as u32,
                 if parts.is_some() { heads } else { kv_heads } as u32,

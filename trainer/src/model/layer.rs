@@ -428,6 +428,35 @@ impl<B: Backend> LayerWeights<B> {
         g.members().iter().all(laid_out).then_some(width)
     }
 
+    /// `(rstd, norm, t_placed)`: the RMSNorm (weight `w`) of `x [n, hidden]` into rows with
+    /// room for the group's `t` when it is folded (`folded`: its width); a `t` that a
+    /// checkpoint kept (`kept_t`) goes beside the rows in the same launch
+    /// ([`Backend::rms_norm_beside`]), and `t_placed` says so.
+    fn norm_rows(
+        &self,
+        be: &B,
+        s: &Shapes,
+        w: &B::Tensor,
+        x: &B::Tensor,
+        folded: Option<usize>,
+        kept_t: Option<&B::Tensor>,
+    ) -> Result<(B::Tensor, B::Tensor, bool)> {
+        let n = be.len(x) / s.hidden;
+        let row = s.hidden + folded.unwrap_or(0);
+        let mut rstd = be.empty(n, DType::F32)?;
+        let mut norm = be.empty(n * row, be.compute_dtype())?;
+        match (folded, kept_t) {
+            (Some(_), Some(t)) => {
+                be.rms_norm_beside(x, w, s.hidden, s.eps, (&mut norm, row), t, &mut rstd)?;
+                Ok((rstd, norm, true))
+            }
+            _ => {
+                be.rms_norm(x, w, s.hidden, s.eps, &mut norm, row, &mut rstd)?;
+                Ok((rstd, norm, false))
+            }
+        }
+    }
+
     /// `t = s · input A_gᵀ` of input group `g` ([`linear::lora_input`]) on `n` tokens, when a
     /// member is adapted: taken out of `kept` (a checkpoint's) when there, else computed.
     #[allow(clippy::too_many_arguments)]
@@ -456,7 +485,8 @@ impl<B: Backend> LayerWeights<B> {
     /// kept after (`after`); returns the group's `t = s · input A_gᵀ`
     /// ([`LayerWeights::lora_input`]) when a member is adapted. When the group is folded
     /// (`folded`: [`LayerWeights::folded_width`]), `input` is `[x | room for t]` and `t` goes
-    /// into it.
+    /// into it, unless the norm that made `input` placed it already (`t_placed`:
+    /// [`LayerWeights::norm_rows`]).
     #[allow(clippy::too_many_arguments)]
     fn project_group(
         &self,
@@ -465,7 +495,7 @@ impl<B: Backend> LayerWeights<B> {
         layer: usize,
         lora: Option<&LoraParams<B>>,
         g: InputGroup,
-        (input, folded): (&mut B::Tensor, Option<usize>),
+        (input, folded, t_placed): (&mut B::Tensor, Option<usize>, bool),
         n: usize,
         outs: &mut [Option<&mut B::Tensor>],
         kept_t: &mut LoraInputs<B>,
@@ -481,7 +511,7 @@ impl<B: Backend> LayerWeights<B> {
         }
         let adapter = group_adapter(lora, layer, g);
         let t = self.lora_input(be, s, g, adapter.as_ref(), input, n, kept_t)?;
-        if let (Some(width), Some(t)) = (folded, &t) {
+        if let (Some(width), Some(t), false) = (folded, &t, t_placed) {
             let in_f = s.dims(g.members()[0], 1).in_f;
             be.place_block(
                 n,
@@ -532,17 +562,13 @@ impl<B: Backend> LayerWeights<B> {
         let mut lora_t: LoraInputs<B> = Default::default();
         let qkv = InputGroup::Qkv;
         let fold1 = self.folded_width(s, lora, layer, qkv);
-        let row1 = s.hidden + fold1.unwrap_or(0);
-        let mut rstd1 = be.empty(n, DType::F32)?;
-        let mut norm1 = be.empty(n * row1, dt)?;
-        be.rms_norm(
-            &x,
+        let (rstd1, mut norm1, t1_placed) = self.norm_rows(
+            be,
+            s,
             &self.input_norm,
-            s.hidden,
-            s.eps,
-            &mut norm1,
-            row1,
-            &mut rstd1,
+            &x,
+            fold1,
+            kept_t[qkv.index()].as_ref(),
         )?;
         let (kept_attention, kept_k, kept_v) = match reused {
             Some(r) => (Some((r.attn, r.lse)), r.k, Some(r.v)),
@@ -564,7 +590,7 @@ impl<B: Backend> LayerWeights<B> {
             layer,
             lora,
             qkv,
-            (&mut norm1, fold1),
+            (&mut norm1, fold1, t1_placed),
             n,
             &mut [
                 Some(&mut q),
@@ -608,7 +634,7 @@ impl<B: Backend> LayerWeights<B> {
                     layer,
                     lora,
                     o,
-                    (&mut attn, None),
+                    (&mut attn, None, false),
                     n,
                     &mut [Some(&mut mid)],
                     kept_t,
@@ -652,17 +678,13 @@ impl<B: Backend> LayerWeights<B> {
         let mut lora_t: LoraInputs<B> = Default::default();
         let gate_up = InputGroup::GateUp;
         let fold2 = self.folded_width(s, lora, layer, gate_up);
-        let row2 = s.hidden + fold2.unwrap_or(0);
-        let mut rstd2 = be.empty(n, DType::F32)?;
-        let mut norm2 = be.empty(n * row2, dt)?;
-        be.rms_norm(
-            &mid,
+        let (rstd2, mut norm2, t2_placed) = self.norm_rows(
+            be,
+            s,
             &self.post_attention_norm,
-            s.hidden,
-            s.eps,
-            &mut norm2,
-            row2,
-            &mut rstd2,
+            &mid,
+            fold2,
+            kept_t[gate_up.index()].as_ref(),
         )?;
         let mut gate = be.empty(n * s.inter, dt)?;
         let mut up = be.empty(n * s.inter, dt)?;
@@ -677,7 +699,7 @@ impl<B: Backend> LayerWeights<B> {
             layer,
             lora,
             gate_up,
-            (&mut norm2, fold2),
+            (&mut norm2, fold2, t2_placed),
             n,
             &mut [Some(&mut gate), Some(&mut up)],
             kept_t,
@@ -701,7 +723,7 @@ impl<B: Backend> LayerWeights<B> {
                 layer,
                 lora,
                 down,
-                (act, None),
+                (act, None, false),
                 n,
                 &mut [Some(&mut out)],
                 kept_t,
