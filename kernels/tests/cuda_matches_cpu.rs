@@ -2042,6 +2042,65 @@ fn bench_lora_dy_products() {
     }
 }
 
+/// The NF4 dequantization (double quant, bf16) at the 7B projections' shapes, dense and into
+/// LoRA-padded rows with the pad written, against a device-to-device copy of the output's bytes
+/// (the rate a bandwidth-bound kernel can reach): microseconds a launch, launches back to back
+/// as in a step, and the bytes moved (n/2 codes + n/64 absmax codes read, 2n written) per second.
+#[test]
+#[ignore = "micro-benchmark: run with --ignored on a GPU"]
+fn bench_nf4_dequantize() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    println!("device: {}", g.describe());
+    for (label, rows, cols, width) in [
+        ("q/o 4096 x 4096", 4096, 4096, 48),
+        ("mistral k/v 1024 x 4096", 1024, 4096, 48),
+        ("gate/up 11008 x 4096", 11008, 4096, 32),
+        ("down 4096 x 11008", 4096, 11008, 0),
+        ("mistral gate/up 14336 x 4096", 14336, 4096, 32),
+        ("mistral down 4096 x 14336", 4096, 14336, 0),
+    ] {
+        let n = rows * cols;
+        let x = g.upload(&random(n, 51, 0.05), DType::BF16).unwrap();
+        let q = g.quantize_nf4(&x, true).unwrap();
+        drop(x);
+        let moved = (n / 2 + n / 64 + 2 * n) as f64;
+        let mut dense = g.zeros(n, DType::BF16).unwrap();
+        let dense_ms = time_ms(&g, 100, || {
+            g.dequantize_nf4(&q.packed, q.absmax(), cols, cols, None, &mut dense)
+                .unwrap()
+        });
+        let mut copy = g.zeros(n, DType::BF16).unwrap();
+        let copy_ms = time_ms(&g, 100, || g.copy(&dense, &mut copy).unwrap());
+        let mut line = format!(
+            "nf4 dequantize {label}: dense {:.1} us ({:.2} TB/s); copy of the output {:.1} us ({:.2} TB/s)",
+            dense_ms * 1e3,
+            moved / dense_ms / 1e9,
+            copy_ms * 1e3,
+            (4 * n) as f64 / copy_ms / 1e9
+        );
+        if width > 0 {
+            let ld = cols + width;
+            let b = g.upload(&random(rows * 16, 52, 0.1), DType::BF16).unwrap();
+            let mut padded = g.zeros(rows * ld, DType::BF16).unwrap();
+            let padded_ms = time_ms(&g, 100, || {
+                let pad = LoraPad {
+                    b: &b,
+                    b_at: MatAt::dense(16),
+                    block: 0..16,
+                };
+                g.dequantize_nf4(&q.packed, q.absmax(), cols, ld, Some(pad), &mut padded)
+                    .unwrap()
+            });
+            line += &format!(
+                "; padded (ld {ld}) {:.1} us ({:.2} TB/s)",
+                padded_ms * 1e3,
+                (moved + (2 * rows * width) as f64) / padded_ms / 1e9
+            );
+        }
+        println!("{line}");
+    }
+}
+
 /// What LoRA's rank-16 terms cost beside the frozen products at Llama-2-7B shapes (b2 × 2048),
 /// and what they would cost folded into them: the forward `y = s · t Bᵀ` then `y += x Wᵀ`
 /// (model/linear.rs) against one product `[x | t] · [W | B]ᵀ` (K = in + r; in + 3r where q, k and
