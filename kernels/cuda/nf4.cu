@@ -23,21 +23,22 @@
  * rows·(b1 - b0) elements of B read and rows·w written (w = 48 against cols = 4096 at 7B with three
  * rank-16 adapters: about 1% more).
  * Byte j of a word is bits 8j..8j+7 (little endian): elements 2j (high nibble) and
- * 2j+1 of the chunk. A chunk is one 16-byte store when the output is 16-byte aligned and the chunk
- * stays 8 aligned consecutive elements of out: cols == ld (the dense weight), or cols and ld
- * multiples of 8, the chunk's row found by one division per chunk. Otherwise (and for the last
- * n % 8 elements) elements are stored one by one, the row advancing as the column wraps past cols:
- * about 6x slower (0.19 against 0.033 ms for bf16 11008 x 4096 on an H200), so padded rows are best
- * kept multiples of 8 long. The dense weight has its own kernels (nf4_dequantize_{plain,double}),
- * the padded one the _padded ones: the row arithmetic as a run-time choice inside the dense kernel
- * cost the double-quant one 3-14% (0.0373-0.0415 against 0.0363 ms, same shape). The f32 output
- * holds exactly the host's bits; B's values are copied as stored.
+ * 2j+1 of the chunk. A chunk is one 16-byte store when the output is 16-byte aligned; otherwise (and
+ * for the last n % 8 elements) elements are stored one by one. The f32 output holds exactly the
+ * host's bits; B's values are copied as stored.
  *
- * The pad is place_block.cuh's grid-stride loop (16-byte words where B, the pad and their strides
- * allow, else elements), run by each thread after its own chunks; the grid's ~n/32 threads
- * outnumber the rows·w pad elements whenever w < cols/32. Writing it here instead of in a
- * place_block launch saves a launch per dequantization (~250 a Mistral-7B QLoRA step: the
- * forward's five folded projections and the recomputation's three, per layer).
+ * The padded kernels (nf4_dequantize_{plain,double}_padded) run a block per row and column range:
+ * grid (rows, ceil(cols / (8 · NF4_CHUNKS_PER_THREAD · blockDim.x))), the row its block's index, so
+ * no division places a chunk. Where cols and ld are multiples of 8 (the row's codes start on a word
+ * and its output on 16 bytes) the chunks are as above, counted from the row's start; otherwise the
+ * row's elements go one by one (each reading its nibble and absmax: ~6x slower, so padded rows are
+ * best kept multiples of 8 long). The row's block 0 then writes the row's pad, one element a thread.
+ * H100, bf16, double quant (session 26): the earlier padded kernel (the dense one's grid, a 64-bit
+ * division per chunk to find its row, the pad by a grid-stride loop after) ran 4096 x 4096 into
+ * ld 4144 in 21.2 us against the dense 16.9, 11008 x 4096 into ld 4128 in 48.9 against 44.6.
+ * Writing the pad here instead of in a place_block launch saves a launch per dequantization (~250
+ * a Mistral-7B QLoRA step: the forward's five folded projections and the recomputation's three,
+ * per layer).
  */
 __constant__ float NF4_CODE[16] = {
     -1.0f,         -0.6961928f,  -0.52507305f, -0.3949175f,  -0.28444138f, -0.18477343f,
@@ -53,31 +54,24 @@ __device__ __forceinline__ float nf4_absmax(u64 b, const float* absmax, const un
     return DOUBLE ? __fadd_rn(__fmul_rn(map[absmax_codes[b]], nested_absmax[b / 256]), offset) : absmax[b];
 }
 
-/* Stores v[0..count) as the weight's elements first.. : at first.. in the dense weight, else in
- * rows of cols elements ld apart (the row advancing as the column wraps). */
-template <bool PADDED, typename T>
-__device__ __forceinline__ void nf4_store_each(T* out, u64 first, const float* v, int count, u64 cols, u64 ld) {
-    if (!PADDED) {
-        for (int j = 0; j < count; j++) out[first + j] = store_f32<T>(v[j]);
-        return;
-    }
-    u64 row = div_u64(first, cols), col = first - row * cols;
-    for (int j = 0; j < count; j++) {
-        out[row * ld + col] = store_f32<T>(v[j]);
-        if (++col == cols) {
-            col = 0;
-            row++;
-        }
+/* Decodes chunk c (elements 8c..8c+7) from its word of codes and its block's absmax a. */
+__device__ __forceinline__ void nf4_decode_chunk(unsigned word, float a, const float* code, float* v) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const unsigned byte = (word >> (8 * j)) & 0xffu;
+        v[2 * j] = __fmul_rn(code[byte >> 4], a);
+        v[2 * j + 1] = __fmul_rn(code[byte & 15], a);
     }
 }
 
-/* Where chunk c goes in out, counted in chunks of 8: c in the dense weight, else row c / (cols/8)
- * of rows ld/8 chunks apart (cols and ld multiples of 8, so the chunk stays in its row). */
-template <bool PADDED>
-__device__ __forceinline__ u64 nf4_out_chunk(u64 c, u64 cols, u64 ld) {
-    if (!PADDED) return c;
-    const u64 row = div_u64(c, cols / 8);
-    return row * (ld / 8) + (c - row * (cols / 8));
+/* Element i of the weight: its nibble times its block's absmax. */
+template <bool DOUBLE>
+__device__ __forceinline__ float nf4_element(u64 i, const unsigned char* packed, const float* code,
+                                             const float* absmax, const unsigned char* absmax_codes,
+                                             const float* nested_absmax, const float* map, float offset) {
+    const unsigned byte = packed[i / 2];
+    const float a = nf4_absmax<DOUBLE>(i / 64, absmax, absmax_codes, nested_absmax, map, offset);
+    return __fmul_rn(code[i % 2 == 0 ? byte >> 4 : byte & 15], a);
 }
 
 /* The pad a _padded kernel writes after each row's cols elements: its width w pad columns (0: the
@@ -88,20 +82,17 @@ struct Nf4Pad {
     u64 b_ld, b0, b1, width;
 };
 
-/* PADDED: rows of cols elements ld apart, then the pad (the _padded kernels); else cols == ld and
- * out is the dense weight, whose kernels carry none of the row arithmetic and ignore cols, ld and
- * pad. */
-template <typename T, bool DOUBLE, bool PADDED>
-__device__ void nf4_dequantize(const unsigned char* packed, const float* absmax,
-                               const unsigned char* absmax_codes, const float* nested_absmax,
-                               const float* map, float offset, T* out, u64 n, u64 cols, u64 ld,
-                               const Nf4Pad<T>& pad) {
+/* The dense weight: out[i] for i < n, chunks of NF4_CHUNKS_PER_THREAD a thread, a block's threads
+ * on consecutive chunks in each round. */
+template <typename T, bool DOUBLE>
+__device__ void nf4_dequantize(const unsigned char* packed, const float* absmax, const unsigned char* absmax_codes,
+                               const float* nested_absmax, const float* map, float offset, T* out, u64 n) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     __syncthreads();
     const u64 chunks = n / 8;
     const u64 first = (u64)blockIdx.x * blockDim.x * NF4_CHUNKS_PER_THREAD + threadIdx.x;
-    const bool vector = aligned16(out) && (!PADDED || (cols % 8 == 0 && ld % 8 == 0));
+    const bool vector = aligned16(out);
     unsigned word[NF4_CHUNKS_PER_THREAD];
     float a[NF4_CHUNKS_PER_THREAD];
 #pragma unroll
@@ -117,54 +108,87 @@ __device__ void nf4_dequantize(const unsigned char* packed, const float* absmax,
         const u64 c = first + (u64)r * blockDim.x;
         if (c >= chunks) break;
         float v[8];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const unsigned byte = (word[r] >> (8 * j)) & 0xffu;
-            v[2 * j] = __fmul_rn(code[byte >> 4], a[r]);
-            v[2 * j + 1] = __fmul_rn(code[byte & 15], a[r]);
-        }
+        nf4_decode_chunk(word[r], a[r], code, v);
         if (vector) {
-            store8(out, nf4_out_chunk<PADDED>(c, cols, ld), v);
+            store8(out, c, v);
         } else {
-            nf4_store_each<PADDED>(out, 8 * c, v, 8, cols, ld);
+            for (int j = 0; j < 8; j++) out[8 * c + j] = store_f32<T>(v[j]);
         }
     }
     if (blockIdx.x == 0 && threadIdx.x < n % 8) {
         const u64 i = chunks * 8 + threadIdx.x;
-        const unsigned byte = packed[i / 2];
-        const float ai = nf4_absmax<DOUBLE>(i / 64, absmax, absmax_codes, nested_absmax, map, offset);
-        const float v = __fmul_rn(code[i % 2 == 0 ? byte >> 4 : byte & 15], ai);
-        nf4_store_each<PADDED>(out, i, &v, 1, cols, ld);
+        out[i] = store_f32<T>(nf4_element<DOUBLE>(i, packed, code, absmax, absmax_codes, nested_absmax, map, offset));
     }
-    /* The pad: place_block.cuh's loop over the pad columns, with this grid. */
-    if (PADDED)
-        place_block(pad.b, pad.b_ld, out + cols, ld, pad.width, pad.b0, pad.b1, div_u64(n, cols) * pad.width);
 }
 
-/* The dense kernels take cols and ld and ignore them; the padded ones take the pad's fields too. */
+/* Padded rows: block (row, part) writes columns part · 8 · NF4_CHUNKS_PER_THREAD · blockDim.x ..
+ * of row `row` (rows ld apart), and part 0 the row's pad (width = ld - cols columns when pad.width
+ * is not 0). */
+template <typename T, bool DOUBLE>
+__device__ void nf4_dequantize_padded(const unsigned char* packed, const float* absmax,
+                                      const unsigned char* absmax_codes, const float* nested_absmax, const float* map,
+                                      float offset, T* out, u64 cols, u64 ld, const Nf4Pad<T>& pad) {
+    __shared__ float code[16];
+    if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
+    __syncthreads();
+    const u64 row = blockIdx.x, span = (u64)8 * NF4_CHUNKS_PER_THREAD * blockDim.x;
+    T* out_row = out + row * ld;
+    const u64 col_begin = blockIdx.y * span, col_end = min(cols, col_begin + span);
+    if (cols % 8 == 0 && ld % 8 == 0 && aligned16(out)) {
+        /* The row's chunks: word row · cols/8 + cc of the codes, 16 bytes at out_row + 8 cc. */
+        const u64 row_chunk = row * (cols / 8), end = col_end / 8;
+        const u64 first = col_begin / 8 + threadIdx.x;
+        unsigned word[NF4_CHUNKS_PER_THREAD];
+        float a[NF4_CHUNKS_PER_THREAD];
+#pragma unroll
+        for (int r = 0; r < NF4_CHUNKS_PER_THREAD; r++) {
+            const u64 cc = first + (u64)r * blockDim.x;
+            if (cc < end) {
+                word[r] = ((const unsigned*)packed)[row_chunk + cc];
+                a[r] = nf4_absmax<DOUBLE>((row_chunk + cc) / 8, absmax, absmax_codes, nested_absmax, map, offset);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < NF4_CHUNKS_PER_THREAD; r++) {
+            const u64 cc = first + (u64)r * blockDim.x;
+            if (cc >= end) break;
+            float v[8];
+            nf4_decode_chunk(word[r], a[r], code, v);
+            store8(out_row, cc, v);
+        }
+    } else {
+        for (u64 col = col_begin + threadIdx.x; col < col_end; col += blockDim.x)
+            out_row[col] = store_f32<T>(
+                nf4_element<DOUBLE>(row * cols + col, packed, code, absmax, absmax_codes, nested_absmax, map, offset));
+    }
+    if (blockIdx.y == 0)
+        for (u64 j = threadIdx.x; j < pad.width; j += blockDim.x)
+            out_row[cols + j] = j >= pad.b0 && j < pad.b1 ? pad.b[row * pad.b_ld + (j - pad.b0)] : store_f32<T>(0.0f);
+}
+
+/* The dense kernels take the element count; the padded ones the row length, the row distance and
+ * the pad's fields (their grid gives the rows). */
 #define NF4_PAD_PARAMS(T) const T *pad_b, u64 pad_b_ld, u64 pad_b0, u64 pad_b1, u64 pad_width
 #define NF4_PAD(T) Nf4Pad<T>{pad_b, pad_b_ld, pad_b0, pad_b1, pad_width}
-#define NF4_PLAIN_ARGS (const unsigned char*)packed, absmax, 0, 0, 0, 0.0f, out, n, cols, ld
-#define NF4_DOUBLE_ARGS                                                                           \
-    (const unsigned char*)packed, 0, (const unsigned char*)absmax_codes, nested_absmax, map, offset, \
-        out, n, cols, ld
-#define NF4_PLAIN_PARAMS(T) const int *packed, const float *absmax, T *out, u64 n, u64 cols, u64 ld
-#define NF4_DOUBLE_PARAMS(T)                                                                      \
-    const int *packed, const int *absmax_codes, const float *nested_absmax, const float *map,     \
-        float offset, T *out, u64 n, u64 cols, u64 ld
-#define NF4_KERNELS(S, T)                                                                         \
-    extern "C" __global__ void nf4_dequantize_plain_##S(NF4_PLAIN_PARAMS(T)) {                    \
-        nf4_dequantize<T, false, false>(NF4_PLAIN_ARGS, Nf4Pad<T>{});                             \
-    }                                                                                             \
-    extern "C" __global__ void nf4_dequantize_plain_padded_##S(NF4_PLAIN_PARAMS(T),               \
-                                                               NF4_PAD_PARAMS(T)) {               \
-        nf4_dequantize<T, false, true>(NF4_PLAIN_ARGS, NF4_PAD(T));                               \
-    }                                                                                             \
-    extern "C" __global__ void nf4_dequantize_double_##S(NF4_DOUBLE_PARAMS(T)) {                  \
-        nf4_dequantize<T, true, false>(NF4_DOUBLE_ARGS, Nf4Pad<T>{});                             \
-    }                                                                                             \
-    extern "C" __global__ void nf4_dequantize_double_padded_##S(NF4_DOUBLE_PARAMS(T),             \
-                                                                NF4_PAD_PARAMS(T)) {              \
-        nf4_dequantize<T, true, true>(NF4_DOUBLE_ARGS, NF4_PAD(T));                               \
+#define NF4_PLAIN_ABSMAX (const unsigned char*)packed, absmax, 0, 0, 0, 0.0f
+#define NF4_DOUBLE_ABSMAX \
+    (const unsigned char*)packed, 0, (const unsigned char*)absmax_codes, nested_absmax, map, offset
+#define NF4_PLAIN_PARAMS const int *packed, const float *absmax
+#define NF4_DOUBLE_PARAMS \
+    const int *packed, const int *absmax_codes, const float *nested_absmax, const float *map, float offset
+#define NF4_KERNELS(S, T)                                                                                    \
+    extern "C" __global__ void nf4_dequantize_plain_##S(NF4_PLAIN_PARAMS, T* out, u64 n) {                   \
+        nf4_dequantize<T, false>(NF4_PLAIN_ABSMAX, out, n);                                                  \
+    }                                                                                                        \
+    extern "C" __global__ void nf4_dequantize_plain_padded_##S(NF4_PLAIN_PARAMS, T* out, u64 cols, u64 ld,   \
+                                                               NF4_PAD_PARAMS(T)) {                          \
+        nf4_dequantize_padded<T, false>(NF4_PLAIN_ABSMAX, out, cols, ld, NF4_PAD(T));                        \
+    }                                                                                                        \
+    extern "C" __global__ void nf4_dequantize_double_##S(NF4_DOUBLE_PARAMS, T* out, u64 n) {                 \
+        nf4_dequantize<T, true>(NF4_DOUBLE_ABSMAX, out, n);                                                  \
+    }                                                                                                        \
+    extern "C" __global__ void nf4_dequantize_double_padded_##S(NF4_DOUBLE_PARAMS, T* out, u64 cols, u64 ld, \
+                                                                NF4_PAD_PARAMS(T)) {                         \
+        nf4_dequantize_padded<T, true>(NF4_DOUBLE_ABSMAX, out, cols, ld, NF4_PAD(T));                        \
     }
 FOR_EACH_DTYPE(NF4_KERNELS)

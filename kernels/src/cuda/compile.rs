@@ -176,7 +176,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "nf4",
         source: include_str!("../../cuda/nf4.cu"),
-        headers: &[("place_block.cuh", PLACE_BLOCK)],
+        headers: &[],
         entry_points: || {
             per_dtype(&[
                 "nf4_dequantize_plain",

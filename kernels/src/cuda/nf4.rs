@@ -153,23 +153,35 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        // Each thread decodes NF4_CHUNKS_PER_THREAD chunks of 8 elements (nf4.cu); block 0 also
-        // the last n % 8.
-        let chunks_per_block = NF4_CHUNKS_PER_THREAD * THREADS as usize;
-        let grid = ((n / 8).div_ceil(chunks_per_block).max(1) as u32, 1, 1);
-        // The dense weight's kernels carry none of the padded rows' arithmetic (nf4.cu); the padded
-        // ones take the pad's arguments last.
-        let (variant, pad_args) = if cols == ld {
-            (suffix(out.dtype).to_string(), Vec::new())
+        // Each thread decodes NF4_CHUNKS_PER_THREAD chunks of 8 elements (nf4.cu). The dense
+        // weight's grid covers its n / 8 chunks (block 0 also the last n % 8); the padded rows'
+        // grid is (rows, parts of a row), a block's threads sized to the row's chunks, and takes
+        // the row length, the row distance and the pad's arguments.
+        let (variant, grid, threads, shape_args) = if cols == ld {
+            let chunks_per_block = NF4_CHUNKS_PER_THREAD * THREADS as usize;
+            let grid = ((n / 8).div_ceil(chunks_per_block).max(1) as u32, 1, 1);
+            (
+                suffix(out.dtype).to_string(),
+                grid,
+                THREADS,
+                vec![Arg::U64(n as u64)],
+            )
         } else {
-            let pad_args = self.nf4_pad_args(pad.as_ref(), ld - cols).to_vec();
-            (format!("padded_{}", suffix(out.dtype)), pad_args)
+            let row_chunks = cols.div_ceil(8);
+            let threads = row_chunks
+                .div_ceil(NF4_CHUNKS_PER_THREAD)
+                .next_multiple_of(32)
+                .min(THREADS as usize);
+            let parts = row_chunks.div_ceil(NF4_CHUNKS_PER_THREAD * threads);
+            let mut args = vec![Arg::U64(cols as u64), Arg::U64(ld as u64)];
+            args.extend(self.nf4_pad_args(pad.as_ref(), ld - cols));
+            (
+                format!("padded_{}", suffix(out.dtype)),
+                ((n / cols) as u32, parts as u32, 1),
+                threads as u32,
+                args,
+            )
         };
-        let (n_arg, cols_arg, ld_arg) = (
-            Arg::U64(n as u64),
-            Arg::U64(cols as u64),
-            Arg::U64(ld as u64),
-        );
         match absmax {
             Nf4Absmax::Plain(a) => {
                 check_len("dequantize_nf4", "absmax", a.len(), blocks)?;
@@ -177,20 +189,9 @@ impl CudaBackend {
                 self.launch(
                     &format!("nf4_dequantize_plain_{variant}"),
                     grid,
-                    THREADS,
+                    threads,
                     0,
-                    &[
-                        &[
-                            self.pi(packed),
-                            self.p(a),
-                            self.p(out),
-                            n_arg,
-                            cols_arg,
-                            ld_arg,
-                        ],
-                        &pad_args[..],
-                    ]
-                    .concat(),
+                    &[&[self.pi(packed), self.p(a), self.p(out)], &shape_args[..]].concat(),
                 )
             }
             Nf4Absmax::Double {
@@ -217,7 +218,7 @@ impl CudaBackend {
                 self.launch(
                     &format!("nf4_dequantize_double_{variant}"),
                     grid,
-                    THREADS,
+                    threads,
                     0,
                     &[
                         &[
@@ -227,11 +228,8 @@ impl CudaBackend {
                             self.p(map),
                             Arg::F32(offset),
                             self.p(out),
-                            n_arg,
-                            cols_arg,
-                            ld_arg,
                         ],
-                        &pad_args[..],
+                        &shape_args[..],
                     ]
                     .concat(),
                 )
