@@ -33,9 +33,10 @@
  * and its output on 16 bytes) the chunks are as above, counted from the row's start; otherwise the
  * row's elements go one by one (each reading its nibble and absmax: ~6x slower, so padded rows are
  * best kept multiples of 8 long). The row's block 0 then writes the row's pad, one element a thread.
- * H100, bf16, double quant (session 26): the earlier padded kernel (the dense one's grid, a 64-bit
- * division per chunk to find its row, the pad by a grid-stride loop after) ran 4096 x 4096 into
- * ld 4144 in 21.2 us against the dense 16.9, 11008 x 4096 into ld 4128 in 48.9 against 44.6.
+ * The earlier padded kernel (the dense one's grid, a 64-bit division per chunk to find its row, the
+ * pad by a grid-stride loop after) ran 10-25% behind the dense one; on an H200 (session 26, bf16,
+ * double quant) 4096 x 4096 into ld 4144 went 17.3 -> 13.7 us (dense 13.2), 11008 x 4096 into
+ * ld 4128 42.0 -> 33.7 us (dense 35.2).
  * Writing the pad here instead of in a place_block launch saves a launch per dequantization (~250
  * a Mistral-7B QLoRA step: the forward's five folded projections and the recomputation's three,
  * per layer).
