@@ -13,16 +13,17 @@ pub struct OpTime {
     pub flops: f64,
 }
 
-/// Idle stream time shorter than this between two ops is launch spacing, summed under one name;
-/// longer gaps are named after the op that waited (a stream wait for an offload copy, or the host).
+/// Idle stream time shorter than this between two ops is launch spacing; longer gaps are a stream
+/// wait for an offload copy, or the host late. Both are named after the op that waited, apart.
 const IDLE_NAMED_MS: f64 = 0.02;
 
 /// The profile's name for `ms` of idle stream time right before op `next`: `idle before <next>`
-/// from [`IDLE_NAMED_MS`] on, `idle (gaps under 20 µs)` below.
+/// from [`IDLE_NAMED_MS`] on, `idle under 20 µs before <next>` below (summed by op, these say
+/// which ops the launch spacing falls before: where the host feeds the device just in time).
 pub fn idle_name(next: &str, ms: f64) -> String {
     match ms >= IDLE_NAMED_MS {
         true => format!("idle before {next}"),
-        false => "idle (gaps under 20 µs)".to_string(),
+        false => format!("idle under 20 µs before {next}"),
     }
 }
 
@@ -60,7 +61,10 @@ mod tests {
             idle_name("gemm 4x4x4 NN bf16", 0.5),
             "idle before gemm 4x4x4 NN bf16"
         );
-        assert_eq!(idle_name("rope_bf16", 0.0199), "idle (gaps under 20 µs)");
+        assert_eq!(
+            idle_name("rope_bf16", 0.0199),
+            "idle under 20 µs before rope_bf16"
+        );
         assert!(is_idle(&idle_name("rope_bf16", 0.5)) && is_idle(&idle_name("rope_bf16", 0.0)));
         assert!(!is_idle("rope_bf16"));
     }
