@@ -407,6 +407,41 @@ impl CudaBackend {
         self.launch(name, grid, 256, 0, &all)
     }
 
+    /// [`Backend::rms_norm`], and with `beside` [`Backend::rms_norm_beside`]: one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_launch(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        hidden: usize,
+        eps: f32,
+        (y, y_ld): (&mut CudaTensor, usize),
+        beside: Option<&CudaTensor>,
+        rstd: &mut CudaTensor,
+    ) -> Result<()> {
+        check_len("rms_norm", "w", w.len(), hidden)?;
+        check_len("rms_norm", "rstd", rstd.len() * hidden, x.len())?;
+        check_strided_rows("rms_norm", "y", (rstd.len(), hidden, y_ld), y.len())?;
+        let dt = self.same_dtype("rms_norm", &[("x", x), ("w", w), ("y", y)])?;
+        self.require_dtype("rms_norm", "rstd", rstd, DType::F32)?;
+        let rows = rstd.len();
+        if rows == 0 {
+            return Ok(());
+        }
+        let name = format!("rms_norm_forward_{}", suffix(dt));
+        let args = [
+            self.p(x),
+            self.p(w),
+            self.p(y),
+            Arg::I32(y_ld as i32),
+            self.p(rstd),
+            Arg::I32(hidden as i32),
+            Arg::F32(eps),
+            beside.map_or(Arg::Ptr(0), |b| self.p(b)),
+        ];
+        self.launch(&name, (rows as u32, 1, 1), norm_threads(hidden), 0, &args)
+    }
+
     fn same_dtype(&self, op: &'static str, tensors: &[(&str, &CudaTensor)]) -> Result<DType> {
         let first = tensors[0].1.dtype;
         for (what, t) in tensors {
@@ -1198,43 +1233,6 @@ impl Backend for CudaBackend {
 
 /// Threads per RMSNorm row: 256, or fewer whole warps for short rows (the per-head q/k norm of
 /// Qwen3 has rows of head_dim = 128), so no warp of the block idles.
-impl CudaBackend {
-    /// [`Backend::rms_norm`], and with `beside` [`Backend::rms_norm_beside`]: one launch.
-    #[allow(clippy::too_many_arguments)]
-    fn rms_norm_launch(
-        &self,
-        x: &CudaTensor,
-        w: &CudaTensor,
-        hidden: usize,
-        eps: f32,
-        (y, y_ld): (&mut CudaTensor, usize),
-        beside: Option<&CudaTensor>,
-        rstd: &mut CudaTensor,
-    ) -> Result<()> {
-        check_len("rms_norm", "w", w.len(), hidden)?;
-        check_len("rms_norm", "rstd", rstd.len() * hidden, x.len())?;
-        check_strided_rows("rms_norm", "y", (rstd.len(), hidden, y_ld), y.len())?;
-        let dt = self.same_dtype("rms_norm", &[("x", x), ("w", w), ("y", y)])?;
-        self.require_dtype("rms_norm", "rstd", rstd, DType::F32)?;
-        let rows = rstd.len();
-        if rows == 0 {
-            return Ok(());
-        }
-        let name = format!("rms_norm_forward_{}", suffix(dt));
-        let args = [
-            self.p(x),
-            self.p(w),
-            self.p(y),
-            Arg::I32(y_ld as i32),
-            self.p(rstd),
-            Arg::I32(hidden as i32),
-            Arg::F32(eps),
-            beside.map_or(Arg::Ptr(0), |b| self.p(b)),
-        ];
-        self.launch(&name, (rows as u32, 1, 1), norm_threads(hidden), 0, &args)
-    }
-}
-
 fn norm_threads(hidden: usize) -> u32 {
     hidden.next_multiple_of(32).min(256) as u32
 }
