@@ -34,7 +34,7 @@
  * row's elements go one by one (each reading its nibble and absmax: ~6x slower, so padded rows are
  * best kept multiples of 8 long). The row's block 0 then writes the row's pad, one element a thread.
  * The earlier padded kernel (the dense one's grid, a 64-bit division per chunk to find its row, the
- * pad by a grid-stride loop after) ran 10-31% behind the dense one; on an H200 (session 26, bf16,
+ * pad by a grid-stride loop after) ran 7-31% behind the dense one; on an H200 (session 26, bf16,
  * double quant) 4096 x 4096 into ld 4144 went 17.3 -> 13.7 us (dense 13.2), 11008 x 4096 into
  * ld 4128 42.0 -> 33.7 us (dense 35.2).
  * Writing the pad here instead of in a place_block launch saves a launch per dequantization (~250
