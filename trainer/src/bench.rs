@@ -146,7 +146,7 @@ pub struct BenchResult {
     pub profile: Vec<OpTime>,
 }
 
-const FLOPS_FORMULA: &str = "model = tokens*(2N fwd + 2N bwd input grads + 6P LoRA) + layers*rows*3.5*2*T^2*h*d causal attention (fwd + 2.5x bwd); hardware adds rho*(tokens*(2N_recomputed + 2P) + layers*rows*2*T^2*h*d), rho = share of layers checkpointed, N_recomputed = layer weights but down (and o, the kept v or k and v, and no attention, when offloaded); N = frozen projection + LM-head weights, P = LoRA weights";
+const FLOPS_FORMULA: &str = "model = tokens*(2N fwd + 2N bwd input grads + 6P LoRA) + layers*rows*3.5*2*T^2*h*d causal attention (fwd + 2.5x bwd); hardware adds rho*(tokens*(2N_recomputed + 2P) + layers*rows*2*T^2*h*d), rho = share of layers checkpointed, N_recomputed = layer weights but down (and o, the kept k, v or both, and no attention, when offloaded); N = frozen projection + LM-head weights, P = LoRA weights";
 
 /// `(model, hardware)` FLOPs of one optimizer step.
 pub fn step_flops(c: &ModelConfig, lora_values: usize, spec: &BenchSpec) -> (f64, f64) {
@@ -539,8 +539,8 @@ mod tests {
         let down = 4096.0 * 11008.0 * 32.0;
         let recomputed = 4096.0 * (2.0 * (6_476_005_376f64 - down) + 2.0 * p as f64);
         assert!((hw - model - (recomputed + attn) * 31.0 / 32.0).abs() < 1.0);
-        // Offloaded for the first 16 of 32 layers: half of that, without o and v (4096²·32 each:
-        // the checkpoint keeps v) or attention.
+        // Offloaded for the first 16 of 32 layers: half of that, without o and k (4096²·32 each:
+        // the checkpoint keeps k) or attention.
         let half_offload = BenchSpec {
             checkpointing: CheckpointPolicy {
                 mode: Checkpointing::Offload,
@@ -549,8 +549,8 @@ mod tests {
             ..s
         };
         let (_, hw) = step_flops(&c, p, &half_offload);
-        let (o, v) = (4096.0 * 4096.0 * 32.0, 4096.0 * 4096.0 * 32.0);
-        let recomputed = 4096.0 * (2.0 * (6_476_005_376f64 - down - o - v) + 2.0 * p as f64);
+        let (o, k) = (4096.0 * 4096.0 * 32.0, 4096.0 * 4096.0 * 32.0);
+        let recomputed = 4096.0 * (2.0 * (6_476_005_376f64 - down - o - k) + 2.0 * p as f64);
         assert!((hw - model - recomputed / 2.0).abs() < 1.0);
     }
 

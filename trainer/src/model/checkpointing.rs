@@ -24,13 +24,15 @@ pub enum Checkpointing {
 /// Which of the k and v projections' outputs an offloaded checkpoint keeps, so that the
 /// recomputation skips their GEMMs. Each costs `kv_dim × 2` bytes per token of the host link, which
 /// is only free while the link keeps up with the forward. Measured on an H200 (docs/benchmarks.md,
-/// session 12): at Llama-2-7B's shape (kv_dim = hidden) keeping v was faster than keeping neither
-/// and keeping k too was slower than v alone; at Mistral-7B's (kv_dim = hidden / 4) keeping both
-/// was faster than keeping neither. K is kept after RoPE, which is all its backward needs unless
-/// the family normalises k per head (Qwen3): then its pre-norm value would be needed too, and only
-/// v is kept.
+/// session 12): at Llama-2-7B's shape (kv_dim = hidden) keeping one of them was faster than keeping
+/// neither and keeping both was slower than one; at Mistral-7B's (kv_dim = hidden / 4) keeping both
+/// was faster than keeping neither. Where one is kept it is k, after RoPE (all its backward needs):
+/// the same bytes as v, and its recomputation is a GEMM and a RoPE pass where v's is a GEMM alone —
+/// unless the family normalises k per head (Qwen3): then its pre-norm value would be needed too,
+/// and only v is kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeptKv {
+    K,
     V,
     KV,
 }
@@ -38,10 +40,10 @@ pub enum KeptKv {
 impl KeptKv {
     /// What an offloaded checkpoint of `c` keeps.
     pub fn of(c: &ModelConfig) -> KeptKv {
-        if !c.qk_norm && 4 * c.kv_dim() <= c.hidden_size {
-            KeptKv::KV
-        } else {
-            KeptKv::V
+        match (c.qk_norm, 4 * c.kv_dim() <= c.hidden_size) {
+            (true, _) => KeptKv::V,
+            (false, true) => KeptKv::KV,
+            (false, false) => KeptKv::K,
         }
     }
 
@@ -56,9 +58,20 @@ impl KeptKv {
     /// The kept projections (not recomputed).
     pub fn projections(self) -> &'static [Projection] {
         match self {
+            KeptKv::K => &[Projection::K],
             KeptKv::V => &[Projection::V],
             KeptKv::KV => &[Projection::K, Projection::V],
         }
+    }
+
+    /// Whether k (after RoPE) is kept.
+    pub fn keeps_k(self) -> bool {
+        self != KeptKv::V
+    }
+
+    /// Whether v is kept.
+    pub fn keeps_v(self) -> bool {
+        self != KeptKv::K
     }
 }
 
@@ -81,13 +94,13 @@ impl Checkpointing {
 
     /// The projections whose NF4 dense copies a recomputed layer of `c` keeps from its
     /// recomputation for its backward (model/proj_weight.rs `Dequantized::KeptForNext`): gate and
-    /// up, and offloaded the recomputed ones of q and k (model/layer.rs decides it there).
+    /// up, and offloaded the recomputed ones of q, k and v (model/layer.rs decides it there).
     pub fn dense_kept_for_backward(self, c: &ModelConfig) -> Vec<Projection> {
         let mut kept = vec![Projection::Gate, Projection::Up];
         if self == Checkpointing::Offload {
             let skipped = self.not_recomputed(c);
             kept.extend(
-                [Projection::Q, Projection::K]
+                [Projection::Q, Projection::K, Projection::V]
                     .into_iter()
                     .filter(|p| !skipped.contains(p)),
             );

@@ -157,6 +157,7 @@ struct AttentionKept<B: Backend> {
 pub struct CheckpointShape {
     attention: bool,
     k: bool,
+    v: bool,
     lora_t: [bool; 4],
 }
 
@@ -171,7 +172,7 @@ pub enum CheckpointKeeps {
 }
 
 impl<B: Backend> LayerCheckpoint<B> {
-    /// The tensors, `[x]` or `[x, attn, lse, mid, v, k?, t…]` (the `t` in
+    /// The tensors, `[x]` or `[x, attn, lse, mid, v?, k?, t…]` (the `t` in
     /// [`InputGroup::index`] order), and which optional ones are there, as
     /// [`LayerCheckpoint::from_tensors`] takes them.
     pub fn into_tensors(self) -> (Vec<B::Tensor>, CheckpointShape) {
@@ -179,14 +180,17 @@ impl<B: Backend> LayerCheckpoint<B> {
         let mut shape = CheckpointShape {
             attention: false,
             k: false,
+            v: false,
             lora_t: [false; 4],
         };
         if let Some(kept) = self.attention {
             let ReusedAttention { attn, lse, v, k } = kept.reused;
             shape.attention = true;
             shape.k = k.is_some();
+            shape.v = v.is_some();
             shape.lora_t = kept.lora_t.each_ref().map(Option::is_some);
-            ts.extend([attn, lse, kept.mid, v]);
+            ts.extend([attn, lse, kept.mid]);
+            ts.extend(v);
             ts.extend(k);
             ts.extend(kept.lora_t.into_iter().flatten());
         }
@@ -195,7 +199,8 @@ impl<B: Backend> LayerCheckpoint<B> {
 
     pub fn from_tensors(ts: Vec<B::Tensor>, shape: CheckpointShape) -> Result<Self> {
         let count = 1
-            + usize::from(shape.attention) * 4
+            + usize::from(shape.attention) * 3
+            + usize::from(shape.v)
             + usize::from(shape.k)
             + shape.lora_t.iter().filter(|&&t| t).count();
         if ts.len() != count {
@@ -208,12 +213,12 @@ impl<B: Backend> LayerCheckpoint<B> {
         let mut next = || it.next().expect("counted above");
         let x = next();
         let attention = shape.attention.then(|| {
-            let (attn, lse, mid, v) = (next(), next(), next(), next());
+            let (attn, lse, mid) = (next(), next(), next());
             AttentionKept {
                 reused: ReusedAttention {
                     attn,
                     lse,
-                    v,
+                    v: shape.v.then(&mut next),
                     k: shape.k.then(&mut next),
                 },
                 mid,
@@ -225,11 +230,11 @@ impl<B: Backend> LayerCheckpoint<B> {
 }
 
 /// What an offloaded checkpoint gives the attention half's recomputation: the attention output,
-/// its log-sum-exp, v, and k after RoPE when [`KeptKv::KV`].
+/// its log-sum-exp, and the kept k (after RoPE) and v ([`KeptKv`]).
 struct ReusedAttention<B: Backend> {
     attn: B::Tensor,
     lse: B::Tensor,
-    v: B::Tensor,
+    v: Option<B::Tensor>,
     k: Option<B::Tensor>,
 }
 
@@ -290,7 +295,7 @@ impl<B: Backend> LayerSaved<B> {
                 let lse = attention
                     .lse
                     .ok_or_else(|| anyhow!("a cached (generation) forward keeps no checkpoint"))?;
-                if kv == KeptKv::KV && attention.qk_raw.is_some() {
+                if kv.keeps_k() && attention.qk_raw.is_some() {
                     // KeptKv::of never asks for it: k's norm backward needs k before its norm.
                     bail!("a checkpoint keeps k only in families without a per-head k norm");
                 }
@@ -303,8 +308,8 @@ impl<B: Backend> LayerSaved<B> {
                     reused: ReusedAttention {
                         attn: attention.attn,
                         lse,
-                        v: attention.v,
-                        k: (kv == KeptKv::KV).then_some(attention.k),
+                        v: kv.keeps_v().then_some(attention.v),
+                        k: kv.keeps_k().then_some(attention.k),
                     },
                     mid: mlp.mid,
                     lora_t,
@@ -571,7 +576,7 @@ impl<B: Backend> LayerWeights<B> {
             kept_t[qkv.index()].as_ref(),
         )?;
         let (kept_attention, kept_k, kept_v) = match reused {
-            Some(r) => (Some((r.attn, r.lse)), r.k, Some(r.v)),
+            Some(r) => (Some((r.attn, r.lse)), r.k, r.v),
             None => (None, None, None),
         };
         let (project_k, project_v) = (kept_k.is_none(), kept_v.is_none());

@@ -311,11 +311,11 @@ fn auto_checkpoints_the_fewest_layers_that_fit_and_offloads_them() {
 
 /// An offloaded checkpoint's recomputation runs no product for what it keeps: against full
 /// checkpointing, the metered step's GEMMs lack exactly the o and kept k/v projections' (frozen
-/// weight and LoRA `t Bᵀ` term) and every LoRA input product `x A_gᵀ` — v alone kept at
+/// weight and LoRA `t Bᵀ` term) and every LoRA input product `x A_gᵀ` — k alone kept at
 /// Llama-2-7B's shape, k and v at Mistral-7B's.
 #[test]
 fn offload_recomputes_no_product_of_what_it_keeps() {
-    for (name, kept) in [("llama2-7b", KeptKv::V), ("mistral-7b", KeptKv::KV)] {
+    for (name, kept) in [("llama2-7b", KeptKv::K), ("mistral-7b", KeptKv::KV)] {
         let gemm_flops = |mode| -> f64 {
             let plan =
                 Plan::account(&PlanSpec::from_preset(name, 1, 256, mode, 1).unwrap()).unwrap();
