@@ -8,8 +8,9 @@ use crate::error::check_len;
 use crate::{AdamWParams, DType, KernelError, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-/// Device tables for a list of tensors: addresses, dtype codes, first flat indices (+ total).
-type TensorTables = (CudaSlice<u64>, CudaSlice<i32>, CudaSlice<u64>, usize);
+/// Device tables for a list of tensors: addresses and first flat indices (+ total), dtype codes,
+/// and the total.
+type TensorTables = (Tables, CudaSlice<i32>, usize);
 
 fn dtype_code(d: DType) -> i32 {
     match d {
@@ -19,29 +20,55 @@ fn dtype_code(d: DType) -> i32 {
     }
 }
 
-impl CudaBackend {
-    fn table_u64(&self, values: &[u64]) -> Result<CudaSlice<u64>> {
-        self.stream
-            .clone_htod(values)
-            .map_err(super::device_err("upload pointer table"))
-    }
+/// The device addresses of `tensors`.
+fn addresses(be: &CudaBackend, tensors: &[CudaTensor]) -> Vec<u64> {
+    tensors.iter().map(|t| t.ptr(&be.stream)).collect()
+}
 
-    /// The device addresses of `tensors`, as a device table.
-    fn address_table(&self, tensors: &[CudaTensor]) -> Result<CudaSlice<u64>> {
-        let ptrs: Vec<u64> = tensors.iter().map(|t| t.ptr(&self.stream)).collect();
-        self.table_u64(&ptrs)
-    }
-
-    /// The first flat index of each tensor, then the total, as a device table; and the total.
-    fn starts_table(&self, tensors: &[CudaTensor]) -> Result<(CudaSlice<u64>, usize)> {
-        let mut starts = Vec::with_capacity(tensors.len() + 1);
-        let mut total = 0u64;
-        for t in tensors {
-            starts.push(total);
-            total += t.len() as u64;
-        }
+/// The first flat index of each tensor, then the total; and the total.
+fn starts(tensors: &[CudaTensor]) -> (Vec<u64>, usize) {
+    let mut starts = Vec::with_capacity(tensors.len() + 1);
+    let mut total = 0u64;
+    for t in tensors {
         starts.push(total);
-        Ok((self.table_u64(&starts)?, total as usize))
+        total += t.len() as u64;
+    }
+    starts.push(total);
+    (starts, total as usize)
+}
+
+/// Tables uploaded together ([`CudaBackend::upload_tables`]): the buffer (freed in stream order
+/// once dropped, after the launch that reads it) and each table's device address.
+struct Tables {
+    _buffer: CudaSlice<u64>,
+    at: Vec<u64>,
+}
+
+impl Tables {
+    fn arg(&self, i: usize) -> Arg {
+        Arg::Ptr(self.at[i])
+    }
+}
+
+impl CudaBackend {
+    /// Uploads `tables` side by side in one copy: each copy to the device is an op on the stream
+    /// that the next kernel waits behind (in the offloaded step, behind the copy engines' traffic
+    /// too: the profile's idle before these launches), so a launch makes one, not one a table.
+    fn upload_tables(&self, tables: &[&[u64]]) -> Result<Tables> {
+        let buffer = self
+            .stream
+            .clone_htod(&tables.concat())
+            .map_err(super::device_err("upload pointer tables"))?;
+        let mut at = Vec::with_capacity(tables.len());
+        let mut next = buffer.device_ptr(&self.stream).0;
+        for t in tables {
+            at.push(next);
+            next += 8 * t.len() as u64;
+        }
+        Ok(Tables {
+            _buffer: buffer,
+            at,
+        })
     }
 
     /// Device tables (addresses, dtype codes, first flat index of each tensor + total) for `tensors`.
@@ -51,8 +78,8 @@ impl CudaBackend {
             .stream
             .clone_htod(&codes)
             .map_err(super::device_err("upload dtype table"))?;
-        let (starts, total) = self.starts_table(tensors)?;
-        Ok((self.address_table(tensors)?, codes, starts, total))
+        let (starts, total) = starts(tensors);
+        Ok((self.upload_tables(&[&addresses(self, tensors), &starts])?, codes, total))
     }
 
     pub(crate) fn sum_of_squares_impl(&self, tensors: &[CudaTensor]) -> Result<f64> {
@@ -75,15 +102,15 @@ impl CudaBackend {
         if tensors.iter().all(|t| t.is_empty()) {
             return Ok(init);
         }
-        let (ptrs, codes, starts, total) = self.tensor_tables(tensors)?;
+        let (tables, codes, total) = self.tensor_tables(tensors)?;
         let result = self
             .stream
             .clone_htod(&[init])
             .map_err(super::device_err("alloc"))?;
         let args = [
-            Arg::Ptr(ptrs.device_ptr(&self.stream).0),
+            tables.arg(0),
             Arg::Ptr(codes.device_ptr(&self.stream).0),
-            Arg::Ptr(starts.device_ptr(&self.stream).0),
+            tables.arg(1),
             Arg::I32(tensors.len() as i32),
             Arg::Ptr(result.device_ptr(&self.stream).0),
         ];
@@ -122,13 +149,13 @@ impl CudaBackend {
         if src.iter().all(|t| t.is_empty()) {
             return Ok(());
         }
-        let (starts, total) = self.starts_table(src)?;
-        let (src_ptrs, dst_ptrs) = (self.address_table(src)?, self.table_u64(&places)?);
+        let (starts, total) = starts(src);
+        let tables = self.upload_tables(&[&addresses(self, src), &places, &starts])?;
         let name = format!("cast_multi_f32_{}", super::suffix(dst.dtype));
         let args = [
-            Arg::Ptr(src_ptrs.device_ptr(&self.stream).0),
-            Arg::Ptr(dst_ptrs.device_ptr(&self.stream).0),
-            Arg::Ptr(starts.device_ptr(&self.stream).0),
+            tables.arg(0),
+            tables.arg(1),
+            tables.arg(2),
             Arg::I32(src.len() as i32),
         ];
         self.launch(&name, (blocks_for(total).min(4096), 1, 1), 256, 0, &args)
@@ -146,13 +173,9 @@ impl CudaBackend {
         if ts.iter().all(|t| t.is_empty()) {
             return Ok(());
         }
-        let (starts, total) = self.starts_table(ts)?;
-        let ptrs = self.address_table(ts)?;
-        let args = [
-            Arg::Ptr(ptrs.device_ptr(&self.stream).0),
-            Arg::Ptr(starts.device_ptr(&self.stream).0),
-            Arg::I32(ts.len() as i32),
-        ];
+        let (starts, total) = starts(ts);
+        let tables = self.upload_tables(&[&addresses(self, ts), &starts])?;
+        let args = [tables.arg(0), tables.arg(1), Arg::I32(ts.len() as i32)];
         self.launch(
             "zero_multi_f32",
             (blocks_for(total).min(4096), 1, 1),
@@ -197,23 +220,20 @@ impl CudaBackend {
         if total == 0 {
             return Ok(());
         }
-        let tables = [
-            self.address_table(params)?,
-            self.address_table(grads)?,
-            self.address_table(m)?,
-            self.address_table(v)?,
-            self.starts_table(params)?.0,
-        ];
+        let tables = self.upload_tables(&[
+            &addresses(self, params),
+            &addresses(self, grads),
+            &addresses(self, m),
+            &addresses(self, v),
+            &starts(params).0,
+        ])?;
         // Scalars formed in f64 and rounded once, exactly as the CPU reference does.
         let t = step as i32;
         let bias1 = 1.0 - hp.beta1.powi(t);
         let bias2_sqrt = (1.0 - hp.beta2.powi(t)).sqrt() as f32;
         let step_size = (hp.lr / bias1) as f32;
         let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
-        let mut args: Vec<Arg> = tables
-            .iter()
-            .map(|s| Arg::Ptr(s.device_ptr(&self.stream).0))
-            .collect();
+        let mut args: Vec<Arg> = (0..5).map(|i| tables.arg(i)).collect();
         args.extend([
             Arg::I32(params.len() as i32),
             Arg::F32(step_size),
