@@ -5,11 +5,16 @@
  * Tensors are reached through device tables of pointers; `starts[i]` is the first flat index of
  * tensor i (starts[count] = total), so a thread finds its tensor by binary search (owner_of). Each element's
  * four values are read and its three outputs written once: one pass over 16 bytes in, 12 out.
+ * Where `compute` is non-null (a table of addresses, one per tensor) the updated weight is also
+ * rounded into it, as cast_multi_f32_<t> would (compute_dtype: 1 bf16, 2 f16; 2 bytes out), and
+ * with `zero_grads` the gradient is zeroed once read (4 bytes out): the compute copies and the
+ * zeroing that two launches after the update wrote, in the same pass.
  */
-extern "C" __global__ void adamw_multi_f32(float* const* params, const float* const* grads, float* const* exp_avg,
+extern "C" __global__ void adamw_multi_f32(float* const* params, float* const* grads, float* const* exp_avg,
                                            float* const* exp_avg_sq, const u64* starts, int count, float step_size,
                                            float decay, float one_minus_b1, float b2, float one_minus_b2,
-                                           float bias2_sqrt, float eps, float grad_scale) {
+                                           float bias2_sqrt, float eps, float grad_scale, const u64* compute,
+                                           int compute_dtype, int zero_grads) {
     u64 total = starts[count];
     for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (u64)gridDim.x * blockDim.x) {
         int t = owner_of(starts, count, idx);
@@ -20,8 +25,14 @@ extern "C" __global__ void adamw_multi_f32(float* const* params, const float* co
         m = m + one_minus_b1 * (g - m);
         float v = b2 * exp_avg_sq[t][i] + one_minus_b2 * g * g;
         float denom = sqrtf(v) / bias2_sqrt + eps;
-        params[t][i] = p - step_size * m / denom;
+        const float updated = p - step_size * m / denom;
+        params[t][i] = updated;
         exp_avg[t][i] = m;
         exp_avg_sq[t][i] = v;
+        if (compute != nullptr) {
+            if (compute_dtype == 1) ((bf16*)compute[t])[i] = store_f32<bf16>(updated);
+            else ((f16*)compute[t])[i] = store_f32<f16>(updated);
+        }
+        if (zero_grads) grads[t][i] = 0.0f;
     }
 }

@@ -59,6 +59,27 @@ pub struct AdamWParams {
     pub weight_decay: f64,
 }
 
+/// What [`Backend::adamw`] writes besides the update, in the same pass over each value: where a
+/// cast of the weights into their compute copies and a zeroing of the gradients would each be a
+/// launch after it.
+pub struct AfterUpdate<'a, T> {
+    /// Each updated weight rounded into `compute` at `at[i]..`, as [`Backend::copy_many_into`]
+    /// writes it: the compute-dtype copies the products read.
+    pub compute: Option<(&'a mut T, &'a [usize])>,
+    /// Each gradient zeroed once read.
+    pub zero_grads: bool,
+}
+
+impl<T> AfterUpdate<'_, T> {
+    /// The update alone.
+    pub fn nothing() -> Self {
+        AfterUpdate {
+            compute: None,
+            zero_grads: false,
+        }
+    }
+}
+
 /// What [`Backend::lm_head_cross_entropy`] does with the gradient.
 pub enum CeGrad<'a, T> {
     /// Forward only: log-probabilities, no gradient.
@@ -820,16 +841,17 @@ pub trait Backend {
     /// One `torch.optim.AdamW` step (step number `step` ≥ 1) on every tensor, with the gradient
     /// first multiplied by `grad_scale` (the clip coefficient):
     /// `p ← p(1 − lr·wd); m ← β1 m + (1−β1) g; v ← β2 v + (1−β2) g²;`
-    /// `p ← p − lr · (m/(1−β1ᵗ)) / (sqrt(v/(1−β2ᵗ)) + eps)`.
+    /// `p ← p − lr · (m/(1−β1ᵗ)) / (sqrt(v/(1−β2ᵗ)) + eps)`; then what `after` asks for.
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
         params: &mut [Self::Tensor],
-        grads: &[Self::Tensor],
+        grads: &mut [Self::Tensor],
         m: &mut [Self::Tensor],
         v: &mut [Self::Tensor],
         hp: &AdamWParams,
         step: u64,
         grad_scale: f32,
+        after: AfterUpdate<'_, Self::Tensor>,
     ) -> Result<()>;
 }

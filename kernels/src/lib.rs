@@ -23,8 +23,8 @@ pub mod rope;
 mod widen;
 
 pub use backend::{
-    AdamWParams, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, Placement, Rotation,
-    IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS,
+    AdamWParams, AfterUpdate, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, Placement,
+    Rotation, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS,
 };
 pub use error::KernelError;
 pub use in_flight::{InFlight, ParkLane};

@@ -2,7 +2,7 @@
 //! on shapes large enough to span several GEMM tiles and attention blocks.
 
 use kernels::cpu::CpuBackend;
-use kernels::{AdamWParams, AttentionLayout, Backend, CeGrad};
+use kernels::{AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -123,12 +123,13 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     };
     be.adamw(
         &mut params,
-        &[random(5000, 17)],
+        &mut [random(5000, 17)],
         &mut m1,
         &mut m2,
         &hp,
         3,
         1.0,
+        AfterUpdate::nothing(),
     )
     .unwrap();
     let norm = be.sum_of_squares(&params).unwrap();

@@ -11,8 +11,8 @@ use kernels::cpu::CpuBackend;
 use kernels::cuda::{CudaBackend, CudaIndices, CudaTensor};
 use kernels::nf4::{self, Absmax, AbsmaxBuffers, Nf4Buffers, Nf4Weight, DYNAMIC_MAP};
 use kernels::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, ParkLane,
-    Placement, Rotation, IGNORE_INDEX,
+    AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax,
+    ParkLane, Placement, Rotation, IGNORE_INDEX,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -1752,12 +1752,80 @@ fn optimizer_norm_and_finiteness_match_and_the_pool_reuses_zeroed_buffers() {
             .map(|v| g.upload(v, DType::F32).unwrap())
             .collect()
     };
-    let (mut p, gr, mut m, mut v) = (upl(&p_c), upl(&g_c), upl(&m_c), upl(&v_c));
+    let (mut p, mut gr, mut m, mut v) = (upl(&p_c), upl(&g_c), upl(&m_c), upl(&v_c));
+    let mut g_cpu = g_c.clone();
     for step in 1..=3 {
-        g.adamw(&mut p, &gr, &mut m, &mut v, &hp, step, 0.7)
-            .unwrap();
-        cpu.adamw(&mut p_c, &g_c, &mut m_c, &mut v_c, &hp, step, 0.7)
-            .unwrap();
+        g.adamw(
+            &mut p,
+            &mut gr,
+            &mut m,
+            &mut v,
+            &hp,
+            step,
+            0.7,
+            AfterUpdate::nothing(),
+        )
+        .unwrap();
+        cpu.adamw(
+            &mut p_c,
+            &mut g_cpu,
+            &mut m_c,
+            &mut v_c,
+            &hp,
+            step,
+            0.7,
+            AfterUpdate::nothing(),
+        )
+        .unwrap();
+    }
+    // A fourth step that also writes the compute copies (bf16, with gaps between the tensors'
+    // places) and zeroes the gradients: the copies bit for bit copy_many_into's of the updated
+    // weights, the gradients zero, the update itself as without them.
+    let at: Vec<usize> = sizes
+        .iter()
+        .scan(8, |next, &s| Some(std::mem::replace(next, *next + s + 8)))
+        .collect();
+    let room = at.last().unwrap() + sizes.last().unwrap();
+    let mut compute = g.zeros(room, DType::BF16).unwrap();
+    let mut grads_c = g_cpu.clone();
+    g.adamw(
+        &mut p,
+        &mut gr,
+        &mut m,
+        &mut v,
+        &hp,
+        4,
+        0.7,
+        AfterUpdate {
+            compute: Some((&mut compute, &at)),
+            zero_grads: true,
+        },
+    )
+    .unwrap();
+    cpu.adamw(
+        &mut p_c,
+        &mut grads_c,
+        &mut m_c,
+        &mut v_c,
+        &hp,
+        4,
+        0.7,
+        AfterUpdate {
+            compute: None,
+            zero_grads: true,
+        },
+    )
+    .unwrap();
+    let mut cast = g.zeros(room, DType::BF16).unwrap();
+    g.copy_many_into(&p, &mut cast, &at).unwrap();
+    assert_eq!(
+        g.download(&compute).unwrap(),
+        g.download(&cast).unwrap(),
+        "adamw's compute copies against copy_many_into's"
+    );
+    for (t, t_c) in gr.iter().zip(&grads_c) {
+        assert!(g.download(t).unwrap().iter().all(|&x| x == 0.0));
+        assert!(t_c.iter().all(|&x| x == 0.0));
     }
     for i in 0..sizes.len() {
         check(

@@ -18,7 +18,7 @@
 use crate::lora::LoraParams;
 use crate::residence::Residence;
 use anyhow::Result;
-use kernels::{AdamWParams, Backend, DType, ParkLane};
+use kernels::{AdamWParams, AfterUpdate, Backend, DType, ParkLane};
 use std::collections::VecDeque;
 use std::ops::Range;
 
@@ -236,12 +236,13 @@ impl<B: Backend> AdamW<B> {
         let Some(host) = self.host.as_mut() else {
             be.adamw(
                 &mut lora.params,
-                &lora.grads,
+                &mut lora.grads,
                 &mut self.m,
                 &mut self.v,
                 &hp,
                 self.step,
                 clip_coef,
+                AfterUpdate::nothing(),
             )?;
             lora.sync_compute(be)?;
             return Ok(StepStats {
@@ -307,8 +308,9 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Updates the first waiting group: its copy to the device (prefetched by the previous call,
-    /// or by the step), AdamW, its compute-dtype copies, and its copy back to the host, with the
-    /// next waiting group's copy to the device started first.
+    /// or by the step), AdamW with its compute-dtype copies (and its gradients zeroed) in the
+    /// same launch, and its copy back to the host, with the next waiting group's copy to the
+    /// device started first.
     fn update_next_group(&mut self, be: &B, lora: &mut LoraParams<B>) -> Result<()> {
         let host = self.host.as_mut().expect("a group waits");
         let pending = host.pending.as_mut().expect("a group waits");
@@ -320,19 +322,17 @@ impl<B: Backend> AdamW<B> {
         }
         let range = group.range.clone();
         let (mut p, mut m, mut v) = split_group(be.unpark(group.parked)?, range.len());
+        let (grads, after) = lora.layer_update_target(group.layer, pending.zero_grads);
         be.adamw(
             &mut p,
-            &lora.grads[range.clone()],
+            grads,
             &mut m,
             &mut v,
             &pending.hp,
             pending.step,
             pending.clip_coef,
+            after,
         )?;
-        lora.refresh_layer_compute(be, group.layer, &p)?;
-        if pending.zero_grads {
-            be.fill_zero_many(&mut lora.grads[range.clone()])?;
-        }
         p.extend(m);
         p.extend(v);
         host.groups.push_back(HostGroup {

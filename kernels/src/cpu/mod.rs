@@ -27,8 +27,8 @@ use crate::backend::{check_copy_places, check_gemm_at, check_place_block};
 use crate::error::{check_len, check_rows, check_strided_rows};
 use crate::nf4::{Nf4Buffers, Nf4Weight};
 use crate::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, ParkLane,
-    Result, Rotation,
+    AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax,
+    ParkLane, Result, Rotation,
 };
 use profile::timed;
 use std::ops::Range;
@@ -545,12 +545,13 @@ impl Backend for CpuBackend {
     fn adamw(
         &self,
         params: &mut [Vec<f32>],
-        grads: &[Vec<f32>],
+        grads: &mut [Vec<f32>],
         m: &mut [Vec<f32>],
         v: &mut [Vec<f32>],
         hp: &AdamWParams,
         step: u64,
         grad_scale: f32,
+        after: AfterUpdate<'_, Vec<f32>>,
     ) -> Result<()> {
         for i in 0..params.len() {
             check_len("adamw", "grad", grads[i].len(), params[i].len())?;
@@ -573,6 +574,12 @@ impl Backend for CpuBackend {
                 }
             },
         );
+        if let Some((compute, at)) = after.compute {
+            self.copy_many_into(params, compute, at)?;
+        }
+        if after.zero_grads {
+            self.fill_zero_many(grads)?;
+        }
         Ok(())
     }
 }

@@ -29,8 +29,8 @@ pub use tensor::{CudaIndices, CudaTensor};
 use crate::backend::{check_gemm_at, check_gemm_residual, check_place_block};
 use crate::error::{check_block_in_src, check_len, check_rows, check_strided_rows};
 use crate::{
-    AdamWParams, AttentionLayout, Backend, CeGrad, DType, KernelError, LoraPad, MatAt, Nf4Absmax,
-    OpTime, ParkLane, Placement, Result, Rotation,
+    AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, DType, KernelError, LoraPad, MatAt,
+    Nf4Absmax, OpTime, ParkLane, Placement, Result, Rotation,
 };
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
@@ -1220,14 +1220,15 @@ impl Backend for CudaBackend {
     fn adamw(
         &self,
         params: &mut [CudaTensor],
-        grads: &[CudaTensor],
+        grads: &mut [CudaTensor],
         m: &mut [CudaTensor],
         v: &mut [CudaTensor],
         hp: &AdamWParams,
         step: u64,
         grad_scale: f32,
+        after: AfterUpdate<'_, CudaTensor>,
     ) -> Result<()> {
-        self.adamw_impl(params, grads, m, v, hp, step, grad_scale)
+        self.adamw_impl(params, grads, m, v, hp, step, grad_scale, after)
     }
 }
 

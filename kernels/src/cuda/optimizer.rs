@@ -5,7 +5,7 @@
 use super::launch::{blocks_for, Arg};
 use super::{CudaBackend, CudaTensor};
 use crate::error::check_len;
-use crate::{AdamWParams, DType, KernelError, Result};
+use crate::{AdamWParams, AfterUpdate, DType, KernelError, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 /// Device tables for a list of tensors: addresses and first flat indices (+ total), dtype codes,
@@ -79,7 +79,11 @@ impl CudaBackend {
             .clone_htod(&codes)
             .map_err(super::device_err("upload dtype table"))?;
         let (starts, total) = starts(tensors);
-        Ok((self.upload_tables(&[&addresses(self, tensors), &starts])?, codes, total))
+        Ok((
+            self.upload_tables(&[&addresses(self, tensors), &starts])?,
+            codes,
+            total,
+        ))
     }
 
     pub(crate) fn sum_of_squares_impl(&self, tensors: &[CudaTensor]) -> Result<f64> {
@@ -185,16 +189,19 @@ impl CudaBackend {
         )
     }
 
+    /// [`crate::Backend::adamw`]: one `adamw_multi_f32` launch, which also writes the compute
+    /// copies and zeroes the gradients where `after` asks.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn adamw_impl(
         &self,
         params: &mut [CudaTensor],
-        grads: &[CudaTensor],
+        grads: &mut [CudaTensor],
         m: &mut [CudaTensor],
         v: &mut [CudaTensor],
         hp: &AdamWParams,
         step: u64,
         grad_scale: f32,
+        after: AfterUpdate<'_, CudaTensor>,
     ) -> Result<()> {
         for (what, count) in [
             ("grads", grads.len()),
@@ -216,6 +223,21 @@ impl CudaBackend {
                 }
             }
         }
+        // The compute copies' places (each weight's first element there) and their dtype's code.
+        let (places, compute_code) = match after.compute {
+            Some((dst, at)) => {
+                crate::backend::check_copy_places(params.iter().map(|p| p.len()), at, dst.len())?;
+                if dst.dtype == DType::F32 {
+                    return Err(KernelError::Unsupported(
+                        "adamw: the compute copies are f32, the masters themselves".into(),
+                    ));
+                }
+                let (base, size) = (dst.ptr(&self.stream), dst.dtype.size_bytes() as u64);
+                let places: Vec<u64> = at.iter().map(|&a| base + a as u64 * size).collect();
+                (places, dtype_code(dst.dtype))
+            }
+            None => (Vec::new(), 0),
+        };
         let total: usize = params.iter().map(|p| p.len()).sum();
         if total == 0 {
             return Ok(());
@@ -226,6 +248,7 @@ impl CudaBackend {
             &addresses(self, m),
             &addresses(self, v),
             &starts(params).0,
+            &places,
         ])?;
         // Scalars formed in f64 and rounded once, exactly as the CPU reference does.
         let t = step as i32;
@@ -244,6 +267,12 @@ impl CudaBackend {
             Arg::F32(bias2_sqrt),
             Arg::F32(hp.eps as f32),
             Arg::F32(grad_scale),
+            match places.is_empty() {
+                true => Arg::Ptr(0),
+                false => tables.arg(5),
+            },
+            Arg::I32(compute_code),
+            Arg::I32(i32::from(after.zero_grads)),
         ]);
         // The tables are freed in stream order (cuMemFreeAsync), after the launch has read them.
         self.launch(

@@ -11,7 +11,7 @@ pub mod peft;
 
 use crate::arch::{InputGroup, ModelConfig, Projection};
 use anyhow::{bail, Result};
-use kernels::{Backend, DType};
+use kernels::{AfterUpdate, Backend, DType};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The next compute-copy version ([`LoraParams::compute_version`]): process-wide, so no two
@@ -267,21 +267,28 @@ impl<B: Backend> LoraParams<B> {
         Ok(())
     }
 
-    /// Copies `layer`'s f32 masters `masters` (its tensors in `params` order, fetched from host
-    /// memory by the optimizer) into its part of the compute tensor (one launch).
-    pub fn refresh_layer_compute(
+    /// `layer`'s gradients, and what an optimizer update of its f32 masters (fetched from host
+    /// memory by the optimizer) writes besides them ([`AfterUpdate`]): its part of the compute
+    /// tensor, refreshed in the same launch, and the gradients zeroed when `zero_grads`. The
+    /// compute copies count as refreshed from here.
+    pub fn layer_update_target(
         &mut self,
-        backend: &B,
         layer: usize,
-        masters: &[B::Tensor],
-    ) -> Result<()> {
+        zero_grads: bool,
+    ) -> (&mut [B::Tensor], AfterUpdate<'_, B::Tensor>) {
         let range = self.layer_range(layer);
-        let Some(compute) = self.compute.as_mut() else {
-            return Ok(());
+        let compute = self
+            .compute
+            .as_mut()
+            .map(|c| (c, &self.compute_at[range.clone()]));
+        if compute.is_some() {
+            self.compute_versions[layer] = new_compute_version();
+        }
+        let after = AfterUpdate {
+            compute,
+            zero_grads,
         };
-        backend.copy_many_into(masters, compute, &self.compute_at[range])?;
-        self.compute_versions[layer] = new_compute_version();
-        Ok(())
+        (&mut self.grads[range], after)
     }
 
     /// Which refresh `layer`'s compute copies hold: a number no other refresh of any adapter

@@ -14,8 +14,8 @@
 //! Index buffers (token ids, positions) are not in the pool, as on the device.
 
 use kernels::{
-    pool_buffer_fits, AdamWParams, AttentionLayout, Backend, CeGrad, DType, InFlight, KernelError,
-    LoraPad, MatAt, Nf4Absmax, ParkLane, Result, Rotation, GEMM_WORKSPACE_BYTES,
+    pool_buffer_fits, AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, DType, InFlight,
+    KernelError, LoraPad, MatAt, Nf4Absmax, ParkLane, Result, Rotation, GEMM_WORKSPACE_BYTES,
 };
 use std::collections::HashMap;
 use std::ops::Range;
@@ -644,18 +644,26 @@ impl Backend for MeterBackend {
         Ok(0.0)
     }
 
+    /// One launch, as the CUDA backend's, its compute copies and zeroed gradients included.
     fn adamw(
         &self,
         params: &mut [MeterTensor],
-        _grads: &[MeterTensor],
+        _grads: &mut [MeterTensor],
         _m: &mut [MeterTensor],
         _v: &mut [MeterTensor],
         _hp: &AdamWParams,
         _step: u64,
         _grad_scale: f32,
+        after: AfterUpdate<'_, MeterTensor>,
     ) -> Result<()> {
-        // p, m, v read and written, g read: 7 f32 passes.
-        self.memory_op(7.0 * params.iter().map(tensor_bytes).sum::<f64>());
+        // p, m, v read and written, g read: 7 f32 passes; then the copies and the zeroing.
+        let f32_pass: f64 = params.iter().map(tensor_bytes).sum();
+        let copies: usize = match &after.compute {
+            Some((dst, _)) => params.iter().map(|p| p.len * dst.dtype.size_bytes()).sum(),
+            None => 0,
+        };
+        let zeroing = if after.zero_grads { f32_pass } else { 0.0 };
+        self.memory_op(7.0 * f32_pass + copies as f64 + zeroing);
         Ok(())
     }
 }
