@@ -54,6 +54,48 @@ mod tests {
         assert!((p[1] - (-1.0 + 1e-3)).abs() < 1e-6);
     }
 
+    /// `Backend::adamw` with its compute copies and zeroing equals the step, then
+    /// `copy_many_into` and `fill_zero_many`.
+    #[test]
+    fn the_backend_step_writes_the_copies_and_zeroes_as_the_separate_calls_do() {
+        use crate::{AfterUpdate, Backend};
+        let be = crate::cpu::CpuBackend::new();
+        let hp = AdamWParams {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let fresh = || {
+            let p = vec![vec![1.0, -2.0, 0.5], vec![0.25; 5]];
+            let g = vec![vec![0.3, -0.1, 0.2], vec![-0.5; 5]];
+            let moments = vec![vec![0.0; 3], vec![0.0; 5]];
+            (p, g, moments.clone(), moments)
+        };
+        let at = [1, 6];
+        let (mut p, mut g, mut m, mut v) = fresh();
+        let mut copies = vec![9.0; 11];
+        let after = AfterUpdate {
+            compute: Some((&mut copies, &at[..])),
+            zero_grads: true,
+        };
+        be.adamw(&mut p, &mut g, &mut m, &mut v, &hp, 2, 0.5, after)
+            .unwrap();
+        let (mut p2, mut g2, mut m2, mut v2) = fresh();
+        let nothing = AfterUpdate::nothing();
+        be.adamw(&mut p2, &mut g2, &mut m2, &mut v2, &hp, 2, 0.5, nothing)
+            .unwrap();
+        let mut copies2 = vec![9.0; 11];
+        be.copy_many_into(&p2, &mut copies2, &at).unwrap();
+        be.fill_zero_many(&mut g2).unwrap();
+        assert_eq!((p, m, v), (p2, m2, v2));
+        assert_eq!(copies, copies2);
+        assert_eq!(copies[0], 9.0, "outside the places stays");
+        assert_eq!(g, g2);
+        assert!(g.iter().flatten().all(|&x| x == 0.0));
+    }
+
     #[test]
     fn weight_decay_is_decoupled_from_the_gradient() {
         let hp = AdamWParams {
