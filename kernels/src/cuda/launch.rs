@@ -2,8 +2,9 @@
 //! arguments (device addresses as u64, sizes as i32/u64, scalars as f32).
 
 use crate::KernelError;
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// One kernel argument, passed by value.
 #[derive(Clone, Copy, Debug)]
@@ -12,6 +13,42 @@ pub(crate) enum Arg {
     I32(i32),
     U64(u64),
     F32(f32),
+}
+
+/// Tables a launch reads, uploaded together ([`upload_tables`]): the buffer (freed in stream order
+/// once dropped, after the launch that reads it) and each table's device address.
+pub(crate) struct Tables {
+    _buffer: CudaSlice<u64>,
+    at: Vec<u64>,
+}
+
+impl Tables {
+    /// Table `i`'s address, as a launch argument.
+    pub(crate) fn arg(&self, i: usize) -> Arg {
+        Arg::Ptr(self.at[i])
+    }
+}
+
+/// Uploads `tables` side by side in one copy: each copy to the device is an op on the stream that
+/// the next kernel waits behind (in the offloaded step, behind the copy engines' traffic too: the
+/// profile's idle before these launches), so a launch makes one, not one a table.
+pub(crate) fn upload_tables(
+    stream: &Arc<CudaStream>,
+    tables: &[&[u64]],
+) -> Result<Tables, KernelError> {
+    let buffer = stream
+        .clone_htod(&tables.concat())
+        .map_err(super::device_err("upload pointer tables"))?;
+    let mut at = Vec::with_capacity(tables.len());
+    let mut next = buffer.device_ptr(stream).0;
+    for t in tables {
+        at.push(next);
+        next += 8 * t.len() as u64;
+    }
+    Ok(Tables {
+        _buffer: buffer,
+        at,
+    })
 }
 
 /// The loaded entry points, by name.

@@ -33,7 +33,7 @@ use crate::{
     Nf4Absmax, OpTime, ParkLane, Placement, Result, Rotation,
 };
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nvrtc::Ptx;
 use gemm::Operand;
 use launch::{blocks_for, blocks_for_chunks_of_8, Arg, Kernels};
@@ -397,13 +397,10 @@ impl CudaBackend {
         if longest == 0 {
             return Ok(());
         }
-        let table = self
-            .stream
-            .clone_htod(table)
-            .map_err(device_err("upload a batched kernel's table"))?;
+        let table = launch::upload_tables(&self.stream, &[table])?;
         let grid = (blocks_for_chunks_of_8(longest), copies as u32, 1);
         let mut all = args.to_vec();
-        all.push(Arg::Ptr(table.device_ptr(&self.stream).0));
+        all.push(table.arg(0));
         self.launch(name, grid, 256, 0, &all)
     }
 

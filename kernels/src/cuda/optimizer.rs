@@ -2,7 +2,7 @@
 //! reduce.cu): the tensors' addresses and first flat indices go to the device as small tables, so
 //! AdamW, the global gradient norm and the finiteness check are one launch each.
 
-use super::launch::{blocks_for, Arg};
+use super::launch::{blocks_for, upload_tables, Arg, Tables};
 use super::{CudaBackend, CudaTensor};
 use crate::error::check_len;
 use crate::{AdamWParams, AfterUpdate, DType, KernelError, Result};
@@ -37,40 +37,7 @@ fn starts(tensors: &[CudaTensor]) -> (Vec<u64>, usize) {
     (starts, total as usize)
 }
 
-/// Tables uploaded together ([`CudaBackend::upload_tables`]): the buffer (freed in stream order
-/// once dropped, after the launch that reads it) and each table's device address.
-struct Tables {
-    _buffer: CudaSlice<u64>,
-    at: Vec<u64>,
-}
-
-impl Tables {
-    fn arg(&self, i: usize) -> Arg {
-        Arg::Ptr(self.at[i])
-    }
-}
-
 impl CudaBackend {
-    /// Uploads `tables` side by side in one copy: each copy to the device is an op on the stream
-    /// that the next kernel waits behind (in the offloaded step, behind the copy engines' traffic
-    /// too: the profile's idle before these launches), so a launch makes one, not one a table.
-    fn upload_tables(&self, tables: &[&[u64]]) -> Result<Tables> {
-        let buffer = self
-            .stream
-            .clone_htod(&tables.concat())
-            .map_err(super::device_err("upload pointer tables"))?;
-        let mut at = Vec::with_capacity(tables.len());
-        let mut next = buffer.device_ptr(&self.stream).0;
-        for t in tables {
-            at.push(next);
-            next += 8 * t.len() as u64;
-        }
-        Ok(Tables {
-            _buffer: buffer,
-            at,
-        })
-    }
-
     /// Device tables (addresses, dtype codes, first flat index of each tensor + total) for `tensors`.
     fn tensor_tables(&self, tensors: &[CudaTensor]) -> Result<TensorTables> {
         let codes: Vec<i32> = tensors.iter().map(|t| dtype_code(t.dtype)).collect();
@@ -80,7 +47,7 @@ impl CudaBackend {
             .map_err(super::device_err("upload dtype table"))?;
         let (starts, total) = starts(tensors);
         Ok((
-            self.upload_tables(&[&addresses(self, tensors), &starts])?,
+            upload_tables(&self.stream, &[&addresses(self, tensors), &starts])?,
             codes,
             total,
         ))
@@ -154,7 +121,7 @@ impl CudaBackend {
             return Ok(());
         }
         let (starts, total) = starts(src);
-        let tables = self.upload_tables(&[&addresses(self, src), &places, &starts])?;
+        let tables = upload_tables(&self.stream, &[&addresses(self, src), &places, &starts])?;
         let name = format!("cast_multi_f32_{}", super::suffix(dst.dtype));
         let args = [
             tables.arg(0),
@@ -178,7 +145,7 @@ impl CudaBackend {
             return Ok(());
         }
         let (starts, total) = starts(ts);
-        let tables = self.upload_tables(&[&addresses(self, ts), &starts])?;
+        let tables = upload_tables(&self.stream, &[&addresses(self, ts), &starts])?;
         let args = [tables.arg(0), tables.arg(1), Arg::I32(ts.len() as i32)];
         self.launch(
             "zero_multi_f32",
@@ -242,14 +209,17 @@ impl CudaBackend {
         if total == 0 {
             return Ok(());
         }
-        let tables = self.upload_tables(&[
-            &addresses(self, params),
-            &addresses(self, grads),
-            &addresses(self, m),
-            &addresses(self, v),
-            &starts(params).0,
-            &places,
-        ])?;
+        let tables = upload_tables(
+            &self.stream,
+            &[
+                &addresses(self, params),
+                &addresses(self, grads),
+                &addresses(self, m),
+                &addresses(self, v),
+                &starts(params).0,
+                &places,
+            ],
+        )?;
         // Scalars formed in f64 and rounded once, exactly as the CPU reference does.
         let t = step as i32;
         let bias1 = 1.0 - hp.beta1.powi(t);
