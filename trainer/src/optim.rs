@@ -18,7 +18,7 @@
 use crate::lora::LoraParams;
 use crate::residence::Residence;
 use anyhow::Result;
-use kernels::{AdamWParams, AfterUpdate, Backend, DType, ParkLane};
+use kernels::{AdamWParams, Backend, DType, ParkLane};
 use std::collections::VecDeque;
 use std::ops::Range;
 
@@ -234,17 +234,17 @@ impl<B: Backend> AdamW<B> {
         self.step += 1;
         let hp = AdamWParams { lr, ..self.hp };
         let Some(host) = self.host.as_mut() else {
+            let target = lora.update_target();
             be.adamw(
-                &mut lora.params,
-                &mut lora.grads,
+                target.params,
+                target.grads,
                 &mut self.m,
                 &mut self.v,
                 &hp,
                 self.step,
                 clip_coef,
-                AfterUpdate::nothing(),
+                target.after,
             )?;
-            lora.sync_compute(be)?;
             return Ok(StepStats {
                 grad_norm,
                 clip_coef,

@@ -14,6 +14,13 @@ use anyhow::{bail, Result};
 use kernels::{AfterUpdate, Backend, DType};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// What [`LoraParams::update_target`] hands [`Backend::adamw`].
+pub struct UpdateTarget<'a, T> {
+    pub params: &'a mut [T],
+    pub grads: &'a mut [T],
+    pub after: AfterUpdate<'a, T>,
+}
+
 /// The next compute-copy version ([`LoraParams::compute_version`]): process-wide, so no two
 /// refreshes of any adapters' copies share a number.
 static NEXT_COMPUTE_VERSION: AtomicU64 = AtomicU64::new(1);
@@ -265,6 +272,24 @@ impl<B: Backend> LoraParams<B> {
         let version = new_compute_version();
         self.compute_versions.fill(version);
         Ok(())
+    }
+
+    /// The masters, their gradients and what an optimizer update of them all writes besides
+    /// ([`AfterUpdate`]): the compute tensor, refreshed in the same launch (what
+    /// [`LoraParams::sync_compute`] copies). The compute copies count as refreshed from here.
+    pub fn update_target(&mut self) -> UpdateTarget<'_, B::Tensor> {
+        let compute = self.compute.as_mut().map(|c| (c, &self.compute_at[..]));
+        if compute.is_some() {
+            self.compute_versions.fill(new_compute_version());
+        }
+        UpdateTarget {
+            params: &mut self.params,
+            grads: &mut self.grads,
+            after: AfterUpdate {
+                compute,
+                zero_grads: false,
+            },
+        }
     }
 
     /// `layer`'s gradients, and what an optimizer update of its f32 masters (fetched from host
