@@ -10,14 +10,15 @@ use super::bnb_checkpoint;
 use super::checkpointing::{CheckpointPolicy, Checkpointing, KeptKv};
 use super::hooks::{LayerHooks, NoHooks};
 use super::layer::{
-    Attend, CheckpointKeeps, CheckpointShape, LayerCheckpoint, LayerSaved, LayerWeights, Shapes,
+    Attend, CheckpointKeeps, CheckpointShape, InputGradient, LayerCheckpoint, LayerSaved,
+    LayerWeights, Shapes,
 };
 use super::linear::FrozenLinear;
 use super::proj_weight::{Nf4Tensor, ProjWeight, QuantizeNf4};
 use crate::arch::{HeadNorm, ModelConfig, Projection};
 use crate::lora::{LoraConfig, LoraParams};
 use crate::weights::WeightFiles;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use kernels::{Backend, CeGrad, DType, ParkLane};
 
 /// The decoder's frozen weights.
@@ -481,6 +482,7 @@ impl<B: Backend> Decoder<B> {
             &mut dx,
         )?;
         let mut saved = acts.layers;
+        let mut dy = Some(dx);
         while let Some(this) = saved.pop() {
             let l = saved.len();
             // The next layer down's offloaded input starts coming back while this layer runs.
@@ -489,12 +491,18 @@ impl<B: Backend> Decoder<B> {
             }
             let layer = &self.layers[l];
             let lp = lora.as_deref_mut();
-            dx = match this {
-                Saved::Full(f) => layer.backward(be, s, l, lp, batch, f, dx)?,
-                Saved::Checkpoint(c) => layer.recompute_backward(be, s, l, lp, batch, c, dx)?,
+            let dx = dy
+                .take()
+                .ok_or_else(|| anyhow!("layer {l}: the layer above made no input gradient"))?;
+            let wanted = InputGradient::of_layer(l);
+            dy = match this {
+                Saved::Full(f) => layer.backward(be, s, l, lp, batch, f, dx, wanted)?,
+                Saved::Checkpoint(c) => {
+                    layer.recompute_backward(be, s, l, lp, batch, c, dx, wanted)?
+                }
                 Saved::Parked(p, shape) => {
                     let c = LayerCheckpoint::from_tensors(be.unpark(p)?, shape)?;
-                    layer.recompute_backward(be, s, l, lp, batch, c, dx)?
+                    layer.recompute_backward(be, s, l, lp, batch, c, dx, wanted)?
                 }
             };
             if let Some(lp) = lora.as_deref_mut() {

@@ -18,6 +18,8 @@ use kernels::{Backend, DType, MatAt};
 
 mod backward;
 
+pub use backward::InputGradient;
+
 /// The input groups whose LoRA can be folded into their frozen products
 /// ([`crate::model::proj_weight`]): their input is an RMSNorm output, which the norm writes
 /// into rows with room for `t` beside it.
@@ -361,7 +363,9 @@ impl<B: Backend> LayerWeights<B> {
     ) -> Result<(B::Tensor, LayerSaved<B>)> {
         self.refresh_pads(be, s, layer, lora)?;
         let none = &mut LoraInputs::<B>::default();
-        let (attention, mid) = self.attention_half(be, s, layer, lora, attend, x, None, none)?;
+        let dense = Dequantized::Dropped;
+        let (attention, mid) =
+            self.attention_half(be, s, layer, lora, attend, x, None, none, dense)?;
         let mid = mid.expect("attention ran, so the residual is computed");
         let (mlp, out) = self.mlp_half(be, s, layer, lora, mid, true, none)?;
         let out = out.expect("the output was asked for");
@@ -549,7 +553,8 @@ impl<B: Backend> LayerWeights<B> {
     /// what its backward needs and the residual `h`; given what an offloaded checkpoint kept
     /// (`reused`: the attention output, its log-sum-exp, v and perhaps k), attention, the o
     /// projection and the kept projections are not run again and `h` is not returned; the LoRA
-    /// inputs in `kept_t` are taken instead of recomputed.
+    /// inputs in `kept_t` are taken instead of recomputed. `dense`: what becomes of the q/k/v
+    /// products' NF4 dense copies (kept where a backward's `dx` products follow at once).
     #[allow(clippy::too_many_arguments)]
     fn attention_half(
         &self,
@@ -561,6 +566,7 @@ impl<B: Backend> LayerWeights<B> {
         x: B::Tensor,
         reused: Option<ReusedAttention<B>>,
         kept_t: &mut LoraInputs<B>,
+        dense: Dequantized,
     ) -> Result<(AttentionSaved<B>, Option<B::Tensor>)> {
         let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
@@ -580,12 +586,6 @@ impl<B: Backend> LayerWeights<B> {
             None => (None, None, None),
         };
         let (project_k, project_v) = (kept_k.is_none(), kept_v.is_none());
-        // With the attention part kept, this is a recomputation that the layer's backward
-        // follows at once: it takes the recomputed q/k projections' NF4 dense copies.
-        let after = match kept_attention {
-            Some(_) => Dequantized::KeptForNext,
-            None => Dequantized::Dropped,
-        };
         let mut q = be.empty(n * s.q_dim, dt)?;
         let mut k = kept_k.map_or_else(|| be.empty(n * s.kv_dim, dt), Ok)?;
         let mut v = kept_v.map_or_else(|| be.empty(n * s.kv_dim, dt), Ok)?;
@@ -603,7 +603,7 @@ impl<B: Backend> LayerWeights<B> {
                 project_v.then_some(&mut v),
             ],
             kept_t,
-            (after, Onto::Nothing),
+            (dense, Onto::Nothing),
         )?;
         let (mut q, mut k, qk_raw) = match &self.qk_norm {
             Some([wq, wk]) => {

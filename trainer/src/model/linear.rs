@@ -10,8 +10,9 @@
 //! product (`[x | t] · [W | B]ᵀ`, [`LoraTerm::Folded`]; the caller lays `x` out with `t` beside it).
 //! Backward: per projection `dB += dyᵀ t_p` and `u_p = dy B` (into its columns of `u`) from one
 //! read of `dy` ([`Backend::lora_dy_products`]); then
-//! once for the group `dx (+)= s · u A_g`, per projection `dx += dy W` (the bias is frozen and `dx`
-//! does not depend on it), and last, once for the group, `s · uᵀ x` (every member's
+//! where `dL/dx` is wanted (not below the bottom layer: the embedding is frozen) once for the group
+//! `dx = s · u A_g`, per projection `dx += dy W` (the bias is frozen and `dx` does not depend on
+//! it), and last, once for the group, `s · uᵀ x` (every member's
 //! `dA_p += s · u_pᵀ x`): the only part that reads `x`, so it can wait for an `x` made later.
 //! Stacking turns a group's skinny `x Aᵀ`, `uᵀ x` and `u A` products, which each stream all of
 //! `x` or `dx` through memory for 16 columns, into one each.
@@ -231,18 +232,17 @@ impl<B: Backend> PendingAGrads<'_, B> {
     }
 }
 
-/// Adds `dL/dx` of every member of a group that reads `x` into `dx` (writes it when `accumulate`
-/// is false) and the members' LoRA gradients into the adapter (`lora`): [`backward_to_input`],
-/// then [`lora_a_grads`].
+/// Writes `dL/dx` of every member of a group that reads `x` into `dx` (where one is wanted) and
+/// adds the members' LoRA gradients into the adapter (`lora`): [`backward_to_input`], then
+/// [`lora_a_grads`].
 pub fn backward<B: Backend>(
     be: &B,
     members: &[MemberGrad<'_, B>],
     x: &B::Tensor,
     lora: Option<GroupGrad<'_, B>>,
-    dx: &mut B::Tensor,
-    accumulate: bool,
+    dx: Option<&mut B::Tensor>,
 ) -> Result<()> {
-    match backward_to_input(be, members, lora, dx, accumulate)? {
+    match backward_to_input(be, members, lora, dx)? {
         Some(pending) => pending.add(be, members, x),
         None => Ok(()),
     }
@@ -250,18 +250,19 @@ pub fn backward<B: Backend>(
 
 /// The part of [`backward`] that does not read the input `x`: every member's `dB` and `u_p = dy B`
 /// (stacked as `u [n, members · r]`, returned for [`lora_a_grads`] when the group is adapted) and
-/// `dL/dx`. As in [`forward`], the LoRA term `s · u A_g` goes into `dx` first and the frozen GEMMs
-/// add onto it. [`PendingAGrads::add`] then takes `x`, which the caller may make only now (the
-/// MLP's SwiGLU output comes out of its backward).
+/// `dL/dx` where one is wanted (`dx`). As in [`forward`], the LoRA term `s · u A_g` goes into `dx`
+/// first and the frozen GEMMs add onto it. [`PendingAGrads::add`] then takes `x`, which the caller
+/// may make only now (the MLP's SwiGLU output comes out of its backward).
 pub fn backward_to_input<'a, B: Backend>(
     be: &B,
     members: &[MemberGrad<'_, B>],
     lora: Option<GroupGrad<'a, B>>,
-    dx: &mut B::Tensor,
-    accumulate: bool,
+    dx: Option<&mut B::Tensor>,
 ) -> Result<Option<PendingAGrads<'a, B>>> {
     let Some(lora) = lora else {
-        frozen_backward_to_input(be, members, dx, accumulate)?;
+        if let Some(dx) = dx {
+            frozen_backward_to_input(be, members, dx, false)?;
+        }
         return Ok(None);
     };
     let GroupGrad {
@@ -302,20 +303,22 @@ pub fn backward_to_input<'a, B: Backend>(
     let mut u = be.empty(n * width, be.compute_dtype())?;
     be.copy(&u_sum, &mut u)?;
     drop(u_sum);
-    // dx [n, in] (+)= s · u [n, members · r] · A_g [members · r, in]
-    be.gemm_at(
-        n,
-        in_f,
-        width,
-        s,
-        (&u, MatAt::dense(width)),
-        false,
-        (lp.compute(), MatAt::at(group.a_at, in_f)),
-        false,
-        if accumulate { 1.0 } else { 0.0 },
-        (dx, MatAt::dense(in_f)),
-    )?;
-    frozen_backward_to_input(be, members, dx, true)?;
+    if let Some(dx) = dx {
+        // dx [n, in] = s · u [n, members · r] · A_g [members · r, in]
+        be.gemm_at(
+            n,
+            in_f,
+            width,
+            s,
+            (&u, MatAt::dense(width)),
+            false,
+            (lp.compute(), MatAt::at(group.a_at, in_f)),
+            false,
+            0.0,
+            (dx, MatAt::dense(in_f)),
+        )?;
+        frozen_backward_to_input(be, members, dx, true)?;
+    }
     Ok(Some(PendingAGrads {
         u,
         params: lp,

@@ -190,6 +190,65 @@ fn gradient_checkpointing_changes_no_gradient() {
     }
 }
 
+/// The bottom layer's backward without its input gradient ([`InputGradient::NotWanted`], what
+/// the decoder asks of layer 0: the embedding below it is frozen) returns no `dL/dx` and the LoRA
+/// gradients of the backward with it bit for bit: every projection adapted; q, v and down (the
+/// attention backward runs for q and v's gradients); o alone (the MLP's `dL/d mid` is still made
+/// for o's, the attention backward is not run); the MLP alone (neither is made).
+#[test]
+fn the_bottom_layer_makes_no_input_gradient_and_the_same_lora_gradients() {
+    use super::layer::{Attend, InputGradient};
+    use Projection::*;
+    let be = CpuBackend::new();
+    let c = config(LLAMA, None, false);
+    let ids = tokens(20, 2);
+    let layout = AttentionLayout::right_padded(&[10, 7], 10, None);
+    let batch = Batch::new(&be, &c, &ids, &ids, layout).unwrap();
+    let x = random(20 * c.hidden_size, 5, 1.0);
+    let dy = random(20 * c.hidden_size, 6, 1.0);
+    for targets in [&Projection::ALL[..], &[Q, V, Down], &[O], &[Gate, Up, Down]] {
+        let mut m = model(&be, &c, false);
+        let mut lora = adapter_on(&be, &c, targets);
+        m.fold_lora(&be, &lora.config).unwrap();
+        let layer = &m.layers[0];
+        let mut grads = Vec::new();
+        for wanted in [InputGradient::Wanted, InputGradient::NotWanted] {
+            lora.zero_grads(&be).unwrap();
+            let attend = Attend::Batch(&batch);
+            let (_, saved) = layer
+                .forward(&be, &m.shapes, 0, Some(&lora), attend, x.clone())
+                .unwrap();
+            let dx = layer
+                .backward(
+                    &be,
+                    &m.shapes,
+                    0,
+                    Some(&mut lora),
+                    &batch,
+                    saved,
+                    dy.clone(),
+                    wanted,
+                )
+                .unwrap();
+            assert_eq!(dx.is_some(), wanted == InputGradient::Wanted, "{targets:?}");
+            grads.push(lora.grads.clone());
+        }
+        for (t, g) in grads[0].iter().enumerate() {
+            let at_layer_0 = lora.names[t].contains(".layers.0.");
+            assert_eq!(
+                g.iter().any(|&v| v != 0.0),
+                at_layer_0,
+                "{targets:?} {}: a gradient where the layer has one",
+                lora.names[t]
+            );
+        }
+        assert_eq!(
+            grads[0], grads[1],
+            "{targets:?}: the LoRA gradients must not change"
+        );
+    }
+}
+
 /// With NF4 weights, a recomputation keeps the dense copies of the projections that the layer's
 /// backward runs next (gate and up; q, and k unless the checkpoint keeps it) and the backward takes
 /// them: the gradients of no checkpointing bit for bit, and no copy left behind.

@@ -10,8 +10,47 @@ use crate::arch::InputGroup;
 use crate::lora::LoraParams;
 use crate::model::batch::Batch;
 use crate::model::linear::{self, GroupGrad, MemberGrad};
+use crate::model::proj_weight::Dequantized;
 use anyhow::{anyhow, Result};
 use kernels::{Backend, DType, Rotation};
+
+/// Whether a layer's backward makes `dL/dx`: every layer's does but the bottom one's, whose input
+/// (the embedding's rows) has nothing trainable below it. Without it the bottom layer runs only
+/// what its LoRA gradients read: not q's, k's and v's `dx` products nor the input norm's backward,
+/// and no attention backward where q, k and v are not adapted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputGradient {
+    Wanted,
+    NotWanted,
+}
+
+impl InputGradient {
+    /// Layer `layer`'s: not wanted for the bottom layer.
+    pub fn of_layer(layer: usize) -> Self {
+        match layer {
+            0 => InputGradient::NotWanted,
+            _ => InputGradient::Wanted,
+        }
+    }
+
+    fn wanted(self) -> bool {
+        self == InputGradient::Wanted
+    }
+
+    /// Wanted where `self` is or where `reader` (a gradient computed from it) needs it.
+    fn or(self, reader: bool) -> Self {
+        match self.wanted() || reader {
+            true => InputGradient::Wanted,
+            false => InputGradient::NotWanted,
+        }
+    }
+}
+
+/// Whether layer `layer` adapts a member of input group `g` (its LoRA gradients read `g`'s output
+/// gradients).
+fn adapts<B: Backend>(lora: Option<&LoraParams<B>>, layer: usize, g: InputGroup) -> bool {
+    lora.is_some_and(|lp| lp.group(layer, g).is_some())
+}
 
 /// `dL/dx` of [`super::head_norm`] from `dy`.
 fn head_norm_backward<B: Backend>(
@@ -90,7 +129,8 @@ impl<B: Backend> LayerWeights<B> {
     /// recomputed). With the attention part kept (offload), attention, the o projection, the kept
     /// k/v projections and every LoRA input `t` are not recomputed either, and the halves run one
     /// after the other — the MLP's recomputation from the kept residual and its backward, then the
-    /// attention's — so the device never holds both halves' activations at once. Bit for bit the gradients of [`LayerWeights::backward`].
+    /// attention's — so the device never holds both halves' activations at once. Bit for bit the
+    /// gradients of [`LayerWeights::backward`]; `dL/dx` where `wanted`.
     #[allow(clippy::too_many_arguments)]
     pub fn recompute_backward(
         &self,
@@ -101,18 +141,29 @@ impl<B: Backend> LayerWeights<B> {
         batch: &Batch<B>,
         checkpoint: LayerCheckpoint<B>,
         dy: B::Tensor,
-    ) -> Result<B::Tensor> {
+        wanted: InputGradient,
+    ) -> Result<Option<B::Tensor>> {
         let attend = Attend::Batch(batch);
         let LayerCheckpoint { x, attention } = checkpoint;
         match attention {
             None => {
                 let none = &mut LoraInputs::<B>::default();
-                let (attention, mid) =
-                    self.attention_half(be, s, layer, lora.as_deref(), attend, x, None, none)?;
+                let dense = Dequantized::Dropped;
+                let (attention, mid) = self.attention_half(
+                    be,
+                    s,
+                    layer,
+                    lora.as_deref(),
+                    attend,
+                    x,
+                    None,
+                    none,
+                    dense,
+                )?;
                 let mid = mid.expect("attention ran, so the residual is computed");
                 let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false, none)?;
                 let saved = LayerSaved { attention, mlp };
-                self.backward(be, s, layer, lora, batch, saved, dy)
+                self.backward(be, s, layer, lora, batch, saved, dy, wanted)
             }
             Some(AttentionKept {
                 reused,
@@ -124,18 +175,42 @@ impl<B: Backend> LayerWeights<B> {
                 let u_sums = &mut zeroed_u_sums(be, lora.as_deref(), layer, n)?;
                 let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false, kept_t)?;
                 let lp = lora.as_deref_mut();
-                let dmid = self.backward_mlp(be, s, layer, lp, u_sums, mlp, dy)?;
+                let dmid_wanted = self.dmid_wanted(lp.as_deref(), layer, wanted);
+                let dmid = self.backward_mlp(be, s, layer, lp, u_sums, mlp, dy, dmid_wanted)?;
                 let lp = lora.as_deref();
+                // The backward that follows at once takes the recomputed q/k/v products' NF4
+                // dense copies for its `dx` products, where it runs them.
+                let dense = match wanted {
+                    InputGradient::Wanted => Dequantized::KeptForNext,
+                    InputGradient::NotWanted => Dequantized::Dropped,
+                };
                 let (attention, _) =
-                    self.attention_half(be, s, layer, lp, attend, x, Some(reused), kept_t)?;
-                self.backward_attention(be, s, layer, lora, u_sums, batch, attention, dmid)
+                    self.attention_half(be, s, layer, lp, attend, x, Some(reused), kept_t, dense)?;
+                let dmid = match dmid {
+                    Some(dmid) => dmid,
+                    None => return Ok(None),
+                };
+                self.backward_attention(be, s, layer, lora, u_sums, batch, attention, dmid, wanted)
             }
         }
     }
 
-    /// Given `dy = dL/d(output)`, returns `dL/dx` and adds the LoRA gradients into `lora`. Each saved
-    /// tensor and each gradient is dropped as soon as nothing later reads it, so the pool can hand
-    /// its memory to the next.
+    /// Whether the MLP half's backward must make `dL/d mid`: where the layer's `dL/dx` is wanted,
+    /// or the attention half's LoRA gradients read it.
+    fn dmid_wanted(
+        &self,
+        lora: Option<&LoraParams<B>>,
+        layer: usize,
+        wanted: InputGradient,
+    ) -> InputGradient {
+        let attention_adapted =
+            adapts(lora, layer, InputGroup::O) || adapts(lora, layer, InputGroup::Qkv);
+        wanted.or(attention_adapted)
+    }
+
+    /// Given `dy = dL/d(output)`, returns `dL/dx` where `wanted` and adds the LoRA gradients into
+    /// `lora`. Each saved tensor and each gradient is dropped as soon as nothing later reads it, so
+    /// the pool can hand its memory to the next.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -146,12 +221,19 @@ impl<B: Backend> LayerWeights<B> {
         batch: &Batch<B>,
         saved: LayerSaved<B>,
         dy: B::Tensor,
-    ) -> Result<B::Tensor> {
+        wanted: InputGradient,
+    ) -> Result<Option<B::Tensor>> {
         let LayerSaved { attention, mlp } = saved;
         let n = be.len(&attention.x) / s.hidden;
         let u_sums = &mut zeroed_u_sums(be, lora.as_deref(), layer, n)?;
-        let dmid = self.backward_mlp(be, s, layer, lora.as_deref_mut(), u_sums, mlp, dy)?;
-        self.backward_attention(be, s, layer, lora, u_sums, batch, attention, dmid)
+        let dmid_wanted = self.dmid_wanted(lora.as_deref(), layer, wanted);
+        let lp = lora.as_deref_mut();
+        match self.backward_mlp(be, s, layer, lp, u_sums, mlp, dy, dmid_wanted)? {
+            Some(dmid) => {
+                self.backward_attention(be, s, layer, lora, u_sums, batch, attention, dmid, wanted)
+            }
+            None => Ok(None),
+        }
     }
 
     /// The members of input group `g` for [`linear::backward`], given their output gradients.
@@ -176,8 +258,8 @@ impl<B: Backend> LayerWeights<B> {
             .collect()
     }
 
-    /// Adds `dL/d input` of input group `g` (its members' output gradients `douts`) into
-    /// `dinput` (writes it when not `accumulate`), and their LoRA gradients into `lora` (see
+    /// Writes `dL/d input` of input group `g` (its members' output gradients `douts`) into
+    /// `dinput` where one is wanted, and adds their LoRA gradients into `lora` (see
     /// [`linear::backward`]).
     #[allow(clippy::too_many_arguments)]
     fn group_back(
@@ -189,17 +271,16 @@ impl<B: Backend> LayerWeights<B> {
         g: InputGroup,
         douts: &[&B::Tensor],
         input: &B::Tensor,
-        dinput: &mut B::Tensor,
-        accumulate: bool,
+        dinput: Option<&mut B::Tensor>,
     ) -> Result<()> {
         let members = self.member_grads(be, s, layer, lora.as_deref(), g, douts);
         let adapter = group_lora(lora, lora_t, u_sums, layer, g)?;
-        linear::backward(be, &members, input, adapter, dinput, accumulate)
+        linear::backward(be, &members, input, adapter, dinput)
     }
 
     /// The MLP half's backward: `y = h + down(act)`, so `dL/dh` starts as `dy` (the residual);
-    /// returns it. `act` is not saved: the SwiGLU backward writes it over `dL/dact`, and down's
-    /// LoRA `dA`, the one reader, runs after it.
+    /// returns it where `wanted`. `act` is not saved: the SwiGLU backward writes it over
+    /// `dL/dact`, and down's LoRA `dA`, the one reader, runs after it.
     #[allow(clippy::too_many_arguments)]
     fn backward_mlp(
         &self,
@@ -210,7 +291,8 @@ impl<B: Backend> LayerWeights<B> {
         u_sums: &mut USums<B>,
         saved: MlpSaved<B>,
         dy: B::Tensor,
-    ) -> Result<B::Tensor> {
+        wanted: InputGradient,
+    ) -> Result<Option<B::Tensor>> {
         let MlpSaved {
             mid,
             rstd2,
@@ -225,7 +307,7 @@ impl<B: Backend> LayerWeights<B> {
         let members = self.member_grads(be, s, layer, lora.as_deref(), down, &[&dy]);
         let adapter = group_lora(lora.as_deref_mut(), &lora_t, u_sums, layer, down)?;
         let mut dact = be.empty(n * s.inter, dt)?;
-        let pending = linear::backward_to_input(be, &members, adapter, &mut dact, false)?;
+        let pending = linear::backward_to_input(be, &members, adapter, Some(&mut dact))?;
         // gate and up become their gradients in place, dact the forward's act.
         let (mut dgate, mut dup) = (gate, up);
         be.swiglu_backward(&mut dact, &mut dgate, &mut dup)?;
@@ -234,7 +316,10 @@ impl<B: Backend> LayerWeights<B> {
             pending.add(be, &members, &act)?;
         }
         drop((act, members));
-        let mut dnorm2 = be.empty(n * s.hidden, dt)?;
+        let mut dnorm2 = match wanted {
+            InputGradient::Wanted => Some(be.empty(n * s.hidden, dt)?),
+            InputGradient::NotWanted => None,
+        };
         self.group_back(
             be,
             s,
@@ -243,10 +328,12 @@ impl<B: Backend> LayerWeights<B> {
             InputGroup::GateUp,
             &[&dgate, &dup],
             &norm2,
-            &mut dnorm2,
-            false,
+            dnorm2.as_mut(),
         )?;
         drop((dgate, dup, norm2));
+        let Some(dnorm2) = dnorm2 else {
+            return Ok(None);
+        };
         let mut dmid = dy;
         be.rms_norm_backward(
             &dnorm2,
@@ -256,10 +343,11 @@ impl<B: Backend> LayerWeights<B> {
             s.hidden,
             &mut dmid,
         )?;
-        Ok(dmid)
+        Ok(Some(dmid))
     }
 
-    /// The attention half's backward: `h = x + o(attn)`, so `dL/dx` starts as `dmid`; returns it.
+    /// The attention half's backward: `h = x + o(attn)`, so `dL/dx` starts as `dmid`; returns it
+    /// where `wanted`. The attention backward runs where `dL/dx` is wanted or q, k, v are adapted.
     #[allow(clippy::too_many_arguments)]
     fn backward_attention(
         &self,
@@ -271,7 +359,8 @@ impl<B: Backend> LayerWeights<B> {
         batch: &Batch<B>,
         saved: AttentionSaved<B>,
         dmid: B::Tensor,
-    ) -> Result<B::Tensor> {
+        wanted: InputGradient,
+    ) -> Result<Option<B::Tensor>> {
         let AttentionSaved {
             x,
             rstd1,
@@ -289,12 +378,20 @@ impl<B: Backend> LayerWeights<B> {
         })?;
         let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
-        let mut back = |g, douts: &[&B::Tensor], input: &B::Tensor, dinput: &mut B::Tensor| {
-            let adapter = (lora.as_deref_mut(), &lora_t, &mut *u_sums);
-            self.group_back(be, s, layer, adapter, g, douts, input, dinput, false)
+        let qkv_adapted = adapts(lora.as_deref(), layer, InputGroup::Qkv);
+        let mut back =
+            |g, douts: &[&B::Tensor], input: &B::Tensor, dinput: Option<&mut B::Tensor>| {
+                let adapter = (lora.as_deref_mut(), &lora_t, &mut *u_sums);
+                self.group_back(be, s, layer, adapter, g, douts, input, dinput)
+            };
+        let mut dattn = match wanted.or(qkv_adapted) {
+            InputGradient::Wanted => Some(be.empty(n * s.q_dim, dt)?),
+            InputGradient::NotWanted => None,
         };
-        let mut dattn = be.empty(n * s.q_dim, dt)?;
-        back(InputGroup::O, &[&dmid], &attn, &mut dattn)?;
+        back(InputGroup::O, &[&dmid], &attn, dattn.as_mut())?;
+        let Some(dattn) = dattn else {
+            return Ok(None);
+        };
         let (positions, cos, sin) = (&batch.positions, &batch.cos, &batch.sin);
         let mut dq = be.empty(n * s.q_dim, dt)?;
         let mut dk = be.empty(n * s.kv_dim, dt)?;
@@ -330,11 +427,17 @@ impl<B: Backend> LayerWeights<B> {
             _ => (dq, dk),
         };
         drop(qk_raw);
-        let mut dnorm1 = be.empty(n * s.hidden, dt)?;
-        back(InputGroup::Qkv, &[&dq, &dk, &dv], &norm1, &mut dnorm1)?;
+        let mut dnorm1 = match wanted {
+            InputGradient::Wanted => Some(be.empty(n * s.hidden, dt)?),
+            InputGradient::NotWanted => None,
+        };
+        back(InputGroup::Qkv, &[&dq, &dk, &dv], &norm1, dnorm1.as_mut())?;
         drop((dq, dk, dv, norm1));
+        let Some(dnorm1) = dnorm1 else {
+            return Ok(None);
+        };
         let mut dx = dmid;
         be.rms_norm_backward(&dnorm1, &x, &self.input_norm, &rstd1, s.hidden, &mut dx)?;
-        Ok(dx)
+        Ok(Some(dx))
     }
 }
