@@ -83,6 +83,39 @@ struct Nf4Pad {
     u64 b_ld, b0, b1, width;
 };
 
+/* A run of chunks whose codes start at word w0 of `packed` and whose output starts at `out`: the
+ * thread's chunks first, first + blockDim.x, ... (NF4_CHUNKS_PER_THREAD of them, those below end),
+ * all of their loads (codes and absmax) issued before the first store; one 16-byte store a chunk
+ * where `vector` (the output 16-byte aligned), else element by element. */
+template <typename T, bool DOUBLE>
+__device__ __forceinline__ void nf4_decode_chunks(const unsigned char* packed, u64 w0, u64 first, u64 end,
+                                                  const float* code, const float* absmax,
+                                                  const unsigned char* absmax_codes, const float* nested_absmax,
+                                                  const float* map, float offset, T* out, bool vector) {
+    unsigned word[NF4_CHUNKS_PER_THREAD];
+    float a[NF4_CHUNKS_PER_THREAD];
+#pragma unroll
+    for (int r = 0; r < NF4_CHUNKS_PER_THREAD; r++) {
+        const u64 c = first + (u64)r * blockDim.x;
+        if (c < end) {
+            word[r] = ((const unsigned*)packed)[w0 + c];
+            a[r] = nf4_absmax<DOUBLE>((w0 + c) / 8, absmax, absmax_codes, nested_absmax, map, offset);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < NF4_CHUNKS_PER_THREAD; r++) {
+        const u64 c = first + (u64)r * blockDim.x;
+        if (c >= end) break;
+        float v[8];
+        nf4_decode_chunk(word[r], a[r], code, v);
+        if (vector) {
+            store8(out, c, v);
+        } else {
+            for (int j = 0; j < 8; j++) out[8 * c + j] = store_f32<T>(v[j]);
+        }
+    }
+}
+
 /* The dense weight: out[i] for i < n, chunks of NF4_CHUNKS_PER_THREAD a thread, a block's threads
  * on consecutive chunks in each round. */
 template <typename T, bool DOUBLE>
@@ -93,29 +126,8 @@ __device__ void nf4_dequantize(const unsigned char* packed, const float* absmax,
     __syncthreads();
     const u64 chunks = n / 8;
     const u64 first = (u64)blockIdx.x * blockDim.x * NF4_CHUNKS_PER_THREAD + threadIdx.x;
-    const bool vector = aligned16(out);
-    unsigned word[NF4_CHUNKS_PER_THREAD];
-    float a[NF4_CHUNKS_PER_THREAD];
-#pragma unroll
-    for (int r = 0; r < NF4_CHUNKS_PER_THREAD; r++) {
-        const u64 c = first + (u64)r * blockDim.x;
-        if (c < chunks) {
-            word[r] = ((const unsigned*)packed)[c];
-            a[r] = nf4_absmax<DOUBLE>(c / 8, absmax, absmax_codes, nested_absmax, map, offset);
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < NF4_CHUNKS_PER_THREAD; r++) {
-        const u64 c = first + (u64)r * blockDim.x;
-        if (c >= chunks) break;
-        float v[8];
-        nf4_decode_chunk(word[r], a[r], code, v);
-        if (vector) {
-            store8(out, c, v);
-        } else {
-            for (int j = 0; j < 8; j++) out[8 * c + j] = store_f32<T>(v[j]);
-        }
-    }
+    nf4_decode_chunks<T, DOUBLE>(packed, 0, first, chunks, code, absmax, absmax_codes, nested_absmax, map, offset,
+                                 out, aligned16(out));
     if (blockIdx.x == 0 && threadIdx.x < n % 8) {
         const u64 i = chunks * 8 + threadIdx.x;
         out[i] = store_f32<T>(nf4_element<DOUBLE>(i, packed, code, absmax, absmax_codes, nested_absmax, map, offset));
@@ -137,26 +149,8 @@ __device__ void nf4_dequantize_padded(const unsigned char* packed, const float* 
     const u64 col_begin = blockIdx.y * span, col_end = min(cols, col_begin + span);
     if (cols % 8 == 0 && ld % 8 == 0 && aligned16(out)) {
         /* The row's chunks: word row · cols/8 + cc of the codes, 16 bytes at out_row + 8 cc. */
-        const u64 row_chunk = row * (cols / 8), end = col_end / 8;
-        const u64 first = col_begin / 8 + threadIdx.x;
-        unsigned word[NF4_CHUNKS_PER_THREAD];
-        float a[NF4_CHUNKS_PER_THREAD];
-#pragma unroll
-        for (int r = 0; r < NF4_CHUNKS_PER_THREAD; r++) {
-            const u64 cc = first + (u64)r * blockDim.x;
-            if (cc < end) {
-                word[r] = ((const unsigned*)packed)[row_chunk + cc];
-                a[r] = nf4_absmax<DOUBLE>((row_chunk + cc) / 8, absmax, absmax_codes, nested_absmax, map, offset);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < NF4_CHUNKS_PER_THREAD; r++) {
-            const u64 cc = first + (u64)r * blockDim.x;
-            if (cc >= end) break;
-            float v[8];
-            nf4_decode_chunk(word[r], a[r], code, v);
-            store8(out_row, cc, v);
-        }
+        nf4_decode_chunks<T, DOUBLE>(packed, row * (cols / 8), col_begin / 8 + threadIdx.x, col_end / 8, code, absmax,
+                                     absmax_codes, nested_absmax, map, offset, out_row, true);
     } else {
         for (u64 col = col_begin + threadIdx.x; col < col_end; col += blockDim.x)
             out_row[col] = store_f32<T>(
