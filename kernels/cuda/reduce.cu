@@ -2,9 +2,10 @@
  *   sum_squares_multi: total += sum_i x_i^2   (f32 partial sums per block, one f64 atomic per block)
  *   all_finite_multi:  flag = 0 if any x_i is NaN or +-inf (flag starts at 1 on the host side)
  * Tensors come as tables: ptrs[i], dtypes[i] (0 = f32, 1 = bf16, 2 = f16) and starts[i], the first
- * flat index of tensor i (starts[count] = total). One read of every element, nothing else.
+ * flat index of tensor i (starts[count] = total); the result is a word uploaded with them, its
+ * initial value set by the host. One read of every element, nothing else.
  */
-__device__ __forceinline__ float element_as_f32(const u64* ptrs, const int* dtypes, int t, u64 i) {
+__device__ __forceinline__ float element_as_f32(const u64* ptrs, const u64* dtypes, int t, u64 i) {
     switch (dtypes[t]) {
         case 0: return ((const float*)ptrs[t])[i];
         case 1: return load_f32(((const bf16*)ptrs[t])[i]);
@@ -12,7 +13,7 @@ __device__ __forceinline__ float element_as_f32(const u64* ptrs, const int* dtyp
     }
 }
 
-extern "C" __global__ void sum_squares_multi(const u64* ptrs, const int* dtypes, const u64* starts, int count,
+extern "C" __global__ void sum_squares_multi(const u64* ptrs, const u64* dtypes, const u64* starts, int count,
                                              double* total) {
     __shared__ float scratch[32];
     u64 n = starts[count];
@@ -26,7 +27,7 @@ extern "C" __global__ void sum_squares_multi(const u64* ptrs, const int* dtypes,
     if (threadIdx.x == 0) atomicAdd(total, (double)acc);
 }
 
-extern "C" __global__ void all_finite_multi(const u64* ptrs, const int* dtypes, const u64* starts, int count,
+extern "C" __global__ void all_finite_multi(const u64* ptrs, const u64* dtypes, const u64* starts, int count,
                                             int* flag) {
     u64 n = starts[count];
     for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (u64)gridDim.x * blockDim.x) {

@@ -16,16 +16,27 @@ pub(crate) enum Arg {
 }
 
 /// Tables a launch reads, uploaded together ([`upload_tables`]): the buffer (freed in stream order
-/// once dropped, after the launch that reads it) and each table's device address.
+/// once dropped, after the launch that reads it), each table's device address and first word.
 pub(crate) struct Tables {
-    _buffer: CudaSlice<u64>,
+    buffer: CudaSlice<u64>,
     at: Vec<u64>,
+    first_word: Vec<usize>,
 }
 
 impl Tables {
     /// Table `i`'s address, as a launch argument.
     pub(crate) fn arg(&self, i: usize) -> Arg {
         Arg::Ptr(self.at[i])
+    }
+
+    /// The first word of table `i` as the device holds it now (a launch's one-word result,
+    /// uploaded with its tables as the initial value), read back on `stream`.
+    pub(crate) fn read_word(&self, stream: &Arc<CudaStream>, i: usize) -> Result<u64, KernelError> {
+        let at = self.first_word[i];
+        let word = stream
+            .clone_dtoh(&self.buffer.slice(at..at + 1))
+            .map_err(super::device_err("download a launch's result"))?;
+        Ok(word[0])
     }
 }
 
@@ -39,15 +50,18 @@ pub(crate) fn upload_tables(
     let buffer = stream
         .clone_htod(&tables.concat())
         .map_err(super::device_err("upload pointer tables"))?;
-    let mut at = Vec::with_capacity(tables.len());
-    let mut next = buffer.device_ptr(stream).0;
+    let base = buffer.device_ptr(stream).0;
+    let mut first_word = Vec::with_capacity(tables.len());
+    let mut next = 0;
     for t in tables {
-        at.push(next);
-        next += 8 * t.len() as u64;
+        first_word.push(next);
+        next += t.len();
     }
+    let at = first_word.iter().map(|&w| base + 8 * w as u64).collect();
     Ok(Tables {
-        _buffer: buffer,
+        buffer,
         at,
+        first_word,
     })
 }
 

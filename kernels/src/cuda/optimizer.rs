@@ -1,16 +1,12 @@
 //! The optimizer-side reductions and update over many tensors at once (kernels/cuda/adamw.cu and
-//! reduce.cu): the tensors' addresses and first flat indices go to the device as small tables, so
-//! AdamW, the global gradient norm and the finiteness check are one launch each.
+//! reduce.cu): the tensors' addresses and first flat indices go to the device as small tables (one
+//! copy a launch, [`upload_tables`]), so AdamW, the global gradient norm and the finiteness check
+//! are one launch each.
 
-use super::launch::{blocks_for, upload_tables, Arg, Tables};
+use super::launch::{blocks_for, upload_tables, Arg};
 use super::{CudaBackend, CudaTensor};
 use crate::error::check_len;
 use crate::{AdamWParams, AfterUpdate, DType, KernelError, Result};
-use cudarc::driver::{CudaSlice, DevicePtr};
-
-/// Device tables for a list of tensors: addresses and first flat indices (+ total), dtype codes,
-/// and the total.
-type TensorTables = (Tables, CudaSlice<i32>, usize);
 
 fn dtype_code(d: DType) -> i32 {
     match d {
@@ -38,52 +34,41 @@ fn starts(tensors: &[CudaTensor]) -> (Vec<u64>, usize) {
 }
 
 impl CudaBackend {
-    /// Device tables (addresses, dtype codes, first flat index of each tensor + total) for `tensors`.
-    fn tensor_tables(&self, tensors: &[CudaTensor]) -> Result<TensorTables> {
-        let codes: Vec<i32> = tensors.iter().map(|t| dtype_code(t.dtype)).collect();
-        let codes = self
-            .stream
-            .clone_htod(&codes)
-            .map_err(super::device_err("upload dtype table"))?;
-        let (starts, total) = starts(tensors);
-        Ok((
-            upload_tables(&self.stream, &[&addresses(self, tensors), &starts])?,
-            codes,
-            total,
-        ))
-    }
-
     pub(crate) fn sum_of_squares_impl(&self, tensors: &[CudaTensor]) -> Result<f64> {
-        self.reduce_tensors("sum_squares_multi", tensors, 0.0f64, 1024)
+        let total = self.reduce_tensors("sum_squares_multi", tensors, 0f64.to_bits(), 1024)?;
+        Ok(f64::from_bits(total))
     }
 
     pub(crate) fn all_finite_impl(&self, tensors: &[CudaTensor]) -> Result<bool> {
-        Ok(self.reduce_tensors("all_finite_multi", tensors, 1i32, 2048)? == 1)
+        // The kernel's flag is the word's low 32 bits (an int on a little-endian device).
+        Ok(self.reduce_tensors("all_finite_multi", tensors, 1, 2048)? as u32 == 1)
     }
 
     /// Runs a `*_multi` reduction kernel over every tensor at once (one launch, through the
-    /// pointer tables) into one device value that starts at `init`, and reads it back.
-    fn reduce_tensors<T: cudarc::driver::DeviceRepr + Copy>(
+    /// tables: addresses, dtype codes, first flat indices + total) into one device word that starts
+    /// as `init` (uploaded with the tables, in the same copy), and reads it back.
+    fn reduce_tensors(
         &self,
         kernel: &'static str,
         tensors: &[CudaTensor],
-        init: T,
+        init: u64,
         max_blocks: u32,
-    ) -> Result<T> {
+    ) -> Result<u64> {
         if tensors.iter().all(|t| t.is_empty()) {
             return Ok(init);
         }
-        let (tables, codes, total) = self.tensor_tables(tensors)?;
-        let result = self
-            .stream
-            .clone_htod(&[init])
-            .map_err(super::device_err("alloc"))?;
+        let codes: Vec<u64> = tensors.iter().map(|t| dtype_code(t.dtype) as u64).collect();
+        let (starts, total) = starts(tensors);
+        let tables = upload_tables(
+            &self.stream,
+            &[&addresses(self, tensors), &codes, &starts, &[init]],
+        )?;
         let args = [
             tables.arg(0),
-            Arg::Ptr(codes.device_ptr(&self.stream).0),
             tables.arg(1),
+            tables.arg(2),
             Arg::I32(tensors.len() as i32),
-            Arg::Ptr(result.device_ptr(&self.stream).0),
+            tables.arg(3),
         ];
         self.launch(
             kernel,
@@ -92,11 +77,7 @@ impl CudaBackend {
             0,
             &args,
         )?;
-        let host = self
-            .stream
-            .clone_dtoh(&result)
-            .map_err(super::device_err("download"))?;
-        Ok(host[0])
+        tables.read_word(&self.stream, 3)
     }
 
     /// `dst[at[i]..] ← src[i]` for every i: one `cast_multi_f32_<dst>` launch when every source
