@@ -6,9 +6,12 @@ use std::ops::Range;
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i32 = -100;
 
-/// Logits per chunk of the GPU's fused LM head + cross-entropy, in elements: 64 MiB of f32 (plus
-/// half that of 16-bit gradient) — at 7B, b2 × 2048 eight chunks of 524 rows, whose GEMMs still run
-/// at the GEMM ceiling; the plan's meter keeps the same books.
+/// Logits per chunk of the fused LM head + cross-entropy, in elements: 64 MiB of f32 (on the GPU
+/// plus half that of 16-bit gradient) — at 7B, b2 × 2048 eight chunks of 524 rows, whose GEMMs still
+/// run at the GEMM ceiling; the plan's meter keeps the same books. On the CPU each chunk's product
+/// streams the whole head weight (113 MiB at SmolLM2-135M), so fewer, larger chunks matter there
+/// too: 1 << 24 against 1 << 22 took the 135M head from 1,020-1,116 to 886-936 CPU ms a step (2
+/// cores; 1 << 25 was slower again).
 pub const LM_HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
 
 /// Element type of a tensor. The CPU backend stores everything as f32 whatever is asked.

@@ -4,11 +4,8 @@
 
 use super::lanes;
 use super::matmul::gemm_f32;
-use crate::{CeGrad, Result, IGNORE_INDEX};
+use crate::{CeGrad, Result, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS};
 use rayon::prelude::*;
-
-/// Target size of one chunk of logits, in elements (16 MiB of f32).
-const CHUNK_ELEMENTS: usize = 1 << 22;
 
 #[allow(clippy::too_many_arguments)]
 pub fn lm_head_cross_entropy(
@@ -30,7 +27,7 @@ pub fn lm_head_cross_entropy(
             "cross-entropy: target id {t} outside the vocabulary of {vocab}"
         )));
     }
-    let chunk = (CHUNK_ELEMENTS / vocab).clamp(1, rows.max(1));
+    let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab).clamp(1, rows.max(1));
     let mut logits = vec![0.0f32; chunk * vocab];
     for start in (0..rows).step_by(chunk) {
         let c = chunk.min(rows - start);
