@@ -7,19 +7,26 @@ commands from host memory over the same link that the checkpoint copies fill. A 
 commands are uploaded to the device once, so a replay would not wait on the link. This measures
 both, with torch (the launches are the driver's either way):
 
-  a chain of N in-place element-wise kernels on one stream (queued behind a sleep kernel, so the
-  host is ahead and the device's own spacing is what is timed), eager and as a graph replay, while
-  another stream copies device → host, host → device, both, or nothing (pinned buffers, copies
-  queued to outlast the chain).
+  a chain of N in-place element-wise kernels on one stream, while another stream copies
+  device → host, host → device, both, or nothing (pinned buffers, copies queued to outlast the
+  chain), launched three ways: "queued" (eager, queued behind a sleep kernel, so the host is ahead
+  and the device's own spacing is what is timed), "live" (eager, no sleep: the device may fetch
+  each launch as the host makes it; for the 2 µs kernels this times Python's launch rate), and
+  "graph" (one replay of the chain captured as a CUDA graph).
 
 Prints one JSON line per case and a table: µs per kernel; the difference between conditions is
-the spacing the copies add (the kernels' own time is the same: the copies take ~1 % of HBM).
-Usage: python3 scripts/launch-gaps-under-copies.py [--ops 500] [--out FILE.json]
+the spacing the copies add (the kernels' own time is the same: the copies take ~1 % of HBM). A
+queued case whose host took longer to launch the chain than the sleep lasted is flagged: it timed
+the host.
+Usage: python3 scripts/launch-gaps-under-copies.py [--ops 500] [--rounds 3] [--out FILE.json]
 """
 import argparse
 import json
+import time
 
 import torch
+
+SLEEP_CYCLES = 20_000_000  # ~10 ms at 1.98 GHz: the host queues the chain behind it
 
 
 def chain(x, ops):
@@ -31,42 +38,42 @@ def chain(x, ops):
 def start_copies(direction, host, dev, stream, repeats):
     """Queues `repeats` copies in `direction` ("none", "d2h", "h2d", "both") on `stream` (both:
     the second direction on its own stream, as the offload's copy and fetch streams)."""
-    streams = []
     if direction in ("d2h", "both"):
         with torch.cuda.stream(stream[0]):
             for _ in range(repeats):
                 host[0].copy_(dev[0], non_blocking=True)
-        streams.append(stream[0])
     if direction in ("h2d", "both"):
         with torch.cuda.stream(stream[1]):
             for _ in range(repeats):
                 dev[1].copy_(host[1], non_blocking=True)
-        streams.append(stream[1])
-    return streams
 
 
-def timed(run, direction, host, dev, copy_streams, repeats, sleep_cycles):
-    """Milliseconds of `run` on the current stream while the copies of `direction` go on."""
+def timed(run, direction, host, dev, copy_streams, repeats, sleep):
+    """Device milliseconds of `run` on the current stream while the copies of `direction` go on
+    (behind a sleep kernel where `sleep`), and the host's milliseconds to launch it."""
     torch.cuda.synchronize()
-    busy = start_copies(direction, host, dev, copy_streams, repeats)
+    start_copies(direction, host, dev, copy_streams, repeats)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    # The sleep holds the stream while the host queues the whole chain behind it.
-    torch.cuda._sleep(sleep_cycles)
+    if sleep:
+        torch.cuda._sleep(SLEEP_CYCLES)
     start.record()
+    t0 = time.perf_counter()
     run()
+    host_ms = 1000 * (time.perf_counter() - t0)
     end.record()
-    torch.cuda.synchronize()
-    for s in busy:
-        s.synchronize()
-    return start.elapsed_time(end)
+    torch.cuda.synchronize()  # every stream: the copies too
+    return start.elapsed_time(end), host_ms
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ops", type=int, default=500, help="kernels in the chain")
+    ap.add_argument("--ops", type=int, default=500, help="kernels in the chain (at most 1000: "
+                    "the driver blocks the host past about that many pending launches)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if not 1 <= args.ops <= 1000 or args.rounds < 1:
+        ap.error("--ops must be 1..1000 and --rounds at least 1")
     torch.cuda.init()
     mib = 1 << 20
     copy_bytes = 256 * mib
@@ -89,12 +96,13 @@ def main():
             chain(x, args.ops)
         graph.replay()  # the first replay uploads the graph
         torch.cuda.synchronize()
-        runs = {"eager": lambda: chain(x, args.ops), "graph": graph.replay}
+        eager = lambda: chain(x, args.ops)  # noqa: E731
+        runs = {"queued": (eager, True), "live": (eager, False), "graph": (graph.replay, True)}
         for r in range(args.rounds):
             for direction in ("none", "d2h", "h2d", "both"):
-                for mode, run in runs.items():
+                for mode, (run, sleep) in runs.items():
                     # 24 copies of 256 MiB: ~110 ms at 55 GB/s, longer than sleep + chain.
-                    ms = timed(run, direction, host, dev, copy_streams, 24, 20_000_000)
+                    ms, host_ms = timed(run, direction, host, dev, copy_streams, 24, sleep)
                     row = {
                         "kernels": label,
                         "round": r,
@@ -102,8 +110,11 @@ def main():
                         "mode": mode,
                         "ops": args.ops,
                         "ms": round(ms, 4),
+                        "host_ms": round(host_ms, 3),
                         "us_per_kernel": round(1000 * ms / args.ops, 3),
                     }
+                    if mode == "queued" and host_ms > 8.0:
+                        row["warning"] = "the host launched slower than the sleep lasted: host-bound"
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     if args.out:
@@ -113,7 +124,7 @@ def main():
     print("| kernels | mode | none | d2h | h2d | both |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label in sizes:
-        for mode in ("eager", "graph"):
+        for mode in runs:
             cells = []
             for direction in ("none", "d2h", "h2d", "both"):
                 v = sorted(

@@ -27,7 +27,7 @@ pub fn lm_head_cross_entropy(
             "cross-entropy: target id {t} outside the vocabulary of {vocab}"
         )));
     }
-    let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab).clamp(1, rows.max(1));
+    let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows.max(1));
     let mut logits = vec![0.0f32; chunk * vocab];
     for start in (0..rows).step_by(chunk) {
         let c = chunk.min(rows - start);

@@ -472,6 +472,8 @@ impl<B: Backend> Decoder<B> {
         hooks: &mut dyn LayerHooks<B>,
     ) -> Result<()> {
         let s = &self.shapes;
+        // dL/d(the top layer's output), then each layer's input gradient for the layer below
+        // (none from the bottom layer: InputGradient).
         let mut dx = be.zeros(be.len(&acts.last), be.compute_dtype())?;
         be.rms_norm_backward(
             dnormed,
@@ -482,7 +484,7 @@ impl<B: Backend> Decoder<B> {
             &mut dx,
         )?;
         let mut saved = acts.layers;
-        let mut dy = Some(dx);
+        let mut from_above = Some(dx);
         while let Some(this) = saved.pop() {
             let l = saved.len();
             // The next layer down's offloaded input starts coming back while this layer runs.
@@ -491,18 +493,18 @@ impl<B: Backend> Decoder<B> {
             }
             let layer = &self.layers[l];
             let lp = lora.as_deref_mut();
-            let dx = dy
+            let dy = from_above
                 .take()
                 .ok_or_else(|| anyhow!("layer {l}: the layer above made no input gradient"))?;
             let wanted = InputGradient::of_layer(l);
-            dy = match this {
-                Saved::Full(f) => layer.backward(be, s, l, lp, batch, f, dx, wanted)?,
+            from_above = match this {
+                Saved::Full(f) => layer.backward(be, s, l, lp, batch, f, dy, wanted)?,
                 Saved::Checkpoint(c) => {
-                    layer.recompute_backward(be, s, l, lp, batch, c, dx, wanted)?
+                    layer.recompute_backward(be, s, l, lp, batch, c, dy, wanted)?
                 }
                 Saved::Parked(p, shape) => {
                     let c = LayerCheckpoint::from_tensors(be.unpark(p)?, shape)?;
-                    layer.recompute_backward(be, s, l, lp, batch, c, dx, wanted)?
+                    layer.recompute_backward(be, s, l, lp, batch, c, dy, wanted)?
                 }
             };
             if let Some(lp) = lora.as_deref_mut() {

@@ -367,7 +367,7 @@ impl<B: Backend> LayerWeights<B> {
         let (attention, mid) =
             self.attention_half(be, s, layer, lora, attend, x, None, none, dense)?;
         let mid = mid.expect("attention ran, so the residual is computed");
-        let (mlp, out) = self.mlp_half(be, s, layer, lora, mid, true, none)?;
+        let (mlp, out) = self.mlp_half(be, s, layer, lora, mid, true, none, dense)?;
         let out = out.expect("the output was asked for");
         Ok((out, LayerSaved { attention, mlp }))
     }
@@ -666,7 +666,9 @@ impl<B: Backend> LayerWeights<B> {
     /// The MLP half of the forward: `y = h + down_proj(silu(gate_proj(m)) ⊙ up_proj(m))`,
     /// `m = rms2(h)`. Returns what its backward needs and, when `output`, `y`; the LoRA inputs
     /// in `kept_t` are taken instead of recomputed. The SwiGLU output is made only for what
-    /// reads it here: the down projection, or its LoRA input when that is not kept.
+    /// reads it here: the down projection, or its LoRA input when that is not kept. `dense`: what
+    /// becomes of the gate/up products' NF4 dense copies (kept where a backward's `dx` products
+    /// follow at once).
     #[allow(clippy::too_many_arguments)]
     fn mlp_half(
         &self,
@@ -677,6 +679,7 @@ impl<B: Backend> LayerWeights<B> {
         mid: B::Tensor,
         output: bool,
         kept_t: &mut LoraInputs<B>,
+        dense: Dequantized,
     ) -> Result<(MlpSaved<B>, Option<B::Tensor>)> {
         let n = be.len(&mid) / s.hidden;
         let dt = be.compute_dtype();
@@ -693,11 +696,6 @@ impl<B: Backend> LayerWeights<B> {
         )?;
         let mut gate = be.empty(n * s.inter, dt)?;
         let mut up = be.empty(n * s.inter, dt)?;
-        // A recomputation (no output): the backward that follows takes the dense copies.
-        let after = match output {
-            true => Dequantized::Dropped,
-            false => Dequantized::KeptForNext,
-        };
         lora_t[gate_up.index()] = self.project_group(
             be,
             s,
@@ -708,7 +706,7 @@ impl<B: Backend> LayerWeights<B> {
             n,
             &mut [Some(&mut gate), Some(&mut up)],
             kept_t,
-            (after, Onto::Nothing),
+            (dense, Onto::Nothing),
         )?;
         let down = InputGroup::Down;
         let down_adapter = group_adapter(lora, layer, down);

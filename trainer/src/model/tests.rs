@@ -154,16 +154,23 @@ fn gradient_checkpointing_changes_no_gradient() {
         c.num_kv_heads = 1;
         c
     };
+    use Projection::*;
+    let all = &Projection::ALL[..];
+    // Every projection adapted, and (the bottom layer's backward skipping what nothing reads)
+    // the MLP alone, o alone, q and v.
     let cases = [
-        (config(LLAMA, None, false), KeptKv::K),
-        (config(MISTRAL, Some(4), false), KeptKv::K),
-        (one_kv_head, KeptKv::KV),
-        (config(QWEN3, None, false), KeptKv::V),
+        (config(LLAMA, None, false), KeptKv::K, all),
+        (config(LLAMA, None, false), KeptKv::K, &[Gate, Up, Down][..]),
+        (config(MISTRAL, Some(4), false), KeptKv::K, all),
+        (config(MISTRAL, Some(4), false), KeptKv::K, &[O][..]),
+        (one_kv_head, KeptKv::KV, all),
+        (config(QWEN3, None, false), KeptKv::V, all),
+        (config(QWEN3, None, false), KeptKv::V, &[Q, V][..]),
     ];
-    for (c, kept) in cases {
+    for (c, kept, targets) in cases {
         assert_eq!(KeptKv::of(&c), kept);
         let mut m = model(&be, &c, false);
-        let mut lora = adapter(&be, &c);
+        let mut lora = adapter_on(&be, &c, targets);
         m.fold_lora(&be, &lora.config).unwrap();
         let ids = tokens(20, 2);
         let batch = Batch::new(
@@ -180,10 +187,10 @@ fn gradient_checkpointing_changes_no_gradient() {
             for layers in [None, Some(1)] {
                 let policy = CheckpointPolicy { mode, layers };
                 let (l2, g2) = loss_and_grads(&be, &m, &mut lora, &batch, policy);
-                assert_eq!(l1, l2, "{kept:?} {policy:?}");
+                assert_eq!(l1, l2, "{kept:?} {targets:?} {policy:?}");
                 assert_eq!(
                     g1, g2,
-                    "{kept:?} {policy:?}: checkpointed gradients must be bitwise identical"
+                    "{kept:?} {targets:?} {policy:?}: checkpointed gradients must be bitwise identical"
                 );
             }
         }
@@ -251,20 +258,29 @@ fn the_bottom_layer_makes_no_input_gradient_and_the_same_lora_gradients() {
 
 /// With NF4 weights, a recomputation keeps the dense copies of the projections that the layer's
 /// backward runs next (gate and up; q, and k unless the checkpoint keeps it) and the backward takes
-/// them: the gradients of no checkpointing bit for bit, and no copy left behind.
+/// them: the gradients of no checkpointing bit for bit, and no copy left behind — also at the
+/// bottom layer, whose backward runs no q/k/v `dx` products, and none of gate's and up's where
+/// the attention half has no adapter ([`super::layer::InputGradient`]).
 #[test]
 fn nf4_dense_copies_kept_for_the_backward_change_no_gradient() {
     use crate::model::QuantizeNf4;
+    use Projection::*;
     let be = CpuBackend::new();
     let one_kv_head = {
         let mut c = config(LLAMA, None, false);
         c.num_kv_heads = 1;
         c
     };
-    for c in [config(MISTRAL, Some(4), false), one_kv_head] {
+    let cases = [
+        (config(MISTRAL, Some(4), false), &Projection::ALL[..]),
+        (one_kv_head.clone(), &Projection::ALL[..]),
+        (one_kv_head.clone(), &[Gate, Up, Down][..]),
+        (config(MISTRAL, Some(4), false), &[O, Up][..]),
+    ];
+    for (c, targets) in cases {
         let q = Some(QuantizeNf4 { double_quant: true });
         let mut m = Decoder::random(&be, c.clone(), 3, q, None).unwrap();
-        let mut lora = adapter(&be, &c);
+        let mut lora = adapter_on(&be, &c, targets);
         m.fold_lora(&be, &lora.config).unwrap();
         let ids = tokens(20, 2);
         let layout = AttentionLayout::right_padded(&[10, 7], 10, c.sliding_window);
@@ -276,12 +292,12 @@ fn nf4_dense_copies_kept_for_the_backward_change_no_gradient() {
             assert_eq!(
                 (l1, &g1),
                 (l2, &g2),
-                "{mode:?}: gradients must be bitwise identical"
+                "{targets:?} {mode:?}: gradients must be bitwise identical"
             );
             let left = m.layers.iter().flat_map(|l| &l.proj);
             assert!(
                 !left.into_iter().any(|p| p.weight.holds_kept_copy()),
-                "{mode:?}: a kept dense copy was not taken by the backward"
+                "{targets:?} {mode:?}: a kept dense copy was not taken by the backward"
             );
         }
     }

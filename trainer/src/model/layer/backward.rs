@@ -33,16 +33,30 @@ impl InputGradient {
         }
     }
 
-    fn wanted(self) -> bool {
-        self == InputGradient::Wanted
-    }
-
-    /// Wanted where `self` is or where `reader` (a gradient computed from it) needs it.
-    fn or(self, reader: bool) -> Self {
-        match self.wanted() || reader {
+    /// Wanted where `self` is, or where `read` (another gradient is computed from it).
+    fn or_read(self, read: bool) -> Self {
+        match self == InputGradient::Wanted || read {
             true => InputGradient::Wanted,
             false => InputGradient::NotWanted,
         }
+    }
+
+    /// What a recomputation does with its products' NF4 dense copies when the backward that
+    /// follows it at once makes this gradient: keeps them for the backward's `dx` products, or,
+    /// where those do not run, frees them.
+    fn dense_copies(self) -> Dequantized {
+        match self {
+            InputGradient::Wanted => Dequantized::KeptForNext,
+            InputGradient::NotWanted => Dequantized::Dropped,
+        }
+    }
+
+    /// A buffer of `len` values for the gradient, where it is wanted.
+    fn buffer<B: Backend>(self, be: &B, len: usize) -> Result<Option<B::Tensor>> {
+        Ok(match self {
+            InputGradient::Wanted => Some(be.empty(len, be.compute_dtype())?),
+            InputGradient::NotWanted => None,
+        })
     }
 }
 
@@ -161,7 +175,9 @@ impl<B: Backend> LayerWeights<B> {
                     dense,
                 )?;
                 let mid = mid.expect("attention ran, so the residual is computed");
-                let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false, none)?;
+                let lp = lora.as_deref();
+                let dense = self.dmid_wanted(lp, layer, wanted).dense_copies();
+                let (mlp, _) = self.mlp_half(be, s, layer, lp, mid, false, none, dense)?;
                 let saved = LayerSaved { attention, mlp };
                 self.backward(be, s, layer, lora, batch, saved, dy, wanted)
             }
@@ -173,23 +189,19 @@ impl<B: Backend> LayerWeights<B> {
                 let kept_t = &mut lora_t;
                 let n = be.len(&x) / s.hidden;
                 let u_sums = &mut zeroed_u_sums(be, lora.as_deref(), layer, n)?;
-                let (mlp, _) = self.mlp_half(be, s, layer, lora.as_deref(), mid, false, kept_t)?;
-                let lp = lora.as_deref_mut();
-                let dmid_wanted = self.dmid_wanted(lp.as_deref(), layer, wanted);
-                let dmid = self.backward_mlp(be, s, layer, lp, u_sums, mlp, dy, dmid_wanted)?;
                 let lp = lora.as_deref();
-                // The backward that follows at once takes the recomputed q/k/v products' NF4
-                // dense copies for its `dx` products, where it runs them.
-                let dense = match wanted {
-                    InputGradient::Wanted => Dequantized::KeptForNext,
-                    InputGradient::NotWanted => Dequantized::Dropped,
+                let dmid_wanted = self.dmid_wanted(lp, layer, wanted);
+                let dense = dmid_wanted.dense_copies();
+                let (mlp, _) = self.mlp_half(be, s, layer, lp, mid, false, kept_t, dense)?;
+                let lp = lora.as_deref_mut();
+                let dmid = self.backward_mlp(be, s, layer, lp, u_sums, mlp, dy, dmid_wanted)?;
+                let Some(dmid) = dmid else {
+                    return Ok(None);
                 };
+                let lp = lora.as_deref();
+                let dense = wanted.dense_copies();
                 let (attention, _) =
                     self.attention_half(be, s, layer, lp, attend, x, Some(reused), kept_t, dense)?;
-                let dmid = match dmid {
-                    Some(dmid) => dmid,
-                    None => return Ok(None),
-                };
                 self.backward_attention(be, s, layer, lora, u_sums, batch, attention, dmid, wanted)
             }
         }
@@ -205,7 +217,7 @@ impl<B: Backend> LayerWeights<B> {
     ) -> InputGradient {
         let attention_adapted =
             adapts(lora, layer, InputGroup::O) || adapts(lora, layer, InputGroup::Qkv);
-        wanted.or(attention_adapted)
+        wanted.or_read(attention_adapted)
     }
 
     /// Given `dy = dL/d(output)`, returns `dL/dx` where `wanted` and adds the LoRA gradients into
@@ -316,10 +328,7 @@ impl<B: Backend> LayerWeights<B> {
             pending.add(be, &members, &act)?;
         }
         drop((act, members));
-        let mut dnorm2 = match wanted {
-            InputGradient::Wanted => Some(be.empty(n * s.hidden, dt)?),
-            InputGradient::NotWanted => None,
-        };
+        let mut dnorm2 = wanted.buffer(be, n * s.hidden)?;
         self.group_back(
             be,
             s,
@@ -384,10 +393,7 @@ impl<B: Backend> LayerWeights<B> {
                 let adapter = (lora.as_deref_mut(), &lora_t, &mut *u_sums);
                 self.group_back(be, s, layer, adapter, g, douts, input, dinput)
             };
-        let mut dattn = match wanted.or(qkv_adapted) {
-            InputGradient::Wanted => Some(be.empty(n * s.q_dim, dt)?),
-            InputGradient::NotWanted => None,
-        };
+        let mut dattn = wanted.or_read(qkv_adapted).buffer(be, n * s.q_dim)?;
         back(InputGroup::O, &[&dmid], &attn, dattn.as_mut())?;
         let Some(dattn) = dattn else {
             return Ok(None);
@@ -427,10 +433,7 @@ impl<B: Backend> LayerWeights<B> {
             _ => (dq, dk),
         };
         drop(qk_raw);
-        let mut dnorm1 = match wanted {
-            InputGradient::Wanted => Some(be.empty(n * s.hidden, dt)?),
-            InputGradient::NotWanted => None,
-        };
+        let mut dnorm1 = wanted.buffer(be, n * s.hidden)?;
         back(InputGroup::Qkv, &[&dq, &dk, &dv], &norm1, dnorm1.as_mut())?;
         drop((dq, dk, dv, norm1));
         let Some(dnorm1) = dnorm1 else {
