@@ -14,6 +14,15 @@ pub const IGNORE_INDEX: i32 = -100;
 /// cores; 1 << 25 was slower again).
 pub const LM_HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
 
+/// Rows per chunk of the fused LM head over `rows` rows of `vocab` logits: the fewest chunks of
+/// at most [`LM_HEAD_CHUNK_ELEMENTS`] logits, with the rows shared out evenly among them. At 7B,
+/// b2 × 2048, that is 8 chunks of 512 rows, not 7 of 524 and one of 428: every chunk's products
+/// have one shape, and it is a whole number of 128-row tiles.
+pub fn lm_head_chunk_rows(rows: usize, vocab: usize) -> usize {
+    let most = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).max(1);
+    rows.div_ceil(rows.div_ceil(most).max(1)).max(1)
+}
+
 /// Element type of a tensor. The CPU backend stores everything as f32 whatever is asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -857,4 +866,39 @@ pub trait Backend {
         grad_scale: f32,
         after: AfterUpdate<'_, Self::Tensor>,
     ) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fewest chunks within the logits budget, the rows shared out evenly among them.
+    #[test]
+    fn lm_head_chunks_are_the_fewest_and_even() {
+        assert_eq!(lm_head_chunk_rows(4096, 32000), 512, "7B, b2 × 2048");
+        assert_eq!(lm_head_chunk_rows(1024, 49152), 256, "SmolLM2, b2 × 512");
+        assert_eq!(lm_head_chunk_rows(100, 32000), 100, "within one chunk");
+        assert_eq!(lm_head_chunk_rows(0, 32000), 1);
+        assert_eq!(lm_head_chunk_rows(3, LM_HEAD_CHUNK_ELEMENTS * 2), 1);
+        for rows in [1, 7, 523, 524, 525, 4096, 10_000] {
+            for vocab in [1000, 32000, 49152, 151_936] {
+                let chunk = lm_head_chunk_rows(rows, vocab);
+                let most = LM_HEAD_CHUNK_ELEMENTS / vocab;
+                assert!(
+                    chunk <= most,
+                    "{rows} × {vocab}: {chunk} rows over the budget"
+                );
+                assert_eq!(
+                    rows.div_ceil(chunk),
+                    rows.div_ceil(most),
+                    "{rows} × {vocab}"
+                );
+                let last = rows - (rows.div_ceil(chunk) - 1) * chunk;
+                assert!(
+                    chunk - last < rows.div_ceil(chunk),
+                    "{rows} × {vocab}: uneven"
+                );
+            }
+        }
+    }
 }

@@ -22,6 +22,7 @@ mod profile;
 pub mod rope;
 mod widen;
 
+pub use backend::lm_head_chunk_rows;
 pub use backend::{
     AdamWParams, AfterUpdate, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, Placement,
     Rotation, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS,

@@ -4,7 +4,7 @@
 
 use super::lanes;
 use super::matmul::gemm_f32;
-use crate::{CeGrad, Result, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS};
+use crate::{lm_head_chunk_rows, CeGrad, Result, IGNORE_INDEX};
 use rayon::prelude::*;
 
 #[allow(clippy::too_many_arguments)]
@@ -27,7 +27,7 @@ pub fn lm_head_cross_entropy(
             "cross-entropy: target id {t} outside the vocabulary of {vocab}"
         )));
     }
-    let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows.max(1));
+    let chunk = lm_head_chunk_rows(rows, vocab);
     let mut logits = vec![0.0f32; chunk * vocab];
     for start in (0..rows).step_by(chunk) {
         let c = chunk.min(rows - start);

@@ -8,7 +8,7 @@ use super::gemm::Operand;
 use super::launch::Arg;
 use super::{suffix, CudaBackend, CudaIndices, CudaTensor};
 use crate::error::check_len;
-use crate::{CeGrad, DType, KernelError, Result, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS};
+use crate::{lm_head_chunk_rows, CeGrad, DType, KernelError, Result, IGNORE_INDEX};
 
 /// Factor the stored logit gradient carries (a power of two, so exact): keeps f16 out of subnormals.
 const GRAD_GAIN: f32 = 1024.0;
@@ -77,7 +77,7 @@ impl CudaBackend {
         } else {
             1.0 / GRAD_GAIN
         };
-        let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows);
+        let chunk = lm_head_chunk_rows(rows, vocab);
         let logits = self.alloc_f32_scratch(chunk * vocab)?;
         let (h_ptr, w_ptr, t_ptr, lp_ptr) = (
             hidden.ptr(&self.stream),

@@ -21,8 +21,6 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-pub use kernels::LM_HEAD_CHUNK_ELEMENTS;
-
 /// What bounds an op on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpKind {
@@ -541,7 +539,7 @@ impl Backend for MeterBackend {
         }
         // lm_head.rs: f32 logits for `chunk` rows, the compute-dtype dz written over them.
         let dt = hidden.dtype;
-        let chunk = (LM_HEAD_CHUNK_ELEMENTS / vocab.max(1)).clamp(1, rows);
+        let chunk = kernels::lm_head_chunk_rows(rows, vocab);
         let _logits = self.alloc_f32_scratch(chunk * vocab);
         let want_grad = !matches!(grad, CeGrad::None);
         let e = dt.size_bytes() as f64;

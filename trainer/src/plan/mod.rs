@@ -32,7 +32,7 @@ use crate::optim::{AdamW, LossScaler, UpdateTiming};
 use crate::residence::Residence;
 use anyhow::{bail, Result};
 use kernels::{AdamWParams, AttentionLayout, Backend, DType};
-use meter::{MeterBackend, Op, OpKind, LM_HEAD_CHUNK_ELEMENTS};
+use meter::{MeterBackend, Op, OpKind};
 use roofline::{step_time, GpuKind, StepTime};
 
 /// One training setup to account for.
@@ -471,7 +471,7 @@ impl Parts {
         // The kept layers' backward runs first and frees them before the first recomputation.
         let activations = kept.max(recomputing) + backward;
         let v = c.vocab_size;
-        let chunk = (LM_HEAD_CHUNK_ELEMENTS / v).clamp(1, n as usize) as u64;
+        let chunk = kernels::lm_head_chunk_rows(n as usize, v) as u64;
         Parts {
             checkpoints,
             activations,
