@@ -7,11 +7,11 @@ use std::ops::Range;
 pub const IGNORE_INDEX: i32 = -100;
 
 /// Logits per chunk of the fused LM head + cross-entropy, in elements: 64 MiB of f32 (on the GPU
-/// plus half that of 16-bit gradient) — at 7B, b2 × 2048 eight chunks of 524 rows, whose GEMMs still
-/// run at the GEMM ceiling; the plan's meter keeps the same books. On the CPU each chunk's product
-/// streams the whole head weight (113 MiB at SmolLM2-135M), so fewer, larger chunks matter there
-/// too: 1 << 24 against 1 << 22 took the 135M head from 1,020-1,116 to 886-936 CPU ms a step (2
-/// cores; 1 << 25 was slower again).
+/// plus half that of 16-bit gradient) — at 7B, b2 × 2048 eight chunks ([`lm_head_chunk_rows`]),
+/// whose GEMMs still run at the GEMM ceiling; the plan's meter keeps the same books. On the CPU
+/// each chunk's product streams the whole head weight (113 MiB at SmolLM2-135M), so fewer, larger
+/// chunks matter there too: 1 << 24 against 1 << 22 took the 135M head from 1,020-1,116 to 886-936
+/// CPU ms a step (2 cores; 1 << 25 was slower again).
 pub const LM_HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
 
 /// Rows per chunk of the fused LM head over `rows` rows of `vocab` logits: the fewest chunks of
