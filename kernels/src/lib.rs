@@ -22,10 +22,9 @@ mod profile;
 pub mod rope;
 mod widen;
 
-pub use backend::lm_head_chunk_rows;
 pub use backend::{
-    AdamWParams, AfterUpdate, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax, Placement,
-    Rotation, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS,
+    lm_head_chunk_rows, AdamWParams, AfterUpdate, Backend, CeGrad, DType, LoraPad, MatAt,
+    Nf4Absmax, Placement, Rotation, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS,
 };
 pub use error::KernelError;
 pub use in_flight::{InFlight, ParkLane};

@@ -16,17 +16,17 @@ pub(crate) enum Arg {
 }
 
 /// Tables a launch reads, uploaded together ([`upload_tables`]): the buffer (freed in stream order
-/// once dropped, after the launch that reads it), each table's device address and first word.
+/// once dropped, after the launch that reads it), its device address and each table's first word.
 pub(crate) struct Tables {
     buffer: CudaSlice<u64>,
-    at: Vec<u64>,
+    base: u64,
     first_word: Vec<usize>,
 }
 
 impl Tables {
     /// Table `i`'s address, as a launch argument.
     pub(crate) fn arg(&self, i: usize) -> Arg {
-        Arg::Ptr(self.at[i])
+        Arg::Ptr(self.base + 8 * self.first_word[i] as u64)
     }
 
     /// The first word of table `i` as the device holds it now (a launch's one-word result,
@@ -57,10 +57,9 @@ pub(crate) fn upload_tables(
         first_word.push(next);
         next += t.len();
     }
-    let at = first_word.iter().map(|&w| base + 8 * w as u64).collect();
     Ok(Tables {
         buffer,
-        at,
+        base,
         first_word,
     })
 }

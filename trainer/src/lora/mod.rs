@@ -25,6 +25,18 @@ pub struct UpdateTarget<'a, T> {
 /// refreshes of any adapters' copies share a number.
 static NEXT_COMPUTE_VERSION: AtomicU64 = AtomicU64::new(1);
 
+/// The compute tensor and the places `at` of the weights about to be written into it, with the
+/// layers' compute versions (`versions`) moved on to a new one; `None` without a compute tensor.
+fn refreshed_compute<'a, T>(
+    compute: &'a mut Option<T>,
+    at: &'a [usize],
+    versions: &mut [u64],
+) -> Option<(&'a mut T, &'a [usize])> {
+    let compute = compute.as_mut()?;
+    versions.fill(new_compute_version());
+    Some((compute, at))
+}
+
 fn new_compute_version() -> u64 {
     NEXT_COMPUTE_VERSION.fetch_add(1, Ordering::Relaxed)
 }
@@ -265,12 +277,14 @@ impl<B: Backend> LoraParams<B> {
 
     /// Copies the f32 masters into the compute tensor (after each optimizer step; one launch).
     pub fn sync_compute(&mut self, backend: &B) -> Result<()> {
-        let Some(compute) = self.compute.as_mut() else {
-            return Ok(());
-        };
-        backend.copy_many_into(&self.params, compute, &self.compute_at)?;
-        let version = new_compute_version();
-        self.compute_versions.fill(version);
+        let refreshed = refreshed_compute(
+            &mut self.compute,
+            &self.compute_at,
+            &mut self.compute_versions,
+        );
+        if let Some((compute, at)) = refreshed {
+            backend.copy_many_into(&self.params, compute, at)?;
+        }
         Ok(())
     }
 
@@ -278,10 +292,11 @@ impl<B: Backend> LoraParams<B> {
     /// ([`AfterUpdate`]): the compute tensor, refreshed in the same launch (what
     /// [`LoraParams::sync_compute`] copies). The compute copies count as refreshed from here.
     pub fn update_target(&mut self) -> UpdateTarget<'_, B::Tensor> {
-        let compute = self.compute.as_mut().map(|c| (c, &self.compute_at[..]));
-        if compute.is_some() {
-            self.compute_versions.fill(new_compute_version());
-        }
+        let compute = refreshed_compute(
+            &mut self.compute,
+            &self.compute_at,
+            &mut self.compute_versions,
+        );
         UpdateTarget {
             params: &mut self.params,
             grads: &mut self.grads,
@@ -302,13 +317,11 @@ impl<B: Backend> LoraParams<B> {
         zero_grads: bool,
     ) -> (&mut [B::Tensor], AfterUpdate<'_, B::Tensor>) {
         let range = self.layer_range(layer);
-        let compute = self
-            .compute
-            .as_mut()
-            .map(|c| (c, &self.compute_at[range.clone()]));
-        if compute.is_some() {
-            self.compute_versions[layer] = new_compute_version();
-        }
+        let compute = refreshed_compute(
+            &mut self.compute,
+            &self.compute_at[range.clone()],
+            &mut self.compute_versions[layer..=layer],
+        );
         let after = AfterUpdate {
             compute,
             zero_grads,

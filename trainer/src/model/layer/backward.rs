@@ -3,8 +3,8 @@
 //! gradient is dropped as soon as nothing later reads it, so the pool can hand its memory on.
 
 use super::{
-    Attend, AttentionKept, AttentionSaved, HeadNormed, LayerCheckpoint, LayerSaved, LayerWeights,
-    LoraInputs, MlpSaved, Shapes,
+    group_adapter, Attend, AttentionKept, AttentionSaved, HeadNormed, LayerCheckpoint, LayerSaved,
+    LayerWeights, LoraInputs, MlpSaved, Shapes,
 };
 use crate::arch::InputGroup;
 use crate::lora::LoraParams;
@@ -60,10 +60,15 @@ impl InputGradient {
     }
 }
 
-/// Whether layer `layer` adapts a member of input group `g` (its LoRA gradients read `g`'s output
-/// gradients).
-fn adapts<B: Backend>(lora: Option<&LoraParams<B>>, layer: usize, g: InputGroup) -> bool {
-    lora.is_some_and(|lp| lp.group(layer, g).is_some())
+/// Whether the MLP half's backward must make `dL/d mid`: where the layer's `dL/dx` is `wanted`,
+/// or the attention half's LoRA gradients (o's, or q's, k's and v's) read it.
+fn mid_gradient<B: Backend>(
+    lora: Option<&LoraParams<B>>,
+    layer: usize,
+    wanted: InputGradient,
+) -> InputGradient {
+    let adapted = |g| group_adapter(lora, layer, g).is_some();
+    wanted.or_read(adapted(InputGroup::O) || adapted(InputGroup::Qkv))
 }
 
 /// `dL/dx` of [`super::head_norm`] from `dy`.
@@ -176,7 +181,7 @@ impl<B: Backend> LayerWeights<B> {
                 )?;
                 let mid = mid.expect("attention ran, so the residual is computed");
                 let lp = lora.as_deref();
-                let dense = self.dmid_wanted(lp, layer, wanted).dense_copies();
+                let dense = mid_gradient(lp, layer, wanted).dense_copies();
                 let (mlp, _) = self.mlp_half(be, s, layer, lp, mid, false, none, dense)?;
                 let saved = LayerSaved { attention, mlp };
                 self.backward(be, s, layer, lora, batch, saved, dy, wanted)
@@ -190,7 +195,7 @@ impl<B: Backend> LayerWeights<B> {
                 let n = be.len(&x) / s.hidden;
                 let u_sums = &mut zeroed_u_sums(be, lora.as_deref(), layer, n)?;
                 let lp = lora.as_deref();
-                let dmid_wanted = self.dmid_wanted(lp, layer, wanted);
+                let dmid_wanted = mid_gradient(lp, layer, wanted);
                 let dense = dmid_wanted.dense_copies();
                 let (mlp, _) = self.mlp_half(be, s, layer, lp, mid, false, kept_t, dense)?;
                 let lp = lora.as_deref_mut();
@@ -205,19 +210,6 @@ impl<B: Backend> LayerWeights<B> {
                 self.backward_attention(be, s, layer, lora, u_sums, batch, attention, dmid, wanted)
             }
         }
-    }
-
-    /// Whether the MLP half's backward must make `dL/d mid`: where the layer's `dL/dx` is wanted,
-    /// or the attention half's LoRA gradients read it.
-    fn dmid_wanted(
-        &self,
-        lora: Option<&LoraParams<B>>,
-        layer: usize,
-        wanted: InputGradient,
-    ) -> InputGradient {
-        let attention_adapted =
-            adapts(lora, layer, InputGroup::O) || adapts(lora, layer, InputGroup::Qkv);
-        wanted.or_read(attention_adapted)
     }
 
     /// Given `dy = dL/d(output)`, returns `dL/dx` where `wanted` and adds the LoRA gradients into
@@ -238,7 +230,7 @@ impl<B: Backend> LayerWeights<B> {
         let LayerSaved { attention, mlp } = saved;
         let n = be.len(&attention.x) / s.hidden;
         let u_sums = &mut zeroed_u_sums(be, lora.as_deref(), layer, n)?;
-        let dmid_wanted = self.dmid_wanted(lora.as_deref(), layer, wanted);
+        let dmid_wanted = mid_gradient(lora.as_deref(), layer, wanted);
         let lp = lora.as_deref_mut();
         match self.backward_mlp(be, s, layer, lp, u_sums, mlp, dy, dmid_wanted)? {
             Some(dmid) => {
@@ -387,7 +379,7 @@ impl<B: Backend> LayerWeights<B> {
         })?;
         let n = be.len(&x) / s.hidden;
         let dt = be.compute_dtype();
-        let qkv_adapted = adapts(lora.as_deref(), layer, InputGroup::Qkv);
+        let qkv_adapted = group_adapter(lora.as_deref(), layer, InputGroup::Qkv).is_some();
         let mut back =
             |g, douts: &[&B::Tensor], input: &B::Tensor, dinput: Option<&mut B::Tensor>| {
                 let adapter = (lora.as_deref_mut(), &lora_t, &mut *u_sums);
