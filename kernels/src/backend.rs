@@ -110,6 +110,13 @@ pub struct Rotation<'a, I, T> {
     pub sin: &'a T,
 }
 
+/// What [`Backend::attention_backward`] returns: the gradients of q, k and v.
+pub struct QkvGrads<T> {
+    pub dq: T,
+    pub dk: T,
+    pub dv: T,
+}
+
 /// Where [`Backend::dequantize_nf4`] finds each 64-element block's absmax (see [`crate::nf4`]).
 pub enum Nf4Absmax<'a, T, I> {
     /// One f32 per block: an f32 tensor `[n_blocks]`.
@@ -705,8 +712,10 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Causal self-attention: `q [N, hq, d]`, `k, v [N, hkv, d]` (query head j reads kv head
-    /// `j / (hq/hkv)`), `out [N, hq, d]`, `lse [N, hq]` f32 = log-sum-exp of each query's scaled
-    /// scores (saved for backward). Masking follows `layout` (held on the device as `doc_start`).
+    /// `j / (hq/hkv)`), `out [N, hq, d]` in the first `hq·d` columns of rows `len(out) / N` long
+    /// (the rest of a row, room for a folded LoRA input, is left alone), `lse [N, hq]` f32 =
+    /// log-sum-exp of each query's scaled scores (saved for backward). Masking follows `layout`
+    /// (held on the device as `doc_start`).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -721,17 +730,21 @@ pub trait Backend {
         out: &mut Self::Tensor,
         lse: &mut Self::Tensor,
     ) -> Result<()>;
-    /// Attention backward: writes `dq`, `dk`, `dv` from `dout` and the forward's `out` and `lse`.
-    /// Given `unrotate_dq` (RoPE's tables of the forward), `dq` is also rotated back —
-    /// `rope(dq, .., inverse = true)`, the gradient of q before RoPE — in the pass that rounds the
-    /// CUDA backend's f32 dq accumulator.
+    /// Attention backward: `dq [N, hq, d]`, `dk, dv [N, hkv, d]` from `dout [N, hq, d]` and the
+    /// forward's `out` (its rows as [`Backend::attention`] wrote them) and `lse`
+    /// (FlashAttention-2's: `D_i = dout_i · out_i` first, then the products).
+    /// `out` is taken: nothing reads it after the `D_i`, so its buffer goes back to the pool
+    /// before the gradients are made and one of them reuses it (at a 7B layer's backward, the
+    /// one that sets the step's peak, that is 32 MiB less). Given `unrotate_dq` (RoPE's tables
+    /// of the forward), `dq` is also rotated back — `rope(dq, .., inverse = true)`, the gradient
+    /// of q before RoPE — in the pass that rounds the CUDA backend's f32 dq accumulator.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
-        out: &Self::Tensor,
+        out: Self::Tensor,
         lse: &Self::Tensor,
         dout: &Self::Tensor,
         layout: &AttentionLayout,
@@ -739,11 +752,8 @@ pub trait Backend {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
-        dq: &mut Self::Tensor,
-        dk: &mut Self::Tensor,
-        dv: &mut Self::Tensor,
         unrotate_dq: Option<Rotation<'_, Self::Indices, Self::Tensor>>,
-    ) -> Result<()>;
+    ) -> Result<QkvGrads<Self::Tensor>>;
 
     /// Writes `new` tokens per row of `src [rows, new, width]` into the cache
     /// `cache [rows, capacity, width]` at columns `at..at+new` (the KV cache of generation).
@@ -781,8 +791,15 @@ pub trait Backend {
         out: &mut Self::Tensor,
     ) -> Result<()>;
 
-    /// SwiGLU: `out = silu(gate) ⊙ up`, all `[N, inter]`.
-    fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+    /// SwiGLU: `out = silu(gate) ⊙ up`, all `[N, inter]`; `out` in the first `inter` columns of
+    /// rows `len(out) / N` long (the rest of a row, room for a folded LoRA input, is left alone).
+    fn swiglu(
+        &self,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        inter: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// SwiGLU backward in place (the forward's `gate` and `up` are read and overwritten, so the
     /// MLP's backward holds no second pair of `[N, inter]` buffers):
     /// `gate ← dout ⊙ up ⊙ silu'(gate)`, `up ← dout ⊙ silu(gate)`, and `dout ← silu(gate) ⊙ up`,

@@ -24,7 +24,7 @@ mod widen;
 
 pub use backend::{
     lm_head_chunk_rows, AdamWParams, AfterUpdate, Backend, CeGrad, DType, LoraPad, MatAt,
-    Nf4Absmax, Placement, Rotation, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS,
+    Nf4Absmax, Placement, QkvGrads, Rotation, IGNORE_INDEX, LM_HEAD_CHUNK_ELEMENTS,
 };
 pub use error::KernelError;
 pub use in_flight::{InFlight, ParkLane};

@@ -2,7 +2,7 @@
 //! on shapes large enough to span several GEMM tiles and attention blocks.
 
 use kernels::cpu::CpuBackend;
-use kernels::{AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad};
+use kernels::{AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, QkvGrads};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -52,12 +52,22 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
         &q, &kk, &v, &layout, &starts, heads, kv_heads, d, &mut out, &mut lse,
     )
     .unwrap();
-    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; kk.len()], vec![0.0; v.len()]);
-    be.attention_backward(
-        &q, &kk, &v, &out, &lse, &dout, &layout, &starts, heads, kv_heads, d, &mut dq, &mut dk,
-        &mut dv, None,
-    )
-    .unwrap();
+    let QkvGrads { dq, dk, dv } = be
+        .attention_backward(
+            &q,
+            &kk,
+            &v,
+            out.clone(),
+            &lse,
+            &dout,
+            &layout,
+            &starts,
+            heads,
+            kv_heads,
+            d,
+            None,
+        )
+        .unwrap();
     outs.extend([out, lse, dq, dk, dv]);
 
     // RMSNorm, RoPE, SwiGLU over 600 rows.
@@ -77,7 +87,7 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     be.rope(&mut roped, &positions, &cos, &sin, 6, 16, false)
         .unwrap();
     let mut act = vec![0.0; x.len()];
-    be.swiglu(&x, &y, &mut act).unwrap();
+    be.swiglu(&x, &y, hidden, &mut act).unwrap();
     let (mut dg, mut du, mut act_again) = (x.clone(), y.clone(), dx.clone());
     be.swiglu_backward(&mut act_again, &mut dg, &mut du)
         .unwrap();

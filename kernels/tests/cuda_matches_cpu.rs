@@ -12,7 +12,7 @@ use kernels::cuda::{CudaBackend, CudaIndices, CudaTensor};
 use kernels::nf4::{self, Absmax, AbsmaxBuffers, Nf4Buffers, Nf4Weight, DYNAMIC_MAP};
 use kernels::{
     AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax,
-    ParkLane, Placement, Rotation, IGNORE_INDEX,
+    ParkLane, Placement, QkvGrads, Rotation, IGNORE_INDEX,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -178,10 +178,22 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
         let (gate, gate_r) = up(&g, &random(m, 6, 4.0), d);
         let (upv, up_r) = up(&g, &random(m, 7, 1.0), d);
         let mut out = g.zeros(m, d).unwrap();
-        g.swiglu(&gate, &upv, &mut out).unwrap();
+        g.swiglu(&gate, &upv, inter, &mut out).unwrap();
         let mut out_c = vec![0.0; m];
-        cpu.swiglu(&gate_r, &up_r, &mut out_c).unwrap();
+        cpu.swiglu(&gate_r, &up_r, inter, &mut out_c).unwrap();
         check("swiglu", d, &g.download(&out).unwrap(), &out_c);
+        // Rows with room for a folded LoRA input (down's): the same values, the room untouched.
+        let row = inter + 16;
+        let mut wide = g.upload(&vec![7.0; 512 * row], d).unwrap();
+        g.swiglu(&gate, &upv, inter, &mut wide).unwrap();
+        let (wide, dense) = (g.download(&wide).unwrap(), g.download(&out).unwrap());
+        for (w, x) in wide.chunks(row).zip(dense.chunks(inter)) {
+            assert_eq!(&w[..inter], x, "swiglu into wider rows ({})", d.name());
+            assert!(
+                w[inter..].iter().all(|&v| v == 7.0),
+                "the room is left alone"
+            );
+        }
         let (mut dout, mut dout_r) = up(&g, &random(m, 8, 1.0), d);
         let (mut dg, mut du) = (gate, upv);
         g.swiglu_backward(&mut dout, &mut dg, &mut du).unwrap();
@@ -653,38 +665,40 @@ fn attention_case(
         &g.download(&lse).unwrap(),
         &lse_c,
     );
-    let mut dq = g.upload(&vec![f32::NAN; n * heads * hd], d).unwrap();
-    let mut dk = g.upload(&vec![f32::NAN; n * kv_heads * hd], d).unwrap();
-    let mut dv = g.upload(&vec![f32::NAN; n * kv_heads * hd], d).unwrap();
-    g.attention_backward(
-        &q, &k, &v, &out, &lse, &dout, layout, &doc, heads, kv_heads, hd, &mut dq, &mut dk,
-        &mut dv, None,
-    )
-    .unwrap();
+    // The backward takes its gradients from the pool: NaN-filled buffers of their sizes go
+    // back to it first, so that an element the kernels leave unwritten shows.
+    let nan_grads = |g: &CudaBackend| {
+        for len in [n * heads * hd, n * kv_heads * hd, n * kv_heads * hd] {
+            drop(g.upload(&vec![f32::NAN; len], d).unwrap());
+        }
+    };
+    nan_grads(g);
+    let QkvGrads { dq, dk, dv } = g
+        .attention_backward(
+            &q, &k, &v, out, &lse, &dout, layout, &doc, heads, kv_heads, hd, None,
+        )
+        .unwrap();
     // The CPU backward runs on the GPU's rounded forward output, as the trainer would feed it.
-    let (mut dq_c, mut dk_c, mut dv_c) = (
-        vec![0.0; qr.len()],
-        vec![0.0; kr.len()],
-        vec![0.0; vr.len()],
-    );
-    cpu.attention_backward(
-        &qr,
-        &kr,
-        &vr,
-        &out_g,
-        &lse_c,
-        &dout_r,
-        layout,
-        &layout.doc_start,
-        heads,
-        kv_heads,
-        hd,
-        &mut dq_c,
-        &mut dk_c,
-        &mut dv_c,
-        None,
-    )
-    .unwrap();
+    let QkvGrads {
+        dq: mut dq_c,
+        dk: dk_c,
+        dv: dv_c,
+    } = cpu
+        .attention_backward(
+            &qr,
+            &kr,
+            &vr,
+            out_g.clone(),
+            &lse_c,
+            &dout_r,
+            layout,
+            &layout.doc_start,
+            heads,
+            kv_heads,
+            hd,
+            None,
+        )
+        .unwrap();
     check(
         &format!("attention {label} dq"),
         d,
@@ -713,29 +727,29 @@ fn attention_case(
         g.upload(&sin, DType::F32).unwrap(),
     );
     let positions = g.upload_indices(&layout.positions).unwrap();
-    let mut dq_rot = g.upload(&vec![f32::NAN; n * heads * hd], d).unwrap();
-    g.attention_backward(
-        &q,
-        &k,
-        &v,
-        &out,
-        &lse,
-        &dout,
-        layout,
-        &doc,
-        heads,
-        kv_heads,
-        hd,
-        &mut dq_rot,
-        &mut dk,
-        &mut dv,
-        Some(Rotation {
-            positions: &positions,
-            cos: &cos_g,
-            sin: &sin_g,
-        }),
-    )
-    .unwrap();
+    nan_grads(g);
+    let out = g.upload(&out_g, d).unwrap();
+    let dq_rot = g
+        .attention_backward(
+            &q,
+            &k,
+            &v,
+            out,
+            &lse,
+            &dout,
+            layout,
+            &doc,
+            heads,
+            kv_heads,
+            hd,
+            Some(Rotation {
+                positions: &positions,
+                cos: &cos_g,
+                sin: &sin_g,
+            }),
+        )
+        .unwrap()
+        .dq;
     cpu.rope(&mut dq_c, &layout.positions, &cos, &sin, heads, hd, true)
         .unwrap();
     check(
@@ -756,6 +770,82 @@ impl MaxTol for DType {
             self
         } else {
             other
+        }
+    }
+}
+
+/// The attention output written into rows with room beside them (o's folded LoRA input): the
+/// same values as dense rows, the room left alone, and the backward's `D_i` reads those rows.
+#[test]
+fn attention_writes_and_reads_wider_output_rows() {
+    let cpu = CpuBackend::new();
+    let layout = AttentionLayout::packed(&[vec![700, 900, 300], vec![2048]], 2048, None);
+    for d in ALL {
+        let Some(g) = gpu(d) else { return };
+        // d 128 with GQA (the wgmma or mma kernels in bf16 and f16, the simple ones in f32), d 80
+        // (the simple kernels).
+        for (heads, kv_heads, hd) in [(8, 2, 128), (4, 4, 80)] {
+            let n = layout.tokens();
+            let (q, qr) = up(&g, &random(n * heads * hd, 11, 1.5), d);
+            let (k, kr) = up(&g, &random(n * kv_heads * hd, 12, 1.5), d);
+            let (v, vr) = up(&g, &random(n * kv_heads * hd, 13, 1.0), d);
+            let (dout, dout_r) = up(&g, &random(n * heads * hd, 14, 1.0), d);
+            let doc = g.upload_indices(&layout.doc_start).unwrap();
+            let (width, row) = (heads * hd, heads * hd + 16);
+            let mut dense = g.zeros(n * width, d).unwrap();
+            let mut lse = g.zeros(n * heads, DType::F32).unwrap();
+            g.attention(
+                &q, &k, &v, &layout, &doc, heads, kv_heads, hd, &mut dense, &mut lse,
+            )
+            .unwrap();
+            let mut wide = g.upload(&vec![7.0; n * row], d).unwrap();
+            g.attention(
+                &q, &k, &v, &layout, &doc, heads, kv_heads, hd, &mut wide, &mut lse,
+            )
+            .unwrap();
+            let (wide_h, dense_h) = (g.download(&wide).unwrap(), g.download(&dense).unwrap());
+            for (w, x) in wide_h.chunks(row).zip(dense_h.chunks(width)) {
+                assert_eq!(&w[..width], x, "attention into wider rows ({})", d.name());
+                assert!(
+                    w[width..].iter().all(|&v| v == 7.0),
+                    "the room is left alone"
+                );
+            }
+            let lse_h = g.download(&lse).unwrap();
+            let got = g
+                .attention_backward(
+                    &q, &k, &v, wide, &lse, &dout, &layout, &doc, heads, kv_heads, hd, None,
+                )
+                .unwrap();
+            let want = cpu
+                .attention_backward(
+                    &qr,
+                    &kr,
+                    &vr,
+                    dense_h,
+                    &lse_h,
+                    &dout_r,
+                    &layout,
+                    &layout.doc_start,
+                    heads,
+                    kv_heads,
+                    hd,
+                    None,
+                )
+                .unwrap();
+            let label = format!("attention, wider out rows, {heads}/{kv_heads} d{hd}");
+            for (name, got, want) in [
+                ("dq", &got.dq, &want.dq),
+                ("dk", &got.dk, &want.dk),
+                ("dv", &got.dv, &want.dv),
+            ] {
+                check(
+                    &format!("{label} {name}"),
+                    d,
+                    &g.download(got).unwrap(),
+                    want,
+                );
+            }
         }
     }
 }
@@ -1887,11 +1977,6 @@ fn bench_llama2_7b_attention_and_gemms() {
         .unwrap();
     let mut out = g.zeros(n * heads * hd, DType::BF16).unwrap();
     let mut lse = g.zeros(n * heads, DType::F32).unwrap();
-    let (mut dq, mut dk, mut dv) = (
-        g.zeros(n * heads * hd, DType::BF16).unwrap(),
-        g.zeros(n * heads * hd, DType::BF16).unwrap(),
-        g.zeros(n * heads * hd, DType::BF16).unwrap(),
-    );
     let causal_flops = 4.0 * rows as f64 * heads as f64 * (seq as f64).powi(2) / 2.0 * hd as f64;
     let fwd = time_ms(&g, 20, || {
         g.attention(
@@ -1899,12 +1984,18 @@ fn bench_llama2_7b_attention_and_gemms() {
         )
         .unwrap()
     });
+    // The backward takes the forward's output: a copy for each of time_ms's 11 calls, made
+    // before the clock starts.
+    let out_host = g.download(&out).unwrap();
+    let mut outs: Vec<_> = (0..11)
+        .map(|_| g.upload(&out_host, DType::BF16).unwrap())
+        .collect();
     let bwd = time_ms(&g, 10, || {
+        let out = outs.pop().expect("one copy a call");
         g.attention_backward(
-            &q, &k, &v, &out, &lse, &dout, &layout, &doc, heads, heads, hd, &mut dq, &mut dk,
-            &mut dv, None,
+            &q, &k, &v, out, &lse, &dout, &layout, &doc, heads, heads, hd, None,
         )
-        .unwrap()
+        .unwrap();
     });
     println!(
         "attention fwd  b2 s2048 h32 d128: {fwd:.3} ms  {:.1} TFLOP/s",

@@ -24,11 +24,11 @@ pub use attention::{attention_backward_f32, attention_forward_f32};
 pub use matmul::{gemm_f32, gemm_f32_at};
 
 use crate::backend::{check_copy_places, check_gemm_at, check_place_block};
-use crate::error::{check_len, check_rows, check_strided_rows};
+use crate::error::{check_len, check_rows, check_strided_rows, row_length};
 use crate::nf4::{Nf4Buffers, Nf4Weight};
 use crate::{
     AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax,
-    ParkLane, Result, Rotation,
+    ParkLane, QkvGrads, Result, Rotation,
 };
 use profile::timed;
 use std::ops::Range;
@@ -281,13 +281,16 @@ impl Backend for CpuBackend {
         check_len("attention", "q", q.len(), n * heads * head_dim)?;
         check_len("attention", "k", k.len(), n * kv_heads * head_dim)?;
         check_len("attention", "v", v.len(), n * kv_heads * head_dim)?;
-        check_len("attention", "out", out.len(), n * heads * head_dim)?;
+        let out_row = row_length("attention", "out", out.len(), n, heads * head_dim)?;
         check_len("attention", "lse", lse.len(), n * heads)?;
         // 2 products (QKᵀ, PV) of 2·d FLOPs per visible (query, key) pair and head
         let flops = || 4.0 * (visible_pairs(layout) * heads * head_dim) as f64;
         timed(
             || ("attention".into(), flops()),
-            || attention_forward_f32(q, k, v, layout, heads, kv_heads, head_dim, out, lse),
+            || {
+                let out = (&mut out[..], out_row);
+                attention_forward_f32(q, k, v, layout, heads, kv_heads, head_dim, out, lse)
+            },
         );
         Ok(())
     }
@@ -297,7 +300,7 @@ impl Backend for CpuBackend {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
-        out: &Vec<f32>,
+        out: Vec<f32>,
         lse: &Vec<f32>,
         dout: &Vec<f32>,
         layout: &AttentionLayout,
@@ -305,45 +308,45 @@ impl Backend for CpuBackend {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
-        dq: &mut Vec<f32>,
-        dk: &mut Vec<f32>,
-        dv: &mut Vec<f32>,
         unrotate_dq: Option<Rotation<'_, Vec<i32>, Vec<f32>>>,
-    ) -> Result<()> {
+    ) -> Result<QkvGrads<Vec<f32>>> {
         let n = layout.tokens();
+        let out_row = row_length("attention_backward", "out", out.len(), n, heads * head_dim)?;
         check_len(
             "attention_backward",
             "dout",
             dout.len(),
             n * heads * head_dim,
         )?;
-        check_len("attention_backward", "dq", dq.len(), n * heads * head_dim)?;
-        check_len(
-            "attention_backward",
-            "dk",
-            dk.len(),
-            n * kv_heads * head_dim,
-        )?;
-        check_len(
-            "attention_backward",
-            "dv",
-            dv.len(),
-            n * kv_heads * head_dim,
-        )?;
+        let mut dq = vec![0.0; n * heads * head_dim];
+        let mut dk = vec![0.0; n * kv_heads * head_dim];
+        let mut dv = vec![0.0; n * kv_heads * head_dim];
         // 5 products (QKᵀ, dO Vᵀ, dV, dK, dQ) of 2·d FLOPs per visible pair and head
         let flops = || 10.0 * (visible_pairs(layout) * heads * head_dim) as f64;
         timed(
             || ("attention_backward".into(), flops()),
             || {
                 attention_backward_f32(
-                    q, k, v, out, lse, dout, layout, heads, kv_heads, head_dim, dq, dk, dv,
+                    q,
+                    k,
+                    v,
+                    (&out, out_row),
+                    lse,
+                    dout,
+                    layout,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
                 )
             },
         );
-        match unrotate_dq {
-            Some(r) => self.rope(dq, r.positions, r.cos, r.sin, heads, head_dim, true),
-            None => Ok(()),
+        if let Some(r) = unrotate_dq {
+            self.rope(&mut dq, r.positions, r.cos, r.sin, heads, head_dim, true)?;
         }
+        Ok(QkvGrads { dq, dk, dv })
     }
 
     fn write_cache(
@@ -438,10 +441,26 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+    fn swiglu(
+        &self,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        inter: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let rows = gate.len() / inter.max(1);
+        check_len(
+            "swiglu",
+            "gate (whole rows of inter)",
+            gate.len(),
+            rows * inter,
+        )?;
         check_len("swiglu", "up", up.len(), gate.len())?;
-        check_len("swiglu", "out", out.len(), gate.len())?;
-        timed(|| ("swiglu".into(), 0.0), || swiglu::forward(gate, up, out));
+        let out_row = row_length("swiglu", "out", out.len(), rows, inter)?;
+        timed(
+            || ("swiglu".into(), 0.0),
+            || swiglu::forward(gate, up, inter, (out, out_row)),
+        );
         Ok(())
     }
 

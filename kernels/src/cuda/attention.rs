@@ -7,8 +7,8 @@
 
 use super::launch::Arg;
 use super::{suffix, CudaBackend, CudaIndices, CudaTensor};
-use crate::error::check_len;
-use crate::{AttentionLayout, DType, KernelError, Result, Rotation};
+use crate::error::{check_len, row_length};
+use crate::{AttentionLayout, DType, KernelError, QkvGrads, Result, Rotation};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 
 const FWD_QUERIES_PER_BLOCK: usize = 128;
@@ -239,7 +239,7 @@ impl CudaBackend {
             head_dim,
         )?;
         let n = layout.tokens();
-        check_len("attention", "out", out.len(), n * heads * head_dim)?;
+        let out_row = row_length("attention", "out", out.len(), n, heads * head_dim)?;
         check_len("attention", "lse", lse.len(), n * heads)?;
         self.require_dtype("attention", "out", out, dt)?;
         self.require_dtype("attention", "lse", lse, DType::F32)?;
@@ -278,6 +278,7 @@ impl CudaBackend {
                 Arg::I32(kv_heads as i32),
                 Arg::I32(window),
                 Arg::F32(scale),
+                Arg::I32(out_row as i32),
             ];
             let flops = || 4.0 * (heads * head_dim) as f64 * layout.visible_pairs() as f64;
             self.launch_counted(&name, grid, threads as u32, shared as u32, &args, flops)
@@ -298,6 +299,7 @@ impl CudaBackend {
                 Arg::I32(head_dim as i32),
                 Arg::I32(window),
                 Arg::F32(scale),
+                Arg::I32(out_row as i32),
             ];
             let blocks = warps.div_ceil(WARPS_PER_BLOCK_SIMPLE) as u32;
             self.launch(
@@ -316,7 +318,7 @@ impl CudaBackend {
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
-        out: &CudaTensor,
+        out: CudaTensor,
         lse: &CudaTensor,
         dout: &CudaTensor,
         layout: &AttentionLayout,
@@ -324,34 +326,24 @@ impl CudaBackend {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
-        dq: &mut CudaTensor,
-        dk: &mut CudaTensor,
-        dv: &mut CudaTensor,
         unrotate_dq: Option<Rotation<'_, CudaIndices, CudaTensor>>,
-    ) -> Result<()> {
+    ) -> Result<QkvGrads<CudaTensor>> {
         let op = "attention_backward";
         let dt = self.check_attention(op, q, k, v, layout, doc_start, heads, kv_heads, head_dim)?;
         let n = layout.tokens();
-        check_len(op, "out", out.len(), n * heads * head_dim)?;
+        let out_row = row_length(op, "out", out.len(), n, heads * head_dim)?;
         check_len(op, "dout", dout.len(), n * heads * head_dim)?;
         check_len(op, "lse", lse.len(), n * heads)?;
-        check_len(op, "dq", dq.len(), n * heads * head_dim)?;
-        check_len(op, "dk", dk.len(), n * kv_heads * head_dim)?;
-        check_len(op, "dv", dv.len(), n * kv_heads * head_dim)?;
-        self.same_dtype(
-            op,
-            &[
-                ("q", q),
-                ("out", out),
-                ("dout", dout),
-                ("dq", dq),
-                ("dk", dk),
-                ("dv", dv),
-            ],
-        )?;
+        self.same_dtype(op, &[("q", q), ("out", &out), ("dout", dout)])?;
         self.require_dtype(op, "lse", lse, DType::F32)?;
+        let q_len = n * heads * head_dim;
+        let kv_len = n * kv_heads * head_dim;
         if n == 0 {
-            return Ok(());
+            return Ok(QkvGrads {
+                dq: self.alloc(q_len, dt)?,
+                dk: self.alloc(kv_len, dt)?,
+                dv: self.alloc(kv_len, dt)?,
+            });
         }
         let window = layout.window.unwrap_or(0) as i32;
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -364,7 +356,7 @@ impl CudaBackend {
         // dK and dV into f32 sums per kv head: these start from zeros, which the D_i kernel
         // writes beside its dot products (no memset launches of their own).
         let dq_acc = match mma_warps {
-            Some(_) => Some(self.alloc_f32_scratch(dq.len())?),
+            Some(_) => Some(self.alloc_f32_scratch(q_len)?),
             None => None,
         };
         let parts = match mma_warps {
@@ -384,7 +376,8 @@ impl CudaBackend {
             0,
             &[
                 self.p(dout),
-                self.p(out),
+                self.p(&out),
+                Arg::I32(out_row as i32),
                 self.p(&delta),
                 Arg::U64(pairs as u64),
                 Arg::I32(head_dim as i32),
@@ -395,12 +388,21 @@ impl CudaBackend {
                 Arg::I32(kv_heads as i32),
             ],
         )?;
+        // The D_i were out's last read: its buffer goes to the pool for the gradients (the
+        // stream orders the dot before any kernel writing them).
+        drop(out);
+        let mut grads = QkvGrads {
+            dq: self.alloc(q_len, dt)?,
+            dk: self.alloc(kv_len, dt)?,
+            dv: self.alloc(kv_len, dt)?,
+        };
+        let QkvGrads { dq, dk, dv } = &mut grads;
         let common = [
             Arg::I32(seq as i32),
             Arg::I32(heads as i32),
             Arg::I32(kv_heads as i32),
         ];
-        if let (Some(warps), Some(dq_acc)) = (mma_warps, dq_acc) {
+        let launched = if let (Some(warps), Some(dq_acc)) = (mma_warps, dq_acc) {
             // (name, keys a block, threads, shared bytes)
             let (name, block_keys, threads, shared) = if wgmma {
                 (
@@ -550,7 +552,8 @@ impl CudaBackend {
                 }
                 None => Ok(()),
             }
-        }
+        };
+        launched.map(|()| grads)
     }
 }
 

@@ -27,10 +27,10 @@ pub use offload::CudaParked;
 pub use tensor::{CudaIndices, CudaTensor};
 
 use crate::backend::{check_gemm_at, check_gemm_residual, check_place_block};
-use crate::error::{check_block_in_src, check_len, check_rows, check_strided_rows};
+use crate::error::{check_block_in_src, check_len, check_rows, check_strided_rows, row_length};
 use crate::{
     AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, DType, KernelError, LoraPad, MatAt,
-    Nf4Absmax, OpTime, ParkLane, Placement, Result, Rotation,
+    Nf4Absmax, OpTime, ParkLane, Placement, QkvGrads, Result, Rotation,
 };
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
@@ -967,7 +967,7 @@ impl Backend for CudaBackend {
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
-        out: &CudaTensor,
+        out: CudaTensor,
         lse: &CudaTensor,
         dout: &CudaTensor,
         layout: &AttentionLayout,
@@ -975,11 +975,8 @@ impl Backend for CudaBackend {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
-        dq: &mut CudaTensor,
-        dk: &mut CudaTensor,
-        dv: &mut CudaTensor,
         unrotate_dq: Option<Rotation<'_, CudaIndices, CudaTensor>>,
-    ) -> Result<()> {
+    ) -> Result<QkvGrads<CudaTensor>> {
         self.attention_backward_impl(
             q,
             k,
@@ -992,9 +989,6 @@ impl Backend for CudaBackend {
             heads,
             kv_heads,
             head_dim,
-            dq,
-            dk,
-            dv,
             unrotate_dq,
         )
     }
@@ -1136,19 +1130,34 @@ impl Backend for CudaBackend {
         self.launch_batched(&name, &[], (&table[..], placements.len()), widest)
     }
 
-    fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+    fn swiglu(
+        &self,
+        gate: &CudaTensor,
+        up: &CudaTensor,
+        inter: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let rows = gate.len() / inter.max(1);
+        check_len(
+            "swiglu",
+            "gate (whole rows of inter)",
+            gate.len(),
+            rows * inter,
+        )?;
         check_len("swiglu", "up", up.len(), gate.len())?;
-        check_len("swiglu", "out", out.len(), gate.len())?;
+        let out_row = row_length("swiglu", "out", out.len(), rows, inter)?;
         let dt = self.same_dtype("swiglu", &[("gate", gate), ("up", up), ("out", out)])?;
         let n = gate.len();
         let name = format!("swiglu_forward_{}", suffix(dt));
-        self.launch(
-            &name,
-            (blocks_for_chunks_of_8(n), 1, 1),
-            256,
-            0,
-            &[self.p(gate), self.p(up), self.p(out), Arg::U64(n as u64)],
-        )
+        let args = [
+            self.p(gate),
+            self.p(up),
+            self.p(out),
+            Arg::U64(n as u64),
+            Arg::U64(inter as u64),
+            Arg::U64(out_row as u64),
+        ];
+        self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
     }
 
     fn swiglu_backward(

@@ -15,7 +15,8 @@
 
 use kernels::{
     pool_buffer_fits, AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, DType, InFlight,
-    KernelError, LoraPad, MatAt, Nf4Absmax, ParkLane, Result, Rotation, GEMM_WORKSPACE_BYTES,
+    KernelError, LoraPad, MatAt, Nf4Absmax, ParkLane, QkvGrads, Result, Rotation,
+    GEMM_WORKSPACE_BYTES,
 };
 use std::collections::HashMap;
 use std::ops::Range;
@@ -412,10 +413,11 @@ impl Backend for MeterBackend {
         heads: usize,
         _kv_heads: usize,
         head_dim: usize,
-        out: &mut MeterTensor,
+        _out: &mut MeterTensor,
         lse: &mut MeterTensor,
     ) -> Result<()> {
-        let bytes = tensor_bytes(q) + tensor_bytes(k) + tensor_bytes(v) + tensor_bytes(out);
+        // out: as many values as q (its rows may have room beside them).
+        let bytes = 2.0 * tensor_bytes(q) + tensor_bytes(k) + tensor_bytes(v);
         self.record(
             OpKind::Attention,
             attention_forward_flops(layout, heads, head_dim),
@@ -429,7 +431,7 @@ impl Backend for MeterBackend {
         q: &MeterTensor,
         k: &MeterTensor,
         v: &MeterTensor,
-        out: &MeterTensor,
+        out: MeterTensor,
         lse: &MeterTensor,
         dout: &MeterTensor,
         layout: &AttentionLayout,
@@ -437,18 +439,16 @@ impl Backend for MeterBackend {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
-        dq: &mut MeterTensor,
-        dk: &mut MeterTensor,
-        dv: &mut MeterTensor,
         _unrotate_dq: Option<Rotation<'_, usize, MeterTensor>>,
-    ) -> Result<()> {
+    ) -> Result<QkvGrads<MeterTensor>> {
         // attention.rs: `delta [n·heads]` f32, and with the mma kernels an f32 dq accumulator and,
         // with GQA, f32 dK and dV per query head (the mma.sync kernels' parts; Hopper's wgmma
         // kernel sums per kv head, less: the larger is counted); all f32 scratch in 16-bit storage.
+        // Then `out` goes back to the pool and the gradients are made.
         let n = layout.tokens();
         let _delta = self.alloc_f32_scratch(n * heads);
         let mma = self.compute != DType::F32 && matches!(head_dim, 64 | 128);
-        let _dq_acc = mma.then(|| self.alloc_f32_scratch(dq.len));
+        let _dq_acc = mma.then(|| self.alloc_f32_scratch(n * heads * head_dim));
         let gqa = mma && heads > kv_heads;
         let _parts = gqa.then(|| {
             [
@@ -456,20 +456,24 @@ impl Backend for MeterBackend {
                 self.alloc_f32_scratch(n * heads * head_dim),
             ]
         });
-        let bytes = [q, k, v, out, lse, dout]
+        drop(out);
+        let grads = QkvGrads {
+            dq: self.alloc(n * heads * head_dim, self.compute),
+            dk: self.alloc(n * kv_heads * head_dim, self.compute),
+            dv: self.alloc(n * kv_heads * head_dim, self.compute),
+        };
+        let bytes = [q, k, v, lse, dout, &grads.dq, &grads.dk, &grads.dv]
             .iter()
             .map(|t| tensor_bytes(t))
             .sum::<f64>()
-            + tensor_bytes(dq)
-            + tensor_bytes(dk)
-            + tensor_bytes(dv);
-        // Backward: five T×T×d products against the forward's two (2.5×).
+            + tensor_bytes(q); // out's values
+                               // Backward: five T×T×d products against the forward's two (2.5×).
         self.record(
             OpKind::Attention,
             2.5 * attention_forward_flops(layout, heads, head_dim),
             bytes,
         );
-        Ok(())
+        Ok(grads)
     }
 
     fn write_cache(
@@ -506,8 +510,15 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
-    fn swiglu(&self, gate: &MeterTensor, up: &MeterTensor, out: &mut MeterTensor) -> Result<()> {
-        self.memory_op(tensor_bytes(gate) + tensor_bytes(up) + tensor_bytes(out));
+    fn swiglu(
+        &self,
+        gate: &MeterTensor,
+        up: &MeterTensor,
+        _inter: usize,
+        _out: &mut MeterTensor,
+    ) -> Result<()> {
+        // Read gate and up, write out's first `inter` columns: as many values as gate's.
+        self.memory_op(2.0 * tensor_bytes(gate) + tensor_bytes(up));
         Ok(())
     }
 

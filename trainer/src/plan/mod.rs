@@ -197,18 +197,22 @@ impl Plan {
         let pooled_total = pool_peak - dense.total + (weights - index_bytes) + scratch;
         let parts = Parts::of(spec, e);
         let lora_optimizer = lora_bytes(c, &spec.lora, e, spec.optimizer_state);
-        let counted = (weights - index_bytes)
-            + lora_optimizer
-            + parts.checkpoints
-            + parts.activations
-            + parts.logits_chunk;
+        // The activations' formula counts one layer's buffers as if none were reused; the pool
+        // (the metered run) reuses some, so where the formula exceeds what the pool held besides
+        // the other parts and the NF4 scratch, the activations are that (the total stays the
+        // pool's peak, the scratch in the workspace).
+        let others =
+            (weights - index_bytes) + lora_optimizer + parts.checkpoints + parts.logits_chunk;
+        let activations = parts
+            .activations
+            .min(pooled_total.saturating_sub(others + scratch));
         let memory = MemoryPlan {
             weights,
             lora_optimizer,
             checkpoints: parts.checkpoints,
-            activations: parts.activations,
+            activations,
             logits_chunk: parts.logits_chunk,
-            workspace: pooled_total.saturating_sub(counted),
+            workspace: pooled_total.saturating_sub(others + activations),
             nccl: if spec.nproc > 1 { NCCL_BYTES } else { 0 },
         };
         Ok(Plan {
@@ -458,7 +462,7 @@ impl Parts {
             // One layer's checkpoint (input, attention output, residual, lse, kept k/v) in flight
             // to the host and the one fetched back ahead of its layer.
             Checkpointing::Offload => {
-                let (compute, f32s) = KeptKv::checkpoint_values_per_token(c, lora_t as usize);
+                let (compute, f32s) = KeptKv::checkpoint_values_per_token(c, &spec.lora);
                 2 * n * (e * compute as u64 + 4 * f32s as u64)
             }
         };

@@ -12,7 +12,7 @@ use crate::model::batch::Batch;
 use crate::model::linear::{self, GroupGrad, MemberGrad};
 use crate::model::proj_weight::Dequantized;
 use anyhow::{anyhow, Result};
-use kernels::{Backend, DType, Rotation};
+use kernels::{Backend, DType, QkvGrads, Rotation};
 
 /// Whether a layer's backward makes `dL/dx`: every layer's does but the bottom one's, whose input
 /// (the embedding's rows) has nothing trainable below it. Without it the bottom layer runs only
@@ -378,7 +378,6 @@ impl<B: Backend> LayerWeights<B> {
             anyhow!("layer {layer}: backward after a cached (generation) forward, which keeps no log-sum-exp")
         })?;
         let n = be.len(&x) / s.hidden;
-        let dt = be.compute_dtype();
         let qkv_adapted = group_adapter(lora.as_deref(), layer, InputGroup::Qkv).is_some();
         let mut back =
             |g, douts: &[&B::Tensor], input: &B::Tensor, dinput: Option<&mut B::Tensor>| {
@@ -391,14 +390,12 @@ impl<B: Backend> LayerWeights<B> {
             return Ok(None);
         };
         let (positions, cos, sin) = (&batch.positions, &batch.cos, &batch.sin);
-        let mut dq = be.empty(n * s.q_dim, dt)?;
-        let mut dk = be.empty(n * s.kv_dim, dt)?;
-        let mut dv = be.empty(n * s.kv_dim, dt)?;
-        be.attention_backward(
+        // o's dA above was attn's last reader but the backward's D_i: the backward takes it.
+        let QkvGrads { dq, mut dk, dv } = be.attention_backward(
             &q,
             &k,
             &v,
-            &attn,
+            attn,
             &lse,
             &dattn,
             &batch.layout,
@@ -406,9 +403,6 @@ impl<B: Backend> LayerWeights<B> {
             s.heads,
             s.kv_heads,
             s.head_dim,
-            &mut dq,
-            &mut dk,
-            &mut dv,
             Some(Rotation {
                 positions,
                 cos,
@@ -416,7 +410,7 @@ impl<B: Backend> LayerWeights<B> {
             }),
         )?;
         be.rope(&mut dk, positions, cos, sin, s.kv_heads, s.head_dim, true)?;
-        drop((dattn, q, k, v, attn, lse));
+        drop((dattn, q, k, v, lse));
         let (dq, dk) = match (&self.qk_norm, &qk_raw) {
             (Some([wq, wk]), Some([q_raw, k_raw])) => (
                 head_norm_backward(be, s, wq, q_raw, &dq)?,
