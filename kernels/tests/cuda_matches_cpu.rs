@@ -182,17 +182,21 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
         let mut out_c = vec![0.0; m];
         cpu.swiglu(&gate_r, &up_r, inter, &mut out_c).unwrap();
         check("swiglu", d, &g.download(&out).unwrap(), &out_c);
-        // Rows with room for a folded LoRA input (down's): the same values, the room untouched.
-        let row = inter + 16;
-        let mut wide = g.upload(&vec![7.0; 512 * row], d).unwrap();
-        g.swiglu(&gate, &upv, inter, &mut wide).unwrap();
-        let (wide, dense) = (g.download(&wide).unwrap(), g.download(&out).unwrap());
-        for (w, x) in wide.chunks(row).zip(dense.chunks(inter)) {
-            assert_eq!(&w[..inter], x, "swiglu into wider rows ({})", d.name());
-            assert!(
-                w[inter..].iter().all(|&v| v == 7.0),
-                "the room is left alone"
-            );
+        // Rows with room for a folded LoRA input (down's): the same values, the room untouched;
+        // an odd room (an odd rank's) takes the element-wise path.
+        let dense = g.download(&out).unwrap();
+        for room in [16, 7] {
+            let row = inter + room;
+            let mut wide = g.upload(&vec![7.0; 512 * row], d).unwrap();
+            g.swiglu(&gate, &upv, inter, &mut wide).unwrap();
+            let wide = g.download(&wide).unwrap();
+            for (w, x) in wide.chunks(row).zip(dense.chunks(inter)) {
+                assert_eq!(&w[..inter], x, "swiglu into rows +{room} ({})", d.name());
+                assert!(
+                    w[inter..].iter().all(|&v| v == 7.0),
+                    "the room is left alone"
+                );
+            }
         }
         let (mut dout, mut dout_r) = up(&g, &random(m, 8, 1.0), d);
         let (mut dg, mut du) = (gate, upv);
@@ -666,7 +670,9 @@ fn attention_case(
         &lse_c,
     );
     // The backward takes its gradients from the pool: NaN-filled buffers of their sizes go
-    // back to it first, so that an element the kernels leave unwritten shows.
+    // back to it first, so that an element the kernels leave unwritten shows (one gradient
+    // likely takes `out`'s buffer instead, dropped last: an element left unwritten there holds
+    // `out`'s value, which the comparison with the CPU shows).
     let nan_grads = |g: &CudaBackend| {
         for len in [n * heads * hd, n * kv_heads * hd, n * kv_heads * hd] {
             drop(g.upload(&vec![f32::NAN; len], d).unwrap());

@@ -714,8 +714,10 @@ impl<B: Backend> LayerWeights<B> {
         let down = InputGroup::Down;
         let down_adapter = group_adapter(lora, layer, down);
         let needs_t = down_adapter.is_some() && kept_t[down.index()].is_none();
-        // down's LoRA folded into its product: the SwiGLU writes its rows with room for `t`.
-        let fold_down = self.folded_width(s, lora, layer, down).filter(|_| output);
+        // down's LoRA folded into its product: the SwiGLU writes its rows with room for `t` —
+        // in a recomputation too, which makes only `t`, so that its product reads the rows the
+        // forward's did (the GEMM's algorithm is chosen by the row length: the same bits).
+        let fold_down = self.folded_width(s, lora, layer, down);
         let mut act = if output || needs_t {
             let mut act = be.empty(n * (s.inter + fold_down.unwrap_or(0)), dt)?;
             be.swiglu(&gate, &up, s.inter, &mut act)?;

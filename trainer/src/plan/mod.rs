@@ -439,10 +439,11 @@ impl Parts {
         let (qd, kvd) = (c.q_dim() as u64, c.kv_dim() as u64);
         let heads = c.num_heads as u64;
         let lora_t = spec.lora.targets.len() as u64 * spec.lora.r as u64;
-        // LayerSaved: x, norm1, q, k, v, attn, mid, norm2, gate, up (norm1 and norm2 with
+        // LayerSaved: x, norm1, q, k, v, attn, mid, norm2, gate, up (norm1, attn and norm2 with
         // room for a folded group's `t`), x·Aᵀ per adapted projection (compute dtype; not the
         // SwiGLU output, which the backward makes again); rstd1, rstd2, lse (f32).
-        let folded = folded_input_columns(&spec.lora);
+        let folded = folded_input_columns(&spec.lora)
+            - fold_width(InputGroup::Down, &spec.lora).unwrap_or(0) as u64;
         let saved_without_input =
             e * n * (3 * h + 2 * qd + 2 * kvd + 2 * i + lora_t + folded) + 4 * n * (2 + heads);
         let layer_input = e * n * h;
