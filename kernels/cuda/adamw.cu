@@ -6,7 +6,8 @@
  * tensor i (starts[count] = total), so a thread finds its tensor by binary search (owner_of). Each element's
  * four values are read and its three outputs written once: one pass over 16 bytes in, 12 out.
  * Where `compute` is non-null (a table of addresses, one per tensor) the updated weight is also
- * rounded into it, as cast_multi_f32_<t> would (compute_dtype: 1 bf16, 2 f16; 2 bytes out), and
+ * rounded into it, as cast_multi_f32_<t> would (compute_dtype: 1 bf16, 2 f16, 2 bytes out; 0 f32, the
+ * f32 backend's copies, 4 bytes), and
  * with `zero_grads` the gradient is zeroed once read (4 bytes out): the compute copies and the
  * zeroing that two launches after the update wrote, in the same pass.
  */
@@ -31,7 +32,8 @@ extern "C" __global__ void adamw_multi_f32(float* const* params, float* const* g
         exp_avg_sq[t][i] = v;
         if (compute != nullptr) {
             if (compute_dtype == 1) ((bf16*)compute[t])[i] = store_f32<bf16>(updated);
-            else ((f16*)compute[t])[i] = store_f32<f16>(updated);
+            else if (compute_dtype == 2) ((f16*)compute[t])[i] = store_f32<f16>(updated);
+            else ((float*)compute[t])[i] = updated;
         }
         if (zero_grads) grads[t][i] = 0.0f;
     }

@@ -144,12 +144,11 @@ __device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&o)[DT][4
 }
 
 /* The forward's end for a warp's rows row_a, row_b of head h: out = O / l (l summed over the 4 lanes
- * of a row) into head h's columns of the token's row of out (out_row elements apart: room for a
- * folded LoRA input beside the heads), and lse = (m + log2 l) ln 2. */
+ * of a row) and lse = (m + log2 l) ln 2. */
 template <typename T, int D>
 __device__ __forceinline__ void store_output_rows(const float (&o)[D / 8][4], float m_a, float m_b, float l_a, float l_b,
-                                                  T* out, int out_row, float* lse, u64 tok0, int row_a, int row_b,
-                                                  int seq, int heads, int h, int tq) {
+                                                  T* out, float* lse, u64 tok0, int row_a, int row_b, int seq,
+                                                  int heads, int h, int tq) {
 #pragma unroll
     for (int off = 1; off < 4; off <<= 1) {
         l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
@@ -157,23 +156,11 @@ __device__ __forceinline__ void store_output_rows(const float (&o)[D / 8][4], fl
     }
     float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
     u16* og = (u16*)out;
-    /* A pair of columns is one 4-byte store where rows start on 4 bytes (out_row even: the room is an
-     * even rank's), two 2-byte stores otherwise. */
-    const bool pairs = (out_row & 1) == 0;
-    auto store = [&](u16* at, float x0, float x1) {
-        const u32 w = pack2<T>(x0, x1);
-        if (pairs) {
-            *(u32*)at = w;
-        } else {
-            at[0] = (u16)(w & 0xffffu);
-            at[1] = (u16)(w >> 16);
-        }
-    };
 #pragma unroll
     for (int i = 0; i < D / 8; i++) {
         int d = 8 * i + 2 * tq;
-        if (row_a < seq) store(og + (tok0 + row_a) * out_row + h * D + d, o[i][0] * inv_a, o[i][1] * inv_a);
-        if (row_b < seq) store(og + (tok0 + row_b) * out_row + h * D + d, o[i][2] * inv_b, o[i][3] * inv_b);
+        if (row_a < seq) *(u32*)(og + ((tok0 + row_a) * heads + h) * D + d) = pack2<T>(o[i][0] * inv_a, o[i][1] * inv_a);
+        if (row_b < seq) *(u32*)(og + ((tok0 + row_b) * heads + h) * D + d) = pack2<T>(o[i][2] * inv_b, o[i][3] * inv_b);
     }
     if (tq == 0) {
         const float ln2 = 0.6931471805599453f;

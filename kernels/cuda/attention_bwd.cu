@@ -3,8 +3,7 @@
  *   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i p_ij dout_i
  * with the visibility rule of attention_fwd.cu. Nothing of size seq x seq reaches global memory.
  *
- * attention_backward_dot_<t>:     D_i = dout_i . out_i  (f32 [N, heads]), one warp per (token, head), out's
- *   token rows out_row elements apart (the forward's, attention_fwd.cu);
+ * attention_backward_dot_<t>:     D_i = dout_i . out_i  (f32 [N, heads]), one warp per (token, head);
  *   the same warp zeroes the f32 accumulators the mma kernels add into: dQ's row of its (token, head)
  *   and, with GQA on Hopper, the dK/dV sums' row of (token, kv head = head) for head < kv_heads (null
  *   pointers where there are none), so that no memset launch of its own runs before the backward
@@ -34,14 +33,13 @@
 #define BWD_BM 32 /* = the warp size: lane l of every warp checks query l of a tile */
 
 template <typename T>
-__device__ void attention_backward_dot(const T* dout, const T* out, int out_row, float* delta, u64 pairs, int d,
-                                       float* dq_zero, float* dk_zero, float* dv_zero, int heads, int kv_heads) {
+__device__ void attention_backward_dot(const T* dout, const T* out, float* delta, u64 pairs, int d, float* dq_zero,
+                                       float* dk_zero, float* dv_zero, int heads, int kv_heads) {
     const int lane = threadIdx.x & 31;
     const u64 pair = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (pair >= pairs) return;
-    const T* out_pair = out + (pair / heads) * out_row + (pair % heads) * d;
     float acc = 0.0f;
-    for (int c = lane; c < d; c += 32) acc += load_f32(dout[pair * d + c]) * load_f32(out_pair[c]);
+    for (int c = lane; c < d; c += 32) acc += load_f32(dout[pair * d + c]) * load_f32(out[pair * d + c]);
     acc = warp_sum(acc);
     if (lane == 0) delta[pair] = acc;
     if (dq_zero != nullptr)
@@ -365,11 +363,10 @@ ATTN_BWD_MMA(f16, f16, 128, 8)
                                                                 int kv_heads, int d) {                          \
         attention_backward_group_sum<T>(part, out, total, heads, kv_heads, d);                                  \
     }                                                                                                             \
-    extern "C" __global__ void attention_backward_dot_##S(const T* dout, const T* out, int out_row, float* delta, \
-                                                          u64 pairs, int d, float* dq_zero, float* dk_zero,       \
-                                                          float* dv_zero, int heads, int kv_heads) {              \
-        attention_backward_dot<T>(dout, out, out_row, delta, pairs, d, dq_zero, dk_zero, dv_zero, heads,         \
-                                  kv_heads);                                                                    \
+    extern "C" __global__ void attention_backward_dot_##S(const T* dout, const T* out, float* delta, u64 pairs,   \
+                                                          int d, float* dq_zero, float* dk_zero, float* dv_zero,  \
+                                                          int heads, int kv_heads) {                              \
+        attention_backward_dot<T>(dout, out, delta, pairs, d, dq_zero, dk_zero, dv_zero, heads, kv_heads);      \
     }                                                                                                             \
     extern "C" __global__ void attention_backward_simple_dq_##S(                                                 \
         const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,                  \

@@ -16,8 +16,6 @@
  * Blocks run latest queries first, so the longest causal rows start early and the tail is short (in
  * launch order: heavy_first_block, the wgmma kernels' order, costs these kernels 5-40 registers).
  * Traffic: Q, O once; K, V once per 128-query block (GQA: the kv head is indexed, never copied).
- * O's token rows are out_row elements apart (>= heads x D: room for a folded LoRA input beside the
- * heads, which is left alone); q, k, v are dense.
  * Shared memory: 2 stages x (K + V) x 64 x (D + 8) halves = 69,632 bytes at D = 128.
  *
  * attention_forward_simple_<t>: one warp per (query, head), lanes split the head dimension
@@ -44,7 +42,7 @@ __device__ __forceinline__ void load_kv_tile(u16* ks, u16* vs, const u16* k, con
 
 template <typename T, int D>
 __device__ void attention_forward_mma(const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse,
-                                      int seq, int heads, int kv_heads, int window, float scale, int out_row) {
+                                      int seq, int heads, int kv_heads, int window, float scale) {
     constexpr int LD = D + 8; /* +16 bytes per row: ldmatrix's 8 rows land on different banks */
     constexpr int KSTEPS = D / 16, DTILES = D / 8, NTILES = ATTN_BN / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -141,14 +139,13 @@ __device__ void attention_forward_mma(const T* q, const T* k, const T* v, const 
         __syncthreads(); /* every warp is done with this stage before it is refilled */
         stage ^= 1;
     }
-    store_output_rows<T, D>(o, m_a, m_b, l_a, l_b, out, out_row, lse, tok0, qa_row, qb_row, seq, heads, h, tq);
+    store_output_rows<T, D>(o, m_a, m_b, l_a, l_b, out, lse, tok0, qa_row, qb_row, seq, heads, h, tq);
 }
 
 /* One warp per (token, head); lane c holds dimensions c, c+32, ... (up to 8 of them). */
 template <typename T>
 __device__ void attention_forward_simple(const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse,
-                                         int rows, int seq, int heads, int kv_heads, int d, int window, float scale,
-                                         int out_row) {
+                                         int rows, int seq, int heads, int kv_heads, int d, int window, float scale) {
     const int lane = threadIdx.x & 31;
     const u64 pair = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (pair >= (u64)rows * seq * heads) return;
@@ -183,7 +180,7 @@ __device__ void attention_forward_simple(const T* q, const T* k, const T* v, con
     }
     for (int c = 0; c < 8; c++) {
         int dim = lane + 32 * c;
-        if (dim < d) out[tok * out_row + h * d + dim] = store_f32<T>(acc[c] / l);
+        if (dim < d) out[(tok * heads + h) * d + dim] = store_f32<T>(acc[c] / l);
     }
     if (lane == 0) lse[tok * heads + h] = m + logf(l);
 }
@@ -191,8 +188,8 @@ __device__ void attention_forward_simple(const T* q, const T* k, const T* v, con
 #define ATTN_FWD_MMA(S, T, D)                                                                                  \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_forward_mma_##S##_d##D(                      \
         const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse, int seq, int heads,      \
-        int kv_heads, int window, float scale, int out_row) {                                                  \
-        attention_forward_mma<T, D>(q, k, v, doc_start, out, lse, seq, heads, kv_heads, window, scale, out_row); \
+        int kv_heads, int window, float scale) {                                                               \
+        attention_forward_mma<T, D>(q, k, v, doc_start, out, lse, seq, heads, kv_heads, window, scale);        \
     }
 ATTN_FWD_MMA(bf16, bf16, 64)
 ATTN_FWD_MMA(bf16, bf16, 128)
@@ -203,8 +200,7 @@ ATTN_FWD_MMA(f16, f16, 128)
     extern "C" __global__ void attention_forward_simple_##S(const T* q, const T* k, const T* v,                \
                                                             const int* doc_start, T* out, float* lse, int rows, \
                                                             int seq, int heads, int kv_heads, int d, int window, \
-                                                            float scale, int out_row) {                        \
-        attention_forward_simple<T>(q, k, v, doc_start, out, lse, rows, seq, heads, kv_heads, d, window, scale,  \
-                                    out_row);                                                                  \
+                                                            float scale) {                                     \
+        attention_forward_simple<T>(q, k, v, doc_start, out, lse, rows, seq, heads, kv_heads, d, window, scale); \
     }
 FOR_EACH_DTYPE(ATTN_FWD_SIMPLE)

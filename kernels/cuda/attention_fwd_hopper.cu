@@ -28,8 +28,7 @@
  * A warpgroup skips the tiles none of its 64 queries sees (it still waits for them and frees their
  * stages, which keeps the mbarrier phases in step). Blocks run heaviest (latest queries) first, over
  * groups of 8 (head, row) pairs (heavy_first_block in attention.cuh).
- * Traffic: Q, O once; K, V once per 128-query block. O's token rows are out_row elements apart
- * (attention_fwd.cu).
+ * Traffic: Q, O once; K, V once per 128-query block.
  * Shared memory: Q 128 x D + 3 stages x (K + V) x 128 x D halves + 1 KiB to align = 225 KiB at D = 128
  * (113 KiB at D = 64; two stages: 161 and 81 KiB), one block a multiprocessor; the kernel traps where
  * the host gives it less. Registers: 168 a thread at launch (65536 / 384), moved by setmaxnreg to 232
@@ -149,7 +148,7 @@ __device__ __forceinline__ u32 parity_of(int t) { return ((unsigned)t / HFWD_STA
 
 template <typename T, int D>
 __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse,
-                                        int seq, int heads, int kv_heads, int window, float scale, int out_row) {
+                                        int seq, int heads, int kv_heads, int window, float scale) {
 #if WGMMA_AVAILABLE
     constexpr int KSTEPS = D / 16, DTILES = D / 8, NTILES = HFWD_BN / 8, PSTEPS = HFWD_BN / 16;
     constexpr int CHUNKS = D / 8; /* 16-byte chunks a row */
@@ -358,7 +357,7 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
         empty_turn();
         skip_tile(t);
     }
-    store_output_rows<T, D>(o, m_a, m_b, l_a, l_b, out, out_row, lse, tok0, qa_row, qb_row, seq, heads, h, tq);
+    store_output_rows<T, D>(o, m_a, m_b, l_a, l_b, out, lse, tok0, qa_row, qb_row, seq, heads, h, tq);
     /* Warpgroup 1's last turn_end is one more arrival than warpgroup 0 has turns: taken here, so that
      * no barrier is left half passed. */
     if (group == 0) turn_begin();
@@ -370,9 +369,8 @@ __device__ void attention_forward_wgmma(const T* q, const T* k, const T* v, cons
 #define ATTN_FWD_WGMMA(S, T, D)                                                                                \
     extern "C" __global__ void __launch_bounds__(HFWD_THREADS, 1) attention_forward_wgmma_##S##_d##D(          \
         const T* q, const T* k, const T* v, const int* doc_start, T* out, float* lse, int seq, int heads,      \
-        int kv_heads, int window, float scale, int out_row) {                                                  \
-        attention_forward_wgmma<T, D>(q, k, v, doc_start, out, lse, seq, heads, kv_heads, window, scale,       \
-                                      out_row);                                                                \
+        int kv_heads, int window, float scale) {                                                               \
+        attention_forward_wgmma<T, D>(q, k, v, doc_start, out, lse, seq, heads, kv_heads, window, scale);      \
     }
 ATTN_FWD_WGMMA(bf16, bf16, 64)
 ATTN_FWD_WGMMA(bf16, bf16, 128)

@@ -1,6 +1,5 @@
 /* SwiGLU, element-wise over [N, inter]:
- *   forward:  out = silu(g) * u,  silu(g) = g * sigmoid(g), out's token rows out_row elements apart
- *             (>= inter: room for a folded LoRA input beside them, which is left alone)
+ *   forward:  out = silu(g) * u,  silu(g) = g * sigmoid(g)
  *   backward: dg = dout * u * s * (1 + g (1 - s)),  du = dout * g * s,  s = sigmoid(g),
  *             and out again (the forward's expression, so its bits) in dout's place: the down
  *             projection's dA reads it, and the backward need not keep or recompute it.
@@ -9,27 +8,19 @@
  */
 __device__ __forceinline__ float sigmoidf(float g) { return 1.0f / (1.0f + __expf(-g)); }
 
-/* Element i of the [N, inter] inputs in out, whose rows are out_row apart. */
-__device__ __forceinline__ u64 out_index(u64 i, u64 inter, u64 out_row) {
-    const u64 row = div_u64(i, inter);
-    return row * out_row + (i - row * inter);
-}
-
 template <typename T>
-__device__ void swiglu_forward(const T* gate, const T* up, T* out, u64 n, u64 inter, u64 out_row) {
-    /* A chunk of 8 stays in one row of out where rows are whole chunks. */
-    const bool rows_of_chunks = inter % 8 == 0 && out_row % 8 == 0;
-    u64 chunks = rows_of_chunks && aligned16(gate) && aligned16(up) && aligned16(out) ? n / 8 : 0;
+__device__ void swiglu_forward(const T* gate, const T* up, T* out, u64 n) {
+    u64 chunks = aligned16(gate) && aligned16(up) && aligned16(out) ? n / 8 : 0;
     for (u64 c = THREAD_INDEX; c < chunks; c += GRID_STRIDE) {
         float g[8], u[8], o[8];
         load8(gate, c, g);
         load8(up, c, u);
         for (int j = 0; j < 8; j++) o[j] = g[j] * sigmoidf(g[j]) * u[j];
-        store8(out + out_index(8 * c, inter, out_row), 0, o);
+        store8(out, c, o);
     }
     for (u64 i = chunks * 8 + THREAD_INDEX; i < n; i += GRID_STRIDE) {
         float g = load_f32(gate[i]);
-        out[out_index(i, inter, out_row)] = store_f32<T>(g * sigmoidf(g) * load_f32(up[i]));
+        out[i] = store_f32<T>(g * sigmoidf(g) * load_f32(up[i]));
     }
 }
 
@@ -61,9 +52,8 @@ __device__ void swiglu_backward(T* dout, T* gate, T* up, u64 n) {
     }
 }
 #define SWIGLU_KERNELS(S, T)                                                                               \
-    extern "C" __global__ void swiglu_forward_##S(const T* gate, const T* up, T* out, u64 n, u64 inter,   \
-                                                  u64 out_row) {                                          \
-        swiglu_forward<T>(gate, up, out, n, inter, out_row);                                              \
+    extern "C" __global__ void swiglu_forward_##S(const T* gate, const T* up, T* out, u64 n) {            \
+        swiglu_forward<T>(gate, up, out, n);                                                              \
     }                                                                                                     \
     extern "C" __global__ void swiglu_backward_##S(T* dout, T* gate, T* up, u64 n) {                     \
         swiglu_backward<T>(dout, gate, up, n);                                                            \

@@ -712,10 +712,8 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Causal self-attention: `q [N, hq, d]`, `k, v [N, hkv, d]` (query head j reads kv head
-    /// `j / (hq/hkv)`), `out [N, hq, d]` in the first `hq·d` columns of rows `len(out) / N` long
-    /// (the rest of a row, room for a folded LoRA input, is left alone), `lse [N, hq]` f32 =
-    /// log-sum-exp of each query's scaled scores (saved for backward). Masking follows `layout`
-    /// (held on the device as `doc_start`).
+    /// `j / (hq/hkv)`), `out [N, hq, d]`, `lse [N, hq]` f32 = log-sum-exp of each query's scaled
+    /// scores (saved for backward). Masking follows `layout` (held on the device as `doc_start`).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -730,9 +728,8 @@ pub trait Backend {
         out: &mut Self::Tensor,
         lse: &mut Self::Tensor,
     ) -> Result<()>;
-    /// Attention backward: `dq [N, hq, d]`, `dk, dv [N, hkv, d]` from `dout [N, hq, d]` and the
-    /// forward's `out` (its rows as [`Backend::attention`] wrote them) and `lse`
-    /// (FlashAttention-2's: `D_i = dout_i · out_i` first, then the products).
+    /// Attention backward: `dq [N, hq, d]`, `dk, dv [N, hkv, d]` from `dout` and the forward's
+    /// `out` and `lse` (FlashAttention-2's: `D_i = dout_i · out_i` first, then the products).
     /// `out` is taken: nothing reads it after the `D_i`, so its buffer goes back to the pool
     /// before the gradients are made and one of them reuses it (at a 7B layer's backward, the
     /// one that sets the step's peak, that is 32 MiB less). Given `unrotate_dq` (RoPE's tables
@@ -791,15 +788,8 @@ pub trait Backend {
         out: &mut Self::Tensor,
     ) -> Result<()>;
 
-    /// SwiGLU: `out = silu(gate) ⊙ up`, all `[N, inter]`; `out` in the first `inter` columns of
-    /// rows `len(out) / N` long (the rest of a row, room for a folded LoRA input, is left alone).
-    fn swiglu(
-        &self,
-        gate: &Self::Tensor,
-        up: &Self::Tensor,
-        inter: usize,
-        out: &mut Self::Tensor,
-    ) -> Result<()>;
+    /// SwiGLU: `out = silu(gate) ⊙ up`, all `[N, inter]`.
+    fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
     /// SwiGLU backward in place (the forward's `gate` and `up` are read and overwritten, so the
     /// MLP's backward holds no second pair of `[N, inter]` buffers):
     /// `gate ← dout ⊙ up ⊙ silu'(gate)`, `up ← dout ⊙ silu(gate)`, and `dout ← silu(gate) ⊙ up`,

@@ -61,20 +61,6 @@ pub(crate) fn check_len(
     }
 }
 
-/// The row length of a buffer of `rows` rows (`len` elements) whose rows hold at least `cols`
-/// each (a tensor whose rows have room beside them, as a folded LoRA input's): `len / rows`.
-pub(crate) fn row_length(
-    op: &'static str,
-    what: &'static str,
-    len: usize,
-    rows: usize,
-    cols: usize,
-) -> crate::Result<usize> {
-    let ld = len.checked_div(rows).unwrap_or(cols);
-    check_strided_rows(op, what, (rows, cols, ld), len)?;
-    Ok(ld)
-}
-
 /// Checks that the block `src[offset..offset + n]` lies inside `src` (`src_len` elements): the
 /// block of a stacked result that `axpy_from` adds into a tensor of `n`.
 pub(crate) fn check_block_in_src(

@@ -87,7 +87,7 @@ fn every_op(be: &CpuBackend) -> Vec<Vec<f32>> {
     be.rope(&mut roped, &positions, &cos, &sin, 6, 16, false)
         .unwrap();
     let mut act = vec![0.0; x.len()];
-    be.swiglu(&x, &y, hidden, &mut act).unwrap();
+    be.swiglu(&x, &y, &mut act).unwrap();
     let (mut dg, mut du, mut act_again) = (x.clone(), y.clone(), dx.clone());
     be.swiglu_backward(&mut act_again, &mut dg, &mut du)
         .unwrap();

@@ -144,7 +144,7 @@ pub fn attention_forward_f32(
     heads: usize,
     kv_heads: usize,
     d: usize,
-    (out, out_row): (&mut [f32], usize),
+    out: &mut [f32],
     lse: &mut [f32],
 ) {
     let t = layout.seq_len;
@@ -166,7 +166,7 @@ pub fn attention_forward_f32(
     for (&(row, h, q0), (o, l)) in tasks.iter().zip(results) {
         for (r, (o_row, &l_row)) in o.chunks_exact(d).zip(&l).enumerate() {
             let i = row * t + q0 + r;
-            out[i * out_row + h * d..][..d].copy_from_slice(o_row);
+            out[(i * heads + h) * d..][..d].copy_from_slice(o_row);
             lse[i * heads + h] = l_row;
         }
     }
@@ -179,13 +179,12 @@ struct GroupGrads {
     dv: Vec<f32>,
 }
 
-/// The forward tensors the backward pass reads (`out`'s token rows `out_row` apart).
+/// The forward tensors the backward pass reads.
 struct Saved<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
     out: &'a [f32],
-    out_row: usize,
     lse: &'a [f32],
     dout: &'a [f32],
 }
@@ -213,10 +212,9 @@ fn backward_group(
             let qv = dims.q_rows(x.q, row, q0, h, bq);
             let dov = dims.q_rows(x.dout, row, q0, h, bq);
             let at = |r: usize| (row * t + q0 + r) * dims.heads + h;
-            let out_at = |r: usize| (row * t + q0 + r) * x.out_row + h * d;
             // D_i = dout_i · out_i
             let big_d: Vec<f32> = (0..bq)
-                .map(|r| lanes::dot(&x.dout[at(r) * d..][..d], &x.out[out_at(r)..][..d]))
+                .map(|r| lanes::dot(&x.dout[at(r) * d..][..d], &x.out[at(r) * d..][..d]))
                 .collect();
             for k0 in (k_lo..q1).step_by(BLOCK_K) {
                 let k1 = (k0 + BLOCK_K).min(q1);
@@ -265,7 +263,7 @@ pub fn attention_backward_f32(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    (out, out_row): (&[f32], usize),
+    out: &[f32],
     lse: &[f32],
     dout: &[f32],
     layout: &AttentionLayout,
@@ -290,7 +288,6 @@ pub fn attention_backward_f32(
         k,
         v,
         out,
-        out_row,
         lse,
         dout,
     };
@@ -377,7 +374,7 @@ mod tests {
         let n = l.tokens();
         let mut out = vec![0.0; n * h * d];
         let mut lse = vec![0.0; n * h];
-        attention_forward_f32(q, k, v, l, h, kvh, d, (&mut out, h * d), &mut lse);
+        attention_forward_f32(q, k, v, l, h, kvh, d, &mut out, &mut lse);
         (out, lse)
     }
 
@@ -390,19 +387,7 @@ mod tests {
         let (out, lse) = run(&q, &k, &v, layout, h, kvh, d);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         attention_backward_f32(
-            &q,
-            &k,
-            &v,
-            (&out, h * d),
-            &lse,
-            &probe,
-            layout,
-            h,
-            kvh,
-            d,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            &q, &k, &v, &out, &lse, &probe, layout, h, kvh, d, &mut dq, &mut dk, &mut dv,
         );
         check_gradient(&q, &dq, 1e-2, 2e-3, |q| {
             dot64(&run(q, &k, &v, layout, h, kvh, d).0, &probe)
@@ -490,19 +475,7 @@ mod tests {
         let (out, lse) = run(&q, &k, &v, &layout, h, kvh, d);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         attention_backward_f32(
-            &q,
-            &k,
-            &v,
-            (&out, h * d),
-            &lse,
-            &dout,
-            &layout,
-            h,
-            kvh,
-            d,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            &q, &k, &v, &out, &lse, &dout, &layout, h, kvh, d, &mut dq, &mut dk, &mut dv,
         );
         let want = by_definition((&q, &k, &v, &dout), &layout, h, kvh, d);
         for (name, got, want) in [

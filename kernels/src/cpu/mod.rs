@@ -24,7 +24,7 @@ pub use attention::{attention_backward_f32, attention_forward_f32};
 pub use matmul::{gemm_f32, gemm_f32_at};
 
 use crate::backend::{check_copy_places, check_gemm_at, check_place_block};
-use crate::error::{check_len, check_rows, check_strided_rows, row_length};
+use crate::error::{check_len, check_rows, check_strided_rows};
 use crate::nf4::{Nf4Buffers, Nf4Weight};
 use crate::{
     AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, DType, LoraPad, MatAt, Nf4Absmax,
@@ -281,16 +281,13 @@ impl Backend for CpuBackend {
         check_len("attention", "q", q.len(), n * heads * head_dim)?;
         check_len("attention", "k", k.len(), n * kv_heads * head_dim)?;
         check_len("attention", "v", v.len(), n * kv_heads * head_dim)?;
-        let out_row = row_length("attention", "out", out.len(), n, heads * head_dim)?;
+        check_len("attention", "out", out.len(), n * heads * head_dim)?;
         check_len("attention", "lse", lse.len(), n * heads)?;
         // 2 products (QKᵀ, PV) of 2·d FLOPs per visible (query, key) pair and head
         let flops = || 4.0 * (visible_pairs(layout) * heads * head_dim) as f64;
         timed(
             || ("attention".into(), flops()),
-            || {
-                let out = (&mut out[..], out_row);
-                attention_forward_f32(q, k, v, layout, heads, kv_heads, head_dim, out, lse)
-            },
+            || attention_forward_f32(q, k, v, layout, heads, kv_heads, head_dim, out, lse),
         );
         Ok(())
     }
@@ -311,7 +308,7 @@ impl Backend for CpuBackend {
         unrotate_dq: Option<Rotation<'_, Vec<i32>, Vec<f32>>>,
     ) -> Result<QkvGrads<Vec<f32>>> {
         let n = layout.tokens();
-        let out_row = row_length("attention_backward", "out", out.len(), n, heads * head_dim)?;
+        check_len("attention_backward", "out", out.len(), n * heads * head_dim)?;
         check_len(
             "attention_backward",
             "dout",
@@ -327,18 +324,7 @@ impl Backend for CpuBackend {
             || ("attention_backward".into(), flops()),
             || {
                 attention_backward_f32(
-                    q,
-                    k,
-                    v,
-                    (&out, out_row),
-                    lse,
-                    dout,
-                    layout,
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    &mut dq,
-                    &mut dk,
+                    q, k, v, &out, lse, dout, layout, heads, kv_heads, head_dim, &mut dq, &mut dk,
                     &mut dv,
                 )
             },
@@ -441,26 +427,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn swiglu(
-        &self,
-        gate: &Vec<f32>,
-        up: &Vec<f32>,
-        inter: usize,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        let rows = gate.len() / inter.max(1);
-        check_len(
-            "swiglu",
-            "gate (whole rows of inter)",
-            gate.len(),
-            rows * inter,
-        )?;
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
         check_len("swiglu", "up", up.len(), gate.len())?;
-        let out_row = row_length("swiglu", "out", out.len(), rows, inter)?;
-        timed(
-            || ("swiglu".into(), 0.0),
-            || swiglu::forward(gate, up, inter, (out, out_row)),
-        );
+        check_len("swiglu", "out", out.len(), gate.len())?;
+        timed(|| ("swiglu".into(), 0.0), || swiglu::forward(gate, up, out));
         Ok(())
     }
 

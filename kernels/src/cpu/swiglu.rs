@@ -8,12 +8,10 @@ use rayon::prelude::*;
 /// Elements per parallel task.
 const CHUNK: usize = 4096;
 
-/// `out` holds `gate`'s rows of `inter` in the first `inter` columns of rows `out_row` long.
-pub fn forward(gate: &[f32], up: &[f32], inter: usize, (out, out_row): (&mut [f32], usize)) {
-    out.par_chunks_mut(out_row)
-        .zip(gate.par_chunks(inter))
-        .zip(up.par_chunks(inter))
-        .with_min_len(CHUNK.div_ceil(inter))
+pub fn forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK))
+        .zip(up.par_chunks(CHUNK))
         .for_each(|((o, g), u)| {
             wide(
                 #[inline(always)]
@@ -60,36 +58,17 @@ mod tests {
         let (mut dg, mut du, mut out) = (gate.clone(), up.clone(), probe.clone());
         backward(&mut out, &mut dg, &mut du);
         let mut forward_out = vec![0.0; n];
-        forward(&gate, &up, n, (&mut forward_out, n));
+        forward(&gate, &up, &mut forward_out);
         assert_eq!(
             out, forward_out,
             "dout becomes the forward's output, bit for bit"
         );
         let run = |g: &[f32], u: &[f32]| {
             let mut o = vec![0.0; n];
-            forward(g, u, n, (&mut o, n));
+            forward(g, u, &mut o);
             dot(&o, &probe)
         };
         check_gradient(&gate, &dg, 1e-2, 1e-3, |g| run(g, &up));
         check_gradient(&up, &du, 1e-2, 1e-3, |u| run(&gate, u));
-    }
-
-    #[test]
-    fn wider_output_rows_hold_the_same_values_and_keep_their_room() {
-        let (rows, inter, room) = (700, 24, 5);
-        let gate = random(rows * inter, 4);
-        let up = random(rows * inter, 5);
-        let mut dense = vec![0.0; rows * inter];
-        forward(&gate, &up, inter, (&mut dense, inter));
-        let row = inter + room;
-        let mut wide = vec![7.0; rows * row];
-        forward(&gate, &up, inter, (&mut wide, row));
-        for (w, d) in wide.chunks(row).zip(dense.chunks(inter)) {
-            assert_eq!(&w[..inter], d);
-            assert!(
-                w[inter..].iter().all(|&x| x == 7.0),
-                "the room is left alone"
-            );
-        }
     }
 }

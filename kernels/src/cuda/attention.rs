@@ -7,7 +7,7 @@
 
 use super::launch::Arg;
 use super::{suffix, CudaBackend, CudaIndices, CudaTensor};
-use crate::error::{check_len, row_length};
+use crate::error::check_len;
 use crate::{AttentionLayout, DType, KernelError, QkvGrads, Result, Rotation};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 
@@ -239,7 +239,7 @@ impl CudaBackend {
             head_dim,
         )?;
         let n = layout.tokens();
-        let out_row = row_length("attention", "out", out.len(), n, heads * head_dim)?;
+        check_len("attention", "out", out.len(), n * heads * head_dim)?;
         check_len("attention", "lse", lse.len(), n * heads)?;
         self.require_dtype("attention", "out", out, dt)?;
         self.require_dtype("attention", "lse", lse, DType::F32)?;
@@ -278,7 +278,6 @@ impl CudaBackend {
                 Arg::I32(kv_heads as i32),
                 Arg::I32(window),
                 Arg::F32(scale),
-                Arg::I32(out_row as i32),
             ];
             let flops = || 4.0 * (heads * head_dim) as f64 * layout.visible_pairs() as f64;
             self.launch_counted(&name, grid, threads as u32, shared as u32, &args, flops)
@@ -299,7 +298,6 @@ impl CudaBackend {
                 Arg::I32(head_dim as i32),
                 Arg::I32(window),
                 Arg::F32(scale),
-                Arg::I32(out_row as i32),
             ];
             let blocks = warps.div_ceil(WARPS_PER_BLOCK_SIMPLE) as u32;
             self.launch(
@@ -331,7 +329,7 @@ impl CudaBackend {
         let op = "attention_backward";
         let dt = self.check_attention(op, q, k, v, layout, doc_start, heads, kv_heads, head_dim)?;
         let n = layout.tokens();
-        let out_row = row_length(op, "out", out.len(), n, heads * head_dim)?;
+        check_len(op, "out", out.len(), n * heads * head_dim)?;
         check_len(op, "dout", dout.len(), n * heads * head_dim)?;
         check_len(op, "lse", lse.len(), n * heads)?;
         self.same_dtype(op, &[("q", q), ("out", &out), ("dout", dout)])?;
@@ -377,7 +375,6 @@ impl CudaBackend {
             &[
                 self.p(dout),
                 self.p(&out),
-                Arg::I32(out_row as i32),
                 self.p(&delta),
                 Arg::U64(pairs as u64),
                 Arg::I32(head_dim as i32),

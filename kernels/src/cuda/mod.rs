@@ -27,7 +27,7 @@ pub use offload::CudaParked;
 pub use tensor::{CudaIndices, CudaTensor};
 
 use crate::backend::{check_gemm_at, check_gemm_residual, check_place_block};
-use crate::error::{check_block_in_src, check_len, check_rows, check_strided_rows, row_length};
+use crate::error::{check_block_in_src, check_len, check_rows, check_strided_rows};
 use crate::{
     AdamWParams, AfterUpdate, AttentionLayout, Backend, CeGrad, DType, KernelError, LoraPad, MatAt,
     Nf4Absmax, OpTime, ParkLane, Placement, QkvGrads, Result, Rotation,
@@ -1130,34 +1130,19 @@ impl Backend for CudaBackend {
         self.launch_batched(&name, &[], (&table[..], placements.len()), widest)
     }
 
-    fn swiglu(
-        &self,
-        gate: &CudaTensor,
-        up: &CudaTensor,
-        inter: usize,
-        out: &mut CudaTensor,
-    ) -> Result<()> {
-        let rows = gate.len() / inter.max(1);
-        check_len(
-            "swiglu",
-            "gate (whole rows of inter)",
-            gate.len(),
-            rows * inter,
-        )?;
+    fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
         check_len("swiglu", "up", up.len(), gate.len())?;
-        let out_row = row_length("swiglu", "out", out.len(), rows, inter)?;
+        check_len("swiglu", "out", out.len(), gate.len())?;
         let dt = self.same_dtype("swiglu", &[("gate", gate), ("up", up), ("out", out)])?;
         let n = gate.len();
         let name = format!("swiglu_forward_{}", suffix(dt));
-        let args = [
-            self.p(gate),
-            self.p(up),
-            self.p(out),
-            Arg::U64(n as u64),
-            Arg::U64(inter as u64),
-            Arg::U64(out_row as u64),
-        ];
-        self.launch(&name, (blocks_for_chunks_of_8(n), 1, 1), 256, 0, &args)
+        self.launch(
+            &name,
+            (blocks_for_chunks_of_8(n), 1, 1),
+            256,
+            0,
+            &[self.p(gate), self.p(up), self.p(out), Arg::U64(n as u64)],
+        )
     }
 
     fn swiglu_backward(

@@ -175,11 +175,6 @@ impl CudaBackend {
         let (places, compute_code) = match after.compute {
             Some((dst, at)) => {
                 crate::backend::check_copy_places(params.iter().map(|p| p.len()), at, dst.len())?;
-                if dst.dtype == DType::F32 {
-                    return Err(KernelError::Unsupported(
-                        "adamw: the compute copies are f32, the masters themselves".into(),
-                    ));
-                }
                 let (base, size) = (dst.ptr(&self.stream), dst.dtype.size_bytes() as u64);
                 let places: Vec<u64> = at.iter().map(|&a| base + a as u64 * size).collect();
                 (places, dtype_code(dst.dtype))

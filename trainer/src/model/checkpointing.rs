@@ -1,8 +1,6 @@
 //! What a layer's forward keeps for its backward (`train.gradient_checkpointing`).
 
-use crate::arch::{InputGroup, ModelConfig, Projection};
-use crate::lora::LoraConfig;
-use crate::model::layer::fold_width;
+use crate::arch::{ModelConfig, Projection};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Activation checkpointing of a layer.
@@ -49,15 +47,12 @@ impl KeptKv {
         }
     }
 
-    /// The values an offloaded checkpoint of `c` holds per token under an adapter of `lora`:
-    /// `(in the compute dtype, in f32)` — the input, attention output (its rows with room for
-    /// o's `t` where o's LoRA is folded), residual, kept k/v and the LoRA inputs (the adapted
-    /// projections times the rank); the log-sum-exp per head.
-    pub fn checkpoint_values_per_token(c: &ModelConfig, lora: &LoraConfig) -> (usize, usize) {
+    /// The values an offloaded checkpoint of `c` holds per token: `(in the compute dtype, in
+    /// f32)` — the input, attention output, residual, kept k/v and the LoRA inputs (`lora_t`: the
+    /// adapted projections times the rank); the log-sum-exp per head.
+    pub fn checkpoint_values_per_token(c: &ModelConfig, lora_t: usize) -> (usize, usize) {
         let kept = KeptKv::of(c).projections().len() * c.kv_dim();
-        let lora_t = lora.targets.len() * lora.r;
-        let attn = c.q_dim() + fold_width(InputGroup::O, lora).unwrap_or(0);
-        (2 * c.hidden_size + attn + kept + lora_t, c.num_heads)
+        (2 * c.hidden_size + c.q_dim() + kept + lora_t, c.num_heads)
     }
 
     /// The kept projections (not recomputed).

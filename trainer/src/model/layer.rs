@@ -20,13 +20,16 @@ mod backward;
 
 pub use backward::InputGradient;
 
+/// The input groups whose LoRA can be folded into their frozen products
+/// ([`crate::model::proj_weight`]): their input is an RMSNorm output, which the norm writes
+/// into rows with room for `t` beside it.
+const FOLDABLE: [InputGroup; 2] = [InputGroup::Qkv, InputGroup::GateUp];
+
 /// The width of group `g`'s pad (`members · r`) when an adapter of `lora` is folded into it
-/// ([`LayerWeights::fold_lora`]): a group whose members are all targets. Every group's input is
-/// written into rows with room for `t` beside it: q/k/v's and gate/up's by their RMSNorm, o's by
-/// the attention, down's by the SwiGLU.
+/// ([`LayerWeights::fold_lora`]): a foldable group whose members are all targets.
 pub fn fold_width(g: InputGroup, lora: &LoraConfig) -> Option<usize> {
     let all = g.members().iter().all(|p| lora.targets.contains(p));
-    all.then(|| g.members().len() * lora.r)
+    (FOLDABLE.contains(&g) && all).then(|| g.members().len() * lora.r)
 }
 
 /// Sizes every layer needs, copied out of the config.
@@ -369,11 +372,11 @@ impl<B: Backend> LayerWeights<B> {
         Ok((out, LayerSaved { attention, mlp }))
     }
 
-    /// Lays out the frozen weights of the input groups that an adapter of `lora` fully adapts
-    /// for folding its terms into their products ([`fold_width`]; each member's B in the block
-    /// of its place in the group).
+    /// Lays out the frozen weights of the foldable input groups ([`FOLDABLE`]) that an adapter
+    /// of `lora` fully adapts for folding its terms into their products ([`fold_width`]; each
+    /// member's B in the block of its place in the group).
     pub fn fold_lora(&mut self, be: &B, s: &Shapes, lora: &LoraConfig) -> Result<()> {
-        for g in InputGroup::ALL {
+        for g in FOLDABLE {
             let Some(width) = fold_width(g, lora) else {
                 continue;
             };
@@ -399,7 +402,7 @@ impl<B: Backend> LayerWeights<B> {
             return Ok(());
         };
         let mut stale = Vec::new();
-        for g in InputGroup::ALL {
+        for g in FOLDABLE {
             if self.folded_width(s, lora, layer, g).is_none() {
                 continue;
             }
@@ -619,12 +622,6 @@ impl<B: Backend> LayerWeights<B> {
             be.rope(&mut k, positions, cos, sin, s.kv_heads, s.head_dim, false)?;
         }
         let o = InputGroup::O;
-        // o's LoRA folded into its product: the attention writes its rows with room for o's `t`
-        // (a generation step's cached attention writes dense rows and o runs unfolded).
-        let fold_o = match attend {
-            Attend::Batch(_) => self.folded_width(s, lora, layer, o),
-            Attend::Cached(_) => None,
-        };
         let (attn, lse, mid) = match kept_attention {
             Some((attn, lse)) => {
                 let adapter = group_adapter(lora, layer, o);
@@ -633,7 +630,7 @@ impl<B: Backend> LayerWeights<B> {
                 (attn, Some(lse), None)
             }
             None => {
-                let mut attn = be.empty(n * (s.q_dim + fold_o.unwrap_or(0)), dt)?;
+                let mut attn = be.empty(n * s.q_dim, dt)?;
                 let lse = self.attend(be, s, attend, &q, &k, &v, &mut attn)?;
                 let mut mid = be.empty(n * s.hidden, dt)?;
                 lora_t[o.index()] = self.project_group(
@@ -642,7 +639,7 @@ impl<B: Backend> LayerWeights<B> {
                     layer,
                     lora,
                     o,
-                    (&mut attn, fold_o, false),
+                    (&mut attn, None, false),
                     n,
                     &mut [Some(&mut mid)],
                     kept_t,
@@ -714,13 +711,9 @@ impl<B: Backend> LayerWeights<B> {
         let down = InputGroup::Down;
         let down_adapter = group_adapter(lora, layer, down);
         let needs_t = down_adapter.is_some() && kept_t[down.index()].is_none();
-        // down's LoRA folded into its product: the SwiGLU writes its rows with room for `t` —
-        // in a recomputation too, which makes only `t`, so that its product reads the rows the
-        // forward's did (the GEMM's algorithm is chosen by the row length: the same bits).
-        let fold_down = self.folded_width(s, lora, layer, down);
         let mut act = if output || needs_t {
-            let mut act = be.empty(n * (s.inter + fold_down.unwrap_or(0)), dt)?;
-            be.swiglu(&gate, &up, s.inter, &mut act)?;
+            let mut act = be.empty(n * s.inter, dt)?;
+            be.swiglu(&gate, &up, &mut act)?;
             Some(act)
         } else {
             None
@@ -733,7 +726,7 @@ impl<B: Backend> LayerWeights<B> {
                 layer,
                 lora,
                 down,
-                (act, fold_down, false),
+                (act, None, false),
                 n,
                 &mut [Some(&mut out)],
                 kept_t,

@@ -29,7 +29,8 @@ pub fn offload_host_bytes(spec: &PlanSpec, policy: CheckpointPolicy) -> u64 {
     let layers = policy.parked_layers(spec.model.num_layers);
     let n = (spec.batch * spec.seq) as u64;
     let e = spec.dtype.size_bytes() as u64;
-    let (compute, f32s) = KeptKv::checkpoint_values_per_token(&spec.model, &spec.lora);
+    let lora_t = spec.lora.targets.len() * spec.lora.r;
+    let (compute, f32s) = KeptKv::checkpoint_values_per_token(&spec.model, lora_t);
     n * (e * compute as u64 + 4 * f32s as u64) * layers as u64
 }
 

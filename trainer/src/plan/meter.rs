@@ -413,11 +413,10 @@ impl Backend for MeterBackend {
         heads: usize,
         _kv_heads: usize,
         head_dim: usize,
-        _out: &mut MeterTensor,
+        out: &mut MeterTensor,
         lse: &mut MeterTensor,
     ) -> Result<()> {
-        // out: as many values as q (its rows may have room beside them).
-        let bytes = 2.0 * tensor_bytes(q) + tensor_bytes(k) + tensor_bytes(v);
+        let bytes = tensor_bytes(q) + tensor_bytes(k) + tensor_bytes(v) + tensor_bytes(out);
         self.record(
             OpKind::Attention,
             attention_forward_flops(layout, heads, head_dim),
@@ -456,6 +455,7 @@ impl Backend for MeterBackend {
                 self.alloc_f32_scratch(n * heads * head_dim),
             ]
         });
+        let out_bytes = tensor_bytes(&out);
         drop(out);
         let grads = QkvGrads {
             dq: self.alloc(n * heads * head_dim, self.compute),
@@ -466,8 +466,8 @@ impl Backend for MeterBackend {
             .iter()
             .map(|t| tensor_bytes(t))
             .sum::<f64>()
-            + tensor_bytes(q); // out's values
-                               // Backward: five T×T×d products against the forward's two (2.5×).
+            + out_bytes;
+        // Backward: five T×T×d products against the forward's two (2.5×).
         self.record(
             OpKind::Attention,
             2.5 * attention_forward_flops(layout, heads, head_dim),
@@ -510,15 +510,8 @@ impl Backend for MeterBackend {
         Ok(())
     }
 
-    fn swiglu(
-        &self,
-        gate: &MeterTensor,
-        up: &MeterTensor,
-        _inter: usize,
-        _out: &mut MeterTensor,
-    ) -> Result<()> {
-        // Read gate and up, write out's first `inter` columns: as many values as gate's.
-        self.memory_op(2.0 * tensor_bytes(gate) + tensor_bytes(up));
+    fn swiglu(&self, gate: &MeterTensor, up: &MeterTensor, out: &mut MeterTensor) -> Result<()> {
+        self.memory_op(tensor_bytes(gate) + tensor_bytes(up) + tensor_bytes(out));
         Ok(())
     }
 

@@ -439,11 +439,10 @@ impl Parts {
         let (qd, kvd) = (c.q_dim() as u64, c.kv_dim() as u64);
         let heads = c.num_heads as u64;
         let lora_t = spec.lora.targets.len() as u64 * spec.lora.r as u64;
-        // LayerSaved: x, norm1, q, k, v, attn, mid, norm2, gate, up (norm1, attn and norm2 with
+        // LayerSaved: x, norm1, q, k, v, attn, mid, norm2, gate, up (norm1 and norm2 with
         // room for a folded group's `t`), x·Aᵀ per adapted projection (compute dtype; not the
         // SwiGLU output, which the backward makes again); rstd1, rstd2, lse (f32).
-        let folded = folded_input_columns(&spec.lora)
-            - fold_width(InputGroup::Down, &spec.lora).unwrap_or(0) as u64;
+        let folded = folded_input_columns(&spec.lora);
         let saved_without_input =
             e * n * (3 * h + 2 * qd + 2 * kvd + 2 * i + lora_t + folded) + 4 * n * (2 + heads);
         let layer_input = e * n * h;
@@ -463,7 +462,7 @@ impl Parts {
             // One layer's checkpoint (input, attention output, residual, lse, kept k/v) in flight
             // to the host and the one fetched back ahead of its layer.
             Checkpointing::Offload => {
-                let (compute, f32s) = KeptKv::checkpoint_values_per_token(c, &spec.lora);
+                let (compute, f32s) = KeptKv::checkpoint_values_per_token(c, lora_t as usize);
                 2 * n * (e * compute as u64 + 4 * f32s as u64)
             }
         };
