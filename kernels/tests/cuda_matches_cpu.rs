@@ -1802,6 +1802,37 @@ fn optimizer_norm_and_finiteness_match_and_the_pool_reuses_zeroed_buffers() {
         assert!(g.download(t).unwrap().iter().all(|&x| x == 0.0));
         assert!(t_c.iter().all(|&x| x == 0.0));
     }
+    // A fifth step writes f32 compute copies (the f32 backend keeps its copies in f32): the
+    // updated masters themselves.
+    let mut compute_f32 = g.zeros(room, DType::F32).unwrap();
+    let after = AfterUpdate {
+        compute: Some((&mut compute_f32, &at[..])),
+        zero_grads: false,
+    };
+    g.adamw(&mut p, &mut gr, &mut m, &mut v, &hp, 5, 0.7, after)
+        .unwrap();
+    let after = AfterUpdate {
+        compute: None,
+        zero_grads: false,
+    };
+    cpu.adamw(
+        &mut p_c,
+        &mut grads_c,
+        &mut m_c,
+        &mut v_c,
+        &hp,
+        5,
+        0.7,
+        after,
+    )
+    .unwrap();
+    let mut copied = g.zeros(room, DType::F32).unwrap();
+    g.copy_many_into(&p, &mut copied, &at).unwrap();
+    assert_eq!(
+        g.download(&compute_f32).unwrap(),
+        g.download(&copied).unwrap(),
+        "adamw's f32 compute copies against copy_many_into's"
+    );
     for i in 0..sizes.len() {
         check(
             "adamw params",
