@@ -2407,6 +2407,71 @@ fn bench_group_products() {
     }
 }
 
+/// o's and down's LoRA folded (session 29, docs/benchmarks.md): in the step their products onto
+/// the residual (`r + [x | t] · [W | B]ᵀ`, `gemm_residual`, K = in + 16) ran 7-8 % below the
+/// plain products they replace. Here, tuned, at n = 4096: that product against the two it
+/// replaces (the rank-16 product onto the residual, then the frozen product accumulating onto it,
+/// K = in), and the plain product alone with beta 1. 40 products a timing, two rounds.
+#[test]
+#[ignore = "micro-benchmark: run with --ignored on a GPU"]
+fn bench_residual_products() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    println!("device: {}", g.describe());
+    let (n, out, r) = (4096, 4096, 16);
+    let bf = |len: usize, seed: u64| g.upload(&random(len, seed, 0.1), DType::BF16).unwrap();
+    for (label, input) in [
+        ("o", 4096),
+        ("down (llama2)", 11008),
+        ("down (mistral)", 14336),
+    ] {
+        let k = input + r;
+        // x' = [x | t] and W' = [W | B], rows k long; the unfolded products read their first
+        // `input` columns (t and B their last r).
+        let (x, w, res) = (bf(n * k, 1), bf(out * k, 2), bf(n * out, 3));
+        let mut y = g.zeros(n * out, DType::BF16).unwrap();
+        let product = |y: &mut CudaTensor, cols: std::ops::Range<usize>, residual: bool| {
+            let (a, b) = (
+                (&x, MatAt::at(cols.start, k)),
+                (&w, MatAt::at(cols.start, k)),
+            );
+            let depth = cols.len();
+            if residual {
+                g.gemm_residual(n, out, depth, 1.0, a, false, b, true, &res, y)
+            } else {
+                let y_at = MatAt::dense(out);
+                g.gemm_at(n, out, depth, 1.0, a, false, b, true, 1.0, (y, y_at))
+            }
+            .unwrap()
+        };
+        let folded = |y: &mut CudaTensor| product(y, 0..k, true);
+        let unfolded = |y: &mut CudaTensor| {
+            product(y, input..k, true);
+            product(y, 0..input, false);
+        };
+        let plain = |y: &mut CudaTensor| product(y, 0..input, false);
+        folded(&mut y);
+        unfolded(&mut y);
+        // Buffers of the operands' sizes cached in the pool, for the tuner's scratch operands.
+        drop((bf(n * k, 4), bf(out * k, 5), bf(n * out, 6), bf(n * out, 7)));
+        g.tune().unwrap();
+        let flops = |depth: usize| 2.0 * (n * out * depth) as f64;
+        for round in 0..2 {
+            let f = time_ms(&g, 40, || folded(&mut y));
+            let u = time_ms(&g, 40, || unfolded(&mut y));
+            let p = time_ms(&g, 40, || plain(&mut y));
+            println!(
+                "{label:15} round {round}: folded {n}x{out}x{k} +residual {:.1} µs ({:.0} TFLOP/s); \
+                 unfolded (x{r} +residual, then x{input} beta 1) {:.1} µs; plain x{input} beta 1 {:.1} µs ({:.0})",
+                f * 1e3,
+                flops(k) / f / 1e9,
+                u * 1e3,
+                p * 1e3,
+                flops(input) / p / 1e9
+            );
+        }
+    }
+}
+
 #[test]
 fn kv_cache_write_cached_attention_and_random_fill_match() {
     let cpu = CpuBackend::new();
