@@ -1757,27 +1757,33 @@ fn optimizer_norm_and_finiteness_match_and_the_pool_reuses_zeroed_buffers() {
             .collect()
     };
     let (mut p, mut gr, mut m, mut v) = (upl(&p_c), upl(&g_c), upl(&m_c), upl(&v_c));
-    // The fourth step also writes the compute copies (bf16, with gaps between the tensors'
-    // places) and zeroes the gradients: the copies bit for bit copy_many_into's of the updated
-    // weights, the gradients zero, the update itself as without them.
+    // The fourth step also writes bf16 compute copies (with gaps between the tensors' places)
+    // and zeroes the gradients, the fifth f32 ones (the f32 backend keeps its copies in f32):
+    // the copies bit for bit copy_many_into's of the updated weights, the gradients zero, the
+    // update itself as without them.
     let at: Vec<usize> = sizes
         .iter()
         .scan(8, |next, &s| Some(std::mem::replace(next, *next + s + 8)))
         .collect();
     let room = at.last().unwrap() + sizes.last().unwrap();
-    let mut compute = g.zeros(room, DType::BF16).unwrap();
     let mut grads_c = g_c.clone();
-    for step in 1..=4 {
-        let last = step == 4;
+    for step in 1..=5 {
+        let copies = match step {
+            4 => Some(DType::BF16),
+            5 => Some(DType::F32),
+            _ => None,
+        };
+        let zero_grads = step == 4;
+        let mut compute = copies.map(|d| g.zeros(room, d).unwrap());
         let after = AfterUpdate {
-            compute: last.then_some((&mut compute, &at[..])),
-            zero_grads: last,
+            compute: compute.as_mut().map(|c| (c, &at[..])),
+            zero_grads,
         };
         g.adamw(&mut p, &mut gr, &mut m, &mut v, &hp, step, 0.7, after)
             .unwrap();
         let after = AfterUpdate {
             compute: None,
-            zero_grads: last,
+            zero_grads,
         };
         cpu.adamw(
             &mut p_c,
@@ -1790,49 +1796,23 @@ fn optimizer_norm_and_finiteness_match_and_the_pool_reuses_zeroed_buffers() {
             after,
         )
         .unwrap();
+        if let (Some(d), Some(compute)) = (copies, &compute) {
+            let mut cast = g.zeros(room, d).unwrap();
+            g.copy_many_into(&p, &mut cast, &at).unwrap();
+            assert_eq!(
+                g.download(compute).unwrap(),
+                g.download(&cast).unwrap(),
+                "adamw's {} compute copies against copy_many_into's",
+                d.name()
+            );
+        }
+        if zero_grads {
+            for (t, t_c) in gr.iter().zip(&grads_c) {
+                assert!(g.download(t).unwrap().iter().all(|&x| x == 0.0));
+                assert!(t_c.iter().all(|&x| x == 0.0));
+            }
+        }
     }
-    let mut cast = g.zeros(room, DType::BF16).unwrap();
-    g.copy_many_into(&p, &mut cast, &at).unwrap();
-    assert_eq!(
-        g.download(&compute).unwrap(),
-        g.download(&cast).unwrap(),
-        "adamw's compute copies against copy_many_into's"
-    );
-    for (t, t_c) in gr.iter().zip(&grads_c) {
-        assert!(g.download(t).unwrap().iter().all(|&x| x == 0.0));
-        assert!(t_c.iter().all(|&x| x == 0.0));
-    }
-    // A fifth step writes f32 compute copies (the f32 backend keeps its copies in f32): the
-    // updated masters themselves.
-    let mut compute_f32 = g.zeros(room, DType::F32).unwrap();
-    let after = AfterUpdate {
-        compute: Some((&mut compute_f32, &at[..])),
-        zero_grads: false,
-    };
-    g.adamw(&mut p, &mut gr, &mut m, &mut v, &hp, 5, 0.7, after)
-        .unwrap();
-    let after = AfterUpdate {
-        compute: None,
-        zero_grads: false,
-    };
-    cpu.adamw(
-        &mut p_c,
-        &mut grads_c,
-        &mut m_c,
-        &mut v_c,
-        &hp,
-        5,
-        0.7,
-        after,
-    )
-    .unwrap();
-    let mut copied = g.zeros(room, DType::F32).unwrap();
-    g.copy_many_into(&p, &mut copied, &at).unwrap();
-    assert_eq!(
-        g.download(&compute_f32).unwrap(),
-        g.download(&copied).unwrap(),
-        "adamw's f32 compute copies against copy_many_into's"
-    );
     for i in 0..sizes.len() {
         check(
             "adamw params",
