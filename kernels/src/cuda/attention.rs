@@ -336,12 +336,15 @@ impl CudaBackend {
         self.require_dtype(op, "lse", lse, DType::F32)?;
         let q_len = n * heads * head_dim;
         let kv_len = n * kv_heads * head_dim;
+        let grads = |be: &Self| -> Result<QkvGrads<CudaTensor>> {
+            Ok(QkvGrads {
+                dq: be.alloc(q_len, dt)?,
+                dk: be.alloc(kv_len, dt)?,
+                dv: be.alloc(kv_len, dt)?,
+            })
+        };
         if n == 0 {
-            return Ok(QkvGrads {
-                dq: self.alloc(q_len, dt)?,
-                dk: self.alloc(kv_len, dt)?,
-                dv: self.alloc(kv_len, dt)?,
-            });
+            return grads(self);
         }
         let window = layout.window.unwrap_or(0) as i32;
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -388,11 +391,7 @@ impl CudaBackend {
         // The D_i were out's last read: its buffer goes to the pool for the gradients (the
         // stream orders the dot before any kernel writing them).
         drop(out);
-        let mut grads = QkvGrads {
-            dq: self.alloc(q_len, dt)?,
-            dk: self.alloc(kv_len, dt)?,
-            dv: self.alloc(kv_len, dt)?,
-        };
+        let mut grads = grads(self)?;
         let QkvGrads { dq, dk, dv } = &mut grads;
         let common = [
             Arg::I32(seq as i32),

@@ -445,22 +445,18 @@ impl Backend for MeterBackend {
         // kernel sums per kv head, less: the larger is counted); all f32 scratch in 16-bit storage.
         // Then `out` goes back to the pool and the gradients are made.
         let n = layout.tokens();
+        let (q_len, kv_len) = (n * heads * head_dim, n * kv_heads * head_dim);
         let _delta = self.alloc_f32_scratch(n * heads);
         let mma = self.compute != DType::F32 && matches!(head_dim, 64 | 128);
-        let _dq_acc = mma.then(|| self.alloc_f32_scratch(n * heads * head_dim));
+        let _dq_acc = mma.then(|| self.alloc_f32_scratch(q_len));
         let gqa = mma && heads > kv_heads;
-        let _parts = gqa.then(|| {
-            [
-                self.alloc_f32_scratch(n * heads * head_dim),
-                self.alloc_f32_scratch(n * heads * head_dim),
-            ]
-        });
+        let _parts = gqa.then(|| [self.alloc_f32_scratch(q_len), self.alloc_f32_scratch(q_len)]);
         let out_bytes = tensor_bytes(&out);
         drop(out);
         let grads = QkvGrads {
-            dq: self.alloc(n * heads * head_dim, self.compute),
-            dk: self.alloc(n * kv_heads * head_dim, self.compute),
-            dv: self.alloc(n * kv_heads * head_dim, self.compute),
+            dq: self.alloc(q_len, self.compute),
+            dk: self.alloc(kv_len, self.compute),
+            dv: self.alloc(kv_len, self.compute),
         };
         let bytes = [q, k, v, lse, dout, &grads.dq, &grads.dk, &grads.dv]
             .iter()
