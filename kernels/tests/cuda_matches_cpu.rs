@@ -1610,6 +1610,8 @@ fn place_blocks_equal_one_place_block_each() {
 
 /// `lora_dy_products` against the CPU's two products, bf16 and f16 inputs: tails in n and out
 /// (neither a whole number of the kernel's 64-row chunks and 128-column strips), ranks 8 to 64,
+/// blocks of one, two and four strips (1000 × 1000 at r 16 and 4096 × 4096 and × 1024 at r 16 on
+/// an H200; 1000 × 1000 at r 32 and 300 × 520 at r 64),
 /// one member's columns of a 3-member `t` and `u` and B at an offset inside its tensor, both
 /// results added onto non-zero f32 values (u's other columns keep theirs); then operands the fused
 /// kernel does not take — out not a multiple of 8, r = 12, B not on 16 bytes — which run as the
@@ -1625,6 +1627,7 @@ fn lora_dy_products_match_with_tails_member_columns_and_fallbacks() {
             (1000, 1000, 16, 2, 8),
             (1000, 1000, 32, 0, 0),
             (4096, 4096, 16, 1, 4096 * 16),
+            (4096, 1024, 16, 0, 0),
             (300, 520, 64, 2, 0),
             (1000, 1001, 16, 1, 0),
             (1000, 1000, 12, 1, 0),
@@ -2429,8 +2432,12 @@ fn bench_residual_products() {
             product(y, 0..input, false);
         };
         let plain = |y: &mut CudaTensor| product(y, 0..input, false);
+        // The folded product accumulating onto y in place (the residual's own buffer: where the
+        // residual is dead after it), which cublasGemmEx can run too.
+        let in_place = |y: &mut CudaTensor| product(y, 0..k, false);
         folded(&mut y);
         unfolded(&mut y);
+        in_place(&mut y);
         // Buffers of the operands' sizes cached in the pool, for the tuner's scratch operands.
         drop((bf(n * k, 4), bf(out * k, 5), bf(n * out, 6), bf(n * out, 7)));
         g.tune().unwrap();
@@ -2439,14 +2446,18 @@ fn bench_residual_products() {
             let f = time_ms(&g, 40, || folded(&mut y));
             let u = time_ms(&g, 40, || unfolded(&mut y));
             let p = time_ms(&g, 40, || plain(&mut y));
+            let i = time_ms(&g, 40, || in_place(&mut y));
             println!(
                 "{label:15} round {round}: folded {n}x{out}x{k} +residual {:.1} µs ({:.0} TFLOP/s); \
-                 unfolded (x{r} +residual, then x{input} beta 1) {:.1} µs; plain x{input} beta 1 {:.1} µs ({:.0})",
+                 unfolded (x{r} +residual, then x{input} beta 1) {:.1} µs; plain x{input} beta 1 {:.1} µs ({:.0}); \
+                 folded in place x{k} beta 1 {:.1} µs ({:.0})",
                 f * 1e3,
                 flops(k) / f / 1e9,
                 u * 1e3,
                 p * 1e3,
-                flops(input) / p / 1e9
+                flops(input) / p / 1e9,
+                i * 1e3,
+                flops(k) / i / 1e9
             );
         }
     }
