@@ -64,20 +64,42 @@ fn grid(n: usize, out: usize, g: usize, multiprocessors: usize) -> (usize, usize
     )
 }
 
-/// The strips a block owns for padded rank `rp`: of the compiled variants whose shared memory a
-/// block may have, the one whose grid adds the fewest f32 sums into L2 — `n` per column group
-/// into u and `out` per row split into dB (times r each), the traffic that bounds the kernel —
-/// and the fewest strips among equals.
+/// Shared memory the driver keeps for itself per block (CUDA's reserved 1 KiB).
+const RESERVED_SHARED_PER_BLOCK: usize = 1024;
+
+/// The device's shared memory: what one block may opt into and what one multiprocessor holds.
+#[derive(Clone, Copy)]
+struct SharedLimits {
+    per_block: usize,
+    per_multiprocessor: usize,
+}
+
+impl SharedLimits {
+    /// Whether `g` strips a block fit: one strip wherever a block may have its shared memory,
+    /// more only where `BLOCKS_PER_SM` such blocks still share a multiprocessor (an A100's 164 KiB
+    /// hold two of r 16's two-strip blocks, not of its four-strip ones).
+    fn fit(&self, rp: usize, g: usize) -> bool {
+        let bytes = shared_bytes(rp, g);
+        bytes <= self.per_block
+            && (g == 1
+                || BLOCKS_PER_SM * (bytes + RESERVED_SHARED_PER_BLOCK) <= self.per_multiprocessor)
+    }
+}
+
+/// The strips a block owns for padded rank `rp`: of the compiled variants that fit the device
+/// ([`SharedLimits::fit`]), the one whose grid adds the fewest f32 sums into L2 — `n` per column
+/// group into u and `out` per row split into dB (times r each), the traffic that bounds the
+/// kernel — and the fewest strips among equals.
 fn strips_per_block(
     n: usize,
     out: usize,
     rp: usize,
     multiprocessors: usize,
-    max_shared: usize,
+    shared: SharedLimits,
 ) -> usize {
     VARIANTS
         .iter()
-        .filter(|&&(r, g)| r == rp && shared_bytes(r, g) <= max_shared)
+        .filter(|&&(r, g)| r == rp && shared.fit(r, g))
         .map(|&(_, g)| g)
         .min_by_key(|&g| {
             let (groups, splits, _) = grid(n, out, g, multiprocessors);
@@ -198,7 +220,11 @@ impl CudaBackend {
                 (u, u_at),
             );
         };
-        let g = strips_per_block(n, out, rp, self.multiprocessors, self.max_shared_per_block);
+        let shared = SharedLimits {
+            per_block: self.max_shared_per_block,
+            per_multiprocessor: self.max_shared_per_multiprocessor,
+        };
+        let g = strips_per_block(n, out, rp, self.multiprocessors, shared);
         let (groups, splits, rows_per_split) = grid(n, out, g, self.multiprocessors);
         let args = [
             Arg::Ptr(at.dy),
@@ -288,11 +314,15 @@ mod tests {
     }
 
     /// The strips a block takes where its grid adds the fewest sums: Llama-2-7B's and Mistral-7B's
-    /// widths at b2 × 2048 on an H200, the kernel checks' shapes, and a device whose blocks may
-    /// not have the wider variants' shared memory.
+    /// widths at b2 × 2048 on an H200, the kernel checks' shapes, and devices whose blocks or
+    /// multiprocessors hold less shared memory (an A100: 163 KiB a block, 164 a multiprocessor).
     #[test]
     fn strips_per_block_minimise_the_sums_added() {
-        let on_h200 = |n, out, rp| strips_per_block(n, out, rp, 132, 227 << 10);
+        let h200 = SharedLimits {
+            per_block: 227 << 10,
+            per_multiprocessor: 228 << 10,
+        };
+        let on_h200 = |n, out, rp| strips_per_block(n, out, rp, 132, h200);
         assert_eq!(on_h200(4096, 4096, 16), 2);
         assert_eq!(on_h200(4096, 11008, 16), 4);
         assert_eq!(on_h200(4096, 14336, 16), 4);
@@ -300,7 +330,17 @@ mod tests {
         assert_eq!(on_h200(1000, 1000, 16), 4);
         assert_eq!(on_h200(1000, 1000, 32), 2);
         assert_eq!(on_h200(300, 520, 64), 1);
-        assert_eq!(strips_per_block(4096, 11008, 16, 132, 80 << 10), 2);
+        let small_blocks = SharedLimits {
+            per_block: 80 << 10,
+            ..h200
+        };
+        assert_eq!(strips_per_block(4096, 11008, 16, 132, small_blocks), 2);
+        let a100 = SharedLimits {
+            per_block: 163 << 10,
+            per_multiprocessor: 164 << 10,
+        };
+        assert_eq!(strips_per_block(4096, 11008, 16, 108, a100), 2);
+        assert_eq!(strips_per_block(4096, 11008, 32, 108, a100), 1);
     }
 
     #[test]
