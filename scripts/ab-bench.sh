@@ -17,7 +17,7 @@ for round in $(seq 1 "${ROUNDS:-2}"); do
   for pair in "$@"; do
     name=${pair%%=*} bin=${pair#*=}
     [ -x "$bin" ] || { echo "no binary at $bin (from $pair)" >&2; exit 2; }
-    HF=0 ONLY="$ONLY" "$SCRIPTS/bench-gpu.sh" "$bin" "$OUT/$name-$round" >/dev/null
+    HF=0 ONLY="$ONLY" "$SCRIPTS/bench-gpu.sh" "$bin" "$OUT/$name-$round" >/dev/null || exit $?
   done
 done
 python3 - "$OUT" "${ROUNDS:-2}" "$ONLY" "$@" <<'PY'

@@ -53,9 +53,15 @@ if [ -n "${ONLY:-}" ]; then
   RUNS=("${kept[@]}")
 fi
 if [ "${FUSELORA:-1}" != 0 ]; then
+  # A GPU table needs a CUDA build (`--version` lists its features): a CPU-only build's "auto"
+  # backend would time the CPU, for minutes a row. `--backend cuda` fails where no GPU opens.
+  "$BIN" --version 2>/dev/null | grep -q '^features:.*cuda' || {
+    echo "$BIN is not a CUDA build (its --version lists no cuda feature): cargo build --release -p trainer --features cuda" >&2
+    exit 2
+  }
   for r in "${RUNS[@]}"; do
     split "$r"
-    "$BIN" bench --preset "$preset" --batch "$batch" --seq "$seq" $shared $ours --warmup 2 --steps 10 \
+    "$BIN" bench --backend cuda --preset "$preset" --batch "$batch" --seq "$seq" $shared $ours --warmup 2 --steps 10 \
       ${PROFILE:+--profile} --json "$OUT/fuselora-$name.json" >"$OUT/fuselora-$name.txt" 2>&1 \
       || { echo "fuselora $name failed:"; tail -5 "$OUT/fuselora-$name.txt"; }
   done

@@ -16,7 +16,7 @@
  *   S^T = K Q^T, dP^T = V dO^T      2 x D/16 wgmma m64n64k16 from shared memory (K-major both), once
  *                                   the last tile's products are done (its stage freed); between the
  *                                   two, the last tile's dQ reductions into the f32 accumulator
- *                                   (add_tile_rows: red.global.add.v4.f32) behind S^T (not behind dP^T too: dQ and
+ *                                   (red.global.add.v2.f32) behind S^T (not behind dP^T too: dQ and
  *                                   dP^T together would not fit the consumers' registers);
  *                                   P^T = exp(S^T - lse) computed while dP^T runs;
  *   dS^T = P^T (dP^T - D)           in registers, mma.sync's layout (attention_bwd.cu's code), with an
@@ -208,12 +208,14 @@ __device__ void attention_backward_wgmma(const T* q, const T* k, const T* v, con
     int pending_h = -1, pending_q0 = 0, pending_stage = 0;
     auto retire_pending = [&]() {
         const int qa = pending_q0 + gwarp * 16 + g, qb = qa + 8;
-        const u64 col = group * DQ_COLS;
+        const u64 col = group * DQ_COLS + 2 * tq;
         float* row_a = dq_acc + ((tok0 + qa) * heads + pending_h) * D + col;
         float* row_b = dq_acc + ((tok0 + qb) * heads + pending_h) * D + col;
 #pragma unroll
-        for (int i = 0; i < DQ_COLS / 8; i++)
-            add_tile_rows(row_a + 8 * i, row_b + 8 * i, qa < seq, qb < seq, tq, dq[i][0], dq[i][1], dq[i][2], dq[i][3]);
+        for (int i = 0; i < DQ_COLS / 8; i++) {
+            add_pair_if(qa < seq, row_a + 8 * i, dq[i][0], dq[i][1]);
+            add_pair_if(qb < seq, row_b + 8 * i, dq[i][2], dq[i][3]);
+        }
         release(pending_stage);
         pending_h = -1;
     };

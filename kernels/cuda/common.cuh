@@ -243,35 +243,6 @@ __device__ __forceinline__ void add_pair_if(bool valid, float* p, float a, float
  * wise kernels stream through memory in chunks of 8, chunk c holding elements 8c..8c+7. Needs the
  * base pointer 16-byte aligned (aligned16); the kernels fall back to single elements otherwise. */
 __device__ __forceinline__ bool aligned16(const void* p) { return ((u64)p & 15) == 0; }
-
-/* An mma m16n8 tile's f32 accumulators added into two rows of f32 sums where valid_a and valid_b say:
- * c0, c1 into row_a[2tq], row_a[2tq + 1] (the tile's row g) and c2, c3 into row_b[2tq..] (row g + 8),
- * row_a and row_b pointing at the tile's first column. On sm_90 lanes tq and tq ^ 1 swap halves, so
- * that the even lane adds row g's columns 2tq..2tq + 3 and the odd one row g + 8's 2tq - 2..2tq + 1,
- * each by one 16-byte reduction where the row is 16-byte aligned: half the reduction instructions of
- * two 8-byte ones (their issue and L2's atomic units limit the kernels that add such tiles). All 32
- * lanes of the warp call it together (the swap is a shuffle). */
-__device__ __forceinline__ void add_tile_rows(float* row_a, float* row_b, bool valid_a, bool valid_b, int tq, float c0,
-                                              float c1, float c2, float c3) {
-#if __CUDA_ARCH__ >= 900
-    const bool odd = tq & 1;
-    const float s0 = __shfl_xor_sync(0xffffffffu, odd ? c0 : c2, 1);
-    const float s1 = __shfl_xor_sync(0xffffffffu, odd ? c1 : c3, 1);
-    float* p = odd ? row_b + 2 * tq - 2 : row_a + 2 * tq;
-    const float4 v = odd ? make_float4(s0, s1, c2, c3) : make_float4(c0, c1, s0, s1);
-    const bool valid = odd ? valid_b : valid_a;
-    if (aligned16(p)) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n@p red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n}" ::"l"(p),
-                     "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"((int)valid));
-    } else {
-        add_pair_if(valid, p, v.x, v.y);
-        add_pair_if(valid, p + 2, v.z, v.w);
-    }
-#else
-    add_pair_if(valid_a, row_a + 2 * tq, c0, c1);
-    add_pair_if(valid_b, row_b + 2 * tq, c2, c3);
-#endif
-}
 __device__ __forceinline__ void load8(const float* p, u64 c, float* v) {
     float4 a = ((const float4*)p)[2 * c], b = ((const float4*)p)[2 * c + 1];
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;

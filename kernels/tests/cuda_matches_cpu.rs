@@ -1610,8 +1610,6 @@ fn place_blocks_equal_one_place_block_each() {
 
 /// `lora_dy_products` against the CPU's two products, bf16 and f16 inputs: tails in n and out
 /// (neither a whole number of the kernel's 64-row chunks and 128-column strips), ranks 8 to 64,
-/// blocks of one, two and four strips (1000 × 1000 at r 16 and 4096 × 4096 and × 1024 at r 16 on
-/// an H200; 1000 × 1000 at r 32 and 300 × 520 at r 64),
 /// one member's columns of a 3-member `t` and `u` and B at an offset inside its tensor, both
 /// results added onto non-zero f32 values (u's other columns keep theirs); then operands the fused
 /// kernel does not take — out not a multiple of 8, r = 12, B not on 16 bytes — which run as the

@@ -133,8 +133,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
             ["bf16", "f16"]
                 .iter()
                 .flat_map(|t| {
-                    super::lora_dy::VARIANTS
-                        .map(|(rp, g)| format!("lora_dy_products_{t}_r{rp}_g{g}"))
+                    super::lora_dy::PADDED_RANKS.map(|rp| format!("lora_dy_products_{t}_r{rp}"))
                 })
                 .collect()
         },

@@ -10,25 +10,14 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 
 /// Warps per block (the kernel's `LORA_WARPS`).
 const WARPS: usize = 4;
-/// dy's columns a strip holds: 32 per warp in dB; a block owns `G` strips.
+/// dy's columns a block owns: 32 per warp in dB.
 const STRIP: usize = 32 * WARPS;
 /// dy's rows a pipeline stage holds: 16 per warp in u.
 const CHUNK: usize = 16 * WARPS;
 /// Chunks in shared memory at once (cp.async's pipeline).
 const STAGES: usize = 3;
-/// The ranks the kernel is compiled for: `lora_dy_products_<t>_r<RP>_g<G>` takes `r ≤ RP`.
+/// The ranks the kernel is compiled for: `lora_dy_products_<t>_r<RP>` takes `r ≤ RP`.
 pub(crate) const PADDED_RANKS: [usize; 4] = [16, 32, 48, 64];
-/// The compiled variants `(RP, G)`: `G` strips a block, `G · RP ≤ 64` (dB's accumulators in
-/// registers). More strips a block add fewer `u` sums into L2 and more `dB` ones ([`strips_per_block`]).
-pub(crate) const VARIANTS: [(usize, usize); 7] = [
-    (16, 1),
-    (16, 2),
-    (16, 4),
-    (32, 1),
-    (32, 2),
-    (48, 1),
-    (64, 1),
-];
 /// Blocks per multiprocessor the grid is sized for.
 const BLOCKS_PER_SM: usize = 2;
 /// Sizes the kernel's 32-bit row and column indices hold with room to spare.
@@ -42,70 +31,22 @@ fn padded_rank(r: usize) -> Option<usize> {
         .filter(|rp| PADDED_RANKS.contains(rp))
 }
 
-/// Dynamic shared memory of the kernel for padded rank `rp` and `g` strips a block, in bytes: B's
-/// strips, and per stage a tile of dy and a chunk of t, every row padded by 8 16-bit elements.
-fn shared_bytes(rp: usize, g: usize) -> usize {
-    2 * (g * STRIP * (rp + 8) + STAGES * CHUNK * (STRIP + 8 + rp + 8))
+/// Dynamic shared memory of the kernel for padded rank `rp`, in bytes: B's strip, and per stage a
+/// chunk of dy and of t, every row padded by 8 16-bit elements.
+fn shared_bytes(rp: usize) -> usize {
+    2 * (STRIP * (rp + 8) + STAGES * CHUNK * (STRIP + 8 + rp + 8))
 }
 
-/// The kernel's grid for `n` rows and `out` columns with `g` strips a block, as `(column groups,
-/// row splits, rows per split)`: about `BLOCKS_PER_SM` blocks per multiprocessor (fewer where the
-/// rows run out), each split a whole number of chunks.
-fn grid(n: usize, out: usize, g: usize, multiprocessors: usize) -> (usize, usize, usize) {
-    let (groups, chunks) = (out.div_ceil(g * STRIP), n.div_ceil(CHUNK).max(1));
+/// The grid's row splits for `n` rows and `out` columns, as `(splits, rows per split)`: about
+/// `BLOCKS_PER_SM` blocks per multiprocessor over all the strips (fewer where the rows run out),
+/// each split a whole number of chunks.
+fn row_splits(n: usize, out: usize, multiprocessors: usize) -> (usize, usize) {
+    let (strips, chunks) = (out.div_ceil(STRIP), n.div_ceil(CHUNK).max(1));
     let wanted = (BLOCKS_PER_SM * multiprocessors)
-        .div_ceil(groups.max(1))
+        .div_ceil(strips.max(1))
         .clamp(1, chunks);
     let chunks_per_split = chunks.div_ceil(wanted);
-    (
-        groups,
-        chunks.div_ceil(chunks_per_split),
-        chunks_per_split * CHUNK,
-    )
-}
-
-/// Shared memory the driver keeps for itself per block (CUDA's reserved 1 KiB).
-const RESERVED_SHARED_PER_BLOCK: usize = 1024;
-
-/// The device's shared memory: what one block may opt into and what one multiprocessor holds.
-#[derive(Clone, Copy)]
-struct SharedLimits {
-    per_block: usize,
-    per_multiprocessor: usize,
-}
-
-impl SharedLimits {
-    /// Whether `g` strips a block fit: one strip wherever a block may have its shared memory,
-    /// more only where `BLOCKS_PER_SM` such blocks still share a multiprocessor (an A100's 164 KiB
-    /// hold two of r 16's two-strip blocks, not of its four-strip ones).
-    fn fit(&self, rp: usize, g: usize) -> bool {
-        let bytes = shared_bytes(rp, g);
-        bytes <= self.per_block
-            && (g == 1
-                || BLOCKS_PER_SM * (bytes + RESERVED_SHARED_PER_BLOCK) <= self.per_multiprocessor)
-    }
-}
-
-/// The strips a block owns for padded rank `rp`: of the compiled variants that fit the device
-/// ([`SharedLimits::fit`]), the one whose grid adds the fewest f32 sums into L2 — `n` per column
-/// group into u and `out` per row split into dB (times r each), the traffic that bounds the
-/// kernel — and the fewest strips among equals.
-fn strips_per_block(
-    n: usize,
-    out: usize,
-    rp: usize,
-    multiprocessors: usize,
-    shared: SharedLimits,
-) -> usize {
-    VARIANTS
-        .iter()
-        .filter(|&&(r, g)| r == rp && shared.fit(r, g))
-        .map(|&(_, g)| g)
-        .min_by_key(|&g| {
-            let (groups, splits, _) = grid(n, out, g, multiprocessors);
-            (n * groups + out * splits, g)
-        })
-        .unwrap_or(1)
+    (chunks.div_ceil(chunks_per_split), chunks_per_split * CHUNK)
 }
 
 /// Device addresses of the operands' first elements and their row distances in elements.
@@ -131,7 +72,7 @@ fn fused_rank(n: usize, out: usize, r: usize, at: &Placed, max_shared: usize) ->
         && rows_16(at.b)
         && at.u.0.is_multiple_of(8)
         && at.u.1.is_multiple_of(2)
-        && shared_bytes(rp, 1) <= max_shared;
+        && shared_bytes(rp) <= max_shared;
     fits.then_some(rp)
 }
 
@@ -141,14 +82,12 @@ impl CudaBackend {
     /// multiprocessor.
     pub(crate) fn allow_lora_dy_shared_memory(&self) -> Result<()> {
         for t in ["bf16", "f16"] {
-            for (rp, g) in VARIANTS {
-                let bytes = shared_bytes(rp, g);
+            for rp in PADDED_RANKS {
+                let bytes = shared_bytes(rp);
                 if bytes > self.max_shared_per_block {
                     continue;
                 }
-                let f = self
-                    .kernels
-                    .get(&format!("lora_dy_products_{t}_r{rp}_g{g}"))?;
+                let f = self.kernels.get(&format!("lora_dy_products_{t}_r{rp}"))?;
                 f.set_attribute(
                     CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     bytes as i32,
@@ -220,12 +159,7 @@ impl CudaBackend {
                 (u, u_at),
             );
         };
-        let shared = SharedLimits {
-            per_block: self.max_shared_per_block,
-            per_multiprocessor: self.max_shared_per_multiprocessor,
-        };
-        let g = strips_per_block(n, out, rp, self.multiprocessors, shared);
-        let (groups, splits, rows_per_split) = grid(n, out, g, self.multiprocessors);
+        let (splits, rows_per_split) = row_splits(n, out, self.multiprocessors);
         let args = [
             Arg::Ptr(at.dy),
             Arg::Ptr(at.t.0),
@@ -241,10 +175,10 @@ impl CudaBackend {
             Arg::I32(rows_per_split as i32),
         ];
         self.launch_counted(
-            &format!("lora_dy_products_{}_r{rp}_g{g}", suffix(dt)),
-            (groups as u32, splits as u32, 1),
+            &format!("lora_dy_products_{}_r{rp}", suffix(dt)),
+            (out.div_ceil(STRIP) as u32, splits as u32, 1),
             (32 * WARPS) as u32,
-            shared_bytes(rp, g) as u32,
+            shared_bytes(rp) as u32,
             &args,
             || 4.0 * (n * out * r) as f64,
         )
@@ -275,72 +209,30 @@ mod tests {
         );
     }
 
-    /// 66 KiB at r ≤ 16 with one strip (three blocks on an H200's 228 KiB), 84 KiB with four
-    /// (two), 96 KiB at r ≤ 64 (one on an RTX 3090's 99 KiB a block).
+    /// 66 KiB at r ≤ 16 (three blocks on an H200's 228 KiB), 96 KiB at r ≤ 64 (one on an RTX
+    /// 3090's 99 KiB a block).
     #[test]
     fn shared_memory_per_variant() {
-        assert_eq!(
-            VARIANTS.map(|(rp, g)| shared_bytes(rp, g)),
-            [67584, 73728, 86016, 77824, 88064, 88064, 98304]
-        );
-        assert!(PADDED_RANKS.iter().all(|rp| VARIANTS.contains(&(*rp, 1))));
+        assert_eq!(PADDED_RANKS.map(shared_bytes), [67584, 77824, 88064, 98304]);
     }
 
     /// Llama-2-7B's widths on an H200 (132 multiprocessors) at b2 × 2048, and tails: every split
     /// a whole number of 64-row chunks, together covering the rows with none empty.
     #[test]
-    fn the_grid_gives_two_blocks_per_multiprocessor_where_the_rows_allow() {
-        for (n, out, g, sms, want) in [
-            (4096, 14336, 1, 132, (112, 3, 1408)),
-            (4096, 14336, 4, 132, (28, 10, 448)),
-            (4096, 11008, 1, 132, (86, 4, 1024)),
-            (4096, 11008, 4, 132, (22, 11, 384)),
-            (4096, 4096, 1, 132, (32, 8, 512)),
-            (4096, 4096, 2, 132, (16, 16, 256)),
-            (4096, 1024, 1, 132, (8, 32, 128)),
-            (1000, 1000, 1, 132, (8, 16, 64)),
-            (1, 8, 4, 132, (1, 1, 64)),
-            (4096, 4096, 1, 1, (32, 1, 4096)),
+    fn row_splits_give_two_blocks_per_multiprocessor_where_the_rows_allow() {
+        for (n, out, sms, want) in [
+            (4096, 14336, 132, (3, 1408)),
+            (4096, 11008, 132, (4, 1024)),
+            (4096, 4096, 132, (8, 512)),
+            (4096, 1024, 132, (32, 128)),
+            (1000, 1000, 132, (16, 64)),
+            (1, 8, 132, (1, 64)),
+            (4096, 4096, 1, (1, 4096)),
         ] {
-            let (groups, splits, rows) = grid(n, out, g, sms);
-            assert_eq!(
-                (groups, splits, rows),
-                want,
-                "n {n} out {out} g {g} on {sms} SMs"
-            );
+            let (splits, rows) = row_splits(n, out, sms);
+            assert_eq!((splits, rows), want, "n {n} out {out} on {sms} SMs");
             assert!(rows.is_multiple_of(CHUNK) && splits * rows >= n && (splits - 1) * rows < n);
-            assert!(groups * g * STRIP >= out && (groups - 1) * g * STRIP < out);
         }
-    }
-
-    /// The strips a block takes where its grid adds the fewest sums: Llama-2-7B's and Mistral-7B's
-    /// widths at b2 × 2048 on an H200, the kernel checks' shapes, and devices whose blocks or
-    /// multiprocessors hold less shared memory (an A100: 163 KiB a block, 164 a multiprocessor).
-    #[test]
-    fn strips_per_block_minimise_the_sums_added() {
-        let h200 = SharedLimits {
-            per_block: 227 << 10,
-            per_multiprocessor: 228 << 10,
-        };
-        let on_h200 = |n, out, rp| strips_per_block(n, out, rp, 132, h200);
-        assert_eq!(on_h200(4096, 4096, 16), 2);
-        assert_eq!(on_h200(4096, 11008, 16), 4);
-        assert_eq!(on_h200(4096, 14336, 16), 4);
-        assert_eq!(on_h200(4096, 1024, 16), 1);
-        assert_eq!(on_h200(1000, 1000, 16), 4);
-        assert_eq!(on_h200(1000, 1000, 32), 2);
-        assert_eq!(on_h200(300, 520, 64), 1);
-        let small_blocks = SharedLimits {
-            per_block: 80 << 10,
-            ..h200
-        };
-        assert_eq!(strips_per_block(4096, 11008, 16, 132, small_blocks), 2);
-        let a100 = SharedLimits {
-            per_block: 163 << 10,
-            per_multiprocessor: 164 << 10,
-        };
-        assert_eq!(strips_per_block(4096, 11008, 16, 108, a100), 2);
-        assert_eq!(strips_per_block(4096, 11008, 32, 108, a100), 1);
     }
 
     #[test]

@@ -62,8 +62,6 @@ pub struct CudaBackend {
     attention_kernels: attention::AttentionKernels,
     /// Shared memory one block may opt into (bytes): which attention kernels fit.
     max_shared_per_block: usize,
-    /// Shared memory of one multiprocessor (bytes): how many blocks of a kernel share one.
-    max_shared_per_multiprocessor: usize,
     /// Streaming multiprocessors: the fused LoRA products size their grid from it (lora_dy.rs).
     multiprocessors: usize,
     /// Each matrix product shape's algorithm (gemm_tuning.rs).
@@ -108,11 +106,6 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )
             .map_err(device_err("shared memory per block"))? as usize;
-        let max_shared_per_multiprocessor = ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
-            )
-            .map_err(device_err("shared memory per multiprocessor"))? as usize;
         let multiprocessors = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -164,7 +157,6 @@ impl CudaBackend {
             compute_capability,
             attention_kernels: attention::AttentionKernels::for_device(compute_capability)?,
             max_shared_per_block,
-            max_shared_per_multiprocessor,
             multiprocessors,
             tuner: gemm_tuning::Tuner::new(gemm_tuning::GemmTuning::from_env()?),
             profiler: Profiler::default(),
