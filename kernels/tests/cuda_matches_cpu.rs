@@ -2098,6 +2098,55 @@ fn bench_lora_dy_products() {
     }
 }
 
+/// RMSNorm's forward at a 7B layer's shape (4096 rows of 4096, bf16): into dense rows and into
+/// rows with room for q/k/v's folded `t` (4144 long), and over the per-head norm's rows (32 heads
+/// of 128 a token), against a device-to-device copy of x (the rate a kernel that reads x once and
+/// writes y once can reach): microseconds a launch and the bytes read and written per second.
+#[test]
+#[ignore = "micro-benchmark: run with --ignored on a GPU"]
+fn bench_rms_norm_forward() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    println!("device: {}", g.describe());
+    let (rows, hidden) = (4096, 4096);
+    let x = g
+        .upload(&random(rows * hidden, 61, 1.0), DType::BF16)
+        .unwrap();
+    let mut rstd = g.zeros(rows, DType::F32).unwrap();
+    let mut heads_rstd = g.zeros(rows * 32, DType::F32).unwrap();
+    let w = g.upload(&random(hidden, 62, 1.0), DType::BF16).unwrap();
+    let head_w = g.upload(&random(128, 63, 1.0), DType::BF16).unwrap();
+    let mut copy = g.zeros(rows * hidden, DType::BF16).unwrap();
+    let bytes = (4 * rows * hidden) as f64;
+    for round in 0..2 {
+        let mut line = format!("rms_norm forward {rows} x {hidden} round {round}:");
+        for y_ld in [hidden, hidden + 48] {
+            let mut y = g.zeros(rows * y_ld, DType::BF16).unwrap();
+            let ms = time_ms(&g, 100, || {
+                g.rms_norm(&x, &w, hidden, 1e-5, &mut y, y_ld, &mut rstd)
+                    .unwrap()
+            });
+            line += &format!(
+                " rows {y_ld} long {:.1} us ({:.2} TB/s);",
+                ms * 1e3,
+                bytes / ms / 1e9
+            );
+        }
+        let mut y = g.zeros(rows * hidden, DType::BF16).unwrap();
+        let heads_ms = time_ms(&g, 100, || {
+            g.rms_norm(&x, &head_w, 128, 1e-6, &mut y, 128, &mut heads_rstd)
+                .unwrap()
+        });
+        let copy_ms = time_ms(&g, 100, || g.copy(&x, &mut copy).unwrap());
+        println!(
+            "{line} per head (rows of 128) {:.1} us ({:.2} TB/s); copy of x {:.1} us ({:.2} TB/s)",
+            heads_ms * 1e3,
+            bytes / heads_ms / 1e9,
+            copy_ms * 1e3,
+            bytes / copy_ms / 1e9
+        );
+    }
+}
+
 /// The NF4 dequantization (double quant, bf16) at the 7B projections' shapes, dense and into
 /// LoRA-padded rows with the pad written, against a device-to-device copy of the output's bytes
 /// (the rate a bandwidth-bound kernel can reach): microseconds a launch, launches back to back
