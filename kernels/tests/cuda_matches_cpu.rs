@@ -2441,7 +2441,9 @@ fn bench_group_products() {
 /// the residual (`r + [x | t] · [W | B]ᵀ`, `gemm_residual`, K = in + 16) ran 7-8 % below the
 /// plain products they replace. Here, tuned, at n = 4096: that product against the two it
 /// replaces (the rank-16 product onto the residual, then the frozen product accumulating onto it,
-/// K = in), and the plain product alone with beta 1. 40 products a timing, two rounds.
+/// K = in), the plain product alone with beta 1, and the folded product accumulating in place
+/// (beta 1 onto the residual's own buffer, where `cublasGemmEx` is a candidate too). 40 products a
+/// timing, two rounds.
 #[test]
 #[ignore = "micro-benchmark: run with --ignored on a GPU"]
 fn bench_residual_products() {
@@ -2479,8 +2481,6 @@ fn bench_residual_products() {
             product(y, 0..input, false);
         };
         let plain = |y: &mut CudaTensor| product(y, 0..input, false);
-        // The folded product accumulating onto y in place (the residual's own buffer: where the
-        // residual is dead after it), which cublasGemmEx can run too.
         let in_place = |y: &mut CudaTensor| product(y, 0..k, false);
         folded(&mut y);
         unfolded(&mut y);
