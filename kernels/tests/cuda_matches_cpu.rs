@@ -311,15 +311,16 @@ fn bias_broadcast_and_per_head_rms_norm_match() {
 }
 
 /// RMSNorm with `y`'s rows `ld > hidden` apart (LoRA's padded input `x' = [x | s·t]`): rows
-/// 16-byte aligned (`ld = hidden + 48`) and not (`hidden + 3`), and a row length that is no
-/// multiple of 8. The norm's columns and `rstd` are the dense launch's bits, the pad columns keep
+/// 16-byte aligned (`ld = hidden + 48`) and not (`hidden + 3`), a row length that is no
+/// multiple of 8, and rows a block each (4096 long) and a warp each (100 and 1024 long; 301 of
+/// them, a last block part empty). The norm's columns and `rstd` are the dense launch's bits, the pad columns keep
 /// theirs, and both match the CPU.
 #[test]
 fn strided_rms_norm_equals_the_dense_norm_and_leaves_the_pad() {
     let cpu = CpuBackend::new();
     for d in ALL {
         let Some(g) = gpu(d) else { return };
-        for (rows, hidden) in [(1024, 4096), (512, 100)] {
+        for (rows, hidden) in [(1024, 4096), (512, 100), (301, 1024)] {
             let (x, xr) = up(&g, &random(rows * hidden, 31, 2.0), d);
             let weights: Vec<f32> = random(hidden, 32, 1.0)
                 .iter()
@@ -2098,52 +2099,59 @@ fn bench_lora_dy_products() {
     }
 }
 
-/// RMSNorm's forward at a 7B layer's shape (4096 rows of 4096, bf16): into dense rows and into
-/// rows with room for q/k/v's folded `t` (4144 long), and over the per-head norm's rows (32 heads
-/// of 128 a token), against a device-to-device copy of x (the rate a kernel that reads x once and
-/// writes y once can reach): microseconds a launch and the bytes read and written per second.
+/// RMSNorm at 4096 × 4096 elements (bf16) cut into rows three ways: a 7B layer's 4096 tokens of
+/// 4096 (the forward also into rows with room for q/k/v's folded `t`, 4144 long), the per-head
+/// norm's 32 heads of 128 a token (Qwen3's q and k), and rows of 576 (SmolLM2-135M's hidden; 29,127
+/// of them). Forward and backward, against a device-to-device copy of x (the
+/// rate a kernel that reads x once and writes y once can reach): microseconds a launch and the
+/// bytes moved per second (the forward reads x and writes y; the backward reads dy, x and dx and
+/// writes dx).
 #[test]
 #[ignore = "micro-benchmark: run with --ignored on a GPU"]
-fn bench_rms_norm_forward() {
+fn bench_rms_norm() {
     let Some(g) = gpu(DType::BF16) else { return };
     println!("device: {}", g.describe());
-    let (rows, hidden) = (4096, 4096);
-    let x = g
-        .upload(&random(rows * hidden, 61, 1.0), DType::BF16)
-        .unwrap();
-    let mut rstd = g.zeros(rows, DType::F32).unwrap();
-    let mut heads_rstd = g.zeros(rows * 32, DType::F32).unwrap();
-    let w = g.upload(&random(hidden, 62, 1.0), DType::BF16).unwrap();
-    let head_w = g.upload(&random(128, 63, 1.0), DType::BF16).unwrap();
-    let mut copy = g.zeros(rows * hidden, DType::BF16).unwrap();
-    let bytes = (4 * rows * hidden) as f64;
+    let n = 4096 * 4096;
+    let x = g.upload(&random(n, 61, 1.0), DType::BF16).unwrap();
+    let mut copy = g.zeros(n, DType::BF16).unwrap();
+    let rate =
+        |ms: f64, bytes: usize| format!("{:.1} us ({:.2} TB/s)", ms * 1e3, bytes as f64 / ms / 1e9);
+    let shapes = [
+        ("rows of 4096", 4096),
+        ("per head (rows of 128)", 128),
+        ("rows of 576", 576),
+    ];
     for round in 0..2 {
-        let mut line = format!("rms_norm forward {rows} x {hidden} round {round}:");
-        for y_ld in [hidden, hidden + 48] {
-            let mut y = g.zeros(rows * y_ld, DType::BF16).unwrap();
+        let copy_ms = time_ms(&g, 100, || g.copy(&x, &mut copy).unwrap());
+        println!("rms_norm round {round}: copy of x {}", rate(copy_ms, 4 * n));
+        for (label, hidden) in shapes {
+            let rows = n / hidden;
+            let used = rows * hidden;
+            let x = g.upload(&random(used, 61, 1.0), DType::BF16).unwrap();
+            let dy = g.upload(&random(used, 64, 1.0), DType::BF16).unwrap();
+            let mut dx = g.zeros(used, DType::BF16).unwrap();
+            let w = g.upload(&random(hidden, 62, 1.0), DType::BF16).unwrap();
+            let mut rstd = g.zeros(rows, DType::F32).unwrap();
+            let mut line = format!("rms_norm round {round} {label}:");
+            let lds: &[usize] = if hidden == 4096 {
+                &[4096, 4144]
+            } else {
+                &[hidden]
+            };
+            for &y_ld in lds {
+                let mut y = g.zeros(rows * y_ld, DType::BF16).unwrap();
+                let ms = time_ms(&g, 100, || {
+                    g.rms_norm(&x, &w, hidden, 1e-5, &mut y, y_ld, &mut rstd)
+                        .unwrap()
+                });
+                line += &format!(" forward into rows {y_ld} long {};", rate(ms, 4 * used));
+            }
             let ms = time_ms(&g, 100, || {
-                g.rms_norm(&x, &w, hidden, 1e-5, &mut y, y_ld, &mut rstd)
+                g.rms_norm_backward(&dy, &x, &w, &rstd, hidden, &mut dx)
                     .unwrap()
             });
-            line += &format!(
-                " rows {y_ld} long {:.1} us ({:.2} TB/s);",
-                ms * 1e3,
-                bytes / ms / 1e9
-            );
+            println!("{line} backward {}", rate(ms, 8 * used));
         }
-        let mut y = g.zeros(rows * hidden, DType::BF16).unwrap();
-        let heads_ms = time_ms(&g, 100, || {
-            g.rms_norm(&x, &head_w, 128, 1e-6, &mut y, 128, &mut heads_rstd)
-                .unwrap()
-        });
-        let copy_ms = time_ms(&g, 100, || g.copy(&x, &mut copy).unwrap());
-        println!(
-            "{line} per head (rows of 128) {:.1} us ({:.2} TB/s); copy of x {:.1} us ({:.2} TB/s)",
-            heads_ms * 1e3,
-            bytes / heads_ms / 1e9,
-            copy_ms * 1e3,
-            bytes / copy_ms / 1e9
-        );
     }
 }
 

@@ -426,17 +426,20 @@ impl CudaBackend {
             return Ok(());
         }
         let name = format!("rms_norm_forward_{}", suffix(dt));
+        let (grid, threads, rows_per_block) = norm_launch(rows, hidden);
         let args = [
             self.p(x),
             self.p(w),
             self.p(y),
             Arg::I32(y_ld as i32),
             self.p(rstd),
+            Arg::I32(rows as i32),
+            Arg::I32(rows_per_block as i32),
             Arg::I32(hidden as i32),
             Arg::F32(eps),
             beside.map_or(Arg::Ptr(0), |b| self.p(b)),
         ];
-        self.launch(&name, (rows as u32, 1, 1), norm_threads(hidden), 0, &args)
+        self.launch(&name, grid, threads, 0, &args)
     }
 
     fn same_dtype(&self, op: &'static str, tensors: &[(&str, &CudaTensor)]) -> Result<DType> {
@@ -908,15 +911,18 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let name = format!("rms_norm_backward_{}", suffix(dt));
+        let (grid, threads, rows_per_block) = norm_launch(rows, hidden);
         let args = [
             self.p(dy),
             self.p(x),
             self.p(w),
             self.p(rstd),
             self.p(dx),
+            Arg::I32(rows as i32),
+            Arg::I32(rows_per_block as i32),
             Arg::I32(hidden as i32),
         ];
-        self.launch(&name, (rows as u32, 1, 1), norm_threads(hidden), 0, &args)
+        self.launch(&name, grid, threads, 0, &args)
     }
 
     fn rope(
@@ -1225,8 +1231,19 @@ impl Backend for CudaBackend {
 
 /// Threads per RMSNorm row: 256, or fewer whole warps for short rows (the per-head q/k norm of
 /// Qwen3 has rows of head_dim = 128), so no warp of the block idles.
-fn norm_threads(hidden: usize) -> u32 {
-    hidden.next_multiple_of(32).min(256) as u32
+/// RMSNorm's launch over `rows` rows of `hidden` (rmsnorm.cu `norm_row`): `(grid, threads a block,
+/// rows a block)`. Rows of up to 1024 elements (a head's q or k, a small model's hidden) take a
+/// warp each, 8 a block; longer rows a block each of up to 256 threads.
+fn norm_launch(rows: usize, hidden: usize) -> ((u32, u32, u32), u32, usize) {
+    const WARP_ROWS_UP_TO: usize = 1024;
+    const ROWS_A_BLOCK: usize = 8;
+    if hidden <= WARP_ROWS_UP_TO {
+        let grid = rows.div_ceil(ROWS_A_BLOCK) as u32;
+        ((grid, 1, 1), (32 * ROWS_A_BLOCK) as u32, ROWS_A_BLOCK)
+    } else {
+        let threads = hidden.next_multiple_of(32).min(256) as u32;
+        ((rows as u32, 1, 1), threads, 1)
+    }
 }
 
 impl Drop for CudaBackend {
