@@ -259,7 +259,8 @@ fn norms_rope_swiglu_embedding_and_elementwise_match() {
 }
 
 /// The ops Qwen adds: the bias broadcast under a `beta = 1` GEMM (`y = b + x Wᵀ`), and RMSNorm
-/// over each head of q (rows of head_dim: 128 as in Qwen3-8B, 24 as in tiny-qwen3).
+/// over each head of q (rows of head_dim: 128 as in Qwen3-8B, 24 as in tiny-qwen3), and over 301
+/// rows of 100.
 #[test]
 fn bias_broadcast_and_per_head_rms_norm_match() {
     let cpu = CpuBackend::new();
@@ -279,8 +280,9 @@ fn bias_broadcast_and_per_head_rms_norm_match() {
             .unwrap();
         check("bias broadcast + gemm", d, &g.download(&y).unwrap(), &y_c);
 
-        for head_dim in [128, 24] {
-            let rows = 2048 * 32;
+        // Rows a warp each (rmsnorm.cu): 2048 tokens × 32 heads, and 301 rows of 100 (a last
+        // block part empty, a row no multiple of 8) for the backward's tail too.
+        for (rows, head_dim) in [(2048 * 32, 128), (2048 * 32, 24), (301, 100)] {
             let (q, qr) = up(&g, &random(rows * head_dim, 14, 2.0), d);
             let (w, wr) = up(
                 &g,

@@ -1229,11 +1229,10 @@ impl Backend for CudaBackend {
     }
 }
 
-/// Threads per RMSNorm row: 256, or fewer whole warps for short rows (the per-head q/k norm of
-/// Qwen3 has rows of head_dim = 128), so no warp of the block idles.
 /// RMSNorm's launch over `rows` rows of `hidden` (rmsnorm.cu `norm_row`): `(grid, threads a block,
 /// rows a block)`. Rows of up to 1024 elements (a head's q or k, a small model's hidden) take a
-/// warp each, 8 a block; longer rows a block each of up to 256 threads.
+/// warp each, 8 a block; longer rows a block each of 256 threads. The kernel reads its rows from
+/// `rows_per_block` and the block's size alike: the two are made here together.
 fn norm_launch(rows: usize, hidden: usize) -> ((u32, u32, u32), u32, usize) {
     const WARP_ROWS_UP_TO: usize = 1024;
     const ROWS_A_BLOCK: usize = 8;
@@ -1241,8 +1240,7 @@ fn norm_launch(rows: usize, hidden: usize) -> ((u32, u32, u32), u32, usize) {
         let grid = rows.div_ceil(ROWS_A_BLOCK) as u32;
         ((grid, 1, 1), (32 * ROWS_A_BLOCK) as u32, ROWS_A_BLOCK)
     } else {
-        let threads = hidden.next_multiple_of(32).min(256) as u32;
-        ((rows as u32, 1, 1), threads, 1)
+        ((rows as u32, 1, 1), 256, 1)
     }
 }
 
