@@ -315,8 +315,8 @@ fn bias_broadcast_and_per_head_rms_norm_match() {
 /// RMSNorm with `y`'s rows `ld > hidden` apart (LoRA's padded input `x' = [x | s·t]`): rows
 /// 16-byte aligned (`ld = hidden + 48`) and not (`hidden + 3`), a row length that is no
 /// multiple of 8, and rows a block each (4096 long) and a warp each (100 and 1024 long; 301 of
-/// them, a last block part empty). The norm's columns and `rstd` are the dense launch's bits, the pad columns keep
-/// theirs, and both match the CPU.
+/// them, a last block part empty). The norm's columns and `rstd` are the dense launch's bits, the
+/// pad columns keep theirs, and both match the CPU.
 #[test]
 fn strided_rms_norm_equals_the_dense_norm_and_leaves_the_pad() {
     let cpu = CpuBackend::new();
@@ -2103,11 +2103,10 @@ fn bench_lora_dy_products() {
 
 /// RMSNorm at 4096 × 4096 elements (bf16) cut into rows three ways: a 7B layer's 4096 tokens of
 /// 4096 (the forward also into rows with room for q/k/v's folded `t`, 4144 long), the per-head
-/// norm's 32 heads of 128 a token (Qwen3's q and k), and rows of 576 (SmolLM2-135M's hidden; 29,127
-/// of them). Forward and backward, against a device-to-device copy of x (the
-/// rate a kernel that reads x once and writes y once can reach): microseconds a launch and the
-/// bytes moved per second (the forward reads x and writes y; the backward reads dy, x and dx and
-/// writes dx).
+/// norm's 32 heads of 128 a token (Qwen3's q and k), and rows of 576 (SmolLM2-135M's hidden;
+/// 29,127 of them). Forward and backward, against a device-to-device copy of x (the rate a kernel
+/// that reads x once and writes y once can reach): microseconds a launch and the bytes moved per
+/// second (the forward reads x and writes y; the backward reads dy, x and dx and writes dx).
 #[test]
 #[ignore = "micro-benchmark: run with --ignored on a GPU"]
 fn bench_rms_norm() {
